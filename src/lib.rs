@@ -1,0 +1,1 @@
+//! rlhf-bot: turns human feedback on a chat assistant into a better, reviewed model.
