@@ -1,1 +1,2 @@
 //! rlhf-bot: turns human feedback on a chat assistant into a better, reviewed model.
+pub mod forge;
