@@ -1,2 +1,13 @@
-//! rlhf-bot: turns human feedback on a chat assistant into a better, reviewed model.
+//! rlhf-bot turns human feedback on a chat assistant into a better, reviewed model: it pulls
+//! feedback into a durable store, decides whether retraining is due, trains, reports, and opens a
+//! pull request. `main.rs` is a thin shell over [`app::run`]; everything else is library code.
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod decision;
+pub mod feedback;
 pub mod forge;
+pub mod kpi;
+pub mod secret;
+pub mod stats;

@@ -1,1 +1,28 @@
-fn main() {}
+//! The `rlhf-bot` binary: parse arguments, set up logging, run, and map the outcome to an exit
+//! code (0 success — including "no retraining needed" —, 1 runtime error, 2 usage or config error).
+
+use clap::Parser;
+
+use rlhf_bot::{app, cli::Cli};
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    app::init_logging(cli.verbose, cli.quiet);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(app::run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::from(app::exit_code(&err))
+        }
+    }
+}

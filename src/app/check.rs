@@ -1,0 +1,146 @@
+//! `check`: gathers the store's statistics and the last training, runs the pure decision, and
+//! (inside GitHub Actions) writes `retrain` / `reasons` outputs and a step-summary table.
+
+use anyhow::{Context, Result};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use crate::config::Settings;
+use crate::decision::{Decision, DecisionInput, QualityWindows, decide, window_start};
+use crate::feedback::Store;
+use crate::feedback::record::format_time;
+use crate::feedback::store::VersionCounts;
+use crate::forge::actions::ActionsEnv;
+use crate::kpi::{VersionKpis, all_kpis};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckOutcome {
+    pub retrain: bool,
+    pub reasons: String,
+    pub decision: Decision,
+    pub new_feedback: u64,
+    pub new_signals: u64,
+    pub last_training_at: Option<String>,
+    pub production_version: Option<String>,
+    pub kpis: Vec<VersionKpis>,
+    pub now: String,
+}
+
+/// "Now", overridable with `RLHF_BOT_NOW` (RFC 3339) so a past decision can be replayed exactly.
+pub fn now() -> Result<DateTime<Utc>> {
+    match std::env::var("RLHF_BOT_NOW") {
+        Ok(text) => Ok(DateTime::parse_from_rfc3339(&text)
+            .with_context(|| format!("RLHF_BOT_NOW={text:?} is not an RFC 3339 timestamp"))?
+            .with_timezone(&Utc)),
+        Err(_) => Ok(Utc::now()),
+    }
+}
+
+pub fn check(settings: &Settings, force: bool) -> Result<CheckOutcome> {
+    let store = Store::open(&settings.store.dir)?;
+    let now = now()?;
+    let last = store.last_training()?;
+    let (new_feedback, new_signals) = store.new_since(
+        last.as_ref().and_then(|l| l.watermark),
+        &settings.feedback.aspects,
+    )?;
+    let quality = match last
+        .as_ref()
+        .and_then(|l| l.production_version.clone().map(|v| (v, l.promoted_at)))
+    {
+        None => None,
+        Some((version, promoted_at)) => {
+            let start = window_start(now, settings.thresholds.quality.window_days);
+            let pick = |rows: Vec<VersionCounts>| {
+                rows.into_iter()
+                    .find(|c| c.model_version == version)
+                    .unwrap_or_else(|| VersionCounts {
+                        model_version: version.clone(),
+                        ..Default::default()
+                    })
+            };
+            Some(QualityWindows {
+                baseline: pick(store.version_counts(promoted_at, Some(start))?),
+                recent: pick(store.version_counts(Some(start), None)?),
+                production_version: version.clone(),
+            })
+        }
+    };
+    let input = DecisionInput {
+        now,
+        new_feedback,
+        new_signals,
+        last_training_at: last.as_ref().map(|l| l.at),
+        quality,
+        force,
+    };
+    let decision = decide(&input, &settings.thresholds);
+    let kpis = all_kpis(
+        &store.version_counts(None, None)?,
+        settings.thresholds.quality.confidence,
+    );
+    Ok(CheckOutcome {
+        retrain: decision.retrain,
+        reasons: decision.reasons(),
+        new_feedback,
+        new_signals,
+        last_training_at: last.as_ref().map(|l| format_time(l.at)),
+        production_version: last.and_then(|l| l.production_version),
+        kpis,
+        now: format_time(now),
+        decision,
+    })
+}
+
+/// Writes the outcome to the Actions outputs and step summary (no-op outside Actions).
+pub fn publish_to_actions(outcome: &CheckOutcome) -> Result<()> {
+    let env = ActionsEnv::from_env();
+    env.set_output("retrain", if outcome.retrain { "true" } else { "false" })?;
+    env.set_output("reasons", &outcome.reasons)?;
+    env.append_summary(&summary_markdown(outcome))
+}
+
+pub fn summary_markdown(outcome: &CheckOutcome) -> String {
+    let mut md = format!(
+        "### rlhf-bot check: {}\n\n| trigger | fired | numbers |\n|---|---|---|\n",
+        if outcome.retrain {
+            "retrain"
+        } else {
+            "no retraining needed"
+        }
+    );
+    for t in &outcome.decision.triggers {
+        md.push_str(&format!(
+            "| {} | {} | {} |\n",
+            t.name,
+            if t.fired { "yes" } else { "no" },
+            t.detail.replace('|', "\\|")
+        ));
+    }
+    md.push_str("\n| model version | feedback | positive rate (95% CI) | mean rating (95% CI) |\n|---|---|---|---|\n");
+    for k in &outcome.kpis {
+        let rate = k.positive_rate.map_or("–".into(), |i| {
+            format!(
+                "{:.1}% ({:.1}–{:.1}), n={}",
+                100.0 * i.estimate,
+                100.0 * i.low,
+                100.0 * i.high,
+                k.thumbs
+            )
+        });
+        let rating = k.mean_rating.map_or("–".into(), |i| {
+            format!(
+                "{:.2} ({:.2}–{:.2}), n={}",
+                i.estimate, i.low, i.high, k.ratings
+            )
+        });
+        md.push_str(&format!(
+            "| {} | {} | {} | {} |\n",
+            k.model_version.replace('|', "\\|"),
+            k.count,
+            rate,
+            rating
+        ));
+    }
+    md
+}

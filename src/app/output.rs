@@ -1,0 +1,73 @@
+//! What commands print on stdout: compact text for people, one JSON document for machines.
+
+use std::path::Path;
+
+use anyhow::Result;
+use serde::Serialize;
+
+use super::check::{CheckOutcome, summary_markdown};
+use crate::cli::Format;
+use crate::config::Settings;
+use crate::feedback::pull::PullSummary;
+
+pub fn json<T: Serialize>(value: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+pub fn config_check(path: &Path, settings: &Settings, format: Format) -> Result<()> {
+    match format {
+        Format::Json => {
+            json(&serde_json::json!({"config": path, "valid": true, "settings": settings}))
+        }
+        Format::Text => {
+            println!("{}: valid", path.display());
+            // The settings hold variable names, never secret values, so they print as they are.
+            print!("{}", serde_norway::to_string(settings)?);
+            Ok(())
+        }
+    }
+}
+
+pub fn pull_summary(s: &PullSummary, format: Format) -> Result<()> {
+    match format {
+        Format::Json => json(s),
+        Format::Text => {
+            println!(
+                "pulled from {}: fetched {}, inserted {}, updated {}, deleted {}, unchanged {}, quarantined {} \
+                 in {} pages ({} retries, {:.2}s); watermark {}{}",
+                s.source,
+                s.fetched,
+                s.inserted,
+                s.updated,
+                s.deleted,
+                s.unchanged,
+                s.quarantined,
+                s.pages,
+                s.retries,
+                s.seconds,
+                s.watermark.as_deref().unwrap_or("none"),
+                if s.resumed {
+                    " (resumed an interrupted pull)"
+                } else {
+                    ""
+                }
+            );
+            Ok(())
+        }
+    }
+}
+
+pub fn check_outcome(outcome: &CheckOutcome, format: Format) -> Result<()> {
+    match format {
+        Format::Json => json(outcome),
+        Format::Text => {
+            println!("{}", summary_markdown(outcome));
+            println!(
+                "decision: retrain={} (reasons: {})",
+                outcome.retrain, outcome.reasons
+            );
+            Ok(())
+        }
+    }
+}

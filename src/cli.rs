@@ -1,0 +1,89 @@
+//! Command-line definitions (clap). Only parsing lives here: `app` turns these into typed
+//! requests, so the library never depends on how arguments are spelled.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "rlhf-bot",
+    version,
+    about = "Turns human feedback on a chat assistant into a better, reviewed model."
+)]
+pub struct Cli {
+    /// The YAML config file.
+    #[arg(
+        long,
+        global = true,
+        default_value = "configs/rlhf.yaml",
+        env = "RLHF_BOT_CONFIG"
+    )]
+    pub config: PathBuf,
+    /// Output format on stdout (logs always go to stderr).
+    #[arg(long, global = true, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+    /// More logging (-v debug, -vv trace).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "quiet")]
+    pub verbose: u8,
+    /// Only errors on stderr.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Pull new feedback from the configured source into the local store.
+    Pull,
+    /// Decide whether retraining is due, with every reason and its numbers.
+    Check(CheckArgs),
+    /// Run every stage: pull, check, and (when retraining is due) the later stages.
+    Run(RunArgs),
+    /// Inspect or validate the config.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Inspect the local feedback store.
+    #[command(subcommand)]
+    Store(StoreCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Retrain regardless of the thresholds (workflow_dispatch's `force` input).
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate the config and print the effective settings (secrets are never printed).
+    Check,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// Counts by kind and model version, the watermark, tombstones and quarantined inputs.
+    Stats,
+    /// The current records as JSONL in the API's record shape, sorted by id.
+    Dump {
+        /// Write to this file instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// The quarantined inputs with the reason each was refused, as JSONL.
+    Quarantine,
+}

@@ -1,0 +1,68 @@
+//! The config file as written: serde structs that mirror the YAML one to one. Unknown keys are
+//! refused (`deny_unknown_fields`), so a typo is an error rather than a silently ignored setting.
+//! Defaults live in [`super::settings`], where the raw values are validated.
+
+use serde::Deserialize;
+
+use super::values::{Fraction, NonNegativeInt, PositiveInt};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub feedback: RawFeedback,
+    #[serde(default)]
+    pub store: RawStore,
+    #[serde(default)]
+    pub thresholds: RawThresholds,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    Http,
+    File,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFeedback {
+    pub source: SourceKind,
+    /// Base URL of the feedback API (http source).
+    pub url: Option<String>,
+    /// Name of the environment variable holding the API token (http source).
+    pub token_env: Option<String>,
+    pub page_size: Option<PositiveInt>,
+    /// JSONL file (file source).
+    pub path: Option<String>,
+    pub timeout_secs: Option<PositiveInt>,
+    pub max_attempts: Option<PositiveInt>,
+    /// Aspects that train per-aspect heads and count as usable signals (empty: all).
+    #[serde(default)]
+    pub aspects: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStore {
+    pub dir: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawThresholds {
+    pub min_new_feedback: Option<PositiveInt>,
+    pub min_new_signals: Option<PositiveInt>,
+    pub max_age_days: Option<PositiveInt>,
+    pub min_hours_between: Option<NonNegativeInt>,
+    #[serde(default)]
+    pub quality: RawQuality,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawQuality {
+    pub enabled: Option<bool>,
+    pub window_days: Option<PositiveInt>,
+    pub confidence: Option<Fraction>,
+    pub min_samples: Option<PositiveInt>,
+}

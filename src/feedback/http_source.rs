@@ -1,0 +1,303 @@
+//! The feedback API client: `GET {base}/v1/feedback?updated_since&cursor&limit` with a bearer
+//! token (contract: `docs/feedback-api.yaml`).
+//!
+//! Transient failures (connection errors, timeouts, 5xx, a body cut short) are retried with
+//! exponential backoff and full jitter; a 429 waits for its `Retry-After`. Attempts are bounded,
+//! then the last failure is reported. Any other 4xx fails at once with its status and body,
+//! because repeating a request the server refuses cannot succeed.
+
+use std::time::Duration;
+
+use rand::Rng;
+use reqwest::StatusCode;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::record::{Invalid, WireRecord};
+use super::store::Incoming;
+use crate::secret::SecretString;
+
+/// How the client talks to the API; built from the validated config.
+#[derive(Debug, Clone)]
+pub struct HttpSourceOptions {
+    pub base_url: url::Url,
+    pub token: Option<SecretString>,
+    pub page_size: u32,
+    pub timeout: Duration,
+    /// Total attempts per page, the first included.
+    pub max_attempts: u32,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    /// The longest `Retry-After` we honour; a server asking for more is treated as failing.
+    pub max_retry_after: Duration,
+}
+
+/// One page as the API returned it, validated record by record.
+#[derive(Debug)]
+pub struct Page {
+    pub items: Vec<Incoming>,
+    pub next_cursor: Option<String>,
+    pub retries: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("the feedback API refused the request: HTTP {status} from {url}\n{body}")]
+    Refused {
+        status: StatusCode,
+        url: String,
+        body: String,
+    },
+    #[error(
+        "the feedback API failed {attempts} times in a row; last failure: {last}\nhint: check that the API is up, or raise feedback.max_attempts"
+    )]
+    Exhausted { attempts: u32, last: String },
+    #[error("could not build the request: {0}")]
+    Request(String),
+}
+
+impl FetchError {
+    /// A 4xx on a resumed cursor means the server no longer knows it.
+    pub fn is_client_error(&self) -> bool {
+        matches!(self, FetchError::Refused { status, .. } if status.is_client_error())
+    }
+}
+
+#[derive(Deserialize)]
+struct PageBody<'a> {
+    #[serde(borrow)]
+    data: Vec<&'a RawValue>,
+    next_cursor: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct FeedbackClient {
+    http: reqwest::Client,
+    options: HttpSourceOptions,
+}
+
+enum Attempt {
+    Done(Page),
+    /// Worth another try; `wait` overrides the backoff (429 `Retry-After`).
+    Retry {
+        reason: String,
+        wait: Option<Duration>,
+    },
+    Fatal(FetchError),
+}
+
+impl FeedbackClient {
+    pub fn new(options: HttpSourceOptions) -> Result<Self, FetchError> {
+        let http = reqwest::Client::builder()
+            .timeout(options.timeout)
+            .connect_timeout(options.timeout.min(Duration::from_secs(10)))
+            .user_agent(concat!("rlhf-bot/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| FetchError::Request(e.to_string()))?;
+        Ok(Self { http, options })
+    }
+
+    fn page_url(&self, since: Option<&str>, cursor: Option<&str>) -> Result<url::Url, FetchError> {
+        let mut url = self.options.base_url.clone();
+        // Keep any path prefix of the base URL (`https://host/api` → `/api/v1/feedback`).
+        let path = format!("{}/v1/feedback", url.path().trim_end_matches('/'));
+        url.set_path(&path);
+        {
+            let mut q = url.query_pairs_mut();
+            if let Some(s) = since {
+                q.append_pair("updated_since", s);
+            }
+            if let Some(c) = cursor {
+                q.append_pair("cursor", c);
+            }
+            q.append_pair("limit", &self.options.page_size.to_string());
+        }
+        Ok(url)
+    }
+
+    /// Fetches one page, retrying transient failures.
+    pub async fn fetch_page(
+        &self,
+        since: Option<&str>,
+        cursor: Option<&str>,
+    ) -> Result<Page, FetchError> {
+        let url = self.page_url(since, cursor)?;
+        let mut retries = 0;
+        loop {
+            match self.attempt(&url).await {
+                Attempt::Done(mut page) => {
+                    page.retries = retries;
+                    return Ok(page);
+                }
+                Attempt::Fatal(e) => return Err(e),
+                Attempt::Retry { reason, wait } => {
+                    retries += 1;
+                    if retries >= self.options.max_attempts {
+                        return Err(FetchError::Exhausted {
+                            attempts: retries,
+                            last: reason,
+                        });
+                    }
+                    let wait = wait.unwrap_or_else(|| self.backoff(retries));
+                    tracing::warn!(
+                        "feedback API: {reason}; retry {retries} in {:.1}s",
+                        wait.as_secs_f64()
+                    );
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    }
+
+    /// Exponential backoff with full jitter: uniform in [0, min(max, base·2^n)].
+    fn backoff(&self, retry: u32) -> Duration {
+        let ceiling = self
+            .options
+            .backoff_base
+            .saturating_mul(1 << retry.min(16))
+            .min(self.options.backoff_max);
+        ceiling.mul_f64(rand::rng().random_range(0.0..=1.0))
+    }
+
+    async fn attempt(&self, url: &url::Url) -> Attempt {
+        let mut request = self.http.get(url.clone());
+        if let Some(token) = &self.options.token {
+            request = request.bearer_auth(token.expose());
+        }
+        let response = match request.send().await {
+            Ok(r) => r,
+            Err(e) => {
+                return Attempt::Retry {
+                    reason: describe(&e),
+                    wait: None,
+                };
+            }
+        };
+        let status = response.status();
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            let wait = retry_after(response.headers());
+            return match wait {
+                Some(w) if w > self.options.max_retry_after => {
+                    Attempt::Fatal(FetchError::Refused {
+                        status,
+                        url: redact(url),
+                        body: format!(
+                            "Retry-After asks for {}s, more than the {}s we wait",
+                            w.as_secs(),
+                            self.options.max_retry_after.as_secs()
+                        ),
+                    })
+                }
+                _ => Attempt::Retry {
+                    reason: "HTTP 429 Too Many Requests".into(),
+                    wait: wait.or(Some(self.backoff(3))),
+                },
+            };
+        }
+        let body = match response.bytes().await {
+            Ok(b) => b,
+            Err(e) => {
+                return Attempt::Retry {
+                    reason: format!("reading the body: {}", describe(&e)),
+                    wait: None,
+                };
+            }
+        };
+        if status.is_server_error() {
+            return Attempt::Retry {
+                reason: format!("HTTP {status}"),
+                wait: None,
+            };
+        }
+        if !status.is_success() {
+            let text = String::from_utf8_lossy(&body[..body.len().min(2048)]).into_owned();
+            return Attempt::Fatal(FetchError::Refused {
+                status,
+                url: redact(url),
+                body: text,
+            });
+        }
+        match parse_page(&body) {
+            Ok(page) => Attempt::Done(page),
+            // A body that is not the page shape is most often a response cut short by a proxy or a
+            // dying server: worth a retry, and reported if it persists.
+            Err(e) => Attempt::Retry {
+                reason: format!("the response is not a feedback page: {e}"),
+                wait: None,
+            },
+        }
+    }
+}
+
+/// Parses a page body; each record is validated on its own so one bad record is quarantined
+/// instead of failing the page.
+pub fn parse_page(body: &[u8]) -> Result<Page, serde_json::Error> {
+    let page: PageBody<'_> = serde_json::from_slice(body)?;
+    let items = page
+        .data
+        .into_iter()
+        .map(|raw| incoming_from_json(raw.get()))
+        .collect();
+    Ok(Page {
+        items,
+        next_cursor: page.next_cursor.filter(|c| !c.is_empty()),
+        retries: 0,
+    })
+}
+
+/// Validates one record's JSON text.
+pub fn incoming_from_json(raw: &str) -> Incoming {
+    let parsed = serde_json::from_str::<WireRecord>(raw)
+        .map_err(|e| Invalid(format!("not a feedback record: {e}")))
+        .and_then(WireRecord::validate);
+    match parsed {
+        Ok(change) => Incoming::Valid(change),
+        Err(reason) => Incoming::Malformed {
+            raw: raw.to_string(),
+            reason,
+        },
+    }
+}
+
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let value = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let when = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+    let delta = when.with_timezone(&chrono::Utc) - chrono::Utc::now();
+    Some(delta.to_std().unwrap_or(Duration::ZERO))
+}
+
+fn describe(e: &reqwest::Error) -> String {
+    let kind = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "could not connect"
+    } else {
+        "request failed"
+    };
+    // The URL carries the query (cursor, since) but never the token, which is a header.
+    let mut source = String::new();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        source = c.to_string();
+        cause = c.source();
+    }
+    if source.is_empty() {
+        format!("{kind}: {e}")
+    } else {
+        format!("{kind}: {e}: {source}")
+    }
+}
+
+/// The URL without its query, for messages (cursors can be long and opaque).
+fn redact(url: &url::Url) -> String {
+    let mut u = url.clone();
+    u.set_query(None);
+    u.to_string()
+}

@@ -1,0 +1,502 @@
+//! The durable local feedback store: one SQLite database (`<store.dir>/feedback.sqlite3`).
+//!
+//! Why SQLite: `pull` must survive `kill -9` at any instant with nothing lost and nothing
+//! duplicated, and `check` must aggregate a million records in well under a second. SQLite gives
+//! both without a server: each fetched page is applied in ONE transaction together with the
+//! cursor and watermark that resume after it, so the watermark can never run ahead of the data it
+//! covers (it advances only when that data is durable), and a crash rolls back to the last whole
+//! page. WAL mode with `synchronous=NORMAL` is durable across process crashes (the fault CI runners
+//! have); only an OS crash could lose the last commits, which the next pull simply fetches again.
+//! The append-only alternative (segments + manifest) would need its own compaction and indexes
+//! for deduplication by `id`; SQLite's primary key gives that for free.
+//!
+//! Tables: `records` (the current version of every live record: a few columns `check` aggregates
+//! plus the record's canonical JSON), `tombstones` (deleted ids, so an older copy arriving late
+//! cannot resurrect a deleted record), `quarantine` (malformed input with its reason, keyed by the
+//! raw text's sha256 so re-reading the same bad line does not pile up) and `meta` (watermark,
+//! resume cursor, the last-training state until the registry holds it).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::record::{Change, FeedbackRecord, Invalid, WireRecord, format_time};
+
+const SCHEMA_VERSION: &str = "1";
+const DB_FILE: &str = "feedback.sqlite3";
+
+/// One item of a fetched page: a validated change, or the raw text and why it was refused.
+#[derive(Debug)]
+pub enum Incoming {
+    Valid(Change),
+    Malformed { raw: String, reason: Invalid },
+}
+
+/// What applying a page did; summed over a pull for its summary.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct ApplyCounts {
+    pub inserted: u64,
+    pub updated: u64,
+    pub deleted: u64,
+    /// Same or older version than the store already holds (re-delivery): nothing changed.
+    pub unchanged: u64,
+    pub quarantined: u64,
+}
+
+impl std::ops::AddAssign for ApplyCounts {
+    fn add_assign(&mut self, o: Self) {
+        self.inserted += o.inserted;
+        self.updated += o.updated;
+        self.deleted += o.deleted;
+        self.unchanged += o.unchanged;
+        self.quarantined += o.quarantined;
+    }
+}
+
+/// Where an interrupted or finished pull resumes from.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ResumePoint {
+    /// The `updated_since` the saved cursor belongs to (cursors are only valid for their query).
+    pub since: Option<String>,
+    /// The cursor of the next page of an unfinished pull.
+    pub cursor: Option<String>,
+}
+
+/// The state `check` compares against until the registry records trainings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LastTraining {
+    pub at: DateTime<Utc>,
+    /// The store watermark the training's data snapshot covered.
+    pub watermark: Option<DateTime<Utc>>,
+    pub production_version: Option<String>,
+    /// When the production version was promoted: feedback before it is its baseline.
+    pub promoted_at: Option<DateTime<Utc>>,
+}
+
+/// Counts of one model version's answer-level feedback, for KPIs and the quality trigger.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct VersionCounts {
+    pub model_version: String,
+    pub records: u64,
+    pub thumbs: u64,
+    pub thumbs_up: u64,
+    pub ratings: u64,
+    pub rating_sum: f64,
+    pub rating_sq_sum: f64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StoreStats {
+    pub records: u64,
+    pub by_kind: BTreeMap<String, u64>,
+    pub by_model_version: BTreeMap<String, BTreeMap<String, u64>>,
+    pub watermark: Option<String>,
+    pub tombstones: u64,
+    pub quarantined: u64,
+    pub pull_in_progress: bool,
+}
+
+/// A quarantined input with the reason it was refused.
+#[derive(Debug, Clone, Serialize)]
+pub struct Quarantined {
+    pub reason: String,
+    pub raw: String,
+    pub received_at: String,
+}
+
+#[derive(Debug)]
+pub struct Store {
+    conn: Connection,
+    path: PathBuf,
+}
+
+fn micros(t: DateTime<Utc>) -> i64 {
+    t.timestamp_micros()
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in `dir`. A missing store is a normal first run.
+    pub fn open(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the store directory {}", dir.display()))?;
+        let path = dir.join(DB_FILE);
+        let conn = Connection::open(&path)
+            .with_context(|| format!("opening the feedback store {}", path.display()))?;
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL;
+             PRAGMA synchronous = NORMAL;
+             PRAGMA busy_timeout = 10000;
+             PRAGMA cache_size = -65536;
+             CREATE TABLE IF NOT EXISTS records (
+                 id TEXT PRIMARY KEY,
+                 updated_us INTEGER NOT NULL,
+                 created_us INTEGER NOT NULL,
+                 kind TEXT NOT NULL,
+                 model_version TEXT NOT NULL,
+                 aspect TEXT,
+                 thumb INTEGER,
+                 rating INTEGER,
+                 has_answer INTEGER NOT NULL,
+                 body TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS tombstones (
+                 id TEXT PRIMARY KEY, updated_us INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS quarantine (
+                 raw_sha256 TEXT PRIMARY KEY, reason TEXT NOT NULL, raw TEXT NOT NULL,
+                 received_at TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
+        )
+        .with_context(|| format!("initialising the feedback store {}", path.display()))?;
+        let store = Self { conn, path };
+        match store.meta("schema_version")? {
+            None => store.set_meta_now("schema_version", SCHEMA_VERSION)?,
+            Some(v) if v == SCHEMA_VERSION => {}
+            Some(v) => bail!(
+                "the store {} has schema version {v}, this rlhf-bot reads version {SCHEMA_VERSION}\n\
+                 hint: use the rlhf-bot release that wrote it, or delete the store and pull again",
+                store.path.display()
+            ),
+        }
+        Ok(store)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn meta(&self, key: &str) -> Result<Option<String>> {
+        Ok(self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()?)
+    }
+
+    fn set_meta_now(&self, key: &str, value: &str) -> Result<()> {
+        set_meta(&self.conn, key, Some(value))
+    }
+
+    pub fn watermark(&self) -> Result<Option<DateTime<Utc>>> {
+        Ok(self
+            .meta("watermark_us")?
+            .and_then(|v| v.parse().ok())
+            .and_then(DateTime::from_timestamp_micros))
+    }
+
+    pub fn resume_point(&self) -> Result<ResumePoint> {
+        Ok(ResumePoint {
+            since: self.meta("cursor_since")?,
+            cursor: self.meta("cursor")?,
+        })
+    }
+
+    /// Forgets an unfinished pull's cursor (e.g. the server no longer accepts it); the next pull
+    /// starts again from the watermark, which deduplication makes safe.
+    pub fn clear_cursor(&self) -> Result<()> {
+        set_meta(&self.conn, "cursor", None)?;
+        set_meta(&self.conn, "cursor_since", None)
+    }
+
+    /// Applies one page atomically, together with where to resume after it.
+    /// `next` is the resume point once this page is durable (`cursor: None` = pull finished).
+    pub fn apply_page(&mut self, items: Vec<Incoming>, next: &ResumePoint) -> Result<ApplyCounts> {
+        let tx = self
+            .conn
+            .transaction()
+            .context("starting a store transaction")?;
+        let counts = apply_items(&tx, items)?;
+        set_meta(&tx, "cursor", next.cursor.as_deref())?;
+        set_meta(
+            &tx,
+            "cursor_since",
+            next.cursor.as_ref().and(next.since.as_deref()),
+        )?;
+        tx.commit().context("committing a page to the store")?;
+        Ok(counts)
+    }
+
+    pub fn last_training(&self) -> Result<Option<LastTraining>> {
+        match self.meta("last_training")? {
+            None => Ok(None),
+            Some(text) => serde_json::from_str(&text)
+                .map(Some)
+                .with_context(|| format!("the store's last_training state is unreadable: {text}")),
+        }
+    }
+
+    pub fn set_last_training(&self, state: &LastTraining) -> Result<()> {
+        self.set_meta_now("last_training", &serde_json::to_string(state)?)
+    }
+
+    pub fn stats(&self) -> Result<StoreStats> {
+        let mut stats = StoreStats::default();
+        let mut stmt = self.conn.prepare(
+            "SELECT model_version, kind, count(*) FROM records GROUP BY model_version, kind",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })?;
+        for row in rows {
+            let (version, kind, n) = row?;
+            let n = n as u64;
+            stats.records += n;
+            *stats.by_kind.entry(kind.clone()).or_default() += n;
+            *stats
+                .by_model_version
+                .entry(version)
+                .or_default()
+                .entry(kind)
+                .or_default() += n;
+        }
+        stats.watermark = self.watermark()?.map(format_time);
+        stats.tombstones = self.count("SELECT count(*) FROM tombstones")?;
+        stats.quarantined = self.count("SELECT count(*) FROM quarantine")?;
+        stats.pull_in_progress = self.meta("cursor")?.is_some();
+        Ok(stats)
+    }
+
+    fn count(&self, sql: &str) -> Result<u64> {
+        Ok(self.conn.query_row(sql, [], |r| r.get::<_, i64>(0))? as u64)
+    }
+
+    /// Records updated after `since` (all when `None`), and how many of them carry a usable
+    /// training signal: an answer to learn from and, for aspect ratings, an aspect the config
+    /// trains (`aspects` empty = all aspects).
+    pub fn new_since(
+        &self,
+        since: Option<DateTime<Utc>>,
+        aspects: &[String],
+    ) -> Result<(u64, u64)> {
+        let since_us = since.map(micros).unwrap_or(i64::MIN);
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT kind, aspect, has_answer, count(*) FROM records WHERE updated_us > ?1
+             GROUP BY kind, aspect, has_answer",
+        )?;
+        let rows = stmt.query_map([since_us], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, Option<String>>(1)?,
+                r.get::<_, bool>(2)?,
+                r.get::<_, i64>(3)?,
+            ))
+        })?;
+        let (mut all, mut usable) = (0, 0);
+        for row in rows {
+            let (kind, aspect, has_answer, n) = row?;
+            all += n as u64;
+            let aspect_ok = kind != "aspect"
+                || aspects.is_empty()
+                || aspect.is_some_and(|a| aspects.contains(&a));
+            if has_answer && aspect_ok {
+                usable += n as u64;
+            }
+        }
+        Ok((all, usable))
+    }
+
+    /// Answer-level feedback counts per model version, for records created in `[from, to)`.
+    pub fn version_counts(
+        &self,
+        from: Option<DateTime<Utc>>,
+        to: Option<DateTime<Utc>>,
+    ) -> Result<Vec<VersionCounts>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT model_version, count(*), count(thumb), coalesce(sum(thumb), 0),
+                    count(rating), coalesce(sum(rating), 0), coalesce(sum(rating * rating), 0)
+             FROM records WHERE created_us >= ?1 AND created_us < ?2
+             GROUP BY model_version ORDER BY model_version",
+        )?;
+        let rows = stmt.query_map(
+            [
+                from.map(micros).unwrap_or(i64::MIN),
+                to.map(micros).unwrap_or(i64::MAX),
+            ],
+            |r| {
+                Ok(VersionCounts {
+                    model_version: r.get(0)?,
+                    records: r.get::<_, i64>(1)? as u64,
+                    thumbs: r.get::<_, i64>(2)? as u64,
+                    thumbs_up: r.get::<_, i64>(3)? as u64,
+                    ratings: r.get::<_, i64>(4)? as u64,
+                    rating_sum: r.get::<_, i64>(5)? as f64,
+                    rating_sq_sum: r.get::<_, i64>(6)? as f64,
+                })
+            },
+        )?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Streams every live record, sorted by `id`, to `visit` (memory stays bounded).
+    pub fn for_each_record(
+        &self,
+        mut visit: impl FnMut(FeedbackRecord) -> Result<()>,
+    ) -> Result<()> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT id, body FROM records ORDER BY id")?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            let id: String = row.get(0)?;
+            let body: String = row.get(1)?;
+            let wire: WireRecord = serde_json::from_str(&body)
+                .with_context(|| format!("record {id} in the store is not valid JSON"))?;
+            match wire.validate() {
+                Ok(Change::Upsert(record)) => visit(*record)?,
+                Ok(Change::Delete { .. }) => bail!("record {id} in the store is a tombstone"),
+                Err(e) => bail!("record {id} in the store no longer validates: {e}"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Every live record, sorted by `id` (for small stores: tests, datasets of the sample).
+    pub fn records(&self) -> Result<Vec<FeedbackRecord>> {
+        let mut out = Vec::new();
+        self.for_each_record(|r| {
+            out.push(r);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Streams the stored canonical JSON of every live record, sorted by `id`.
+    pub fn for_each_json(&self, mut visit: impl FnMut(&str) -> Result<()>) -> Result<()> {
+        let mut stmt = self.conn.prepare("SELECT body FROM records ORDER BY id")?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            visit(row.get_ref(0)?.as_str()?)?;
+        }
+        Ok(())
+    }
+
+    pub fn quarantined(&self) -> Result<Vec<Quarantined>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT reason, raw, received_at FROM quarantine ORDER BY received_at, raw_sha256",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(Quarantined {
+                reason: r.get(0)?,
+                raw: r.get(1)?,
+                received_at: r.get(2)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+fn set_meta(conn: &Connection, key: &str, value: Option<&str>) -> Result<()> {
+    match value {
+        Some(v) => conn.execute(
+            "INSERT INTO meta(key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            params![key, v],
+        )?,
+        None => conn.execute("DELETE FROM meta WHERE key = ?1", [key])?,
+    };
+    Ok(())
+}
+
+fn apply_items(tx: &Transaction<'_>, items: Vec<Incoming>) -> Result<ApplyCounts> {
+    let mut counts = ApplyCounts::default();
+    let mut newest: Option<i64> = tx
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'watermark_us'",
+            [],
+            |r| r.get::<_, String>(0),
+        )
+        .optional()?
+        .and_then(|v| v.parse().ok());
+    let received_at = format_time(Utc::now());
+    let mut current = tx.prepare_cached("SELECT updated_us FROM records WHERE id = ?1")?;
+    let mut tombstone = tx.prepare_cached("SELECT updated_us FROM tombstones WHERE id = ?1")?;
+    let mut upsert = tx.prepare_cached(
+        "INSERT INTO records(id, updated_us, created_us, kind, model_version, aspect, thumb, rating,
+                             has_answer, body)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+         ON CONFLICT(id) DO UPDATE SET updated_us = excluded.updated_us,
+             created_us = excluded.created_us, kind = excluded.kind,
+             model_version = excluded.model_version, aspect = excluded.aspect,
+             thumb = excluded.thumb, rating = excluded.rating, has_answer = excluded.has_answer,
+             body = excluded.body",
+    )?;
+    let mut delete = tx.prepare_cached("DELETE FROM records WHERE id = ?1")?;
+    let mut bury = tx.prepare_cached(
+        "INSERT INTO tombstones(id, updated_us) VALUES (?1, ?2)
+         ON CONFLICT(id) DO UPDATE SET updated_us = excluded.updated_us",
+    )?;
+    let mut unbury = tx.prepare_cached("DELETE FROM tombstones WHERE id = ?1")?;
+    let mut quarantine = tx.prepare_cached(
+        "INSERT OR IGNORE INTO quarantine(raw_sha256, reason, raw, received_at) VALUES (?1, ?2, ?3, ?4)",
+    )?;
+
+    for item in items {
+        let change = match item {
+            Incoming::Valid(change) => change,
+            Incoming::Malformed { raw, reason } => {
+                let digest = hex::encode(Sha256::digest(raw.as_bytes()));
+                quarantine.execute(params![digest, reason.0, raw, received_at])?;
+                counts.quarantined += 1;
+                continue;
+            }
+        };
+        let id = change.id().to_string();
+        let at = micros(change.updated_at());
+        newest = Some(newest.map_or(at, |n| n.max(at)));
+        let live: Option<i64> = current.query_row([&id], |r| r.get(0)).optional()?;
+        let buried: Option<i64> = tombstone.query_row([&id], |r| r.get(0)).optional()?;
+        // Newest `updated_at` wins; on a tie the stored version stays (re-delivery is a no-op).
+        let known = live.into_iter().chain(buried).max();
+        if known.is_some_and(|k| k >= at) {
+            counts.unchanged += 1;
+            continue;
+        }
+        match change {
+            Change::Delete { .. } => {
+                bury.execute(params![id, at])?;
+                if live.is_some() {
+                    delete.execute([&id])?;
+                    counts.deleted += 1;
+                } else {
+                    counts.unchanged += 1;
+                }
+            }
+            Change::Upsert(record) => {
+                if buried.is_some() {
+                    unbury.execute([&id])?;
+                }
+                let body = serde_json::to_string(&record.to_wire())?;
+                let aspect = match &record.signal {
+                    super::Signal::Aspect { aspect, .. } => Some(aspect.as_str()),
+                    _ => None,
+                };
+                upsert.execute(params![
+                    id,
+                    at,
+                    micros(record.created_at),
+                    record.signal.kind(),
+                    record.model_version,
+                    aspect,
+                    record.answer_thumb().map(|t| t == super::Thumb::Up),
+                    record.answer_rating(),
+                    !record.response.content.trim().is_empty(),
+                    body
+                ])?;
+                if live.is_some() {
+                    counts.updated += 1
+                } else {
+                    counts.inserted += 1
+                }
+            }
+        }
+    }
+    if let Some(n) = newest {
+        set_meta(tx, "watermark_us", Some(&n.to_string()))?;
+    }
+    Ok(counts)
+}

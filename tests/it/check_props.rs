@@ -1,0 +1,181 @@
+//! Properties of the retraining decision (issue #2, point 4), and `check` end to end on the
+//! bundled sample, including the GitHub Actions outputs.
+
+use chrono::{DateTime, Duration, Utc};
+use proptest::prelude::*;
+use rlhf_bot::config::settings::Thresholds;
+use rlhf_bot::decision::{DecisionInput, QualityWindows, decide};
+use rlhf_bot::feedback::store::VersionCounts;
+
+use crate::common::{Workspace, bin, repo, stderr, stdout};
+
+fn now() -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339("2026-11-27T12:00:00Z")
+        .unwrap()
+        .with_timezone(&Utc)
+}
+
+fn counts(thumbs: u64, up: u64, ratings: u64, mean: f64) -> VersionCounts {
+    VersionCounts {
+        model_version: "policy-v2".into(),
+        records: thumbs + ratings,
+        thumbs,
+        thumbs_up: up.min(thumbs),
+        ratings,
+        rating_sum: mean * ratings as f64,
+        rating_sq_sum: (mean * mean + 0.5) * ratings as f64,
+    }
+}
+
+prop_compose! {
+    fn thresholds()(n in 1u64..500, m in 1u64..500, d in 1u64..30, h in 0u64..48, conf in 0.8f64..0.999, min in 1u64..100) -> Thresholds {
+        let mut t = Thresholds { min_new_feedback: n, min_new_signals: m, max_age_days: d, min_hours_between: h.min(d * 24), ..Default::default() };
+        t.quality.confidence = conf;
+        t.quality.min_samples = min;
+        t
+    }
+}
+
+prop_compose! {
+    fn input()(feedback in 0u64..2000, signals in 0u64..2000, hours_ago in proptest::option::of(0i64..2000), force in any::<bool>(),
+               bt in 0u64..500, bu in 0u64..500, rt in 0u64..500, ru in 0u64..500) -> DecisionInput {
+        DecisionInput {
+            now: now(),
+            new_feedback: feedback,
+            new_signals: signals.min(feedback),
+            last_training_at: hours_ago.map(|h| now() - Duration::hours(h)),
+            quality: Some(QualityWindows { production_version: "policy-v2".into(), baseline: counts(bt, bu, bt / 2, 3.5), recent: counts(rt, ru, rt / 2, 3.0) }),
+            force,
+        }
+    }
+}
+
+proptest! {
+    #[test]
+    fn more_feedback_never_turns_the_volume_trigger_off(t in thresholds(), i in input(), extra in 0u64..1000, extra_signals in 0u64..1000) {
+        let before = decide(&i, &t);
+        let more = DecisionInput { new_feedback: i.new_feedback + extra + extra_signals, new_signals: i.new_signals + extra_signals, ..i.clone() };
+        let after = decide(&more, &t);
+        if before.trigger("volume").unwrap().fired {
+            prop_assert!(after.trigger("volume").unwrap().fired);
+        }
+        if before.retrain {
+            prop_assert!(after.retrain, "more feedback turned retraining off");
+        }
+    }
+
+    #[test]
+    fn equal_windows_never_fire_the_quality_trigger(t in thresholds(), i in input(), n in 0u64..2000, up in 0u64..2000, mean in 1.0f64..5.0) {
+        let same = counts(n, up, n, mean);
+        let equal = DecisionInput { quality: Some(QualityWindows { production_version: "policy-v2".into(), baseline: same.clone(), recent: same }), ..i };
+        prop_assert!(!decide(&equal, &t).trigger("quality").unwrap().fired);
+    }
+
+    #[test]
+    fn force_always_retrains_and_cooldown_blocks_everything_else(t in thresholds(), i in input()) {
+        let d = decide(&i, &t);
+        let cooling = d.trigger("cooldown").unwrap().fired;
+        let any = ["volume", "age", "quality"].iter().any(|n| d.trigger(n).unwrap().fired);
+        prop_assert_eq!(d.retrain, i.force || (any && !cooling));
+        prop_assert!(!i.force || d.retrain);
+    }
+
+    #[test]
+    fn a_better_recent_window_never_fires_the_quality_trigger(t in thresholds(), i in input(), n in 1u64..1000, up in 0u64..1000, gain in 0u64..200) {
+        let base = counts(n, up.min(n), 0, 0.0);
+        let better = counts(n, (up + gain).min(n), 0, 0.0);
+        let q = DecisionInput { quality: Some(QualityWindows { production_version: "v".into(), baseline: base, recent: better }), ..i };
+        prop_assert!(!decide(&q, &t).trigger("quality").unwrap().fired);
+    }
+
+    #[test]
+    fn an_older_last_training_never_turns_the_age_trigger_off(t in thresholds(), i in input(), more_hours in 0i64..5000) {
+        if let Some(at) = i.last_training_at {
+            let older = DecisionInput { last_training_at: Some(at - Duration::hours(more_hours)), ..i.clone() };
+            if decide(&i, &t).trigger("age").unwrap().fired {
+                prop_assert!(decide(&older, &t).trigger("age").unwrap().fired);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_clear_drop_fires_the_quality_trigger() {
+    let t = Thresholds::default();
+    let i = DecisionInput {
+        now: now(),
+        new_feedback: 0,
+        new_signals: 0,
+        last_training_at: Some(now() - Duration::days(2)),
+        quality: Some(QualityWindows {
+            production_version: "policy-v2".into(),
+            baseline: counts(400, 320, 0, 0.0),
+            recent: counts(200, 110, 0, 0.0),
+        }),
+        force: false,
+    };
+    let d = decide(&i, &t);
+    assert!(d.trigger("quality").unwrap().fired, "{d:?}");
+    assert!(d.retrain);
+    assert_eq!(d.reasons(), "quality");
+    // The same drop on a handful of answers is noise.
+    let small = DecisionInput {
+        quality: Some(QualityWindows {
+            production_version: "policy-v2".into(),
+            baseline: counts(10, 8, 0, 0.0),
+            recent: counts(10, 5, 0, 0.0),
+        }),
+        ..i
+    };
+    assert!(!decide(&small, &t).trigger("quality").unwrap().fired);
+}
+
+#[test]
+fn check_on_the_bundled_sample_writes_actions_outputs() {
+    let ws = Workspace::new();
+    let text = std::fs::read_to_string(repo().join("configs/example.yaml"))
+        .unwrap()
+        .replace(
+            "configs/sample-feedback.jsonl",
+            &repo()
+                .join("configs/sample-feedback.jsonl")
+                .display()
+                .to_string(),
+        )
+        .replace(".rlhf/example", &ws.store_dir().display().to_string());
+    let cfg = ws.write_config(&text);
+    let output = ws.path().join("gh-output");
+    let summary = ws.path().join("gh-summary.md");
+    let out = bin()
+        .env("GITHUB_OUTPUT", &output)
+        .env("GITHUB_STEP_SUMMARY", &summary)
+        .env("RLHF_BOT_NOW", "2026-11-27T12:00:00Z")
+        .arg("--config")
+        .arg(&cfg)
+        .args(["--format", "json", "run"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(json["pull"]["quarantined"], 4, "{json}");
+    assert_eq!(json["check"]["retrain"], true);
+    assert!(
+        json["check"]["reasons"]
+            .as_str()
+            .unwrap()
+            .contains("volume")
+    );
+    let kpis = json["check"]["kpis"].as_array().unwrap();
+    assert_eq!(kpis.len(), 2, "two model versions in the sample");
+    assert!(
+        kpis.iter()
+            .all(|k| k["positive_rate"]["low"].as_f64() < k["positive_rate"]["high"].as_f64())
+    );
+    let outputs = std::fs::read_to_string(&output).unwrap();
+    assert!(
+        outputs.contains("retrain=true\n") && outputs.contains("reasons=volume"),
+        "{outputs}"
+    );
+    let md = std::fs::read_to_string(&summary).unwrap();
+    assert!(md.contains("| volume | yes |"), "{md}");
+}

@@ -1,0 +1,85 @@
+//! Helpers shared by the integration tests: temporary workspaces with a config file, and running
+//! the real `rlhf-bot` binary.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use rlhf_bot::feedback::Store;
+
+pub struct Workspace {
+    pub dir: tempfile::TempDir,
+}
+
+impl Workspace {
+    pub fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+    pub fn store_dir(&self) -> PathBuf {
+        self.path().join("store")
+    }
+    /// Writes a config pointing at an HTTP feedback API.
+    pub fn http_config(&self, url: &str, extra: &str) -> PathBuf {
+        self.write_config(&format!(
+            "feedback:\n  source: http\n  url: {url}\n  token_env: TEST_FEEDBACK_TOKEN\n  page_size: 100\n  timeout_secs: 2\n  max_attempts: 5\nstore:\n  dir: {}\n{extra}",
+            self.store_dir().display()
+        ))
+    }
+    pub fn write_config(&self, text: &str) -> PathBuf {
+        let path = self.path().join("rlhf.yaml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+    pub fn store(&self) -> Store {
+        Store::open(&self.store_dir()).unwrap()
+    }
+    /// The store's records as `store dump` writes them.
+    pub fn dump(&self) -> Vec<String> {
+        let mut lines = Vec::new();
+        self.store()
+            .for_each_json(|l| {
+                lines.push(l.to_string());
+                Ok(())
+            })
+            .unwrap();
+        lines
+    }
+}
+
+pub fn bin() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rlhf-bot"));
+    cmd.env("TEST_FEEDBACK_TOKEN", crate::feedback_server::TOKEN)
+        .env("RLHF_BOT_BACKOFF_MS", "10")
+        .env_remove("GITHUB_OUTPUT")
+        .env_remove("GITHUB_STEP_SUMMARY")
+        .env_remove("GITHUB_ACTIONS")
+        .env_remove("RUST_LOG");
+    cmd
+}
+
+pub fn run(config: &Path, args: &[&str]) -> Output {
+    bin()
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The repository root (the tests run from it, but say so explicitly).
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
