@@ -11,3 +11,4 @@ pub mod forge;
 pub mod kpi;
 pub mod secret;
 pub mod stats;
+pub mod train;

@@ -6,4 +6,6 @@ mod common;
 mod config;
 mod crash;
 mod feedback_server;
+mod losses;
 mod pull;
+mod train_utils;
