@@ -1,0 +1,3 @@
+//! The one integration-test binary (GUIDE §3.11): one module per area.
+
+mod llama;
