@@ -633,3 +633,18 @@ fn tokenizer_encodes_pads_and_truncates() {
     assert_eq!(right.input_ids, vec![vec![5, 6, 7], vec![8, 0, 0]]);
     assert_eq!(right.attention_mask, vec![vec![1, 1, 1], vec![1, 0, 0]]);
 }
+
+#[test]
+fn fast_exp_is_accurate() {
+    let mut worst = 0f64;
+    let mut x = -80.0f32;
+    while x < 80.0 {
+        let want = f64::from(x).exp();
+        let got = f64::from(ops::fast_exp(x));
+        worst = worst.max(((got - want) / want).abs());
+        x += 0.013;
+    }
+    assert!(worst < 5e-7, "worst relative error {worst}");
+    assert_eq!(ops::fast_exp(0.0), 1.0);
+    assert!(ops::fast_exp(-1.0e30) < 1e-37);
+}
