@@ -148,6 +148,207 @@ pub fn tune_allocator() {
     }
 }
 
+/// Softmax over the last dimension as one fused CPU op with a backward pass.
+///
+/// candle's generic `softmax` is five graph nodes (max, sub, exp, sum, div), each a full pass
+/// and, in backward, several more; this is one pass forward (`fast_exp`, threaded over rows)
+/// and one backward (`dx = y ⊙ (dy − Σ dy·y)`). Falls back to the generic op off-CPU.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if !x.device().is_cpu() || x.dtype() != DType::F32 {
+        return candle_nn::ops::softmax(x, D::Minus1);
+    }
+    x.contiguous()?.apply_op1(FusedSoftmax)
+}
+
+struct FusedSoftmax;
+
+impl candle_core::CustomOp1 for FusedSoftmax {
+    fn name(&self) -> &'static str {
+        "fused-softmax"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let data = contiguous_f32(storage, layout, "fused-softmax")?;
+        let cols = layout.shape().dims().last().copied().unwrap_or(1).max(1);
+        let mut out = vec![0f32; data.len()];
+        par_rows(&mut out, cols, |r0, block| {
+            for (k, orow) in block.chunks_exact_mut(cols).enumerate() {
+                let row = &data[(r0 + k) * cols..(r0 + k + 1) * cols];
+                let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                let mut sum = 0f32;
+                for (o, &x) in orow.iter_mut().zip(row) {
+                    *o = fast_exp(x - max);
+                    sum += *o;
+                }
+                let inv = 1.0 / sum;
+                orow.iter_mut().for_each(|o| *o *= inv);
+            }
+        });
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let shape = res.shape().clone();
+        let cols = res.dim(D::Minus1)?;
+        let y = res.detach().reshape(((), cols))?;
+        let dy = grad_res.detach().contiguous()?.reshape(((), cols))?;
+        let out = with_rows(&y, |yd, _| {
+            with_rows(&dy, |dyd, _| {
+                let mut out = vec![0f32; yd.len()];
+                par_rows(&mut out, cols, |r0, block| {
+                    for (k, orow) in block.chunks_exact_mut(cols).enumerate() {
+                        let span = (r0 + k) * cols..(r0 + k + 1) * cols;
+                        let (yr, dr) = (&yd[span.clone()], &dyd[span]);
+                        let dot: f32 = yr.iter().zip(dr).map(|(a, b)| a * b).sum();
+                        for ((o, &a), &b) in orow.iter_mut().zip(yr).zip(dr) {
+                            *o = a * (b - dot);
+                        }
+                    }
+                });
+                Ok(out)
+            })
+        })?;
+        Ok(Some(Tensor::from_vec(out, shape, res.device())?))
+    }
+}
+
+/// RMSNorm (`w * x / sqrt(mean(x²) + eps)`) as one fused CPU op with a backward pass;
+/// [`rms_norm`] is the same math from primitive ops (and the fallback off-CPU).
+pub fn rms_norm_fused(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if !x.device().is_cpu() || x.dtype() != DType::F32 {
+        return rms_norm(x, weight, eps);
+    }
+    x.contiguous()?
+        .apply_op2(&weight.contiguous()?, FusedRmsNorm { eps: eps as f32 })
+}
+
+struct FusedRmsNorm {
+    eps: f32,
+}
+
+impl FusedRmsNorm {
+    fn inv_rms(&self, row: &[f32]) -> f32 {
+        let ms = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
+        1.0 / (ms + self.eps).sqrt()
+    }
+}
+
+impl CustomOp2 for FusedRmsNorm {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, "fused-rms-norm")?;
+        let w = contiguous_f32(s2, l2, "fused-rms-norm")?;
+        let cols = w.len();
+        if l1.shape().dims().last() != Some(&cols) {
+            candle_core::bail!(
+                "rms-norm weight {:?} does not match input {:?}",
+                l2.shape(),
+                l1.shape()
+            );
+        }
+        let mut out = vec![0f32; x.len()];
+        par_rows(&mut out, cols, |r0, block| {
+            for (k, orow) in block.chunks_exact_mut(cols).enumerate() {
+                let row = &x[(r0 + k) * cols..(r0 + k + 1) * cols];
+                let inv = self.inv_rms(row);
+                for ((o, &v), &g) in orow.iter_mut().zip(row).zip(w) {
+                    *o = v * inv * g;
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // With n = x·inv and g = dy·w:  dx = inv·(g − n·mean(g·n)),  dw = Σ_rows dy·n.
+        let shape = x.shape().clone();
+        let cols = w.dim(0)?;
+        let xf = x.detach().contiguous()?.reshape(((), cols))?;
+        let dyf = grad_res.detach().contiguous()?.reshape(((), cols))?;
+        let wv = w.detach().to_vec1::<f32>()?;
+        let threads = candle_core::utils::get_num_threads().max(1);
+        let (dx, dw) = with_rows(&xf, |xd, _| {
+            with_rows(&dyf, |dyd, _| {
+                let rows = xd.len() / cols;
+                let mut dx = vec![0f32; xd.len()];
+                let per = rows.div_ceil(threads).max(1);
+                let partials: Vec<Vec<f32>> = std::thread::scope(|s| {
+                    let handles: Vec<_> = dx
+                        .chunks_mut(per * cols)
+                        .enumerate()
+                        .map(|(i, block)| {
+                            let wv = &wv;
+                            s.spawn(move || {
+                                let mut dw = vec![0f32; cols];
+                                for (k, orow) in block.chunks_exact_mut(cols).enumerate() {
+                                    let span = (i * per + k) * cols..(i * per + k + 1) * cols;
+                                    let (xr, dr) = (&xd[span.clone()], &dyd[span]);
+                                    let inv = self.inv_rms(xr);
+                                    let mut dot = 0f32;
+                                    for j in 0..cols {
+                                        let n = xr[j] * inv;
+                                        dot += dr[j] * wv[j] * n;
+                                        dw[j] += dr[j] * n;
+                                    }
+                                    let mean = dot / cols as f32;
+                                    for j in 0..cols {
+                                        let n = xr[j] * inv;
+                                        orow[j] = inv * (dr[j] * wv[j] - n * mean);
+                                    }
+                                }
+                                dw
+                            })
+                        })
+                        .collect();
+                    handles
+                        .into_iter()
+                        .map(|h| h.join().unwrap_or_default())
+                        .collect()
+                });
+                let mut dw = vec![0f32; cols];
+                for p in partials {
+                    for (a, b) in dw.iter_mut().zip(p) {
+                        *a += b;
+                    }
+                }
+                Ok((dx, dw))
+            })
+        })?;
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, shape, dev)?),
+            Some(Tensor::from_vec(dw, cols, dev)?),
+        ))
+    }
+}
+
+/// The contiguous f32 data of a CPU storage.
+fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
+    let data = match storage {
+        CpuStorage::F32(v) => v.as_slice(),
+        other => candle_core::bail!("{op} expects f32, got {:?}", other.dtype()),
+    };
+    match layout.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{op} expects a contiguous input"),
+    }
+}
+
 /// Per-row log-probability of `targets` under `softmax(hidden · weightᵀ)`, without keeping the
 /// `[rows, vocab]` logits alive.
 ///
