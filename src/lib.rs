@@ -9,6 +9,7 @@ pub mod decision;
 pub mod feedback;
 pub mod forge;
 pub mod kpi;
+pub mod model;
 pub mod secret;
 pub mod stats;
 pub mod train;

@@ -6,6 +6,7 @@ mod common;
 mod config;
 mod crash;
 mod feedback_server;
+mod llama;
 mod losses;
 mod pull;
 mod train_utils;

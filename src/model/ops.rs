@@ -1,0 +1,605 @@
+//! Differentiable building blocks for the trainable models.
+//!
+//! candle's fused kernels (`candle_nn::ops::rms_norm`, `softmax_last_dim`, the `rope*` family,
+//! `sdpa`) have no backward pass: gradients stop there silently (GUIDE §4). Everything here is
+//! written either from primitive ops that candle can differentiate, or as a `CustomOp` that
+//! carries its own `bwd`, so a model assembled from these pieces trains end to end. The tests in
+//! `tests/it/llama.rs` check that every parameter receives a gradient.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, D, DType, Device, Layout, Result, Shape, Tensor};
+
+/// Mask value for disallowed attention logits.
+///
+/// A large finite negative instead of `-inf`: a query whose keys are all masked (a left-padding
+/// row) then gets a uniform distribution instead of NaN, and the NaN cannot leak into gradients.
+pub const MASK_VALUE: f32 = -1.0e30;
+
+/// RMSNorm as transformers' `LlamaRMSNorm` computes it: `w * x / sqrt(mean(x²) + eps)`.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
+    let inv_rms = (mean_sq + eps)?.sqrt()?.recip()?;
+    x.broadcast_mul(&inv_rms)?.broadcast_mul(weight)
+}
+
+/// transformers' `rotate_half`: `cat(-x2, x1)` over the last dimension.
+pub fn rotate_half(x: &Tensor) -> Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)
+}
+
+/// Applies rotary position embeddings in the HF layout (`x * cos + rotate_half(x) * sin`).
+///
+/// `x` is `[batch, heads, seq, head_dim]`; `cos`/`sin` are `[batch, 1, seq, head_dim]`.
+pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    x.broadcast_mul(cos)? + rotate_half(x)?.broadcast_mul(sin)?
+}
+
+/// Inverse frequencies of the default RoPE (`1 / theta^(2i/d)`), computed in f64.
+pub fn rope_inv_freq(head_dim: usize, theta: f64) -> Vec<f64> {
+    (0..head_dim / 2)
+        .map(|i| 1.0 / theta.powf((2 * i) as f64 / head_dim as f64))
+        .collect()
+}
+
+/// `cos` and `sin` tables for the given position ids, shaped `[batch, 1, seq, head_dim]`.
+///
+/// Positions are per row (left padding shifts them), so the tables are built per batch row on
+/// the host: they are constants, not parameters, and cost `batch·seq·head_dim` floats.
+pub fn rope_tables(
+    positions: &[Vec<u32>],
+    inv_freq: &[f64],
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let batch = positions.len();
+    let seq = positions.first().map_or(0, Vec::len);
+    let half = inv_freq.len();
+    let dim = 2 * half;
+    let mut cos = Vec::with_capacity(batch * seq * dim);
+    let mut sin = Vec::with_capacity(batch * seq * dim);
+    for row in positions {
+        if row.len() != seq {
+            candle_core::bail!("position rows differ in length: {} vs {seq}", row.len());
+        }
+        for &p in row {
+            // transformers concatenates the frequencies with themselves (`cat(freqs, freqs)`).
+            for _ in 0..2 {
+                for &f in inv_freq {
+                    // HF computes the angle in f32; doing it in f64 and rounding differs by < 1 ulp.
+                    let angle = (p as f64 * f) as f32;
+                    cos.push(angle.cos());
+                    sin.push(angle.sin());
+                }
+            }
+        }
+    }
+    let cos = Tensor::from_vec(cos, (batch, 1, seq, dim), device)?;
+    let sin = Tensor::from_vec(sin, (batch, 1, seq, dim), device)?;
+    Ok((cos, sin))
+}
+
+/// Position ids from an attention mask: `cumsum(mask) - 1`, clamped at 0 (transformers'
+/// convention for left padding). `offset` skips that many leading columns (a KV cache's past):
+/// the returned rows cover columns `offset..` only.
+pub fn positions_from_mask(mask: &[Vec<u32>], offset: usize) -> Vec<Vec<u32>> {
+    mask.iter()
+        .map(|row| {
+            let mut seen = 0u32;
+            let all: Vec<u32> = row
+                .iter()
+                .map(|&m| {
+                    seen += u32::from(m != 0);
+                    seen.saturating_sub(1)
+                })
+                .collect();
+            all[offset.min(all.len())..].to_vec()
+        })
+        .collect()
+}
+
+/// Additive attention mask `[batch, 1, q_len, k_len]`: 0 where query `i` may attend key `j`
+/// (causal: `j <= offset + i`, and key `j` is not padding), [`MASK_VALUE`] elsewhere.
+///
+/// `mask` rows have `k_len = offset + q_len` entries (past plus current tokens).
+pub fn attention_bias(mask: &[Vec<u32>], q_len: usize, device: &Device) -> Result<Tensor> {
+    let batch = mask.len();
+    let k_len = mask.first().map_or(0, Vec::len);
+    if k_len < q_len {
+        candle_core::bail!("attention mask has {k_len} columns for {q_len} queries");
+    }
+    let offset = k_len - q_len;
+    let mut bias = vec![MASK_VALUE; batch * q_len * k_len];
+    for (b, row) in mask.iter().enumerate() {
+        if row.len() != k_len {
+            candle_core::bail!(
+                "attention mask rows differ in length: {} vs {k_len}",
+                row.len()
+            );
+        }
+        for i in 0..q_len {
+            let base = (b * q_len + i) * k_len;
+            for (j, &m) in row.iter().enumerate().take(offset + i + 1) {
+                if m != 0 {
+                    bias[base + j] = 0.0;
+                }
+            }
+        }
+    }
+    Tensor::from_vec(bias, (batch, 1, q_len, k_len), device)
+}
+
+/// Tunes glibc malloc for training: large freed blocks stay in the process instead of going
+/// back to the OS and being page-faulted in again on the next step (GUIDE §4: 3.5 s → 2.2 s per
+/// step). Call once at start-up, before any tensor is allocated. A no-op on non-glibc targets.
+#[allow(unsafe_code)]
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallopt only changes allocator tunables; it takes plain integers, touches no
+        // memory we own, and glibc documents it as safe to call at any time (it takes the arena
+        // lock itself). The return value only reports whether the parameter was accepted.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_MAX, 0);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+            libc::mallopt(libc::M_TOP_PAD, 256 << 20);
+        }
+    }
+}
+
+/// Softmax over the last dimension as one fused CPU op with a backward pass.
+///
+/// candle's generic `softmax` is five graph nodes (max, sub, exp, sum, div), each a full pass
+/// and, in backward, several more; this is one pass forward (`fast_exp`, threaded over rows)
+/// and one backward (`dx = y ⊙ (dy − Σ dy·y)`). Falls back to the generic op off-CPU.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if !x.device().is_cpu() || x.dtype() != DType::F32 {
+        return candle_nn::ops::softmax(x, D::Minus1);
+    }
+    x.contiguous()?.apply_op1(FusedSoftmax)
+}
+
+struct FusedSoftmax;
+
+impl candle_core::CustomOp1 for FusedSoftmax {
+    fn name(&self) -> &'static str {
+        "fused-softmax"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let data = contiguous_f32(storage, layout, "fused-softmax")?;
+        let cols = layout.shape().dims().last().copied().unwrap_or(1).max(1);
+        let mut out = vec![0f32; data.len()];
+        par_rows(&mut out, cols, |r0, block| {
+            for (k, orow) in block.chunks_exact_mut(cols).enumerate() {
+                let row = &data[(r0 + k) * cols..(r0 + k + 1) * cols];
+                let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                let mut sum = 0f32;
+                for (o, &x) in orow.iter_mut().zip(row) {
+                    *o = fast_exp(x - max);
+                    sum += *o;
+                }
+                let inv = 1.0 / sum;
+                orow.iter_mut().for_each(|o| *o *= inv);
+            }
+        });
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let shape = res.shape().clone();
+        let cols = res.dim(D::Minus1)?;
+        let y = res.detach().reshape(((), cols))?;
+        let dy = grad_res.detach().contiguous()?.reshape(((), cols))?;
+        let out = with_rows(&y, |yd, _| {
+            with_rows(&dy, |dyd, _| {
+                let mut out = vec![0f32; yd.len()];
+                par_rows(&mut out, cols, |r0, block| {
+                    for (k, orow) in block.chunks_exact_mut(cols).enumerate() {
+                        let span = (r0 + k) * cols..(r0 + k + 1) * cols;
+                        let (yr, dr) = (&yd[span.clone()], &dyd[span]);
+                        let dot: f32 = yr.iter().zip(dr).map(|(a, b)| a * b).sum();
+                        for ((o, &a), &b) in orow.iter_mut().zip(yr).zip(dr) {
+                            *o = a * (b - dot);
+                        }
+                    }
+                });
+                Ok(out)
+            })
+        })?;
+        Ok(Some(Tensor::from_vec(out, shape, res.device())?))
+    }
+}
+
+/// RMSNorm (`w * x / sqrt(mean(x²) + eps)`) as one fused CPU op with a backward pass;
+/// [`rms_norm`] is the same math from primitive ops (and the fallback off-CPU).
+pub fn rms_norm_fused(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if !x.device().is_cpu() || x.dtype() != DType::F32 {
+        return rms_norm(x, weight, eps);
+    }
+    x.contiguous()?
+        .apply_op2(&weight.contiguous()?, FusedRmsNorm { eps: eps as f32 })
+}
+
+struct FusedRmsNorm {
+    eps: f32,
+}
+
+impl FusedRmsNorm {
+    fn inv_rms(&self, row: &[f32]) -> f32 {
+        let ms = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
+        1.0 / (ms + self.eps).sqrt()
+    }
+}
+
+impl CustomOp2 for FusedRmsNorm {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, "fused-rms-norm")?;
+        let w = contiguous_f32(s2, l2, "fused-rms-norm")?;
+        let cols = w.len();
+        if l1.shape().dims().last() != Some(&cols) {
+            candle_core::bail!(
+                "rms-norm weight {:?} does not match input {:?}",
+                l2.shape(),
+                l1.shape()
+            );
+        }
+        let mut out = vec![0f32; x.len()];
+        par_rows(&mut out, cols, |r0, block| {
+            for (k, orow) in block.chunks_exact_mut(cols).enumerate() {
+                let row = &x[(r0 + k) * cols..(r0 + k + 1) * cols];
+                let inv = self.inv_rms(row);
+                for ((o, &v), &g) in orow.iter_mut().zip(row).zip(w) {
+                    *o = v * inv * g;
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // With n = x·inv and g = dy·w:  dx = inv·(g − n·mean(g·n)),  dw = Σ_rows dy·n.
+        let shape = x.shape().clone();
+        let cols = w.dim(0)?;
+        let xf = x.detach().contiguous()?.reshape(((), cols))?;
+        let dyf = grad_res.detach().contiguous()?.reshape(((), cols))?;
+        let wv = w.detach().to_vec1::<f32>()?;
+        let threads = candle_core::utils::get_num_threads().max(1);
+        let (dx, dw) = with_rows(&xf, |xd, _| {
+            with_rows(&dyf, |dyd, _| {
+                let rows = xd.len() / cols;
+                let mut dx = vec![0f32; xd.len()];
+                let per = rows.div_ceil(threads).max(1);
+                let partials: Vec<Vec<f32>> = std::thread::scope(|s| {
+                    let handles: Vec<_> = dx
+                        .chunks_mut(per * cols)
+                        .enumerate()
+                        .map(|(i, block)| {
+                            let wv = &wv;
+                            s.spawn(move || {
+                                let mut dw = vec![0f32; cols];
+                                for (k, orow) in block.chunks_exact_mut(cols).enumerate() {
+                                    let span = (i * per + k) * cols..(i * per + k + 1) * cols;
+                                    let (xr, dr) = (&xd[span.clone()], &dyd[span]);
+                                    let inv = self.inv_rms(xr);
+                                    let mut dot = 0f32;
+                                    for j in 0..cols {
+                                        let n = xr[j] * inv;
+                                        dot += dr[j] * wv[j] * n;
+                                        dw[j] += dr[j] * n;
+                                    }
+                                    let mean = dot / cols as f32;
+                                    for j in 0..cols {
+                                        let n = xr[j] * inv;
+                                        orow[j] = inv * (dr[j] * wv[j] - n * mean);
+                                    }
+                                }
+                                dw
+                            })
+                        })
+                        .collect();
+                    handles
+                        .into_iter()
+                        .map(|h| h.join().unwrap_or_default())
+                        .collect()
+                });
+                let mut dw = vec![0f32; cols];
+                for p in partials {
+                    for (a, b) in dw.iter_mut().zip(p) {
+                        *a += b;
+                    }
+                }
+                Ok((dx, dw))
+            })
+        })?;
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, shape, dev)?),
+            Some(Tensor::from_vec(dw, cols, dev)?),
+        ))
+    }
+}
+
+/// The contiguous f32 data of a CPU storage.
+fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
+    let data = match storage {
+        CpuStorage::F32(v) => v.as_slice(),
+        other => candle_core::bail!("{op} expects f32, got {:?}", other.dtype()),
+    };
+    match layout.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{op} expects a contiguous input"),
+    }
+}
+
+/// Per-row log-probability of `targets` under `softmax(hidden · weightᵀ)`, without keeping the
+/// `[rows, vocab]` logits alive.
+///
+/// `hidden` is `[rows, d]`, `weight` is the LM head `[vocab, d]`, `targets` has one id per row.
+/// The forward pass walks `chunk` rows at a time, keeps only each row's log-sum-exp, and the
+/// backward pass recomputes the chunk's logits to form `softmax - onehot`. Peak memory is
+/// `chunk × vocab` floats instead of several `rows × vocab` buffers; this is the step that a
+/// 49k vocabulary dominates.
+pub fn lm_head_logprobs(
+    hidden: &Tensor,
+    weight: &Tensor,
+    targets: &[u32],
+    chunk: usize,
+) -> Result<Tensor> {
+    let (rows, _d) = hidden.dims2()?;
+    if rows != targets.len() {
+        candle_core::bail!("{rows} hidden rows for {} targets", targets.len());
+    }
+    let vocab = weight.dim(0)?;
+    if let Some(bad) = targets.iter().find(|&&t| t as usize >= vocab) {
+        candle_core::bail!("target id {bad} is outside the vocabulary of {vocab}");
+    }
+    let op = LmHeadLogprobs {
+        targets: targets.to_vec(),
+        chunk: chunk.max(1),
+        device: hidden.device().clone(),
+    };
+    hidden.contiguous()?.apply_op2(&weight.contiguous()?, op)
+}
+
+struct LmHeadLogprobs {
+    targets: Vec<u32>,
+    chunk: usize,
+    device: Device,
+}
+
+impl LmHeadLogprobs {
+    /// Runs `f(start, len, logits_chunk)` for each chunk of rows; logits are `[len, vocab]`.
+    fn for_chunks(
+        &self,
+        hidden: &Tensor,
+        weight: &Tensor,
+        mut f: impl FnMut(usize, usize, Tensor) -> Result<()>,
+    ) -> Result<()> {
+        let rows = hidden.dim(0)?;
+        let wt = weight.t()?;
+        let mut start = 0;
+        while start < rows {
+            let len = self.chunk.min(rows - start);
+            let logits = hidden.narrow(0, start, len)?.matmul(&wt)?;
+            f(start, len, logits)?;
+            start += len;
+        }
+        Ok(())
+    }
+
+    /// Log-sum-exp and target logit of each row of a `[len, vocab]` logits chunk.
+    fn lse_and_target(&self, logits: &Tensor, start: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        let targets = &self.targets[start..];
+        with_rows(logits, |data, vocab| {
+            let rows = data.len() / vocab;
+            let mut lse = vec![0f32; rows];
+            let mut picked = vec![0f32; rows];
+            par_rows(&mut lse, 1, |r0, out| {
+                for (k, o) in out.iter_mut().enumerate() {
+                    let row = &data[(r0 + k) * vocab..(r0 + k + 1) * vocab];
+                    *o = row_logsumexp(row);
+                }
+            });
+            for (k, p) in picked.iter_mut().enumerate() {
+                *p = data[k * vocab + targets[k] as usize];
+            }
+            Ok((lse, picked))
+        })
+    }
+}
+
+impl CustomOp2 for LmHeadLogprobs {
+    fn name(&self) -> &'static str {
+        "lm-head-logprobs"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        // The inputs arrive as raw storage; wrapping them in tensors copies them once (the
+        // weight is vocab·d floats, small next to the vocab·rows logits this op avoids).
+        let hidden = storage_tensor(s1, l1)?;
+        let weight = storage_tensor(s2, l2)?;
+        let rows = hidden.dim(0)?;
+        let mut out = Vec::with_capacity(rows);
+        self.for_chunks(&hidden, &weight, |start, _len, logits| {
+            let (lse, picked) = self.lse_and_target(&logits, start)?;
+            out.extend(picked.iter().zip(&lse).map(|(p, l)| p - l));
+            Ok(())
+        })?;
+        Ok((CpuStorage::F32(out), Shape::from(rows)))
+    }
+
+    fn bwd(
+        &self,
+        hidden: &Tensor,
+        weight: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // d logp_r / d logits_r = onehot(target_r) - softmax(logits_r), scaled by the incoming
+        // gradient of row r. The chunk's logits are recomputed rather than kept from forward.
+        let hidden = hidden.detach();
+        let weight = weight.detach();
+        let grad = grad_res.detach().to_vec1::<f32>()?;
+        let mut grad_hidden = Vec::new();
+        let mut grad_weight: Option<Tensor> = None;
+        self.for_chunks(&hidden, &weight, |start, len, logits| {
+            let targets = &self.targets[start..start + len];
+            let g = &grad[start..start + len];
+            let dlogits = with_rows(&logits, |data, vocab| {
+                let mut out = vec![0f32; data.len()];
+                par_rows(&mut out, vocab, |r0, block| {
+                    for (k, drow) in block.chunks_exact_mut(vocab).enumerate() {
+                        let r = r0 + k;
+                        let row = &data[r * vocab..(r + 1) * vocab];
+                        let lse = row_logsumexp(row);
+                        let scale = -g[r];
+                        for (d, &x) in drow.iter_mut().zip(row) {
+                            *d = scale * fast_exp(x - lse);
+                        }
+                        drow[targets[r] as usize] += g[r];
+                    }
+                });
+                Tensor::from_vec(out, (len, vocab), &self.device)
+            })?;
+            grad_hidden.push(dlogits.matmul(&weight)?);
+            let gw = dlogits.t()?.matmul(&hidden.narrow(0, start, len)?)?;
+            grad_weight = Some(match grad_weight.take() {
+                None => gw,
+                Some(acc) => (acc + gw)?,
+            });
+            Ok(())
+        })?;
+        let grad_hidden = Tensor::cat(&grad_hidden, 0)?;
+        Ok((Some(grad_hidden), grad_weight))
+    }
+}
+
+/// Calls `f(data, cols)` with the contiguous f32 data of a 2-D CPU tensor.
+fn with_rows<T>(t: &Tensor, f: impl FnOnce(&[f32], usize) -> Result<T>) -> Result<T> {
+    let cols = t.dim(1)?;
+    let (storage, layout) = t.storage_and_layout();
+    let Some((a, b)) = layout.contiguous_offsets() else {
+        candle_core::bail!("expected a contiguous tensor");
+    };
+    match &*storage {
+        candle_core::Storage::Cpu(cpu) => f(&cpu.as_slice::<f32>()?[a..b], cols),
+        _ => candle_core::bail!("the fused LM-head op runs on CPU only"),
+    }
+}
+
+/// Splits `out` (rows of `width` values) across candle's worker count and runs
+/// `f(first_row, block)` on each block in its own scoped thread.
+fn par_rows(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    let rows = out.len() / width.max(1);
+    let threads = candle_core::utils::get_num_threads().clamp(1, rows.max(1));
+    let per = rows.div_ceil(threads);
+    if threads == 1 {
+        f(0, out);
+        return;
+    }
+    std::thread::scope(|s| {
+        for (i, block) in out.chunks_mut(per * width).enumerate() {
+            let f = &f;
+            s.spawn(move || f(i * per, block));
+        }
+    });
+}
+
+/// `log Σ exp(x)` of one row, with 8 independent accumulators so the loops vectorise.
+fn row_logsumexp(row: &[f32]) -> f32 {
+    let mut m = [f32::NEG_INFINITY; 8];
+    let chunks = row.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks.clone() {
+        for i in 0..8 {
+            m[i] = m[i].max(c[i]);
+        }
+    }
+    let max = tail.iter().fold(
+        m.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)),
+        |a, &b| a.max(b),
+    );
+    let mut s = [0f32; 8];
+    for c in chunks {
+        for i in 0..8 {
+            s[i] += fast_exp(c[i] - max);
+        }
+    }
+    let sum: f32 = s.iter().sum::<f32>() + tail.iter().map(|&x| fast_exp(x - max)).sum::<f32>();
+    max + sum.ln()
+}
+
+/// `e^x` in f32 without a libm call, so loops over it vectorise (libm's `expf` is scalar; a
+/// 49k-vocabulary softmax spends most of its time there). Cephes' range reduction
+/// (`x = n·ln2 + r`) and degree-6 polynomial: relative error about 1e-7 for normal results;
+/// inputs are clamped to [−87, 88], so the smallest value returned is e^−87 ≈ 1.6e-38.
+#[inline(always)]
+pub fn fast_exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const C1: f32 = 0.693_359_4;
+    const C2: f32 = -2.121_944_4e-4;
+    // Adding and subtracting 1.5·2^23 rounds to the nearest integer with plain SSE2.
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * LOG2E + ROUND) - ROUND;
+    let r = x - n * C1 - n * C2;
+    let mut p = 1.987_569_1e-4_f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5.000_000_1e-1;
+    let y = p * r * r + r + 1.0;
+    // 2^n built directly in the exponent bits.
+    let bits = ((n as i32 + 127) as u32) << 23;
+    y * f32::from_bits(bits)
+}
+
+/// Copies a (possibly strided) f32 CPU storage into a fresh contiguous tensor.
+fn storage_tensor(storage: &CpuStorage, layout: &Layout) -> Result<Tensor> {
+    let data = match storage {
+        CpuStorage::F32(v) => v,
+        other => candle_core::bail!("lm-head-logprobs expects f32, got {:?}", other.dtype()),
+    };
+    let shape = layout.shape().clone();
+    match layout.contiguous_offsets() {
+        Some((a, b)) => Tensor::from_slice(&data[a..b], shape, &Device::Cpu),
+        None => candle_core::bail!("lm-head-logprobs expects contiguous inputs"),
+    }
+}
+
+/// Sum of `values * mask` per row, for `[batch, len]` inputs; the mask is cast to the values'
+/// dtype. Used to turn per-token log-probs into sequence log-probs.
+pub fn masked_row_sum(values: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let mask = mask.to_dtype(values.dtype())?;
+    (values * mask)?.sum(D::Minus1)
+}
+
+/// `true` when a tensor holds f32 values (the only dtype the trainable models use).
+pub fn is_f32(t: &Tensor) -> bool {
+    t.dtype() == DType::F32
+}
