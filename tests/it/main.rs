@@ -1,6 +1,7 @@
 //! The one integration-test binary: every module below shares the helpers in `common` and the
 //! real feedback API server in `feedback_server`.
 
+mod bert;
 mod check_props;
 mod common;
 mod config;
