@@ -7,6 +7,8 @@ mod common;
 mod config;
 mod crash;
 mod feedback_server;
+mod forge_behaviour;
+mod forge_contract;
 mod llama;
 mod losses;
 mod pull;
