@@ -12,4 +12,6 @@ mod forge_contract;
 mod llama;
 mod losses;
 mod pull;
+mod registry;
+mod report;
 mod train_utils;
