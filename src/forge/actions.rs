@@ -22,7 +22,11 @@ pub struct ActionsEnv {
 impl ActionsEnv {
     /// Reads the runner's variables from the process environment.
     pub fn from_env() -> Self {
-        let path = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+        let path = |name: &str| {
+            std::env::var_os(name)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
         Self {
             output_file: path("GITHUB_OUTPUT"),
             summary_file: path("GITHUB_STEP_SUMMARY"),
@@ -33,7 +37,9 @@ impl ActionsEnv {
     /// Sets a step output. Multi-line values use the heredoc form with a delimiter that cannot
     /// occur in the value, so a crafted value cannot inject further outputs.
     pub fn set_output(&self, key: &str, value: &str) -> Result<()> {
-        let Some(path) = &self.output_file else { return Ok(()) };
+        let Some(path) = &self.output_file else {
+            return Ok(());
+        };
         let mut line = String::new();
         if value.contains('\n') || value.contains('\r') {
             let mut delimiter = String::from("RLHF_BOT_EOF");
@@ -49,15 +55,22 @@ impl ActionsEnv {
 
     /// Appends Markdown to the step summary, truncated so the summary stays under GitHub's cap.
     pub fn append_summary(&self, markdown: &str) -> Result<()> {
-        let Some(path) = &self.summary_file else { return Ok(()) };
-        let used = std::fs::metadata(path).map(|m| m.len() as usize).unwrap_or(0);
+        let Some(path) = &self.summary_file else {
+            return Ok(());
+        };
+        let used = std::fs::metadata(path)
+            .map(|m| m.len() as usize)
+            .unwrap_or(0);
         let room = STEP_SUMMARY_LIMIT.saturating_sub(used + 64);
         let text = if markdown.len() > room {
             let mut cut = room;
             while !markdown.is_char_boundary(cut) {
                 cut -= 1;
             }
-            format!("{}\n\n_(truncated: the step summary is limited to 1 MiB)_\n", &markdown[..cut])
+            format!(
+                "{}\n\n_(truncated: the step summary is limited to 1 MiB)_\n",
+                &markdown[..cut]
+            )
         } else {
             format!("{markdown}\n")
         };
@@ -84,7 +97,9 @@ impl ActionsEnv {
 
 /// Workflow-command data must escape `%`, CR and LF or the runner cuts the message.
 fn escape_data(text: &str) -> String {
-    text.replace('%', "%25").replace('\r', "%0D").replace('\n', "%0A")
+    text.replace('%', "%25")
+        .replace('\r', "%0D")
+        .replace('\n', "%0A")
 }
 
 fn append(path: &PathBuf, text: &str) -> std::io::Result<()> {
