@@ -304,7 +304,10 @@ mod tests {
             title: format!("rlhf-bot: DPO candidate {run}"),
             body: "## Report\n".into(),
             files: vec![
-                ("models/registry.yaml".into(), format!("version: {run}\n").into_bytes()),
+                (
+                    "models/registry.yaml".into(),
+                    format!("version: {run}\n").into_bytes(),
+                ),
                 ("pr.json".into(), b"{\"not\": \"the manifest\"}".to_vec()),
             ],
             labels: vec!["rlhf-bot".into()],
@@ -336,7 +339,7 @@ mod tests {
         );
         let registry = &manifest.files[0];
         assert_eq!(registry.path, "models/registry.yaml");
-        assert_eq!(registry.bytes, 13);
+        assert_eq!(registry.bytes, "version: run1\n".len() as u64);
         assert_eq!(
             registry.sha256,
             hex::encode(Sha256::digest(b"version: run1\n"))
@@ -369,7 +372,11 @@ mod tests {
             .env("GIT_COMMITTER_EMAIL", "jane@example.com")
             .output()
             .unwrap();
-        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
@@ -387,8 +394,14 @@ mod tests {
         git(r, &["commit", "-q", "-m", "init"]);
 
         let first = commit_to_local_branch(r, "main", &request("run1")).unwrap();
-        assert_eq!(git(r, &["rev-parse", "refs/heads/rlhf-bot/dpo-run1"]), first);
-        assert_eq!(git(r, &["show", &format!("{first}:models/registry.yaml")]), "version: run1");
+        assert_eq!(
+            git(r, &["rev-parse", "refs/heads/rlhf-bot/dpo-run1"]),
+            first
+        );
+        assert_eq!(
+            git(r, &["show", &format!("{first}:models/registry.yaml")]),
+            "version: run1"
+        );
         assert_eq!(git(r, &["show", &format!("{first}:README.md")]), "hello");
         // Working tree, index and checked-out branch untouched.
         assert!(!r.join("models").exists());
@@ -407,6 +420,9 @@ mod tests {
         let human = git(r, &["rev-parse", "HEAD"]);
         let err = commit_to_local_branch(r, "main", &request("run3")).unwrap_err();
         assert!(format!("{err:#}").contains("did not make"));
-        assert_eq!(git(r, &["rev-parse", "refs/heads/rlhf-bot/dpo-run1"]), human);
+        assert_eq!(
+            git(r, &["rev-parse", "refs/heads/rlhf-bot/dpo-run1"]),
+            human
+        );
     }
 }

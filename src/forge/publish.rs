@@ -29,7 +29,8 @@ pub const PR_BODY_LIMIT: usize = 65_536;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum OnExisting {
-    /// Push this run onto the newest earlier bot PR's branch and refresh its title and body.
+    /// Push this run onto the newest earlier bot PR's branch and refresh its title and body;
+    /// any older bot PRs are closed as superseded by it.
     Update,
     /// Open a new PR and close the earlier ones with a comment linking it.
     #[default]
@@ -288,7 +289,7 @@ impl Publisher<'_> {
             .filter(|p| p.head.branch != req.branch)
             .collect();
         // Newest first, so `Update` continues the most recent candidate.
-        earlier.sort_by(|a, b| b.number.cmp(&a.number));
+        earlier.sort_by_key(|p| std::cmp::Reverse(p.number));
         let mut branch = req.branch.clone();
         if own.is_none() && req.on_existing == OnExisting::Update && !earlier.is_empty() {
             let newest = earlier.remove(0);

@@ -8,7 +8,8 @@
 //! records every exchange. The publisher's own requests are never changed.
 //!
 //! The tools come from `scripts/install-test-deps.sh` into `${RLHF_TEST_DEPS:-~/.cache/rlhf-bot/test-deps}`;
-//! without them the tests print "skipped" and pass, unless `RLHF_REQUIRE_TEST_DEPS=1` (CI).
+//! without them the tests print "skipped" and pass, unless `RLHF_REQUIRE_TEST_DEPS=1` or
+//! `RLHF_REQUIRE_TEST_ASSETS` is set (CI, through scripts/test.sh).
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -38,10 +39,13 @@ fn have(tool: &Path, what: &str) -> bool {
     if tool.exists() {
         return true;
     }
-    let required = std::env::var("RLHF_REQUIRE_TEST_DEPS").is_ok_and(|v| v == "1");
+    // scripts/test.sh sets RLHF_REQUIRE_TEST_ASSETS in CI; RLHF_REQUIRE_TEST_DEPS=1 does the same.
+    let flag =
+        |name: &str| std::env::var(name).is_ok_and(|v| !v.is_empty() && v != "0" && v != "false");
+    let required = flag("RLHF_REQUIRE_TEST_DEPS") || flag("RLHF_REQUIRE_TEST_ASSETS");
     assert!(
         !required,
-        "{what} missing at {} and RLHF_REQUIRE_TEST_DEPS=1: run scripts/install-test-deps.sh",
+        "{what} missing at {} and the tests are required here (CI): run scripts/install-test-deps.sh",
         tool.display()
     );
     eprintln!(

@@ -974,6 +974,7 @@ fn ppo_loss_stats_and_gradients_match_trl() {
             values: &values,
             vpreds: vp.as_tensor(),
             mask: &mask,
+            value_mask: None,
             advantages: &adv,
             returns: &ret,
             logits: Some(&logits),
@@ -1019,6 +1020,27 @@ fn ppo_loss_stats_and_gradients_match_trl() {
         let out = ppo::ppo_loss(&batch, &strict).unwrap();
         assert!(out.stats.skipped_ratio_threshold);
         assert_eq!(stats::scalar_f64(&out.loss).unwrap(), 0.0);
+
+        // A separate value mask (TRL v2: value positions run one token further) changes only the
+        // value side.
+        let all = mask.ones_like().unwrap();
+        let wide = ppo::PpoBatch {
+            value_mask: Some(&all),
+            ..batch
+        };
+        let out = ppo::ppo_loss(&wide, &cfg).unwrap();
+        close(
+            "pg unchanged",
+            stats::scalar_f64(&out.pg_loss).unwrap(),
+            f(&d["pg_loss"]),
+            dt,
+        );
+        close(
+            "val/mean over all",
+            out.stats.val_mean,
+            stats::scalar_f64(&values.mean_all().unwrap()).unwrap(),
+            dt,
+        );
     }
 }
 
@@ -1035,4 +1057,40 @@ fn adaptive_and_fixed_kl_controllers_match_trl() {
     assert_eq!(fixed.value(), 0.05);
     let json = serde_json::to_string(&c).unwrap();
     assert_eq!(serde_json::from_str::<KlController>(&json).unwrap(), c);
+}
+
+/// Timing probe, not a check: `cargo test --release --test it losses::logprob_kernel_timing -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn logprob_kernel_timing() {
+    use std::time::Instant;
+    let (rows, v) = (512usize, 49152usize);
+    let x = Tensor::randn(0f32, 3.0, (rows, v), &Device::Cpu).unwrap();
+    let x = Var::from_tensor(&x).unwrap();
+    let labels = Tensor::arange(0u32, rows as u32, &Device::Cpu).unwrap();
+    let run = |name: &str, f: &dyn Fn() -> Tensor| {
+        let t0 = Instant::now();
+        let y = f();
+        let t1 = Instant::now();
+        let g = y.sum_all().unwrap().backward().unwrap();
+        let _ = g.get(x.as_tensor()).unwrap();
+        let t2 = Instant::now();
+        println!("{name}: forward {:?}, backward {:?}", t1 - t0, t2 - t1);
+    };
+    for _ in 0..2 {
+        run("fused  ", &|| {
+            logprobs::token_logprobs(x.as_tensor(), &labels).unwrap()
+        });
+        run("generic", &|| {
+            logprobs::token_logprobs_generic(x.as_tensor(), &labels).unwrap()
+        });
+        run("candle log_softmax + gather", &|| {
+            candle_nn::ops::log_softmax(x.as_tensor(), 1)
+                .unwrap()
+                .gather(&labels.unsqueeze(1).unwrap(), 1)
+                .unwrap()
+                .squeeze(1)
+                .unwrap()
+        });
+    }
 }

@@ -412,7 +412,11 @@ pub struct PpoBatch<'a> {
     /// Value predictions at rollout time (the clipping centre).
     pub values: &'a Tensor,
     pub vpreds: &'a Tensor,
+    /// Response tokens that count for the policy loss and stats.
     pub mask: &'a Tensor,
+    /// Tokens that count for the value loss and `val/*`, `returns/*` stats; `None` uses `mask`.
+    /// The newer TRL trainer passes `!padding_mask_p1` here and `!padding_mask` as `mask`.
+    pub value_mask: Option<&'a Tensor>,
     pub advantages: &'a Tensor,
     pub returns: &'a Tensor,
     pub logits: Option<&'a Tensor>,
@@ -422,6 +426,10 @@ pub struct PpoBatch<'a> {
 pub fn ppo_loss(x: &PpoBatch<'_>, cfg: &PpoLossConfig) -> Result<PpoLoss> {
     let dt = x.logprobs.dtype();
     let mask = x.mask.to_dtype(dt)?;
+    let vmask = match x.value_mask {
+        Some(m) => m.to_dtype(dt)?,
+        None => mask.clone(),
+    };
     let old_lp = x.old_logprobs.detach().to_dtype(dt)?;
     let values = x.values.detach().to_dtype(dt)?;
     let adv = x.advantages.detach().to_dtype(dt)?;
@@ -432,8 +440,8 @@ pub fn ppo_loss(x: &PpoBatch<'_>, cfg: &PpoLossConfig) -> Result<PpoLoss> {
     let vclipped = clip_by_value(x.vpreds, &lo, &hi)?;
     let vf1 = (x.vpreds - &ret)?.sqr()?;
     let vf2 = (&vclipped - &ret)?.sqr()?;
-    let vf = masked_mean(&vf1.maximum(&vf2)?, &mask)?.affine(0.5, 0.0)?;
-    let vf_clipfrac = masked_mean(&vf2.gt(&vf1)?.to_dtype(dt)?, &mask)?;
+    let vf = masked_mean(&vf1.maximum(&vf2)?, &vmask)?.affine(0.5, 0.0)?;
+    let vf_clipfrac = masked_mean(&vf2.gt(&vf1)?.to_dtype(dt)?, &vmask)?;
 
     let log_ratio = (x.logprobs - &old_lp)?;
     let ratio = log_ratio.exp()?;
@@ -471,13 +479,13 @@ pub fn ppo_loss(x: &PpoBatch<'_>, cfg: &PpoLossConfig) -> Result<PpoLoss> {
         policy_clipfrac: scalar_f64(&pg_clipfrac)?,
         policy_advantages_mean: scalar_f64(&masked_mean(&adv, &mask)?)?,
         ratio_mean,
-        returns_mean: scalar_f64(&masked_mean(&ret, &mask)?)?,
-        returns_var: scalar_f64(&masked_var(&ret, &mask, true)?)?,
-        val_vpred: scalar_f64(&masked_mean(&vpreds, &mask)?)?,
-        val_error: scalar_f64(&masked_mean(&(&vpreds - &ret)?.sqr()?, &mask)?)?,
+        returns_mean: scalar_f64(&masked_mean(&ret, &vmask)?)?,
+        returns_var: scalar_f64(&masked_var(&ret, &vmask, true)?)?,
+        val_vpred: scalar_f64(&masked_mean(&vpreds, &vmask)?)?,
+        val_error: scalar_f64(&masked_mean(&(&vpreds - &ret)?.sqr()?, &vmask)?)?,
         val_clipfrac: scalar_f64(&vf_clipfrac)?,
-        val_mean: scalar_f64(&masked_mean(&values, &mask)?)?,
-        val_var: scalar_f64(&masked_var(&values, &mask, true)?)?,
+        val_mean: scalar_f64(&masked_mean(&values, &vmask)?)?,
+        val_var: scalar_f64(&masked_var(&values, &vmask, true)?)?,
         skipped_ratio_threshold: skipped,
     };
     Ok(PpoLoss {
