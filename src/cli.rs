@@ -47,6 +47,15 @@ pub enum Command {
     Check(CheckArgs),
     /// Run every stage: pull, check, and (when retraining is due) the later stages.
     Run(RunArgs),
+    /// Render the metric report of a run into `<report.dir>/<run-id>/`.
+    Report(RunSelect),
+    /// Open or update the run's pull request (or write it locally with --dry-run / publish.mode: local).
+    Publish(PublishArgs),
+    /// Make a registered model version the production one (what merging the bot's PR does).
+    Promote {
+        /// The registry id, e.g. reward-20261127-101500.
+        id: String,
+    },
     /// Inspect or validate the config.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -64,8 +73,28 @@ pub struct CheckArgs {
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
+    /// Retrain regardless of the thresholds.
     #[arg(long)]
     pub force: bool,
+    /// Write the would-be pull request locally instead of calling GitHub.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RunSelect {
+    /// The run id (a directory under `<store.dir>/runs/`); default: the newest run.
+    #[arg(long)]
+    pub run: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct PublishArgs {
+    #[command(flatten)]
+    pub select: RunSelect,
+    /// Write the would-be pull request locally instead of calling GitHub.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Subcommand)]

@@ -4,6 +4,7 @@
 
 mod check;
 mod output;
+pub mod pipeline;
 mod pull;
 mod store_cmd;
 
@@ -81,6 +82,36 @@ pub async fn run(cli: Cli) -> Result<()> {
                     output::json(&serde_json::json!({"pull": summary, "check": outcome}))
                 }
             }
+        }
+        Command::Report(select) => {
+            let settings = load_settings(&cli.config)?;
+            let run_id = match select.run {
+                Some(id) => id,
+                None => pipeline::latest_run(&settings)?,
+            };
+            let (dir, _, draft) = pipeline::build_report(&settings, &run_id, &cli.config)?;
+            output::json_or_text(format, &serde_json::json!({"run": run_id, "report": dir.join("report.md"), "draft": draft}), &format!("report written to {}", dir.join("report.md").display()))
+        }
+        Command::Publish(args) => {
+            let settings = load_settings(&cli.config)?;
+            let run_id = match args.select.run {
+                Some(id) => id,
+                None => pipeline::latest_run(&settings)?,
+            };
+            let (_, body, draft) = pipeline::build_report(&settings, &run_id, &cli.config)?;
+            let outcome = pipeline::publish_run(&settings, &run_id, body, draft, args.dry_run).await?;
+            output::json_or_text(format, &outcome, &format!("published run {run_id}: {outcome}"))
+        }
+        Command::Promote { id } => {
+            let settings = load_settings(&cli.config)?;
+            let mut registry = crate::registry::Registry::load(&settings.registry.path)?;
+            let promotion = registry.promote(&id).map_err(|p| anyhow::anyhow!("{p}"))?;
+            registry.save(&settings.registry.path)?;
+            let text = match &promotion.archived {
+                Some(old) => format!("{id} is now production ({old} archived)"),
+                None => format!("{id} is now production"),
+            };
+            output::json_or_text(format, &serde_json::json!({"promoted": promotion.promoted, "archived": promotion.archived}), &text)
         }
         Command::Store(cmd) => {
             let settings = load_settings(&cli.config)?;

@@ -15,6 +15,17 @@ pub fn json<T: Serialize>(value: &T) -> Result<()> {
     Ok(())
 }
 
+/// Prints `value` as JSON, or `text` for people.
+pub fn json_or_text<T: Serialize>(format: Format, value: &T, text: &str) -> Result<()> {
+    match format {
+        Format::Json => json(value),
+        Format::Text => {
+            println!("{text}");
+            Ok(())
+        }
+    }
+}
+
 pub fn config_check(path: &Path, settings: &Settings, format: Format) -> Result<()> {
     match format {
         Format::Json => {

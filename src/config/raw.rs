@@ -14,6 +14,67 @@ pub struct RawConfig {
     pub store: RawStore,
     #[serde(default)]
     pub thresholds: RawThresholds,
+    #[serde(default)]
+    pub registry: RawRegistry,
+    #[serde(default)]
+    pub report: RawReport,
+    /// Release gates the report checks (see docs/report.md).
+    #[serde(default)]
+    pub gates: crate::report::GateConfig,
+    #[serde(default)]
+    pub publish: RawPublish,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRegistry {
+    /// The git-native registry file in the team's repository.
+    pub path: Option<String>,
+    /// Where model weights go (`file:///abs/dir` or a relative directory); never into git.
+    pub artifacts: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawReport {
+    pub dir: Option<String>,
+    /// A directory whose `*.md.j2` files replace the embedded templates.
+    pub templates: Option<String>,
+    pub max_samples: Option<PositiveInt>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PublishMode {
+    /// Write the would-be pull request under `publish.local_dir` (no network).
+    Local,
+    /// Open or update the pull request on GitHub.
+    Github,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPublish {
+    pub mode: Option<PublishMode>,
+    pub local_dir: Option<String>,
+    pub branch_prefix: Option<String>,
+    #[serde(default)]
+    pub labels: Vec<String>,
+    #[serde(default)]
+    pub reviewers: Vec<String>,
+    pub on_existing: Option<crate::forge::publish::OnExisting>,
+    #[serde(default)]
+    pub github: RawGithub,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGithub {
+    pub api_url: Option<String>,
+    /// `owner/name`.
+    pub repo: Option<String>,
+    pub token_env: Option<String>,
+    pub base_branch: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -9,16 +9,24 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use super::Invalid;
-use super::raw::{RawConfig, SourceKind};
+use super::raw::{PublishMode, RawConfig, RawPublish, SourceKind};
+use crate::forge::publish::OnExisting;
 
 pub const DEFAULT_STORE_DIR: &str = ".rlhf";
 pub const DEFAULT_TOKEN_ENV: &str = "FEEDBACK_API_TOKEN";
+pub const DEFAULT_REGISTRY: &str = "models/registry.yaml";
+pub const DEFAULT_ARTIFACTS_DIR: &str = ".rlhf/artifacts";
+pub const DEFAULT_GITHUB_TOKEN_ENV: &str = "GITHUB_TOKEN";
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Settings {
     pub feedback: FeedbackSettings,
     pub store: StoreSettings,
     pub thresholds: Thresholds,
+    pub registry: RegistrySettings,
+    pub report: ReportSettings,
+    pub gates: crate::report::GateConfig,
+    pub publish: PublishSettings,
     /// sha256 of the config text: lineage for the registry and reports.
     pub config_sha256: String,
 }
@@ -49,6 +57,42 @@ pub struct FeedbackSettings {
 #[derive(Debug, Clone, Serialize)]
 pub struct StoreSettings {
     pub dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RegistrySettings {
+    pub path: PathBuf,
+    /// Root directory of the file artifact store.
+    pub artifacts_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ReportSettings {
+    pub dir: PathBuf,
+    pub templates: Option<PathBuf>,
+    pub max_samples: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PublishSettings {
+    pub mode: PublishMode,
+    pub local_dir: PathBuf,
+    pub branch_prefix: String,
+    pub labels: Vec<String>,
+    pub reviewers: Vec<String>,
+    pub on_existing: OnExisting,
+    /// Present when `mode: github`.
+    pub github: Option<GithubSettings>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GithubSettings {
+    pub api_url: String,
+    pub owner: String,
+    pub repo: String,
+    /// The variable's name; the token itself is read when publishing and never printed.
+    pub token_env: String,
+    pub base_branch: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -192,7 +236,30 @@ pub fn validate(raw: RawConfig, text: &str) -> Result<Settings, Invalid> {
             ),
         ));
     }
+    let publish = validate_publish(raw.publish)?;
+    let artifacts_dir = match raw.registry.artifacts.as_deref() {
+        None => PathBuf::from(DEFAULT_ARTIFACTS_DIR),
+        Some(uri) if uri.starts_with("file://") => PathBuf::from(&uri["file://".len()..]),
+        Some(uri) if uri.contains("://") => {
+            return Err(Invalid::new(
+                "registry.artifacts",
+                format!("only file:// artifact stores are built in, got {uri:?}\nhint: use a directory (e.g. a mounted bucket) or see docs/report.md on adding object stores"),
+            ));
+        }
+        Some(dir) => PathBuf::from(dir),
+    };
     Ok(Settings {
+        registry: RegistrySettings {
+            path: PathBuf::from(raw.registry.path.unwrap_or_else(|| DEFAULT_REGISTRY.into())),
+            artifacts_dir,
+        },
+        report: ReportSettings {
+            dir: PathBuf::from(raw.report.dir.unwrap_or_else(|| "reports".into())),
+            templates: raw.report.templates.map(PathBuf::from),
+            max_samples: raw.report.max_samples.map_or(3, |v| v.0 as usize),
+        },
+        gates: raw.gates,
+        publish,
         feedback: FeedbackSettings {
             source,
             page_size: page_size as u32,
@@ -203,5 +270,54 @@ pub fn validate(raw: RawConfig, text: &str) -> Result<Settings, Invalid> {
         },
         thresholds,
         config_sha256: hex::encode(Sha256::digest(text.as_bytes())),
+    })
+}
+
+fn env_name_ok(name: &str) -> bool {
+    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+fn validate_publish(p: RawPublish) -> Result<PublishSettings, Invalid> {
+    let mode = p.mode.unwrap_or(PublishMode::Local);
+    let github = match mode {
+        PublishMode::Local => None,
+        PublishMode::Github => {
+            let g = p.github;
+            let Some(repo) = g.repo else {
+                return Err(Invalid::new("publish.mode", "`mode: github` needs `publish.github.repo` (owner/name)"));
+            };
+            let Some((owner, name)) = repo.split_once('/').filter(|(o, n)| !o.is_empty() && !n.is_empty() && !n.contains('/')) else {
+                return Err(Invalid::new("publish.github.repo", format!("expected owner/name, got {repo:?}")));
+            };
+            let token_env = g.token_env.unwrap_or_else(|| DEFAULT_GITHUB_TOKEN_ENV.into());
+            if !env_name_ok(&token_env) {
+                return Err(Invalid::new(
+                    "publish.github.token_env",
+                    format!("expected the NAME of an environment variable, got {token_env:?}\nhint: never put the token itself in the config"),
+                ));
+            }
+            let api_url = g.api_url.unwrap_or_else(|| "https://api.github.com".into());
+            url::Url::parse(&api_url).map_err(|e| Invalid::new("publish.github.api_url", format!("not a URL ({api_url:?}): {e}")))?;
+            Some(GithubSettings {
+                api_url: api_url.trim_end_matches('/').to_string(),
+                owner: owner.to_string(),
+                repo: name.to_string(),
+                token_env,
+                base_branch: g.base_branch.unwrap_or_else(|| "main".into()),
+            })
+        }
+    };
+    let branch_prefix = p.branch_prefix.unwrap_or_else(|| "rlhf-bot/".into());
+    if branch_prefix.is_empty() || branch_prefix.contains(char::is_whitespace) || branch_prefix.contains("..") {
+        return Err(Invalid::new("publish.branch_prefix", format!("not usable in a git branch name: {branch_prefix:?}")));
+    }
+    Ok(PublishSettings {
+        mode,
+        local_dir: PathBuf::from(p.local_dir.unwrap_or_else(|| "out/pr".into())),
+        branch_prefix,
+        labels: p.labels,
+        reviewers: p.reviewers,
+        on_existing: p.on_existing.unwrap_or_default(),
+        github,
     })
 }

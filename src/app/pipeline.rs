@@ -1,0 +1,240 @@
+//! The stages after training: register what a run produced (artifact store + registry
+//! candidate), render its report, and publish the pull request (locally or on GitHub).
+//!
+//! A run lives in `<store.dir>/runs/<run-id>/`, with one sub-directory per trained model
+//! (`reward/`, `policy/`) in the run-outputs format (`metrics.json`, `log.jsonl`, the weights).
+//! Each stage reads what the previous one left there, so `report` and `publish` can be rerun on
+//! their own after a failure.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use chrono::Utc;
+use serde::Serialize;
+
+use crate::artifacts::{ArtifactStore, FileStore};
+use crate::config::Settings;
+use crate::config::raw::PublishMode;
+use crate::feedback::Store;
+use crate::feedback::record::format_time;
+use crate::forge::github::{GithubTarget, SecretToken};
+use crate::forge::local::publish_local;
+use crate::forge::publish::{PublishRequest, publish};
+use crate::kpi::all_kpis;
+use crate::registry::{FeedbackSnapshot, ModelEntry, ModelKind, ModelStatus, Registry, created_by_from_env};
+use crate::report::{self, KpiRow, PolicySection, RenderOptions, ReportContext, RewardSection};
+use crate::run_outputs::{PolicyRunOutput, RewardRunOutput};
+
+/// The directory of one run's outputs.
+pub fn run_dir(settings: &Settings, run_id: &str) -> PathBuf {
+    settings.store.dir.join("runs").join(run_id)
+}
+
+/// A run id: the Actions run id when there is one (reruns of a workflow run share it, so the
+/// publisher updates the same PR), else a UTC timestamp.
+pub fn new_run_id() -> String {
+    match std::env::var("GITHUB_RUN_ID") {
+        Ok(id) if !id.is_empty() && id.chars().all(|c| c.is_ascii_digit()) => format!("gh-{id}"),
+        _ => Utc::now().format("%Y%m%d-%H%M%S").to_string(),
+    }
+}
+
+/// The newest run directory, for `report` / `publish` without `--run`.
+pub fn latest_run(settings: &Settings) -> Result<String> {
+    let root = settings.store.dir.join("runs");
+    let mut runs: Vec<(std::time::SystemTime, String)> = std::fs::read_dir(&root)
+        .with_context(|| format!("no runs under {}\nhint: run `rlhf-bot run` or `rlhf-bot train reward` first", root.display()))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_dir())
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.file_name().to_string_lossy().into_owned())))
+        .collect();
+    runs.sort();
+    runs.pop().map(|(_, id)| id).with_context(|| format!("no runs under {}", root.display()))
+}
+
+/// What `register` added to the registry.
+#[derive(Debug, Clone, Serialize)]
+pub struct Registered {
+    pub reward: Option<ModelEntry>,
+    pub policy: Option<ModelEntry>,
+    pub registry: PathBuf,
+}
+
+fn snapshot(store: &Store, dataset: &crate::run_outputs::DatasetInfo) -> Result<FeedbackSnapshot> {
+    Ok(FeedbackSnapshot {
+        watermark: store.watermark()?.map(format_time).unwrap_or_default(),
+        counts: dataset.counts.clone(),
+        examples_sha256: dataset.examples_sha256.clone(),
+    })
+}
+
+/// Stores each trained model of the run in the artifact store and adds it to the registry as a
+/// candidate (production stays where it is until the PR is merged / `promote` runs).
+pub fn register(settings: &Settings, run_id: &str, base_models: (&str, &str)) -> Result<Registered> {
+    let dir = run_dir(settings, run_id);
+    let mut registry = Registry::load_or_default(&settings.registry.path)?;
+    let artifacts = FileStore::new(&settings.registry.artifacts_dir)?;
+    let store = Store::open(&settings.store.dir)?;
+    let created_by = created_by_from_env(|k| std::env::var(k).ok());
+    let mut add = |kind: ModelKind, sub: &str, base: &str, algorithm: String, metrics: BTreeMap<String, f64>, dataset: &crate::run_outputs::DatasetInfo| -> Result<ModelEntry> {
+        let id = format!("{}-{run_id}", kind.as_str());
+        let artifact = artifacts.put(kind, &id, &dir.join(sub))?;
+        let entry = ModelEntry {
+            id: id.clone(),
+            kind,
+            created_at: Utc::now(),
+            created_by: created_by.clone(),
+            base_model: base.to_string(),
+            parent: registry.production(kind).map(|p| p.id.clone()),
+            algorithm,
+            config_sha256: settings.config_sha256.clone(),
+            feedback: snapshot(&store, dataset)?,
+            artifact,
+            metrics,
+            status: ModelStatus::Candidate,
+            aliases: Vec::new(),
+        };
+        registry.add_candidate(entry.clone()).map_err(|p| anyhow::anyhow!("{p}"))?;
+        Ok(registry.get(&id).cloned().unwrap_or(entry))
+    };
+    let reward = match RewardRunOutput::load(&dir.join("reward")) {
+        Ok(out) => {
+            let metrics = out.metrics.registry_metrics();
+            Some(add(ModelKind::Reward, "reward", base_models.0, "reward".into(), metrics, &out.metrics.dataset)?)
+        }
+        Err(crate::run_outputs::RunOutputError::Missing { .. }) => None,
+        Err(e) => return Err(e.into()),
+    };
+    let policy = match PolicyRunOutput::load(&dir.join("policy")) {
+        Ok(out) => {
+            let algo = out.metrics.algo.as_str().to_string();
+            let dataset = crate::run_outputs::DatasetInfo::default();
+            let metrics = out.metrics.registry_metrics();
+            Some(add(ModelKind::Policy, "policy", base_models.1, algo, metrics, &dataset)?)
+        }
+        Err(crate::run_outputs::RunOutputError::Missing { .. }) => None,
+        Err(e) => return Err(e.into()),
+    };
+    if reward.is_none() && policy.is_none() {
+        bail!("run {run_id} has no trained model in {}\nhint: train first (`rlhf-bot train reward`)", dir.display());
+    }
+    if let Some(parent) = settings.registry.path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    registry.save(&settings.registry.path)?;
+    Ok(Registered { reward, policy, registry: settings.registry.path.clone() })
+}
+
+fn kpi_rows(store: &Store, confidence: f64) -> Result<Vec<KpiRow>> {
+    let convert = |i: crate::stats::Interval| report::Interval { estimate: i.estimate, low: i.low, high: i.high };
+    Ok(all_kpis(&store.version_counts(None, None)?, confidence)
+        .into_iter()
+        .map(|k| KpiRow {
+            model_version: k.model_version,
+            count: k.count,
+            positive_rate: k.positive_rate.map(convert),
+            mean_rating: k.mean_rating.map(convert),
+        })
+        .collect())
+}
+
+/// Renders the run's report into `<report.dir>/<run-id>/` and returns (dir, PR body, draft).
+pub fn build_report(settings: &Settings, run_id: &str, config_path: &Path) -> Result<(PathBuf, String, bool)> {
+    let dir = run_dir(settings, run_id);
+    let registry = Registry::load_or_default(&settings.registry.path)?;
+    let store = Store::open(&settings.store.dir)?;
+    let candidate = |kind: ModelKind| registry.get(&format!("{}-{run_id}", kind.as_str())).cloned();
+    let reward = match (candidate(ModelKind::Reward), RewardRunOutput::load(&dir.join("reward"))) {
+        (Some(entry), Ok(out)) => Some(RewardSection {
+            candidate: entry,
+            production: registry.production(ModelKind::Reward).cloned(),
+            metrics: out.metrics,
+            log: out.log,
+        }),
+        _ => None,
+    };
+    let policy = match (candidate(ModelKind::Policy), PolicyRunOutput::load(&dir.join("policy"))) {
+        (Some(entry), Ok(out)) => Some(PolicySection {
+            candidate: entry,
+            production: registry.production(ModelKind::Policy).cloned(),
+            metrics: out.metrics,
+            log: out.log,
+        }),
+        _ => None,
+    };
+    if reward.is_none() && policy.is_none() {
+        bail!("run {run_id} has no registered model\nhint: `rlhf-bot run` registers what it trains; see `rlhf-bot store stats`");
+    }
+    let last = store.last_training()?;
+    let (new_records, _) = store.new_since(last.and_then(|l| l.watermark), &settings.feedback.aspects)?;
+    let ctx = ReportContext {
+        run_id: run_id.to_string(),
+        generated_at: Utc::now(),
+        repository: settings.publish.github.as_ref().map(|g| format!("{}/{}", g.owner, g.repo)),
+        run_url: created_by_from_env(|k| std::env::var(k).ok()),
+        report_url: None,
+        new_feedback: store.stats()?.by_kind.into_iter().collect::<BTreeMap<_, _>>().into_iter().chain([("new_since_last_training".to_string(), new_records)]).collect(),
+        reward,
+        policy,
+        kpis: kpi_rows(&store, settings.thresholds.quality.confidence)?,
+        gates: settings.gates.clone(),
+        reproduce: format!("rlhf-bot --config {} run --force", config_path.display()),
+        max_samples: settings.report.max_samples,
+    };
+    let draft = !report::verdict(&ctx.gate_results()).passed;
+    let rendered = report::render_with(&ctx, &RenderOptions { template_dir: settings.report.templates.clone() })?;
+    let out = report::write_report(&settings.report.dir, run_id, &rendered)?;
+    Ok((out, rendered.pr_body, draft))
+}
+
+/// Publishes the run: the registry file and the report directory as one commit on the run's
+/// branch, with the report as the PR body. `dry_run` forces the local publisher.
+pub async fn publish_run(settings: &Settings, run_id: &str, body: String, draft: bool, dry_run: bool) -> Result<serde_json::Value> {
+    let report_dir = settings.report.dir.join(run_id);
+    let mut files = vec![(repo_path(&settings.registry.path), std::fs::read(&settings.registry.path)?)];
+    for entry in std::fs::read_dir(&report_dir).with_context(|| format!("reading {}", report_dir.display()))? {
+        let path = entry?.path();
+        if path.is_file() {
+            files.push((repo_path(&path), std::fs::read(&path)?));
+        }
+    }
+    let kinds: Vec<&str> = ["reward", "policy"].into_iter().filter(|k| run_dir(settings, run_id).join(k).is_dir()).collect();
+    let request = PublishRequest {
+        run_id: run_id.to_string(),
+        branch: format!("{}{}-{run_id}", settings.publish.branch_prefix, kinds.join("-")),
+        branch_prefix: settings.publish.branch_prefix.clone(),
+        title: format!("rlhf-bot: candidate {} from run {run_id}", kinds.join(" + ")),
+        body,
+        files,
+        labels: settings.publish.labels.clone(),
+        reviewers: settings.publish.reviewers.clone(),
+        draft,
+        on_existing: settings.publish.on_existing,
+    };
+    match (settings.publish.mode, &settings.publish.github, dry_run) {
+        (PublishMode::Github, Some(g), false) => {
+            let token = SecretToken::from_env(&g.token_env)?;
+            let target = GithubTarget {
+                api_url: g.api_url.clone(),
+                owner: g.owner.clone(),
+                repo: g.repo.clone(),
+                base_branch: g.base_branch.clone(),
+                token,
+            };
+            let outcome = publish(&target, &request).await?;
+            Ok(serde_json::to_value(outcome)?)
+        }
+        _ => {
+            let outcome = publish_local(&settings.publish.local_dir, &request)?;
+            Ok(serde_json::json!({"local_dir": outcome.dir, "manifest": outcome.manifest_path, "branch": request.branch, "draft": draft}))
+        }
+    }
+}
+
+/// A path as the repository sees it: relative, `/`-separated.
+fn repo_path(path: &Path) -> String {
+    let cwd = std::env::current_dir().ok();
+    let rel = cwd.as_ref().and_then(|c| path.strip_prefix(c).ok()).unwrap_or(path);
+    rel.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/")
+}
