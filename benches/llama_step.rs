@@ -55,6 +55,22 @@ fn neg_log_sigmoid(x: &Tensor) -> candle_core::Result<Tensor> {
     (x.neg()?.exp()? + 1.0)?.log()
 }
 
+/// CPU seconds (user + system) this process has used, from `/proc/self/stat` (Linux; clock
+/// ticks assumed to be 100 Hz, the kernel's USER_HZ). On a busy shared machine wall time
+/// mostly measures the neighbours; CPU time per step stays comparable between runs.
+fn cpu_seconds() -> f64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+            Some(ticks / 100.0)
+        })
+        .unwrap_or(f64::NAN)
+}
+
 fn time_steps(
     name: &str,
     steps: usize,
@@ -62,13 +78,15 @@ fn time_steps(
 ) -> candle_core::Result<()> {
     let loss = step()?; // warm-up: allocator pools, lazily built tables
     let start = Instant::now();
+    let cpu0 = cpu_seconds();
     let mut last = loss;
     for _ in 0..steps {
         last = step()?;
     }
     let per = start.elapsed().as_secs_f64() / steps as f64;
+    let cpu = (cpu_seconds() - cpu0) / steps as f64;
     println!(
-        "{name:<10} {per:>8.3} s/step  {:>6.2} steps/s  {:>8.0} tokens/s  (loss {last:.4}, {steps} steps, batch {BATCH}x{SEQ})",
+        "{name:<10} {per:>8.3} s/step  {:>6.2} steps/s  {:>8.0} tokens/s  {cpu:>7.3} cpu-s/step  (loss {last:.4}, {steps} steps, batch {BATCH}x{SEQ})",
         1.0 / per,
         (BATCH * SEQ) as f64 / per
     );
@@ -126,7 +144,7 @@ fn main() -> candle_core::Result<()> {
                 let (model, varmap) =
                     LlamaForCausalLM::random(&config(), &dev).map_err(candle_core::Error::wrap)?;
                 let mut opt = optimizer(&varmap)?;
-                let targets = ids.narrow(1, SEQ - SCORED, SCORED)?.unsqueeze(2)?;
+                let targets = ids.narrow(1, SEQ - SCORED, SCORED)?.contiguous()?.unsqueeze(2)?;
                 time_steps("lm-naive", steps, || {
                     let h = model.model().forward(&ids, None)?;
                     // Positions SEQ-SCORED-1 .. SEQ-2 predict the scored tokens.
