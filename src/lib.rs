@@ -9,5 +9,6 @@ pub mod decision;
 pub mod feedback;
 pub mod forge;
 pub mod kpi;
+pub mod model;
 pub mod secret;
 pub mod stats;

@@ -6,4 +6,5 @@ mod common;
 mod config;
 mod crash;
 mod feedback_server;
+mod llama;
 mod pull;

@@ -1,0 +1,11 @@
+//! Trainable candle models and their Hugging Face plumbing.
+//!
+//! Everything here can be trained: models are built from ops with a backward pass (GUIDE §4),
+//! parameters carry their HF tensor names so checkpoints load and save without renaming, and
+//! the tokenizer wrapper produces the padded batches the trainers feed in. Losses live in
+//! `train`, not here.
+
+pub mod checkpoint_io;
+pub mod llama;
+pub mod ops;
+pub mod tokenizer;
