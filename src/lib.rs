@@ -3,6 +3,7 @@
 //! pull request. `main.rs` is a thin shell over [`app::run`]; everything else is library code.
 
 pub mod app;
+pub mod artifacts;
 pub mod cli;
 pub mod config;
 pub mod decision;
@@ -10,5 +11,9 @@ pub mod feedback;
 pub mod forge;
 pub mod kpi;
 pub mod model;
+pub mod registry;
+pub mod report;
+pub mod run_outputs;
 pub mod secret;
 pub mod stats;
+pub mod train;

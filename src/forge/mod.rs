@@ -3,3 +3,12 @@
 //! annotations). This module carries out decisions; it never makes them.
 
 pub mod actions;
+pub mod github;
+pub mod local;
+pub mod publish;
+
+pub use github::{GithubError, GithubTarget, RetryPolicy, SecretToken, TokenError};
+pub use local::{LocalOutcome, Manifest, commit_to_local_branch, publish_local};
+pub use publish::{
+    OnExisting, PublishAction, PublishOutcome, PublishRequest, publish, publish_with_retry,
+};

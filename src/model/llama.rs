@@ -378,7 +378,7 @@ impl RmsNorm {
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        ops::rms_norm(x, &self.weight, self.eps)
+        ops::rms_norm_fused(x, &self.weight, self.eps)
     }
 }
 
@@ -484,7 +484,7 @@ impl Attention {
         let scale = 1.0 / (d as f64).sqrt();
         let q = (q * scale)?.reshape((b, self.n_kv, rep * tq, d))?;
         let scores = q.matmul(&k.t()?)?.reshape((b, self.n_heads, tq, tk))?;
-        let probs = candle_nn::ops::softmax(&scores.broadcast_add(bias)?, D::Minus1)?;
+        let probs = ops::softmax_last_dim(&scores.broadcast_add(bias)?)?;
         let out = probs
             .reshape((b, self.n_kv, rep * tq, tk))?
             .matmul(v)?

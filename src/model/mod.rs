@@ -5,7 +5,9 @@
 //! the tokenizer wrapper produces the padded batches the trainers feed in. Losses live in
 //! `train`, not here.
 
+pub mod bert;
 pub mod checkpoint_io;
+pub mod fused;
 pub mod llama;
 pub mod ops;
 pub mod tokenizer;

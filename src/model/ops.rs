@@ -148,6 +148,207 @@ pub fn tune_allocator() {
     }
 }
 
+/// Softmax over the last dimension as one fused CPU op with a backward pass.
+///
+/// candle's generic `softmax` is five graph nodes (max, sub, exp, sum, div), each a full pass
+/// and, in backward, several more; this is one pass forward (`fast_exp`, threaded over rows)
+/// and one backward (`dx = y ⊙ (dy − Σ dy·y)`). Falls back to the generic op off-CPU.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if !x.device().is_cpu() || x.dtype() != DType::F32 {
+        return candle_nn::ops::softmax(x, D::Minus1);
+    }
+    x.contiguous()?.apply_op1(FusedSoftmax)
+}
+
+struct FusedSoftmax;
+
+impl candle_core::CustomOp1 for FusedSoftmax {
+    fn name(&self) -> &'static str {
+        "fused-softmax"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let data = contiguous_f32(storage, layout, "fused-softmax")?;
+        let cols = layout.shape().dims().last().copied().unwrap_or(1).max(1);
+        let mut out = vec![0f32; data.len()];
+        par_rows(&mut out, cols, |r0, block| {
+            for (k, orow) in block.chunks_exact_mut(cols).enumerate() {
+                let row = &data[(r0 + k) * cols..(r0 + k + 1) * cols];
+                let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                let mut sum = 0f32;
+                for (o, &x) in orow.iter_mut().zip(row) {
+                    *o = fast_exp(x - max);
+                    sum += *o;
+                }
+                let inv = 1.0 / sum;
+                orow.iter_mut().for_each(|o| *o *= inv);
+            }
+        });
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let shape = res.shape().clone();
+        let cols = res.dim(D::Minus1)?;
+        let y = res.detach().reshape(((), cols))?;
+        let dy = grad_res.detach().contiguous()?.reshape(((), cols))?;
+        let out = with_rows(&y, |yd, _| {
+            with_rows(&dy, |dyd, _| {
+                let mut out = vec![0f32; yd.len()];
+                par_rows(&mut out, cols, |r0, block| {
+                    for (k, orow) in block.chunks_exact_mut(cols).enumerate() {
+                        let span = (r0 + k) * cols..(r0 + k + 1) * cols;
+                        let (yr, dr) = (&yd[span.clone()], &dyd[span]);
+                        let dot: f32 = yr.iter().zip(dr).map(|(a, b)| a * b).sum();
+                        for ((o, &a), &b) in orow.iter_mut().zip(yr).zip(dr) {
+                            *o = a * (b - dot);
+                        }
+                    }
+                });
+                Ok(out)
+            })
+        })?;
+        Ok(Some(Tensor::from_vec(out, shape, res.device())?))
+    }
+}
+
+/// RMSNorm (`w * x / sqrt(mean(x²) + eps)`) as one fused CPU op with a backward pass;
+/// [`rms_norm`] is the same math from primitive ops (and the fallback off-CPU).
+pub fn rms_norm_fused(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if !x.device().is_cpu() || x.dtype() != DType::F32 {
+        return rms_norm(x, weight, eps);
+    }
+    x.contiguous()?
+        .apply_op2(&weight.contiguous()?, FusedRmsNorm { eps: eps as f32 })
+}
+
+struct FusedRmsNorm {
+    eps: f32,
+}
+
+impl FusedRmsNorm {
+    fn inv_rms(&self, row: &[f32]) -> f32 {
+        let ms = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
+        1.0 / (ms + self.eps).sqrt()
+    }
+}
+
+impl CustomOp2 for FusedRmsNorm {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, "fused-rms-norm")?;
+        let w = contiguous_f32(s2, l2, "fused-rms-norm")?;
+        let cols = w.len();
+        if l1.shape().dims().last() != Some(&cols) {
+            candle_core::bail!(
+                "rms-norm weight {:?} does not match input {:?}",
+                l2.shape(),
+                l1.shape()
+            );
+        }
+        let mut out = vec![0f32; x.len()];
+        par_rows(&mut out, cols, |r0, block| {
+            for (k, orow) in block.chunks_exact_mut(cols).enumerate() {
+                let row = &x[(r0 + k) * cols..(r0 + k + 1) * cols];
+                let inv = self.inv_rms(row);
+                for ((o, &v), &g) in orow.iter_mut().zip(row).zip(w) {
+                    *o = v * inv * g;
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // With n = x·inv and g = dy·w:  dx = inv·(g − n·mean(g·n)),  dw = Σ_rows dy·n.
+        let shape = x.shape().clone();
+        let cols = w.dim(0)?;
+        let xf = x.detach().contiguous()?.reshape(((), cols))?;
+        let dyf = grad_res.detach().contiguous()?.reshape(((), cols))?;
+        let wv = w.detach().to_vec1::<f32>()?;
+        let threads = candle_core::utils::get_num_threads().max(1);
+        let (dx, dw) = with_rows(&xf, |xd, _| {
+            with_rows(&dyf, |dyd, _| {
+                let rows = xd.len() / cols;
+                let mut dx = vec![0f32; xd.len()];
+                let per = rows.div_ceil(threads).max(1);
+                let partials: Vec<Vec<f32>> = std::thread::scope(|s| {
+                    let handles: Vec<_> = dx
+                        .chunks_mut(per * cols)
+                        .enumerate()
+                        .map(|(i, block)| {
+                            let wv = &wv;
+                            s.spawn(move || {
+                                let mut dw = vec![0f32; cols];
+                                for (k, orow) in block.chunks_exact_mut(cols).enumerate() {
+                                    let span = (i * per + k) * cols..(i * per + k + 1) * cols;
+                                    let (xr, dr) = (&xd[span.clone()], &dyd[span]);
+                                    let inv = self.inv_rms(xr);
+                                    let mut dot = 0f32;
+                                    for j in 0..cols {
+                                        let n = xr[j] * inv;
+                                        dot += dr[j] * wv[j] * n;
+                                        dw[j] += dr[j] * n;
+                                    }
+                                    let mean = dot / cols as f32;
+                                    for j in 0..cols {
+                                        let n = xr[j] * inv;
+                                        orow[j] = inv * (dr[j] * wv[j] - n * mean);
+                                    }
+                                }
+                                dw
+                            })
+                        })
+                        .collect();
+                    handles
+                        .into_iter()
+                        .map(|h| h.join().unwrap_or_default())
+                        .collect()
+                });
+                let mut dw = vec![0f32; cols];
+                for p in partials {
+                    for (a, b) in dw.iter_mut().zip(p) {
+                        *a += b;
+                    }
+                }
+                Ok((dx, dw))
+            })
+        })?;
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, shape, dev)?),
+            Some(Tensor::from_vec(dw, cols, dev)?),
+        ))
+    }
+}
+
+/// The contiguous f32 data of a CPU storage.
+fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
+    let data = match storage {
+        CpuStorage::F32(v) => v.as_slice(),
+        other => candle_core::bail!("{op} expects f32, got {:?}", other.dtype()),
+    };
+    match layout.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{op} expects a contiguous input"),
+    }
+}
+
 /// Per-row log-probability of `targets` under `softmax(hidden · weightᵀ)`, without keeping the
 /// `[rows, vocab]` logits alive.
 ///
@@ -204,24 +405,24 @@ impl LmHeadLogprobs {
         Ok(())
     }
 
-    /// Log-sum-exp per row and the logit of the target, both `[len]`.
-    fn lse_and_target(
-        &self,
-        logits: &Tensor,
-        start: usize,
-        len: usize,
-    ) -> Result<(Tensor, Tensor)> {
-        let max = logits.max_keepdim(1)?;
-        let lse = logits
-            .broadcast_sub(&max)?
-            .exp()?
-            .sum_keepdim(1)?
-            .log()?
-            .add(&max)?
-            .squeeze(1)?;
-        let idx = Tensor::from_slice(&self.targets[start..start + len], (len, 1), &self.device)?;
-        let picked = logits.gather(&idx, 1)?.squeeze(1)?;
-        Ok((lse, picked))
+    /// Log-sum-exp and target logit of each row of a `[len, vocab]` logits chunk.
+    fn lse_and_target(&self, logits: &Tensor, start: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        let targets = &self.targets[start..];
+        with_rows(logits, |data, vocab| {
+            let rows = data.len() / vocab;
+            let mut lse = vec![0f32; rows];
+            let mut picked = vec![0f32; rows];
+            par_rows(&mut lse, 1, |r0, out| {
+                for (k, o) in out.iter_mut().enumerate() {
+                    let row = &data[(r0 + k) * vocab..(r0 + k + 1) * vocab];
+                    *o = row_logsumexp(row);
+                }
+            });
+            for (k, p) in picked.iter_mut().enumerate() {
+                *p = data[k * vocab + targets[k] as usize];
+            }
+            Ok((lse, picked))
+        })
     }
 }
 
@@ -243,9 +444,9 @@ impl CustomOp2 for LmHeadLogprobs {
         let weight = storage_tensor(s2, l2)?;
         let rows = hidden.dim(0)?;
         let mut out = Vec::with_capacity(rows);
-        self.for_chunks(&hidden, &weight, |start, len, logits| {
-            let (lse, picked) = self.lse_and_target(&logits, start, len)?;
-            out.extend(picked.sub(&lse)?.to_vec1::<f32>()?);
+        self.for_chunks(&hidden, &weight, |start, _len, logits| {
+            let (lse, picked) = self.lse_and_target(&logits, start)?;
+            out.extend(picked.iter().zip(&lse).map(|(p, l)| p - l));
             Ok(())
         })?;
         Ok((CpuStorage::F32(out), Shape::from(rows)))
@@ -258,19 +459,32 @@ impl CustomOp2 for LmHeadLogprobs {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        // d logp_r / d logits_r = onehot(target_r) - softmax(logits_r).
+        // d logp_r / d logits_r = onehot(target_r) - softmax(logits_r), scaled by the incoming
+        // gradient of row r. The chunk's logits are recomputed rather than kept from forward.
         let hidden = hidden.detach();
         let weight = weight.detach();
-        let grad_res = grad_res.detach();
+        let grad = grad_res.detach().to_vec1::<f32>()?;
         let mut grad_hidden = Vec::new();
         let mut grad_weight: Option<Tensor> = None;
         self.for_chunks(&hidden, &weight, |start, len, logits| {
-            let (lse, _) = self.lse_and_target(&logits, start, len)?;
-            let g = grad_res.narrow(0, start, len)?.unsqueeze(1)?;
-            let probs = logits.broadcast_sub(&lse.unsqueeze(1)?)?.exp()?;
-            let idx =
-                Tensor::from_slice(&self.targets[start..start + len], (len, 1), &self.device)?;
-            let dlogits = probs.broadcast_mul(&g.neg()?)?.scatter_add(&idx, &g, 1)?;
+            let targets = &self.targets[start..start + len];
+            let g = &grad[start..start + len];
+            let dlogits = with_rows(&logits, |data, vocab| {
+                let mut out = vec![0f32; data.len()];
+                par_rows(&mut out, vocab, |r0, block| {
+                    for (k, drow) in block.chunks_exact_mut(vocab).enumerate() {
+                        let r = r0 + k;
+                        let row = &data[r * vocab..(r + 1) * vocab];
+                        let lse = row_logsumexp(row);
+                        let scale = -g[r];
+                        for (d, &x) in drow.iter_mut().zip(row) {
+                            *d = scale * fast_exp(x - lse);
+                        }
+                        drow[targets[r] as usize] += g[r];
+                    }
+                });
+                Tensor::from_vec(out, (len, vocab), &self.device)
+            })?;
             grad_hidden.push(dlogits.matmul(&weight)?);
             let gw = dlogits.t()?.matmul(&hidden.narrow(0, start, len)?)?;
             grad_weight = Some(match grad_weight.take() {
@@ -282,6 +496,87 @@ impl CustomOp2 for LmHeadLogprobs {
         let grad_hidden = Tensor::cat(&grad_hidden, 0)?;
         Ok((Some(grad_hidden), grad_weight))
     }
+}
+
+/// Calls `f(data, cols)` with the contiguous f32 data of a 2-D CPU tensor.
+fn with_rows<T>(t: &Tensor, f: impl FnOnce(&[f32], usize) -> Result<T>) -> Result<T> {
+    let cols = t.dim(1)?;
+    let (storage, layout) = t.storage_and_layout();
+    let Some((a, b)) = layout.contiguous_offsets() else {
+        candle_core::bail!("expected a contiguous tensor");
+    };
+    match &*storage {
+        candle_core::Storage::Cpu(cpu) => f(&cpu.as_slice::<f32>()?[a..b], cols),
+        _ => candle_core::bail!("the fused LM-head op runs on CPU only"),
+    }
+}
+
+/// Splits `out` (rows of `width` values) across candle's worker count and runs
+/// `f(first_row, block)` on each block in its own scoped thread.
+fn par_rows(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    let rows = out.len() / width.max(1);
+    let threads = candle_core::utils::get_num_threads().clamp(1, rows.max(1));
+    let per = rows.div_ceil(threads);
+    if threads == 1 {
+        f(0, out);
+        return;
+    }
+    std::thread::scope(|s| {
+        for (i, block) in out.chunks_mut(per * width).enumerate() {
+            let f = &f;
+            s.spawn(move || f(i * per, block));
+        }
+    });
+}
+
+/// `log Σ exp(x)` of one row, with 8 independent accumulators so the loops vectorise.
+fn row_logsumexp(row: &[f32]) -> f32 {
+    let mut m = [f32::NEG_INFINITY; 8];
+    let chunks = row.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks.clone() {
+        for i in 0..8 {
+            m[i] = m[i].max(c[i]);
+        }
+    }
+    let max = tail.iter().fold(
+        m.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)),
+        |a, &b| a.max(b),
+    );
+    let mut s = [0f32; 8];
+    for c in chunks {
+        for i in 0..8 {
+            s[i] += fast_exp(c[i] - max);
+        }
+    }
+    let sum: f32 = s.iter().sum::<f32>() + tail.iter().map(|&x| fast_exp(x - max)).sum::<f32>();
+    max + sum.ln()
+}
+
+/// `e^x` in f32 without a libm call, so loops over it vectorise (libm's `expf` is scalar; a
+/// 49k-vocabulary softmax spends most of its time there). Cephes' range reduction
+/// (`x = n·ln2 + r`) and degree-6 polynomial: relative error about 1e-7 for normal results;
+/// inputs are clamped to [−87, 88], so the smallest value returned is e^−87 ≈ 1.6e-38.
+#[inline(always)]
+pub fn fast_exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const C1: f32 = 0.693_359_4;
+    const C2: f32 = -2.121_944_4e-4;
+    // Adding and subtracting 1.5·2^23 rounds to the nearest integer with plain SSE2.
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * LOG2E + ROUND) - ROUND;
+    let r = x - n * C1 - n * C2;
+    let mut p = 1.987_569_1e-4_f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5.000_000_1e-1;
+    let y = p * r * r + r + 1.0;
+    // 2^n built directly in the exponent bits.
+    let bits = ((n as i32 + 127) as u32) << 23;
+    y * f32::from_bits(bits)
 }
 
 /// Copies a (possibly strided) f32 CPU storage into a fresh contiguous tensor.

@@ -633,3 +633,88 @@ fn tokenizer_encodes_pads_and_truncates() {
     assert_eq!(right.input_ids, vec![vec![5, 6, 7], vec![8, 0, 0]]);
     assert_eq!(right.attention_mask, vec![vec![1, 1, 1], vec![1, 0, 0]]);
 }
+
+#[test]
+fn fast_exp_is_accurate() {
+    let mut worst = 0f64;
+    let mut x = -80.0f32;
+    while x < 80.0 {
+        let want = f64::from(x).exp();
+        let got = f64::from(ops::fast_exp(x));
+        worst = worst.max(((got - want) / want).abs());
+        x += 0.013;
+    }
+    assert!(worst < 5e-7, "worst relative error {worst}");
+    assert_eq!(ops::fast_exp(0.0), 1.0);
+    assert!(ops::fast_exp(-1.0e30) < 1e-37);
+}
+
+/// Values and gradients of a fused op against the same math from primitive candle ops.
+fn compare_fused(
+    inputs: &[Var],
+    fused: impl Fn(&[Tensor]) -> Tensor,
+    plain: impl Fn(&[Tensor]) -> Tensor,
+) {
+    let xs: Vec<Tensor> = inputs.iter().map(|v| v.as_tensor().clone()).collect();
+    let (a, b) = (fused(&xs), plain(&xs));
+    // A non-uniform upstream gradient, so sums of rows cannot hide errors.
+    let upstream = Tensor::randn(0f32, 1.0, a.shape(), &Device::Cpu).unwrap();
+    let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    for (x, y) in flat(&a).iter().zip(flat(&b)) {
+        assert!((x - y).abs() < 1e-5, "value {x} vs {y}");
+    }
+    let ga = (&a * &upstream)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let gb = (&b * &upstream)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    for v in inputs {
+        let (x, y) = (
+            ga.get(v.as_tensor()).unwrap(),
+            gb.get(v.as_tensor()).unwrap(),
+        );
+        for (p, q) in flat(x).iter().zip(flat(y)) {
+            assert!((p - q).abs() < 1e-4, "gradient {p} vs {q}");
+        }
+    }
+}
+
+#[test]
+fn fused_softmax_and_rms_norm_match_primitive_ops() {
+    let dev = Device::Cpu;
+    let x = Var::from_tensor(&(Tensor::randn(0f32, 3.0, (2, 3, 5, 13), &dev).unwrap())).unwrap();
+    compare_fused(
+        std::slice::from_ref(&x),
+        |t| ops::softmax_last_dim(&t[0]).unwrap(),
+        |t| candle_nn::ops::softmax(&t[0], D::Minus1).unwrap(),
+    );
+    let w = Var::from_tensor(&(Tensor::randn(1f32, 0.5, 13, &dev).unwrap())).unwrap();
+    compare_fused(
+        &[x.clone(), w],
+        |t| ops::rms_norm_fused(&t[0], &t[1], 1e-5).unwrap(),
+        |t| ops::rms_norm(&t[0], &t[1], 1e-5).unwrap(),
+    );
+    // Masked logits (the attention bias) get zero probability and no NaN.
+    let masked = Tensor::new(
+        &[[0.5f32, ops::MASK_VALUE, 1.0], [ops::MASK_VALUE; 3]],
+        &dev,
+    )
+    .unwrap();
+    let p = ops::softmax_last_dim(&masked)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    assert!(p[0][1] < 1e-30 && (p[0][0] + p[0][2] - 1.0).abs() < 1e-6);
+    assert!(
+        p[1].iter().all(|v| (v - 1.0 / 3.0).abs() < 1e-6),
+        "{:?}",
+        p[1]
+    );
+}

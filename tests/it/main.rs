@@ -1,10 +1,17 @@
 //! The one integration-test binary: every module below shares the helpers in `common` and the
 //! real feedback API server in `feedback_server`.
 
+mod bert;
 mod check_props;
 mod common;
 mod config;
 mod crash;
 mod feedback_server;
+mod forge_behaviour;
+mod forge_contract;
 mod llama;
+mod losses;
 mod pull;
+mod registry;
+mod report;
+mod train_utils;

@@ -1,0 +1,125 @@
+//! One reward-model training step of a MiniLM-size BERT on the CPU: forward, backward, AdamW.
+//!
+//! Shape (GUIDE §4's benchmark): 6 layers, d 384, ffn 1536, 12 heads, vocab 30522, batch 16 x 128
+//! tokens, mean pooling + score head, Bradley–Terry loss on 8 chosen/rejected pairs, no dropout.
+//! Prints the median seconds per step after warm-up and tokens per second.
+//!
+//! Run: `cargo bench --bench bert_step`. Knobs (environment):
+//!   BENCH_THREADS (2), BENCH_STEPS (6), BENCH_WARMUP (2),
+//!   BENCH_KERNELS=fused|reference, BENCH_OPT=fused|candle, BENCH_MALLOC=tuned|default.
+
+use std::time::Instant;
+
+use anyhow::Context;
+use candle_core::{Device, Tensor};
+use candle_nn::{Optimizer, ParamsAdamW};
+use rlhf_bot::model::bert::{BertConfig, BertRewardModel, EncodedBatch, Kernels, RewardHeadConfig};
+use rlhf_bot::model::fused::{FusedAdamW, tune_allocator};
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_string())
+}
+
+fn main() -> anyhow::Result<()> {
+    // cargo bench passes "--bench"; nothing else is accepted.
+    let malloc = env_or("BENCH_MALLOC", "tuned");
+    let tuned = malloc == "tuned" && tune_allocator();
+    let threads: usize = env_or("BENCH_THREADS", "2")
+        .parse()
+        .context("BENCH_THREADS")?;
+    let steps: usize = env_or("BENCH_STEPS", "6").parse().context("BENCH_STEPS")?;
+    let warmup: usize = env_or("BENCH_WARMUP", "2")
+        .parse()
+        .context("BENCH_WARMUP")?;
+    let kernels = match env_or("BENCH_KERNELS", "fused").as_str() {
+        "fused" => Kernels::Fused,
+        "reference" => Kernels::Reference,
+        other => anyhow::bail!("BENCH_KERNELS={other:?}\nhint: fused or reference"),
+    };
+    let opt_kind = env_or("BENCH_OPT", "fused");
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .context("configuring rayon's global pool")?;
+
+    let dev = Device::Cpu;
+    let mut cfg = BertConfig::minilm_l6();
+    cfg.hidden_dropout_prob = 0.0;
+    cfg.attention_probs_dropout_prob = 0.0;
+    let mut model = BertRewardModel::new_seeded(&cfg, RewardHeadConfig::default(), &dev, 0)?;
+    model.encoder_mut().set_kernels(kernels);
+    let vars: Vec<_> = model.named_vars().into_iter().map(|(_, v)| v).collect();
+    let n_params: usize = vars.iter().map(|v| v.elem_count()).sum();
+    let params = ParamsAdamW {
+        lr: 1e-5,
+        ..Default::default()
+    };
+    let mut opt: Box<dyn FnMut(&Tensor) -> candle_core::Result<()>> = match opt_kind.as_str() {
+        "fused" => {
+            let mut o = FusedAdamW::new(vars, params)?;
+            Box::new(move |loss| o.backward_step(loss))
+        }
+        "candle" => {
+            let mut o = candle_nn::AdamW::new(vars, params)?;
+            Box::new(move |loss| o.backward_step(loss))
+        }
+        other => anyhow::bail!("BENCH_OPT={other:?}\nhint: fused or candle"),
+    };
+
+    let (b, t) = (16usize, 128usize);
+    let mut state = 12345u64;
+    let rows: Vec<Vec<u32>> = (0..b)
+        .map(|_| {
+            (0..t)
+                .map(|_| {
+                    state = state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    ((state >> 33) % cfg.vocab_size as u64) as u32
+                })
+                .collect()
+        })
+        .collect();
+    let batch = EncodedBatch::from_ids(&rows, 0, &dev)?;
+
+    println!(
+        "bert_step: {} layers, d {}, ffn {}, heads {}, vocab {}, {} params; batch {b} x {t}; \
+         threads {threads}; kernels {kernels:?}; optimiser {opt_kind}; allocator {}",
+        cfg.num_hidden_layers,
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_attention_heads,
+        cfg.vocab_size,
+        n_params,
+        if tuned { "tuned" } else { "glibc defaults" },
+    );
+    let mut times = Vec::new();
+    for i in 0..warmup + steps {
+        let start = Instant::now();
+        let out = model.forward(&batch, false)?;
+        let half = b / 2;
+        let margin = (out.score.narrow(0, 0, half)? - out.score.narrow(0, half, half)?)?;
+        // Bradley–Terry: -log σ(r_chosen − r_rejected), averaged over pairs.
+        let loss = candle_nn::ops::sigmoid(&margin)?.log()?.neg()?.mean_all()?;
+        opt(&loss)?;
+        let secs = start.elapsed().as_secs_f64();
+        let loss = loss.to_scalar::<f32>()?;
+        if i >= warmup {
+            times.push(secs);
+        }
+        println!(
+            "step {i}{}: {secs:.3} s, loss {loss:.4}",
+            if i < warmup { " (warm-up)" } else { "" }
+        );
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    println!(
+        "median {median:.3} s/step, {:.0} tokens/s (min {:.3}, max {:.3}, {} steps)",
+        (b * t) as f64 / median,
+        times[0],
+        times[times.len() - 1],
+        times.len()
+    );
+    Ok(())
+}

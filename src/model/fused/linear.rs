@@ -1,0 +1,198 @@
+//! Dense layer `y = act(x·Wᵀ + b)` as one candle custom op with a hand-written backward.
+//!
+//! candle's composition (matmul with a transposed weight view, broadcast bias add) leaves three
+//! backward nodes per layer; the transpose node's gradient is a strided view that candle then adds
+//! element by element on one thread, and the broadcast's bias gradient is a slow reduction. Here
+//! the bias is folded into the gemm (its rows seed the output), the weight gradient `dyᵀ·x` is
+//! written straight in `[out, in]` layout, the bias gradient is a parallel column sum, and the
+//! optional GELU is applied in the same op (its pre-activation is kept for the backward).
+
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
+use rayon::prelude::*;
+
+use super::kernels::{col_sums, rows_per_task};
+use super::math;
+use super::sgemm::sgemm_threads;
+use super::{f32_slice, with_f32};
+
+pub struct LinearOp {
+    gelu: bool,
+    /// Pre-activation `x·Wᵀ + b`, kept when `gelu` is set.
+    pre: Mutex<Option<Vec<f32>>>,
+}
+
+impl LinearOp {
+    pub fn new(gelu: bool) -> Self {
+        Self {
+            gelu,
+            pre: Mutex::new(None),
+        }
+    }
+
+    /// `x·Wᵀ + b` for `x` `[rows, k]`, `w` `[n, k]`.
+    fn affine(x: &[f32], w: &[f32], b: &[f32], (rows, n, k): (usize, usize, usize)) -> Vec<f32> {
+        let mut y = vec![0f32; rows * n];
+        y.par_chunks_mut(n * rows_per_task(n)).for_each(|c| {
+            for row in c.chunks_exact_mut(n) {
+                row.copy_from_slice(b);
+            }
+        });
+        // Wᵀ is read through swapped strides: element (k_i, n_j) = w[n_j * k + k_i].
+        sgemm_threads(
+            (rows, n, k),
+            &mut y,
+            (n, 1),
+            true,
+            x,
+            (k, 1),
+            w,
+            (1, k),
+            1.0,
+            rayon::current_num_threads(),
+        );
+        y
+    }
+}
+
+fn dims(lx: &Layout, lw: &Layout, lb: &Layout) -> Result<(usize, usize, usize)> {
+    let &[n, k] = lw.dims() else {
+        bail!(
+            "fused linear: weight must be [out, in], got {:?}",
+            lw.dims()
+        );
+    };
+    if lx.dims().last() != Some(&k) {
+        bail!(
+            "fused linear: input {:?} does not end in the weight's in-dimension {k}",
+            lx.dims()
+        );
+    }
+    if lb.dims() != [n] {
+        bail!("fused linear: bias must be [{n}], got {:?}", lb.dims());
+    }
+    Ok((lx.shape().elem_count() / k.max(1), n, k))
+}
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        if self.gelu {
+            "fused-linear-gelu"
+        } else {
+            "fused-linear"
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (rows, n, k) = dims(l1, l2, l3)?;
+        let x = f32_slice(s1, l1, self.name())?;
+        let w = f32_slice(s2, l2, self.name())?;
+        let b = f32_slice(s3, l3, self.name())?;
+        let mut out_dims = l1.dims().to_vec();
+        let last = out_dims.len() - 1;
+        out_dims[last] = n;
+        let y = Self::affine(x, w, b, (rows, n, k));
+        if !self.gelu {
+            return Ok((CpuStorage::F32(y), out_dims.into()));
+        }
+        let mut act = vec![0f32; y.len()];
+        act.par_chunks_mut(1 << 14)
+            .zip(y.par_chunks(1 << 14))
+            .for_each(|(a, z)| {
+                for (a, z) in a.iter_mut().zip(z) {
+                    *a = math::gelu_with_grad(*z).0;
+                }
+            });
+        if let Ok(mut slot) = self.pre.lock() {
+            *slot = Some(y);
+        }
+        Ok((CpuStorage::F32(act), out_dims.into()))
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (rows, n, k) = dims(x.layout(), w.layout(), b.layout())?;
+        let threads = rayon::current_num_threads();
+        let saved = if self.gelu {
+            self.pre.lock().ok().and_then(|mut p| p.take())
+        } else {
+            None
+        };
+        let (dx, dw, db) = with_f32(x, |x| {
+            with_f32(w, |w| {
+                with_f32(grad, |g| {
+                    // Upstream gradient with respect to the pre-activation.
+                    let dz_owned;
+                    let dz: &[f32] = if self.gelu {
+                        let z = match saved {
+                            Some(z) if z.len() == rows * n => z,
+                            _ => with_f32(b, |b| Ok(Self::affine(x, w, b, (rows, n, k))))?,
+                        };
+                        let mut d = z;
+                        d.par_chunks_mut(1 << 14)
+                            .zip(g.par_chunks(1 << 14))
+                            .for_each(|(d, g)| {
+                                for (d, g) in d.iter_mut().zip(g) {
+                                    *d = g * math::gelu_with_grad(*d).1;
+                                }
+                            });
+                        dz_owned = d;
+                        &dz_owned
+                    } else {
+                        g
+                    };
+                    // dx = dz · W
+                    let mut dx = vec![0f32; rows * k];
+                    sgemm_threads(
+                        (rows, k, n),
+                        &mut dx,
+                        (k, 1),
+                        false,
+                        dz,
+                        (n, 1),
+                        w,
+                        (k, 1),
+                        1.0,
+                        threads,
+                    );
+                    // dW = dzᵀ · x, already in W's [n, k] layout.
+                    let mut dw = vec![0f32; n * k];
+                    sgemm_threads(
+                        (n, k, rows),
+                        &mut dw,
+                        (k, 1),
+                        false,
+                        dz,
+                        (1, n),
+                        x,
+                        (k, 1),
+                        1.0,
+                        threads,
+                    );
+                    Ok((dx, dw, col_sums(dz, n)))
+                })
+            })
+        })?;
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?),
+            Some(Tensor::from_vec(dw, w.shape(), w.device())?),
+            Some(Tensor::from_vec(db, n, b.device())?),
+        ))
+    }
+}

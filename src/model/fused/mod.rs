@@ -1,0 +1,189 @@
+//! Fused CPU kernels, each a candle custom op with its own backward pass, plus the allocator
+//! tuning and optimiser that go with them. These exist for speed: candle's generic versions of the
+//! same maths make a BERT training step several times slower than PyTorch on CPU (GUIDE §4).
+//!
+//! Every public function checks whether its inputs are f32 tensors on the CPU; if not, it runs the
+//! unfused reference composition from [`reference`] instead, so callers never need two code paths.
+//! Tests compare each fused op's forward and backward with its [`reference`] twin.
+
+pub mod adamw;
+pub mod alloc;
+mod attention;
+mod kernels;
+mod linear;
+mod math;
+mod sgemm;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, D, DType, Layout, Result, Storage, Tensor, bail};
+
+pub use adamw::FusedAdamW;
+pub use alloc::tune_allocator;
+
+/// The contiguous f32 data a layout addresses.
+pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(data) = s else {
+        bail!("{op}: expected f32 data, got {:?}", s.dtype());
+    };
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => bail!("{op}: input is not contiguous (shape {:?})", l.dims()),
+    }
+}
+
+/// Runs `f` on the contiguous f32 data of a CPU tensor (copying only if it is strided).
+pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(cpu) => f(f32_slice(cpu, layout, "fused op")?),
+        _ => bail!("fused op: tensor is not on the CPU"),
+    }
+}
+
+fn fusable(ts: &[&Tensor]) -> bool {
+    ts.iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+}
+
+/// `x + b` over the last dimension.
+pub fn bias_add(x: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if !fusable(&[x, b]) {
+        return reference::bias_add(x, b);
+    }
+    x.contiguous()?
+        .apply_op2(&b.contiguous()?, kernels::BiasAdd)
+}
+
+/// `x·Wᵀ + b` for `x` of any rank (`[.., in]`), with `w` `[out, in]` and `b` `[out]`, as one op
+/// (bias folded into the gemm; backward writes dx, dW and db directly).
+pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if !fusable(&[x, w, b]) {
+        return reference::linear(x, w, b);
+    }
+    x.contiguous()?.apply_op3(
+        &w.contiguous()?,
+        &b.contiguous()?,
+        linear::LinearOp::new(false),
+    )
+}
+
+/// `gelu_erf(x·Wᵀ + b)` as one op (HF's `gelu` feed-forward).
+pub fn linear_gelu(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if !fusable(&[x, w, b]) {
+        return reference::linear(x, w, b)?.gelu_erf();
+    }
+    x.contiguous()?.apply_op3(
+        &w.contiguous()?,
+        &b.contiguous()?,
+        linear::LinearOp::new(true),
+    )
+}
+
+/// `gelu_erf(x + b)` over the last dimension (HF's `gelu`).
+pub fn bias_gelu(x: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if !fusable(&[x, b]) {
+        return reference::bias_gelu(x, b);
+    }
+    x.contiguous()?
+        .apply_op2(&b.contiguous()?, kernels::BiasGelu)
+}
+
+/// Layer norm over the last dimension: `(x − μ)/√(σ² + eps) · w + b`.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> Result<Tensor> {
+    if !fusable(&[x, w, b]) {
+        return reference::layer_norm(x, w, b, eps);
+    }
+    x.contiguous()?.apply_op3(
+        &w.contiguous()?,
+        &b.contiguous()?,
+        kernels::LayerNormOp::new(eps),
+    )
+}
+
+/// Softmax over the last dimension.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if !fusable(&[x]) {
+        return reference::softmax_last_dim(x);
+    }
+    x.contiguous()?.apply_op1(kernels::SoftmaxLastDim)
+}
+
+/// Multi-head attention core on `[b, t, heads·d]` projections:
+/// `softmax(Q_h K_hᵀ · scale + mask_bias) V_h` per head, concatenated back to `[b, t, heads·d]`.
+/// `mask_bias` is `[b, t]`, added to every query's scores for that key. Gradients flow to q, k
+/// and v (the mask is a constant).
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask_bias: &Tensor,
+    heads: usize,
+    scale: f32,
+) -> Result<Tensor> {
+    if !fusable(&[q, k, v, mask_bias]) {
+        return reference::attention(q, k, v, mask_bias, heads, scale);
+    }
+    let mask = mask_bias.detach().flatten_all()?.to_vec1::<f32>()?;
+    q.contiguous()?.apply_op3(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        attention::AttentionOp::new(heads, scale, mask),
+    )
+}
+
+/// The unfused compositions of candle ops that the fused kernels replace: the specification the
+/// fused ops are tested against and the fallback off the CPU.
+pub mod reference {
+    use super::*;
+
+    pub fn bias_add(x: &Tensor, b: &Tensor) -> Result<Tensor> {
+        x.broadcast_add(b)
+    }
+
+    /// `x·Wᵀ + b` as one 2-D matmul over all leading dimensions.
+    pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+        let dims = x.dims();
+        let Some(&in_dim) = dims.last() else {
+            bail!("linear: input must have at least one dimension");
+        };
+        let rows = x.elem_count() / in_dim.max(1);
+        let mut out_dims = dims.to_vec();
+        let last = out_dims.len() - 1;
+        out_dims[last] = w.dim(0)?;
+        x.reshape((rows, in_dim))?
+            .matmul(&w.t()?)?
+            .broadcast_add(b)?
+            .reshape(out_dims)
+    }
+
+    pub fn bias_gelu(x: &Tensor, b: &Tensor) -> Result<Tensor> {
+        x.broadcast_add(b)?.gelu_erf()
+    }
+
+    pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> Result<Tensor> {
+        candle_nn::ops::layer_norm_slow(x, w, b, eps)
+    }
+
+    pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+        candle_nn::ops::softmax(x, D::Minus1)
+    }
+
+    pub fn attention(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask_bias: &Tensor,
+        heads: usize,
+        scale: f32,
+    ) -> Result<Tensor> {
+        let (b, t, hd) = q.dims3()?;
+        let d = hd / heads;
+        let split = |x: &Tensor| x.reshape((b, t, heads, d))?.transpose(1, 2)?.contiguous();
+        let (q, k, v) = (split(q)?, split(k)?, split(v)?);
+        let scores = (q.matmul(&k.t()?)? * f64::from(scale))?
+            .broadcast_add(&mask_bias.reshape((b, 1, 1, t))?)?;
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, hd))
+    }
+}

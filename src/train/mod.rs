@@ -1,0 +1,9 @@
+//! Training: losses as pure tensor functions (`losses`) and the loop utilities every trainer
+//! shares: our own AdamW with savable state (`optim`), learning-rate schedules (`schedule`),
+//! atomic checkpoints for bit-identical resume (`checkpoint`) and non-finite guards (`guard`).
+
+pub mod checkpoint;
+pub mod guard;
+pub mod losses;
+pub mod optim;
+pub mod schedule;
