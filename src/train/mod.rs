@@ -2,8 +2,14 @@
 //! shares: our own AdamW with savable state (`optim`), learning-rate schedules (`schedule`),
 //! atomic checkpoints for bit-identical resume (`checkpoint`) and non-finite guards (`guard`).
 
+pub mod batching;
 pub mod checkpoint;
+pub mod device;
 pub mod guard;
 pub mod losses;
 pub mod optim;
+pub mod progress;
+pub mod reward_models;
+pub mod reward_run;
+pub mod reward_trainer;
 pub mod schedule;

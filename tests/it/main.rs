@@ -15,3 +15,4 @@ mod pull;
 mod registry;
 mod report;
 mod train_utils;
+mod trainer;

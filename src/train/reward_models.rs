@@ -1,0 +1,281 @@
+//! Adapters from the concrete reward models to the loop's [`RewardBackbone`], plus the small
+//! llama reward model trained from scratch when no `--model` is given.
+//!
+//! The decoder reads its score at the last real token and wants no special tokens (TRL's reward
+//! batches carry the plain text tokens); the default model's weights are drawn from a seeded
+//! ChaCha8 stream because candle's CPU initialisers cannot be seeded, and "same seed, same
+//! weights" must hold from the first step.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarMap;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::batching::{SequenceLayout, TokenBatch};
+use super::reward_trainer::{RewardBackbone, RewardForward};
+use crate::model::bert::{BertRewardModel, EncodedBatch};
+use crate::model::llama::{
+    Architecture, LlamaConfig, LlamaForSequenceClassification, save_pretrained,
+};
+use crate::model::tokenizer::Tokenizer;
+
+/// The SmolLM2 tokenizer, embedded so the default model needs no files.
+pub const DEFAULT_TOKENIZER_JSON: &[u8] =
+    include_bytes!("../../tests/fixtures/tiny-llama-policy/tokenizer.json");
+
+/// A llama-family reward model (`LlamaForSequenceClassification`, 1 label).
+pub struct LlamaReward {
+    pub model: LlamaForSequenceClassification,
+    pub varmap: VarMap,
+    pub config: LlamaConfig,
+    layout: SequenceLayout,
+}
+
+impl LlamaReward {
+    /// Loads a reward model, or starts one from a causal-LM checkpoint (the score head is then
+    /// initialised).
+    pub fn load(dir: &Path, tok: &Tokenizer, device: &Device) -> Result<Self> {
+        let p = LlamaForSequenceClassification::load(dir, Some(1), None, device)
+            .with_context(|| format!("loading the llama reward model in {}", dir.display()))?;
+        Ok(Self::wrap(p.model, p.varmap, p.config, tok))
+    }
+
+    /// A randomly initialised model of `config`, its weights drawn from `seed`.
+    pub fn random(
+        mut config: LlamaConfig,
+        tok: &Tokenizer,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
+        config.set_num_labels(1);
+        if config.pad_token_id.is_none() {
+            config.pad_token_id = tok.pad_id().ok();
+        }
+        let (model, varmap) = LlamaForSequenceClassification::random(&config, device)?;
+        seeded_init(&varmap, seed, config.initializer_range)?;
+        Ok(Self::wrap(model, varmap, config, tok))
+    }
+
+    fn wrap(
+        model: LlamaForSequenceClassification,
+        varmap: VarMap,
+        config: LlamaConfig,
+        tok: &Tokenizer,
+    ) -> Self {
+        // The pooled token is the last one that is not the pad id (transformers' rule), so the
+        // batch must be padded with exactly that id.
+        let pad_id = config
+            .pad_token_id
+            .or_else(|| tok.pad_id().ok())
+            .unwrap_or(0);
+        Self {
+            model,
+            varmap,
+            config,
+            layout: SequenceLayout {
+                pad_id,
+                ..SequenceLayout::default()
+            },
+        }
+    }
+}
+
+impl std::fmt::Debug for LlamaReward {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LlamaReward")
+            .field("config", &self.config)
+            .field("layout", &self.layout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The default model trained from scratch: 2 layers, hidden 64, the SmolLM2 vocabulary.
+pub fn default_llama_config(tok: &Tokenizer) -> LlamaConfig {
+    let mut cfg = LlamaConfig::new(tok.vocab_size(), 64, 128, 2, 4, 2, true);
+    cfg.max_position_embeddings = 2048;
+    cfg.pad_token_id = tok.pad_id().ok();
+    cfg
+}
+
+impl RewardBackbone for LlamaReward {
+    fn forward(&self, batch: &TokenBatch) -> candle_core::Result<RewardForward> {
+        let out = self
+            .model
+            .forward(&batch.input_ids, Some(&batch.attention_mask))?;
+        Ok(RewardForward {
+            rewards: out.logits.flatten_all()?,
+            aspects: out.aspects,
+            step_logits: out.step_logits,
+        })
+    }
+    fn varmap(&self) -> &VarMap {
+        &self.varmap
+    }
+    fn layout(&self) -> &SequenceLayout {
+        &self.layout
+    }
+    fn save_pretrained(&self, dir: &Path) -> Result<()> {
+        save_pretrained(
+            dir,
+            &self.config,
+            &self.varmap,
+            Architecture::SequenceClassification,
+        )
+    }
+    fn kind(&self) -> &'static str {
+        "llama"
+    }
+}
+
+/// Redraws every weight from `seed`: normal(0, std) for matrices, ones for norm weights, zeros
+/// for biases (HF's init), visiting the variables in name order so the result is reproducible.
+pub fn seeded_init(varmap: &VarMap, seed: u64, std: f64) -> Result<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    for (name, var) in super::optim::named_vars(varmap) {
+        let shape = var.shape().clone();
+        let n = shape.elem_count();
+        let values: Vec<f32> = if name.contains("norm") {
+            vec![1.0; n]
+        } else if name.ends_with(".bias") {
+            vec![0.0; n]
+        } else {
+            (0..n).map(|_| (normal(&mut rng) * std) as f32).collect()
+        };
+        let t = Tensor::from_vec(values, shape, var.device())?.to_dtype(var.dtype())?;
+        var.set(&t)?;
+    }
+    Ok(())
+}
+
+/// A standard normal draw (Box–Muller).
+fn normal(rng: &mut ChaCha8Rng) -> f64 {
+    let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+    let u2: f64 = rng.random::<f64>();
+    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+}
+
+/// Bit-exact copy of every weight (for comparisons in tests and reports).
+pub fn weights_snapshot(varmap: &VarMap) -> Result<Vec<(String, Vec<f32>)>> {
+    super::optim::named_vars(varmap)
+        .into_iter()
+        .map(|(name, var)| {
+            let v = var
+                .as_tensor()
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            Ok((name, v))
+        })
+        .collect()
+}
+
+/// A BERT-encoder reward model (all-MiniLM-L6-v2 and kin): `[CLS] prompt [SEP] answer [SEP]`
+/// with segment ids, mean pooling and a linear score head. Dropout is off while training so runs
+/// stay reproducible (candle's dropout draws from an unseedable CPU generator).
+#[derive(Debug)]
+pub struct BertReward {
+    pub model: BertRewardModel,
+    layout: SequenceLayout,
+}
+
+impl BertReward {
+    pub fn load(dir: &Path, tok: &Tokenizer, device: &Device) -> Result<Self> {
+        let model = BertRewardModel::load(dir, &[], device)
+            .with_context(|| format!("loading the BERT reward model in {}", dir.display()))?;
+        let id = |t: &str| {
+            tok.token_to_id(t).with_context(|| {
+                format!(
+                    "the tokenizer of {} has no {t} token\nhint: a BERT model needs its WordPiece tokenizer.json",
+                    dir.display()
+                )
+            })
+        };
+        let (cls, sep) = (id("[CLS]")?, id("[SEP]")?);
+        let pad_id = id("[PAD]").unwrap_or(model.config().pad_token_id);
+        Ok(Self {
+            model,
+            layout: SequenceLayout {
+                prefix: vec![cls],
+                separator: vec![sep],
+                suffix: vec![sep],
+                token_types: true,
+                pad_id,
+            },
+        })
+    }
+}
+
+impl RewardBackbone for BertReward {
+    fn forward(&self, batch: &TokenBatch) -> candle_core::Result<RewardForward> {
+        let enc = EncodedBatch {
+            input_ids: batch.input_ids.clone(),
+            token_type_ids: batch.token_type_ids.clone(),
+            attention_mask: batch.attention_mask.to_dtype(DType::F32)?,
+        };
+        let out = self.model.forward(&enc, false)?;
+        let aspects = if out.aspects.is_empty() {
+            None
+        } else {
+            let cols: Vec<Tensor> = out
+                .aspects
+                .values()
+                .map(|t| t.unsqueeze(1))
+                .collect::<candle_core::Result<_>>()?;
+            Some(Tensor::cat(&cols, 1)?)
+        };
+        Ok(RewardForward {
+            rewards: out.score,
+            aspects,
+            step_logits: None,
+        })
+    }
+    fn varmap(&self) -> &VarMap {
+        self.model.varmap()
+    }
+    fn layout(&self) -> &SequenceLayout {
+        &self.layout
+    }
+    fn save_pretrained(&self, dir: &Path) -> Result<()> {
+        self.model.save(dir)
+    }
+    fn kind(&self) -> &'static str {
+        "bert"
+    }
+}
+
+/// Either backbone, chosen from `config.json`'s `model_type`.
+#[derive(Debug)]
+pub enum AnyReward {
+    Llama(LlamaReward),
+    Bert(BertReward),
+}
+
+impl AnyReward {
+    fn inner(&self) -> &dyn RewardBackbone {
+        match self {
+            Self::Llama(m) => m,
+            Self::Bert(m) => m,
+        }
+    }
+}
+
+impl RewardBackbone for AnyReward {
+    fn forward(&self, batch: &TokenBatch) -> candle_core::Result<RewardForward> {
+        self.inner().forward(batch)
+    }
+    fn varmap(&self) -> &VarMap {
+        self.inner().varmap()
+    }
+    fn layout(&self) -> &SequenceLayout {
+        self.inner().layout()
+    }
+    fn save_pretrained(&self, dir: &Path) -> Result<()> {
+        self.inner().save_pretrained(dir)
+    }
+    fn kind(&self) -> &'static str {
+        self.inner().kind()
+    }
+}

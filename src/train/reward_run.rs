@@ -1,0 +1,362 @@
+//! The reward-model run: turns options (config keys + CLI flags, mapped by `app`) into a
+//! trained reward model directory. `app::train_reward` is the async entry point over it.
+//!
+//! It opens the device, loads (or creates) the backbone and its tokenizer, loads and splits the
+//! preference data, runs the loop in `train::reward_trainer`, and writes the run directory the
+//! report and the registry read: the model in Hugging Face layout (`config.json`,
+//! `model.safetensors`, `tokenizer.json`), `metrics.json` (the `run_outputs` contract),
+//! `log.jsonl`, and `checkpoints/`. A model with a non-finite weight is never written.
+
+use std::collections::BTreeMap;
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use candle_core::Device;
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::model::tokenizer::Tokenizer;
+use crate::run_outputs::{self, DatasetInfo, RewardEval, RewardMetrics, TrainStats};
+use crate::train::batching::{EncodedPair, PairText, encode_pairs, render_prompt};
+use crate::train::device::DeviceChoice;
+use crate::train::reward_models::{
+    AnyReward, BertReward, DEFAULT_TOKENIZER_JSON, LlamaReward, default_llama_config,
+};
+use crate::train::reward_trainer::{
+    self, RewardBackbone, TrainConfig, TrainData, check_weights_finite,
+};
+
+/// Everything `train reward` needs. The caller maps config keys and flags onto it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RewardTrainOptions {
+    /// `--model DIR`: a reward model or a base model to start from; `None` trains the small
+    /// default llama from scratch.
+    pub model: Option<PathBuf>,
+    /// `--dataset FILE`: preference pairs as JSON lines (TRL format, see [`load_pairs`]).
+    pub dataset: Option<PathBuf>,
+    /// `--eval FILE`: held-out pairs; without it `eval_fraction` of the dataset is held out.
+    pub eval: Option<PathBuf>,
+    /// Share of the pairs held out for evaluation when no eval file is given.
+    pub eval_fraction: f64,
+    /// `--out DIR`: the run directory.
+    pub out: PathBuf,
+    /// `--resume`: continue from the newest checkpoint in `out/checkpoints`.
+    pub resume: bool,
+    /// `--device cpu|cuda`.
+    pub device: DeviceChoice,
+    /// `--production-model DIR`: the current reward model, scored on the same eval set.
+    pub production_model: Option<PathBuf>,
+    /// `--epochs`, `--max-length`, `--batch-size`, `--lr` and the rest of the loop's settings.
+    pub train: TrainConfig,
+}
+
+impl Default for RewardTrainOptions {
+    fn default() -> Self {
+        Self {
+            model: None,
+            dataset: None,
+            eval: None,
+            eval_fraction: 0.2,
+            out: PathBuf::from("runs/reward"),
+            resume: false,
+            device: DeviceChoice::Cpu,
+            production_model: None,
+            train: TrainConfig::default(),
+        }
+    }
+}
+
+/// What a run produced.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RewardRunSummary {
+    pub out: PathBuf,
+    /// The model directory (the run directory itself), absent when the run was interrupted.
+    pub model_dir: Option<PathBuf>,
+    pub metrics: RewardMetrics,
+    pub backbone: String,
+    pub stopped_early: bool,
+    pub completed: bool,
+}
+
+/// The stage, synchronously: loads the data named in `opts` and trains.
+pub fn train_reward_blocking(opts: &RewardTrainOptions) -> Result<RewardRunSummary> {
+    let dataset = opts.dataset.as_deref().context(
+        "no preference dataset given\nhint: pass --dataset FILE (JSON lines with chosen/rejected)",
+    )?;
+    let pairs = load_pairs(dataset)?;
+    let (train, eval) = match &opts.eval {
+        Some(path) => (pairs, load_pairs(path)?),
+        None => split_pairs(pairs, opts.eval_fraction, opts.train.seed)?,
+    };
+    train_reward_on(opts, &train, &eval)
+}
+
+/// The stage on pairs already in memory (the pipeline builds them from the feedback store).
+pub fn train_reward_on(
+    opts: &RewardTrainOptions,
+    train: &[PairText],
+    eval: &[PairText],
+) -> Result<RewardRunSummary> {
+    let device = opts.device.open()?;
+    let (model, tok, tok_json) = load_backbone(opts.model.as_deref(), opts.train.seed, &device)?;
+    tracing::info!(
+        backbone = model.kind(),
+        train = train.len(),
+        eval = eval.len(),
+        device = %opts.device,
+        "training the reward model"
+    );
+    let max_len = opts.train.max_length;
+    let data = TrainData {
+        pairs: encode_pairs(&tok, train, max_len, model.layout())?,
+        points: Vec::new(),
+    };
+    let eval_enc = encode_pairs(&tok, eval, max_len, model.layout())?;
+    let outcome = reward_trainer::train(
+        &model,
+        &data,
+        &eval_enc,
+        &opts.train,
+        &opts.out,
+        opts.resume,
+        &device,
+    )?;
+
+    let mut counts = BTreeMap::new();
+    counts.insert("pairs".to_string(), (train.len() + eval.len()) as u64);
+    counts.insert("train".to_string(), train.len() as u64);
+    counts.insert("eval".to_string(), eval.len() as u64);
+    let metrics_eval = outcome.eval.clone().unwrap_or_default();
+    let mut metrics = RewardMetrics {
+        eval: metrics_eval,
+        train: TrainStats {
+            steps: outcome.steps,
+            seconds: outcome.seconds,
+            examples_per_second: outcome.examples as f64 / outcome.seconds.max(1e-9),
+            tokens_per_second: outcome.tokens as f64 / outcome.seconds.max(1e-9),
+            epochs: outcome.epochs,
+        },
+        dataset: DatasetInfo {
+            counts,
+            examples_sha256: fingerprint(train, eval),
+        },
+        production_eval: None,
+    };
+    let mut model_dir = None;
+    if outcome.completed {
+        check_weights_finite(model.varmap())?;
+        model.save_pretrained(&opts.out)?;
+        std::fs::write(opts.out.join("tokenizer.json"), &tok_json)
+            .with_context(|| format!("writing {}", opts.out.join("tokenizer.json").display()))?;
+        model_dir = Some(opts.out.clone());
+        if let Some(prod) = &opts.production_model
+            && !eval.is_empty()
+        {
+            metrics.production_eval = Some(
+                score_production(prod, eval, opts, &device)
+                    .with_context(|| format!("scoring production model {}", prod.display()))?,
+            );
+        }
+    }
+    run_outputs::write_metrics(&opts.out, &metrics)?;
+    Ok(RewardRunSummary {
+        out: opts.out.clone(),
+        model_dir,
+        metrics,
+        backbone: model.kind().to_string(),
+        stopped_early: outcome.stopped_early,
+        completed: outcome.completed,
+    })
+}
+
+/// Loads the reward model in `dir` (or the default one) with its tokenizer; returns the
+/// tokenizer's JSON too, to copy next to the trained weights.
+pub fn load_backbone(
+    dir: Option<&Path>,
+    seed: u64,
+    device: &Device,
+) -> Result<(AnyReward, Tokenizer, Vec<u8>)> {
+    match dir {
+        None => {
+            let tok = tokenizer_from_bytes(DEFAULT_TOKENIZER_JSON)?;
+            let cfg = default_llama_config(&tok);
+            let model = LlamaReward::random(cfg, &tok, seed, device)?;
+            Ok((
+                AnyReward::Llama(model),
+                tok,
+                DEFAULT_TOKENIZER_JSON.to_vec(),
+            ))
+        }
+        Some(dir) => {
+            let kind = model_type(dir)?;
+            let tok_path = dir.join("tokenizer.json");
+            let tok_json = std::fs::read(&tok_path).with_context(|| {
+                format!(
+                    "reading {}\nhint: the model directory needs its tokenizer.json",
+                    tok_path.display()
+                )
+            })?;
+            let tok = tokenizer_from_bytes(&tok_json)?;
+            match kind.as_str() {
+                "llama" | "qwen2" | "mistral" => {
+                    let model = LlamaReward::load(dir, &tok, device)?;
+                    Ok((AnyReward::Llama(model), tok, tok_json))
+                }
+                "bert" => {
+                    let model = BertReward::load(dir, &tok, device)?;
+                    Ok((AnyReward::Bert(model), tok, tok_json))
+                }
+                other => bail!(
+                    "model type {other:?} in {} is not supported for reward training\nhint: use a llama-family or BERT model",
+                    dir.join("config.json").display()
+                ),
+            }
+        }
+    }
+}
+
+fn model_type(dir: &Path) -> Result<String> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "reading {}\nhint: --model must be a Hugging Face model directory",
+            path.display()
+        )
+    })?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    v.get("model_type")
+        .and_then(|t| t.as_str())
+        .map(str::to_string)
+        .with_context(|| format!("{} has no model_type", path.display()))
+}
+
+fn tokenizer_from_bytes(bytes: &[u8]) -> Result<Tokenizer> {
+    // The wrapper loads from a path; a temporary file keeps one loading code path.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("rlhf-bot-tok-{}-{n}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("tokenizer.json");
+    std::fs::write(&path, bytes)?;
+    let tok = Tokenizer::from_file(&path);
+    let _ = std::fs::remove_dir_all(&dir);
+    tok
+}
+
+fn score_production(
+    dir: &Path,
+    eval: &[PairText],
+    opts: &RewardTrainOptions,
+    device: &Device,
+) -> Result<RewardEval> {
+    let (model, tok, _) = load_backbone(Some(dir), opts.train.seed, device)?;
+    let enc: Vec<EncodedPair> = encode_pairs(&tok, eval, opts.train.max_length, model.layout())?;
+    reward_trainer::evaluate(&model, &enc, opts.train.batch_size * 2, device)
+}
+
+/// One line of a preference file: TRL's explicit-prompt form (`prompt`, `chosen`, `rejected`,
+/// optional `margin`) or the implicit-prompt form (`chosen` and `rejected` are whole dialogues
+/// sharing a prefix, as in Anthropic HH).
+#[derive(Debug, Deserialize)]
+struct PairLine {
+    #[serde(default)]
+    prompt: Option<String>,
+    chosen: String,
+    rejected: String,
+    #[serde(default)]
+    margin: Option<f64>,
+}
+
+/// Reads preference pairs from JSON lines.
+pub fn load_pairs(path: &Path) -> Result<Vec<PairText>> {
+    let file = std::fs::File::open(path).with_context(|| {
+        format!(
+            "opening the preference file {}\nhint: check --dataset / --eval",
+            path.display()
+        )
+    })?;
+    let mut pairs = Vec::new();
+    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line = line.with_context(|| format!("reading {}", path.display()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let raw: PairLine = serde_json::from_str(&line).with_context(|| {
+            format!(
+                "{}:{}: not a preference pair\nhint: each line needs \"chosen\" and \"rejected\" strings",
+                path.display(),
+                i + 1
+            )
+        })?;
+        pairs.push(match raw.prompt {
+            Some(p) => PairText {
+                prompt: render_prompt(&p),
+                chosen: raw.chosen,
+                rejected: raw.rejected,
+                margin: raw.margin,
+            },
+            None => split_dialogues(&raw.chosen, &raw.rejected, raw.margin),
+        });
+    }
+    if pairs.is_empty() {
+        bail!("{} holds no preference pairs", path.display());
+    }
+    Ok(pairs)
+}
+
+/// Splits two dialogues at the start of their last assistant turn when they share everything
+/// before it (HH), else at their longest common prefix on a character boundary.
+fn split_dialogues(chosen: &str, rejected: &str, margin: Option<f64>) -> PairText {
+    const TURN: &str = "\n\nAssistant:";
+    let common = chosen
+        .char_indices()
+        .zip(rejected.chars())
+        .take_while(|((_, a), b)| a == b)
+        .last()
+        .map(|((i, c), _)| i + c.len_utf8())
+        .unwrap_or(0);
+    let cut = chosen[..common]
+        .rfind(TURN)
+        .map(|i| i + TURN.len())
+        .unwrap_or(common);
+    PairText {
+        prompt: chosen[..cut].to_string(),
+        chosen: chosen[cut..].to_string(),
+        rejected: rejected[cut..].to_string(),
+        margin,
+    }
+}
+
+/// Seeded split by pair: `fraction` of the pairs (at least one) go to evaluation.
+pub fn split_pairs(
+    mut pairs: Vec<PairText>,
+    fraction: f64,
+    seed: u64,
+) -> Result<(Vec<PairText>, Vec<PairText>)> {
+    if !(0.0..1.0).contains(&fraction) {
+        bail!("eval fraction must be in [0, 1), got {fraction}");
+    }
+    pairs.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
+    let n_eval = ((pairs.len() as f64 * fraction).round() as usize).min(pairs.len() - 1);
+    let eval = pairs.split_off(pairs.len() - n_eval);
+    Ok((pairs, eval))
+}
+
+/// sha256 over the train then eval pairs (JSON, one per line): names the exact data a model saw.
+pub fn fingerprint(train: &[PairText], eval: &[PairText]) -> String {
+    let mut h = Sha256::new();
+    for (tag, set) in [("train", train), ("eval", eval)] {
+        h.update(tag.as_bytes());
+        for p in set {
+            h.update(serde_json::to_vec(p).unwrap_or_default());
+            h.update(b"\n");
+        }
+    }
+    hex::encode(h.finalize())
+}
