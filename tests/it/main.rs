@@ -5,5 +5,6 @@ mod check_props;
 mod common;
 mod config;
 mod crash;
+mod dataset;
 mod feedback_server;
 mod pull;
