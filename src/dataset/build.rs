@@ -195,7 +195,14 @@ impl Aggregation {
             .len() as u64;
         stats.prompts = answers
             .iter()
-            .map(|a| (a.key.conversation_id.as_str(), &a.prompt))
+            .map(|a| {
+                let prompt: Vec<(&str, &str)> = a
+                    .prompt
+                    .iter()
+                    .map(|m| (m.role.as_str(), m.content.as_str()))
+                    .collect();
+                (a.key.conversation_id.as_str(), prompt)
+            })
             .collect::<BTreeSet<_>>()
             .len() as u64;
         (answers, stats)
@@ -229,8 +236,7 @@ pub(crate) fn examples(
 
     // Pairs and pointwise examples, per context. The prompt messages are part of the key: two
     // answers in one conversation but after different turns answer different questions.
-    let mut contexts: BTreeMap<(&str, Vec<(&str, &str)>), Vec<(usize, f64, f64)>> =
-        BTreeMap::new();
+    let mut contexts: BTreeMap<(&str, Vec<(&str, &str)>), Vec<(usize, f64, f64)>> = BTreeMap::new();
     for (i, answer) in answers.iter().enumerate() {
         if let Some((score, weight)) = answer.feedback.score() {
             let prompt = answer

@@ -379,7 +379,11 @@ pub fn load_preference_jsonl(path: &Path) -> Result<Vec<PreferencePair>, LoadErr
         };
         let conversation_id = match field("conversation_id") {
             Some(Value::String(id)) => id.clone(),
-            Some(other) => return Err(bad(format!("`conversation_id` must be a string, got {other}"))),
+            Some(other) => {
+                return Err(bad(format!(
+                    "`conversation_id` must be a string, got {other}"
+                )));
+            }
             None => format!("line-{line}"),
         };
         pairs.push(PreferencePair {
@@ -463,9 +467,15 @@ fn implicit_prompt(
                 );
             }
             if c_last.role != "assistant" || r_last.role != "assistant" {
-                return Err("the last message of `chosen` and `rejected` must be the assistant's".into());
+                return Err(
+                    "the last message of `chosen` and `rejected` must be the assistant's".into(),
+                );
             }
-            Ok((c_prompt.to_vec(), c_last.content.clone(), r_last.content.clone()))
+            Ok((
+                c_prompt.to_vec(),
+                c_last.content.clone(),
+                r_last.content.clone(),
+            ))
         }
         _ => Err("`chosen` and `rejected` must both be strings or both be message lists".into()),
     }
@@ -473,7 +483,10 @@ fn implicit_prompt(
 
 /// Splits two HH-style dialogues at the longest common prefix that ends with `"\n\nAssistant:"`:
 /// that prefix is the prompt, the rests are the answers.
-fn split_dialogues(chosen: &str, rejected: &str) -> Result<(Vec<ChatMessage>, String, String), String> {
+fn split_dialogues(
+    chosen: &str,
+    rejected: &str,
+) -> Result<(Vec<ChatMessage>, String, String), String> {
     let common = chosen
         .char_indices()
         .zip(rejected.chars())
@@ -515,7 +528,8 @@ pub fn hh_rlhf_pairs(path: &Path) -> Result<Vec<PreferencePair>, LoadError> {
             rejected: String,
         }
         let row: Row = serde_json::from_str(text).map_err(|e| bad(format!("{e}")))?;
-        let (prompt, chosen, rejected) = split_dialogues(&row.chosen, &row.rejected).map_err(&bad)?;
+        let (prompt, chosen, rejected) =
+            split_dialogues(&row.chosen, &row.rejected).map_err(&bad)?;
         pairs.push(PreferencePair {
             prompt,
             chosen,
@@ -572,6 +586,12 @@ mod tests {
         assert_eq!(prompt, vec![msg("user", "q")]);
         assert_eq!((c.as_str(), r.as_str()), ("I think yes", "I think no"));
         assert!(split_dialogues("\n\nHuman: a", "\n\nHuman: b").is_err());
-        assert!(split_dialogues("\n\nHuman: q\n\nAssistant: x", "\n\nHuman: q\n\nAssistant: x").is_err());
+        assert!(
+            split_dialogues(
+                "\n\nHuman: q\n\nAssistant: x",
+                "\n\nHuman: q\n\nAssistant: x"
+            )
+            .is_err()
+        );
     }
 }

@@ -235,7 +235,12 @@ pub fn conversations(examples: &Examples) -> BTreeMap<&str, u64> {
         .pairs
         .iter()
         .map(|e| e.conversation_id.as_str())
-        .chain(examples.pointwise.iter().map(|e| e.conversation_id.as_str()))
+        .chain(
+            examples
+                .pointwise
+                .iter()
+                .map(|e| e.conversation_id.as_str()),
+        )
         .chain(examples.steps.iter().map(|e| e.conversation_id.as_str()))
         .chain(examples.aspects.iter().map(|e| e.conversation_id.as_str()));
     for id in ids {

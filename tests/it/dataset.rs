@@ -32,7 +32,14 @@ fn user(text: &str) -> Vec<ChatMessage> {
 }
 
 /// A record about answer `msg` (text `answer`) of conversation `conv`, asked `prompt`.
-fn rec(id: &str, conv: &str, msg: &str, prompt: &str, answer: &str, signal: Signal) -> FeedbackRecord {
+fn rec(
+    id: &str,
+    conv: &str,
+    msg: &str,
+    prompt: &str,
+    answer: &str,
+    signal: Signal,
+) -> FeedbackRecord {
     FeedbackRecord {
         id: id.into(),
         signal,
@@ -111,14 +118,25 @@ fn answers_to_the_same_prompt_pair_up_with_margins() {
         (pairs[0].chosen.as_str(), pairs[0].rejected.as_str()),
         ("good answer", "bad answer")
     );
-    assert_eq!((pairs[0].chosen_id.as_str(), pairs[0].rejected_id.as_str()), ("m1", "m2"));
+    assert_eq!(
+        (pairs[0].chosen_id.as_str(), pairs[0].rejected_id.as_str()),
+        ("m1", "m2")
+    );
     assert_eq!(pairs[0].margin, 2.0);
     assert_eq!(pairs[0].prompt, user("q1"));
-    assert_eq!((pairs[1].chosen.as_str(), pairs[1].rejected.as_str()), ("five", "four"));
+    assert_eq!(
+        (pairs[1].chosen.as_str(), pairs[1].rejected.as_str()),
+        ("five", "four")
+    );
     assert_eq!(pairs[1].margin, 0.5);
     assert_eq!(pairs[1].conversation_id, "c2");
 
-    let pointwise: Vec<_> = d.train.pointwise.iter().map(|e| e.message_id.as_str()).collect();
+    let pointwise: Vec<_> = d
+        .train
+        .pointwise
+        .iter()
+        .map(|e| e.message_id.as_str())
+        .collect();
     assert_eq!(pointwise, ["m5", "m6"]);
     assert_eq!(dropped(&d, DropReason::ScoreGapTooSmall), 1);
     assert_eq!(d.stats.answers, 6);
@@ -189,7 +207,10 @@ fn scores_mix_signals_by_kind_and_source_weight() {
         ..DatasetOptions::default()
     };
     let err = build(records(), &bad).unwrap_err().to_string();
-    assert!(err.contains("eval_fraction") && err.contains("1.5") && err.contains("hint:"), "{err}");
+    assert!(
+        err.contains("eval_fraction") && err.contains("1.5") && err.contains("hint:"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -213,7 +234,10 @@ fn unpaired_answers_become_pointwise_with_thumb_majority() {
         .iter()
         .map(|e| (e.message_id.as_str(), e))
         .collect();
-    assert_eq!(by_id.keys().copied().collect::<Vec<_>>(), ["m1", "m3", "m4"]);
+    assert_eq!(
+        by_id.keys().copied().collect::<Vec<_>>(),
+        ["m1", "m3", "m4"]
+    );
     assert_eq!(by_id["m1"].label, Some(true));
     assert!((by_id["m1"].target - 2.0 / 3.0).abs() < 1e-6);
     assert_eq!(by_id["m1"].weight, 3.0);
@@ -237,15 +261,39 @@ fn step_thumbs_give_majority_labels_and_ties_are_dropped() {
         r
     };
     let records = vec![
-        with_steps(rec("1", "c1", "m1", "q", answer, step(0, Thumb::Up)), &steps),
-        with_steps(rec("2", "c1", "m1", "q", answer, step(0, Thumb::Up)), &steps),
-        with_steps(rec("3", "c1", "m1", "q", answer, step(0, Thumb::Down)), &steps),
-        with_steps(rec("4", "c1", "m1", "q", answer, step(1, Thumb::Up)), &steps),
-        with_steps(rec("5", "c1", "m1", "q", answer, step(1, Thumb::Down)), &steps),
-        with_steps(rec("6", "c1", "m1", "q", answer, step(2, Thumb::Down)), &steps),
+        with_steps(
+            rec("1", "c1", "m1", "q", answer, step(0, Thumb::Up)),
+            &steps,
+        ),
+        with_steps(
+            rec("2", "c1", "m1", "q", answer, step(0, Thumb::Up)),
+            &steps,
+        ),
+        with_steps(
+            rec("3", "c1", "m1", "q", answer, step(0, Thumb::Down)),
+            &steps,
+        ),
+        with_steps(
+            rec("4", "c1", "m1", "q", answer, step(1, Thumb::Up)),
+            &steps,
+        ),
+        with_steps(
+            rec("5", "c1", "m1", "q", answer, step(1, Thumb::Down)),
+            &steps,
+        ),
+        with_steps(
+            rec("6", "c1", "m1", "q", answer, step(2, Thumb::Down)),
+            &steps,
+        ),
         // m2: its only step vote ties → no step example at all.
-        with_steps(rec("7", "c2", "m2", "q", answer, step(0, Thumb::Up)), &steps),
-        with_steps(rec("8", "c2", "m2", "q", answer, step(0, Thumb::Down)), &steps),
+        with_steps(
+            rec("7", "c2", "m2", "q", answer, step(0, Thumb::Up)),
+            &steps,
+        ),
+        with_steps(
+            rec("8", "c2", "m2", "q", answer, step(0, Thumb::Down)),
+            &steps,
+        ),
     ];
     let d = build(records, &no_eval()).unwrap();
     assert_eq!(d.train.steps.len(), 1);
@@ -253,7 +301,10 @@ fn step_thumbs_give_majority_labels_and_ties_are_dropped() {
     assert_eq!(e.message_id, "m1");
     assert_eq!(e.labels, [Some(true), None, Some(false)]);
     assert_eq!(e.completion, answer);
-    assert_eq!(&e.completion[..e.step_ends[0]], "In short: First, CO₂ traps heat.");
+    assert_eq!(
+        &e.completion[..e.step_ends[0]],
+        "In short: First, CO₂ traps heat."
+    );
     assert!(e.completion[..e.step_ends[1]].ends_with("So warming follows."));
     assert_eq!(e.step_ends[2], answer.len());
     assert_eq!(dropped(&d, DropReason::StepTie), 2);
@@ -333,7 +384,14 @@ fn many_conversations(n: usize) -> Vec<FeedbackRecord> {
             [
                 rec(&format!("{i}-a"), &conv, "good", "q", "good", up()),
                 rec(&format!("{i}-b"), &conv, "bad", "q", "bad", down()),
-                rec(&format!("{i}-c"), &conv, "good", "q", "good", aspect("accuracy", 4)),
+                rec(
+                    &format!("{i}-c"),
+                    &conv,
+                    "good",
+                    "q",
+                    "good",
+                    aspect("accuracy", 4),
+                ),
             ]
         })
         .collect()
@@ -356,9 +414,17 @@ fn split_keeps_conversations_whole_and_is_deterministic() {
     let d = build(many_conversations(100), &options).unwrap();
     let train = conversation_ids(&d.train);
     let eval = conversation_ids(&d.eval);
-    assert!(train.is_disjoint(&eval), "leak: {:?}", train.intersection(&eval));
+    assert!(
+        train.is_disjoint(&eval),
+        "leak: {:?}",
+        train.intersection(&eval)
+    );
     assert_eq!(train.len() + eval.len(), 100);
-    assert!((8..=35).contains(&eval.len()), "{} eval conversations", eval.len());
+    assert!(
+        (8..=35).contains(&eval.len()),
+        "{} eval conversations",
+        eval.len()
+    );
     assert_eq!(d.stats.eval_conversations, eval.len() as u64);
     assert_eq!(d.stats.eval.pairs, eval.len() as u64);
     assert_eq!(d.fingerprint.eval.aspects, eval.len() as u64);
@@ -386,7 +452,10 @@ fn split_keeps_conversations_whole_and_is_deterministic() {
     // A conversation's side does not depend on what else is in the store.
     let fewer = build(many_conversations(50), &options).unwrap();
     for id in conversation_ids(&fewer.eval) {
-        assert!(eval.contains(&id), "{id} moved to eval when others were removed");
+        assert!(
+            eval.contains(&id),
+            "{id} moved to eval when others were removed"
+        );
     }
 }
 
@@ -472,9 +541,23 @@ fn keys(v: &Value) -> Vec<&str> {
 /// A small dataset with every kind of example, all in train.
 fn every_kind() -> Dataset {
     let steps = vec!["Step one.".to_string(), "Step two.".to_string()];
-    let mut s1 = rec("s1", "c1", "m1", "q", "Step one. Step two.", step(0, Thumb::Up));
+    let mut s1 = rec(
+        "s1",
+        "c1",
+        "m1",
+        "q",
+        "Step one. Step two.",
+        step(0, Thumb::Up),
+    );
     s1.response.steps = steps.clone();
-    let mut s2 = rec("s2", "c1", "m1", "q", "Step one. Step two.", step(1, Thumb::Down));
+    let mut s2 = rec(
+        "s2",
+        "c1",
+        "m1",
+        "q",
+        "Step one. Step two.",
+        step(1, Thumb::Down),
+    );
     s2.response.steps = steps.clone();
     let mut s3 = rec("s3", "c1", "m1", "q", "Step one. Step two.", up());
     s3.response.steps = steps;
@@ -517,7 +600,10 @@ fn export_writes_trl_lines_with_the_right_keys() {
     assert_eq!(prm.len(), 1);
     assert_eq!(keys(&prm[0]), ["completions", "labels", "prompt"]);
     assert_eq!(prm[0]["prompt"], "\n\nHuman: q\n\nAssistant:");
-    assert_eq!(prm[0]["completions"], serde_json::json!(["Step one.", "Step two."]));
+    assert_eq!(
+        prm[0]["completions"],
+        serde_json::json!(["Step one.", "Step two."])
+    );
     assert_eq!(prm[0]["labels"], serde_json::json!([true, false]));
 
     let aspects = read_jsonl(&dir.path().join("aspects.train.jsonl"));
@@ -527,7 +613,10 @@ fn export_writes_trl_lines_with_the_right_keys() {
     let stats: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("stats.json")).unwrap())
             .unwrap();
-    assert_eq!(stats["fingerprint"]["sha256"], d.fingerprint.sha256.as_str());
+    assert_eq!(
+        stats["fingerprint"]["sha256"],
+        d.fingerprint.sha256.as_str()
+    );
     assert_eq!(stats["stats"]["train"]["pairs"], 1);
     assert_eq!(stats["files"].as_array().unwrap().len(), 8);
 
@@ -572,31 +661,56 @@ fn preference_loader_accepts_trl_forms_and_names_the_bad_line() {
     assert_eq!(pairs[0].prompt, user("hi"));
     assert_eq!((pairs[0].chosen.as_str(), pairs[0].margin), ("hello", 0.5));
     assert_eq!(pairs[1].prompt, user("The sky is"));
-    assert_eq!((pairs[1].chosen.as_str(), pairs[1].rejected.as_str()), ("blue.", "green."));
+    assert_eq!(
+        (pairs[1].chosen.as_str(), pairs[1].rejected.as_str()),
+        ("blue.", "green.")
+    );
     assert_eq!(pairs[1].margin, 0.0);
     assert_eq!(pairs[2].prompt, user("q"));
-    assert_eq!((pairs[2].chosen.as_str(), pairs[2].rejected.as_str()), ("a", "b"));
+    assert_eq!(
+        (pairs[2].chosen.as_str(), pairs[2].rejected.as_str()),
+        ("a", "b")
+    );
     assert_eq!(pairs[2].conversation_id, "line-4");
     assert_eq!(pairs[3].prompt, user("q"));
-    assert_eq!((pairs[3].chosen.as_str(), pairs[3].conversation_id.as_str()), ("yes", "x"));
+    assert_eq!(
+        (pairs[3].chosen.as_str(), pairs[3].conversation_id.as_str()),
+        ("yes", "x")
+    );
 
     let bad = dir.path().join("bad.jsonl");
     std::fs::write(
         &bad,
-        format!("{}\n{}\n{{\"prompt\": \"p\", \"chosen\": \"c\"}}\n", lines[0], lines[1]),
+        format!(
+            "{}\n{}\n{{\"prompt\": \"p\", \"chosen\": \"c\"}}\n",
+            lines[0], lines[1]
+        ),
     )
     .unwrap();
     let err = load_preference_jsonl(&bad).unwrap_err();
     assert!(matches!(err, LoadError::Line { line: 3, .. }), "{err:?}");
     let text = err.to_string();
-    assert!(text.contains("bad.jsonl:3") && text.contains("`rejected` is missing"), "{text}");
+    assert!(
+        text.contains("bad.jsonl:3") && text.contains("`rejected` is missing"),
+        "{text}"
+    );
     assert!(text.contains("hint:"), "{text}");
 
-    std::fs::write(&bad, "{\"prompt\": \"p\", \"chosen\": \"c\", \"rejected\": 3}\nnot json\n").unwrap();
+    std::fs::write(
+        &bad,
+        "{\"prompt\": \"p\", \"chosen\": \"c\", \"rejected\": 3}\nnot json\n",
+    )
+    .unwrap();
     let text = load_preference_jsonl(&bad).unwrap_err().to_string();
-    assert!(text.contains(":1:") && text.contains("`rejected`"), "{text}");
+    assert!(
+        text.contains(":1:") && text.contains("`rejected`"),
+        "{text}"
+    );
     std::fs::write(&bad, "\n\n").unwrap();
-    assert!(matches!(load_preference_jsonl(&bad), Err(LoadError::Empty { .. })));
+    assert!(matches!(
+        load_preference_jsonl(&bad),
+        Err(LoadError::Empty { .. })
+    ));
     assert!(matches!(
         load_preference_jsonl(&dir.path().join("missing.jsonl")),
         Err(LoadError::Io { .. })
@@ -648,7 +762,10 @@ fn hh_rlhf_loader_reads_plain_and_gzip() {
     )
     .unwrap();
     let text = hh_rlhf_pairs(&bad).unwrap_err().to_string();
-    assert!(text.contains("bad.jsonl:3") && text.contains("prompt cannot be found"), "{text}");
+    assert!(
+        text.contains("bad.jsonl:3") && text.contains("prompt cannot be found"),
+        "{text}"
+    );
 }
 
 async fn sample_store(dir: &Path) -> Store {
@@ -689,12 +806,18 @@ async fn the_bundled_sample_builds_exports_and_reproduces() {
     // Regenerations give pairs; every kind of example appears; both sides are used.
     let all = s.examples();
     assert!(all.pairs >= 10, "{s:#?}");
-    assert!(all.pointwise > 0 && all.steps > 0 && all.aspects > 0, "{s:#?}");
+    assert!(
+        all.pointwise > 0 && all.steps > 0 && all.aspects > 0,
+        "{s:#?}"
+    );
     assert!(s.eval_conversations >= 1 && s.train_conversations > s.eval_conversations);
     assert!(s.conversations >= s.train_conversations + s.eval_conversations);
     assert!(conversation_ids(&d.train).is_disjoint(&conversation_ids(&d.eval)));
     for pair in d.train.pairs.iter().chain(&d.eval.pairs) {
-        assert!(pair.margin >= 0.25 - 1e-6 && pair.margin <= 1.0 + 1e-6, "{pair:?}");
+        assert!(
+            pair.margin >= 0.25 - 1e-6 && pair.margin <= 1.0 + 1e-6,
+            "{pair:?}"
+        );
         assert_ne!(pair.chosen, pair.rejected);
     }
 
