@@ -6,6 +6,7 @@ pub mod app;
 pub mod artifacts;
 pub mod cli;
 pub mod config;
+pub mod dataset;
 pub mod decision;
 pub mod feedback;
 pub mod forge;

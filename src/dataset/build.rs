@@ -1,0 +1,392 @@
+//! Records → answers → examples. Two steps, because a record can only be judged against the
+//! answer it talks about: first every record is filed under its answer (keeping the newest text
+//! of the answer and only the small signal of each record, so memory grows with answers, not with
+//! records), then each answer's feedback is turned into examples.
+//!
+//! The rules (docs/dataset.md has worked examples): an answer's score is the weighted mean of
+//! its answer-level signals (thumb up 1 / down 0, rating (r − 1) / 4, each aspect rating the
+//! same), weights being kind weight × source weight. Answers in the same context (same
+//! conversation and same prompt messages) whose scores differ by at least `min_score_gap` pair
+//! up, the higher one chosen. Answers that end up in no pair become pointwise examples. Step
+//! thumbs give step labels by weighted majority; aspect ratings give per-aspect targets.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use chrono::{DateTime, Utc};
+
+use super::DatasetOptions;
+use super::examples::{
+    Answer, AnswerFeedback, AnswerKey, AspectExample, DatasetStats, DropReason, Examples,
+    PointwiseExample, PreferencePair, StepExample, majority, source_name,
+};
+use crate::feedback::record::{ChatMessage, FeedbackRecord, Response, Signal, Thumb};
+
+/// Tolerance on score comparisons: a gap of exactly `min_score_gap` must pair even when the
+/// weighted means carry rounding error.
+const EPS: f64 = 1e-9;
+
+/// One version of an answer's text as records carry it; records normally agree, but an edited
+/// answer (or a client bug) can give two.
+#[derive(Debug)]
+struct Version {
+    prompt: Vec<ChatMessage>,
+    response: Response,
+    model_version: String,
+    /// The newest record carrying this version: (updated_at, id) decides which version wins.
+    newest: (DateTime<Utc>, String),
+}
+
+/// What one record says, weighted, and which version of the answer it was about.
+#[derive(Debug)]
+struct Vote {
+    version: usize,
+    signal: Signal,
+    weight: f64,
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    versions: Vec<Version>,
+    votes: Vec<Vote>,
+}
+
+/// Files records under their answers. Feed it every live record once, then [`Aggregation::finish`].
+#[derive(Debug)]
+pub struct Aggregation {
+    options: DatasetOptions,
+    pending: BTreeMap<AnswerKey, Pending>,
+    stats: DatasetStats,
+}
+
+impl Aggregation {
+    pub fn new(options: &DatasetOptions) -> Self {
+        Self {
+            options: options.clone(),
+            pending: BTreeMap::new(),
+            stats: DatasetStats::default(),
+        }
+    }
+
+    pub fn add(&mut self, record: FeedbackRecord) {
+        *self
+            .stats
+            .records_by_kind
+            .entry(record.signal.kind().to_string())
+            .or_default() += 1;
+        *self
+            .stats
+            .records_by_source
+            .entry(source_name(record.source).to_string())
+            .or_default() += 1;
+        if record.response.content.trim().is_empty() {
+            self.stats.drop(DropReason::EmptyResponse);
+            return;
+        }
+        let kind_weight = match &record.signal {
+            Signal::Thumb(_) => self.options.weights.thumb,
+            Signal::Rating(_) => self.options.weights.rating,
+            Signal::Aspect { aspect, .. } => {
+                if !self.options.aspects.is_empty() && !self.options.aspects.contains(aspect) {
+                    self.stats.drop(DropReason::AspectNotTrained);
+                    return;
+                }
+                self.options.weights.aspect
+            }
+            // Step labels are votes among steps, not part of the answer's score: only the source
+            // weight applies.
+            Signal::Step { .. } => 1.0,
+        };
+        let weight = kind_weight * self.options.source_weights.of(record.source);
+        if weight <= 0.0 {
+            self.stats.drop(DropReason::ZeroWeight);
+            return;
+        }
+        let key = AnswerKey {
+            conversation_id: record.conversation_id,
+            message_id: record.message_id,
+        };
+        let pending = self.pending.entry(key).or_default();
+        let stamp = (record.updated_at, record.id);
+        let found = pending.versions.iter().position(|v| {
+            v.prompt == record.prompt
+                && v.response == record.response
+                && v.model_version == record.model_version
+        });
+        let version = match found {
+            Some(i) => {
+                if stamp > pending.versions[i].newest {
+                    pending.versions[i].newest = stamp;
+                }
+                i
+            }
+            None => {
+                pending.versions.push(Version {
+                    prompt: record.prompt,
+                    response: record.response,
+                    model_version: record.model_version,
+                    newest: stamp,
+                });
+                pending.versions.len() - 1
+            }
+        };
+        pending.votes.push(Vote {
+            version,
+            signal: record.signal,
+            weight,
+        });
+    }
+
+    /// Resolves each answer to its newest text and sums the feedback about that text.
+    pub fn finish(self) -> (Vec<Answer>, DatasetStats) {
+        let mut stats = self.stats;
+        let mut answers = Vec::with_capacity(self.pending.len());
+        for (key, pending) in self.pending {
+            let Some(winner) = (0..pending.versions.len())
+                .max_by(|&a, &b| pending.versions[a].newest.cmp(&pending.versions[b].newest))
+            else {
+                continue;
+            };
+            let mut feedback = AnswerFeedback::default();
+            for vote in &pending.votes {
+                if vote.version != winner {
+                    stats.drop(DropReason::InconsistentAnswer);
+                    continue;
+                }
+                feedback.records += 1;
+                let w = vote.weight;
+                match &vote.signal {
+                    Signal::Thumb(Thumb::Up) => feedback.thumbs_up += w,
+                    Signal::Thumb(Thumb::Down) => feedback.thumbs_down += w,
+                    Signal::Rating(r) => {
+                        feedback.rating_sum += w * scaled(*r);
+                        feedback.rating_weight += w;
+                    }
+                    Signal::Aspect { aspect, rating } => {
+                        let entry = feedback.aspects.entry(aspect.clone()).or_default();
+                        entry.0 += w * scaled(*rating);
+                        entry.1 += w;
+                    }
+                    Signal::Step { step_index, thumb } => {
+                        let entry = feedback.steps.entry(*step_index).or_default();
+                        match thumb {
+                            Thumb::Up => entry.0 += w,
+                            Thumb::Down => entry.1 += w,
+                        }
+                    }
+                }
+            }
+            stats.records_used += feedback.records;
+            let mut versions = pending.versions;
+            let version = versions.swap_remove(winner);
+            answers.push(Answer {
+                key,
+                prompt: version.prompt,
+                response: version.response.content,
+                steps: version.response.steps,
+                model_version: version.model_version,
+                feedback,
+            });
+        }
+        stats.answers = answers.len() as u64;
+        stats.conversations = answers
+            .iter()
+            .map(|a| a.key.conversation_id.as_str())
+            .collect::<BTreeSet<_>>()
+            .len() as u64;
+        stats.prompts = answers
+            .iter()
+            .map(|a| {
+                let prompt: Vec<(&str, &str)> = a
+                    .prompt
+                    .iter()
+                    .map(|m| (m.role.as_str(), m.content.as_str()))
+                    .collect();
+                (a.key.conversation_id.as_str(), prompt)
+            })
+            .collect::<BTreeSet<_>>()
+            .len() as u64;
+        (answers, stats)
+    }
+}
+
+/// Files `records` under their answers (a convenience over [`Aggregation`]).
+pub fn aggregate(
+    records: impl IntoIterator<Item = FeedbackRecord>,
+    options: &DatasetOptions,
+) -> (Vec<Answer>, DatasetStats) {
+    let mut aggregation = Aggregation::new(options);
+    for record in records {
+        aggregation.add(record);
+    }
+    aggregation.finish()
+}
+
+/// A 1–5 rating on [0, 1].
+fn scaled(rating: u8) -> f64 {
+    (f64::from(rating) - 1.0) / 4.0
+}
+
+/// Turns answers into examples; everything left out is counted in `stats.dropped`.
+pub(crate) fn examples(
+    answers: &[Answer],
+    options: &DatasetOptions,
+    stats: &mut DatasetStats,
+) -> Examples {
+    let mut out = Examples::default();
+
+    // Pairs and pointwise examples, per context. The prompt messages are part of the key: two
+    // answers in one conversation but after different turns answer different questions.
+    let mut contexts: BTreeMap<(&str, Vec<(&str, &str)>), Vec<(usize, f64, f64)>> = BTreeMap::new();
+    for (i, answer) in answers.iter().enumerate() {
+        if let Some((score, weight)) = answer.feedback.score() {
+            let prompt = answer
+                .prompt
+                .iter()
+                .map(|m| (m.role.as_str(), m.content.as_str()))
+                .collect();
+            contexts
+                .entry((answer.key.conversation_id.as_str(), prompt))
+                .or_default()
+                .push((i, score, weight));
+        }
+    }
+    for group in contexts.values() {
+        let mut paired = vec![false; group.len()];
+        for a in 0..group.len() {
+            for b in a + 1..group.len() {
+                let (ia, sa, _) = group[a];
+                let (ib, sb, _) = group[b];
+                let gap = (sa - sb).abs();
+                if gap <= 0.0 || gap + EPS < options.min_score_gap {
+                    stats.drop(DropReason::ScoreGapTooSmall);
+                    continue;
+                }
+                let (chosen, rejected) = if sa > sb {
+                    (&answers[ia], &answers[ib])
+                } else {
+                    (&answers[ib], &answers[ia])
+                };
+                out.pairs.push(PreferencePair {
+                    prompt: chosen.prompt.clone(),
+                    chosen: chosen.response.clone(),
+                    rejected: rejected.response.clone(),
+                    margin: (gap * options.margin_scale) as f32,
+                    conversation_id: chosen.key.conversation_id.clone(),
+                    chosen_id: chosen.key.message_id.clone(),
+                    rejected_id: rejected.key.message_id.clone(),
+                });
+                paired[a] = true;
+                paired[b] = true;
+            }
+        }
+        for (&(i, score, weight), paired) in group.iter().zip(paired) {
+            if paired {
+                continue;
+            }
+            let answer = &answers[i];
+            let feedback = &answer.feedback;
+            let label = feedback.thumb_label();
+            let only_thumbs = feedback.rating_weight == 0.0 && feedback.aspects.is_empty();
+            if label.is_none() && only_thumbs {
+                stats.drop(DropReason::ThumbTie);
+                continue;
+            }
+            out.pointwise.push(PointwiseExample {
+                prompt: answer.prompt.clone(),
+                completion: answer.response.clone(),
+                label,
+                target: score as f32,
+                weight: weight as f32,
+                conversation_id: answer.key.conversation_id.clone(),
+                message_id: answer.key.message_id.clone(),
+            });
+        }
+    }
+
+    for answer in answers {
+        if let Some(example) = step_example(answer, stats) {
+            out.steps.push(example);
+        }
+        let targets = answer.feedback.aspect_targets();
+        if !targets.is_empty() {
+            out.aspects.push(AspectExample {
+                prompt: answer.prompt.clone(),
+                completion: answer.response.clone(),
+                targets: targets.into_iter().map(|(a, t)| (a, t as f32)).collect(),
+                conversation_id: answer.key.conversation_id.clone(),
+                message_id: answer.key.message_id.clone(),
+            });
+        }
+    }
+    out.sort();
+    out
+}
+
+fn step_example(answer: &Answer, stats: &mut DatasetStats) -> Option<StepExample> {
+    let votes = &answer.feedback.steps;
+    if votes.is_empty() || answer.steps.is_empty() {
+        return None;
+    }
+    let mut labels = vec![None; answer.steps.len()];
+    for (&index, &(up, down)) in votes {
+        // The record validator bounds step_index by the steps of the record's own response,
+        // which is this answer's version, so this only guards against a future change.
+        let Some(slot) = labels.get_mut(index) else {
+            continue;
+        };
+        *slot = majority(up, down);
+        if slot.is_none() {
+            stats.drop(DropReason::StepTie);
+        }
+    }
+    if labels.iter().all(Option::is_none) {
+        stats.drop(DropReason::NoStepLabel);
+        return None;
+    }
+    let (completion, step_ends) = match locate_steps(&answer.response, &answer.steps) {
+        Some(ends) => (answer.response.clone(), ends),
+        None => {
+            stats.steps_rebuilt += 1;
+            let joined = answer.steps.join("\n");
+            let ends = locate_steps(&joined, &answer.steps).unwrap_or_default();
+            (joined, ends)
+        }
+    };
+    Some(StepExample {
+        prompt: answer.prompt.clone(),
+        completion,
+        steps: answer.steps.clone(),
+        step_ends,
+        labels,
+        conversation_id: answer.key.conversation_id.clone(),
+        message_id: answer.key.message_id.clone(),
+    })
+}
+
+/// Finds each step in order in `text` and returns where each ends (byte offsets), or `None` if a
+/// step is missing.
+fn locate_steps(text: &str, steps: &[String]) -> Option<Vec<usize>> {
+    let mut from = 0;
+    let mut ends = Vec::with_capacity(steps.len());
+    for step in steps {
+        let at = text[from..].find(step.as_str())? + from;
+        from = at + step.len();
+        ends.push(from);
+    }
+    Some(ends)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steps_are_located_in_order_with_byte_offsets() {
+        let text = "Kurz: CO₂ steigt. Dann fällt er.";
+        let steps = vec!["CO₂ steigt.".to_string(), "Dann fällt er.".to_string()];
+        let ends = locate_steps(text, &steps).unwrap();
+        assert_eq!(&text[..ends[0]], "Kurz: CO₂ steigt.");
+        assert_eq!(ends[1], text.len());
+        assert!(locate_steps(text, &["fällt".into(), "CO₂".into()]).is_none());
+    }
+}
