@@ -47,6 +47,15 @@ pub enum Command {
     Check(CheckArgs),
     /// Run every stage: pull, check, and (when retraining is due) the later stages.
     Run(RunArgs),
+    /// Train models.
+    #[command(subcommand)]
+    Train(TrainCommand),
+    /// Write the dataset built from the store in TRL's JSONL formats (preference, KTO, PRM).
+    Export {
+        /// Output directory.
+        #[arg(long, default_value = "out/dataset")]
+        out: PathBuf,
+    },
     /// Render the metric report of a run into `<report.dir>/<run-id>/`.
     Report(RunSelect),
     /// Open or update the run's pull request (or write it locally with --dry-run / publish.mode: local).
@@ -115,4 +124,44 @@ pub enum StoreCommand {
     },
     /// The quarantined inputs with the reason each was refused, as JSONL.
     Quarantine,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TrainCommand {
+    /// Train a reward model on the store's feedback (or on a TRL preference file).
+    Reward(TrainRewardArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TrainRewardArgs {
+    /// A local Hugging Face checkpoint (encoder or decoder, detected from config.json);
+    /// default: reward.model from the config, else a small llama trained from scratch.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Preference pairs in TRL's JSONL format instead of the store.
+    #[arg(long)]
+    pub dataset: Option<PathBuf>,
+    /// A fixed held-out set (TRL JSONL); default: a seeded split of the dataset.
+    #[arg(long)]
+    pub eval: Option<PathBuf>,
+    #[arg(long)]
+    pub epochs: Option<u32>,
+    #[arg(long)]
+    pub max_length: Option<usize>,
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Output directory; default `<store.dir>/runs/<run-id>/reward`.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Continue from the newest checkpoint in the output directory.
+    #[arg(long)]
+    pub resume: bool,
+    /// `cpu` or `cuda` (needs a binary built with `--features cuda`).
+    #[arg(long)]
+    pub device: Option<String>,
+    /// The production reward model, scored on the same eval set for comparison.
+    #[arg(long)]
+    pub production_model: Option<PathBuf>,
 }

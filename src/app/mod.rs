@@ -5,6 +5,7 @@
 mod check;
 mod output;
 pub mod pipeline;
+pub mod train_reward;
 mod pull;
 mod store_cmd;
 
@@ -50,6 +51,74 @@ pub fn load_settings(path: &Path) -> Result<Settings> {
     Ok(config::load(path)?)
 }
 
+async fn train_reward_cmd(settings: &Settings, args: crate::cli::TrainRewardArgs) -> Result<crate::train::reward_run::RewardRunSummary> {
+    let mut opts = settings.reward.clone();
+    if let Some(m) = args.model {
+        opts.model = Some(m);
+    }
+    if let Some(v) = args.epochs {
+        opts.train.epochs = v;
+    }
+    if let Some(v) = args.max_length {
+        opts.train.max_length = v;
+    }
+    if let Some(v) = args.batch_size {
+        opts.train.batch_size = v;
+    }
+    if let Some(v) = args.lr {
+        opts.train.lr = v;
+    }
+    if let Some(d) = args.device {
+        opts.device = d.parse()?;
+    }
+    opts.resume = args.resume;
+    opts.production_model = args.production_model;
+    match args.dataset {
+        Some(dataset) => {
+            opts.dataset = Some(dataset);
+            opts.eval = args.eval;
+            opts.out = args.out.unwrap_or_else(|| pipeline::run_dir(settings, &pipeline::new_run_id()).join("reward"));
+            crate::app::train_reward::train_reward(opts).await
+        }
+        None => {
+            let out = args.out.unwrap_or_else(|| pipeline::run_dir(settings, &pipeline::new_run_id()).join("reward"));
+            pipeline::train_reward_from_store(settings, out, opts).await
+        }
+    }
+}
+
+/// The stages after a positive `check`: train the reward model on the store, register it,
+/// render the report and publish the pull request. Records the training for the next `check`.
+async fn train_and_publish(settings: &Settings, config_path: &Path, dry_run: bool) -> Result<serde_json::Value> {
+    let run_id = pipeline::new_run_id();
+    let started = check::now()?;
+    let reward_dir = pipeline::run_dir(settings, &run_id).join("reward");
+    let summary = pipeline::train_reward_from_store(settings, reward_dir.clone(), settings.reward.clone())
+        .await
+        .context("stage train reward")?;
+    let base = settings.reward.model.as_ref().map_or("llama-from-scratch".to_string(), |m| m.display().to_string());
+    let registered = pipeline::register(settings, &run_id, (&base, "")).context("stage register")?;
+    let (report_dir, body, draft) = pipeline::build_report(settings, &run_id, config_path).context("stage report")?;
+    let published = pipeline::publish_run(settings, &run_id, body, draft, dry_run).await.context("stage publish")?;
+    let store = crate::feedback::Store::open(&settings.store.dir)?;
+    let previous = store.last_training()?;
+    store.set_last_training(&crate::feedback::store::LastTraining {
+        at: started,
+        watermark: store.watermark()?,
+        production_version: previous.as_ref().and_then(|p| p.production_version.clone()),
+        promoted_at: previous.and_then(|p| p.promoted_at),
+    })?;
+    Ok(serde_json::json!({
+        "run_id": run_id,
+        "reward_dir": summary.out,
+        "reward_eval": summary.metrics.eval,
+        "registered": registered.reward.map(|e| e.id),
+        "report": report_dir.join("report.md"),
+        "draft": draft,
+        "publish": published,
+    }))
+}
+
 pub async fn run(cli: Cli) -> Result<()> {
     let format = cli.format;
     match cli.command {
@@ -76,12 +145,45 @@ pub async fn run(cli: Cli) -> Result<()> {
             }
             let outcome = check(&settings, args.force).context("stage check")?;
             check::publish_to_actions(&outcome)?;
+            if format == Format::Text {
+                output::check_outcome(&outcome, format)?;
+            }
+            let stages = if outcome.retrain {
+                Some(train_and_publish(&settings, &cli.config, args.dry_run).await?)
+            } else {
+                None
+            };
             match format {
-                Format::Text => output::check_outcome(&outcome, format),
-                Format::Json => {
-                    output::json(&serde_json::json!({"pull": summary, "check": outcome}))
+                Format::Json => output::json(&serde_json::json!({"pull": summary, "check": outcome, "run": stages})),
+                Format::Text => {
+                    match &stages {
+                        Some(s) => println!(
+                            "run {}: reward model in {}, report {}, pull request: {}",
+                            s["run_id"].as_str().unwrap_or(""),
+                            s["reward_dir"].as_str().unwrap_or(""),
+                            s["report"].as_str().unwrap_or(""),
+                            s["publish"]
+                        ),
+                        None => println!("no retraining needed; nothing trained"),
+                    }
+                    Ok(())
                 }
             }
+        }
+        Command::Train(crate::cli::TrainCommand::Reward(args)) => {
+            let settings = load_settings(&cli.config)?;
+            let summary = train_reward_cmd(&settings, args).await?;
+            output::json_or_text(format, &summary, &format!(
+                "reward model written to {} (eval accuracy {:.3} on {} pairs)",
+                summary.out.display(), summary.metrics.eval.accuracy, summary.metrics.eval.n
+            ))
+        }
+        Command::Export { out } => {
+            let settings = load_settings(&cli.config)?;
+            let store = crate::feedback::Store::open(&settings.store.dir)?;
+            let dataset = crate::dataset::build_from_store(&store, &settings.dataset)?;
+            let summary = crate::dataset::export(&dataset, &out)?;
+            output::json_or_text(format, &summary, &format!("dataset written to {}", out.display()))
         }
         Command::Report(select) => {
             let settings = load_settings(&cli.config)?;

@@ -23,6 +23,34 @@ pub struct RawConfig {
     pub gates: crate::report::GateConfig,
     #[serde(default)]
     pub publish: RawPublish,
+    #[serde(default)]
+    pub dataset: RawDataset,
+    #[serde(default)]
+    pub reward: RawReward,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDataset {
+    pub eval_fraction: Option<Fraction>,
+    pub seed: Option<NonNegativeInt>,
+    /// Smallest score gap (0..1 scale) between two answers that makes a preference pair.
+    pub min_score_gap: Option<f64>,
+    /// Margin = score gap × this (TRL's `margin` column).
+    pub margin_scale: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawReward {
+    /// A local Hugging Face checkpoint (encoder or decoder); absent: a small llama from scratch.
+    pub model: Option<String>,
+    pub epochs: Option<PositiveInt>,
+    pub max_length: Option<PositiveInt>,
+    pub batch_size: Option<PositiveInt>,
+    pub lr: Option<f64>,
+    /// `cpu` or `cuda` (a binary built with `--features cuda`).
+    pub device: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

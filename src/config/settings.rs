@@ -27,6 +27,8 @@ pub struct Settings {
     pub report: ReportSettings,
     pub gates: crate::report::GateConfig,
     pub publish: PublishSettings,
+    pub dataset: crate::dataset::DatasetOptions,
+    pub reward: crate::train::reward_run::RewardTrainOptions,
     /// sha256 of the config text: lineage for the registry and reports.
     pub config_sha256: String,
 }
@@ -237,6 +239,40 @@ pub fn validate(raw: RawConfig, text: &str) -> Result<Settings, Invalid> {
         ));
     }
     let publish = validate_publish(raw.publish)?;
+    let mut dataset = crate::dataset::DatasetOptions { aspects: f.aspects.clone(), ..Default::default() };
+    if let Some(v) = raw.dataset.eval_fraction {
+        dataset.eval_fraction = v.0;
+    }
+    if let Some(v) = raw.dataset.seed {
+        dataset.seed = v.0;
+    }
+    if let Some(v) = raw.dataset.min_score_gap {
+        dataset.min_score_gap = v;
+    }
+    if let Some(v) = raw.dataset.margin_scale {
+        dataset.margin_scale = v;
+    }
+    dataset.validate().map_err(|e| Invalid::new(&format!("dataset.{}", e.option), format!("{}\nhint: {}", e.problem, e.hint)))?;
+    let mut reward = crate::train::reward_run::RewardTrainOptions { model: raw.reward.model.map(PathBuf::from), eval_fraction: dataset.eval_fraction, ..Default::default() };
+    reward.train.seed = dataset.seed;
+    if let Some(v) = raw.reward.epochs {
+        reward.train.epochs = v.0 as u32;
+    }
+    if let Some(v) = raw.reward.max_length {
+        reward.train.max_length = v.0 as usize;
+    }
+    if let Some(v) = raw.reward.batch_size {
+        reward.train.batch_size = v.0 as usize;
+    }
+    if let Some(v) = raw.reward.lr {
+        if !(v.is_finite() && v > 0.0) {
+            return Err(Invalid::new("reward.lr", format!("expected a learning rate > 0, got {v}")));
+        }
+        reward.train.lr = v;
+    }
+    if let Some(d) = raw.reward.device {
+        reward.device = d.parse().map_err(|e| Invalid::new("reward.device", format!("{e}")))?;
+    }
     let artifacts_dir = match raw.registry.artifacts.as_deref() {
         None => PathBuf::from(DEFAULT_ARTIFACTS_DIR),
         Some(uri) if uri.starts_with("file://") => PathBuf::from(&uri["file://".len()..]),
@@ -260,6 +296,8 @@ pub fn validate(raw: RawConfig, text: &str) -> Result<Settings, Invalid> {
         },
         gates: raw.gates,
         publish,
+        dataset,
+        reward,
         feedback: FeedbackSettings {
             source,
             page_size: page_size as u32,
