@@ -1,2 +1,4 @@
-//! The one integration-test binary (GUIDE §3.11): each area adds a `mod` here.
+//! The one integration-test binary (GUIDE §3.11): one module per area.
+
+mod llama;
 mod policy_model;

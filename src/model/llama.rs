@@ -1,0 +1,1029 @@
+//! Trainable llama-family decoder (Llama, SmolLM2, Qwen2) with a causal-LM head and a
+//! sequence-classification (reward) head.
+//!
+//! candle-transformers ships a Llama, but its fused kernels have no backward pass (GUIDE §4), so
+//! this one is assembled only from differentiable pieces in [`super::ops`]. Parameter names are
+//! the Hugging Face tensor names (`model.layers.3.self_attn.q_proj.weight`, `score.weight`, …):
+//! a [`VarMap`] built here reads and writes HF checkpoints without renaming, and a saved model
+//! loads back into transformers unchanged.
+//!
+//! Padding follows transformers: position ids are `cumsum(attention_mask) - 1` (so left-padded
+//! rows get the same positions as unpadded ones), padded keys are masked out, and the reward is
+//! read at the last non-pad token of each row.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::Context;
+use candle_core::{D, DType, Device, Module, Tensor};
+use candle_nn::{Embedding, Init, Linear, VarBuilder, VarMap};
+use serde::{Deserialize, Serialize};
+
+use super::checkpoint_io::{self, LoadReport};
+use super::ops;
+
+/// Key in `config.json` under which this crate records its extra reward heads. transformers
+/// keeps unknown config keys as plain attributes, so the file stays loadable there.
+pub const EXTRA_HEADS_KEY: &str = "rlhf_bot_heads";
+
+/// One token id or several (HF allows both for `eos_token_id`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TokenIds {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl TokenIds {
+    /// The ids as a list.
+    pub fn to_vec(&self) -> Vec<u32> {
+        match self {
+            TokenIds::One(id) => vec![*id],
+            TokenIds::Many(ids) => ids.clone(),
+        }
+    }
+}
+
+/// `rope_parameters` as transformers 5 writes it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RopeParameters {
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    #[serde(default)]
+    pub rope_type: Option<String>,
+    /// Scaling fields (llama3, yarn, …) that this port does not implement.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Extra heads on the reward model beyond HF's `score` head.
+///
+/// Each is its own `Linear` under its own name, so `score.weight` stays exactly what
+/// `LlamaForSequenceClassification` expects and transformers ignores the extras.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ExtraHeads {
+    /// Named per-aspect rating heads (`aspect_heads.<name>.weight/bias`), read at the same token
+    /// as the reward.
+    #[serde(default)]
+    pub aspects: Vec<String>,
+    /// A per-token head (`step_head.weight/bias`) whose outputs the caller reads at the
+    /// positions where reasoning steps end.
+    #[serde(default)]
+    pub step_head: bool,
+}
+
+/// A llama-family `config.json`. Unknown fields are kept in `extra` and written back on save.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LlamaConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_dim: Option<usize>,
+    #[serde(default = "default_rms_norm_eps")]
+    pub rms_norm_eps: f64,
+    /// transformers 4 writes the RoPE base here; transformers 5 under `rope_parameters`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_theta: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_parameters: Option<RopeParameters>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<serde_json::Value>,
+    pub vocab_size: usize,
+    #[serde(default = "default_max_positions")]
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub mlp_bias: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hidden_act: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pad_token_id: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bos_token_id: Option<TokenIds>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eos_token_id: Option<TokenIds>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_labels: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id2label: Option<BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label2id: Option<BTreeMap<String, u32>>,
+    #[serde(default = "default_init_range")]
+    pub initializer_range: f64,
+    #[serde(
+        rename = "rlhf_bot_heads",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub extra_heads: Option<ExtraHeads>,
+    /// Every other field of the file (architectures, dtype, transformers_version, …).
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+fn default_rms_norm_eps() -> f64 {
+    1e-6
+}
+fn default_max_positions() -> usize {
+    2048
+}
+fn default_init_range() -> f64 {
+    0.02
+}
+
+/// Why a config cannot be used by this port.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")]
+    KvHeads { heads: usize, kv: usize },
+    #[error("head_dim {0} must be even for rotary embeddings")]
+    OddHeadDim(usize),
+    #[error("hidden_act {0:?} is not supported\nhint: this port implements SwiGLU with silu only")]
+    Activation(String),
+    #[error(
+        "RoPE type {0:?} is not supported\nhint: only the default rotary embedding is implemented"
+    )]
+    RopeType(String),
+    #[error("{field} must be positive, got 0")]
+    Zero { field: &'static str },
+}
+
+impl LlamaConfig {
+    /// Parses and validates a `config.json` body.
+    pub fn from_json_str(text: &str) -> anyhow::Result<Self> {
+        let de = &mut serde_json::Deserializer::from_str(text);
+        let cfg: LlamaConfig = serde_path_to_error::deserialize(de)
+            .context("config.json does not describe a llama-family model")?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Reads `dir/config.json`.
+    pub fn from_dir(dir: &Path) -> anyhow::Result<Self> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        Self::from_json_str(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+
+    /// A fresh config (random-init models in tests and benches).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        vocab_size: usize,
+        hidden_size: usize,
+        intermediate_size: usize,
+        num_hidden_layers: usize,
+        num_attention_heads: usize,
+        num_key_value_heads: usize,
+        tie_word_embeddings: bool,
+    ) -> Self {
+        let mut extra = serde_json::Map::new();
+        extra.insert("dtype".into(), "float32".into());
+        Self {
+            hidden_size,
+            intermediate_size,
+            num_hidden_layers,
+            num_attention_heads,
+            num_key_value_heads: Some(num_key_value_heads),
+            head_dim: None,
+            rms_norm_eps: 1e-5,
+            rope_theta: Some(10_000.0),
+            rope_parameters: Some(RopeParameters {
+                rope_theta: Some(10_000.0),
+                rope_type: Some("default".into()),
+                extra: serde_json::Map::new(),
+            }),
+            rope_scaling: None,
+            vocab_size,
+            max_position_embeddings: 2048,
+            tie_word_embeddings,
+            attention_bias: false,
+            mlp_bias: false,
+            hidden_act: Some("silu".into()),
+            model_type: Some("llama".into()),
+            pad_token_id: None,
+            bos_token_id: None,
+            eos_token_id: None,
+            num_labels: None,
+            id2label: None,
+            label2id: None,
+            initializer_range: 0.02,
+            extra_heads: None,
+            extra,
+        }
+    }
+
+    /// Checks the fields this port depends on.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (field, v) in [
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_attention_heads", self.num_attention_heads),
+            ("vocab_size", self.vocab_size),
+            ("num_key_value_heads", self.num_kv_heads()),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::Zero { field });
+            }
+        }
+        if self.num_attention_heads % self.num_kv_heads() != 0 {
+            return Err(ConfigError::KvHeads {
+                heads: self.num_attention_heads,
+                kv: self.num_kv_heads(),
+            });
+        }
+        if self.head_dim() % 2 != 0 || self.head_dim() == 0 {
+            return Err(ConfigError::OddHeadDim(self.head_dim()));
+        }
+        if let Some(act) = &self.hidden_act
+            && act != "silu"
+            && act != "swish"
+        {
+            return Err(ConfigError::Activation(act.clone()));
+        }
+        let rope_type = self
+            .rope_parameters
+            .as_ref()
+            .and_then(|r| r.rope_type.clone())
+            .or_else(|| {
+                self.rope_scaling.as_ref().and_then(|v| {
+                    v.get("rope_type")
+                        .or_else(|| v.get("type"))
+                        .and_then(|t| t.as_str().map(str::to_owned))
+                })
+            });
+        if let Some(t) = rope_type
+            && t != "default"
+        {
+            return Err(ConfigError::RopeType(t));
+        }
+        Ok(())
+    }
+
+    pub fn num_kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// RoPE base: `rope_parameters.rope_theta`, else `rope_theta`, else 10000 (HF's default).
+    pub fn rope_theta(&self) -> f64 {
+        self.rope_parameters
+            .as_ref()
+            .and_then(|r| r.rope_theta)
+            .or(self.rope_theta)
+            .unwrap_or(10_000.0)
+    }
+
+    /// Qwen2 always has q/k/v biases (its config has no `attention_bias` key) and no o_proj bias.
+    fn is_qwen2(&self) -> bool {
+        self.model_type.as_deref() == Some("qwen2")
+    }
+
+    fn qkv_bias(&self) -> bool {
+        self.attention_bias || self.is_qwen2()
+    }
+
+    fn o_bias(&self) -> bool {
+        self.attention_bias && !self.is_qwen2()
+    }
+
+    /// Number of outputs of the `score` head: `num_labels`, else the size of `id2label`, else 2
+    /// (transformers' `PretrainedConfig` default). Reward models set 1 via [`Self::set_num_labels`].
+    pub fn num_labels(&self) -> usize {
+        self.num_labels
+            .or_else(|| self.id2label.as_ref().map(BTreeMap::len))
+            .unwrap_or(2)
+    }
+
+    /// Sets the label count the way transformers serialises it (`id2label` / `label2id`).
+    pub fn set_num_labels(&mut self, n: usize) {
+        self.num_labels = None;
+        self.id2label = Some(
+            (0..n)
+                .map(|i| (i.to_string(), format!("LABEL_{i}")))
+                .collect(),
+        );
+        self.label2id = Some((0..n).map(|i| (format!("LABEL_{i}"), i as u32)).collect());
+    }
+
+    /// The end-of-sequence ids (possibly several).
+    pub fn eos_token_ids(&self) -> Vec<u32> {
+        self.eos_token_id
+            .as_ref()
+            .map(TokenIds::to_vec)
+            .unwrap_or_default()
+    }
+
+    /// Writes `dir/config.json` naming the given architecture.
+    pub fn save(&self, dir: &Path, architecture: &str) -> anyhow::Result<()> {
+        let mut cfg = self.clone();
+        cfg.extra.insert(
+            "architectures".into(),
+            serde_json::Value::Array(vec![architecture.into()]),
+        );
+        let text = serde_json::to_string_pretty(&cfg).context("serialising config.json")?;
+        let path = dir.join("config.json");
+        std::fs::write(&path, text + "\n").with_context(|| format!("writing {}", path.display()))
+    }
+}
+
+/// A weight initialised like transformers' `_init_weights` (normal, std `initializer_range`).
+fn weight_init(cfg: &LlamaConfig) -> Init {
+    Init::Randn {
+        mean: 0.0,
+        stdev: cfg.initializer_range,
+    }
+}
+
+fn linear(
+    in_dim: usize,
+    out_dim: usize,
+    bias: bool,
+    cfg: &LlamaConfig,
+    vb: VarBuilder,
+) -> candle_core::Result<Linear> {
+    let w = vb.get_with_hints((out_dim, in_dim), "weight", weight_init(cfg))?;
+    let b = if bias {
+        Some(vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?)
+    } else {
+        None
+    };
+    Ok(Linear::new(w, b))
+}
+
+/// RMSNorm with its HF weight name (`<prefix>.weight`).
+#[derive(Debug, Clone)]
+struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn new(size: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<Self> {
+        let weight = vb.get_with_hints(size, "weight", Init::Const(1.0))?;
+        Ok(Self { weight, eps })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        ops::rms_norm(x, &self.weight, self.eps)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn new(cfg: &LlamaConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let (h, i, b) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
+        Ok(Self {
+            gate_proj: linear(h, i, b, cfg, vb.pp("gate_proj"))?,
+            up_proj: linear(h, i, b, cfg, vb.pp("up_proj"))?,
+            down_proj: linear(i, h, b, cfg, vb.pp("down_proj"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let gate = self.gate_proj.forward(x)?.silu()?;
+        let up = self.up_proj.forward(x)?;
+        self.down_proj.forward(&(gate * up)?)
+    }
+}
+
+/// What every attention layer of one forward pass shares: rotary tables for the query
+/// positions and the additive mask.
+///
+/// With a KV cache, `bias` covers `past + current` keys and `cos`/`sin` only the current
+/// queries; [`LlamaModel::forward_with_offset`] builds it that way.
+#[derive(Debug, Clone)]
+pub struct AttentionContext {
+    /// `[batch, 1, q_len, head_dim]`.
+    pub cos: Tensor,
+    /// `[batch, 1, q_len, head_dim]`.
+    pub sin: Tensor,
+    /// `[batch, 1, q_len, k_len]`, 0 or [`ops::MASK_VALUE`].
+    pub bias: Tensor,
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    n_heads: usize,
+    n_kv: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn new(cfg: &LlamaConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim());
+        let (nh, nkv) = (cfg.num_attention_heads, cfg.num_kv_heads());
+        Ok(Self {
+            q_proj: linear(h, nh * hd, cfg.qkv_bias(), cfg, vb.pp("q_proj"))?,
+            k_proj: linear(h, nkv * hd, cfg.qkv_bias(), cfg, vb.pp("k_proj"))?,
+            v_proj: linear(h, nkv * hd, cfg.qkv_bias(), cfg, vb.pp("v_proj"))?,
+            o_proj: linear(nh * hd, h, cfg.o_bias(), cfg, vb.pp("o_proj"))?,
+            n_heads: nh,
+            n_kv: nkv,
+            head_dim: hd,
+        })
+    }
+
+    /// Projects `x` to `(q, k, v)`, each `[batch, heads, seq, head_dim]`, RoPE applied to q, k.
+    /// A KV cache would append `k`, `v` here before [`Self::attend`].
+    fn qkv(
+        &self,
+        x: &Tensor,
+        ctx: &AttentionContext,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let (b, t, _) = x.dims3()?;
+        let split = |y: Tensor, heads: usize| -> candle_core::Result<Tensor> {
+            y.reshape((b, t, heads, self.head_dim))?.transpose(1, 2)
+        };
+        let q = split(self.q_proj.forward(x)?, self.n_heads)?;
+        let k = split(self.k_proj.forward(x)?, self.n_kv)?;
+        let v = split(self.v_proj.forward(x)?, self.n_kv)?.contiguous()?;
+        let q = ops::apply_rope(&q, &ctx.cos, &ctx.sin)?;
+        let k = ops::apply_rope(&k, &ctx.cos, &ctx.sin)?;
+        Ok((q, k, v))
+    }
+
+    /// Scaled dot-product attention with grouped KV heads.
+    ///
+    /// Query heads that share a KV head are stacked along the sequence axis
+    /// (`[b, kv, rep·t, d]`), so K and V are used as they are instead of being repeated
+    /// `rep` times; head `h` reads KV head `h / rep`, as transformers' `repeat_kv` does.
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        bias: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let (b, _, tq, d) = q.dims4()?;
+        let tk = k.dim(2)?;
+        let rep = self.n_heads / self.n_kv;
+        let scale = 1.0 / (d as f64).sqrt();
+        let q = (q * scale)?.reshape((b, self.n_kv, rep * tq, d))?;
+        let scores = q.matmul(&k.t()?)?.reshape((b, self.n_heads, tq, tk))?;
+        let probs = candle_nn::ops::softmax(&scores.broadcast_add(bias)?, D::Minus1)?;
+        let out = probs
+            .reshape((b, self.n_kv, rep * tq, tk))?
+            .matmul(v)?
+            .reshape((b, self.n_heads, tq, d))?;
+        out.transpose(1, 2)?.reshape((b, tq, self.n_heads * d))
+    }
+
+    fn forward(&self, x: &Tensor, ctx: &AttentionContext) -> candle_core::Result<Tensor> {
+        let (q, k, v) = self.qkv(x, ctx)?;
+        let out = self.attend(&q, &k, &v, &ctx.bias)?;
+        self.o_proj.forward(&out)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl DecoderLayer {
+    fn new(cfg: &LlamaConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        Ok(Self {
+            input_layernorm: RmsNorm::new(
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+                vb.pp("input_layernorm"),
+            )?,
+            self_attn: Attention::new(cfg, vb.pp("self_attn"))?,
+            post_attention_layernorm: RmsNorm::new(
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+                vb.pp("post_attention_layernorm"),
+            )?,
+            mlp: Mlp::new(cfg, vb.pp("mlp"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, ctx: &AttentionContext) -> candle_core::Result<Tensor> {
+        let h = (x + self
+            .self_attn
+            .forward(&self.input_layernorm.forward(x)?, ctx)?)?;
+        &h + self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&h)?)?
+    }
+}
+
+/// Converts a `[batch, seq]` integer tensor (u8/u32/i64/f32…) to host rows.
+fn mask_rows(mask: &Tensor) -> candle_core::Result<Vec<Vec<u32>>> {
+    mask.to_dtype(DType::U32)?.to_vec2::<u32>()
+}
+
+/// The decoder body (`model.*` in HF checkpoints): embeddings, layers, final norm.
+#[derive(Debug, Clone)]
+pub struct LlamaModel {
+    embed_tokens: Embedding,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    inv_freq: Vec<f64>,
+    cfg: LlamaConfig,
+}
+
+impl LlamaModel {
+    /// Builds the body under `vb` (which should be prefixed `model`).
+    pub fn new(cfg: &LlamaConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let emb = vb.pp("embed_tokens").get_with_hints(
+            (cfg.vocab_size, cfg.hidden_size),
+            "weight",
+            weight_init(cfg),
+        )?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| DecoderLayer::new(cfg, vb.pp(format!("layers.{i}"))))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self {
+            embed_tokens: Embedding::new(emb, cfg.hidden_size),
+            layers,
+            norm: RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("norm"))?,
+            inv_freq: ops::rope_inv_freq(cfg.head_dim(), cfg.rope_theta()),
+            cfg: cfg.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    /// The token embedding matrix `[vocab, hidden]` (the LM head when tied).
+    pub fn embed_weight(&self) -> &Tensor {
+        self.embed_tokens.embeddings()
+    }
+
+    /// Rotary tables and attention mask for `q_len` new tokens after `offset` cached ones.
+    /// `mask` rows span `offset + q_len` columns.
+    pub fn attention_context(
+        &self,
+        mask: &[Vec<u32>],
+        offset: usize,
+        device: &Device,
+    ) -> candle_core::Result<AttentionContext> {
+        let k_len = mask.first().map_or(0, Vec::len);
+        if k_len < offset {
+            candle_core::bail!("attention mask has {k_len} columns, fewer than offset {offset}");
+        }
+        let positions = ops::positions_from_mask(mask, offset);
+        let (cos, sin) = ops::rope_tables(&positions, &self.inv_freq, device)?;
+        let bias = ops::attention_bias(mask, k_len - offset, device)?;
+        Ok(AttentionContext { cos, sin, bias })
+    }
+
+    /// Final hidden states `[batch, seq, hidden]` for `input_ids` `[batch, seq]`.
+    /// `attention_mask` (same shape, 1 = token, 0 = padding) defaults to all ones.
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        self.forward_with_offset(input_ids, attention_mask, 0)
+    }
+
+    /// Like [`Self::forward`] for tokens that follow `offset` earlier ones. The attention mask
+    /// then spans `offset + seq` columns. Without a KV cache (not implemented yet) only
+    /// `offset == 0` has keys to attend to; the argument exists so cached generation can reuse
+    /// the position and mask logic unchanged.
+    pub fn forward_with_offset(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        offset: usize,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let mask = match attention_mask {
+            Some(m) => {
+                let rows = mask_rows(m)?;
+                if rows.len() != b || rows.first().map_or(0, Vec::len) != offset + t {
+                    candle_core::bail!(
+                        "attention mask {:?} does not match input ids {:?} with offset {offset}",
+                        m.shape(),
+                        input_ids.shape()
+                    );
+                }
+                rows
+            }
+            None => vec![vec![1u32; offset + t]; b],
+        };
+        if offset != 0 {
+            candle_core::bail!(
+                "position offset {offset} needs a KV cache, which is not implemented"
+            );
+        }
+        let ctx = self.attention_context(&mask, offset, input_ids.device())?;
+        let mut x = self.embed_tokens.forward(input_ids)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, &ctx)?;
+        }
+        self.norm.forward(&x)
+    }
+}
+
+/// `LlamaForCausalLM`: the body plus an LM head (`lm_head.weight`, or the embeddings when
+/// `tie_word_embeddings`).
+#[derive(Debug, Clone)]
+pub struct LlamaForCausalLM {
+    model: LlamaModel,
+    lm_head: Tensor,
+}
+
+/// Rows of the LM head processed together by the fused log-prob op: 256 × 49152 floats is
+/// 50 MB, big enough for full-speed matmuls, small enough to stay in the last-level cache's
+/// neighbourhood instead of the multi-GB `[tokens, vocab]` buffers.
+pub const LOGPROB_CHUNK: usize = 256;
+
+impl LlamaForCausalLM {
+    /// Builds the model under the root `vb` (HF names).
+    pub fn new(cfg: &LlamaConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let model = LlamaModel::new(cfg, vb.pp("model"))?;
+        let lm_head = if cfg.tie_word_embeddings {
+            model.embed_weight().clone()
+        } else {
+            vb.pp("lm_head").get_with_hints(
+                (cfg.vocab_size, cfg.hidden_size),
+                "weight",
+                weight_init(cfg),
+            )?
+        };
+        Ok(Self { model, lm_head })
+    }
+
+    pub fn model(&self) -> &LlamaModel {
+        &self.model
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.model.cfg
+    }
+
+    /// The LM head weight `[vocab, hidden]`.
+    pub fn lm_head_weight(&self) -> &Tensor {
+        &self.lm_head
+    }
+
+    /// Full logits `[batch, seq, vocab]`. For training on log-probs use
+    /// [`Self::token_logprobs`], which never materialises this tensor.
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let h = self.model.forward(input_ids, attention_mask)?;
+        let (b, t, d) = h.dims3()?;
+        h.reshape((b * t, d))?
+            .matmul(&self.lm_head.t()?)?
+            .reshape((b, t, ()))
+    }
+
+    /// Per-token log-probabilities `[batch, seq]`: entry `(i, t)` is
+    /// `log p(input_ids[i, t] | input_ids[i, <t])` where `target_mask[i, t] == 1` and `t ≥ 1`,
+    /// and 0 elsewhere. `target_mask` is TRL's `completion_mask` convention (it marks the
+    /// predicted token, not the predicting position).
+    ///
+    /// Only the selected positions go through the LM head, through a fused
+    /// log-softmax-and-gather op that keeps at most [`LOGPROB_CHUNK`] × vocab logits alive.
+    pub fn token_logprobs(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        target_mask: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let hidden = self.model.forward(input_ids, attention_mask)?;
+        self.token_logprobs_from_hidden(&hidden, input_ids, target_mask)
+            .map(|flat| flat.reshape((b, t)))?
+    }
+
+    /// [`Self::token_logprobs`] from precomputed final hidden states; returns `[batch·seq]`.
+    pub fn token_logprobs_from_hidden(
+        &self,
+        hidden: &Tensor,
+        input_ids: &Tensor,
+        target_mask: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t, d) = hidden.dims3()?;
+        let ids = input_ids.to_dtype(DType::U32)?.to_vec2::<u32>()?;
+        let sel = mask_rows(target_mask)?;
+        if sel.len() != b || sel.iter().any(|r| r.len() != t) || ids.len() != b {
+            candle_core::bail!(
+                "target mask {:?} does not match input ids {:?}",
+                target_mask.shape(),
+                input_ids.shape()
+            );
+        }
+        // Position (i, p) predicts token (i, p + 1).
+        let mut src_rows = Vec::new();
+        let mut dst_rows = Vec::new();
+        let mut targets = Vec::new();
+        for i in 0..b {
+            for p in 1..t {
+                if sel[i][p] != 0 {
+                    src_rows.push((i * t + p - 1) as u32);
+                    dst_rows.push((i * t + p) as u32);
+                    targets.push(ids[i][p]);
+                }
+            }
+        }
+        let dev = hidden.device();
+        let zeros = Tensor::zeros(b * t, DType::F32, dev)?;
+        if targets.is_empty() {
+            return Ok(zeros);
+        }
+        let src = Tensor::from_vec(src_rows, targets.len(), dev)?;
+        let dst = Tensor::from_vec(dst_rows, targets.len(), dev)?;
+        let picked = hidden.reshape((b * t, d))?.index_select(&src, 0)?;
+        let logp = ops::lm_head_logprobs(&picked, &self.lm_head, &targets, LOGPROB_CHUNK)?;
+        zeros.index_add(&dst, &logp, 0)
+    }
+
+    /// Sum of [`Self::token_logprobs`] per row: the sequence log-probability of the tokens
+    /// selected by `target_mask` (DPO's `logps`). Returns `[batch]`.
+    pub fn sequence_logprobs(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        target_mask: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        self.token_logprobs(input_ids, attention_mask, target_mask)?
+            .sum(D::Minus1)
+    }
+}
+
+/// Outputs of [`LlamaForSequenceClassification::forward`].
+#[derive(Debug, Clone)]
+pub struct ClassifierOutput {
+    /// `score` head at the pooled token: `[batch, num_labels]` (the reward when 1 label).
+    pub logits: Tensor,
+    /// Aspect heads at the pooled token: `[batch, n_aspects]`, in [`ExtraHeads::aspects`] order.
+    pub aspects: Option<Tensor>,
+    /// Step head at every token: `[batch, seq]`; read it at the positions where steps end.
+    pub step_logits: Option<Tensor>,
+    /// Index of the pooled (last non-pad) token of each row.
+    pub pooled_index: Vec<usize>,
+}
+
+/// `LlamaForSequenceClassification`: the body plus a bias-free `score` head read at the last
+/// non-pad token, and optional extra heads ([`ExtraHeads`]).
+#[derive(Debug, Clone)]
+pub struct LlamaForSequenceClassification {
+    model: LlamaModel,
+    score: Linear,
+    aspect_heads: Vec<(String, Linear)>,
+    step_head: Option<Linear>,
+}
+
+impl LlamaForSequenceClassification {
+    /// Builds the model under the root `vb` with `cfg.num_labels()` outputs and the extra heads
+    /// named in `cfg.extra_heads`.
+    pub fn new(cfg: &LlamaConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let model = LlamaModel::new(cfg, vb.pp("model"))?;
+        let h = cfg.hidden_size;
+        let score = linear(h, cfg.num_labels(), false, cfg, vb.pp("score"))?;
+        let heads = cfg.extra_heads.clone().unwrap_or_default();
+        let aspect_heads = heads
+            .aspects
+            .iter()
+            .map(|name| {
+                linear(h, 1, true, cfg, vb.pp("aspect_heads").pp(name)).map(|l| (name.clone(), l))
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let step_head = if heads.step_head {
+            Some(linear(h, 1, true, cfg, vb.pp("step_head"))?)
+        } else {
+            None
+        };
+        Ok(Self {
+            model,
+            score,
+            aspect_heads,
+            step_head,
+        })
+    }
+
+    pub fn model(&self) -> &LlamaModel {
+        &self.model
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.model.cfg
+    }
+
+    /// Names of the aspect heads, in output column order.
+    pub fn aspect_names(&self) -> Vec<&str> {
+        self.aspect_heads.iter().map(|(n, _)| n.as_str()).collect()
+    }
+
+    /// Runs the model; the score and aspect heads read the last non-pad token of each row.
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+    ) -> candle_core::Result<ClassifierOutput> {
+        let (b, t) = input_ids.dims2()?;
+        let hidden = self.model.forward(input_ids, attention_mask)?;
+        let ids = input_ids.to_dtype(DType::U32)?.to_vec2::<u32>()?;
+        let mask = attention_mask.map(mask_rows).transpose()?;
+        let pooled_index = pooled_positions(&ids, mask.as_deref(), self.model.cfg.pad_token_id);
+        let flat_idx: Vec<u32> = pooled_index
+            .iter()
+            .enumerate()
+            .map(|(i, &p)| (i * t + p) as u32)
+            .collect();
+        let d = hidden.dim(2)?;
+        let idx = Tensor::from_vec(flat_idx, b, hidden.device())?;
+        let pooled = hidden.reshape((b * t, d))?.index_select(&idx, 0)?;
+        let logits = self.score.forward(&pooled)?;
+        let aspects = if self.aspect_heads.is_empty() {
+            None
+        } else {
+            let cols = self
+                .aspect_heads
+                .iter()
+                .map(|(_, l)| l.forward(&pooled))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Some(Tensor::cat(&cols, 1)?)
+        };
+        let step_logits = match &self.step_head {
+            Some(l) => Some(l.forward(&hidden)?.squeeze(2)?),
+            None => None,
+        };
+        Ok(ClassifierOutput {
+            logits,
+            aspects,
+            step_logits,
+            pooled_index,
+        })
+    }
+}
+
+/// The token each row's reward is read at.
+///
+/// With a pad id, transformers takes the rightmost token whose id is not the pad id (so when
+/// pad = eos, a trailing eos is skipped, and an all-pad row reads position 0). Without one, the
+/// last attended position (or the last column when there is no mask).
+pub fn pooled_positions(
+    ids: &[Vec<u32>],
+    mask: Option<&[Vec<u32>]>,
+    pad: Option<u32>,
+) -> Vec<usize> {
+    ids.iter()
+        .enumerate()
+        .map(|(i, row)| match pad {
+            Some(pad) => row.iter().rposition(|&x| x != pad).unwrap_or(0),
+            None => match mask.and_then(|m| m.get(i)) {
+                Some(m) => m.iter().rposition(|&x| x != 0).unwrap_or(0),
+                None => row.len().saturating_sub(1),
+            },
+        })
+        .collect()
+}
+
+/// A model with its trainable weights and config, as loaded from (or saved to) a directory.
+pub struct Pretrained<M> {
+    pub model: M,
+    pub varmap: VarMap,
+    pub config: LlamaConfig,
+    /// Which tensors came from the file and which were freshly initialised.
+    pub report: LoadReport,
+}
+
+impl<M: std::fmt::Debug> std::fmt::Debug for Pretrained<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pretrained")
+            .field("model", &self.model)
+            .field("config", &self.config)
+            .field("report", &self.report)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Heads that may be absent from a checkpoint: they are initialised instead (a reward model
+/// started from a causal-LM checkpoint, new aspect heads). Everything else must be present.
+fn optional_head(name: &str) -> bool {
+    name.starts_with("score.")
+        || name.starts_with("aspect_heads.")
+        || name.starts_with("step_head.")
+}
+
+fn build_and_load<M>(
+    dir: &Path,
+    cfg: LlamaConfig,
+    device: &Device,
+    build: impl FnOnce(&LlamaConfig, VarBuilder) -> candle_core::Result<M>,
+) -> anyhow::Result<Pretrained<M>> {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+    let model = build(&cfg, vb).context("building the model")?;
+    let tensors = checkpoint_io::read_dir_tensors(dir, device)?;
+    let report = checkpoint_io::load_into_varmap(&varmap, &tensors, optional_head)
+        .with_context(|| format!("loading weights from {}", dir.display()))?;
+    tracing::debug!(dir = %dir.display(), loaded = report.loaded.len(), initialised = ?report.initialised, "loaded checkpoint");
+    Ok(Pretrained {
+        model,
+        varmap,
+        config: cfg,
+        report,
+    })
+}
+
+impl LlamaForCausalLM {
+    /// Loads `dir/config.json` and `dir/model.safetensors` (or a sharded index) as trainable
+    /// f32 variables.
+    pub fn load(dir: &Path, device: &Device) -> anyhow::Result<Pretrained<Self>> {
+        let cfg = LlamaConfig::from_dir(dir)?;
+        build_and_load(dir, cfg, device, Self::new)
+    }
+
+    /// A randomly initialised model (HF's init: normal(0, initializer_range), norms at 1).
+    pub fn random(cfg: &LlamaConfig, device: &Device) -> anyhow::Result<(Self, VarMap)> {
+        cfg.validate()?;
+        let varmap = VarMap::new();
+        let model = Self::new(cfg, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
+        Ok((model, varmap))
+    }
+}
+
+impl LlamaForSequenceClassification {
+    /// Loads a reward model from `dir`. `num_labels` and `heads` override the config (use them
+    /// to start a reward model from a causal-LM checkpoint: the heads are then initialised).
+    pub fn load(
+        dir: &Path,
+        num_labels: Option<usize>,
+        heads: Option<ExtraHeads>,
+        device: &Device,
+    ) -> anyhow::Result<Pretrained<Self>> {
+        let mut cfg = LlamaConfig::from_dir(dir)?;
+        if let Some(n) = num_labels {
+            cfg.set_num_labels(n);
+        }
+        if heads.is_some() {
+            cfg.extra_heads = heads;
+        }
+        build_and_load(dir, cfg, device, Self::new)
+    }
+
+    /// A randomly initialised model.
+    pub fn random(cfg: &LlamaConfig, device: &Device) -> anyhow::Result<(Self, VarMap)> {
+        cfg.validate()?;
+        let varmap = VarMap::new();
+        let model = Self::new(cfg, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
+        Ok((model, varmap))
+    }
+}
+
+/// Which HF class a saved directory is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    CausalLm,
+    SequenceClassification,
+}
+
+impl Architecture {
+    fn class_name(self, cfg: &LlamaConfig) -> String {
+        let family = if cfg.is_qwen2() { "Qwen2" } else { "Llama" };
+        match self {
+            Architecture::CausalLm => format!("{family}ForCausalLM"),
+            Architecture::SequenceClassification => format!("{family}ForSequenceClassification"),
+        }
+    }
+}
+
+/// Writes `dir/config.json` and `dir/model.safetensors` in the layout transformers'
+/// `from_pretrained` reads. Tied LM heads are not written (the variable does not exist).
+pub fn save_pretrained(
+    dir: &Path,
+    cfg: &LlamaConfig,
+    varmap: &VarMap,
+    arch: Architecture,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    cfg.save(dir, &arch.class_name(cfg))?;
+    checkpoint_io::save_varmap(varmap, &dir.join("model.safetensors"))
+}
