@@ -12,12 +12,13 @@
 use anyhow::{Context, Result};
 use candle_core::{D, Device, IndexOp, Tensor};
 
+use crate::model::llama::{LayerKv, LlamaForCausalLM};
 use crate::model::sampling::{Sampler, SamplingParams, token_logprob};
 
 /// Per-layer key/value tensors (`[batch, kv_heads, seq, head_dim]`), filled by the decoder.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
-    pub layers: Vec<Option<(Tensor, Tensor)>>,
+    pub layers: Vec<LayerKv>,
 }
 
 impl KvCache {
@@ -257,4 +258,35 @@ pub fn last_position_logits(hidden: &Tensor, lm_head: &Tensor) -> Result<Tensor>
 /// `log_softmax` over the last dimension, for callers that score whole sequences.
 pub fn log_softmax_last(logits: &Tensor) -> Result<Tensor> {
     Ok(candle_nn::ops::log_softmax(logits, D::Minus1)?)
+}
+
+impl CausalLm for LlamaForCausalLM {
+    fn num_layers(&self) -> usize {
+        self.config().num_hidden_layers
+    }
+
+    fn device(&self) -> &Device {
+        self.lm_head_weight().device()
+    }
+
+    fn last_logits_cached(
+        &self,
+        input_ids: &Tensor,
+        mask: &[Vec<u32>],
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let hidden = self
+            .model()
+            .forward_cached(input_ids, mask, &mut cache.layers)?;
+        last_position_logits(&hidden, self.lm_head_weight())
+    }
+
+    fn last_logits_full(&self, input_ids: &Tensor, mask: &[Vec<u32>]) -> Result<Tensor> {
+        let b = mask.len();
+        let t = mask.first().map_or(0, Vec::len);
+        let flat: Vec<u32> = mask.iter().flatten().copied().collect();
+        let mask = Tensor::from_vec(flat, (b, t), input_ids.device())?;
+        let hidden = self.model().forward(input_ids, Some(&mask))?;
+        last_position_logits(&hidden, self.lm_head_weight())
+    }
 }

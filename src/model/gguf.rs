@@ -230,6 +230,25 @@ impl GgufLlama {
         })
     }
 
+    /// The decoder with these weights (f32, on `device`), through the same `config.json`
+    /// that [`Self::save_hf_dir`] writes.
+    pub fn causal_lm(&self, device: &Device) -> Result<crate::model::llama::LlamaForCausalLM> {
+        let cfg = self.llama_config()?;
+        let tensors: std::collections::HashMap<String, Tensor> = self
+            .tensors
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), v.to_device(device)?)))
+            .collect::<candle_core::Result<_>>()?;
+        let vb = candle_nn::VarBuilder::from_tensors(tensors, candle_core::DType::F32, device);
+        crate::model::llama::LlamaForCausalLM::new(&cfg, vb)
+            .context("building the llama decoder from GGUF weights")
+    }
+
+    /// The decoder config parsed from [`GgufLlamaConfig::to_hf_json`].
+    pub fn llama_config(&self) -> Result<crate::model::llama::LlamaConfig> {
+        crate::model::llama::LlamaConfig::from_json_str(&self.config.to_hf_json().to_string())
+    }
+
     /// The rebuilt tokenizer, ready to encode.
     pub fn tokenizer(&self) -> Result<tokenizers::Tokenizer> {
         let text = serde_json::to_string(&self.tokenizer_json)?;

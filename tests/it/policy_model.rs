@@ -484,3 +484,279 @@ fn sampler_is_seeded_and_respects_top_k() {
     let mut g = Sampler::new(SamplingParams::greedy(), 0).unwrap();
     assert_eq!(g.sample(&logits).unwrap(), top5[0]);
 }
+
+// ---------------------------------------------------------------- generation
+
+use rlhf_bot::model::generate::{self, CausalLm, GenerationConfig, KvCache};
+use rlhf_bot::model::llama::LlamaForCausalLM;
+use rlhf_bot::model::lora::{self, LoraConfig, LoraInit};
+
+fn tiny_policy() -> LlamaForCausalLM {
+    lora::load_frozen_causal_lm(&tiny_policy_dir(), &Device::Cpu).unwrap()
+}
+
+/// Prompts of different lengths so the batch is left-padded.
+fn tiny_prompts() -> Vec<Vec<u32>> {
+    vec![
+        vec![1, 4093, 198, 1780, 314, 260, 3575],
+        vec![1, 520, 9531],
+        vec![1, 4093, 198, 2, 198],
+    ]
+}
+
+#[test]
+fn kv_cache_generation_equals_full_recomputation() {
+    let model = tiny_policy();
+    let mut cfg = GenerationConfig::greedy(10, vec![], 2);
+    let cached = generate::generate(&model, &tiny_prompts(), &cfg).unwrap();
+    cfg.use_cache = false;
+    let full = generate::generate(&model, &tiny_prompts(), &cfg).unwrap();
+    assert_eq!(cached.tokens, full.tokens);
+    assert!(cached.tokens.iter().all(|t| t.len() == 10));
+    for (a, b) in cached.logprobs.iter().flatten().zip(full.logprobs.iter().flatten()) {
+        assert!((a - b).abs() < 1e-4, "logprob {a} vs {b}");
+    }
+    // The cached step logits themselves, not only their argmax.
+    let prompts = tiny_prompts();
+    let mut mask: Vec<Vec<u32>> = Vec::new();
+    let mut ids: Vec<Vec<u32>> = Vec::new();
+    let width = prompts.iter().map(Vec::len).max().unwrap();
+    for (p, g) in prompts.iter().zip(&cached.tokens) {
+        let pad = width - p.len();
+        ids.push([vec![2; pad], p.clone(), g[..3].to_vec()].concat());
+        mask.push([vec![0; pad], vec![1; p.len() + 3]].concat());
+    }
+    let tensor = |rows: &[Vec<u32>]| {
+        Tensor::new(rows.to_vec(), &Device::Cpu).unwrap()
+    };
+    let mut cache = KvCache::new(model.num_layers());
+    let head: Vec<Vec<u32>> = ids.iter().map(|r| r[..width + 2].to_vec()).collect();
+    let head_mask: Vec<Vec<u32>> = mask.iter().map(|r| r[..width + 2].to_vec()).collect();
+    model.last_logits_cached(&tensor(&head), &head_mask, &mut cache).unwrap();
+    assert_eq!(cache.seq_len(), width + 2);
+    let last: Vec<Vec<u32>> = ids.iter().map(|r| r[width + 2..].to_vec()).collect();
+    let step = model.last_logits_cached(&tensor(&last), &mask, &mut cache).unwrap();
+    let full = model.last_logits_full(&tensor(&ids), &mask).unwrap();
+    assert!(max_abs_diff(&step, &full) < 1e-4);
+}
+
+#[test]
+fn batched_left_padded_generation_equals_one_by_one() {
+    let model = tiny_policy();
+    let cfg = GenerationConfig::greedy(6, vec![], 2);
+    let batch = generate::generate(&model, &tiny_prompts(), &cfg).unwrap();
+    for (i, p) in tiny_prompts().into_iter().enumerate() {
+        let one = generate::generate(&model, &[p], &cfg).unwrap();
+        assert_eq!(one.tokens[0], batch.tokens[i], "row {i}");
+        for (a, b) in one.logprobs[0].iter().zip(&batch.logprobs[i]) {
+            assert!((a - b).abs() < 1e-4, "row {i}: {a} vs {b}");
+        }
+    }
+}
+
+#[test]
+fn sampled_generation_is_seeded() {
+    let model = tiny_policy();
+    let cfg = GenerationConfig {
+        max_new_tokens: 12,
+        sampling: SamplingParams::default(),
+        seed: 7,
+        stop_token_ids: vec![],
+        pad_token_id: 2,
+        use_cache: true,
+    };
+    let a = generate::generate(&model, &tiny_prompts(), &cfg).unwrap();
+    let b = generate::generate(&model, &tiny_prompts(), &cfg).unwrap();
+    assert_eq!(a, b);
+    let c = generate::generate(&model, &tiny_prompts(), &GenerationConfig { seed: 8, ..cfg })
+        .unwrap();
+    assert_ne!(a.tokens, c.tokens);
+    // A random tiny model is near-uniform over 49k tokens: log-probs near -ln(49152).
+    for lp in a.logprobs.iter().flatten() {
+        assert!(*lp < 0.0 && *lp > -20.0, "{lp}");
+    }
+}
+
+#[test]
+fn generation_stops_at_stop_tokens() {
+    let model = tiny_policy();
+    let free = generate::generate(&model, &tiny_prompts(), &GenerationConfig::greedy(8, vec![], 2))
+        .unwrap();
+    // Make row 0's third token a stop token: row 0 must end there, others go on unless they
+    // produce it too.
+    let stop = free.tokens[0][2];
+    let cfg = GenerationConfig::greedy(8, vec![stop], 2);
+    let out = generate::generate(&model, &tiny_prompts(), &cfg).unwrap();
+    let first = free.tokens[0].iter().position(|t| *t == stop).unwrap();
+    assert_eq!(out.tokens[0], free.tokens[0][..=first].to_vec());
+    assert!(out.finished[0]);
+    for (i, row) in free.tokens.iter().enumerate().skip(1) {
+        match row.iter().position(|t| *t == stop) {
+            Some(p) => assert_eq!(out.tokens[i], row[..=p].to_vec()),
+            None => {
+                assert_eq!(&out.tokens[i], row);
+                assert!(!out.finished[i]);
+            }
+        }
+    }
+    assert!(generate::generate(&model, &[vec![]], &cfg).is_err());
+}
+
+#[test]
+fn smollm2_matches_transformers_reference() {
+    let Some(path) = smollm2_gguf() else { return };
+    let m = GgufLlama::read(&path).unwrap();
+    let model = m.causal_lm(&Device::Cpu).unwrap();
+    let reference = smollm2_reference();
+    let ids = ids_of(&reference["input_ids"]);
+    let input = Tensor::new(vec![ids.clone()], &Device::Cpu).unwrap();
+    let logits = model.forward(&input, None).unwrap().squeeze(0).unwrap();
+    let logits: Vec<Vec<f32>> = logits.to_vec2().unwrap();
+    let want5 = reference["logits_first5_at_each_pos"].as_array().unwrap();
+    let argmax = ids_of(&reference["argmax_at_each_pos"]);
+    let mut worst = 0f32;
+    for (pos, row) in logits.iter().enumerate() {
+        for (j, w) in want5[pos].as_array().unwrap().iter().enumerate() {
+            worst = worst.max((row[j] - w.as_f64().unwrap() as f32).abs());
+        }
+        let am = rlhf_bot::model::sampling::argmax(row).unwrap();
+        assert_eq!(am, argmax[pos], "argmax at position {pos}");
+    }
+    assert!(worst < 2e-3, "largest logit difference {worst}");
+    let lps = reference["logprob_of_next_token"].as_array().unwrap();
+    for (pos, want) in lps.iter().enumerate() {
+        let got = rlhf_bot::model::sampling::token_logprob(&logits[pos], ids[pos + 1]).unwrap();
+        assert!((got - want.as_f64().unwrap()).abs() < 2e-3, "logprob at {pos}: {got} vs {want}");
+    }
+
+    let eos = m.config.eos_token_id.unwrap();
+    let cfg = GenerationConfig::greedy(12, vec![eos], eos);
+    let out = generate::generate(&model, &[ids], &cfg).unwrap();
+    assert_eq!(out.tokens[0], ids_of(&reference["greedy_12_ids"]));
+    assert!(out.finished[0]);
+    let tok = m.tokenizer().unwrap();
+    assert_eq!(
+        out.texts(&tok, false).unwrap()[0],
+        reference["greedy_12_text"].as_str().unwrap()
+    );
+    assert_eq!(out.texts(&tok, true).unwrap()[0], "The capital of France is Paris.");
+}
+
+// ---------------------------------------------------------------- LoRA
+
+fn lora_cfg() -> LoraConfig {
+    LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        target_modules: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()],
+        base_model: Some("tiny-llama-policy".into()),
+    }
+}
+
+fn lm_loss(model: &LlamaForCausalLM) -> Tensor {
+    let ids = Tensor::new(vec![vec![1u32, 4093, 198, 1780, 314, 260]], &Device::Cpu).unwrap();
+    let target = Tensor::new(vec![vec![0u32, 1, 1, 1, 1, 1]], &Device::Cpu).unwrap();
+    model
+        .sequence_logprobs(&ids, None, &target)
+        .unwrap()
+        .neg()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+}
+
+#[test]
+fn lora_starts_at_the_base_and_trains_only_adapters() {
+    let base = tiny_policy();
+    let mut model = base.clone();
+    let varmap = candle_nn::VarMap::new();
+    let adapters = lora::attach_lora(&mut model, &lora_cfg(), &varmap, LoraInit::Fresh { seed: 1 })
+        .unwrap();
+    assert_eq!(adapters.modules.len(), 2 * 3);
+    assert_eq!(varmap.all_vars().len(), 2 * 3 * 2, "only A and B are variables");
+    // B = 0: the adapted model computes exactly the base function.
+    let ids = Tensor::new(vec![vec![1u32, 4093, 198]], &Device::Cpu).unwrap();
+    assert_eq!(
+        max_abs_diff(&base.forward(&ids, None).unwrap(), &model.forward(&ids, None).unwrap()),
+        0.0
+    );
+    let loss = lm_loss(&model);
+    let grads = loss.backward().unwrap();
+    let data = varmap.data().lock().unwrap();
+    for (name, var) in data.iter() {
+        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
+        let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        if name.ends_with("lora_B.weight") {
+            assert!(norm > 0.0, "zero gradient for {name}");
+        }
+    }
+    // The base is frozen: none of its weights is a variable an optimiser could update, and
+    // no gradient is accumulated for the (detached) adapted projections.
+    let mut m2 = model.clone();
+    for (path, lin) in lora::HasAdaptableLinears::linears_mut(&mut m2) {
+        assert!(!lin.weight().is_variable(), "{path} base weight is a variable");
+        assert!(grads.get(lin.weight()).is_none(), "gradient reached base weight {path}");
+    }
+    assert!(!model.lm_head_weight().is_variable());
+    let bad = LoraConfig {
+        target_modules: vec!["qq_proj".into()],
+        ..lora_cfg()
+    };
+    let err = lora::attach_lora(&mut base.clone(), &bad, &candle_nn::VarMap::new(), LoraInit::Fresh { seed: 1 })
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("qq_proj"));
+}
+
+#[test]
+fn lora_saves_as_peft_loads_back_and_merges() {
+    let mut model = tiny_policy();
+    let varmap = candle_nn::VarMap::new();
+    let adapters = lora::attach_lora(&mut model, &lora_cfg(), &varmap, LoraInit::Fresh { seed: 3 })
+        .unwrap();
+    // Train one SGD step so B is non-zero and the adapter changes the function.
+    let mut sgd = <candle_nn::SGD as candle_nn::Optimizer>::new(varmap.all_vars(), 0.5).unwrap();
+    candle_nn::Optimizer::backward_step(&mut sgd, &lm_loss(&model)).unwrap();
+    let ids = Tensor::new(vec![vec![1u32, 4093, 198, 1780]], &Device::Cpu).unwrap();
+    let trained = model.forward(&ids, None).unwrap();
+    let base_out = tiny_policy().forward(&ids, None).unwrap();
+    assert!(max_abs_diff(&trained, &base_out) > 1e-6, "the step changed the model");
+
+    let tmp = tempfile::tempdir().unwrap();
+    adapters.save_peft(tmp.path(), &varmap).unwrap();
+    let names: Vec<(String, Vec<usize>)> =
+        rlhf_bot::model::checkpoint_io::tensor_names(&tmp.path().join(lora::ADAPTER_WEIGHTS))
+            .unwrap();
+    assert!(names.iter().any(|(n, s)| n
+        == "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+        && s == &vec![4, 16]));
+    assert!(names.iter().any(|(n, s)| n
+        == "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"
+        && s == &vec![16, 4]));
+    let cfg_json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(tmp.path().join(lora::ADAPTER_CONFIG)).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg_json["peft_type"], "LORA");
+    assert_eq!(cfg_json["lora_alpha"], 8.0);
+
+    let (cfg2, weights) = lora::load_peft(tmp.path()).unwrap();
+    assert_eq!(cfg2, lora_cfg());
+    let mut reloaded = tiny_policy();
+    lora::attach_lora(&mut reloaded, &cfg2, &candle_nn::VarMap::new(), LoraInit::Weights(weights.clone()))
+        .unwrap();
+    assert!(max_abs_diff(&reloaded.forward(&ids, None).unwrap(), &trained) < 1e-6);
+
+    // Merging in the model and merging the state dict give the same function.
+    let n = lora::merge_all(&mut reloaded).unwrap();
+    assert_eq!(n, 6);
+    assert!(max_abs_diff(&reloaded.forward(&ids, None).unwrap(), &trained) < 1e-5);
+    let mut sd = candle_core::safetensors::load(tiny_policy_dir().join("model.safetensors"), &Device::Cpu)
+        .unwrap();
+    let merged = lora::merge_into_state_dict(&mut sd, &cfg2, &weights).unwrap();
+    assert_eq!(merged.len(), 6);
+    let cfg_l = rlhf_bot::model::llama::LlamaConfig::from_dir(&tiny_policy_dir()).unwrap();
+    let vb = candle_nn::VarBuilder::from_tensors(sd, candle_core::DType::F32, &Device::Cpu);
+    let merged_model = LlamaForCausalLM::new(&cfg_l, vb).unwrap();
+    assert!(max_abs_diff(&merged_model.forward(&ids, None).unwrap(), &trained) < 1e-5);
+}
