@@ -220,14 +220,22 @@ pub fn generate<M: CausalLm + ?Sized>(
     Ok(out)
 }
 
+/// Generation from text prompts: the ids and log-probs plus the decoded answers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TextGeneration {
+    pub generation: Generation,
+    /// Each answer decoded without special tokens (the stop token is not in the text).
+    pub texts: Vec<String>,
+}
+
 /// Encodes already-rendered prompt `texts` with `tokenizer` (no special tokens added: a
-/// rendered chat template already contains them) and generates.
+/// rendered chat template already contains them), generates, and decodes the answers.
 pub fn generate_from_texts<M: CausalLm + ?Sized>(
     model: &M,
     tokenizer: &tokenizers::Tokenizer,
     texts: &[String],
     cfg: &GenerationConfig,
-) -> Result<Generation> {
+) -> Result<TextGeneration> {
     let prompts = texts
         .iter()
         .map(|t| {
@@ -237,7 +245,9 @@ pub fn generate_from_texts<M: CausalLm + ?Sized>(
                 .map_err(|e| anyhow::anyhow!("tokenising prompt {t:?}: {e}"))
         })
         .collect::<Result<Vec<_>>>()?;
-    generate(model, &prompts, cfg)
+    let generation = generate(model, &prompts, cfg)?;
+    let texts = generation.texts(tokenizer, true)?;
+    Ok(TextGeneration { generation, texts })
 }
 
 fn rows_tensor(rows: &[Vec<u32>], device: &Device) -> Result<Tensor> {

@@ -631,15 +631,18 @@ fn smollm2_matches_transformers_reference() {
 
     let eos = m.config.eos_token_id.unwrap();
     let cfg = GenerationConfig::greedy(12, vec![eos], eos);
-    let out = generate::generate(&model, &[ids], &cfg).unwrap();
+    let tok = m.tokenizer().unwrap();
+    let prompt = reference["text"].as_str().unwrap().to_owned();
+    let text_out = generate::generate_from_texts(&model, &tok, &[prompt], &cfg).unwrap();
+    assert_eq!(text_out.texts, vec!["The capital of France is Paris.".to_owned()]);
+    let out = text_out.generation;
+    assert_eq!(out.prompt_lens, vec![ids.len()]);
     assert_eq!(out.tokens[0], ids_of(&reference["greedy_12_ids"]));
     assert!(out.finished[0]);
-    let tok = m.tokenizer().unwrap();
     assert_eq!(
         out.texts(&tok, false).unwrap()[0],
         reference["greedy_12_text"].as_str().unwrap()
     );
-    assert_eq!(out.texts(&tok, true).unwrap()[0], "The capital of France is Paris.");
 }
 
 // ---------------------------------------------------------------- LoRA
