@@ -72,8 +72,8 @@ fn main() -> Result<()> {
     for &batch in &batches {
         let prompts: Vec<Vec<u32>> = (0..batch)
             .map(|i| {
-                let text = template
-                    .render(&[ChatMessage::user(QUESTIONS[i % QUESTIONS.len()])], true)?;
+                let text =
+                    template.render(&[ChatMessage::user(QUESTIONS[i % QUESTIONS.len()])], true)?;
                 let enc = tokenizer
                     .encode(text, false)
                     .map_err(|e| anyhow::anyhow!("{e}"))?;

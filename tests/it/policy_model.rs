@@ -513,7 +513,12 @@ fn kv_cache_generation_equals_full_recomputation() {
     let full = generate::generate(&model, &tiny_prompts(), &cfg).unwrap();
     assert_eq!(cached.tokens, full.tokens);
     assert!(cached.tokens.iter().all(|t| t.len() == 10));
-    for (a, b) in cached.logprobs.iter().flatten().zip(full.logprobs.iter().flatten()) {
+    for (a, b) in cached
+        .logprobs
+        .iter()
+        .flatten()
+        .zip(full.logprobs.iter().flatten())
+    {
         assert!((a - b).abs() < 1e-4, "logprob {a} vs {b}");
     }
     // The cached step logits themselves, not only their argmax.
@@ -526,16 +531,18 @@ fn kv_cache_generation_equals_full_recomputation() {
         ids.push([vec![2; pad], p.clone(), g[..3].to_vec()].concat());
         mask.push([vec![0; pad], vec![1; p.len() + 3]].concat());
     }
-    let tensor = |rows: &[Vec<u32>]| {
-        Tensor::new(rows.to_vec(), &Device::Cpu).unwrap()
-    };
+    let tensor = |rows: &[Vec<u32>]| Tensor::new(rows.to_vec(), &Device::Cpu).unwrap();
     let mut cache = KvCache::new(model.num_layers());
     let head: Vec<Vec<u32>> = ids.iter().map(|r| r[..width + 2].to_vec()).collect();
     let head_mask: Vec<Vec<u32>> = mask.iter().map(|r| r[..width + 2].to_vec()).collect();
-    model.last_logits_cached(&tensor(&head), &head_mask, &mut cache).unwrap();
+    model
+        .last_logits_cached(&tensor(&head), &head_mask, &mut cache)
+        .unwrap();
     assert_eq!(cache.seq_len(), width + 2);
     let last: Vec<Vec<u32>> = ids.iter().map(|r| r[width + 2..].to_vec()).collect();
-    let step = model.last_logits_cached(&tensor(&last), &mask, &mut cache).unwrap();
+    let step = model
+        .last_logits_cached(&tensor(&last), &mask, &mut cache)
+        .unwrap();
     let full = model.last_logits_full(&tensor(&ids), &mask).unwrap();
     assert!(max_abs_diff(&step, &full) < 1e-4);
 }
@@ -568,8 +575,12 @@ fn sampled_generation_is_seeded() {
     let a = generate::generate(&model, &tiny_prompts(), &cfg).unwrap();
     let b = generate::generate(&model, &tiny_prompts(), &cfg).unwrap();
     assert_eq!(a, b);
-    let c = generate::generate(&model, &tiny_prompts(), &GenerationConfig { seed: 8, ..cfg })
-        .unwrap();
+    let c = generate::generate(
+        &model,
+        &tiny_prompts(),
+        &GenerationConfig { seed: 8, ..cfg },
+    )
+    .unwrap();
     assert_ne!(a.tokens, c.tokens);
     // A random tiny model is near-uniform over 49k tokens: log-probs near -ln(49152).
     for lp in a.logprobs.iter().flatten() {
@@ -580,8 +591,12 @@ fn sampled_generation_is_seeded() {
 #[test]
 fn generation_stops_at_stop_tokens() {
     let model = tiny_policy();
-    let free = generate::generate(&model, &tiny_prompts(), &GenerationConfig::greedy(8, vec![], 2))
-        .unwrap();
+    let free = generate::generate(
+        &model,
+        &tiny_prompts(),
+        &GenerationConfig::greedy(8, vec![], 2),
+    )
+    .unwrap();
     // Make row 0's third token a stop token: row 0 must end there, others go on unless they
     // produce it too.
     let stop = free.tokens[0][2];
@@ -626,7 +641,10 @@ fn smollm2_matches_transformers_reference() {
     let lps = reference["logprob_of_next_token"].as_array().unwrap();
     for (pos, want) in lps.iter().enumerate() {
         let got = rlhf_bot::model::sampling::token_logprob(&logits[pos], ids[pos + 1]).unwrap();
-        assert!((got - want.as_f64().unwrap()).abs() < 2e-3, "logprob at {pos}: {got} vs {want}");
+        assert!(
+            (got - want.as_f64().unwrap()).abs() < 2e-3,
+            "logprob at {pos}: {got} vs {want}"
+        );
     }
 
     let eos = m.config.eos_token_id.unwrap();
@@ -634,7 +652,10 @@ fn smollm2_matches_transformers_reference() {
     let tok = m.tokenizer().unwrap();
     let prompt = reference["text"].as_str().unwrap().to_owned();
     let text_out = generate::generate_from_texts(&model, &tok, &[prompt], &cfg).unwrap();
-    assert_eq!(text_out.texts, vec!["The capital of France is Paris.".to_owned()]);
+    assert_eq!(
+        text_out.texts,
+        vec!["The capital of France is Paris.".to_owned()]
+    );
     let out = text_out.generation;
     assert_eq!(out.prompt_lens, vec![ids.len()]);
     assert_eq!(out.tokens[0], ids_of(&reference["greedy_12_ids"]));
@@ -674,22 +695,42 @@ fn lora_starts_at_the_base_and_trains_only_adapters() {
     let base = tiny_policy();
     let mut model = base.clone();
     let varmap = candle_nn::VarMap::new();
-    let adapters = lora::attach_lora(&mut model, &lora_cfg(), &varmap, LoraInit::Fresh { seed: 1 })
-        .unwrap();
+    let adapters = lora::attach_lora(
+        &mut model,
+        &lora_cfg(),
+        &varmap,
+        LoraInit::Fresh { seed: 1 },
+    )
+    .unwrap();
     assert_eq!(adapters.modules.len(), 2 * 3);
-    assert_eq!(varmap.all_vars().len(), 2 * 3 * 2, "only A and B are variables");
+    assert_eq!(
+        varmap.all_vars().len(),
+        2 * 3 * 2,
+        "only A and B are variables"
+    );
     // B = 0: the adapted model computes exactly the base function.
     let ids = Tensor::new(vec![vec![1u32, 4093, 198]], &Device::Cpu).unwrap();
     assert_eq!(
-        max_abs_diff(&base.forward(&ids, None).unwrap(), &model.forward(&ids, None).unwrap()),
+        max_abs_diff(
+            &base.forward(&ids, None).unwrap(),
+            &model.forward(&ids, None).unwrap()
+        ),
         0.0
     );
     let loss = lm_loss(&model);
     let grads = loss.backward().unwrap();
     let data = varmap.data().lock().unwrap();
     for (name, var) in data.iter() {
-        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
-        let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        let norm = g
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         if name.ends_with("lora_B.weight") {
             assert!(norm > 0.0, "zero gradient for {name}");
         }
@@ -698,16 +739,27 @@ fn lora_starts_at_the_base_and_trains_only_adapters() {
     // no gradient is accumulated for the (detached) adapted projections.
     let mut m2 = model.clone();
     for (path, lin) in lora::HasAdaptableLinears::linears_mut(&mut m2) {
-        assert!(!lin.weight().is_variable(), "{path} base weight is a variable");
-        assert!(grads.get(lin.weight()).is_none(), "gradient reached base weight {path}");
+        assert!(
+            !lin.weight().is_variable(),
+            "{path} base weight is a variable"
+        );
+        assert!(
+            grads.get(lin.weight()).is_none(),
+            "gradient reached base weight {path}"
+        );
     }
     assert!(!model.lm_head_weight().is_variable());
     let bad = LoraConfig {
         target_modules: vec!["qq_proj".into()],
         ..lora_cfg()
     };
-    let err = lora::attach_lora(&mut base.clone(), &bad, &candle_nn::VarMap::new(), LoraInit::Fresh { seed: 1 })
-        .unwrap_err();
+    let err = lora::attach_lora(
+        &mut base.clone(),
+        &bad,
+        &candle_nn::VarMap::new(),
+        LoraInit::Fresh { seed: 1 },
+    )
+    .unwrap_err();
     assert!(format!("{err:#}").contains("qq_proj"));
 }
 
@@ -715,15 +767,23 @@ fn lora_starts_at_the_base_and_trains_only_adapters() {
 fn lora_saves_as_peft_loads_back_and_merges() {
     let mut model = tiny_policy();
     let varmap = candle_nn::VarMap::new();
-    let adapters = lora::attach_lora(&mut model, &lora_cfg(), &varmap, LoraInit::Fresh { seed: 3 })
-        .unwrap();
+    let adapters = lora::attach_lora(
+        &mut model,
+        &lora_cfg(),
+        &varmap,
+        LoraInit::Fresh { seed: 3 },
+    )
+    .unwrap();
     // Train one SGD step so B is non-zero and the adapter changes the function.
     let mut sgd = <candle_nn::SGD as candle_nn::Optimizer>::new(varmap.all_vars(), 0.5).unwrap();
     candle_nn::Optimizer::backward_step(&mut sgd, &lm_loss(&model)).unwrap();
     let ids = Tensor::new(vec![vec![1u32, 4093, 198, 1780]], &Device::Cpu).unwrap();
     let trained = model.forward(&ids, None).unwrap();
     let base_out = tiny_policy().forward(&ids, None).unwrap();
-    assert!(max_abs_diff(&trained, &base_out) > 1e-6, "the step changed the model");
+    assert!(
+        max_abs_diff(&trained, &base_out) > 1e-6,
+        "the step changed the model"
+    );
 
     let tmp = tempfile::tempdir().unwrap();
     adapters.save_peft(tmp.path(), &varmap).unwrap();
@@ -746,16 +806,22 @@ fn lora_saves_as_peft_loads_back_and_merges() {
     let (cfg2, weights) = lora::load_peft(tmp.path()).unwrap();
     assert_eq!(cfg2, lora_cfg());
     let mut reloaded = tiny_policy();
-    lora::attach_lora(&mut reloaded, &cfg2, &candle_nn::VarMap::new(), LoraInit::Weights(weights.clone()))
-        .unwrap();
+    lora::attach_lora(
+        &mut reloaded,
+        &cfg2,
+        &candle_nn::VarMap::new(),
+        LoraInit::Weights(weights.clone()),
+    )
+    .unwrap();
     assert!(max_abs_diff(&reloaded.forward(&ids, None).unwrap(), &trained) < 1e-6);
 
     // Merging in the model and merging the state dict give the same function.
     let n = lora::merge_all(&mut reloaded).unwrap();
     assert_eq!(n, 6);
     assert!(max_abs_diff(&reloaded.forward(&ids, None).unwrap(), &trained) < 1e-5);
-    let mut sd = candle_core::safetensors::load(tiny_policy_dir().join("model.safetensors"), &Device::Cpu)
-        .unwrap();
+    let mut sd =
+        candle_core::safetensors::load(tiny_policy_dir().join("model.safetensors"), &Device::Cpu)
+            .unwrap();
     let merged = lora::merge_into_state_dict(&mut sd, &cfg2, &weights).unwrap();
     assert_eq!(merged.len(), 6);
     let cfg_l = rlhf_bot::model::llama::LlamaConfig::from_dir(&tiny_policy_dir()).unwrap();
