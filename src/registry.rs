@@ -179,7 +179,7 @@ pub enum RegistryError {
     Artifact {
         file: PathBuf,
         id: String,
-        source: ArtifactError,
+        source: Box<ArtifactError>,
     },
     #[error(transparent)]
     Rejected(#[from] Problem),
@@ -237,7 +237,7 @@ impl Registry {
                 .map_err(|source| RegistryError::Artifact {
                     file: file.to_path_buf(),
                     id: model.id.clone(),
-                    source,
+                    source: Box::new(source),
                 })?;
         }
         Ok(registry)

@@ -90,6 +90,17 @@ pub struct DatasetInfo {
     pub examples_sha256: String,
 }
 
+impl DatasetInfo {
+    /// The registry's record of this dataset, at the feedback store's `watermark`.
+    pub fn snapshot(&self, watermark: impl Into<String>) -> crate::registry::FeedbackSnapshot {
+        crate::registry::FeedbackSnapshot {
+            watermark: watermark.into(),
+            counts: self.counts.clone(),
+            examples_sha256: self.examples_sha256.clone(),
+        }
+    }
+}
+
 /// A reward model's evaluation on the held-out split.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RewardEval {

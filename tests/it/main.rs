@@ -12,6 +12,7 @@ mod forge_behaviour;
 mod forge_contract;
 mod llama;
 mod losses;
+mod policy_model;
 mod pull;
 mod registry;
 mod report;

@@ -507,6 +507,13 @@ fn assert_logs_close(a: &[LogLine], b: &[LogLine]) {
     }
 }
 
+fn back_reward_snapshot(m: &RewardMetrics) -> rlhf_bot::registry::FeedbackSnapshot {
+    let snap = m.dataset.snapshot("wm-7");
+    assert_eq!(snap.watermark, "wm-7");
+    assert_eq!(snap.examples_sha256, m.dataset.examples_sha256);
+    snap
+}
+
 #[test]
 fn run_outputs_round_trip() {
     let dir = tempfile::tempdir().unwrap();
@@ -526,6 +533,8 @@ fn run_outputs_round_trip() {
     let back = PolicyRunOutput::load(&dir.path().join("pol")).unwrap();
     assert_eq!(back.metrics, policy.metrics);
     assert_logs_close(&back.log, &policy.log);
+    let snap = back_reward_snapshot(&reward.metrics);
+    assert_eq!(snap.counts["pairs"], 1_600);
     let text = fs::read_to_string(dir.path().join("pol/metrics.json")).unwrap();
     assert!(text.contains("\"algo\": \"ppo\"") && !text.contains("production_mean_reward"));
     let first = fs::read_to_string(dir.path().join("pol/log.jsonl")).unwrap();

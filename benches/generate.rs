@@ -1,0 +1,104 @@
+//! Greedy generation throughput with the KV cache on SmolLM2-135M-Instruct (f32, CPU).
+//!
+//! PPO spends most of its wall time generating rollouts, so tokens/s of batched greedy decoding
+//! is the number that decides whether policy training fits a CI job. Each case generates
+//! exactly `NEW_TOKENS` tokens per row (no early stop, so every run does the same work) from
+//! chat-template prompts; batch 8 uses eight different questions, left-padded.
+//!
+//! Run: `cargo bench --bench generate` (env: `RUNS`, default 3; `BATCHES`, default `1,8`;
+//! `NEW_TOKENS`, default 64). Needs the GGUF (see `fetch-models.sh`; `RLHF_MODELS_DIR`), else
+//! prints "skipped".
+
+use std::time::Instant;
+
+use anyhow::Result;
+use candle_core::Device;
+use rlhf_bot::model::chat_template::{ChatMessage, ChatTemplate};
+use rlhf_bot::model::generate::{self, GenerationConfig};
+use rlhf_bot::model::gguf::{self, GgufLlama};
+use rlhf_bot::model::ops;
+
+const QUESTIONS: [&str; 8] = [
+    "What is the capital of France?",
+    "Explain photosynthesis in one sentence.",
+    "Give me three tips for writing clear emails.",
+    "Why is the sky blue?",
+    "What does a carbon tax do to emissions?",
+    "Write a haiku about autumn rain.",
+    "How do vaccines train the immune system?",
+    "Summarise the plot of Romeo and Juliet.",
+];
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() -> Result<()> {
+    ops::tune_allocator();
+    let Some(path) = gguf::find_gguf("SmolLM2-135M-Instruct") else {
+        println!(
+            "skipped: SmolLM2-135M-Instruct GGUF not found under {:?}",
+            gguf::models_dir()
+        );
+        return Ok(());
+    };
+    let runs = env_usize("RUNS", 3).max(1);
+    let new_tokens = env_usize("NEW_TOKENS", 64);
+    let batches: Vec<usize> = std::env::var("BATCHES")
+        .unwrap_or_else(|_| "1,8".into())
+        .split(',')
+        .filter_map(|b| b.trim().parse().ok())
+        .collect();
+
+    let t0 = Instant::now();
+    let m = GgufLlama::read(&path)?;
+    let model = m.causal_lm(&Device::Cpu)?;
+    let tokenizer = m.tokenizer()?;
+    let template = ChatTemplate::new(
+        m.chat_template.clone().unwrap_or_default(),
+        m.special_tokens.clone(),
+    )?;
+    println!(
+        "loaded {} in {:.1} s; threads: {}",
+        path.display(),
+        t0.elapsed().as_secs_f64(),
+        candle_core::utils::get_num_threads()
+    );
+    let pad = m.config.pad_token_id.or(m.config.eos_token_id).unwrap_or(0);
+
+    for &batch in &batches {
+        let prompts: Vec<Vec<u32>> = (0..batch)
+            .map(|i| {
+                let text =
+                    template.render(&[ChatMessage::user(QUESTIONS[i % QUESTIONS.len()])], true)?;
+                let enc = tokenizer
+                    .encode(text, false)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                Ok(enc.get_ids().to_vec())
+            })
+            .collect::<Result<_>>()?;
+        // No stop ids: every row generates exactly `new_tokens`.
+        let cfg = GenerationConfig::greedy(new_tokens, vec![], pad);
+        generate::generate(&model, &prompts, &GenerationConfig::greedy(4, vec![], pad))?;
+        let mut times = Vec::with_capacity(runs);
+        let mut produced = 0;
+        for _ in 0..runs {
+            let t = Instant::now();
+            let out = generate::generate(&model, &prompts, &cfg)?;
+            times.push(t.elapsed().as_secs_f64());
+            produced = out.num_tokens();
+        }
+        times.sort_by(f64::total_cmp);
+        let median = times[times.len() / 2];
+        let prompt_len = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        println!(
+            "batch {batch}: {produced} tokens (prompt {prompt_len}) median {median:.3} s over {runs} runs (min {:.3}) -> {:.1} tok/s",
+            times[0],
+            produced as f64 / median
+        );
+    }
+    Ok(())
+}
