@@ -16,6 +16,9 @@ use candle_nn::{Optimizer, ParamsAdamW};
 use rlhf_bot::model::bert::{BertConfig, BertRewardModel, EncodedBatch, Kernels, RewardHeadConfig};
 use rlhf_bot::model::fused::{FusedAdamW, tune_allocator};
 
+/// One optimiser step from a loss (backward + update).
+type StepFn = dyn FnMut(&Tensor) -> candle_core::Result<()>;
+
 fn env_or(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_string())
 }
@@ -65,7 +68,7 @@ fn main() -> anyhow::Result<()> {
         lr: 1e-5,
         ..Default::default()
     };
-    let mut opt: Box<dyn FnMut(&Tensor) -> candle_core::Result<()>> = match opt_kind.as_str() {
+    let mut opt: Box<StepFn> = match opt_kind.as_str() {
         "fused" => {
             let mut o = FusedAdamW::new(vars, params)?;
             Box::new(move |loss| o.backward_step(loss))
