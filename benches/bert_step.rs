@@ -16,8 +16,22 @@ use candle_nn::{Optimizer, ParamsAdamW};
 use rlhf_bot::model::bert::{BertConfig, BertRewardModel, EncodedBatch, Kernels, RewardHeadConfig};
 use rlhf_bot::model::fused::{FusedAdamW, tune_allocator};
 
+/// One optimiser step from a loss (backward + update).
+type StepFn = dyn FnMut(&Tensor) -> candle_core::Result<()>;
+
 fn env_or(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_string())
+}
+
+/// CPU seconds (user + system, all threads) this process has used, from /proc/self/stat; `None`
+/// off Linux. On a shared machine this is steadier than wall time (assuming 100 ticks/s).
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -54,7 +68,7 @@ fn main() -> anyhow::Result<()> {
         lr: 1e-5,
         ..Default::default()
     };
-    let mut opt: Box<dyn FnMut(&Tensor) -> candle_core::Result<()>> = match opt_kind.as_str() {
+    let mut opt: Box<StepFn> = match opt_kind.as_str() {
         "fused" => {
             let mut o = FusedAdamW::new(vars, params)?;
             Box::new(move |loss| o.backward_step(loss))
@@ -94,24 +108,37 @@ fn main() -> anyhow::Result<()> {
         if tuned { "tuned" } else { "glibc defaults" },
     );
     let mut times = Vec::new();
+    let mut cpu_times = Vec::new();
     for i in 0..warmup + steps {
+        let cpu0 = cpu_seconds();
         let start = Instant::now();
         let out = model.forward(&batch, false)?;
         let half = b / 2;
         let margin = (out.score.narrow(0, 0, half)? - out.score.narrow(0, half, half)?)?;
         // Bradley–Terry: -log σ(r_chosen − r_rejected), averaged over pairs.
         let loss = candle_nn::ops::sigmoid(&margin)?.log()?.neg()?.mean_all()?;
+        let fwd = start.elapsed().as_secs_f64();
         opt(&loss)?;
         let secs = start.elapsed().as_secs_f64();
+        let cpu = match (cpu0, cpu_seconds()) {
+            (Some(a), Some(b)) => b - a,
+            _ => f64::NAN,
+        };
         let loss = loss.to_scalar::<f32>()?;
         if i >= warmup {
             times.push(secs);
+            cpu_times.push(cpu);
         }
         println!(
-            "step {i}{}: {secs:.3} s, loss {loss:.4}",
+            "step {i}{}: {secs:.3} s (forward {fwd:.3} s), cpu {cpu:.2} s, loss {loss:.4}",
             if i < warmup { " (warm-up)" } else { "" }
         );
     }
+    cpu_times.sort_by(f64::total_cmp);
+    println!(
+        "median cpu {:.2} s/step (user + system, all threads)",
+        cpu_times[cpu_times.len() / 2]
+    );
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
     println!(

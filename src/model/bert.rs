@@ -130,7 +130,8 @@ impl BertConfig {
     /// Rejects shapes the encoder cannot run, naming the bad value.
     pub fn validate(&self) -> anyhow::Result<()> {
         ensure!(
-            self.num_attention_heads > 0 && self.hidden_size % self.num_attention_heads == 0,
+            self.num_attention_heads > 0
+                && self.hidden_size.is_multiple_of(self.num_attention_heads),
             "hidden_size {} is not a multiple of num_attention_heads {}",
             self.hidden_size,
             self.num_attention_heads

@@ -42,7 +42,7 @@ impl AttentionOp {
                 l.dims()
             );
         };
-        if self.heads == 0 || hd % self.heads != 0 {
+        if self.heads == 0 || !hd.is_multiple_of(self.heads) {
             bail!(
                 "fused attention: hidden {hd} is not a multiple of {} heads",
                 self.heads
