@@ -20,6 +20,7 @@ use candle_nn::{Embedding, Init, Linear, VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
 use super::checkpoint_io::{self, LoadReport};
+use super::lora::AdaptableLinear;
 use super::ops;
 
 /// Key in `config.json` under which this crate records its extra reward heads. transformers
@@ -384,18 +385,18 @@ impl RmsNorm {
 
 #[derive(Debug, Clone)]
 struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
+    gate_proj: AdaptableLinear,
+    up_proj: AdaptableLinear,
+    down_proj: AdaptableLinear,
 }
 
 impl Mlp {
     fn new(cfg: &LlamaConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let (h, i, b) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
         Ok(Self {
-            gate_proj: linear(h, i, b, cfg, vb.pp("gate_proj"))?,
-            up_proj: linear(h, i, b, cfg, vb.pp("up_proj"))?,
-            down_proj: linear(i, h, b, cfg, vb.pp("down_proj"))?,
+            gate_proj: linear(h, i, b, cfg, vb.pp("gate_proj"))?.into(),
+            up_proj: linear(h, i, b, cfg, vb.pp("up_proj"))?.into(),
+            down_proj: linear(i, h, b, cfg, vb.pp("down_proj"))?.into(),
         })
     }
 
@@ -423,10 +424,10 @@ pub struct AttentionContext {
 
 #[derive(Debug, Clone)]
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
+    q_proj: AdaptableLinear,
+    k_proj: AdaptableLinear,
+    v_proj: AdaptableLinear,
+    o_proj: AdaptableLinear,
     n_heads: usize,
     n_kv: usize,
     head_dim: usize,
@@ -437,10 +438,10 @@ impl Attention {
         let (h, hd) = (cfg.hidden_size, cfg.head_dim());
         let (nh, nkv) = (cfg.num_attention_heads, cfg.num_kv_heads());
         Ok(Self {
-            q_proj: linear(h, nh * hd, cfg.qkv_bias(), cfg, vb.pp("q_proj"))?,
-            k_proj: linear(h, nkv * hd, cfg.qkv_bias(), cfg, vb.pp("k_proj"))?,
-            v_proj: linear(h, nkv * hd, cfg.qkv_bias(), cfg, vb.pp("v_proj"))?,
-            o_proj: linear(nh * hd, h, cfg.o_bias(), cfg, vb.pp("o_proj"))?,
+            q_proj: linear(h, nh * hd, cfg.qkv_bias(), cfg, vb.pp("q_proj"))?.into(),
+            k_proj: linear(h, nkv * hd, cfg.qkv_bias(), cfg, vb.pp("k_proj"))?.into(),
+            v_proj: linear(h, nkv * hd, cfg.qkv_bias(), cfg, vb.pp("v_proj"))?.into(),
+            o_proj: linear(nh * hd, h, cfg.o_bias(), cfg, vb.pp("o_proj"))?.into(),
             n_heads: nh,
             n_kv: nkv,
             head_dim: hd,
@@ -448,7 +449,6 @@ impl Attention {
     }
 
     /// Projects `x` to `(q, k, v)`, each `[batch, heads, seq, head_dim]`, RoPE applied to q, k.
-    /// A KV cache would append `k`, `v` here before [`Self::attend`].
     fn qkv(
         &self,
         x: &Tensor,
@@ -492,8 +492,22 @@ impl Attention {
         out.transpose(1, 2)?.reshape((b, tq, self.n_heads * d))
     }
 
-    fn forward(&self, x: &Tensor, ctx: &AttentionContext) -> candle_core::Result<Tensor> {
-        let (q, k, v) = self.qkv(x, ctx)?;
+    /// With `kv` (generation), the new keys/values are appended to the layer's cache and
+    /// the queries attend to past and new keys alike.
+    fn forward(
+        &self,
+        x: &Tensor,
+        ctx: &AttentionContext,
+        kv: Option<&mut LayerKv>,
+    ) -> candle_core::Result<Tensor> {
+        let (q, mut k, mut v) = self.qkv(x, ctx)?;
+        if let Some(slot) = kv {
+            if let Some((pk, pv)) = slot.as_ref() {
+                k = Tensor::cat(&[pk, &k], 2)?;
+                v = Tensor::cat(&[pv, &v], 2)?;
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
         let out = self.attend(&q, &k, &v, &ctx.bias)?;
         self.o_proj.forward(&out)
     }
@@ -525,10 +539,15 @@ impl DecoderLayer {
         })
     }
 
-    fn forward(&self, x: &Tensor, ctx: &AttentionContext) -> candle_core::Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        ctx: &AttentionContext,
+        kv: Option<&mut LayerKv>,
+    ) -> candle_core::Result<Tensor> {
         let h = (x + self
             .self_attn
-            .forward(&self.input_layernorm.forward(x)?, ctx)?)?;
+            .forward(&self.input_layernorm.forward(x)?, ctx, kv)?)?;
         &h + self
             .mlp
             .forward(&self.post_attention_layernorm.forward(&h)?)?
@@ -608,9 +627,8 @@ impl LlamaModel {
     }
 
     /// Like [`Self::forward`] for tokens that follow `offset` earlier ones. The attention mask
-    /// then spans `offset + seq` columns. Without a KV cache (not implemented yet) only
-    /// `offset == 0` has keys to attend to; the argument exists so cached generation can reuse
-    /// the position and mask logic unchanged.
+    /// then spans `offset + seq` columns. Without a KV cache only `offset == 0` has keys to
+    /// attend to; cached generation goes through [`Self::forward_cached`].
     pub fn forward_with_offset(
         &self,
         input_ids: &Tensor,
@@ -634,17 +652,75 @@ impl LlamaModel {
         };
         if offset != 0 {
             candle_core::bail!(
-                "position offset {offset} needs a KV cache, which is not implemented"
+                "position offset {offset} needs a KV cache\nhint: use LlamaModel::forward_cached"
             );
         }
         let ctx = self.attention_context(&mask, offset, input_ids.device())?;
         let mut x = self.embed_tokens.forward(input_ids)?;
         for layer in &self.layers {
-            x = layer.forward(&x, &ctx)?;
+            x = layer.forward(&x, &ctx, None)?;
         }
         self.norm.forward(&x)
     }
+
+    /// Hidden states `[batch, t, hidden]` for `input_ids` `[batch, t]` that follow the
+    /// positions already in `cache` (one [`LayerKv`] per layer, all empty at the start), whose
+    /// keys/values are extended in place. `mask` rows span past plus new columns.
+    pub fn forward_cached(
+        &self,
+        input_ids: &Tensor,
+        mask: &[Vec<u32>],
+        cache: &mut [LayerKv],
+    ) -> candle_core::Result<Tensor> {
+        if cache.len() != self.layers.len() {
+            candle_core::bail!(
+                "KV cache has {} layers, the model {}",
+                cache.len(),
+                self.layers.len()
+            );
+        }
+        let offset = match cache.first().and_then(Option::as_ref) {
+            Some((k, _)) => k.dim(2)?,
+            None => 0,
+        };
+        let (b, t) = input_ids.dims2()?;
+        if mask.len() != b || mask.first().map_or(0, Vec::len) != offset + t {
+            candle_core::bail!(
+                "attention mask {}x{} does not match input ids {b}x{t} after {offset} cached",
+                mask.len(),
+                mask.first().map_or(0, Vec::len)
+            );
+        }
+        let ctx = self.attention_context(mask, offset, input_ids.device())?;
+        let mut x = self.embed_tokens.forward(input_ids)?;
+        for (layer, kv) in self.layers.iter().zip(cache.iter_mut()) {
+            x = layer.forward(&x, &ctx, Some(kv))?;
+        }
+        self.norm.forward(&x)
+    }
+
+    /// Every projection that can carry a LoRA adapter, with its HF module path.
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut AdaptableLinear)> {
+        let mut out = Vec::with_capacity(self.layers.len() * 7);
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{i}");
+            let a = &mut l.self_attn;
+            out.push((format!("{p}.self_attn.q_proj"), &mut a.q_proj));
+            out.push((format!("{p}.self_attn.k_proj"), &mut a.k_proj));
+            out.push((format!("{p}.self_attn.v_proj"), &mut a.v_proj));
+            out.push((format!("{p}.self_attn.o_proj"), &mut a.o_proj));
+            let m = &mut l.mlp;
+            out.push((format!("{p}.mlp.gate_proj"), &mut m.gate_proj));
+            out.push((format!("{p}.mlp.up_proj"), &mut m.up_proj));
+            out.push((format!("{p}.mlp.down_proj"), &mut m.down_proj));
+        }
+        out
+    }
 }
+
+/// One layer's cached keys and values (`[batch, kv_heads, seq, head_dim]`), `None` before the
+/// first forward pass.
+pub type LayerKv = Option<(Tensor, Tensor)>;
 
 /// `LlamaForCausalLM`: the body plus an LM head (`lm_head.weight`, or the embeddings when
 /// `tie_word_embeddings`).
@@ -677,6 +753,11 @@ impl LlamaForCausalLM {
 
     pub fn model(&self) -> &LlamaModel {
         &self.model
+    }
+
+    /// Mutable body, for attaching LoRA adapters ([`LlamaModel::linears_mut`]).
+    pub fn model_mut(&mut self) -> &mut LlamaModel {
+        &mut self.model
     }
 
     pub fn config(&self) -> &LlamaConfig {

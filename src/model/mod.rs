@@ -2,12 +2,18 @@
 //!
 //! Everything here can be trained: models are built from ops with a backward pass (GUIDE §4),
 //! parameters carry their HF tensor names so checkpoints load and save without renaming, and
-//! the tokenizer wrapper produces the padded batches the trainers feed in. Losses live in
-//! `train`, not here.
+//! the tokenizer wrapper produces the padded batches the trainers feed in. Around the decoder:
+//! GGUF import into the HF layout, chat templates, sampling, KV-cache generation and LoRA
+//! adapters. Losses live in `train`, not here.
 
 pub mod bert;
+pub mod chat_template;
 pub mod checkpoint_io;
 pub mod fused;
+pub mod generate;
+pub mod gguf;
 pub mod llama;
+pub mod lora;
 pub mod ops;
+pub mod sampling;
 pub mod tokenizer;
