@@ -6,6 +6,7 @@ mod check;
 mod output;
 mod pull;
 mod store_cmd;
+pub mod train_policy;
 
 use std::path::Path;
 

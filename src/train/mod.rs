@@ -7,3 +7,8 @@ pub mod guard;
 pub mod losses;
 pub mod optim;
 pub mod schedule;
+pub mod dpo_trainer;
+pub mod kto_trainer;
+pub mod policy_common;
+pub mod policy_eval;
+pub mod ppo_trainer;
