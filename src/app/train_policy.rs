@@ -21,8 +21,8 @@ use crate::model::lora::load_frozen_causal_lm;
 use crate::run_outputs::{PolicyAlgo, PolicyMetrics, TrainStats, write_metrics};
 use crate::train::dpo_trainer::{PreferenceExample, TrainOutcome, train_dpo};
 use crate::train::kto_trainer::{PointwiseExample, train_kto};
-pub use crate::train::policy_common::{LoraOptions, PolicyTrainOptions, PpoOptions};
 use crate::train::policy_common::Policy;
+pub use crate::train::policy_common::{LoraOptions, PolicyTrainOptions, PpoOptions};
 use crate::train::policy_eval::{EvalSettings, RewardScorer, evaluate};
 use crate::train::ppo_trainer::train_ppo;
 

@@ -73,7 +73,9 @@ pub fn train_dpo(
     let cfg = dpo_config(opts);
     cfg.validate().map_err(anyhow::Error::msg)?;
     if pairs.is_empty() {
-        bail!("no preference pairs to train DPO on\nhint: collect feedback with chosen/rejected answers, or use KTO for thumbs");
+        bail!(
+            "no preference pairs to train DPO on\nhint: collect feedback with chosen/rejected answers, or use KTO for thumbs"
+        );
     }
     let started = Instant::now();
     let eos = policy.eos_ids().first().copied();
@@ -98,9 +100,18 @@ pub fn train_dpo(
     // Reference log-probs, once (no adapters / the frozen copy; no graph).
     policy.set_training(false);
     let chunk = opts.batch_size.max(1) * 2;
-    let ref_c = reference_logps(&policy.reference, &chosen.iter().collect::<Vec<_>>(), pad, chunk)?;
-    let ref_r =
-        reference_logps(&policy.reference, &rejected.iter().collect::<Vec<_>>(), pad, chunk)?;
+    let ref_c = reference_logps(
+        &policy.reference,
+        &chosen.iter().collect::<Vec<_>>(),
+        pad,
+        chunk,
+    )?;
+    let ref_r = reference_logps(
+        &policy.reference,
+        &rejected.iter().collect::<Vec<_>>(),
+        pad,
+        chunk,
+    )?;
 
     let n = pairs.len();
     let per_step = opts.batch_size * opts.grad_accum;
@@ -204,7 +215,12 @@ pub fn train_dpo(
         );
         log.push(line)?;
         outcome.examples += m as u64;
-        tracing::info!(step, loss = loss_value, margin = metrics.rewards_margins, "dpo step");
+        tracing::info!(
+            step,
+            loss = loss_value,
+            margin = metrics.rewards_margins,
+            "dpo step"
+        );
         check_kl(step, drift, opts.kl_ceiling)?;
         if step % opts.checkpoint_every.max(1) == 0 || step == total {
             log.checkpoint(&root, &policy.varmap, &opt, Default::default())?;

@@ -70,7 +70,9 @@ pub fn train_kto(
     let rows = examples
         .iter()
         .enumerate()
-        .map(|(i, e)| tk(&e.prompt, &e.completion).with_context(|| format!("tokenising example {i}")))
+        .map(|(i, e)| {
+            tk(&e.prompt, &e.completion).with_context(|| format!("tokenising example {i}"))
+        })
         .collect::<Result<Vec<_>>>()?;
     policy.set_training(false);
     let refs = reference_logps(

@@ -3,12 +3,12 @@
 //! atomic checkpoints for bit-identical resume (`checkpoint`) and non-finite guards (`guard`).
 
 pub mod checkpoint;
+pub mod dpo_trainer;
 pub mod guard;
+pub mod kto_trainer;
 pub mod losses;
 pub mod optim;
-pub mod schedule;
-pub mod dpo_trainer;
-pub mod kto_trainer;
 pub mod policy_common;
 pub mod policy_eval;
 pub mod ppo_trainer;
+pub mod schedule;

@@ -246,11 +246,7 @@ pub enum RailError {
     #[error(
         "{what} is not finite ({value}) at step {step}\nhint: lower the learning rate or set max_grad_norm"
     )]
-    NonFinite {
-        step: u64,
-        what: String,
-        value: f64,
-    },
+    NonFinite { step: u64, what: String, value: f64 },
 }
 
 /// Fails on the first non-finite value of a log line.
@@ -326,15 +322,21 @@ impl Policy {
                 let reference = base.clone();
                 let mut model = base;
                 let cfg = l.to_config(Some(dir.display().to_string()));
-                let adapters =
-                    attach_lora(&mut model, &cfg, &varmap, LoraInit::Fresh { seed })?;
+                let adapters = attach_lora(&mut model, &cfg, &varmap, LoraInit::Fresh { seed })?;
                 (model, reference, Some(adapters))
             }
             None => {
                 let p = LlamaForCausalLM::load(dir, device)?;
                 let reference = load_frozen_causal_lm(dir, device)?;
-                let data = p.varmap.data().lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
-                let mut mine = varmap.data().lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+                let data = p
+                    .varmap
+                    .data()
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("poisoned"))?;
+                let mut mine = varmap
+                    .data()
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("poisoned"))?;
                 for (k, v) in data.iter() {
                     mine.insert(k.clone(), v.clone());
                 }
@@ -386,7 +388,11 @@ impl Policy {
             None => {
                 let vm = VarMap::new();
                 {
-                    let src = self.varmap.data().lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+                    let src = self
+                        .varmap
+                        .data()
+                        .lock()
+                        .map_err(|_| anyhow::anyhow!("poisoned"))?;
                     let mut dst = vm.data().lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
                     for (k, v) in src.iter().filter(|(k, _)| !k.starts_with(VALUE_HEAD)) {
                         dst.insert(k.clone(), v.clone());
@@ -495,7 +501,11 @@ pub fn reference_logps(
 ) -> Result<Vec<f32>> {
     let mut out = Vec::with_capacity(rows.len());
     for c in rows.chunks(chunk.max(1)) {
-        out.extend(sequence_logps(reference, c, pad)?.detach().to_vec1::<f32>()?);
+        out.extend(
+            sequence_logps(reference, c, pad)?
+                .detach()
+                .to_vec1::<f32>()?,
+        );
     }
     Ok(out)
 }
@@ -505,7 +515,8 @@ pub fn reference_logps(
 pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
     use rand::SeedableRng;
     use rand::seq::SliceRandom;
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut rng =
+        rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let mut v: Vec<usize> = (0..n).collect();
     v.shuffle(&mut rng);
     v
@@ -589,7 +600,8 @@ pub fn optimiser_step(
         .into_iter()
         .map(|(n, v)| (n.to_string(), v.clone()))
         .collect();
-    let refs: Vec<(&str, &candle_core::Var)> = params.iter().map(|(n, v)| (n.as_str(), v)).collect();
+    let refs: Vec<(&str, &candle_core::Var)> =
+        params.iter().map(|(n, v)| (n.as_str(), v)).collect();
     crate::train::guard::check_grads(step, &grads, &refs)?;
     let norm = match max_grad_norm {
         Some(m) => clip_grad_norm(&mut grads, &refs, m)?,

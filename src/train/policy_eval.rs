@@ -53,8 +53,8 @@ impl RewardScorer {
                 cfg_path.display()
             )
         })?;
-        let cfg: serde_json::Value =
-            serde_json::from_str(&text).with_context(|| format!("parsing {}", cfg_path.display()))?;
+        let cfg: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("parsing {}", cfg_path.display()))?;
         match cfg.get("model_type").and_then(|v| v.as_str()) {
             Some("bert") => Ok(Self::Bert(
                 Box::new(BertRewardModel::load(dir, &[], device)?),
@@ -121,7 +121,10 @@ impl RewardScorer {
                         .collect::<Result<_>>()?,
                     None => ids.to_vec(),
                 };
-                if let Some(bad) = rows.iter().flatten().find(|&&x| x as usize >= cfg.vocab_size)
+                if let Some(bad) = rows
+                    .iter()
+                    .flatten()
+                    .find(|&&x| x as usize >= cfg.vocab_size)
                 {
                     bail!(
                         "token id {bad} is outside the reward model's vocabulary ({})\nhint: give the reward model directory its tokenizer.json",
@@ -142,7 +145,11 @@ impl RewardScorer {
                 let ids = Tensor::from_vec(flat, (b, t), &dev)?;
                 let mask = Tensor::from_vec(mask, (b, t), &dev)?;
                 let out = model.forward(&ids, Some(&mask))?;
-                Ok(out.logits.narrow(D::Minus1, 0, 1)?.flatten_all()?.to_vec1::<f32>()?)
+                Ok(out
+                    .logits
+                    .narrow(D::Minus1, 0, 1)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?)
             }
             Self::Bert(m, dev) => {
                 let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
@@ -216,7 +223,11 @@ pub fn answer(
             .zip(&g.tokens)
             .map(|(p, r)| p.iter().chain(r).copied().collect())
             .collect();
-        let full_texts: Vec<String> = chunk.iter().zip(&texts).map(|(p, a)| format!("{p}{a}")).collect();
+        let full_texts: Vec<String> = chunk
+            .iter()
+            .zip(&texts)
+            .map(|(p, a)| format!("{p}{a}"))
+            .collect();
         out.scores.extend(rm.score(&full_ids, &full_texts)?);
         out.texts.extend(texts);
         out.tokens.extend(g.tokens);
@@ -225,7 +236,12 @@ pub fn answer(
 }
 
 /// Prompt token ids, keeping the last `max_len` (never empty: generation needs a position).
-pub fn prompt_ids(tok: &Tokenizer, prompt: &str, max_len: usize, eos: Option<u32>) -> Result<Vec<u32>> {
+pub fn prompt_ids(
+    tok: &Tokenizer,
+    prompt: &str,
+    max_len: usize,
+    eos: Option<u32>,
+) -> Result<Vec<u32>> {
     let mut p = tok.encode(prompt, false)?;
     if p.len() > max_len {
         p.drain(..p.len() - max_len);
@@ -264,7 +280,9 @@ pub fn answer_kl(
         // Empty answers contribute 0 (no tokens selected).
         let a = crate::train::policy_common::sequence_logps(model, &refs, pad)?;
         let b = crate::train::policy_common::sequence_logps(reference, &refs, pad)?;
-        let d = (a - b)?.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?;
+        let d = (a - b)?
+            .to_dtype(candle_core::DType::F64)?
+            .to_vec1::<f64>()?;
         out.extend(d);
     }
     Ok(out)
@@ -307,8 +325,7 @@ pub fn evaluate(
         };
     }
     let win_rate = wins2 as f64 / (2 * n) as f64;
-    let ci = crate::stats::wilson(wins2.div_ceil(2), n as u64, 0.95)
-        .context("empty evaluation")?;
+    let ci = crate::stats::wilson(wins2.div_ceil(2), n as u64, 0.95).context("empty evaluation")?;
     let mean = |v: &[f32]| v.iter().map(|x| f64::from(*x)).sum::<f64>() / v.len() as f64;
     let len = |t: &[Vec<u32>]| t.iter().map(Vec::len).sum::<usize>() as f64 / t.len() as f64;
     let samples = (0..n.min(s.samples))

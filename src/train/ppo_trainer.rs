@@ -144,7 +144,8 @@ fn score_rows(
     let lp = model
         .token_logprobs_from_hidden(&scaled, &ids, &tgt)?
         .reshape((b, w))?
-        .narrow(1, r.p, r.t)?;
+        .narrow(1, r.p, r.t)?
+        .contiguous()?;
     let values = match head {
         Some((wt, bias)) => {
             let d = hidden.dim(2)?;
@@ -184,9 +185,11 @@ pub fn train_ppo(
     let mut opt = AdamW::from_varmap(&policy.varmap, opts.adamw())?;
     let mut log = RunLog::start_or_resume(out, &root, opts.seed, &mut policy.varmap, &mut opt)?;
     let mut kl_ctl = match log.state.extra.get("ppo") {
-        Some(v) => serde_json::from_value::<PpoExtra>(v.clone())
-            .context("PPO state in the checkpoint")?
-            .kl_ctl,
+        Some(v) => {
+            serde_json::from_value::<PpoExtra>(v.clone())
+                .context("PPO state in the checkpoint")?
+                .kl_ctl
+        }
         None if po.adaptive_kl => KlController::adaptive(
             po.adaptive_kl_init,
             po.adaptive_kl_target,
@@ -216,7 +219,14 @@ pub fn train_ppo(
             .collect();
         let q = batch_prompts
             .iter()
-            .map(|p| prompt_ids(&policy.tokenizer, p, opts.max_prompt_len, eos.first().copied()))
+            .map(|p| {
+                prompt_ids(
+                    &policy.tokenizer,
+                    p,
+                    opts.max_prompt_len,
+                    eos.first().copied(),
+                )
+            })
             .collect::<Result<Vec<_>>>()?;
 
         // 1. Rollouts (no dropout, no graph).
@@ -294,7 +304,7 @@ pub fn train_ppo(
                 let (lp, vpred) =
                     score_rows(&policy.model, Some(&head), &r, &rows, po.temperature)?;
                 let vpred = vpred.context("value head output")?;
-                let sel = |t: &Tensor| t.index_select(&rows, 0);
+                let sel = |t: &Tensor| t.contiguous()?.index_select(&rows, 0);
                 let pl = ppo_loss(
                     &PpoBatch {
                         old_logprobs: &sel(&old_lp)?,
@@ -322,7 +332,10 @@ pub fn train_ppo(
         let kl = rows_mean(&gae.kl)?;
         let entropy = -rows_mean(&old_lp)?;
         let non_score = rows_mean(&gae.non_score_reward)?;
-        let score_mean = scores.to_dtype(DType::F64)?.mean_all()?.to_scalar::<f64>()?;
+        let score_mean = scores
+            .to_dtype(DType::F64)?
+            .mean_all()?
+            .to_scalar::<f64>()?;
         let avg = |f: &dyn Fn(&crate::train::losses::ppo::PpoStats) -> f64| {
             stats.iter().map(f).sum::<f64>() / stats.len() as f64
         };
