@@ -333,10 +333,15 @@ fn kto_runs_and_its_first_loss_matches_the_formula() {
     let expected = (0..n)
         .map(|i| {
             let rho = pp[i] - rr[i];
+            let (w_d, w_u, beta) = (
+                opts.kto_desirable_weight,
+                opts.kto_undesirable_weight,
+                opts.beta,
+            );
             if ex[i].label {
-                1.0 * (1.0 - sigmoid(0.5 * (rho - kl)))
+                w_d * (1.0 - sigmoid(beta * (rho - kl)))
             } else {
-                1.5 * (1.0 - sigmoid(0.5 * (kl - rho)))
+                w_u * (1.0 - sigmoid(beta * (kl - rho)))
             }
         })
         .sum::<f64>()
