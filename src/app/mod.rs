@@ -8,6 +8,7 @@ pub mod pipeline;
 pub mod train_reward;
 mod pull;
 mod store_cmd;
+pub mod train_policy;
 
 use std::path::Path;
 

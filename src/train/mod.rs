@@ -5,9 +5,14 @@
 pub mod batching;
 pub mod checkpoint;
 pub mod device;
+pub mod dpo_trainer;
 pub mod guard;
+pub mod kto_trainer;
 pub mod losses;
 pub mod optim;
+pub mod policy_common;
+pub mod policy_eval;
+pub mod ppo_trainer;
 pub mod progress;
 pub mod reward_models;
 pub mod reward_run;

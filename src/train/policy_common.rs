@@ -1,0 +1,622 @@
+//! What the three policy trainers (DPO, KTO, PPO) and the policy evaluation share: the options
+//! with their TRL defaults, the trainable policy with its frozen reference, tokenising
+//! (prompt, completion) pairs into the padded batches the decoder scores, the log and the
+//! checkpoint bookkeeping, and the safety rails (KL ceiling, non-finite values).
+//!
+//! With LoRA the reference policy is the *same* base weights without adapters: the base is
+//! loaded once as plain tensors, cloned (candle tensors are reference-counted, so the clone
+//! shares every weight buffer) and only the trainee gets adapters. Without LoRA the trainee's
+//! weights change in place, so the reference is a second, frozen copy.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use candle_core::{D, DType, Device, Tensor};
+use candle_nn::VarMap;
+use serde::{Deserialize, Serialize};
+
+use crate::model::llama::{Architecture, LlamaConfig, LlamaForCausalLM, save_pretrained};
+use crate::model::lora::{LoraAdapters, LoraConfig, LoraInit, attach_lora, load_frozen_causal_lm};
+use crate::model::tokenizer::Tokenizer;
+use crate::run_outputs::{LogLine, LogWriter, PolicyAlgo};
+use crate::train::checkpoint::{self, TrainState};
+use crate::train::optim::{AdamW, AdamWConfig, clip_grad_norm};
+
+/// PPO-specific options (TRL / N+ implementation details defaults, GUIDE §5).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PpoOptions {
+    /// Prompts rolled out per PPO step (the batch).
+    pub rollouts_per_step: usize,
+    /// Optimisation passes over each batch of rollouts.
+    pub ppo_epochs: usize,
+    pub num_minibatches: usize,
+    pub cliprange: f64,
+    pub cliprange_value: f64,
+    pub vf_coef: f64,
+    pub gamma: f64,
+    pub lam: f64,
+    /// Per-token KL coefficient; the initial one when `adaptive_kl`.
+    pub kl_coef: f64,
+    pub adaptive_kl: bool,
+    pub adaptive_kl_init: f64,
+    pub adaptive_kl_target: f64,
+    pub adaptive_kl_horizon: f64,
+    /// Added to the score of a response that never produced EOS (TRL's `missing_eos_penalty`
+    /// subtracts its positive value; here the signed value is added: -1 by default).
+    pub missing_eos_penalty: f64,
+    pub whiten_rewards: bool,
+    /// Rollout sampling temperature (TRL's default is 0.7).
+    pub temperature: f32,
+}
+
+impl Default for PpoOptions {
+    fn default() -> Self {
+        Self {
+            rollouts_per_step: 8,
+            ppo_epochs: 4,
+            num_minibatches: 1,
+            cliprange: 0.2,
+            cliprange_value: 0.2,
+            vf_coef: 0.1,
+            gamma: 1.0,
+            lam: 0.95,
+            kl_coef: 0.05,
+            adaptive_kl: false,
+            adaptive_kl_init: 0.2,
+            adaptive_kl_target: 6.0,
+            adaptive_kl_horizon: 10000.0,
+            missing_eos_penalty: -1.0,
+            whiten_rewards: false,
+            temperature: 0.7,
+        }
+    }
+}
+
+/// LoRA options as a user writes them; `None` in [`PolicyTrainOptions::lora`] trains all weights.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoraOptions {
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f32,
+    pub targets: Vec<String>,
+}
+
+impl Default for LoraOptions {
+    fn default() -> Self {
+        Self {
+            r: 8,
+            alpha: 16.0,
+            dropout: 0.05,
+            targets: vec!["q_proj".into(), "v_proj".into()],
+        }
+    }
+}
+
+impl LoraOptions {
+    pub fn to_config(&self, base_model: Option<String>) -> LoraConfig {
+        LoraConfig {
+            r: self.r,
+            alpha: self.alpha,
+            dropout: self.dropout,
+            target_modules: self.targets.clone(),
+            base_model,
+        }
+    }
+}
+
+/// Everything a policy run needs besides its data and directories.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PolicyTrainOptions {
+    pub algo: PolicyAlgo,
+    /// DPO / KTO β.
+    pub beta: f64,
+    /// Conservative DPO ε.
+    pub label_smoothing: f64,
+    /// Use the IPO loss instead of the sigmoid DPO loss.
+    pub ipo: bool,
+    /// KTO λ_D and λ_U.
+    pub kto_desirable_weight: f64,
+    pub kto_undesirable_weight: f64,
+    pub lr: f64,
+    /// Optimiser steps; `None`: `epochs` passes over the data (DPO/KTO). PPO needs steps.
+    pub max_steps: Option<u64>,
+    pub epochs: u64,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub max_prompt_len: usize,
+    pub max_completion_len: usize,
+    /// Global gradient-norm clip (TRL: 1.0).
+    pub max_grad_norm: Option<f64>,
+    pub lora: Option<LoraOptions>,
+    /// Stop with an error when the KL to the reference (per sequence, nats) passes this.
+    pub kl_ceiling: f64,
+    pub ppo: PpoOptions,
+    /// Held-out prompts answered by candidate and production in the evaluation.
+    pub eval_prompts: usize,
+    /// Greedy evaluation answers (else sampled with `seed`).
+    pub eval_greedy: bool,
+    pub checkpoint_every: u64,
+    pub seed: u64,
+    /// `cpu` (the only device this build trains on) or `cuda:N` when built with CUDA.
+    pub device: String,
+}
+
+impl Default for PolicyTrainOptions {
+    fn default() -> Self {
+        Self {
+            algo: PolicyAlgo::Dpo,
+            beta: 0.1,
+            label_smoothing: 0.0,
+            ipo: false,
+            kto_desirable_weight: 1.0,
+            kto_undesirable_weight: 1.0,
+            lr: 1e-6,
+            max_steps: None,
+            epochs: 1,
+            batch_size: 4,
+            grad_accum: 1,
+            max_prompt_len: 256,
+            max_completion_len: 128,
+            max_grad_norm: Some(1.0),
+            lora: Some(LoraOptions::default()),
+            kl_ceiling: 50.0,
+            ppo: PpoOptions::default(),
+            eval_prompts: 16,
+            eval_greedy: true,
+            checkpoint_every: 50,
+            seed: 42,
+            device: "cpu".into(),
+        }
+    }
+}
+
+impl PolicyTrainOptions {
+    /// Rejects values no loop can run with, naming the field.
+    pub fn validate(&self) -> Result<()> {
+        let pos = |name: &str, v: f64| -> Result<()> {
+            if !(v.is_finite() && v > 0.0) {
+                bail!("policy option {name} must be a positive number, got {v}");
+            }
+            Ok(())
+        };
+        pos("beta", self.beta)?;
+        pos("lr", self.lr)?;
+        pos("kl_ceiling", self.kl_ceiling)?;
+        for (name, v) in [
+            ("batch_size", self.batch_size),
+            ("grad_accum", self.grad_accum),
+            ("max_prompt_len", self.max_prompt_len),
+            ("max_completion_len", self.max_completion_len),
+            ("ppo.rollouts_per_step", self.ppo.rollouts_per_step),
+            ("ppo.ppo_epochs", self.ppo.ppo_epochs),
+            ("ppo.num_minibatches", self.ppo.num_minibatches),
+        ] {
+            if v == 0 {
+                bail!("policy option {name} must be at least 1, got 0");
+            }
+        }
+        if self.ppo.rollouts_per_step % self.ppo.num_minibatches != 0 {
+            bail!(
+                "ppo.rollouts_per_step ({}) is not a multiple of ppo.num_minibatches ({})\nhint: pick a divisor",
+                self.ppo.rollouts_per_step,
+                self.ppo.num_minibatches
+            );
+        }
+        if self.max_steps.is_none() && self.epochs == 0 {
+            bail!("policy options need max_steps or epochs ≥ 1");
+        }
+        if self.algo == PolicyAlgo::Ppo && self.max_steps.is_none() {
+            bail!("ppo needs max_steps\nhint: set max_steps (PPO has no epochs over a fixed set)");
+        }
+        Ok(())
+    }
+
+    pub fn device(&self) -> Result<Device> {
+        match self.device.as_str() {
+            "cpu" => Ok(Device::Cpu),
+            d => {
+                let n: usize = d
+                    .strip_prefix("cuda:")
+                    .and_then(|n| n.parse().ok())
+                    .with_context(|| format!("unknown device {d:?}\nhint: use cpu or cuda:0"))?;
+                Ok(Device::new_cuda(n)?)
+            }
+        }
+    }
+
+    pub fn adamw(&self) -> AdamWConfig {
+        AdamWConfig {
+            lr: self.lr,
+            weight_decay: 0.0,
+            ..AdamWConfig::default()
+        }
+    }
+}
+
+/// Why a run stopped on its own.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum RailError {
+    #[error(
+        "KL to the reference is {kl:.3} nats at step {step}, above the ceiling {ceiling}\nhint: lower the learning rate, raise beta / kl_coef, or raise kl_ceiling if the drift is intended"
+    )]
+    KlCeiling { step: u64, kl: f64, ceiling: f64 },
+    #[error(
+        "{what} is not finite ({value}) at step {step}\nhint: lower the learning rate or set max_grad_norm"
+    )]
+    NonFinite { step: u64, what: String, value: f64 },
+}
+
+/// Fails on the first non-finite value of a log line.
+pub fn check_finite(line: &LogLine) -> Result<(), RailError> {
+    match line.values.iter().find(|(_, v)| !v.is_finite()) {
+        Some((k, v)) => Err(RailError::NonFinite {
+            step: line.step,
+            what: k.clone(),
+            value: *v,
+        }),
+        None => Ok(()),
+    }
+}
+
+pub fn check_kl(step: u64, kl: f64, ceiling: f64) -> Result<(), RailError> {
+    if !kl.is_finite() {
+        return Err(RailError::NonFinite {
+            step,
+            what: "kl".into(),
+            value: kl,
+        });
+    }
+    if kl > ceiling {
+        return Err(RailError::KlCeiling { step, kl, ceiling });
+    }
+    Ok(())
+}
+
+/// The model being trained, its frozen reference and what the optimiser sees.
+pub struct Policy {
+    pub model: LlamaForCausalLM,
+    pub reference: LlamaForCausalLM,
+    /// Trainable variables only (LoRA A/B, or every weight), plus any heads a trainer adds.
+    pub varmap: VarMap,
+    pub lora: Option<LoraAdapters>,
+    pub config: LlamaConfig,
+    pub tokenizer: Tokenizer,
+    pub base_dir: PathBuf,
+}
+
+impl std::fmt::Debug for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Policy")
+            .field("base_dir", &self.base_dir)
+            .field("lora", &self.lora)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Policy {
+    /// Loads the HF causal LM in `dir` (with `tokenizer.json`) and prepares it for training.
+    pub fn load(
+        dir: &Path,
+        lora: Option<&LoraOptions>,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
+        let config = LlamaConfig::from_dir(dir)?;
+        let tok_path = dir.join("tokenizer.json");
+        let tokenizer = Tokenizer::from_file(&tok_path).with_context(|| {
+            format!(
+                "policy tokenizer {}\nhint: the policy directory needs tokenizer.json",
+                tok_path.display()
+            )
+        })?;
+        let eos = config.eos_token_ids().first().copied();
+        let tokenizer = tokenizer.with_special_ids(config.pad_token_id.or(eos), eos);
+        let varmap = VarMap::new();
+        let (model, reference, adapters) = match lora {
+            Some(l) => {
+                let base = load_frozen_causal_lm(dir, device)?;
+                // Shares the weight buffers with `base`: the reference costs no memory.
+                let reference = base.clone();
+                let mut model = base;
+                let cfg = l.to_config(Some(dir.display().to_string()));
+                let adapters = attach_lora(&mut model, &cfg, &varmap, LoraInit::Fresh { seed })?;
+                (model, reference, Some(adapters))
+            }
+            None => {
+                let p = LlamaForCausalLM::load(dir, device)?;
+                let reference = load_frozen_causal_lm(dir, device)?;
+                let data = p
+                    .varmap
+                    .data()
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("poisoned"))?;
+                let mut mine = varmap
+                    .data()
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("poisoned"))?;
+                for (k, v) in data.iter() {
+                    mine.insert(k.clone(), v.clone());
+                }
+                drop(mine);
+                drop(data);
+                (p.model, reference, None)
+            }
+        };
+        Ok(Self {
+            model,
+            reference,
+            varmap,
+            lora: adapters,
+            config,
+            tokenizer,
+            base_dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn eos_ids(&self) -> Vec<u32> {
+        self.config.eos_token_ids()
+    }
+
+    pub fn pad_id(&self) -> u32 {
+        self.config
+            .pad_token_id
+            .or_else(|| self.eos_ids().first().copied())
+            .unwrap_or(0)
+    }
+
+    /// Switches LoRA dropout (training on, generation/scoring off).
+    pub fn set_training(&self, on: bool) {
+        if let Some(l) = &self.lora {
+            l.set_training(on);
+        }
+    }
+
+    /// Writes the trained policy to `out`: a PEFT adapter directory (`out/adapter`) with LoRA,
+    /// else HF weights; the config, tokenizer files and chat template are copied so `out` loads
+    /// on its own.
+    pub fn save(&self, out: &Path) -> Result<()> {
+        std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+        match &self.lora {
+            Some(l) => {
+                // Only the adapter variables (a PPO value head stays out of the adapter).
+                l.save_peft(&out.join("adapter"), &self.varmap)?;
+                self.config.save(out, "LlamaForCausalLM")?;
+            }
+            None => {
+                let vm = VarMap::new();
+                {
+                    let src = self
+                        .varmap
+                        .data()
+                        .lock()
+                        .map_err(|_| anyhow::anyhow!("poisoned"))?;
+                    let mut dst = vm.data().lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+                    for (k, v) in src.iter().filter(|(k, _)| !k.starts_with(VALUE_HEAD)) {
+                        dst.insert(k.clone(), v.clone());
+                    }
+                }
+                save_pretrained(out, &self.config, &vm, Architecture::CausalLm)?;
+            }
+        }
+        for f in [
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "chat_template.jinja",
+            "generation_config.json",
+        ] {
+            let src = self.base_dir.join(f);
+            if src.exists() {
+                std::fs::copy(&src, out.join(f))
+                    .with_context(|| format!("copying {} to {}", src.display(), out.display()))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Variable-name prefix of the PPO value head (kept out of saved policies).
+pub const VALUE_HEAD: &str = "value_head";
+
+/// One prompt + completion, tokenised: `ids = prompt ++ completion`, the completion ending in
+/// EOS unless it was cut at `max_completion_len`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tokenised {
+    pub ids: Vec<u32>,
+    pub prompt_len: usize,
+}
+
+/// Tokenises `prompt` (kept to its last `max_prompt_len` tokens, as TRL truncates prompts from
+/// the left) and `completion` (+ EOS, cut to `max_completion_len`).
+pub fn tokenise_pair(
+    tok: &Tokenizer,
+    prompt: &str,
+    completion: &str,
+    eos: Option<u32>,
+    max_prompt_len: usize,
+    max_completion_len: usize,
+) -> Result<Tokenised> {
+    let mut p = tok.encode(prompt, false)?;
+    if p.len() > max_prompt_len {
+        p.drain(..p.len() - max_prompt_len);
+    }
+    if p.is_empty() {
+        // The first completion token needs a position to be predicted from.
+        p.push(eos.unwrap_or(0));
+    }
+    let mut c = tok.encode(completion, false)?;
+    if let Some(e) = eos {
+        c.push(e);
+    }
+    c.truncate(max_completion_len);
+    if c.is_empty() {
+        bail!("completion {completion:?} has no tokens\nhint: drop empty answers from the dataset");
+    }
+    let prompt_len = p.len();
+    p.extend(c);
+    Ok(Tokenised { ids: p, prompt_len })
+}
+
+/// Right-padded `(input_ids, attention_mask, completion_mask)` `[B, T]` for rows of tokens.
+pub fn batch_tensors(
+    rows: &[&Tokenised],
+    pad: u32,
+    device: &Device,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let t = rows.iter().map(|r| r.ids.len()).max().unwrap_or(0);
+    let b = rows.len();
+    let mut ids = vec![pad; b * t];
+    let mut att = vec![0u32; b * t];
+    let mut tgt = vec![0u32; b * t];
+    for (i, r) in rows.iter().enumerate() {
+        for (j, &x) in r.ids.iter().enumerate() {
+            ids[i * t + j] = x;
+            att[i * t + j] = 1;
+            tgt[i * t + j] = u32::from(j >= r.prompt_len);
+        }
+    }
+    Ok((
+        Tensor::from_vec(ids, (b, t), device)?,
+        Tensor::from_vec(att, (b, t), device)?,
+        Tensor::from_vec(tgt, (b, t), device)?,
+    ))
+}
+
+/// Sequence log-probs `[B]` of the completion tokens of `rows` under `model`.
+pub fn sequence_logps(model: &LlamaForCausalLM, rows: &[&Tokenised], pad: u32) -> Result<Tensor> {
+    let dev = model.lm_head_weight().device();
+    let (ids, att, tgt) = batch_tensors(rows, pad, dev)?;
+    Ok(model.sequence_logprobs(&ids, Some(&att), &tgt)?)
+}
+
+/// [`sequence_logps`] under the frozen reference, detached, in chunks of `chunk` rows.
+pub fn reference_logps(
+    reference: &LlamaForCausalLM,
+    rows: &[&Tokenised],
+    pad: u32,
+    chunk: usize,
+) -> Result<Vec<f32>> {
+    let mut out = Vec::with_capacity(rows.len());
+    for c in rows.chunks(chunk.max(1)) {
+        out.extend(
+            sequence_logps(reference, c, pad)?
+                .detach()
+                .to_vec1::<f32>()?,
+        );
+    }
+    Ok(out)
+}
+
+/// A deterministic permutation of `0..n` for `epoch` (ChaCha seeded by `seed` and `epoch`), so
+/// a resumed run visits the data in the same order.
+pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+    use rand::SeedableRng;
+    use rand::seq::SliceRandom;
+    let mut rng =
+        rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut v: Vec<usize> = (0..n).collect();
+    v.shuffle(&mut rng);
+    v
+}
+
+/// Loop state shared by the trainers: the checkpointed [`TrainState`], the log lines so far
+/// (kept in the state so a resumed run rewrites the full `log.jsonl`) and the writer.
+pub struct RunLog {
+    pub state: TrainState,
+    pub lines: Vec<LogLine>,
+    writer: LogWriter,
+}
+
+impl RunLog {
+    /// Starts a fresh log in `out`, or resumes from the newest checkpoint under `ckpt_root`
+    /// (loading weights and optimiser state into `varmap`/`opt`).
+    pub fn start_or_resume(
+        out: &Path,
+        ckpt_root: &Path,
+        seed: u64,
+        varmap: &mut VarMap,
+        opt: &mut AdamW,
+    ) -> Result<Self> {
+        let (state, lines) = match checkpoint::latest(ckpt_root)? {
+            Some(dir) => {
+                let state = checkpoint::load(&dir, varmap, opt)?;
+                let lines: Vec<LogLine> = match state.extra.get("log") {
+                    Some(v) => serde_json::from_value(v.clone()).context("checkpoint log lines")?,
+                    None => Vec::new(),
+                };
+                tracing::info!(dir = %dir.display(), step = state.step, "resuming policy training");
+                (state, lines)
+            }
+            None => (TrainState::new(seed), Vec::new()),
+        };
+        let mut writer = LogWriter::create(out)?;
+        for l in &lines {
+            writer.write(l)?;
+        }
+        Ok(Self {
+            state,
+            lines,
+            writer,
+        })
+    }
+
+    pub fn push(&mut self, line: LogLine) -> Result<()> {
+        check_finite(&line)?;
+        self.writer.write(&line)?;
+        self.lines.push(line);
+        Ok(())
+    }
+
+    /// Saves a checkpoint with `extra` trainer state (the log lines are added here).
+    pub fn checkpoint(
+        &mut self,
+        ckpt_root: &Path,
+        varmap: &VarMap,
+        opt: &AdamW,
+        mut extra: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<PathBuf> {
+        extra.insert("log".into(), serde_json::to_value(&self.lines)?);
+        self.state.extra = serde_json::Value::Object(extra);
+        let dir = checkpoint::save(ckpt_root, &self.state, varmap, opt)?;
+        checkpoint::prune(ckpt_root, 2)?;
+        Ok(dir)
+    }
+}
+
+/// `backward`, gradient guard, optional clip and AdamW step; returns the gradient norm.
+pub fn optimiser_step(
+    opt: &mut AdamW,
+    loss: &Tensor,
+    step: u64,
+    max_grad_norm: Option<f64>,
+) -> Result<f64> {
+    crate::train::guard::check_loss(step, loss)?;
+    let mut grads = loss.backward()?;
+    let params: Vec<(String, candle_core::Var)> = opt
+        .params()
+        .into_iter()
+        .map(|(n, v)| (n.to_string(), v.clone()))
+        .collect();
+    let refs: Vec<(&str, &candle_core::Var)> =
+        params.iter().map(|(n, v)| (n.as_str(), v)).collect();
+    crate::train::guard::check_grads(step, &grads, &refs)?;
+    let norm = match max_grad_norm {
+        Some(m) => clip_grad_norm(&mut grads, &refs, m)?,
+        None => crate::train::optim::grad_norm(&grads, params.iter().map(|(_, v)| v))?,
+    };
+    opt.step(&grads)?;
+    Ok(norm)
+}
+
+/// Mean of a 1-d tensor as f64.
+pub fn mean_f64(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(DType::F64)?.mean_all()?.to_scalar::<f64>()?)
+}
+
+/// Per-row sums of `[B, T]` as f64.
+pub fn row_sums(t: &Tensor) -> Result<Vec<f64>> {
+    Ok(t.to_dtype(DType::F64)?.sum(D::Minus1)?.to_vec1::<f64>()?)
+}

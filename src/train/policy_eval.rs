@@ -1,0 +1,352 @@
+//! Evaluating a candidate policy against production before it may be promoted, and the reward
+//! scorer that both this evaluation and PPO read rewards from.
+//!
+//! On held-out prompts the candidate and the production policy each answer (greedy, or sampled
+//! with a fixed seed); the reward model scores both answers; the candidate wins a prompt when
+//! its score is higher (a tie counts half). The report carries the win rate with a 95% Wilson
+//! interval (so a reviewer sees how much 16 prompts can say), the mean rewards, the mean KL of
+//! the candidate's answers to the reference (sum over answer tokens of
+//! `log π(y) − log π_ref(y)`, a Monte-Carlo estimate of KL(π‖π_ref) when answers are sampled),
+//! mean answer lengths, and a few sample pairs.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use candle_core::{D, Device, Tensor};
+
+use crate::model::bert::BertRewardModel;
+use crate::model::generate::{GenerationConfig, generate};
+use crate::model::llama::{LlamaForCausalLM, LlamaForSequenceClassification};
+use crate::model::sampling::SamplingParams;
+use crate::model::tokenizer::Tokenizer;
+use crate::run_outputs::{PolicyEval, PolicySample};
+
+/// A trained reward model (from `train reward`), scoring (prompt + answer) texts.
+pub enum RewardScorer {
+    /// `LlamaForSequenceClassification`, read at the last non-pad token. Without its own
+    /// `tokenizer.json` it must share the policy's vocabulary and is fed the policy's token ids.
+    Llama {
+        model: LlamaForSequenceClassification,
+        tokenizer: Option<Tokenizer>,
+        score_weight: Option<Tensor>,
+    },
+    /// A BERT encoder with a score head (`BertRewardModel`).
+    Bert(Box<BertRewardModel>, Device),
+}
+
+impl std::fmt::Debug for RewardScorer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Llama { .. } => f.write_str("RewardScorer::Llama"),
+            Self::Bert(..) => f.write_str("RewardScorer::Bert"),
+        }
+    }
+}
+
+impl RewardScorer {
+    /// Loads a reward-model directory; `config.json`'s `model_type` picks the architecture.
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let cfg_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&cfg_path).with_context(|| {
+            format!(
+                "reading {}\nhint: pass the output directory of `train reward`",
+                cfg_path.display()
+            )
+        })?;
+        let cfg: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("parsing {}", cfg_path.display()))?;
+        match cfg.get("model_type").and_then(|v| v.as_str()) {
+            Some("bert") => Ok(Self::Bert(
+                Box::new(BertRewardModel::load(dir, &[], device)?),
+                device.clone(),
+            )),
+            Some("llama" | "qwen2") | None => {
+                let p = LlamaForSequenceClassification::load(dir, Some(1), None, device)?;
+                let tok_path = dir.join("tokenizer.json");
+                let tokenizer = if tok_path.exists() {
+                    Some(Tokenizer::from_file(&tok_path)?.with_special_ids(
+                        p.config.pad_token_id,
+                        p.config.eos_token_ids().first().copied(),
+                    ))
+                } else {
+                    None
+                };
+                let score_weight = p
+                    .varmap
+                    .data()
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("poisoned"))?
+                    .get("score.weight")
+                    .map(|v| v.as_tensor().detach());
+                Ok(Self::Llama {
+                    model: p.model,
+                    tokenizer,
+                    score_weight,
+                })
+            }
+            Some(other) => bail!(
+                "reward model type {other:?} in {} is not supported\nhint: use a llama or bert reward model from `train reward`",
+                cfg_path.display()
+            ),
+        }
+    }
+
+    /// The `[1, hidden]` score head, to start a value head from (Llama reward models only).
+    pub fn score_weight(&self) -> Option<&Tensor> {
+        match self {
+            Self::Llama { score_weight, .. } => score_weight.as_ref(),
+            Self::Bert(..) => None,
+        }
+    }
+
+    /// Scores rows given both as policy token ids (prompt + answer) and as text; each
+    /// architecture reads the form it can.
+    pub fn score(&self, ids: &[Vec<u32>], texts: &[String]) -> Result<Vec<f32>> {
+        if ids.len() != texts.len() {
+            bail!("{} id rows for {} texts", ids.len(), texts.len());
+        }
+        match self {
+            Self::Llama {
+                model, tokenizer, ..
+            } => {
+                let cfg = model.config();
+                let pad = cfg
+                    .pad_token_id
+                    .or_else(|| cfg.eos_token_ids().first().copied())
+                    .unwrap_or(0);
+                let rows: Vec<Vec<u32>> = match tokenizer {
+                    Some(t) => texts
+                        .iter()
+                        .map(|x| t.encode(x, false).map_err(anyhow::Error::from))
+                        .collect::<Result<_>>()?,
+                    None => ids.to_vec(),
+                };
+                if let Some(bad) = rows
+                    .iter()
+                    .flatten()
+                    .find(|&&x| x as usize >= cfg.vocab_size)
+                {
+                    bail!(
+                        "token id {bad} is outside the reward model's vocabulary ({})\nhint: give the reward model directory its tokenizer.json",
+                        cfg.vocab_size
+                    );
+                }
+                let dev = model.model().embed_weight().device().clone();
+                let t = rows.iter().map(Vec::len).max().unwrap_or(1).max(1);
+                let b = rows.len();
+                let mut flat = vec![pad; b * t];
+                let mut mask = vec![0u32; b * t];
+                for (i, r) in rows.iter().enumerate() {
+                    for (j, &x) in r.iter().enumerate() {
+                        flat[i * t + j] = x;
+                        mask[i * t + j] = 1;
+                    }
+                }
+                let ids = Tensor::from_vec(flat, (b, t), &dev)?;
+                let mask = Tensor::from_vec(mask, (b, t), &dev)?;
+                let out = model.forward(&ids, Some(&mask))?;
+                Ok(out
+                    .logits
+                    .narrow(D::Minus1, 0, 1)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?)
+            }
+            Self::Bert(m, dev) => {
+                let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+                let batch = m.encode(&refs, dev)?;
+                Ok(m.forward(&batch, false)?.score.to_vec1::<f32>()?)
+            }
+        }
+    }
+}
+
+/// Answers of one policy to the evaluation prompts.
+#[derive(Debug, Clone)]
+pub struct Answers {
+    pub texts: Vec<String>,
+    pub tokens: Vec<Vec<u32>>,
+    pub scores: Vec<f32>,
+}
+
+/// How the policies answer during evaluation.
+#[derive(Debug, Clone)]
+pub struct EvalSettings {
+    pub max_new_tokens: usize,
+    pub max_prompt_len: usize,
+    pub greedy: bool,
+    pub seed: u64,
+    pub batch_size: usize,
+    /// Sample pairs kept in the report.
+    pub samples: usize,
+}
+
+/// Generates and scores answers of `model` to `prompts`.
+pub fn answer(
+    model: &LlamaForCausalLM,
+    tokenizer: &Tokenizer,
+    rm: &RewardScorer,
+    prompts: &[String],
+    s: &EvalSettings,
+) -> Result<Answers> {
+    let cfg = model.config();
+    let eos = cfg.eos_token_ids();
+    let pad = cfg
+        .pad_token_id
+        .or_else(|| eos.first().copied())
+        .unwrap_or(0);
+    let mut out = Answers {
+        texts: vec![],
+        tokens: vec![],
+        scores: vec![],
+    };
+    for (c, chunk) in prompts.chunks(s.batch_size.max(1)).enumerate() {
+        let ids = chunk
+            .iter()
+            .map(|p| prompt_ids(tokenizer, p, s.max_prompt_len, eos.first().copied()))
+            .collect::<Result<Vec<_>>>()?;
+        let gen_cfg = GenerationConfig {
+            max_new_tokens: s.max_new_tokens,
+            sampling: if s.greedy {
+                SamplingParams::greedy()
+            } else {
+                SamplingParams::default()
+            },
+            seed: s.seed.wrapping_add(c as u64),
+            stop_token_ids: eos.clone(),
+            pad_token_id: pad,
+            use_cache: true,
+        };
+        let g = generate(model, &ids, &gen_cfg)?;
+        let texts = g.texts(tokenizer.inner(), true)?;
+        let full_ids: Vec<Vec<u32>> = ids
+            .iter()
+            .zip(&g.tokens)
+            .map(|(p, r)| p.iter().chain(r).copied().collect())
+            .collect();
+        let full_texts: Vec<String> = chunk
+            .iter()
+            .zip(&texts)
+            .map(|(p, a)| format!("{p}{a}"))
+            .collect();
+        out.scores.extend(rm.score(&full_ids, &full_texts)?);
+        out.texts.extend(texts);
+        out.tokens.extend(g.tokens);
+    }
+    Ok(out)
+}
+
+/// Prompt token ids, keeping the last `max_len` (never empty: generation needs a position).
+pub fn prompt_ids(
+    tok: &Tokenizer,
+    prompt: &str,
+    max_len: usize,
+    eos: Option<u32>,
+) -> Result<Vec<u32>> {
+    let mut p = tok.encode(prompt, false)?;
+    if p.len() > max_len {
+        p.drain(..p.len() - max_len);
+    }
+    if p.is_empty() {
+        p.push(eos.unwrap_or(0));
+    }
+    Ok(p)
+}
+
+/// Sum over answer tokens of `log π(y) − log π_ref(y)` per answer.
+pub fn answer_kl(
+    model: &LlamaForCausalLM,
+    reference: &LlamaForCausalLM,
+    tokenizer: &Tokenizer,
+    prompts: &[String],
+    answers: &[Vec<u32>],
+    max_prompt_len: usize,
+    batch_size: usize,
+) -> Result<Vec<f64>> {
+    let eos = model.config().eos_token_ids().first().copied();
+    let pad = model.config().pad_token_id.or(eos).unwrap_or(0);
+    let mut out = Vec::with_capacity(prompts.len());
+    let items: Vec<(usize, &String)> = prompts.iter().enumerate().collect();
+    for chunk in items.chunks(batch_size.max(1)) {
+        let rows = chunk
+            .iter()
+            .map(|(i, p)| {
+                let mut ids = prompt_ids(tokenizer, p, max_prompt_len, eos)?;
+                let prompt_len = ids.len();
+                ids.extend(&answers[*i]);
+                Ok(crate::train::policy_common::Tokenised { ids, prompt_len })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let refs: Vec<_> = rows.iter().collect();
+        // Empty answers contribute 0 (no tokens selected).
+        let a = crate::train::policy_common::sequence_logps(model, &refs, pad)?;
+        let b = crate::train::policy_common::sequence_logps(reference, &refs, pad)?;
+        let d = (a - b)?
+            .to_dtype(candle_core::DType::F64)?
+            .to_vec1::<f64>()?;
+        out.extend(d);
+    }
+    Ok(out)
+}
+
+/// The whole evaluation: candidate vs production on `prompts`, scored by `rm`.
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate(
+    candidate: &LlamaForCausalLM,
+    production: &LlamaForCausalLM,
+    reference: &LlamaForCausalLM,
+    tokenizer: &Tokenizer,
+    rm: &RewardScorer,
+    prompts: &[String],
+    s: &EvalSettings,
+) -> Result<PolicyEval> {
+    if prompts.is_empty() {
+        bail!("no evaluation prompts\nhint: hold out some prompts (eval_prompts > 0)");
+    }
+    let cand = answer(candidate, tokenizer, rm, prompts, s)?;
+    let prod = answer(production, tokenizer, rm, prompts, s)?;
+    let kls = answer_kl(
+        candidate,
+        reference,
+        tokenizer,
+        prompts,
+        &cand.tokens,
+        s.max_prompt_len,
+        s.batch_size,
+    )?;
+    let n = prompts.len();
+    let mut wins2 = 0u64; // twice the wins, so a tie adds 1
+    for (c, p) in cand.scores.iter().zip(&prod.scores) {
+        wins2 += if c > p {
+            2
+        } else if c == p {
+            1
+        } else {
+            0
+        };
+    }
+    let win_rate = wins2 as f64 / (2 * n) as f64;
+    let ci = crate::stats::wilson(wins2.div_ceil(2), n as u64, 0.95).context("empty evaluation")?;
+    let mean = |v: &[f32]| v.iter().map(|x| f64::from(*x)).sum::<f64>() / v.len() as f64;
+    let len = |t: &[Vec<u32>]| t.iter().map(Vec::len).sum::<usize>() as f64 / t.len() as f64;
+    let samples = (0..n.min(s.samples))
+        .map(|i| PolicySample {
+            prompt: prompts[i].clone(),
+            candidate: cand.texts[i].clone(),
+            production: Some(prod.texts[i].clone()),
+            candidate_reward: f64::from(cand.scores[i]),
+            production_reward: Some(f64::from(prod.scores[i])),
+        })
+        .collect();
+    Ok(PolicyEval {
+        win_rate,
+        win_rate_low: ci.low,
+        win_rate_high: ci.high,
+        n: n as u64,
+        mean_reward: mean(&cand.scores),
+        production_mean_reward: Some(mean(&prod.scores)),
+        kl: kls.iter().sum::<f64>() / n as f64,
+        response_length: len(&cand.tokens),
+        production_response_length: Some(len(&prod.tokens)),
+        samples,
+    })
+}

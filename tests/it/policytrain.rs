@@ -1,0 +1,547 @@
+//! Policy optimisation loops (DPO, KTO, PPO), their safety rails, checkpoint/resume, and the
+//! policy evaluation, all on the tiny random Llama in `tests/fixtures/tiny-llama-policy`
+//! (2 layers, hidden 16, SmolLM2's 49k vocabulary) and the tiny reward model in
+//! `tests/fixtures/tiny-llama-rm`.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use rlhf_bot::app::train_policy::{TrainPolicyRequest, train_policy};
+use rlhf_bot::model::lora::load_frozen_causal_lm;
+use rlhf_bot::run_outputs::{LogLine, PolicyAlgo, PolicyRunOutput};
+use rlhf_bot::train::dpo_trainer::{PreferenceExample, train_dpo};
+use rlhf_bot::train::kto_trainer::{PointwiseExample, kl_partner, train_kto};
+use rlhf_bot::train::policy_common::{
+    LoraOptions, Policy, PolicyTrainOptions, PpoOptions, RailError, Tokenised, epoch_order,
+    sequence_logps, tokenise_pair,
+};
+use rlhf_bot::train::policy_eval::{EvalSettings, RewardScorer, evaluate};
+use rlhf_bot::train::ppo_trainer::train_ppo;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn policy_dir() -> PathBuf {
+    fixtures().join("tiny-llama-policy")
+}
+
+fn rm_dir() -> PathBuf {
+    fixtures().join("tiny-llama-rm")
+}
+
+fn toy_pairs() -> Vec<PreferenceExample> {
+    [
+        (
+            "What is a carbon tax?",
+            "A price on emissions.",
+            "Bananas are yellow.",
+        ),
+        (
+            "Define GDP.",
+            "Total output of an economy.",
+            "I like trains.",
+        ),
+        ("What is inflation?", "Rising prices over time.", "Purple."),
+        ("What is a tariff?", "A tax on imports.", "No idea, sorry."),
+    ]
+    .iter()
+    .map(|(p, c, r)| PreferenceExample {
+        prompt: format!("User: {p}\nAssistant:"),
+        chosen: format!(" {c}"),
+        rejected: format!(" {r}"),
+    })
+    .collect()
+}
+
+fn dpo_opts(steps: u64) -> PolicyTrainOptions {
+    PolicyTrainOptions {
+        algo: PolicyAlgo::Dpo,
+        lr: 5e-2,
+        max_steps: Some(steps),
+        batch_size: 2,
+        grad_accum: 2,
+        max_prompt_len: 32,
+        max_completion_len: 16,
+        lora: Some(LoraOptions {
+            r: 4,
+            alpha: 8.0,
+            dropout: 0.0,
+            targets: vec!["q_proj".into(), "v_proj".into(), "up_proj".into()],
+        }),
+        checkpoint_every: 1000,
+        ..PolicyTrainOptions::default()
+    }
+}
+
+fn series(log: &[LogLine], key: &str) -> Vec<f64> {
+    log.iter().filter_map(|l| l.get(key)).collect()
+}
+
+#[test]
+fn dpo_loss_falls_and_margin_grows_on_a_toy_set() {
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = dpo_opts(12);
+    let mut policy = Policy::load(&policy_dir(), opts.lora.as_ref(), 1, &Device::Cpu).unwrap();
+    let out = train_dpo(&mut policy, &toy_pairs(), &opts, tmp.path()).unwrap();
+    assert_eq!(out.steps, 12);
+    let loss = series(&out.log, "loss");
+    let margin = series(&out.log, "rewards/margins");
+    assert_eq!(loss.len(), 12);
+    // Step 1: the policy equals the reference, so the loss is exactly ln 2 and the margin 0.
+    assert!((loss[0] - std::f64::consts::LN_2).abs() < 1e-4, "{loss:?}");
+    assert!(margin[0].abs() < 1e-4, "{margin:?}");
+    assert!(loss[11] < loss[0] - 0.05, "loss did not fall: {loss:?}");
+    // β = 0.1: a margin of 0.1 is a one-nat gap between the chosen and rejected log-ratios.
+    assert!(margin[11] > 0.1, "margin did not grow: {margin:?}");
+    assert!(
+        margin.windows(2).filter(|w| w[1] > w[0]).count() >= 9,
+        "{margin:?}"
+    );
+    assert_eq!(series(&out.log, "rewards/accuracies")[11], 1.0);
+    for k in [
+        "rewards/chosen",
+        "rewards/rejected",
+        "logps/chosen",
+        "logps/rejected",
+    ] {
+        assert_eq!(series(&out.log, k).len(), 12, "{k} missing from the log");
+    }
+    // log.jsonl on disk carries the same lines.
+    // (JSON round-trips may move a float by one ulp.)
+    let on_disk = rlhf_bot::run_outputs::read_log(tmp.path()).unwrap();
+    assert_eq!(on_disk.len(), out.log.len());
+    for (a, b) in on_disk.iter().zip(&out.log) {
+        assert_eq!(a.step, b.step);
+        assert_eq!(a.values.len(), b.values.len());
+        for (k, v) in &a.values {
+            assert!(
+                (v - b.get(k).unwrap()).abs() <= 1e-12 * (1.0 + v.abs()),
+                "{k}"
+            );
+        }
+    }
+}
+
+#[test]
+fn dpo_stop_and_resume_equals_one_run() {
+    let pairs = toy_pairs();
+    let one = tempfile::tempdir().unwrap();
+    let mut p1 = Policy::load(&policy_dir(), dpo_opts(4).lora.as_ref(), 1, &Device::Cpu).unwrap();
+    let full = train_dpo(&mut p1, &pairs, &dpo_opts(4), one.path()).unwrap();
+
+    let two = tempfile::tempdir().unwrap();
+    let mut p2 = Policy::load(&policy_dir(), dpo_opts(2).lora.as_ref(), 1, &Device::Cpu).unwrap();
+    train_dpo(&mut p2, &pairs, &dpo_opts(2), two.path()).unwrap();
+    drop(p2);
+    // A new process: fresh adapters, then resumed from the step-2 checkpoint.
+    let mut p3 = Policy::load(&policy_dir(), dpo_opts(4).lora.as_ref(), 99, &Device::Cpu).unwrap();
+    let resumed = train_dpo(&mut p3, &pairs, &dpo_opts(4), two.path()).unwrap();
+
+    assert_eq!(resumed.steps, 4);
+    assert_eq!(resumed.log.len(), 4);
+    for (a, b) in full.log.iter().zip(&resumed.log) {
+        assert_eq!(a.step, b.step);
+        for (k, v) in &a.values {
+            let w = b.get(k).unwrap();
+            assert!(
+                (v - w).abs() <= 1e-6 * (1.0 + v.abs()),
+                "step {} {k}: {v} vs {w}",
+                a.step
+            );
+        }
+    }
+    assert_vars_close(&p1, &p3);
+}
+
+fn assert_vars_close(a: &Policy, b: &Policy) {
+    let da = a.varmap.data().lock().unwrap();
+    let db = b.varmap.data().lock().unwrap();
+    assert_eq!(da.len(), db.len());
+    for (k, va) in da.iter() {
+        let vb = db.get(k).unwrap();
+        let diff = (va.as_tensor() - vb.as_tensor())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-6, "{k} differs by {diff}");
+    }
+}
+
+#[test]
+fn kl_ceiling_rail_stops_the_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = PolicyTrainOptions {
+        lr: 0.5,
+        kl_ceiling: 0.01,
+        ..dpo_opts(20)
+    };
+    let mut policy = Policy::load(&policy_dir(), opts.lora.as_ref(), 1, &Device::Cpu).unwrap();
+    let err = train_dpo(&mut policy, &toy_pairs(), &opts, tmp.path()).unwrap_err();
+    let rail = err.downcast_ref::<RailError>().expect("a rail error");
+    match rail {
+        RailError::KlCeiling { step, kl, ceiling } => {
+            assert!(*step < 20);
+            assert!(kl > ceiling);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(err.to_string().contains("hint:"));
+}
+
+#[test]
+fn lora_training_changes_only_adapters() {
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = dpo_opts(3);
+    let mut policy = Policy::load(&policy_dir(), opts.lora.as_ref(), 1, &Device::Cpu).unwrap();
+    let before: Vec<(String, Vec<f32>)> = policy_weights(&policy);
+    {
+        let vars = policy.varmap.data().lock().unwrap();
+        assert!(
+            vars.keys()
+                .all(|k| k.contains("lora_A") || k.contains("lora_B"))
+        );
+        assert_eq!(vars.len(), 2 * 3 * policy.config.num_hidden_layers);
+    }
+    let b0 = lora_b_abs_sum(&policy);
+    assert_eq!(b0, 0.0, "LoRA B starts at zero");
+    train_dpo(&mut policy, &toy_pairs(), &opts, tmp.path()).unwrap();
+    assert!(lora_b_abs_sum(&policy) > 0.0, "adapters did not move");
+    // Base weights, read through the frozen reference (the same buffers), did not change.
+    assert_eq!(before, policy_weights(&policy));
+    // The saved policy is a PEFT adapter plus config and tokenizer.
+    let saved = tmp.path().join("policy");
+    policy.save(&saved).unwrap();
+    assert!(saved.join("adapter/adapter_model.safetensors").exists());
+    assert!(saved.join("adapter/adapter_config.json").exists());
+    assert!(saved.join("tokenizer.json").exists());
+}
+
+fn policy_weights(p: &Policy) -> Vec<(String, Vec<f32>)> {
+    let emb = p.reference.lm_head_weight().flatten_all().unwrap();
+    let emb: Vec<f32> = emb.narrow(0, 0, 64).unwrap().to_vec1().unwrap();
+    let base = candle_core::safetensors::load(policy_dir().join("model.safetensors"), &Device::Cpu)
+        .unwrap();
+    let file_emb: Vec<f32> = base["model.embed_tokens.weight"]
+        .flatten_all()
+        .unwrap()
+        .narrow(0, 0, 64)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert_eq!(emb, file_emb);
+    // The reference's logits on a fixed input stand for every base weight at once.
+    let ids = candle_core::Tensor::new(&[[1u32, 5, 9, 200, 3000]], &Device::Cpu).unwrap();
+    let logits: Vec<f32> = p
+        .reference
+        .forward(&ids, None)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .narrow(0, 0, 256)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    vec![("embed".into(), emb), ("ref_logits".into(), logits)]
+}
+
+fn lora_b_abs_sum(p: &Policy) -> f64 {
+    let vars = p.varmap.data().lock().unwrap();
+    vars.iter()
+        .filter(|(k, _)| k.contains("lora_B"))
+        .map(|(_, v)| {
+            v.as_tensor()
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap() as f64
+        })
+        .sum()
+}
+
+// ---------------------------------------------------------------- KTO
+
+fn thumbs() -> Vec<PointwiseExample> {
+    toy_pairs()
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| PointwiseExample {
+            prompt: p.prompt,
+            completion: if i % 2 == 0 { p.chosen } else { p.rejected },
+            label: i % 2 == 0,
+        })
+        .collect()
+}
+
+fn sigmoid(x: f64) -> f64 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+#[test]
+fn kto_runs_and_its_first_loss_matches_the_formula() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ex = thumbs();
+    let opts = PolicyTrainOptions {
+        algo: PolicyAlgo::Kto,
+        beta: 0.5,
+        kto_desirable_weight: 1.0,
+        kto_undesirable_weight: 1.5,
+        batch_size: ex.len(),
+        grad_accum: 1,
+        ..dpo_opts(3)
+    };
+    let mut policy = Policy::load(&policy_dir(), opts.lora.as_ref(), 1, &Device::Cpu).unwrap();
+    // A reference that differs from the policy, so that ρ and the KL point are not zero.
+    policy.reference =
+        load_frozen_causal_lm(&fixtures().join("tiny-llama-ref"), &Device::Cpu).unwrap();
+
+    // Expected step-1 loss from TRL's formula, computed here from sequence log-probs.
+    let eos = policy.eos_ids().first().copied();
+    let pad = policy.pad_id();
+    let tk = |p: &str, c: &str| tokenise_pair(&policy.tokenizer, p, c, eos, 32, 16).unwrap();
+    let lp = |m: &rlhf_bot::model::llama::LlamaForCausalLM, rows: &[Tokenised]| -> Vec<f64> {
+        let refs: Vec<&Tokenised> = rows.iter().collect();
+        sequence_logps(m, &refs, pad)
+            .unwrap()
+            .to_dtype(candle_core::DType::F64)
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let order = epoch_order(ex.len(), opts.seed, 0);
+    let n = ex.len();
+    let kl_rows: Vec<Tokenised> = (0..n)
+        .map(|j| {
+            tk(
+                &ex[order[j]].prompt,
+                &ex[order[kl_partner(j, n)]].completion,
+            )
+        })
+        .collect();
+    let (pk, rk) = (lp(&policy.model, &kl_rows), lp(&policy.reference, &kl_rows));
+    let kl = ((0..n).map(|j| pk[j] - rk[j]).sum::<f64>() / n as f64).max(0.0);
+    let rows: Vec<Tokenised> = ex.iter().map(|e| tk(&e.prompt, &e.completion)).collect();
+    let (pp, rr) = (lp(&policy.model, &rows), lp(&policy.reference, &rows));
+    let expected = (0..n)
+        .map(|i| {
+            let rho = pp[i] - rr[i];
+            let (w_d, w_u, beta) = (
+                opts.kto_desirable_weight,
+                opts.kto_undesirable_weight,
+                opts.beta,
+            );
+            if ex[i].label {
+                w_d * (1.0 - sigmoid(beta * (rho - kl)))
+            } else {
+                w_u * (1.0 - sigmoid(beta * (kl - rho)))
+            }
+        })
+        .sum::<f64>()
+        / n as f64;
+
+    let out = train_kto(&mut policy, &ex, &opts, tmp.path()).unwrap();
+    assert_eq!(out.steps, 3);
+    let first = &out.log[0];
+    assert!(
+        (first.get("loss").unwrap() - expected).abs() < 1e-5,
+        "{} vs {expected}",
+        first.get("loss").unwrap()
+    );
+    assert!((first.get("kl").unwrap() - kl).abs() < 1e-5);
+    for l in &out.log {
+        for k in [
+            "loss",
+            "kl",
+            "rewards/chosen",
+            "rewards/rejected",
+            "rewards/margins",
+        ] {
+            assert!(l.get(k).unwrap().is_finite(), "{k} at step {}", l.step);
+        }
+    }
+}
+
+// ---------------------------------------------------------------- PPO
+
+fn ppo_opts(steps: u64) -> PolicyTrainOptions {
+    PolicyTrainOptions {
+        algo: PolicyAlgo::Ppo,
+        lr: 1e-2,
+        max_steps: Some(steps),
+        max_prompt_len: 32,
+        max_completion_len: 6,
+        ppo: PpoOptions {
+            rollouts_per_step: 4,
+            ppo_epochs: 2,
+            num_minibatches: 2,
+            temperature: 1.0,
+            ..PpoOptions::default()
+        },
+        ..dpo_opts(steps)
+    }
+}
+
+fn prompts() -> Vec<String> {
+    toy_pairs()
+        .into_iter()
+        .map(|p| p.prompt)
+        .chain(["User: Hi\nAssistant:".to_string()])
+        .collect()
+}
+
+const PPO_KEYS: [&str; 9] = [
+    "objective/kl",
+    "objective/entropy",
+    "objective/rlhf_reward",
+    "objective/scores",
+    "policy/approxkl_avg",
+    "policy/clipfrac_avg",
+    "loss/policy_avg",
+    "loss/value_avg",
+    "val/clipfrac_avg",
+];
+
+#[test]
+fn ppo_runs_two_steps_with_finite_trl_metrics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = ppo_opts(2);
+    let mut policy = Policy::load(&policy_dir(), opts.lora.as_ref(), 1, &Device::Cpu).unwrap();
+    let rm = RewardScorer::load(&rm_dir(), &Device::Cpu).unwrap();
+    let out = train_ppo(&mut policy, &rm, &prompts(), &opts, tmp.path()).unwrap();
+    assert_eq!(out.steps, 2);
+    assert_eq!(out.log.len(), 2);
+    for l in &out.log {
+        for k in PPO_KEYS {
+            let v = l
+                .get(k)
+                .unwrap_or_else(|| panic!("{k} missing at step {}", l.step));
+            assert!(v.is_finite(), "{k} = {v} at step {}", l.step);
+        }
+        // The policy's first update happens inside step 1, after the rollouts: KL starts at 0.
+        assert!(l.get("objective/entropy").unwrap() > 0.0);
+    }
+    assert!(out.log[0].get("objective/kl").unwrap().abs() < 1e-4);
+    // The value head is trained but never saved into the policy.
+    assert!(
+        policy
+            .varmap
+            .data()
+            .lock()
+            .unwrap()
+            .contains_key("value_head.weight")
+    );
+    policy.save(&tmp.path().join("policy")).unwrap();
+    let saved = candle_core::safetensors::load(
+        tmp.path().join("policy/adapter/adapter_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert!(saved.keys().all(|k| k.contains("lora_")));
+}
+
+#[test]
+fn ppo_stop_and_resume_equals_one_run() {
+    let rm = RewardScorer::load(&rm_dir(), &Device::Cpu).unwrap();
+    let one = tempfile::tempdir().unwrap();
+    let mut p1 = Policy::load(&policy_dir(), ppo_opts(3).lora.as_ref(), 1, &Device::Cpu).unwrap();
+    let full = train_ppo(&mut p1, &rm, &prompts(), &ppo_opts(3), one.path()).unwrap();
+
+    let two = tempfile::tempdir().unwrap();
+    let mut p2 = Policy::load(&policy_dir(), ppo_opts(1).lora.as_ref(), 1, &Device::Cpu).unwrap();
+    train_ppo(&mut p2, &rm, &prompts(), &ppo_opts(1), two.path()).unwrap();
+    drop(p2);
+    let mut p3 = Policy::load(&policy_dir(), ppo_opts(3).lora.as_ref(), 7, &Device::Cpu).unwrap();
+    let resumed = train_ppo(&mut p3, &rm, &prompts(), &ppo_opts(3), two.path()).unwrap();
+    assert_eq!(resumed.log.len(), 3);
+    for (a, b) in full.log.iter().zip(&resumed.log) {
+        for (k, v) in &a.values {
+            let w = b.get(k).unwrap();
+            assert!(
+                (v - w).abs() <= 1e-5 * (1.0 + v.abs()),
+                "step {} {k}: {v} vs {w}",
+                a.step
+            );
+        }
+    }
+    assert_vars_close(&p1, &p3);
+}
+
+// ---------------------------------------------------------------- evaluation + stage
+
+#[test]
+fn evaluation_of_the_base_against_itself_is_a_tie_with_zero_kl() {
+    let policy = Policy::load(&policy_dir(), None, 1, &Device::Cpu).unwrap();
+    let rm = RewardScorer::load(&rm_dir(), &Device::Cpu).unwrap();
+    let s = EvalSettings {
+        max_new_tokens: 5,
+        max_prompt_len: 32,
+        greedy: true,
+        seed: 0,
+        batch_size: 2,
+        samples: 2,
+    };
+    let e = evaluate(
+        &policy.model,
+        &policy.reference,
+        &policy.reference,
+        &policy.tokenizer,
+        &rm,
+        &prompts(),
+        &s,
+    )
+    .unwrap();
+    assert_eq!(e.n, 5);
+    assert_eq!(e.win_rate, 0.5, "identical greedy answers tie");
+    assert!(e.win_rate_low < 0.5 && e.win_rate_high > 0.5);
+    assert!(e.kl.abs() < 1e-4);
+    assert_eq!(Some(e.mean_reward), e.production_mean_reward);
+    assert_eq!(e.samples.len(), 2);
+    assert!(e.response_length >= 1.0 && e.response_length <= 5.0);
+}
+
+#[test]
+fn train_policy_stage_writes_metrics_log_and_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("pairs.jsonl");
+    let mut text = String::new();
+    for p in toy_pairs() {
+        text.push_str(&serde_json::to_string(&serde_json::json!({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected})).unwrap());
+        text.push('\n');
+    }
+    std::fs::write(&data, text).unwrap();
+    let out = tmp.path().join("run");
+    let req = TrainPolicyRequest {
+        base_model: policy_dir(),
+        reward_model: rm_dir(),
+        production_model: None,
+        data,
+        apply_chat_template: false,
+        out: out.clone(),
+        options: PolicyTrainOptions {
+            eval_prompts: 1,
+            max_completion_len: 4,
+            ..dpo_opts(2)
+        },
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let s = rt.block_on(train_policy(req)).unwrap();
+    assert_eq!(s.eval_prompts, 1);
+    assert_eq!(s.train_examples, 3);
+    let run = PolicyRunOutput::load(&out).unwrap();
+    assert_eq!(run.metrics.algo, PolicyAlgo::Dpo);
+    assert_eq!(run.metrics.train.steps, 2);
+    assert_eq!(run.metrics.eval.n, 1);
+    assert_eq!(run.log.len(), 2);
+    assert!(out.join("policy/adapter/adapter_config.json").exists());
+}
