@@ -144,7 +144,10 @@ fn main() -> candle_core::Result<()> {
                 let (model, varmap) =
                     LlamaForCausalLM::random(&config(), &dev).map_err(candle_core::Error::wrap)?;
                 let mut opt = optimizer(&varmap)?;
-                let targets = ids.narrow(1, SEQ - SCORED, SCORED)?.contiguous()?.unsqueeze(2)?;
+                let targets = ids
+                    .narrow(1, SEQ - SCORED, SCORED)?
+                    .contiguous()?
+                    .unsqueeze(2)?;
                 time_steps("lm-naive", steps, || {
                     let h = model.model().forward(&ids, None)?;
                     // Positions SEQ-SCORED-1 .. SEQ-2 predict the scored tokens.

@@ -5,10 +5,10 @@
 mod check;
 mod output;
 pub mod pipeline;
-pub mod train_reward;
 mod pull;
 mod store_cmd;
 pub mod train_policy;
+pub mod train_reward;
 
 use std::path::Path;
 
@@ -52,7 +52,10 @@ pub fn load_settings(path: &Path) -> Result<Settings> {
     Ok(config::load(path)?)
 }
 
-async fn train_reward_cmd(settings: &Settings, args: crate::cli::TrainRewardArgs) -> Result<crate::train::reward_run::RewardRunSummary> {
+async fn train_reward_cmd(
+    settings: &Settings,
+    args: crate::cli::TrainRewardArgs,
+) -> Result<crate::train::reward_run::RewardRunSummary> {
     let mut opts = settings.reward.clone();
     if let Some(m) = args.model {
         opts.model = Some(m);
@@ -78,11 +81,15 @@ async fn train_reward_cmd(settings: &Settings, args: crate::cli::TrainRewardArgs
         Some(dataset) => {
             opts.dataset = Some(dataset);
             opts.eval = args.eval;
-            opts.out = args.out.unwrap_or_else(|| pipeline::run_dir(settings, &pipeline::new_run_id()).join("reward"));
+            opts.out = args.out.unwrap_or_else(|| {
+                pipeline::run_dir(settings, &pipeline::new_run_id()).join("reward")
+            });
             crate::app::train_reward::train_reward(opts).await
         }
         None => {
-            let out = args.out.unwrap_or_else(|| pipeline::run_dir(settings, &pipeline::new_run_id()).join("reward"));
+            let out = args.out.unwrap_or_else(|| {
+                pipeline::run_dir(settings, &pipeline::new_run_id()).join("reward")
+            });
             pipeline::train_reward_from_store(settings, out, opts).await
         }
     }
@@ -90,17 +97,32 @@ async fn train_reward_cmd(settings: &Settings, args: crate::cli::TrainRewardArgs
 
 /// The stages after a positive `check`: train the reward model on the store, register it,
 /// render the report and publish the pull request. Records the training for the next `check`.
-async fn train_and_publish(settings: &Settings, config_path: &Path, dry_run: bool) -> Result<serde_json::Value> {
+async fn train_and_publish(
+    settings: &Settings,
+    config_path: &Path,
+    dry_run: bool,
+) -> Result<serde_json::Value> {
     let run_id = pipeline::new_run_id();
     let started = check::now()?;
     let reward_dir = pipeline::run_dir(settings, &run_id).join("reward");
-    let summary = pipeline::train_reward_from_store(settings, reward_dir.clone(), settings.reward.clone())
+    let summary =
+        pipeline::train_reward_from_store(settings, reward_dir.clone(), settings.reward.clone())
+            .await
+            .context("stage train reward")?;
+    let base = settings
+        .reward
+        .model
+        .as_ref()
+        .map_or("llama-from-scratch".to_string(), |m| {
+            m.display().to_string()
+        });
+    let registered =
+        pipeline::register(settings, &run_id, (&base, "")).context("stage register")?;
+    let (report_dir, body, draft) =
+        pipeline::build_report(settings, &run_id, config_path).context("stage report")?;
+    let published = pipeline::publish_run(settings, &run_id, body, draft, dry_run)
         .await
-        .context("stage train reward")?;
-    let base = settings.reward.model.as_ref().map_or("llama-from-scratch".to_string(), |m| m.display().to_string());
-    let registered = pipeline::register(settings, &run_id, (&base, "")).context("stage register")?;
-    let (report_dir, body, draft) = pipeline::build_report(settings, &run_id, config_path).context("stage report")?;
-    let published = pipeline::publish_run(settings, &run_id, body, draft, dry_run).await.context("stage publish")?;
+        .context("stage publish")?;
     let store = crate::feedback::Store::open(&settings.store.dir)?;
     let previous = store.last_training()?;
     store.set_last_training(&crate::feedback::store::LastTraining {
@@ -155,7 +177,9 @@ pub async fn run(cli: Cli) -> Result<()> {
                 None
             };
             match format {
-                Format::Json => output::json(&serde_json::json!({"pull": summary, "check": outcome, "run": stages})),
+                Format::Json => output::json(
+                    &serde_json::json!({"pull": summary, "check": outcome, "run": stages}),
+                ),
                 Format::Text => {
                     match &stages {
                         Some(s) => println!(
@@ -174,17 +198,27 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Train(crate::cli::TrainCommand::Reward(args)) => {
             let settings = load_settings(&cli.config)?;
             let summary = train_reward_cmd(&settings, args).await?;
-            output::json_or_text(format, &summary, &format!(
-                "reward model written to {} (eval accuracy {:.3} on {} pairs)",
-                summary.out.display(), summary.metrics.eval.accuracy, summary.metrics.eval.n
-            ))
+            output::json_or_text(
+                format,
+                &summary,
+                &format!(
+                    "reward model written to {} (eval accuracy {:.3} on {} pairs)",
+                    summary.out.display(),
+                    summary.metrics.eval.accuracy,
+                    summary.metrics.eval.n
+                ),
+            )
         }
         Command::Export { out } => {
             let settings = load_settings(&cli.config)?;
             let store = crate::feedback::Store::open(&settings.store.dir)?;
             let dataset = crate::dataset::build_from_store(&store, &settings.dataset)?;
             let summary = crate::dataset::export(&dataset, &out)?;
-            output::json_or_text(format, &summary, &format!("dataset written to {}", out.display()))
+            output::json_or_text(
+                format,
+                &summary,
+                &format!("dataset written to {}", out.display()),
+            )
         }
         Command::Report(select) => {
             let settings = load_settings(&cli.config)?;
@@ -193,7 +227,11 @@ pub async fn run(cli: Cli) -> Result<()> {
                 None => pipeline::latest_run(&settings)?,
             };
             let (dir, _, draft) = pipeline::build_report(&settings, &run_id, &cli.config)?;
-            output::json_or_text(format, &serde_json::json!({"run": run_id, "report": dir.join("report.md"), "draft": draft}), &format!("report written to {}", dir.join("report.md").display()))
+            output::json_or_text(
+                format,
+                &serde_json::json!({"run": run_id, "report": dir.join("report.md"), "draft": draft}),
+                &format!("report written to {}", dir.join("report.md").display()),
+            )
         }
         Command::Publish(args) => {
             let settings = load_settings(&cli.config)?;
@@ -202,8 +240,13 @@ pub async fn run(cli: Cli) -> Result<()> {
                 None => pipeline::latest_run(&settings)?,
             };
             let (_, body, draft) = pipeline::build_report(&settings, &run_id, &cli.config)?;
-            let outcome = pipeline::publish_run(&settings, &run_id, body, draft, args.dry_run).await?;
-            output::json_or_text(format, &outcome, &format!("published run {run_id}: {outcome}"))
+            let outcome =
+                pipeline::publish_run(&settings, &run_id, body, draft, args.dry_run).await?;
+            output::json_or_text(
+                format,
+                &outcome,
+                &format!("published run {run_id}: {outcome}"),
+            )
         }
         Command::Promote { id } => {
             let settings = load_settings(&cli.config)?;
@@ -214,7 +257,11 @@ pub async fn run(cli: Cli) -> Result<()> {
                 Some(old) => format!("{id} is now production ({old} archived)"),
                 None => format!("{id} is now production"),
             };
-            output::json_or_text(format, &serde_json::json!({"promoted": promotion.promoted, "archived": promotion.archived}), &text)
+            output::json_or_text(
+                format,
+                &serde_json::json!({"promoted": promotion.promoted, "archived": promotion.archived}),
+                &text,
+            )
         }
         Command::Store(cmd) => {
             let settings = load_settings(&cli.config)?;

@@ -22,7 +22,9 @@ use crate::forge::github::{GithubTarget, SecretToken};
 use crate::forge::local::publish_local;
 use crate::forge::publish::{PublishRequest, publish};
 use crate::kpi::all_kpis;
-use crate::registry::{FeedbackSnapshot, ModelEntry, ModelKind, ModelStatus, Registry, created_by_from_env};
+use crate::registry::{
+    FeedbackSnapshot, ModelEntry, ModelKind, ModelStatus, Registry, created_by_from_env,
+};
 use crate::report::{self, KpiRow, PolicySection, RenderOptions, ReportContext, RewardSection};
 use crate::run_outputs::{PolicyRunOutput, RewardRunOutput};
 
@@ -44,13 +46,25 @@ pub fn new_run_id() -> String {
 pub fn latest_run(settings: &Settings) -> Result<String> {
     let root = settings.store.dir.join("runs");
     let mut runs: Vec<(std::time::SystemTime, String)> = std::fs::read_dir(&root)
-        .with_context(|| format!("no runs under {}\nhint: run `rlhf-bot run` or `rlhf-bot train reward` first", root.display()))?
+        .with_context(|| {
+            format!(
+                "no runs under {}\nhint: run `rlhf-bot run` or `rlhf-bot train reward` first",
+                root.display()
+            )
+        })?
         .filter_map(|e| e.ok())
         .filter(|e| e.path().is_dir())
-        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.file_name().to_string_lossy().into_owned())))
+        .filter_map(|e| {
+            Some((
+                e.metadata().ok()?.modified().ok()?,
+                e.file_name().to_string_lossy().into_owned(),
+            ))
+        })
         .collect();
     runs.sort();
-    runs.pop().map(|(_, id)| id).with_context(|| format!("no runs under {}", root.display()))
+    runs.pop()
+        .map(|(_, id)| id)
+        .with_context(|| format!("no runs under {}", root.display()))
 }
 
 /// What `register` added to the registry.
@@ -71,13 +85,23 @@ fn snapshot(store: &Store, dataset: &crate::run_outputs::DatasetInfo) -> Result<
 
 /// Stores each trained model of the run in the artifact store and adds it to the registry as a
 /// candidate (production stays where it is until the PR is merged / `promote` runs).
-pub fn register(settings: &Settings, run_id: &str, base_models: (&str, &str)) -> Result<Registered> {
+pub fn register(
+    settings: &Settings,
+    run_id: &str,
+    base_models: (&str, &str),
+) -> Result<Registered> {
     let dir = run_dir(settings, run_id);
     let mut registry = Registry::load_or_default(&settings.registry.path)?;
     let artifacts = FileStore::new(&settings.registry.artifacts_dir)?;
     let store = Store::open(&settings.store.dir)?;
     let created_by = created_by_from_env(|k| std::env::var(k).ok());
-    let mut add = |kind: ModelKind, sub: &str, base: &str, algorithm: String, metrics: BTreeMap<String, f64>, dataset: &crate::run_outputs::DatasetInfo| -> Result<ModelEntry> {
+    let mut add = |kind: ModelKind,
+                   sub: &str,
+                   base: &str,
+                   algorithm: String,
+                   metrics: BTreeMap<String, f64>,
+                   dataset: &crate::run_outputs::DatasetInfo|
+     -> Result<ModelEntry> {
         let id = format!("{}-{run_id}", kind.as_str());
         let artifact = artifacts.put(kind, &id, &dir.join(sub))?;
         let entry = ModelEntry {
@@ -95,13 +119,22 @@ pub fn register(settings: &Settings, run_id: &str, base_models: (&str, &str)) ->
             status: ModelStatus::Candidate,
             aliases: Vec::new(),
         };
-        registry.add_candidate(entry.clone()).map_err(|p| anyhow::anyhow!("{p}"))?;
+        registry
+            .add_candidate(entry.clone())
+            .map_err(|p| anyhow::anyhow!("{p}"))?;
         Ok(registry.get(&id).cloned().unwrap_or(entry))
     };
     let reward = match RewardRunOutput::load(&dir.join("reward")) {
         Ok(out) => {
             let metrics = out.metrics.registry_metrics();
-            Some(add(ModelKind::Reward, "reward", base_models.0, "reward".into(), metrics, &out.metrics.dataset)?)
+            Some(add(
+                ModelKind::Reward,
+                "reward",
+                base_models.0,
+                "reward".into(),
+                metrics,
+                &out.metrics.dataset,
+            )?)
         }
         Err(crate::run_outputs::RunOutputError::Missing { .. }) => None,
         Err(e) => return Err(e.into()),
@@ -111,23 +144,41 @@ pub fn register(settings: &Settings, run_id: &str, base_models: (&str, &str)) ->
             let algo = out.metrics.algo.as_str().to_string();
             let dataset = crate::run_outputs::DatasetInfo::default();
             let metrics = out.metrics.registry_metrics();
-            Some(add(ModelKind::Policy, "policy", base_models.1, algo, metrics, &dataset)?)
+            Some(add(
+                ModelKind::Policy,
+                "policy",
+                base_models.1,
+                algo,
+                metrics,
+                &dataset,
+            )?)
         }
         Err(crate::run_outputs::RunOutputError::Missing { .. }) => None,
         Err(e) => return Err(e.into()),
     };
     if reward.is_none() && policy.is_none() {
-        bail!("run {run_id} has no trained model in {}\nhint: train first (`rlhf-bot train reward`)", dir.display());
+        bail!(
+            "run {run_id} has no trained model in {}\nhint: train first (`rlhf-bot train reward`)",
+            dir.display()
+        );
     }
     if let Some(parent) = settings.registry.path.parent() {
         std::fs::create_dir_all(parent)?;
     }
     registry.save(&settings.registry.path)?;
-    Ok(Registered { reward, policy, registry: settings.registry.path.clone() })
+    Ok(Registered {
+        reward,
+        policy,
+        registry: settings.registry.path.clone(),
+    })
 }
 
 fn kpi_rows(store: &Store, confidence: f64) -> Result<Vec<KpiRow>> {
-    let convert = |i: crate::stats::Interval| report::Interval { estimate: i.estimate, low: i.low, high: i.high };
+    let convert = |i: crate::stats::Interval| report::Interval {
+        estimate: i.estimate,
+        low: i.low,
+        high: i.high,
+    };
     Ok(all_kpis(&store.version_counts(None, None)?, confidence)
         .into_iter()
         .map(|k| KpiRow {
@@ -140,12 +191,23 @@ fn kpi_rows(store: &Store, confidence: f64) -> Result<Vec<KpiRow>> {
 }
 
 /// Renders the run's report into `<report.dir>/<run-id>/` and returns (dir, PR body, draft).
-pub fn build_report(settings: &Settings, run_id: &str, config_path: &Path) -> Result<(PathBuf, String, bool)> {
+pub fn build_report(
+    settings: &Settings,
+    run_id: &str,
+    config_path: &Path,
+) -> Result<(PathBuf, String, bool)> {
     let dir = run_dir(settings, run_id);
     let registry = Registry::load_or_default(&settings.registry.path)?;
     let store = Store::open(&settings.store.dir)?;
-    let candidate = |kind: ModelKind| registry.get(&format!("{}-{run_id}", kind.as_str())).cloned();
-    let reward = match (candidate(ModelKind::Reward), RewardRunOutput::load(&dir.join("reward"))) {
+    let candidate = |kind: ModelKind| {
+        registry
+            .get(&format!("{}-{run_id}", kind.as_str()))
+            .cloned()
+    };
+    let reward = match (
+        candidate(ModelKind::Reward),
+        RewardRunOutput::load(&dir.join("reward")),
+    ) {
         (Some(entry), Ok(out)) => Some(RewardSection {
             candidate: entry,
             production: registry.production(ModelKind::Reward).cloned(),
@@ -154,7 +216,10 @@ pub fn build_report(settings: &Settings, run_id: &str, config_path: &Path) -> Re
         }),
         _ => None,
     };
-    let policy = match (candidate(ModelKind::Policy), PolicyRunOutput::load(&dir.join("policy"))) {
+    let policy = match (
+        candidate(ModelKind::Policy),
+        PolicyRunOutput::load(&dir.join("policy")),
+    ) {
         (Some(entry), Ok(out)) => Some(PolicySection {
             candidate: entry,
             production: registry.production(ModelKind::Policy).cloned(),
@@ -164,17 +229,31 @@ pub fn build_report(settings: &Settings, run_id: &str, config_path: &Path) -> Re
         _ => None,
     };
     if reward.is_none() && policy.is_none() {
-        bail!("run {run_id} has no registered model\nhint: `rlhf-bot run` registers what it trains; see `rlhf-bot store stats`");
+        bail!(
+            "run {run_id} has no registered model\nhint: `rlhf-bot run` registers what it trains; see `rlhf-bot store stats`"
+        );
     }
     let last = store.last_training()?;
-    let (new_records, _) = store.new_since(last.and_then(|l| l.watermark), &settings.feedback.aspects)?;
+    let (new_records, _) =
+        store.new_since(last.and_then(|l| l.watermark), &settings.feedback.aspects)?;
     let ctx = ReportContext {
         run_id: run_id.to_string(),
         generated_at: Utc::now(),
-        repository: settings.publish.github.as_ref().map(|g| format!("{}/{}", g.owner, g.repo)),
+        repository: settings
+            .publish
+            .github
+            .as_ref()
+            .map(|g| format!("{}/{}", g.owner, g.repo)),
         run_url: created_by_from_env(|k| std::env::var(k).ok()),
         report_url: None,
-        new_feedback: store.stats()?.by_kind.into_iter().collect::<BTreeMap<_, _>>().into_iter().chain([("new_since_last_training".to_string(), new_records)]).collect(),
+        new_feedback: store
+            .stats()?
+            .by_kind
+            .into_iter()
+            .collect::<BTreeMap<_, _>>()
+            .into_iter()
+            .chain([("new_since_last_training".to_string(), new_records)])
+            .collect(),
         reward,
         policy,
         kpis: kpi_rows(&store, settings.thresholds.quality.confidence)?,
@@ -183,28 +262,54 @@ pub fn build_report(settings: &Settings, run_id: &str, config_path: &Path) -> Re
         max_samples: settings.report.max_samples,
     };
     let draft = !report::verdict(&ctx.gate_results()).passed;
-    let rendered = report::render_with(&ctx, &RenderOptions { template_dir: settings.report.templates.clone() })?;
+    let rendered = report::render_with(
+        &ctx,
+        &RenderOptions {
+            template_dir: settings.report.templates.clone(),
+        },
+    )?;
     let out = report::write_report(&settings.report.dir, run_id, &rendered)?;
     Ok((out, rendered.pr_body, draft))
 }
 
 /// Publishes the run: the registry file and the report directory as one commit on the run's
 /// branch, with the report as the PR body. `dry_run` forces the local publisher.
-pub async fn publish_run(settings: &Settings, run_id: &str, body: String, draft: bool, dry_run: bool) -> Result<serde_json::Value> {
+pub async fn publish_run(
+    settings: &Settings,
+    run_id: &str,
+    body: String,
+    draft: bool,
+    dry_run: bool,
+) -> Result<serde_json::Value> {
     let report_dir = settings.report.dir.join(run_id);
-    let mut files = vec![(repo_path(&settings.registry.path), std::fs::read(&settings.registry.path)?)];
-    for entry in std::fs::read_dir(&report_dir).with_context(|| format!("reading {}", report_dir.display()))? {
+    let mut files = vec![(
+        repo_path(&settings.registry.path),
+        std::fs::read(&settings.registry.path)?,
+    )];
+    for entry in std::fs::read_dir(&report_dir)
+        .with_context(|| format!("reading {}", report_dir.display()))?
+    {
         let path = entry?.path();
         if path.is_file() {
             files.push((repo_path(&path), std::fs::read(&path)?));
         }
     }
-    let kinds: Vec<&str> = ["reward", "policy"].into_iter().filter(|k| run_dir(settings, run_id).join(k).is_dir()).collect();
+    let kinds: Vec<&str> = ["reward", "policy"]
+        .into_iter()
+        .filter(|k| run_dir(settings, run_id).join(k).is_dir())
+        .collect();
     let request = PublishRequest {
         run_id: run_id.to_string(),
-        branch: format!("{}{}-{run_id}", settings.publish.branch_prefix, kinds.join("-")),
+        branch: format!(
+            "{}{}-{run_id}",
+            settings.publish.branch_prefix,
+            kinds.join("-")
+        ),
         branch_prefix: settings.publish.branch_prefix.clone(),
-        title: format!("rlhf-bot: candidate {} from run {run_id}", kinds.join(" + ")),
+        title: format!(
+            "rlhf-bot: candidate {} from run {run_id}",
+            kinds.join(" + ")
+        ),
         body,
         files,
         labels: settings.publish.labels.clone(),
@@ -227,7 +332,9 @@ pub async fn publish_run(settings: &Settings, run_id: &str, body: String, draft:
         }
         _ => {
             let outcome = publish_local(&settings.publish.local_dir, &request)?;
-            Ok(serde_json::json!({"local_dir": outcome.dir, "manifest": outcome.manifest_path, "branch": request.branch, "draft": draft}))
+            Ok(
+                serde_json::json!({"local_dir": outcome.dir, "manifest": outcome.manifest_path, "branch": request.branch, "draft": draft}),
+            )
         }
     }
 }
@@ -235,8 +342,14 @@ pub async fn publish_run(settings: &Settings, run_id: &str, body: String, draft:
 /// A path as the repository sees it: relative, `/`-separated.
 fn repo_path(path: &Path) -> String {
     let cwd = std::env::current_dir().ok();
-    let rel = cwd.as_ref().and_then(|c| path.strip_prefix(c).ok()).unwrap_or(path);
-    rel.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/")
+    let rel = cwd
+        .as_ref()
+        .and_then(|c| path.strip_prefix(c).ok())
+        .unwrap_or(path);
+    rel.components()
+        .map(|c| c.as_os_str().to_string_lossy())
+        .collect::<Vec<_>>()
+        .join("/")
 }
 
 /// Builds the dataset from the store and trains the reward model into `runs/<run-id>/reward/`;
@@ -270,16 +383,25 @@ pub async fn train_reward_from_store(
         );
     }
     opts.out = out;
-    let summary = tokio::task::spawn_blocking(move || crate::train::reward_run::train_reward_on(&opts, &train, &eval))
-        .await
-        .context("the reward training thread panicked")??;
+    let summary = tokio::task::spawn_blocking(move || {
+        crate::train::reward_run::train_reward_on(&opts, &train, &eval)
+    })
+    .await
+    .context("the reward training thread panicked")??;
     // Lineage: the dataset's own counts and fingerprint replace the trainer's pair counts.
     let mut out = RewardRunOutput::load(&summary.out)?;
     let counts = dataset.fingerprint.train.clone();
     out.metrics.dataset.examples_sha256 = dataset.fingerprint.sha256.clone();
-    for (name, n) in serde_json::to_value(&counts)?.as_object().into_iter().flatten() {
+    for (name, n) in serde_json::to_value(&counts)?
+        .as_object()
+        .into_iter()
+        .flatten()
+    {
         if let Some(n) = n.as_u64() {
-            out.metrics.dataset.counts.insert(format!("train_{name}"), n);
+            out.metrics
+                .dataset
+                .counts
+                .insert(format!("train_{name}"), n);
         }
     }
     out.write(&summary.out)?;

@@ -239,7 +239,10 @@ pub fn validate(raw: RawConfig, text: &str) -> Result<Settings, Invalid> {
         ));
     }
     let publish = validate_publish(raw.publish)?;
-    let mut dataset = crate::dataset::DatasetOptions { aspects: f.aspects.clone(), ..Default::default() };
+    let mut dataset = crate::dataset::DatasetOptions {
+        aspects: f.aspects.clone(),
+        ..Default::default()
+    };
     if let Some(v) = raw.dataset.eval_fraction {
         dataset.eval_fraction = v.0;
     }
@@ -252,8 +255,17 @@ pub fn validate(raw: RawConfig, text: &str) -> Result<Settings, Invalid> {
     if let Some(v) = raw.dataset.margin_scale {
         dataset.margin_scale = v;
     }
-    dataset.validate().map_err(|e| Invalid::new(&format!("dataset.{}", e.option), format!("{}\nhint: {}", e.problem, e.hint)))?;
-    let mut reward = crate::train::reward_run::RewardTrainOptions { model: raw.reward.model.map(PathBuf::from), eval_fraction: dataset.eval_fraction, ..Default::default() };
+    dataset.validate().map_err(|e| {
+        Invalid::new(
+            &format!("dataset.{}", e.option),
+            format!("{}\nhint: {}", e.problem, e.hint),
+        )
+    })?;
+    let mut reward = crate::train::reward_run::RewardTrainOptions {
+        model: raw.reward.model.map(PathBuf::from),
+        eval_fraction: dataset.eval_fraction,
+        ..Default::default()
+    };
     reward.train.seed = dataset.seed;
     if let Some(v) = raw.reward.epochs {
         reward.train.epochs = v.0 as u32;
@@ -266,12 +278,17 @@ pub fn validate(raw: RawConfig, text: &str) -> Result<Settings, Invalid> {
     }
     if let Some(v) = raw.reward.lr {
         if !(v.is_finite() && v > 0.0) {
-            return Err(Invalid::new("reward.lr", format!("expected a learning rate > 0, got {v}")));
+            return Err(Invalid::new(
+                "reward.lr",
+                format!("expected a learning rate > 0, got {v}"),
+            ));
         }
         reward.train.lr = v;
     }
     if let Some(d) = raw.reward.device {
-        reward.device = d.parse().map_err(|e| Invalid::new("reward.device", format!("{e}")))?;
+        reward.device = d
+            .parse()
+            .map_err(|e| Invalid::new("reward.device", format!("{e}")))?;
     }
     let artifacts_dir = match raw.registry.artifacts.as_deref() {
         None => PathBuf::from(DEFAULT_ARTIFACTS_DIR),
@@ -279,7 +296,9 @@ pub fn validate(raw: RawConfig, text: &str) -> Result<Settings, Invalid> {
         Some(uri) if uri.contains("://") => {
             return Err(Invalid::new(
                 "registry.artifacts",
-                format!("only file:// artifact stores are built in, got {uri:?}\nhint: use a directory (e.g. a mounted bucket) or see docs/report.md on adding object stores"),
+                format!(
+                    "only file:// artifact stores are built in, got {uri:?}\nhint: use a directory (e.g. a mounted bucket) or see docs/report.md on adding object stores"
+                ),
             ));
         }
         Some(dir) => PathBuf::from(dir),
@@ -322,20 +341,38 @@ fn validate_publish(p: RawPublish) -> Result<PublishSettings, Invalid> {
         PublishMode::Github => {
             let g = p.github;
             let Some(repo) = g.repo else {
-                return Err(Invalid::new("publish.mode", "`mode: github` needs `publish.github.repo` (owner/name)"));
+                return Err(Invalid::new(
+                    "publish.mode",
+                    "`mode: github` needs `publish.github.repo` (owner/name)",
+                ));
             };
-            let Some((owner, name)) = repo.split_once('/').filter(|(o, n)| !o.is_empty() && !n.is_empty() && !n.contains('/')) else {
-                return Err(Invalid::new("publish.github.repo", format!("expected owner/name, got {repo:?}")));
+            let Some((owner, name)) = repo
+                .split_once('/')
+                .filter(|(o, n)| !o.is_empty() && !n.is_empty() && !n.contains('/'))
+            else {
+                return Err(Invalid::new(
+                    "publish.github.repo",
+                    format!("expected owner/name, got {repo:?}"),
+                ));
             };
-            let token_env = g.token_env.unwrap_or_else(|| DEFAULT_GITHUB_TOKEN_ENV.into());
+            let token_env = g
+                .token_env
+                .unwrap_or_else(|| DEFAULT_GITHUB_TOKEN_ENV.into());
             if !env_name_ok(&token_env) {
                 return Err(Invalid::new(
                     "publish.github.token_env",
-                    format!("expected the NAME of an environment variable, got {token_env:?}\nhint: never put the token itself in the config"),
+                    format!(
+                        "expected the NAME of an environment variable, got {token_env:?}\nhint: never put the token itself in the config"
+                    ),
                 ));
             }
             let api_url = g.api_url.unwrap_or_else(|| "https://api.github.com".into());
-            url::Url::parse(&api_url).map_err(|e| Invalid::new("publish.github.api_url", format!("not a URL ({api_url:?}): {e}")))?;
+            url::Url::parse(&api_url).map_err(|e| {
+                Invalid::new(
+                    "publish.github.api_url",
+                    format!("not a URL ({api_url:?}): {e}"),
+                )
+            })?;
             Some(GithubSettings {
                 api_url: api_url.trim_end_matches('/').to_string(),
                 owner: owner.to_string(),
@@ -346,8 +383,14 @@ fn validate_publish(p: RawPublish) -> Result<PublishSettings, Invalid> {
         }
     };
     let branch_prefix = p.branch_prefix.unwrap_or_else(|| "rlhf-bot/".into());
-    if branch_prefix.is_empty() || branch_prefix.contains(char::is_whitespace) || branch_prefix.contains("..") {
-        return Err(Invalid::new("publish.branch_prefix", format!("not usable in a git branch name: {branch_prefix:?}")));
+    if branch_prefix.is_empty()
+        || branch_prefix.contains(char::is_whitespace)
+        || branch_prefix.contains("..")
+    {
+        return Err(Invalid::new(
+            "publish.branch_prefix",
+            format!("not usable in a git branch name: {branch_prefix:?}"),
+        ));
     }
     Ok(PublishSettings {
         mode,
