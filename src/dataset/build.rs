@@ -235,27 +235,42 @@ pub(crate) fn examples(
     let mut out = Examples::default();
 
     // Pairs and pointwise examples, per context. The prompt messages are part of the key: two
-    // answers in one conversation but after different turns answer different questions.
-    let mut contexts: BTreeMap<(&str, Vec<(&str, &str)>), Vec<(usize, f64, f64)>> = BTreeMap::new();
+    // answers in one conversation but after different turns answer different questions. Within a
+    // context, answers with the same text (a regeneration that came out identical) are one
+    // completion: their feedback is merged, so they can never be paired against each other.
+    type Context<'a> = (&'a str, Vec<(&'a str, &'a str)>);
+    let mut contexts: BTreeMap<Context<'_>, BTreeMap<&str, Vec<usize>>> = BTreeMap::new();
     for (i, answer) in answers.iter().enumerate() {
-        if let Some((score, weight)) = answer.feedback.score() {
-            let prompt = answer
-                .prompt
-                .iter()
-                .map(|m| (m.role.as_str(), m.content.as_str()))
-                .collect();
-            contexts
-                .entry((answer.key.conversation_id.as_str(), prompt))
-                .or_default()
-                .push((i, score, weight));
-        }
+        let prompt = answer
+            .prompt
+            .iter()
+            .map(|m| (m.role.as_str(), m.content.as_str()))
+            .collect();
+        contexts
+            .entry((answer.key.conversation_id.as_str(), prompt))
+            .or_default()
+            .entry(answer.response.as_str())
+            .or_default()
+            .push(i);
     }
-    for group in contexts.values() {
+    for texts in contexts.values() {
+        // (representative answer: the lowest message id, merged feedback, score, weight)
+        let mut group = Vec::new();
+        for indices in texts.values() {
+            let mut feedback = AnswerFeedback::default();
+            for &i in indices {
+                feedback.merge(&answers[i].feedback);
+            }
+            if let Some((score, weight)) = feedback.score() {
+                stats.answers_merged += indices.len() as u64 - 1;
+                group.push((indices[0], feedback, score, weight));
+            }
+        }
         let mut paired = vec![false; group.len()];
         for a in 0..group.len() {
             for b in a + 1..group.len() {
-                let (ia, sa, _) = group[a];
-                let (ib, sb, _) = group[b];
+                let (ia, sa) = (group[a].0, group[a].2);
+                let (ib, sb) = (group[b].0, group[b].2);
                 let gap = (sa - sb).abs();
                 if gap <= 0.0 || gap + EPS < options.min_score_gap {
                     stats.drop(DropReason::ScoreGapTooSmall);
@@ -279,12 +294,11 @@ pub(crate) fn examples(
                 paired[b] = true;
             }
         }
-        for (&(i, score, weight), paired) in group.iter().zip(paired) {
+        for ((i, feedback, score, weight), paired) in group.into_iter().zip(paired) {
             if paired {
                 continue;
             }
             let answer = &answers[i];
-            let feedback = &answer.feedback;
             let label = feedback.thumb_label();
             let only_thumbs = feedback.rating_weight == 0.0 && feedback.aspects.is_empty();
             if label.is_none() && only_thumbs {

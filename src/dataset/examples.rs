@@ -82,6 +82,25 @@ impl AnswerFeedback {
         (weight > 0.0).then(|| (numerator / weight, weight))
     }
 
+    /// Adds another answer's feedback to this one (same completion, see `answers_merged`).
+    pub fn merge(&mut self, other: &AnswerFeedback) {
+        self.thumbs_up += other.thumbs_up;
+        self.thumbs_down += other.thumbs_down;
+        self.rating_sum += other.rating_sum;
+        self.rating_weight += other.rating_weight;
+        for (aspect, (s, w)) in &other.aspects {
+            let entry = self.aspects.entry(aspect.clone()).or_default();
+            entry.0 += s;
+            entry.1 += w;
+        }
+        for (step, (up, down)) in &other.steps {
+            let entry = self.steps.entry(*step).or_default();
+            entry.0 += up;
+            entry.1 += down;
+        }
+        self.records += other.records;
+    }
+
     /// True when something other than step thumbs speaks about the whole answer.
     pub fn has_answer_signal(&self) -> bool {
         self.thumbs_up + self.thumbs_down > 0.0
@@ -275,6 +294,9 @@ pub struct DatasetStats {
     pub eval: ExampleCounts,
     pub train_conversations: u64,
     pub eval_conversations: u64,
+    /// Answers folded into another answer with the same text in the same context (identical
+    /// regenerations) before pairing: their feedback counts for the one completion.
+    pub answers_merged: u64,
     /// Step examples whose steps could not be found in order in the answer text, so their
     /// completion is the steps joined by newlines instead.
     pub steps_rebuilt: u64,

@@ -337,6 +337,27 @@ fn aspect_ratings_give_scaled_mean_targets() {
 }
 
 #[test]
+fn identical_regenerations_are_one_completion_and_never_pair_with_each_other() {
+    let records = vec![
+        rec("1", "c1", "m1", "q", "same text", up()),
+        rec("2", "c1", "m2", "q", "same text", down()),
+        rec("3", "c1", "m2", "q", "same text", up()),
+        rec("4", "c1", "m3", "q", "other text", down()),
+    ];
+    let d = build(records, &no_eval()).unwrap();
+    // m1 + m2 merged: 2 up, 1 down → 2/3 against m3's 0.
+    assert_eq!(d.train.pairs.len(), 1, "{:#?}", d.train.pairs);
+    let pair = &d.train.pairs[0];
+    assert_eq!(
+        (pair.chosen_id.as_str(), pair.rejected_id.as_str()),
+        ("m1", "m3")
+    );
+    assert!((pair.margin - 2.0 / 3.0).abs() < 1e-6);
+    assert_eq!(d.stats.answers_merged, 1);
+    assert!(d.train.pointwise.is_empty());
+}
+
+#[test]
 fn only_answers_in_the_same_context_pair_up() {
     let mut second_turn = rec("3", "c1", "m3", "q", "later answer", down());
     second_turn.prompt = vec![
