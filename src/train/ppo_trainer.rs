@@ -315,6 +315,7 @@ pub fn train_ppo(
                         advantages: &sel(&gae.advantages)?,
                         returns: &sel(&gae.returns)?,
                         logits: None,
+                        value_mask: None,
                     },
                     &loss_cfg,
                 )?;
