@@ -15,7 +15,10 @@ fn make(i: usize) -> String {
     let kinds = ["thumb", "rating", "aspect", "step"];
     let kind = kinds[i % 4];
     let payload = match kind {
-        "thumb" => format!(r#""thumb":"{}""#, if i % 3 == 0 { "down" } else { "up" }),
+        "thumb" => format!(
+            r#""thumb":"{}""#,
+            if i.is_multiple_of(3) { "down" } else { "up" }
+        ),
         "rating" => format!(r#""rating":{}"#, 1 + i % 5),
         "aspect" => format!(r#""aspect":"accuracy","rating":{}"#, 1 + i % 5),
         _ => format!(r#""step_index":{},"thumb":"up""#, i % 2),

@@ -390,9 +390,9 @@ pub async fn train_reward_from_store(
     .context("the reward training thread panicked")??;
     // Lineage: the dataset's own counts and fingerprint replace the trainer's pair counts.
     let mut out = RewardRunOutput::load(&summary.out)?;
-    let counts = dataset.fingerprint.train.clone();
+    let counts = dataset.fingerprint.train;
     out.metrics.dataset.examples_sha256 = dataset.fingerprint.sha256.clone();
-    for (name, n) in serde_json::to_value(&counts)?
+    for (name, n) in serde_json::to_value(counts)?
         .as_object()
         .into_iter()
         .flatten()

@@ -236,13 +236,13 @@ impl LlamaConfig {
                 return Err(ConfigError::Zero { field });
             }
         }
-        if self.num_attention_heads % self.num_kv_heads() != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.num_kv_heads()) {
             return Err(ConfigError::KvHeads {
                 heads: self.num_attention_heads,
                 kv: self.num_kv_heads(),
             });
         }
-        if self.head_dim() % 2 != 0 || self.head_dim() == 0 {
+        if !self.head_dim().is_multiple_of(2) || self.head_dim() == 0 {
             return Err(ConfigError::OddHeadDim(self.head_dim()));
         }
         if let Some(act) = &self.hidden_act

@@ -198,7 +198,11 @@ impl PolicyTrainOptions {
                 bail!("policy option {name} must be at least 1, got 0");
             }
         }
-        if self.ppo.rollouts_per_step % self.ppo.num_minibatches != 0 {
+        if !self
+            .ppo
+            .rollouts_per_step
+            .is_multiple_of(self.ppo.num_minibatches)
+        {
             bail!(
                 "ppo.rollouts_per_step ({}) is not a multiple of ppo.num_minibatches ({})\nhint: pick a divisor",
                 self.ppo.rollouts_per_step,

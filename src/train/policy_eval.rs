@@ -22,6 +22,8 @@ use crate::model::tokenizer::Tokenizer;
 use crate::run_outputs::{PolicyEval, PolicySample};
 
 /// A trained reward model (from `train reward`), scoring (prompt + answer) texts.
+// One value per run holds a whole model either way; boxing would only add an indirection.
+#[allow(clippy::large_enum_variant)]
 pub enum RewardScorer {
     /// `LlamaForSequenceClassification`, read at the last non-pad token. Without its own
     /// `tokenizer.json` it must share the policy's vocabulary and is fed the policy's token ids.

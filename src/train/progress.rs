@@ -69,7 +69,7 @@ impl Progress {
                 bar.set_position(done);
                 bar.set_message(msg);
             }
-            None if done % self.every == 0 || done == self.total => {
+            None if done.is_multiple_of(self.every) || done == self.total => {
                 let eta = self.eta(done);
                 tracing::info!("step {done}/{} {msg} eta {}s", self.total, eta.as_secs());
             }

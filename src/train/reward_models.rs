@@ -248,6 +248,8 @@ impl RewardBackbone for BertReward {
 
 /// Either backbone, chosen from `config.json`'s `model_type`.
 #[derive(Debug)]
+// One value per run holds a whole model either way; boxing would only add an indirection.
+#[allow(clippy::large_enum_variant)]
 pub enum AnyReward {
     Llama(LlamaReward),
     Bert(BertReward),

@@ -449,7 +449,7 @@ pub fn train<M: RewardBackbone>(
 
             let done = state.step;
             let epoch_f = state.epoch as f64 + pos as f64 / n as f64;
-            if done % cfg.log_every.max(1) == 0 || done == total {
+            if done.is_multiple_of(cfg.log_every.max(1)) || done == total {
                 let k = w.steps.max(1) as f64;
                 let line = LogLine::new(done)
                     .with(keys::LOSS, w.loss / k)
@@ -462,7 +462,9 @@ pub fn train<M: RewardBackbone>(
                 push_line(&mut state, &mut extra, &mut log_lines, &mut log, line)?;
             }
             let last = done == total;
-            if !eval.is_empty() && ((cfg.eval_every > 0 && done % cfg.eval_every == 0) || last) {
+            if !eval.is_empty()
+                && ((cfg.eval_every > 0 && done.is_multiple_of(cfg.eval_every)) || last)
+            {
                 let ev = evaluate(model, eval, cfg.batch_size * 2, device)?;
                 progress.note(&format!(
                     "step {done}: eval accuracy {:.4} loss {:.4} margin {:.4} (n={})",
@@ -498,7 +500,8 @@ pub fn train<M: RewardBackbone>(
                 (state.epoch, pos, rng_at_epoch_start.clone())
             };
             let interrupt = cfg.stop_after_steps.is_some_and(|k| done >= k) && !last;
-            if (cfg.checkpoint_every > 0 && done % cfg.checkpoint_every == 0) || interrupt {
+            if (cfg.checkpoint_every > 0 && done.is_multiple_of(cfg.checkpoint_every)) || interrupt
+            {
                 extra.seconds = seconds_before + started.elapsed().as_secs_f64();
                 let mut snap = state.clone();
                 snap.epoch = epoch_after;

@@ -217,7 +217,7 @@ async fn page(
                     }),
                 };
                 let end = (first + limit).min(*count);
-                (first, end, (first..end).map(|i| make(i)).collect())
+                (first, end, (first..end).map(make).collect())
             }
         };
         let total = match &s.records {
