@@ -42,7 +42,7 @@ fn expected(records: &[Value]) -> BTreeMap<String, Value> {
         let newer = newest
             .get(&id)
             .is_none_or(|old| old["updated_at"].as_str() < r["updated_at"].as_str());
-        if newer && r.get("kind").is_some() || newer && r.get("deleted").is_some() {
+        if newer && (r.get("kind").is_some() || r.get("deleted").is_some()) {
             newest.insert(id, r.clone());
         }
     }
