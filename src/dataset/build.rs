@@ -79,7 +79,7 @@ impl Aggregation {
             .entry(source_name(record.source).to_string())
             .or_default() += 1;
         if record.response.content.trim().is_empty() {
-            self.stats.drop(DropReason::EmptyResponse);
+            self.stats.count_drop(DropReason::EmptyResponse);
             return;
         }
         let kind_weight = match &record.signal {
@@ -87,7 +87,7 @@ impl Aggregation {
             Signal::Rating(_) => self.options.weights.rating,
             Signal::Aspect { aspect, .. } => {
                 if !self.options.aspects.is_empty() && !self.options.aspects.contains(aspect) {
-                    self.stats.drop(DropReason::AspectNotTrained);
+                    self.stats.count_drop(DropReason::AspectNotTrained);
                     return;
                 }
                 self.options.weights.aspect
@@ -98,7 +98,7 @@ impl Aggregation {
         };
         let weight = kind_weight * self.options.source_weights.of(record.source);
         if weight <= 0.0 {
-            self.stats.drop(DropReason::ZeroWeight);
+            self.stats.count_drop(DropReason::ZeroWeight);
             return;
         }
         let key = AnswerKey {
@@ -149,7 +149,7 @@ impl Aggregation {
             let mut feedback = AnswerFeedback::default();
             for vote in &pending.votes {
                 if vote.version != winner {
-                    stats.drop(DropReason::InconsistentAnswer);
+                    stats.count_drop(DropReason::InconsistentAnswer);
                     continue;
                 }
                 feedback.records += 1;
@@ -273,7 +273,7 @@ pub(crate) fn examples(
                 let (ib, sb) = (group[b].0, group[b].2);
                 let gap = (sa - sb).abs();
                 if gap <= 0.0 || gap + EPS < options.min_score_gap {
-                    stats.drop(DropReason::ScoreGapTooSmall);
+                    stats.count_drop(DropReason::ScoreGapTooSmall);
                     continue;
                 }
                 let (chosen, rejected) = if sa > sb {
@@ -302,7 +302,7 @@ pub(crate) fn examples(
             let label = feedback.thumb_label();
             let only_thumbs = feedback.rating_weight == 0.0 && feedback.aspects.is_empty();
             if label.is_none() && only_thumbs {
-                stats.drop(DropReason::ThumbTie);
+                stats.count_drop(DropReason::ThumbTie);
                 continue;
             }
             out.pointwise.push(PointwiseExample {
@@ -350,11 +350,11 @@ fn step_example(answer: &Answer, stats: &mut DatasetStats) -> Option<StepExample
         };
         *slot = majority(up, down);
         if slot.is_none() {
-            stats.drop(DropReason::StepTie);
+            stats.count_drop(DropReason::StepTie);
         }
     }
     if labels.iter().all(Option::is_none) {
-        stats.drop(DropReason::NoStepLabel);
+        stats.count_drop(DropReason::NoStepLabel);
         return None;
     }
     let (completion, step_ends) = match locate_steps(&answer.response, &answer.steps) {

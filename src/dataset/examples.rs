@@ -303,7 +303,7 @@ pub struct DatasetStats {
 }
 
 impl DatasetStats {
-    pub(crate) fn drop(&mut self, reason: DropReason) {
+    pub(crate) fn count_drop(&mut self, reason: DropReason) {
         *self.dropped.entry(reason).or_default() += 1;
     }
 
