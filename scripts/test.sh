@@ -13,4 +13,6 @@ export RLHF_TEST_DEPS=${RLHF_TEST_DEPS:-$HOME/.cache/rlhf-bot/test-deps}
 export RLHF_REQUIRE_TEST_ASSETS=${RLHF_REQUIRE_TEST_ASSETS:-${CI:-}}
 if [ -x scripts/fetch-models.sh ]; then scripts/fetch-models.sh >/dev/null; fi
 if [ -x scripts/install-test-deps.sh ]; then scripts/install-test-deps.sh >/dev/null; fi
-cargo test --all-targets "$@"
+# Benches are built (they must compile) but not run: each is a long measurement, run with `cargo bench`.
+cargo build --benches --examples
+cargo test --lib --bins --tests "$@"
