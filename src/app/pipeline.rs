@@ -283,7 +283,7 @@ pub async fn publish_run(
 ) -> Result<serde_json::Value> {
     let report_dir = settings.report.dir.join(run_id);
     let mut files = vec![(
-        repo_path(&settings.registry.path),
+        repo_path(&settings.registry.path, "models/registry.yaml"),
         std::fs::read(&settings.registry.path)?,
     )];
     for entry in std::fs::read_dir(&report_dir)
@@ -291,7 +291,12 @@ pub async fn publish_run(
     {
         let path = entry?.path();
         if path.is_file() {
-            files.push((repo_path(&path), std::fs::read(&path)?));
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let in_repo = repo_path(&settings.report.dir, "reports");
+            files.push((format!("{in_repo}/{run_id}/{name}"), std::fs::read(&path)?));
         }
     }
     let kinds: Vec<&str> = ["reward", "policy"]
@@ -339,14 +344,20 @@ pub async fn publish_run(
     }
 }
 
-/// A path as the repository sees it: relative, `/`-separated.
-fn repo_path(path: &Path) -> String {
+/// A path as the repository sees it: relative to the working directory (the repository root in
+/// Actions), `/`-separated; a path outside it (e.g. a temporary store) goes to `fallback`.
+fn repo_path(path: &Path, fallback: &str) -> String {
     let cwd = std::env::current_dir().ok();
-    let rel = cwd
-        .as_ref()
-        .and_then(|c| path.strip_prefix(c).ok())
-        .unwrap_or(path);
+    let rel = if path.is_absolute() {
+        match cwd.as_ref().and_then(|c| path.strip_prefix(c).ok()) {
+            Some(rel) => rel,
+            None => return fallback.to_string(),
+        }
+    } else {
+        path
+    };
     rel.components()
+        .filter(|c| !matches!(c, std::path::Component::CurDir))
         .map(|c| c.as_os_str().to_string_lossy())
         .collect::<Vec<_>>()
         .join("/")
