@@ -142,7 +142,15 @@ fn check_on_the_bundled_sample_writes_actions_outputs() {
                 .display()
                 .to_string(),
         )
-        .replace(".rlhf/example", &ws.store_dir().display().to_string());
+        .replace(".rlhf/example", &ws.store_dir().display().to_string())
+        .replace(
+            "dir: reports",
+            &format!("dir: {}", ws.path().join("reports").display()),
+        )
+        .replace(
+            "local_dir: out/pr",
+            &format!("local_dir: {}", ws.path().join("pr").display()),
+        );
     let cfg = ws.write_config(&text);
     let output = ws.path().join("gh-output");
     let summary = ws.path().join("gh-summary.md");
