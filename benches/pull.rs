@@ -35,8 +35,8 @@ fn make(i: usize) -> String {
     )
 }
 
-/// Runs a command and returns (wall seconds, peak RSS in MiB, success).
-fn measure(cmd: &mut Command) -> (f64, f64, bool) {
+/// Runs a command and returns (wall seconds, peak RSS in MiB, CPU seconds, success).
+fn measure(cmd: &mut Command) -> (f64, f64, f64, bool) {
     let started = Instant::now();
     let child = cmd.spawn().expect("spawning rlhf-bot");
     let pid = child.id() as libc::pid_t;
@@ -47,9 +47,11 @@ fn measure(cmd: &mut Command) -> (f64, f64, bool) {
     assert_eq!(rc, pid, "wait4 failed");
     std::mem::forget(child); // already reaped by wait4
     let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     (
         started.elapsed().as_secs_f64(),
         usage.ru_maxrss as f64 / 1024.0,
+        seconds(usage.ru_utime) + seconds(usage.ru_stime),
         ok,
     )
 }
@@ -86,25 +88,27 @@ fn main() {
             .arg("-q");
         c
     };
-    let (pull_s, pull_rss, ok) = measure(base().arg("pull"));
+    let (pull_s, pull_rss, pull_cpu, ok) = measure(base().arg("pull"));
     assert!(ok, "pull failed");
-    let (check_s, check_rss, ok) = measure(
+    let (check_s, check_rss, check_cpu, ok) = measure(
         base()
             .args(["--format", "json", "check"])
             .stdout(std::process::Stdio::null()),
     );
     assert!(ok, "check failed");
-    let (again_s, _, ok) = measure(base().arg("pull").stdout(std::process::Stdio::null()));
+    let (again_s, _, _, ok) = measure(base().arg("pull").stdout(std::process::Stdio::null()));
     assert!(ok, "second pull failed");
     let db = std::fs::metadata(dir.path().join("store/feedback.sqlite3"))
         .map(|m| m.len())
         .unwrap_or(0);
     println!("records            {count}");
     println!(
-        "pull               {pull_s:.2} s, peak RSS {pull_rss:.0} MiB ({:.0} records/s)",
+        "pull               {pull_s:.2} s wall, {pull_cpu:.2} s CPU, peak RSS {pull_rss:.0} MiB ({:.0} records/s)",
         count as f64 / pull_s
     );
-    println!("check              {check_s:.2} s, peak RSS {check_rss:.0} MiB");
+    println!(
+        "check              {check_s:.2} s wall, {check_cpu:.2} s CPU, peak RSS {check_rss:.0} MiB"
+    );
     println!("second pull (noop) {again_s:.2} s");
     println!("store size         {:.0} MiB", db as f64 / 1048576.0);
 }

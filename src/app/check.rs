@@ -9,9 +9,10 @@ use crate::config::Settings;
 use crate::decision::{Decision, DecisionInput, QualityWindows, decide, window_start};
 use crate::feedback::Store;
 use crate::feedback::record::format_time;
-use crate::feedback::store::VersionCounts;
+use crate::feedback::store::{LastTraining, VersionCounts};
 use crate::forge::actions::ActionsEnv;
 use crate::kpi::{VersionKpis, all_kpis};
+use crate::registry::{ModelKind, Registry};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct CheckOutcome {
@@ -22,6 +23,9 @@ pub struct CheckOutcome {
     pub new_signals: u64,
     pub last_training_at: Option<String>,
     pub production_version: Option<String>,
+    /// Where the training history came from: `registry` (the team's registry file) or `store`
+    /// (the store's own record of `run`, used when the registry names no model yet).
+    pub history_source: &'static str,
     pub kpis: Vec<VersionKpis>,
     pub now: String,
 }
@@ -39,7 +43,7 @@ pub fn now() -> Result<DateTime<Utc>> {
 pub fn check(settings: &Settings, force: bool) -> Result<CheckOutcome> {
     let store = Store::open(&settings.store.dir)?;
     let now = now()?;
-    let last = store.last_training()?;
+    let (last, history_source) = training_history(settings, &store)?;
     let (new_feedback, new_signals) = store.new_since(
         last.as_ref().and_then(|l| l.watermark),
         &settings.feedback.aspects,
@@ -86,10 +90,63 @@ pub fn check(settings: &Settings, force: bool) -> Result<CheckOutcome> {
         new_signals,
         last_training_at: last.as_ref().map(|l| format_time(l.at)),
         production_version: last.and_then(|l| l.production_version),
+        history_source,
         kpis,
         now: format_time(now),
         decision,
     })
+}
+
+/// The last training and the production version. The registry is the source of truth (merging
+/// the bot's PR is what changes it); the store's own record of `run` is the fallback for a
+/// registry that lists no model yet.
+fn training_history(
+    settings: &Settings,
+    store: &Store,
+) -> Result<(Option<LastTraining>, &'static str)> {
+    let registry = Registry::load_or_default(&settings.registry.path).with_context(|| {
+        format!(
+            "reading the model registry {} (registry.path)",
+            settings.registry.path.display()
+        )
+    })?;
+    let newest = [ModelKind::Reward, ModelKind::Policy]
+        .into_iter()
+        .filter_map(|kind| registry.last_training(kind))
+        .max_by_key(|(id, at, _)| (*at, *id));
+    let production = registry.production(ModelKind::Policy).map(|m| m.id.clone());
+    let Some((_, at, snapshot)) = newest else {
+        let mut fallback = store.last_training()?;
+        if let (Some(l), Some(p)) = (fallback.as_mut(), production) {
+            l.production_version = Some(p);
+            l.promoted_at = None;
+        }
+        return Ok((fallback, "store"));
+    };
+    let watermark = match snapshot.watermark.trim() {
+        "" => None,
+        text => Some(
+            DateTime::parse_from_rfc3339(text)
+                .with_context(|| {
+                    format!(
+                        "the registry {} holds feedback watermark {text:?}, not an RFC 3339 time\nhint: fix `feedback.watermark` of its newest entry",
+                        settings.registry.path.display()
+                    )
+                })?
+                .with_timezone(&Utc),
+        ),
+    };
+    Ok((
+        Some(LastTraining {
+            at,
+            watermark,
+            // A version's feedback only exists once it is deployed, so all of its feedback
+            // before the recent window is its baseline: no promotion time is needed.
+            production_version: production,
+            promoted_at: None,
+        }),
+        "registry",
+    ))
 }
 
 /// Writes the outcome to the Actions outputs and step summary (no-op outside Actions).

@@ -75,6 +75,12 @@ pub fn check_outcome(outcome: &CheckOutcome, format: Format) -> Result<()> {
         Format::Text => {
             println!("{}", summary_markdown(outcome));
             println!(
+                "last training: {} · production policy: {} (from the {})",
+                outcome.last_training_at.as_deref().unwrap_or("none"),
+                outcome.production_version.as_deref().unwrap_or("none"),
+                outcome.history_source
+            );
+            println!(
                 "decision: retrain={} (reasons: {})",
                 outcome.retrain, outcome.reasons
             );

@@ -132,6 +132,7 @@ impl Store {
              PRAGMA synchronous = NORMAL;
              PRAGMA busy_timeout = 10000;
              PRAGMA cache_size = -65536;
+             PRAGMA wal_autocheckpoint = 8192;
              CREATE TABLE IF NOT EXISTS records (
                  id TEXT PRIMARY KEY,
                  updated_us INTEGER NOT NULL,
@@ -148,7 +149,13 @@ impl Store {
              CREATE TABLE IF NOT EXISTS quarantine (
                  raw_sha256 TEXT PRIMARY KEY, reason TEXT NOT NULL, raw TEXT NOT NULL,
                  received_at TEXT NOT NULL);
-             CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
+             CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+             -- Covering indexes for `check`: its counts read these narrow rows (and only the
+             -- time window asked for) instead of scanning the record bodies.
+             CREATE INDEX IF NOT EXISTS records_by_update
+                 ON records(updated_us, kind, aspect, has_answer);
+             CREATE INDEX IF NOT EXISTS records_by_version
+                 ON records(model_version, created_us, thumb, rating);",
         )
         .with_context(|| format!("initialising the feedback store {}", path.display()))?;
         let store = Self { conn, path };
@@ -275,29 +282,18 @@ impl Store {
         aspects: &[String],
     ) -> Result<(u64, u64)> {
         let since_us = since.map(micros).unwrap_or(i64::MIN);
+        // One streaming pass over the covering index `records_by_update` (no GROUP BY: sorting
+        // a million rows cost more than the count itself).
         let mut stmt = self.conn.prepare_cached(
-            "SELECT kind, aspect, has_answer, count(*) FROM records WHERE updated_us > ?1
-             GROUP BY kind, aspect, has_answer",
+            "SELECT count(*), coalesce(sum(has_answer
+                        AND (kind <> 'aspect' OR ?2 OR aspect IN (SELECT value FROM json_each(?3)))), 0)
+             FROM records WHERE updated_us > ?1",
         )?;
-        let rows = stmt.query_map([since_us], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, Option<String>>(1)?,
-                r.get::<_, bool>(2)?,
-                r.get::<_, i64>(3)?,
-            ))
+        let all_aspects = aspects.is_empty();
+        let aspect_list = serde_json::to_string(aspects)?;
+        let (all, usable) = stmt.query_row(params![since_us, all_aspects, aspect_list], |r| {
+            Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
         })?;
-        let (mut all, mut usable) = (0, 0);
-        for row in rows {
-            let (kind, aspect, has_answer, n) = row?;
-            all += n as u64;
-            let aspect_ok = kind != "aspect"
-                || aspects.is_empty()
-                || aspect.is_some_and(|a| aspects.contains(&a));
-            if has_answer && aspect_ok {
-                usable += n as u64;
-            }
-        }
         Ok((all, usable))
     }
 

@@ -7,7 +7,10 @@ use rlhf_bot::config::settings::Thresholds;
 use rlhf_bot::decision::{DecisionInput, QualityWindows, decide};
 use rlhf_bot::feedback::store::VersionCounts;
 
-use crate::common::{Workspace, bin, repo, stderr, stdout};
+use rlhf_bot::registry::{ModelKind, Registry};
+
+use crate::common::{Workspace, bin, repo, run, stderr, stdout};
+use crate::registry::entry;
 
 fn now() -> DateTime<Utc> {
     DateTime::parse_from_rfc3339("2026-11-27T12:00:00Z")
@@ -130,9 +133,8 @@ fn a_clear_drop_fires_the_quality_trigger() {
     assert!(!decide(&small, &t).trigger("quality").unwrap().fired);
 }
 
-#[test]
-fn check_on_the_bundled_sample_writes_actions_outputs() {
-    let ws = Workspace::new();
+/// The embedded default config with every path inside the test's workspace.
+fn sample_config(ws: &Workspace) -> std::path::PathBuf {
     let text = std::fs::read_to_string(repo().join("configs/example.yaml"))
         .unwrap()
         .replace(
@@ -151,7 +153,64 @@ fn check_on_the_bundled_sample_writes_actions_outputs() {
             "local_dir: out/pr",
             &format!("local_dir: {}", ws.path().join("pr").display()),
         );
-    let cfg = ws.write_config(&text);
+    ws.write_config(&text)
+}
+
+#[test]
+fn check_reads_the_last_training_and_production_from_the_registry() {
+    let ws = Workspace::new();
+    let cfg = sample_config(&ws);
+    let check = |cfg: &std::path::Path| -> serde_json::Value {
+        let out = bin()
+            .env("RLHF_BOT_NOW", "2026-11-27T12:00:00Z")
+            .arg("--config")
+            .arg(cfg)
+            .args(["--format", "json", "check"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        serde_json::from_str(&stdout(&out)).unwrap()
+    };
+    assert!(run(&cfg, &["pull"]).status.success());
+    let before = check(&cfg);
+    assert_eq!(before["history_source"], "store", "{before}");
+    assert_eq!(before["last_training_at"], serde_json::Value::Null);
+
+    // A reward model trained on the feedback up to 2026-10-20 and a production policy.
+    let mut reg = Registry::default();
+    let mut policy = entry("policy-v2", ModelKind::Policy, 3, None);
+    policy.feedback.watermark = "2026-10-03T00:00:00Z".into();
+    reg.add_candidate(policy).unwrap();
+    reg.promote("policy-v2").unwrap();
+    let mut rm = entry("rm-001", ModelKind::Reward, 20, None);
+    rm.feedback.watermark = "2026-10-20T00:00:00Z".into();
+    reg.add_candidate(rm).unwrap();
+    reg.save(&ws.store_dir().join("registry.yaml")).unwrap();
+
+    let after = check(&cfg);
+    assert_eq!(after["history_source"], "registry", "{after}");
+    assert_eq!(after["last_training_at"], "2026-11-20T06:30:00Z");
+    assert_eq!(after["production_version"], "policy-v2");
+    let (all, since) = (
+        before["new_feedback"].as_u64().unwrap(),
+        after["new_feedback"].as_u64().unwrap(),
+    );
+    assert!(
+        0 < since && since < all,
+        "only feedback after the registry's watermark is new: {since} of {all}"
+    );
+
+    // A registry that cannot be read is an error that names it, not a silent fallback.
+    std::fs::write(ws.store_dir().join("registry.yaml"), "version: [").unwrap();
+    let out = run(&cfg, &["check"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("registry.yaml"), "{}", stderr(&out));
+}
+
+#[test]
+fn check_on_the_bundled_sample_writes_actions_outputs() {
+    let ws = Workspace::new();
+    let cfg = sample_config(&ws);
     let output = ws.path().join("gh-output");
     let summary = ws.path().join("gh-summary.md");
     let out = bin()
