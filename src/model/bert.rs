@@ -640,6 +640,8 @@ pub struct BertRewardModel {
     aspect_heads: BTreeMap<String, Dense>,
     step_head: Option<Dense>,
     head: RewardHeadConfig,
+    /// Head variables the loaded checkpoint lacked, left at their (unseeded) initial values.
+    fresh_heads: Vec<String>,
     varmap: VarMap,
     tokenizer: Option<LoadedTokenizer>,
 }
@@ -748,6 +750,7 @@ impl BertRewardModel {
             aspect_heads,
             step_head,
             head,
+            fresh_heads: Vec::new(),
             varmap,
             tokenizer: None,
         })
@@ -827,6 +830,7 @@ impl BertRewardModel {
         let weights_path = dir.join("model.safetensors");
         let tensors = candle_core::safetensors::load(&weights_path, device)
             .with_context(|| format!("reading weights {}", weights_path.display()))?;
+        let mut fresh = Vec::new();
         {
             let data = model
                 .varmap
@@ -839,6 +843,7 @@ impl BertRewardModel {
                     || name.starts_with("step_head.");
                 let Some(t) = find_tensor(&tensors, name) else {
                     if is_head {
+                        fresh.push(name.clone());
                         continue;
                     }
                     return Err(LoadError::MissingTensor {
@@ -860,8 +865,16 @@ impl BertRewardModel {
                     .with_context(|| format!("setting {name}"))?;
             }
         }
+        fresh.sort();
+        model.fresh_heads = fresh;
         model.tokenizer = Some(LoadedTokenizer::from_file(&dir.join("tokenizer.json"))?);
         Ok(model)
+    }
+
+    /// Head variables (`score.*`, `aspect_heads.*`, `step_head.*`) that the checkpoint did not
+    /// hold, so [`BertRewardModel::load`] initialised them; a trainer re-draws them from its seed.
+    pub fn fresh_heads(&self) -> &[String] {
+        &self.fresh_heads
     }
 
     /// Writes `config.json` (with the head settings), `model.safetensors` (HF names, no prefix)

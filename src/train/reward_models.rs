@@ -40,21 +40,28 @@ impl LlamaReward {
     /// Loads a reward model, or starts one from a causal-LM checkpoint (the score head is then
     /// initialised).
     pub fn load(dir: &Path, tok: &Tokenizer, device: &Device) -> Result<Self> {
-        Self::load_with_heads(dir, tok, &ExtraHeads::default(), device)
+        Self::load_with_heads(dir, tok, &ExtraHeads::default(), 0, device)
     }
 
     /// [`LlamaReward::load`] with at least the extra heads in `heads` (those the checkpoint's
-    /// config already records are kept; new ones are initialised).
+    /// config already records are kept). Heads the checkpoint lacks are drawn from `seed`.
     pub fn load_with_heads(
         dir: &Path,
         tok: &Tokenizer,
         heads: &ExtraHeads,
+        seed: u64,
         device: &Device,
     ) -> Result<Self> {
         let saved = LlamaConfig::from_dir(dir)?.extra_heads.unwrap_or_default();
         let merged = merge_heads(&saved, heads);
         let p = LlamaForSequenceClassification::load(dir, Some(1), Some(merged), device)
             .with_context(|| format!("loading the llama reward model in {}", dir.display()))?;
+        seeded_init_only(
+            &p.varmap,
+            &p.report.initialised,
+            seed,
+            p.config.initializer_range,
+        )?;
         Ok(Self::wrap(p.model, p.varmap, p.config, tok))
     }
 
@@ -173,8 +180,26 @@ pub fn merge_heads(a: &ExtraHeads, b: &ExtraHeads) -> ExtraHeads {
 /// Redraws every weight from `seed`: normal(0, std) for matrices, ones for norm weights, zeros
 /// for biases (HF's init), visiting the variables in name order so the result is reproducible.
 pub fn seeded_init(varmap: &VarMap, seed: u64, std: f64) -> Result<()> {
+    seeded_init_where(varmap, seed, std, |_| true)
+}
+
+/// [`seeded_init`] for the variables named in `names` only (heads a checkpoint lacked: candle's
+/// own initialisers cannot be seeded, and "same seed, same weights" must hold for them too).
+pub fn seeded_init_only(varmap: &VarMap, names: &[String], seed: u64, std: f64) -> Result<()> {
+    seeded_init_where(varmap, seed, std, |name| names.iter().any(|n| n == name))
+}
+
+fn seeded_init_where(
+    varmap: &VarMap,
+    seed: u64,
+    std: f64,
+    pick: impl Fn(&str) -> bool,
+) -> Result<()> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     for (name, var) in super::optim::named_vars(varmap) {
+        if !pick(&name) {
+            continue;
+        }
         let shape = var.shape().clone();
         let n = shape.elem_count();
         let head = name.starts_with("aspect_heads.") || name.starts_with("step_head.");
@@ -224,18 +249,21 @@ pub struct BertReward {
 
 impl BertReward {
     pub fn load(dir: &Path, tok: &Tokenizer, device: &Device) -> Result<Self> {
-        Self::load_with_heads(dir, tok, &ExtraHeads::default(), device)
+        Self::load_with_heads(dir, tok, &ExtraHeads::default(), 0, device)
     }
 
-    /// [`BertReward::load`] with at least the extra heads in `heads`.
+    /// [`BertReward::load`] with at least the extra heads in `heads`; heads the checkpoint lacks
+    /// are drawn from `seed` (std 0.02, BERT's initializer range).
     pub fn load_with_heads(
         dir: &Path,
         tok: &Tokenizer,
         heads: &ExtraHeads,
+        seed: u64,
         device: &Device,
     ) -> Result<Self> {
         let model = BertRewardModel::load_with_heads(dir, &heads.aspects, heads.step_head, device)
             .with_context(|| format!("loading the BERT reward model in {}", dir.display()))?;
+        seeded_init_only(model.varmap(), model.fresh_heads(), seed, 0.02)?;
         let id = |t: &str| {
             tok.token_to_id(t).with_context(|| {
                 format!(

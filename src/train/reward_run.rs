@@ -419,11 +419,11 @@ pub fn load_backbone_with_heads(
             let tok = tokenizer_from_bytes(&tok_json)?;
             match kind.as_str() {
                 "llama" | "qwen2" | "mistral" => {
-                    let model = LlamaReward::load_with_heads(dir, &tok, heads, device)?;
+                    let model = LlamaReward::load_with_heads(dir, &tok, heads, seed, device)?;
                     Ok((AnyReward::Llama(model), tok, tok_json))
                 }
                 "bert" => {
-                    let model = BertReward::load_with_heads(dir, &tok, heads, device)?;
+                    let model = BertReward::load_with_heads(dir, &tok, heads, seed, device)?;
                     Ok((AnyReward::Bert(model), tok, tok_json))
                 }
                 other => bail!(

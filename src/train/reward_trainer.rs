@@ -356,7 +356,7 @@ pub fn train_mixed<M: RewardBackbone>(
     device: &Device,
 ) -> Result<LoopOutcome> {
     cfg.validate()?;
-    check_heads(model, data)?;
+    check_heads(model, data, cfg)?;
     // Kinds with weight 0 never enter the shuffle: they would cost forward passes for nothing.
     // Pairs come first so a pairs-only run shuffles exactly as it always has.
     let items: Vec<Item> = (0..data.pairs.len())
@@ -673,12 +673,17 @@ fn eval_line(step: u64, ev: &RewardEval) -> LogLine {
     line
 }
 
-/// Refuses data the model has no head for (it would otherwise fail mid-run).
-fn check_heads<M: RewardBackbone + ?Sized>(model: &M, data: &TrainData) -> Result<()> {
+/// Refuses data the model has no head for (it would otherwise fail mid-run); kinds with weight
+/// 0 are not trained on and need no head.
+fn check_heads<M: RewardBackbone + ?Sized>(
+    model: &M,
+    data: &TrainData,
+    cfg: &TrainConfig,
+) -> Result<()> {
     let steps = data
         .points
         .iter()
-        .any(|p| matches!(p.target, PointTarget::Steps { .. }));
+        .any(|p| matches!(p.target, PointTarget::Steps { .. }) && cfg.weight_of(p) != 0.0);
     if steps && !model.has_step_head() {
         bail!(
             "the data has reasoning-step labels but the {} reward model has no step head\nhint: load it through reward_run (which adds the head), or set reward.loss_weights.steps: 0",
@@ -687,7 +692,7 @@ fn check_heads<M: RewardBackbone + ?Sized>(model: &M, data: &TrainData) -> Resul
     }
     let n_aspects = model.aspect_names().len();
     if let Some(p) = data.points.iter().find_map(|p| match &p.target {
-        PointTarget::Aspects(t) if t.len() != n_aspects => Some(t.len()),
+        PointTarget::Aspects(t) if t.len() != n_aspects && cfg.weight_of(p) != 0.0 => Some(t.len()),
         _ => None,
     }) {
         bail!(
