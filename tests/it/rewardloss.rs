@@ -46,7 +46,7 @@ fn prompt(i: usize) -> String {
 fn step_point(i: usize) -> PointText {
     let right = ["Prices rise", "Demand falls"][i % 2];
     let wrong = ["Nothing changes", "Taxes are magic"][(i / 2) % 2];
-    let (steps, labels) = if i % 3 == 0 {
+    let (steps, labels) = if i.is_multiple_of(3) {
         ([wrong, right], vec![Some(false), Some(true)])
     } else {
         ([right, wrong], vec![Some(true), Some(false)])
@@ -65,7 +65,7 @@ fn step_point(i: usize) -> PointText {
 fn points(n: usize) -> Vec<PointText> {
     let mut out = Vec::new();
     for i in 0..n {
-        let good = i % 2 == 0;
+        let good = i.is_multiple_of(2);
         let answer = if good { GOOD } else { CURT }.to_string();
         out.push(PointText {
             prompt: prompt(i),
@@ -79,7 +79,7 @@ fn points(n: usize) -> Vec<PointText> {
         });
         out.push(step_point(i));
         let mut t = BTreeMap::from([("accuracy".to_string(), if good { 0.75 } else { 0.5 })]);
-        if i % 3 != 0 {
+        if !i.is_multiple_of(3) {
             t.insert("helpfulness".into(), if good { 1.0 } else { 0.0 });
         }
         out.push(PointText {
