@@ -111,12 +111,36 @@ pub struct RewardEval {
     pub n: u64,
     /// Mean of (chosen score - rejected score).
     pub mean_margin: f64,
-    /// Per-aspect error rate (e.g. `accuracy`, `helpfulness`): pairs ranked wrongly on that aspect.
+    /// Per-aspect error (e.g. `accuracy`, `helpfulness`): the aspect head's mean absolute error
+    /// against ratings scaled to `[0, 1]` (the same number as `aspects.<name>.mae`; the report
+    /// reads it here).
     #[serde(default)]
     pub aspect_errors: BTreeMap<String, f64>,
-    /// Accuracy on per-reasoning-step labels, when the run had any.
+    /// Accuracy on per-reasoning-step labels (step head logit > 0 ⇔ step marked correct), when
+    /// the evaluation split has any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step_accuracy: Option<f64>,
+    /// Labelled steps behind `step_accuracy`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_n: Option<u64>,
+    /// Accuracy on thumbs of single answers (score > 0 ⇔ thumb up), when the split has any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pointwise_accuracy: Option<f64>,
+    /// Thumbs behind `pointwise_accuracy`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pointwise_n: Option<u64>,
+    /// Per aspect head: error against the held-out aspect ratings.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub aspects: BTreeMap<String, AspectEval>,
+}
+
+/// One aspect head on the evaluation split.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AspectEval {
+    /// Mean absolute error on the rating scaled to `[0, 1]` (× 4 gives stars on a 1–5 scale).
+    pub mae: f64,
+    /// Answers rated on this aspect.
+    pub n: u64,
 }
 
 /// `metrics.json` of a reward-model run.
@@ -140,6 +164,12 @@ impl RewardMetrics {
         m.insert("eval_n".to_string(), self.eval.n as f64);
         if let Some(s) = self.eval.step_accuracy {
             m.insert("eval_step_accuracy".to_string(), s);
+        }
+        if let Some(s) = self.eval.pointwise_accuracy {
+            m.insert("eval_pointwise_accuracy".to_string(), s);
+        }
+        for (name, a) in &self.eval.aspects {
+            m.insert(format!("eval_aspect_mae_{name}"), a.mae);
         }
         m.insert("train_steps".to_string(), self.train.steps as f64);
         m.insert("train_seconds".to_string(), self.train.seconds);

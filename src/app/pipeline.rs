@@ -363,58 +363,20 @@ fn repo_path(path: &Path, fallback: &str) -> String {
         .join("/")
 }
 
-/// Builds the dataset from the store and trains the reward model into `runs/<run-id>/reward/`;
-/// the run's metrics carry the dataset's counts and fingerprint for lineage.
+/// Builds the dataset from the store and trains the reward model into `runs/<run-id>/reward/` on
+/// every kind of example (see `train::reward_run::train_reward_from_store`); the run's metrics
+/// carry the dataset's counts and fingerprint for lineage.
 pub async fn train_reward_from_store(
     settings: &Settings,
     out: PathBuf,
     mut opts: crate::train::reward_run::RewardTrainOptions,
 ) -> Result<crate::train::reward_run::RewardRunSummary> {
-    use crate::train::batching::PairText;
-    let store = Store::open(&settings.store.dir)?;
-    let dataset = crate::dataset::build_from_store(&store, &settings.dataset)?;
-    let to_text = |pairs: &[crate::dataset::PreferencePair]| -> Vec<PairText> {
-        pairs
-            .iter()
-            .map(|p| PairText {
-                prompt: crate::dataset::render_plain_prompt(&p.prompt),
-                chosen: p.chosen.clone(),
-                rejected: p.rejected.clone(),
-                margin: Some(p.margin as f64),
-            })
-            .collect()
-    };
-    let (train, eval) = (to_text(&dataset.train.pairs), to_text(&dataset.eval.pairs));
-    if train.is_empty() || eval.is_empty() {
-        bail!(
-            "the store yields {} training and {} evaluation preference pairs; a reward model needs both\n\
-             hint: collect answers to the same prompt with different feedback, or lower dataset.min_score_gap",
-            train.len(),
-            eval.len()
-        );
-    }
     opts.out = out;
-    let summary = tokio::task::spawn_blocking(move || {
-        crate::train::reward_run::train_reward_on(&opts, &train, &eval)
+    let store_dir = settings.store.dir.clone();
+    let dataset = settings.dataset.clone();
+    tokio::task::spawn_blocking(move || {
+        crate::train::reward_run::train_reward_from_store(&store_dir, &dataset, &opts)
     })
     .await
-    .context("the reward training thread panicked")??;
-    // Lineage: the dataset's own counts and fingerprint replace the trainer's pair counts.
-    let mut out = RewardRunOutput::load(&summary.out)?;
-    let counts = dataset.fingerprint.train;
-    out.metrics.dataset.examples_sha256 = dataset.fingerprint.sha256.clone();
-    for (name, n) in serde_json::to_value(counts)?
-        .as_object()
-        .into_iter()
-        .flatten()
-    {
-        if let Some(n) = n.as_u64() {
-            out.metrics
-                .dataset
-                .counts
-                .insert(format!("train_{name}"), n);
-        }
-    }
-    out.write(&summary.out)?;
-    Ok(summary)
+    .context("the reward training thread panicked")?
 }

@@ -51,6 +51,23 @@ pub struct RawReward {
     pub lr: Option<f64>,
     /// `cpu` or `cuda` (a binary built with `--features cuda`).
     pub device: Option<String>,
+    /// Weight of each kind of feedback in the reward loss (docs/reward-training.md).
+    #[serde(default)]
+    pub loss_weights: RawLossWeights,
+    /// TRL's `center_rewards_coefficient`: pulls rewards towards zero.
+    pub center_rewards_coefficient: Option<f64>,
+    /// How ratings train the score: `mse` (default) or `bce`.
+    pub rating_loss: Option<crate::train::losses::reward::RatingLoss>,
+}
+
+/// `reward.loss_weights`; an absent key keeps its default.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLossWeights {
+    pub pairwise: Option<f64>,
+    pub pointwise: Option<f64>,
+    pub steps: Option<f64>,
+    pub aspects: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -290,6 +290,33 @@ pub fn validate(raw: RawConfig, text: &str) -> Result<Settings, Invalid> {
             .parse()
             .map_err(|e| Invalid::new("reward.device", format!("{e}")))?;
     }
+    reward.aspects = f.aspects.clone();
+    let lw = raw.reward.loss_weights;
+    let w = &mut reward.train.loss_weights;
+    for (slot, value) in [
+        (&mut w.pairwise, lw.pairwise),
+        (&mut w.pointwise, lw.pointwise),
+        (&mut w.steps, lw.steps),
+        (&mut w.aspects, lw.aspects),
+    ] {
+        if let Some(v) = value {
+            *slot = v;
+        }
+    }
+    w.validate()
+        .map_err(|e| Invalid::new(&e.key, format!("{}\nhint: {}", e.problem, e.hint)))?;
+    if let Some(c) = raw.reward.center_rewards_coefficient {
+        if !(c.is_finite() && c >= 0.0) {
+            return Err(Invalid::new(
+                "reward.center_rewards_coefficient",
+                format!("expected a finite number >= 0, got {c}\nhint: TRL suggests 0.01"),
+            ));
+        }
+        reward.train.center_rewards_coefficient = Some(c);
+    }
+    if let Some(r) = raw.reward.rating_loss {
+        reward.train.rating_loss = r;
+    }
     let artifacts_dir = match raw.registry.artifacts.as_deref() {
         None => PathBuf::from(DEFAULT_ARTIFACTS_DIR),
         Some(uri) if uri.starts_with("file://") => PathBuf::from(&uri["file://".len()..]),

@@ -10,7 +10,8 @@
 //!
 //! The reward model ([`BertRewardModel`]) pools the last hidden state (mean over real tokens, as
 //! sentence-transformers does, or the `[CLS]` token) and puts a `hidden -> 1` score head on top, plus
-//! optional named aspect heads (accuracy, helpfulness, …) trained from per-aspect ratings.
+//! optional named aspect heads (accuracy, helpfulness, …) trained from per-aspect ratings and an
+//! optional per-token step head (`step_head.*`) read where reasoning steps end.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -579,6 +580,9 @@ pub struct RewardHeadConfig {
     /// Names of extra per-aspect score heads (`aspect_heads.<name>.weight`).
     #[serde(default)]
     pub aspects: Vec<String>,
+    /// A `hidden -> 1` head over every token (`step_head.weight/bias`), for process rewards.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub step_head: bool,
 }
 
 impl RewardHeadConfig {
@@ -605,6 +609,8 @@ pub struct RewardOutput {
     pub score: Tensor,
     /// `[b]` per named aspect head.
     pub aspects: BTreeMap<String, Tensor>,
+    /// `[b, t]` step-head logits at every token, when the model has a step head.
+    pub step_logits: Option<Tensor>,
 }
 
 /// Errors a caller of [`BertRewardModel::load`] may want to branch on.
@@ -632,7 +638,10 @@ pub struct BertRewardModel {
     encoder: BertModel,
     score: Dense,
     aspect_heads: BTreeMap<String, Dense>,
+    step_head: Option<Dense>,
     head: RewardHeadConfig,
+    /// Head variables the loaded checkpoint lacked, left at their (unseeded) initial values.
+    fresh_heads: Vec<String>,
     varmap: VarMap,
     tokenizer: Option<LoadedTokenizer>,
 }
@@ -730,11 +739,18 @@ impl BertRewardModel {
                 ))
             })
             .collect::<anyhow::Result<BTreeMap<_, _>>>()?;
+        let step_head = if head.step_head {
+            Some(Dense::new(cfg.hidden_size, 1, vb.pp("step_head"))?)
+        } else {
+            None
+        };
         Ok(Self {
             encoder,
             score,
             aspect_heads,
+            step_head,
             head,
+            fresh_heads: Vec::new(),
             varmap,
             tokenizer: None,
         })
@@ -774,6 +790,17 @@ impl BertRewardModel {
     /// the file lacks are freshly initialised, so a plain sentence encoder becomes a reward model.
     /// `aspects` adds aspect heads beyond those recorded in the config.
     pub fn load(dir: &Path, aspects: &[String], device: &Device) -> anyhow::Result<Self> {
+        Self::load_with_heads(dir, aspects, false, device)
+    }
+
+    /// [`BertRewardModel::load`], also adding a step head when `step_head` is set (a head the
+    /// file lacks is freshly initialised; one recorded in the config is always loaded).
+    pub fn load_with_heads(
+        dir: &Path,
+        aspects: &[String],
+        step_head: bool,
+        device: &Device,
+    ) -> anyhow::Result<Self> {
         for file in ["config.json", "model.safetensors", "tokenizer.json"] {
             if !dir.join(file).is_file() {
                 return Err(LoadError::MissingFile {
@@ -798,10 +825,12 @@ impl BertRewardModel {
                 head.aspects.push(a.clone());
             }
         }
+        head.step_head |= step_head;
         let mut model = Self::new(&cfg, head, device)?;
         let weights_path = dir.join("model.safetensors");
         let tensors = candle_core::safetensors::load(&weights_path, device)
             .with_context(|| format!("reading weights {}", weights_path.display()))?;
+        let mut fresh = Vec::new();
         {
             let data = model
                 .varmap
@@ -809,9 +838,12 @@ impl BertRewardModel {
                 .lock()
                 .map_err(|_| anyhow::anyhow!("varmap lock poisoned"))?;
             for (name, var) in data.iter() {
-                let is_head = name.starts_with("score.") || name.starts_with("aspect_heads.");
+                let is_head = name.starts_with("score.")
+                    || name.starts_with("aspect_heads.")
+                    || name.starts_with("step_head.");
                 let Some(t) = find_tensor(&tensors, name) else {
                     if is_head {
+                        fresh.push(name.clone());
                         continue;
                     }
                     return Err(LoadError::MissingTensor {
@@ -833,8 +865,16 @@ impl BertRewardModel {
                     .with_context(|| format!("setting {name}"))?;
             }
         }
+        fresh.sort();
+        model.fresh_heads = fresh;
         model.tokenizer = Some(LoadedTokenizer::from_file(&dir.join("tokenizer.json"))?);
         Ok(model)
+    }
+
+    /// Head variables (`score.*`, `aspect_heads.*`, `step_head.*`) that the checkpoint did not
+    /// hold, so [`BertRewardModel::load`] initialised them; a trainer re-draws them from its seed.
+    pub fn fresh_heads(&self) -> &[String] {
+        &self.fresh_heads
     }
 
     /// Writes `config.json` (with the head settings), `model.safetensors` (HF names, no prefix)
@@ -923,9 +963,10 @@ impl BertRewardModel {
         pool(&hidden, &batch.attention_mask, self.head.pooling)
     }
 
-    /// Scores a batch: `[b]` reward plus `[b]` per aspect head.
+    /// Scores a batch: `[b]` reward plus `[b]` per aspect head, and `[b, t]` step logits.
     pub fn forward(&self, batch: &EncodedBatch, train: bool) -> candle_core::Result<RewardOutput> {
-        let pooled = self.pooled(batch, train)?;
+        let hidden = self.encoder.forward(batch, train)?;
+        let pooled = pool(&hidden, &batch.attention_mask, self.head.pooling)?;
         let score = self
             .score
             .forward(&pooled, Kernels::Reference)?
@@ -940,7 +981,15 @@ impl BertRewardModel {
                 ))
             })
             .collect::<candle_core::Result<BTreeMap<_, _>>>()?;
-        Ok(RewardOutput { score, aspects })
+        let step_logits = match &self.step_head {
+            Some(h) => Some(h.forward(&hidden, Kernels::Reference)?.squeeze(2)?),
+            None => None,
+        };
+        Ok(RewardOutput {
+            score,
+            aspects,
+            step_logits,
+        })
     }
 }
 

@@ -11,6 +11,8 @@
 //! Pair batches hold the chosen rows first, then the rejected rows, so the reward vector splits
 //! into `[..B]` chosen and `[B..]` rejected, as in TRL's `RewardTrainer`.
 
+use std::collections::BTreeMap;
+
 use anyhow::{Context, Result, bail};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -29,12 +31,30 @@ pub struct PairText {
     pub margin: Option<f64>,
 }
 
-/// One answer with a pointwise label (thumbs up = 1, down = 0).
+/// One answer judged on its own: the kinds of feedback that do not compare two answers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PointText {
     pub prompt: String,
     pub answer: String,
-    pub label: f64,
+    pub label: PointLabel,
+}
+
+/// What was said about a single answer (see docs/reward-training.md for the loss each becomes).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PointLabel {
+    /// Thumb majority on the whole answer (BCE on the score).
+    Thumb(bool),
+    /// Rating (or overall score) scaled to `[0, 1]` (MSE on `σ(score)` or soft BCE).
+    Rating(f64),
+    /// Reasoning-step labels: `ends[i]` is the byte offset in `answer` where step `i` ends; a
+    /// `None` label (tied votes) is not trained on.
+    Steps {
+        ends: Vec<usize>,
+        labels: Vec<Option<bool>>,
+    },
+    /// Per-aspect ratings scaled to `[0, 1]`.
+    Aspects(BTreeMap<String, f64>),
 }
 
 /// Renders a single user message as the text a decoder reward model reads. The policy's chat
@@ -83,6 +103,17 @@ pub fn assemble(
     max_len: usize,
     layout: &SequenceLayout,
 ) -> Result<Row> {
+    Ok(assemble_parts(prompt, answer, max_len, layout)?.0)
+}
+
+/// [`assemble`], also returning where the answer starts in the row and how many of its tokens
+/// were kept (step labels are read at answer tokens and need both).
+fn assemble_parts(
+    prompt: &[u32],
+    answer: &[u32],
+    max_len: usize,
+    layout: &SequenceLayout,
+) -> Result<(Row, usize, usize)> {
     let budget = max_len.checked_sub(layout.specials()).filter(|b| *b >= 2).with_context(|| {
         format!(
             "max_length {max_len} leaves no room for text after {} special tokens\nhint: raise max_length",
@@ -118,7 +149,7 @@ pub fn assemble(
             "an example tokenised to nothing\nhint: drop empty prompts and answers from the dataset"
         );
     }
-    Ok(Row { ids, types })
+    Ok((Row { ids, types }, first_answer, a_keep))
 }
 
 /// A pair, tokenised.
@@ -129,13 +160,29 @@ pub struct EncodedPair {
     pub margin: f64,
 }
 
-/// A pointwise example, tokenised.
+/// A single-answer example, tokenised.
 #[derive(Debug, Clone)]
 pub struct EncodedPoint {
     pub row: Row,
-    pub label: f64,
+    pub target: PointTarget,
 }
 
+/// The label of an [`EncodedPoint`], placed where the model reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PointTarget {
+    /// 1 up, 0 down.
+    Thumb(f32),
+    /// In `[0, 1]`.
+    Rating(f32),
+    /// `positions[i]` is the row index of the last token of a labelled step, `labels[i]` 1 for a
+    /// correct step and 0 for a wrong one (steps cut off by truncation or tied are left out).
+    Steps {
+        positions: Vec<usize>,
+        labels: Vec<f32>,
+    },
+    /// One entry per aspect head, in the model's column order; `None` where not rated.
+    Aspects(Vec<Option<f32>>),
+}
 /// The tokenizer without the truncation and padding a `tokenizer.json` may carry (MiniLM's
 /// truncates at 128 and pads): truncation here must be ours, piece by piece.
 fn plain(tok: &Tokenizer) -> Result<tokenizers::Tokenizer> {
@@ -176,26 +223,78 @@ pub fn encode_pairs(
         .collect()
 }
 
-/// Tokenises pointwise examples.
+/// Tokenises single-answer examples. `aspects` is the model's aspect-head order; an aspect the
+/// model has no head for is an error. Step examples whose labelled steps all fall beyond the
+/// truncated answer are left out (they would train nothing).
 pub fn encode_points(
     tok: &Tokenizer,
     points: &[PointText],
     max_len: usize,
     layout: &SequenceLayout,
+    aspects: &[String],
 ) -> Result<Vec<EncodedPoint>> {
     let tok = plain(tok)?;
     let tok = &tok;
-    points
-        .iter()
-        .map(|p| {
-            let prompt = encode_text(tok, &p.prompt)?;
-            let answer = encode_text(tok, &p.answer)?;
-            Ok(EncodedPoint {
-                row: assemble(&prompt, &answer, max_len, layout)?,
-                label: p.label,
-            })
-        })
-        .collect()
+    let mut out = Vec::with_capacity(points.len());
+    let mut dropped_steps = 0usize;
+    for p in points {
+        let prompt = encode_text(tok, &p.prompt)?;
+        let answer = tok
+            .encode(p.answer.as_str(), false)
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .with_context(|| {
+                format!(
+                    "tokenising {:?}",
+                    p.answer.chars().take(60).collect::<String>()
+                )
+            })?;
+        let (row, answer_start, kept) = assemble_parts(&prompt, answer.get_ids(), max_len, layout)?;
+        let target = match &p.label {
+            PointLabel::Thumb(up) => PointTarget::Thumb(if *up { 1.0 } else { 0.0 }),
+            PointLabel::Rating(r) => PointTarget::Rating(*r as f32),
+            PointLabel::Steps { ends, labels } => {
+                let offsets = &answer.get_offsets()[..kept];
+                let (mut positions, mut ys) = (Vec::new(), Vec::new());
+                for (end, label) in ends.iter().zip(labels) {
+                    let Some(label) = label else { continue };
+                    // The step's last token is the last one that starts before the step ends.
+                    if let Some(j) = offsets.iter().rposition(|(start, _)| start < end) {
+                        positions.push(answer_start + j);
+                        ys.push(if *label { 1.0 } else { 0.0 });
+                    }
+                }
+                if positions.is_empty() {
+                    dropped_steps += 1;
+                    continue;
+                }
+                PointTarget::Steps {
+                    positions,
+                    labels: ys,
+                }
+            }
+            PointLabel::Aspects(targets) => {
+                if let Some(name) = targets.keys().find(|k| !aspects.contains(k)) {
+                    bail!(
+                        "an example is rated on aspect {name:?} but the reward model has heads only for {aspects:?}\nhint: list the aspect under feedback.aspects"
+                    );
+                }
+                PointTarget::Aspects(
+                    aspects
+                        .iter()
+                        .map(|a| targets.get(a).map(|v| *v as f32))
+                        .collect(),
+                )
+            }
+        };
+        out.push(EncodedPoint { row, target });
+    }
+    if dropped_steps > 0 {
+        tracing::info!(
+            dropped_steps,
+            "step examples left out: every labelled step lies beyond max_length"
+        );
+    }
+    Ok(out)
 }
 
 /// A padded batch on a device.
@@ -252,11 +351,23 @@ pub fn collate_pairs(
     pad_id: u32,
     device: &Device,
 ) -> Result<(TokenBatch, Vec<f64>)> {
+    let margins = pairs.iter().map(|p| p.margin).collect();
+    Ok((collate_mixed(pairs, &[], pad_id, device)?, margins))
+}
+
+/// One forward pass worth of mixed examples: the rows of `pairs` (chosen, then rejected) followed
+/// by one row per point, so a single forward scores them all.
+pub fn collate_mixed(
+    pairs: &[&EncodedPair],
+    points: &[&EncodedPoint],
+    pad_id: u32,
+    device: &Device,
+) -> Result<TokenBatch> {
     let rows: Vec<&Row> = pairs
         .iter()
         .map(|p| &p.chosen)
         .chain(pairs.iter().map(|p| &p.rejected))
+        .chain(points.iter().map(|p| &p.row))
         .collect();
-    let margins = pairs.iter().map(|p| p.margin).collect();
-    Ok((collate(&rows, pad_id, device)?, margins))
+    collate(&rows, pad_id, device)
 }

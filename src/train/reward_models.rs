@@ -1,5 +1,7 @@
 //! Adapters from the concrete reward models to the loop's [`RewardBackbone`], plus the small
-//! llama reward model trained from scratch when no `--model` is given.
+//! llama reward model trained from scratch when no `--model` is given. Both backbones can carry
+//! extra heads ([`ExtraHeads`]: per-aspect heads `aspect_heads.<name>.*` and a per-token
+//! `step_head.*`); loading adds the heads a run needs, initialised, when the checkpoint lacks them.
 //!
 //! The decoder reads its score at the last real token and wants no special tokens (TRL's reward
 //! batches carry the plain text tokens); the default model's weights are drawn from a seeded
@@ -18,7 +20,7 @@ use super::batching::{SequenceLayout, TokenBatch};
 use super::reward_trainer::{RewardBackbone, RewardForward};
 use crate::model::bert::{BertRewardModel, EncodedBatch};
 use crate::model::llama::{
-    Architecture, LlamaConfig, LlamaForSequenceClassification, save_pretrained,
+    Architecture, ExtraHeads, LlamaConfig, LlamaForSequenceClassification, save_pretrained,
 };
 use crate::model::tokenizer::Tokenizer;
 
@@ -38,8 +40,28 @@ impl LlamaReward {
     /// Loads a reward model, or starts one from a causal-LM checkpoint (the score head is then
     /// initialised).
     pub fn load(dir: &Path, tok: &Tokenizer, device: &Device) -> Result<Self> {
-        let p = LlamaForSequenceClassification::load(dir, Some(1), None, device)
+        Self::load_with_heads(dir, tok, &ExtraHeads::default(), 0, device)
+    }
+
+    /// [`LlamaReward::load`] with at least the extra heads in `heads` (those the checkpoint's
+    /// config already records are kept). Heads the checkpoint lacks are drawn from `seed`.
+    pub fn load_with_heads(
+        dir: &Path,
+        tok: &Tokenizer,
+        heads: &ExtraHeads,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
+        let saved = LlamaConfig::from_dir(dir)?.extra_heads.unwrap_or_default();
+        let merged = merge_heads(&saved, heads);
+        let p = LlamaForSequenceClassification::load(dir, Some(1), Some(merged), device)
             .with_context(|| format!("loading the llama reward model in {}", dir.display()))?;
+        seeded_init_only(
+            &p.varmap,
+            &p.report.initialised,
+            seed,
+            p.config.initializer_range,
+        )?;
         Ok(Self::wrap(p.model, p.varmap, p.config, tok))
     }
 
@@ -128,16 +150,60 @@ impl RewardBackbone for LlamaReward {
     fn kind(&self) -> &'static str {
         "llama"
     }
+    fn aspect_names(&self) -> Vec<String> {
+        self.model
+            .aspect_names()
+            .into_iter()
+            .map(str::to_string)
+            .collect()
+    }
+    fn has_step_head(&self) -> bool {
+        self.config
+            .extra_heads
+            .as_ref()
+            .is_some_and(|h| h.step_head)
+    }
+}
+
+/// `a`'s heads plus those of `b` that `a` lacks (aspect order: `a`'s, then `b`'s new ones).
+pub fn merge_heads(a: &ExtraHeads, b: &ExtraHeads) -> ExtraHeads {
+    let mut out = a.clone();
+    for name in &b.aspects {
+        if !out.aspects.contains(name) {
+            out.aspects.push(name.clone());
+        }
+    }
+    out.step_head |= b.step_head;
+    out
 }
 
 /// Redraws every weight from `seed`: normal(0, std) for matrices, ones for norm weights, zeros
 /// for biases (HF's init), visiting the variables in name order so the result is reproducible.
 pub fn seeded_init(varmap: &VarMap, seed: u64, std: f64) -> Result<()> {
+    seeded_init_where(varmap, seed, std, |_| true)
+}
+
+/// [`seeded_init`] for the variables named in `names` only (heads a checkpoint lacked: candle's
+/// own initialisers cannot be seeded, and "same seed, same weights" must hold for them too).
+pub fn seeded_init_only(varmap: &VarMap, names: &[String], seed: u64, std: f64) -> Result<()> {
+    seeded_init_where(varmap, seed, std, |name| names.iter().any(|n| n == name))
+}
+
+fn seeded_init_where(
+    varmap: &VarMap,
+    seed: u64,
+    std: f64,
+    pick: impl Fn(&str) -> bool,
+) -> Result<()> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     for (name, var) in super::optim::named_vars(varmap) {
+        if !pick(&name) {
+            continue;
+        }
         let shape = var.shape().clone();
         let n = shape.elem_count();
-        let values: Vec<f32> = if name.contains("norm") {
+        let head = name.starts_with("aspect_heads.") || name.starts_with("step_head.");
+        let values: Vec<f32> = if name.contains("norm") && !head {
             vec![1.0; n]
         } else if name.ends_with(".bias") {
             vec![0.0; n]
@@ -183,8 +249,21 @@ pub struct BertReward {
 
 impl BertReward {
     pub fn load(dir: &Path, tok: &Tokenizer, device: &Device) -> Result<Self> {
-        let model = BertRewardModel::load(dir, &[], device)
+        Self::load_with_heads(dir, tok, &ExtraHeads::default(), 0, device)
+    }
+
+    /// [`BertReward::load`] with at least the extra heads in `heads`; heads the checkpoint lacks
+    /// are drawn from `seed` (std 0.02, BERT's initializer range).
+    pub fn load_with_heads(
+        dir: &Path,
+        tok: &Tokenizer,
+        heads: &ExtraHeads,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
+        let model = BertRewardModel::load_with_heads(dir, &heads.aspects, heads.step_head, device)
             .with_context(|| format!("loading the BERT reward model in {}", dir.display()))?;
+        seeded_init_only(model.varmap(), model.fresh_heads(), seed, 0.02)?;
         let id = |t: &str| {
             tok.token_to_id(t).with_context(|| {
                 format!(
@@ -229,7 +308,7 @@ impl RewardBackbone for BertReward {
         Ok(RewardForward {
             rewards: out.score,
             aspects,
-            step_logits: None,
+            step_logits: out.step_logits,
         })
     }
     fn varmap(&self) -> &VarMap {
@@ -243,6 +322,15 @@ impl RewardBackbone for BertReward {
     }
     fn kind(&self) -> &'static str {
         "bert"
+    }
+    fn aspect_names(&self) -> Vec<String> {
+        // The model keeps its aspect heads in a name-ordered map: forward's columns are sorted.
+        let mut names = self.model.head_config().aspects.clone();
+        names.sort();
+        names
+    }
+    fn has_step_head(&self) -> bool {
+        self.model.head_config().step_head
     }
 }
 
@@ -279,5 +367,11 @@ impl RewardBackbone for AnyReward {
     }
     fn kind(&self) -> &'static str {
         self.inner().kind()
+    }
+    fn aspect_names(&self) -> Vec<String> {
+        self.inner().aspect_names()
+    }
+    fn has_step_head(&self) -> bool {
+        self.inner().has_step_head()
     }
 }

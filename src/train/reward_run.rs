@@ -2,10 +2,14 @@
 //! trained reward model directory. `app::train_reward` is the async entry point over it.
 //!
 //! It opens the device, loads (or creates) the backbone and its tokenizer, loads and splits the
-//! preference data, runs the loop in `train::reward_trainer`, and writes the run directory the
-//! report and the registry read: the model in Hugging Face layout (`config.json`,
-//! `model.safetensors`, `tokenizer.json`), `metrics.json` (the `run_outputs` contract),
-//! `log.jsonl`, and `checkpoints/`. A model with a non-finite weight is never written.
+//! data — a preference file, or every kind of example the dataset builder makes from the feedback
+//! store (pairs, thumbs, ratings, step labels, aspect ratings; see [`train_reward_from_store`]) —
+//! adds the extra heads the data needs (aspect heads named by `feedback.aspects`, a step head when
+//! there are step labels), runs the loop in `train::reward_trainer`, and writes the run directory
+//! the report and the registry read: the model in Hugging Face layout (`config.json`,
+//! `model.safetensors` with the heads under `aspect_heads.<name>.*` and `step_head.*`,
+//! `tokenizer.json`), `metrics.json` (the `run_outputs` contract), `log.jsonl`, and
+//! `checkpoints/`. A model with a non-finite weight is never written.
 
 use std::collections::BTreeMap;
 use std::io::BufRead;
@@ -19,9 +23,13 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::dataset::{DatasetOptions, Examples, render_plain_prompt};
+use crate::model::llama::ExtraHeads;
 use crate::model::tokenizer::Tokenizer;
 use crate::run_outputs::{self, DatasetInfo, RewardEval, RewardMetrics, TrainStats};
-use crate::train::batching::{EncodedPair, PairText, encode_pairs, render_prompt};
+use crate::train::batching::{
+    PairText, PointLabel, PointText, encode_pairs, encode_points, render_prompt,
+};
 use crate::train::device::DeviceChoice;
 use crate::train::reward_models::{
     AnyReward, BertReward, DEFAULT_TOKENIZER_JSON, LlamaReward, default_llama_config,
@@ -51,6 +59,8 @@ pub struct RewardTrainOptions {
     pub device: DeviceChoice,
     /// `--production-model DIR`: the current reward model, scored on the same eval set.
     pub production_model: Option<PathBuf>,
+    /// Aspect heads to train (`feedback.aspects`); empty: every aspect the data is rated on.
+    pub aspects: Vec<String>,
     /// `--epochs`, `--max-length`, `--batch-size`, `--lr` and the rest of the loop's settings.
     pub train: TrainConfig,
 }
@@ -66,6 +76,7 @@ impl Default for RewardTrainOptions {
             resume: false,
             device: DeviceChoice::Cpu,
             production_model: None,
+            aspects: Vec::new(),
             train: TrainConfig::default(),
         }
     }
@@ -96,28 +107,152 @@ pub fn train_reward_blocking(opts: &RewardTrainOptions) -> Result<RewardRunSumma
     train_reward_on(opts, &train, &eval)
 }
 
-/// The stage on pairs already in memory (the pipeline builds them from the feedback store).
+/// Examples as text, before tokenisation: preference pairs and single-answer examples.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct TextData {
+    pub pairs: Vec<PairText>,
+    pub points: Vec<PointText>,
+}
+
+impl TextData {
+    /// The dataset builder's examples as text. A pointwise example becomes a thumb when its
+    /// thumbs have a majority, else a rating (its score in `[0, 1]`); step and aspect examples
+    /// keep their labels. Prompts are rendered as `render_plain_prompt` does for the TRL export.
+    pub fn from_examples(ex: &Examples) -> Self {
+        let pairs = ex
+            .pairs
+            .iter()
+            .map(|p| PairText {
+                prompt: render_plain_prompt(&p.prompt),
+                chosen: p.chosen.clone(),
+                rejected: p.rejected.clone(),
+                margin: Some(f64::from(p.margin)),
+            })
+            .collect();
+        let pointwise = ex.pointwise.iter().map(|p| PointText {
+            prompt: render_plain_prompt(&p.prompt),
+            answer: p.completion.clone(),
+            label: match p.label {
+                Some(up) => PointLabel::Thumb(up),
+                None => PointLabel::Rating(f64::from(p.target)),
+            },
+        });
+        let steps = ex.steps.iter().map(|s| PointText {
+            prompt: render_plain_prompt(&s.prompt),
+            answer: s.completion.clone(),
+            label: PointLabel::Steps {
+                ends: s.step_ends.clone(),
+                labels: s.labels.clone(),
+            },
+        });
+        let aspects = ex.aspects.iter().map(|a| PointText {
+            prompt: render_plain_prompt(&a.prompt),
+            answer: a.completion.clone(),
+            label: PointLabel::Aspects(
+                a.targets
+                    .iter()
+                    .map(|(k, v)| (k.clone(), f64::from(*v)))
+                    .collect(),
+            ),
+        });
+        Self {
+            pairs,
+            points: pointwise.chain(steps).chain(aspects).collect(),
+        }
+    }
+
+    /// Drops the single-answer examples whose kind has weight 0 (they would train nothing and
+    /// need heads that are not there).
+    fn weighted(mut self, cfg: &TrainConfig) -> Self {
+        let w = &cfg.loss_weights;
+        self.points.retain(|p| match p.label {
+            PointLabel::Thumb(_) | PointLabel::Rating(_) => w.pointwise != 0.0,
+            PointLabel::Steps { .. } => w.steps != 0.0,
+            PointLabel::Aspects(_) => w.aspects != 0.0,
+        });
+        self
+    }
+}
+
+/// The stage on pairs already in memory.
 pub fn train_reward_on(
     opts: &RewardTrainOptions,
     train: &[PairText],
     eval: &[PairText],
 ) -> Result<RewardRunSummary> {
+    let as_data = |pairs: &[PairText]| TextData {
+        pairs: pairs.to_vec(),
+        points: Vec::new(),
+    };
+    train_reward_mixed(opts, &as_data(train), &as_data(eval))
+}
+
+/// The extra heads `train` needs: aspect heads named by `aspects` (or, when that is empty, by
+/// every aspect the data is rated on, sorted) and a step head when it has step labels.
+pub fn heads_for(aspects: &[String], train: &TextData, eval: &TextData) -> Result<ExtraHeads> {
+    let points = || train.points.iter().chain(&eval.points);
+    let rated: std::collections::BTreeSet<&String> = points()
+        .filter_map(|p| match &p.label {
+            PointLabel::Aspects(t) => Some(t.keys()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    let names: Vec<String> = if rated.is_empty() {
+        Vec::new()
+    } else if aspects.is_empty() {
+        rated.into_iter().cloned().collect()
+    } else {
+        aspects.to_vec()
+    };
+    for name in &names {
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            bail!(
+                "aspect name {name:?} cannot name a model head\nhint: use ASCII letters, digits, '_' or '-' in feedback.aspects"
+            );
+        }
+    }
+    Ok(ExtraHeads {
+        aspects: names,
+        step_head: train
+            .points
+            .iter()
+            .any(|p| matches!(p.label, PointLabel::Steps { .. })),
+    })
+}
+
+/// The stage on every kind of example, already in memory: builds the model with the heads the
+/// data needs, trains, evaluates each kind present, and writes the run directory.
+pub fn train_reward_mixed(
+    opts: &RewardTrainOptions,
+    train: &TextData,
+    eval: &TextData,
+) -> Result<RewardRunSummary> {
+    opts.train.validate()?;
+    let train = train.clone().weighted(&opts.train);
+    let eval = eval.clone().weighted(&opts.train);
+    let heads = heads_for(&opts.aspects, &train, &eval)?;
     let device = opts.device.open()?;
-    let (model, tok, tok_json) = load_backbone(opts.model.as_deref(), opts.train.seed, &device)?;
+    let (model, tok, tok_json) =
+        load_backbone_with_heads(opts.model.as_deref(), opts.train.seed, &heads, &device)?;
     tracing::info!(
         backbone = model.kind(),
-        train = train.len(),
-        eval = eval.len(),
+        train_pairs = train.pairs.len(),
+        train_points = train.points.len(),
+        eval_pairs = eval.pairs.len(),
+        eval_points = eval.points.len(),
+        aspects = ?heads.aspects,
+        step_head = heads.step_head,
         device = %opts.device,
         "training the reward model"
     );
-    let max_len = opts.train.max_length;
-    let data = TrainData {
-        pairs: encode_pairs(&tok, train, max_len, model.layout())?,
-        points: Vec::new(),
-    };
-    let eval_enc = encode_pairs(&tok, eval, max_len, model.layout())?;
-    let outcome = reward_trainer::train(
+    let data = encode(&model, &tok, &train, opts.train.max_length)?;
+    let eval_enc = encode(&model, &tok, &eval, opts.train.max_length)?;
+    let outcome = reward_trainer::train_mixed(
         &model,
         &data,
         &eval_enc,
@@ -128,9 +263,16 @@ pub fn train_reward_on(
     )?;
 
     let mut counts = BTreeMap::new();
-    counts.insert("pairs".to_string(), (train.len() + eval.len()) as u64);
-    counts.insert("train".to_string(), train.len() as u64);
-    counts.insert("eval".to_string(), eval.len() as u64);
+    counts.insert(
+        "pairs".to_string(),
+        (train.pairs.len() + eval.pairs.len()) as u64,
+    );
+    counts.insert("train".to_string(), train.pairs.len() as u64);
+    counts.insert("eval".to_string(), eval.pairs.len() as u64);
+    if !(train.points.is_empty() && eval.points.is_empty()) {
+        counts.insert("train_points".to_string(), train.points.len() as u64);
+        counts.insert("eval_points".to_string(), eval.points.len() as u64);
+    }
     let metrics_eval = outcome.eval.clone().unwrap_or_default();
     let mut metrics = RewardMetrics {
         eval: metrics_eval,
@@ -143,7 +285,7 @@ pub fn train_reward_on(
         },
         dataset: DatasetInfo {
             counts,
-            examples_sha256: fingerprint(train, eval),
+            examples_sha256: fingerprint_data(&train, &eval),
         },
         production_eval: None,
     };
@@ -155,10 +297,10 @@ pub fn train_reward_on(
             .with_context(|| format!("writing {}", opts.out.join("tokenizer.json").display()))?;
         model_dir = Some(opts.out.clone());
         if let Some(prod) = &opts.production_model
-            && !eval.is_empty()
+            && !(eval.pairs.is_empty() && eval.points.is_empty())
         {
             metrics.production_eval = Some(
-                score_production(prod, eval, opts, &device)
+                score_production(prod, &eval, opts, &device)
                     .with_context(|| format!("scoring production model {}", prod.display()))?,
             );
         }
@@ -174,6 +316,66 @@ pub fn train_reward_on(
     })
 }
 
+/// Tokenises text data for `model` (aspect targets in its head order).
+pub fn encode<M: RewardBackbone>(
+    model: &M,
+    tok: &Tokenizer,
+    data: &TextData,
+    max_len: usize,
+) -> Result<TrainData> {
+    Ok(TrainData {
+        pairs: encode_pairs(tok, &data.pairs, max_len, model.layout())?,
+        points: encode_points(
+            tok,
+            &data.points,
+            max_len,
+            model.layout(),
+            &model.aspect_names(),
+        )?,
+    })
+}
+
+/// Builds the dataset from the feedback store in `store_dir` and trains on every kind of example
+/// it yields, into `opts.out`. The run's metrics carry the dataset's counts (`train_pairs`,
+/// `train_pointwise`, `train_steps`, `train_aspects`) and fingerprint for lineage.
+pub fn train_reward_from_store(
+    store_dir: &Path,
+    dataset: &DatasetOptions,
+    opts: &RewardTrainOptions,
+) -> Result<RewardRunSummary> {
+    let store = crate::feedback::Store::open(store_dir)?;
+    let ds = crate::dataset::build_from_store(&store, dataset)?;
+    let (train, eval) = (
+        TextData::from_examples(&ds.train),
+        TextData::from_examples(&ds.eval),
+    );
+    // Pairwise accuracy is the headline metric every later stage reads (gates, report, registry):
+    // a run needs pairs on both sides, whatever else it trains on.
+    if train.pairs.is_empty() || eval.pairs.is_empty() {
+        bail!(
+            "the store yields {} training and {} evaluation preference pairs; a reward model needs both\n\
+             hint: collect answers to the same prompt with different feedback, or lower dataset.min_score_gap",
+            train.pairs.len(),
+            eval.pairs.len()
+        );
+    }
+    let mut summary = train_reward_mixed(opts, &train, &eval)?;
+    // Lineage: the dataset's own counts and fingerprint replace the trainer's.
+    let info = &mut summary.metrics.dataset;
+    info.examples_sha256 = ds.fingerprint.sha256.clone();
+    let c = ds.fingerprint.train;
+    for (name, n) in [
+        ("pairs", c.pairs),
+        ("pointwise", c.pointwise),
+        ("steps", c.steps),
+        ("aspects", c.aspects),
+    ] {
+        info.counts.insert(format!("train_{name}"), n);
+    }
+    run_outputs::write_metrics(&summary.out, &summary.metrics)?;
+    Ok(summary)
+}
+
 /// Loads the reward model in `dir` (or the default one) with its tokenizer; returns the
 /// tokenizer's JSON too, to copy next to the trained weights.
 pub fn load_backbone(
@@ -181,10 +383,23 @@ pub fn load_backbone(
     seed: u64,
     device: &Device,
 ) -> Result<(AnyReward, Tokenizer, Vec<u8>)> {
+    load_backbone_with_heads(dir, seed, &ExtraHeads::default(), device)
+}
+
+/// [`load_backbone`] with at least the extra heads in `heads` (new ones are initialised).
+pub fn load_backbone_with_heads(
+    dir: Option<&Path>,
+    seed: u64,
+    heads: &ExtraHeads,
+    device: &Device,
+) -> Result<(AnyReward, Tokenizer, Vec<u8>)> {
     match dir {
         None => {
             let tok = tokenizer_from_bytes(DEFAULT_TOKENIZER_JSON)?;
-            let cfg = default_llama_config(&tok);
+            let mut cfg = default_llama_config(&tok);
+            if *heads != ExtraHeads::default() {
+                cfg.extra_heads = Some(heads.clone());
+            }
             let model = LlamaReward::random(cfg, &tok, seed, device)?;
             Ok((
                 AnyReward::Llama(model),
@@ -204,11 +419,11 @@ pub fn load_backbone(
             let tok = tokenizer_from_bytes(&tok_json)?;
             match kind.as_str() {
                 "llama" | "qwen2" | "mistral" => {
-                    let model = LlamaReward::load(dir, &tok, device)?;
+                    let model = LlamaReward::load_with_heads(dir, &tok, heads, seed, device)?;
                     Ok((AnyReward::Llama(model), tok, tok_json))
                 }
                 "bert" => {
-                    let model = BertReward::load(dir, &tok, device)?;
+                    let model = BertReward::load_with_heads(dir, &tok, heads, seed, device)?;
                     Ok((AnyReward::Bert(model), tok, tok_json))
                 }
                 other => bail!(
@@ -249,15 +464,44 @@ fn tokenizer_from_bytes(bytes: &[u8]) -> Result<Tokenizer> {
     tok
 }
 
+/// Scores the evaluation split with the production model, on what its heads can read: pairs and
+/// single-answer labels always, step labels when it has a step head, the aspects it has heads for.
 fn score_production(
     dir: &Path,
-    eval: &[PairText],
+    eval: &TextData,
     opts: &RewardTrainOptions,
     device: &Device,
 ) -> Result<RewardEval> {
     let (model, tok, _) = load_backbone(Some(dir), opts.train.seed, device)?;
-    let enc: Vec<EncodedPair> = encode_pairs(&tok, eval, opts.train.max_length, model.layout())?;
-    reward_trainer::evaluate(&model, &enc, opts.train.batch_size * 2, device)
+    let names = model.aspect_names();
+    let points = eval
+        .points
+        .iter()
+        .filter_map(|p| {
+            let label = match &p.label {
+                PointLabel::Steps { .. } if !model.has_step_head() => return None,
+                PointLabel::Aspects(t) => {
+                    let kept: BTreeMap<String, f64> = t
+                        .iter()
+                        .filter(|(k, _)| names.contains(k))
+                        .map(|(k, v)| (k.clone(), *v))
+                        .collect();
+                    if kept.is_empty() {
+                        return None;
+                    }
+                    PointLabel::Aspects(kept)
+                }
+                other => other.clone(),
+            };
+            Some(PointText { label, ..p.clone() })
+        })
+        .collect();
+    let data = TextData {
+        pairs: eval.pairs.clone(),
+        points,
+    };
+    let enc = encode(&model, &tok, &data, opts.train.max_length)?;
+    reward_trainer::evaluate_mixed(&model, &enc, opts.train.batch_size * 4, device)
 }
 
 /// One line of a preference file: TRL's explicit-prompt form (`prompt`, `chosen`, `rejected`,
@@ -350,11 +594,23 @@ pub fn split_pairs(
 
 /// sha256 over the train then eval pairs (JSON, one per line): names the exact data a model saw.
 pub fn fingerprint(train: &[PairText], eval: &[PairText]) -> String {
+    let as_data = |pairs: &[PairText]| TextData {
+        pairs: pairs.to_vec(),
+        points: Vec::new(),
+    };
+    fingerprint_data(&as_data(train), &as_data(eval))
+}
+
+/// [`fingerprint`] over pairs and then single-answer examples (which add nothing when absent, so
+/// a pairs-only run keeps its digest).
+pub fn fingerprint_data(train: &TextData, eval: &TextData) -> String {
     let mut h = Sha256::new();
     for (tag, set) in [("train", train), ("eval", eval)] {
         h.update(tag.as_bytes());
-        for p in set {
-            h.update(serde_json::to_vec(p).unwrap_or_default());
+        let lines = (set.pairs.iter().map(serde_json::to_vec))
+            .chain(set.points.iter().map(serde_json::to_vec));
+        for line in lines {
+            h.update(line.unwrap_or_default());
             h.update(b"\n");
         }
     }

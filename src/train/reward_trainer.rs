@@ -1,19 +1,23 @@
 //! The reward-model training loop, independent of the backbone.
 //!
 //! A [`RewardBackbone`] (the llama and BERT reward models implement it) maps a token batch to one
-//! score per row. The loop feeds it batches of pairs (chosen rows, then rejected rows) and,
-//! when the run has them, pointwise thumbs examples, combines the Bradley–Terry and BCE losses
-//! with the configured weights, accumulates gradients over micro-batches, guards against
-//! non-finite values, clips, and steps our AdamW under a warm-up + decay schedule. It evaluates
-//! every N steps (pairwise accuracy, loss, mean margin), stops early when accuracy stalls, and
-//! checkpoints weights, optimiser state, step, RNG and data position atomically, so a resumed
-//! run reaches bit-for-bit the weights of an uninterrupted one (the data order is drawn from one
+//! score per row, plus per-aspect scores and per-token step logits when it has those heads. The
+//! loop trains on every kind of feedback at once: each epoch is one seeded shuffle of all
+//! examples (pairs, thumbs, ratings, step labels, aspect ratings); a micro-batch is the next
+//! `batch_size` of them, scored in ONE forward pass, and its loss is the configured weighted sum
+//! of the parts it holds (Bradley–Terry on pairs, BCE on thumbs, MSE or BCE on ratings, BCE per
+//! step through the step head, MSE through the aspect heads; see [`batch_loss`]). Kinds with
+//! weight 0 never enter the shuffle. The loop accumulates gradients over micro-batches, guards
+//! against non-finite values, clips, and steps our AdamW under a warm-up + decay schedule. It
+//! evaluates every N steps (pairwise accuracy, loss and mean margin; pointwise and step accuracy
+//! and per-aspect MAE where the split has them), stops early when pairwise accuracy stalls, and
+//! checkpoints weights, optimiser state, step, RNG and data position atomically, so a resumed run
+//! reaches bit-for-bit the weights of an uninterrupted one (the data order is drawn from one
 //! ChaCha8 stream whose position is saved at each epoch start).
 //!
 //! Nothing here knows about files other than its run directory (`log.jsonl`, `checkpoints/`);
-//! loading models and data and writing the final model belong to `app::train_reward`.
+//! loading models and data and writing the final model belong to `train::reward_run`.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -27,17 +31,19 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::batching::{
-    EncodedPair, EncodedPoint, SequenceLayout, TokenBatch, collate, collate_pairs,
+    EncodedPair, EncodedPoint, PointTarget, SequenceLayout, TokenBatch, collate_mixed,
+    collate_pairs,
 };
 use super::checkpoint::{self, MetricPoint, RngState, TrainState};
 use super::guard;
 use super::losses::reward::{
-    RewardLossParts, RewardLossWeights, bce_with_logits, bradley_terry, combine,
+    self as losses, RatingLoss, RewardLossParts, RewardLossWeights, aspect_mse, bce_with_logits,
+    bradley_terry, combine,
 };
 use super::optim::{AdamW, AdamWConfig, clip_grad_norm};
 use super::progress::{Progress, StepReport};
 use super::schedule::{Decay, Schedule};
-use crate::run_outputs::{LogLine, LogWriter, RewardEval, keys};
+use crate::run_outputs::{AspectEval, LogLine, LogWriter, RewardEval, keys};
 
 /// What a backbone returns for a batch.
 #[derive(Debug, Clone)]
@@ -62,6 +68,14 @@ pub trait RewardBackbone {
     fn save_pretrained(&self, dir: &Path) -> Result<()>;
     /// `llama`, `bert`, ... for logs and reports.
     fn kind(&self) -> &'static str;
+    /// Names of the aspect heads, in the column order of [`RewardForward::aspects`].
+    fn aspect_names(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// Whether [`RewardForward::step_logits`] is produced.
+    fn has_step_head(&self) -> bool {
+        false
+    }
 }
 
 /// The loop's hyper-parameters. Defaults follow TRL's `RewardConfig` where it has one.
@@ -71,7 +85,7 @@ pub struct TrainConfig {
     pub epochs: u32,
     /// Longest tokenised row (prompt end + answer start + special tokens).
     pub max_length: usize,
-    /// Pairs per micro-batch (twice as many rows go through the model).
+    /// Examples per micro-batch (a pair is one example and two rows).
     pub batch_size: usize,
     /// Micro-batches per optimiser step.
     pub grad_accum: usize,
@@ -95,7 +109,10 @@ pub struct TrainConfig {
     pub seed: u64,
     /// TRL's `center_rewards_coefficient`.
     pub center_rewards_coefficient: Option<f64>,
+    /// Weight of each kind of feedback in the total loss (`reward.loss_weights`).
     pub loss_weights: RewardLossWeights,
+    /// How ratings train the score (`reward.rating_loss`: `mse` or `bce`).
+    pub rating_loss: RatingLoss,
     /// End the run after this many optimiser steps, as an interruption would (a checkpoint is
     /// written, no final model): for tests of resume and for time-boxed CI jobs.
     pub stop_after_steps: Option<u64>,
@@ -123,6 +140,7 @@ impl Default for TrainConfig {
             seed: 42,
             center_rewards_coefficient: None,
             loss_weights: RewardLossWeights::default(),
+            rating_loss: RatingLoss::default(),
             stop_after_steps: None,
             quiet: false,
         }
@@ -151,21 +169,39 @@ impl TrainConfig {
         if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
             bail!("weight_decay must be >= 0, got {}", self.weight_decay);
         }
+        if let Some(c) = self.center_rewards_coefficient
+            && !(c >= 0.0 && c.is_finite())
+        {
+            bail!(
+                "reward.center_rewards_coefficient must be a finite number >= 0, got {c}\nhint: TRL suggests 0.01; leave it unset to disable centring"
+            );
+        }
+        self.loss_weights.validate()?;
         Ok(())
     }
 
-    /// Optimiser steps for `pairs` training pairs.
-    pub fn total_steps(&self, pairs: usize) -> u64 {
-        self.steps_per_epoch(pairs) * u64::from(self.epochs)
+    /// Optimiser steps for `examples` training examples (a pair counts once).
+    pub fn total_steps(&self, examples: usize) -> u64 {
+        self.steps_per_epoch(examples) * u64::from(self.epochs)
     }
 
-    fn steps_per_epoch(&self, pairs: usize) -> u64 {
-        let micro = pairs.div_ceil(self.batch_size);
+    fn steps_per_epoch(&self, examples: usize) -> u64 {
+        let micro = examples.div_ceil(self.batch_size);
         micro.div_ceil(self.grad_accum) as u64
     }
 
-    fn schedule(&self, pairs: usize) -> Schedule {
-        let total = self.total_steps(pairs);
+    /// The weight the config gives to `point`'s kind of feedback.
+    pub fn weight_of(&self, point: &EncodedPoint) -> f64 {
+        let w = &self.loss_weights;
+        match point.target {
+            PointTarget::Thumb(_) | PointTarget::Rating(_) => w.pointwise,
+            PointTarget::Steps { .. } => w.steps,
+            PointTarget::Aspects(_) => w.aspects,
+        }
+    }
+
+    fn schedule(&self, examples: usize) -> Schedule {
+        let total = self.total_steps(examples);
         Schedule {
             peak_lr: self.lr,
             min_lr: 0.0,
@@ -176,12 +212,27 @@ impl TrainConfig {
     }
 }
 
-/// Training data, tokenised.
+/// Training (or evaluation) data, tokenised.
 #[derive(Debug, Clone, Default)]
 pub struct TrainData {
     pub pairs: Vec<EncodedPair>,
-    /// Thumbs-labelled answers (BCE on the score); used when `loss_weights.thumbs > 0`.
+    /// Single-answer examples: thumbs, ratings, step labels, aspect ratings.
     pub points: Vec<EncodedPoint>,
+}
+
+impl From<Vec<EncodedPair>> for TrainData {
+    fn from(pairs: Vec<EncodedPair>) -> Self {
+        Self {
+            pairs,
+            points: Vec::new(),
+        }
+    }
+}
+
+impl TrainData {
+    pub fn is_empty(&self) -> bool {
+        self.pairs.is_empty() && self.points.is_empty()
+    }
 }
 
 /// How a run ended.
@@ -236,6 +287,11 @@ struct Window {
     margin: f64,
     #[serde(with = "f64_bits")]
     mean_reward: f64,
+    /// Steps whose micro-batches held pairs (accuracy and margin are means over those).
+    pair_steps: u64,
+    /// Per loss part, in [`RewardLossWeights::named`] order: (sum of step means as f64 bits,
+    /// steps where the part was present).
+    parts: [(u64, u64); 4],
 }
 
 mod f64_bits {
@@ -266,8 +322,7 @@ pub fn checkpoint_root(run_dir: &Path) -> PathBuf {
     run_dir.join("checkpoints")
 }
 
-/// Trains `model` in place. `run_dir` receives `log.jsonl` and `checkpoints/`; with `resume`, the
-/// newest checkpoint there is loaded first (a fresh start when there is none).
+/// Trains `model` in place on `data`, evaluating on the pairs `eval`. See [`train_mixed`].
 pub fn train<M: RewardBackbone>(
     model: &M,
     data: &TrainData,
@@ -277,11 +332,52 @@ pub fn train<M: RewardBackbone>(
     resume: bool,
     device: &Device,
 ) -> Result<LoopOutcome> {
+    let eval = TrainData::from(eval.to_vec());
+    train_mixed(model, data, &eval, cfg, run_dir, resume, device)
+}
+
+/// One example of the epoch's shuffle.
+#[derive(Debug, Clone, Copy)]
+enum Item {
+    Pair(usize),
+    Point(usize),
+}
+
+/// Trains `model` in place. `run_dir` receives `log.jsonl` and `checkpoints/`; with `resume`, the
+/// newest checkpoint there is loaded first (a fresh start when there is none). `eval` may mix
+/// every kind of example; each is evaluated where present.
+pub fn train_mixed<M: RewardBackbone>(
+    model: &M,
+    data: &TrainData,
+    eval: &TrainData,
+    cfg: &TrainConfig,
+    run_dir: &Path,
+    resume: bool,
+    device: &Device,
+) -> Result<LoopOutcome> {
     cfg.validate()?;
-    if data.pairs.is_empty() {
-        bail!("no training pairs\nhint: the dataset needs at least one chosen/rejected pair");
+    check_heads(model, data, cfg)?;
+    // Kinds with weight 0 never enter the shuffle: they would cost forward passes for nothing.
+    // Pairs come first so a pairs-only run shuffles exactly as it always has.
+    let items: Vec<Item> = (0..data.pairs.len())
+        .filter(|_| cfg.loss_weights.pairwise != 0.0)
+        .map(Item::Pair)
+        .chain(
+            data.points
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| cfg.weight_of(p) != 0.0)
+                .map(|(i, _)| Item::Point(i)),
+        )
+        .collect();
+    if items.is_empty() {
+        bail!(
+            "no training examples of a kind with a non-zero loss weight ({} pairs, {} single-answer examples)\nhint: the dataset needs at least one chosen/rejected pair, or set reward.loss_weights for the kinds collected",
+            data.pairs.len(),
+            data.points.len()
+        );
     }
-    let n = data.pairs.len();
+    let n = items.len();
     let schedule = cfg.schedule(n);
     schedule.validate().map_err(anyhow::Error::msg)?;
     let total = schedule.total_steps;
@@ -336,18 +432,7 @@ pub fn train<M: RewardBackbone>(
         log.write(l)?;
     }
 
-    // Pointwise examples cycle through one fixed order, indexed by the global micro-batch count:
-    // no state beyond that count is needed to resume them.
-    let point_order: Vec<usize> = {
-        let mut o: Vec<usize> = (0..data.points.len()).collect();
-        o.shuffle(&mut ChaCha8Rng::seed_from_u64(
-            cfg.seed ^ 0x9e37_79b9_7f4a_7c15,
-        ));
-        o
-    };
-    let use_points = !data.points.is_empty() && cfg.loss_weights.thumbs != 0.0;
     let pad = model.layout().pad_id;
-
     let started = Instant::now();
     let seconds_before = extra.seconds;
     let mut progress = Progress::new(total, state.step, cfg.log_every, cfg.quiet);
@@ -364,63 +449,42 @@ pub fn train<M: RewardBackbone>(
             let micro_left = (n - pos).div_ceil(cfg.batch_size);
             let micro_n = micro_left.min(cfg.grad_accum);
             let mut acc_grads: Option<GradStore> = None;
-            let (mut s_loss, mut s_acc, mut s_margin, mut s_reward, mut s_tokens) =
-                (0.0, 0.0, 0.0, 0.0, 0u64);
+            let mut s = StepSums::default();
             for _ in 0..micro_n {
                 let end = (pos + cfg.batch_size).min(n);
-                let pairs: Vec<&EncodedPair> =
-                    order[pos..end].iter().map(|&i| &data.pairs[i]).collect();
-                pos = end;
-                let (batch, margins) = collate_pairs(&pairs, pad, device)?;
-                let b = pairs.len();
-                let out = model.forward(&batch)?;
-                let rewards = out.rewards.flatten_all()?;
-                let chosen = rewards.narrow(0, 0, b)?;
-                let rejected = rewards.narrow(0, b, b)?;
-                let margin = margins
-                    .iter()
-                    .any(|m| *m != 0.0)
-                    .then(|| Tensor::from_vec(margins.clone(), b, device))
-                    .transpose()?;
-                let bt = bradley_terry(
-                    &chosen,
-                    &rejected,
-                    margin.as_ref(),
-                    cfg.center_rewards_coefficient,
-                )?;
-                let mut parts = RewardLossParts {
-                    pairwise: Some(bt.loss.clone()),
-                    ..RewardLossParts::default()
-                };
-                s_tokens += batch.tokens;
-                if use_points {
-                    let k = cfg.batch_size.min(point_order.len());
-                    let start = (extra.micro_batches as usize * k) % point_order.len();
-                    let pts: Vec<&EncodedPoint> = (0..k)
-                        .map(|j| &data.points[point_order[(start + j) % point_order.len()]])
-                        .collect();
-                    let rows: Vec<_> = pts.iter().map(|p| &p.row).collect();
-                    let pb = collate(&rows, pad, device)?;
-                    let labels: Vec<f32> = pts.iter().map(|p| p.label as f32).collect();
-                    let labels = Tensor::from_vec(labels, k, device)?;
-                    let logits = model.forward(&pb)?.rewards.flatten_all()?;
-                    parts.thumbs = Some(bce_with_logits(&logits, &labels, None)?);
-                    s_tokens += pb.tokens;
-                    extra.examples += k as u64;
+                let (mut pairs, mut points) = (Vec::new(), Vec::new());
+                for &i in &order[pos..end] {
+                    match items[i] {
+                        Item::Pair(j) => pairs.push(&data.pairs[j]),
+                        Item::Point(j) => points.push(&data.points[j]),
+                    }
                 }
-                let loss = combine(&parts, &cfg.loss_weights)?;
-                let value = guard::check_loss(step, &loss)?;
-                let grads = loss.affine(1.0 / micro_n as f64, 0.0)?.backward()?;
+                pos = end;
+                let batch = collate_mixed(&pairs, &points, pad, device)?;
+                let out = model.forward(&batch)?;
+                let bl = batch_loss(&out, &pairs, &points, cfg)?;
+                let value = guard::check_loss(step, &bl.total)?;
+                let grads = bl.total.affine(1.0 / micro_n as f64, 0.0)?.backward()?;
                 acc_grads = Some(match acc_grads {
                     None => grads,
                     Some(acc) => add_grads(acc, grads, &opt)?,
                 });
-                s_loss += value / micro_n as f64;
-                s_acc += bt.metrics.accuracy / micro_n as f64;
-                s_margin += bt.metrics.margin / micro_n as f64;
-                s_reward += scalar(&rewards.mean_all()?)? / micro_n as f64;
+                s.loss += value / micro_n as f64;
+                if let Some(m) = bl.pair_metrics {
+                    s.accuracy += m.accuracy;
+                    s.margin += m.margin;
+                    s.pair_micro += 1;
+                }
+                for (k, (_, part)) in bl.parts.named().into_iter().enumerate() {
+                    if let Some(p) = part {
+                        s.parts[k].0 += scalar(p)?;
+                        s.parts[k].1 += 1;
+                    }
+                }
+                s.reward += scalar(&out.rewards.mean_all()?)? / micro_n as f64;
+                s.tokens += batch.tokens;
                 extra.micro_batches += 1;
-                extra.examples += b as u64;
+                extra.examples += (pairs.len() + points.len()) as u64;
             }
             let mut grads = acc_grads.context("an optimiser step without micro-batches")?;
             let params = opt.params();
@@ -432,32 +496,38 @@ pub fn train<M: RewardBackbone>(
             opt.set_learning_rate(lr);
             opt.step(&grads)?;
             state.step += 1;
-            extra.tokens += s_tokens;
+            extra.tokens += s.tokens;
+            let step_accuracy = (s.pair_micro > 0).then(|| s.accuracy / s.pair_micro as f64);
             let w = &mut extra.window;
             w.steps += 1;
-            w.loss += s_loss;
-            w.accuracy += s_acc;
-            w.margin += s_margin;
-            w.mean_reward += s_reward;
+            w.loss += s.loss;
+            w.mean_reward += s.reward;
+            if let Some(acc) = step_accuracy {
+                w.accuracy += acc;
+                w.margin += s.margin / s.pair_micro as f64;
+                w.pair_steps += 1;
+            }
+            for (k, (sum, count)) in s.parts.iter().enumerate() {
+                if *count > 0 {
+                    let (bits, steps) = w.parts[k];
+                    w.parts[k] = (
+                        (f64::from_bits(bits) + sum / *count as f64).to_bits(),
+                        steps + 1,
+                    );
+                }
+            }
             progress.step(StepReport {
                 step,
-                loss: s_loss,
-                accuracy: s_acc,
+                loss: s.loss,
+                accuracy: step_accuracy.unwrap_or(f64::NAN),
                 lr,
-                tokens: s_tokens,
+                tokens: s.tokens,
             });
 
             let done = state.step;
             let epoch_f = state.epoch as f64 + pos as f64 / n as f64;
             if done.is_multiple_of(cfg.log_every.max(1)) || done == total {
-                let k = w.steps.max(1) as f64;
-                let line = LogLine::new(done)
-                    .with(keys::LOSS, w.loss / k)
-                    .with(keys::ACCURACY, w.accuracy / k)
-                    .with(keys::MARGIN, w.margin / k)
-                    .with(keys::MEAN_REWARD, w.mean_reward / k)
-                    .with(keys::LR, lr)
-                    .with(keys::EPOCH, epoch_f);
+                let line = w.line(done, lr, epoch_f);
                 *w = Window::default();
                 push_line(&mut state, &mut extra, &mut log_lines, &mut log, line)?;
             }
@@ -465,21 +535,27 @@ pub fn train<M: RewardBackbone>(
             if !eval.is_empty()
                 && ((cfg.eval_every > 0 && done.is_multiple_of(cfg.eval_every)) || last)
             {
-                let ev = evaluate(model, eval, cfg.batch_size * 2, device)?;
+                let ev = evaluate_mixed(model, eval, cfg.batch_size * 4, device)?;
                 progress.note(&format!(
                     "step {done}: eval accuracy {:.4} loss {:.4} margin {:.4} (n={})",
                     ev.accuracy, ev.loss, ev.mean_margin, ev.n
                 ));
-                let line = LogLine::new(done)
-                    .with("eval_loss", ev.loss)
-                    .with("eval_accuracy", ev.accuracy)
-                    .with("eval_margin", ev.mean_margin);
-                push_line(&mut state, &mut extra, &mut log_lines, &mut log, line)?;
-                if extra.best_accuracy.is_none_or(|b| ev.accuracy > b) {
-                    extra.best_accuracy = Some(ev.accuracy);
-                    extra.evals_without_improvement = 0;
-                } else {
-                    extra.evals_without_improvement += 1;
+                push_line(
+                    &mut state,
+                    &mut extra,
+                    &mut log_lines,
+                    &mut log,
+                    eval_line(done, &ev),
+                )?;
+                // Early stopping watches pairwise accuracy, the headline metric; without
+                // evaluation pairs there is nothing to watch.
+                if ev.n > 0 {
+                    if extra.best_accuracy.is_none_or(|b| ev.accuracy > b) {
+                        extra.best_accuracy = Some(ev.accuracy);
+                        extra.evals_without_improvement = 0;
+                    } else {
+                        extra.evals_without_improvement += 1;
+                    }
                 }
                 extra.last_eval = Some(ev);
                 if let Some(p) = cfg.patience
@@ -534,6 +610,221 @@ pub fn train<M: RewardBackbone>(
         log: log_lines,
         stopped_early,
         completed: !interrupted,
+    })
+}
+
+/// What one optimiser step adds up over its micro-batches.
+#[derive(Debug, Default)]
+struct StepSums {
+    /// Already divided by the micro-batch count.
+    loss: f64,
+    reward: f64,
+    /// Sums over the micro-batches that held pairs (`pair_micro` of them).
+    accuracy: f64,
+    margin: f64,
+    pair_micro: u64,
+    /// Per loss part: (sum over micro-batches, micro-batches where present).
+    parts: [(f64, u64); 4],
+    tokens: u64,
+}
+
+impl Window {
+    /// The log line for this window: means over its steps (over the steps that had pairs for
+    /// accuracy and margin, over the steps that had the part for `loss/<part>`).
+    fn line(&self, step: u64, lr: f64, epoch: f64) -> LogLine {
+        let k = self.steps.max(1) as f64;
+        let mut line = LogLine::new(step).with(keys::LOSS, self.loss / k);
+        if self.pair_steps > 0 {
+            let p = self.pair_steps as f64;
+            line = line
+                .with(keys::ACCURACY, self.accuracy / p)
+                .with(keys::MARGIN, self.margin / p);
+        }
+        line = line.with(keys::MEAN_REWARD, self.mean_reward / k);
+        for ((name, _), (bits, steps)) in
+            RewardLossWeights::default().named().iter().zip(self.parts)
+        {
+            if steps > 0 {
+                line = line.with(&format!("loss/{name}"), f64::from_bits(bits) / steps as f64);
+            }
+        }
+        line.with(keys::LR, lr).with(keys::EPOCH, epoch)
+    }
+}
+
+/// The eval log line: TRL-style `eval_*` names, with the optional metrics where present.
+fn eval_line(step: u64, ev: &RewardEval) -> LogLine {
+    let mut line = LogLine::new(step);
+    if ev.n > 0 {
+        line = line
+            .with("eval_loss", ev.loss)
+            .with("eval_accuracy", ev.accuracy)
+            .with("eval_margin", ev.mean_margin);
+    }
+    if let Some(a) = ev.pointwise_accuracy {
+        line = line.with("eval_pointwise_accuracy", a);
+    }
+    if let Some(a) = ev.step_accuracy {
+        line = line.with("eval_step_accuracy", a);
+    }
+    for (name, a) in &ev.aspects {
+        line = line.with(&format!("eval_aspect_mae/{name}"), a.mae);
+    }
+    line
+}
+
+/// Refuses data the model has no head for (it would otherwise fail mid-run); kinds with weight
+/// 0 are not trained on and need no head.
+fn check_heads<M: RewardBackbone + ?Sized>(
+    model: &M,
+    data: &TrainData,
+    cfg: &TrainConfig,
+) -> Result<()> {
+    let steps = data
+        .points
+        .iter()
+        .any(|p| matches!(p.target, PointTarget::Steps { .. }) && cfg.weight_of(p) != 0.0);
+    if steps && !model.has_step_head() {
+        bail!(
+            "the data has reasoning-step labels but the {} reward model has no step head\nhint: load it through reward_run (which adds the head), or set reward.loss_weights.steps: 0",
+            model.kind()
+        );
+    }
+    let n_aspects = model.aspect_names().len();
+    if let Some(p) = data.points.iter().find_map(|p| match &p.target {
+        PointTarget::Aspects(t) if t.len() != n_aspects && cfg.weight_of(p) != 0.0 => Some(t.len()),
+        _ => None,
+    }) {
+        bail!(
+            "an aspect example has {p} targets but the model has {n_aspects} aspect heads\nhint: encode aspect examples with the model's aspect_names()"
+        );
+    }
+    Ok(())
+}
+
+/// A micro-batch's loss: the weighted total, its parts, and the pairwise metrics.
+#[derive(Debug, Clone)]
+pub struct BatchLoss {
+    pub total: Tensor,
+    pub parts: RewardLossParts,
+    /// Accuracy and margin of the pairs, when the batch has any.
+    pub pair_metrics: Option<losses::RewardMetrics>,
+}
+
+/// The loss of a batch collated by [`collate_mixed`] (`pairs` rows first: chosen then rejected,
+/// then one row per point) from the model's outputs on it. Each part is the mean over its own
+/// examples: Bradley–Terry (with margins and centring) over pairs; over single answers BCE for
+/// thumbs and `cfg.rating_loss` for ratings; BCE over every labelled step, read from the step
+/// head at the step's last token; MSE over every rated (answer, aspect) through the aspect heads.
+pub fn batch_loss(
+    out: &RewardForward,
+    pairs: &[&EncodedPair],
+    points: &[&EncodedPoint],
+    cfg: &TrainConfig,
+) -> Result<BatchLoss> {
+    let device = out.rewards.device();
+    let rewards = out.rewards.flatten_all()?;
+    let b = pairs.len();
+    let first_point = 2 * b;
+    let mut parts = RewardLossParts::default();
+    let mut pair_metrics = None;
+    if b > 0 {
+        let chosen = rewards.narrow(0, 0, b)?;
+        let rejected = rewards.narrow(0, b, b)?;
+        let margins: Vec<f32> = pairs.iter().map(|p| p.margin as f32).collect();
+        let margin = margins
+            .iter()
+            .any(|m| *m != 0.0)
+            .then(|| Tensor::from_vec(margins, b, device))
+            .transpose()?;
+        let bt = bradley_terry(
+            &chosen,
+            &rejected,
+            margin.as_ref(),
+            cfg.center_rewards_coefficient,
+        )?;
+        parts.pairwise = Some(bt.loss);
+        pair_metrics = Some(bt.metrics);
+    }
+
+    // Single answers: thumbs and ratings share one mean.
+    let (mut rows, mut targets, mut is_rating) = (Vec::new(), Vec::new(), Vec::new());
+    // Steps: flat (row · seq + position) indices into the step logits.
+    let (mut step_idx, mut step_y) = (Vec::new(), Vec::new());
+    // Aspects: rows and a dense target / mask matrix.
+    let (mut a_rows, mut a_y, mut a_mask) = (Vec::new(), Vec::new(), Vec::new());
+    let seq = out
+        .step_logits
+        .as_ref()
+        .map(|t| t.dim(1))
+        .transpose()?
+        .unwrap_or(0);
+    for (j, p) in points.iter().enumerate() {
+        let row = (first_point + j) as u32;
+        match &p.target {
+            PointTarget::Thumb(y) | PointTarget::Rating(y) => {
+                rows.push(row);
+                targets.push(*y);
+                is_rating.push(if matches!(p.target, PointTarget::Rating(_)) {
+                    1f32
+                } else {
+                    0.0
+                });
+            }
+            PointTarget::Steps { positions, labels } => {
+                for (pos, y) in positions.iter().zip(labels) {
+                    step_idx.push(row * seq as u32 + *pos as u32);
+                    step_y.push(*y);
+                }
+            }
+            PointTarget::Aspects(t) => {
+                a_rows.push(row);
+                a_y.extend(t.iter().map(|v| v.unwrap_or(0.0)));
+                a_mask.extend(t.iter().map(|v| if v.is_some() { 1f32 } else { 0.0 }));
+            }
+        }
+    }
+    if !rows.is_empty() {
+        let k = rows.len();
+        let logits = rewards.index_select(&Tensor::from_vec(rows, k, device)?, 0)?;
+        parts.pointwise = Some(losses::pointwise(
+            &logits,
+            &Tensor::from_vec(targets, k, device)?,
+            &Tensor::from_vec(is_rating, k, device)?,
+            cfg.rating_loss,
+        )?);
+    }
+    if !step_idx.is_empty() {
+        let Some(step_logits) = &out.step_logits else {
+            bail!("the batch has step labels but the model gave no step logits");
+        };
+        let k = step_idx.len();
+        let logits = step_logits
+            .flatten_all()?
+            .index_select(&Tensor::from_vec(step_idx, k, device)?, 0)?;
+        parts.steps = Some(bce_with_logits(
+            &logits,
+            &Tensor::from_vec(step_y, k, device)?,
+            None,
+        )?);
+    }
+    if !a_rows.is_empty() {
+        let Some(aspects) = &out.aspects else {
+            bail!("the batch has aspect ratings but the model gave no aspect scores");
+        };
+        let (k, a) = (a_rows.len(), aspects.dim(1)?);
+        let pred = aspects.index_select(&Tensor::from_vec(a_rows, k, device)?, 0)?;
+        parts.aspects = Some(aspect_mse(
+            &pred,
+            &Tensor::from_vec(a_y, (k, a), device)?,
+            &Tensor::from_vec(a_mask, (k, a), device)?,
+        )?);
+    }
+    let total = combine(&parts, &cfg.loss_weights)?;
+    Ok(BatchLoss {
+        total,
+        parts,
+        pair_metrics,
     })
 }
 
@@ -618,9 +909,90 @@ pub fn evaluate<M: RewardBackbone + ?Sized>(
         loss: loss / n,
         n: pairs.len() as u64,
         mean_margin: margin / n,
-        aspect_errors: BTreeMap::new(),
-        step_accuracy: None,
+        ..RewardEval::default()
     })
+}
+
+/// Evaluation on every kind of held-out example: the pairwise metrics of [`evaluate`] (zero with
+/// `n = 0` when there are no pairs), accuracy on thumbs (`score > 0` ⇔ up), accuracy on step
+/// labels (`step logit > 0` ⇔ correct) and each aspect head's mean absolute error. Rows go
+/// through the model `batch_rows` at a time; no gradients are kept.
+pub fn evaluate_mixed<M: RewardBackbone + ?Sized>(
+    model: &M,
+    eval: &TrainData,
+    batch_rows: usize,
+    device: &Device,
+) -> Result<RewardEval> {
+    let mut ev = if eval.pairs.is_empty() {
+        RewardEval::default()
+    } else {
+        evaluate(model, &eval.pairs, (batch_rows / 2).max(1), device)?
+    };
+    let names = model.aspect_names();
+    let (mut thumbs_right, mut thumbs_n) = (0u64, 0u64);
+    let (mut steps_right, mut steps_n) = (0u64, 0u64);
+    let mut abs_err = vec![(0.0f64, 0u64); names.len()];
+    for chunk in eval.points.chunks(batch_rows.max(1)) {
+        let refs: Vec<&EncodedPoint> = chunk.iter().collect();
+        let batch = collate_mixed(&[], &refs, model.layout().pad_id, device)?;
+        let out = model.forward(&batch)?;
+        let rewards: Vec<f32> = out.rewards.detach().flatten_all()?.to_vec1()?;
+        let steps: Option<Vec<Vec<f32>>> =
+            out.step_logits.map(|t| t.detach().to_vec2()).transpose()?;
+        let aspects: Option<Vec<Vec<f32>>> =
+            out.aspects.map(|t| t.detach().to_vec2()).transpose()?;
+        for (j, p) in chunk.iter().enumerate() {
+            match &p.target {
+                PointTarget::Thumb(y) => {
+                    thumbs_n += 1;
+                    thumbs_right += u64::from((rewards[j] > 0.0) == (*y > 0.5));
+                }
+                PointTarget::Rating(_) => {}
+                PointTarget::Steps { positions, labels } => {
+                    let row = steps.as_ref().map(|s| &s[j]).with_context(|| {
+                        format!(
+                            "the evaluation split has step labels but the {} reward model has no step head",
+                            model.kind()
+                        )
+                    })?;
+                    for (pos, y) in positions.iter().zip(labels) {
+                        steps_n += 1;
+                        steps_right += u64::from((row[*pos] > 0.0) == (*y > 0.5));
+                    }
+                }
+                PointTarget::Aspects(targets) => {
+                    let row = aspects.as_ref().map(|a| &a[j]).with_context(|| {
+                        format!(
+                            "the evaluation split has aspect ratings but the {} reward model has no aspect heads",
+                            model.kind()
+                        )
+                    })?;
+                    for ((acc, t), pred) in abs_err.iter_mut().zip(targets).zip(row) {
+                        if let Some(t) = t {
+                            acc.0 += f64::from((pred - t).abs());
+                            acc.1 += 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if thumbs_n > 0 {
+        ev.pointwise_accuracy = Some(thumbs_right as f64 / thumbs_n as f64);
+        ev.pointwise_n = Some(thumbs_n);
+    }
+    if steps_n > 0 {
+        ev.step_accuracy = Some(steps_right as f64 / steps_n as f64);
+        ev.step_n = Some(steps_n);
+    }
+    for (name, (sum, n)) in names.into_iter().zip(abs_err) {
+        if n > 0 {
+            let mae = sum / n as f64;
+            ev.aspect_errors.insert(name.clone(), mae);
+            ev.aspects.insert(name, AspectEval { mae, n });
+        }
+    }
+    Ok(ev)
 }
 
 /// Fails when any weight is NaN or infinite, so a broken model is never written as final.

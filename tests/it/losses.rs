@@ -223,15 +223,15 @@ fn pointwise_reward_heads_match_hand_computed_values() {
         // Weighted sum of whichever parts exist.
         let parts = reward::RewardLossParts {
             pairwise: Some(Tensor::new(2.0f64, &dev).unwrap().to_dtype(dt).unwrap()),
-            thumbs: None,
-            rating: Some(Tensor::new(3.0f64, &dev).unwrap().to_dtype(dt).unwrap()),
+            pointwise: Some(Tensor::new(3.0f64, &dev).unwrap().to_dtype(dt).unwrap()),
             steps: Some(Tensor::new(5.0f64, &dev).unwrap().to_dtype(dt).unwrap()),
+            aspects: None,
         };
         let w = reward::RewardLossWeights {
             pairwise: 1.0,
-            thumbs: 7.0,
-            rating: 0.5,
+            pointwise: 0.5,
             steps: 0.0,
+            aspects: 7.0,
         };
         close(
             "combined",
@@ -241,9 +241,9 @@ fn pointwise_reward_heads_match_hand_computed_values() {
         );
         let none = reward::RewardLossWeights {
             pairwise: 0.0,
-            thumbs: 1.0,
-            rating: 0.0,
+            pointwise: 0.0,
             steps: 0.0,
+            aspects: 1.0,
         };
         let err = reward::combine(&parts, &none).unwrap_err().to_string();
         assert!(err.contains("hint:"), "{err}");

@@ -17,5 +17,6 @@ mod policytrain;
 mod pull;
 mod registry;
 mod report;
+mod rewardloss;
 mod train_utils;
 mod trainer;

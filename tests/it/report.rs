@@ -30,6 +30,7 @@ fn reward_eval(accuracy: f64) -> RewardEval {
         mean_margin: 0.42,
         aspect_errors: BTreeMap::from([("accuracy".into(), 0.31), ("helpfulness".into(), 0.28)]),
         step_accuracy: Some(0.7),
+        ..RewardEval::default()
     }
 }
 

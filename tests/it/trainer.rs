@@ -17,7 +17,7 @@ fn fixtures() -> PathBuf {
 }
 
 /// `tiny-llama-rm` with the SmolLM2 tokenizer beside it, as a model directory.
-fn tiny_rm_dir(tmp: &Path) -> PathBuf {
+pub(crate) fn tiny_rm_dir(tmp: &Path) -> PathBuf {
     let dir = tmp.join("tiny-rm");
     std::fs::create_dir_all(&dir).unwrap();
     for f in ["config.json", "model.safetensors"] {
@@ -32,7 +32,7 @@ fn tiny_rm_dir(tmp: &Path) -> PathBuf {
 }
 
 /// A learnable toy preference set: polite, on-topic answers beat curt refusals.
-fn toy_pairs(n: usize) -> Vec<PairText> {
+pub(crate) fn toy_pairs(n: usize) -> Vec<PairText> {
     let topics = [
         "carbon taxes",
         "solar subsidies",
@@ -58,7 +58,7 @@ fn toy_pairs(n: usize) -> Vec<PairText> {
         .collect()
 }
 
-fn cfg() -> TrainConfig {
+pub(crate) fn cfg() -> TrainConfig {
     TrainConfig {
         epochs: 4,
         max_length: 64,

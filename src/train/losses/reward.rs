@@ -1,6 +1,6 @@
-//! Reward-model losses: pairwise Bradley–Terry (TRL `RewardTrainer`) and the pointwise heads our
-//! feedback also supports (thumbs, 1–5 ratings, per-reasoning-step labels), plus a weighted sum
-//! of whichever parts a run has data for.
+//! Reward-model losses: pairwise Bradley–Terry (TRL `RewardTrainer`) and the other signals our
+//! feedback carries (thumbs and 1–5 ratings on single answers, per-reasoning-step labels,
+//! per-aspect ratings), plus a weighted sum of whichever parts a batch has data for.
 //!
 //! Pairs come from ratings/thumbs on competing answers; pointwise labels use every piece of
 //! feedback even when no pair exists. Each part is a pure function returning a 0-d loss tensor
@@ -136,23 +136,122 @@ pub fn step_bce(logits: &Tensor, labels: &Tensor, mask: &Tensor) -> Result<Tenso
     masked_mean(&per, &mask.to_dtype(per.dtype())?)
 }
 
-/// Weights of the reward-model loss parts; a part with weight 0 or no data is skipped.
+/// How a 1–5 rating (already scaled to `[0, 1]`) trains the score: squared error between
+/// `σ(r)` and the rating, or binary cross-entropy with the rating as a soft label. Either way the
+/// score keeps the meaning thumbs give it (`σ(r)` = how good the answer is).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RatingLoss {
+    #[default]
+    Mse,
+    Bce,
+}
+
+/// Pointwise loss over single answers, `mean_i l_i`: thumbs (`is_rating_i = 0`, target 0/1) always
+/// take BCE on the logit; ratings (`is_rating_i = 1`, target in `[0, 1]`) take `rating`'s loss.
+/// All three tensors are `[B]`.
+pub fn pointwise(
+    logits: &Tensor,
+    targets: &Tensor,
+    is_rating: &Tensor,
+    rating: RatingLoss,
+) -> Result<Tensor> {
+    let bce = bce_elementwise(logits, targets)?;
+    match rating {
+        RatingLoss::Bce => bce.mean_all(),
+        RatingLoss::Mse => {
+            let y = targets.to_dtype(logits.dtype())?;
+            let r = is_rating.to_dtype(logits.dtype())?;
+            // σ(x) = exp(logσ(x)): log_sigmoid has a backward, so the graph stays intact.
+            let sq = (log_sigmoid(logits)?.exp()? - &y)?.sqr()?;
+            let per = ((&r * sq)? + ((1.0 - &r)? * bce)?)?;
+            per.mean_all()
+        }
+    }
+}
+
+/// Per-aspect squared error `sum(mask · (pred − target)²) / sum(mask)`: `[B, A]` predictions of
+/// the aspect heads against ratings scaled to `[0, 1]`; `mask` marks the aspects each answer was
+/// rated on.
+pub fn aspect_mse(pred: &Tensor, targets: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    if pred.dims() != targets.dims() || pred.dims() != mask.dims() {
+        bail!(
+            "aspect predictions have shape {:?}, targets {:?}, mask {:?}",
+            pred.dims(),
+            targets.dims(),
+            mask.dims()
+        );
+    }
+    let err = (pred - targets.to_dtype(pred.dtype())?)?.sqr()?;
+    masked_mean(&err, &mask.to_dtype(pred.dtype())?)
+}
+
+/// Weights of the reward-model loss parts (config `reward.loss_weights`). A part with weight 0,
+/// or without examples in a batch, is skipped. Each part is a mean over its own examples, so a
+/// weight says how much that kind of feedback counts per batch, however many examples it has.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct RewardLossWeights {
+    /// Bradley–Terry on preference pairs.
     pub pairwise: f64,
-    pub thumbs: f64,
-    pub rating: f64,
+    /// BCE on thumbs, MSE or BCE on ratings (single answers).
+    pub pointwise: f64,
+    /// BCE per reasoning step, read by the step head.
     pub steps: f64,
+    /// MSE per aspect, read by the aspect heads.
+    pub aspects: f64,
 }
 
 impl Default for RewardLossWeights {
     fn default() -> Self {
         Self {
             pairwise: 1.0,
-            thumbs: 1.0,
-            rating: 1.0,
+            pointwise: 1.0,
             steps: 1.0,
+            aspects: 1.0,
         }
+    }
+}
+
+/// A loss weight that cannot train; `key` is the config key (`reward.loss_weights.pointwise`).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{key}: {problem}\nhint: {hint}")]
+pub struct InvalidLossWeight {
+    pub key: String,
+    pub problem: String,
+    pub hint: &'static str,
+}
+
+impl RewardLossWeights {
+    /// `(key, weight)` in a fixed order.
+    pub fn named(&self) -> [(&'static str, f64); 4] {
+        [
+            ("pairwise", self.pairwise),
+            ("pointwise", self.pointwise),
+            ("steps", self.steps),
+            ("aspects", self.aspects),
+        ]
+    }
+
+    /// Every weight finite and `>= 0`, and at least one above 0.
+    pub fn validate(&self) -> std::result::Result<(), InvalidLossWeight> {
+        for (name, w) in self.named() {
+            if !(w.is_finite() && w >= 0.0) {
+                return Err(InvalidLossWeight {
+                    key: format!("reward.loss_weights.{name}"),
+                    problem: format!("must be a finite number >= 0, got {w}"),
+                    hint: "0 switches that kind of feedback off, 1 counts it like a pair",
+                });
+            }
+        }
+        if self.named().iter().all(|(_, w)| *w == 0.0) {
+            return Err(InvalidLossWeight {
+                key: "reward.loss_weights".into(),
+                problem: "every weight is 0, so nothing would train".into(),
+                hint: "set pairwise: 1 (the default) or another kind above 0",
+            });
+        }
+        Ok(())
     }
 }
 
@@ -160,21 +259,28 @@ impl Default for RewardLossWeights {
 #[derive(Debug, Clone, Default)]
 pub struct RewardLossParts {
     pub pairwise: Option<Tensor>,
-    pub thumbs: Option<Tensor>,
-    pub rating: Option<Tensor>,
+    pub pointwise: Option<Tensor>,
     pub steps: Option<Tensor>,
+    pub aspects: Option<Tensor>,
+}
+
+impl RewardLossParts {
+    /// `(key, part)` in the order of [`RewardLossWeights::named`].
+    pub fn named(&self) -> [(&'static str, Option<&Tensor>); 4] {
+        [
+            ("pairwise", self.pairwise.as_ref()),
+            ("pointwise", self.pointwise.as_ref()),
+            ("steps", self.steps.as_ref()),
+            ("aspects", self.aspects.as_ref()),
+        ]
+    }
 }
 
 /// `Σ w_i · part_i` over present parts with non-zero weight. Errors when nothing contributes, so a
 /// misconfigured run fails loudly instead of training on zero.
 pub fn combine(parts: &RewardLossParts, w: &RewardLossWeights) -> Result<Tensor> {
     let mut total: Option<Tensor> = None;
-    for (part, weight) in [
-        (&parts.pairwise, w.pairwise),
-        (&parts.thumbs, w.thumbs),
-        (&parts.rating, w.rating),
-        (&parts.steps, w.steps),
-    ] {
+    for ((_, part), (_, weight)) in parts.named().into_iter().zip(w.named()) {
         if let Some(p) = part
             && weight != 0.0
         {
@@ -188,7 +294,7 @@ pub fn combine(parts: &RewardLossParts, w: &RewardLossWeights) -> Result<Tensor>
     match total {
         Some(t) => Ok(t),
         None => bail!(
-            "no reward-loss part has both data and a non-zero weight\nhint: check the reward loss weights in the config against the feedback kinds collected"
+            "no reward-loss part has both data and a non-zero weight\nhint: check reward.loss_weights in the config against the feedback kinds collected"
         ),
     }
 }
