@@ -129,7 +129,7 @@ async fn train_and_publish(
                     algo,
                     reward_model: Some(reward_dir.clone()),
                     // A rerun of the same workflow run (same run id) continues its checkpoints.
-                    resume: true,
+                    resume: run_dir.join("policy").join("checkpoints").is_dir(),
                     ..Default::default()
                 },
             )

@@ -99,9 +99,7 @@ fn train_policy(ws: &Workspace, algo: &str, model: &Path, data: &Path) -> serde_
 fn log_keys(dir: &Path) -> Vec<String> {
     let log = rlhf_bot::run_outputs::read_log(dir).unwrap();
     assert_eq!(log.len(), 2, "two steps logged");
-    let mut keys: Vec<String> = log[1].values.iter().map(|(k, _)| k.clone()).collect();
-    keys.sort();
-    keys
+    log[1].values.keys().cloned().collect()
 }
 
 /// metrics.json is the `PolicyMetrics` contract the report reads; the log has TRL's names.
