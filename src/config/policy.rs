@@ -51,13 +51,6 @@ pub struct PolicySettings {
     pub options: PolicyTrainOptions,
 }
 
-impl Default for PolicySettings {
-    fn default() -> Self {
-        // An empty section is valid, so its validation cannot fail.
-        validate_policy(RawPolicy::default()).unwrap_or_else(|e| unreachable!("{e:?}"))
-    }
-}
-
 impl PolicySettings {
     /// The trainer options for `algo` (the configured one unless `--algo` overrides it).
     pub fn options_for(&self, algo: PolicyAlgo) -> PolicyTrainOptions {

@@ -231,28 +231,38 @@ fn train_policy_ppo_from_a_gguf_writes_trl_metrics() {
 }
 
 #[test]
-fn train_policy_refuses_to_overwrite_checkpoints_without_resume() {
+fn train_policy_continues_only_with_resume() {
     let ws = Workspace::new();
     let (dpo, _) = write_data(ws.path());
     train_policy(&ws, "dpo", &fixtures().join("tiny-llama-policy"), &dpo);
     let cfg = workspace_config(&ws, POLICY_SECTION);
-    let o = bin()
-        .arg("--config")
-        .arg(&cfg)
-        .args(["train", "policy", "--algo", "dpo", "--steps", "2"])
-        .arg("--model")
-        .arg(fixtures().join("tiny-llama-policy"))
-        .arg("--reward-model")
-        .arg(fixtures().join("tiny-llama-rm"))
-        .arg("--data")
-        .arg(&dpo)
-        .arg("--out")
-        .arg(ws.path().join("run-dpo/policy"))
-        .output()
-        .unwrap();
+    let out = ws.path().join("run-dpo/policy");
+    let again = |extra: &[&str]| {
+        bin()
+            .arg("--config")
+            .arg(&cfg)
+            .args(["train", "policy", "--algo", "dpo"])
+            .args(extra)
+            .arg("--model")
+            .arg(fixtures().join("tiny-llama-policy"))
+            .arg("--reward-model")
+            .arg(fixtures().join("tiny-llama-rm"))
+            .arg("--data")
+            .arg(&dpo)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap()
+    };
+    let o = again(&["--steps", "3"]);
     assert!(!o.status.success());
     let err = stderr(&o);
     assert!(err.contains("--resume") && err.contains("hint:"), "{err}");
+    // With --resume the run goes on from its step-2 checkpoint: one more step is logged.
+    let o = again(&["--steps", "3", "--resume"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let log = rlhf_bot::run_outputs::read_log(&out).unwrap();
+    assert_eq!(log.iter().map(|l| l.step).collect::<Vec<_>>(), [1, 2, 3]);
 }
 
 fn generate(extra: &[&str]) -> serde_json::Value {
