@@ -71,6 +71,16 @@ pub enum Command {
     /// Inspect the local feedback store.
     #[command(subcommand)]
     Store(StoreCommand),
+    /// Print a model's continuation of a prompt (a reviewer's quick look at a candidate).
+    Generate(GenerateArgs),
+}
+
+/// The policy optimisation algorithm (`--algo`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Algo {
+    Dpo,
+    Kto,
+    Ppo,
 }
 
 #[derive(Debug, Args)]
@@ -88,6 +98,9 @@ pub struct RunArgs {
     /// Write the would-be pull request locally instead of calling GitHub.
     #[arg(long)]
     pub dry_run: bool,
+    /// The policy algorithm (overrides policy.algo; the policy stage runs when policy.enabled).
+    #[arg(long, value_enum)]
+    pub algo: Option<Algo>,
 }
 
 #[derive(Debug, Args)]
@@ -130,6 +143,73 @@ pub enum StoreCommand {
 pub enum TrainCommand {
     /// Train a reward model on the store's feedback (or on a TRL preference file).
     Reward(TrainRewardArgs),
+    /// Fine-tune the policy with DPO, KTO or PPO and evaluate it against production.
+    Policy(TrainPolicyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TrainPolicyArgs {
+    /// The algorithm; default: policy.algo from the config (dpo when absent).
+    #[arg(long, value_enum)]
+    pub algo: Option<Algo>,
+    /// The base policy: a Hugging Face causal-LM directory or a `.gguf` file;
+    /// default: policy.model, else a tiny llama trained from scratch.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// The reward model directory (from `train reward`); default: the newest run's `reward/`,
+    /// else the registry's production reward model.
+    #[arg(long)]
+    pub reward_model: Option<PathBuf>,
+    /// TRL JSONL data (preference pairs for DPO, {prompt, completion, label} for KTO, prompts
+    /// for PPO); default: the store's dataset, exported into the run directory.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Output directory; default `<store.dir>/runs/<run-id>/policy`.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Continue from the newest checkpoint in the output directory.
+    #[arg(long)]
+    pub resume: bool,
+    /// `cpu` or `cuda` (needs a binary built with `--features cuda`).
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Optimiser steps (overrides policy.steps).
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Learning rate (overrides policy.lr).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// The production policy to compare against; default: policy.production_model, else the
+    /// registry's production policy, else the base model.
+    #[arg(long)]
+    pub production_model: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// A Hugging Face causal-LM directory, a `.gguf` file, or a `train policy` output.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The prompt text.
+    #[arg(long)]
+    pub prompt: String,
+    /// Render the prompt as a user turn with the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// 0 is greedy decoding.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// `cpu` or `cuda` (needs a binary built with `--features cuda`).
+    #[arg(long)]
+    pub device: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -3,8 +3,10 @@
 //! and tensor math live in the library modules; this layer only wires them.
 
 mod check;
+pub mod generate;
 mod output;
 pub mod pipeline;
+pub mod policy;
 mod pull;
 mod store_cmd;
 pub mod train_policy;
@@ -101,6 +103,7 @@ async fn train_and_publish(
     settings: &Settings,
     config_path: &Path,
     dry_run: bool,
+    algo: Option<crate::run_outputs::PolicyAlgo>,
 ) -> Result<serde_json::Value> {
     let run_id = pipeline::new_run_id();
     let started = check::now()?;
@@ -116,8 +119,29 @@ async fn train_and_publish(
         .map_or("llama-from-scratch".to_string(), |m| {
             m.display().to_string()
         });
+    let policy = if settings.policy.enabled || algo.is_some() {
+        let run_dir = pipeline::run_dir(settings, &run_id);
+        Some(
+            policy::run_policy_stage(
+                settings,
+                &run_dir,
+                policy::PolicyOverrides {
+                    algo,
+                    reward_model: Some(reward_dir.clone()),
+                    // A rerun of the same workflow run (same run id) continues its checkpoints.
+                    resume: run_dir.join("policy").join("checkpoints").is_dir(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .context("stage train policy")?,
+        )
+    } else {
+        None
+    };
+    let policy_base = policy.as_ref().map_or("", |p| p.base_model.as_str());
     let registered =
-        pipeline::register(settings, &run_id, (&base, "")).context("stage register")?;
+        pipeline::register(settings, &run_id, (&base, policy_base)).context("stage register")?;
     let (report_dir, body, draft) =
         pipeline::build_report(settings, &run_id, config_path).context("stage report")?;
     let published = pipeline::publish_run(settings, &run_id, body, draft, dry_run)
@@ -136,6 +160,9 @@ async fn train_and_publish(
         "reward_dir": summary.out,
         "reward_eval": summary.metrics.eval,
         "registered": registered.reward.map(|e| e.id),
+        "policy_dir": policy.as_ref().map(|p| &p.run.out_dir),
+        "policy_eval": policy.as_ref().map(|p| &p.run.metrics.eval),
+        "registered_policy": registered.policy.map(|e| e.id),
         "report": report_dir.join("report.md"),
         "draft": draft,
         "publish": published,
@@ -172,7 +199,15 @@ pub async fn run(cli: Cli) -> Result<()> {
                 output::check_outcome(&outcome, format)?;
             }
             let stages = if outcome.retrain {
-                Some(train_and_publish(&settings, &cli.config, args.dry_run).await?)
+                Some(
+                    train_and_publish(
+                        &settings,
+                        &cli.config,
+                        args.dry_run,
+                        args.algo.map(policy::algo_of),
+                    )
+                    .await?,
+                )
             } else {
                 None
             };
@@ -182,13 +217,19 @@ pub async fn run(cli: Cli) -> Result<()> {
                 ),
                 Format::Text => {
                     match &stages {
-                        Some(s) => println!(
-                            "run {}: reward model in {}, report {}, pull request: {}",
-                            s["run_id"].as_str().unwrap_or(""),
-                            s["reward_dir"].as_str().unwrap_or(""),
-                            s["report"].as_str().unwrap_or(""),
-                            s["publish"]
-                        ),
+                        Some(s) => {
+                            let policy = match s["policy_dir"].as_str() {
+                                Some(dir) => format!(", policy in {dir}"),
+                                None => String::new(),
+                            };
+                            println!(
+                                "run {}: reward model in {}{policy}, report {}, pull request: {}",
+                                s["run_id"].as_str().unwrap_or(""),
+                                s["reward_dir"].as_str().unwrap_or(""),
+                                s["report"].as_str().unwrap_or(""),
+                                s["publish"]
+                            )
+                        }
                         None => println!("no retraining needed; nothing trained"),
                     }
                     Ok(())
@@ -208,6 +249,32 @@ pub async fn run(cli: Cli) -> Result<()> {
                     summary.metrics.eval.n
                 ),
             )
+        }
+        Command::Train(crate::cli::TrainCommand::Policy(args)) => {
+            let settings = load_settings(&cli.config)?;
+            let summary = policy::train_policy_cmd(&settings, args).await?;
+            let e = &summary.run.metrics.eval;
+            output::json_or_text(
+                format,
+                &summary,
+                &format!(
+                    "{} policy written to {} (win rate {:.3} [{:.3}, {:.3}] over {} prompts, mean reward {:.3}, KL {:.3})",
+                    summary.algo.as_str(),
+                    summary.run.out_dir.display(),
+                    e.win_rate,
+                    e.win_rate_low,
+                    e.win_rate_high,
+                    e.n,
+                    e.mean_reward,
+                    e.kl
+                ),
+            )
+        }
+        Command::Generate(args) => {
+            let out = tokio::task::spawn_blocking(move || generate::generate_cmd(&args))
+                .await
+                .context("the generation thread panicked")??;
+            output::json_or_text(format, &out, &out.completion)
         }
         Command::Export { out } => {
             let settings = load_settings(&cli.config)?;

@@ -27,6 +27,8 @@ pub struct RawConfig {
     pub dataset: RawDataset,
     #[serde(default)]
     pub reward: RawReward,
+    #[serde(default)]
+    pub policy: RawPolicy,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -68,6 +70,81 @@ pub struct RawLossWeights {
     pub pointwise: Option<f64>,
     pub steps: Option<f64>,
     pub aspects: Option<f64>,
+}
+
+/// The policy stage (`train policy`, and `run` after the reward model when `enabled`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPolicy {
+    pub enabled: Option<bool>,
+    /// `dpo`, `kto` or `ppo`.
+    pub algo: Option<crate::run_outputs::PolicyAlgo>,
+    /// A Hugging Face causal-LM directory or a `.gguf` file; absent: a tiny llama from scratch.
+    pub model: Option<String>,
+    /// The production policy the candidate is evaluated against; absent: the registry's
+    /// production policy, else the base model.
+    pub production_model: Option<String>,
+    /// Render prompts with the model's chat template; absent: when the model has one.
+    pub chat_template: Option<bool>,
+    #[serde(default)]
+    pub lora: RawLora,
+    /// Optimiser steps (PPO always counts steps; DPO/KTO count epochs without it).
+    pub steps: Option<PositiveInt>,
+    pub epochs: Option<PositiveInt>,
+    pub lr: Option<f64>,
+    pub beta: Option<f64>,
+    pub label_smoothing: Option<f64>,
+    pub ipo: Option<bool>,
+    pub kto_desirable_weight: Option<f64>,
+    pub kto_undesirable_weight: Option<f64>,
+    pub batch_size: Option<PositiveInt>,
+    pub grad_accum: Option<PositiveInt>,
+    pub max_prompt_length: Option<PositiveInt>,
+    pub max_completion_length: Option<PositiveInt>,
+    pub max_grad_norm: Option<f64>,
+    pub kl_ceiling: Option<f64>,
+    pub eval_prompts: Option<PositiveInt>,
+    pub eval_greedy: Option<bool>,
+    pub checkpoint_every: Option<PositiveInt>,
+    pub seed: Option<NonNegativeInt>,
+    /// `cpu` or `cuda` (a binary built with `--features cuda`).
+    pub device: Option<String>,
+    #[serde(default)]
+    pub ppo: RawPpo,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLora {
+    /// `false` trains every weight.
+    pub enabled: Option<bool>,
+    pub r: Option<PositiveInt>,
+    pub alpha: Option<f64>,
+    pub dropout: Option<f64>,
+    pub target_modules: Option<Vec<String>>,
+    /// Also write the adapter folded into full weights (`policy/merged/`, HF layout).
+    pub merge: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPpo {
+    pub rollouts_per_step: Option<PositiveInt>,
+    pub ppo_epochs: Option<PositiveInt>,
+    pub num_minibatches: Option<PositiveInt>,
+    pub cliprange: Option<f64>,
+    pub cliprange_value: Option<f64>,
+    pub vf_coef: Option<f64>,
+    pub gamma: Option<f64>,
+    pub lam: Option<f64>,
+    pub kl_coef: Option<f64>,
+    pub adaptive_kl: Option<bool>,
+    pub adaptive_kl_init: Option<f64>,
+    pub adaptive_kl_target: Option<f64>,
+    pub adaptive_kl_horizon: Option<f64>,
+    pub missing_eos_penalty: Option<f64>,
+    pub whiten_rewards: Option<bool>,
+    pub temperature: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -29,6 +29,7 @@ pub struct Settings {
     pub publish: PublishSettings,
     pub dataset: crate::dataset::DatasetOptions,
     pub reward: crate::train::reward_run::RewardTrainOptions,
+    pub policy: super::policy::PolicySettings,
     /// sha256 of the config text: lineage for the registry and reports.
     pub config_sha256: String,
 }
@@ -317,6 +318,7 @@ pub fn validate(raw: RawConfig, text: &str) -> Result<Settings, Invalid> {
     if let Some(r) = raw.reward.rating_loss {
         reward.train.rating_loss = r;
     }
+    let policy = super::policy::validate_policy(raw.policy)?;
     let artifacts_dir = match raw.registry.artifacts.as_deref() {
         None => PathBuf::from(DEFAULT_ARTIFACTS_DIR),
         Some(uri) if uri.starts_with("file://") => PathBuf::from(&uri["file://".len()..]),
@@ -344,6 +346,7 @@ pub fn validate(raw: RawConfig, text: &str) -> Result<Settings, Invalid> {
         publish,
         dataset,
         reward,
+        policy,
         feedback: FeedbackSettings {
             source,
             page_size: page_size as u32,

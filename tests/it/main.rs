@@ -13,6 +13,7 @@ mod forge_contract;
 mod llama;
 mod losses;
 mod policy_model;
+mod policycli;
 mod policytrain;
 mod pull;
 mod registry;

@@ -52,7 +52,7 @@ fn ids_of(v: &serde_json::Value) -> Vec<u32> {
 /// Writes the tiny HF policy as a llama.cpp-style GGUF (llama.cpp names, Q/K rows permuted as
 /// convert_hf_to_gguf.py does, tokenizer as tokenizer.ggml.*), so the importer can be tested
 /// without the 100 MB real model.
-fn write_tiny_gguf(path: &Path) {
+pub(crate) fn write_tiny_gguf(path: &Path) {
     let dir = tiny_policy_dir();
     let tensors =
         candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();

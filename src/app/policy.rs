@@ -1,0 +1,589 @@
+//! The policy stage as users meet it (`train policy`, and `run` after the reward model): turns
+//! the `policy:` settings plus flags into a [`TrainPolicyRequest`], finding what the flags leave
+//! out — the base model (a directory, a `.gguf` converted once, or the tiny default built from
+//! scratch), the reward model (the newest run's, else production's), the data (the store's
+//! dataset, written as TRL JSONL into the run directory) and the production policy — and, after
+//! training, folds the LoRA adapter into full weights when `lora.merge` asks for it.
+//!
+//! Models reach this stage in several shapes, so [`resolve_model_dir`] reduces each to a plain
+//! Hugging Face directory: `train policy` outputs (`policy/` with `merged/` or a PEFT
+//! `adapter/`), registry artifacts (the same, copied), GGUF files, and HF directories.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use candle_core::{Device, Tensor};
+use serde::Serialize;
+
+use crate::app::pipeline;
+use crate::app::train_policy::{PolicyRunSummary, TrainPolicyRequest, train_policy};
+use crate::artifacts::FileStore;
+use crate::cli::Algo;
+use crate::config::Settings;
+use crate::config::policy::device_string;
+use crate::dataset::examples::Examples;
+use crate::feedback::Store;
+use crate::model::chat_template::{ChatMessage, ChatTemplate};
+use crate::model::llama::{Architecture, LlamaConfig, LlamaForCausalLM};
+use crate::registry::{ModelKind, Registry};
+use crate::run_outputs::PolicyAlgo;
+use crate::train::device::DeviceChoice;
+use crate::train::reward_models::{DEFAULT_TOKENIZER_JSON, default_llama_config, seeded_init};
+
+/// Files that travel with a model's weights (tokenizer, template, generation defaults).
+const SIDE_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+];
+
+pub fn algo_of(a: Algo) -> PolicyAlgo {
+    match a {
+        Algo::Dpo => PolicyAlgo::Dpo,
+        Algo::Kto => PolicyAlgo::Kto,
+        Algo::Ppo => PolicyAlgo::Ppo,
+    }
+}
+
+/// What the caller may set beyond the config (the `train policy` flags; `run` sets a few).
+#[derive(Debug, Clone, Default)]
+pub struct PolicyOverrides {
+    pub algo: Option<PolicyAlgo>,
+    pub model: Option<PathBuf>,
+    pub reward_model: Option<PathBuf>,
+    pub data: Option<PathBuf>,
+    pub out: Option<PathBuf>,
+    pub resume: bool,
+    pub device: Option<DeviceChoice>,
+    pub steps: Option<u64>,
+    pub lr: Option<f64>,
+    pub production_model: Option<PathBuf>,
+}
+
+/// What the stage did, for stdout and the pipeline.
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicyStageSummary {
+    #[serde(flatten)]
+    pub run: PolicyRunSummary,
+    pub algo: PolicyAlgo,
+    /// The base model as given (path, or `llama-from-scratch`), for the registry.
+    pub base_model: String,
+    pub reward_model: PathBuf,
+    pub data: PathBuf,
+    pub production_model: Option<PathBuf>,
+    pub merged_dir: Option<PathBuf>,
+}
+
+/// Runs the policy stage. `run_dir` is where defaults go (data export, converted models); the
+/// output defaults to `run_dir/policy`.
+pub async fn run_policy_stage(
+    settings: &Settings,
+    run_dir: &Path,
+    o: PolicyOverrides,
+) -> Result<PolicyStageSummary> {
+    let ps = &settings.policy;
+    let algo = o.algo.unwrap_or(ps.options.algo);
+    let mut options = ps.options_for(algo);
+    if let Some(s) = o.steps {
+        if s == 0 {
+            bail!("--steps must be at least 1, got 0");
+        }
+        options.max_steps = Some(s);
+    }
+    if let Some(lr) = o.lr {
+        if !(lr.is_finite() && lr > 0.0) {
+            bail!("--lr must be a number > 0, got {lr}");
+        }
+        options.lr = lr;
+    }
+    let device = o.device.unwrap_or(ps.device);
+    // Opening the device first turns "no CUDA in this build" into an error with a hint.
+    device.open()?;
+    options.device = device_string(device);
+    options
+        .validate()
+        .context("invalid policy settings\nhint: see the `policy` section of docs/config.md")?;
+
+    let out = o.out.unwrap_or_else(|| run_dir.join("policy"));
+    // Converted or generated models live beside the output, not in it: the output directory is
+    // what the registry copies into the artifact store.
+    let scratch = sibling(&out, "base");
+    let reward_model = match o.reward_model {
+        Some(p) => {
+            if !p.join("config.json").is_file() {
+                bail!(
+                    "reward model {} has no config.json\nhint: pass the output directory of `rlhf-bot train reward`",
+                    p.display()
+                );
+            }
+            p
+        }
+        None => find_reward_model(settings)?,
+    };
+    let (base_dir, base_name) = match o.model.or_else(|| ps.model.clone()) {
+        Some(m) => (resolve_model_dir(&m, &scratch)?, m.display().to_string()),
+        None => (
+            default_base_model(&scratch, options.seed)?,
+            "llama-from-scratch".to_string(),
+        ),
+    };
+    let template = match ps.chat_template {
+        Some(false) => None,
+        Some(true) => Some(ChatTemplate::from_hf_dir(&base_dir).with_context(|| {
+            format!(
+                "policy.chat_template is true but {} has no chat template\nhint: set policy.chat_template: false, or use a chat model",
+                base_dir.display()
+            )
+        })?),
+        None => ChatTemplate::from_hf_dir(&base_dir).ok(),
+    };
+    let data = match o.data {
+        Some(d) => {
+            if !d.is_file() {
+                bail!(
+                    "policy data {} does not exist\nhint: pass a TRL JSONL file, or leave --data out to export the store's dataset",
+                    d.display()
+                );
+            }
+            d
+        }
+        None => export_policy_data(settings, &run_dir.join("data"), algo, template.as_ref())?,
+    };
+    let production_model = match o.production_model.or_else(|| ps.production_model.clone()) {
+        Some(p) => Some(resolve_model_dir(&p, &sibling(&out, "production"))?),
+        None => registry_production_policy(settings, &sibling(&out, "production")),
+    };
+    tracing::info!(
+        algo = algo.as_str(),
+        base = %base_dir.display(),
+        reward = %reward_model.display(),
+        data = %data.display(),
+        "training the policy"
+    );
+    let has_checkpoints = std::fs::read_dir(out.join("checkpoints"))
+        .map(|mut d| d.next().is_some())
+        .unwrap_or(false);
+    match (o.resume, has_checkpoints) {
+        (false, true) => bail!(
+            "{} already holds a policy run's checkpoints\nhint: pass --resume to continue it, or choose another --out",
+            out.display()
+        ),
+        (true, false) => {
+            tracing::warn!(out = %out.display(), "--resume: no checkpoint there yet; starting fresh")
+        }
+        _ => {}
+    }
+    let req = TrainPolicyRequest {
+        base_model: base_dir.clone(),
+        reward_model: reward_model.clone(),
+        production_model: production_model.clone(),
+        data: data.clone(),
+        // Data this stage exported is already rendered with the template.
+        apply_chat_template: false,
+        out: out.clone(),
+        options,
+    };
+    let run = train_policy(req).await?;
+    let merged_dir = if ps.merge && run.lora {
+        let dir = out.join("merged");
+        write_merged(&base_dir, &run.policy_dir.join("adapter"), &dir)?;
+        Some(dir)
+    } else {
+        None
+    };
+    Ok(PolicyStageSummary {
+        run,
+        algo,
+        base_model: base_name,
+        reward_model,
+        data,
+        production_model,
+        merged_dir,
+    })
+}
+
+/// `dir` with `-suffix` appended to its last component (`runs/x/policy` → `runs/x/policy-base`).
+fn sibling(dir: &Path, suffix: &str) -> PathBuf {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "policy".into());
+    dir.with_file_name(format!("{name}-{suffix}"))
+}
+
+pub(crate) fn has_weights(dir: &Path) -> bool {
+    dir.join("model.safetensors").is_file() || dir.join("model.safetensors.index.json").is_file()
+}
+
+pub(crate) fn is_gguf(path: &Path) -> bool {
+    path.is_file()
+        && path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+}
+
+/// Reduces a model path to a Hugging Face causal-LM directory with weights: a `.gguf` file is
+/// converted into `scratch` (once: an existing conversion is reused, so `--resume` is cheap);
+/// a `train policy` output is followed to its `policy/` directory, its `merged/` weights, or its
+/// PEFT adapter folded into the base model (written into `scratch`).
+pub fn resolve_model_dir(path: &Path, scratch: &Path) -> Result<PathBuf> {
+    if is_gguf(path) {
+        if !has_weights(scratch) {
+            tracing::info!(gguf = %path.display(), out = %scratch.display(), "converting GGUF to a Hugging Face directory");
+            crate::model::gguf::convert_gguf_to_hf_dir(path, scratch)?;
+        }
+        return Ok(scratch.to_path_buf());
+    }
+    let found = find_model_dir(path)?;
+    match &found.adapter {
+        None => Ok(found.weights),
+        Some(adapter) => {
+            write_merged(&found.weights, adapter, scratch)?;
+            // The tokenizer and template saved next to the adapter win over the base's.
+            copy_side_files(&found.files, scratch)?;
+            Ok(scratch.to_path_buf())
+        }
+    }
+}
+
+/// Where a model directory's weights, optional LoRA adapter and tokenizer files are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelDir {
+    /// An HF directory with `config.json` and the weights.
+    pub weights: PathBuf,
+    /// A PEFT adapter to fold into `weights`.
+    pub adapter: Option<PathBuf>,
+    /// Where `tokenizer.json` and the chat template are.
+    pub files: PathBuf,
+}
+
+/// Follows an HF directory or a `train policy` output (`policy/`, `merged/`, `adapter/` over
+/// the base named in `adapter_config.json`) to its weights.
+pub fn find_model_dir(path: &Path) -> Result<ModelDir> {
+    if !path.exists() {
+        bail!(
+            "model {} does not exist\nhint: pass a Hugging Face model directory or a .gguf file",
+            path.display()
+        );
+    }
+    if path.is_dir() {
+        if has_weights(path) {
+            return Ok(ModelDir {
+                weights: path.to_path_buf(),
+                adapter: None,
+                files: path.to_path_buf(),
+            });
+        }
+        if has_weights(&path.join("merged")) {
+            return find_model_dir(&path.join("merged"));
+        }
+        if path.join("policy").is_dir() {
+            return find_model_dir(&path.join("policy"));
+        }
+        let adapter = path.join("adapter");
+        if adapter.join("adapter_config.json").is_file() {
+            let base = adapter_base(&adapter)?;
+            let inner = find_model_dir(&base)?;
+            if inner.adapter.is_some() {
+                bail!(
+                    "the adapter in {} sits on another adapter ({})\nhint: merge the base first (policy.lora.merge: true)",
+                    adapter.display(),
+                    base.display()
+                );
+            }
+            return Ok(ModelDir {
+                weights: inner.weights,
+                adapter: Some(adapter),
+                files: path.to_path_buf(),
+            });
+        }
+    }
+    bail!(
+        "{} is neither a .gguf file nor a Hugging Face model directory (config.json + model.safetensors) nor a `train policy` output\nhint: pass a model directory or a .gguf file",
+        path.display()
+    )
+}
+
+/// The base model a PEFT adapter was trained on (`base_model_name_or_path`).
+pub(crate) fn adapter_base(adapter: &Path) -> Result<PathBuf> {
+    let (cfg, _) = crate::model::lora::load_peft(adapter)?;
+    let base = cfg.base_model.with_context(|| {
+        format!(
+            "{} does not name its base model\nhint: set policy.lora.merge: true so runs also write full weights",
+            adapter.display()
+        )
+    })?;
+    let base = PathBuf::from(base);
+    if !base.exists() {
+        bail!(
+            "the adapter in {} was trained on {}, which no longer exists\nhint: set policy.lora.merge: true so runs also write full weights (policy/merged/)",
+            adapter.display(),
+            base.display()
+        );
+    }
+    Ok(base)
+}
+
+fn copy_side_files(from: &Path, to: &Path) -> Result<()> {
+    for f in SIDE_FILES {
+        let src = from.join(f);
+        if src.is_file() {
+            std::fs::copy(&src, to.join(f))
+                .with_context(|| format!("copying {} to {}", src.display(), to.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// The base model's weights with the adapter folded in (`W += α/r · B A`), in memory.
+pub fn merged_weights(base: &Path, adapter: &Path) -> Result<HashMap<String, Tensor>> {
+    let mut weights = crate::model::checkpoint_io::read_dir_tensors(base, &Device::Cpu)?;
+    let (cfg, tensors) = crate::model::lora::load_peft(adapter)?;
+    let merged = crate::model::lora::merge_into_state_dict(&mut weights, &cfg, &tensors)?;
+    if merged.is_empty() {
+        bail!("the adapter in {} adapts no module", adapter.display());
+    }
+    Ok(weights)
+}
+
+/// Writes `base` + `adapter` merged as a full HF directory at `out` (weights, config, tokenizer).
+pub fn write_merged(base: &Path, adapter: &Path, out: &Path) -> Result<()> {
+    let weights = merged_weights(base, adapter)?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let cfg = LlamaConfig::from_dir(base)?;
+    cfg.save(out, "LlamaForCausalLM")?;
+    let path = out.join("model.safetensors");
+    candle_core::safetensors::save(&weights, &path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    copy_side_files(base, out)
+}
+
+/// The default base policy: a tiny llama (the reward default's shape, 2 layers, hidden 64) with
+/// the embedded SmolLM2 tokenizer, its weights drawn from `seed`, written as an HF directory.
+/// Nothing is downloaded; the same seed gives the same weights, so runs compare like for like.
+pub fn default_base_model(dir: &Path, seed: u64) -> Result<PathBuf> {
+    if has_weights(dir) {
+        return Ok(dir.to_path_buf());
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let tok_path = dir.join("tokenizer.json");
+    std::fs::write(&tok_path, DEFAULT_TOKENIZER_JSON)
+        .with_context(|| format!("writing {}", tok_path.display()))?;
+    let tok = crate::model::tokenizer::Tokenizer::from_file(&tok_path)?;
+    let mut cfg = default_llama_config(&tok);
+    let eos = tok.eos_id();
+    cfg.eos_token_id = eos.map(crate::model::llama::TokenIds::One);
+    if cfg.pad_token_id.is_none() {
+        cfg.pad_token_id = eos;
+    }
+    let (_model, varmap) = LlamaForCausalLM::random(&cfg, &Device::Cpu)?;
+    seeded_init(&varmap, seed, cfg.initializer_range)?;
+    crate::model::llama::save_pretrained(dir, &cfg, &varmap, Architecture::CausalLm)?;
+    Ok(dir.to_path_buf())
+}
+
+/// The newest run's reward model, else the registry's production reward model.
+pub fn find_reward_model(settings: &Settings) -> Result<PathBuf> {
+    let root = settings.store.dir.join("runs");
+    let mut runs: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(&root)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("reward"))
+        .filter(|p| p.join("config.json").is_file() && has_weights(p))
+        .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p)))
+        .collect();
+    runs.sort();
+    if let Some((_, p)) = runs.pop() {
+        return Ok(p);
+    }
+    let registry = Registry::load_or_default(&settings.registry.path)?;
+    if let Some(entry) = registry.production(ModelKind::Reward) {
+        let store = FileStore::new(&settings.registry.artifacts_dir)?;
+        return Ok(store.path_of(&entry.artifact.uri)?);
+    }
+    bail!(
+        "no reward model: no run under {} has one and the registry {} has no production reward model\nhint: run `rlhf-bot train reward` first, or pass --reward-model DIR",
+        root.display(),
+        settings.registry.path.display()
+    )
+}
+
+/// The registry's production policy as an HF directory, when there is one that still loads.
+fn registry_production_policy(settings: &Settings, scratch: &Path) -> Option<PathBuf> {
+    let registry = Registry::load_or_default(&settings.registry.path).ok()?;
+    let entry = registry.production(ModelKind::Policy)?;
+    let found = FileStore::new(&settings.registry.artifacts_dir)
+        .map_err(anyhow::Error::from)
+        .and_then(|s| Ok(s.path_of(&entry.artifact.uri)?))
+        .and_then(|dir| resolve_model_dir(&dir, scratch));
+    match found {
+        Ok(dir) => Some(dir),
+        Err(e) => {
+            // The evaluation still runs, against the base model; say why.
+            tracing::warn!(id = %entry.id, "production policy unusable, comparing against the base model: {e:#}");
+            None
+        }
+    }
+}
+
+/// One exported line: prompt (rendered), plus the algorithm's fields.
+#[derive(Serialize)]
+struct PolicyLine<'a> {
+    prompt: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    chosen: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rejected: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    completion: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    label: Option<bool>,
+}
+
+/// Builds the store's dataset, exports it as TRL JSONL into `dir` (the record of what the run
+/// saw) and writes `dir/policy.<algo>.jsonl`, the file the trainer reads: preference pairs for
+/// DPO, labelled answers for KTO, distinct prompts for PPO, over both splits (the stage holds
+/// out its own evaluation prompts). Prompts are rendered with the chat template when there is
+/// one (whole conversations, as the model saw them), else in the plain HH style.
+pub fn export_policy_data(
+    settings: &Settings,
+    dir: &Path,
+    algo: PolicyAlgo,
+    template: Option<&ChatTemplate>,
+) -> Result<PathBuf> {
+    let store = Store::open(&settings.store.dir)?;
+    let dataset = crate::dataset::build_from_store(&store, &settings.dataset)?;
+    crate::dataset::export_with(
+        &dataset,
+        dir,
+        &crate::dataset::ExportOptions {
+            conversational: false,
+        },
+    )?;
+    let render = |msgs: &[crate::feedback::record::ChatMessage]| -> Result<String> {
+        match template {
+            Some(t) => {
+                let m: Vec<ChatMessage> = msgs
+                    .iter()
+                    .map(|m| ChatMessage::new(m.role.clone(), m.content.clone()))
+                    .collect();
+                Ok(t.render(&m, true)?)
+            }
+            None => Ok(crate::dataset::render_plain_prompt(msgs)),
+        }
+    };
+    // Plain prompts end in "Assistant:", so the answer starts with a space (TRL's standard form).
+    let answer = |text: &str| -> String {
+        if template.is_some() {
+            text.to_string()
+        } else {
+            format!(" {text}")
+        }
+    };
+    let splits: [&Examples; 2] = [&dataset.train, &dataset.eval];
+    let mut lines: Vec<String> = Vec::new();
+    match algo {
+        PolicyAlgo::Dpo => {
+            for p in splits.iter().flat_map(|s| &s.pairs) {
+                let (c, r) = (answer(&p.chosen), answer(&p.rejected));
+                lines.push(serde_json::to_string(&PolicyLine {
+                    prompt: render(&p.prompt)?,
+                    chosen: Some(&c),
+                    rejected: Some(&r),
+                    completion: None,
+                    label: None,
+                })?);
+            }
+        }
+        PolicyAlgo::Kto => {
+            for e in splits.iter().flat_map(|s| &s.pointwise) {
+                let Some(label) = e.kto_label() else { continue };
+                let c = answer(&e.completion);
+                lines.push(serde_json::to_string(&PolicyLine {
+                    prompt: render(&e.prompt)?,
+                    chosen: None,
+                    rejected: None,
+                    completion: Some(&c),
+                    label: Some(label),
+                })?);
+            }
+        }
+        PolicyAlgo::Ppo => {
+            let mut prompts = BTreeSet::new();
+            for s in splits {
+                for p in &s.pairs {
+                    prompts.insert(render(&p.prompt)?);
+                }
+                for e in &s.pointwise {
+                    prompts.insert(render(&e.prompt)?);
+                }
+            }
+            for prompt in prompts {
+                lines.push(serde_json::to_string(&PolicyLine {
+                    prompt,
+                    chosen: None,
+                    rejected: None,
+                    completion: None,
+                    label: None,
+                })?);
+            }
+        }
+    }
+    if lines.is_empty() {
+        let what = match algo {
+            PolicyAlgo::Dpo => "preference pairs (answers to one prompt with different feedback)",
+            PolicyAlgo::Kto => "answers with a thumb or a rating",
+            PolicyAlgo::Ppo => "prompts",
+        };
+        bail!(
+            "the store yields no {what} for {}\nhint: pull more feedback, or pick another --algo (kto learns from single thumbs)",
+            algo.as_str()
+        );
+    }
+    let path = dir.join(format!("policy.{}.jsonl", algo.as_str()));
+    let mut text = lines.join("\n");
+    text.push('\n');
+    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
+/// `train policy` from the CLI: a new run directory unless `--out` says otherwise.
+pub async fn train_policy_cmd(
+    settings: &Settings,
+    args: crate::cli::TrainPolicyArgs,
+) -> Result<PolicyStageSummary> {
+    let device = args
+        .device
+        .as_deref()
+        .map(str::parse::<DeviceChoice>)
+        .transpose()?;
+    let run_dir = match &args.out {
+        // Exports and conversions go beside an explicit output directory.
+        Some(out) => out
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf),
+        None => pipeline::run_dir(settings, &pipeline::new_run_id()),
+    };
+    run_policy_stage(
+        settings,
+        &run_dir,
+        PolicyOverrides {
+            algo: args.algo.map(algo_of),
+            model: args.model,
+            reward_model: args.reward_model,
+            data: args.data,
+            out: args.out,
+            resume: args.resume,
+            device,
+            steps: args.steps,
+            lr: args.lr,
+            production_model: args.production_model,
+        },
+    )
+    .await
+}

@@ -1,0 +1,528 @@
+//! The policy stage as a user meets it: `train policy` (DPO, KTO, PPO) and `generate` through
+//! the real binary on the tiny fixtures (`tests/fixtures/tiny-llama-policy`, 2 layers, hidden
+//! 16, SmolLM2's vocabulary; `tests/fixtures/tiny-llama-rm`), the `policy:` config section's
+//! errors, and `run` on the embedded default producing a policy candidate and report section.
+
+use std::path::{Path, PathBuf};
+
+use rlhf_bot::config;
+
+use crate::common::{Workspace, bin, stderr, stdout};
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn fixtures() -> PathBuf {
+    repo().join("tests/fixtures")
+}
+
+/// A config whose store is in the workspace (train policy with --data never reads feedback).
+const POLICY_SECTION: &str = "policy:
+  batch_size: 2
+  max_prompt_length: 32
+  max_completion_length: 8
+  eval_prompts: 2
+  lr: 0.01
+  seed: 3
+  lora: {r: 4, alpha: 8, dropout: 0.0, target_modules: [q_proj, v_proj], merge: true}
+  ppo: {rollouts_per_step: 2, ppo_epochs: 1}
+";
+
+fn workspace_config(ws: &Workspace, policy: &str) -> PathBuf {
+    ws.write_config(&format!(
+        "feedback:\n  source: file\n  path: {}\nstore:\n  dir: {}\nregistry:\n  path: {}\n  artifacts: {}\n{policy}",
+        ws.path().join("none.jsonl").display(),
+        ws.store_dir().display(),
+        ws.path().join("registry.yaml").display(),
+        ws.path().join("artifacts").display(),
+    ))
+}
+
+/// Four prompts in TRL's formats: DPO pairs and KTO thumbs on the same prompts.
+fn write_data(dir: &Path) -> (PathBuf, PathBuf) {
+    let rows = [
+        ("What is a carbon tax?", "A price on emissions.", "Bananas."),
+        ("Define GDP.", "Total output of an economy.", "Trains."),
+        ("What is inflation?", "Rising prices over time.", "Purple."),
+        ("What is a tariff?", "A tax on imports.", "No idea."),
+    ];
+    let mut dpo = String::new();
+    let mut kto = String::new();
+    for (p, c, r) in rows {
+        let prompt = format!("\n\nHuman: {p}\n\nAssistant:");
+        dpo.push_str(
+            &serde_json::json!({"prompt": prompt, "chosen": format!(" {c}"), "rejected": format!(" {r}")})
+                .to_string(),
+        );
+        dpo.push('\n');
+        for (answer, label) in [(c, true), (r, false)] {
+            kto.push_str(
+                &serde_json::json!({"prompt": prompt, "completion": format!(" {answer}"), "label": label})
+                    .to_string(),
+            );
+            kto.push('\n');
+        }
+    }
+    let (d, k) = (dir.join("dpo.jsonl"), dir.join("kto.jsonl"));
+    std::fs::write(&d, dpo).unwrap();
+    std::fs::write(&k, kto).unwrap();
+    (d, k)
+}
+
+fn train_policy(ws: &Workspace, algo: &str, model: &Path, data: &Path) -> serde_json::Value {
+    let cfg = workspace_config(ws, POLICY_SECTION);
+    let out = ws.path().join(format!("run-{algo}/policy"));
+    let o = bin()
+        .arg("--config")
+        .arg(&cfg)
+        .args([
+            "--format", "json", "train", "policy", "--algo", algo, "--steps", "2",
+        ])
+        .arg("--model")
+        .arg(model)
+        .arg("--reward-model")
+        .arg(fixtures().join("tiny-llama-rm"))
+        .arg("--data")
+        .arg(data)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let summary: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(summary["algo"], algo);
+    assert_eq!(summary["out_dir"], out.display().to_string());
+    summary
+}
+
+fn log_keys(dir: &Path) -> Vec<String> {
+    let log = rlhf_bot::run_outputs::read_log(dir).unwrap();
+    assert_eq!(log.len(), 2, "two steps logged");
+    log[1].values.keys().cloned().collect()
+}
+
+/// metrics.json is the `PolicyMetrics` contract the report reads; the log has TRL's names.
+fn check_outputs(out: &Path, algo: &str, trl_keys: &[&str]) {
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(m["algo"], algo);
+    assert_eq!(m["train"]["steps"], 2);
+    assert_eq!(m["eval"]["n"], 2, "eval_prompts: 2");
+    let (w, lo, hi) = (
+        m["eval"]["win_rate"].as_f64().unwrap(),
+        m["eval"]["win_rate_low"].as_f64().unwrap(),
+        m["eval"]["win_rate_high"].as_f64().unwrap(),
+    );
+    assert!((0.0..=1.0).contains(&w) && lo <= w && w <= hi, "{m}");
+    for k in ["mean_reward", "kl", "response_length"] {
+        assert!(m["eval"][k].as_f64().unwrap().is_finite(), "{k}: {m}");
+    }
+    let keys = log_keys(out);
+    for k in trl_keys {
+        assert!(
+            keys.iter().any(|x| x == k),
+            "{k} missing from log.jsonl: {keys:?}"
+        );
+    }
+    // LoRA: a PEFT adapter, and with lora.merge the full weights in HF layout.
+    assert!(
+        out.join("policy/adapter/adapter_model.safetensors")
+            .is_file()
+    );
+    assert!(out.join("merged/model.safetensors").is_file());
+    assert!(out.join("merged/tokenizer.json").is_file());
+}
+
+#[test]
+fn train_policy_dpo_writes_trl_metrics_and_merged_weights() {
+    let ws = Workspace::new();
+    let (dpo, _) = write_data(ws.path());
+    let s = train_policy(&ws, "dpo", &fixtures().join("tiny-llama-policy"), &dpo);
+    let out = PathBuf::from(s["out_dir"].as_str().unwrap());
+    check_outputs(
+        &out,
+        "dpo",
+        &[
+            "loss",
+            "rewards/chosen",
+            "rewards/rejected",
+            "rewards/accuracies",
+            "rewards/margins",
+            "logps/chosen",
+            "logps/rejected",
+        ],
+    );
+    // The merged weights differ from the base (the adapter was folded in), and the merged
+    // directory answers like the adapter over its base does.
+    let base = candle_core::safetensors::load(
+        fixtures().join("tiny-llama-policy/model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let merged = candle_core::safetensors::load(
+        out.join("merged/model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let name = "model.layers.0.self_attn.q_proj.weight";
+    let diff = (&base[name] - &merged[name])
+        .unwrap()
+        .abs()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(diff > 0.0, "q_proj unchanged by the merge");
+    let a = generate(&[&out.join("merged").display().to_string(), "--seed", "1"]);
+    let b = generate(&[&out.join("policy").display().to_string(), "--seed", "1"]);
+    assert_eq!(a["completion"], b["completion"]);
+}
+
+#[test]
+fn train_policy_kto_writes_trl_metrics() {
+    let ws = Workspace::new();
+    let (_, kto) = write_data(ws.path());
+    let s = train_policy(&ws, "kto", &fixtures().join("tiny-llama-policy"), &kto);
+    check_outputs(
+        Path::new(s["out_dir"].as_str().unwrap()),
+        "kto",
+        &[
+            "loss",
+            "kl",
+            "rewards/chosen",
+            "rewards/rejected",
+            "logps/chosen",
+        ],
+    );
+}
+
+#[test]
+fn train_policy_ppo_from_a_gguf_writes_trl_metrics() {
+    let ws = Workspace::new();
+    let (dpo, _) = write_data(ws.path());
+    let gguf = ws.path().join("tiny.gguf");
+    crate::policy_model::write_tiny_gguf(&gguf);
+    let s = train_policy(&ws, "ppo", &gguf, &dpo);
+    let out = PathBuf::from(s["out_dir"].as_str().unwrap());
+    check_outputs(
+        &out,
+        "ppo",
+        &[
+            "objective/kl",
+            "objective/entropy",
+            "objective/rlhf_reward",
+            "objective/scores",
+            "policy/approxkl_avg",
+            "policy/clipfrac_avg",
+            "loss/policy_avg",
+            "loss/value_avg",
+            "val/clipfrac_avg",
+        ],
+    );
+    // The GGUF was converted once, beside the output (not inside what the registry copies).
+    assert!(
+        out.with_file_name("policy-base")
+            .join("model.safetensors")
+            .is_file()
+    );
+    assert!(!out.join("model.safetensors").exists());
+}
+
+#[test]
+fn train_policy_continues_only_with_resume() {
+    let ws = Workspace::new();
+    let (dpo, _) = write_data(ws.path());
+    train_policy(&ws, "dpo", &fixtures().join("tiny-llama-policy"), &dpo);
+    let cfg = workspace_config(&ws, POLICY_SECTION);
+    let out = ws.path().join("run-dpo/policy");
+    let again = |extra: &[&str]| {
+        bin()
+            .arg("--config")
+            .arg(&cfg)
+            .args(["train", "policy", "--algo", "dpo"])
+            .args(extra)
+            .arg("--model")
+            .arg(fixtures().join("tiny-llama-policy"))
+            .arg("--reward-model")
+            .arg(fixtures().join("tiny-llama-rm"))
+            .arg("--data")
+            .arg(&dpo)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap()
+    };
+    let o = again(&["--steps", "3"]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(err.contains("--resume") && err.contains("hint:"), "{err}");
+    // With --resume the run goes on from its step-2 checkpoint: one more step is logged.
+    let o = again(&["--steps", "3", "--resume"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let log = rlhf_bot::run_outputs::read_log(&out).unwrap();
+    assert_eq!(log.iter().map(|l| l.step).collect::<Vec<_>>(), [1, 2, 3]);
+}
+
+fn generate(extra: &[&str]) -> serde_json::Value {
+    let (model, rest) = extra.split_first().unwrap();
+    let o = bin()
+        .args([
+            "--format",
+            "json",
+            "generate",
+            "--prompt",
+            "The capital of France is",
+        ])
+        .args(["--model", model, "--max-new-tokens", "8"])
+        .args(rest)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    serde_json::from_str(&stdout(&o)).unwrap()
+}
+
+#[test]
+fn generate_is_deterministic_for_a_seed_and_varies_across_seeds() {
+    let m = fixtures().join("tiny-llama-policy").display().to_string();
+    let sampled = |seed: &str| generate(&[&m, "--temperature", "1.0", "--seed", seed]);
+    let a = sampled("1");
+    let b = sampled("1");
+    let c = sampled("2");
+    assert_eq!(a["completion"], b["completion"]);
+    assert_eq!(
+        a["tokens"], 8,
+        "the random tiny model never says EOS in 8 tokens: {a}"
+    );
+    assert_ne!(
+        a["completion"], c["completion"],
+        "seeds 1 and 2 sampled the same text"
+    );
+    assert_eq!(a["prompt"], "The capital of France is");
+    assert!(a["seconds"].as_f64().unwrap() >= 0.0);
+    // Greedy ignores the seed.
+    let g1 = generate(&[&m, "--seed", "1"]);
+    let g2 = generate(&[&m, "--seed", "2"]);
+    assert_eq!(g1["completion"], g2["completion"]);
+}
+
+#[test]
+fn generate_reads_gguf_like_the_hf_directory_and_applies_the_chat_template() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gguf = tmp.path().join("tiny.gguf");
+    crate::policy_model::write_tiny_gguf(&gguf);
+    let hf = fixtures().join("tiny-llama-policy").display().to_string();
+    let g = gguf.display().to_string();
+    assert_eq!(
+        generate(&[&hf, "--chat"])["completion"],
+        generate(&[&g, "--chat"])["completion"]
+    );
+    // Text output is the completion alone.
+    let o = bin()
+        .args([
+            "generate",
+            "--prompt",
+            "The capital of France is",
+            "--max-new-tokens",
+            "8",
+        ])
+        .args(["--model", &hf])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        stdout(&o).strip_suffix('\n').unwrap(),
+        generate(&[&hf])["completion"].as_str().unwrap()
+    );
+}
+
+#[test]
+fn bad_algo_and_bad_models_give_clear_errors() {
+    let ws = Workspace::new();
+    let cfg = workspace_config(&ws, "");
+    let o = bin()
+        .arg("--config")
+        .arg(&cfg)
+        .args(["train", "policy", "--algo", "sft"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let err = stderr(&o);
+    assert!(
+        err.contains("'sft'") && err.contains("dpo") && err.contains("ppo"),
+        "{err}"
+    );
+
+    // No run has a reward model and the registry has no production one.
+    let o = bin()
+        .arg("--config")
+        .arg(&cfg)
+        .args(["train", "policy", "--algo", "dpo"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains("no reward model") && err.contains("hint:") && err.contains("--reward-model"),
+        "{err}"
+    );
+
+    let o = bin()
+        .args(["generate", "--model", "/nonexistent/model", "--prompt", "x"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains("/nonexistent/model") && err.contains("hint:"),
+        "{err}"
+    );
+
+    let o = bin()
+        .args(["generate", "--prompt", "x", "--top-p", "1.5", "--model"])
+        .arg(fixtures().join("tiny-llama-policy"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("1.5"), "{}", stderr(&o));
+}
+
+fn config_error(policy: &str) -> String {
+    let text = format!("feedback:\n  source: file\n  path: f.jsonl\n{policy}");
+    config::load_str(Path::new("rlhf.yaml"), &text)
+        .unwrap_err()
+        .to_string()
+}
+
+#[test]
+fn bad_policy_config_values_name_the_key_and_position() {
+    let e = config_error("policy:\n  algo: sft\n");
+    assert!(
+        e.starts_with("rlhf.yaml:5:9: policy.algo: unknown variant `sft`"),
+        "{e}"
+    );
+    let e = config_error("policy:\n  lr: -1\n");
+    assert!(
+        e.starts_with("rlhf.yaml:5:3: policy.lr: expected a number > 0, got -1"),
+        "{e}"
+    );
+    let e = config_error("policy:\n  lora:\n    target_modules: [qq_proj]\n");
+    assert!(
+        e.starts_with("rlhf.yaml:6:5: policy.lora.target_modules:"),
+        "{e}"
+    );
+    assert!(e.contains("qq_proj") && e.contains("hint:"), "{e}");
+    let e = config_error("policy:\n  ppo:\n    gamma: 1.5\n");
+    assert!(
+        e.contains("policy.ppo.gamma: expected a number in (0, 1], got 1.5"),
+        "{e}"
+    );
+    let e = config_error("policy:\n  ppo:\n    rollouts_per_step: 6\n    num_minibatches: 4\n");
+    assert!(
+        e.contains("policy.ppo.num_minibatches") && e.contains("hint:"),
+        "{e}"
+    );
+    let e = config_error("policy:\n  device: tpu\n");
+    assert!(e.contains("policy.device") && e.contains("\"tpu\""), "{e}");
+    let e = config_error("policy:\n  stepz: 3\n");
+    assert!(
+        e.contains("unknown field `stepz`") && e.contains("hint:"),
+        "{e}"
+    );
+    let e = config_error("policy:\n  lora: {enabled: false, merge: true}\n");
+    assert!(e.contains("policy.lora.merge"), "{e}");
+}
+
+#[test]
+fn policy_config_maps_onto_the_trainer_options() {
+    let text = format!(
+        "feedback:\n  source: file\n  path: f.jsonl\n{POLICY_SECTION}  enabled: true\n  algo: kto\n  beta: 0.2\n  steps: 5\n"
+    );
+    let s = config::load_str(Path::new("rlhf.yaml"), &text).unwrap();
+    let p = &s.policy;
+    assert!(p.enabled && p.merge);
+    let o = p.options_for(p.options.algo);
+    assert_eq!(o.algo, rlhf_bot::run_outputs::PolicyAlgo::Kto);
+    assert_eq!((o.beta, o.lr, o.max_steps), (0.2, 0.01, Some(5)));
+    assert_eq!(
+        (o.batch_size, o.max_prompt_len, o.max_completion_len),
+        (2, 32, 8)
+    );
+    let lora = o.lora.unwrap();
+    assert_eq!((lora.r, lora.alpha, lora.dropout), (4, 8.0, 0.0));
+    assert_eq!(o.ppo.rollouts_per_step, 2);
+    // Absent keys: TRL's defaults, by algorithm.
+    let d = config::load_str(
+        Path::new("rlhf.yaml"),
+        "feedback:\n  source: file\n  path: f\n",
+    )
+    .unwrap()
+    .policy;
+    assert!(!d.enabled && d.model.is_none());
+    let ppo = d.options_for(rlhf_bot::run_outputs::PolicyAlgo::Ppo);
+    assert_eq!((ppo.lr, ppo.max_steps), (3e-6, Some(100)));
+    let dpo = d.options_for(rlhf_bot::run_outputs::PolicyAlgo::Dpo);
+    assert_eq!((dpo.lr, dpo.max_steps, dpo.beta), (1e-6, None, 0.1));
+}
+
+#[test]
+fn sample_run_trains_registers_and_reports_a_policy() {
+    let ws = Workspace::new();
+    let text = std::fs::read_to_string(repo().join("configs/example.yaml"))
+        .unwrap()
+        .replace(
+            "configs/sample-feedback.jsonl",
+            &repo()
+                .join("configs/sample-feedback.jsonl")
+                .display()
+                .to_string(),
+        )
+        .replace(".rlhf/example", &ws.store_dir().display().to_string())
+        .replace(
+            "dir: reports",
+            &format!("dir: {}", ws.path().join("reports").display()),
+        )
+        .replace(
+            "local_dir: out/pr",
+            &format!("local_dir: {}", ws.path().join("pr").display()),
+        );
+    assert!(
+        text.contains("enabled: true"),
+        "example.yaml enables the policy stage"
+    );
+    let cfg = ws.write_config(&text);
+    let o = bin()
+        .env("RLHF_BOT_NOW", "2026-11-27T12:00:00Z")
+        .arg("--config")
+        .arg(&cfg)
+        .args(["--format", "json", "run", "--force"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let json: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let run = &json["run"];
+    let policy_id = run["registered_policy"]
+        .as_str()
+        .expect("a policy candidate");
+    assert!(policy_id.starts_with("policy-"), "{run}");
+    let registry = std::fs::read_to_string(ws.store_dir().join("registry.yaml")).unwrap();
+    assert!(
+        registry.contains(policy_id) && registry.contains("algorithm: dpo"),
+        "{registry}"
+    );
+    let report = std::fs::read_to_string(run["report"].as_str().unwrap()).unwrap();
+    for needle in [
+        "Policy win rate vs",
+        "Mean reward",
+        "KL to reference (nats)",
+        "**Policy**",
+    ] {
+        assert!(
+            report.contains(needle),
+            "{needle} missing from the report:\n{report}"
+        );
+    }
+    let n = run["policy_eval"]["n"].as_u64().unwrap();
+    assert!(n >= 2, "{run}");
+}
