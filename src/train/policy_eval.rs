@@ -5,8 +5,8 @@
 //! with a fixed seed); the reward model scores both answers; the candidate wins a prompt when
 //! its score is higher (a tie counts half). The report carries the win rate with a 95% Wilson
 //! interval (so a reviewer sees how much 16 prompts can say), the mean rewards, the mean KL of
-//! the candidate's answers to the reference (sum over answer tokens of
-//! `log π(y) − log π_ref(y)`, a Monte-Carlo estimate of KL(π‖π_ref) when answers are sampled),
+//! the candidate's answers to the reference (the exact KL between the two models' next-token
+//! distributions, summed over each answer's positions: never negative, greedy answers too),
 //! mean answer lengths, and a few sample pairs.
 
 use std::path::Path;
@@ -254,7 +254,14 @@ pub fn prompt_ids(
     Ok(p)
 }
 
-/// Sum over answer tokens of `log π(y) − log π_ref(y)` per answer.
+/// Answer positions whose full next-token distributions are compared at once (bounds the
+/// `[positions, vocab]` logits of both models to a few tens of MB).
+const KL_POSITIONS_PER_CHUNK: usize = 128;
+
+/// KL(π‖π_ref) of each answer: the sum over its token positions of the exact KL between the two
+/// next-token distributions, `Σ_v π(v|ctx) (log π(v|ctx) − log π_ref(v|ctx))`, given the answer
+/// so far. Unlike `log π(y) − log π_ref(y)` of the emitted tokens, this is never negative and
+/// stays honest when the answers were decoded greedily rather than sampled.
 pub fn answer_kl(
     model: &LlamaForCausalLM,
     reference: &LlamaForCausalLM,
@@ -266,6 +273,7 @@ pub fn answer_kl(
 ) -> Result<Vec<f64>> {
     let eos = model.config().eos_token_ids().first().copied();
     let pad = model.config().pad_token_id.or(eos).unwrap_or(0);
+    let device = model.lm_head_weight().device().clone();
     let mut out = Vec::with_capacity(prompts.len());
     let items: Vec<(usize, &String)> = prompts.iter().enumerate().collect();
     for chunk in items.chunks(batch_size.max(1)) {
@@ -279,13 +287,48 @@ pub fn answer_kl(
             })
             .collect::<Result<Vec<_>>>()?;
         let refs: Vec<_> = rows.iter().collect();
-        // Empty answers contribute 0 (no tokens selected).
-        let a = crate::train::policy_common::sequence_logps(model, &refs, pad)?;
-        let b = crate::train::policy_common::sequence_logps(reference, &refs, pad)?;
-        let d = (a - b)?
-            .to_dtype(candle_core::DType::F64)?
-            .to_vec1::<f64>()?;
-        out.extend(d);
+        let (ids, att, _) = crate::train::policy_common::batch_tensors(&refs, pad, &device)?;
+        let width = ids.dim(1)?;
+        // Flat positions whose next-token distribution produced an answer token, and the answer
+        // (row of this chunk) each belongs to. Empty answers select nothing and get 0.
+        let mut positions = Vec::new();
+        let mut owner = Vec::new();
+        for (r, row) in rows.iter().enumerate() {
+            for t in row.prompt_len..row.ids.len() {
+                positions.push((r * width + t - 1) as u32);
+                owner.push(r);
+            }
+        }
+        let mut kl = vec![0f64; rows.len()];
+        if !positions.is_empty() {
+            let hidden = |m: &LlamaForCausalLM| -> Result<Tensor> {
+                let h = m.model().forward(&ids, Some(&att))?;
+                let d = h.dim(2)?;
+                Ok(h.reshape((rows.len() * width, d))?)
+            };
+            let (h_model, h_ref) = (hidden(model)?, hidden(reference)?);
+            for (idx, who) in positions
+                .chunks(KL_POSITIONS_PER_CHUNK)
+                .zip(owner.chunks(KL_POSITIONS_PER_CHUNK))
+            {
+                let idx = Tensor::new(idx, &device)?;
+                let log_probs = |h: &Tensor, m: &LlamaForCausalLM| -> Result<Tensor> {
+                    let logits = h.index_select(&idx, 0)?.matmul(&m.lm_head_weight().t()?)?;
+                    Ok(candle_nn::ops::log_softmax(&logits, D::Minus1)?)
+                };
+                let lp = log_probs(&h_model, model)?;
+                let lq = log_probs(&h_ref, reference)?;
+                let per_position = (lp.exp()? * (&lp - &lq)?)?
+                    .sum(D::Minus1)?
+                    .to_dtype(candle_core::DType::F64)?
+                    .to_vec1::<f64>()?;
+                for (&r, v) in who.iter().zip(per_position) {
+                    // Rounding can leave -1e-7 where the distributions agree.
+                    kl[r] += v.max(0.0);
+                }
+            }
+        }
+        out.extend(kl);
     }
     Ok(out)
 }

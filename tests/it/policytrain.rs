@@ -545,3 +545,76 @@ fn train_policy_stage_writes_metrics_log_and_adapter() {
     assert_eq!(run.log.len(), 2);
     assert!(out.join("policy/adapter/adapter_config.json").exists());
 }
+
+#[test]
+fn answer_kl_is_the_exact_kl_of_the_next_token_distributions() {
+    use candle_core::D;
+    use rlhf_bot::train::policy_eval::answer_kl;
+    let dev = Device::Cpu;
+    let policy = Policy::load(&policy_dir(), None, 1, &dev).unwrap();
+    let other = load_frozen_causal_lm(&fixtures().join("tiny-llama-ref"), &dev).unwrap();
+    let prompts = vec![
+        "Hello there".to_string(),
+        "Why is the sky blue?".to_string(),
+    ];
+    let answers = vec![vec![11u32, 12, 13], vec![]];
+    let kl = |m| {
+        answer_kl(
+            &policy.model,
+            m,
+            &policy.tokenizer,
+            &prompts,
+            &answers,
+            32,
+            2,
+        )
+        .unwrap()
+    };
+
+    let same = kl(&policy.model);
+    assert!(same.iter().all(|&v| v.abs() < 1e-6), "{same:?}");
+
+    // By hand: full softmax of both models at each position that predicts an answer token.
+    let ids: Vec<u32> = policy
+        .tokenizer
+        .encode(&prompts[0], false)
+        .unwrap()
+        .into_iter()
+        .chain(answers[0].iter().copied())
+        .collect();
+    let p_len = ids.len() - answers[0].len();
+    let input = candle_core::Tensor::new(ids.as_slice(), &dev)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let log_probs = |m: &rlhf_bot::model::llama::LlamaForCausalLM| {
+        candle_nn::ops::log_softmax(&m.forward(&input, None).unwrap(), D::Minus1)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_dtype(candle_core::DType::F64)
+            .unwrap()
+            .to_vec2::<f64>()
+            .unwrap()
+    };
+    let (lp, lq) = (log_probs(&policy.model), log_probs(&other));
+    let expected: f64 = (p_len - 1..ids.len() - 1)
+        .map(|t| {
+            lp[t]
+                .iter()
+                .zip(&lq[t])
+                .map(|(a, b)| a.exp() * (a - b))
+                .sum::<f64>()
+        })
+        .sum();
+    let got = kl(&other);
+    assert!(
+        expected > 1e-4,
+        "the fixtures differ, so the KL is positive"
+    );
+    assert!(
+        (got[0] - expected).abs() < 1e-4 * expected.max(1.0),
+        "{got:?} vs {expected}"
+    );
+    assert_eq!(got[1], 0.0, "an empty answer has no KL");
+}
