@@ -234,8 +234,7 @@ pub fn build_report(
         );
     }
     let last = store.last_training()?;
-    let (new_records, _) =
-        store.new_since(last.and_then(|l| l.watermark), &settings.feedback.aspects)?;
+    let new_feedback = store.kinds_since(last.and_then(|l| l.watermark))?;
     let ctx = ReportContext {
         run_id: run_id.to_string(),
         generated_at: Utc::now(),
@@ -246,14 +245,7 @@ pub fn build_report(
             .map(|g| format!("{}/{}", g.owner, g.repo)),
         run_url: created_by_from_env(|k| std::env::var(k).ok()),
         report_url: None,
-        new_feedback: store
-            .stats()?
-            .by_kind
-            .into_iter()
-            .collect::<BTreeMap<_, _>>()
-            .into_iter()
-            .chain([("new_since_last_training".to_string(), new_records)])
-            .collect(),
+        new_feedback,
         reward,
         policy,
         kpis: kpi_rows(&store, settings.thresholds.quality.confidence)?,

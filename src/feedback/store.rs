@@ -297,6 +297,18 @@ impl Store {
         Ok((all, usable))
     }
 
+    /// Records updated after `since` (all when `None`), counted by kind: what the report's
+    /// headline calls new feedback.
+    pub fn kinds_since(&self, since: Option<DateTime<Utc>>) -> Result<BTreeMap<String, u64>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT kind, count(*) FROM records WHERE updated_us > ?1 GROUP BY kind",
+        )?;
+        let rows = stmt.query_map([since.map(micros).unwrap_or(i64::MIN)], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
     /// Answer-level feedback counts per model version, for records created in `[from, to)`.
     pub fn version_counts(
         &self,
