@@ -275,7 +275,7 @@ impl LoraLinear {
 
 impl Module for LoraLinear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = self.base.forward(x)?;
+        let y = dense(&self.base, x)?;
         let x = if self.dropout > 0.0 && self.training.load(Ordering::Relaxed) {
             candle_nn::ops::dropout(x, self.dropout)?
         } else {
@@ -336,10 +336,30 @@ impl AdaptableLinear {
 impl Module for AdaptableLinear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            Self::Plain(l) => l.forward(x),
+            Self::Plain(l) => dense(l, x),
             Self::Lora(l) => l.forward(x),
         }
     }
+}
+
+/// `x·Wᵀ + b` with the leading dimensions of `x` flattened into one matrix product.
+/// `candle_nn::Linear` multiplies a `[batch, seq, in]` input batch by batch; during batched
+/// generation (`seq` = 1) that is one matrix-vector product per row, each reading the whole
+/// weight, where a single `[batch, in]` product reads it once.
+fn dense(layer: &Linear, x: &Tensor) -> candle_core::Result<Tensor> {
+    let dims = x.dims();
+    let in_dim = dims.last().copied().unwrap_or(1);
+    let rows = x.elem_count() / in_dim.max(1);
+    let y = x.reshape((rows, in_dim))?.matmul(&layer.weight().t()?)?;
+    let y = match layer.bias() {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    let mut out_dims = dims.to_vec();
+    if let Some(last) = out_dims.last_mut() {
+        *last = layer.weight().dim(0)?;
+    }
+    y.reshape(out_dims)
 }
 
 /// A model whose linear layers can carry adapters. `linears_mut` lists every adaptable layer
