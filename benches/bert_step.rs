@@ -1,4 +1,5 @@
-//! One reward-model training step of a MiniLM-size BERT on the CPU: forward, backward, AdamW.
+//! One reward-model training step of a MiniLM-size BERT: forward, backward, AdamW (CPU by
+//! default; `DEVICE=cuda` on a binary built with `--features cuda`).
 //!
 //! Shape (GUIDE §4's benchmark): 6 layers, d 384, ffn 1536, 12 heads, vocab 30522, batch 16 x 128
 //! tokens, mean pooling + score head, Bradley–Terry loss on 8 chosen/rejected pairs, no dropout.
@@ -6,15 +7,19 @@
 //!
 //! Run: `cargo bench --bench bert_step`. Knobs (environment):
 //!   BENCH_THREADS (2), BENCH_STEPS (6), BENCH_WARMUP (2),
-//!   BENCH_KERNELS=fused|reference, BENCH_OPT=fused|candle, BENCH_MALLOC=tuned|default.
+//!   BENCH_KERNELS=fused|reference, BENCH_OPT=fused|candle, BENCH_MALLOC=tuned|default,
+//!   DEVICE=cpu|cuda (cpu). The fused kernels and optimiser are CPU-only, so on CUDA the
+//!   defaults are `reference` and `candle`; step times there are taken after a device
+//!   synchronise, since CUDA kernels launch asynchronously.
 
 use std::time::Instant;
 
 use anyhow::Context;
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use candle_nn::{Optimizer, ParamsAdamW};
 use rlhf_bot::model::bert::{BertConfig, BertRewardModel, EncodedBatch, Kernels, RewardHeadConfig};
 use rlhf_bot::model::fused::{FusedAdamW, tune_allocator};
+use rlhf_bot::train::device::DeviceChoice;
 
 /// One optimiser step from a loss (backward + update).
 type StepFn = dyn FnMut(&Tensor) -> candle_core::Result<()>;
@@ -45,18 +50,24 @@ fn main() -> anyhow::Result<()> {
     let warmup: usize = env_or("BENCH_WARMUP", "2")
         .parse()
         .context("BENCH_WARMUP")?;
-    let kernels = match env_or("BENCH_KERNELS", "fused").as_str() {
+    let device: DeviceChoice = env_or("DEVICE", "cpu").parse()?;
+    let dev = device.open()?;
+    let (default_kernels, default_opt) = if dev.is_cpu() {
+        ("fused", "fused")
+    } else {
+        ("reference", "candle")
+    };
+    let kernels = match env_or("BENCH_KERNELS", default_kernels).as_str() {
         "fused" => Kernels::Fused,
         "reference" => Kernels::Reference,
         other => anyhow::bail!("BENCH_KERNELS={other:?}\nhint: fused or reference"),
     };
-    let opt_kind = env_or("BENCH_OPT", "fused");
+    let opt_kind = env_or("BENCH_OPT", default_opt);
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build_global()
         .context("configuring rayon's global pool")?;
 
-    let dev = Device::Cpu;
     let mut cfg = BertConfig::minilm_l6();
     cfg.hidden_dropout_prob = 0.0;
     cfg.attention_probs_dropout_prob = 0.0;
@@ -98,7 +109,7 @@ fn main() -> anyhow::Result<()> {
 
     println!(
         "bert_step: {} layers, d {}, ffn {}, heads {}, vocab {}, {} params; batch {b} x {t}; \
-         threads {threads}; kernels {kernels:?}; optimiser {opt_kind}; allocator {}",
+         device {device}; threads {threads}; kernels {kernels:?}; optimiser {opt_kind}; allocator {}",
         cfg.num_hidden_layers,
         cfg.hidden_size,
         cfg.intermediate_size,
@@ -117,8 +128,11 @@ fn main() -> anyhow::Result<()> {
         let margin = (out.score.narrow(0, 0, half)? - out.score.narrow(0, half, half)?)?;
         // Bradley–Terry: -log σ(r_chosen − r_rejected), averaged over pairs.
         let loss = candle_nn::ops::sigmoid(&margin)?.log()?.neg()?.mean_all()?;
+        // A no-op on the CPU; on CUDA it waits for the queued kernels so the time is real.
+        dev.synchronize()?;
         let fwd = start.elapsed().as_secs_f64();
         opt(&loss)?;
+        dev.synchronize()?;
         let secs = start.elapsed().as_secs_f64();
         let cpu = match (cpu0, cpu_seconds()) {
             (Some(a), Some(b)) => b - a,

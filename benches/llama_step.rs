@@ -1,4 +1,5 @@
-//! Training-step time of a tiny Llama on CPU: forward + backward + candle_nn AdamW.
+//! Training-step time of a tiny Llama: forward + backward + candle_nn AdamW, on the CPU by
+//! default or on CUDA with `DEVICE=cuda` (a binary built with `--features cuda`).
 //!
 //! Two cases: a reward model (score head, Bradley-Terry loss over 8 pairs) and a causal LM
 //! scoring the log-probs of the last 128 tokens of each row (the DPO/PPO policy step). The LM
@@ -7,7 +8,8 @@
 //! 128 scored positions and runs candle's generic log_softmax, for comparison.
 //!
 //! Run: `cargo bench --bench llama_step` (env: `STEPS`, default 3; `CASES`, default
-//! `reward,lm-fused,lm-naive`).
+//! `reward,lm-fused,lm-naive`; `DEVICE`, `cpu` or `cuda`, default `cpu`). Each step ends with a
+//! `to_scalar` of the loss, which waits for the device, so CUDA times are not launch times.
 
 use std::time::Instant;
 
@@ -15,6 +17,7 @@ use candle_core::{D, DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarMap};
 use rlhf_bot::model::llama::{LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification};
 use rlhf_bot::model::ops;
+use rlhf_bot::train::device::DeviceChoice;
 
 const BATCH: usize = 16;
 const SEQ: usize = 256;
@@ -95,7 +98,11 @@ fn time_steps(
 
 fn main() -> candle_core::Result<()> {
     ops::tune_allocator();
-    let dev = Device::Cpu;
+    let device: DeviceChoice = std::env::var("DEVICE")
+        .unwrap_or_else(|_| "cpu".into())
+        .parse()
+        .map_err(candle_core::Error::wrap)?;
+    let dev = device.open().map_err(candle_core::Error::wrap)?;
     let steps: usize = std::env::var("STEPS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -108,7 +115,7 @@ fn main() -> candle_core::Result<()> {
     }
     let target = rlhf_bot::model::tokenizer::rows_to_tensor(&target, &dev)?;
     println!(
-        "tiny Llama: 4 layers, hidden 256, ffn 768, 4 heads / 2 KV, vocab 49152, tied; threads {}",
+        "tiny Llama: 4 layers, hidden 256, ffn 768, 4 heads / 2 KV, vocab 49152, tied; device {device}; threads {}",
         candle_core::utils::get_num_threads()
     );
 

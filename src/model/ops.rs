@@ -371,12 +371,47 @@ pub fn lm_head_logprobs(
     if let Some(bad) = targets.iter().find(|&&t| t as usize >= vocab) {
         candle_core::bail!("target id {bad} is outside the vocabulary of {vocab}");
     }
+    if !hidden.device().is_cpu() || hidden.dtype() != DType::F32 || weight.dtype() != DType::F32 {
+        // The fused op only has a CPU kernel; elsewhere (CUDA) candle's own ops do the work.
+        return lm_head_logprobs_generic(hidden, weight, targets, chunk);
+    }
     let op = LmHeadLogprobs {
         targets: targets.to_vec(),
         chunk: chunk.max(1),
         device: hidden.device().clone(),
     };
     hidden.contiguous()?.apply_op2(&weight.contiguous()?, op)
+}
+
+/// [`lm_head_logprobs`] from candle's differentiable ops (matmul, `log_softmax`, gather), `chunk`
+/// rows at a time: the path off the CPU, where the fused op has no kernel. Autograd keeps each
+/// chunk's `[chunk, vocab]` logits for backward, so it needs more memory than the fused op.
+pub fn lm_head_logprobs_generic(
+    hidden: &Tensor,
+    weight: &Tensor,
+    targets: &[u32],
+    chunk: usize,
+) -> Result<Tensor> {
+    let rows = hidden.dim(0)?;
+    if rows != targets.len() {
+        candle_core::bail!("{rows} hidden rows for {} targets", targets.len());
+    }
+    if rows == 0 {
+        return Tensor::zeros(0, hidden.dtype(), hidden.device());
+    }
+    let chunk = chunk.max(1);
+    let wt = weight.t()?;
+    let ids = Tensor::from_slice(targets, (rows, 1), hidden.device())?;
+    let mut parts = Vec::with_capacity(rows.div_ceil(chunk));
+    let mut start = 0;
+    while start < rows {
+        let len = chunk.min(rows - start);
+        let logits = hidden.narrow(0, start, len)?.matmul(&wt)?;
+        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        parts.push(logp.gather(&ids.narrow(0, start, len)?, 1)?.squeeze(1)?);
+        start += len;
+    }
+    Tensor::cat(&parts, 0)
 }
 
 struct LmHeadLogprobs {

@@ -6,6 +6,7 @@ mod check_props;
 mod common;
 mod config;
 mod crash;
+mod cuda;
 mod dataset;
 mod feedback_server;
 mod forge_behaviour;

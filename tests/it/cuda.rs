@@ -1,0 +1,106 @@
+//! The paths a CUDA run takes, checked on the CPU: the fused CPU ops have no CUDA kernel, so off
+//! the CPU the model code falls back to candle's own ops. These tests pin the fallbacks to the
+//! fused results, so a GPU run computes the same numbers (up to float rounding).
+
+use candle_core::{DType, Device, Tensor, Var};
+use rlhf_bot::model::ops;
+
+/// Values and the gradients of `Σ wᵢ·logpᵢ` for `h` and `w` (non-uniform weights so that no
+/// row's gradient can hide behind another's).
+fn logprobs_and_grads(
+    logp: impl Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>,
+    h: &Var,
+    w: &Var,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let out = logp(h.as_tensor(), w.as_tensor()).unwrap();
+    let rows = out.dim(0).unwrap();
+    let weights: Vec<f64> = (0..rows)
+        .map(|i| 1.0 + i as f64 * 0.5 - 2.0 * (i % 2) as f64)
+        .collect();
+    let weights = Tensor::new(weights, out.device())
+        .unwrap()
+        .to_dtype(out.dtype())
+        .unwrap();
+    let grads = (&out * &weights)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let flat = |t: &Tensor| {
+        t.flatten_all()
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    (
+        flat(&out),
+        flat(grads.get(h.as_tensor()).expect("grad for h")),
+        flat(grads.get(w.as_tensor()).expect("grad for w")),
+    )
+}
+
+fn assert_close(what: &str, a: &[f32], b: &[f32], tol: f32) {
+    assert_eq!(a.len(), b.len(), "{what}: lengths differ");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!((x - y).abs() < tol, "{what}[{i}]: {x} vs {y}");
+    }
+}
+
+fn inputs(dtype: DType) -> (Var, Var, Vec<u32>) {
+    let dev = Device::Cpu;
+    let h = Tensor::randn(0f32, 1.0, (7, 5), &dev).unwrap();
+    let w = Tensor::randn(0f32, 1.0, (11, 5), &dev).unwrap();
+    let h = Var::from_tensor(&h.to_dtype(dtype).unwrap()).unwrap();
+    let w = Var::from_tensor(&w.to_dtype(dtype).unwrap()).unwrap();
+    (h, w, vec![0, 3, 10, 5, 5, 1, 7])
+}
+
+/// The chunked generic LM-head log-probs (the CUDA path) equal the fused CPU op, values and
+/// gradients, with chunks that do not divide the rows.
+#[test]
+fn generic_lm_head_logprobs_match_the_fused_op() {
+    let (h, w, targets) = inputs(DType::F32);
+    let fused = logprobs_and_grads(|h, w| ops::lm_head_logprobs(h, w, &targets, 3), &h, &w);
+    for chunk in [1, 3, 4, 100] {
+        let generic = logprobs_and_grads(
+            |h, w| ops::lm_head_logprobs_generic(h, w, &targets, chunk),
+            &h,
+            &w,
+        );
+        assert_close(&format!("logp, chunk {chunk}"), &generic.0, &fused.0, 1e-5);
+        assert_close(&format!("dh, chunk {chunk}"), &generic.1, &fused.1, 1e-4);
+        assert_close(&format!("dW, chunk {chunk}"), &generic.2, &fused.2, 1e-4);
+    }
+}
+
+/// Inputs the fused op cannot take (here f64; on a GPU, any CUDA tensor) are routed to the
+/// generic path by `lm_head_logprobs` itself instead of failing in the op.
+#[test]
+fn lm_head_logprobs_falls_back_off_the_fused_path() {
+    let (h, w, targets) = inputs(DType::F32);
+    let fused = logprobs_and_grads(|h, w| ops::lm_head_logprobs(h, w, &targets, 3), &h, &w);
+    let (h64, w64) = (
+        Var::from_tensor(&h.to_dtype(DType::F64).unwrap()).unwrap(),
+        Var::from_tensor(&w.to_dtype(DType::F64).unwrap()).unwrap(),
+    );
+    let out = ops::lm_head_logprobs(h64.as_tensor(), w64.as_tensor(), &targets, 3).unwrap();
+    assert_eq!(out.dtype(), DType::F64);
+    let wide = logprobs_and_grads(|h, w| ops::lm_head_logprobs(h, w, &targets, 3), &h64, &w64);
+    assert_close("logp f64", &wide.0, &fused.0, 1e-5);
+    assert_close("dh f64", &wide.1, &fused.1, 1e-4);
+    assert_close("dW f64", &wide.2, &fused.2, 1e-4);
+}
+
+/// A row-count mismatch is an error on the generic path too, not a panic or a silent truncation.
+#[test]
+fn generic_lm_head_logprobs_rejects_mismatched_targets() {
+    let (h, w, _) = inputs(DType::F32);
+    let err = ops::lm_head_logprobs_generic(h.as_tensor(), w.as_tensor(), &[1, 2], 4).unwrap_err();
+    assert!(
+        err.to_string().contains("7 hidden rows for 2 targets"),
+        "{err}"
+    );
+}
