@@ -9,7 +9,7 @@ use rlhf_bot::feedback::store::VersionCounts;
 
 use rlhf_bot::registry::{ModelKind, Registry};
 
-use crate::common::{Workspace, bin, repo, run, stderr, stdout};
+use crate::common::{Workspace, bin, run, stderr, stdout};
 use crate::registry::entry;
 
 fn now() -> DateTime<Utc> {
@@ -133,33 +133,10 @@ fn a_clear_drop_fires_the_quality_trigger() {
     assert!(!decide(&small, &t).trigger("quality").unwrap().fired);
 }
 
-/// The embedded default config with every path inside the test's workspace.
-fn sample_config(ws: &Workspace) -> std::path::PathBuf {
-    let text = std::fs::read_to_string(repo().join("configs/example.yaml"))
-        .unwrap()
-        .replace(
-            "configs/sample-feedback.jsonl",
-            &repo()
-                .join("configs/sample-feedback.jsonl")
-                .display()
-                .to_string(),
-        )
-        .replace(".rlhf/example", &ws.store_dir().display().to_string())
-        .replace(
-            "dir: reports",
-            &format!("dir: {}", ws.path().join("reports").display()),
-        )
-        .replace(
-            "local_dir: out/pr",
-            &format!("local_dir: {}", ws.path().join("pr").display()),
-        );
-    ws.write_config(&text)
-}
-
 #[test]
 fn check_reads_the_last_training_and_production_from_the_registry() {
     let ws = Workspace::new();
-    let cfg = sample_config(&ws);
+    let cfg = ws.sample_config();
     let check = |cfg: &std::path::Path| -> serde_json::Value {
         let out = bin()
             .env("RLHF_BOT_NOW", "2026-11-27T12:00:00Z")
@@ -210,7 +187,7 @@ fn check_reads_the_last_training_and_production_from_the_registry() {
 #[test]
 fn check_on_the_bundled_sample_writes_actions_outputs() {
     let ws = Workspace::new();
-    let cfg = sample_config(&ws);
+    let cfg = ws.sample_config();
     let output = ws.path().join("gh-output");
     let summary = ws.path().join("gh-summary.md");
     let out = bin()

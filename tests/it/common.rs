@@ -30,6 +30,34 @@ impl Workspace {
             self.store_dir().display()
         ))
     }
+    /// The embedded default config (`configs/example.yaml`) with its store, reports and
+    /// would-be PR moved inside this workspace, as text.
+    pub fn sample_config_text(&self) -> String {
+        std::fs::read_to_string(repo().join("configs/example.yaml"))
+            .unwrap()
+            .replace(
+                "configs/sample-feedback.jsonl",
+                &repo()
+                    .join("configs/sample-feedback.jsonl")
+                    .display()
+                    .to_string(),
+            )
+            .replace(".rlhf/example", &self.store_dir().display().to_string())
+            .replace(
+                "dir: reports",
+                &format!("dir: {}", self.path().join("reports").display()),
+            )
+            .replace(
+                "local_dir: out/pr",
+                &format!("local_dir: {}", self.path().join("pr").display()),
+            )
+    }
+
+    /// [`Self::sample_config_text`] written to the workspace.
+    pub fn sample_config(&self) -> PathBuf {
+        self.write_config(&self.sample_config_text())
+    }
+
     pub fn write_config(&self, text: &str) -> PathBuf {
         let path = self.path().join("rlhf.yaml");
         std::fs::write(&path, text).unwrap();

@@ -7,11 +7,7 @@ use std::path::{Path, PathBuf};
 
 use rlhf_bot::config;
 
-use crate::common::{Workspace, bin, stderr, stdout};
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+use crate::common::{Workspace, bin, repo, stderr, stdout};
 
 fn fixtures() -> PathBuf {
     repo().join("tests/fixtures")
@@ -469,24 +465,7 @@ fn policy_config_maps_onto_the_trainer_options() {
 #[test]
 fn sample_run_trains_registers_and_reports_a_policy() {
     let ws = Workspace::new();
-    let text = std::fs::read_to_string(repo().join("configs/example.yaml"))
-        .unwrap()
-        .replace(
-            "configs/sample-feedback.jsonl",
-            &repo()
-                .join("configs/sample-feedback.jsonl")
-                .display()
-                .to_string(),
-        )
-        .replace(".rlhf/example", &ws.store_dir().display().to_string())
-        .replace(
-            "dir: reports",
-            &format!("dir: {}", ws.path().join("reports").display()),
-        )
-        .replace(
-            "local_dir: out/pr",
-            &format!("local_dir: {}", ws.path().join("pr").display()),
-        );
+    let text = ws.sample_config_text();
     assert!(
         text.contains("enabled: true"),
         "example.yaml enables the policy stage"
