@@ -307,7 +307,7 @@ const PREFERENCE_HINT: &str = "each line must be a JSON object with `chosen` and
      numeric `margin`";
 
 /// Opens a file, decompressing it when it starts with the gzip magic bytes.
-fn open_lines(path: &Path) -> Result<Box<dyn BufRead>, LoadError> {
+pub(crate) fn open_lines(path: &Path) -> Result<Box<dyn BufRead>, LoadError> {
     let io = |source| LoadError::Io {
         path: path.to_path_buf(),
         source,

@@ -519,14 +519,15 @@ struct PairLine {
 
 /// Reads preference pairs from JSON lines.
 pub fn load_pairs(path: &Path) -> Result<Vec<PairText>> {
-    let file = std::fs::File::open(path).with_context(|| {
+    // Plain or gzip-compressed JSON lines (HH-RLHF ships as .jsonl.gz).
+    let reader = crate::dataset::export::open_lines(path).with_context(|| {
         format!(
             "opening the preference file {}\nhint: check --dataset / --eval",
             path.display()
         )
     })?;
     let mut pairs = Vec::new();
-    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+    for (i, line) in reader.lines().enumerate() {
         let line = line.with_context(|| format!("reading {}", path.display()))?;
         if line.trim().is_empty() {
             continue;

@@ -343,6 +343,16 @@ fn preference_files_split_hh_dialogues_and_split_seeded() {
     assert_eq!(pairs[1].prompt, "User: Why?\nAssistant: ");
     assert_eq!(pairs[1].margin, Some(1.5));
 
+    // The same file gzip-compressed (as HH-RLHF ships) reads the same.
+    let gz = tmp.path().join("pairs.jsonl.gz");
+    let mut enc = flate2::write::GzEncoder::new(
+        std::fs::File::create(&gz).unwrap(),
+        flate2::Compression::default(),
+    );
+    std::io::Write::write_all(&mut enc, &std::fs::read(&path).unwrap()).unwrap();
+    enc.finish().unwrap();
+    assert_eq!(load_pairs(&gz).unwrap(), pairs);
+
     let (t1, e1) = split_pairs(toy_pairs(50), 0.2, 3).unwrap();
     let (t2, e2) = split_pairs(toy_pairs(50), 0.2, 3).unwrap();
     assert_eq!((t1.len(), e1.len()), (40, 10));
