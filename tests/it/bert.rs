@@ -14,6 +14,8 @@ use rlhf_bot::model::bert::{
 };
 use rlhf_bot::model::fused;
 
+use crate::common::max_abs_diff;
+
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
@@ -55,19 +57,6 @@ fn tiny_batch(dev: &Device) -> EncodedBatch {
         vec![2, 32, 3],
     ];
     EncodedBatch::from_ids(&rows, 0, dev).expect("batch")
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn vec2(v: &serde_json::Value) -> Vec<Vec<f64>> {

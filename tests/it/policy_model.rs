@@ -151,19 +151,6 @@ pub(crate) fn write_tiny_gguf(path: &Path) {
     gguf_file::write(&mut f, &md_refs, &t_refs).unwrap();
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 #[test]
 fn gguf_import_restores_hf_names_qk_order_and_config() {
     let tmp = tempfile::tempdir().unwrap();
@@ -490,6 +477,8 @@ fn sampler_is_seeded_and_respects_top_k() {
 use rlhf_bot::model::generate::{self, CausalLm, GenerationConfig, KvCache};
 use rlhf_bot::model::llama::LlamaForCausalLM;
 use rlhf_bot::model::lora::{self, LoraConfig, LoraInit};
+
+use crate::common::max_abs_diff;
 
 fn tiny_policy() -> LlamaForCausalLM {
     lora::load_frozen_causal_lm(&tiny_policy_dir(), &Device::Cpu).unwrap()

@@ -160,16 +160,7 @@ fn assert_vars_close(a: &Policy, b: &Policy) {
     assert_eq!(da.len(), db.len());
     for (k, va) in da.iter() {
         let vb = db.get(k).unwrap();
-        let diff = (va.as_tensor() - vb.as_tensor())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = crate::common::max_abs_diff(va.as_tensor(), vb.as_tensor());
         assert!(diff < 1e-6, "{k} differs by {diff}");
     }
 }
