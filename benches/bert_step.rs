@@ -3,7 +3,8 @@
 //!
 //! Shape (GUIDE §4's benchmark): 6 layers, d 384, ffn 1536, 12 heads, vocab 30522, batch 16 x 128
 //! tokens, mean pooling + score head, Bradley–Terry loss on 8 chosen/rejected pairs, no dropout.
-//! Prints the median seconds per step after warm-up and tokens per second.
+//! Prints each step's forward, backward and optimiser seconds, then the median seconds per step
+//! after warm-up and tokens per second.
 //!
 //! Run: `cargo bench --bench bert_step`. Knobs (environment):
 //!   BENCH_THREADS (2), BENCH_STEPS (6), BENCH_WARMUP (2),
@@ -15,14 +16,14 @@
 use std::time::Instant;
 
 use anyhow::Context;
-use candle_core::Tensor;
+use candle_core::backprop::GradStore;
 use candle_nn::{Optimizer, ParamsAdamW};
 use rlhf_bot::model::bert::{BertConfig, BertRewardModel, EncodedBatch, Kernels, RewardHeadConfig};
 use rlhf_bot::model::fused::{FusedAdamW, tune_allocator};
 use rlhf_bot::train::device::DeviceChoice;
 
-/// One optimiser step from a loss (backward + update).
-type StepFn = dyn FnMut(&Tensor) -> candle_core::Result<()>;
+/// One optimiser update from the gradients of a backward pass.
+type StepFn = dyn FnMut(&GradStore) -> candle_core::Result<()>;
 
 fn env_or(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_string())
@@ -82,11 +83,11 @@ fn main() -> anyhow::Result<()> {
     let mut opt: Box<StepFn> = match opt_kind.as_str() {
         "fused" => {
             let mut o = FusedAdamW::new(vars, params)?;
-            Box::new(move |loss| o.backward_step(loss))
+            Box::new(move |grads| o.step(grads))
         }
         "candle" => {
             let mut o = candle_nn::AdamW::new(vars, params)?;
-            Box::new(move |loss| o.backward_step(loss))
+            Box::new(move |grads| o.step(grads))
         }
         other => anyhow::bail!("BENCH_OPT={other:?}\nhint: fused or candle"),
     };
@@ -131,9 +132,14 @@ fn main() -> anyhow::Result<()> {
         // A no-op on the CPU; on CUDA it waits for the queued kernels so the time is real.
         dev.synchronize()?;
         let fwd = start.elapsed().as_secs_f64();
-        opt(&loss)?;
+        let grads = loss.backward()?;
+        dev.synchronize()?;
+        let bwd = start.elapsed().as_secs_f64() - fwd;
+        opt(&grads)?;
+        drop(grads);
         dev.synchronize()?;
         let secs = start.elapsed().as_secs_f64();
+        let upd = secs - fwd - bwd;
         let cpu = match (cpu0, cpu_seconds()) {
             (Some(a), Some(b)) => b - a,
             _ => f64::NAN,
@@ -144,7 +150,8 @@ fn main() -> anyhow::Result<()> {
             cpu_times.push(cpu);
         }
         println!(
-            "step {i}{}: {secs:.3} s (forward {fwd:.3} s), cpu {cpu:.2} s, loss {loss:.4}",
+            "step {i}{}: {secs:.3} s (forward {fwd:.3}, backward {bwd:.3}, optimiser {upd:.3}), \
+             cpu {cpu:.2} s, loss {loss:.4}",
             if i < warmup { " (warm-up)" } else { "" }
         );
     }

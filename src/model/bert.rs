@@ -213,6 +213,10 @@ impl Dense {
         Ok(Self { weight, bias })
     }
 
+    fn parts(&self) -> [&Tensor; 2] {
+        [&self.weight, &self.bias]
+    }
+
     fn forward(&self, x: &Tensor, kernels: Kernels) -> candle_core::Result<Tensor> {
         match kernels {
             Kernels::Reference => fused::reference::linear(x, &self.weight, &self.bias),
@@ -390,6 +394,25 @@ impl Layer {
         let d = h / self.heads;
         let scale = 1.0 / (d as f64).sqrt();
         let attn_dropout = if train { self.attn_dropout } else { 0.0 };
+        let hidden_dropout = if train { self.hidden_dropout } else { 0.0 };
+        if kernels == Kernels::Fused
+            && self.act == HiddenAct::Gelu
+            && attn_dropout == 0.0
+            && hidden_dropout == 0.0
+        {
+            // The whole layer as one op: one backward node instead of ~15 (see fused/layer.rs).
+            let p = fused::EncoderLayerParams {
+                query: self.query.parts(),
+                key: self.key.parts(),
+                value: self.value.parts(),
+                attn_out: self.attn_out.parts(),
+                attn_norm: [&self.attn_norm.weight, &self.attn_norm.bias],
+                intermediate: self.intermediate.parts(),
+                output: self.output.parts(),
+                out_norm: [&self.out_norm.weight, &self.out_norm.bias],
+            };
+            return fused::encoder_layer(x, &p, mask_bias, self.heads, self.attn_norm.eps as f32);
+        }
         let ctx = match kernels {
             Kernels::Fused if attn_dropout == 0.0 => {
                 let q = self.query.forward(x, kernels)?;

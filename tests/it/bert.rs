@@ -500,6 +500,82 @@ fn fused_attention_matches_reference_with_padding() {
     );
 }
 
+/// The whole-layer op against the same layer composed from the reference ops: output, input
+/// gradient and all sixteen parameter gradients, with padded rows in the batch.
+#[test]
+fn fused_encoder_layer_matches_reference_with_padding() {
+    let (b, t, heads, d, f) = (3usize, 11usize, 4usize, 6usize, 40usize);
+    let h = heads * d;
+    let mut inputs = vec![var(&[b, t, h], 30, 1.0)];
+    for (i, shape) in [
+        vec![h, h],
+        vec![h],
+        vec![h, h],
+        vec![h],
+        vec![h, h],
+        vec![h],
+        vec![h, h],
+        vec![h],
+        vec![h],
+        vec![h],
+        vec![f, h],
+        vec![f],
+        vec![h, f],
+        vec![h],
+        vec![h],
+        vec![h],
+    ]
+    .iter()
+    .enumerate()
+    {
+        // Norm weights near 1 like a trained model; everything else small and random.
+        let v = var(shape, 31 + i as u32, 0.3);
+        if i == 8 || i == 14 {
+            let ones = (v.as_tensor() + 1.0).unwrap();
+            inputs.push(Var::from_tensor(&ones).unwrap());
+        } else {
+            inputs.push(v);
+        }
+    }
+    let lens = [11usize, 7, 3];
+    let mask: Vec<f32> = lens
+        .iter()
+        .flat_map(|&l| (0..t).map(move |i| if i < l { 0.0 } else { -1e9 }))
+        .collect();
+    let mask = Tensor::from_vec(mask, (b, t), &Device::Cpu).unwrap();
+    let params = |p: &[Tensor]| -> Vec<[Tensor; 2]> {
+        p.chunks_exact(2)
+            .map(|c| [c[0].clone(), c[1].clone()])
+            .collect()
+    };
+    let run = |x: &[Tensor], fused_op: bool| -> candle_core::Result<Tensor> {
+        let p = params(&x[1..]);
+        let pair = |i: usize| [&p[i][0], &p[i][1]];
+        let lp = fused::EncoderLayerParams {
+            query: pair(0),
+            key: pair(1),
+            value: pair(2),
+            attn_out: pair(3),
+            attn_norm: pair(4),
+            intermediate: pair(5),
+            output: pair(6),
+            out_norm: pair(7),
+        };
+        if fused_op {
+            fused::encoder_layer(&x[0], &lp, &mask, heads, 1e-12)
+        } else {
+            fused::reference::encoder_layer(&x[0], &lp, &mask, heads, 1e-12)
+        }
+    };
+    assert_same(
+        "encoder layer",
+        &inputs,
+        &|x| run(x, true),
+        &|x| run(x, false),
+        2e-4,
+    );
+}
+
 #[test]
 fn fused_adamw_matches_candle_adamw() {
     let params = ParamsAdamW {

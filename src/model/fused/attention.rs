@@ -3,9 +3,11 @@
 //!
 //! candle's batched matmul runs one gemm per (batch, head) on a single core, and the composed
 //! version also materialises the head transposes, the scaled and masked scores and the softmax
-//! chain, each with its own backward node. Here Q, K and V stay in the `[b, t, heads·d]` layout the
-//! projections produce (heads are addressed through strides), rows of the batch run in parallel,
-//! and the attention probabilities are kept from the forward pass for the backward.
+//! chain, each with its own backward node. Here Q, K and V stay in the layout the projections
+//! produce, `[b, t, heads·d]` each or packed side by side as `[b, t, 3·heads·d]` (heads and the
+//! three operands are addressed through strides), rows of the batch run in parallel, and the
+//! attention probabilities are kept from the forward pass for the backward. The slice-level
+//! [`forward`] and [`backward`] are shared with the whole-layer op in `layer.rs`.
 
 use std::sync::Mutex;
 
@@ -23,6 +25,164 @@ pub struct AttentionOp {
     mask_bias: Vec<f32>,
     /// Attention probabilities `[b, heads, t, t]` saved by the forward pass.
     probs: Mutex<Option<Vec<f32>>>,
+}
+
+/// Where one attention call finds its operands: `t` tokens of `heads` heads of `d` dims, each
+/// token's q, k and v rows `ld` floats apart (`heads·d` for separate projections, `3·heads·d` when
+/// they come packed from one projection), batch row `bi` starting at `bi·t·ld`.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Geom {
+    pub t: usize,
+    pub heads: usize,
+    pub d: usize,
+    pub ld: usize,
+    pub scale: f32,
+}
+
+/// Computes the context `[b, t, heads·d]` into `out` and the probabilities `[b, heads, t, t]`
+/// into `probs`; `mask` is `[b, t]`, added to every query's scores for that key. Batch rows run
+/// in parallel, each on one thread.
+pub(super) fn forward(
+    g: Geom,
+    [q, k, v]: [&[f32]; 3],
+    mask: &[f32],
+    out: &mut [f32],
+    probs: &mut [f32],
+) {
+    let Geom {
+        t,
+        heads,
+        d,
+        ld,
+        scale,
+    } = g;
+    let hd = heads * d;
+    out.par_chunks_mut(t * hd)
+        .zip(probs.par_chunks_mut(heads * t * t))
+        .enumerate()
+        .for_each(|(bi, (o, p))| {
+            let base = bi * t * ld;
+            let mask = &mask[bi * t..(bi + 1) * t];
+            for h in 0..heads {
+                let ph = &mut p[h * t * t..(h + 1) * t * t];
+                // S = scale · Q_h K_hᵀ (K_hᵀ read through swapped strides).
+                sgemm(
+                    (t, t, d),
+                    ph,
+                    (t, 1),
+                    false,
+                    &q[base + h * d..],
+                    (ld, 1),
+                    &k[base + h * d..],
+                    (1, ld),
+                    scale,
+                );
+                for row in ph.chunks_exact_mut(t) {
+                    for (s, m) in row.iter_mut().zip(mask) {
+                        *s += m;
+                    }
+                    softmax_row(row);
+                }
+                // O_h = P V_h, written straight into the [t, hd] layout.
+                sgemm(
+                    (t, d, t),
+                    &mut o[h * d..],
+                    (hd, 1),
+                    false,
+                    ph,
+                    (t, 1),
+                    &v[base + h * d..],
+                    (ld, 1),
+                    1.0,
+                );
+            }
+        });
+}
+
+/// Gradients of [`forward`] from the saved `probs` and the context gradient `go` (`[b, t, hd]`):
+/// written into `dqkv`, whose batch rows are `t·dld` floats, token rows `dld` apart, with dq, dk
+/// and dv starting at offsets `doff` inside each token row.
+pub(super) fn backward(
+    g: Geom,
+    [q, k, v]: [&[f32]; 3],
+    probs: &[f32],
+    go: &[f32],
+    dqkv: &mut [f32],
+    (dld, doff): (usize, [usize; 3]),
+) {
+    let Geom {
+        t,
+        heads,
+        d,
+        ld,
+        scale,
+    } = g;
+    let hd = heads * d;
+    dqkv.par_chunks_mut(t * dld)
+        .enumerate()
+        .for_each(|(bi, dst)| {
+            let base = bi * t * ld;
+            let go = &go[bi * t * hd..(bi + 1) * t * hd];
+            let mut ds = vec![0f32; t * t];
+            for h in 0..heads {
+                let off = (bi * heads + h) * t * t;
+                let p = &probs[off..off + t * t];
+                // dV_h = Pᵀ dO_h
+                sgemm(
+                    (t, d, t),
+                    &mut dst[doff[2] + h * d..],
+                    (dld, 1),
+                    false,
+                    p,
+                    (1, t),
+                    &go[h * d..],
+                    (hd, 1),
+                    1.0,
+                );
+                // dP = dO_h V_hᵀ
+                sgemm(
+                    (t, t, d),
+                    &mut ds,
+                    (t, 1),
+                    false,
+                    &go[h * d..],
+                    (hd, 1),
+                    &v[base + h * d..],
+                    (1, ld),
+                    1.0,
+                );
+                // dS = P ⊙ (dP − rowsum(dP ⊙ P)), times the score scale.
+                for (dr, pr) in ds.chunks_exact_mut(t).zip(p.chunks_exact(t)) {
+                    let dot: f32 = dr.iter().zip(pr).map(|(a, b)| a * b).sum();
+                    for (x, p) in dr.iter_mut().zip(pr) {
+                        *x = p * (*x - dot) * scale;
+                    }
+                }
+                // dQ_h = dS K_h, dK_h = dSᵀ Q_h
+                sgemm(
+                    (t, d, t),
+                    &mut dst[doff[0] + h * d..],
+                    (dld, 1),
+                    false,
+                    &ds,
+                    (t, 1),
+                    &k[base + h * d..],
+                    (ld, 1),
+                    1.0,
+                );
+                sgemm(
+                    (t, d, t),
+                    &mut dst[doff[1] + h * d..],
+                    (dld, 1),
+                    false,
+                    &ds,
+                    (1, t),
+                    &q[base + h * d..],
+                    (ld, 1),
+                    1.0,
+                );
+            }
+        });
 }
 
 impl AttentionOp {
@@ -57,62 +217,14 @@ impl AttentionOp {
         Ok((b, t, hd, hd / self.heads))
     }
 
-    /// Computes the context `[b, t, hd]` into `out` and the probabilities into `probs`.
-    fn forward(
-        &self,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        (t, hd, d): (usize, usize, usize),
-        out: &mut [f32],
-        probs: &mut [f32],
-    ) {
-        let heads = self.heads;
-        out.par_chunks_mut(t * hd)
-            .zip(probs.par_chunks_mut(heads * t * t))
-            .enumerate()
-            .for_each(|(bi, (o, p))| {
-                let base = bi * t * hd;
-                let (q, k, v) = (
-                    &q[base..base + t * hd],
-                    &k[base..base + t * hd],
-                    &v[base..base + t * hd],
-                );
-                let mask = &self.mask_bias[bi * t..(bi + 1) * t];
-                for h in 0..heads {
-                    let ph = &mut p[h * t * t..(h + 1) * t * t];
-                    // S = scale · Q_h K_hᵀ (K_hᵀ read through swapped strides).
-                    sgemm(
-                        (t, t, d),
-                        ph,
-                        (t, 1),
-                        false,
-                        &q[h * d..],
-                        (hd, 1),
-                        &k[h * d..],
-                        (1, hd),
-                        self.scale,
-                    );
-                    for row in ph.chunks_exact_mut(t) {
-                        for (s, m) in row.iter_mut().zip(mask) {
-                            *s += m;
-                        }
-                        softmax_row(row);
-                    }
-                    // O_h = P V_h, written straight into the [t, hd] layout.
-                    sgemm(
-                        (t, d, t),
-                        &mut o[h * d..],
-                        (hd, 1),
-                        false,
-                        ph,
-                        (t, 1),
-                        &v[h * d..],
-                        (hd, 1),
-                        1.0,
-                    );
-                }
-            });
+    fn geom(&self, t: usize, hd: usize) -> Geom {
+        Geom {
+            t,
+            heads: self.heads,
+            d: hd / self.heads,
+            ld: hd,
+            scale: self.scale,
+        }
     }
 }
 
@@ -130,7 +242,7 @@ impl CustomOp3 for AttentionOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (b, t, hd, d) = self.dims(l1)?;
+        let (b, t, hd, _) = self.dims(l1)?;
         if l2.dims() != l1.dims() || l3.dims() != l1.dims() {
             bail!(
                 "fused attention: q {:?}, k {:?} and v {:?} must have the same shape",
@@ -144,7 +256,13 @@ impl CustomOp3 for AttentionOp {
         let v = f32_slice(s3, l3, self.name())?;
         let mut out = vec![0f32; b * t * hd];
         let mut probs = vec![0f32; b * self.heads * t * t];
-        self.forward(q, k, v, (t, hd, d), &mut out, &mut probs);
+        forward(
+            self.geom(t, hd),
+            [q, k, v],
+            &self.mask_bias,
+            &mut out,
+            &mut probs,
+        );
         if let Ok(mut slot) = self.probs.lock() {
             *slot = Some(probs);
         }
@@ -160,108 +278,43 @@ impl CustomOp3 for AttentionOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (b, t, hd, d) = self.dims(q.layout())?;
-        let heads = self.heads;
+        let (b, t, hd, _) = self.dims(q.layout())?;
+        let geom = self.geom(t, hd);
         let saved = self.probs.lock().ok().and_then(|mut p| p.take());
-        let (dq, dk, dv) = with_f32(q, |q| {
+        // One [b, t, 3·hd] buffer holds dq, dk and dv side by side; the three gradients are
+        // strided views of it.
+        let dqkv = with_f32(q, |q| {
             with_f32(k, |k| {
                 with_f32(v, |v| {
                     with_f32(grad, |g| {
                         let probs = match saved {
-                            Some(p) if p.len() == b * heads * t * t => p,
+                            Some(p) if p.len() == b * self.heads * t * t => p,
                             _ => {
                                 let mut out = vec![0f32; b * t * hd];
-                                let mut probs = vec![0f32; b * heads * t * t];
-                                self.forward(q, k, v, (t, hd, d), &mut out, &mut probs);
+                                let mut probs = vec![0f32; b * self.heads * t * t];
+                                forward(geom, [q, k, v], &self.mask_bias, &mut out, &mut probs);
                                 probs
                             }
                         };
-                        let mut dq = vec![0f32; b * t * hd];
-                        let mut dk = vec![0f32; b * t * hd];
-                        let mut dv = vec![0f32; b * t * hd];
-                        dq.par_chunks_mut(t * hd)
-                            .zip(dk.par_chunks_mut(t * hd))
-                            .zip(dv.par_chunks_mut(t * hd))
-                            .enumerate()
-                            .for_each(|(bi, ((dq, dk), dv))| {
-                                let base = bi * t * hd;
-                                let span = base..base + t * hd;
-                                let (q, k, v, go) = (
-                                    &q[span.clone()],
-                                    &k[span.clone()],
-                                    &v[span.clone()],
-                                    &g[span],
-                                );
-                                let mut ds = vec![0f32; t * t];
-                                for h in 0..heads {
-                                    let off = (bi * heads + h) * t * t;
-                                    let p = &probs[off..off + t * t];
-                                    // dV_h = Pᵀ dO_h
-                                    sgemm(
-                                        (t, d, t),
-                                        &mut dv[h * d..],
-                                        (hd, 1),
-                                        false,
-                                        p,
-                                        (1, t),
-                                        &go[h * d..],
-                                        (hd, 1),
-                                        1.0,
-                                    );
-                                    // dP = dO_h V_hᵀ
-                                    sgemm(
-                                        (t, t, d),
-                                        &mut ds,
-                                        (t, 1),
-                                        false,
-                                        &go[h * d..],
-                                        (hd, 1),
-                                        &v[h * d..],
-                                        (1, hd),
-                                        1.0,
-                                    );
-                                    // dS = P ⊙ (dP − rowsum(dP ⊙ P)), times the score scale.
-                                    for (dr, pr) in ds.chunks_exact_mut(t).zip(p.chunks_exact(t)) {
-                                        let dot: f32 = dr.iter().zip(pr).map(|(a, b)| a * b).sum();
-                                        for (x, p) in dr.iter_mut().zip(pr) {
-                                            *x = p * (*x - dot) * self.scale;
-                                        }
-                                    }
-                                    // dQ_h = dS K_h, dK_h = dSᵀ Q_h
-                                    sgemm(
-                                        (t, d, t),
-                                        &mut dq[h * d..],
-                                        (hd, 1),
-                                        false,
-                                        &ds,
-                                        (t, 1),
-                                        &k[h * d..],
-                                        (hd, 1),
-                                        1.0,
-                                    );
-                                    sgemm(
-                                        (t, d, t),
-                                        &mut dk[h * d..],
-                                        (hd, 1),
-                                        false,
-                                        &ds,
-                                        (1, t),
-                                        &q[h * d..],
-                                        (hd, 1),
-                                        1.0,
-                                    );
-                                }
-                            });
-                        Ok((dq, dk, dv))
+                        let mut dqkv = vec![0f32; b * t * 3 * hd];
+                        backward(
+                            geom,
+                            [q, k, v],
+                            &probs,
+                            g,
+                            &mut dqkv,
+                            (3 * hd, [0, hd, 2 * hd]),
+                        );
+                        Ok(dqkv)
                     })
                 })
             })
         })?;
-        let shape = q.shape();
+        let dqkv = Tensor::from_vec(dqkv, (b, t, 3 * hd), q.device())?;
         Ok((
-            Some(Tensor::from_vec(dq, shape, q.device())?),
-            Some(Tensor::from_vec(dk, shape, q.device())?),
-            Some(Tensor::from_vec(dv, shape, q.device())?),
+            Some(dqkv.narrow(2, 0, hd)?),
+            Some(dqkv.narrow(2, hd, hd)?),
+            Some(dqkv.narrow(2, 2 * hd, hd)?),
         ))
     }
 }

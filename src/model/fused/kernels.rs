@@ -204,23 +204,107 @@ impl LayerNormOp {
             stats: Mutex::new(None),
         }
     }
+}
 
-    fn row_stats(&self, x: &[f32], n: usize) -> Vec<f32> {
-        let mut stats = vec![0f32; 2 * (x.len() / n)];
-        let rows = rows_per_task(n);
-        stats
-            .par_chunks_mut(2 * rows)
-            .zip(x.par_chunks(n * rows))
-            .for_each(|(st, x)| {
-                for (s, row) in st.chunks_exact_mut(2).zip(x.chunks_exact(n)) {
-                    let mean = row.iter().sum::<f32>() / n as f32;
-                    let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n as f32;
-                    s[0] = mean;
-                    s[1] = 1.0 / (var + self.eps).sqrt();
+/// Mean and reciprocal standard deviation of each `n`-wide row of `x`, as `[rows, 2]`.
+fn row_stats(x: &[f32], n: usize, eps: f32) -> Vec<f32> {
+    let mut stats = vec![0f32; 2 * (x.len() / n)];
+    let rows = rows_per_task(n);
+    stats
+        .par_chunks_mut(2 * rows)
+        .zip(x.par_chunks(n * rows))
+        .for_each(|(st, x)| {
+            for (s, row) in st.chunks_exact_mut(2).zip(x.chunks_exact(n)) {
+                let mean = row.iter().sum::<f32>() / n as f32;
+                let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n as f32;
+                s[0] = mean;
+                s[1] = 1.0 / (var + eps).sqrt();
+            }
+        });
+    stats
+}
+
+/// Layer norm of the `n`-wide rows of `x` into `out` (same length); returns the row statistics
+/// that [`layer_norm_backward`] needs.
+pub(super) fn layer_norm_forward(
+    x: &[f32],
+    (w, b): (&[f32], &[f32]),
+    eps: f32,
+    out: &mut [f32],
+) -> Vec<f32> {
+    let n = w.len();
+    let stats = row_stats(x, n, eps);
+    let rows = rows_per_task(n);
+    out.par_chunks_mut(n * rows)
+        .zip(x.par_chunks(n * rows))
+        .zip(stats.par_chunks(2 * rows))
+        .for_each(|((o, x), st)| {
+            for ((orow, xrow), s) in o
+                .chunks_exact_mut(n)
+                .zip(x.chunks_exact(n))
+                .zip(st.chunks_exact(2))
+            {
+                for (((o, x), w), b) in orow.iter_mut().zip(xrow).zip(w).zip(b) {
+                    *o = (x - s[0]) * s[1] * w + b;
                 }
-            });
-        stats
-    }
+            }
+        });
+    stats
+}
+
+/// Backward of [`layer_norm_forward`]: writes the input gradient into `dx` and returns the weight
+/// gradient followed by the bias gradient (`2·n` values).
+pub(super) fn layer_norm_backward(
+    x: &[f32],
+    stats: &[f32],
+    w: &[f32],
+    g: &[f32],
+    dx: &mut [f32],
+) -> Vec<f32> {
+    let n = w.len();
+    let rows = rows_per_task(n);
+    dx.par_chunks_mut(n * rows)
+        .zip(x.par_chunks(n * rows))
+        .zip(g.par_chunks(n * rows))
+        .zip(stats.par_chunks(2 * rows))
+        .map(|(((dx, x), g), st)| {
+            // acc[..n] = Σ dy·x̂ (weight grad), acc[n..] = Σ dy (bias grad).
+            let mut acc = vec![0f32; 2 * n];
+            let mut xhat = vec![0f32; n];
+            for (((dxr, xr), gr), s) in dx
+                .chunks_exact_mut(n)
+                .zip(x.chunks_exact(n))
+                .zip(g.chunks_exact(n))
+                .zip(st.chunks_exact(2))
+            {
+                let (mean, rstd) = (s[0], s[1]);
+                let mut sum_dxhat = 0f32;
+                let mut sum_dxhat_xhat = 0f32;
+                for (((xh, x), g), w) in xhat.iter_mut().zip(xr).zip(gr).zip(w) {
+                    *xh = (x - mean) * rstd;
+                    let dxh = g * w;
+                    sum_dxhat += dxh;
+                    sum_dxhat_xhat += dxh * *xh;
+                }
+                let a = sum_dxhat / n as f32;
+                let c = sum_dxhat_xhat / n as f32;
+                let (aw, ab) = acc.split_at_mut(n);
+                for (((((d, xh), g), w), aw), ab) in dxr
+                    .iter_mut()
+                    .zip(&xhat)
+                    .zip(gr)
+                    .zip(w)
+                    .zip(aw.iter_mut())
+                    .zip(ab.iter_mut())
+                {
+                    *d = rstd * (g * w - a - xh * c);
+                    *aw += g * xh;
+                    *ab += g;
+                }
+            }
+            acc
+        })
+        .reduce(|| vec![0f32; 2 * n], add_into)
 }
 
 impl CustomOp3 for LayerNormOp {
@@ -243,23 +327,8 @@ impl CustomOp3 for LayerNormOp {
         let x = f32_slice(s1, l1, self.name())?;
         let w = f32_slice(s2, l2, self.name())?;
         let b = f32_slice(s3, l3, self.name())?;
-        let stats = self.row_stats(x, n);
         let mut out = vec![0f32; x.len()];
-        let rows = rows_per_task(n);
-        out.par_chunks_mut(n * rows)
-            .zip(x.par_chunks(n * rows))
-            .zip(stats.par_chunks(2 * rows))
-            .for_each(|((o, x), st)| {
-                for ((orow, xrow), s) in o
-                    .chunks_exact_mut(n)
-                    .zip(x.chunks_exact(n))
-                    .zip(st.chunks_exact(2))
-                {
-                    for (((o, x), w), b) in orow.iter_mut().zip(xrow).zip(w).zip(b) {
-                        *o = (x - s[0]) * s[1] * w + b;
-                    }
-                }
-            });
+        let stats = layer_norm_forward(x, (w, b), self.eps, &mut out);
         if let Ok(mut slot) = self.stats.lock() {
             *slot = Some(stats);
         }
@@ -282,53 +351,10 @@ impl CustomOp3 for LayerNormOp {
                 with_f32(grad, |g| {
                     let stats = match saved {
                         Some(s) if s.len() == 2 * (x.len() / n) => s,
-                        _ => self.row_stats(x, n),
+                        _ => row_stats(x, n, self.eps),
                     };
-                    let rows = rows_per_task(n);
                     let mut dx = vec![0f32; x.len()];
-                    let dwb = dx
-                        .par_chunks_mut(n * rows)
-                        .zip(x.par_chunks(n * rows))
-                        .zip(g.par_chunks(n * rows))
-                        .zip(stats.par_chunks(2 * rows))
-                        .map(|(((dx, x), g), st)| {
-                            // acc[..n] = Σ dy·x̂ (weight grad), acc[n..] = Σ dy (bias grad).
-                            let mut acc = vec![0f32; 2 * n];
-                            let mut xhat = vec![0f32; n];
-                            for (((dxr, xr), gr), s) in dx
-                                .chunks_exact_mut(n)
-                                .zip(x.chunks_exact(n))
-                                .zip(g.chunks_exact(n))
-                                .zip(st.chunks_exact(2))
-                            {
-                                let (mean, rstd) = (s[0], s[1]);
-                                let mut sum_dxhat = 0f32;
-                                let mut sum_dxhat_xhat = 0f32;
-                                for (((xh, x), g), w) in xhat.iter_mut().zip(xr).zip(gr).zip(w) {
-                                    *xh = (x - mean) * rstd;
-                                    let dxh = g * w;
-                                    sum_dxhat += dxh;
-                                    sum_dxhat_xhat += dxh * *xh;
-                                }
-                                let a = sum_dxhat / n as f32;
-                                let c = sum_dxhat_xhat / n as f32;
-                                let (aw, ab) = acc.split_at_mut(n);
-                                for (((((d, xh), g), w), aw), ab) in dxr
-                                    .iter_mut()
-                                    .zip(&xhat)
-                                    .zip(gr)
-                                    .zip(w)
-                                    .zip(aw.iter_mut())
-                                    .zip(ab.iter_mut())
-                                {
-                                    *d = rstd * (g * w - a - xh * c);
-                                    *aw += g * xh;
-                                    *ab += g;
-                                }
-                            }
-                            acc
-                        })
-                        .reduce(|| vec![0f32; 2 * n], add_into);
+                    let dwb = layer_norm_backward(x, &stats, w, g, &mut dx);
                     Ok((dx, dwb))
                 })
             })

@@ -30,30 +30,96 @@ impl LinearOp {
             pre: Mutex::new(None),
         }
     }
+}
 
-    /// `x·Wᵀ + b` for `x` `[rows, k]`, `w` `[n, k]`.
-    fn affine(x: &[f32], w: &[f32], b: &[f32], (rows, n, k): (usize, usize, usize)) -> Vec<f32> {
-        let mut y = vec![0f32; rows * n];
-        y.par_chunks_mut(n * rows_per_task(n)).for_each(|c| {
-            for row in c.chunks_exact_mut(n) {
-                row.copy_from_slice(b);
+/// `gelu_erf` of every element of `z`, on rayon's threads.
+pub(super) fn gelu(z: &[f32]) -> Vec<f32> {
+    let mut act = vec![0f32; z.len()];
+    act.par_chunks_mut(1 << 14)
+        .zip(z.par_chunks(1 << 14))
+        .for_each(|(a, z)| {
+            for (a, z) in a.iter_mut().zip(z) {
+                *a = math::gelu_with_grad(*z).0;
             }
         });
-        // Wᵀ is read through swapped strides: element (k_i, n_j) = w[n_j * k + k_i].
-        sgemm_threads(
-            (rows, n, k),
-            &mut y,
-            (n, 1),
-            true,
-            x,
-            (k, 1),
-            w,
-            (1, k),
-            1.0,
-            rayon::current_num_threads(),
-        );
-        y
-    }
+    act
+}
+
+/// Turns the pre-activations `z` into the pre-activation gradient `g·gelu'(z)` in place.
+pub(super) fn gelu_backward_in_place(z: &mut [f32], g: &[f32]) {
+    z.par_chunks_mut(1 << 14)
+        .zip(g.par_chunks(1 << 14))
+        .for_each(|(d, g)| {
+            for (d, g) in d.iter_mut().zip(g) {
+                *d = g * math::gelu_with_grad(*d).1;
+            }
+        });
+}
+
+/// `x·Wᵀ + b` for `x` `[rows, k]`, `w` `[n, k]`, on rayon's threads.
+pub(super) fn affine(x: &[f32], w: &[f32], b: &[f32], (rows, n, k): (usize, usize, usize)) -> Vec<f32> {
+    let mut y = vec![0f32; rows * n];
+    y.par_chunks_mut(n * rows_per_task(n)).for_each(|c| {
+        for row in c.chunks_exact_mut(n) {
+            row.copy_from_slice(b);
+        }
+    });
+    // Wᵀ is read through swapped strides: element (k_i, n_j) = w[n_j * k + k_i].
+    sgemm_threads(
+        (rows, n, k),
+        &mut y,
+        (n, 1),
+        true,
+        x,
+        (k, 1),
+        w,
+        (1, k),
+        1.0,
+        rayon::current_num_threads(),
+    );
+    y
+}
+
+/// Gradients of `x·Wᵀ + b` (`x` `[rows, k]`, `w` `[n, k]`) from the output gradient `dz`:
+/// `dx = dz·W` into `dx` (added to what it holds when `accumulate`, which is how a residual
+/// branch's gradient joins without a separate pass), `dW = dzᵀ·x` straight into `dw` in W's
+/// `[n, k]` layout, and `db = Σ_rows dz` into `db`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn affine_backward(
+    x: &[f32],
+    w: &[f32],
+    dz: &[f32],
+    (rows, n, k): (usize, usize, usize),
+    (dx, accumulate): (&mut [f32], bool),
+    dw: &mut [f32],
+    db: &mut [f32],
+) {
+    let threads = rayon::current_num_threads();
+    sgemm_threads(
+        (rows, k, n),
+        dx,
+        (k, 1),
+        accumulate,
+        dz,
+        (n, 1),
+        w,
+        (k, 1),
+        1.0,
+        threads,
+    );
+    sgemm_threads(
+        (n, k, rows),
+        dw,
+        (k, 1),
+        false,
+        dz,
+        (1, n),
+        x,
+        (k, 1),
+        1.0,
+        threads,
+    );
+    db.copy_from_slice(&col_sums(dz, n));
 }
 
 fn dims(lx: &Layout, lw: &Layout, lb: &Layout) -> Result<(usize, usize, usize)> {
@@ -100,18 +166,11 @@ impl CustomOp3 for LinearOp {
         let mut out_dims = l1.dims().to_vec();
         let last = out_dims.len() - 1;
         out_dims[last] = n;
-        let y = Self::affine(x, w, b, (rows, n, k));
+        let y = affine(x, w, b, (rows, n, k));
         if !self.gelu {
             return Ok((CpuStorage::F32(y), out_dims.into()));
         }
-        let mut act = vec![0f32; y.len()];
-        act.par_chunks_mut(1 << 14)
-            .zip(y.par_chunks(1 << 14))
-            .for_each(|(a, z)| {
-                for (a, z) in a.iter_mut().zip(z) {
-                    *a = math::gelu_with_grad(*z).0;
-                }
-            });
+        let act = gelu(&y);
         if let Ok(mut slot) = self.pre.lock() {
             *slot = Some(y);
         }
@@ -128,7 +187,6 @@ impl CustomOp3 for LinearOp {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (rows, n, k) = dims(x.layout(), w.layout(), b.layout())?;
-        let threads = rayon::current_num_threads();
         let saved = if self.gelu {
             self.pre.lock().ok().and_then(|mut p| p.take())
         } else {
@@ -142,50 +200,28 @@ impl CustomOp3 for LinearOp {
                     let dz: &[f32] = if self.gelu {
                         let z = match saved {
                             Some(z) if z.len() == rows * n => z,
-                            _ => with_f32(b, |b| Ok(Self::affine(x, w, b, (rows, n, k))))?,
+                            _ => with_f32(b, |b| Ok(affine(x, w, b, (rows, n, k))))?,
                         };
                         let mut d = z;
-                        d.par_chunks_mut(1 << 14)
-                            .zip(g.par_chunks(1 << 14))
-                            .for_each(|(d, g)| {
-                                for (d, g) in d.iter_mut().zip(g) {
-                                    *d = g * math::gelu_with_grad(*d).1;
-                                }
-                            });
+                        gelu_backward_in_place(&mut d, g);
                         dz_owned = d;
                         &dz_owned
                     } else {
                         g
                     };
-                    // dx = dz · W
                     let mut dx = vec![0f32; rows * k];
-                    sgemm_threads(
-                        (rows, k, n),
-                        &mut dx,
-                        (k, 1),
-                        false,
-                        dz,
-                        (n, 1),
-                        w,
-                        (k, 1),
-                        1.0,
-                        threads,
-                    );
-                    // dW = dzᵀ · x, already in W's [n, k] layout.
                     let mut dw = vec![0f32; n * k];
-                    sgemm_threads(
-                        (n, k, rows),
-                        &mut dw,
-                        (k, 1),
-                        false,
-                        dz,
-                        (1, n),
+                    let mut db = vec![0f32; n];
+                    affine_backward(
                         x,
-                        (k, 1),
-                        1.0,
-                        threads,
+                        w,
+                        dz,
+                        (rows, n, k),
+                        (&mut dx, false),
+                        &mut dw,
+                        &mut db,
                     );
-                    Ok((dx, dw, col_sums(dz, n)))
+                    Ok((dx, dw, db))
                 })
             })
         })?;

@@ -10,6 +10,7 @@ pub mod adamw;
 pub mod alloc;
 mod attention;
 mod kernels;
+mod layer;
 mod linear;
 mod math;
 mod sgemm;
@@ -132,6 +133,76 @@ pub fn attention(
     )
 }
 
+/// The sixteen parameters of one post-norm BERT encoder layer, each `[weight, bias]` with HF's
+/// shapes (`[out, in]` weights).
+#[derive(Debug, Clone, Copy)]
+pub struct EncoderLayerParams<'a> {
+    pub query: [&'a Tensor; 2],
+    pub key: [&'a Tensor; 2],
+    pub value: [&'a Tensor; 2],
+    pub attn_out: [&'a Tensor; 2],
+    pub attn_norm: [&'a Tensor; 2],
+    pub intermediate: [&'a Tensor; 2],
+    pub output: [&'a Tensor; 2],
+    pub out_norm: [&'a Tensor; 2],
+}
+
+impl<'a> EncoderLayerParams<'a> {
+    /// The tensors in the order of the fused op's flat parameter vector (Q/K/V weights first,
+    /// then their biases, so the three projections form one matrix).
+    fn in_order(&self) -> [&'a Tensor; layer::PARTS] {
+        let [qw, qb] = self.query;
+        let [kw, kb] = self.key;
+        let [vw, vb] = self.value;
+        let [ow, ob] = self.attn_out;
+        let [n1w, n1b] = self.attn_norm;
+        let [iw, ib] = self.intermediate;
+        let [o2w, o2b] = self.output;
+        let [n2w, n2b] = self.out_norm;
+        [
+            qw, kw, vw, qb, kb, vb, ow, ob, n1w, n1b, iw, ib, o2w, o2b, n2w, n2b,
+        ]
+    }
+}
+
+/// One post-norm BERT encoder layer with GELU (erf) and no dropout, on `x` `[b, t, h]`:
+/// `x1 = LN(attn(x)·W_oᵀ + b_o + x)`, `y = LN(gelu(x1·W_iᵀ + b_i)·W_o2ᵀ + b_o2 + x1)`, with
+/// `mask_bias` `[b, t]` added to every query's attention scores for that key. As one op: a
+/// single backward node for the whole layer (see `layer.rs`).
+pub fn encoder_layer(
+    x: &Tensor,
+    p: &EncoderLayerParams,
+    mask_bias: &Tensor,
+    heads: usize,
+    eps: f32,
+) -> Result<Tensor> {
+    let parts = p.in_order();
+    let mut all: Vec<&Tensor> = vec![x, mask_bias];
+    all.extend(parts);
+    if !fusable(&all) {
+        return reference::encoder_layer(x, p, mask_bias, heads, eps);
+    }
+    let (_, _, h) = x.dims3()?;
+    let ffn = p.intermediate[1].elem_count();
+    for (t, want) in parts.iter().zip(layer::part_sizes(h, ffn)) {
+        if t.elem_count() != want {
+            bail!(
+                "fused encoder layer: a parameter has shape {:?}, expected {want} entries for \
+                 hidden {h} and feed-forward {ffn}",
+                t.dims()
+            );
+        }
+    }
+    let flat = parts
+        .iter()
+        .map(|t| t.flatten_all())
+        .collect::<Result<Vec<_>>>()?;
+    let packed = Tensor::cat(&flat, 0)?;
+    let mask = mask_bias.detach().flatten_all()?.to_vec1::<f32>()?;
+    x.contiguous()?
+        .apply_op2(&packed, layer::EncoderLayerOp::new(heads, ffn, eps, mask))
+}
+
 /// The unfused compositions of candle ops that the fused kernels replace: the specification the
 /// fused ops are tested against and the fallback off the CPU.
 pub mod reference {
@@ -185,5 +256,30 @@ pub mod reference {
             .broadcast_add(&mask_bias.reshape((b, 1, 1, t))?)?;
         let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
         probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, hd))
+    }
+
+    pub fn encoder_layer(
+        x: &Tensor,
+        p: &EncoderLayerParams,
+        mask_bias: &Tensor,
+        heads: usize,
+        eps: f32,
+    ) -> Result<Tensor> {
+        let lin = |x: &Tensor, [w, b]: [&Tensor; 2]| linear(x, w, b);
+        let (_, _, h) = x.dims3()?;
+        let scale = 1.0 / ((h / heads.max(1)) as f32).sqrt();
+        let ctx = attention(
+            &lin(x, p.query)?,
+            &lin(x, p.key)?,
+            &lin(x, p.value)?,
+            mask_bias,
+            heads,
+            scale,
+        )?;
+        let [w, b] = p.attn_norm;
+        let x1 = layer_norm(&(lin(&ctx, p.attn_out)? + x)?, w, b, eps)?;
+        let inter = lin(&x1, p.intermediate)?.gelu_erf()?;
+        let [w, b] = p.out_norm;
+        layer_norm(&(lin(&inter, p.output)? + &x1)?, w, b, eps)
     }
 }
