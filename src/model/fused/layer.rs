@@ -167,7 +167,12 @@ impl EncoderLayerOp {
     }
 
     /// The layer's output `[rows, h]` and what the backward needs.
-    fn run(&self, x: &[f32], params: &[f32], (b, t, h): (usize, usize, usize)) -> (Vec<f32>, Saved) {
+    fn run(
+        &self,
+        x: &[f32],
+        params: &[f32],
+        (b, t, h): (usize, usize, usize),
+    ) -> (Vec<f32>, Saved) {
         let (rows, f) = (b * t, self.ffn);
         let p = split(params, slot_sizes(h, f));
         let qkv = affine(x, p[0], p[1], (rows, 3 * h, h));
@@ -218,8 +223,20 @@ impl EncoderLayerOp {
         let sizes = slot_sizes(h, f);
         let p = split(params, sizes);
         let mut dparams = vec![0f32; params.len()];
-        let [dwqkv, dbqkv, dwo, dbo, dn1w, dn1b, dwi, dbi, dwo2, dbo2, dn2w, dn2b] =
-            split_mut(&mut dparams, sizes);
+        let [
+            dwqkv,
+            dbqkv,
+            dwo,
+            dbo,
+            dn1w,
+            dn1b,
+            dwi,
+            dbi,
+            dwo2,
+            dbo2,
+            dn2w,
+            dn2b,
+        ] = split_mut(&mut dparams, sizes);
         let Saved {
             qkv,
             probs,
@@ -251,30 +268,14 @@ impl EncoderLayerOp {
         let dz = z;
         // dx1 = ds2 (residual) + dz·W_i.
         let mut dx1 = ds2;
-        affine_backward(
-            &x1,
-            p[6],
-            &dz,
-            (rows, f, h),
-            (&mut dx1, true),
-            dwi,
-            dbi,
-        );
+        affine_backward(&x1, p[6], &dz, (rows, f, h), (&mut dx1, true), dwi, dbi);
         // First layer norm; its input gradient reaches the attention output and the layer input.
         let mut ds1 = vec![0f32; rows * h];
         let dln = layer_norm_backward(&s1, &stats1, p[4], &dx1, &mut ds1);
         dn1w.copy_from_slice(&dln[..h]);
         dn1b.copy_from_slice(&dln[h..]);
         let mut dctx = vec![0f32; rows * h];
-        affine_backward(
-            &ctx,
-            p[2],
-            &ds1,
-            (rows, h, h),
-            (&mut dctx, false),
-            dwo,
-            dbo,
-        );
+        affine_backward(&ctx, p[2], &ds1, (rows, h, h), (&mut dctx, false), dwo, dbo);
         let mut dqkv = vec![0f32; rows * 3 * h];
         attention::backward(
             self.geom(t, h),

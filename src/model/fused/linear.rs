@@ -57,7 +57,12 @@ pub(super) fn gelu_backward_in_place(z: &mut [f32], g: &[f32]) {
 }
 
 /// `x·Wᵀ + b` for `x` `[rows, k]`, `w` `[n, k]`, on rayon's threads.
-pub(super) fn affine(x: &[f32], w: &[f32], b: &[f32], (rows, n, k): (usize, usize, usize)) -> Vec<f32> {
+pub(super) fn affine(
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    (rows, n, k): (usize, usize, usize),
+) -> Vec<f32> {
     let mut y = vec![0f32; rows * n];
     y.par_chunks_mut(n * rows_per_task(n)).for_each(|c| {
         for row in c.chunks_exact_mut(n) {
@@ -212,15 +217,7 @@ impl CustomOp3 for LinearOp {
                     let mut dx = vec![0f32; rows * k];
                     let mut dw = vec![0f32; n * k];
                     let mut db = vec![0f32; n];
-                    affine_backward(
-                        x,
-                        w,
-                        dz,
-                        (rows, n, k),
-                        (&mut dx, false),
-                        &mut dw,
-                        &mut db,
-                    );
+                    affine_backward(x, w, dz, (rows, n, k), (&mut dx, false), &mut dw, &mut db);
                     Ok((dx, dw, db))
                 })
             })
