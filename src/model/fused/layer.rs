@@ -56,7 +56,7 @@ fn slot_sizes(h: usize, f: usize) -> [usize; 12] {
     [3 * h * h, 3 * h, h * h, h, h, h, f * h, f, h * f, h, h, h]
 }
 
-fn split<'a, const N: usize>(mut s: &'a [f32], sizes: [usize; N]) -> [&'a [f32]; N] {
+fn split<const N: usize>(mut s: &[f32], sizes: [usize; N]) -> [&[f32]; N] {
     std::array::from_fn(|i| {
         let (a, rest) = s.split_at(sizes[i]);
         s = rest;
@@ -64,7 +64,7 @@ fn split<'a, const N: usize>(mut s: &'a [f32], sizes: [usize; N]) -> [&'a [f32];
     })
 }
 
-fn split_mut<'a, const N: usize>(mut s: &'a mut [f32], sizes: [usize; N]) -> [&'a mut [f32]; N] {
+fn split_mut<const N: usize>(mut s: &mut [f32], sizes: [usize; N]) -> [&mut [f32]; N] {
     std::array::from_fn(|i| {
         let (a, rest) = std::mem::take(&mut s).split_at_mut(sizes[i]);
         s = rest;
