@@ -684,23 +684,27 @@ impl CustomOp2 for LmHeadLogprobs {
             let len = self.chunk.min(rows - start);
             self.chunk_logits(hidden, weight, (start, len), (vocab, d), &mut logits);
             let targets = &self.targets[start..start + len];
-            let data = &logits;
-            par_rows(&mut lse[start..start + len], 1, |r0, block| {
-                for (k, o) in block.iter_mut().enumerate() {
-                    *o = row_logsumexp(&data[(r0 + k) * vocab..(r0 + k + 1) * vocab]);
-                }
-            });
-            for k in 0..len {
-                out[start + k] = data[k * vocab + targets[k] as usize] - lse[start + k];
-            }
+            let picked: Vec<f32> = (0..len)
+                .map(|k| logits[k * vocab + targets[k] as usize])
+                .collect();
+            let lse_chunk = &mut lse[start..start + len];
             if self.keep_probs {
-                let l = &lse[start..start + len];
-                par_rows(&mut logits, vocab, |r0, block| {
-                    for (k, row) in block.chunks_exact_mut(vocab).enumerate() {
-                        row.iter_mut().for_each(|x| *x = fast_exp(*x - l[r0 + k]));
+                // One exp pass: each row becomes its softmax, kept for the backward pass.
+                logits
+                    .par_chunks_mut(vocab)
+                    .zip(lse_chunk.par_iter_mut())
+                    .for_each(|(row, l)| *l = row_softmax_in_place(row));
+                kept.push(std::mem::take(&mut logits));
+            } else {
+                let data = &logits;
+                par_rows(lse_chunk, 1, |r0, block| {
+                    for (k, o) in block.iter_mut().enumerate() {
+                        *o = row_logsumexp(&data[(r0 + k) * vocab..(r0 + k + 1) * vocab]);
                     }
                 });
-                kept.push(std::mem::take(&mut logits));
+            }
+            for k in 0..len {
+                out[start + k] = picked[k] - lse[start + k];
             }
             start += len;
         }
@@ -895,6 +899,38 @@ fn row_logsumexp(row: &[f32]) -> f32 {
         }
     }
     let sum: f32 = s.iter().sum::<f32>() + tail.iter().map(|&x| fast_exp(x - max)).sum::<f32>();
+    max + sum.ln()
+}
+
+/// Replaces `row` by its softmax (`exp(x − lse)`, as the backward pass would recompute it) and
+/// returns its log-sum-exp; one exp pass where [`row_logsumexp`] plus a softmax take two.
+fn row_softmax_in_place(row: &mut [f32]) -> f32 {
+    let mut m = [f32::NEG_INFINITY; 8];
+    let mut chunks = row.chunks_exact(8);
+    for c in chunks.by_ref() {
+        for i in 0..8 {
+            m[i] = m[i].max(c[i]);
+        }
+    }
+    let max = chunks.remainder().iter().fold(
+        m.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)),
+        |a, &b| a.max(b),
+    );
+    let mut s = [0f32; 8];
+    let mut chunks = row.chunks_exact_mut(8);
+    for c in chunks.by_ref() {
+        for i in 0..8 {
+            c[i] = fast_exp(c[i] - max);
+            s[i] += c[i];
+        }
+    }
+    let mut sum: f32 = s.iter().sum();
+    for x in chunks.into_remainder() {
+        *x = fast_exp(*x - max);
+        sum += *x;
+    }
+    let inv = 1.0 / sum;
+    row.iter_mut().for_each(|x| *x *= inv);
     max + sum.ln()
 }
 

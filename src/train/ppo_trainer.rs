@@ -214,7 +214,6 @@ pub fn train_ppo(
         mark = Instant::now();
     };
     while log.state.step < total {
-        lap(&mut outcome, "setup");
         let step = log.state.step + 1;
         // Prompts of this step: positions (step-1)·B .. step·B of the epoch-wise permutations.
         let batch_prompts: Vec<&String> = (0..bsz)

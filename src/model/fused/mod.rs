@@ -69,6 +69,17 @@ pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     )
 }
 
+/// `x·Wᵀ` (no bias) for `x` of any rank (`[.., in]`) and `w` `[out, in]`, as one op whose
+/// backward writes `dW` in place and skips the gradient of an input outside the graph (a frozen
+/// weight). CPU f32 only: callers check [`fusable_all`] and keep candle's matmul elsewhere.
+pub fn matmul_wt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if !fusable(&[x, w]) {
+        bail!("fused matmul runs on f32 CPU tensors only");
+    }
+    x.contiguous()?
+        .apply_op2(&w.contiguous()?, linear::MatmulWtOp)
+}
+
 /// `gelu_erf(x·Wᵀ + b)` as one op (HF's `gelu` feed-forward).
 pub fn linear_gelu(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     if !fusable(&[x, w, b]) {
