@@ -14,6 +14,7 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
+use super::kernels::softmax_bwd_rows;
 use super::sgemm::sgemm;
 use super::{f32_slice, with_f32};
 use crate::model::ops::fast_exp;
@@ -245,13 +246,7 @@ impl CustomOp3 for CausalAttentionOp {
                                         1.0,
                                     );
                                     // dS = P ⊙ (dP − rowsum(dP ⊙ P)), times the score scale.
-                                    for (dr, pr) in ds.chunks_exact_mut(tk).zip(p.chunks_exact(tk))
-                                    {
-                                        let dot: f32 = dr.iter().zip(pr).map(|(a, b)| a * b).sum();
-                                        for (x, p) in dr.iter_mut().zip(pr) {
-                                            *x = p * (*x - dot) * self.scale;
-                                        }
-                                    }
+                                    softmax_bwd_rows(&mut ds, p, tk, self.scale);
                                     // dQ_h = dS K_kv,  dK_kv += dSᵀ Q_h
                                     sgemm(
                                         (tq, d, tk),

@@ -157,34 +157,8 @@ impl CustomOp3 for LinearOp {
                     } else {
                         g
                     };
-                    // dx = dz · W
-                    let mut dx = vec![0f32; rows * k];
-                    sgemm_threads(
-                        (rows, k, n),
-                        &mut dx,
-                        (k, 1),
-                        false,
-                        dz,
-                        (n, 1),
-                        w,
-                        (k, 1),
-                        1.0,
-                        threads,
-                    );
-                    // dW = dzᵀ · x, already in W's [n, k] layout.
-                    let mut dw = vec![0f32; n * k];
-                    sgemm_threads(
-                        (n, k, rows),
-                        &mut dw,
-                        (k, 1),
-                        false,
-                        dz,
-                        (1, n),
-                        x,
-                        (k, 1),
-                        1.0,
-                        threads,
-                    );
+                    let dx = grad_input(dz, w, (rows, n, k), threads);
+                    let dw = grad_weight(dz, x, (rows, n, k), threads);
                     Ok((dx, dw, col_sums(dz, n)))
                 })
             })
@@ -195,6 +169,52 @@ impl CustomOp3 for LinearOp {
             Some(Tensor::from_vec(db, n, b.device())?),
         ))
     }
+}
+
+/// `dx = dz · W` for `dz` `[rows, n]` and `W` `[n, k]`.
+fn grad_input(
+    dz: &[f32],
+    w: &[f32],
+    (rows, n, k): (usize, usize, usize),
+    threads: usize,
+) -> Vec<f32> {
+    let mut dx = vec![0f32; rows * k];
+    sgemm_threads(
+        (rows, k, n),
+        &mut dx,
+        (k, 1),
+        false,
+        dz,
+        (n, 1),
+        w,
+        (k, 1),
+        1.0,
+        threads,
+    );
+    dx
+}
+
+/// `dW = dzᵀ · x`, written directly in W's `[n, k]` layout.
+fn grad_weight(
+    dz: &[f32],
+    x: &[f32],
+    (rows, n, k): (usize, usize, usize),
+    threads: usize,
+) -> Vec<f32> {
+    let mut dw = vec![0f32; n * k];
+    sgemm_threads(
+        (n, k, rows),
+        &mut dw,
+        (k, 1),
+        false,
+        dz,
+        (1, n),
+        x,
+        (k, 1),
+        1.0,
+        threads,
+    );
+    dw
 }
 
 /// `y = x·Wᵀ` without a bias, for the decoder's projections (training and scoring shapes).
@@ -269,40 +289,8 @@ impl candle_core::CustomOp2 for MatmulWtOp {
         let (dx, dw) = with_f32(x, |xs| {
             with_f32(w, |ws| {
                 with_f32(grad, |g| {
-                    let dx = want_dx.then(|| {
-                        // dx = dy · W
-                        let mut dx = vec![0f32; rows * k];
-                        sgemm_threads(
-                            (rows, k, n),
-                            &mut dx,
-                            (k, 1),
-                            false,
-                            g,
-                            (n, 1),
-                            ws,
-                            (k, 1),
-                            1.0,
-                            threads,
-                        );
-                        dx
-                    });
-                    let dw = want_dw.then(|| {
-                        // dW = dyᵀ · x, already in W's [n, k] layout.
-                        let mut dw = vec![0f32; n * k];
-                        sgemm_threads(
-                            (n, k, rows),
-                            &mut dw,
-                            (k, 1),
-                            false,
-                            g,
-                            (1, n),
-                            xs,
-                            (k, 1),
-                            1.0,
-                            threads,
-                        );
-                        dw
-                    });
+                    let dx = want_dx.then(|| grad_input(g, ws, (rows, n, k), threads));
+                    let dw = want_dw.then(|| grad_weight(g, xs, (rows, n, k), threads));
                     Ok((dx, dw))
                 })
             })
