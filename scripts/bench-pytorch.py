@@ -13,9 +13,14 @@ Cases (all f32, CPU, `torch.set_num_threads(THREADS)`, default 2):
   dpo   -- DPO step on the tiny Llama (4 layers, hidden 256, ffn 768, 4 heads / 2 KV heads,
            vocab 49152, tied embeddings), 8 chosen + 8 rejected x 256 tokens, the last 128 the
            completion: reference forward without grad, policy forward, backward, AdamW, as TRL
-           does it (full logits, log-softmax, gather): what `cargo bench --bench dpo_step` runs.
+           does it (full logits, log-softmax, gather): what `cargo bench --bench dpo_step` runs;
+  generate -- greedy generation with transformers' KV cache, 64 new tokens, batch 1 and 8, from
+           the eight chat prompts of benches/generate.rs: needs `pip install transformers` and
+           MODEL_DIR, an HF directory of SmolLM2-135M-Instruct in f32 (the `*-base/` directory
+           that `train policy` converts from the GGUF, e.g. under scripts/demo-smollm2.sh's output).
 
-Run: python3 scripts/bench-pytorch.py [gemm] [bert] [dpo]   (env: THREADS, STEPS, WARMUP)
+Run: python3 scripts/bench-pytorch.py [gemm] [bert] [dpo] [generate]
+     (env: THREADS, STEPS, WARMUP, MODEL_DIR)
 """
 
 import math
@@ -198,13 +203,52 @@ def bench_dpo():
     print(f"dpo step (8+8 x 256): median {med:.2f} s, best {best:.2f} s")
 
 
+QUESTIONS = [
+    "What is the capital of France?",
+    "Explain photosynthesis in one sentence.",
+    "Give me three tips for writing clear emails.",
+    "Why is the sky blue?",
+    "What does a carbon tax do to emissions?",
+    "Write a haiku about autumn rain.",
+    "How do vaccines train the immune system?",
+    "Summarise the plot of Romeo and Juliet.",
+]
+
+
+def bench_generate():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = os.environ["MODEL_DIR"]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    new_tokens = 64
+    for batch in (1, 8):
+        prompts = [
+            tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                          add_generation_prompt=True)
+            for q in QUESTIONS[:batch]
+        ]
+        inputs = tokenizer(prompts, return_tensors="pt", padding=True)
+
+        def run():
+            with torch.inference_mode():
+                model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                               do_sample=False, pad_token_id=tokenizer.pad_token_id)
+
+        med, best = timed(run, steps=min(STEPS, 3), warmup=1)
+        print(f"generate batch {batch}: {batch * new_tokens / med:.1f} tokens/s (median), "
+              f"{batch * new_tokens / best:.1f} (best)")
+
+
 def main():
     torch.set_num_threads(THREADS)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"cpu capability {torch.backends.cpu.get_cpu_capability()}")
-    cases = sys.argv[1:] or ["gemm", "bert", "dpo"]
+    cases = sys.argv[1:] or ["gemm", "bert", "dpo", "generate"]
     for case in cases:
-        {"gemm": bench_gemm, "bert": bench_bert, "dpo": bench_dpo}[case]()
+        cases_by_name = {"gemm": bench_gemm, "bert": bench_bert, "dpo": bench_dpo,
+                         "generate": bench_generate}
+        cases_by_name[case]()
 
 
 if __name__ == "__main__":

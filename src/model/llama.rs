@@ -20,6 +20,7 @@ use candle_nn::{Embedding, Init, Linear, VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
 use super::checkpoint_io::{self, LoadReport};
+use super::fused;
 use super::lora::AdaptableLinear;
 use super::ops;
 
@@ -401,9 +402,9 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?.silu()?;
+        let gate = self.gate_proj.forward(x)?;
         let up = self.up_proj.forward(x)?;
-        self.down_proj.forward(&(gate * up)?)
+        self.down_proj.forward(&ops::silu_mul(&gate, &up)?)
     }
 }
 
@@ -461,8 +462,8 @@ impl Attention {
         let q = split(self.q_proj.forward(x)?, self.n_heads)?;
         let k = split(self.k_proj.forward(x)?, self.n_kv)?;
         let v = split(self.v_proj.forward(x)?, self.n_kv)?.contiguous()?;
-        let q = ops::apply_rope(&q, &ctx.cos, &ctx.sin)?;
-        let k = ops::apply_rope(&k, &ctx.cos, &ctx.sin)?;
+        let q = ops::apply_rope_fused(&q, &ctx.cos, &ctx.sin)?;
+        let k = ops::apply_rope_fused(&k, &ctx.cos, &ctx.sin)?;
         Ok((q, k, v))
     }
 
@@ -501,6 +502,12 @@ impl Attention {
         kv: Option<&mut LayerKv>,
     ) -> candle_core::Result<Tensor> {
         let (q, mut k, mut v) = self.qkv(x, ctx)?;
+        if kv.is_none() && fused::fusable_all(&[&q, &k, &v, &ctx.bias]) {
+            // Training and scoring (no cache): the fused op, one pass with its own backward.
+            let scale = 1.0 / (self.head_dim as f32).sqrt();
+            let out = fused::causal_attention(&q, &k, &v, &ctx.bias, scale)?;
+            return self.o_proj.forward(&out);
+        }
         if let Some(slot) = kv {
             if let Some((pk, pv)) = slot.as_ref() {
                 k = Tensor::cat(&[pk, &k], 2)?;

@@ -14,7 +14,7 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
-use super::kernels::softmax_row;
+use super::kernels::{softmax_bwd_rows, softmax_row};
 use super::sgemm::sgemm;
 use super::{f32_slice, with_f32};
 
@@ -152,12 +152,7 @@ pub(super) fn backward(
                     1.0,
                 );
                 // dS = P ⊙ (dP − rowsum(dP ⊙ P)), times the score scale.
-                for (dr, pr) in ds.chunks_exact_mut(t).zip(p.chunks_exact(t)) {
-                    let dot: f32 = dr.iter().zip(pr).map(|(a, b)| a * b).sum();
-                    for (x, p) in dr.iter_mut().zip(pr) {
-                        *x = p * (*x - dot) * scale;
-                    }
-                }
+                softmax_bwd_rows(&mut ds, p, t, scale);
                 // dQ_h = dS K_h, dK_h = dSᵀ Q_h
                 sgemm(
                     (t, d, t),

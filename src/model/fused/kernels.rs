@@ -369,6 +369,17 @@ impl CustomOp3 for LayerNormOp {
     }
 }
 
+/// Attention's softmax backward in place, row by row: `ds ← P ⊙ (ds − rowsum(ds ⊙ P)) · scale`
+/// for `[rows, n]` probabilities `p` and upstream gradients `ds`.
+pub(super) fn softmax_bwd_rows(ds: &mut [f32], p: &[f32], n: usize, scale: f32) {
+    for (dr, pr) in ds.chunks_exact_mut(n).zip(p.chunks_exact(n)) {
+        let dot: f32 = dr.iter().zip(pr).map(|(a, b)| a * b).sum();
+        for (x, p) in dr.iter_mut().zip(pr) {
+            *x = p * (*x - dot) * scale;
+        }
+    }
+}
+
 /// Softmax over the last dimension; backward `dx = y·(dy − Σ dy·y)` from the saved output.
 pub struct SoftmaxLastDim;
 
