@@ -23,6 +23,8 @@ use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::SeedableRng;
 use serde::{Deserialize, Serialize};
 
+use crate::model::fused::matmul_t;
+
 /// File names of a PEFT adapter directory.
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
 pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
@@ -286,7 +288,7 @@ impl Module for LoraLinear {
         let in_dim = *dims.last().unwrap_or(&0);
         let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
         let x2 = x.reshape((rows, in_dim))?;
-        let low = x2.matmul(&self.a.t()?)?.matmul(&self.b.t()?)?;
+        let low = matmul_t(&matmul_t(&x2, &self.a)?, &self.b)?;
         let mut out_dims = dims;
         if let Some(last) = out_dims.last_mut() {
             *last = self.b.dim(0)?;
@@ -350,7 +352,7 @@ fn dense(layer: &Linear, x: &Tensor) -> candle_core::Result<Tensor> {
     let dims = x.dims();
     let in_dim = dims.last().copied().unwrap_or(1);
     let rows = x.elem_count() / in_dim.max(1);
-    let y = x.reshape((rows, in_dim))?.matmul(&layer.weight().t()?)?;
+    let y = matmul_t(&x.reshape((rows, in_dim))?, layer.weight())?;
     let y = match layer.bias() {
         Some(b) => y.broadcast_add(b)?,
         None => y,
