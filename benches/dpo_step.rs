@@ -2,6 +2,9 @@
 //! (no graph), the policy's forward pass, DPO's sigmoid loss, backward and AdamW, over 8 chosen
 //! + 8 rejected sequences of 256 tokens whose last 128 are the completion.
 //!
+//! The reference model is built from plain tensors (as the trainer's frozen reference is), so
+//! its forward pass records no backward graph.
+//!
 //! The step is built from the same library pieces the DPO trainer uses
 //! (`LlamaForCausalLM::sequence_logprobs` with its fused log-softmax + gather, `dpo_loss`,
 //! `policy_common::optimiser_step` with the project's AdamW and gradient clipping). The trainer
@@ -13,9 +16,11 @@
 //!
 //! Run: `cargo bench --bench dpo_step` (env: `STEPS`, default 5).
 
+use std::collections::HashMap;
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
 use rlhf_bot::model::llama::{LlamaConfig, LlamaForCausalLM};
 use rlhf_bot::model::ops;
 use rlhf_bot::train::losses::dpo::{DpoConfig, dpo_loss};
@@ -71,7 +76,20 @@ fn main() -> anyhow::Result<()> {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(5);
-    let (reference, _) = LlamaForCausalLM::random(&config(), &dev)?;
+    // The reference is frozen, as the trainer's is (`load_frozen_causal_lm`, or the LoRA base):
+    // plain tensors, not variables, so its forward pass records no graph for backward.
+    let (_, reference_vars) = LlamaForCausalLM::random(&config(), &dev)?;
+    let frozen: HashMap<String, Tensor> = reference_vars
+        .data()
+        .lock()
+        .map_err(|_| anyhow::anyhow!("VarMap lock poisoned"))?
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+        .collect();
+    let reference = LlamaForCausalLM::new(
+        &config(),
+        VarBuilder::from_tensors(frozen, DType::F32, &dev),
+    )?;
     let (policy, varmap) = LlamaForCausalLM::random(&config(), &dev)?;
     let mut opt = AdamW::from_varmap(
         &varmap,

@@ -147,6 +147,21 @@ pub enum TrainCommand {
     Policy(TrainPolicyArgs),
 }
 
+/// Where a training command writes, whether it continues, and on which device: the options
+/// `train reward` and `train policy` share.
+#[derive(Debug, Args)]
+pub struct TrainRunArgs {
+    /// Output directory; default `<store.dir>/runs/<run-id>/reward` (or `/policy`).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Continue from the newest checkpoint in the output directory.
+    #[arg(long)]
+    pub resume: bool,
+    /// `cpu` or `cuda` (needs a binary built with `--features cuda`).
+    #[arg(long)]
+    pub device: Option<String>,
+}
+
 #[derive(Debug, Args)]
 pub struct TrainPolicyArgs {
     /// The algorithm; default: policy.algo from the config (dpo when absent).
@@ -164,15 +179,8 @@ pub struct TrainPolicyArgs {
     /// for PPO); default: the store's dataset, exported into the run directory.
     #[arg(long)]
     pub data: Option<PathBuf>,
-    /// Output directory; default `<store.dir>/runs/<run-id>/policy`.
-    #[arg(long)]
-    pub out: Option<PathBuf>,
-    /// Continue from the newest checkpoint in the output directory.
-    #[arg(long)]
-    pub resume: bool,
-    /// `cpu` or `cuda` (needs a binary built with `--features cuda`).
-    #[arg(long)]
-    pub device: Option<String>,
+    #[command(flatten)]
+    pub run: TrainRunArgs,
     /// Optimiser steps (overrides policy.steps).
     #[arg(long)]
     pub steps: Option<u64>,
@@ -232,15 +240,8 @@ pub struct TrainRewardArgs {
     pub batch_size: Option<usize>,
     #[arg(long)]
     pub lr: Option<f64>,
-    /// Output directory; default `<store.dir>/runs/<run-id>/reward`.
-    #[arg(long)]
-    pub out: Option<PathBuf>,
-    /// Continue from the newest checkpoint in the output directory.
-    #[arg(long)]
-    pub resume: bool,
-    /// `cpu` or `cuda` (needs a binary built with `--features cuda`).
-    #[arg(long)]
-    pub device: Option<String>,
+    #[command(flatten)]
+    pub run: TrainRunArgs,
     /// The production reward model, scored on the same eval set for comparison.
     #[arg(long)]
     pub production_model: Option<PathBuf>,

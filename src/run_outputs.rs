@@ -457,36 +457,20 @@ fn read(path: &Path) -> Result<String, RunOutputError> {
     })
 }
 
-/// A reward run's output directory, loaded.
+/// A training run's output directory, loaded: its `metrics.json` (of type `M`) and its log.
 #[derive(Debug, Clone, PartialEq)]
-pub struct RewardRunOutput {
-    pub metrics: RewardMetrics,
+pub struct RunOutput<M> {
+    pub metrics: M,
     pub log: Vec<LogLine>,
 }
 
-impl RewardRunOutput {
-    pub fn load(dir: &Path) -> Result<Self, RunOutputError> {
-        Ok(Self {
-            metrics: read_metrics(dir)?,
-            log: read_log(dir)?,
-        })
-    }
-
-    pub fn write(&self, dir: &Path) -> Result<(), RunOutputError> {
-        write_metrics(dir, &self.metrics)?;
-        let mut w = LogWriter::create(dir)?;
-        self.log.iter().try_for_each(|l| w.write(l))
-    }
-}
+/// A reward run's output directory, loaded.
+pub type RewardRunOutput = RunOutput<RewardMetrics>;
 
 /// A policy run's output directory, loaded.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PolicyRunOutput {
-    pub metrics: PolicyMetrics,
-    pub log: Vec<LogLine>,
-}
+pub type PolicyRunOutput = RunOutput<PolicyMetrics>;
 
-impl PolicyRunOutput {
+impl<M: Serialize + DeserializeOwned> RunOutput<M> {
     pub fn load(dir: &Path) -> Result<Self, RunOutputError> {
         Ok(Self {
             metrics: read_metrics(dir)?,

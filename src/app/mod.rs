@@ -74,26 +74,23 @@ async fn train_reward_cmd(
     if let Some(v) = args.lr {
         opts.train.lr = v;
     }
-    if let Some(d) = args.device {
+    if let Some(d) = args.run.device {
         opts.device = d.parse()?;
     }
-    opts.resume = args.resume;
+    opts.resume = args.run.resume;
     opts.production_model = args.production_model;
+    let out = args
+        .run
+        .out
+        .unwrap_or_else(|| pipeline::run_dir(settings, &pipeline::new_run_id()).join("reward"));
     match args.dataset {
         Some(dataset) => {
             opts.dataset = Some(dataset);
             opts.eval = args.eval;
-            opts.out = args.out.unwrap_or_else(|| {
-                pipeline::run_dir(settings, &pipeline::new_run_id()).join("reward")
-            });
+            opts.out = out;
             crate::app::train_reward::train_reward(opts).await
         }
-        None => {
-            let out = args.out.unwrap_or_else(|| {
-                pipeline::run_dir(settings, &pipeline::new_run_id()).join("reward")
-            });
-            pipeline::train_reward_from_store(settings, out, opts).await
-        }
+        None => pipeline::train_reward_from_store(settings, out, opts).await,
     }
 }
 

@@ -557,11 +557,12 @@ pub async fn train_policy_cmd(
     args: crate::cli::TrainPolicyArgs,
 ) -> Result<PolicyStageSummary> {
     let device = args
+        .run
         .device
         .as_deref()
         .map(str::parse::<DeviceChoice>)
         .transpose()?;
-    let run_dir = match &args.out {
+    let run_dir = match &args.run.out {
         // Exports and conversions go beside an explicit output directory.
         Some(out) => out
             .parent()
@@ -577,8 +578,8 @@ pub async fn train_policy_cmd(
             model: args.model,
             reward_model: args.reward_model,
             data: args.data,
-            out: args.out,
-            resume: args.resume,
+            out: args.run.out,
+            resume: args.run.resume,
             device,
             steps: args.steps,
             lr: args.lr,

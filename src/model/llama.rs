@@ -402,9 +402,9 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?.silu()?;
+        let gate = self.gate_proj.forward(x)?;
         let up = self.up_proj.forward(x)?;
-        self.down_proj.forward(&(gate * up)?)
+        self.down_proj.forward(&ops::silu_mul(&gate, &up)?)
     }
 }
 
@@ -462,8 +462,8 @@ impl Attention {
         let q = split(self.q_proj.forward(x)?, self.n_heads)?;
         let k = split(self.k_proj.forward(x)?, self.n_kv)?;
         let v = split(self.v_proj.forward(x)?, self.n_kv)?.contiguous()?;
-        let q = ops::apply_rope(&q, &ctx.cos, &ctx.sin)?;
-        let k = ops::apply_rope(&k, &ctx.cos, &ctx.sin)?;
+        let q = ops::apply_rope_fused(&q, &ctx.cos, &ctx.sin)?;
+        let k = ops::apply_rope_fused(&k, &ctx.cos, &ctx.sin)?;
         Ok((q, k, v))
     }
 
@@ -502,11 +502,17 @@ impl Attention {
         kv: Option<&mut LayerKv>,
     ) -> candle_core::Result<Tensor> {
         let (q, k, v) = self.qkv(x, ctx)?;
+        if kv.is_none() && fused::fusable_all(&[&q, &k, &v, &ctx.bias]) {
+            // Training and scoring (no cache): the fused op, one pass with its own backward.
+            let scale = 1.0 / (self.head_dim as f32).sqrt();
+            let out = fused::causal_attention(&q, &k, &v, &ctx.bias, scale)?;
+            return self.o_proj.forward(&out);
+        }
         let out = match kv {
             None => self.attend(&q, &k, &v, &ctx.bias)?,
             Some(slot) => {
-                let buf = KvBuffer::append(slot, &k.contiguous()?, &v)?;
-                if fused::fusable(&[&q, &buf.k, &buf.v, &ctx.bias]) {
+                let buf = KvBuffer::append(slot, &k.contiguous()?, &v.contiguous()?)?;
+                if fused::fusable_all(&[&q, &buf.k, &buf.v, &ctx.bias]) {
                     let op = fused::CachedAttention {
                         heads: self.n_heads,
                         len: buf.len,

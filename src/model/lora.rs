@@ -23,7 +23,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::SeedableRng;
 use serde::{Deserialize, Serialize};
 
-use crate::model::fused::matmul_t;
+use crate::model::fused::{self, matmul_t};
 
 /// File names of a PEFT adapter directory.
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
@@ -344,6 +344,9 @@ impl Module for AdaptableLinear {
     }
 }
 
+/// Rows from which [`dense`] uses the fused training matmul (below: decoding shapes).
+const FUSED_DENSE_MIN_ROWS: usize = 64;
+
 /// `x·Wᵀ + b` with the leading dimensions of `x` flattened into one matrix product.
 /// `candle_nn::Linear` multiplies a `[batch, seq, in]` input batch by batch; during batched
 /// generation (`seq` = 1) that is one matrix-vector product per row, each reading the whole
@@ -352,6 +355,16 @@ fn dense(layer: &Linear, x: &Tensor) -> candle_core::Result<Tensor> {
     let dims = x.dims();
     let in_dim = dims.last().copied().unwrap_or(1);
     let rows = x.elem_count() / in_dim.max(1);
+    if rows >= FUSED_DENSE_MIN_ROWS && fused::fusable_all(&[x, layer.weight()]) {
+        // Training and scoring shapes: one op whose backward writes dW in place and skips it
+        // for a frozen (LoRA base or reference) weight.
+        let y = fused::matmul_wt(x, layer.weight())?;
+        return match layer.bias() {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        };
+    }
+    // Decoding shapes: the streaming small-m kernel (m <= 16) or candle's matmul.
     let y = matmul_t(&x.reshape((rows, in_dim))?, layer.weight())?;
     let y = match layer.bias() {
         Some(b) => y.broadcast_add(b)?,

@@ -7,8 +7,12 @@
 //! `tests/it/llama.rs` check that every parameter receives a gradient.
 
 use candle_core::backend::BackendStorage;
+use std::sync::Mutex;
+
 use candle_core::{CpuStorage, CustomOp2, D, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+
+use super::fused::sgemm::sgemm_threads;
 
 /// Mask value for disallowed attention logits.
 ///
@@ -36,6 +40,184 @@ pub fn rotate_half(x: &Tensor) -> Result<Tensor> {
 /// `x` is `[batch, heads, seq, head_dim]`; `cos`/`sin` are `[batch, 1, seq, head_dim]`.
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     x.broadcast_mul(cos)? + rotate_half(x)?.broadcast_mul(sin)?
+}
+
+/// [`apply_rope`] as one fused CPU op with a backward pass (the same values: every output is
+/// `x·cos ± x'·sin` computed in the same order). The composed version is six graph nodes (two
+/// narrows, a negation, a concatenation, two broadcast products and a sum), each a full pass over
+/// the heads and each with its own backward; a rotation's backward is the inverse rotation, one
+/// pass. `cos`/`sin` are constants (no gradient). Falls back to [`apply_rope`] off the CPU.
+pub fn apply_rope_fused(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if !x.device().is_cpu() || !is_f32(x) || !is_f32(cos) || !is_f32(sin) {
+        return apply_rope(x, cos, sin);
+    }
+    let (b, h, t, d) = x.dims4()?;
+    if cos.dims() != [b, 1, t, d] || sin.dims() != [b, 1, t, d] || d % 2 != 0 {
+        candle_core::bail!(
+            "rope tables {:?} / {:?} do not match input {:?}",
+            cos.dims(),
+            sin.dims(),
+            x.dims()
+        );
+    }
+    let table = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+    x.contiguous()?.apply_op1(FusedRope {
+        cos: table(cos)?,
+        sin: table(sin)?,
+        heads: h,
+        seq: t,
+    })
+}
+
+struct FusedRope {
+    /// `[batch, seq, head_dim]` tables, shared by every head.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    heads: usize,
+    seq: usize,
+}
+
+impl FusedRope {
+    /// Rotates every `head_dim` row of `x` (`[b, heads, seq, d]`) by its position's angles;
+    /// `sign` −1 rotates back (the backward pass).
+    fn rotate(&self, x: &[f32], d: usize, sign: f32) -> Vec<f32> {
+        let half = d / 2;
+        let mut out = vec![0f32; x.len()];
+        par_rows(&mut out, d, |r0, block| {
+            for (k, orow) in block.chunks_exact_mut(d).enumerate() {
+                let r = r0 + k;
+                // Row r is (batch, head, position): the tables are indexed by batch and position.
+                let (bi, ti) = (r / (self.heads * self.seq), r % self.seq);
+                let tab = (bi * self.seq + ti) * d;
+                let (c, s) = (&self.cos[tab..tab + d], &self.sin[tab..tab + d]);
+                let xr = &x[r * d..(r + 1) * d];
+                for j in 0..half {
+                    let (x1, x2) = (xr[j], xr[j + half]);
+                    if sign > 0.0 {
+                        // x·cos + rotate_half(x)·sin, rotate_half(x) = (−x2, x1).
+                        orow[j] = x1 * c[j] + (-x2) * s[j];
+                        orow[j + half] = x2 * c[j + half] + x1 * s[j + half];
+                    } else {
+                        // The transpose: dy·cos + rotate_halfᵀ(dy·sin), rotate_halfᵀ(z) = (z2, −z1).
+                        orow[j] = x1 * c[j] + x2 * s[j + half];
+                        orow[j + half] = x2 * c[j + half] + -(x1 * s[j]);
+                    }
+                }
+            }
+        });
+        out
+    }
+}
+
+impl candle_core::CustomOp1 for FusedRope {
+    fn name(&self) -> &'static str {
+        "fused-rope"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(storage, layout, "fused-rope")?;
+        let d = layout.shape().dims().last().copied().unwrap_or(0);
+        Ok((
+            CpuStorage::F32(self.rotate(x, d, 1.0)),
+            layout.shape().clone(),
+        ))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let d = arg.dim(D::Minus1)?;
+        let g = grad_res.detach().contiguous()?;
+        let dx = with_flat(&g, |g| Ok(self.rotate(g, d, -1.0)))?;
+        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
+    }
+}
+
+/// `silu(gate) ⊙ up` (SwiGLU's gating) as one fused CPU op with a backward pass; candle's
+/// `silu` and product are two passes forward and about six backward over `[tokens, ffn]`.
+/// Uses [`fast_exp`] (relative error ~1e-7). Falls back to the composed ops off the CPU.
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if !gate.device().is_cpu() || !is_f32(gate) || !is_f32(up) {
+        return gate.silu()? * up;
+    }
+    if gate.shape() != up.shape() {
+        candle_core::bail!(
+            "silu_mul: gate {:?} and up {:?} differ in shape",
+            gate.shape(),
+            up.shape()
+        );
+    }
+    gate.contiguous()?.apply_op2(&up.contiguous()?, SiluMul)
+}
+
+struct SiluMul;
+
+/// Elements per thread task of the elementwise SwiGLU kernels.
+const SILU_BLOCK: usize = 1 << 14;
+
+impl CustomOp2 for SiluMul {
+    fn name(&self) -> &'static str {
+        "silu-mul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = contiguous_f32(s1, l1, "silu-mul")?;
+        let u = contiguous_f32(s2, l2, "silu-mul")?;
+        let mut out = vec![0f32; g.len()];
+        out.par_chunks_mut(SILU_BLOCK)
+            .enumerate()
+            .for_each(|(i, block)| {
+                let base = i * SILU_BLOCK;
+                for (k, o) in block.iter_mut().enumerate() {
+                    let (x, y) = (g[base + k], u[base + k]);
+                    *o = x / (1.0 + fast_exp(-x)) * y;
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // With σ = sigmoid(g): d/dg [g·σ·u] = u·σ·(1 + g·(1 − σ)),  d/du = g·σ.
+        let dy = grad_res.detach().contiguous()?;
+        let (gate_c, up_c) = (gate.detach().contiguous()?, up.detach().contiguous()?);
+        let n = gate.elem_count();
+        let mut dg = vec![0f32; n];
+        let mut du = vec![0f32; n];
+        with_flat(&gate_c, |g| {
+            with_flat(&up_c, |u| {
+                with_flat(&dy, |dy| {
+                    dg.par_chunks_mut(SILU_BLOCK)
+                        .zip(du.par_chunks_mut(SILU_BLOCK))
+                        .enumerate()
+                        .for_each(|(i, (dgb, dub))| {
+                            let base = i * SILU_BLOCK;
+                            for (k, (a, b)) in dgb.iter_mut().zip(dub.iter_mut()).enumerate() {
+                                let (x, y, d) = (g[base + k], u[base + k], dy[base + k]);
+                                let sig = 1.0 / (1.0 + fast_exp(-x));
+                                *a = d * y * sig * (1.0 + x * (1.0 - sig));
+                                *b = d * x * sig;
+                            }
+                        });
+                    Ok(())
+                })
+            })
+        })?;
+        let dev = gate.device();
+        Ok((
+            Some(Tensor::from_vec(dg, gate.shape(), dev)?),
+            Some(Tensor::from_vec(du, up.shape(), dev)?),
+        ))
+    }
 }
 
 /// Inverse frequencies of the default RoPE (`1 / theta^(2i/d)`), computed in f64.
@@ -350,19 +532,32 @@ fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Res
     }
 }
 
-/// Per-row log-probability of `targets` under `softmax(hidden · weightᵀ)`, without keeping the
-/// `[rows, vocab]` logits alive.
+/// Per-row log-probability of `targets` under `softmax(hidden · weightᵀ)`, without ever
+/// holding the `[rows, vocab]` logits as a graph tensor.
 ///
 /// `hidden` is `[rows, d]`, `weight` is the LM head `[vocab, d]`, `targets` has one id per row.
-/// The forward pass walks `chunk` rows at a time, keeps only each row's log-sum-exp, and the
-/// backward pass recomputes the chunk's logits to form `softmax - onehot`. Peak memory is
-/// `chunk × vocab` floats instead of several `rows × vocab` buffers; this is the step that a
-/// 49k vocabulary dominates.
+/// The forward pass walks `chunk` rows at a time and keeps each row's log-sum-exp; when a
+/// gradient will be taken it also keeps the softmax (up to [`KEEP_PROBS_MAX`] floats), so the
+/// backward pass forms `softmax − onehot` without recomputing the logits; above that budget the
+/// backward recomputes them chunk by chunk and peak memory stays at `chunk × vocab` floats. This
+/// is the step that a 49k vocabulary dominates.
 pub fn lm_head_logprobs(
     hidden: &Tensor,
     weight: &Tensor,
     targets: &[u32],
     chunk: usize,
+) -> Result<Tensor> {
+    lm_head_logprobs_with_budget(hidden, weight, targets, chunk, KEEP_PROBS_MAX)
+}
+
+/// [`lm_head_logprobs`] with the softmax kept for backward only when `rows × vocab` is at most
+/// `keep_probs_max` floats (0: always recompute).
+pub fn lm_head_logprobs_with_budget(
+    hidden: &Tensor,
+    weight: &Tensor,
+    targets: &[u32],
+    chunk: usize,
+    keep_probs_max: usize,
 ) -> Result<Tensor> {
     let (rows, _d) = hidden.dims2()?;
     if rows != targets.len() {
@@ -380,6 +575,10 @@ pub fn lm_head_logprobs(
         targets: targets.to_vec(),
         chunk: chunk.max(1),
         device: hidden.device().clone(),
+        lse: Mutex::new(None),
+        keep_probs: (hidden.track_op() || weight.track_op())
+            && rows.saturating_mul(vocab) <= keep_probs_max,
+        probs: Mutex::new(None),
     };
     hidden.contiguous()?.apply_op2(&weight.contiguous()?, op)
 }
@@ -419,46 +618,44 @@ struct LmHeadLogprobs {
     targets: Vec<u32>,
     chunk: usize,
     device: Device,
+    /// Each row's log-sum-exp, written by the forward pass so the backward pass needs only
+    /// one sweep over the recomputed logits instead of three.
+    lse: Mutex<Option<Vec<f32>>>,
+    /// Whether the forward pass keeps each chunk's softmax for the backward pass (set when a
+    /// gradient will be taken and the probabilities fit [`KEEP_PROBS_MAX`]): the backward then
+    /// skips recomputing the logits, a third of the head's work.
+    keep_probs: bool,
+    probs: Mutex<Option<Vec<Vec<f32>>>>,
 }
 
-impl LmHeadLogprobs {
-    /// Runs `f(start, len, logits_chunk)` for each chunk of rows; logits are `[len, vocab]`.
-    fn for_chunks(
-        &self,
-        hidden: &Tensor,
-        weight: &Tensor,
-        mut f: impl FnMut(usize, usize, Tensor) -> Result<()>,
-    ) -> Result<()> {
-        let rows = hidden.dim(0)?;
-        let wt = weight.t()?;
-        let mut start = 0;
-        while start < rows {
-            let len = self.chunk.min(rows - start);
-            let logits = hidden.narrow(0, start, len)?.matmul(&wt)?;
-            f(start, len, logits)?;
-            start += len;
-        }
-        Ok(())
-    }
+/// Largest `rows × vocab` softmax (in floats: 512 MiB) the fused LM-head op keeps from its
+/// forward pass for the backward pass; above it the logits are recomputed chunk by chunk.
+pub const KEEP_PROBS_MAX: usize = 1 << 27;
 
-    /// Log-sum-exp and target logit of each row of a `[len, vocab]` logits chunk.
-    fn lse_and_target(&self, logits: &Tensor, start: usize) -> Result<(Vec<f32>, Vec<f32>)> {
-        let targets = &self.targets[start..];
-        with_rows(logits, |data, vocab| {
-            let rows = data.len() / vocab;
-            let mut lse = vec![0f32; rows];
-            let mut picked = vec![0f32; rows];
-            par_rows(&mut lse, 1, |r0, out| {
-                for (k, o) in out.iter_mut().enumerate() {
-                    let row = &data[(r0 + k) * vocab..(r0 + k + 1) * vocab];
-                    *o = row_logsumexp(row);
-                }
-            });
-            for (k, p) in picked.iter_mut().enumerate() {
-                *p = data[k * vocab + targets[k] as usize];
-            }
-            Ok((lse, picked))
-        })
+impl LmHeadLogprobs {
+    /// `logits = hidden[start..start+len] · weightᵀ` into `buf` (`[len, vocab]`), on candle's
+    /// threads. The weight is read through swapped strides, so neither input is copied.
+    fn chunk_logits(
+        &self,
+        hidden: &[f32],
+        weight: &[f32],
+        (start, len): (usize, usize),
+        (vocab, d): (usize, usize),
+        buf: &mut Vec<f32>,
+    ) {
+        buf.resize(len * vocab, 0.0);
+        sgemm_threads(
+            (len, vocab, d),
+            buf,
+            (vocab, 1),
+            false,
+            &hidden[start * d..(start + len) * d],
+            (d, 1),
+            weight,
+            (1, d),
+            1.0,
+            candle_core::utils::get_num_threads(),
+        );
     }
 }
 
@@ -474,17 +671,50 @@ impl CustomOp2 for LmHeadLogprobs {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        // The inputs arrive as raw storage; wrapping them in tensors copies them once (the
-        // weight is vocab·d floats, small next to the vocab·rows logits this op avoids).
-        let hidden = storage_tensor(s1, l1)?;
-        let weight = storage_tensor(s2, l2)?;
-        let rows = hidden.dim(0)?;
-        let mut out = Vec::with_capacity(rows);
-        self.for_chunks(&hidden, &weight, |start, _len, logits| {
-            let (lse, picked) = self.lse_and_target(&logits, start)?;
-            out.extend(picked.iter().zip(&lse).map(|(p, l)| p - l));
-            Ok(())
-        })?;
+        let hidden = contiguous_f32(s1, l1, "lm-head-logprobs")?;
+        let weight = contiguous_f32(s2, l2, "lm-head-logprobs")?;
+        let (rows, d, vocab) = lm_head_dims(l1, l2)?;
+        let mut out = vec![0f32; rows];
+        let mut lse = vec![0f32; rows];
+        let mut logits = Vec::new();
+        let mut kept = Vec::new();
+        let mut start = 0;
+        while start < rows {
+            let len = self.chunk.min(rows - start);
+            self.chunk_logits(hidden, weight, (start, len), (vocab, d), &mut logits);
+            let targets = &self.targets[start..start + len];
+            let picked: Vec<f32> = (0..len)
+                .map(|k| logits[k * vocab + targets[k] as usize])
+                .collect();
+            let lse_chunk = &mut lse[start..start + len];
+            if self.keep_probs {
+                // One exp pass: each row becomes its softmax, kept for the backward pass.
+                logits
+                    .par_chunks_mut(vocab)
+                    .zip(lse_chunk.par_iter_mut())
+                    .for_each(|(row, l)| *l = row_softmax_in_place(row));
+                kept.push(std::mem::take(&mut logits));
+            } else {
+                let data = &logits;
+                par_rows(lse_chunk, 1, |r0, block| {
+                    for (k, o) in block.iter_mut().enumerate() {
+                        *o = row_logsumexp(&data[(r0 + k) * vocab..(r0 + k + 1) * vocab]);
+                    }
+                });
+            }
+            for k in 0..len {
+                out[start + k] = picked[k] - lse[start + k];
+            }
+            start += len;
+        }
+        if let Ok(mut slot) = self.lse.lock() {
+            *slot = Some(lse);
+        }
+        if self.keep_probs
+            && let Ok(mut slot) = self.probs.lock()
+        {
+            *slot = Some(kept);
+        }
         Ok((CpuStorage::F32(out), Shape::from(rows)))
     }
 
@@ -495,42 +725,124 @@ impl CustomOp2 for LmHeadLogprobs {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        // d logp_r / d logits_r = onehot(target_r) - softmax(logits_r), scaled by the incoming
-        // gradient of row r. The chunk's logits are recomputed rather than kept from forward.
-        let hidden = hidden.detach();
-        let weight = weight.detach();
+        // d logp_r / d logits_r = onehot(target_r) − softmax(logits_r), scaled by the incoming
+        // gradient of row r. The chunk's logits are recomputed rather than kept from forward
+        // (rows × vocab floats would be the largest buffer of the step), turned into dlogits in
+        // place, and both products write straight into the two gradients: dW accumulates over
+        // chunks inside the gemm, so no [vocab, d] temporary is allocated per chunk.
+        let (rows, d) = hidden.dims2()?;
+        let vocab = weight.dim(0)?;
         let grad = grad_res.detach().to_vec1::<f32>()?;
-        let mut grad_hidden = Vec::new();
-        let mut grad_weight: Option<Tensor> = None;
-        self.for_chunks(&hidden, &weight, |start, len, logits| {
-            let targets = &self.targets[start..start + len];
-            let g = &grad[start..start + len];
-            let dlogits = with_rows(&logits, |data, vocab| {
-                let mut out = vec![0f32; data.len()];
-                par_rows(&mut out, vocab, |r0, block| {
-                    for (k, drow) in block.chunks_exact_mut(vocab).enumerate() {
-                        let r = r0 + k;
-                        let row = &data[r * vocab..(r + 1) * vocab];
-                        let lse = row_logsumexp(row);
-                        let scale = -g[r];
-                        for (d, &x) in drow.iter_mut().zip(row) {
-                            *d = scale * fast_exp(x - lse);
+        let saved = self.lse.lock().ok().and_then(|mut s| s.take());
+        let mut kept = self
+            .probs
+            .lock()
+            .ok()
+            .and_then(|mut s| s.take())
+            .filter(|k| k.len() == rows.div_ceil(self.chunk))
+            .map(Vec::into_iter);
+        let threads = candle_core::utils::get_num_threads();
+        let hidden = hidden.detach().contiguous()?;
+        let weight = weight.detach().contiguous()?;
+        let (grad_hidden, grad_weight) = with_flat(&hidden, |h| {
+            with_flat(&weight, |w| {
+                let mut gh = vec![0f32; rows * d];
+                let mut gw = vec![0f32; vocab * d];
+                let mut logits = Vec::new();
+                let mut start = 0;
+                while start < rows {
+                    let len = self.chunk.min(rows - start);
+                    // The chunk's softmax, kept from forward, or its logits recomputed.
+                    let probs = match kept.as_mut().and_then(Iterator::next) {
+                        Some(p) => {
+                            logits = p;
+                            true
                         }
-                        drow[targets[r] as usize] += g[r];
-                    }
-                });
-                Tensor::from_vec(out, (len, vocab), &self.device)
-            })?;
-            grad_hidden.push(dlogits.matmul(&weight)?);
-            let gw = dlogits.t()?.matmul(&hidden.narrow(0, start, len)?)?;
-            grad_weight = Some(match grad_weight.take() {
-                None => gw,
-                Some(acc) => (acc + gw)?,
-            });
-            Ok(())
+                        None => {
+                            self.chunk_logits(h, w, (start, len), (vocab, d), &mut logits);
+                            false
+                        }
+                    };
+                    let targets = &self.targets[start..start + len];
+                    let g = &grad[start..start + len];
+                    let lse = saved.as_ref().map(|l| &l[start..start + len]);
+                    par_rows(&mut logits, vocab, |r0, block| {
+                        for (k, row) in block.chunks_exact_mut(vocab).enumerate() {
+                            let r = r0 + k;
+                            let scale = -g[r];
+                            if probs {
+                                row.iter_mut().for_each(|x| *x *= scale);
+                            } else {
+                                let l = match lse {
+                                    Some(l) => l[r],
+                                    None => row_logsumexp(row),
+                                };
+                                for x in row.iter_mut() {
+                                    *x = scale * fast_exp(*x - l);
+                                }
+                            }
+                            row[targets[r] as usize] += g[r];
+                        }
+                    });
+                    // grad_hidden rows = dlogits · W.
+                    sgemm_threads(
+                        (len, d, vocab),
+                        &mut gh[start * d..(start + len) * d],
+                        (d, 1),
+                        false,
+                        &logits,
+                        (vocab, 1),
+                        w,
+                        (d, 1),
+                        1.0,
+                        threads,
+                    );
+                    // grad_weight += dlogitsᵀ · hidden rows.
+                    sgemm_threads(
+                        (vocab, d, len),
+                        &mut gw,
+                        (d, 1),
+                        start > 0,
+                        &logits,
+                        (1, vocab),
+                        &h[start * d..(start + len) * d],
+                        (d, 1),
+                        1.0,
+                        threads,
+                    );
+                    start += len;
+                }
+                Ok((gh, gw))
+            })
         })?;
-        let grad_hidden = Tensor::cat(&grad_hidden, 0)?;
-        Ok((Some(grad_hidden), grad_weight))
+        Ok((
+            Some(Tensor::from_vec(grad_hidden, (rows, d), &self.device)?),
+            Some(Tensor::from_vec(grad_weight, (vocab, d), &self.device)?),
+        ))
+    }
+}
+
+/// `(rows, d, vocab)` of the fused LM-head op's inputs, checked against each other.
+fn lm_head_dims(hidden: &Layout, weight: &Layout) -> Result<(usize, usize, usize)> {
+    let (&[rows, d], &[vocab, dw]) = (hidden.dims(), weight.dims()) else {
+        candle_core::bail!(
+            "lm-head-logprobs expects [rows, d] hidden and [vocab, d] weight, got {:?} and {:?}",
+            hidden.dims(),
+            weight.dims()
+        );
+    };
+    if d != dw {
+        candle_core::bail!("lm-head-logprobs: hidden width {d} but weight width {dw}");
+    }
+    Ok((rows, d, vocab))
+}
+
+/// Calls `f` with the contiguous f32 data of a CPU tensor of any rank.
+fn with_flat<T>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(cpu) => f(contiguous_f32(cpu, layout, "lm-head-logprobs")?),
+        _ => candle_core::bail!("the fused LM-head op runs on CPU only"),
     }
 }
 
@@ -599,6 +911,38 @@ fn row_logsumexp(row: &[f32]) -> f32 {
     max + sum.ln()
 }
 
+/// Replaces `row` by its softmax (`exp(x − lse)`, as the backward pass would recompute it) and
+/// returns its log-sum-exp; one exp pass where [`row_logsumexp`] plus a softmax take two.
+fn row_softmax_in_place(row: &mut [f32]) -> f32 {
+    let mut m = [f32::NEG_INFINITY; 8];
+    let mut chunks = row.chunks_exact(8);
+    for c in chunks.by_ref() {
+        for i in 0..8 {
+            m[i] = m[i].max(c[i]);
+        }
+    }
+    let max = chunks.remainder().iter().fold(
+        m.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)),
+        |a, &b| a.max(b),
+    );
+    let mut s = [0f32; 8];
+    let mut chunks = row.chunks_exact_mut(8);
+    for c in chunks.by_ref() {
+        for i in 0..8 {
+            c[i] = fast_exp(c[i] - max);
+            s[i] += c[i];
+        }
+    }
+    let mut sum: f32 = s.iter().sum();
+    for x in chunks.into_remainder() {
+        *x = fast_exp(*x - max);
+        sum += *x;
+    }
+    let inv = 1.0 / sum;
+    row.iter_mut().for_each(|x| *x *= inv);
+    max + sum.ln()
+}
+
 /// `e^x` in f32 without a libm call, so loops over it vectorise (libm's `expf` is scalar; a
 /// 49k-vocabulary softmax spends most of its time there). Cephes' range reduction
 /// (`x = n·ln2 + r`) and degree-6 polynomial: relative error about 1e-7 for normal results;
@@ -623,19 +967,6 @@ pub fn fast_exp(x: f32) -> f32 {
     // 2^n built directly in the exponent bits.
     let bits = ((n as i32 + 127) as u32) << 23;
     y * f32::from_bits(bits)
-}
-
-/// Copies a (possibly strided) f32 CPU storage into a fresh contiguous tensor.
-fn storage_tensor(storage: &CpuStorage, layout: &Layout) -> Result<Tensor> {
-    let data = match storage {
-        CpuStorage::F32(v) => v,
-        other => candle_core::bail!("lm-head-logprobs expects f32, got {:?}", other.dtype()),
-    };
-    let shape = layout.shape().clone();
-    match layout.contiguous_offsets() {
-        Some((a, b)) => Tensor::from_slice(&data[a..b], shape, &Device::Cpu),
-        None => candle_core::bail!("lm-head-logprobs expects contiguous inputs"),
-    }
 }
 
 /// Sum of `values * mask` per row, for `[batch, len]` inputs; the mask is cast to the values'

@@ -43,6 +43,19 @@ pub struct TrainOutcome {
     pub tokens: u64,
     pub epochs: f64,
     pub log: Vec<LogLine>,
+    /// Wall seconds per phase of the loop, summed over its steps, in the order the phases first
+    /// ran (PPO records rollout, scoring, GAE and update phases; other loops leave it empty).
+    pub phase_seconds: Vec<(String, f64)>,
+}
+
+impl TrainOutcome {
+    /// Adds `seconds` to phase `name` (appending it the first time it is seen).
+    pub fn add_phase(&mut self, name: &str, seconds: f64) {
+        match self.phase_seconds.iter_mut().find(|(n, _)| n == name) {
+            Some((_, s)) => *s += seconds,
+            None => self.phase_seconds.push((name.to_string(), seconds)),
+        }
+    }
 }
 
 /// Directory of the checkpoints under a run's output directory.

@@ -20,7 +20,7 @@ use crate::model::lora::{LoraAdapters, LoraConfig, LoraInit, attach_lora, load_f
 use crate::model::tokenizer::Tokenizer;
 use crate::run_outputs::{LogLine, LogWriter, PolicyAlgo};
 use crate::train::checkpoint::{self, TrainState};
-use crate::train::optim::{AdamW, AdamWConfig, clip_grad_norm};
+use crate::train::optim::{AdamW, AdamWConfig};
 
 /// PPO-specific options (TRL / N+ implementation details defaults, GUIDE §5).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -591,6 +591,10 @@ impl RunLog {
 }
 
 /// `backward`, gradient guard, optional clip and AdamW step; returns the gradient norm.
+///
+/// One pass over each gradient gives its sum of squares, which is finite exactly when the
+/// gradient is (so it is both the guard and the norm), and the clip coefficient is applied
+/// inside the AdamW update instead of rewriting every gradient first.
 pub fn optimiser_step(
     opt: &mut AdamW,
     loss: &Tensor,
@@ -598,20 +602,27 @@ pub fn optimiser_step(
     max_grad_norm: Option<f64>,
 ) -> Result<f64> {
     crate::train::guard::check_loss(step, loss)?;
-    let mut grads = loss.backward()?;
-    let params: Vec<(String, candle_core::Var)> = opt
-        .params()
-        .into_iter()
-        .map(|(n, v)| (n.to_string(), v.clone()))
-        .collect();
-    let refs: Vec<(&str, &candle_core::Var)> =
-        params.iter().map(|(n, v)| (n.as_str(), v)).collect();
-    crate::train::guard::check_grads(step, &grads, &refs)?;
-    let norm = match max_grad_norm {
-        Some(m) => clip_grad_norm(&mut grads, &refs, m)?,
-        None => crate::train::optim::grad_norm(&grads, params.iter().map(|(_, v)| v))?,
-    };
-    opt.step(&grads)?;
+    let grads = loss.backward()?;
+    let mut sq = 0f64;
+    for (name, var) in opt.params() {
+        if let Some(g) = grads.get(var.as_tensor()) {
+            let s = crate::train::optim::grad_sq_sum(g)?;
+            if !s.is_finite() {
+                return Err(crate::train::guard::GuardError::NonFiniteGradient {
+                    step,
+                    param: name.to_string(),
+                }
+                .into());
+            }
+            sq += s;
+        }
+    }
+    let norm = sq.sqrt();
+    // PyTorch's clip_grad_norm_: coefficient max_norm / (norm + 1e-6), applied only below 1.
+    let scale = max_grad_norm
+        .map(|m| m / (norm + 1e-6))
+        .filter(|&c| c < 1.0);
+    opt.step_scaled(&grads, scale)?;
     Ok(norm)
 }
 

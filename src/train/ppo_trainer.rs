@@ -207,6 +207,12 @@ pub fn train_ppo(
     let bsz = po.rollouts_per_step;
     let mb = bsz / po.num_minibatches;
     let mut outcome = TrainOutcome::default();
+    // Phase timer: each call books the time since the previous one under `name`.
+    let mut mark = Instant::now();
+    let mut lap = |outcome: &mut TrainOutcome, name: &str| {
+        outcome.add_phase(name, mark.elapsed().as_secs_f64());
+        mark = Instant::now();
+    };
     while log.state.step < total {
         let step = log.state.step + 1;
         // Prompts of this step: positions (step-1)·B .. step·B of the epoch-wise permutations.
@@ -246,14 +252,17 @@ pub fn train_ppo(
         let g = generate(&policy.model, &q, &gen_cfg)?;
         let mut r = layout(&q, &g.tokens, pad, &dev)?;
         r.finished = g.finished.clone();
+        lap(&mut outcome, "rollout generation");
         let all = Tensor::arange(0u32, bsz as u32, &dev)?;
         let (old_lp, values) = score_rows(&policy.model, Some(&head), &r, &all, po.temperature)?;
         let (old_lp, values) = (
             old_lp.detach(),
             values.context("value head output")?.detach(),
         );
+        lap(&mut outcome, "policy logprobs + values");
         let (ref_lp, _) = score_rows(&policy.reference, None, &r, &all, po.temperature)?;
         let ref_lp = ref_lp.detach();
+        lap(&mut outcome, "reference logprobs");
 
         // 2. Scores at the last token, missing-EOS penalty.
         let texts = g.texts(policy.tokenizer.inner(), true)?;
@@ -270,6 +279,7 @@ pub fn train_ppo(
         let raw = rm.score(&full_ids, &full_texts)?;
         let raw_t = Tensor::from_vec(raw.clone(), bsz, &dev)?;
         let scores = apply_missing_eos_penalty(&raw_t, &r.finished, -po.missing_eos_penalty)?;
+        lap(&mut outcome, "reward scoring");
 
         // 3. Rewards, GAE, whitening.
         let seq_lens: Vec<usize> = r.answers.iter().map(|a| a.len() - 1).collect();
@@ -292,6 +302,7 @@ pub fn train_ppo(
             .ones_like()?
             .sub(&gae.padding_mask)?
             .to_dtype(DType::F32)?;
+        lap(&mut outcome, "rewards + GAE");
 
         // 4. PPO epochs over minibatches.
         policy.set_training(true);
@@ -319,7 +330,9 @@ pub fn train_ppo(
                     },
                     &loss_cfg,
                 )?;
+                lap(&mut outcome, "ppo forward");
                 optimiser_step(&mut opt, &pl.loss, step, opts.max_grad_norm)?;
+                lap(&mut outcome, "ppo backward + AdamW");
                 stats.push(pl.stats);
             }
         }
@@ -382,6 +395,7 @@ pub fn train_ppo(
             );
             log.checkpoint(&root, &policy.varmap, &opt, extra)?;
         }
+        lap(&mut outcome, "metrics + checkpoint");
     }
     outcome.steps = log.state.step;
     outcome.seconds = started.elapsed().as_secs_f64();

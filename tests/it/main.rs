@@ -8,6 +8,7 @@ mod config;
 mod crash;
 mod cuda;
 mod dataset;
+mod dpospeed;
 mod feedback_server;
 mod forge_behaviour;
 mod forge_contract;

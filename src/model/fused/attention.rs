@@ -12,7 +12,7 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
-use super::kernels::softmax_row;
+use super::kernels::{softmax_bwd_rows, softmax_row};
 use super::sgemm::sgemm;
 use super::{f32_slice, with_f32};
 
@@ -221,12 +221,7 @@ impl CustomOp3 for AttentionOp {
                                         1.0,
                                     );
                                     // dS = P ⊙ (dP − rowsum(dP ⊙ P)), times the score scale.
-                                    for (dr, pr) in ds.chunks_exact_mut(t).zip(p.chunks_exact(t)) {
-                                        let dot: f32 = dr.iter().zip(pr).map(|(a, b)| a * b).sum();
-                                        for (x, p) in dr.iter_mut().zip(pr) {
-                                            *x = p * (*x - dot) * self.scale;
-                                        }
-                                    }
+                                    softmax_bwd_rows(&mut ds, p, t, self.scale);
                                     // dQ_h = dS K_h, dK_h = dSᵀ Q_h
                                     sgemm(
                                         (t, d, t),

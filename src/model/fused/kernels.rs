@@ -63,6 +63,31 @@ pub(super) fn col_sums(g: &[f32], n: usize) -> Vec<f32> {
         .reduce(|| vec![0f32; n], add_into)
 }
 
+/// `f(x + b)` for every element, `b` broadcast over the rows of `x`: the forward pass that
+/// [`BiasAdd`] and [`BiasGelu`] share. Checks the shapes and returns the new storage.
+fn bias_map(
+    op: &str,
+    (s1, l1): (&CpuStorage, &Layout),
+    (s2, l2): (&CpuStorage, &Layout),
+    f: impl Fn(f32) -> f32 + Sync,
+) -> Result<(CpuStorage, Shape)> {
+    let n = last_dim(l1, op)?;
+    check_vector(l2, n, op, "bias")?;
+    let x = f32_slice(s1, l1, op)?;
+    let b = f32_slice(s2, l2, op)?;
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(n * rows_per_task(n))
+        .zip(x.par_chunks(n * rows_per_task(n)))
+        .for_each(|(o, x)| {
+            for (orow, xrow) in o.chunks_exact_mut(n).zip(x.chunks_exact(n)) {
+                for ((o, x), b) in orow.iter_mut().zip(xrow).zip(b) {
+                    *o = f(x + b);
+                }
+            }
+        });
+    Ok((CpuStorage::F32(out), l1.shape().clone()))
+}
+
 /// `x + b` with `b` broadcast over the rows of `x`; backward: `dx = dy`, `db = Σ_rows dy`.
 pub struct BiasAdd;
 
@@ -78,21 +103,7 @@ impl CustomOp2 for BiasAdd {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let n = last_dim(l1, self.name())?;
-        check_vector(l2, n, self.name(), "bias")?;
-        let x = f32_slice(s1, l1, self.name())?;
-        let b = f32_slice(s2, l2, self.name())?;
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(n * rows_per_task(n))
-            .zip(x.par_chunks(n * rows_per_task(n)))
-            .for_each(|(o, x)| {
-                for (orow, xrow) in o.chunks_exact_mut(n).zip(x.chunks_exact(n)) {
-                    for ((o, x), b) in orow.iter_mut().zip(xrow).zip(b) {
-                        *o = x + b;
-                    }
-                }
-            });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        bias_map(self.name(), (s1, l1), (s2, l2), |v| v)
     }
 
     fn bwd(
@@ -127,21 +138,9 @@ impl CustomOp2 for BiasGelu {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let n = last_dim(l1, self.name())?;
-        check_vector(l2, n, self.name(), "bias")?;
-        let x = f32_slice(s1, l1, self.name())?;
-        let b = f32_slice(s2, l2, self.name())?;
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(n * rows_per_task(n))
-            .zip(x.par_chunks(n * rows_per_task(n)))
-            .for_each(|(o, x)| {
-                for (orow, xrow) in o.chunks_exact_mut(n).zip(x.chunks_exact(n)) {
-                    for ((o, x), b) in orow.iter_mut().zip(xrow).zip(b) {
-                        *o = math::gelu_with_grad(x + b).0;
-                    }
-                }
-            });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        bias_map(self.name(), (s1, l1), (s2, l2), |v| {
+            math::gelu_with_grad(v).0
+        })
     }
 
     fn bwd(
@@ -341,6 +340,17 @@ impl CustomOp3 for LayerNormOp {
             Some(dw),
             Some(db),
         ))
+    }
+}
+
+/// Attention's softmax backward in place, row by row: `ds ← P ⊙ (ds − rowsum(ds ⊙ P)) · scale`
+/// for `[rows, n]` probabilities `p` and upstream gradients `ds`.
+pub(super) fn softmax_bwd_rows(ds: &mut [f32], p: &[f32], n: usize, scale: f32) {
+    for (dr, pr) in ds.chunks_exact_mut(n).zip(p.chunks_exact(n)) {
+        let dot: f32 = dr.iter().zip(pr).map(|(a, b)| a * b).sum();
+        for (x, p) in dr.iter_mut().zip(pr) {
+            *x = p * (*x - dot) * scale;
+        }
     }
 }
 

@@ -157,34 +157,8 @@ impl CustomOp3 for LinearOp {
                     } else {
                         g
                     };
-                    // dx = dz · W
-                    let mut dx = vec![0f32; rows * k];
-                    sgemm_threads(
-                        (rows, k, n),
-                        &mut dx,
-                        (k, 1),
-                        false,
-                        dz,
-                        (n, 1),
-                        w,
-                        (k, 1),
-                        1.0,
-                        threads,
-                    );
-                    // dW = dzᵀ · x, already in W's [n, k] layout.
-                    let mut dw = vec![0f32; n * k];
-                    sgemm_threads(
-                        (n, k, rows),
-                        &mut dw,
-                        (k, 1),
-                        false,
-                        dz,
-                        (1, n),
-                        x,
-                        (k, 1),
-                        1.0,
-                        threads,
-                    );
+                    let dx = grad_input(dz, w, (rows, n, k), threads);
+                    let dw = grad_weight(dz, x, (rows, n, k), threads);
                     Ok((dx, dw, col_sums(dz, n)))
                 })
             })
@@ -193,6 +167,139 @@ impl CustomOp3 for LinearOp {
             Some(Tensor::from_vec(dx, x.shape(), x.device())?),
             Some(Tensor::from_vec(dw, w.shape(), w.device())?),
             Some(Tensor::from_vec(db, n, b.device())?),
+        ))
+    }
+}
+
+/// `dx = dz · W` for `dz` `[rows, n]` and `W` `[n, k]`.
+fn grad_input(
+    dz: &[f32],
+    w: &[f32],
+    (rows, n, k): (usize, usize, usize),
+    threads: usize,
+) -> Vec<f32> {
+    let mut dx = vec![0f32; rows * k];
+    sgemm_threads(
+        (rows, k, n),
+        &mut dx,
+        (k, 1),
+        false,
+        dz,
+        (n, 1),
+        w,
+        (k, 1),
+        1.0,
+        threads,
+    );
+    dx
+}
+
+/// `dW = dzᵀ · x`, written directly in W's `[n, k]` layout.
+fn grad_weight(
+    dz: &[f32],
+    x: &[f32],
+    (rows, n, k): (usize, usize, usize),
+    threads: usize,
+) -> Vec<f32> {
+    let mut dw = vec![0f32; n * k];
+    sgemm_threads(
+        (n, k, rows),
+        &mut dw,
+        (k, 1),
+        false,
+        dz,
+        (1, n),
+        x,
+        (k, 1),
+        1.0,
+        threads,
+    );
+    dw
+}
+
+/// `y = x·Wᵀ` without a bias, for the decoder's projections (training and scoring shapes).
+///
+/// candle's matmul backward always forms both gradients, and for `x.matmul(&w.t())` the weight
+/// gradient comes back transposed and is accumulated element by element into a zero-filled
+/// tensor. Here `dW = dyᵀ·x` is written once in `[out, in]` layout, and each gradient is only
+/// computed when its input is part of the graph: a frozen weight (a LoRA base, the reference
+/// model) costs no `dW` product at all, which is a third of a frozen layer's backward.
+pub struct MatmulWtOp;
+
+fn matmul_wt_dims(lx: &Layout, lw: &Layout) -> Result<(usize, usize, usize)> {
+    let &[n, k] = lw.dims() else {
+        bail!(
+            "fused matmul: weight must be [out, in], got {:?}",
+            lw.dims()
+        );
+    };
+    if lx.dims().last() != Some(&k) {
+        bail!(
+            "fused matmul: input {:?} does not end in the weight's in-dimension {k}",
+            lx.dims()
+        );
+    }
+    Ok((lx.shape().elem_count() / k.max(1), n, k))
+}
+
+impl candle_core::CustomOp2 for MatmulWtOp {
+    fn name(&self) -> &'static str {
+        "fused-matmul-wt"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (rows, n, k) = matmul_wt_dims(l1, l2)?;
+        let x = f32_slice(s1, l1, self.name())?;
+        let w = f32_slice(s2, l2, self.name())?;
+        let mut y = vec![0f32; rows * n];
+        sgemm_threads(
+            (rows, n, k),
+            &mut y,
+            (n, 1),
+            false,
+            x,
+            (k, 1),
+            w,
+            (1, k),
+            1.0,
+            rayon::current_num_threads(),
+        );
+        let mut out_dims = l1.dims().to_vec();
+        let last = out_dims.len() - 1;
+        out_dims[last] = n;
+        Ok((CpuStorage::F32(y), out_dims.into()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (rows, n, k) = matmul_wt_dims(x.layout(), w.layout())?;
+        let threads = rayon::current_num_threads();
+        let (want_dx, want_dw) = (x.track_op(), w.track_op());
+        let (dx, dw) = with_f32(x, |xs| {
+            with_f32(w, |ws| {
+                with_f32(grad, |g| {
+                    let dx = want_dx.then(|| grad_input(g, ws, (rows, n, k), threads));
+                    let dw = want_dw.then(|| grad_weight(g, xs, (rows, n, k), threads));
+                    Ok((dx, dw))
+                })
+            })
+        })?;
+        Ok((
+            dx.map(|d| Tensor::from_vec(d, x.shape(), x.device()))
+                .transpose()?,
+            dw.map(|d| Tensor::from_vec(d, w.shape(), w.device()))
+                .transpose()?,
         ))
     }
 }

@@ -10,11 +10,12 @@ pub mod adamw;
 pub mod alloc;
 mod attention;
 mod cached_attention;
+mod causal_attention;
 mod kernels;
 mod linear;
 mod math;
 mod matvec;
-mod sgemm;
+pub(crate) mod sgemm;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, D, DType, Layout, Result, Storage, Tensor, bail};
@@ -44,8 +45,7 @@ pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Re
     }
 }
 
-/// Whether every tensor is f32 on the CPU, where the fused kernels run.
-pub fn fusable(ts: &[&Tensor]) -> bool {
+fn fusable(ts: &[&Tensor]) -> bool {
     ts.iter()
         .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
 }
@@ -91,6 +91,17 @@ pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
         &b.contiguous()?,
         linear::LinearOp::new(false),
     )
+}
+
+/// `x·Wᵀ` (no bias) for `x` of any rank (`[.., in]`) and `w` `[out, in]`, as one op whose
+/// backward writes `dW` in place and skips the gradient of an input outside the graph (a frozen
+/// weight). CPU f32 only: callers check [`fusable_all`] and keep candle's matmul elsewhere.
+pub fn matmul_wt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if !fusable(&[x, w]) {
+        bail!("fused matmul runs on f32 CPU tensors only");
+    }
+    x.contiguous()?
+        .apply_op2(&w.contiguous()?, linear::MatmulWtOp)
 }
 
 /// `gelu_erf(x·Wᵀ + b)` as one op (HF's `gelu` feed-forward).
@@ -155,6 +166,41 @@ pub fn attention(
         &v.contiguous()?,
         attention::AttentionOp::new(heads, scale, mask),
     )
+}
+
+/// The decoder's attention core with grouped KV heads: `softmax(Q_h K_{h/rep}ᵀ · scale + bias) V`
+/// for `q` `[b, heads, tq, d]`, `k`/`v` `[b, kv_heads, tk, d]` and an additive `bias`
+/// `[b, 1, tq, tk]` (causal and padding mask; a constant), returned as `[b, tq, heads·d]`.
+/// CPU f32 only: callers keep their composed version for other devices (see `fusable_all`).
+pub fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    scale: f32,
+) -> Result<Tensor> {
+    if !fusable(&[q, k, v, bias]) {
+        bail!("fused causal attention runs on f32 CPU tensors only");
+    }
+    let (b, _, tq, _) = q.dims4()?;
+    let tk = k.dim(2)?;
+    if bias.dims() != [b, 1, tq, tk] {
+        bail!(
+            "fused causal attention: mask {:?} is not [{b}, 1, {tq}, {tk}]",
+            bias.dims()
+        );
+    }
+    let bias = bias.detach().flatten_all()?.to_vec1::<f32>()?;
+    q.contiguous()?.apply_op3(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        causal_attention::CausalAttentionOp::new(scale, bias),
+    )
+}
+
+/// Whether every tensor is f32 on the CPU (the fused kernels' domain).
+pub fn fusable_all(ts: &[&Tensor]) -> bool {
+    fusable(ts)
 }
 
 /// The unfused compositions of candle ops that the fused kernels replace: the specification the

@@ -1,0 +1,129 @@
+//! PPO step time at the shape: SmolLM2-135M-Instruct with LoRA (r 16, α 32 on
+//! q/k/v/o, as `configs/smollm2-demo.yaml`), 8 prompts per step, 32 new tokens, 4 PPO epochs
+//! over one minibatch (TRL's defaults), f32 on the CPU.
+//!
+//! The step is the trainer's own: `train_ppo` runs rollout generation, the policy's old
+//! log-probs and values, the reference log-probs, reward scoring, rewards + GAE, and the PPO
+//! epochs' forward, backward and AdamW, and books each phase's wall time in
+//! `TrainOutcome::phase_seconds`, which this bench prints. The reward model is the same
+//! SmolLM2 body as a sequence classifier (`score` head freshly initialised): a reward model of
+//! the policy's size, which is what scoring costs in a real run. Generation stops at EOS as in
+//! training, so a step may produce fewer than 32 tokens per row; the bench prints how many.
+//!
+//! Run: `cargo bench --bench ppo_step` (env: `STEPS`, default 2: the first is reported
+//! separately as warm-up). Needs the GGUF (see `fetch-models.sh`; `RLHF_MODELS_DIR`), else
+//! prints "skipped".
+
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use candle_core::Device;
+use rlhf_bot::model::chat_template::{ChatMessage, ChatTemplate};
+use rlhf_bot::model::{gguf, ops};
+use rlhf_bot::run_outputs::PolicyAlgo;
+use rlhf_bot::train::policy_common::{LoraOptions, Policy, PolicyTrainOptions, PpoOptions};
+use rlhf_bot::train::policy_eval::RewardScorer;
+use rlhf_bot::train::ppo_trainer::train_ppo;
+
+const QUESTIONS: [&str; 8] = [
+    "What is the capital of France?",
+    "Explain photosynthesis in one sentence.",
+    "Give me three tips for writing clear emails.",
+    "Why is the sky blue?",
+    "What does a carbon tax do to emissions?",
+    "Write a haiku about autumn rain.",
+    "How do vaccines train the immune system?",
+    "Summarise the plot of Romeo and Juliet.",
+];
+
+fn options(steps: u64) -> PolicyTrainOptions {
+    PolicyTrainOptions {
+        algo: PolicyAlgo::Ppo,
+        lr: 1e-4,
+        max_steps: Some(steps),
+        max_prompt_len: 128,
+        max_completion_len: 32,
+        lora: Some(LoraOptions {
+            r: 16,
+            alpha: 32.0,
+            dropout: 0.0,
+            targets: ["q_proj", "k_proj", "v_proj", "o_proj"]
+                .map(String::from)
+                .to_vec(),
+        }),
+        ppo: PpoOptions {
+            rollouts_per_step: 8,
+            ppo_epochs: 4,
+            num_minibatches: 1,
+            ..PpoOptions::default()
+        },
+        // A random score head can make any KL look large; the bench measures time, not safety.
+        kl_ceiling: 1e9,
+        checkpoint_every: 1_000_000,
+        ..PolicyTrainOptions::default()
+    }
+}
+
+fn main() -> Result<()> {
+    ops::tune_allocator();
+    let Some(path) = gguf::find_gguf("SmolLM2-135M-Instruct") else {
+        println!(
+            "skipped: SmolLM2-135M-Instruct GGUF not found under {:?}",
+            gguf::models_dir()
+        );
+        return Ok(());
+    };
+    let steps: u64 = std::env::var("STEPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2)
+        .max(1);
+    let tmp = tempfile::tempdir().context("creating a scratch directory")?;
+    let dir = tmp.path().join("smollm2");
+    let t0 = Instant::now();
+    gguf::convert_gguf_to_hf_dir(&path, &dir)?;
+    let dev = Device::Cpu;
+    let opts = options(steps);
+    let template = ChatTemplate::from_hf_dir(&dir)?;
+    let prompts: Vec<String> = QUESTIONS
+        .iter()
+        .map(|q| template.render(&[ChatMessage::user(*q)], true))
+        .collect::<Result<_, _>>()?;
+    let rm = RewardScorer::load(&dir, &dev)?;
+    let mut policy = Policy::load(&dir, opts.lora.as_ref(), opts.seed, &dev)?;
+    println!(
+        "PPO step, SmolLM2-135M-Instruct + LoRA r16 q/k/v/o, reward model SmolLM2-135M: {} prompts x {} new tokens, {} PPO epochs; threads {}; loaded in {:.1} s",
+        opts.ppo.rollouts_per_step,
+        opts.max_completion_len,
+        opts.ppo.ppo_epochs,
+        candle_core::utils::get_num_threads(),
+        t0.elapsed().as_secs_f64()
+    );
+
+    // Step 1 (warm-up: allocator pools, lazily built tables) and the remaining steps are timed
+    // as two runs of the trainer; the second resumes from the first's checkpoint.
+    let out = tmp.path().join("run");
+    let mut first = opts.clone();
+    first.max_steps = Some(1);
+    let warm = train_ppo(&mut policy, &rm, &prompts, &first, &out)?;
+    report("warm-up step", &warm, 1);
+    if steps > 1 {
+        let rest = train_ppo(&mut policy, &rm, &prompts, &opts, &out)?;
+        report("steady step", &rest, steps - 1);
+    }
+    Ok(())
+}
+
+/// Prints each phase's mean seconds per step and the total.
+fn report(label: &str, o: &rlhf_bot::train::dpo_trainer::TrainOutcome, steps: u64) {
+    let n = steps as f64;
+    let total: f64 = o.phase_seconds.iter().map(|(_, s)| s).sum();
+    println!(
+        "{label} ({steps} step(s), {:.1} new tokens per row):",
+        o.tokens as f64 / (8.0 * n)
+    );
+    for (name, s) in &o.phase_seconds {
+        println!("  {name:<26} {:>7.3} s", s / n);
+    }
+    println!("  {:<26} {:>7.3} s", "total", total / n);
+}
