@@ -15,8 +15,8 @@ use candle_core::{D, Device, IndexOp, Tensor};
 use crate::model::llama::{LayerKv, LlamaForCausalLM};
 use crate::model::sampling::{Sampler, SamplingParams, token_logprob};
 
-/// Per-layer key/value tensors (`[batch, kv_heads, seq, head_dim]`), filled by the decoder.
-#[derive(Debug, Clone, Default)]
+/// Per-layer key/value buffers, filled by the decoder.
+#[derive(Debug, Default)]
 pub struct KvCache {
     pub layers: Vec<LayerKv>,
 }
@@ -24,7 +24,7 @@ pub struct KvCache {
 impl KvCache {
     pub fn new(num_layers: usize) -> Self {
         Self {
-            layers: vec![None; num_layers],
+            layers: (0..num_layers).map(|_| None).collect(),
         }
     }
 
@@ -33,8 +33,7 @@ impl KvCache {
         self.layers
             .first()
             .and_then(|l| l.as_ref())
-            .and_then(|(k, _)| k.dim(2).ok())
-            .unwrap_or(0)
+            .map_or(0, |kv| kv.len())
     }
 }
 
@@ -262,7 +261,7 @@ fn rows_tensor(rows: &[Vec<u32>], device: &Device) -> Result<Tensor> {
 pub fn last_position_logits(hidden: &Tensor, lm_head: &Tensor) -> Result<Tensor> {
     let t = hidden.dim(1)?;
     let last = hidden.i((.., t - 1, ..))?.contiguous()?;
-    Ok(last.matmul(&lm_head.t()?)?)
+    Ok(crate::model::fused::matmul_t(&last, lm_head)?)
 }
 
 /// `log_softmax` over the last dimension, for callers that score whole sequences.

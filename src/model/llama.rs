@@ -501,21 +501,31 @@ impl Attention {
         ctx: &AttentionContext,
         kv: Option<&mut LayerKv>,
     ) -> candle_core::Result<Tensor> {
-        let (q, mut k, mut v) = self.qkv(x, ctx)?;
+        let (q, k, v) = self.qkv(x, ctx)?;
         if kv.is_none() && fused::fusable_all(&[&q, &k, &v, &ctx.bias]) {
             // Training and scoring (no cache): the fused op, one pass with its own backward.
             let scale = 1.0 / (self.head_dim as f32).sqrt();
             let out = fused::causal_attention(&q, &k, &v, &ctx.bias, scale)?;
             return self.o_proj.forward(&out);
         }
-        if let Some(slot) = kv {
-            if let Some((pk, pv)) = slot.as_ref() {
-                k = Tensor::cat(&[pk, &k], 2)?;
-                v = Tensor::cat(&[pv, &v], 2)?;
+        let out = match kv {
+            None => self.attend(&q, &k, &v, &ctx.bias)?,
+            Some(slot) => {
+                let buf = KvBuffer::append(slot, &k.contiguous()?, &v.contiguous()?)?;
+                if fused::fusable_all(&[&q, &buf.k, &buf.v, &ctx.bias]) {
+                    let op = fused::CachedAttention {
+                        heads: self.n_heads,
+                        len: buf.len,
+                        scale: (1.0 / (self.head_dim as f64).sqrt()) as f32,
+                        bias: ctx.bias.flatten_all()?.to_vec1::<f32>()?,
+                    };
+                    q.contiguous()?.apply_op3_no_bwd(&buf.k, &buf.v, &op)?
+                } else {
+                    let (k, v) = (buf.keys()?.contiguous()?, buf.values()?.contiguous()?);
+                    self.attend(&q, &k, &v, &ctx.bias)?
+                }
             }
-            *slot = Some((k.clone(), v.clone()));
-        }
-        let out = self.attend(&q, &k, &v, &ctx.bias)?;
+        };
         self.o_proj.forward(&out)
     }
 }
@@ -686,10 +696,10 @@ impl LlamaModel {
                 self.layers.len()
             );
         }
-        let offset = match cache.first().and_then(Option::as_ref) {
-            Some((k, _)) => k.dim(2)?,
-            None => 0,
-        };
+        let offset = cache
+            .first()
+            .and_then(Option::as_ref)
+            .map_or(0, KvBuffer::len);
         let (b, t) = input_ids.dims2()?;
         if mask.len() != b || mask.first().map_or(0, Vec::len) != offset + t {
             candle_core::bail!(
@@ -725,9 +735,85 @@ impl LlamaModel {
     }
 }
 
-/// One layer's cached keys and values (`[batch, kv_heads, seq, head_dim]`), `None` before the
-/// first forward pass.
-pub type LayerKv = Option<(Tensor, Tensor)>;
+/// One layer's cached keys and values, `None` before the first forward pass.
+pub type LayerKv = Option<KvBuffer>;
+
+/// Keys and values of one layer in buffers with room to grow: `[batch, kv_heads, capacity,
+/// head_dim]`, of which the first `len` positions are filled.
+///
+/// Appending writes the new positions in place, so a generation step copies only its own
+/// keys/values instead of the whole cache (what `cat` of the old cache with the new column
+/// did); the buffers double when full. Not `Clone`: a clone would share the buffers, and
+/// appending to one would write into the other.
+#[derive(Debug)]
+pub struct KvBuffer {
+    k: Tensor,
+    v: Tensor,
+    len: usize,
+}
+
+/// Positions a new cache buffer holds beyond the prompt before it first has to grow.
+const KV_HEADROOM: usize = 128;
+
+impl KvBuffer {
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The cached keys `[batch, kv_heads, len, head_dim]` (a view into the buffer).
+    pub fn keys(&self) -> candle_core::Result<Tensor> {
+        self.k.narrow(2, 0, self.len)
+    }
+
+    /// The cached values `[batch, kv_heads, len, head_dim]` (a view into the buffer).
+    pub fn values(&self) -> candle_core::Result<Tensor> {
+        self.v.narrow(2, 0, self.len)
+    }
+
+    /// Appends contiguous `k`, `v` (`[batch, kv_heads, t, head_dim]`) to `slot`, creating or
+    /// growing its buffers as needed, and returns the updated buffer.
+    fn append<'a>(
+        slot: &'a mut LayerKv,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> candle_core::Result<&'a KvBuffer> {
+        let (b, h, t, d) = k.dims4()?;
+        let len = slot.as_ref().map_or(0, |s| s.len);
+        let cap = slot.as_ref().map_or(0, |s| s.k.dim(2).unwrap_or(0));
+        if len + t > cap {
+            let new_cap = (len + t + KV_HEADROOM).max(2 * cap);
+            let grow = |old: Option<Tensor>| -> candle_core::Result<Tensor> {
+                let buf = Tensor::zeros((b, h, new_cap, d), k.dtype(), k.device())?;
+                if let Some(old) = old {
+                    buf.slice_set(&old.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+                }
+                Ok(buf)
+            };
+            let old = slot.take();
+            let (ok, ov) = match old {
+                Some(o) => (Some(o.k), Some(o.v)),
+                None => (None, None),
+            };
+            *slot = Some(KvBuffer {
+                k: grow(ok)?,
+                v: grow(ov)?,
+                len,
+            });
+        }
+        let Some(buf) = slot.as_mut() else {
+            candle_core::bail!("KV cache slot is empty after allocation");
+        };
+        buf.k.slice_set(k, 2, len)?;
+        buf.v.slice_set(v, 2, len)?;
+        buf.len = len + t;
+        Ok(buf)
+    }
+}
 
 /// `LlamaForCausalLM`: the body plus an LM head (`lm_head.weight`, or the embeddings when
 /// `tie_word_embeddings`).

@@ -23,7 +23,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::SeedableRng;
 use serde::{Deserialize, Serialize};
 
-use crate::model::fused;
+use crate::model::fused::{self, matmul_t};
 
 /// File names of a PEFT adapter directory.
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
@@ -288,7 +288,7 @@ impl Module for LoraLinear {
         let in_dim = *dims.last().unwrap_or(&0);
         let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
         let x2 = x.reshape((rows, in_dim))?;
-        let low = x2.matmul(&self.a.t()?)?.matmul(&self.b.t()?)?;
+        let low = matmul_t(&matmul_t(&x2, &self.a)?, &self.b)?;
         let mut out_dims = dims;
         if let Some(last) = out_dims.last_mut() {
             *last = self.b.dim(0)?;
@@ -364,7 +364,8 @@ fn dense(layer: &Linear, x: &Tensor) -> candle_core::Result<Tensor> {
             None => Ok(y),
         };
     }
-    let y = x.reshape((rows, in_dim))?.matmul(&layer.weight().t()?)?;
+    // Decoding shapes: the streaming small-m kernel (m <= 16) or candle's matmul.
+    let y = matmul_t(&x.reshape((rows, in_dim))?, layer.weight())?;
     let y = match layer.bias() {
         Some(b) => y.broadcast_add(b)?,
         None => y,

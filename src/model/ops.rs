@@ -10,7 +10,6 @@ use candle_core::backend::BackendStorage;
 use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp2, D, DType, Device, Layout, Result, Shape, Tensor};
-
 use rayon::prelude::*;
 
 use super::fused::sgemm::sgemm_threads;
@@ -465,7 +464,7 @@ impl CustomOp2 for FusedRmsNorm {
         let xf = x.detach().contiguous()?.reshape(((), cols))?;
         let dyf = grad_res.detach().contiguous()?.reshape(((), cols))?;
         let wv = w.detach().to_vec1::<f32>()?;
-        let threads = candle_core::utils::get_num_threads().max(1);
+        let threads = rayon::current_num_threads().max(1);
         let (dx, dw) = with_rows(&xf, |xd, _| {
             with_rows(&dyf, |dyd, _| {
                 let rows = xd.len() / cols;
@@ -860,23 +859,33 @@ fn with_rows<T>(t: &Tensor, f: impl FnOnce(&[f32], usize) -> Result<T>) -> Resul
     }
 }
 
-/// Splits `out` (rows of `width` values) across candle's worker count and runs
-/// `f(first_row, block)` on each block in its own scoped thread.
+/// Splits `out` (rows of `width` values) into blocks of whole rows and runs
+/// `f(first_row, block)` on each, in parallel on rayon's pool.
+///
+/// Outputs under [`PAR_MIN_FLOATS`] run on the calling thread: a decode step normalises and
+/// soft-maxes a few hundred floats per call, sixty times per token, where waking another thread
+/// costs more than the work. Larger ones are split into one block per rayon thread. (The thread
+/// count comes from rayon, not `candle_core::utils::get_num_threads`, which re-reads
+/// `/proc/cpuinfo` on every call unless `RAYON_NUM_THREADS` is set: ~80 µs here.)
 fn par_rows(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
     let rows = out.len() / width.max(1);
-    let threads = candle_core::utils::get_num_threads().clamp(1, rows.max(1));
-    let per = rows.div_ceil(threads);
+    let threads = if out.len() < PAR_MIN_FLOATS {
+        1
+    } else {
+        rayon::current_num_threads().clamp(1, rows.max(1))
+    };
+    let per = rows.div_ceil(threads).max(1);
     if threads == 1 {
         f(0, out);
         return;
     }
-    std::thread::scope(|s| {
-        for (i, block) in out.chunks_mut(per * width).enumerate() {
-            let f = &f;
-            s.spawn(move || f(i * per, block));
-        }
-    });
+    out.par_chunks_mut(per * width)
+        .enumerate()
+        .for_each(|(i, block)| f(i * per, block));
 }
+
+/// Smallest output (in floats) that [`par_rows`] splits over threads.
+const PAR_MIN_FLOATS: usize = 1 << 14;
 
 /// `log Σ exp(x)` of one row, with 8 independent accumulators so the loops vectorise.
 fn row_logsumexp(row: &[f32]) -> f32 {

@@ -14,6 +14,7 @@ mod forge_behaviour;
 mod forge_contract;
 mod llama;
 mod losses;
+mod matvec;
 mod policy_model;
 mod policycli;
 mod policytrain;

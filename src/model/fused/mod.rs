@@ -9,11 +9,13 @@
 pub mod adamw;
 pub mod alloc;
 mod attention;
+mod cached_attention;
 mod causal_attention;
 mod kernels;
 mod layer;
 mod linear;
 mod math;
+mod matvec;
 pub(crate) mod sgemm;
 
 use candle_core::backend::BackendStorage;
@@ -21,6 +23,7 @@ use candle_core::{CpuStorage, D, DType, Layout, Result, Storage, Tensor, bail};
 
 pub use adamw::FusedAdamW;
 pub use alloc::tune_allocator;
+pub use cached_attention::CachedAttention;
 
 /// The contiguous f32 data a layout addresses.
 pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
@@ -46,6 +49,27 @@ pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Re
 fn fusable(ts: &[&Tensor]) -> bool {
     ts.iter()
         .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+}
+
+/// `x · wᵀ` for a 2-D `x` `[m, k]` and a weight `w` `[n, k]`, as linear layers and the LM head
+/// multiply.
+///
+/// With few rows (m ≤ [`matvec::MAX_ROWS`]: a decode step), f32 CPU tensors and a contiguous
+/// weight, this runs the streaming kernel of [`matvec`], which reads each weight row once
+/// instead of packing the whole matrix as the blocked gemm does; everything else (training
+/// batches, other devices or dtypes, strided weights) is candle's matmul. Both record a
+/// backward.
+pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let small = x.rank() == 2
+        && w.rank() == 2
+        && x.dim(0)? <= matvec::MAX_ROWS
+        && w.is_contiguous()
+        && fusable(&[x, w]);
+    if small {
+        matvec::matmul_wt(x, w)
+    } else {
+        x.matmul(&w.t()?)
+    }
 }
 
 /// `x + b` over the last dimension.

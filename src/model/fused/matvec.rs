@@ -1,0 +1,244 @@
+//! Decode-shaped matrix product `y[m, n] = x[m, k] · W[n, k]ᵀ` for a few input rows (m ≤
+//! [`MAX_ROWS`]): what every linear layer and the LM head compute once per generated token.
+//!
+//! For such shapes candle's matmul (the `gemm` crate) packs the whole weight matrix into its
+//! blocked layout on every call, which alone took ~45% of batch-1 decode time here. This kernel
+//! instead streams each weight row once, straight from the `[n, k]` layout it is stored in, and
+//! dots it with all m input rows while it is in cache: a tile of 4 weight rows × 2 input rows
+//! keeps 8 SIMD accumulators in registers. The SIMD width is chosen at run time through `pulp`
+//! (AVX2+FMA on x86-64, NEON on aarch64, scalar otherwise), so a binary built for the default
+//! x86-64 target (SSE2 only) still uses the wide instructions, without `unsafe` here. Output rows are split over rayon's threads in
+//! chunks of weight rows; each thread writes its own `[rows, m]` block of `yᵀ`, which is then
+//! transposed (a copy of m·n floats, tiny next to the n·k weights).
+//!
+//! The op has a backward (`dx = dy·W`, `dW = dyᵀ·x`, both ordinary matmuls), so routing a layer
+//! through it never cuts a gradient.
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, bail};
+use pulp::{Simd, WithSimd};
+use rayon::prelude::*;
+
+use super::f32_slice;
+
+/// Inputs with more rows than this go to the blocked gemm, which wins once packing the
+/// weights is amortised over enough rows.
+pub const MAX_ROWS: usize = 16;
+
+/// Weight rows per register tile.
+const NR: usize = 4;
+/// Input rows per register tile.
+const MR: usize = 2;
+/// Weight elements (floats) a parallel task should cover at least: below ~64 K floats
+/// (256 KB) rayon's hand-off costs more than the second core saves.
+const MIN_TASK_FLOATS: usize = 1 << 16;
+
+/// The custom op; inputs `x` `[m, k]` and `w` `[n, k]`, both contiguous f32 on the CPU.
+pub struct MatMulWt;
+
+impl CustomOp2 for MatMulWt {
+    fn name(&self) -> &'static str {
+        "matmul-wt-small-m"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (&[m, k], &[n, kw]) = (lx.dims(), lw.dims()) else {
+            bail!(
+                "matmul-wt: expected x [m, k] and w [n, k], got {:?} and {:?}",
+                lx.dims(),
+                lw.dims()
+            );
+        };
+        if k != kw {
+            bail!("matmul-wt: x has {k} columns but w has {kw}");
+        }
+        let x = f32_slice(sx, lx, "matmul-wt")?;
+        let w = f32_slice(sw, lw, "matmul-wt")?;
+        Ok((
+            CpuStorage::F32(matmul_wt_slices(x, w, m, n, k)),
+            (m, n).into(),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // Only inputs that are part of the graph get a gradient: a frozen base weight under a
+        // LoRA adapter must not receive one (nor cost the product).
+        let dx = x.track_op().then(|| dy.matmul(w)).transpose()?;
+        let dw = w.track_op().then(|| dy.t()?.matmul(x)).transpose()?;
+        Ok((dx, dw))
+    }
+}
+
+/// `x[m, k] · w[n, k]ᵀ` as a row-major `[m, n]` vector. The slices must hold exactly `m·k` and
+/// `n·k` floats (checked: a mismatch is a programming error of the caller).
+pub fn matmul_wt_slices(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+    assert_eq!(x.len(), m * k, "matmul-wt: x is not {m}x{k}");
+    assert_eq!(w.len(), n * k, "matmul-wt: w is not {n}x{k}");
+    if m == 0 || n == 0 {
+        return Vec::new();
+    }
+    let mut yt = vec![0f32; n * m];
+    let rows_per_task = rows_per_task(n, k);
+    if rows_per_task >= n {
+        matmul_wt_into(x, w, m, n, k, &mut yt);
+    } else {
+        yt.par_chunks_mut(rows_per_task * m)
+            .enumerate()
+            .for_each(|(chunk, out)| {
+                let (j0, rows) = (chunk * rows_per_task, out.len() / m);
+                matmul_wt_into(x, &w[j0 * k..(j0 + rows) * k], m, rows, k, out);
+            });
+    }
+    if m == 1 {
+        return yt;
+    }
+    let mut y = vec![0f32; m * n];
+    for (j, col) in yt.chunks_exact(m).enumerate() {
+        for (i, &v) in col.iter().enumerate() {
+            y[i * n + j] = v;
+        }
+    }
+    y
+}
+
+/// `yt[j·m + i] = w[j] · x[i]` (the product transposed, `[n, m]`) on the calling thread, for
+/// callers that parallelise at a coarser level.
+pub fn matmul_wt_into(x: &[f32], w: &[f32], m: usize, n: usize, k: usize, yt: &mut [f32]) {
+    assert!(
+        x.len() == m * k && w.len() == n * k && yt.len() == n * m,
+        "matmul-wt: slices do not match m={m}, n={n}, k={k}"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    dispatch(Tiles { x, w, m, k, yt });
+}
+
+/// Runs `op` with the widest SIMD this CPU has. pulp's own `Arch` only knows AVX2 with its
+/// `x86-v3` feature, which gemm-common leaves off (enabling it would rebuild gemm and candle), so
+/// on x86-64 the AVX2+FMA level is detected here; elsewhere pulp's `Arch` picks (NEON, scalar).
+#[inline(always)]
+fn dispatch<Op: WithSimd<Output = ()>>(op: Op) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        match pulp::x86::V3::try_new() {
+            Some(simd) => Simd::vectorize(simd, op),
+            None => Simd::vectorize(pulp::Scalar::new(), op),
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    pulp::Arch::new().dispatch(op)
+}
+
+/// Weight rows per parallel task: about four tasks per thread (so a thread slowed by the other
+/// processes on a shared machine does not hold the rest up), a multiple of the tile height, and
+/// never less than [`MIN_TASK_FLOATS`] of weights.
+fn rows_per_task(n: usize, k: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    let by_threads = n.div_ceil(threads * 4);
+    let by_size = MIN_TASK_FLOATS.div_ceil(k.max(1));
+    by_threads.max(by_size).div_ceil(NR) * NR
+}
+
+/// One task: `yt[j, i] = w[j] · x[i]` for the task's weight rows `j` and every input row `i`.
+struct Tiles<'a> {
+    x: &'a [f32],
+    w: &'a [f32],
+    m: usize,
+    k: usize,
+    yt: &'a mut [f32],
+}
+
+impl WithSimd for Tiles<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) {
+        let Self { x, w, m, k, yt } = self;
+        let xrow = |i: usize| &x[i * k..(i + 1) * k];
+        let wrow = |j: usize| &w[j * k..(j + 1) * k];
+        let rows = yt.len() / m;
+        let mut j = 0;
+        while j < rows {
+            if j + NR <= rows {
+                let ws: [&[f32]; NR] = std::array::from_fn(|c| wrow(j + c));
+                let mut i = 0;
+                while i + MR <= m {
+                    let d = tile::<S, MR, NR>(simd, std::array::from_fn(|r| xrow(i + r)), ws);
+                    for (r, dr) in d.iter().enumerate() {
+                        for (c, &v) in dr.iter().enumerate() {
+                            yt[(j + c) * m + i + r] = v;
+                        }
+                    }
+                    i += MR;
+                }
+                if i < m {
+                    let [d] = tile::<S, 1, NR>(simd, [xrow(i)], ws);
+                    for (c, &v) in d.iter().enumerate() {
+                        yt[(j + c) * m + i] = v;
+                    }
+                }
+                j += NR;
+            } else {
+                for i in 0..m {
+                    let [[v]] = tile::<S, 1, 1>(simd, [xrow(i)], [wrow(j)]);
+                    yt[j * m + i] = v;
+                }
+                j += 1;
+            }
+        }
+    }
+}
+
+/// Dot products of `R` input rows with `C` weight rows (all of one length), accumulated in
+/// `R·C` SIMD registers; the tail that does not fill a register is summed in scalar.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)] // r and c index several arrays at once
+fn tile<S: Simd, const R: usize, const C: usize>(
+    simd: S,
+    xs: [&[f32]; R],
+    ws: [&[f32]; C],
+) -> [[f32; C]; R] {
+    let xv = xs.map(S::as_simd_f32s);
+    let wv = ws.map(S::as_simd_f32s);
+    let lanes = wv[0].0.len();
+    // Equal-length views let the compiler drop the bounds checks in the hot loop.
+    let xh: [&[S::f32s]; R] = std::array::from_fn(|r| &xv[r].0[..lanes]);
+    let wh: [&[S::f32s]; C] = std::array::from_fn(|c| &wv[c].0[..lanes]);
+    let zero = simd.splat_f32s(0.0);
+    let mut acc = [[zero; C]; R];
+    for p in 0..lanes {
+        let wp: [S::f32s; C] = std::array::from_fn(|c| wh[c][p]);
+        for r in 0..R {
+            let xp = xh[r][p];
+            for c in 0..C {
+                acc[r][c] = simd.mul_add_e_f32s(xp, wp[c], acc[r][c]);
+            }
+        }
+    }
+    let mut out = [[0f32; C]; R];
+    for r in 0..R {
+        for c in 0..C {
+            let tail: f32 = xv[r].1.iter().zip(wv[c].1).map(|(a, b)| a * b).sum();
+            out[r][c] = simd.reduce_sum_f32s(acc[r][c]) + tail;
+        }
+    }
+    out
+}
+
+/// `x[m, k] · w[n, k]ᵀ` with the streaming kernel, recorded with its backward. Both must be
+/// 2-D f32 CPU tensors; each is used in place when contiguous and copied otherwise.
+pub fn matmul_wt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(&w.contiguous()?, MatMulWt)
+}
