@@ -178,7 +178,7 @@ impl BucketStore {
     }
 
     fn dir_path(&self, kind: &str, id: &str) -> ObjectPath {
-        self.prefix.clone().child(kind).child(id)
+        self.prefix.clone().join(kind).join(id)
     }
 
     /// `(kind, id)` of an artifact URI, which must lie under this store's URL.
@@ -367,7 +367,7 @@ impl ArtifactStore for BucketStore {
 
 /// The object path of a manifest-relative file path.
 fn object_of(dir: &ObjectPath, rel: &str) -> ObjectPath {
-    rel.split('/').fold(dir.clone(), |p, part| p.child(part))
+    rel.split('/').fold(dir.clone(), |p, part| p.join(part))
 }
 
 /// Reads an object whole (the manifest: a line per file).
@@ -401,7 +401,7 @@ struct Upload {
 
 impl Upload {
     async fn run(self) -> Result<ArtifactRef, ArtifactError> {
-        let manifest_at = self.dir.clone().child(MANIFEST);
+        let manifest_at = self.dir.clone().join(MANIFEST);
         if let Some(existing) = get_bytes(&*self.store, &manifest_at, &self.uri, MANIFEST).await? {
             return self.existing(&existing);
         }
@@ -561,7 +561,7 @@ async fn checked_manifest(
     expected: &ArtifactRef,
 ) -> Result<(String, Vec<(String, String)>), ArtifactError> {
     let uri = &expected.uri;
-    let bytes = get_bytes(store, &dir.clone().child(MANIFEST), uri, MANIFEST)
+    let bytes = get_bytes(store, &dir.clone().join(MANIFEST), uri, MANIFEST)
         .await?
         .ok_or_else(|| ArtifactError::Missing {
             uri: uri.clone(),
@@ -642,7 +642,7 @@ async fn verify_remote(
     let known: std::collections::BTreeSet<ObjectPath> = listed
         .iter()
         .map(|(_, rel)| object_of(&dir, rel))
-        .chain([dir.clone().child(MANIFEST)])
+        .chain([dir.clone().join(MANIFEST)])
         .collect();
     let mut listing = store.list(Some(&dir));
     while let Some(meta) = listing.next().await {
