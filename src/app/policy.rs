@@ -18,7 +18,6 @@ use serde::Serialize;
 
 use crate::app::pipeline;
 use crate::app::train_policy::{PolicyRunSummary, TrainPolicyRequest, train_policy};
-use crate::artifacts::FileStore;
 use crate::cli::Algo;
 use crate::config::Settings;
 use crate::config::policy::device_string;
@@ -402,8 +401,9 @@ pub fn find_reward_model(settings: &Settings) -> Result<PathBuf> {
     }
     let registry = Registry::load_or_default(&settings.registry.path)?;
     if let Some(entry) = registry.production(ModelKind::Reward) {
-        let store = FileStore::new(&settings.registry.artifacts_dir)?;
-        return Ok(store.path_of(&entry.artifact.uri)?);
+        // Through the store, so a bucket's model is downloaded, and any copy is verified.
+        let store = settings.registry.open_artifacts()?;
+        return Ok(store.materialize(&entry.artifact)?);
     }
     bail!(
         "no reward model: no run under {} has one and the registry {} has no production reward model\nhint: run `rlhf-bot train reward` first, or pass --reward-model DIR",
@@ -416,9 +416,11 @@ pub fn find_reward_model(settings: &Settings) -> Result<PathBuf> {
 fn registry_production_policy(settings: &Settings, scratch: &Path) -> Option<PathBuf> {
     let registry = Registry::load_or_default(&settings.registry.path).ok()?;
     let entry = registry.production(ModelKind::Policy)?;
-    let found = FileStore::new(&settings.registry.artifacts_dir)
+    let found = settings
+        .registry
+        .open_artifacts()
+        .and_then(|s| s.materialize(&entry.artifact))
         .map_err(anyhow::Error::from)
-        .and_then(|s| Ok(s.path_of(&entry.artifact.uri)?))
         .and_then(|dir| resolve_model_dir(&dir, scratch));
     match found {
         Ok(dir) => Some(dir),

@@ -10,12 +10,15 @@ use sha2::{Digest, Sha256};
 
 use super::Invalid;
 use super::raw::{PublishMode, RawConfig, RawPublish, SourceKind};
+use crate::artifacts::{ArtifactError, ArtifactLocation, ArtifactStore};
 use crate::forge::publish::OnExisting;
 
 pub const DEFAULT_STORE_DIR: &str = ".rlhf";
 pub const DEFAULT_TOKEN_ENV: &str = "FEEDBACK_API_TOKEN";
 pub const DEFAULT_REGISTRY: &str = "models/registry.yaml";
 pub const DEFAULT_ARTIFACTS_DIR: &str = ".rlhf/artifacts";
+/// Under `store.dir`: where models read from a bucket are downloaded and verified.
+pub const ARTIFACT_CACHE_DIR: &str = "artifact-cache";
 pub const DEFAULT_GITHUB_TOKEN_ENV: &str = "GITHUB_TOKEN";
 
 #[derive(Debug, Clone, Serialize)]
@@ -65,8 +68,18 @@ pub struct StoreSettings {
 #[derive(Debug, Clone, Serialize)]
 pub struct RegistrySettings {
     pub path: PathBuf,
-    /// Root directory of the file artifact store.
+    /// Where model directories are stored: a directory or a bucket URL.
+    pub artifacts: ArtifactLocation,
+    /// The local side of the artifact store: the directory itself, or for a bucket the cache
+    /// that downloads go to (`<store.dir>/artifact-cache`).
     pub artifacts_dir: PathBuf,
+}
+
+impl RegistrySettings {
+    /// Opens the configured artifact store (bucket credentials come from the environment).
+    pub fn open_artifacts(&self) -> Result<Box<dyn ArtifactStore>, ArtifactError> {
+        crate::artifacts::open(&self.artifacts, &self.artifacts_dir)
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -319,22 +332,20 @@ pub fn validate(raw: RawConfig, text: &str) -> Result<Settings, Invalid> {
         reward.train.rating_loss = r;
     }
     let policy = super::policy::validate_policy(raw.policy)?;
-    let artifacts_dir = match raw.registry.artifacts.as_deref() {
-        None => PathBuf::from(DEFAULT_ARTIFACTS_DIR),
-        Some(uri) if uri.starts_with("file://") => PathBuf::from(&uri["file://".len()..]),
-        Some(uri) if uri.contains("://") => {
-            return Err(Invalid::new(
-                "registry.artifacts",
-                format!(
-                    "only file:// artifact stores are built in, got {uri:?}\nhint: use a directory (e.g. a mounted bucket) or see docs/report.md on adding object stores"
-                ),
-            ));
-        }
-        Some(dir) => PathBuf::from(dir),
+    let store_dir = PathBuf::from(raw.store.dir.unwrap_or_else(|| DEFAULT_STORE_DIR.into()));
+    let artifacts = match raw.registry.artifacts.as_deref() {
+        None => ArtifactLocation::Dir(PathBuf::from(DEFAULT_ARTIFACTS_DIR)),
+        Some(value) => ArtifactLocation::parse(value)
+            .map_err(|problem| Invalid::new("registry.artifacts", problem))?,
+    };
+    let artifacts_dir = match &artifacts {
+        ArtifactLocation::Dir(dir) => dir.clone(),
+        ArtifactLocation::Bucket(_) => store_dir.join(ARTIFACT_CACHE_DIR),
     };
     Ok(Settings {
         registry: RegistrySettings {
             path: PathBuf::from(raw.registry.path.unwrap_or_else(|| DEFAULT_REGISTRY.into())),
+            artifacts,
             artifacts_dir,
         },
         report: ReportSettings {
@@ -352,9 +363,7 @@ pub fn validate(raw: RawConfig, text: &str) -> Result<Settings, Invalid> {
             page_size: page_size as u32,
             aspects: f.aspects,
         },
-        store: StoreSettings {
-            dir: PathBuf::from(raw.store.dir.unwrap_or_else(|| DEFAULT_STORE_DIR.into())),
-        },
+        store: StoreSettings { dir: store_dir },
         thresholds,
         config_sha256: hex::encode(Sha256::digest(text.as_bytes())),
     })

@@ -125,3 +125,41 @@ pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
         .to_scalar::<f32>()
         .unwrap()
 }
+
+/// Where scripts/install-test-deps.sh puts the test tools (Prism, actionlint, moto).
+pub fn deps_dir() -> PathBuf {
+    match std::env::var_os("RLHF_TEST_DEPS") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
+        _ => PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+            .join(".cache/rlhf-bot/test-deps"),
+    }
+}
+
+/// `true` when the tool is there; otherwise prints the skip line (or fails when required).
+pub fn have(tool: &Path, what: &str) -> bool {
+    if tool.exists() {
+        return true;
+    }
+    // scripts/test.sh sets RLHF_REQUIRE_TEST_ASSETS in CI; RLHF_REQUIRE_TEST_DEPS=1 does the same.
+    let flag =
+        |name: &str| std::env::var(name).is_ok_and(|v| !v.is_empty() && v != "0" && v != "false");
+    let required = flag("RLHF_REQUIRE_TEST_DEPS") || flag("RLHF_REQUIRE_TEST_ASSETS");
+    assert!(
+        !required,
+        "{what} missing at {} and the tests are required here (CI): run scripts/install-test-deps.sh",
+        tool.display()
+    );
+    eprintln!(
+        "skipped: run scripts/install-test-deps.sh ({what} not found at {})",
+        tool.display()
+    );
+    false
+}
+
+/// A port nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}

@@ -11,7 +11,6 @@
 //! without them the tests print "skipped" and pass, unless `RLHF_REQUIRE_TEST_DEPS=1` or
 //! `RLHF_REQUIRE_TEST_ASSETS` is set (CI, through scripts/test.sh).
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -24,36 +23,9 @@ use rlhf_bot::forge::github::{GithubTarget, RecordingSleeper, RetryPolicy, Secre
 use rlhf_bot::forge::{OnExisting, PublishAction, PublishRequest, publish_with_retry};
 use serde_json::Value;
 
+use super::common::{deps_dir, free_port, have};
+
 const BRANCH: &str = "rlhf-bot/dpo-contract";
-
-fn deps_dir() -> PathBuf {
-    match std::env::var_os("RLHF_TEST_DEPS") {
-        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
-        _ => PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
-            .join(".cache/rlhf-bot/test-deps"),
-    }
-}
-
-/// `true` when the tool is there; otherwise prints the skip line (or fails when required).
-fn have(tool: &Path, what: &str) -> bool {
-    if tool.exists() {
-        return true;
-    }
-    // scripts/test.sh sets RLHF_REQUIRE_TEST_ASSETS in CI; RLHF_REQUIRE_TEST_DEPS=1 does the same.
-    let flag =
-        |name: &str| std::env::var(name).is_ok_and(|v| !v.is_empty() && v != "0" && v != "false");
-    let required = flag("RLHF_REQUIRE_TEST_DEPS") || flag("RLHF_REQUIRE_TEST_ASSETS");
-    assert!(
-        !required,
-        "{what} missing at {} and the tests are required here (CI): run scripts/install-test-deps.sh",
-        tool.display()
-    );
-    eprintln!(
-        "skipped: run scripts/install-test-deps.sh ({what} not found at {})",
-        tool.display()
-    );
-    false
-}
 
 /// A Prism process (in its own process group) that is stopped when dropped.
 struct Prism {
@@ -118,13 +90,6 @@ impl Drop for Prism {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
 }
 
 /// Which stateful GitHub the proxy makes Prism look like.

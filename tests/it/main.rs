@@ -2,6 +2,7 @@
 //! real feedback API server in `feedback_server`.
 
 mod bert;
+mod bucket;
 mod check_props;
 mod common;
 mod config;
