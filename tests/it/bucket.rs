@@ -306,7 +306,7 @@ fn a_modified_object_is_a_mismatch() {
 #[test]
 fn missing_and_stray_objects_are_reported() {
     let Some(moto) = moto() else { return };
-    let (tmp, store, put) = stored(moto, "rt-missing", "reward-x", 4);
+    let (_tmp, store, put) = stored(moto, "rt-missing", "reward-x", 4);
 
     let (status, _) = moto.request(
         "PUT",
