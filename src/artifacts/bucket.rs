@@ -278,15 +278,15 @@ where
             let allow = b
                 .get_config_value(&AmazonS3ConfigKey::Client(ClientConfigKey::AllowHttp))
                 .is_some_and(|v| v.eq_ignore_ascii_case("true"));
-            if let Some(endpoint) = endpoint.filter(|e| e.starts_with("http://")) {
-                if !allow {
-                    return Err(bad_uri(
-                        uri,
-                        format!(
-                            "the endpoint {endpoint} is plain http\nhint: set AWS_ALLOW_HTTP=true to allow it (test servers only), or use https"
-                        ),
-                    ));
-                }
+            if let Some(endpoint) = endpoint.filter(|e| e.starts_with("http://"))
+                && !allow
+            {
+                return Err(bad_uri(
+                    uri,
+                    format!(
+                        "the endpoint {endpoint} is plain http\nhint: set AWS_ALLOW_HTTP=true to allow it (test servers only), or use https"
+                    ),
+                ));
             }
             built(b.build().map(|s| Arc::new(s) as _))
         }
