@@ -18,16 +18,8 @@ use rlhf_bot::model::generate::{self, GenerationConfig};
 use rlhf_bot::model::gguf::{self, GgufLlama};
 use rlhf_bot::model::ops;
 
-const QUESTIONS: [&str; 8] = [
-    "What is the capital of France?",
-    "Explain photosynthesis in one sentence.",
-    "Give me three tips for writing clear emails.",
-    "Why is the sky blue?",
-    "What does a carbon tax do to emissions?",
-    "Write a haiku about autumn rain.",
-    "How do vaccines train the immune system?",
-    "Summarise the plot of Romeo and Juliet.",
-];
+mod common;
+use common::QUESTIONS;
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)

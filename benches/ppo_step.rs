@@ -25,16 +25,8 @@ use rlhf_bot::train::policy_common::{LoraOptions, Policy, PolicyTrainOptions, Pp
 use rlhf_bot::train::policy_eval::RewardScorer;
 use rlhf_bot::train::ppo_trainer::train_ppo;
 
-const QUESTIONS: [&str; 8] = [
-    "What is the capital of France?",
-    "Explain photosynthesis in one sentence.",
-    "Give me three tips for writing clear emails.",
-    "Why is the sky blue?",
-    "What does a carbon tax do to emissions?",
-    "Write a haiku about autumn rain.",
-    "How do vaccines train the immune system?",
-    "Summarise the plot of Romeo and Juliet.",
-];
+mod common;
+use common::QUESTIONS;
 
 fn options(steps: u64) -> PolicyTrainOptions {
     PolicyTrainOptions {
