@@ -12,6 +12,7 @@
 use anyhow::{Context, Result};
 use candle_core::{D, Device, IndexOp, Tensor};
 
+use crate::model::fused;
 use crate::model::llama::{LayerKv, LlamaForCausalLM};
 use crate::model::sampling::{Sampler, SamplingParams, token_logprob};
 
@@ -129,7 +130,19 @@ impl Generation {
 }
 
 /// Generates continuations of the token-id `prompts` (each non-empty).
-pub fn generate<M: CausalLm + ?Sized>(
+///
+/// The decoding loop runs on a rayon worker ([`fused::on_worker`]): each token's forward pass is
+/// hundreds of small parallel products, and handing each one over from an outside thread costs
+/// more than the product itself for the smaller layers.
+pub fn generate<M: CausalLm + Sync + ?Sized>(
+    model: &M,
+    prompts: &[Vec<u32>],
+    cfg: &GenerationConfig,
+) -> Result<Generation> {
+    fused::on_worker(|| generate_here(model, prompts, cfg))
+}
+
+fn generate_here<M: CausalLm + Sync + ?Sized>(
     model: &M,
     prompts: &[Vec<u32>],
     cfg: &GenerationConfig,
@@ -229,7 +242,7 @@ pub struct TextGeneration {
 
 /// Encodes already-rendered prompt `texts` with `tokenizer` (no special tokens added: a
 /// rendered chat template already contains them), generates, and decodes the answers.
-pub fn generate_from_texts<M: CausalLm + ?Sized>(
+pub fn generate_from_texts<M: CausalLm + Sync + ?Sized>(
     model: &M,
     tokenizer: &tokenizers::Tokenizer,
     texts: &[String],
