@@ -398,6 +398,8 @@ pub fn load_frozen_causal_lm(
 ) -> Result<crate::model::llama::LlamaForCausalLM> {
     let cfg = crate::model::llama::LlamaConfig::from_dir(dir)?;
     let tensors = crate::model::checkpoint_io::read_dir_tensors(dir, device)?;
+    // A frozen base is what rollouts decode with: its weights are streamed once per token.
+    fused::collapse_into_huge_pages(tensors.values());
     let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, device);
     crate::model::llama::LlamaForCausalLM::new(&cfg, vb)
         .with_context(|| format!("building the frozen base model from {}", dir.display()))

@@ -22,7 +22,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, D, DType, Layout, Result, Storage, Tensor, bail};
 
 pub use adamw::FusedAdamW;
-pub use alloc::tune_allocator;
+pub use alloc::{collapse_into_huge_pages, tune_allocator};
 pub use cached_attention::CachedAttention;
 
 /// The contiguous f32 data a layout addresses.
