@@ -370,3 +370,17 @@ pub mod reference {
         layer_norm(&(lin(&inter, p.output)? + &x1)?, w, b, eps)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn on_worker_runs_the_work_inside_the_pool_and_returns_its_result() {
+        // From the test thread (outside the pool) and from a worker (nested call) alike.
+        let (inside, nested) = super::on_worker(|| {
+            let inside = rayon::current_thread_index().is_some();
+            (inside, super::on_worker(|| rayon::current_thread_index().is_some()))
+        });
+        assert!(inside && nested);
+        assert_eq!(super::on_worker(|| 6 * 7), 42);
+    }
+}
