@@ -378,7 +378,10 @@ mod tests {
         // From the test thread (outside the pool) and from a worker (nested call) alike.
         let (inside, nested) = super::on_worker(|| {
             let inside = rayon::current_thread_index().is_some();
-            (inside, super::on_worker(|| rayon::current_thread_index().is_some()))
+            (
+                inside,
+                super::on_worker(|| rayon::current_thread_index().is_some()),
+            )
         });
         assert!(inside && nested);
         assert_eq!(super::on_worker(|| 6 * 7), 42);
