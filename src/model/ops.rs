@@ -6,12 +6,12 @@
 //! carries its own `bwd`, so a model assembled from these pieces trains end to end. The tests in
 //! `tests/it/llama.rs` check that every parameter receives a gradient.
 
-use candle_core::backend::BackendStorage;
 use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp2, D, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::fused;
 use super::fused::sgemm::sgemm_threads;
 
 /// Mask value for disallowed attention logits.
@@ -115,7 +115,7 @@ impl candle_core::CustomOp1 for FusedRope {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(storage, layout, "fused-rope")?;
+        let x = fused::f32_slice(storage, layout, "fused-rope")?;
         let d = layout.shape().dims().last().copied().unwrap_or(0);
         Ok((
             CpuStorage::F32(self.rotate(x, d, 1.0)),
@@ -165,8 +165,8 @@ impl CustomOp2 for SiluMul {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = contiguous_f32(s1, l1, "silu-mul")?;
-        let u = contiguous_f32(s2, l2, "silu-mul")?;
+        let g = fused::f32_slice(s1, l1, "silu-mul")?;
+        let u = fused::f32_slice(s2, l2, "silu-mul")?;
         let mut out = vec![0f32; g.len()];
         out.par_chunks_mut(SILU_BLOCK)
             .enumerate()
@@ -351,7 +351,7 @@ impl candle_core::CustomOp1 for FusedSoftmax {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let data = contiguous_f32(storage, layout, "fused-softmax")?;
+        let data = fused::f32_slice(storage, layout, "fused-softmax")?;
         let cols = layout.shape().dims().last().copied().unwrap_or(1).max(1);
         let mut out = vec![0f32; data.len()];
         par_rows(&mut out, cols, |r0, block| {
@@ -428,8 +428,8 @@ impl CustomOp2 for FusedRmsNorm {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s1, l1, "fused-rms-norm")?;
-        let w = contiguous_f32(s2, l2, "fused-rms-norm")?;
+        let x = fused::f32_slice(s1, l1, "fused-rms-norm")?;
+        let w = fused::f32_slice(s2, l2, "fused-rms-norm")?;
         let cols = w.len();
         if l1.shape().dims().last() != Some(&cols) {
             candle_core::bail!(
@@ -517,18 +517,6 @@ impl CustomOp2 for FusedRmsNorm {
             Some(Tensor::from_vec(dx, shape, dev)?),
             Some(Tensor::from_vec(dw, cols, dev)?),
         ))
-    }
-}
-
-/// The contiguous f32 data of a CPU storage.
-fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
-    let data = match storage {
-        CpuStorage::F32(v) => v.as_slice(),
-        other => candle_core::bail!("{op} expects f32, got {:?}", other.dtype()),
-    };
-    match layout.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("{op} expects a contiguous input"),
     }
 }
 
@@ -671,8 +659,8 @@ impl CustomOp2 for LmHeadLogprobs {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let hidden = contiguous_f32(s1, l1, "lm-head-logprobs")?;
-        let weight = contiguous_f32(s2, l2, "lm-head-logprobs")?;
+        let hidden = fused::f32_slice(s1, l1, "lm-head-logprobs")?;
+        let weight = fused::f32_slice(s2, l2, "lm-head-logprobs")?;
         let (rows, d, vocab) = lm_head_dims(l1, l2)?;
         let mut out = vec![0f32; rows];
         let mut lse = vec![0f32; rows];
@@ -841,7 +829,7 @@ fn lm_head_dims(hidden: &Layout, weight: &Layout) -> Result<(usize, usize, usize
 fn with_flat<T>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
     let (storage, layout) = t.storage_and_layout();
     match &*storage {
-        candle_core::Storage::Cpu(cpu) => f(contiguous_f32(cpu, layout, "lm-head-logprobs")?),
+        candle_core::Storage::Cpu(cpu) => f(fused::f32_slice(cpu, layout, "lm-head-logprobs")?),
         _ => candle_core::bail!("the fused LM-head op runs on CPU only"),
     }
 }

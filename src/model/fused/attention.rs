@@ -42,6 +42,30 @@ pub(super) struct Geom {
 /// Computes the context `[b, t, heads·d]` into `out` and the probabilities `[b, heads, t, t]`
 /// into `probs`; `mask` is `[b, t]`, added to every query's scores for that key. Batch rows run
 /// in parallel, each on one thread.
+/// `(batch, seq, hidden)` of a `[batch, seq, hidden]` attention input, after checking that
+/// `hidden` splits into `heads` and that the key mask has one entry per token; `op` names the
+/// caller in the error.
+pub(super) fn check_input(
+    op: &str,
+    l: &Layout,
+    heads: usize,
+    mask_len: usize,
+) -> Result<(usize, usize, usize)> {
+    let &[b, t, hd] = l.dims() else {
+        bail!(
+            "{op}: expected a [batch, seq, hidden] input, got {:?}",
+            l.dims()
+        );
+    };
+    if heads == 0 || !hd.is_multiple_of(heads) {
+        bail!("{op}: hidden {hd} is not a multiple of {heads} heads");
+    }
+    if mask_len != b * t {
+        bail!("{op}: mask has {mask_len} entries, expected batch {b} x seq {t}");
+    }
+    Ok((b, t, hd))
+}
+
 pub(super) fn forward(
     g: Geom,
     [q, k, v]: [&[f32]; 3],
@@ -191,24 +215,7 @@ impl AttentionOp {
     }
 
     fn dims(&self, l: &Layout) -> Result<(usize, usize, usize, usize)> {
-        let &[b, t, hd] = l.dims() else {
-            bail!(
-                "fused attention: expected [batch, seq, hidden] inputs, got {:?}",
-                l.dims()
-            );
-        };
-        if self.heads == 0 || !hd.is_multiple_of(self.heads) {
-            bail!(
-                "fused attention: hidden {hd} is not a multiple of {} heads",
-                self.heads
-            );
-        }
-        if self.mask_bias.len() != b * t {
-            bail!(
-                "fused attention: mask has {} entries, expected batch {b} x seq {t}",
-                self.mask_bias.len()
-            );
-        }
+        let (b, t, hd) = check_input("fused attention", l, self.heads, self.mask_bias.len())?;
         Ok((b, t, hd, hd / self.heads))
     }
 

@@ -126,24 +126,8 @@ impl EncoderLayerOp {
 
     /// `(b, t, h)` from the input layout, after checking every shape.
     fn dims(&self, lx: &Layout, params: usize) -> Result<(usize, usize, usize)> {
-        let &[b, t, h] = lx.dims() else {
-            bail!(
-                "fused encoder layer: expected a [batch, seq, hidden] input, got {:?}",
-                lx.dims()
-            );
-        };
-        if self.heads == 0 || !h.is_multiple_of(self.heads) {
-            bail!(
-                "fused encoder layer: hidden {h} is not a multiple of {} heads",
-                self.heads
-            );
-        }
-        if self.mask_bias.len() != b * t {
-            bail!(
-                "fused encoder layer: mask has {} entries, expected batch {b} x seq {t}",
-                self.mask_bias.len()
-            );
-        }
+        let (b, t, h) =
+            attention::check_input("fused encoder layer", lx, self.heads, self.mask_bias.len())?;
         let want: usize = part_sizes(h, self.ffn).iter().sum();
         if params != want {
             bail!(
