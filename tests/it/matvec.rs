@@ -30,10 +30,11 @@ fn reference(x: &Tensor, w: &Tensor) -> Tensor {
 
 #[test]
 fn small_m_product_equals_matmul() {
-    // k = 37 is not a multiple of any SIMD width (4, 8, 16 lanes); n = 51 is odd, so both the
-    // 4-row weight tiles and the single-row remainder run; m = 3 leaves a single input row
-    // after the 2-row tiles.
-    for m in [1, 3, 8, 16] {
+    // k = 37 is not a multiple of any SIMD width (4, 8, 16 lanes), so every dot product has a
+    // scalar tail. Each weight row is dotted with tiles of 8, 4 and 1 input rows: m = 8 and 16
+    // use only 8-row tiles, m = 4 one 4-row tile, m = 3 three single rows, m = 13 all three
+    // kinds (8 + 4 + 1), m = 1 the unprefetched single-row path.
+    for m in [1, 3, 4, 8, 13, 16] {
         let x = randn((m, 37), m as u64);
         let w = randn((51, 37), 100 + m as u64);
         let y = matmul_t(&x, &w).unwrap();

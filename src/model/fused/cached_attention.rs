@@ -18,7 +18,9 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, bail};
 use rayon::prelude::*;
 
 use super::f32_slice;
-use super::matvec::matmul_wt_into;
+use super::kernels::exp_minus_max;
+use super::matvec::{dispatch, matmul_wt_into, prefetch_all};
+use pulp::{Simd, WithSimd};
 
 /// Shapes and constants of one call.
 pub struct CachedAttention {
@@ -84,31 +86,32 @@ impl CustomOp3 for CachedAttention {
                 let qb = &q[(bi * heads + g * rep) * tq * d..][..rows * d];
                 let kb = &k[bg * cap * d..][..len * d];
                 let vb = &v[bg * cap * d..][..len * d];
-                // Scores transposed: st[j * rows + r] = q_r · k_j.
-                let mut st = vec![0f32; len * rows];
-                matmul_wt_into(qb, kb, rows, len, d, &mut st);
+                // The cache is tens of MB, read once per step from memory: start loading this
+                // block's values (read after the keys) and the next block's keys now, so that
+                // several blocks' misses are in flight instead of one stream at a time.
+                prefetch_all(vb);
+                if bg + 1 < b * kv {
+                    prefetch_all(&k[(bg + 1) * cap * d..][..len * d]);
+                }
+                // scores[r·len + j] = q_r · k_j: the keys are the streaming kernel's input rows
+                // (tiles of several keys per query row), which leaves each query's scores
+                // contiguous for the softmax.
+                let mut scores = vec![0f32; rows * len];
+                matmul_wt_into(kb, qb, len, rows, d, &mut scores);
                 let mut out = vec![0f32; rows * d];
-                let mut p = vec![0f32; len];
-                for r in 0..rows {
-                    let i = r % tq;
-                    let bias = &self.bias[(bi * tq + i) * len..][..len];
-                    let mut max = f32::NEG_INFINITY;
-                    for ((pj, &bj), s) in p.iter_mut().zip(bias).zip(st.chunks_exact(rows)) {
-                        *pj = s[r] * self.scale + bj;
-                        max = max.max(*pj);
+                for (r, (s, o)) in scores
+                    .chunks_exact_mut(len)
+                    .zip(out.chunks_exact_mut(d))
+                    .enumerate()
+                {
+                    let bias = &self.bias[(bi * tq + r % tq) * len..][..len];
+                    for (sj, &bj) in s.iter_mut().zip(bias) {
+                        *sj = *sj * self.scale + bj;
                     }
-                    let mut sum = 0f32;
-                    for pj in p.iter_mut() {
-                        *pj = (*pj - max).exp();
-                        sum += *pj;
-                    }
-                    let o = &mut out[r * d..][..d];
-                    for (&pj, vj) in p.iter().zip(vb.chunks_exact(d)) {
-                        let w = pj / sum;
-                        for (oo, &vv) in o.iter_mut().zip(vj) {
-                            *oo += w * vv;
-                        }
-                    }
+                    let sum = exp_minus_max(s);
+                    weighted_sum_of_rows(s, vb, o);
+                    let inv = 1.0 / sum;
+                    o.iter_mut().for_each(|x| *x *= inv);
                 }
                 out
             })
@@ -123,5 +126,51 @@ impl CustomOp3 for CachedAttention {
             }
         }
         Ok((CpuStorage::F32(y), (b, tq, heads * d).into()))
+    }
+}
+
+/// `out = Σ_j p[j] · v[j]` for the rows `v[j]` (each `out.len()` long) of a row-major block:
+/// the attention-weighted sum of the cached values, with the widest SIMD this CPU has.
+fn weighted_sum_of_rows(p: &[f32], v: &[f32], out: &mut [f32]) {
+    dispatch(WeightedSum { p, v, out });
+}
+
+/// Output registers per pass of [`weighted_sum_of_rows`]: kept in registers over all the rows,
+/// since accumulating in memory makes every row wait for the previous row's store.
+const SUM_REGISTERS: usize = 4;
+
+struct WeightedSum<'a> {
+    p: &'a [f32],
+    v: &'a [f32],
+    out: &'a mut [f32],
+}
+
+impl WithSimd for WeightedSum<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) {
+        let Self { p, v, out } = self;
+        let d = out.len();
+        let (oh, ot) = S::as_mut_simd_f32s(out);
+        let rows = || p.iter().zip(v.chunks_exact(d));
+        let mut c = 0;
+        while c < oh.len() {
+            let width = SUM_REGISTERS.min(oh.len() - c);
+            let mut acc = [simd.splat_f32s(0.0); SUM_REGISTERS];
+            for (&pj, vj) in rows() {
+                let w = simd.splat_f32s(pj);
+                let vh = &S::as_simd_f32s(vj).0[c..c + width];
+                for (a, &vv) in acc.iter_mut().zip(vh) {
+                    *a = simd.mul_add_e_f32s(w, vv, *a);
+                }
+            }
+            oh[c..c + width].copy_from_slice(&acc[..width]);
+            c += width;
+        }
+        let tail = d - ot.len();
+        for (o, col) in ot.iter_mut().zip(tail..) {
+            *o = rows().map(|(&pj, vj)| pj * vj[col]).sum();
+        }
     }
 }

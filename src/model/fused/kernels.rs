@@ -386,16 +386,43 @@ pub struct SoftmaxLastDim;
 /// In-place softmax of one row.
 #[inline]
 pub(super) fn softmax_row(row: &mut [f32]) {
-    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    let mut sum = 0f32;
-    for v in row.iter_mut() {
-        *v = math::exp(*v - max);
-        sum += *v;
-    }
-    let inv = 1.0 / sum;
+    let inv = 1.0 / exp_minus_max(row);
     for v in row.iter_mut() {
         *v *= inv;
     }
+}
+
+/// Replaces each value `v` of `row` by `e^(v − max(row))` and returns their sum: a softmax
+/// without the division, for callers that fold `1/sum` into a later product.
+///
+/// The maximum and the sum are kept in eight interleaved lanes so that both loops vectorise
+/// (a single running `f32` would be one serial chain of dependent adds).
+#[inline]
+pub(super) fn exp_minus_max(row: &mut [f32]) -> f32 {
+    const LANES: usize = 8;
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (m, &v) in lanes.iter_mut().zip(c) {
+            *m = if v > *m { v } else { *m };
+        }
+    }
+    let max = chunks
+        .remainder()
+        .iter()
+        .chain(&lanes)
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    for v in row.iter_mut() {
+        *v = math::exp(*v - max);
+    }
+    let mut sums = [0f32; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (s, &v) in sums.iter_mut().zip(c) {
+            *s += v;
+        }
+    }
+    chunks.remainder().iter().sum::<f32>() + sums.iter().sum::<f32>()
 }
 
 impl CustomOp1 for SoftmaxLastDim {

@@ -3,19 +3,19 @@
 //!
 //! For such shapes candle's matmul (the `gemm` crate) packs the whole weight matrix into its
 //! blocked layout on every call, which alone took ~45% of batch-1 decode time here. This kernel
-//! instead streams each weight row once, straight from the `[n, k]` layout it is stored in, and
-//! dots it with all m input rows while it is in cache. One input row (batch-1 decoding) reads one
-//! weight row at a time: a single sequential stream per thread is what the hardware prefetcher
-//! follows best, and the product is bound by memory bandwidth anyway. Several input rows make the
-//! product compute-heavy enough that streaming and arithmetic must overlap: a tile of 2 weight
-//! rows × 4 input rows keeps 8 SIMD accumulators in registers, and the kernel prefetches the
-//! weights 4 KB ahead, since otherwise the first input rows of every tile wait on memory
-//! (measured here at batch 8: 56 ms → 41 ms per pass over SmolLM2-135M's weights). The SIMD width is chosen at run time through `pulp`
-//! (AVX2+FMA on x86-64, NEON on aarch64, scalar otherwise), so a binary built for the default
-//! x86-64 target (SSE2 only) still uses the wide instructions; the one `unsafe` call is the
-//! prefetch hint. Output rows are split over rayon's threads in
-//! chunks of weight rows; each thread writes its own `[rows, m]` block of `yᵀ`, which is then
-//! transposed (a copy of m·n floats, tiny next to the n·k weights).
+//! instead streams the weights once, straight from the `[n, k]` layout they are stored in, one
+//! row at a time: a single sequential stream per thread is what the hardware prefetcher follows
+//! best, and a decode step is bound by memory bandwidth. Each weight row is dotted with up to
+//! [`MR`] input rows at once (one SIMD accumulator per input row) while it is in registers and
+//! L1. With several input rows the arithmetic is heavy enough that streaming and computing must
+//! overlap, so the kernel also prefetches the weights 8 KB ahead. Measured here at batch 8, one
+//! pass over SmolLM2-135M's weights: 2 weight rows × 4 input rows per tile (two passes per
+//! row, two streams) 39–53 ms; one row × 8 inputs 37–48 ms (`examples`-style probe, alternated).
+//! The SIMD width is chosen at run time through `pulp` (AVX2+FMA on x86-64, NEON on aarch64,
+//! scalar otherwise), so a binary built for the default x86-64 target (SSE2 only) still uses
+//! the wide instructions; the one `unsafe` call is the prefetch hint. Output rows are split over
+//! rayon's threads in chunks of weight rows; each thread writes its own `[rows, m]` block of
+//! `yᵀ`, which is then transposed (a copy of m·n floats, tiny next to the n·k weights).
 //!
 //! The op has a backward (`dx = dy·W`, `dW = dyᵀ·x`, both ordinary matmuls), so routing a layer
 //! through it never cuts a gradient.
@@ -30,12 +30,11 @@ use super::f32_slice;
 /// weights is amortised over enough rows.
 pub const MAX_ROWS: usize = 16;
 
-/// Weight rows per register tile when there are several input rows.
-const NR: usize = 2;
-/// Input rows per register tile.
-const MR: usize = 4;
-/// How far ahead of the loads the weights are prefetched (floats: 4 KB) with several input rows.
-const PREFETCH_FLOATS: usize = 1024;
+/// Input rows per register tile: one weight row is dotted with up to this many input rows at
+/// once, in as many SIMD accumulators.
+const MR: usize = 8;
+/// How far ahead of the loads the weights are prefetched (floats: 8 KB) with several input rows.
+const PREFETCH_FLOATS: usize = 2048;
 /// Weight elements (floats) a parallel task should cover at least: below ~64 K floats
 /// (256 KB) rayon's hand-off costs more than the second core saves.
 const MIN_TASK_FLOATS: usize = 1 << 16;
@@ -131,9 +130,9 @@ pub fn matmul_wt_into(x: &[f32], w: &[f32], m: usize, n: usize, k: usize, yt: &m
         return;
     }
     if m == 1 {
-        dispatch(Tiles::<1, 1, 0> { x, w, m, k, yt });
+        dispatch(WeightRows::<0> { x, w, m, k, yt });
     } else {
-        dispatch(Tiles::<MR, NR, PREFETCH_FLOATS> { x, w, m, k, yt });
+        dispatch(WeightRows::<PREFETCH_FLOATS> { x, w, m, k, yt });
     }
 }
 
@@ -141,7 +140,7 @@ pub fn matmul_wt_into(x: &[f32], w: &[f32], m: usize, n: usize, k: usize, yt: &m
 /// `x86-v3` feature, which gemm-common leaves off (enabling it would rebuild gemm and candle), so
 /// on x86-64 the AVX2+FMA level is detected here; elsewhere pulp's `Arch` picks (NEON, scalar).
 #[inline(always)]
-fn dispatch<Op: WithSimd<Output = ()>>(op: Op) {
+pub(super) fn dispatch<Op: WithSimd<Output = ()>>(op: Op) {
     #[cfg(target_arch = "x86_64")]
     {
         match pulp::x86::V3::try_new() {
@@ -154,19 +153,19 @@ fn dispatch<Op: WithSimd<Output = ()>>(op: Op) {
 }
 
 /// Weight rows per parallel task: about four tasks per thread (so a thread slowed by the other
-/// processes on a shared machine does not hold the rest up), a multiple of the tile height, and
-/// never less than [`MIN_TASK_FLOATS`] of weights.
+/// processes on a shared machine does not hold the rest up), and never less than
+/// [`MIN_TASK_FLOATS`] of weights.
 fn rows_per_task(n: usize, k: usize) -> usize {
     let threads = rayon::current_num_threads().max(1);
     let by_threads = n.div_ceil(threads * 4);
     let by_size = MIN_TASK_FLOATS.div_ceil(k.max(1));
-    by_threads.max(by_size).div_ceil(NR) * NR
+    by_threads.max(by_size)
 }
 
 /// One task: `yt[j, i] = w[j] · x[i]` for the task's weight rows `j` and every input row `i`,
-/// in register tiles of `R` input rows × `C` weight rows, prefetching `PF` floats ahead of the
-/// weight loads (0: no prefetch).
-struct Tiles<'a, const R: usize, const C: usize, const PF: usize> {
+/// one weight row at a time (tiles of [`MR`], 4 and 1 input rows), prefetching `PF` floats
+/// ahead of the weight loads (0: no prefetch).
+struct WeightRows<'a, const PF: usize> {
     x: &'a [f32],
     w: &'a [f32],
     m: usize,
@@ -174,97 +173,65 @@ struct Tiles<'a, const R: usize, const C: usize, const PF: usize> {
     yt: &'a mut [f32],
 }
 
-impl<const R: usize, const C: usize, const PF: usize> WithSimd for Tiles<'_, R, C, PF> {
+impl<const PF: usize> WithSimd for WeightRows<'_, PF> {
     type Output = ();
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
         let Self { x, w, m, k, yt } = self;
-        let xrow = |i: usize| &x[i * k..(i + 1) * k];
-        let wrow = |j: usize| &w[j * k..(j + 1) * k];
-        let rows = yt.len() / m;
-        let mut j = 0;
-        while j < rows {
-            if j + C <= rows {
-                let ws: [&[f32]; C] = std::array::from_fn(|c| wrow(j + c));
-                let mut i = 0;
-                while i + R <= m {
-                    let xs = std::array::from_fn(|r| xrow(i + r));
-                    let d = tile::<S, R, C, PF>(simd, xs, ws);
-                    for (r, dr) in d.iter().enumerate() {
-                        for (c, &v) in dr.iter().enumerate() {
-                            yt[(j + c) * m + i + r] = v;
-                        }
-                    }
-                    i += R;
-                }
-                while i < m {
-                    let [d] = tile::<S, 1, C, PF>(simd, [xrow(i)], ws);
-                    for (c, &v) in d.iter().enumerate() {
-                        yt[(j + c) * m + i] = v;
-                    }
-                    i += 1;
-                }
-                j += C;
-            } else {
-                for i in 0..m {
-                    let [[v]] = tile::<S, 1, 1, PF>(simd, [xrow(i)], [wrow(j)]);
-                    yt[j * m + i] = v;
-                }
-                j += 1;
+        // Input rows i..i+R as an array, for a tile of R rows.
+        fn rows<const R: usize>(x: &[f32], k: usize, i: usize) -> [&[f32]; R] {
+            std::array::from_fn(|r| &x[(i + r) * k..(i + r + 1) * k])
+        }
+        for (wj, out) in w.chunks_exact(k).zip(yt.chunks_exact_mut(m)) {
+            let mut i = 0;
+            while i + MR <= m {
+                out[i..i + MR].copy_from_slice(&dots::<S, MR, PF>(simd, rows(x, k, i), wj));
+                i += MR;
+            }
+            if i + 4 <= m {
+                out[i..i + 4].copy_from_slice(&dots::<S, 4, PF>(simd, rows(x, k, i), wj));
+                i += 4;
+            }
+            while i < m {
+                out[i] = dots::<S, 1, PF>(simd, rows(x, k, i), wj)[0];
+                i += 1;
             }
         }
     }
 }
 
-/// Dot products of `R` input rows with `C` weight rows (all of one length), accumulated in
-/// `R·C` SIMD registers; the tail that does not fill a register is summed in scalar. With
-/// `PF > 0` each step also prefetches the weights `PF` floats ahead (past a row's end that is
-/// the next row, since rows are stored back to back).
+/// Dot products of one weight row with `R` input rows (all of one length), accumulated in `R`
+/// SIMD registers; the tail that does not fill a register is summed in scalar. With `PF > 0`
+/// each step also prefetches the weights `PF` floats ahead (past the row's end that is the next
+/// row, since rows are stored back to back).
 #[inline(always)]
-#[allow(clippy::needless_range_loop)] // r and c index several arrays at once
-fn tile<S: Simd, const R: usize, const C: usize, const PF: usize>(
-    simd: S,
-    xs: [&[f32]; R],
-    ws: [&[f32]; C],
-) -> [[f32; C]; R] {
+fn dots<S: Simd, const R: usize, const PF: usize>(simd: S, xs: [&[f32]; R], w: &[f32]) -> [f32; R] {
     let xv = xs.map(S::as_simd_f32s);
-    let wv = ws.map(S::as_simd_f32s);
-    let lanes = wv[0].0.len();
+    let (wh, wt) = S::as_simd_f32s(w);
+    let lanes = wh.len();
     let width = std::mem::size_of::<S::f32s>() / std::mem::size_of::<f32>();
     // Equal-length views let the compiler drop the bounds checks in the hot loop.
     let xh: [&[S::f32s]; R] = std::array::from_fn(|r| &xv[r].0[..lanes]);
-    let wh: [&[S::f32s]; C] = std::array::from_fn(|c| &wv[c].0[..lanes]);
-    let zero = simd.splat_f32s(0.0);
-    let mut acc = [[zero; C]; R];
-    for p in 0..lanes {
+    let mut acc = [simd.splat_f32s(0.0); R];
+    for (p, &wp) in wh.iter().enumerate() {
         if PF > 0 {
-            for w in &ws {
-                prefetch(w.as_ptr().wrapping_add(p * width + PF));
-            }
+            prefetch(w.as_ptr().wrapping_add(p * width + PF));
         }
-        let wp: [S::f32s; C] = std::array::from_fn(|c| wh[c][p]);
-        for r in 0..R {
-            let xp = xh[r][p];
-            for c in 0..C {
-                acc[r][c] = simd.mul_add_e_f32s(xp, wp[c], acc[r][c]);
-            }
+        for (a, xr) in acc.iter_mut().zip(&xh) {
+            *a = simd.mul_add_e_f32s(xr[p], wp, *a);
         }
     }
-    let mut out = [[0f32; C]; R];
-    for r in 0..R {
-        for c in 0..C {
-            let tail: f32 = xv[r].1.iter().zip(wv[c].1).map(|(a, b)| a * b).sum();
-            out[r][c] = simd.reduce_sum_f32s(acc[r][c]) + tail;
-        }
-    }
-    out
+    std::array::from_fn(|r| {
+        let tail: f32 = xv[r].1.iter().zip(wt).map(|(a, b)| a * b).sum();
+        simd.reduce_sum_f32s(acc[r]) + tail
+    })
 }
 
 /// Asks the CPU to start loading the cache line holding `addr` (a hint: no effect elsewhere).
 #[inline(always)]
 #[allow(unsafe_code)] // the kernels' only unsafe call; see SAFETY
-fn prefetch(addr: *const f32) {
+pub(super) fn prefetch(addr: *const f32) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: PREFETCHT0 never faults and reads nothing into a register, whatever the address
     // (Intel SDM vol. 2, "PREFETCHh"), so any pointer, even one past the slice, is sound here;
@@ -274,6 +241,14 @@ fn prefetch(addr: *const f32) {
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = addr;
+}
+
+/// Starts loading every cache line of `data`, for a block the caller will read soon.
+pub(super) fn prefetch_all(data: &[f32]) {
+    const LINE_FLOATS: usize = 16;
+    for line in data.chunks(LINE_FLOATS) {
+        prefetch(line.as_ptr());
+    }
 }
 
 /// `x[m, k] · w[n, k]ᵀ` with the streaming kernel, recorded with its backward. Both must be

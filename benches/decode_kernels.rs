@@ -1,0 +1,128 @@
+//! The two kernels of a decode step in isolation, on SmolLM2-135M's shapes with random values:
+//! one pass of the small-m product over every weight matrix (30 layers of q/k/v/o and
+//! gate/up/down, plus the 49152-row LM head), and the cached attention of 30 layers.
+//!
+//! `cargo bench --bench generate` gives tokens/s; this bench separates the weight streaming
+//! (bound by memory bandwidth) from the rest, so a kernel change can be judged without the
+//! noise of a whole generation. Every layer gets its own tensors, as in the model, so nothing
+//! is served from cache that would not be in a real step.
+//!
+//! Run: `cargo bench --bench decode_kernels` (env: `ROWS`, input rows = batch size, default
+//! `1,8`; `PASSES`, default 20; `KEYS`, cached positions, default 72).
+
+use std::time::Instant;
+
+use anyhow::Result;
+use candle_core::{Device, Tensor};
+use rlhf_bot::model::fused;
+
+const HIDDEN: usize = 576;
+const INTERMEDIATE: usize = 1536;
+const KV_WIDTH: usize = 192;
+const LAYERS: usize = 30;
+const VOCAB: usize = 49152;
+const HEADS: usize = 9;
+const KV_HEADS: usize = 3;
+const HEAD_DIM: usize = 64;
+/// Cache capacity per layer, as generation allocates it for a 40-token prompt.
+const CACHE_CAPACITY: usize = 168;
+
+fn env_list(name: &str, default: &str) -> Vec<usize> {
+    std::env::var(name)
+        .unwrap_or_else(|_| default.into())
+        .split(',')
+        .filter_map(|v| v.trim().parse().ok())
+        .collect()
+}
+
+/// Milliseconds of each of `passes` runs of `work` on a rayon worker, sorted.
+fn time_passes(passes: usize, work: impl Fn() -> Result<()> + Sync) -> Result<Vec<f64>> {
+    let mut times = Vec::with_capacity(passes);
+    for _ in 0..passes {
+        let t = Instant::now();
+        fused::on_worker(&work)?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times)
+}
+
+fn report(what: &str, times: &[f64], bytes: usize) {
+    let (min, median) = (times[0], times[times.len() / 2]);
+    println!(
+        "{what}: median {median:.2} ms (min {min:.2}); {:.1} GB/s at the median",
+        bytes as f64 / median / 1e6
+    );
+}
+
+fn main() -> Result<()> {
+    fused::tune_allocator();
+    let dev = Device::Cpu;
+    let passes = env_list("PASSES", "20")
+        .first()
+        .copied()
+        .unwrap_or(20)
+        .max(1);
+    let mut weights = Vec::new();
+    for _ in 0..LAYERS {
+        for (n, k) in [
+            (HIDDEN, HIDDEN),
+            (KV_WIDTH, HIDDEN),
+            (KV_WIDTH, HIDDEN),
+            (HIDDEN, HIDDEN),
+            (INTERMEDIATE, HIDDEN),
+            (INTERMEDIATE, HIDDEN),
+            (HIDDEN, INTERMEDIATE),
+        ] {
+            weights.push(Tensor::randn(0f32, 0.02, (n, k), &dev)?);
+        }
+    }
+    weights.push(Tensor::randn(0f32, 0.02, (VOCAB, HIDDEN), &dev)?);
+    // As a loaded model's weights are (see `GgufLlama::causal_lm`).
+    fused::collapse_into_huge_pages(weights.iter());
+    let weight_bytes: usize = weights.iter().map(|w| w.elem_count() * 4).sum();
+
+    for m in env_list("ROWS", "1,8") {
+        let by_width = |k: usize| Tensor::randn(0f32, 1.0, (m, k), &dev);
+        let (xh, xi) = (by_width(HIDDEN)?, by_width(INTERMEDIATE)?);
+        let times = time_passes(passes, || {
+            for w in &weights {
+                let x = if w.dim(1)? == HIDDEN { &xh } else { &xi };
+                fused::matmul_t(x, w)?;
+            }
+            Ok(())
+        })?;
+        report(
+            &format!("matvec pass over {weight_bytes} B of weights, {m} input rows"),
+            &times,
+            weight_bytes,
+        );
+    }
+
+    let keys = env_list("KEYS", "72").first().copied().unwrap_or(72);
+    let batch = 8;
+    let cache = |_| Tensor::randn(0f32, 1.0, (batch, KV_HEADS, CACHE_CAPACITY, HEAD_DIM), &dev);
+    let layers: Vec<(Tensor, Tensor)> = (0..LAYERS)
+        .map(|l| Ok((cache(l)?, cache(l)?)))
+        .collect::<Result<_>>()?;
+    let q = Tensor::randn(0f32, 1.0, (batch, HEADS, 1, HEAD_DIM), &dev)?;
+    let times = time_passes(passes, || {
+        for (k, v) in &layers {
+            let op = fused::CachedAttention {
+                heads: HEADS,
+                len: keys,
+                scale: (HEAD_DIM as f32).sqrt().recip(),
+                bias: vec![0f32; batch * keys],
+            };
+            q.apply_op3_no_bwd(k, v, &op)?;
+        }
+        Ok(())
+    })?;
+    let cache_bytes = LAYERS * 2 * batch * KV_HEADS * keys * HEAD_DIM * 4;
+    report(
+        &format!("cached attention, {LAYERS} layers, batch {batch}, {keys} keys"),
+        &times,
+        cache_bytes,
+    );
+    Ok(())
+}
