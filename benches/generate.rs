@@ -19,7 +19,7 @@ use rlhf_bot::model::gguf::{self, GgufLlama};
 use rlhf_bot::model::ops;
 
 mod common;
-use common::QUESTIONS;
+use common::questions;
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -61,11 +61,12 @@ fn main() -> Result<()> {
     );
     let pad = m.config.pad_token_id.or(m.config.eos_token_id).unwrap_or(0);
 
+    let questions = questions();
     for &batch in &batches {
         let prompts: Vec<Vec<u32>> = (0..batch)
             .map(|i| {
                 let text =
-                    template.render(&[ChatMessage::user(QUESTIONS[i % QUESTIONS.len()])], true)?;
+                    template.render(&[ChatMessage::user(questions[i % questions.len()])], true)?;
                 let enc = tokenizer
                     .encode(text, false)
                     .map_err(|e| anyhow::anyhow!("{e}"))?;

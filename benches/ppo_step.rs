@@ -26,7 +26,7 @@ use rlhf_bot::train::policy_eval::RewardScorer;
 use rlhf_bot::train::ppo_trainer::train_ppo;
 
 mod common;
-use common::QUESTIONS;
+use common::questions;
 
 fn options(steps: u64) -> PolicyTrainOptions {
     PolicyTrainOptions {
@@ -77,9 +77,9 @@ fn main() -> Result<()> {
     let dev = Device::Cpu;
     let opts = options(steps);
     let template = ChatTemplate::from_hf_dir(&dir)?;
-    let prompts: Vec<String> = QUESTIONS
-        .iter()
-        .map(|q| template.render(&[ChatMessage::user(*q)], true))
+    let prompts: Vec<String> = questions()
+        .into_iter()
+        .map(|q| template.render(&[ChatMessage::user(q)], true))
         .collect::<Result<_, _>>()?;
     let rm = RewardScorer::load(&dir, &dev)?;
     let mut policy = Policy::load(&dir, opts.lora.as_ref(), opts.seed, &dev)?;

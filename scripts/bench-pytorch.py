@@ -203,16 +203,11 @@ def bench_dpo():
     print(f"dpo step (8+8 x 256): median {med:.2f} s, best {best:.2f} s")
 
 
-QUESTIONS = [
-    "What is the capital of France?",
-    "Explain photosynthesis in one sentence.",
-    "Give me three tips for writing clear emails.",
-    "Why is the sky blue?",
-    "What does a carbon tax do to emissions?",
-    "Write a haiku about autumn rain.",
-    "How do vaccines train the immune system?",
-    "Summarise the plot of Romeo and Juliet.",
-]
+# The prompts of `cargo bench --bench generate` / `ppo_step`: one question per line.
+QUESTIONS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benches",
+                              "common", "questions.txt")
+with open(QUESTIONS_FILE, encoding="utf-8") as f:
+    QUESTIONS = [line.strip() for line in f if line.strip()]
 
 
 def bench_generate():
