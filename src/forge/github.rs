@@ -14,13 +14,17 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use octocrab::Octocrab;
 use serde::de::DeserializeOwned;
 
+use crate::secret::SecretString;
+
 /// Where GitHub.com's REST API lives; GitHub Enterprise Server uses `https://HOST/api/v3`.
 pub const DEFAULT_API_URL: &str = "https://api.github.com";
 
-/// A GitHub token. It never prints: `Debug` and `Display` show `***`, so a token cannot leak
-/// through a log line or an error chain.
+/// A GitHub token. It never prints: it is a [`SecretString`], whose `Debug` and `Display` show
+/// `***`, so a token cannot leak through a log line or an error chain. The wrapper adds what
+/// GitHub needs: a blank value is refused, and a missing variable is a typed [`TokenError`] with
+/// a hint about workflow secrets.
 #[derive(Clone, PartialEq, Eq)]
-pub struct SecretToken(String);
+pub struct SecretToken(SecretString);
 
 /// Why no usable token was found; raised before any network call.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -47,7 +51,7 @@ impl SecretToken {
         if trimmed.is_empty() {
             return Err(TokenError::EmptyValue);
         }
-        Ok(Self(trimmed.to_owned()))
+        Ok(Self(SecretString::new(trimmed)))
     }
 
     /// Reads the token from the environment variable `var`; the error names the variable.
@@ -70,19 +74,19 @@ impl SecretToken {
 
     /// The raw value, for the auth header and for `::add-mask::` only.
     pub fn expose(&self) -> &str {
-        &self.0
+        self.0.expose()
     }
 }
 
 impl fmt::Debug for SecretToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("***")
+        fmt::Debug::fmt(&self.0, f)
     }
 }
 
 impl fmt::Display for SecretToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("***")
+        fmt::Display::fmt(&self.0, f)
     }
 }
 
