@@ -174,3 +174,25 @@ impl WithSimd for WeightedSum<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weighted_sum_matches_the_plain_sum_for_any_row_width() {
+        // Widths below one register, exactly one, a multiple of the 4-register pass plus a
+        // partial pass, and one with a scalar tail.
+        for d in [3, 8, 40, 64, 70] {
+            let rows = 13;
+            let p: Vec<f32> = (0..rows).map(|j| 0.1 + j as f32 * 0.05).collect();
+            let v: Vec<f32> = (0..rows * d).map(|i| ((i * 7) % 11) as f32 - 5.0).collect();
+            let mut out = vec![f32::NAN; d];
+            weighted_sum_of_rows(&p, &v, &mut out);
+            for (c, &got) in out.iter().enumerate() {
+                let want: f32 = (0..rows).map(|j| p[j] * v[j * d + c]).sum();
+                assert!((got - want).abs() < 1e-4, "d={d}, column {c}: {got} vs {want}");
+            }
+        }
+    }
+}
