@@ -191,7 +191,10 @@ mod tests {
             weighted_sum_of_rows(&p, &v, &mut out);
             for (c, &got) in out.iter().enumerate() {
                 let want: f32 = (0..rows).map(|j| p[j] * v[j * d + c]).sum();
-                assert!((got - want).abs() < 1e-4, "d={d}, column {c}: {got} vs {want}");
+                assert!(
+                    (got - want).abs() < 1e-4,
+                    "d={d}, column {c}: {got} vs {want}"
+                );
             }
         }
     }
