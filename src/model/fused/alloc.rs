@@ -52,6 +52,14 @@ const HUGE_PAGE: usize = 2 << 20;
 /// synchronously (~0.9 s per 512 MiB here); where the call is refused (older kernels, THP set
 /// to `never`, other platforms) nothing changes but the speed.
 pub fn collapse_into_huge_pages<'a>(tensors: impl IntoIterator<Item = &'a Tensor>) -> usize {
+    collapse_with_errors(tensors).0
+}
+
+/// [`collapse_into_huge_pages`], plus the first error the kernel returned for a range that was
+/// not collapsed (none when every range was, or was too small to hold a huge page).
+fn collapse_with_errors<'a>(
+    tensors: impl IntoIterator<Item = &'a Tensor>,
+) -> (usize, Option<std::io::Error>) {
     let mut ranges: Vec<(usize, usize)> = Vec::new();
     let guards: Vec<_> = tensors
         .into_iter()
@@ -73,19 +81,27 @@ pub fn collapse_into_huge_pages<'a>(tensors: impl IntoIterator<Item = &'a Tensor
             _ => merged.push((start, end)),
         }
     }
-    merged
-        .into_iter()
-        .map(|(start, end)| collapse_range(start, end - start))
-        .sum()
+    let mut bytes = 0;
+    let mut first_error = None;
+    for (start, end) in merged {
+        match collapse_range(start, end - start) {
+            Ok(collapsed) => bytes += collapsed,
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    (bytes, first_error)
 }
 
-/// Collapses the whole huge pages inside `[start, start + len)`, memory of this process's heap.
+/// Collapses the whole huge pages inside `[start, start + len)`, memory of this process's heap;
+/// returns the bytes collapsed, or the kernel's reason for refusing.
 #[allow(unsafe_code)]
-fn collapse_range(start: usize, len: usize) -> usize {
+fn collapse_range(start: usize, len: usize) -> std::io::Result<usize> {
     let begin = start.next_multiple_of(HUGE_PAGE);
     let end = (start + len) / HUGE_PAGE * HUGE_PAGE;
     if end <= begin {
-        return 0;
+        return Ok(0);
     }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
@@ -99,11 +115,15 @@ fn collapse_range(start: usize, len: usize) -> usize {
             libc::madvise(addr, end - begin, libc::MADV_HUGEPAGE) == 0
                 && libc::madvise(addr, end - begin, libc::MADV_COLLAPSE) == 0
         };
-        if collapsed { end - begin } else { 0 }
+        if collapsed {
+            Ok(end - begin)
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     {
-        0
+        Err(std::io::ErrorKind::Unsupported.into())
     }
 }
 
@@ -127,7 +147,7 @@ mod tests {
             .iter()
             .map(|t| t.flatten_all().unwrap().to_vec1().unwrap())
             .collect();
-        let bytes = collapse_into_huge_pages(&tensors);
+        let (bytes, error) = collapse_with_errors(&tensors);
         let after: Vec<Vec<f32>> = tensors
             .iter()
             .map(|t| t.flatten_all().unwrap().to_vec1().unwrap())
@@ -135,8 +155,24 @@ mod tests {
         assert_eq!(before, after);
         let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
             .unwrap_or_default();
+        // EAGAIN and ENOMEM are the kernel saying it has no free 2 MiB page right now (a
+        // fragmented or busy machine, e.g. while other tests allocate): then only the values
+        // can be checked. Any other refusal (EINVAL: a bad range or flag) is a bug here.
+        let no_free_huge_page = error
+            .as_ref()
+            .and_then(std::io::Error::raw_os_error)
+            .is_some_and(|code| {
+                cfg!(target_os = "linux") && (code == libc::EAGAIN || code == libc::ENOMEM)
+            });
         if cfg!(all(target_os = "linux", target_env = "gnu")) && !thp.contains("[never]") {
-            assert!(bytes >= 4 * HUGE_PAGE, "only {bytes} bytes on huge pages");
+            if no_free_huge_page {
+                eprintln!("huge pages not checked: the kernel had none free ({error:?})");
+            } else {
+                assert!(
+                    bytes >= 4 * HUGE_PAGE,
+                    "only {bytes} bytes on huge pages ({error:?})"
+                );
+            }
         }
         assert_eq!(bytes % HUGE_PAGE, 0);
     }
