@@ -932,30 +932,9 @@ fn row_softmax_in_place(row: &mut [f32]) -> f32 {
 }
 
 /// `e^x` in f32 without a libm call, so loops over it vectorise (libm's `expf` is scalar; a
-/// 49k-vocabulary softmax spends most of its time there). Cephes' range reduction
-/// (`x = n·ln2 + r`) and degree-6 polynomial: relative error about 1e-7 for normal results;
-/// inputs are clamped to [−87, 88], so the smallest value returned is e^−87 ≈ 1.6e-38.
-#[inline(always)]
-pub fn fast_exp(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const C1: f32 = 0.693_359_4;
-    const C2: f32 = -2.121_944_4e-4;
-    // Adding and subtracting 1.5·2^23 rounds to the nearest integer with plain SSE2.
-    const ROUND: f32 = 12_582_912.0;
-    let x = x.clamp(-87.0, 88.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
-    let r = x - n * C1 - n * C2;
-    let mut p = 1.987_569_1e-4_f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 5e-1;
-    let y = p * r * r + r + 1.0;
-    // 2^n built directly in the exponent bits.
-    let bits = ((n as i32 + 127) as u32) << 23;
-    y * f32::from_bits(bits)
-}
+/// 49k-vocabulary softmax spends most of its time there): the fused kernels' implementation,
+/// under the name this module's callers use.
+pub use super::fused::math::exp as fast_exp;
 
 /// Sum of `values * mask` per row, for `[batch, len]` inputs; the mask is cast to the values'
 /// dtype. Used to turn per-token log-probs into sequence log-probs.

@@ -39,9 +39,6 @@ pub(super) struct Geom {
     pub scale: f32,
 }
 
-/// Computes the context `[b, t, heads·d]` into `out` and the probabilities `[b, heads, t, t]`
-/// into `probs`; `mask` is `[b, t]`, added to every query's scores for that key. Batch rows run
-/// in parallel, each on one thread.
 /// `(batch, seq, hidden)` of a `[batch, seq, hidden]` attention input, after checking that
 /// `hidden` splits into `heads` and that the key mask has one entry per token; `op` names the
 /// caller in the error.
@@ -66,6 +63,9 @@ pub(super) fn check_input(
     Ok((b, t, hd))
 }
 
+/// Computes the context `[b, t, heads·d]` into `out` and the probabilities `[b, heads, t, t]`
+/// into `probs`; `mask` is `[b, t]`, added to every query's scores for that key. Batch rows run
+/// in parallel, each on one thread.
 pub(super) fn forward(
     g: Geom,
     [q, k, v]: [&[f32]; 3],

@@ -8,9 +8,10 @@
 //! best, and a decode step is bound by memory bandwidth. Each weight row is dotted with up to
 //! [`MR`] input rows at once (one SIMD accumulator per input row) while it is in registers and
 //! L1. With several input rows the arithmetic is heavy enough that streaming and computing must
-//! overlap, so the kernel also prefetches the weights 8 KB ahead. Measured here at batch 8, one
-//! pass over SmolLM2-135M's weights: 2 weight rows × 4 input rows per tile (two passes per
-//! row, two streams) 39–53 ms; one row × 8 inputs 37–48 ms (`examples`-style probe, alternated).
+//! overlap, so the kernel also prefetches the weights 8 KB ahead. One pass over SmolLM2-135M's
+//! weights at batch 8 (what `cargo bench --bench decode_kernels` times), alternated three
+//! times here: 2 weight rows × 4 input rows per tile (two streams and two passes per row)
+//! 39.7–49.2 ms best / 43.7–59.5 median; one row × 8 inputs 38.5–44.1 / 41.5–49.6.
 //! The SIMD width is chosen at run time through `pulp` (AVX2+FMA on x86-64, NEON on aarch64,
 //! scalar otherwise), so a binary built for the default x86-64 target (SSE2 only) still uses
 //! the wide instructions; the one `unsafe` call is the prefetch hint. Output rows are split over
