@@ -22,7 +22,6 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use rlhf_bot::model::llama::{LlamaConfig, LlamaForCausalLM};
-use rlhf_bot::model::ops;
 use rlhf_bot::train::losses::dpo::{DpoConfig, dpo_loss};
 use rlhf_bot::train::optim::{AdamW, AdamWConfig};
 use rlhf_bot::train::policy_common::optimiser_step;
@@ -70,7 +69,7 @@ fn inputs(dev: &Device) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
 }
 
 fn main() -> anyhow::Result<()> {
-    ops::tune_allocator();
+    rlhf_bot::model::fused::tune_allocator();
     let dev = Device::Cpu;
     let steps: usize = std::env::var("STEPS")
         .ok()

@@ -16,7 +16,6 @@ use candle_core::Device;
 use rlhf_bot::model::chat_template::{ChatMessage, ChatTemplate};
 use rlhf_bot::model::generate::{self, GenerationConfig};
 use rlhf_bot::model::gguf::{self, GgufLlama};
-use rlhf_bot::model::ops;
 
 mod common;
 use common::questions;
@@ -29,7 +28,7 @@ fn env_usize(name: &str, default: usize) -> usize {
 }
 
 fn main() -> Result<()> {
-    ops::tune_allocator();
+    rlhf_bot::model::fused::tune_allocator();
     let Some(path) = gguf::find_gguf("SmolLM2-135M-Instruct") else {
         println!(
             "skipped: SmolLM2-135M-Instruct GGUF not found under {:?}",

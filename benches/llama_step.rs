@@ -16,7 +16,6 @@ use std::time::Instant;
 use candle_core::{D, DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarMap};
 use rlhf_bot::model::llama::{LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification};
-use rlhf_bot::model::ops;
 use rlhf_bot::train::device::DeviceChoice;
 
 const BATCH: usize = 16;
@@ -97,7 +96,7 @@ fn time_steps(
 }
 
 fn main() -> candle_core::Result<()> {
-    ops::tune_allocator();
+    rlhf_bot::model::fused::tune_allocator();
     let device: DeviceChoice = std::env::var("DEVICE")
         .unwrap_or_else(|_| "cpu".into())
         .parse()

@@ -19,7 +19,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use candle_core::Device;
 use rlhf_bot::model::chat_template::{ChatMessage, ChatTemplate};
-use rlhf_bot::model::{gguf, ops};
+use rlhf_bot::model::gguf;
 use rlhf_bot::run_outputs::PolicyAlgo;
 use rlhf_bot::train::policy_common::{LoraOptions, Policy, PolicyTrainOptions, PpoOptions};
 use rlhf_bot::train::policy_eval::RewardScorer;
@@ -57,7 +57,7 @@ fn options(steps: u64) -> PolicyTrainOptions {
 }
 
 fn main() -> Result<()> {
-    ops::tune_allocator();
+    rlhf_bot::model::fused::tune_allocator();
     let Some(path) = gguf::find_gguf("SmolLM2-135M-Instruct") else {
         println!(
             "skipped: SmolLM2-135M-Instruct GGUF not found under {:?}",

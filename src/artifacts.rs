@@ -95,6 +95,27 @@ pub enum ArtifactError {
     },
 }
 
+impl ArtifactError {
+    /// A one-line description without paths, URIs or hashes, for committed files (the report):
+    /// what kind of failure, and which file of the model when that is known.
+    pub fn summary(&self) -> String {
+        match self {
+            ArtifactError::Io { op, .. } => format!("cannot {op} its files"),
+            ArtifactError::Mismatch { file, .. } => {
+                format!("checksum mismatch in `{file}` (modified or corrupted after registration)")
+            }
+            ArtifactError::Missing { file, .. } if file == "." => "its files are missing".into(),
+            ArtifactError::Missing { file, .. } => format!("`{file}` is missing"),
+            ArtifactError::Unlisted { file, .. } => format!("unlisted file `{file}`"),
+            ArtifactError::BadManifest { line, .. } => format!("malformed manifest (line {line})"),
+            ArtifactError::BadUri { .. } => "unsupported artifact URI".into(),
+            ArtifactError::BadSource { .. } => "unreadable model directory".into(),
+            ArtifactError::Conflict { .. } => "conflicting stored copy".into(),
+            ArtifactError::Remote { op, .. } => format!("object store request failed ({op})"),
+        }
+    }
+}
+
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> ArtifactError + 'a {
     move |source| ArtifactError::Io {
         op,

@@ -60,11 +60,21 @@ pub enum Command {
     Report(RunSelect),
     /// Open or update the run's pull request (or write it locally with --dry-run / publish.mode: local).
     Publish(PublishArgs),
-    /// Make a registered model version the production one (what merging the bot's PR does).
+    /// Make a registered model version the production one (what merging the bot's PR does); its
+    /// artifact is verified first, and the model it replaces is marked `previous`.
     Promote {
         /// The registry id, e.g. reward-20261127-101500.
         id: String,
     },
+    /// Give `production` of one kind back to the model marked `previous` (what reverting the
+    /// merge of the bot's PR does).
+    Rollback {
+        /// Which model kind to roll back.
+        kind: RegistryKind,
+    },
+    /// Inspect the model registry.
+    #[command(subcommand)]
+    Registry(RegistryCommand),
     /// Inspect or validate the config.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -117,6 +127,20 @@ pub struct PublishArgs {
     /// Write the would-be pull request locally instead of calling GitHub.
     #[arg(long)]
     pub dry_run: bool,
+}
+
+/// A model kind in the registry (`rollback`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RegistryKind {
+    Reward,
+    Policy,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RegistryCommand {
+    /// Production per kind, the candidates awaiting review, and every model with its status,
+    /// aliases, parent and metrics (`--format json` has fixed keys for scripts).
+    Show,
 }
 
 #[derive(Debug, Subcommand)]

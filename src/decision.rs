@@ -25,6 +25,10 @@ pub struct DecisionInput {
     pub last_training_at: Option<DateTime<Utc>>,
     pub quality: Option<QualityWindows>,
     pub force: bool,
+    /// Set when a person rejected (closed unmerged) a pull request whose models were trained on
+    /// exactly the data and config a training now would use: the text names that PR. Training
+    /// again would propose the same model, so it blocks retraining unless forced.
+    pub rejected_same_data: Option<String>,
 }
 
 /// The production version's answer-level counts before and inside the recent window.
@@ -54,7 +58,7 @@ impl Decision {
         let fired: Vec<&str> = self
             .triggers
             .iter()
-            .filter(|t| t.fired && t.name != "cooldown")
+            .filter(|t| t.fired && !matches!(t.name, "cooldown" | "rejected"))
             .map(|t| t.name)
             .collect();
         if self.retrain && !fired.is_empty() {
@@ -132,11 +136,23 @@ pub fn decide(input: &DecisionInput, t: &Thresholds) -> Decision {
         },
     });
 
+    // Listed only when it applies, so the usual table stays as it was.
+    if let Some(pr) = &input.rejected_same_data {
+        triggers.push(Trigger {
+            name: "rejected",
+            fired: true,
+            detail: format!(
+                "{pr} was closed without merging, and nothing changed since: the same model would be proposed again"
+            ),
+        });
+    }
+    let rejected = input.rejected_same_data.is_some();
+
     let any = triggers
         .iter()
         .any(|tr| matches!(tr.name, "volume" | "age" | "quality") && tr.fired);
     Decision {
-        retrain: input.force || (any && !cooling),
+        retrain: input.force || (any && !cooling && !rejected),
         triggers,
     }
 }

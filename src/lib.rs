@@ -12,6 +12,7 @@ pub mod feedback;
 pub mod forge;
 pub mod kpi;
 pub mod model;
+pub mod proposals;
 pub mod registry;
 pub mod report;
 pub mod run_outputs;

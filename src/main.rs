@@ -8,6 +8,14 @@ use rlhf_bot::{app, cli::Cli};
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     app::init_logging(cli.verbose, cli.quiet);
+    // The benchmarks measure training with these allocator settings (GUIDE §4: glibc's default
+    // returns large freed blocks to the OS, and page faults then cost a large share of a step);
+    // production must run with what was measured.
+    let tuned = rlhf_bot::model::fused::tune_allocator();
+    tracing::debug!(
+        tuned,
+        "glibc malloc tuned: no mmap for large blocks, no trimming"
+    );
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

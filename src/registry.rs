@@ -25,6 +25,9 @@ pub const FORMAT_VERSION: u32 = 1;
 /// The alias that marks the model serving users; exactly one holder per kind (or none yet).
 pub const PRODUCTION: &str = "production";
 
+/// The alias of the model a promotion replaced: [`Registry::rollback`] returns production to it.
+pub const PREVIOUS: &str = "previous";
+
 const HEADER: &str = "# Model registry written by rlhf-bot. Promote a model by merging the pull request that moves\n# its `production` alias; hand edits are validated on the next run.\n";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -151,8 +154,14 @@ pub enum Problem {
     },
     #[error("model `{id}`: {reason}")]
     BadField { id: String, reason: String },
-    #[error("no model with id `{id}` in the registry")]
+    #[error(
+        "no model with id `{id}` in the registry\nhint: `rlhf-bot registry show` lists the ids"
+    )]
     UnknownId { id: String },
+    #[error(
+        "no {kind} model is marked `previous`, so there is nothing to roll back to\nhint: `previous` is set when a promotion replaces a production model; use `rlhf-bot promote ID` to choose one by hand"
+    )]
+    NoPrevious { kind: ModelKind },
     #[error(
         "registry format version {found} is not supported (this rlhf-bot writes version {FORMAT_VERSION})\nhint: upgrade rlhf-bot"
     )]
@@ -191,6 +200,15 @@ pub struct Promotion {
     pub promoted: String,
     /// The former production model, now archived (`None` on the first promotion).
     pub archived: Option<String>,
+}
+
+/// What [`Registry::rollback`] changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rollback {
+    /// The model that holds `production` again.
+    pub restored: String,
+    /// The model that held it, now archived (`None` when no model held it).
+    pub retired: Option<String>,
 }
 
 /// `created_by` value for a model trained now: the workflow run URL when the GitHub Actions
@@ -401,22 +419,30 @@ impl Registry {
         self.validate()
     }
 
-    /// Moves the `production` alias of the model's kind to `id`, archiving the previous holder.
-    /// Promoting the current holder again changes nothing.
+    /// Moves the `production` alias of the model's kind to `id`. The former holder is archived
+    /// and takes the `previous` alias (from whoever held it), so [`Registry::rollback`] — or
+    /// reverting the merge that made this change — brings it back. Promoting the current holder
+    /// again changes nothing.
     pub fn promote(&mut self, id: &str) -> Result<Promotion, Problem> {
         let kind = self
             .get(id)
             .ok_or_else(|| Problem::UnknownId { id: id.to_string() })?
             .kind;
+        if self.production(kind).is_some_and(|m| m.id == id) {
+            return Ok(Promotion {
+                promoted: id.to_string(),
+                archived: None,
+            });
+        }
         let mut archived = None;
         for m in self.models.iter_mut().filter(|m| m.kind == kind) {
+            m.aliases.retain(|a| a != PREVIOUS);
             if m.id == id {
-                if !m.aliases.iter().any(|a| a == PRODUCTION) {
-                    m.aliases.push(PRODUCTION.to_string());
-                }
+                m.aliases.push(PRODUCTION.to_string());
                 m.status = ModelStatus::Production;
             } else if m.aliases.iter().any(|a| a == PRODUCTION) {
                 m.aliases.retain(|a| a != PRODUCTION);
+                m.aliases.push(PREVIOUS.to_string());
                 m.status = ModelStatus::Archived;
                 archived = Some(m.id.clone());
             }
@@ -427,6 +453,42 @@ impl Registry {
             promoted: id.to_string(),
             archived,
         })
+    }
+
+    /// Returns the `production` alias of `kind` to the model holding `previous`; the model that
+    /// held production is archived. Fails when no model of that kind is marked `previous`.
+    pub fn rollback(&mut self, kind: ModelKind) -> Result<Rollback, Problem> {
+        let previous = self
+            .models
+            .iter()
+            .find(|m| m.kind == kind && m.aliases.iter().any(|a| a == PREVIOUS))
+            .map(|m| m.id.clone())
+            .ok_or(Problem::NoPrevious { kind })?;
+        let mut retired = None;
+        for m in self.models.iter_mut().filter(|m| m.kind == kind) {
+            if m.id == previous {
+                m.aliases.retain(|a| a != PREVIOUS);
+                m.aliases.push(PRODUCTION.to_string());
+                m.status = ModelStatus::Production;
+            } else if m.aliases.iter().any(|a| a == PRODUCTION) {
+                m.aliases.retain(|a| a != PRODUCTION);
+                m.status = ModelStatus::Archived;
+                retired = Some(m.id.clone());
+            }
+        }
+        self.normalize();
+        self.validate()?;
+        Ok(Rollback {
+            restored: previous,
+            retired,
+        })
+    }
+
+    /// The models still awaiting review (status `candidate`), oldest first.
+    pub fn candidates(&self) -> impl Iterator<Item = &ModelEntry> {
+        self.models
+            .iter()
+            .filter(|m| m.status == ModelStatus::Candidate)
     }
 
     /// The model of `kind` holding the `production` alias, if any.

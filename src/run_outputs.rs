@@ -19,6 +19,8 @@ use serde::{Deserialize, Serialize};
 /// File names inside a run output directory.
 pub const METRICS_FILE: &str = "metrics.json";
 pub const LOG_FILE: &str = "log.jsonl";
+/// What the candidate of a run directory was evaluated against ([`Baseline`]).
+pub const BASELINE_FILE: &str = "baseline.json";
 
 /// Log keys written by the reward trainer and the policy trainers (TRL's names).
 pub mod keys {
@@ -364,12 +366,17 @@ impl LogWriter {
 
 /// Writes `value` as pretty JSON to `dir/metrics.json` (creating `dir`).
 pub fn write_metrics<T: Serialize>(dir: &Path, value: &T) -> Result<PathBuf, RunOutputError> {
+    write_json(dir, METRICS_FILE, value)
+}
+
+/// Writes `value` as pretty JSON to `dir/name` (creating `dir`).
+fn write_json<T: Serialize>(dir: &Path, name: &str, value: &T) -> Result<PathBuf, RunOutputError> {
     fs::create_dir_all(dir).map_err(|source| RunOutputError::Io {
         op: "create",
         path: dir.to_path_buf(),
         source,
     })?;
-    let path = dir.join(METRICS_FILE);
+    let path = dir.join(name);
     let text = serde_json::to_string_pretty(value).map_err(|e| RunOutputError::Json {
         path: path.clone(),
         key: "".into(),
@@ -385,7 +392,12 @@ pub fn write_metrics<T: Serialize>(dir: &Path, value: &T) -> Result<PathBuf, Run
 
 /// Reads `dir/metrics.json` into `T`, naming the offending key on error.
 pub fn read_metrics<T: DeserializeOwned>(dir: &Path) -> Result<T, RunOutputError> {
-    let path = dir.join(METRICS_FILE);
+    read_json(dir, METRICS_FILE)
+}
+
+/// Reads `dir/name` into `T`, naming the offending key on error.
+fn read_json<T: DeserializeOwned>(dir: &Path, name: &str) -> Result<T, RunOutputError> {
+    let path = dir.join(name);
     let text = read(&path)?;
     let mut de = serde_json::Deserializer::from_str(&text);
     serde_path_to_error::deserialize(&mut de).map_err(|e| RunOutputError::Json {
@@ -455,6 +467,45 @@ fn read(path: &Path) -> Result<String, RunOutputError> {
             }
         }
     })
+}
+
+/// What a candidate was compared with in its evaluation, and why. The report states it word for
+/// word, so a reviewer never reads "vs production" when production could not be used.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Baseline {
+    /// The registry id of the production model the candidate was compared with, when it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub production_id: Option<String>,
+    /// A production model that exists but could not be used (it failed verification or did not
+    /// load): the candidate was compared with something else, and the report says so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unusable_production: Option<UnusableProduction>,
+    /// For people, Markdown-safe and path-free: "production `policy-…`", "the base model".
+    pub against: String,
+    /// Why this baseline, for people (path-free).
+    pub reason: String,
+}
+
+/// A production model that was skipped, with a path-free reason ("checksum mismatch in …").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnusableProduction {
+    pub id: String,
+    pub reason: String,
+}
+
+impl Baseline {
+    /// Writes `dir/baseline.json`.
+    pub fn write(&self, dir: &Path) -> Result<PathBuf, RunOutputError> {
+        write_json(dir, BASELINE_FILE, self)
+    }
+
+    /// Reads `dir/baseline.json`; `None` when a run predates the file.
+    pub fn read(dir: &Path) -> Result<Option<Self>, RunOutputError> {
+        if !dir.join(BASELINE_FILE).is_file() {
+            return Ok(None);
+        }
+        read_json(dir, BASELINE_FILE).map(Some)
+    }
 }
 
 /// A training run's output directory, loaded: its `metrics.json` (of type `M`) and its log.

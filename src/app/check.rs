@@ -77,6 +77,9 @@ pub fn check(settings: &Settings, force: bool) -> Result<CheckOutcome> {
         last_training_at: last.as_ref().map(|l| l.at),
         quality,
         force,
+        rejected_same_data: crate::proposals::Proposals::load(&store)?
+            .rejected_same(store.watermark()?, &settings.config_sha256)
+            .map(|p| format!("pull request #{} ({})", p.pr_number, p.models.join(", "))),
     };
     let decision = decide(&input, &settings.thresholds);
     let kpis = all_kpis(
@@ -97,9 +100,11 @@ pub fn check(settings: &Settings, force: bool) -> Result<CheckOutcome> {
     })
 }
 
-/// The last training and the production version. The registry is the source of truth (merging
-/// the bot's PR is what changes it); the store's own record of `run` is the fallback for a
-/// registry that lists no model yet.
+/// The last training and the production version. The production version comes from the
+/// registry (merging the bot's PR is what changes it). The last training is the newer of the
+/// registry's newest entry and the store's own record of `run`: a run whose pull request is still
+/// under review (or was rejected) is in the store only, and it must still count as a training,
+/// or every scheduled run would retrain and supersede the PR under review.
 fn training_history(
     settings: &Settings,
     store: &Store,
@@ -110,22 +115,40 @@ fn training_history(
             settings.registry.path.display()
         )
     })?;
+    let production = registry.production(ModelKind::Policy).map(|m| m.id.clone());
     let newest = [ModelKind::Reward, ModelKind::Policy]
         .into_iter()
         .filter_map(|kind| registry.last_training(kind))
         .max_by_key(|(id, at, _)| (*at, *id));
-    let production = registry.production(ModelKind::Policy).map(|m| m.id.clone());
-    let Some((_, at, snapshot)) = newest else {
-        let mut fallback = store.last_training()?;
-        if let (Some(l), Some(p)) = (fallback.as_mut(), production) {
-            l.production_version = Some(p);
+    let from_registry = match newest {
+        None => None,
+        Some((_, at, snapshot)) => Some(LastTraining {
+            at,
+            watermark: registry_watermark(settings, &snapshot.watermark)?,
+            production_version: production.clone(),
+            // A version's feedback only exists once it is deployed, so all of its feedback
+            // before the recent window is its baseline: no promotion time is needed.
+            promoted_at: None,
+        }),
+    };
+    let from_store = store.last_training()?.map(|mut l| {
+        l.production_version = production.clone().or(l.production_version);
+        if production.is_some() {
             l.promoted_at = None;
         }
-        return Ok((fallback, "store"));
-    };
-    let watermark = match snapshot.watermark.trim() {
-        "" => None,
-        text => Some(
+        l
+    });
+    Ok(match (from_registry, from_store) {
+        (Some(r), Some(s)) if s.at > r.at => (Some(s), "store"),
+        (Some(r), _) => (Some(r), "registry"),
+        (None, s) => (s, "store"),
+    })
+}
+
+fn registry_watermark(settings: &Settings, text: &str) -> Result<Option<DateTime<Utc>>> {
+    match text.trim() {
+        "" => Ok(None),
+        text => Ok(Some(
             DateTime::parse_from_rfc3339(text)
                 .with_context(|| {
                     format!(
@@ -134,19 +157,8 @@ fn training_history(
                     )
                 })?
                 .with_timezone(&Utc),
-        ),
-    };
-    Ok((
-        Some(LastTraining {
-            at,
-            watermark,
-            // A version's feedback only exists once it is deployed, so all of its feedback
-            // before the recent window is its baseline: no promotion time is needed.
-            production_version: production,
-            promoted_at: None,
-        }),
-        "registry",
-    ))
+        )),
+    }
 }
 
 /// Writes the outcome to the Actions outputs and step summary (no-op outside Actions).

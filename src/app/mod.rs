@@ -2,12 +2,14 @@
 //! stage, and writes its result to stdout (text for people, `--format json` for machines). HTTP
 //! and tensor math live in the library modules; this layer only wires them.
 
+pub mod baseline;
 mod check;
 pub mod generate;
 mod output;
 pub mod pipeline;
 pub mod policy;
 mod pull;
+mod registry_cmd;
 mod store_cmd;
 pub mod train_policy;
 pub mod train_reward;
@@ -101,14 +103,23 @@ async fn train_and_publish(
     config_path: &Path,
     dry_run: bool,
     algo: Option<crate::run_outputs::PolicyAlgo>,
-) -> Result<serde_json::Value> {
+) -> Result<RunSummary> {
     let run_id = pipeline::new_run_id();
     let started = check::now()?;
     let reward_dir = pipeline::run_dir(settings, &run_id).join("reward");
-    let summary =
-        pipeline::train_reward_from_store(settings, reward_dir.clone(), settings.reward.clone())
-            .await
-            .context("stage train reward")?;
+    let mut reward_opts = settings.reward.clone();
+    let reward_baseline = baseline::resolve(
+        settings,
+        crate::registry::ModelKind::Reward,
+        reward_opts.production_model.as_deref(),
+        "nothing (no production reward model is compared)",
+        Ok,
+    )?;
+    reward_opts.production_model = reward_baseline.dir.clone();
+    let summary = pipeline::train_reward_from_store(settings, reward_dir.clone(), reward_opts)
+        .await
+        .context("stage train reward")?;
+    reward_baseline.baseline.write(&reward_dir)?;
     let base = settings
         .reward
         .model
@@ -152,18 +163,52 @@ async fn train_and_publish(
         production_version: previous.as_ref().and_then(|p| p.production_version.clone()),
         promoted_at: previous.and_then(|p| p.promoted_at),
     })?;
-    Ok(serde_json::json!({
-        "run_id": run_id,
-        "reward_dir": summary.out,
-        "reward_eval": summary.metrics.eval,
-        "registered": registered.reward.map(|e| e.id),
-        "policy_dir": policy.as_ref().map(|p| &p.run.out_dir),
-        "policy_eval": policy.as_ref().map(|p| &p.run.metrics.eval),
-        "registered_policy": registered.policy.map(|e| e.id),
-        "report": report_dir.join("report.md"),
-        "draft": draft,
-        "publish": published,
-    }))
+    Ok(RunSummary {
+        run_id,
+        reward_dir: summary.out,
+        reward_eval: summary.metrics.eval,
+        registered: registered.reward.map(|e| e.id),
+        policy_dir: policy.as_ref().map(|p| p.run.out_dir.clone()),
+        policy_eval: policy.as_ref().map(|p| p.run.metrics.eval.clone()),
+        registered_policy: registered.policy.map(|e| e.id),
+        report: report_dir.join("report.md"),
+        draft,
+        publish: published,
+        registry: settings.registry.path.clone(),
+    })
+}
+
+/// What `run` trained, registered, reported and published (`--format json`: these keys).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunSummary {
+    pub run_id: String,
+    pub reward_dir: std::path::PathBuf,
+    pub reward_eval: crate::run_outputs::RewardEval,
+    pub registered: Option<String>,
+    pub policy_dir: Option<std::path::PathBuf>,
+    pub policy_eval: Option<crate::run_outputs::PolicyEval>,
+    pub registered_policy: Option<String>,
+    pub report: std::path::PathBuf,
+    pub draft: bool,
+    pub publish: pipeline::PublishedRun,
+    pub registry: std::path::PathBuf,
+}
+
+impl std::fmt::Display for RunSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "run {}:", self.run_id)?;
+        writeln!(f, "  reward model   {}", self.reward_dir.display())?;
+        if let Some(dir) = &self.policy_dir {
+            writeln!(f, "  policy         {}", dir.display())?;
+        }
+        writeln!(f, "  report         {}", self.report.display())?;
+        writeln!(f, "  pull request   {}", self.publish)?;
+        write!(
+            f,
+            "  registry       {} (`rlhf-bot registry show`)",
+            self.registry.display()
+        )
+    }
 }
 
 pub async fn run(cli: Cli) -> Result<()> {
@@ -180,6 +225,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::Check(args) => {
             let settings = load_settings(&cli.config)?;
+            pipeline::reconcile_proposals(&settings).await?;
             let outcome = check(&settings, args.force)?;
             check::publish_to_actions(&outcome)?;
             output::check_outcome(&outcome, format)
@@ -190,6 +236,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             if format == Format::Text {
                 output::pull_summary(&summary, format)?;
             }
+            pipeline::reconcile_proposals(&settings).await?;
             let outcome = check(&settings, args.force).context("stage check")?;
             check::publish_to_actions(&outcome)?;
             if format == Format::Text {
@@ -214,19 +261,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 ),
                 Format::Text => {
                     match &stages {
-                        Some(s) => {
-                            let policy = match s["policy_dir"].as_str() {
-                                Some(dir) => format!(", policy in {dir}"),
-                                None => String::new(),
-                            };
-                            println!(
-                                "run {}: reward model in {}{policy}, report {}, pull request: {}",
-                                s["run_id"].as_str().unwrap_or(""),
-                                s["reward_dir"].as_str().unwrap_or(""),
-                                s["report"].as_str().unwrap_or(""),
-                                s["publish"]
-                            )
-                        }
+                        Some(s) => println!("{s}"),
                         None => println!("no retraining needed; nothing trained"),
                     }
                     Ok(())
@@ -314,18 +349,18 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::Promote { id } => {
             let settings = load_settings(&cli.config)?;
-            let mut registry = crate::registry::Registry::load(&settings.registry.path)?;
-            let promotion = registry.promote(&id).map_err(|p| anyhow::anyhow!("{p}"))?;
-            registry.save(&settings.registry.path)?;
-            let text = match &promotion.archived {
-                Some(old) => format!("{id} is now production ({old} archived)"),
-                None => format!("{id} is now production"),
-            };
-            output::json_or_text(
-                format,
-                &serde_json::json!({"promoted": promotion.promoted, "archived": promotion.archived}),
-                &text,
-            )
+            let change = registry_cmd::promote(&settings, &id)?;
+            output::json_or_text(format, &change, &change.to_string())
+        }
+        Command::Rollback { kind } => {
+            let settings = load_settings(&cli.config)?;
+            let change = registry_cmd::rollback(&settings, kind)?;
+            output::json_or_text(format, &change, &change.to_string())
+        }
+        Command::Registry(crate::cli::RegistryCommand::Show) => {
+            let settings = load_settings(&cli.config)?;
+            let view = registry_cmd::show(&settings)?;
+            output::json_or_text(format, &view, view.to_string().trim_end())
         }
         Command::Store(cmd) => {
             let settings = load_settings(&cli.config)?;

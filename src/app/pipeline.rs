@@ -19,13 +19,16 @@ use crate::feedback::Store;
 use crate::feedback::record::format_time;
 use crate::forge::github::{GithubTarget, SecretToken};
 use crate::forge::local::publish_local;
-use crate::forge::publish::{PublishRequest, publish};
+use crate::forge::publish::{
+    PublishAction, PublishOutcome, PublishRequest, closed_bot_pulls, publish,
+};
 use crate::kpi::all_kpis;
+use crate::proposals::{Proposal, ProposalState, Proposals};
 use crate::registry::{
     FeedbackSnapshot, ModelEntry, ModelKind, ModelStatus, Registry, created_by_from_env,
 };
 use crate::report::{self, KpiRow, PolicySection, RenderOptions, ReportContext, RewardSection};
-use crate::run_outputs::{PolicyRunOutput, RewardRunOutput};
+use crate::run_outputs::{Baseline, PolicyRunOutput, RewardRunOutput};
 
 /// The directory of one run's outputs.
 pub fn run_dir(settings: &Settings, run_id: &str) -> PathBuf {
@@ -203,13 +206,16 @@ pub fn build_report(
             .get(&format!("{}-{run_id}", kind.as_str()))
             .cloned()
     };
+    let reward_baseline = Baseline::read(&dir.join("reward"))?;
+    let policy_baseline = Baseline::read(&dir.join("policy"))?;
     let reward = match (
         candidate(ModelKind::Reward),
         RewardRunOutput::load(&dir.join("reward")),
     ) {
         (Some(entry), Ok(out)) => Some(RewardSection {
             candidate: entry,
-            production: registry.production(ModelKind::Reward).cloned(),
+            production: compared_production(&registry, ModelKind::Reward, &reward_baseline),
+            baseline: reward_baseline,
             metrics: out.metrics,
             log: out.log,
         }),
@@ -221,7 +227,8 @@ pub fn build_report(
     ) {
         (Some(entry), Ok(out)) => Some(PolicySection {
             candidate: entry,
-            production: registry.production(ModelKind::Policy).cloned(),
+            production: compared_production(&registry, ModelKind::Policy, &policy_baseline),
+            baseline: policy_baseline,
             metrics: out.metrics,
             log: out.log,
         }),
@@ -251,6 +258,15 @@ pub fn build_report(
         gates: settings.gates.clone(),
         reproduce: format!("rlhf-bot --config {} run --force", config_path.display()),
         max_samples: settings.report.max_samples,
+        rejections: Proposals::load(&store)?
+            .rejected()
+            .map(|p| report::Rejection {
+                pr_number: p.pr_number,
+                pr_url: p.pr_url.clone(),
+                models: p.models.clone(),
+                closed_at: p.closed_at.clone(),
+            })
+            .collect(),
     };
     let draft = !report::verdict(&ctx.gate_results()).passed;
     let rendered = report::render_with(
@@ -271,11 +287,15 @@ pub async fn publish_run(
     body: String,
     draft: bool,
     dry_run: bool,
-) -> Result<serde_json::Value> {
+) -> Result<PublishedRun> {
     let report_dir = settings.report.dir.join(run_id);
+    let kinds: Vec<&str> = ["reward", "policy"]
+        .into_iter()
+        .filter(|k| run_dir(settings, run_id).join(k).is_dir())
+        .collect();
     let mut files = vec![(
         repo_path(&settings.registry.path, "models/registry.yaml"),
-        std::fs::read(&settings.registry.path)?,
+        proposed_registry(settings, run_id)?.into_bytes(),
     )];
     for entry in std::fs::read_dir(&report_dir)
         .with_context(|| format!("reading {}", report_dir.display()))?
@@ -290,10 +310,6 @@ pub async fn publish_run(
             files.push((format!("{in_repo}/{run_id}/{name}"), std::fs::read(&path)?));
         }
     }
-    let kinds: Vec<&str> = ["reward", "policy"]
-        .into_iter()
-        .filter(|k| run_dir(settings, run_id).join(k).is_dir())
-        .collect();
     let request = PublishRequest {
         run_id: run_id.to_string(),
         branch: format!(
@@ -302,10 +318,7 @@ pub async fn publish_run(
             kinds.join("-")
         ),
         branch_prefix: settings.publish.branch_prefix.clone(),
-        title: format!(
-            "rlhf-bot: candidate {} from run {run_id}",
-            kinds.join(" + ")
-        ),
+        title: format!("rlhf-bot: promote {} from run {run_id}", kinds.join(" + ")),
         body,
         files,
         labels: settings.publish.labels.clone(),
@@ -313,26 +326,171 @@ pub async fn publish_run(
         draft,
         on_existing: settings.publish.on_existing,
     };
-    match (settings.publish.mode, &settings.publish.github, dry_run) {
-        (PublishMode::Github, Some(g), false) => {
-            let token = SecretToken::from_env(&g.token_env)?;
-            let target = GithubTarget {
-                api_url: g.api_url.clone(),
-                owner: g.owner.clone(),
-                repo: g.repo.clone(),
-                base_branch: g.base_branch.clone(),
-                token,
-            };
+    match github_target(settings)? {
+        Some(target) if !dry_run => {
             let outcome = publish(&target, &request).await?;
-            Ok(serde_json::to_value(outcome)?)
+            remember_proposal(settings, run_id, &outcome)?;
+            Ok(PublishedRun {
+                branch: outcome.branch,
+                draft,
+                pr_number: outcome.pr_number,
+                pr_url: outcome.pr_url,
+                action: Some(outcome.action),
+                superseded: outcome.superseded,
+                local_dir: None,
+            })
         }
         _ => {
             let outcome = publish_local(&settings.publish.local_dir, &request)?;
-            Ok(
-                serde_json::json!({"local_dir": outcome.dir, "manifest": outcome.manifest_path, "branch": request.branch, "draft": draft}),
-            )
+            Ok(PublishedRun {
+                branch: request.branch,
+                draft,
+                pr_number: None,
+                pr_url: None,
+                action: None,
+                superseded: Vec::new(),
+                local_dir: Some(outcome.dir),
+            })
         }
     }
+}
+
+/// Where a run's pull request went.
+#[derive(Debug, Clone, Serialize)]
+pub struct PublishedRun {
+    pub branch: String,
+    pub draft: bool,
+    /// On GitHub: the pull request opened or updated.
+    pub pr_number: Option<u64>,
+    pub pr_url: Option<String>,
+    pub action: Option<PublishAction>,
+    /// Earlier bot PRs closed in favour of this one.
+    pub superseded: Vec<u64>,
+    /// Dry run / `publish.mode: local`: the directory holding `pr.json`, `body.md` and `files/`.
+    pub local_dir: Option<PathBuf>,
+}
+
+impl std::fmt::Display for PublishedRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let draft = if self.draft { "draft " } else { "" };
+        match (&self.pr_url, &self.local_dir) {
+            (Some(url), _) => write!(f, "{draft}pull request {url} (branch {})", self.branch)?,
+            (None, Some(dir)) => write!(
+                f,
+                "{draft}pull request written locally to {} (branch {})",
+                dir.display(),
+                self.branch
+            )?,
+            (None, None) => write!(
+                f,
+                "branch {} left alone (it has human commits)",
+                self.branch
+            )?,
+        }
+        if !self.superseded.is_empty() {
+            let list: Vec<String> = self.superseded.iter().map(|n| format!("#{n}")).collect();
+            write!(f, "; superseded {}", list.join(", "))?;
+        }
+        Ok(())
+    }
+}
+
+/// The GitHub repository the config publishes to, with its token; `None` for the local publisher.
+pub fn github_target(settings: &Settings) -> Result<Option<GithubTarget>> {
+    match (settings.publish.mode, &settings.publish.github) {
+        (PublishMode::Github, Some(g)) => Ok(Some(GithubTarget {
+            api_url: g.api_url.clone(),
+            owner: g.owner.clone(),
+            repo: g.repo.clone(),
+            base_branch: g.base_branch.clone(),
+            token: SecretToken::from_env(&g.token_env)?,
+        })),
+        _ => Ok(None),
+    }
+}
+
+/// Records the PR just opened (or updated) in the store's loop state, with the data and config
+/// its models were trained on, so a later rejection can be recognised.
+fn remember_proposal(settings: &Settings, run_id: &str, outcome: &PublishOutcome) -> Result<()> {
+    let (Some(number), Some(url)) = (outcome.pr_number, outcome.pr_url.clone()) else {
+        return Ok(());
+    };
+    let registry = Registry::load_or_default(&settings.registry.path)?;
+    let models: Vec<&ModelEntry> = [ModelKind::Reward, ModelKind::Policy]
+        .into_iter()
+        .filter_map(|k| registry.get(&format!("{}-{run_id}", k.as_str())))
+        .collect();
+    let watermark = models
+        .iter()
+        .find_map(|m| chrono::DateTime::parse_from_rfc3339(m.feedback.watermark.trim()).ok())
+        .map(|t| t.with_timezone(&Utc));
+    let store = Store::open(&settings.store.dir)?;
+    let mut proposals = Proposals::load(&store)?;
+    proposals.record_opened(
+        Proposal {
+            run_id: run_id.to_string(),
+            models: models.iter().map(|m| m.id.clone()).collect(),
+            pr_number: number,
+            pr_url: url,
+            branch: outcome.branch.clone(),
+            watermark,
+            config_sha256: settings.config_sha256.clone(),
+            state: ProposalState::Open,
+            closed_at: None,
+        },
+        &outcome.superseded,
+    );
+    proposals.save(&store)
+}
+
+/// Asks the forge what became of the bot's open pull requests and records merges and
+/// rejections. A forge that cannot be reached only costs the report its rejection list, so the
+/// failure is logged and the run goes on.
+pub async fn reconcile_proposals(settings: &Settings) -> Result<()> {
+    let Some(target) = github_target(settings)? else {
+        return Ok(());
+    };
+    let store = Store::open(&settings.store.dir)?;
+    let mut proposals = Proposals::load(&store)?;
+    if proposals.open().is_none() {
+        return Ok(());
+    }
+    let closed = match closed_bot_pulls(
+        &target,
+        &settings.publish.branch_prefix,
+        Default::default(),
+    )
+    .await
+    {
+        Ok(closed) => closed,
+        Err(e) => {
+            tracing::warn!("could not look up the bot's closed pull requests: {e:#}");
+            return Ok(());
+        }
+    };
+    for p in proposals.reconcile(&closed) {
+        tracing::warn!(
+            "pull request #{} was closed without merging: {} recorded as rejected",
+            p.pr_number,
+            p.models.join(", ")
+        );
+    }
+    proposals.save(&store)
+}
+
+/// The registry as the run's pull request proposes it: each model this run registered holds
+/// `production`, and the models they replace are archived and marked `previous`. Merging the PR
+/// is therefore the promotion, and reverting the merge is the rollback. The gates decide only
+/// whether the PR is a draft, never what it proposes.
+pub fn proposed_registry(settings: &Settings, run_id: &str) -> Result<String> {
+    let mut registry = Registry::load(&settings.registry.path)?;
+    for kind in [ModelKind::Reward, ModelKind::Policy] {
+        let id = format!("{}-{run_id}", kind.as_str());
+        if registry.get(&id).is_some() {
+            registry.promote(&id)?;
+        }
+    }
+    Ok(registry.to_yaml()?)
 }
 
 /// A path as the repository sees it: relative to the working directory (the repository root in
@@ -352,6 +510,23 @@ fn repo_path(path: &Path, fallback: &str) -> String {
         .map(|c| c.as_os_str().to_string_lossy())
         .collect::<Vec<_>>()
         .join("/")
+}
+
+/// The production entry a section names: the one the candidate was compared with, as its
+/// baseline records; for runs older than the baseline file, the registry's current production.
+fn compared_production(
+    registry: &Registry,
+    kind: ModelKind,
+    baseline: &Option<Baseline>,
+) -> Option<ModelEntry> {
+    match baseline {
+        Some(b) => b
+            .production_id
+            .as_deref()
+            .and_then(|id| registry.get(id))
+            .cloned(),
+        None => registry.production(kind).cloned(),
+    }
 }
 
 /// Builds the dataset from the store and trains the reward model into `runs/<run-id>/reward/` on

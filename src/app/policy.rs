@@ -151,10 +151,16 @@ pub async fn run_policy_stage(
         }
         None => export_policy_data(settings, &run_dir.join("data"), algo, template.as_ref())?,
     };
-    let production_model = match o.production_model.or_else(|| ps.production_model.clone()) {
-        Some(p) => Some(resolve_model_dir(&p, &sibling(&out, "production"))?),
-        None => registry_production_policy(settings, &sibling(&out, "production")),
-    };
+    let explicit = o.production_model.or_else(|| ps.production_model.clone());
+    let scratch = sibling(&out, "production");
+    let baseline = crate::app::baseline::resolve(
+        settings,
+        ModelKind::Policy,
+        explicit.as_deref(),
+        "the base model",
+        |dir| resolve_model_dir(&dir, &scratch),
+    )?;
+    let production_model = baseline.dir.clone();
     tracing::info!(
         algo = algo.as_str(),
         base = %base_dir.display(),
@@ -186,6 +192,7 @@ pub async fn run_policy_stage(
         options,
     };
     let run = train_policy(req).await?;
+    baseline.baseline.write(&out)?;
     let merged_dir = if ps.merge && run.lora {
         let dir = out.join("merged");
         write_merged(&base_dir, &run.policy_dir.join("adapter"), &dir)?;
@@ -410,26 +417,6 @@ pub fn find_reward_model(settings: &Settings) -> Result<PathBuf> {
         root.display(),
         settings.registry.path.display()
     )
-}
-
-/// The registry's production policy as an HF directory, when there is one that still loads.
-fn registry_production_policy(settings: &Settings, scratch: &Path) -> Option<PathBuf> {
-    let registry = Registry::load_or_default(&settings.registry.path).ok()?;
-    let entry = registry.production(ModelKind::Policy)?;
-    let found = settings
-        .registry
-        .open_artifacts()
-        .and_then(|s| s.materialize(&entry.artifact))
-        .map_err(anyhow::Error::from)
-        .and_then(|dir| resolve_model_dir(&dir, scratch));
-    match found {
-        Ok(dir) => Some(dir),
-        Err(e) => {
-            // The evaluation still runs, against the base model; say why.
-            tracing::warn!(id = %entry.id, "production policy unusable, comparing against the base model: {e:#}");
-            None
-        }
-    }
 }
 
 /// One exported line: prompt (rendered), plus the algorithm's fields.

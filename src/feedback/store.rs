@@ -14,7 +14,8 @@
 //! plus the record's canonical JSON), `tombstones` (deleted ids, so an older copy arriving late
 //! cannot resurrect a deleted record), `quarantine` (malformed input with its reason, keyed by the
 //! raw text's sha256 so re-reading the same bad line does not pile up) and `meta` (watermark,
-//! resume cursor, the last-training state until the registry holds it).
+//! resume cursor, and the loop's own state: the last training and the pull requests the bot opened
+//! with their fate, see `crate::proposals`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -226,16 +227,29 @@ impl Store {
     }
 
     pub fn last_training(&self) -> Result<Option<LastTraining>> {
-        match self.meta("last_training")? {
-            None => Ok(None),
-            Some(text) => serde_json::from_str(&text)
-                .map(Some)
-                .with_context(|| format!("the store's last_training state is unreadable: {text}")),
-        }
+        self.loop_state("last_training")
     }
 
     pub fn set_last_training(&self, state: &LastTraining) -> Result<()> {
-        self.set_meta_now("last_training", &serde_json::to_string(state)?)
+        self.set_loop_state("last_training", state)
+    }
+
+    /// A piece of the loop's state kept beside the feedback (it travels with the store between
+    /// workflow runs): JSON under `key` in `meta`, `None` when never written.
+    pub fn loop_state<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
+        match self.meta(key)? {
+            None => Ok(None),
+            Some(text) => serde_json::from_str(&text).map(Some).with_context(|| {
+                format!(
+                    "the store's `{key}` state in {} is unreadable\nhint: the store may be corrupted; delete it and pull again",
+                    self.path.display()
+                )
+            }),
+        }
+    }
+
+    pub fn set_loop_state<T: Serialize>(&self, key: &str, value: &T) -> Result<()> {
+        self.set_meta_now(key, &serde_json::to_string(value)?)
     }
 
     pub fn stats(&self) -> Result<StoreStats> {

@@ -226,6 +226,62 @@ struct Pull {
     number: u64,
     html_url: String,
     head: PullHead,
+    /// Set on a merged PR; a closed PR without it was closed unmerged.
+    #[serde(default)]
+    merged_at: Option<String>,
+    #[serde(default)]
+    closed_at: Option<String>,
+}
+
+impl Pull {
+    /// Whether the head is a branch starting with `prefix` in `owner/repo` itself: a fork's PR
+    /// can use any branch name, and only our own repository's branches are the bot's.
+    fn is_bot_branch_of(&self, owner: &str, repo: &str, prefix: &str) -> bool {
+        let full = format!("{owner}/{repo}");
+        self.head.branch.starts_with(prefix)
+            && self
+                .head
+                .repo
+                .as_ref()
+                .is_some_and(|r| r.full_name.eq_ignore_ascii_case(&full))
+    }
+}
+
+/// A closed pull request from one of the bot's branches: merged (the promotion happened) or
+/// closed unmerged (a rejection, unless the bot itself closed it as superseded).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClosedPull {
+    pub number: u64,
+    pub url: String,
+    pub branch: String,
+    pub merged: bool,
+    pub closed_at: Option<String>,
+}
+
+/// The bot's most recently updated closed pull requests against the target's base branch (one
+/// page of 100: the bot keeps at most one PR open, so older ones were reconciled long ago).
+pub async fn closed_bot_pulls(
+    target: &GithubTarget,
+    branch_prefix: &str,
+    policy: RetryPolicy,
+) -> anyhow::Result<Vec<ClosedPull>> {
+    let client = GithubClient::new(target, policy)?;
+    let path = client.repo_path(&format!(
+        "/pulls?state=closed&base={}&sort=updated&direction=desc&per_page=100",
+        encode_segment(&target.base_branch)
+    ));
+    let pulls: Vec<Pull> = client.send(Method::Get, &path, None).await?.json()?;
+    Ok(pulls
+        .into_iter()
+        .filter(|p| p.is_bot_branch_of(&target.owner, &target.repo, branch_prefix))
+        .map(|p| ClosedPull {
+            number: p.number,
+            url: p.html_url,
+            branch: p.head.branch,
+            merged: p.merged_at.is_some(),
+            closed_at: p.closed_at,
+        })
+        .collect())
 }
 
 #[derive(Debug, Deserialize, Clone)]
@@ -395,12 +451,7 @@ impl Publisher<'_> {
     }
 
     fn is_same_repo(&self, pull: &Pull) -> bool {
-        let full = format!("{}/{}", self.client.owner(), self.client.repo());
-        // A fork's PR can use any branch name; only our own repository's branches are the bot's.
-        pull.head
-            .repo
-            .as_ref()
-            .is_some_and(|r| r.full_name.eq_ignore_ascii_case(&full))
+        pull.is_bot_branch_of(self.client.owner(), self.client.repo(), "")
     }
 
     /// Open PRs against the base branch whose head is one of the bot's branches.

@@ -313,24 +313,6 @@ pub fn attention_bias(mask: &[Vec<u32>], q_len: usize, device: &Device) -> Resul
     Tensor::from_vec(bias, (batch, 1, q_len, k_len), device)
 }
 
-/// Tunes glibc malloc for training: large freed blocks stay in the process instead of going
-/// back to the OS and being page-faulted in again on the next step (GUIDE §4: 3.5 s → 2.2 s per
-/// step). Call once at start-up, before any tensor is allocated. A no-op on non-glibc targets.
-#[allow(unsafe_code)]
-pub fn tune_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        // SAFETY: mallopt only changes allocator tunables; it takes plain integers, touches no
-        // memory we own, and glibc documents it as safe to call at any time (it takes the arena
-        // lock itself). The return value only reports whether the parameter was accepted.
-        unsafe {
-            libc::mallopt(libc::M_MMAP_MAX, 0);
-            libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-            libc::mallopt(libc::M_TOP_PAD, 256 << 20);
-        }
-    }
-}
-
 /// Softmax over the last dimension as one fused CPU op with a backward pass.
 ///
 /// candle's generic `softmax` is five graph nodes (max, sub, exp, sum, div), each a full pass

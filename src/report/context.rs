@@ -14,7 +14,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::registry::ModelEntry;
-use crate::run_outputs::{LogLine, PolicyMetrics, RewardMetrics};
+use crate::run_outputs::{Baseline, LogLine, PolicyMetrics, RewardMetrics};
 
 /// A point estimate with its 95% interval, all on the same scale.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -259,6 +259,9 @@ pub struct RewardSection {
     pub candidate: ModelEntry,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub production: Option<ModelEntry>,
+    /// What the candidate was actually compared with, and why (absent for runs that predate it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<Baseline>,
     pub metrics: RewardMetrics,
     /// The run's `log.jsonl`, for the training curves.
     #[serde(default)]
@@ -271,9 +274,23 @@ pub struct PolicySection {
     pub candidate: ModelEntry,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub production: Option<ModelEntry>,
+    /// What the candidate was actually compared with, and why (absent for runs that predate it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<Baseline>,
     pub metrics: PolicyMetrics,
     #[serde(default)]
     pub log: Vec<LogLine>,
+}
+
+/// A pull request of an earlier run that was closed without merging.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rejection {
+    pub pr_number: u64,
+    pub pr_url: String,
+    /// The registry ids it proposed.
+    pub models: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub closed_at: Option<String>,
 }
 
 /// Everything one report is rendered from.
@@ -304,6 +321,10 @@ pub struct ReportContext {
     pub gates: GateConfig,
     /// The shell command that reproduces this run (e.g. `rlhf-bot run --config … --at <watermark>`).
     pub reproduce: String,
+    /// Earlier bot pull requests that a person closed without merging (their models were
+    /// rejected); listed so reviewers see what was already turned down.
+    #[serde(default)]
+    pub rejections: Vec<Rejection>,
     /// How many policy samples to show side by side.
     #[serde(default = "default_samples")]
     pub max_samples: usize,
@@ -316,10 +337,57 @@ fn default_samples() -> usize {
 impl ReportContext {
     /// The gate results for this context.
     pub fn gate_results(&self) -> Vec<GateResult> {
-        evaluate_gates(
+        let mut gates = evaluate_gates(
             &self.gates,
             self.reward.as_ref().map(|r| &r.metrics),
             self.policy.as_ref().map(|p| &p.metrics),
-        )
+        );
+        let baselines = [
+            self.reward.as_ref().and_then(|r| r.baseline.as_ref()),
+            self.policy.as_ref().and_then(|p| p.baseline.as_ref()),
+        ];
+        gates.extend(integrity_gate(baselines.into_iter().flatten()));
+        gates
     }
+}
+
+/// The production-integrity gate: fails when a production model exists but could not be used
+/// (its artifact no longer matches the registry, or it does not load), because then the
+/// candidate was not compared with what users get. Absent when no production model was involved.
+pub fn integrity_gate<'a>(baselines: impl Iterator<Item = &'a Baseline>) -> Option<GateResult> {
+    let mut used = Vec::new();
+    let mut broken = Vec::new();
+    for b in baselines {
+        if let Some(u) = &b.unusable_production {
+            broken.push(format!("`{}`: {}", u.id, u.reason));
+        } else if let Some(id) = &b.production_id {
+            used.push(format!("`{id}`"));
+        }
+    }
+    if used.is_empty() && broken.is_empty() {
+        return None;
+    }
+    let name = "Production models pass their checksums".to_string();
+    Some(if broken.is_empty() {
+        GateResult {
+            id: "production_integrity".into(),
+            name,
+            status: GateStatus::Pass,
+            detail: format!("verified {}", used.join(", ")),
+            value: None,
+            threshold: None,
+        }
+    } else {
+        GateResult {
+            id: "production_integrity".into(),
+            name,
+            status: GateStatus::Fail,
+            detail: format!(
+                "unusable: {}; the candidate was not compared with production",
+                broken.join("; ")
+            ),
+            value: None,
+            threshold: None,
+        }
+    })
 }

@@ -25,12 +25,13 @@ use minijinja::{Environment, UndefinedBehavior};
 use serde::Serialize;
 
 pub use context::{
-    GateConfig, GateResult, GateStatus, Interval, KpiRow, PolicySection, ReportContext,
-    RewardSection, Verdict, evaluate_gates, verdict,
+    GateConfig, GateResult, GateStatus, Interval, KpiRow, PolicySection, Rejection, ReportContext,
+    RewardSection, Verdict, evaluate_gates, integrity_gate, verdict,
 };
 use neutralize::{code, fenced, inline, truncate_markdown};
 
 use crate::registry::ModelEntry;
+use crate::run_outputs::Baseline;
 
 /// GitHub rejects a pull-request body longer than this.
 pub const PR_BODY_LIMIT: usize = 65_536;
@@ -263,6 +264,7 @@ struct View {
     comparison: Vec<Row>,
     production_note: Option<String>,
     gates: Vec<GateView>,
+    rejections: Vec<String>,
     kpis: Vec<KpiView>,
     aspects: Vec<AspectRow>,
     training: Vec<TrainRow>,
@@ -482,10 +484,17 @@ fn build_view(ctx: &ReportContext, gates: &[GateResult], plots: &[plots::Plot]) 
         )
     };
     let mut missing = Vec::new();
-    if reward.is_some_and(|r| r.production.is_none()) {
+    // "No production yet" only when there is none; an unusable one is stated below instead.
+    let no_production = |production: &Option<_>, baseline: &Option<Baseline>| {
+        production.is_none()
+            && baseline
+                .as_ref()
+                .is_none_or(|b| b.unusable_production.is_none())
+    };
+    if reward.is_some_and(|r| no_production(&r.production, &r.baseline)) {
         missing.push("reward model");
     }
-    if policy.is_some_and(|p| p.production.is_none()) {
+    if policy.is_some_and(|p| no_production(&p.production, &p.baseline)) {
         missing.push("policy");
     }
     let first_run = !missing.is_empty();
@@ -534,10 +543,10 @@ fn build_view(ctx: &ReportContext, gates: &[GateResult], plots: &[plots::Plot]) 
     }
     if let Some(p) = policy {
         let e = &p.metrics.eval;
-        let against = if p.production.is_some() {
-            "production"
-        } else {
-            "base model"
+        let against = match (&p.baseline, &p.production) {
+            (Some(b), _) => b.against.clone(),
+            (None, Some(_)) => "production".to_string(),
+            (None, None) => "base model".to_string(),
         };
         comparison.push(Row {
             metric: format!(
@@ -580,14 +589,29 @@ fn build_view(ctx: &ReportContext, gates: &[GateResult], plots: &[plots::Plot]) 
     }
 
     let mut prod_ids = Vec::new();
-    if let Some(m) = reward.and_then(|r| r.production.as_ref()) {
-        prod_ids.push(format!("reward model {}", code(&m.id)));
+    let mut compared = Vec::new();
+    let sections = [
+        ("reward model", reward.map(|r| (&r.production, &r.baseline))),
+        ("policy", policy.map(|p| (&p.production, &p.baseline))),
+    ];
+    for (what, section) in sections {
+        let Some((production, baseline)) = section else {
+            continue;
+        };
+        match baseline {
+            Some(b) => compared.push(format!("the {what} with {} ({})", b.against, b.reason)),
+            None => {
+                if let Some(m) = production {
+                    prod_ids.push(format!("{what} {}", code(&m.id)));
+                }
+            }
+        }
     }
-    if let Some(m) = policy.and_then(|p| p.production.as_ref()) {
-        prod_ids.push(format!("policy {}", code(&m.id)));
-    }
-    let production_note =
-        (!prod_ids.is_empty()).then(|| format!("Production: {}.", prod_ids.join(", ")));
+    let production_note = if !compared.is_empty() {
+        Some(format!("Compared {}.", compared.join("; ")))
+    } else {
+        (!prod_ids.is_empty()).then(|| format!("Production: {}.", prod_ids.join(", ")))
+    };
 
     let gates_view = gates
         .iter()
@@ -707,6 +731,26 @@ fn build_view(ctx: &ReportContext, gates: &[GateResult], plots: &[plots::Plot]) 
         comparison,
         production_note,
         gates: gates_view,
+        rejections: ctx
+            .rejections
+            .iter()
+            .map(|r| {
+                let models: Vec<String> = r.models.iter().map(|m| code(m)).collect();
+                let when = r
+                    .closed_at
+                    .as_deref()
+                    .map_or(String::new(), |t| format!(", closed {}", inline(t, 40)));
+                format!(
+                    "#{} proposed {}{when}",
+                    r.pr_number,
+                    if models.is_empty() {
+                        "models".to_string()
+                    } else {
+                        models.join(" and ")
+                    }
+                )
+            })
+            .collect(),
         kpis,
         aspects,
         training,

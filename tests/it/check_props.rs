@@ -49,6 +49,7 @@ prop_compose! {
             last_training_at: hours_ago.map(|h| now() - Duration::hours(h)),
             quality: Some(QualityWindows { production_version: "policy-v2".into(), baseline: counts(bt, bu, bt / 2, 3.5), recent: counts(rt, ru, rt / 2, 3.0) }),
             force,
+            rejected_same_data: None,
         }
     }
 }
@@ -116,6 +117,7 @@ fn a_clear_drop_fires_the_quality_trigger() {
             recent: counts(200, 110, 0, 0.0),
         }),
         force: false,
+        rejected_same_data: None,
     };
     let d = decide(&i, &t);
     assert!(d.trigger("quality").unwrap().fired, "{d:?}");
@@ -131,6 +133,39 @@ fn a_clear_drop_fires_the_quality_trigger() {
         ..i
     };
     assert!(!decide(&small, &t).trigger("quality").unwrap().fired);
+}
+
+#[test]
+fn a_rejected_proposal_on_the_same_data_blocks_retraining_unless_forced() {
+    let t = Thresholds::default();
+    let i = DecisionInput {
+        now: now(),
+        new_feedback: 5_000,
+        new_signals: 5_000,
+        last_training_at: Some(now() - Duration::days(30)),
+        quality: None,
+        force: false,
+        rejected_same_data: Some("#12".into()),
+    };
+    let d = decide(&i, &t);
+    assert!(!d.retrain, "{d:?}");
+    assert!(d.trigger("rejected").unwrap().detail.contains("#12"));
+    assert!(
+        decide(
+            &DecisionInput {
+                force: true,
+                ..i.clone()
+            },
+            &t
+        )
+        .retrain
+    );
+    let fresh = DecisionInput {
+        rejected_same_data: None,
+        ..i
+    };
+    assert!(decide(&fresh, &t).retrain);
+    assert!(decide(&fresh, &t).trigger("rejected").is_none());
 }
 
 #[test]

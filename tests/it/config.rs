@@ -109,3 +109,21 @@ fn a_missing_config_file_says_what_to_do() {
         stderr(&out)
     );
 }
+
+/// Issue 18: the binary itself tunes the allocator the benchmarks measured with (it used to be
+/// called only by the benches).
+#[test]
+fn the_binary_tunes_the_allocator_at_start_up() {
+    let ws = Workspace::new();
+    let cfg = ws.sample_config();
+    let out = run(&cfg, &["-vv", "config", "check"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let log = stderr(&out);
+    let line = log
+        .lines()
+        .find(|l| l.contains("glibc malloc tuned"))
+        .unwrap_or_else(|| panic!("no allocator line in:\n{log}"));
+    if cfg!(all(target_os = "linux", target_env = "gnu")) {
+        assert!(line.contains("tuned=true"), "{line}");
+    }
+}

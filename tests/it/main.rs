@@ -19,6 +19,7 @@ mod matvec;
 mod policy_model;
 mod policycli;
 mod policytrain;
+mod promotion;
 mod pull;
 mod registry;
 mod report;

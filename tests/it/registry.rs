@@ -244,7 +244,8 @@ fn promote_moves_the_alias_and_archives_the_old_holder() {
     assert_eq!(reg.production(ModelKind::Reward).unwrap().id, "rm-002");
     let old = reg.get("rm-001").unwrap();
     assert_eq!(old.status, ModelStatus::Archived);
-    assert!(old.aliases.is_empty());
+    // The replaced model is marked `previous`, so a rollback (or a revert) can restore it.
+    assert_eq!(old.aliases, vec!["previous".to_string()]);
     // The policy alias is untouched; promoting again is a no-op.
     assert_eq!(reg.production(ModelKind::Policy).unwrap().id, "pol-001");
     assert_eq!(reg.promote("rm-002").unwrap().archived, None);

@@ -163,12 +163,14 @@ fn context(production: bool, win: (f64, f64, f64), kl: f64) -> ReportContext {
         reward: Some(RewardSection {
             candidate: rm,
             production: production.then(|| prod("rm-20261101-000000", ModelKind::Reward)),
+            baseline: None,
             metrics: reward_metrics(0.652, production.then_some(0.648)),
             log: reward_log(),
         }),
         policy: Some(PolicySection {
             candidate: pol,
             production: production.then(|| prod("pol-20261101-000000", ModelKind::Policy)),
+            baseline: None,
             metrics: policy_metrics(win, kl, production),
             log: policy_log(),
         }),
@@ -184,6 +186,7 @@ fn context(production: bool, win: (f64, f64, f64), kl: f64) -> ReportContext {
         gates: GateConfig { rm_accuracy_max_drop_points: 1.0, min_win_rate_lower_bound: 0.5, kl_budget: 6.0 },
         reproduce: "rlhf-bot run --config .github/rlhf-bot.yaml --watermark 2026-11-27T06:00:00Z".into(),
         max_samples: 3,
+        rejections: Vec::new(),
     }
 }
 

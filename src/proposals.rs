@@ -1,0 +1,192 @@
+//! The bot's memory of the pull requests it opened, and what became of them.
+//!
+//! Merging a bot PR is the promotion (its registry diff moves `production`), so the registry on
+//! the default branch records every accepted model. What the registry cannot record is a PR that
+//! was closed without merging: its registry change never landed. That rejection is remembered
+//! here, in the feedback store's loop state (which the workflow carries between runs with the
+//! store), so that the next run can show it in the report and never proposes a model trained on
+//! the same data and config again.
+//!
+//! A PR the bot closed itself because a newer run superseded it is not a rejection; the publisher
+//! reports those numbers and they are recorded as superseded.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::feedback::Store;
+use crate::forge::publish::ClosedPull;
+
+const KEY: &str = "proposals";
+
+/// What became of a proposal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProposalState {
+    /// The PR is open, under review.
+    Open,
+    /// Merged: its models are production on the default branch.
+    Merged,
+    /// Closed without merging by a person: the models were rejected.
+    Rejected,
+    /// Closed by the bot in favour of a newer run's PR.
+    Superseded,
+}
+
+/// One pull request the bot opened.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Proposal {
+    pub run_id: String,
+    /// The registry ids the PR proposes for production.
+    pub models: Vec<String>,
+    pub pr_number: u64,
+    pub pr_url: String,
+    pub branch: String,
+    /// The feedback watermark and config the models were trained on: a new run on the same
+    /// data and config would train the same model again.
+    pub watermark: Option<DateTime<Utc>>,
+    pub config_sha256: String,
+    pub state: ProposalState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub closed_at: Option<String>,
+}
+
+/// Every proposal the bot remembers, oldest first.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Proposals {
+    pub list: Vec<Proposal>,
+}
+
+impl Proposals {
+    pub fn load(store: &Store) -> anyhow::Result<Self> {
+        Ok(store.loop_state(KEY)?.unwrap_or_default())
+    }
+
+    pub fn save(&self, store: &Store) -> anyhow::Result<()> {
+        store.set_loop_state(KEY, self)
+    }
+
+    /// Records a PR the bot opened or updated; earlier ones it closed in its favour become
+    /// superseded.
+    pub fn record_opened(&mut self, proposal: Proposal, superseded: &[u64]) {
+        for p in &mut self.list {
+            if superseded.contains(&p.pr_number) && p.state == ProposalState::Open {
+                p.state = ProposalState::Superseded;
+            }
+        }
+        match self
+            .list
+            .iter_mut()
+            .find(|p| p.pr_number == proposal.pr_number)
+        {
+            // An updated PR now carries the newer run's models.
+            Some(existing) => *existing = proposal,
+            None => self.list.push(proposal),
+        }
+    }
+
+    /// Applies what the forge says about closed bot PRs; returns the proposals that this call
+    /// found rejected (newly), for the log.
+    pub fn reconcile(&mut self, closed: &[ClosedPull]) -> Vec<Proposal> {
+        let mut newly = Vec::new();
+        for pull in closed {
+            let Some(p) = self
+                .list
+                .iter_mut()
+                .find(|p| p.pr_number == pull.number && p.state == ProposalState::Open)
+            else {
+                continue;
+            };
+            p.closed_at = pull.closed_at.clone();
+            if pull.merged {
+                p.state = ProposalState::Merged;
+            } else {
+                p.state = ProposalState::Rejected;
+                newly.push(p.clone());
+            }
+        }
+        newly
+    }
+
+    pub fn rejected(&self) -> impl Iterator<Item = &Proposal> {
+        self.list
+            .iter()
+            .filter(|p| p.state == ProposalState::Rejected)
+    }
+
+    /// A rejected proposal trained on exactly this data and config: training again would
+    /// propose the same model.
+    pub fn rejected_same(
+        &self,
+        watermark: Option<DateTime<Utc>>,
+        config_sha256: &str,
+    ) -> Option<&Proposal> {
+        self.rejected()
+            .filter(|p| p.watermark == watermark && p.config_sha256 == config_sha256)
+            .last()
+    }
+
+    /// The open proposal, if any (the newest).
+    pub fn open(&self) -> Option<&Proposal> {
+        self.list
+            .iter()
+            .rev()
+            .find(|p| p.state == ProposalState::Open)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn proposal(n: u64, run: &str) -> Proposal {
+        Proposal {
+            run_id: run.into(),
+            models: vec![format!("reward-{run}"), format!("policy-{run}")],
+            pr_number: n,
+            pr_url: format!("https://github.com/o/r/pull/{n}"),
+            branch: format!("rlhf-bot/reward-policy-{run}"),
+            watermark: DateTime::from_timestamp(1_700_000_000, 0),
+            config_sha256: "c".repeat(64),
+            state: ProposalState::Open,
+            closed_at: None,
+        }
+    }
+
+    fn closed(n: u64, merged: bool) -> ClosedPull {
+        ClosedPull {
+            number: n,
+            url: String::new(),
+            branch: String::new(),
+            merged,
+            closed_at: Some("2026-12-01T00:00:00Z".into()),
+        }
+    }
+
+    #[test]
+    fn closed_unmerged_is_a_rejection_but_superseded_is_not() {
+        let mut ps = Proposals::default();
+        ps.record_opened(proposal(1, "a"), &[]);
+        ps.record_opened(proposal(2, "b"), &[1]);
+        assert_eq!(ps.list[0].state, ProposalState::Superseded);
+        // The bot's own close of #1 shows up as closed unmerged: still not a rejection.
+        let newly = ps.reconcile(&[closed(1, false), closed(2, false)]);
+        assert_eq!(newly.len(), 1);
+        assert_eq!(newly[0].pr_number, 2);
+        assert_eq!(ps.list[0].state, ProposalState::Superseded);
+        let wm = ps.list[1].watermark;
+        assert!(ps.rejected_same(wm, &"c".repeat(64)).is_some());
+        assert!(ps.rejected_same(wm, &"d".repeat(64)).is_none());
+        // Reconciling again changes nothing.
+        assert!(ps.reconcile(&[closed(2, false)]).is_empty());
+    }
+
+    #[test]
+    fn merged_is_recorded_as_merged() {
+        let mut ps = Proposals::default();
+        ps.record_opened(proposal(7, "a"), &[]);
+        assert!(ps.open().is_some());
+        assert!(ps.reconcile(&[closed(7, true)]).is_empty());
+        assert_eq!(ps.list[0].state, ProposalState::Merged);
+        assert!(ps.open().is_none());
+    }
+}
