@@ -116,6 +116,41 @@ impl ArtifactError {
     }
 }
 
+/// Removes what a killed process left in `dir`: hidden entries named `.<name><marker><pid>`
+/// (staging directories, temporary files) whose process no longer runs. Only on Linux, where
+/// `/proc` says whether a pid is alive; elsewhere leftovers stay (they are hidden and harmless).
+/// Best effort: a leftover that cannot be removed is logged and skipped.
+pub(crate) fn remove_dead_leftovers(dir: &Path, marker: &str) {
+    if !cfg!(target_os = "linux") {
+        return;
+    }
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some((_, pid)) = name.strip_prefix('.').and_then(|n| n.rsplit_once(marker)) else {
+            continue;
+        };
+        let Ok(pid) = pid.parse::<u32>() else {
+            continue;
+        };
+        if pid == std::process::id() || Path::new("/proc").join(pid.to_string()).exists() {
+            continue;
+        }
+        let path = entry.path();
+        let removed = if path.is_dir() {
+            fs::remove_dir_all(&path)
+        } else {
+            fs::remove_file(&path)
+        };
+        match removed {
+            Ok(()) => tracing::info!("removed {}, left by a killed run", path.display()),
+            Err(e) => tracing::warn!("cannot remove the leftover {}: {e}", path.display()),
+        }
+    }
+}
+
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> ArtifactError + 'a {
     move |source| ArtifactError::Io {
         op,
@@ -485,6 +520,7 @@ impl ArtifactStore for FileStore {
         }
         // Copy into a sibling staging directory and rename, so a crash never leaves a half-copied
         // model under the final name.
+        remove_dead_leftovers(&kind_dir, ".partial-");
         let staging = kind_dir.join(format!(".{id}.partial-{}", std::process::id()));
         if staging.exists() {
             fs::remove_dir_all(&staging).map_err(io_err("removing", &staging))?;

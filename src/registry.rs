@@ -309,6 +309,7 @@ impl Registry {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
+        crate::artifacts::remove_dead_leftovers(&dir, ".tmp-");
         let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
         let result = (|| {
             let mut f = fs::File::create(&tmp)?;

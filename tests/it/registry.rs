@@ -448,3 +448,40 @@ fn load_verified_names_the_model_with_a_bad_artifact() {
         "{msg}"
     );
 }
+
+/// Issue 14: what a `kill -9` left behind (a staging directory of a half-copied artifact, a
+/// registry temp file) is removed by the next store or save, but never what a live process owns.
+#[test]
+fn leftovers_of_killed_runs_are_cleaned_up_but_live_ones_are_kept() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = FileStore::new(tmp.path().join("store")).unwrap();
+    let kind_dir = store.root().join("reward");
+    // pid_max on Linux is at most 2^22, so this pid never runs; pid 1 always does.
+    let dead = kind_dir.join(".rm-000.partial-4294967295");
+    let live = kind_dir.join(".rm-000.partial-1");
+    for d in [&dead, &live] {
+        fs::create_dir_all(d).unwrap();
+        fs::write(d.join("model.safetensors"), b"half").unwrap();
+    }
+    store
+        .put(ModelKind::Reward, "rm-001", &model_dir(tmp.path()))
+        .unwrap();
+    if cfg!(target_os = "linux") {
+        assert!(!dead.exists(), "the dead run's staging directory is left");
+    }
+    assert!(
+        live.exists(),
+        "a live process's staging directory was removed"
+    );
+
+    let reg_dir = tmp.path().join("models");
+    fs::create_dir_all(&reg_dir).unwrap();
+    let stale = reg_dir.join(".registry.yaml.tmp-4294967295");
+    fs::write(&stale, "version: 1\n").unwrap();
+    sample_registry()
+        .save(&reg_dir.join("registry.yaml"))
+        .unwrap();
+    if cfg!(target_os = "linux") {
+        assert!(!stale.exists());
+    }
+}
