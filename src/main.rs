@@ -30,6 +30,7 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");
+            rlhf_bot::forge::actions::ActionsEnv::from_env().error_annotation(&format!("{err:#}"));
             std::process::ExitCode::from(app::exit_code(&err))
         }
     }

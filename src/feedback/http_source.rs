@@ -54,6 +54,10 @@ pub enum FetchError {
     Exhausted { attempts: u32, last: String },
     #[error("could not build the request: {0}")]
     Request(String),
+    #[error(
+        "the feedback API host `{host}` does not resolve: {detail}\nhint: check `feedback.url`; a team with no feedback API yet can use `feedback.source: file` (see docs/github-setup.md)"
+    )]
+    UnknownHost { host: String, detail: String },
 }
 
 impl FetchError {
@@ -166,6 +170,14 @@ impl FeedbackClient {
         }
         let response = match request.send().await {
             Ok(r) => r,
+            // A name that does not resolve will not resolve in a minute either: retrying it only
+            // makes a misconfigured job spend minutes before it says so.
+            Err(e) if is_dns_failure(&e) => {
+                return Attempt::Fatal(FetchError::UnknownHost {
+                    host: url.host_str().unwrap_or_default().to_string(),
+                    detail: describe(&e),
+                });
+            }
             Err(e) => {
                 return Attempt::Retry {
                     reason: describe(&e),
@@ -271,6 +283,23 @@ fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     let when = chrono::DateTime::parse_from_rfc2822(value).ok()?;
     let delta = when.with_timezone(&chrono::Utc) - chrono::Utc::now();
     Some(delta.to_std().unwrap_or(Duration::ZERO))
+}
+
+/// Whether a connection failed because the host name did not resolve (hyper-util reports it as a
+/// connect error whose cause is a "dns error"; the resolver's own text varies by libc).
+fn is_dns_failure(e: &reqwest::Error) -> bool {
+    if !e.is_connect() {
+        return false;
+    }
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if text.contains("dns error") || text.contains("failed to lookup address") {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
 }
 
 fn describe(e: &reqwest::Error) -> String {

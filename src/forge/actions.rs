@@ -85,6 +85,14 @@ impl ActionsEnv {
         }
     }
 
+    /// An error annotation on the run page, so the run's summary says why it failed without
+    /// opening the log. Inside Actions only (on a terminal the error is already printed).
+    pub fn error_annotation(&self, message: &str) {
+        if self.in_actions {
+            println!("::error title=rlhf-bot::{}", escape_data(message));
+        }
+    }
+
     /// A warning annotation on the run page (a plain log line elsewhere).
     pub fn warning(&self, message: &str) {
         if self.in_actions {

@@ -26,3 +26,4 @@ mod report;
 mod rewardloss;
 mod train_utils;
 mod trainer;
+mod unreachable_api;
