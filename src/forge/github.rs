@@ -239,6 +239,16 @@ impl GithubError {
         }
     }
 
+    /// True when a request may or may not have been carried out: the connection failed or timed
+    /// out, or GitHub answered 5xx. A create that fails this way must be looked up, not resent.
+    pub fn is_ambiguous(&self) -> bool {
+        match self {
+            Self::Transport { .. } => true,
+            Self::Status { status, .. } => (500..600).contains(status),
+            _ => false,
+        }
+    }
+
     /// True for GitHub's "this already exists" answers: 409, or 422 whose message says so
     /// ("Reference already exists", "A pull request already exists for …").
     pub fn is_already_exists(&self) -> bool {
@@ -343,6 +353,8 @@ pub struct RetryPolicy {
     pub secondary_min_wait: Duration,
     /// Longest single wait; a rate limit asking for more fails at once instead of hanging CI.
     pub max_wait: Duration,
+    /// How long one request may wait for GitHub to send or accept data.
+    pub timeout: Duration,
     pub sleeper: Arc<dyn Sleeper>,
 }
 
@@ -353,6 +365,7 @@ impl fmt::Debug for RetryPolicy {
             .field("server_error_backoff", &self.server_error_backoff)
             .field("secondary_min_wait", &self.secondary_min_wait)
             .field("max_wait", &self.max_wait)
+            .field("timeout", &self.timeout)
             .finish_non_exhaustive()
     }
 }
@@ -364,6 +377,7 @@ impl Default for RetryPolicy {
             server_error_backoff: Duration::from_secs(2),
             secondary_min_wait: Duration::from_secs(60),
             max_wait: Duration::from_secs(15 * 60),
+            timeout: Duration::from_secs(60),
             sleeper: Arc::new(TokioSleeper),
         }
     }
@@ -481,13 +495,20 @@ fn classify(
 }
 
 fn backoff(policy: &RetryPolicy, attempt: u32) -> Duration {
-    let factor = 1u32
-        .checked_shl(attempt.saturating_sub(1))
-        .unwrap_or(u32::MAX);
-    policy
-        .server_error_backoff
-        .saturating_mul(factor)
-        .min(policy.max_wait)
+    policy.backoff(attempt)
+}
+
+impl RetryPolicy {
+    /// The wait before attempt `attempt + 1` after a 5xx or transport error: doubling from
+    /// `server_error_backoff`, capped at `max_wait`.
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        let factor = 1u32
+            .checked_shl(attempt.saturating_sub(1))
+            .unwrap_or(u32::MAX);
+        self.server_error_backoff
+            .saturating_mul(factor)
+            .min(self.max_wait)
+    }
 }
 
 fn now_unix() -> u64 {
@@ -530,8 +551,8 @@ impl GithubClient {
             })?
             .personal_token(target.token.expose().to_owned())
             .set_connect_timeout(Some(Duration::from_secs(15)))
-            .set_read_timeout(Some(Duration::from_secs(60)))
-            .set_write_timeout(Some(Duration::from_secs(60)))
+            .set_read_timeout(Some(policy.timeout))
+            .set_write_timeout(Some(policy.timeout))
             .build()
             .map_err(|e| GithubError::Config(format!("could not build the GitHub client: {e}")))?;
         Ok(Self {
@@ -544,6 +565,10 @@ impl GithubClient {
 
     pub fn owner(&self) -> &str {
         &self.owner
+    }
+
+    pub fn policy(&self) -> &RetryPolicy {
+        &self.policy
     }
 
     pub fn repo(&self) -> &str {
@@ -561,11 +586,37 @@ impl GithubClient {
 
     /// Sends one request with retries. `path` is relative to the API root and already encoded.
     /// Success is any 2xx/3xx; anything else is `GithubError::Status` with GitHub's body.
+    ///
+    /// For requests that are safe to repeat: reads, updates to a given state, and creations of
+    /// content-addressed git objects (a repeated blob, tree or commit is an unreferenced object,
+    /// not a second commit on a branch). Use [`GithubClient::send_create`] for the rest.
     pub async fn send(
         &self,
         method: Method,
         path: &str,
         body: Option<&serde_json::Value>,
+    ) -> Result<ApiResponse, GithubError> {
+        self.send_with(method, path, body, false).await
+    }
+
+    /// Sends a POST that creates something a repeat would duplicate (a ref, a pull request, a
+    /// comment). It is retried only when GitHub says it did not process it (rate limits); after
+    /// a timeout, a dropped connection or a 5xx the error is returned at once
+    /// ([`GithubError::is_ambiguous`]) so the caller can look up whether the thing exists.
+    pub async fn send_create(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<ApiResponse, GithubError> {
+        self.send_with(Method::Post, path, Some(body), true).await
+    }
+
+    async fn send_with(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+        create: bool,
     ) -> Result<ApiResponse, GithubError> {
         let name = method.as_str();
         let mut attempt = 0;
@@ -605,6 +656,7 @@ impl GithubClient {
                 ),
             };
             let wait = match verdict {
+                _ if create && error.is_ambiguous() => return Err(error),
                 Verdict::RetryAfter(wait) if attempt < self.policy.max_attempts => wait,
                 _ => return Err(error),
             };

@@ -552,16 +552,45 @@ impl Publisher<'_> {
         Ok(commit.sha)
     }
 
+    /// Creates the branch at `sha`. After an answer that leaves it open whether GitHub acted
+    /// (timeout, 5xx), the branch is looked up: pointing at `sha` means it was created; absent
+    /// means it was not, and the create is sent again.
     async fn create_branch(&self, branch: &str, sha: &str) -> Result<(), GithubError> {
         let body = json!({ "ref": format!("refs/heads/{branch}"), "sha": sha });
-        self.client
-            .send(
-                Method::Post,
-                &self.client.repo_path("/git/refs"),
-                Some(&body),
-            )
-            .await?;
-        Ok(())
+        let path = self.client.repo_path("/git/refs");
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match self.client.send_create(&path, &body).await {
+                Ok(_) => return Ok(()),
+                Err(e) if e.is_ambiguous() => match self.branch_head(branch).await? {
+                    Some(head) if head == sha => {
+                        tracing::info!("creating `{branch}` looked failed ({e}), but it exists");
+                        return Ok(());
+                    }
+                    // Someone else's branch now: the caller's "already exists" path handles it.
+                    Some(_) => return Err(already_exists(e)),
+                    None if tries < self.retry_limit() => self.pause(tries, &e).await,
+                    None => return Err(e),
+                },
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// How often a create whose outcome was unclear is looked up and sent again.
+    fn retry_limit(&self) -> u32 {
+        self.client.policy().max_attempts.max(1)
+    }
+
+    /// Waits before sending a create again, as the retry policy would.
+    async fn pause(&self, tries: u32, error: &GithubError) {
+        let wait = self.client.policy().backoff(tries);
+        tracing::warn!(
+            "GitHub: {error}; it did not happen, sending again in {}s",
+            wait.as_secs_f64()
+        );
+        self.client.policy().sleeper.sleep(wait).await;
     }
 
     /// Fast-forwards the branch; never forces, so a push that raced us fails instead of erasing it.
@@ -575,6 +604,8 @@ impl Publisher<'_> {
         Ok(())
     }
 
+    /// Opens the pull request. After an unclear answer the open PR of `branch` is looked up
+    /// before anything is sent again, so a timeout never opens a second PR.
     async fn create_pull(&self, branch: &str) -> Result<Pull, GithubError> {
         let body = json!({
             "title": self.request.title,
@@ -584,10 +615,26 @@ impl Publisher<'_> {
             "draft": self.request.draft,
             "maintainer_can_modify": false,
         });
-        self.client
-            .send(Method::Post, &self.client.repo_path("/pulls"), Some(&body))
-            .await?
-            .json()
+        let path = self.client.repo_path("/pulls");
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match self.client.send_create(&path, &body).await {
+                Ok(response) => return response.json(),
+                Err(e) if e.is_ambiguous() => match self.find_pull_for(branch).await? {
+                    Some(pull) => {
+                        tracing::info!(
+                            "opening the PR looked failed ({e}), but #{} exists",
+                            pull.number
+                        );
+                        return Ok(pull);
+                    }
+                    None if tries < self.retry_limit() => self.pause(tries, &e).await,
+                    None => return Err(e),
+                },
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     async fn update_pull(&self, number: u64) -> Result<(), GithubError> {
@@ -632,14 +679,48 @@ impl Publisher<'_> {
         let path = self
             .client
             .repo_path(&format!("/issues/{}/comments", old.number));
-        self.client
-            .send(Method::Post, &path, Some(&comment))
-            .await?;
+        if let Err(e) = self.client.send_create(&path, &comment).await {
+            // A comment is worth one look, not a duplicate: if it is not there, say so and go on
+            // closing (the successor's link is also in the new PR's own history).
+            if !e.is_ambiguous() {
+                return Err(e);
+            }
+            tracing::warn!(
+                "could not confirm the superseded comment on #{}: {e}",
+                old.number
+            );
+        }
         let close = json!({ "state": "closed" });
         let path = self.client.repo_path(&format!("/pulls/{}", old.number));
         self.client.send(Method::Patch, &path, Some(&close)).await?;
         tracing::info!("closed #{} as superseded by #{}", old.number, new.number);
         Ok(())
+    }
+}
+
+/// An ambiguous create whose target turned out to exist with other content: reported like
+/// GitHub's own "already exists" so the caller's handling of a concurrent run applies.
+fn already_exists(e: GithubError) -> GithubError {
+    match e {
+        GithubError::Status {
+            method,
+            path,
+            attempts,
+            ..
+        }
+        | GithubError::Transport {
+            method,
+            path,
+            attempts,
+            ..
+        } => GithubError::Status {
+            method,
+            path,
+            status: 422,
+            body: r#"{"message":"Reference already exists"}"#.into(),
+            attempts,
+        },
+        other => other,
     }
 }
 

@@ -765,3 +765,95 @@ async fn invalid_request_fails_before_any_call() {
             .is_empty()
     );
 }
+
+/// Issue 18 §4: GitHub acts on a create, but the answer never arrives (a timeout). The publisher
+/// must look up what exists instead of sending the create again: one branch, one commit, one PR.
+#[tokio::test]
+async fn a_timeout_after_a_successful_create_makes_no_second_commit_or_pull_request() {
+    let server = server().await;
+    mount_open_pulls(&server, json!([])).await;
+    mount_fresh_branch_commit(&server).await;
+    let slow = Duration::from_secs(3);
+    mount(
+        &server,
+        post("/git/refs")
+            .respond_with(
+                created(json!({"ref": "x", "object": {"sha": "commit1"}})).set_delay(slow),
+            )
+            .expect(1)
+            .named("create ref (answer lost)"),
+    )
+    .await;
+    // After the lost answer, the branch is there, at the bot's commit.
+    mount(
+        &server,
+        get(BRANCH_REF)
+            .respond_with(ok(json!({"object": {"sha": "commit1"}})))
+            .expect(1)
+            .named("branch ref (look-up after the timeout)"),
+    )
+    .await;
+    mount_create_pull(&server, created(pull(7, BRANCH)).set_delay(slow), 1).await;
+    mount(
+        &server,
+        get(&format!("{REPO}/pulls"))
+            .and(query_param("state", "open"))
+            .and(query_param("head", format!("acme:{BRANCH}").as_str()))
+            .respond_with(ok(json!([pull(7, BRANCH)])))
+            .expect(1)
+            .named("find the PR after the timeout"),
+    )
+    .await;
+
+    let sleeper = RecordingSleeper::default();
+    let policy = RetryPolicy {
+        timeout: Duration::from_millis(500),
+        ..policy(&sleeper)
+    };
+    let outcome = publish_with_retry(&target(&server), &request(false), policy)
+        .await
+        .expect("publish");
+    assert_eq!(outcome.pr_number, Some(7));
+    assert_eq!(outcome.commit_sha.as_deref(), Some("commit1"));
+    assert!(sleeper.waits().is_empty(), "{:?}", sleeper.waits());
+}
+
+/// A create answered with 5xx whose look-up shows nothing was made is sent again, once.
+#[tokio::test]
+async fn a_create_that_did_not_happen_is_sent_again_after_the_look_up() {
+    let server = server().await;
+    mount_open_pulls(&server, json!([])).await;
+    mount_fresh_branch_commit(&server).await;
+    mount(
+        &server,
+        post("/git/refs")
+            .respond_with(ResponseTemplate::new(502))
+            .up_to_n_times(1)
+            .expect(1)
+            .named("create ref (502)"),
+    )
+    .await;
+    mount(
+        &server,
+        get(BRANCH_REF)
+            .respond_with(ResponseTemplate::new(404).set_body_json(json!({"message": "Not Found"})))
+            .expect(1)
+            .named("branch ref still absent"),
+    )
+    .await;
+    mount(
+        &server,
+        post("/git/refs")
+            .respond_with(created(json!({"ref": "x", "object": {"sha": "commit1"}})))
+            .expect(1)
+            .named("create ref again"),
+    )
+    .await;
+    mount_create_pull(&server, created(pull(8, BRANCH)), 1).await;
+    let sleeper = RecordingSleeper::default();
+    let outcome = publish_with_retry(&target(&server), &request(false), policy(&sleeper))
+        .await
+        .expect("publish");
+    assert_eq!(outcome.pr_number, Some(8));
+    assert_eq!(sleeper.waits().len(), 1, "{:?}", sleeper.waits());
+}
