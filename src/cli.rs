@@ -205,8 +205,8 @@ pub struct TrainPolicyArgs {
     pub data: Option<PathBuf>,
     #[command(flatten)]
     pub run: TrainRunArgs,
-    /// Optimiser steps (overrides policy.steps).
-    #[arg(long)]
+    /// Optimiser steps (overrides policy.steps); at least 1.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub steps: Option<u64>,
     /// Learning rate (overrides policy.lr).
     #[arg(long)]
@@ -256,11 +256,11 @@ pub struct TrainRewardArgs {
     /// A fixed held-out set (TRL JSONL); default: a seeded split of the dataset.
     #[arg(long)]
     pub eval: Option<PathBuf>,
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub epochs: Option<u32>,
-    #[arg(long)]
+    #[arg(long, value_parser = positive)]
     pub max_length: Option<usize>,
-    #[arg(long)]
+    #[arg(long, value_parser = positive)]
     pub batch_size: Option<usize>,
     #[arg(long)]
     pub lr: Option<f64>,
@@ -269,4 +269,13 @@ pub struct TrainRewardArgs {
     /// The production reward model, scored on the same eval set for comparison.
     #[arg(long)]
     pub production_model: Option<PathBuf>,
+}
+
+/// A count that must be at least 1 (clap reports anything else as a usage error, exit 2).
+fn positive(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{e}")),
+    }
 }

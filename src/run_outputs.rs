@@ -93,6 +93,25 @@ pub struct DatasetInfo {
 }
 
 impl DatasetInfo {
+    /// The lineage of a JSONL training file (the policy's data): its non-blank line count as
+    /// `examples`, and the sha256 of its bytes.
+    pub fn of_jsonl(file: &Path) -> Result<Self, RunOutputError> {
+        use sha2::Digest as _;
+        let bytes = fs::read(file).map_err(|source| RunOutputError::Io {
+            op: "read",
+            path: file.to_path_buf(),
+            source,
+        })?;
+        let lines = bytes
+            .split(|b| *b == b'\n')
+            .filter(|l| l.iter().any(|b| !b.is_ascii_whitespace()))
+            .count() as u64;
+        Ok(Self {
+            counts: BTreeMap::from([("examples".to_string(), lines)]),
+            examples_sha256: hex::encode(sha2::Sha256::digest(&bytes)),
+        })
+    }
+
     /// The registry's record of this dataset, at the feedback store's `watermark`.
     pub fn snapshot(&self, watermark: impl Into<String>) -> crate::registry::FeedbackSnapshot {
         crate::registry::FeedbackSnapshot {

@@ -148,8 +148,13 @@ async fn train_and_publish(
         None
     };
     let policy_base = policy.as_ref().map_or("", |p| p.base_model.as_str());
-    let registered =
-        pipeline::register(settings, &run_id, (&base, policy_base)).context("stage register")?;
+    let registered = pipeline::register(
+        settings,
+        &run_id,
+        (&base, policy_base),
+        policy.as_ref().map(|p| p.data.as_path()),
+    )
+    .context("stage register")?;
     let (report_dir, body, draft) =
         pipeline::build_report(settings, &run_id, config_path).context("stage report")?;
     let published = pipeline::publish_run(settings, &run_id, body, draft, dry_run)

@@ -28,7 +28,7 @@ use crate::registry::{
     FeedbackSnapshot, ModelEntry, ModelKind, ModelStatus, Registry, created_by_from_env,
 };
 use crate::report::{self, KpiRow, PolicySection, RenderOptions, ReportContext, RewardSection};
-use crate::run_outputs::{Baseline, PolicyRunOutput, RewardRunOutput};
+use crate::run_outputs::{Baseline, DatasetInfo, PolicyRunOutput, RewardRunOutput};
 
 /// The directory of one run's outputs.
 pub fn run_dir(settings: &Settings, run_id: &str) -> PathBuf {
@@ -77,20 +77,19 @@ pub struct Registered {
     pub registry: PathBuf,
 }
 
-fn snapshot(store: &Store, dataset: &crate::run_outputs::DatasetInfo) -> Result<FeedbackSnapshot> {
-    Ok(FeedbackSnapshot {
-        watermark: store.watermark()?.map(format_time).unwrap_or_default(),
-        counts: dataset.counts.clone(),
-        examples_sha256: dataset.examples_sha256.clone(),
-    })
+fn snapshot(store: &Store, dataset: &DatasetInfo) -> Result<FeedbackSnapshot> {
+    Ok(dataset.snapshot(store.watermark()?.map(format_time).unwrap_or_default()))
 }
 
 /// Stores each trained model of the run in the artifact store and adds it to the registry as a
 /// candidate (production stays where it is until the PR is merged / `promote` runs).
+/// `policy_data` is the JSONL file the policy trained on; its digest and line count are the
+/// policy's lineage.
 pub fn register(
     settings: &Settings,
     run_id: &str,
     base_models: (&str, &str),
+    policy_data: Option<&Path>,
 ) -> Result<Registered> {
     let dir = run_dir(settings, run_id);
     let mut registry = Registry::load_or_default(&settings.registry.path)?;
@@ -102,7 +101,7 @@ pub fn register(
                    base: &str,
                    algorithm: String,
                    metrics: BTreeMap<String, f64>,
-                   dataset: &crate::run_outputs::DatasetInfo|
+                   dataset: &DatasetInfo|
      -> Result<ModelEntry> {
         let id = format!("{}-{run_id}", kind.as_str());
         let artifact = artifacts.put(kind, &id, &dir.join(sub))?;
@@ -144,7 +143,10 @@ pub fn register(
     let policy = match PolicyRunOutput::load(&dir.join("policy")) {
         Ok(out) => {
             let algo = out.metrics.algo.as_str().to_string();
-            let dataset = crate::run_outputs::DatasetInfo::default();
+            let dataset = match policy_data {
+                Some(file) => DatasetInfo::of_jsonl(file)?,
+                None => DatasetInfo::default(),
+            };
             let metrics = out.metrics.registry_metrics();
             Some(add(
                 ModelKind::Policy,

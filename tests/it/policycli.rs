@@ -382,6 +382,17 @@ fn bad_algo_and_bad_models_give_clear_errors() {
         .unwrap();
     assert!(!o.status.success());
     assert!(stderr(&o).contains("1.5"), "{}", stderr(&o));
+
+    // Issue 18 §3: a zero count is a usage error (exit 2), named by clap.
+    for args in [
+        &["train", "policy", "--steps", "0"][..],
+        &["train", "reward", "--batch-size", "0"][..],
+        &["train", "reward", "--epochs", "0"][..],
+    ] {
+        let o = bin().arg("--config").arg(&cfg).args(args).output().unwrap();
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains('0'), "{}", stderr(&o));
+    }
 }
 
 fn config_error(policy: &str) -> String {

@@ -131,6 +131,10 @@ fn the_pr_proposes_production_and_promote_and_rollback_mirror_merge_and_revert()
     let proposed = proposed_registry(&first);
     assert_eq!(proposed.production(ModelKind::Reward).unwrap().id, r1);
     assert_eq!(proposed.production(ModelKind::Policy).unwrap().id, p1);
+    // Issue 18 §3: the policy's lineage names the data it trained on.
+    let lineage = &proposed.get(&p1).unwrap().feedback;
+    assert_eq!(lineage.examples_sha256.len(), 64, "{lineage:?}");
+    assert!(lineage.counts["examples"] > 0, "{lineage:?}");
 
     // `promote` does locally what merging does.
     json(&cfg, &["promote", &r1]);
