@@ -1,0 +1,166 @@
+#!/usr/bin/env bash
+# Our benchmarks against PyTorch / transformers / TRL on the same machine, alternated, ROUNDS
+# rounds (default 3), printing the ratio of the medians. Machines differ from one day to the next
+# (AVX2-only one day, AVX-512 + AMX the next), so only these side-by-side ratios mean anything.
+#
+#   scripts/bench-compare.sh [bert] [dpo] [generate] [reward-e2e] [pull]     (default: all)
+#
+# Cases:
+#   bert        MiniLM reward step, 16 x 128 (cargo bench --bench bert_step | bench-pytorch.py bert)
+#   dpo         tiny-Llama DPO step, 8+8 x 256 (dpo_step | bench-pytorch.py dpo)
+#   generate    SmolLM2-135M greedy generation, batch 1 and 8 (generate | transformers)
+#   reward-e2e  `rlhf-bot train reward` vs TRL's RewardTrainer: all-MiniLM-L6-v2, 2,000 HH-RLHF
+#               pairs, max length 256, batch 16, 1 epoch, lr 5e-5; time and held-out accuracy
+#   pull        `rlhf-bot pull` of 1,000,000 records from a loopback API (ours only: target
+#               <= 10 s and <= 200 MB)
+# The Python side lives in its own venv ($RLHF_BENCH_VENV, default ~/.cache/rlhf-bot/bench-venv):
+# torch from PyTorch's CPU wheel index, transformers and TRL from PyPI. Models come from
+# scripts/fetch-models.sh; the HH data from $HH_DATA (a harmless-base .jsonl.gz).
+# Env: ROUNDS, THREADS (2), RLHF_MODELS_DIR, RLHF_BENCH_VENV, HH_DATA, BENCH_OUT.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ROUNDS=${ROUNDS:-3}
+export THREADS=${THREADS:-2} RAYON_NUM_THREADS=${THREADS:-2}
+MODELS=${RLHF_MODELS_DIR:-$HOME/.cache/rlhf-bot/models}
+VENV=${RLHF_BENCH_VENV:-$HOME/.cache/rlhf-bot/bench-venv}
+OUT=${BENCH_OUT:-target/bench-compare}
+HH_DATA=${HH_DATA:-../shared/data/hh-rlhf-harmless-test/harmless-base-test.jsonl.gz}
+CASES=("$@")
+[ ${#CASES[@]} -gt 0 ] || CASES=(bert dpo generate reward-e2e pull)
+mkdir -p "$OUT"
+RESULTS="$OUT/results.tsv"
+: > "$RESULTS"
+
+log() { echo "bench-compare: $*" >&2; }
+# One measurement: case, side, value, unit ("s" lower is better, "tok/s" higher is better).
+record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >> "$RESULTS"; }
+# The first number after a marker text in a file.
+after() { grep -m1 -oE -- "$2 *[0-9]+(\.[0-9]+)?" "$1" | head -n1 | grep -oE '[0-9]+(\.[0-9]+)?$'; }
+
+python_side() {
+  if [ ! -x "$VENV/bin/python" ]; then
+    log "creating the Python venv $VENV (torch CPU wheel, transformers, TRL)"
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install --quiet --upgrade pip
+    "$VENV/bin/pip" install --quiet torch --index-url https://download.pytorch.org/whl/cpu
+    "$VENV/bin/pip" install --quiet transformers trl datasets accelerate
+  fi
+}
+
+scripts/fetch-models.sh >/dev/null
+python_side
+log "building the release benchmarks and binary"
+cargo build --release --quiet --benches --bins --examples
+BIN=target/release/rlhf-bot
+bench_bin() { find target/release/deps -maxdepth 1 -type f -executable -name "$1-*" -printf '%T@ %p\n' | sort -n | tail -n1 | cut -d' ' -f2; }
+
+# SmolLM2 as an f32 Hugging Face directory, for transformers (converted once from the GGUF).
+smollm_hf() {
+  local dir="$OUT/SmolLM2-135M-Instruct-f32"
+  if [ ! -f "$dir/config.json" ]; then
+    target/release/examples/gguf_to_hf "$MODELS/SmolLM2-135M-Instruct/"*.gguf "$dir" >&2
+  fi
+  echo "$dir"
+}
+
+# The end-to-end reward data: 2,000 training pairs and the rest held out, as TRL JSONL.
+reward_data() {
+  if [ ! -f "$OUT/hh-train.jsonl" ]; then
+    "$VENV/bin/python" - "$HH_DATA" "$OUT" <<'EOF'
+import gzip, json, sys
+rows = [json.loads(l) for l in gzip.open(sys.argv[1], "rt") if l.strip()]
+with open(f"{sys.argv[2]}/hh-train.jsonl", "w") as f:
+    for r in rows[:2000]:
+        f.write(json.dumps({"chosen": r["chosen"], "rejected": r["rejected"]}) + "\n")
+with open(f"{sys.argv[2]}/hh-eval.jsonl", "w") as f:
+    for r in rows[2000:]:
+        f.write(json.dumps({"chosen": r["chosen"], "rejected": r["rejected"]}) + "\n")
+EOF
+  fi
+}
+
+run_case() {
+  local case=$1 round=$2 log="$OUT/$1-$2"
+  case $case in
+    bert)
+      BENCH_STEPS=6 "$(bench_bin bert_step)" > "$log.ours" 2>&1
+      record bert ours "$(after "$log.ours" 'median')" s
+      "$VENV/bin/python" scripts/bench-pytorch.py bert > "$log.theirs" 2>&1
+      record bert pytorch "$(after "$log.theirs" 'median')" s ;;
+    dpo)
+      STEPS=3 "$(bench_bin dpo_step)" > "$log.ours" 2>&1
+      record dpo ours "$(after "$log.ours" 'median')" s
+      "$VENV/bin/python" scripts/bench-pytorch.py dpo > "$log.theirs" 2>&1
+      record dpo pytorch "$(after "$log.theirs" 'median')" s ;;
+    generate)
+      RUNS=3 "$(bench_bin generate)" > "$log.ours" 2>&1
+      record generate-b1 ours "$(grep '^batch 1:' "$log.ours" | grep -o '[0-9.]* tok/s' | grep -o '^[0-9.]*')" tok/s
+      record generate-b8 ours "$(grep '^batch 8:' "$log.ours" | grep -o '[0-9.]* tok/s' | grep -o '^[0-9.]*')" tok/s
+      MODEL_DIR=$(smollm_hf) "$VENV/bin/python" scripts/bench-pytorch.py generate > "$log.theirs" 2>&1
+      record generate-b1 transformers "$(after "$log.theirs" 'generate batch 1:')" tok/s
+      record generate-b8 transformers "$(after "$log.theirs" 'generate batch 8:')" tok/s ;;
+    reward-e2e)
+      reward_data
+      local ours_dir="$OUT/reward-e2e-ours-$round"
+      rm -rf "$ours_dir"
+      /usr/bin/time -f '%e s wall, %M KB peak' -o "$log.ours.time" "$BIN" --format json \
+        --config configs/example.yaml train reward --model "$MODELS/all-MiniLM-L6-v2" \
+        --dataset "$OUT/hh-train.jsonl" --eval "$OUT/hh-eval.jsonl" --max-length 256 \
+        --batch-size 16 --epochs 1 --lr 5e-5 --out "$ours_dir" > "$log.ours" 2> "$log.ours.err"
+      record reward-e2e ours "$(after "$log.ours.time" '')" s
+      record reward-e2e-accuracy ours "$("$VENV/bin/python" -c 'import json,sys; print(json.load(open(sys.argv[1]))["metrics"]["eval"]["accuracy"])' "$log.ours")" acc
+      /usr/bin/time -f '%e s wall, %M KB peak' -o "$log.theirs.time" "$VENV/bin/python" \
+        scripts/bench-trl-reward.py "$MODELS/all-MiniLM-L6-v2" "$OUT/hh-train.jsonl" \
+        "$OUT/hh-eval.jsonl" > "$log.theirs" 2>&1
+      record reward-e2e trl "$(after "$log.theirs.time" '')" s
+      record reward-e2e-accuracy trl "$(after "$log.theirs" 'accuracy')" acc ;;
+    pull)
+      "$(bench_bin pull)" > "$log.ours" 2>&1
+      record pull ours "$(after "$log.ours" '^pull')" s ;;
+    *) log "unknown case $case"; exit 2 ;;
+  esac
+}
+
+for round in $(seq 1 "$ROUNDS"); do
+  for case in "${CASES[@]}"; do
+    log "round $round/$ROUNDS: $case"
+    run_case "$case" "$round"
+  done
+done
+
+echo "## bench-compare ($(date -u +%Y-%m-%dT%H:%MZ), $ROUNDS rounds, $THREADS threads)"
+echo
+echo "CPU: $(lscpu | sed -n 's/^Model name: *//p')"
+echo "Flags: $(lscpu | sed -n 's/^Flags: *//p' | tr ' ' '\n' | grep -E '^(avx|avx2|fma|avx512[a-z_]*|amx[a-z_]*)$' | tr '\n' ' ')"
+echo
+"$VENV/bin/python" - "$RESULTS" <<'EOF'
+import collections, statistics, sys
+rows = collections.defaultdict(list)
+units = {}
+for line in open(sys.argv[1]):
+    case, side, value, unit = line.rstrip("\n").split("\t")
+    if value:
+        rows[(case, side)].append(float(value))
+        units[case] = unit
+print("| case | side | median | all rounds |")
+print("|---|---|---:|---|")
+medians = {}
+for (case, side), values in sorted(rows.items()):
+    medians[(case, side)] = statistics.median(values)
+    print(f"| {case} | {side} | {medians[(case, side)]:.3f} {units[case]} | {', '.join(f'{v:.3f}' for v in values)} |")
+print()
+print("| case | ratio (ours vs reference) |")
+print("|---|---|")
+for case in sorted({c for c, _ in medians}):
+    ours = medians.get((case, "ours"))
+    ref = [v for (c, s), v in medians.items() if c == case and s != "ours"]
+    if ours is None or not ref:
+        continue
+    if units[case] == "s":
+        print(f"| {case} | ours takes {ours / ref[0]:.2f}x the reference's time |")
+    elif units[case] == "tok/s":
+        print(f"| {case} | ours is {ours / ref[0]:.2f}x the reference's speed |")
+    else:
+        print(f"| {case} | ours {ours:.3f} vs {ref[0]:.3f} |")
+EOF
