@@ -10,8 +10,14 @@ use anyhow::{Context, Result};
 
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
-    let gguf = PathBuf::from(args.next().context("usage: gguf_to_hf MODEL.gguf OUT_DIR")?);
-    let out = PathBuf::from(args.next().context("usage: gguf_to_hf MODEL.gguf OUT_DIR")?);
+    let gguf = PathBuf::from(
+        args.next()
+            .context("usage: gguf_to_hf MODEL.gguf OUT_DIR")?,
+    );
+    let out = PathBuf::from(
+        args.next()
+            .context("usage: gguf_to_hf MODEL.gguf OUT_DIR")?,
+    );
     let cfg = rlhf_bot::model::gguf::convert_gguf_to_hf_dir(&gguf, &out)?;
     println!(
         "{} -> {} ({} layers, hidden {})",
