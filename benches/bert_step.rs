@@ -7,7 +7,7 @@
 //! after warm-up and tokens per second.
 //!
 //! Run: `cargo bench --bench bert_step`. Knobs (environment):
-//!   BENCH_THREADS (2), BENCH_STEPS (6), BENCH_WARMUP (2),
+//!   BENCH_THREADS (2), BENCH_STEPS (6), BENCH_WARMUP (2), BENCH_BATCH (16), BENCH_SEQ (128),
 //!   BENCH_KERNELS=fused|reference, BENCH_OPT=fused|candle, BENCH_MALLOC=tuned|default,
 //!   DEVICE=cpu|cuda (cpu). The fused kernels and optimiser are CPU-only, so on CUDA the
 //!   defaults are `reference` and `candle`; step times there are taken after a device
@@ -92,7 +92,8 @@ fn main() -> anyhow::Result<()> {
         other => anyhow::bail!("BENCH_OPT={other:?}\nhint: fused or candle"),
     };
 
-    let (b, t) = (16usize, 128usize);
+    let b: usize = env_or("BENCH_BATCH", "16").parse().context("BENCH_BATCH")?;
+    let t: usize = env_or("BENCH_SEQ", "128").parse().context("BENCH_SEQ")?;
     let mut state = 12345u64;
     let rows: Vec<Vec<u32>> = (0..b)
         .map(|_| {
