@@ -5,7 +5,8 @@
 //! sha256 matches, and otherwise stop before unpacking anything. The composite actions are checked
 //! too (actionlint reads workflows only): every output they declare is written by the step it
 //! names, their scripts parse with `bash -n` and pass ShellCheck (installed by
-//! scripts/install-test-deps.sh).
+//! scripts/install-test-deps.sh), and action.yml's run step is executed against the real binary's
+//! `--format json` output to show it writes `retrain` and `pr-url`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -17,9 +18,10 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
+use rlhf_bot::forge::{PublishAction, PublishOutcome};
 use sha2::{Digest, Sha256};
 
-use super::common::{deps_dir, have, repo, stderr, stdout};
+use super::common::{Workspace, deps_dir, have, repo, stderr, stdout};
 
 const REPO: &str = "acme/rlhf-bot";
 const VERSION: &str = "v0.1.0";
@@ -708,4 +710,113 @@ fn composite_actions_write_every_output_and_their_scripts_lint() {
             .unwrap();
         assert!(found.status.success(), "{}", stdout(&found));
     }
+}
+
+/// The `run` script of the step with `id` in a composite action, as written to a file.
+fn action_step_script(action: &str, id: &str, dir: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(repo().join(action)).unwrap();
+    let doc: serde_norway::Value = serde_norway::from_str(&text).unwrap();
+    let step = doc["runs"]["steps"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"].as_str() == Some(id))
+        .unwrap_or_else(|| panic!("{action} has no step with id {id}"));
+    let path = dir.join(format!("{id}.sh"));
+    std::fs::write(&path, step["run"].as_str().unwrap()).unwrap();
+    path
+}
+
+/// Runs action.yml's `run` step as the runner would: bash, the inputs in env, `rlhf-bot` on PATH
+/// from `bin_dir`. Returns the output and the step's GITHUB_OUTPUT file.
+fn run_action_step(ws: &Workspace, bin_dir: &Path, config: &Path) -> (Output, String) {
+    let script = action_step_script("action.yml", "run", ws.path());
+    let outputs = ws.path().join("github_output");
+    let path = std::env::join_paths(
+        std::iter::once(bin_dir.to_path_buf())
+            .chain(std::env::split_paths(&std::env::var_os("PATH").unwrap())),
+    )
+    .unwrap();
+    let out = Command::new("bash")
+        .arg(&script)
+        .env("PATH", path)
+        .env("CONFIG", config)
+        .env("FORCE", "false")
+        .env("DRY_RUN", "true")
+        .env("ALGO", "")
+        .env("GITHUB_OUTPUT", &outputs)
+        .env("RUNNER_TEMP", ws.path())
+        .env("RLHF_BOT_NOW", "2026-11-27T12:00:00Z")
+        .env_remove("GITHUB_STEP_SUMMARY")
+        .env_remove("GITHUB_ACTIONS")
+        .current_dir(ws.path())
+        .output()
+        .unwrap();
+    (out, read(&outputs))
+}
+
+/// The value the runner takes for `key`: the last `key=` line (rlhf-bot's check stage writes
+/// `retrain` too; the step writes it again from the JSON).
+fn last_output<'a>(outputs: &'a str, key: &str) -> Option<&'a str> {
+    outputs
+        .lines()
+        .filter_map(|l| l.strip_prefix(&format!("{key}=")))
+        .next_back()
+}
+
+#[test]
+fn the_action_run_step_writes_retrain_and_pr_url_from_the_real_json() {
+    // The real binary on the bundled sample, as a dry run: retraining is due, and the pull
+    // request is written locally, so there is no URL.
+    let ws = Workspace::new();
+    let config = ws.sample_config();
+    let real = Path::new(env!("CARGO_BIN_EXE_rlhf-bot")).parent().unwrap();
+    let (out, outputs) = run_action_step(&ws, real, &config);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(json["check"]["retrain"], true, "{json}");
+    assert_eq!(last_output(&outputs, "retrain"), Some("true"), "{outputs}");
+    assert_eq!(last_output(&outputs, "pr_url"), Some(""), "{outputs}");
+
+    // A published run: `run.publish` is the publisher's PublishOutcome, serialised by the same
+    // type the binary uses, printed by a stand-in binary.
+    let outcome = PublishOutcome {
+        pr_number: Some(42),
+        pr_url: Some("https://github.com/acme/assistant/pull/42".into()),
+        action: PublishAction::Created,
+        branch: "rlhf-bot/reward-gh-1".into(),
+        commit_sha: Some("0123abc".into()),
+        superseded: vec![],
+        warnings: vec![],
+    };
+    let printed = serde_json::json!({
+        "pull": {},
+        "check": {"retrain": true},
+        "run": {"run_id": "gh-1", "publish": outcome},
+    });
+    let stand_in = ws.path().join("stand-in");
+    std::fs::create_dir(&stand_in).unwrap();
+    let json_file = ws.path().join("printed.json");
+    std::fs::write(&json_file, printed.to_string()).unwrap();
+    let fake = stand_in.join("rlhf-bot");
+    std::fs::write(&fake, format!("#!/bin/sh\ncat '{}'\n", json_file.display())).unwrap();
+    make_executable(&fake);
+    std::fs::remove_file(ws.path().join("github_output")).unwrap();
+    let (out, outputs) = run_action_step(&ws, &stand_in, &config);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        outputs,
+        "retrain=true\npr_url=https://github.com/acme/assistant/pull/42\n"
+    );
+
+    // No retraining due: `run` is null, pr-url empty, retrain false.
+    std::fs::write(
+        &json_file,
+        serde_json::json!({"pull": {}, "check": {"retrain": false}, "run": null}).to_string(),
+    )
+    .unwrap();
+    std::fs::remove_file(ws.path().join("github_output")).unwrap();
+    let (out, outputs) = run_action_step(&ws, &stand_in, &config);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(outputs, "retrain=false\npr_url=\n");
 }
