@@ -375,12 +375,19 @@ fn a_missing_asset_is_a_clear_error_and_is_not_retried() {
         "{err}"
     );
     assert!(
-        err.contains(&format!("{}/{REPO}/releases/download/v9.9.9/", server.url())),
+        err.contains(&format!(
+            "{}/{REPO}/releases/download/v9.9.9/",
+            server.url()
+        )),
         "{err}"
     );
     assert!(err.contains("hint: check that the tag exists"), "{err}");
     assert!(stdout(&out).starts_with("::error "), "{}", stdout(&out));
-    assert_eq!(server.requests().len(), 1, "a 404 is an answer, not retried");
+    assert_eq!(
+        server.requests().len(),
+        1,
+        "a 404 is an answer, not retried"
+    );
     runner.assert_nothing_installed();
 }
 
@@ -389,16 +396,20 @@ fn refuses_unpinned_input_before_any_download() {
     let server = ReleaseServer::start();
     let runner = Runner::new();
     let sha = "0".repeat(64);
+    let sha = sha.as_str();
     let cases: [(&[&str], &str); 5] = [
-        (&["--sha256", &sha], "no version given"),
-        (&["--version", "latest", "--sha256", &sha], "version 'latest' refused"),
+        (&["--sha256", sha], "no version given"),
+        (
+            &["--version", "latest", "--sha256", sha],
+            "version 'latest' refused",
+        ),
         (&["--version", VERSION], "no sha256 given for v0.1.0"),
         (
             &["--version", VERSION, "--sha256", "abc"],
             "sha256 'abc' has 3 characters, not 64",
         ),
         (
-            &["--version", VERSION, "--sha256", &sha, "--flavour", "rocm"],
+            &["--version", VERSION, "--sha256", sha, "--flavour", "rocm"],
             "flavour 'rocm' is neither cpu nor cuda",
         ),
     ];
@@ -447,7 +458,11 @@ struct FakeToolkit {
 }
 
 fn cc(args: &[&str], dir: &Path) {
-    let out = Command::new("cc").args(args).current_dir(dir).output().unwrap();
+    let out = Command::new("cc")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
     assert!(out.status.success(), "cc {args:?}: {}", stderr(&out));
 }
 
@@ -483,11 +498,12 @@ fn fake_toolkit(root: &Path) -> FakeToolkit {
         std::os::unix::fs::symlink(&soname, lib64.join(format!("lib{name}.so"))).unwrap();
     }
     std::fs::write(lib64.join("libnvrtc-builtins.so.12.6"), b"builtins").unwrap();
-    std::fs::write(root.join("cuda.c"), "int cuInit(unsigned f) { return (int)f; }\n").unwrap();
-    for out in [
-        lib64.join("stubs/libcuda.so"),
-        driver.join("libcuda.so.1"),
-    ] {
+    std::fs::write(
+        root.join("cuda.c"),
+        "int cuInit(unsigned f) { return (int)f; }\n",
+    )
+    .unwrap();
+    for out in [lib64.join("stubs/libcuda.so"), driver.join("libcuda.so.1")] {
         cc(
             &[
                 "-shared",
@@ -582,7 +598,7 @@ fn the_cuda_tarball_ships_the_toolkit_libraries_and_installs() {
         "--version",
         VERSION,
         "--sha256",
-        &release.sha256,
+        release.sha256.as_str(),
         "--flavour",
         "cuda",
     ];
@@ -601,13 +617,8 @@ fn the_cuda_tarball_ships_the_toolkit_libraries_and_installs() {
     // (which this machine does not have on any search path).
     let runner = Runner::new();
     let driver = toolkit.driver.display().to_string();
-    let out = runner.install(&server, &args, &[("LD_LIBRARY_PATH", &driver)]);
-    assert!(
-        out.status.success(),
-        "{}{}",
-        stdout(&out),
-        stderr(&out)
-    );
+    let out = runner.install(&server, &args, &[("LD_LIBRARY_PATH", driver.as_str())]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
     assert!(
         stdout(&out).contains("installed rlhf-bot 0.1.0 (cuda"),
         "{}",
@@ -662,13 +673,16 @@ fn composite_actions_write_every_output_and_their_scripts_lint() {
                 );
                 all.push_str(&std::fs::read_to_string(called).unwrap());
             }
-            let file = scratch.path().join(format!(
-                "{}-{i}.sh",
-                action.replace('/', "-")
-            ));
+            let file = scratch
+                .path()
+                .join(format!("{}-{i}.sh", action.replace('/', "-")));
             std::fs::write(&file, run).unwrap();
             let syntax = Command::new("bash").arg("-n").arg(&file).output().unwrap();
-            assert!(syntax.status.success(), "{action} step {i}: {}", stderr(&syntax));
+            assert!(
+                syntax.status.success(),
+                "{action} step {i}: {}",
+                stderr(&syntax)
+            );
             if lint {
                 let found = Command::new(&shellcheck)
                     .args(["--shell=bash", "--severity=style"])
