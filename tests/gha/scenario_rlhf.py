@@ -28,20 +28,25 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from datetime import datetime, timedelta, timezone
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from gha.world import CPU_ASSET, BOT_REPO, RELEASE_TAG, World, project_root  # noqa: E402
 
-DAY = {
-    0: "2026-11-26T04:00:00Z",
-    1: "2026-11-26T05:17:00Z",
-    2: "2026-11-27T05:17:00Z",
-    3: "2026-11-28T05:17:00Z",
-    4: "2026-11-29T05:17:00Z",
-    5: "2026-11-30T05:17:00Z",
-    6: "2026-12-01T05:17:00Z",
-}
+
+def simulated_days(sample_max: datetime) -> dict[int, str]:
+    """The scheduled runs' clock (RLHF_BOT_NOW), one day apart at 05:17 UTC. They start after both
+    the newest sample record and the real clock: the bot stamps registry entries with the real
+    time, and a registry entry from the simulated future would look like a training to come."""
+    start = max(datetime.now(timezone.utc), sample_max) + timedelta(days=1)
+    start = start.replace(hour=5, minute=17, second=0, microsecond=0)
+    days = {n: start + timedelta(days=n - 1) for n in range(1, 7)}
+    days[0] = start - timedelta(hours=1)
+    return {n: d.strftime("%Y-%m-%dT%H:%M:%SZ") for n, d in days.items()}
+
+
+DAY: dict[int, str] = {}
 WORKFLOW = ".github/workflows/rlhf.yml"
 
 
@@ -98,6 +103,13 @@ policy:
 """
 
 
+def _parse(value) -> datetime | None:
+    try:
+        return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
 def new_records(day: int, count: int, sample: list[dict]) -> list[dict]:
     """`count` fresh records on `day`, shaped like the sample's valid thumbs and ratings."""
     usable = [r for r in sample if r.get("kind") in ("thumb", "rating") and isinstance(r.get("prompt"), list)]
@@ -108,7 +120,7 @@ def new_records(day: int, count: int, sample: list[dict]) -> list[dict]:
         src["id"] = f"fb_d{day}_{i:04d}"
         src["conversation_id"] = f"c_d{day}_{i // 3:03d}"
         src["message_id"] = f"m_d{day}_{i:04d}"
-        ts = f"{base}T0{i // 60 % 5}:{i % 60:02d}:00Z"
+        ts = f"{base}T0{i // 60 % 5}:{i % 60:02d}:00Z"  # before the day's 05:17 run
         src["created_at"] = src["updated_at"] = ts
         out.append(src)
     return out
@@ -175,6 +187,8 @@ def main() -> int:
             }
         )
         sample = world.feedback.load_jsonl(os.path.join(root, "configs", "sample-feedback.jsonl"))
+        newest = max(t for t in (_parse(r.get("updated_at")) for r in sample) if t is not None)
+        DAY.update(simulated_days(newest))
 
         def day(n: int, **kw):
             print(f"\n[scenario] ===== day {n} ({DAY[n]}) =====", file=sys.stderr, flush=True)

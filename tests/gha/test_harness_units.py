@@ -193,5 +193,62 @@ class EngineTests(unittest.TestCase):
         self.assertIsNone(self.h.trigger("schedule", ".github/workflows/w.yml"))
 
 
+class GitHubApiTests(unittest.TestCase):
+    """The loopback API through HTTP, as the bot calls it (percent-encoded refs included)."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="gha-api-")
+        self.gh = GitHub(self.tmp, "acme", "assistant")
+        self.gh.start()
+        self.base = self.gh.commit_files("main", {"README.md": b"hi\n"}, "init")
+        self.gh.add_token("w", {"contents": "write", "pull-requests": "write", "issues": "write", "metadata": "read"})
+        self.gh.add_token("r", {"contents": "read", "metadata": "read"})
+
+    def tearDown(self):
+        self.gh.stop()
+
+    def call(self, method, path, body=None, token="w"):
+        import json
+        import urllib.error
+        import urllib.request
+
+        req = urllib.request.Request(self.gh.api_url + "/repos/acme/assistant" + path, method=method, data=json.dumps(body).encode() if body is not None else None, headers={"Authorization": f"Bearer {token}"})
+        try:
+            with urllib.request.urlopen(req) as r:
+                return r.status, json.loads(r.read() or b"null")
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"null")
+
+    def test_git_data_flow_pull_request_and_merge(self):
+        status, ref = self.call("GET", "/git/ref/heads%2Fmain")
+        self.assertEqual((status, ref["object"]["sha"]), (200, self.base))
+        self.assertEqual(self.call("GET", "/git/ref/heads%2Fnope")[0], 404)
+        commit = self.call("GET", f"/git/commits/{self.base}")[1]
+        blob = self.call("POST", "/git/blobs", {"content": "cmVnOiAx", "encoding": "base64"})[1]
+        tree = self.call("POST", "/git/trees", {"base_tree": commit["tree"]["sha"], "tree": [{"path": "models/registry.yaml", "mode": "100644", "type": "blob", "sha": blob["sha"]}]})[1]
+        self.assertEqual(sorted(e["path"] for e in tree["tree"]), ["README.md", "models"])
+        new = self.call("POST", "/git/commits", {"message": "x\n\nRlhf-Bot-Run: 1\n", "tree": tree["sha"], "parents": [self.base]})[1]
+        self.assertEqual(self.call("POST", "/git/refs", {"ref": "refs/heads/rlhf-bot/a", "sha": new["sha"]})[0], 201)
+        self.assertEqual(self.call("POST", "/git/refs", {"ref": "refs/heads/rlhf-bot/a", "sha": new["sha"]})[0], 422)
+        self.assertEqual(self.call("PATCH", "/git/refs/heads%2Frlhf-bot%2Fa", {"sha": self.base, "force": False})[1]["message"], "Update is not a fast forward")
+        self.assertEqual(self.call("POST", "/pulls", {"title": "t", "head": "rlhf-bot/a", "base": "main"}, token="r")[0], 403)
+        status, pr = self.call("POST", "/pulls", {"title": "t", "head": "rlhf-bot/a", "base": "main", "body": "b", "draft": False})
+        self.assertEqual((status, pr["number"], pr["head"]["ref"], pr["head"]["repo"]["full_name"], pr["state"]), (201, 1, "rlhf-bot/a", "acme/assistant", "open"))
+        self.assertEqual(self.call("POST", "/pulls", {"title": "t", "head": "rlhf-bot/a", "base": "main"})[0], 422)
+        self.assertEqual(len(self.call("GET", "/pulls?state=open&base=main&per_page=100&page=1")[1]), 1)
+        self.assertEqual(len(self.call("GET", "/pulls?state=closed")[1]), 0)
+        self.assertEqual(self.call("POST", "/issues/1/labels", {"labels": ["rlhf-bot"]})[1][0]["name"], "rlhf-bot")
+        self.assertEqual(self.call("POST", "/issues/1/comments", {"body": "c"})[0], 201)
+        self.assertEqual([c["body"] for c in self.call("GET", "/issues/1/comments")[1]], ["c"])
+        push = self.gh.merge_pull(1)
+        self.assertEqual(push["before"], self.base)
+        self.assertEqual(self.gh.read_file("main", "models/registry.yaml"), b"reg: 1")
+        closed = self.call("GET", "/pulls?state=closed&head=acme%3Arlhf-bot%2Fa")[1]
+        self.assertEqual((len(closed), bool(closed[0]["merged_at"])), (1, True))
+        self.assertEqual(self.gh.unhandled, [])
+        self.assertEqual(self.call("GET", "/actions/runs")[0], 404)
+        self.assertEqual(len(self.gh.unhandled), 1)
+
+
 if __name__ == "__main__":
     unittest.main()
