@@ -10,7 +10,8 @@ Day 2  schedule, nothing new: no training job, no commit, no PR closed; the chec
 Merge  the PR is merged (push event): the post-merge job runs; `registry show` on main and the
        next check (day 3) name the merged candidate as production.
 Day 4  new feedback -> a new PR; it is closed without merging.
-Day 5  schedule: the same model is not proposed again.
+Day 5  schedule: the same model is not proposed again; then a forced dry run from the Actions tab
+       (workflow_dispatch inputs) keeps its PR as an artifact and opens none.
 Day 6  the feedback API is down: the check job fails fast with one error annotation.
 
 Every expectation is checked and reported (the scenario goes on after a failed one); the exit
@@ -306,6 +307,15 @@ def main() -> int:
         again = [p for p in prs() if p["number"] not in before]
         c.expect(not again, "day 5: no new PR after the closed one (the same model is not proposed again)", pending="recording a closed, unmerged bot PR as a rejection", detail=f"new PRs {[(p['number'], p['title']) for p in again]} after rejecting {rejected.get('registered_policy')}")
         c.expect(any(r["method"] == "GET" and "/pulls?" in r["path"] and "state=closed" in r["path"] for r in gh.requests), "day 5: the bot looked up closed PRs", pending="the bot reading closed PRs")
+
+        # ---- day 5, later: a person starts a forced dry run from the Actions tab ------------------
+        before = {p["number"] for p in prs()}
+        print("\n[scenario] ===== day 5: workflow_dispatch force=true dry_run=true algo=dpo =====", file=sys.stderr, flush=True)
+        rund = h.trigger("workflow_dispatch", WORKFLOW, inputs={"force": "true", "dry_run": "true", "algo": "dpo"}, runner_env={"RLHF_BOT_NOW": DAY[5]})
+        c.expect(rund.conclusion == "success", "dispatch: the forced dry run succeeds", detail=failure_detail(rund))
+        c.expect(rund.job("check").outputs.get("retrain") == "true", "dispatch: force=true makes check retrain")
+        c.expect("dry-run-pr" in h.artifacts.list(rund.id) and any(f.endswith("pr.json") for f in h.artifacts.meta(rund.id, "dry-run-pr")["files"]), "dispatch: the dry-run PR is kept as the artifact dry-run-pr")
+        c.expect({p["number"] for p in prs()} == before, "dispatch: a dry run opens no PR")
 
         # ---- day 6: the feedback API is down -----------------------------------------------------
         world.feedback.stop()
