@@ -193,6 +193,64 @@ class EngineTests(unittest.TestCase):
         self.assertIsNone(self.h.trigger("schedule", ".github/workflows/w.yml"))
 
 
+COMPOSITE_WORKFLOW = textwrap.dedent(
+    """\
+    name: composite
+    on: workflow_dispatch
+    jobs:
+      one:
+        runs-on: ubuntu-latest
+        steps:
+          - uses: actions/checkout@11bd71901bbe5b1630ceea73d27597364c9af683
+          - id: greet
+            uses: ./.github/actions/greet
+            with: {who: world}
+          - run: test "${{ steps.greet.outputs.text }}" = "hello world" && test "$GREETED" = yes && command -v greet-tool
+    """
+)
+
+COMPOSITE_ACTION = textwrap.dedent(
+    """\
+    name: greet
+    inputs:
+      who: {required: true}
+      token: {default: '${{ github.token }}'}
+    outputs:
+      text: {value: '${{ steps.say.outputs.text }}'}
+    runs:
+      using: composite
+      steps:
+        - id: say
+          shell: bash
+          env: {WHO: '${{ inputs.who }}', TOKEN: '${{ inputs.token }}'}
+          run: |
+            test -n "$TOKEN" && test -f "$GITHUB_ACTION_PATH/action.yml"
+            echo "text=hello $WHO" >> "$GITHUB_OUTPUT"
+            echo "GREETED=yes" >> "$GITHUB_ENV"
+            mkdir -p "$RUNNER_TEMP/bin" && printf '#!/bin/sh\\n' > "$RUNNER_TEMP/bin/greet-tool" && chmod +x "$RUNNER_TEMP/bin/greet-tool"
+            echo "$RUNNER_TEMP/bin" >> "$GITHUB_PATH"
+    """
+)
+
+
+class CompositeTests(unittest.TestCase):
+    def test_inputs_outputs_env_and_path_cross_the_boundary(self):
+        tmp = tempfile.mkdtemp(prefix="gha-composite-")
+        gh = GitHub(tmp, "acme", "assistant")
+        gh.start()
+        try:
+            gh.commit_files("main", {".github/workflows/c.yml": COMPOSITE_WORKFLOW.encode(), ".github/actions/greet/action.yml": COMPOSITE_ACTION.encode()}, "init")
+            h = Harness(os.path.join(tmp, "h"), gh)
+            run = h.trigger("workflow_dispatch", ".github/workflows/c.yml")
+            self.assertEqual(run.job("one").result, "success", run.job("one").log_text())
+            bad = COMPOSITE_ACTION.replace("${{ inputs.who }}", "${{ secrets.X }}")
+            gh.commit_files("main", {".github/actions/greet/action.yml": bad.encode()}, "secrets")
+            with self.assertRaises(HarnessError):  # composite actions see no secrets
+                h.trigger("workflow_dispatch", ".github/workflows/c.yml")
+        finally:
+            gh.stop()
+
+
 class GitHubApiTests(unittest.TestCase):
     """The loopback API through HTTP, as the bot calls it (percent-encoded refs included)."""
 

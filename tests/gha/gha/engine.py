@@ -556,6 +556,19 @@ class JobExecutor:
     def contexts(self, env: dict, steps_ctx: dict, inputs: dict | None = None, action_path: str = "") -> dict:
         g = dict(self.github)
         g["action_path"] = action_path
+        if action_path:
+            # Inside a composite action GitHub offers no secrets, vars or needs: a composite
+            # action gets what it needs through its inputs.
+            return {
+                "github": g,
+                "inputs": inputs or {},
+                "env": dict(env),
+                "steps": steps_ctx,
+                "job": {"status": "failure" if self.failed else "success"},
+                "runner": self.runner_ctx,
+                "strategy": {},
+                "matrix": {},
+            }
         return {
             "github": g,
             "needs": self.needs_ctx,
