@@ -104,24 +104,10 @@ pub fn start(records: Records, page_delay: Duration) -> FeedbackServer {
         requests: 0,
         page_delay,
     }));
-    let (tx, rx) = std::sync::mpsc::channel();
-    let shared = state.clone();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            tx.send(listener.local_addr().unwrap()).unwrap();
-            let app = Router::new()
-                .route("/v1/feedback", get(page))
-                .with_state(shared);
-            axum::serve(listener, app).await.unwrap();
-        });
-    });
-    let addr = rx.recv().expect("the feedback server did not start");
+    let app = Router::new()
+        .route("/v1/feedback", get(page))
+        .with_state(state.clone());
+    let addr = crate::common::serve_in_background(app);
     FeedbackServer { addr, state }
 }
 
