@@ -163,22 +163,3 @@ pub fn free_port() -> u16 {
         .map(|a| a.port())
         .expect("free port")
 }
-
-/// Serves `app` on a loopback port from a thread with its own runtime, so that a test blocked on
-/// a child process (or busy on its own runtime) cannot stall the server. Returns its address.
-pub fn serve_in_background(app: axum::Router) -> std::net::SocketAddr {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            tx.send(listener.local_addr().unwrap()).unwrap();
-            axum::serve(listener, app).await.unwrap();
-        });
-    });
-    rx.recv().expect("the test server did not start")
-}

@@ -107,7 +107,7 @@ pub fn start(records: Records, page_delay: Duration) -> FeedbackServer {
     let app = Router::new()
         .route("/v1/feedback", get(page))
         .with_state(state.clone());
-    let addr = crate::common::serve_in_background(app);
+    let addr = serve_in_background(app);
     FeedbackServer { addr, state }
 }
 
@@ -284,4 +284,24 @@ pub fn many_thumbs(n: usize) -> Vec<Value> {
             )
         })
         .collect()
+}
+
+/// Serves `app` on a loopback port from a thread with its own runtime, so that a test blocked on
+/// a child process (or busy on its own runtime) cannot stall the server. Returns its address.
+/// Here rather than in `common` because benches/pull.rs includes this file on its own.
+pub fn serve_in_background(app: axum::Router) -> std::net::SocketAddr {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tx.send(listener.local_addr().unwrap()).unwrap();
+            axum::serve(listener, app).await.unwrap();
+        });
+    });
+    rx.recv().expect("the test server did not start")
 }

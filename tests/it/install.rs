@@ -21,7 +21,8 @@ use axum::response::{IntoResponse, Response};
 use rlhf_bot::forge::{PublishAction, PublishOutcome};
 use sha2::{Digest, Sha256};
 
-use super::common::{Workspace, deps_dir, have, repo, serve_in_background, stderr, stdout};
+use super::common::{Workspace, deps_dir, have, repo, stderr, stdout};
+use super::feedback_server::serve_in_background;
 
 const REPO: &str = "acme/rlhf-bot";
 const VERSION: &str = "v0.1.0";
