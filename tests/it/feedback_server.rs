@@ -104,24 +104,10 @@ pub fn start(records: Records, page_delay: Duration) -> FeedbackServer {
         requests: 0,
         page_delay,
     }));
-    let (tx, rx) = std::sync::mpsc::channel();
-    let shared = state.clone();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            tx.send(listener.local_addr().unwrap()).unwrap();
-            let app = Router::new()
-                .route("/v1/feedback", get(page))
-                .with_state(shared);
-            axum::serve(listener, app).await.unwrap();
-        });
-    });
-    let addr = rx.recv().expect("the feedback server did not start");
+    let app = Router::new()
+        .route("/v1/feedback", get(page))
+        .with_state(state.clone());
+    let addr = serve_in_background(app);
     FeedbackServer { addr, state }
 }
 
@@ -298,4 +284,24 @@ pub fn many_thumbs(n: usize) -> Vec<Value> {
             )
         })
         .collect()
+}
+
+/// Serves `app` on a loopback port from a thread with its own runtime, so that a test blocked on
+/// a child process (or busy on its own runtime) cannot stall the server. Returns its address.
+/// Here rather than in `common` because benches/pull.rs includes this file on its own.
+pub fn serve_in_background(app: axum::Router) -> std::net::SocketAddr {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tx.send(listener.local_addr().unwrap()).unwrap();
+            axum::serve(listener, app).await.unwrap();
+        });
+    });
+    rx.recv().expect("the test server did not start")
 }

@@ -22,6 +22,7 @@ use rlhf_bot::forge::{PublishAction, PublishOutcome};
 use sha2::{Digest, Sha256};
 
 use super::common::{Workspace, deps_dir, have, repo, stderr, stdout};
+use super::feedback_server::serve_in_background;
 
 const REPO: &str = "acme/rlhf-bot";
 const VERSION: &str = "v0.1.0";
@@ -35,8 +36,8 @@ struct Served {
     fail_next: usize,
 }
 
-/// A release-download server on loopback, on its own runtime so a blocking child-process wait
-/// in the test cannot stall it.
+/// A release-download server on loopback (on its own runtime: the installer runs as a blocking
+/// child process).
 struct ReleaseServer {
     addr: SocketAddr,
     state: Arc<Mutex<Served>>,
@@ -45,22 +46,8 @@ struct ReleaseServer {
 impl ReleaseServer {
     fn start() -> Self {
         let state = Arc::new(Mutex::new(Served::default()));
-        let shared = state.clone();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-                tx.send(listener.local_addr().unwrap()).unwrap();
-                let app = Router::new().fallback(serve).with_state(shared);
-                axum::serve(listener, app).await.unwrap();
-            });
-        });
-        let addr = rx.recv().expect("the release server did not start");
+        let app = Router::new().fallback(serve).with_state(state.clone());
+        let addr = serve_in_background(app);
         Self { addr, state }
     }
 
@@ -230,17 +217,37 @@ impl Runner {
     }
 }
 
+/// A genuine CPU release published as [`VERSION`] (its bytes held in memory), the server serving
+/// it, and a fresh runner.
+struct Published {
+    release: Packed,
+    server: ReleaseServer,
+    runner: Runner,
+}
+
+fn published() -> Published {
+    let work = tempfile::tempdir().unwrap();
+    let release = cpu_release(work.path(), "rlhf-bot 0.1.0");
+    let server = ReleaseServer::start();
+    server.publish(VERSION, &cpu_asset(), &release.bytes);
+    Published {
+        release,
+        server,
+        runner: Runner::new(),
+    }
+}
+
 fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
 
 #[test]
 fn installs_a_pinned_release_after_checking_its_sha256() {
-    let work = tempfile::tempdir().unwrap();
-    let release = cpu_release(work.path(), "rlhf-bot 0.1.0");
-    let server = ReleaseServer::start();
-    server.publish(VERSION, &cpu_asset(), &release.bytes);
-    let runner = Runner::new();
+    let Published {
+        release,
+        server,
+        runner,
+    } = published();
 
     // Upper case with a `sha256:` prefix, as some tools print it: the pin is normalised.
     let pin = format!("sha256:{}", release.sha256.to_uppercase());
@@ -291,12 +298,12 @@ fn installs_a_pinned_release_after_checking_its_sha256() {
 
 #[test]
 fn retries_a_transient_server_error() {
-    let work = tempfile::tempdir().unwrap();
-    let release = cpu_release(work.path(), "rlhf-bot 0.1.0");
-    let server = ReleaseServer::start();
-    server.publish(VERSION, &cpu_asset(), &release.bytes);
+    let Published {
+        release,
+        server,
+        runner,
+    } = published();
     server.state.lock().unwrap().fail_next = 1;
-    let runner = Runner::new();
 
     let out = runner.install(
         &server,
@@ -354,11 +361,11 @@ fn refuses_a_tampered_tarball_before_unpacking_it() {
 
 #[test]
 fn a_missing_asset_is_a_clear_error_and_is_not_retried() {
-    let work = tempfile::tempdir().unwrap();
-    let release = cpu_release(work.path(), "rlhf-bot 0.1.0");
-    let server = ReleaseServer::start();
-    server.publish(VERSION, &cpu_asset(), &release.bytes);
-    let runner = Runner::new();
+    let Published {
+        release,
+        server,
+        runner,
+    } = published();
 
     let out = runner.install(
         &server,
@@ -425,14 +432,15 @@ fn refuses_unpinned_input_before_any_download() {
 
 #[test]
 fn latest_only_when_allowed_and_with_a_warning() {
-    let work = tempfile::tempdir().unwrap();
-    let release = cpu_release(work.path(), "rlhf-bot 0.1.0");
-    let server = ReleaseServer::start();
+    let Published {
+        release,
+        server,
+        runner,
+    } = published();
     // GitHub redirects /releases/latest/download/<asset> to the newest release's asset; the
     // server here serves it at that path directly.
     let latest = format!("/{REPO}/releases/latest/download/{}", cpu_asset());
     server.serve_at(&latest, &release.bytes);
-    let runner = Runner::new();
 
     let out = runner.install(
         &server,
