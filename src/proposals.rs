@@ -38,8 +38,12 @@ pub struct Proposal {
     pub run_id: String,
     /// The registry ids the PR proposes for production.
     pub models: Vec<String>,
-    pub pr_number: u64,
-    pub pr_url: String,
+    /// Absent while the pull request exists only as a dry run (the train job of the workflow
+    /// writes it; the publish job opens it): it is then recognised by its branch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pr_number: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pr_url: Option<String>,
     pub branch: String,
     /// The feedback watermark and config the models were trained on: a new run on the same
     /// data and config would train the same model again.
@@ -65,21 +69,28 @@ impl Proposals {
         store.set_loop_state(KEY, self)
     }
 
-    /// Records a PR the bot opened or updated; earlier ones it closed in its favour become
-    /// superseded.
+    /// Records a PR the bot opened, updated or wrote as a dry run. Earlier open proposals of
+    /// other runs are superseded: the publisher closes them in favour of this one (or, with
+    /// `on_existing: update`, moves this run onto one of them, which then carries its models).
     pub fn record_opened(&mut self, proposal: Proposal, superseded: &[u64]) {
         for p in &mut self.list {
-            if superseded.contains(&p.pr_number) && p.state == ProposalState::Open {
+            let closed_for_it = p.pr_number.is_some_and(|n| superseded.contains(&n));
+            if p.state == ProposalState::Open && (closed_for_it || p.run_id != proposal.run_id) {
                 p.state = ProposalState::Superseded;
             }
         }
-        match self
-            .list
-            .iter_mut()
-            .find(|p| p.pr_number == proposal.pr_number)
-        {
-            // An updated PR now carries the newer run's models.
-            Some(existing) => *existing = proposal,
+        let same = |p: &Proposal| {
+            p.branch == proposal.branch
+                || (p.pr_number.is_some() && p.pr_number == proposal.pr_number)
+        };
+        match self.list.iter_mut().find(|p| same(p)) {
+            Some(existing) => {
+                let number = existing.pr_number;
+                let url = existing.pr_url.clone();
+                *existing = proposal;
+                existing.pr_number = existing.pr_number.or(number);
+                existing.pr_url = existing.pr_url.clone().or(url);
+            }
             None => self.list.push(proposal),
         }
     }
@@ -89,14 +100,15 @@ impl Proposals {
     pub fn reconcile(&mut self, closed: &[ClosedPull]) -> Vec<Proposal> {
         let mut newly = Vec::new();
         for pull in closed {
-            let Some(p) = self
-                .list
-                .iter_mut()
-                .find(|p| p.pr_number == pull.number && p.state == ProposalState::Open)
-            else {
+            let Some(p) = self.list.iter_mut().find(|p| {
+                p.state == ProposalState::Open
+                    && (p.pr_number == Some(pull.number) || p.branch == pull.branch)
+            }) else {
                 continue;
             };
             p.closed_at = pull.closed_at.clone();
+            p.pr_number = Some(pull.number);
+            p.pr_url = Some(pull.url.clone());
             if pull.merged {
                 p.state = ProposalState::Merged;
             } else {
@@ -142,8 +154,8 @@ mod tests {
         Proposal {
             run_id: run.into(),
             models: vec![format!("reward-{run}"), format!("policy-{run}")],
-            pr_number: n,
-            pr_url: format!("https://github.com/o/r/pull/{n}"),
+            pr_number: Some(n),
+            pr_url: Some(format!("https://github.com/o/r/pull/{n}")),
             branch: format!("rlhf-bot/reward-policy-{run}"),
             watermark: DateTime::from_timestamp(1_700_000_000, 0),
             config_sha256: "c".repeat(64),
@@ -156,7 +168,7 @@ mod tests {
         ClosedPull {
             number: n,
             url: String::new(),
-            branch: String::new(),
+            branch: format!("rlhf-bot/other-{n}"),
             merged,
             closed_at: Some("2026-12-01T00:00:00Z".into()),
         }
@@ -171,13 +183,27 @@ mod tests {
         // The bot's own close of #1 shows up as closed unmerged: still not a rejection.
         let newly = ps.reconcile(&[closed(1, false), closed(2, false)]);
         assert_eq!(newly.len(), 1);
-        assert_eq!(newly[0].pr_number, 2);
+        assert_eq!(newly[0].pr_number, Some(2));
         assert_eq!(ps.list[0].state, ProposalState::Superseded);
         let wm = ps.list[1].watermark;
         assert!(ps.rejected_same(wm, &"c".repeat(64)).is_some());
         assert!(ps.rejected_same(wm, &"d".repeat(64)).is_none());
         // Reconciling again changes nothing.
         assert!(ps.reconcile(&[closed(2, false)]).is_empty());
+    }
+
+    #[test]
+    fn a_dry_run_proposal_is_recognised_by_its_branch() {
+        let mut ps = Proposals::default();
+        let mut dry = proposal(0, "a");
+        dry.pr_number = None;
+        dry.pr_url = None;
+        ps.record_opened(dry, &[]);
+        let mut pull = closed(41, false);
+        pull.branch = "rlhf-bot/reward-policy-a".into();
+        let newly = ps.reconcile(&[pull]);
+        assert_eq!(newly.len(), 1);
+        assert_eq!(ps.list[0].pr_number, Some(41));
     }
 
     #[test]

@@ -79,7 +79,13 @@ pub fn check(settings: &Settings, force: bool) -> Result<CheckOutcome> {
         force,
         rejected_same_data: crate::proposals::Proposals::load(&store)?
             .rejected_same(store.watermark()?, &settings.config_sha256)
-            .map(|p| format!("pull request #{} ({})", p.pr_number, p.models.join(", "))),
+            .map(|p| {
+                format!(
+                    "pull request #{} ({})",
+                    p.pr_number.unwrap_or_default(),
+                    p.models.join(", ")
+                )
+            }),
     };
     let decision = decide(&input, &settings.thresholds);
     let kpis = all_kpis(

@@ -19,9 +19,7 @@ use crate::feedback::Store;
 use crate::feedback::record::format_time;
 use crate::forge::github::{GithubTarget, SecretToken};
 use crate::forge::local::publish_local;
-use crate::forge::publish::{
-    PublishAction, PublishOutcome, PublishRequest, closed_bot_pulls, publish,
-};
+use crate::forge::publish::{PublishAction, PublishRequest, closed_bot_pulls, publish};
 use crate::kpi::all_kpis;
 use crate::proposals::{Proposal, ProposalState, Proposals};
 use crate::registry::{
@@ -262,11 +260,13 @@ pub fn build_report(
         max_samples: settings.report.max_samples,
         rejections: Proposals::load(&store)?
             .rejected()
-            .map(|p| report::Rejection {
-                pr_number: p.pr_number,
-                pr_url: p.pr_url.clone(),
-                models: p.models.clone(),
-                closed_at: p.closed_at.clone(),
+            .filter_map(|p| {
+                Some(report::Rejection {
+                    pr_number: p.pr_number?,
+                    pr_url: p.pr_url.clone()?,
+                    models: p.models.clone(),
+                    closed_at: p.closed_at.clone(),
+                })
             })
             .collect(),
     };
@@ -331,7 +331,13 @@ pub async fn publish_run(
     match github_target(settings)? {
         Some(target) if !dry_run => {
             let outcome = publish(&target, &request).await?;
-            remember_proposal(settings, run_id, &outcome)?;
+            remember_proposal(
+                settings,
+                run_id,
+                &outcome.branch,
+                outcome.pr_number.zip(outcome.pr_url.clone()),
+                &outcome.superseded,
+            )?;
             Ok(PublishedRun {
                 branch: outcome.branch,
                 draft,
@@ -344,6 +350,7 @@ pub async fn publish_run(
         }
         _ => {
             let outcome = publish_local(&settings.publish.local_dir, &request)?;
+            remember_proposal(settings, run_id, &request.branch, None, &[])?;
             Ok(PublishedRun {
                 branch: request.branch,
                 draft,
@@ -411,12 +418,16 @@ pub fn github_target(settings: &Settings) -> Result<Option<GithubTarget>> {
     }
 }
 
-/// Records the PR just opened (or updated) in the store's loop state, with the data and config
-/// its models were trained on, so a later rejection can be recognised.
-fn remember_proposal(settings: &Settings, run_id: &str, outcome: &PublishOutcome) -> Result<()> {
-    let (Some(number), Some(url)) = (outcome.pr_number, outcome.pr_url.clone()) else {
-        return Ok(());
-    };
+/// Records the PR just opened, updated or written as a dry run (`pr` is its number and URL on
+/// GitHub) in the store's loop state, with the data and config its models were trained on, so a
+/// later rejection can be recognised.
+fn remember_proposal(
+    settings: &Settings,
+    run_id: &str,
+    branch: &str,
+    pr: Option<(u64, String)>,
+    superseded: &[u64],
+) -> Result<()> {
     let registry = Registry::load_or_default(&settings.registry.path)?;
     let models: Vec<&ModelEntry> = [ModelKind::Reward, ModelKind::Policy]
         .into_iter()
@@ -428,19 +439,20 @@ fn remember_proposal(settings: &Settings, run_id: &str, outcome: &PublishOutcome
         .map(|t| t.with_timezone(&Utc));
     let store = Store::open(&settings.store.dir)?;
     let mut proposals = Proposals::load(&store)?;
+    let (pr_number, pr_url) = pr.unzip();
     proposals.record_opened(
         Proposal {
             run_id: run_id.to_string(),
             models: models.iter().map(|m| m.id.clone()).collect(),
-            pr_number: number,
-            pr_url: url,
-            branch: outcome.branch.clone(),
+            pr_number,
+            pr_url,
+            branch: branch.to_string(),
             watermark,
             config_sha256: settings.config_sha256.clone(),
             state: ProposalState::Open,
             closed_at: None,
         },
-        &outcome.superseded,
+        superseded,
     );
     proposals.save(&store)
 }
@@ -473,7 +485,7 @@ pub async fn reconcile_proposals(settings: &Settings) -> Result<()> {
     for p in proposals.reconcile(&closed) {
         tracing::warn!(
             "pull request #{} was closed without merging: {} recorded as rejected",
-            p.pr_number,
+            p.pr_number.unwrap_or_default(),
             p.models.join(", ")
         );
     }
