@@ -4,6 +4,7 @@ artifact actions run through a tiny workflow. Run: python3 -m unittest tests/gha
 """
 
 import os
+import shutil
 import sys
 import tempfile
 import textwrap
@@ -167,6 +168,7 @@ class EngineTests(unittest.TestCase):
 
     def tearDown(self):
         self.gh.stop()
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
     def test_state_outputs_artifacts_and_status(self):
         run1 = self.h.trigger("workflow_dispatch", ".github/workflows/w.yml")
@@ -249,6 +251,7 @@ class CompositeTests(unittest.TestCase):
                 h.trigger("workflow_dispatch", ".github/workflows/c.yml")
         finally:
             gh.stop()
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 class GitHubApiTests(unittest.TestCase):
@@ -264,6 +267,7 @@ class GitHubApiTests(unittest.TestCase):
 
     def tearDown(self):
         self.gh.stop()
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
     def call(self, method, path, body=None, token="w"):
         import json
