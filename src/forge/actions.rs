@@ -91,7 +91,7 @@ impl ActionsEnv {
     /// opening the log. Inside Actions only (on a terminal the error is already printed).
     pub fn error_annotation(&self, message: &str) {
         if self.in_actions {
-            println!("::error title=rlhf-bot::{}", escape_data(message));
+            eprintln!("::error title=rlhf-bot::{}", escape_data(message));
         }
     }
 

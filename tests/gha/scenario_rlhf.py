@@ -235,7 +235,9 @@ def main() -> int:
             c.expect([r["login"] for r in pr1["requested_reviewers"]] == ["octocat"], "day 1: the reviewer was requested")
             c.expect(gh.ref_sha("refs/heads/main") == main0, "day 1: main is unchanged (only the PR branch moved)")
         saved = [e for e in h.cache.entries() if e["run_id"] == run1.id]
-        c.expect([e["job"] for e in saved] == ["train"] and saved and saved[0]["key"] == f"rlhf-state-{run1.id}-1", "day 1: the state is saved once, by the train job, under this run's key", detail=str(saved))
+        # Cache entries are immutable: the train job saves what it changed (feedback, training),
+        # then the publish job saves the state that also records the PR it opened (newest wins).
+        c.expect([e["job"] for e in saved] == ["train", "publish"] and [e["key"] for e in saved] == [f"rlhf-state-{run1.id}-1", f"rlhf-state-{run1.id}-1-published"], "day 1: the state is saved by the train job, then by the publish job (with the PR it opened)", detail=str(saved))
         meta = h.artifacts.meta(run1.id, "candidate") if "candidate" in h.artifacts.list(run1.id) else {}
         c.expect(meta.get("retention_days") == 1, "day 1: the candidate artifact is kept 1 day", detail=str(meta)[:300])
         c.expect(not any(f.endswith((".safetensors", ".bin", ".pt")) for f in meta.get("files", [])) and "models/registry.yaml" in meta.get("files", []), "day 1: the artifact carries the registry and metrics, no weights", detail=str(meta.get("files")))

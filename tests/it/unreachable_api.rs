@@ -28,7 +28,9 @@ fn an_unresolvable_feedback_api_fails_at_once_with_one_error_annotation() {
         !err.contains("retry"),
         "a DNS failure must not be retried:\n{err}"
     );
-    let out = stdout(&o);
+    // Workflow commands go to stderr, so `--format json` output on stdout stays JSON.
+    assert!(!stdout(&o).contains("::error"), "{}", stdout(&o));
+    let out = stderr(&o);
     let annotations: Vec<&str> = out.lines().filter(|l| l.starts_with("::error")).collect();
     assert_eq!(annotations.len(), 1, "{out}");
     assert!(annotations[0].contains("does not resolve"), "{out}");
