@@ -4,6 +4,7 @@
 mod bert;
 mod bucket;
 mod check_props;
+mod child_usage;
 mod common;
 mod config;
 mod crash;
@@ -20,6 +21,7 @@ mod policy_model;
 mod policycli;
 mod policytrain;
 mod pull;
+mod pull_hostile;
 mod registry;
 mod report;
 mod rewardloss;
