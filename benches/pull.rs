@@ -1,8 +1,9 @@
 //! Pull benchmark: 1,000,000 feedback records from a loopback API into a fresh store, then
 //! `check` over that store. Runs the release binary as a child process so its peak RSS is the
 //! pull's alone (read with wait4). Run: `cargo bench --bench pull` (RECORDS=N to change the size).
-#![allow(unsafe_code)]
 
+#[path = "../tests/it/child_usage.rs"]
+mod child_usage;
 #[path = "../tests/it/feedback_server.rs"]
 mod feedback_server;
 
@@ -38,21 +39,12 @@ fn make(i: usize) -> String {
 /// Runs a command and returns (wall seconds, peak RSS in MiB, CPU seconds, success).
 fn measure(cmd: &mut Command) -> (f64, f64, f64, bool) {
     let started = Instant::now();
-    let child = cmd.spawn().expect("spawning rlhf-bot");
-    let pid = child.id() as libc::pid_t;
-    let mut status = 0;
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: `pid` is our own child, not yet reaped; status and usage point to live locals.
-    let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    assert_eq!(rc, pid, "wait4 failed");
-    std::mem::forget(child); // already reaped by wait4
-    let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
-    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    let usage = child_usage::wait_with_usage(cmd.spawn().expect("spawning rlhf-bot"));
     (
         started.elapsed().as_secs_f64(),
-        usage.ru_maxrss as f64 / 1024.0,
-        seconds(usage.ru_utime) + seconds(usage.ru_stime),
-        ok,
+        usage.peak_rss_bytes as f64 / (1024.0 * 1024.0),
+        usage.cpu_seconds,
+        usage.success(),
     )
 }
 

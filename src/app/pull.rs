@@ -24,6 +24,7 @@ pub async fn pull(settings: &Settings) -> Result<PullSummary> {
             token_env,
             timeout_secs,
             max_attempts,
+            max_page_bytes,
         } => {
             let token = SecretString::from_env(token_env, "feedback API")?;
             ActionsEnv::from_env().mask(token.expose());
@@ -36,6 +37,7 @@ pub async fn pull(settings: &Settings) -> Result<PullSummary> {
                 backoff_base: Duration::from_millis(backoff_base_ms()),
                 backoff_max: Duration::from_secs(30),
                 max_retry_after: Duration::from_secs(300),
+                max_page_bytes: *max_page_bytes,
             })
         }
     };

@@ -219,6 +219,8 @@ pub struct RawFeedback {
     pub path: Option<String>,
     pub timeout_secs: Option<PositiveInt>,
     pub max_attempts: Option<PositiveInt>,
+    /// The most bytes one page's response body may have (http source).
+    pub max_page_bytes: Option<PositiveInt>,
     /// Aspects that train per-aspect heads and count as usable signals (empty: all).
     #[serde(default)]
     pub aspects: Vec<String>,

@@ -20,6 +20,9 @@ pub const DEFAULT_ARTIFACTS_DIR: &str = ".rlhf/artifacts";
 /// Under `store.dir`: where models read from a bucket are downloaded and verified.
 pub const ARTIFACT_CACHE_DIR: &str = "artifact-cache";
 pub const DEFAULT_GITHUB_TOKEN_ENV: &str = "GITHUB_TOKEN";
+/// `feedback.max_page_bytes`: a page of 1000 records with long conversations is a few MB; a body
+/// far beyond that is a broken or hostile server, and must not be read into memory whole.
+pub const DEFAULT_MAX_PAGE_BYTES: u64 = 32 * 1024 * 1024;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Settings {
@@ -46,6 +49,8 @@ pub enum SourceSettings {
         token_env: String,
         timeout_secs: u64,
         max_attempts: u32,
+        /// The most bytes one page's response body may have.
+        max_page_bytes: u64,
     },
     File {
         path: PathBuf,
@@ -204,6 +209,7 @@ pub fn validate(raw: RawConfig, text: &str) -> Result<Settings, Invalid> {
                 token_env,
                 timeout_secs: f.timeout_secs.map_or(30, |t| t.0),
                 max_attempts: f.max_attempts.map_or(6, |a| a.0.min(100) as u32),
+                max_page_bytes: f.max_page_bytes.map_or(DEFAULT_MAX_PAGE_BYTES, |b| b.0),
             }
         }
         SourceKind::File => {

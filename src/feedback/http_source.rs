@@ -5,6 +5,12 @@
 //! exponential backoff and full jitter; a 429 waits for its `Retry-After`. Attempts are bounded,
 //! then the last failure is reported. Any other 4xx fails at once with its status and body,
 //! because repeating a request the server refuses cannot succeed.
+//!
+//! A body is read as a stream under a hard byte limit (`feedback.max_page_bytes`): a page whose
+//! `Content-Length` announces more is refused before reading, and a chunked body is cut off as
+//! soon as it passes the limit, so a hostile or broken server cannot make the pull hold more than
+//! one limit's worth of bytes. Too large a page is fatal, not retried: asking again would bring
+//! the same page.
 
 use std::time::Duration;
 
@@ -30,7 +36,12 @@ pub struct HttpSourceOptions {
     pub backoff_max: Duration,
     /// The longest `Retry-After` we honour; a server asking for more is treated as failing.
     pub max_retry_after: Duration,
+    /// The most bytes one page's body may have (`feedback.max_page_bytes`).
+    pub max_page_bytes: u64,
 }
+
+/// How much of a refusal's body is read and shown: enough for an API's error message.
+const ERROR_BODY_BYTES: u64 = 2048;
 
 /// One page as the API returned it, validated record by record.
 #[derive(Debug)]
@@ -52,12 +63,34 @@ pub enum FetchError {
         "the feedback API failed {attempts} times in a row; last failure: {last}\nhint: check that the API is up, or raise feedback.max_attempts"
     )]
     Exhausted { attempts: u32, last: String },
+    #[error("{}", too_large(*limit, *seen, *announced, url))]
+    TooLarge {
+        url: String,
+        limit: u64,
+        /// Bytes announced by `Content-Length` (`announced`) or received before reading stopped.
+        seen: u64,
+        announced: bool,
+    },
     #[error("could not build the request: {0}")]
     Request(String),
     #[error(
         "the feedback API host `{host}` does not resolve: {detail}\nhint: check `feedback.url`; a team with no feedback API yet can use `feedback.source: file` (see docs/github-setup.md)"
     )]
     UnknownHost { host: String, detail: String },
+}
+
+fn too_large(limit: u64, seen: u64, announced: bool, url: &str) -> String {
+    let what = if announced {
+        format!("announced a page of {seen} bytes (Content-Length); nothing of it was read")
+    } else {
+        format!("sent more than that for one page; reading stopped after {seen} bytes")
+    };
+    format!(
+        "the feedback API at {url} exceeded feedback.max_page_bytes ({limit} bytes): it {what}\n\
+         hint: a page of feedback.page_size records is normally far smaller, so the server (or a \
+         proxy in front of it) may be misbehaving; if the records really are this large, lower \
+         feedback.page_size or raise feedback.max_page_bytes"
+    )
 }
 
 impl FetchError {
@@ -206,7 +239,22 @@ impl FeedbackClient {
                 },
             };
         }
-        let body = match response.bytes().await {
+        let limit = if status.is_success() {
+            self.options.max_page_bytes
+        } else {
+            ERROR_BODY_BYTES
+        };
+        if status.is_success()
+            && let Some(announced) = response.content_length().filter(|&n| n > limit)
+        {
+            return Attempt::Fatal(FetchError::TooLarge {
+                url: redact(url),
+                limit,
+                seen: announced,
+                announced: true,
+            });
+        }
+        let body = match read_capped(response, limit).await {
             Ok(b) => b,
             Err(e) => {
                 return Attempt::Retry {
@@ -222,14 +270,22 @@ impl FeedbackClient {
             };
         }
         if !status.is_success() {
-            let text = String::from_utf8_lossy(&body[..body.len().min(2048)]).into_owned();
+            let text = String::from_utf8_lossy(&body.bytes).into_owned();
             return Attempt::Fatal(FetchError::Refused {
                 status,
                 url: redact(url),
                 body: text,
             });
         }
-        match parse_page(&body) {
+        if let Some(seen) = body.cut_at {
+            return Attempt::Fatal(FetchError::TooLarge {
+                url: redact(url),
+                limit,
+                seen,
+                announced: false,
+            });
+        }
+        match parse_page(&body.bytes) {
             Ok(page) => Attempt::Done(page),
             // A body that is not the page shape is most often a response cut short by a proxy or a
             // dying server: worth a retry, and reported if it persists.
@@ -239,6 +295,38 @@ impl FeedbackClient {
             },
         }
     }
+}
+
+/// A body read under a byte limit.
+struct Capped {
+    /// At most the limit's worth of the body's first bytes.
+    bytes: Vec<u8>,
+    /// `Some(bytes received)` when the body passed the limit and reading stopped there.
+    cut_at: Option<u64>,
+}
+
+/// Reads the body chunk by chunk and stops as soon as it passes `limit`, so memory stays bounded
+/// by the limit whatever the server sends (a chunked body has no length to check up front).
+async fn read_capped(mut response: reqwest::Response, limit: u64) -> reqwest::Result<Capped> {
+    let expected = response.content_length().unwrap_or(0).min(limit);
+    let mut bytes = Vec::with_capacity(usize::try_from(expected).unwrap_or(0));
+    let mut seen: u64 = 0;
+    while let Some(chunk) = response.chunk().await? {
+        seen += chunk.len() as u64;
+        let room = usize::try_from(limit.saturating_sub(bytes.len() as u64)).unwrap_or(usize::MAX);
+        bytes.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if seen > limit {
+            // Dropping the response here closes the connection: the rest is never read.
+            return Ok(Capped {
+                bytes,
+                cut_at: Some(seen),
+            });
+        }
+    }
+    Ok(Capped {
+        bytes,
+        cut_at: None,
+    })
 }
 
 /// Parses a page body; each record is validated on its own so one bad record is quarantined

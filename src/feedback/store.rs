@@ -16,13 +16,17 @@
 //! raw text's sha256 so re-reading the same bad line does not pile up) and `meta` (watermark,
 //! resume cursor, and the loop's own state: the last training and the pull requests the bot opened
 //! with their fate, see `crate::proposals`).
+//!
+//! A damaged database file (SQLite reports it corrupt or not a database, or a text column holds
+//! bytes that are not UTF-8) is reported as such, naming the file, with the way out: the store is
+//! a local copy of the feedback API, so deleting it and pulling again rebuilds it.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use chrono::{DateTime, Utc};
-use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use rusqlite::{Connection, ErrorCode, OptionalExtension, Transaction, params};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -158,9 +162,10 @@ impl Store {
              CREATE INDEX IF NOT EXISTS records_by_version
                  ON records(model_version, created_us, thumb, rating);",
         )
-        .with_context(|| format!("initialising the feedback store {}", path.display()))?;
+        .with_context(|| format!("initialising the feedback store {}", path.display()))
+        .map_err(|e| if_damaged(&path, e))?;
         let store = Self { conn, path };
-        match store.meta("schema_version")? {
+        match store.reading(|| store.meta("schema_version"))? {
             None => store.set_meta_now("schema_version", SCHEMA_VERSION)?,
             Some(v) if v == SCHEMA_VERSION => {}
             Some(v) => bail!(
@@ -253,6 +258,10 @@ impl Store {
     }
 
     pub fn stats(&self) -> Result<StoreStats> {
+        self.reading(|| self.read_stats())
+    }
+
+    fn read_stats(&self) -> Result<StoreStats> {
         let mut stats = StoreStats::default();
         let mut stmt = self.conn.prepare(
             "SELECT model_version, kind, count(*) FROM records GROUP BY model_version, kind",
@@ -360,22 +369,15 @@ impl Store {
         &self,
         mut visit: impl FnMut(FeedbackRecord) -> Result<()>,
     ) -> Result<()> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT id, body FROM records ORDER BY id")?;
-        let mut rows = stmt.query([])?;
-        while let Some(row) = rows.next()? {
-            let id: String = row.get(0)?;
-            let body: String = row.get(1)?;
-            let wire: WireRecord = serde_json::from_str(&body)
+        self.for_each_body(|id, body| {
+            let wire: WireRecord = serde_json::from_str(body)
                 .with_context(|| format!("record {id} in the store is not valid JSON"))?;
             match wire.validate() {
-                Ok(Change::Upsert(record)) => visit(*record)?,
+                Ok(Change::Upsert(record)) => visit(*record),
                 Ok(Change::Delete { .. }) => bail!("record {id} in the store is a tombstone"),
                 Err(e) => bail!("record {id} in the store no longer validates: {e}"),
             }
-        }
-        Ok(())
+        })
     }
 
     /// Every live record, sorted by `id` (for small stores: tests, datasets of the sample).
@@ -390,15 +392,39 @@ impl Store {
 
     /// Streams the stored canonical JSON of every live record, sorted by `id`.
     pub fn for_each_json(&self, mut visit: impl FnMut(&str) -> Result<()>) -> Result<()> {
-        let mut stmt = self.conn.prepare("SELECT body FROM records ORDER BY id")?;
-        let mut rows = stmt.query([])?;
-        while let Some(row) = rows.next()? {
-            visit(row.get_ref(0)?.as_str()?)?;
-        }
-        Ok(())
+        self.for_each_body(|_, body| visit(body))
+    }
+
+    /// Streams `(id, JSON body)` of every live record, sorted by `id`; a body that is not text
+    /// names its record and is reported as damage.
+    fn for_each_body(&self, mut visit: impl FnMut(&str, &str) -> Result<()>) -> Result<()> {
+        self.reading(|| {
+            let mut stmt = self
+                .conn
+                .prepare("SELECT id, body FROM records ORDER BY id")?;
+            let mut rows = stmt.query([])?;
+            while let Some(row) = rows.next()? {
+                let id = String::from_utf8_lossy(row.get_ref(0)?.as_bytes()?).into_owned();
+                let body = row
+                    .get_ref(1)?
+                    .as_str()
+                    .with_context(|| format!("the JSON of record {id}"))?;
+                visit(&id, body)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Runs a read of the database, reporting a damaged file as such (see [`if_damaged`]).
+    fn reading<T>(&self, read: impl FnOnce() -> Result<T>) -> Result<T> {
+        read().map_err(|e| if_damaged(&self.path, e))
     }
 
     pub fn quarantined(&self) -> Result<Vec<Quarantined>> {
+        self.reading(|| self.read_quarantined())
+    }
+
+    fn read_quarantined(&self) -> Result<Vec<Quarantined>> {
         let mut stmt = self.conn.prepare(
             "SELECT reason, raw, received_at FROM quarantine ORDER BY received_at, raw_sha256",
         )?;
@@ -411,6 +437,29 @@ impl Store {
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
+}
+
+/// Replaces an error showing that the database file itself is damaged (SQLite finds it corrupt
+/// or not a database; a text column holds bytes that are not UTF-8) with one that names the file
+/// and says what to do. Other errors pass through unchanged.
+fn if_damaged(path: &Path, e: anyhow::Error) -> anyhow::Error {
+    let damaged = e.chain().any(|cause| {
+        cause.is::<std::str::Utf8Error>()
+            || matches!(
+                cause.downcast_ref::<rusqlite::Error>(),
+                Some(rusqlite::Error::SqliteFailure(f, _))
+                    if matches!(f.code, ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase)
+            )
+    });
+    if !damaged {
+        return e;
+    }
+    anyhow!(
+        "the feedback store {} looks corrupted: {e:#}\n\
+         hint: the store is only a local copy of the feedback API: delete it (with the -wal and \
+         -shm files beside it) and run `rlhf-bot pull` to fetch everything again",
+        path.display()
+    )
 }
 
 fn set_meta(conn: &Connection, key: &str, value: Option<&str>) -> Result<()> {

@@ -1,7 +1,7 @@
 //! A real HTTP feedback API for tests and benchmarks: axum on loopback, serving the contract in
 //! docs/feedback-api.yaml (bearer token, `updated_since` inclusive, opaque cursor, `limit`),
-//! with scripted faults (status codes, 429 + Retry-After, slow or truncated responses) applied to
-//! successive requests. Shared with benches/pull.rs through `#[path]`.
+//! with scripted faults (status codes, 429 + Retry-After, slow, truncated or huge responses,
+//! broken pagination) applied to successive requests. Shared with benches/pull.rs through `#[path]`.
 #![allow(dead_code)]
 
 use std::collections::VecDeque;
@@ -32,6 +32,16 @@ pub enum Fault {
     Slow(Duration),
     /// Answers 200 with the page cut in the middle.
     Truncated,
+    /// Answers the page asked for, but with this `next_cursor` (a server repeating a cursor).
+    NextCursor(String),
+    /// Answers an empty page that still hands out this `next_cursor` (a feed that never ends).
+    EmptyPage(String),
+    /// Answers 200 with a body of `bytes` bytes, produced as it is sent (never held whole):
+    /// chunked, or announced up front by `Content-Length`.
+    HugeBody {
+        bytes: u64,
+        chunked: bool,
+    },
 }
 
 /// Where the records come from: a list (tests) or a generator (the million-record benchmark).
@@ -156,6 +166,13 @@ async fn page(
                 .into_response();
         }
         Some(Fault::Slow(d)) => tokio::time::sleep(*d).await,
+        Some(Fault::EmptyPage(next)) => {
+            return json_ok(format!(
+                r#"{{"data":[],"next_cursor":{}}}"#,
+                Value::from(next.as_str())
+            ));
+        }
+        Some(Fault::HugeBody { bytes, chunked }) => return huge_body(*bytes, *chunked),
         _ => {}
     }
     let body = {
@@ -210,7 +227,9 @@ async fn page(
             Records::List(l) => l.len(),
             Records::Generated { count, .. } => *count,
         };
-        let next = if end < total && start < end {
+        let next = if let Some(Fault::NextCursor(c)) = &fault {
+            Value::from(c.as_str()).to_string()
+        } else if end < total && start < end {
             format!("\"{}\"", encode_cursor(end))
         } else {
             "null".into()
@@ -223,19 +242,44 @@ async fn page(
     };
     if matches!(fault, Some(Fault::Truncated)) {
         let cut = body.len() / 2;
-        return (
-            StatusCode::OK,
-            [(header::CONTENT_TYPE, "application/json")],
-            body[..cut].to_string(),
-        )
-            .into_response();
+        return json_ok(body[..cut].to_string());
     }
+    json_ok(body)
+}
+
+fn json_ok(body: String) -> Response {
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "application/json")],
         body,
     )
         .into_response()
+}
+
+/// A 200 whose body (JSON whitespace, never a page) is made 64 KiB at a time while it is sent, so
+/// the server never holds it; sending stops when the client hangs up.
+fn huge_body(bytes: u64, chunked: bool) -> Response {
+    const CHUNK: usize = 64 * 1024;
+    let filler = axum::body::Bytes::from(vec![b' '; CHUNK]);
+    let chunks = futures::stream::unfold(0u64, move |sent| {
+        let filler = filler.clone();
+        async move {
+            let n = (bytes - sent).min(CHUNK as u64) as usize;
+            (n > 0).then(|| {
+                (
+                    Ok::<_, std::convert::Infallible>(filler.slice(..n)),
+                    sent + n as u64,
+                )
+            })
+        }
+    });
+    let mut response = Response::new(axum::body::Body::from_stream(chunks));
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
+    if !chunked {
+        headers.insert(header::CONTENT_LENGTH, bytes.into());
+    }
+    response
 }
 
 fn encode_cursor(offset: usize) -> String {

@@ -4,6 +4,7 @@
 mod bert;
 mod bucket;
 mod check_props;
+mod child_usage;
 mod common;
 mod config;
 mod crash;
@@ -22,6 +23,7 @@ mod policycli;
 mod policytrain;
 mod promotion;
 mod pull;
+mod pull_hostile;
 mod registry;
 mod report;
 mod rewardloss;

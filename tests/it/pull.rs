@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use crate::common::{Workspace, run, stderr, stdout};
 use crate::feedback_server::{self as server, Fault, FeedbackServer, Records, TOKEN};
 
-fn options(url: &str) -> HttpSourceOptions {
+pub fn options(url: &str) -> HttpSourceOptions {
     HttpSourceOptions {
         base_url: url.parse().unwrap(),
         token: Some(SecretString::new(TOKEN)),
@@ -23,10 +23,11 @@ fn options(url: &str) -> HttpSourceOptions {
         backoff_base: Duration::from_millis(5),
         backoff_max: Duration::from_millis(50),
         max_retry_after: Duration::from_secs(5),
+        max_page_bytes: rlhf_bot::config::settings::DEFAULT_MAX_PAGE_BYTES,
     }
 }
 
-async fn pull_into(ws: &Workspace, srv: &FeedbackServer) -> anyhow::Result<PullSummary> {
+pub async fn pull_into(ws: &Workspace, srv: &FeedbackServer) -> anyhow::Result<PullSummary> {
     pull(
         Store::open(&ws.store_dir())?,
         &SourceSpec::Http(options(&srv.url())),
@@ -50,7 +51,7 @@ fn expected(records: &[Value]) -> BTreeMap<String, Value> {
     newest
 }
 
-fn assert_store_matches(ws: &Workspace, records: &[Value]) {
+pub fn assert_store_matches(ws: &Workspace, records: &[Value]) {
     let want = expected(records);
     let got: BTreeMap<String, Value> = ws
         .dump()
