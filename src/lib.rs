@@ -15,6 +15,7 @@ pub mod model;
 pub mod registry;
 pub mod report;
 pub mod run_outputs;
+pub mod sanitize;
 pub mod secret;
 pub mod stats;
 pub mod train;

@@ -21,7 +21,9 @@ fn main() -> std::process::ExitCode {
     match runtime.block_on(app::run(cli)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            // The chain can quote what a server or a file said: print it neutralised.
+            let message = format!("{err:#}");
+            eprintln!("error: {}", rlhf_bot::sanitize::terminal_block(&message));
             std::process::ExitCode::from(app::exit_code(&err))
         }
     }

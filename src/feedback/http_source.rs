@@ -210,11 +210,13 @@ impl FeedbackClient {
             };
         }
         if !status.is_success() {
-            let text = String::from_utf8_lossy(&body[..body.len().min(2048)]).into_owned();
+            // Shown in part, sanitised, with the token and any echoed credential redacted.
+            let text = String::from_utf8_lossy(&body[..body.len().min(64 * 1024)]);
+            let token = self.options.token.as_ref().map_or("", |t| t.expose());
             return Attempt::Fatal(FetchError::Refused {
                 status,
                 url: redact(url),
-                body: text,
+                body: crate::sanitize::error_body_excerpt(&text, &[token]),
             });
         }
         match parse_page(&body) {

@@ -78,21 +78,33 @@ impl ActionsEnv {
     }
 
     /// Asks the runner to mask a secret in all later log lines. Printed only inside Actions: on a
-    /// terminal the command would print the secret itself.
+    /// terminal the command would print the secret itself. The runner masks one line per
+    /// command and unescapes `%XX` in the data, so each line of the secret is masked on its own
+    /// and escaped. That untrusted data cannot switch masking off (`::stop-commands::`) is
+    /// [`crate::sanitize`]'s part: no data reaches the start of an output line.
     pub fn mask(&self, secret: &str) {
-        if self.in_actions && !secret.is_empty() {
-            println!("::add-mask::{secret}");
+        if !self.in_actions {
+            return;
+        }
+        for line in mask_lines(secret) {
+            println!("::add-mask::{}", escape_data(line));
         }
     }
 
     /// A warning annotation on the run page (a plain log line elsewhere).
     pub fn warning(&self, message: &str) {
+        let message = crate::sanitize::terminal_block(message);
         if self.in_actions {
-            println!("::warning::{}", escape_data(message));
+            println!("::warning::{}", escape_data(&message));
         } else {
             tracing::warn!("{message}");
         }
     }
+}
+
+/// The non-blank lines of a secret, each of which the runner must mask.
+fn mask_lines(secret: &str) -> impl Iterator<Item = &str> {
+    secret.split(['\r', '\n']).filter(|l| !l.trim().is_empty())
 }
 
 /// Workflow-command data must escape `%`, CR and LF or the runner cuts the message.
@@ -105,4 +117,16 @@ fn escape_data(text: &str) -> String {
 fn append(path: &PathBuf, text: &str) -> std::io::Result<()> {
     let mut file = OpenOptions::new().create(true).append(true).open(path)?;
     file.write_all(text.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_line_of_a_secret_is_masked() {
+        let lines: Vec<&str> = mask_lines("line-one\r\n\nline%two\n").collect();
+        assert_eq!(lines, ["line-one", "line%two"]);
+        assert_eq!(escape_data("line%two"), "line%25two");
+    }
 }

@@ -13,6 +13,7 @@ mod dpospeed;
 mod feedback_server;
 mod forge_behaviour;
 mod forge_contract;
+mod hostile;
 mod llama;
 mod losses;
 mod matvec;
