@@ -112,7 +112,9 @@ fn scrub(text: &str, breaks: Breaks, keep_sgr: bool) -> Cow<'_, str> {
         match c {
             '\u{1B}' => skip_escape(&mut chars, keep_sgr, &mut out),
             // 8-bit forms: CSI, and the string controls (DCS, SOS, OSC, PM, APC) up to their end.
-            '\u{9B}' => skip_csi(&mut chars, None),
+            '\u{9B}' => {
+                skip_csi(&mut chars, None);
+            }
             '\u{90}' | '\u{98}' | '\u{9D}' | '\u{9E}' | '\u{9F}' => skip_string(&mut chars),
             '\r' => {
                 if chars.peek() == Some(&'\n') {
@@ -121,6 +123,7 @@ fn scrub(text: &str, breaks: Breaks, keep_sgr: bool) -> Cow<'_, str> {
                 out.push(if breaks == Breaks::Kept { '\n' } else { ' ' });
             }
             '\n' => out.push(if breaks == Breaks::Kept { '\n' } else { ' ' }),
+            '\t' => out.push('\t'),
             c if is_unicode_break(c) => out.push(' '),
             c if c.is_control() || is_bidi_control(c) || is_invisible(c) => {}
             c => out.push(c),
@@ -268,11 +271,15 @@ fn is_token_char(c: char) -> bool {
 /// Does this word look like a credential rather than an English word? Tokens are long and mix in
 /// digits or punctuation; "bearer authentication" must stay readable.
 fn looks_like_credential(word: &str) -> bool {
+    // Mixed case counts past the first letter, so a capitalised word is still a word.
+    let mixed_case = word.chars().skip(1).any(|c| c.is_ascii_uppercase())
+        && word.chars().any(|c| c.is_ascii_lowercase());
     word.len() >= 8
         && word.chars().all(is_token_char)
-        && word
-            .chars()
-            .any(|c| c.is_ascii_digit() || "-._~+/=%".contains(c))
+        && (mixed_case
+            || word
+                .chars()
+                .any(|c| c.is_ascii_digit() || "-._~+/=%".contains(c)))
 }
 
 /// HTTP authentication schemes: after `Authorization:` the word that follows one is the secret.
@@ -359,7 +366,7 @@ pub fn json_text(json: &str) -> Cow<'_, str> {
             || is_invisible(c)
             || is_unicode_break(c)
     };
-    if !json.chars().any(needs) {
+    if !json.chars().any(needs) && !json.contains("##[") {
         return Cow::Borrowed(json);
     }
     let mut out = String::with_capacity(json.len() + 16);
@@ -373,7 +380,9 @@ pub fn json_text(json: &str) -> Cow<'_, str> {
             out.push(c);
         }
     }
-    Cow::Owned(out)
+    // The runner's legacy `##[command]` form is read anywhere in a line; `[` as `\u005b` means
+    // the same inside a JSON string, the only place `#` can occur.
+    Cow::Owned(out.replace("##[", "##\\u005b"))
 }
 
 #[cfg(test)]
@@ -517,11 +526,14 @@ mod tests {
 
     #[test]
     fn json_escapes_what_a_terminal_would_act_on() {
-        let doc = serde_json::to_string(&serde_json::json!({"v": "a\u{202E}b\u{9B}c\u{E0041}\n"}))
-            .unwrap();
+        let value = "a\u{202E}b\u{9B}c\u{E0041}\n##[error]x";
+        let doc = serde_json::to_string(&serde_json::json!({ "v": value })).unwrap();
         let safe = json_text(&doc);
-        assert_eq!(safe, r#"{"v":"a\u202eb\u009bc\udb40\udc41\n"}"#);
+        assert_eq!(
+            safe,
+            r#"{"v":"a\u202eb\u009bc\udb40\udc41\n##\u005berror]x"}"#
+        );
         let back: serde_json::Value = serde_json::from_str(&safe).unwrap();
-        assert_eq!(back["v"], "a\u{202E}b\u{9B}c\u{E0041}\n");
+        assert_eq!(back["v"], value);
     }
 }

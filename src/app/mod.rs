@@ -12,7 +12,6 @@ mod store_cmd;
 pub mod train_policy;
 pub mod train_reward;
 
-use std::io::Write;
 use std::path::Path;
 
 use anyhow::{Context, Result};
@@ -55,12 +54,12 @@ impl std::io::Write for SanitizedStderr {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let text = String::from_utf8_lossy(buf);
         let clean = crate::sanitize::log_block(&text, self.colours);
-        std::io::stderr().lock().write_all(clean.as_bytes())?;
+        std::io::Write::write_all(&mut std::io::stderr().lock(), clean.as_bytes())?;
         Ok(buf.len())
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        std::io::stderr().flush()
+        std::io::Write::flush(&mut std::io::stderr())
     }
 }
 
