@@ -16,6 +16,7 @@ pub mod proposals;
 pub mod registry;
 pub mod report;
 pub mod run_outputs;
+pub mod sanitize;
 pub mod secret;
 pub mod stats;
 pub mod train;

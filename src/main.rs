@@ -29,8 +29,10 @@ fn main() -> std::process::ExitCode {
     match runtime.block_on(app::run(cli)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
-            rlhf_bot::forge::actions::ActionsEnv::from_env().error_annotation(&format!("{err:#}"));
+            // The chain can quote what a server or a file said: print it neutralised.
+            let message = format!("{err:#}");
+            eprintln!("error: {}", rlhf_bot::sanitize::terminal_block(&message));
+            rlhf_bot::forge::actions::ActionsEnv::from_env().error_annotation(&message);
             std::process::ExitCode::from(app::exit_code(&err))
         }
     }

@@ -180,6 +180,11 @@ pub enum RegistryError {
         path: String,
         message: String,
     },
+    #[error("cannot parse model registry {}:{}: {deep}", file.display(), deep.line)]
+    TooDeep {
+        file: PathBuf,
+        deep: crate::config::nesting::TooDeep,
+    },
     #[error("cannot serialise the model registry: {0}")]
     Serialize(String),
     #[error("invalid model registry {}: {problem}", file.display())]
@@ -263,6 +268,11 @@ impl Registry {
 
     /// Parses and validates YAML text; `file` is used only in error messages.
     pub fn from_yaml(file: &Path, text: &str) -> Result<Self, RegistryError> {
+        use crate::config::nesting;
+        nesting::check(text, nesting::MAX_DEPTH).map_err(|deep| RegistryError::TooDeep {
+            file: file.to_path_buf(),
+            deep,
+        })?;
         let de = serde_norway::Deserializer::from_str(text);
         let registry: Registry =
             serde_path_to_error::deserialize(de).map_err(|e| RegistryError::Parse {

@@ -13,6 +13,7 @@ use crate::feedback::store::{LastTraining, VersionCounts};
 use crate::forge::actions::ActionsEnv;
 use crate::kpi::{VersionKpis, all_kpis};
 use crate::registry::{ModelKind, Registry};
+use crate::report::neutralize::{code, inline};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct CheckOutcome {
@@ -175,6 +176,8 @@ pub fn publish_to_actions(outcome: &CheckOutcome) -> Result<()> {
     env.append_summary(&summary_markdown(outcome))
 }
 
+/// The decision as Markdown. Model versions come from feedback records (and the quality trigger's
+/// detail names one), so they are escaped like the report escapes them.
 pub fn summary_markdown(outcome: &CheckOutcome) -> String {
     let mut md = format!(
         "### rlhf-bot check: {}\n\n| trigger | fired | numbers |\n|---|---|---|\n",
@@ -189,7 +192,7 @@ pub fn summary_markdown(outcome: &CheckOutcome) -> String {
             "| {} | {} | {} |\n",
             t.name,
             if t.fired { "yes" } else { "no" },
-            t.detail.replace('|', "\\|")
+            inline(&t.detail, 500)
         ));
     }
     md.push_str("\n| model version | feedback | positive rate (95% CI) | mean rating (95% CI) |\n|---|---|---|---|\n");
@@ -211,7 +214,7 @@ pub fn summary_markdown(outcome: &CheckOutcome) -> String {
         });
         md.push_str(&format!(
             "| {} | {} | {} | {} |\n",
-            k.model_version.replace('|', "\\|"),
+            code(&k.model_version),
             k.count,
             rate,
             rating

@@ -25,7 +25,9 @@ use crate::config::{self, ConfigError, Settings};
 pub use check::{CheckOutcome, check};
 pub use pull::pull;
 
-/// Logs go to stderr; `RUST_LOG` overrides the level the flags choose.
+/// Logs go to stderr; `RUST_LOG` overrides the level the flags choose. Every log line passes
+/// through [`crate::sanitize::log_block`], so a value logged from a feedback record or an API
+/// answer cannot move the cursor, hide text or start a workflow command on the runner.
 pub fn init_logging(verbose: u8, quiet: bool) {
     let level = match (quiet, verbose) {
         (true, _) => "error",
@@ -35,12 +37,32 @@ pub fn init_logging(verbose: u8, quiet: bool) {
     };
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(format!("rlhf_bot={level},warn")));
+    let colours = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(move || SanitizedStderr { colours })
+        .with_ansi(colours)
         .with_target(false)
         .try_init();
+}
+
+/// stderr for the logger. The formatter hands over one whole event per `write` call (it formats
+/// into a buffer first), so each call can be sanitised as a unit.
+struct SanitizedStderr {
+    colours: bool,
+}
+
+impl std::io::Write for SanitizedStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let text = String::from_utf8_lossy(buf);
+        let clean = crate::sanitize::log_block(&text, self.colours);
+        std::io::Write::write_all(&mut std::io::stderr().lock(), clean.as_bytes())?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::Write::flush(&mut std::io::stderr())
+    }
 }
 
 /// 2 for problems the user fixes in the invocation or config; 1 for everything else.
@@ -52,8 +74,33 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
     }
 }
 
+/// Loads the config and, inside Actions, masks the secrets it names before any command prints
+/// anything, so no later line (ours or data's) can show them.
 pub fn load_settings(path: &Path) -> Result<Settings> {
-    Ok(config::load(path)?)
+    let settings = config::load(path)?;
+    mask_secrets(&settings);
+    Ok(settings)
+}
+
+/// `::add-mask::` for the value of every token variable the config names and the environment
+/// sets. The stages mask again where they read a token; masking twice is harmless.
+fn mask_secrets(settings: &Settings) {
+    let env = crate::forge::actions::ActionsEnv::from_env();
+    if !env.in_actions {
+        return;
+    }
+    let mut vars = Vec::new();
+    if let config::settings::SourceSettings::Http { token_env, .. } = &settings.feedback.source {
+        vars.push(token_env.as_str());
+    }
+    if let Some(github) = &settings.publish.github {
+        vars.push(github.token_env.as_str());
+    }
+    for var in vars {
+        if let Ok(value) = std::env::var(var) {
+            env.mask(value.trim());
+        }
+    }
 }
 
 async fn train_reward_cmd(
@@ -260,18 +307,15 @@ pub async fn run(cli: Cli) -> Result<()> {
             } else {
                 None
             };
-            match format {
-                Format::Json => output::json(
-                    &serde_json::json!({"pull": summary, "check": outcome, "run": stages}),
-                ),
-                Format::Text => {
-                    match &stages {
-                        Some(s) => println!("{s}"),
-                        None => println!("no retraining needed; nothing trained"),
-                    }
-                    Ok(())
-                }
-            }
+            let text = match &stages {
+                Some(s) => s.to_string(),
+                None => "no retraining needed; nothing trained".to_owned(),
+            };
+            output::json_or_text(
+                format,
+                &serde_json::json!({"pull": summary, "check": outcome, "run": stages}),
+                &text,
+            )
         }
         Command::Train(crate::cli::TrainCommand::Reward(args)) => {
             let settings = load_settings(&cli.config)?;

@@ -1,4 +1,6 @@
 //! What commands print on stdout: compact text for people, one JSON document for machines.
+//! Both can carry untrusted text (model versions, ids, paths from feedback), so text goes out
+//! through [`sanitize::terminal_block`] and JSON through [`sanitize::json_text`].
 
 use std::path::Path;
 
@@ -9,10 +11,19 @@ use super::check::{CheckOutcome, summary_markdown};
 use crate::cli::Format;
 use crate::config::Settings;
 use crate::feedback::pull::PullSummary;
+use crate::sanitize::{self, terminal_line};
 
 pub fn json<T: Serialize>(value: &T) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
+    println!(
+        "{}",
+        sanitize::json_text(&serde_json::to_string_pretty(value)?)
+    );
     Ok(())
+}
+
+/// Prints text for people, neutralised.
+pub fn text(text: &str) {
+    println!("{}", sanitize::terminal_block(text));
 }
 
 /// Prints `value` as JSON, or `text` for people.
@@ -20,7 +31,7 @@ pub fn json_or_text<T: Serialize>(format: Format, value: &T, text: &str) -> Resu
     match format {
         Format::Json => json(value),
         Format::Text => {
-            println!("{text}");
+            self::text(text);
             Ok(())
         }
     }
@@ -32,9 +43,13 @@ pub fn config_check(path: &Path, settings: &Settings, format: Format) -> Result<
             json(&serde_json::json!({"config": path, "valid": true, "settings": settings}))
         }
         Format::Text => {
-            println!("{}: valid", path.display());
-            // The settings hold variable names, never secret values, so they print as they are.
-            print!("{}", serde_norway::to_string(settings)?);
+            // The settings hold variable names, never secret values, and URLs with credentials
+            // are refused when the config is validated.
+            text(&format!(
+                "{}: valid\n{}",
+                path.display(),
+                serde_norway::to_string(settings)?.trim_end()
+            ));
             Ok(())
         }
     }
@@ -44,10 +59,10 @@ pub fn pull_summary(s: &PullSummary, format: Format) -> Result<()> {
     match format {
         Format::Json => json(s),
         Format::Text => {
-            println!(
+            text(&format!(
                 "pulled from {}: fetched {}, inserted {}, updated {}, deleted {}, unchanged {}, quarantined {} \
                  in {} pages ({} retries, {:.2}s); watermark {}{}",
-                s.source,
+                terminal_line(&s.source),
                 s.fetched,
                 s.inserted,
                 s.updated,
@@ -57,13 +72,13 @@ pub fn pull_summary(s: &PullSummary, format: Format) -> Result<()> {
                 s.pages,
                 s.retries,
                 s.seconds,
-                s.watermark.as_deref().unwrap_or("none"),
+                terminal_line(s.watermark.as_deref().unwrap_or("none")),
                 if s.resumed {
                     " (resumed an interrupted pull)"
                 } else {
                     ""
                 }
-            );
+            ));
             Ok(())
         }
     }
@@ -73,17 +88,17 @@ pub fn check_outcome(outcome: &CheckOutcome, format: Format) -> Result<()> {
     match format {
         Format::Json => json(outcome),
         Format::Text => {
-            println!("{}", summary_markdown(outcome));
-            println!(
+            text(&summary_markdown(outcome));
+            text(&format!(
                 "last training: {} · production policy: {} (from the {})",
                 outcome.last_training_at.as_deref().unwrap_or("none"),
-                outcome.production_version.as_deref().unwrap_or("none"),
+                terminal_line(outcome.production_version.as_deref().unwrap_or("none")),
                 outcome.history_source
-            );
-            println!(
+            ));
+            text(&format!(
                 "decision: retrain={} (reasons: {})",
                 outcome.retrain, outcome.reasons
-            );
+            ));
             Ok(())
         }
     }

@@ -1,13 +1,16 @@
-//! `store stats | dump | quarantine`: read-only views of the local feedback store.
+//! `store stats | dump | quarantine`: read-only views of the local feedback store. Kinds and model
+//! versions come from feedback records, so text goes through [`crate::sanitize`] and JSON lines
+//! through [`crate::sanitize::json_text`].
 
 use std::io::{BufWriter, Write};
 
 use anyhow::{Context, Result};
 
-use super::output::json;
+use super::output::{json, text};
 use crate::cli::{Format, StoreCommand};
 use crate::config::Settings;
 use crate::feedback::Store;
+use crate::sanitize::{json_text, terminal_line};
 
 pub fn run(settings: &Settings, cmd: StoreCommand, format: Format) -> Result<()> {
     let store = Store::open(&settings.store.dir)?;
@@ -17,26 +20,36 @@ pub fn run(settings: &Settings, cmd: StoreCommand, format: Format) -> Result<()>
             match format {
                 Format::Json => json(&stats),
                 Format::Text => {
-                    println!("store {}", store.path().display());
-                    println!("records: {}", stats.records);
-                    for (kind, n) in &stats.by_kind {
-                        println!("  {kind}: {n}");
-                    }
-                    println!("by model version:");
-                    for (version, kinds) in &stats.by_model_version {
-                        let parts: Vec<String> =
-                            kinds.iter().map(|(k, n)| format!("{k} {n}")).collect();
-                        println!("  {version}: {}", parts.join(", "));
-                    }
-                    println!(
-                        "watermark: {}",
-                        stats.watermark.as_deref().unwrap_or("none")
+                    let mut out = format!(
+                        "store {}\nrecords: {}\n",
+                        store.path().display(),
+                        stats.records
                     );
-                    println!("tombstones: {}", stats.tombstones);
-                    println!("quarantined: {}", stats.quarantined);
-                    if stats.pull_in_progress {
-                        println!("an interrupted pull will resume from its saved cursor");
+                    for (kind, n) in &stats.by_kind {
+                        out.push_str(&format!("  {}: {n}\n", terminal_line(kind)));
                     }
+                    out.push_str("by model version:\n");
+                    for (version, kinds) in &stats.by_model_version {
+                        let parts: Vec<String> = kinds
+                            .iter()
+                            .map(|(k, n)| format!("{} {n}", terminal_line(k)))
+                            .collect();
+                        out.push_str(&format!(
+                            "  {}: {}\n",
+                            terminal_line(version),
+                            parts.join(", ")
+                        ));
+                    }
+                    out.push_str(&format!(
+                        "watermark: {}\ntombstones: {}\nquarantined: {}",
+                        terminal_line(stats.watermark.as_deref().unwrap_or("none")),
+                        stats.tombstones,
+                        stats.quarantined
+                    ));
+                    if stats.pull_in_progress {
+                        out.push_str("\nan interrupted pull will resume from its saved cursor");
+                    }
+                    text(&out);
                     Ok(())
                 }
             }
@@ -51,7 +64,7 @@ pub fn run(settings: &Settings, cmd: StoreCommand, format: Format) -> Result<()>
             };
             let mut sink = BufWriter::new(sink);
             store.for_each_json(|line| {
-                sink.write_all(line.as_bytes())?;
+                sink.write_all(json_text(line).as_bytes())?;
                 sink.write_all(b"\n")?;
                 Ok(())
             })?;
@@ -60,7 +73,7 @@ pub fn run(settings: &Settings, cmd: StoreCommand, format: Format) -> Result<()>
         }
         StoreCommand::Quarantine => {
             for q in store.quarantined()? {
-                println!("{}", serde_json::to_string(&q)?);
+                println!("{}", json_text(&serde_json::to_string(&q)?));
             }
             Ok(())
         }

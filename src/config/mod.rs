@@ -5,6 +5,7 @@
 //! Secrets never live in the file: it names the environment variables that hold them.
 
 pub mod locate;
+pub mod nesting;
 pub mod policy;
 pub mod raw;
 pub mod settings;
@@ -69,6 +70,13 @@ pub fn load_str(path: &Path, text: &str) -> Result<Settings, ConfigError> {
 }
 
 fn parse_raw(path: &Path, text: &str) -> Result<raw::RawConfig, ConfigError> {
+    nesting::check(text, nesting::MAX_DEPTH).map_err(|deep| ConfigError {
+        file: path.to_path_buf(),
+        line: Some(deep.line),
+        column: Some(1),
+        key_path: String::new(),
+        message: deep.to_string(),
+    })?;
     let deserializer = serde_norway::Deserializer::from_str(text);
     serde_path_to_error::deserialize(deserializer).map_err(|err| {
         let key_path = err.path().to_string();

@@ -182,28 +182,12 @@ pub fn validate(raw: RawConfig, text: &str) -> Result<Settings, Invalid> {
                     "the http source needs `feedback.url` (the API's base URL, e.g. https://feedback.example.com)",
                 ));
             };
-            let url = url::Url::parse(&text_url).map_err(|e| {
-                Invalid::new("feedback.url", format!("not a URL ({text_url:?}): {e}"))
-            })?;
-            if !matches!(url.scheme(), "http" | "https") {
-                return Err(Invalid::new(
-                    "feedback.url",
-                    format!("expected an http(s) URL, got {text_url:?}"),
-                ));
-            }
-            let token_env = f.token_env.unwrap_or_else(|| DEFAULT_TOKEN_ENV.to_string());
-            if token_env.is_empty()
-                || !token_env
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_')
-            {
-                return Err(Invalid::new(
-                    "feedback.token_env",
-                    format!(
-                        "expected the NAME of an environment variable (letters, digits, _), got {token_env:?}\nhint: never put the token itself in the config"
-                    ),
-                ));
-            }
+            let url = http_url("feedback.url", &text_url, "feedback.token_env")?;
+            let token_env = env_name(
+                "feedback.token_env",
+                f.token_env.unwrap_or_else(|| DEFAULT_TOKEN_ENV.to_string()),
+                DEFAULT_TOKEN_ENV,
+            )?;
             SourceSettings::Http {
                 url,
                 token_env,
@@ -259,6 +243,7 @@ pub fn validate(raw: RawConfig, text: &str) -> Result<Settings, Invalid> {
         ));
     }
     let publish = validate_publish(raw.publish)?;
+    validate_gates(&raw.gates)?;
     let mut dataset = crate::dataset::DatasetOptions {
         aspects: f.aspects.clone(),
         ..Default::default()
@@ -375,8 +360,110 @@ pub fn validate(raw: RawConfig, text: &str) -> Result<Settings, Invalid> {
     })
 }
 
-fn env_name_ok(name: &str) -> bool {
-    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+/// Gate thresholds are compared with measured numbers: NaN would make every comparison false
+/// (a gate that silently never fails or never passes), infinity or a negative value one that
+/// means nothing.
+fn validate_gates(g: &crate::report::GateConfig) -> Result<(), Invalid> {
+    let checks = [
+        (
+            "gates.rm_accuracy_max_drop_points",
+            g.rm_accuracy_max_drop_points,
+            100.0,
+            "percentage points, 0 to 100",
+        ),
+        (
+            "gates.min_win_rate_lower_bound",
+            g.min_win_rate_lower_bound,
+            1.0,
+            "a win rate, 0 to 1",
+        ),
+        (
+            "gates.kl_budget",
+            g.kl_budget,
+            f64::MAX,
+            "nats, a finite number >= 0",
+        ),
+    ];
+    for (key, value, max, what) in checks {
+        if !(value.is_finite() && (0.0..=max).contains(&value)) {
+            return Err(Invalid::new(key, format!("expected {what}, got {value}")));
+        }
+    }
+    Ok(())
+}
+
+/// Checks a `*_env` key: it names the environment variable that holds a secret. A value that is
+/// not a variable name, or that looks like a token, is refused without being repeated (it may
+/// be the secret itself, and the error goes to a log).
+fn env_name(key: &str, name: String, example: &str) -> Result<String, Invalid> {
+    let is_name = !name.is_empty()
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if is_name && !looks_like_token(&name) {
+        return Ok(name);
+    }
+    let what = if is_name {
+        "looks like a token, not the NAME of an environment variable"
+    } else {
+        "is not the NAME of an environment variable (letters, digits and _) and may be the token itself"
+    };
+    Err(Invalid::new(
+        key,
+        format!(
+            "the value ({} characters, not shown) {what}\nhint: put the token in an environment variable (in a workflow: a secret in `env:`) and write its name here, e.g. `{}: {example}`; if a real token was written in the config, revoke it",
+            name.chars().count(),
+            key.rsplit('.').next().unwrap_or(key),
+        ),
+    ))
+}
+
+/// Token shapes: the prefixes GitHub, GitLab, Slack, OpenAI and others give their tokens, or a
+/// long mix of lower-case letters and digits that no one picks as a variable name.
+fn looks_like_token(name: &str) -> bool {
+    const PREFIXES: &[&str] = &[
+        "ghp_",
+        "gho_",
+        "ghu_",
+        "ghs_",
+        "ghr_",
+        "github_pat_",
+        "glpat",
+        "xox",
+        "sk_",
+        "sk-",
+        "hf_",
+    ];
+    let lower = name.to_ascii_lowercase();
+    let known = PREFIXES
+        .iter()
+        .any(|p| lower.starts_with(p) && name.len() > p.len() + 8);
+    let mixed = name.len() >= 20
+        && name.chars().any(|c| c.is_ascii_lowercase())
+        && name.chars().any(|c| c.is_ascii_digit());
+    known || mixed
+}
+
+/// Parses an http(s) URL setting. Credentials in it are refused, naming the URL with them hidden:
+/// they would be printed (`config check`, errors) and sent as Basic auth instead of the token.
+fn http_url(key: &str, text: &str, token_key: &str) -> Result<url::Url, Invalid> {
+    let shown = crate::sanitize::redact_url(text);
+    let url = url::Url::parse(text)
+        .map_err(|e| Invalid::new(key, format!("not a URL ({shown:?}): {e}")))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(Invalid::new(
+            key,
+            format!("expected an http(s) URL, got {shown:?}"),
+        ));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(Invalid::new(
+            key,
+            format!(
+                "the URL carries credentials ({shown:?}); they would be printed and sent instead of the token\nhint: remove the `user:password@` part and put the token in the environment variable that `{token_key}` names"
+            ),
+        ));
+    }
+    Ok(url)
 }
 
 fn validate_publish(p: RawPublish) -> Result<PublishSettings, Invalid> {
@@ -400,24 +487,18 @@ fn validate_publish(p: RawPublish) -> Result<PublishSettings, Invalid> {
                     format!("expected owner/name, got {repo:?}"),
                 ));
             };
-            let token_env = g
-                .token_env
-                .unwrap_or_else(|| DEFAULT_GITHUB_TOKEN_ENV.into());
-            if !env_name_ok(&token_env) {
-                return Err(Invalid::new(
-                    "publish.github.token_env",
-                    format!(
-                        "expected the NAME of an environment variable, got {token_env:?}\nhint: never put the token itself in the config"
-                    ),
-                ));
-            }
+            let token_env = env_name(
+                "publish.github.token_env",
+                g.token_env
+                    .unwrap_or_else(|| DEFAULT_GITHUB_TOKEN_ENV.into()),
+                DEFAULT_GITHUB_TOKEN_ENV,
+            )?;
             let api_url = g.api_url.unwrap_or_else(|| "https://api.github.com".into());
-            url::Url::parse(&api_url).map_err(|e| {
-                Invalid::new(
-                    "publish.github.api_url",
-                    format!("not a URL ({api_url:?}): {e}"),
-                )
-            })?;
+            http_url(
+                "publish.github.api_url",
+                &api_url,
+                "publish.github.token_env",
+            )?;
             Some(GithubSettings {
                 api_url: api_url.trim_end_matches('/').to_string(),
                 owner: owner.to_string(),

@@ -270,11 +270,13 @@ impl FeedbackClient {
             };
         }
         if !status.is_success() {
-            let text = String::from_utf8_lossy(&body.bytes).into_owned();
+            // Shown in part, sanitised, with the token and any echoed credential redacted.
+            let text = String::from_utf8_lossy(&body.bytes[..body.bytes.len().min(64 * 1024)]);
+            let token = self.options.token.as_ref().map_or("", |t| t.expose());
             return Attempt::Fatal(FetchError::Refused {
                 status,
                 url: redact(url),
-                body: text,
+                body: crate::sanitize::error_body_excerpt(&text, &[token]),
             });
         }
         if let Some(seen) = body.cut_at {

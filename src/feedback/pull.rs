@@ -267,11 +267,10 @@ impl PageGuard {
 }
 
 /// A server's cursor as shown in a message: opaque text from the network, so control characters
-/// are dropped and a long one is cut to its first 80 characters.
-// sanitise: see crate::sanitize (the shared sanitiser can replace this once it lands)
+/// escapes are neutralised (`crate::sanitize`) and a long one is cut to its first 80 characters.
 fn shown_cursor(cursor: &str) -> String {
     const MAX_CHARS: usize = 80;
-    let clean: String = cursor.chars().filter(|c| !c.is_control()).collect();
+    let clean = crate::sanitize::terminal_line(cursor);
     let total = clean.chars().count();
     if total <= MAX_CHARS {
         format!("{clean:?}")

@@ -80,10 +80,16 @@ impl ActionsEnv {
     /// Asks the runner to mask a secret in all later log lines. Printed only inside Actions: on a
     /// terminal the command would print the secret itself. Workflow commands go to stderr (the
     /// runner reads them from both streams) so that stdout stays data: a workflow step that does
-    /// `rlhf-bot run --format json > run.json` gets JSON, and the mask still applies.
+    /// `rlhf-bot run --format json > run.json` gets JSON, and the mask still applies. The runner
+    /// masks one line per command and unescapes `%XX` in the data, so each line of the secret is
+    /// masked on its own and escaped. That untrusted data cannot switch masking off
+    /// (`::stop-commands::`) is [`crate::sanitize`]'s part: no data reaches the start of a line.
     pub fn mask(&self, secret: &str) {
-        if self.in_actions && !secret.is_empty() {
-            eprintln!("::add-mask::{secret}");
+        if !self.in_actions {
+            return;
+        }
+        for line in mask_lines(secret) {
+            eprintln!("::add-mask::{}", escape_data(line));
         }
     }
 
@@ -91,18 +97,25 @@ impl ActionsEnv {
     /// opening the log. Inside Actions only (on a terminal the error is already printed).
     pub fn error_annotation(&self, message: &str) {
         if self.in_actions {
-            eprintln!("::error title=rlhf-bot::{}", escape_data(message));
+            let message = crate::sanitize::terminal_block(message);
+            eprintln!("::error title=rlhf-bot::{}", escape_data(&message));
         }
     }
 
     /// A warning annotation on the run page (a plain log line elsewhere).
     pub fn warning(&self, message: &str) {
+        let message = crate::sanitize::terminal_block(message);
         if self.in_actions {
-            eprintln!("::warning::{}", escape_data(message));
+            eprintln!("::warning::{}", escape_data(&message));
         } else {
             tracing::warn!("{message}");
         }
     }
+}
+
+/// The non-blank lines of a secret, each of which the runner must mask.
+fn mask_lines(secret: &str) -> impl Iterator<Item = &str> {
+    secret.split(['\r', '\n']).filter(|l| !l.trim().is_empty())
 }
 
 /// Workflow-command data must escape `%`, CR and LF or the runner cuts the message.
@@ -115,4 +128,16 @@ fn escape_data(text: &str) -> String {
 fn append(path: &PathBuf, text: &str) -> std::io::Result<()> {
     let mut file = OpenOptions::new().create(true).append(true).open(path)?;
     file.write_all(text.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_line_of_a_secret_is_masked() {
+        let lines: Vec<&str> = mask_lines("line-one\r\n\nline%two\n").collect();
+        assert_eq!(lines, ["line-one", "line%two"]);
+        assert_eq!(escape_data("line%two"), "line%25two");
+    }
 }

@@ -14,6 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use octocrab::Octocrab;
 use serde::de::DeserializeOwned;
 
+use crate::sanitize::{error_body_excerpt, redact_secrets};
 use crate::secret::SecretString;
 
 /// Where GitHub.com's REST API lives; GitHub Enterprise Server uses `https://HOST/api/v3`.
@@ -264,7 +265,8 @@ impl GithubError {
 
 fn summarize_body(body: &str) -> String {
     // GitHub's error bodies are JSON with `message` (and maybe `errors`); show those, else the
-    // raw text, cut so one error stays one readable line.
+    // raw text. Either way as one sanitised, redacted, bounded line: a proxy or a GitHub
+    // Enterprise front end may answer with anything, including our own Authorization header.
     if let Ok(value) = serde_json::from_str::<serde_json::Value>(body) {
         let message = value.get("message").and_then(|m| m.as_str()).unwrap_or("");
         let errors = value
@@ -273,22 +275,10 @@ fn summarize_body(body: &str) -> String {
             .unwrap_or_default();
         let text = format!("{message} {errors}");
         if !text.trim().is_empty() {
-            return cut(text.trim(), 600);
+            return error_body_excerpt(&text, &[]);
         }
     }
-    if body.trim().is_empty() {
-        "(empty body)".to_owned()
-    } else {
-        cut(body.trim(), 600)
-    }
-}
-
-fn cut(text: &str, max: usize) -> String {
-    if text.chars().count() <= max {
-        text.to_owned()
-    } else {
-        format!("{}…", text.chars().take(max).collect::<String>())
-    }
+    error_body_excerpt(body, &[])
 }
 
 fn status_hint(status: u16) -> &'static str {
@@ -428,7 +418,10 @@ impl ApiResponse {
         serde_json::from_str(&self.body).map_err(|e| GithubError::Decode {
             method: self.method,
             path: self.path.clone(),
-            message: format!("{e}; body starts with: {}", cut(&self.body, 200)),
+            message: format!(
+                "{e}; body starts with: {}",
+                error_body_excerpt(&self.body, &[])
+            ),
         })
     }
 }
@@ -525,6 +518,8 @@ pub struct GithubClient {
     owner: String,
     repo: String,
     policy: RetryPolicy,
+    /// Kept only to redact it from error bodies that echo it.
+    token: SecretToken,
 }
 
 impl fmt::Debug for GithubClient {
@@ -560,6 +555,7 @@ impl GithubClient {
             owner: target.owner.clone(),
             repo: target.repo.clone(),
             policy,
+            token: target.token.clone(),
         })
     }
 
@@ -640,7 +636,8 @@ impl GithubClient {
                         method: name,
                         path: path.to_owned(),
                         status,
-                        body: text,
+                        // The token never lives in an error, which callers may log or print.
+                        body: redact_secrets(&text, &[self.token.expose()]),
                         attempts: attempt,
                     };
                     (verdict, error)

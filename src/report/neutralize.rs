@@ -21,10 +21,9 @@
 const ZWJ: char = '\u{200D}';
 
 /// Characters dropped from untrusted text: C0/C1 controls (except tab and newline), and the Unicode
-/// bidirectional embedding, override and isolate controls.
+/// bidirectional controls (one list, in [`crate::sanitize`]).
 fn is_dropped(c: char) -> bool {
-    (c.is_control() && c != '\n' && c != '\t')
-        || matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{200E}' | '\u{200F}')
+    (c.is_control() && c != '\n' && c != '\t') || crate::sanitize::is_bidi_control(c)
 }
 
 /// Normalises line endings and removes dropped characters.

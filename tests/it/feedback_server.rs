@@ -42,6 +42,12 @@ pub enum Fault {
         bytes: u64,
         chunked: bool,
     },
+    /// Answers `status` with `body`, where `{authorization}` becomes the request's
+    /// `Authorization` header (a server that echoes credentials into its error page).
+    Reply {
+        status: u16,
+        body: String,
+    },
 }
 
 /// Where the records come from: a list (tests) or a generator (the million-record benchmark).
@@ -162,6 +168,17 @@ async fn page(
                 StatusCode::TOO_MANY_REQUESTS,
                 [(header::RETRY_AFTER, retry_after_secs.to_string())],
                 "slow down",
+            )
+                .into_response();
+        }
+        Some(Fault::Reply { status, body }) => {
+            let authorization = headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            return (
+                StatusCode::from_u16(*status).unwrap(),
+                body.replace("{authorization}", authorization),
             )
                 .into_response();
         }

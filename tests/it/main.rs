@@ -14,6 +14,7 @@ mod dpospeed;
 mod feedback_server;
 mod forge_behaviour;
 mod forge_contract;
+mod hostile;
 mod install;
 mod llama;
 mod losses;
