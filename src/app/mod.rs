@@ -75,7 +75,7 @@ async fn train_reward_cmd(
         opts.train.lr = v;
     }
     if let Some(d) = args.run.device {
-        opts.device = d.parse()?;
+        opts.device = d.choice();
     }
     opts.resume = args.run.resume;
     opts.production_model = args.production_model;
@@ -94,6 +94,30 @@ async fn train_reward_cmd(
     }
 }
 
+/// Fails before any training when a configured model is missing, naming the key and (for the
+/// models directory) the script that fills it; otherwise a newcomer would wait through the
+/// reward model before the policy's absence surfaced.
+fn models_present(settings: &Settings, policy_runs: bool) -> Result<()> {
+    let mut wanted = vec![("reward.model", settings.reward.model.as_ref())];
+    if policy_runs {
+        wanted.push(("policy.model", settings.policy.model.as_ref()));
+        wanted.push((
+            "policy.production_model",
+            settings.policy.production_model.as_ref(),
+        ));
+    }
+    for (key, path) in wanted {
+        if let Some(path) = path.filter(|p| !p.exists()) {
+            anyhow::bail!(
+                "{key}: model {} does not exist\nhint: {}",
+                path.display(),
+                config::models::missing_hint(path)
+            );
+        }
+    }
+    Ok(())
+}
+
 /// The stages after a positive `check`: train the reward model on the store, register it,
 /// render the report and publish the pull request. Records the training for the next `check`.
 async fn train_and_publish(
@@ -102,6 +126,8 @@ async fn train_and_publish(
     dry_run: bool,
     algo: Option<crate::run_outputs::PolicyAlgo>,
 ) -> Result<serde_json::Value> {
+    let policy_runs = settings.policy.enabled || algo.is_some();
+    models_present(settings, policy_runs)?;
     let run_id = pipeline::new_run_id();
     let started = check::now()?;
     let reward_dir = pipeline::run_dir(settings, &run_id).join("reward");
@@ -116,7 +142,7 @@ async fn train_and_publish(
         .map_or("llama-from-scratch".to_string(), |m| {
             m.display().to_string()
         });
-    let policy = if settings.policy.enabled || algo.is_some() {
+    let policy = if policy_runs {
         let run_dir = pipeline::run_dir(settings, &run_id);
         Some(
             policy::run_policy_stage(
@@ -161,6 +187,7 @@ async fn train_and_publish(
         "policy_eval": policy.as_ref().map(|p| &p.run.metrics.eval),
         "registered_policy": registered.policy.map(|e| e.id),
         "report": report_dir.join("report.md"),
+        "registry": registered.registry,
         "draft": draft,
         "publish": published,
     }))
@@ -185,7 +212,11 @@ pub async fn run(cli: Cli) -> Result<()> {
             output::check_outcome(&outcome, format)
         }
         Command::Run(args) => {
-            let settings = load_settings(&cli.config)?;
+            let mut settings = load_settings(&cli.config)?;
+            if let Some(d) = args.device {
+                settings.reward.device = d.choice();
+                settings.policy.device = d.choice();
+            }
             let summary = pull(&settings).await.context("stage pull")?;
             if format == Format::Text {
                 output::pull_summary(&summary, format)?;
@@ -225,7 +256,8 @@ pub async fn run(cli: Cli) -> Result<()> {
                                 s["reward_dir"].as_str().unwrap_or(""),
                                 s["report"].as_str().unwrap_or(""),
                                 s["publish"]
-                            )
+                            );
+                            print!("{}", output::where_to_look(s));
                         }
                         None => println!("no retraining needed; nothing trained"),
                     }

@@ -88,3 +88,23 @@ pub fn check_outcome(outcome: &CheckOutcome, format: Format) -> Result<()> {
         }
     }
 }
+
+/// The closing lines of a text `run` that trained: where the report, the pull request and the
+/// registry update are, so a newcomer knows what to open next.
+pub fn where_to_look(run: &serde_json::Value) -> String {
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or("").to_string();
+    let publish = &run["publish"];
+    let pr = match publish["local_dir"].as_str() {
+        Some(dir) => format!(
+            "{dir}/ (body.md: the description, with sample answers; files/: what the commit adds)"
+        ),
+        None => publish["pr_url"]
+            .as_str()
+            .map_or_else(|| text(&publish["branch"]), str::to_string),
+    };
+    format!(
+        "where to look:\n  report        {} (plots and metrics.json beside it)\n  pull request  {pr}\n  registry      {}\n",
+        text(&run["report"]),
+        text(&run["registry"]),
+    )
+}

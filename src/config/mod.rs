@@ -5,6 +5,7 @@
 //! Secrets never live in the file: it names the environment variables that hold them.
 
 pub mod locate;
+pub mod models;
 pub mod policy;
 pub mod raw;
 pub mod settings;
