@@ -118,10 +118,10 @@ fn committed_report_files_hold_no_user_text_secrets_or_local_paths() {
     let md = std::fs::read_to_string(&report).unwrap();
     assert!(md.contains("`<artifacts>/reward/reward-"), "{md}");
     assert!(md.contains("Kept out of the committed files"), "{md}");
-    // The samples did carry the hostile prompts: they are in the PR body, neutralised.
+    // The samples did carry the hostile prompts: they are in the PR body, which a reviewer can
+    // edit (fenced there, so inert: report::snapshot_hostile_text_is_neutralised).
     let body = std::fs::read_to_string(pr_dir.join("body.md")).unwrap();
     assert!(body.contains("INJECTED-HYG3"), "{body}");
-    assert!(!body.contains("<img src=x"), "{body}");
 }
 
 /// The raw bytes of the store's files (database, and the write-ahead log when there is one).
