@@ -93,6 +93,29 @@ pub enum Algo {
     Ppo,
 }
 
+/// `--device`: where training and generation run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DeviceArg {
+    /// CUDA when this binary has the `cuda` feature and a device answers, else the CPU.
+    Auto,
+    Cpu,
+    /// CUDA device 0; an error (not a fall-back) when unavailable.
+    #[value(alias = "gpu")]
+    Cuda,
+}
+
+impl DeviceArg {
+    /// The library's spelling of the choice.
+    pub fn choice(self) -> crate::train::device::DeviceChoice {
+        use crate::train::device::DeviceChoice;
+        match self {
+            Self::Auto => DeviceChoice::Auto,
+            Self::Cpu => DeviceChoice::Cpu,
+            Self::Cuda => DeviceChoice::Cuda,
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct CheckArgs {
     /// Retrain regardless of the thresholds (workflow_dispatch's `force` input).
@@ -111,6 +134,9 @@ pub struct RunArgs {
     /// The policy algorithm (overrides policy.algo; the policy stage runs when policy.enabled).
     #[arg(long, value_enum)]
     pub algo: Option<Algo>,
+    /// Where both models train (overrides reward.device and policy.device; default: auto).
+    #[arg(long, value_enum)]
+    pub device: Option<DeviceArg>,
 }
 
 #[derive(Debug, Args)]
@@ -181,9 +207,9 @@ pub struct TrainRunArgs {
     /// Continue from the newest checkpoint in the output directory.
     #[arg(long)]
     pub resume: bool,
-    /// `cpu` or `cuda` (needs a binary built with `--features cuda`).
-    #[arg(long)]
-    pub device: Option<String>,
+    /// Where to train (overrides reward.device / policy.device; default: auto).
+    #[arg(long, value_enum)]
+    pub device: Option<DeviceArg>,
 }
 
 #[derive(Debug, Args)]
@@ -239,9 +265,9 @@ pub struct GenerateArgs {
     pub top_p: Option<f32>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// `cpu` or `cuda` (needs a binary built with `--features cuda`).
-    #[arg(long)]
-    pub device: Option<String>,
+    /// Where to run the model (default: auto).
+    #[arg(long, value_enum)]
+    pub device: Option<DeviceArg>,
 }
 
 #[derive(Debug, Args)]

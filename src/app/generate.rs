@@ -103,8 +103,7 @@ pub fn generate_cmd(args: &GenerateArgs) -> Result<GenerateOutput> {
     }
     let device = args
         .device
-        .as_deref()
-        .map_or(Ok(DeviceChoice::Cpu), str::parse::<DeviceChoice>)?
+        .map_or(DeviceChoice::default(), crate::cli::DeviceArg::choice)
         .open()?;
     let lm = load_lm(&args.model, &device)?;
     let text = if args.chat {

@@ -124,7 +124,7 @@ async fn train_reward_cmd(
         opts.train.lr = v;
     }
     if let Some(d) = args.run.device {
-        opts.device = d.parse()?;
+        opts.device = d.choice();
     }
     opts.resume = args.run.resume;
     opts.production_model = args.production_model;
@@ -143,6 +143,30 @@ async fn train_reward_cmd(
     }
 }
 
+/// Fails before any training when a configured model is missing, naming the key and (for the
+/// models directory) the script that fills it; otherwise a newcomer would wait through the
+/// reward model before the policy's absence surfaced.
+fn models_present(settings: &Settings, policy_runs: bool) -> Result<()> {
+    let mut wanted = vec![("reward.model", settings.reward.model.as_ref())];
+    if policy_runs {
+        wanted.push(("policy.model", settings.policy.model.as_ref()));
+        wanted.push((
+            "policy.production_model",
+            settings.policy.production_model.as_ref(),
+        ));
+    }
+    for (key, path) in wanted {
+        if let Some(path) = path.filter(|p| !p.exists()) {
+            anyhow::bail!(
+                "{key}: model {} does not exist\nhint: {}",
+                path.display(),
+                config::models::missing_hint(path)
+            );
+        }
+    }
+    Ok(())
+}
+
 /// The stages after a positive `check`: train the reward model on the store, register it,
 /// render the report and publish the pull request. Records the training for the next `check`.
 async fn train_and_publish(
@@ -151,6 +175,8 @@ async fn train_and_publish(
     dry_run: bool,
     algo: Option<crate::run_outputs::PolicyAlgo>,
 ) -> Result<RunSummary> {
+    let policy_runs = settings.policy.enabled || algo.is_some();
+    models_present(settings, policy_runs)?;
     let run_id = pipeline::new_run_id();
     let started = check::now()?;
     let reward_dir = pipeline::run_dir(settings, &run_id).join("reward");
@@ -174,7 +200,7 @@ async fn train_and_publish(
         .map_or("llama-from-scratch".to_string(), |m| {
             m.display().to_string()
         });
-    let policy = if settings.policy.enabled || algo.is_some() {
+    let policy = if policy_runs {
         let run_dir = pipeline::run_dir(settings, &run_id);
         Some(
             policy::run_policy_stage(
@@ -248,18 +274,34 @@ pub struct RunSummary {
 
 impl std::fmt::Display for RunSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "run {}:", self.run_id)?;
-        writeln!(f, "  reward model   {}", self.reward_dir.display())?;
-        if let Some(dir) = &self.policy_dir {
-            writeln!(f, "  policy         {}", dir.display())?;
-        }
-        writeln!(f, "  report         {}", self.report.display())?;
-        writeln!(f, "  pull request   {}", self.publish)?;
         write!(
             f,
-            "  registry       {} (`rlhf-bot registry show`)",
-            self.registry.display()
-        )
+            "run {}: reward model in {}",
+            self.run_id,
+            self.reward_dir.display()
+        )?;
+        if let Some(dir) = &self.policy_dir {
+            write!(f, ", policy in {}", dir.display())?;
+        }
+        writeln!(f)?;
+        writeln!(f, "where to look:")?;
+        writeln!(
+            f,
+            "  report        {} (plots and metrics.json beside it)",
+            self.report.display()
+        )?;
+        let p = &self.publish;
+        let draft = if p.draft { "draft" } else { "ready for review" };
+        match (&p.local_dir, &p.pr_url) {
+            (Some(dir), _) => writeln!(
+                f,
+                "  pull request  {} ({draft}; body.md: the description, with sample answers; files/: what the commit adds)",
+                dir.display()
+            )?,
+            (None, Some(url)) => writeln!(f, "  pull request  {url} ({draft})")?,
+            (None, None) => writeln!(f, "  pull request  {}", p)?,
+        }
+        write!(f, "  registry      {}", self.registry.display())
     }
 }
 
@@ -283,7 +325,11 @@ pub async fn run(cli: Cli) -> Result<()> {
             output::check_outcome(&outcome, format)
         }
         Command::Run(args) => {
-            let settings = load_settings(&cli.config)?;
+            let mut settings = load_settings(&cli.config)?;
+            if let Some(d) = args.device {
+                settings.reward.device = d.choice();
+                settings.policy.device = d.choice();
+            }
             let summary = pull(&settings).await.context("stage pull")?;
             if format == Format::Text {
                 output::pull_summary(&summary, format)?;

@@ -103,3 +103,4 @@ pub fn check_outcome(outcome: &CheckOutcome, format: Format) -> Result<()> {
         }
     }
 }
+

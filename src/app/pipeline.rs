@@ -275,10 +275,22 @@ pub fn build_report(
         &ctx,
         &RenderOptions {
             template_dir: settings.report.templates.clone(),
+            samples_in_files: settings.report.samples_in_files,
+            local_paths: local_paths(settings),
         },
     )?;
     let out = report::write_report(&settings.report.dir, run_id, &rendered)?;
     Ok((out, rendered.pr_body, draft))
+}
+
+/// The local directories a committed report may mention, and how it names them.
+fn local_paths(settings: &Settings) -> report::LocalPaths {
+    let cwd = std::env::current_dir().unwrap_or_default();
+    report::LocalPaths::default()
+        .with_root(&cwd, "")
+        .with_root(cwd.join(&settings.registry.artifacts_dir), "<artifacts>")
+        .with_root(cwd.join(&settings.store.dir), "<store>")
+        .with_root(crate::config::models::models_dir(), "<models>")
 }
 
 /// Publishes the run: the registry file and the report directory as one commit on the run's

@@ -20,7 +20,6 @@ use crate::app::pipeline;
 use crate::app::train_policy::{PolicyRunSummary, TrainPolicyRequest, train_policy};
 use crate::cli::Algo;
 use crate::config::Settings;
-use crate::config::policy::device_string;
 use crate::dataset::examples::Examples;
 use crate::feedback::Store;
 use crate::model::chat_template::{ChatMessage, ChatTemplate};
@@ -99,9 +98,9 @@ pub async fn run_policy_stage(
         options.lr = lr;
     }
     let device = o.device.unwrap_or(ps.device);
-    // Opening the device first turns "no CUDA in this build" into an error with a hint.
-    device.open()?;
-    options.device = device_string(device);
+    // Opening the device first turns "no CUDA in this build" into an error with a hint, and
+    // `auto` into the device the trainer is then told to use (the log says which and why).
+    options.device = device.resolve()?.name().to_string();
     options
         .validate()
         .context("invalid policy settings\nhint: see the `policy` section of docs/config.md")?;
@@ -545,12 +544,7 @@ pub async fn train_policy_cmd(
     settings: &Settings,
     args: crate::cli::TrainPolicyArgs,
 ) -> Result<PolicyStageSummary> {
-    let device = args
-        .run
-        .device
-        .as_deref()
-        .map(str::parse::<DeviceChoice>)
-        .transpose()?;
+    let device = args.run.device.map(crate::cli::DeviceArg::choice);
     let run_dir = match &args.run.out {
         // Exports and conversions go beside an explicit output directory.
         Some(out) => out

@@ -6,6 +6,7 @@
 
 pub mod locate;
 pub mod nesting;
+pub mod models;
 pub mod policy;
 pub mod raw;
 pub mod settings;

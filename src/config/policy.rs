@@ -91,7 +91,7 @@ fn positive(key: &str, value: Option<f64>, default: f64) -> Result<f64, Invalid>
 pub fn validate_policy(raw: RawPolicy) -> Result<PolicySettings, Invalid> {
     let d = PolicyTrainOptions::default();
     let device = match raw.device.as_deref() {
-        None => DeviceChoice::Cpu,
+        None => DeviceChoice::default(),
         Some(s) => s
             .parse::<DeviceChoice>()
             .map_err(|e| Invalid::new("policy.device", e.to_string()))?,
@@ -149,8 +149,8 @@ pub fn validate_policy(raw: RawPolicy) -> Result<PolicySettings, Invalid> {
     };
     Ok(PolicySettings {
         enabled: raw.enabled.unwrap_or(false),
-        model: raw.model.map(PathBuf::from),
-        production_model: raw.production_model.map(PathBuf::from),
+        model: raw.model.as_deref().map(super::models::expand),
+        production_model: raw.production_model.as_deref().map(super::models::expand),
         chat_template: raw.chat_template,
         merge: raw.lora.merge.unwrap_or(false),
         device,
@@ -163,6 +163,7 @@ pub fn validate_policy(raw: RawPolicy) -> Result<PolicySettings, Invalid> {
 /// The device as [`PolicyTrainOptions::device`] spells it.
 pub fn device_string(device: DeviceChoice) -> String {
     match device {
+        DeviceChoice::Auto => "auto".into(),
         DeviceChoice::Cpu => "cpu".into(),
         DeviceChoice::Cuda => "cuda:0".into(),
     }

@@ -163,6 +163,9 @@ pub struct RawReport {
     /// A directory whose `*.md.j2` files replace the embedded templates.
     pub templates: Option<String>,
     pub max_samples: Option<PositiveInt>,
+    /// Also put sample answers (users' prompts, the models' answers) in the committed
+    /// `report.md` and `metrics.json`; the PR body has them either way.
+    pub samples_in_files: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]

@@ -92,6 +92,8 @@ pub struct ReportSettings {
     pub dir: PathBuf,
     pub templates: Option<PathBuf>,
     pub max_samples: usize,
+    /// Sample answers in the committed report files too (default: only in the PR body).
+    pub samples_in_files: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -267,7 +269,7 @@ pub fn validate(raw: RawConfig, text: &str) -> Result<Settings, Invalid> {
         )
     })?;
     let mut reward = crate::train::reward_run::RewardTrainOptions {
-        model: raw.reward.model.map(PathBuf::from),
+        model: raw.reward.model.as_deref().map(super::models::expand),
         eval_fraction: dataset.eval_fraction,
         ..Default::default()
     };
@@ -343,6 +345,7 @@ pub fn validate(raw: RawConfig, text: &str) -> Result<Settings, Invalid> {
             dir: PathBuf::from(raw.report.dir.unwrap_or_else(|| "reports".into())),
             templates: raw.report.templates.map(PathBuf::from),
             max_samples: raw.report.max_samples.map_or(3, |v| v.0 as usize),
+            samples_in_files: raw.report.samples_in_files.unwrap_or(false),
         },
         gates: raw.gates,
         publish,

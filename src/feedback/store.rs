@@ -20,6 +20,13 @@
 //! A damaged database file (SQLite reports it corrupt or not a database, or a text column holds
 //! bytes that are not UTF-8) is reported as such, naming the file, with the way out: the store is
 //! a local copy of the feedback API, so deleting it and pulling again rebuilds it.
+//!
+//! Deleted feedback must leave the file, not just the table: a user who asked for their feedback
+//! to be removed should not find it in `strings feedback.sqlite3`. `secure_delete` makes SQLite
+//! overwrite a deleted or replaced row (and every page it frees) with zeros, and after a pull
+//! that deleted or replaced records [`Store::purge_freed`] returns the freed pages to the file
+//! system (`incremental_vacuum`, for stores created with `auto_vacuum = INCREMENTAL`) and
+//! truncates the write-ahead log, whose older frames would otherwise still hold the old pages.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -118,6 +125,8 @@ pub struct Quarantined {
 pub struct Store {
     conn: Connection,
     path: PathBuf,
+    /// A page applied since the last purge deleted or replaced a record.
+    freed: bool,
 }
 
 fn micros(t: DateTime<Utc>) -> i64 {
@@ -132,8 +141,12 @@ impl Store {
         let path = dir.join(DB_FILE);
         let conn = Connection::open(&path)
             .with_context(|| format!("opening the feedback store {}", path.display()))?;
+        // auto_vacuum only takes effect in a database without tables (a new store); older stores
+        // keep their zeroed free pages for reuse, which secure_delete already made harmless.
         conn.execute_batch(
-            "PRAGMA journal_mode = WAL;
+            "PRAGMA auto_vacuum = INCREMENTAL;
+             PRAGMA secure_delete = ON;
+             PRAGMA journal_mode = WAL;
              PRAGMA synchronous = NORMAL;
              PRAGMA busy_timeout = 10000;
              PRAGMA cache_size = -65536;
@@ -164,7 +177,11 @@ impl Store {
         )
         .with_context(|| format!("initialising the feedback store {}", path.display()))
         .map_err(|e| if_damaged(&path, e))?;
-        let store = Self { conn, path };
+        let store = Self {
+            conn,
+            path,
+            freed: false,
+        };
         match store.reading(|| store.meta("schema_version"))? {
             None => store.set_meta_now("schema_version", SCHEMA_VERSION)?,
             Some(v) if v == SCHEMA_VERSION => {}
@@ -228,7 +245,32 @@ impl Store {
             next.cursor.as_ref().and(next.since.as_deref()),
         )?;
         tx.commit().context("committing a page to the store")?;
+        self.freed |= counts.deleted > 0 || counts.updated > 0;
+        // The last page of a pull (no cursor to resume from) purges what the pull freed.
+        if self.freed && next.cursor.is_none() {
+            self.purge_freed()?;
+        }
         Ok(counts)
+    }
+
+    /// Drops deleted content from the files themselves: gives the (already zeroed) free pages
+    /// back to the file system and checkpoints the write-ahead log into the database, truncating
+    /// it, so no older copy of a deleted record's page survives in either file.
+    pub fn purge_freed(&mut self) -> Result<()> {
+        self.conn
+            .execute_batch("PRAGMA incremental_vacuum;")
+            .with_context(|| format!("vacuuming the feedback store {}", self.path.display()))?;
+        // (busy, log frames, checkpointed frames): busy = 1 when a reader kept the checkpoint
+        // from finishing; the next purge or the last connection's close completes it.
+        let busy: i64 = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))
+            .with_context(|| format!("checkpointing the feedback store {}", self.path.display()))?;
+        if busy != 0 {
+            tracing::warn!(store = %self.path.display(), "another connection kept the write-ahead log from being truncated; deleted records leave it when that connection closes");
+        }
+        self.freed = false;
+        Ok(())
     }
 
     pub fn last_training(&self) -> Result<Option<LastTraining>> {

@@ -11,9 +11,15 @@
 //! embedded in the binary (`include_str!`), rendered with strict undefined handling so a typo in
 //! an override fails loudly instead of printing nothing, and can be replaced file by file from an
 //! override directory.
+//!
+//! `report.md`, `metrics.json` and the plots are committed to the team's repository, so by default
+//! they carry no user text and no local path: sample answers (a user's prompt and the models'
+//! answers to it) go only into the PR body, where a reviewer can still edit them out, unless
+//! [`RenderOptions::samples_in_files`] opts in; absolute paths are rewritten by [`LocalPaths`].
 
 pub mod context;
 pub mod neutralize;
+pub mod paths;
 pub mod plots;
 
 use std::collections::BTreeMap;
@@ -29,6 +35,7 @@ pub use context::{
     RewardSection, Verdict, evaluate_gates, integrity_gate, verdict,
 };
 use neutralize::{code, fenced, inline, truncate_markdown};
+pub use paths::LocalPaths;
 
 use crate::registry::ModelEntry;
 use crate::run_outputs::Baseline;
@@ -67,6 +74,11 @@ pub struct Rendered {
 pub struct RenderOptions {
     /// Directory whose `*.md.j2` files replace the embedded templates of the same name.
     pub template_dir: Option<PathBuf>,
+    /// Also put the sample answers (prompts and answers) into `report.md` and `metrics.json`;
+    /// the PR body has them either way (`report.samples_in_files`, off by default).
+    pub samples_in_files: bool,
+    /// How absolute paths (artifact URIs, model files, the reproduce command) are shown.
+    pub local_paths: LocalPaths,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -108,7 +120,7 @@ pub fn render_with(ctx: &ReportContext, opts: &RenderOptions) -> Result<Rendered
         ctx.policy.as_ref().map(|p| p.log.as_slice()),
     )?;
     let gates = ctx.gate_results();
-    let view = build_view(ctx, &gates, &plots);
+    let view = build_view(ctx, &gates, &plots, opts);
     let env = environment(opts)?;
     let render_one = |name: &str| -> Result<String, ReportError> {
         let tmpl = env.get_template(name).map_err(|e| template_err(name, &e))?;
@@ -129,6 +141,13 @@ pub fn render_with(ctx: &ReportContext, opts: &RenderOptions) -> Result<Rendered
         ),
     };
     let pr_body = truncate_markdown(&body, PR_BODY_LIMIT, &notice);
+    let policy_metrics = ctx.policy.as_ref().map(|p| {
+        let mut metrics = p.metrics.clone();
+        if !opts.samples_in_files {
+            metrics.eval.samples.clear();
+        }
+        (p.candidate.id.as_str(), metrics)
+    });
     let summary = MetricsSummary {
         run_id: &ctx.run_id,
         generated_at: view.generated_at.clone(),
@@ -138,10 +157,9 @@ pub fn render_with(ctx: &ReportContext, opts: &RenderOptions) -> Result<Rendered
             id: &r.candidate.id,
             metrics: &r.metrics,
         }),
-        policy: ctx.policy.as_ref().map(|p| ModelSummary {
-            id: &p.candidate.id,
-            metrics: &p.metrics,
-        }),
+        policy: policy_metrics
+            .as_ref()
+            .map(|(id, metrics)| ModelSummary { id, metrics }),
         kpis: &ctx.kpis,
         new_feedback: &ctx.new_feedback,
     };
@@ -270,6 +288,8 @@ struct View {
     training: Vec<TrainRow>,
     plots: Vec<PlotView>,
     samples: Vec<SampleView>,
+    /// Why `report.md` shows no samples when the PR body has them.
+    samples_note: Option<String>,
     pr_samples: Vec<SampleView>,
     samples_total: usize,
     lineage: Vec<LineageView>,
@@ -428,7 +448,12 @@ fn interval(i: &Interval, f: impl Fn(f64) -> String) -> String {
     format!("{} [{}, {}]", f(i.estimate), f(i.low), f(i.high))
 }
 
-fn build_view(ctx: &ReportContext, gates: &[GateResult], plots: &[plots::Plot]) -> View {
+fn build_view(
+    ctx: &ReportContext,
+    gates: &[GateResult],
+    plots: &[plots::Plot],
+    opts: &RenderOptions,
+) -> View {
     let v = verdict(gates);
     let reward = ctx.reward.as_ref();
     let policy = ctx.policy.as_ref();
@@ -706,11 +731,24 @@ fn build_view(ctx: &ReportContext, gates: &[GateResult], plots: &[plots::Plot]) 
 
     let mut lineage = Vec::new();
     if let Some(r) = reward {
-        lineage.push(lineage_view("Reward model", &r.candidate));
+        lineage.push(lineage_view(
+            "Reward model",
+            &r.candidate,
+            &opts.local_paths,
+        ));
     }
     if let Some(p) = policy {
-        lineage.push(lineage_view("Policy", &p.candidate));
+        lineage.push(lineage_view("Policy", &p.candidate, &opts.local_paths));
     }
+    let pr_samples = sample_view(PR_ANSWER_CHARS);
+    let (samples, samples_note) = if opts.samples_in_files {
+        (sample_view(ANSWER_CHARS), None)
+    } else {
+        let note = (!pr_samples.is_empty()).then(|| {
+            "Kept out of the committed files: prompts come from users. The pull-request description shows the samples (set `report.samples_in_files: true` to put them here too).".to_string()
+        });
+        (Vec::new(), note)
+    };
 
     View {
         run_id: code(&ctx.run_id),
@@ -761,15 +799,34 @@ fn build_view(ctx: &ReportContext, gates: &[GateResult], plots: &[plots::Plot]) 
                 title: p.title.clone(),
             })
             .collect(),
-        samples: sample_view(ANSWER_CHARS),
-        pr_samples: sample_view(PR_ANSWER_CHARS),
+        samples,
+        samples_note,
+        pr_samples,
         samples_total: policy.map_or(0, |p| p.metrics.eval.samples.len()),
         lineage,
-        reproduce: fenced(&ctx.reproduce, PROMPT_CHARS, "sh"),
+        reproduce: fenced(
+            &opts.local_paths.display_words(&ctx.reproduce),
+            PROMPT_CHARS,
+            "sh",
+        ),
     }
 }
 
-fn lineage_view(role: &'static str, m: &ModelEntry) -> LineageView {
+/// [`code`] for a path [`LocalPaths`] rewrote: its placeholder's angle brackets are ours and inert
+/// in a code span, so only the rest is checked.
+fn path_code(shown: &str) -> String {
+    let (placeholder, rest) = paths::split_placeholder(shown);
+    match placeholder {
+        Some(p) if rest.is_empty() => format!("`{p}`"),
+        Some(p) => match code(rest).strip_prefix('`') {
+            Some(span) => format!("`{p}{span}"),
+            None => code(shown),
+        },
+        None => code(shown),
+    }
+}
+
+fn lineage_view(role: &'static str, m: &ModelEntry, paths: &LocalPaths) -> LineageView {
     LineageView {
         role,
         id: code(&m.id),
@@ -779,7 +836,7 @@ fn lineage_view(role: &'static str, m: &ModelEntry) -> LineageView {
             .created_by
             .as_deref()
             .map(|u| link("workflow run", u).unwrap_or_else(|| code(u))),
-        base_model: code(&m.base_model),
+        base_model: path_code(&paths.display(&m.base_model)),
         parent: m
             .parent
             .as_deref()
@@ -788,7 +845,7 @@ fn lineage_view(role: &'static str, m: &ModelEntry) -> LineageView {
         watermark: code(&m.feedback.watermark),
         examples_sha256: code(&m.feedback.examples_sha256),
         counts: counts_text(&m.feedback.counts),
-        artifact_uri: code(&m.artifact.uri),
+        artifact_uri: path_code(&paths.display(&m.artifact.uri)),
         artifact_sha256: code(&m.artifact.sha256),
         artifact_size: bytes(m.artifact.size_bytes),
     }

@@ -140,7 +140,7 @@ pub struct PolicyTrainOptions {
     pub eval_greedy: bool,
     pub checkpoint_every: u64,
     pub seed: u64,
-    /// `cpu` (the only device this build trains on) or `cuda:N` when built with CUDA.
+    /// `cpu`, `cuda:N` (a build with the `cuda` feature) or `auto` (see [`crate::train::device`]).
     pub device: String,
 }
 
@@ -221,11 +221,14 @@ impl PolicyTrainOptions {
     pub fn device(&self) -> Result<Device> {
         match self.device.as_str() {
             "cpu" => Ok(Device::Cpu),
+            "auto" => Ok(crate::train::device::DeviceChoice::Auto.open()?),
             d => {
                 let n: usize = d
                     .strip_prefix("cuda:")
                     .and_then(|n| n.parse().ok())
-                    .with_context(|| format!("unknown device {d:?}\nhint: use cpu or cuda:0"))?;
+                    .with_context(|| {
+                        format!("unknown device {d:?}\nhint: use auto, cpu or cuda:0")
+                    })?;
                 Ok(Device::new_cuda(n)?)
             }
         }

@@ -55,7 +55,7 @@ pub struct RewardTrainOptions {
     pub out: PathBuf,
     /// `--resume`: continue from the newest checkpoint in `out/checkpoints`.
     pub resume: bool,
-    /// `--device cpu|cuda`.
+    /// `--device auto|cpu|cuda`.
     pub device: DeviceChoice,
     /// `--production-model DIR`: the current reward model, scored on the same eval set.
     pub production_model: Option<PathBuf>,
@@ -74,7 +74,7 @@ impl Default for RewardTrainOptions {
             eval_fraction: 0.2,
             out: PathBuf::from("runs/reward"),
             resume: false,
-            device: DeviceChoice::Cpu,
+            device: DeviceChoice::Auto,
             production_model: None,
             aspects: Vec::new(),
             train: TrainConfig::default(),
@@ -236,7 +236,8 @@ pub fn train_reward_mixed(
     let train = train.clone().weighted(&opts.train);
     let eval = eval.clone().weighted(&opts.train);
     let heads = heads_for(&opts.aspects, &train, &eval)?;
-    let device = opts.device.open()?;
+    let resolved = opts.device.resolve()?;
+    let device = resolved.device.clone();
     let (model, tok, tok_json) =
         load_backbone_with_heads(opts.model.as_deref(), opts.train.seed, &heads, &device)?;
     tracing::info!(
@@ -247,7 +248,7 @@ pub fn train_reward_mixed(
         eval_points = eval.points.len(),
         aspects = ?heads.aspects,
         step_head = heads.step_head,
-        device = %opts.device,
+        device = %resolved.name(),
         "training the reward model"
     );
     let data = encode(&model, &tok, &train, opts.train.max_length)?;

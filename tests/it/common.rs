@@ -30,10 +30,10 @@ impl Workspace {
             self.store_dir().display()
         ))
     }
-    /// The embedded default config (`configs/example.yaml`) with its store, reports and
-    /// would-be PR moved inside this workspace, as text.
+    /// The test config (`configs/tiny.yaml`: the bundled sample, tiny models from scratch) with
+    /// its store, reports and would-be PR moved inside this workspace, as text.
     pub fn sample_config_text(&self) -> String {
-        std::fs::read_to_string(repo().join("configs/example.yaml"))
+        std::fs::read_to_string(repo().join("configs/tiny.yaml"))
             .unwrap()
             .replace(
                 "configs/sample-feedback.jsonl",
@@ -42,7 +42,7 @@ impl Workspace {
                     .display()
                     .to_string(),
             )
-            .replace(".rlhf/example", &self.store_dir().display().to_string())
+            .replace(".rlhf/tiny", &self.store_dir().display().to_string())
             .replace(
                 "dir: reports",
                 &format!("dir: {}", self.path().join("reports").display()),

@@ -5,7 +5,12 @@ use crate::common::{Workspace, repo, run, stderr, stdout};
 
 #[test]
 fn shipped_configs_are_valid() {
-    for name in ["configs/example.yaml", "configs/rlhf.yaml"] {
+    for name in [
+        "configs/example.yaml",
+        "configs/tiny.yaml",
+        "configs/smollm2-demo.yaml",
+        "configs/rlhf.yaml",
+    ] {
         let out = run(&repo().join(name), &["config", "check"]);
         assert!(out.status.success(), "{name}: {}", stderr(&out));
         assert!(stdout(&out).contains("valid"), "{}", stdout(&out));

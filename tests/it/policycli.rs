@@ -479,7 +479,7 @@ fn sample_run_trains_registers_and_reports_a_policy() {
     let text = ws.sample_config_text();
     assert!(
         text.contains("enabled: true"),
-        "example.yaml enables the policy stage"
+        "tiny.yaml enables the policy stage"
     );
     let cfg = ws.write_config(&text);
     let o = bin()

@@ -6,8 +6,8 @@ use std::fs;
 use chrono::{TimeZone, Utc};
 use rlhf_bot::registry::{ModelKind, ModelStatus, PRODUCTION};
 use rlhf_bot::report::{
-    self, GateConfig, GateStatus, Interval, KpiRow, PR_BODY_LIMIT, PolicySection, RenderOptions,
-    ReportContext, ReportError, RewardSection, evaluate_gates, verdict,
+    self, GateConfig, GateStatus, Interval, KpiRow, LocalPaths, PR_BODY_LIMIT, PolicySection,
+    RenderOptions, ReportContext, ReportError, RewardSection, evaluate_gates, verdict,
 };
 use rlhf_bot::run_outputs::{
     DatasetInfo, LogLine, PolicyAlgo, PolicyEval, PolicyMetrics, PolicyRunOutput, PolicySample,
@@ -15,6 +15,19 @@ use rlhf_bot::run_outputs::{
 };
 
 use crate::registry::entry;
+
+/// Renders as a config with `report.samples_in_files: true` would, the artifacts directory
+/// `/srv/models` shown as `<artifacts>`: what the snapshots below pin.
+fn render_all(ctx: &ReportContext) -> Result<report::Rendered, ReportError> {
+    report::render_with(
+        ctx,
+        &RenderOptions {
+            samples_in_files: true,
+            local_paths: LocalPaths::default().with_root("/srv/models", "<artifacts>"),
+            ..RenderOptions::default()
+        },
+    )
+}
 
 fn snap(name: &str, value: &str) {
     insta::with_settings!({snapshot_path => "../snapshots", prepend_module_to_snapshot => false}, {
@@ -199,7 +212,7 @@ fn passing() -> ReportContext {
 
 #[test]
 fn snapshot_all_gates_pass() {
-    let r = report::render(&passing()).unwrap();
+    let r = render_all(&passing()).unwrap();
     assert!(r.markdown.contains("All 3 checked gates passed"));
     snap("report_all_pass", &r.markdown);
     snap("pr_body_all_pass", &r.pr_body);
@@ -208,7 +221,7 @@ fn snapshot_all_gates_pass() {
 #[test]
 fn snapshot_a_gate_fails() {
     let ctx = context(true, (0.49, 0.47, 0.55), 7.5);
-    let r = report::render(&ctx).unwrap();
+    let r = render_all(&ctx).unwrap();
     assert!(
         r.pr_body.contains("❌ **2 of 3 gates failed"),
         "{}",
@@ -220,7 +233,7 @@ fn snapshot_a_gate_fails() {
 #[test]
 fn snapshot_first_run_without_production() {
     let ctx = context(false, (0.61, 0.552, 0.665), 1.4);
-    let r = report::render(&ctx).unwrap();
+    let r = render_all(&ctx).unwrap();
     assert!(
         r.markdown
             .contains("no production reward model or policy yet")
@@ -266,7 +279,7 @@ fn snapshot_hostile_text_is_neutralised() {
     }];
     ctx.kpis[0].model_version = "@acme/maintainers <b>x</b>".into();
     ctx.new_feedback.insert("<script>".into(), 1);
-    let r = report::render(&ctx).unwrap();
+    let r = render_all(&ctx).unwrap();
     for doc in [&r.markdown, &r.pr_body] {
         let active = outside_fences(doc);
         for bad in [
@@ -314,7 +327,7 @@ fn pr_body_over_the_limit_is_cut_with_a_link() {
             production_reward: Some(0.1),
         })
         .collect();
-    let r = report::render(&ctx).unwrap();
+    let r = render_all(&ctx).unwrap();
     assert!(r.pr_body.len() <= PR_BODY_LIMIT, "{}", r.pr_body.len());
     assert!(
         r.pr_body.len() > PR_BODY_LIMIT - 4_000,
@@ -343,8 +356,8 @@ fn pr_body_over_the_limit_is_cut_with_a_link() {
 #[test]
 fn rendering_is_deterministic_and_writes_its_files() {
     let ctx = passing();
-    let a = report::render(&ctx).unwrap();
-    assert_eq!(a, report::render(&ctx).unwrap());
+    let a = render_all(&ctx).unwrap();
+    assert_eq!(a, render_all(&ctx).unwrap());
     let names: Vec<&str> = a.plots.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(
         names,
@@ -394,6 +407,7 @@ fn templates_can_be_overridden_and_are_strict() {
     .unwrap();
     let opts = RenderOptions {
         template_dir: Some(dir.path().to_path_buf()),
+        ..RenderOptions::default()
     };
     let r = report::render_with(&passing(), &opts).unwrap();
     assert_eq!(r.pr_body, "✅ custom reports/20261127-0630-7/report.md\n");
@@ -420,10 +434,37 @@ fn no_training_at_all_still_renders() {
     ctx.reward = None;
     ctx.policy = None;
     ctx.kpis.clear();
-    let r = report::render(&ctx).unwrap();
+    let r = render_all(&ctx).unwrap();
     assert!(r.pr_body.contains("Nothing was trained"));
     assert!(r.pr_body.contains("No gate could be checked"));
     assert!(r.plots.is_empty());
+}
+
+#[test]
+fn by_default_committed_files_hold_no_samples_and_no_local_paths() {
+    let ctx = passing();
+    let r = report::render(&ctx).unwrap();
+    let prompt = "What is a carbon tax, in one sentence?";
+    let answer = "puts a price on each tonne";
+    for (name, text) in [
+        ("report.md", &r.markdown),
+        ("metrics.json", &r.metrics_json),
+    ] {
+        for leak in [prompt, answer, "Keep it short", "/srv/models", "file://"] {
+            assert!(!text.contains(leak), "{name} holds {leak:?}");
+        }
+    }
+    assert!(
+        r.markdown
+            .contains("Kept out of the committed files: prompts come from users"),
+        "{}",
+        r.markdown
+    );
+    assert!(r.markdown.contains("`<local>/rm-20261127-a1b2c3/`"));
+    // The PR body, which a reviewer can edit, still shows them; so does an opted-in report.
+    assert!(r.pr_body.contains(prompt) && r.pr_body.contains(answer));
+    let all = render_all(&ctx).unwrap();
+    assert!(all.markdown.contains(prompt) && all.metrics_json.contains(prompt));
 }
 
 // ---------------------------------------------------------------------------------------------
