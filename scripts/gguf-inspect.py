@@ -38,8 +38,10 @@ def main(path: str) -> None:
         for t in r.tensors
     ]
     version = r.fields["GGUF.version"].contents()
+    # numpy scalars (uint32, float32, ...) become plain numbers.
+    plain = lambda o: o.item() if hasattr(o, "item") else str(o)  # noqa: E731
     print(json.dumps({"version": version, "alignment": r.alignment, "metadata": meta,
-                      "arrays": arrays, "tensors": tensors}))
+                      "arrays": arrays, "tensors": tensors}, default=plain))
 
 
 if __name__ == "__main__":

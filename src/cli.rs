@@ -117,8 +117,9 @@ pub struct ExportModelArgs {
     /// registry id (its artifact is verified against the registry's checksums first).
     #[arg(long)]
     pub model: String,
+    /// The serving format. Named `--to` because `--format` is the global text|json switch.
     #[arg(long, value_enum)]
-    pub format: ExportFormat,
+    pub to: ExportFormat,
     /// Output: a directory for `hf` and `peft`; a `.gguf` file (with a `Modelfile` beside it)
     /// or a directory to hold `model.gguf` for the GGUF formats.
     #[arg(long)]

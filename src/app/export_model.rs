@@ -27,7 +27,10 @@ pub struct ExportSummary {
 }
 
 /// `settings` is `None` when no config file exists: then only directories can be exported.
-pub fn export_model_cmd(settings: Option<&Settings>, args: &ExportModelArgs) -> Result<ExportSummary> {
+pub fn export_model_cmd(
+    settings: Option<&Settings>,
+    args: &ExportModelArgs,
+) -> Result<ExportSummary> {
     let (dir, registered_kind) = locate(settings, &args.model)?;
     let kind = match registered_kind {
         Some(k) => k,
@@ -37,7 +40,7 @@ pub fn export_model_cmd(settings: Option<&Settings>, args: &ExportModelArgs) -> 
         .base_model_id
         .clone()
         .or_else(|| settings.and_then(|s| s.policy.base_model_id.clone()));
-    let format_name = clap::ValueEnum::to_possible_value(&args.format)
+    let format_name = clap::ValueEnum::to_possible_value(&args.to)
         .map(|v| v.get_name().to_owned())
         .unwrap_or_default();
     let dtype = |default: WeightDtype| match args.dtype {
@@ -46,7 +49,7 @@ pub fn export_model_cmd(settings: Option<&Settings>, args: &ExportModelArgs) -> 
         Some(ExportDtype::F16) => WeightDtype::F16,
         Some(ExportDtype::F32) => WeightDtype::F32,
     };
-    let (out, files, base_model_id) = match (kind, args.format) {
+    let (out, files, base_model_id) = match (kind, args.to) {
         (ModelKind::Reward, ExportFormat::Hf) => {
             let files = hf::write_reward_model(&dir, dtype(WeightDtype::Bf16), &args.out)?;
             (args.out.clone(), files, None)
@@ -76,10 +79,14 @@ pub fn export_model_cmd(settings: Option<&Settings>, args: &ExportModelArgs) -> 
             if args.dtype.is_some() {
                 bail!(
                     "--dtype does not apply to {format_name}: the format fixes its encodings (norms f32, matrices {})\nhint: drop --dtype",
-                    if args.format == ExportFormat::GgufF16 { "f16" } else { "Q8_0" }
+                    if args.to == ExportFormat::GgufF16 {
+                        "f16"
+                    } else {
+                        "Q8_0"
+                    }
                 );
             }
-            let encoding = if args.format == ExportFormat::GgufF16 {
+            let encoding = if args.to == ExportFormat::GgufF16 {
                 GgufEncoding::F16
             } else {
                 GgufEncoding::Q8_0
@@ -149,7 +156,10 @@ fn kind_of(dir: &Path) -> Result<ModelKind> {
         .as_array()
         .into_iter()
         .flatten()
-        .any(|a| a.as_str().is_some_and(|a| a.ends_with("ForSequenceClassification")));
+        .any(|a| {
+            a.as_str()
+                .is_some_and(|a| a.ends_with("ForSequenceClassification"))
+        });
     Ok(if classifier || v.get("rlhf_bot_reward").is_some() {
         ModelKind::Reward
     } else {
@@ -187,7 +197,8 @@ fn find_adapter(dir: &Path) -> Result<PathBuf> {
 fn public_base_of(adapter: &Path) -> Option<String> {
     let (cfg, _) = crate::model::lora::load_peft(adapter).ok()?;
     let base = cfg.base_model?;
-    let local = Path::new(&base).is_absolute() || Path::new(&base).exists() || base.starts_with('.');
+    let local =
+        Path::new(&base).is_absolute() || Path::new(&base).exists() || base.starts_with('.');
     (!local && base.split('/').count() == 2).then_some(base)
 }
 
@@ -198,5 +209,8 @@ fn model_name(dir: &Path) -> String {
         .as_deref()
         .unwrap_or(dir)
         .file_name()
-        .map_or_else(|| "rlhf-bot-policy".into(), |n| n.to_string_lossy().into_owned())
+        .map_or_else(
+            || "rlhf-bot-policy".into(),
+            |n| n.to_string_lossy().into_owned(),
+        )
 }

@@ -157,7 +157,9 @@ pub fn validate_policy(raw: RawPolicy) -> Result<PolicySettings, Invalid> {
             Some(id) if id.trim().is_empty() || id.contains(char::is_whitespace) => {
                 return Err(Invalid::new(
                     "policy.base_model_id",
-                    format!("expected a model id such as HuggingFaceTB/SmolLM2-135M-Instruct, got {id:?}"),
+                    format!(
+                        "expected a model id such as HuggingFaceTB/SmolLM2-135M-Instruct, got {id:?}"
+                    ),
                 ));
             }
             other => other,

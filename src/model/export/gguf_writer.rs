@@ -263,7 +263,9 @@ mod tests {
     #[test]
     fn q8_0_blocks_match_candles_quantiser_and_read_back() {
         // Values chosen so that no x/d lands on a .5 tie, where x*(1/d) and x/d could differ.
-        let vals: Vec<f32> = (0..128).map(|i| ((i * 37 % 101) as f32 - 50.3) * 0.013).collect();
+        let vals: Vec<f32> = (0..128)
+            .map(|i| ((i * 37 % 101) as f32 - 50.3) * 0.013)
+            .collect();
         let t = Tensor::from_vec(vals.clone(), (2, 64), &Device::Cpu).unwrap();
         let ours = quantize_q8_0(&vals);
         let theirs = QTensor::quantize(&t, GgmlDType::Q8_0).unwrap();

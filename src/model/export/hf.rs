@@ -100,8 +100,12 @@ pub fn write_reward_model(src: &Path, dtype: WeightDtype, out: &Path) -> Result<
         .unwrap_or_default();
     // Sequence classification reads the score at the last non-pad token: the pad token matters.
     let special = SpecialTokens {
-        bos_token: from_cfg.bos_token.or_else(|| by_id(first(&cfg.bos_token_id))),
-        eos_token: from_cfg.eos_token.or_else(|| by_id(first(&cfg.eos_token_id))),
+        bos_token: from_cfg
+            .bos_token
+            .or_else(|| by_id(first(&cfg.bos_token_id))),
+        eos_token: from_cfg
+            .eos_token
+            .or_else(|| by_id(first(&cfg.eos_token_id))),
         pad_token: from_cfg.pad_token.or_else(|| by_id(cfg.pad_token_id)),
         unk_token: from_cfg.unk_token,
     };

@@ -111,7 +111,8 @@ fn add_tensors(w: &mut GgufWriter, lm: &CausalLm, encoding: GgufEncoding) -> Res
     for (g, hf) in named {
         let mut t = lm.tensors[hf].clone();
         if g.contains(".attn_q.") {
-            t = permute_qk(&t, cfg.num_attention_heads).with_context(|| format!("permuting {hf}"))?;
+            t = permute_qk(&t, cfg.num_attention_heads)
+                .with_context(|| format!("permuting {hf}"))?;
         } else if g.contains(".attn_k.") {
             t = permute_qk(&t, cfg.num_kv_heads()).with_context(|| format!("permuting {hf}"))?;
         }
@@ -287,8 +288,11 @@ fn pre_tokenizer_name(pre: &serde_json::Value) -> Result<&'static str> {
         return Ok("gpt2");
     }
     if pre["type"] == "Sequence" {
-        let parts: Vec<&serde_json::Value> =
-            pre["pretokenizers"].as_array().into_iter().flatten().collect();
+        let parts: Vec<&serde_json::Value> = pre["pretokenizers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .collect();
         if let [digits, bl] = parts.as_slice()
             && digits["type"] == "Digits"
             && digits["individual_digits"] == true

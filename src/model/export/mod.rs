@@ -178,7 +178,8 @@ pub(crate) fn read_json(path: &Path) -> Result<Option<serde_json::Value>> {
     }
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let v = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+    let v =
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
     Ok(Some(v))
 }
 
