@@ -263,7 +263,7 @@ fn gguf_q8_0_agrees_with_f32_on_the_first_tokens() {
     // the real model's numbers are in `smollm2_gguf_exports_follow_the_f32_model`. What must
     // hold: the quantised file is the same model (one prompt follows f32 all the way).
     assert!(
-        agree.iter().any(|&n| n == NEW_TOKENS),
+        agree.contains(&NEW_TOKENS),
         "q8_0 follows f32 on no prompt: {agree:?}"
     );
 }
