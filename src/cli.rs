@@ -83,6 +83,53 @@ pub enum Command {
     Store(StoreCommand),
     /// Print a model's continuation of a prompt (a reviewer's quick look at a candidate).
     Generate(GenerateArgs),
+    /// Write a trained model in a serving format: merged Hugging Face weights, a PEFT adapter,
+    /// or GGUF for llama.cpp/Ollama (docs/serving.md).
+    ExportModel(ExportModelArgs),
+}
+
+/// A serving format (`export-model --format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ExportFormat {
+    /// Merged weights in Hugging Face layout (transformers, vLLM, TGI); reward models too.
+    Hf,
+    /// The LoRA adapter as a PEFT directory (vLLM --enable-lora --lora-modules).
+    Peft,
+    /// GGUF with f16 matrices (llama.cpp, Ollama).
+    #[value(name = "gguf-f16")]
+    GgufF16,
+    /// GGUF with Q8_0 matrices (llama.cpp, Ollama).
+    #[value(name = "gguf-q8_0")]
+    GgufQ8_0,
+}
+
+/// The precision of exported weights (`export-model --dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ExportDtype {
+    Bf16,
+    F16,
+    F32,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportModelArgs {
+    /// A model directory (`train policy` or `train reward` output, an HF directory) or a
+    /// registry id (its artifact is verified against the registry's checksums first).
+    #[arg(long)]
+    pub model: String,
+    /// The serving format. Named `--to` because `--format` is the global text|json switch.
+    #[arg(long, value_enum)]
+    pub to: ExportFormat,
+    /// Output: a directory for `hf` and `peft`; a `.gguf` file (with a `Modelfile` beside it)
+    /// or a directory to hold `model.gguf` for the GGUF formats.
+    #[arg(long)]
+    pub out: std::path::PathBuf,
+    /// Weight precision for `hf` (default bf16) and `peft` (default f32, as trained).
+    #[arg(long, value_enum)]
+    pub dtype: Option<ExportDtype>,
+    /// The base model's public id for `peft` (overrides policy.base_model_id).
+    #[arg(long)]
+    pub base_model_id: Option<String>,
 }
 
 /// The policy optimisation algorithm (`--algo`).

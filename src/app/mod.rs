@@ -4,6 +4,7 @@
 
 pub mod baseline;
 mod check;
+pub mod export_model;
 pub mod generate;
 mod output;
 pub mod pipeline;
@@ -402,6 +403,29 @@ pub async fn run(cli: Cli) -> Result<()> {
                 .await
                 .context("the generation thread panicked")??;
             output::json_or_text(format, &out, &out.completion)
+        }
+        Command::ExportModel(args) => {
+            // A directory exports without a config; a registry id needs one.
+            let settings = if cli.config.is_file() {
+                Some(load_settings(&cli.config)?)
+            } else {
+                None
+            };
+            let summary = tokio::task::spawn_blocking(move || {
+                export_model::export_model_cmd(settings.as_ref(), &args)
+            })
+            .await
+            .context("the export thread panicked")??;
+            output::json_or_text(
+                format,
+                &summary,
+                &format!(
+                    "{} {} model written to {}",
+                    summary.format,
+                    summary.kind,
+                    summary.out.display()
+                ),
+            )
         }
         Command::Export { out } => {
             let settings = load_settings(&cli.config)?;

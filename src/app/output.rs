@@ -103,4 +103,3 @@ pub fn check_outcome(outcome: &CheckOutcome, format: Format) -> Result<()> {
         }
     }
 }
-

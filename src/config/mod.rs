@@ -5,8 +5,8 @@
 //! Secrets never live in the file: it names the environment variables that hold them.
 
 pub mod locate;
-pub mod nesting;
 pub mod models;
+pub mod nesting;
 pub mod policy;
 pub mod raw;
 pub mod settings;

@@ -37,6 +37,9 @@ pub struct PolicySettings {
     pub enabled: bool,
     /// HF causal-LM directory or `.gguf` file; `None`: a tiny llama from scratch.
     pub model: Option<PathBuf>,
+    /// The base model's public id for serving exports (`export-model`): PEFT's
+    /// `base_model_name_or_path`, the GGUF's `general.name`.
+    pub base_model_id: Option<String>,
     pub production_model: Option<PathBuf>,
     /// `None`: use the model's chat template when it has one.
     pub chat_template: Option<bool>,
@@ -150,6 +153,17 @@ pub fn validate_policy(raw: RawPolicy) -> Result<PolicySettings, Invalid> {
     Ok(PolicySettings {
         enabled: raw.enabled.unwrap_or(false),
         model: raw.model.as_deref().map(super::models::expand),
+        base_model_id: match raw.base_model_id {
+            Some(id) if id.trim().is_empty() || id.contains(char::is_whitespace) => {
+                return Err(Invalid::new(
+                    "policy.base_model_id",
+                    format!(
+                        "expected a model id such as HuggingFaceTB/SmolLM2-135M-Instruct, got {id:?}"
+                    ),
+                ));
+            }
+            other => other,
+        },
         production_model: raw.production_model.as_deref().map(super::models::expand),
         chat_template: raw.chat_template,
         merge: raw.lora.merge.unwrap_or(false),

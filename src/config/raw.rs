@@ -81,6 +81,9 @@ pub struct RawPolicy {
     pub algo: Option<crate::run_outputs::PolicyAlgo>,
     /// A Hugging Face causal-LM directory or a `.gguf` file; absent: a tiny llama from scratch.
     pub model: Option<String>,
+    /// The base model's public id (e.g. `HuggingFaceTB/SmolLM2-135M-Instruct`), written as
+    /// `base_model_name_or_path` by `export-model --to peft` and as the GGUF's name.
+    pub base_model_id: Option<String>,
     /// The production policy the candidate is evaluated against; absent: the registry's
     /// production policy, else the base model.
     pub production_model: Option<String>,

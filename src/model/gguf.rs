@@ -340,38 +340,59 @@ pub fn find_gguf(name: &str) -> Option<PathBuf> {
     found.into_iter().next()
 }
 
+/// llama.cpp names of the whole-model tensors and their HF `LlamaForCausalLM` names.
+const MODEL_TENSORS: &[(&str, &str)] = &[
+    ("token_embd.weight", "model.embed_tokens.weight"),
+    ("output_norm.weight", "model.norm.weight"),
+    ("output.weight", "lm_head.weight"),
+];
+
+/// llama.cpp module names inside `blk.N` and their HF names inside `model.layers.N`; both
+/// directions (import and export) read this one table.
+const LAYER_MODULES: &[(&str, &str)] = &[
+    ("attn_norm", "input_layernorm"),
+    ("ffn_norm", "post_attention_layernorm"),
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+];
+
+/// Splits `<prefix><layer>.<module>.<weight|bias>` into its parts.
+fn split_layer_name<'a>(name: &'a str, prefix: &str) -> Option<(usize, &'a str, &'a str)> {
+    let rest = name.strip_prefix(prefix)?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (module, kind) = rest.rsplit_once('.')?;
+    (kind == "weight" || kind == "bias").then_some((layer, module, kind))
+}
+
 /// llama.cpp tensor name -> HF `LlamaForCausalLM` tensor name.
 pub fn hf_tensor_name(gguf_name: &str) -> Result<String, GgufError> {
     let unknown = || GgufError::UnknownTensor(gguf_name.to_owned());
-    let fixed = match gguf_name {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
-    };
-    if let Some(f) = fixed {
-        return Ok(f.to_owned());
+    if let Some((_, hf)) = MODEL_TENSORS.iter().find(|(g, _)| *g == gguf_name) {
+        return Ok((*hf).to_owned());
     }
-    let rest = gguf_name.strip_prefix("blk.").ok_or_else(unknown)?;
-    let (layer, rest) = rest.split_once('.').ok_or_else(unknown)?;
-    let layer: usize = layer.parse().map_err(|_| unknown())?;
-    let (module, kind) = rest.rsplit_once('.').ok_or_else(unknown)?;
-    if kind != "weight" && kind != "bias" {
-        return Err(unknown());
-    }
-    let hf = match module {
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        _ => return Err(unknown()),
-    };
+    let (layer, module, kind) = split_layer_name(gguf_name, "blk.").ok_or_else(unknown)?;
+    let (_, hf) = LAYER_MODULES
+        .iter()
+        .find(|(g, _)| *g == module)
+        .ok_or_else(unknown)?;
     Ok(format!("model.layers.{layer}.{hf}.{kind}"))
+}
+
+/// HF `LlamaForCausalLM` tensor name -> llama.cpp tensor name (the inverse of
+/// [`hf_tensor_name`]); `None` for tensors llama.cpp's llama has no place for.
+pub fn gguf_tensor_name(hf_name: &str) -> Option<String> {
+    if let Some((g, _)) = MODEL_TENSORS.iter().find(|(_, h)| *h == hf_name) {
+        return Some((*g).to_owned());
+    }
+    let (layer, module, kind) = split_layer_name(hf_name, "model.layers.")?;
+    let (g, _) = LAYER_MODULES.iter().find(|(_, h)| *h == module)?;
+    Some(format!("blk.{layer}.{g}.{kind}"))
 }
 
 /// Undoes `convert_hf_to_gguf.py`'s `permute`: rows of each head go from llama.cpp's
@@ -390,7 +411,7 @@ pub fn unpermute_qk(w: &Tensor, n_head: usize) -> Result<Tensor> {
 }
 
 /// `convert_hf_to_gguf.py`'s `permute` (HF -> llama.cpp row order); the inverse of
-/// [`unpermute_qk`]. Used to write GGUF test fixtures.
+/// [`unpermute_qk`]. The GGUF export applies it to every Q/K weight and bias.
 pub fn permute_qk(w: &Tensor, n_head: usize) -> Result<Tensor> {
     let dims = w.dims().to_vec();
     let (half, rest) = qk_split(&dims, n_head)?;
@@ -564,7 +585,7 @@ fn build_tokenizer_json(
 }
 
 /// The split regex of Llama 3's tokenizer (digits in groups of up to three).
-const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+pub(crate) const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 type Meta = std::collections::HashMap<String, GValue>;
 

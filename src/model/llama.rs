@@ -1180,7 +1180,8 @@ pub enum Architecture {
 }
 
 impl Architecture {
-    fn class_name(self, cfg: &LlamaConfig) -> String {
+    /// The transformers class name (`LlamaForCausalLM`, `Qwen2ForSequenceClassification`, …).
+    pub fn class_name(self, cfg: &LlamaConfig) -> String {
         let family = if cfg.is_qwen2() { "Qwen2" } else { "Llama" };
         match self {
             Architecture::CausalLm => format!("{family}ForCausalLM"),

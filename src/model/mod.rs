@@ -4,11 +4,12 @@
 //! parameters carry their HF tensor names so checkpoints load and save without renaming, and
 //! the tokenizer wrapper produces the padded batches the trainers feed in. Around the decoder:
 //! GGUF import into the HF layout, chat templates, sampling, KV-cache generation and LoRA
-//! adapters. Losses live in `train`, not here.
+//! adapters; serving formats out (`export`). Losses live in `train`, not here.
 
 pub mod bert;
 pub mod chat_template;
 pub mod checkpoint_io;
+pub mod export;
 pub mod fused;
 pub mod generate;
 pub mod gguf;

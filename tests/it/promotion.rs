@@ -96,7 +96,7 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// Appends one byte to the largest file of a stored model (its weights).
-fn tamper(ws: &Workspace, kind: &str, id: &str) {
+pub(crate) fn tamper(ws: &Workspace, kind: &str, id: &str) {
     let dir = ws.store_dir().join("artifacts").join(kind).join(id);
     let weights = walk(&dir)
         .into_iter()

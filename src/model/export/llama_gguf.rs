@@ -1,0 +1,390 @@
+//! A llama-family policy as a GGUF file for llama.cpp and Ollama, following llama.cpp's
+//! `convert_hf_to_gguf.py` conventions, plus the Ollama `Modelfile` that goes beside it.
+//!
+//! What llama.cpp needs, and why each piece is here: its tensor names (`blk.N.attn_q.weight`, the
+//! inverse of the import's table in `model::gguf`); Q and K rows permuted into its interleaved
+//! RoPE layout ([`crate::model::gguf::permute_qk`], undone by the importer); the `llama.*`
+//! hyper-parameters; the tokenizer as `tokenizer.ggml.*` (byte-level BPE tokens, types, merges,
+//! special ids, the pre-tokenizer's name, whether to add BOS) because llama.cpp never reads
+//! `tokenizer.json`; and `tokenizer.chat_template`. 1-D tensors (norms, biases) stay f32;
+//! matrices are f16, or Q8_0 where the row length is a whole number of 32-value blocks (F16
+//! otherwise, as the converter falls back).
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use candle_core::quantized::gguf_file::Value;
+
+use super::CausalLm;
+use super::gguf_writer::{ALIGNMENT, GgmlType, GgufTensor, GgufWriter};
+use crate::model::gguf::{LLAMA3_SPLIT, gguf_tensor_name, permute_qk};
+
+/// The two GGUF encodings offered (`--format gguf-f16|gguf-q8_0`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GgufEncoding {
+    F16,
+    Q8_0,
+}
+
+impl GgufEncoding {
+    /// llama.cpp's `LlamaFileType` (`general.file_type`): MOSTLY_F16 = 1, MOSTLY_Q8_0 = 7.
+    fn file_type(self) -> u32 {
+        match self {
+            GgufEncoding::F16 => 1,
+            GgufEncoding::Q8_0 => 7,
+        }
+    }
+}
+
+/// llama.cpp token types.
+const TOKEN_NORMAL: i32 = 1;
+const TOKEN_CONTROL: i32 = 3;
+const TOKEN_USER_DEFINED: i32 = 4;
+const TOKEN_UNUSED: i32 = 5;
+/// gguf-py's `GGML_QUANT_VERSION`.
+const QUANT_VERSION: u32 = 2;
+
+/// Builds the whole file in memory (tensors encoded); `name` becomes `general.name`.
+pub fn build(lm: &CausalLm, encoding: GgufEncoding, name: &str) -> Result<GgufWriter> {
+    let cfg = &lm.config;
+    if cfg.model_type.as_deref().is_some_and(|t| t != "llama") {
+        bail!(
+            "model_type {:?} cannot be exported as a llama GGUF\nhint: only llama-family models (SmolLM2, Llama) are supported; export `hf` instead",
+            cfg.model_type
+        );
+    }
+    if cfg.mlp_bias {
+        bail!("mlp_bias: true has no place in llama.cpp's llama\nhint: export `hf` instead");
+    }
+    let mut w = GgufWriter::new();
+    let s = |v: &str| Value::String(v.to_owned());
+    let u = |v: usize| Value::U32(v as u32);
+    w.set("general.architecture", s("llama"));
+    w.set("general.type", s("model"));
+    w.set("general.name", s(name));
+    w.set("general.file_type", Value::U32(encoding.file_type()));
+    w.set("general.quantization_version", Value::U32(QUANT_VERSION));
+    w.set("general.alignment", u(ALIGNMENT));
+    w.set("llama.vocab_size", u(cfg.vocab_size));
+    w.set("llama.context_length", u(cfg.max_position_embeddings));
+    w.set("llama.embedding_length", u(cfg.hidden_size));
+    w.set("llama.block_count", u(cfg.num_hidden_layers));
+    w.set("llama.feed_forward_length", u(cfg.intermediate_size));
+    w.set("llama.attention.head_count", u(cfg.num_attention_heads));
+    w.set("llama.attention.head_count_kv", u(cfg.num_kv_heads()));
+    w.set("llama.attention.key_length", u(cfg.head_dim()));
+    w.set("llama.attention.value_length", u(cfg.head_dim()));
+    w.set("llama.rope.dimension_count", u(cfg.head_dim()));
+    w.set("llama.rope.freq_base", Value::F32(cfg.rope_theta() as f32));
+    w.set(
+        "llama.attention.layer_norm_rms_epsilon",
+        Value::F32(cfg.rms_norm_eps as f32),
+    );
+    add_tokenizer(&mut w, lm)?;
+    add_tensors(&mut w, lm, encoding)?;
+    Ok(w)
+}
+
+fn add_tensors(w: &mut GgufWriter, lm: &CausalLm, encoding: GgufEncoding) -> Result<()> {
+    let cfg = &lm.config;
+    let mut named: Vec<(String, &String)> = Vec::new();
+    for hf in lm.tensors.keys() {
+        if hf == "lm_head.weight" && cfg.tie_word_embeddings {
+            continue;
+        }
+        let g = gguf_tensor_name(hf).with_context(|| {
+            format!(
+                "tensor {hf} has no llama.cpp equivalent\nhint: only a plain llama causal LM (no value or reward heads) exports to GGUF"
+            )
+        })?;
+        named.push((g, hf));
+    }
+    // llama.cpp's order: embeddings, blocks in layer order, final norm, output head.
+    let rank = |g: &str| -> (usize, usize, String) {
+        match g.strip_prefix("blk.").and_then(|r| r.split_once('.')) {
+            Some((l, rest)) => (1, l.parse().unwrap_or(0), rest.to_owned()),
+            None if g.starts_with("token_embd") => (0, 0, g.to_owned()),
+            None => (2, 0, g.to_owned()),
+        }
+    };
+    named.sort_by_key(|(g, _)| rank(g));
+    for (g, hf) in named {
+        let mut t = lm.tensors[hf].clone();
+        if g.contains(".attn_q.") {
+            t = permute_qk(&t, cfg.num_attention_heads)
+                .with_context(|| format!("permuting {hf}"))?;
+        } else if g.contains(".attn_k.") {
+            t = permute_qk(&t, cfg.num_kv_heads()).with_context(|| format!("permuting {hf}"))?;
+        }
+        let tensor = if t.rank() <= 1 {
+            GgufTensor::encode(g, &t, GgmlType::F32)?
+        } else {
+            match encoding {
+                GgufEncoding::F16 => GgufTensor::encode(g, &t, GgmlType::F16)?,
+                GgufEncoding::Q8_0 => GgufTensor::q8_0_or_f16(g, &t)?,
+            }
+        };
+        w.add_tensor(tensor);
+    }
+    Ok(())
+}
+
+/// `tokenizer.ggml.*` from `tokenizer.json` (byte-level BPE only) and the chat template.
+fn add_tokenizer(w: &mut GgufWriter, lm: &CausalLm) -> Result<()> {
+    let tok = &lm.tokenizer_json;
+    let model = &tok["model"];
+    if model["type"] != "BPE" {
+        bail!(
+            "the tokenizer is {}, not byte-level BPE\nhint: only GPT-2-style BPE tokenizers (SmolLM2, Llama 3) export to GGUF here",
+            model["type"]
+        );
+    }
+    let pre = pre_tokenizer_name(&tok["pre_tokenizer"])?;
+    let n = lm.config.vocab_size;
+    let mut tokens: Vec<Option<(String, i32)>> = vec![None; n];
+    let mut place = |id: u64, text: &str, ty: i32| -> Result<()> {
+        let slot = tokens.get_mut(id as usize).with_context(|| {
+            format!("token {text:?} has id {id}, beyond the model's vocab_size {n}")
+        })?;
+        *slot = Some((text.to_owned(), ty));
+        Ok(())
+    };
+    let vocab = model["vocab"]
+        .as_object()
+        .context("tokenizer.json has no model.vocab")?;
+    for (text, id) in vocab {
+        let id = id.as_u64().context("a vocabulary id is not a number")?;
+        place(id, text, TOKEN_NORMAL)?;
+    }
+    for t in tok["added_tokens"].as_array().into_iter().flatten() {
+        let (Some(id), Some(text)) = (t["id"].as_u64(), t["content"].as_str()) else {
+            continue;
+        };
+        let ty = if t["special"] == true {
+            TOKEN_CONTROL
+        } else {
+            TOKEN_USER_DEFINED
+        };
+        place(id, text, ty)?;
+    }
+    // Embedding rows with no token (a vocab padded for speed) get placeholders, as the converter
+    // writes them.
+    let (texts, types): (Vec<Value>, Vec<Value>) = tokens
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let (text, ty) = t.unwrap_or_else(|| (format!("[PAD{i}]"), TOKEN_UNUSED));
+            (Value::String(text), Value::I32(ty))
+        })
+        .unzip();
+    let merges: Vec<Value> = model["merges"]
+        .as_array()
+        .context("tokenizer.json has no model.merges")?
+        .iter()
+        .map(|m| match m {
+            serde_json::Value::String(s) => Ok(Value::String(s.clone())),
+            serde_json::Value::Array(p) if p.len() == 2 => Ok(Value::String(format!(
+                "{} {}",
+                p[0].as_str().unwrap_or_default(),
+                p[1].as_str().unwrap_or_default()
+            ))),
+            other => bail!("tokenizer.json merge {other} is neither \"a b\" nor [a, b]"),
+        })
+        .collect::<Result<_>>()?;
+    w.set("tokenizer.ggml.model", Value::String("gpt2".into()));
+    w.set("tokenizer.ggml.pre", Value::String(pre.into()));
+    w.set("tokenizer.ggml.tokens", Value::Array(texts));
+    w.set("tokenizer.ggml.token_type", Value::Array(types));
+    w.set("tokenizer.ggml.merges", Value::Array(merges));
+    let cfg = &lm.config;
+    let id_of = |t: &Option<String>| t.as_deref().and_then(|t| id_in(tok, t));
+    let sp = &lm.special_tokens;
+    let ids = [
+        (
+            "bos",
+            cfg.bos_token_id
+                .as_ref()
+                .and_then(|t| t.to_vec().first().copied())
+                .or_else(|| id_of(&sp.bos_token)),
+        ),
+        (
+            "eos",
+            cfg.eos_token_ids()
+                .first()
+                .copied()
+                .or_else(|| id_of(&sp.eos_token)),
+        ),
+        ("unknown", id_of(&sp.unk_token)),
+        ("padding", cfg.pad_token_id.or_else(|| id_of(&sp.pad_token))),
+    ];
+    for (what, id) in ids {
+        if let Some(id) = id {
+            w.set(&format!("tokenizer.ggml.{what}_token_id"), Value::U32(id));
+        }
+    }
+    // llama.cpp's default for BPE vocabularies is to add BOS; say what the tokenizer does.
+    let flag = |key: &str| {
+        lm.tokenizer_config
+            .as_ref()
+            .and_then(|c| c.get(key))
+            .and_then(|v| v.as_bool())
+    };
+    let add_bos = flag("add_bos_token").unwrap_or_else(|| post_processor_adds_bos(tok));
+    w.set("tokenizer.ggml.add_bos_token", Value::Bool(add_bos));
+    w.set(
+        "tokenizer.ggml.add_eos_token",
+        Value::Bool(flag("add_eos_token").unwrap_or(false)),
+    );
+    if let Some(t) = &lm.chat_template {
+        w.set("tokenizer.chat_template", Value::String(t.clone()));
+    }
+    Ok(())
+}
+
+/// The id of token `text` in a parsed `tokenizer.json`.
+fn id_in(tok: &serde_json::Value, text: &str) -> Option<u32> {
+    let added = tok["added_tokens"].as_array().and_then(|a| {
+        a.iter()
+            .find(|t| t["content"] == text)
+            .and_then(|t| t["id"].as_u64())
+    });
+    added
+        .or_else(|| tok["model"]["vocab"][text].as_u64())
+        .and_then(|i| u32::try_from(i).ok())
+}
+
+/// Whether the post-processor puts a special token before the text (BOS).
+fn post_processor_adds_bos(tok: &serde_json::Value) -> bool {
+    let pp = &tok["post_processor"];
+    let single = match pp["type"].as_str() {
+        Some("TemplateProcessing") => &pp["single"],
+        Some("Sequence") => {
+            return pp["processors"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|p| p["type"] == "TemplateProcessing" && first_is_special(&p["single"]));
+        }
+        _ => return false,
+    };
+    first_is_special(single)
+}
+
+fn first_is_special(single: &serde_json::Value) -> bool {
+    single
+        .as_array()
+        .and_then(|s| s.first())
+        .is_some_and(|f| f.get("SpecialToken").is_some())
+}
+
+/// llama.cpp's name for the pre-tokenizer (`tokenizer.ggml.pre`), recognised from its HF form;
+/// the converter identifies it by hashing a tokenisation, which needs Python, so the known
+/// shapes are matched here instead and anything else is refused rather than guessed.
+fn pre_tokenizer_name(pre: &serde_json::Value) -> Result<&'static str> {
+    let byte_level = |p: &serde_json::Value, regex: bool| {
+        p["type"] == "ByteLevel" && p["use_regex"].as_bool().unwrap_or(true) == regex
+    };
+    if byte_level(pre, true) {
+        return Ok("gpt2");
+    }
+    if pre["type"] == "Sequence" {
+        let parts: Vec<&serde_json::Value> = pre["pretokenizers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .collect();
+        if let [digits, bl] = parts.as_slice()
+            && digits["type"] == "Digits"
+            && digits["individual_digits"] == true
+            && byte_level(bl, true)
+        {
+            return Ok("smollm");
+        }
+        if let [split, bl] = parts.as_slice()
+            && split["type"] == "Split"
+            && split["pattern"]["Regex"] == LLAMA3_SPLIT
+            && byte_level(bl, false)
+        {
+            return Ok("llama-bpe");
+        }
+    }
+    bail!(
+        "the tokenizer's pre-tokenizer {pre} has no llama.cpp name known here\nhint: supported: GPT-2 byte-level (gpt2), SmolLM (digits + byte-level), Llama 3 (llama-bpe)"
+    )
+}
+
+/// The Ollama `Modelfile` for `gguf_file_name` (in the same directory): `FROM`, the prompt
+/// template translated for ChatML models (Ollama's Go templates cannot run Jinja), the default
+/// system message the Jinja template adds, and stop tokens.
+pub fn modelfile(lm: &CausalLm, gguf_file_name: &str) -> Result<String> {
+    let mut out = format!(
+        "# Ollama: ollama create NAME -f Modelfile (written by rlhf-bot export-model)\nFROM ./{gguf_file_name}\n"
+    );
+    let mut stops = lm.eos_tokens();
+    let chatml = lm
+        .chat_template
+        .as_deref()
+        .is_some_and(|t| t.contains("<|im_start|>"));
+    if chatml {
+        let tpl = crate::model::chat_template::ChatTemplate::new(
+            lm.chat_template.clone().unwrap_or_default(),
+            lm.special_tokens.clone(),
+        )?;
+        let probe = tpl.render(
+            &[crate::model::chat_template::ChatMessage::user("\u{1}")],
+            false,
+        )?;
+        let system = probe
+            .strip_prefix("<|im_start|>system\n")
+            .and_then(|r| r.split_once("<|im_end|>"))
+            .map(|(s, _)| s.to_owned());
+        out.push_str(CHATML_TEMPLATE);
+        if let Some(s) = system {
+            out.push_str(&format!("SYSTEM \"\"\"{s}\"\"\"\n"));
+        }
+        for t in ["<|im_start|>", "<|im_end|>"] {
+            if !stops.iter().any(|s| s == t) {
+                stops.push(t.to_owned());
+            }
+        }
+    } else {
+        out.push_str(
+            "# No TEMPLATE: the chat template is not ChatML, and Ollama's Go templates cannot run\n# Jinja. Ollama picks a template from the GGUF's tokenizer.chat_template when it recognises\n# it; otherwise add a TEMPLATE block here.\n",
+        );
+    }
+    for s in stops {
+        out.push_str(&format!("PARAMETER stop {}\n", serde_json::to_string(&s)?));
+    }
+    Ok(out)
+}
+
+/// ChatML as an Ollama (Go) template: the system turn, every message, then the assistant's
+/// turn opened.
+const CHATML_TEMPLATE: &str = r#"TEMPLATE """{{- if .System }}<|im_start|>system
+{{ .System }}<|im_end|>
+{{ end }}{{- range .Messages }}{{- if ne .Role "system" }}<|im_start|>{{ .Role }}
+{{ .Content }}<|im_end|>
+{{ end }}{{- end }}<|im_start|>assistant
+"""
+"#;
+
+/// Writes the GGUF at `path` and the `Modelfile` beside it; returns both paths.
+pub fn write(
+    lm: &CausalLm,
+    encoding: GgufEncoding,
+    name: &str,
+    path: &Path,
+) -> Result<Vec<std::path::PathBuf>> {
+    if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    build(lm, encoding, name)?.write_file(path)?;
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .context("the GGUF path has no file name")?;
+    let mf = path.with_file_name("Modelfile");
+    std::fs::write(&mf, modelfile(lm, &file_name)?)
+        .with_context(|| format!("writing {}", mf.display()))?;
+    Ok(vec![path.to_path_buf(), mf])
+}
