@@ -186,7 +186,7 @@ async fn train_and_publish(
         settings,
         crate::registry::ModelKind::Reward,
         reward_opts.production_model.as_deref(),
-        "nothing (no production reward model is compared)",
+        "no other model",
         Ok,
     )?;
     reward_opts.production_model = reward_baseline.dir.clone();
