@@ -31,6 +31,22 @@ GGUF_VERSION=0.19.0
 dir=${RLHF_TEST_DEPS:-$HOME/.cache/rlhf-bot/test-deps}
 mkdir -p "$dir"
 
+# System tools the workflow harness's steps and the install tests call (a runner image has them;
+# a bare Debian may not): installed with apt when missing and we may.
+missing=()
+for tool in jq curl git tar; do
+  command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "install-test-deps: installing ${missing[*]} with apt-get" >&2
+    apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >&2
+  else
+    echo "install-test-deps: missing ${missing[*]}; hint: apt-get install ${missing[*]}" >&2
+    exit 1
+  fi
+fi
+
 need_node() {
   if ! command -v npm >/dev/null 2>&1; then
     echo "install-test-deps: npm not found; hint: install Node.js 20 or 22 (apt-get install nodejs npm)" >&2
