@@ -99,6 +99,20 @@ pub fn run(config: &Path, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// `run --force --format json` with the clock at `now` (RFC 3339), as a user's forced run; panics
+/// with stderr when it fails, and returns the whole JSON (`pull`, `check`, `run`).
+pub fn forced_run_json(config: &Path, now: &str) -> serde_json::Value {
+    let o = bin()
+        .env("RLHF_BOT_NOW", now)
+        .arg("--config")
+        .arg(config)
+        .args(["--format", "json", "run", "--force"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    serde_json::from_str(&stdout(&o)).unwrap_or_else(|e| panic!("{e}: {}", stdout(&o)))
+}
+
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }

@@ -573,15 +573,7 @@ fn reward_model_exports_as_sequence_classification_and_only_as_hf() {
 fn registry_ids_export_after_their_artifact_is_verified() {
     let ws = Workspace::new();
     let cfg = ws.sample_config();
-    let o = bin()
-        .env("RLHF_BOT_NOW", "2026-11-27T12:00:00Z")
-        .arg("--config")
-        .arg(&cfg)
-        .args(["--format", "json", "run", "--force"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
-    let run: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let run = crate::common::forced_run_json(&cfg, "2026-11-27T12:00:00Z");
     let policy = run["run"]["registered_policy"].as_str().unwrap().to_owned();
     let reward = run["run"]["registered"].as_str().unwrap().to_owned();
     let by_id = |id: &str, format: &str, out: &Path| {

@@ -78,15 +78,7 @@ fn committed_report_files_hold_no_user_text_secrets_or_local_paths() {
         "the test config must keep the default"
     );
     let cfg = ws.write_config(&text);
-    let o = bin()
-        .env("RLHF_BOT_NOW", "2026-11-27T12:00:00Z")
-        .arg("--config")
-        .arg(&cfg)
-        .args(["--format", "json", "run", "--force"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
-    let json: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let json = crate::common::forced_run_json(&cfg, "2026-11-27T12:00:00Z");
     let run = &json["run"];
     let report = PathBuf::from(run["report"].as_str().unwrap());
     let report_dir = report.parent().unwrap();

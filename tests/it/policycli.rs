@@ -482,15 +482,7 @@ fn sample_run_trains_registers_and_reports_a_policy() {
         "tiny.yaml enables the policy stage"
     );
     let cfg = ws.write_config(&text);
-    let o = bin()
-        .env("RLHF_BOT_NOW", "2026-11-27T12:00:00Z")
-        .arg("--config")
-        .arg(&cfg)
-        .args(["--format", "json", "run", "--force"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
-    let json: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let json = crate::common::forced_run_json(&cfg, "2026-11-27T12:00:00Z");
     let run = &json["run"];
     let policy_id = run["registered_policy"]
         .as_str()

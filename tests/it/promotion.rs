@@ -58,18 +58,9 @@ fn show(config: &Path) -> serde_json::Value {
     v
 }
 
-/// One `run --force` on the embedded default (tiny models); returns its JSON summary.
+/// One `run --force` on the test config (tiny models); returns its `run` summary.
 fn forced_run(config: &Path, now: &str) -> serde_json::Value {
-    let o = crate::common::bin()
-        .env("RLHF_BOT_NOW", now)
-        .arg("--config")
-        .arg(config)
-        .args(["--format", "json", "run", "--force"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
-    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
-    v["run"].clone()
+    crate::common::forced_run_json(config, now)["run"].clone()
 }
 
 /// The registry file the run's would-be PR carries.
