@@ -108,7 +108,8 @@ pub fn register(
             kind,
             created_at: Utc::now(),
             created_by: created_by.clone(),
-            base_model: base.to_string(),
+            // Committed with the PR: a local path is shown as `<models>/…` or repo-relative.
+            base_model: local_paths(settings).display(base),
             parent: registry.production(kind).map(|p| p.id.clone()),
             algorithm,
             config_sha256: settings.config_sha256.clone(),
