@@ -33,7 +33,13 @@ impl Workspace {
     /// The test config (`configs/tiny.yaml`: the bundled sample, tiny models from scratch) with
     /// its store, reports and would-be PR moved inside this workspace, as text.
     pub fn sample_config_text(&self) -> String {
-        std::fs::read_to_string(repo().join("configs/tiny.yaml"))
+        self.shipped_config_text("tiny.yaml", ".rlhf/tiny")
+    }
+
+    /// A config shipped in `configs/` (its store at `store_dir`) with the sample feedback, the
+    /// store, the reports and the would-be PR moved inside this workspace, as text.
+    pub fn shipped_config_text(&self, name: &str, store_dir: &str) -> String {
+        std::fs::read_to_string(repo().join("configs").join(name))
             .unwrap()
             .replace(
                 "configs/sample-feedback.jsonl",
@@ -42,7 +48,7 @@ impl Workspace {
                     .display()
                     .to_string(),
             )
-            .replace(".rlhf/tiny", &self.store_dir().display().to_string())
+            .replace(store_dir, &self.store_dir().display().to_string())
             .replace(
                 "dir: reports",
                 &format!("dir: {}", self.path().join("reports").display()),

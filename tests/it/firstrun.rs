@@ -3,29 +3,12 @@
 //! are missing; `run` picks its device (`--device auto|cpu|cuda`, auto by default) and ends by
 //! saying where the report, the pull request and the registry update are.
 
-use crate::common::{Workspace, bin, repo, stderr, stdout};
+use crate::common::{Workspace, bin, stderr, stdout};
 
 #[test]
 fn missing_models_name_the_fetch_script_before_training() {
     let ws = Workspace::new();
-    let text = std::fs::read_to_string(repo().join("configs/example.yaml"))
-        .unwrap()
-        .replace(
-            "configs/sample-feedback.jsonl",
-            &repo()
-                .join("configs/sample-feedback.jsonl")
-                .display()
-                .to_string(),
-        )
-        .replace(".rlhf/example", &ws.store_dir().display().to_string())
-        .replace(
-            "dir: reports",
-            &format!("dir: {}", ws.path().join("reports").display()),
-        )
-        .replace(
-            "local_dir: out/pr",
-            &format!("local_dir: {}", ws.path().join("pr").display()),
-        );
+    let text = ws.shipped_config_text("example.yaml", ".rlhf/example");
     assert!(text.contains("model: $RLHF_MODELS_DIR/"), "{text}");
     let cfg = ws.write_config(&text);
     let empty = ws.path().join("no-models-here");
