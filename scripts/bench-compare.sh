@@ -14,7 +14,7 @@
 #   pull        `rlhf-bot pull` of 1,000,000 records from a loopback API (ours only: target
 #               <= 10 s and <= 200 MB)
 # The Python side lives in its own venv ($RLHF_BENCH_VENV, default ~/.cache/rlhf-bot/bench-venv):
-# torch from PyTorch's CPU wheel index, transformers and TRL from PyPI. Models come from
+# torch from PyTorch's CPU wheel index (else PyPI), transformers and TRL from PyPI. Models come from
 # scripts/fetch-models.sh; the HH data from $HH_DATA (a harmless-base .jsonl.gz).
 # Env: ROUNDS, THREADS (2), RLHF_MODELS_DIR, RLHF_BENCH_VENV, HH_DATA, BENCH_OUT.
 set -euo pipefail
@@ -43,7 +43,10 @@ python_side() {
     log "creating the Python venv $VENV (torch CPU wheel, transformers, TRL)"
     python3 -m venv "$VENV"
     "$VENV/bin/pip" install --quiet --upgrade pip
-    "$VENV/bin/pip" install --quiet torch --index-url https://download.pytorch.org/whl/cpu
+    # PyTorch's CPU wheel index is small; where only PyPI is reachable, PyPI's default wheel
+    # (it pulls the CUDA libraries, several GB) measures the same CPU kernels.
+    "$VENV/bin/pip" install --quiet torch --index-url https://download.pytorch.org/whl/cpu ||
+      "$VENV/bin/pip" install --quiet torch
     "$VENV/bin/pip" install --quiet transformers trl datasets accelerate
   fi
 }
