@@ -20,7 +20,7 @@ use anyhow::{Context, Result};
 use candle_core::Device;
 use rlhf_bot::model::chat_template::{ChatMessage, ChatTemplate};
 use rlhf_bot::model::gguf;
-use rlhf_bot::run_outputs::PolicyAlgo;
+use rlhf_bot::run::outputs::PolicyAlgo;
 use rlhf_bot::train::policy_common::{LoraOptions, Policy, PolicyTrainOptions, PpoOptions};
 use rlhf_bot::train::policy_eval::RewardScorer;
 use rlhf_bot::train::ppo_trainer::train_ppo;

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::registry::ModelKind;
+use crate::model_kind::ModelKind;
 
 pub mod bucket;
 

@@ -9,7 +9,6 @@
 //! byte. Everything is validated on load, with errors that name the file and the model id.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -18,6 +17,7 @@ use chrono::{DateTime, SecondsFormat, SubsecRound, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::artifacts::{ArtifactError, ArtifactRef, ArtifactStore};
+pub use crate::model_kind::ModelKind;
 
 /// The layout version written into the file; bumped on incompatible changes.
 pub const FORMAT_VERSION: u32 = 1;
@@ -29,28 +29,6 @@ pub const PRODUCTION: &str = "production";
 pub const PREVIOUS: &str = "previous";
 
 const HEADER: &str = "# Model registry written by rlhf-bot. Promote a model by merging the pull request that moves\n# its `production` alias; hand edits are validated on the next run.\n";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ModelKind {
-    Reward,
-    Policy,
-}
-
-impl ModelKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ModelKind::Reward => "reward",
-            ModelKind::Policy => "policy",
-        }
-    }
-}
-
-impl fmt::Display for ModelKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -15,7 +15,7 @@ use anyhow::Result;
 use crate::artifacts::ArtifactError;
 use crate::config::Settings;
 use crate::registry::{ModelKind, Registry};
-use crate::run_outputs::{Baseline, UnusableProduction};
+use crate::run::outputs::{Baseline, UnusableProduction};
 
 /// A baseline decided: the local directory to evaluate against (`None`: the base model for a
 /// policy, no comparison for a reward model) and the statement for the report.

@@ -132,7 +132,7 @@ async fn train_reward_cmd(
     let out = args
         .run
         .out
-        .unwrap_or_else(|| pipeline::run_dir(settings, &pipeline::new_run_id()).join("reward"));
+        .unwrap_or_else(|| crate::run::run_dir(settings, &crate::run::new_run_id()).join("reward"));
     match args.dataset {
         Some(dataset) => {
             opts.dataset = Some(dataset);
@@ -174,13 +174,13 @@ async fn train_and_publish(
     settings: &Settings,
     config_path: &Path,
     dry_run: bool,
-    algo: Option<crate::run_outputs::PolicyAlgo>,
+    algo: Option<crate::run::outputs::PolicyAlgo>,
 ) -> Result<RunSummary> {
     let policy_runs = settings.policy.enabled || algo.is_some();
     models_present(settings, policy_runs)?;
-    let run_id = pipeline::new_run_id();
+    let run_id = crate::run::new_run_id();
     let started = check::now()?;
-    let reward_dir = pipeline::run_dir(settings, &run_id).join("reward");
+    let reward_dir = crate::run::run_dir(settings, &run_id).join("reward");
     let mut reward_opts = settings.reward.clone();
     let reward_baseline = baseline::resolve(
         settings,
@@ -202,7 +202,7 @@ async fn train_and_publish(
             m.display().to_string()
         });
     let policy = if policy_runs {
-        let run_dir = pipeline::run_dir(settings, &run_id);
+        let run_dir = crate::run::run_dir(settings, &run_id);
         Some(
             policy::run_policy_stage(
                 settings,
@@ -262,10 +262,10 @@ async fn train_and_publish(
 pub struct RunSummary {
     pub run_id: String,
     pub reward_dir: std::path::PathBuf,
-    pub reward_eval: crate::run_outputs::RewardEval,
+    pub reward_eval: crate::run::outputs::RewardEval,
     pub registered: Option<String>,
     pub policy_dir: Option<std::path::PathBuf>,
-    pub policy_eval: Option<crate::run_outputs::PolicyEval>,
+    pub policy_eval: Option<crate::run::outputs::PolicyEval>,
     pub registered_policy: Option<String>,
     pub report: std::path::PathBuf,
     pub draft: bool,
@@ -442,7 +442,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             let settings = load_settings(&cli.config)?;
             let run_id = match select.run {
                 Some(id) => id,
-                None => pipeline::latest_run(&settings)?,
+                None => crate::run::latest_run(&settings)?,
             };
             let (dir, _, draft) = pipeline::build_report(&settings, &run_id, &cli.config)?;
             output::json_or_text(
@@ -455,7 +455,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             let settings = load_settings(&cli.config)?;
             let run_id = match args.select.run {
                 Some(id) => id,
-                None => pipeline::latest_run(&settings)?,
+                None => crate::run::latest_run(&settings)?,
             };
             let (_, body, draft) = pipeline::build_report(&settings, &run_id, &cli.config)?;
             let outcome =

@@ -26,46 +26,8 @@ use crate::registry::{
     FeedbackSnapshot, ModelEntry, ModelKind, ModelStatus, Registry, created_by_from_env,
 };
 use crate::report::{self, KpiRow, PolicySection, RenderOptions, ReportContext, RewardSection};
-use crate::run_outputs::{Baseline, DatasetInfo, PolicyRunOutput, RewardRunOutput};
-
-/// The directory of one run's outputs.
-pub fn run_dir(settings: &Settings, run_id: &str) -> PathBuf {
-    settings.store.dir.join("runs").join(run_id)
-}
-
-/// A run id: the Actions run id when there is one (reruns of a workflow run share it, so the
-/// publisher updates the same PR), else a UTC timestamp.
-pub fn new_run_id() -> String {
-    match std::env::var("GITHUB_RUN_ID") {
-        Ok(id) if !id.is_empty() && id.chars().all(|c| c.is_ascii_digit()) => format!("gh-{id}"),
-        _ => Utc::now().format("%Y%m%d-%H%M%S").to_string(),
-    }
-}
-
-/// The newest run directory, for `report` / `publish` without `--run`.
-pub fn latest_run(settings: &Settings) -> Result<String> {
-    let root = settings.store.dir.join("runs");
-    let mut runs: Vec<(std::time::SystemTime, String)> = std::fs::read_dir(&root)
-        .with_context(|| {
-            format!(
-                "no runs under {}\nhint: run `rlhf-bot run` or `rlhf-bot train reward` first",
-                root.display()
-            )
-        })?
-        .filter_map(|e| e.ok())
-        .filter(|e| e.path().is_dir())
-        .filter_map(|e| {
-            Some((
-                e.metadata().ok()?.modified().ok()?,
-                e.file_name().to_string_lossy().into_owned(),
-            ))
-        })
-        .collect();
-    runs.sort();
-    runs.pop()
-        .map(|(_, id)| id)
-        .with_context(|| format!("no runs under {}", root.display()))
-}
+use crate::run::outputs::{Baseline, DatasetInfo, PolicyRunOutput, RewardRunOutput};
+use crate::run::run_dir;
 
 /// What `register` added to the registry.
 #[derive(Debug, Clone, Serialize)]
@@ -136,7 +98,7 @@ pub fn register(
                 &out.metrics.dataset,
             )?)
         }
-        Err(crate::run_outputs::RunOutputError::Missing { .. }) => None,
+        Err(crate::run::outputs::RunOutputError::Missing { .. }) => None,
         Err(e) => return Err(e.into()),
     };
     let policy = match PolicyRunOutput::load(&dir.join("policy")) {
@@ -156,7 +118,7 @@ pub fn register(
                 &dataset,
             )?)
         }
-        Err(crate::run_outputs::RunOutputError::Missing { .. }) => None,
+        Err(crate::run::outputs::RunOutputError::Missing { .. }) => None,
         Err(e) => return Err(e.into()),
     };
     if reward.is_none() && policy.is_none() {

@@ -16,7 +16,6 @@ use anyhow::{Context, Result, bail};
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 
-use crate::app::pipeline;
 use crate::app::train_policy::{PolicyRunSummary, TrainPolicyRequest, train_policy};
 use crate::cli::Algo;
 use crate::config::Settings;
@@ -25,7 +24,7 @@ use crate::feedback::Store;
 use crate::model::chat_template::{ChatMessage, ChatTemplate};
 use crate::model::llama::{Architecture, LlamaConfig, LlamaForCausalLM};
 use crate::registry::{ModelKind, Registry};
-use crate::run_outputs::PolicyAlgo;
+use crate::run::outputs::PolicyAlgo;
 use crate::train::device::DeviceChoice;
 use crate::train::reward_models::{DEFAULT_TOKENIZER_JSON, default_llama_config, seeded_init};
 
@@ -551,7 +550,7 @@ pub async fn train_policy_cmd(
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
             .map_or_else(|| PathBuf::from("."), Path::to_path_buf),
-        None => pipeline::run_dir(settings, &pipeline::new_run_id()),
+        None => crate::run::run_dir(settings, &crate::run::new_run_id()),
     };
     run_policy_stage(
         settings,

@@ -17,8 +17,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::model::chat_template::{ChatMessage, ChatTemplate};
-use crate::model::lora::load_frozen_causal_lm;
-use crate::run_outputs::{PolicyAlgo, PolicyMetrics, TrainStats, write_metrics};
+use crate::model::llama::load_frozen_causal_lm;
+use crate::run::outputs::{PolicyAlgo, PolicyMetrics, TrainStats, write_metrics};
 use crate::train::dpo_trainer::{PreferenceExample, TrainOutcome, train_dpo};
 use crate::train::kto_trainer::{PointwiseExample, train_kto};
 use crate::train::policy_common::Policy;

@@ -39,7 +39,7 @@ use super::{
     ArtifactError, ArtifactRef, ArtifactStore, MANIFEST, ManifestEntry, check_id, check_sha,
     check_total, digest, io_err, manifest_text, parse_manifest, source_files, verify_dir,
 };
-use crate::registry::ModelKind;
+use crate::model_kind::ModelKind;
 
 /// Default multipart part size: 16 MiB parts allow files up to 160 GB (S3 takes 10,000 parts)
 /// while keeping at most [`PARTS_IN_FLIGHT`] + 1 parts in memory.

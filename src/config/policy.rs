@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::Invalid;
 use super::raw::{RawLora, RawPolicy, RawPpo};
-use crate::run_outputs::PolicyAlgo;
+use crate::run::outputs::PolicyAlgo;
 use crate::train::device::DeviceChoice;
 use crate::train::policy_common::{LoraOptions, PolicyTrainOptions, PpoOptions};
 

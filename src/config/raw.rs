@@ -78,7 +78,7 @@ pub struct RawLossWeights {
 pub struct RawPolicy {
     pub enabled: Option<bool>,
     /// `dpo`, `kto` or `ppo`.
-    pub algo: Option<crate::run_outputs::PolicyAlgo>,
+    pub algo: Option<crate::run::outputs::PolicyAlgo>,
     /// A Hugging Face causal-LM directory or a `.gguf` file; absent: a tiny llama from scratch.
     pub model: Option<String>,
     /// The base model's public id (e.g. `HuggingFaceTB/SmolLM2-135M-Instruct`), written as

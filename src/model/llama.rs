@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use super::checkpoint_io::{self, LoadReport};
 use super::fused;
-use super::lora::AdaptableLinear;
+use super::lora::{AdaptableLinear, HasAdaptableLinears};
 use super::ops;
 
 /// Key in `config.json` under which this crate records its extra reward heads. transformers
@@ -1201,4 +1201,26 @@ pub fn save_pretrained(
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     cfg.save(dir, &arch.class_name(cfg))?;
     checkpoint_io::save_varmap(varmap, &dir.join("model.safetensors"))
+}
+
+impl HasAdaptableLinears for LlamaForCausalLM {
+    fn linears_mut(&mut self) -> Vec<(String, &mut AdaptableLinear)> {
+        self.model_mut().linears_mut()
+    }
+}
+
+/// Loads an HF causal-LM directory with every weight a plain (non-variable) tensor: the frozen
+/// base that adapters are attached to. Gradients cannot reach it, and no optimiser state is
+/// spent on it.
+pub fn load_frozen_causal_lm(
+    dir: &Path,
+    device: &candle_core::Device,
+) -> anyhow::Result<LlamaForCausalLM> {
+    let cfg = LlamaConfig::from_dir(dir)?;
+    let tensors = crate::model::checkpoint_io::read_dir_tensors(dir, device)?;
+    // A frozen base is what rollouts decode with: its weights are streamed once per token.
+    fused::collapse_into_huge_pages(tensors.values());
+    let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, device);
+    LlamaForCausalLM::new(&cfg, vb)
+        .with_context(|| format!("building the frozen base model from {}", dir.display()))
 }

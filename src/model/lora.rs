@@ -383,28 +383,6 @@ pub trait HasAdaptableLinears {
     fn linears_mut(&mut self) -> Vec<(String, &mut AdaptableLinear)>;
 }
 
-impl HasAdaptableLinears for crate::model::llama::LlamaForCausalLM {
-    fn linears_mut(&mut self) -> Vec<(String, &mut AdaptableLinear)> {
-        self.model_mut().linears_mut()
-    }
-}
-
-/// Loads an HF causal-LM directory with every weight a plain (non-variable) tensor: the frozen
-/// base that adapters are attached to. Gradients cannot reach it, and no optimiser state is
-/// spent on it.
-pub fn load_frozen_causal_lm(
-    dir: &Path,
-    device: &candle_core::Device,
-) -> Result<crate::model::llama::LlamaForCausalLM> {
-    let cfg = crate::model::llama::LlamaConfig::from_dir(dir)?;
-    let tensors = crate::model::checkpoint_io::read_dir_tensors(dir, device)?;
-    // A frozen base is what rollouts decode with: its weights are streamed once per token.
-    fused::collapse_into_huge_pages(tensors.values());
-    let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, device);
-    crate::model::llama::LlamaForCausalLM::new(&cfg, vb)
-        .with_context(|| format!("building the frozen base model from {}", dir.display()))
-}
-
 /// The adapters attached to one model: which layers, with what config, and the switch that
 /// turns LoRA dropout on during training.
 #[derive(Debug, Clone)]

@@ -14,7 +14,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::registry::ModelEntry;
-use crate::run_outputs::{Baseline, LogLine, PolicyMetrics, RewardMetrics};
+use crate::run::outputs::{Baseline, LogLine, PolicyMetrics, RewardMetrics};
 
 /// A point estimate with its 95% interval, all on the same scale.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

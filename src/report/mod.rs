@@ -38,7 +38,7 @@ use neutralize::{code, fenced, inline, truncate_markdown};
 pub use paths::LocalPaths;
 
 use crate::registry::ModelEntry;
-use crate::run_outputs::Baseline;
+use crate::run::outputs::Baseline;
 
 /// GitHub rejects a pull-request body longer than this.
 pub const PR_BODY_LIMIT: usize = 65_536;
@@ -259,9 +259,9 @@ struct MetricsSummary<'a> {
     verdict: Verdict,
     gates: &'a [GateResult],
     #[serde(skip_serializing_if = "Option::is_none")]
-    reward: Option<ModelSummary<'a, crate::run_outputs::RewardMetrics>>,
+    reward: Option<ModelSummary<'a, crate::run::outputs::RewardMetrics>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    policy: Option<ModelSummary<'a, crate::run_outputs::PolicyMetrics>>,
+    policy: Option<ModelSummary<'a, crate::run::outputs::PolicyMetrics>>,
     kpis: &'a [KpiRow],
     new_feedback: &'a BTreeMap<String, u64>,
 }
@@ -683,7 +683,7 @@ fn build_view(
         .unwrap_or_default();
 
     let mut training = Vec::new();
-    let train_row = |model: String, t: &crate::run_outputs::TrainStats| TrainRow {
+    let train_row = |model: String, t: &crate::run::outputs::TrainStats| TrainRow {
         model,
         steps: thousands(t.steps),
         seconds: num(t.seconds, 1),

@@ -7,7 +7,7 @@
 
 use plotters::prelude::*;
 
-use crate::run_outputs::{LogLine, keys, series};
+use crate::run::outputs::{LogLine, keys, series};
 
 /// Most points drawn per line; beyond it the log is thinned evenly (first and last kept).
 pub const MAX_POINTS: usize = 500;

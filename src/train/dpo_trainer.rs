@@ -16,7 +16,7 @@ use anyhow::{Context, Result, bail};
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use crate::run_outputs::LogLine;
+use crate::run::outputs::LogLine;
 use crate::train::losses::dpo::{DpoConfig, DpoLossType, DpoMetrics, dpo_loss};
 use crate::train::optim::AdamW;
 use crate::train::policy_common::{

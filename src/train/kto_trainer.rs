@@ -15,7 +15,7 @@ use anyhow::{Context, Result, bail};
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use crate::run_outputs::LogLine;
+use crate::run::outputs::LogLine;
 use crate::train::dpo_trainer::{TrainOutcome, checkpoint_root};
 use crate::train::losses::kto::{KtoConfig, kto_loss};
 use crate::train::optim::AdamW;

@@ -15,10 +15,11 @@ use candle_core::{D, DType, Device, Tensor};
 use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 
+use crate::model::llama::load_frozen_causal_lm;
 use crate::model::llama::{Architecture, LlamaConfig, LlamaForCausalLM, save_pretrained};
-use crate::model::lora::{LoraAdapters, LoraConfig, LoraInit, attach_lora, load_frozen_causal_lm};
+use crate::model::lora::{LoraAdapters, LoraConfig, LoraInit, attach_lora};
 use crate::model::tokenizer::Tokenizer;
-use crate::run_outputs::{LogLine, LogWriter, PolicyAlgo};
+use crate::run::outputs::{LogLine, LogWriter, PolicyAlgo};
 use crate::train::checkpoint::{self, TrainState};
 use crate::train::optim::{AdamW, AdamWConfig};
 

@@ -19,7 +19,7 @@ use crate::model::generate::{GenerationConfig, generate};
 use crate::model::llama::{LlamaForCausalLM, LlamaForSequenceClassification};
 use crate::model::sampling::SamplingParams;
 use crate::model::tokenizer::Tokenizer;
-use crate::run_outputs::{PolicyEval, PolicySample};
+use crate::run::outputs::{PolicyEval, PolicySample};
 
 /// A trained reward model (from `train reward`), scoring (prompt + answer) texts.
 // One value per run holds a whole model either way; boxing would only add an indirection.

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::generate::{GenerationConfig, generate};
 use crate::model::sampling::SamplingParams;
-use crate::run_outputs::LogLine;
+use crate::run::outputs::LogLine;
 use crate::train::dpo_trainer::{TrainOutcome, checkpoint_root};
 use crate::train::losses::kl_control::KlController;
 use crate::train::losses::ppo::{

@@ -8,7 +8,7 @@
 //! there are step labels), runs the loop in `train::reward_trainer`, and writes the run directory
 //! the report and the registry read: the model in Hugging Face layout (`config.json`,
 //! `model.safetensors` with the heads under `aspect_heads.<name>.*` and `step_head.*`,
-//! `tokenizer.json`), `metrics.json` (the `run_outputs` contract), `log.jsonl`, and
+//! `tokenizer.json`), `metrics.json` (the `run::outputs` contract), `log.jsonl`, and
 //! `checkpoints/`. A model with a non-finite weight is never written.
 
 use std::collections::BTreeMap;
@@ -26,7 +26,7 @@ use sha2::{Digest, Sha256};
 use crate::dataset::{DatasetOptions, Examples, render_plain_prompt};
 use crate::model::llama::ExtraHeads;
 use crate::model::tokenizer::Tokenizer;
-use crate::run_outputs::{self, DatasetInfo, RewardEval, RewardMetrics, TrainStats};
+use crate::run::outputs::{self, DatasetInfo, RewardEval, RewardMetrics, TrainStats};
 use crate::train::batching::{
     PairText, PointLabel, PointText, encode_pairs, encode_points, render_prompt,
 };
@@ -306,7 +306,7 @@ pub fn train_reward_mixed(
             );
         }
     }
-    run_outputs::write_metrics(&opts.out, &metrics)?;
+    outputs::write_metrics(&opts.out, &metrics)?;
     Ok(RewardRunSummary {
         out: opts.out.clone(),
         model_dir,
@@ -373,7 +373,7 @@ pub fn train_reward_from_store(
     ] {
         info.counts.insert(format!("train_{name}"), n);
     }
-    run_outputs::write_metrics(&summary.out, &summary.metrics)?;
+    outputs::write_metrics(&summary.out, &summary.metrics)?;
     Ok(summary)
 }
 

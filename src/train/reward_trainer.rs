@@ -43,7 +43,7 @@ use super::losses::reward::{
 use super::optim::{AdamW, AdamWConfig, clip_grad_norm};
 use super::progress::{Progress, StepReport};
 use super::schedule::{Decay, Schedule};
-use crate::run_outputs::{AspectEval, LogLine, LogWriter, RewardEval, keys};
+use crate::run::outputs::{AspectEval, LogLine, LogWriter, RewardEval, keys};
 
 /// What a backbone returns for a batch.
 #[derive(Debug, Clone)]

@@ -16,7 +16,8 @@ use rlhf_bot::app::generate::load_lm;
 use rlhf_bot::model::checkpoint_io::save_tensors;
 use rlhf_bot::model::generate::{GenerationConfig, generate_from_texts};
 use rlhf_bot::model::gguf::GgufLlama;
-use rlhf_bot::model::lora::{LoraConfig, LoraInit, attach_lora, load_frozen_causal_lm, load_peft};
+use rlhf_bot::model::llama::load_frozen_causal_lm;
+use rlhf_bot::model::lora::{LoraConfig, LoraInit, attach_lora, load_peft};
 
 use crate::common::{Workspace, bin, deps_dir, have, repo, stderr, stdout};
 

@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Tensor, Var};
 use rlhf_bot::model::fused::matmul_t;
 use rlhf_bot::model::generate::{CausalLm, KvCache};
-use rlhf_bot::model::lora;
 
 use crate::common::max_abs_diff;
 
@@ -112,7 +111,8 @@ fn kv_cache_that_grows_past_its_first_buffer_equals_recomputation() {
     // A 3-token prompt gets a first buffer of 3 + 128 positions; feeding 140 more tokens one
     // at a time makes the cache reallocate and copy itself once. The cached logits must still
     // equal a full recomputation, right after the growth and at the end.
-    let model = lora::load_frozen_causal_lm(&tiny_policy_dir(), &Device::Cpu).unwrap();
+    let model =
+        rlhf_bot::model::llama::load_frozen_causal_lm(&tiny_policy_dir(), &Device::Cpu).unwrap();
     let ids: Vec<u32> = (0..143u32).map(|i| 1 + (i * 7919) % 49_000).collect();
     let tensor = |rows: Vec<Vec<u32>>| Tensor::new(rows, &Device::Cpu).unwrap();
     let mut cache = KvCache::new(model.num_layers());

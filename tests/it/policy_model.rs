@@ -481,7 +481,7 @@ use rlhf_bot::model::lora::{self, LoraConfig, LoraInit};
 use crate::common::max_abs_diff;
 
 fn tiny_policy() -> LlamaForCausalLM {
-    lora::load_frozen_causal_lm(&tiny_policy_dir(), &Device::Cpu).unwrap()
+    rlhf_bot::model::llama::load_frozen_causal_lm(&tiny_policy_dir(), &Device::Cpu).unwrap()
 }
 
 /// Prompts of different lengths so the batch is left-padded.

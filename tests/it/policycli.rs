@@ -93,7 +93,7 @@ fn train_policy(ws: &Workspace, algo: &str, model: &Path, data: &Path) -> serde_
 }
 
 fn log_keys(dir: &Path) -> Vec<String> {
-    let log = rlhf_bot::run_outputs::read_log(dir).unwrap();
+    let log = rlhf_bot::run::outputs::read_log(dir).unwrap();
     assert_eq!(log.len(), 2, "two steps logged");
     log[1].values.keys().cloned().collect()
 }
@@ -257,7 +257,7 @@ fn train_policy_continues_only_with_resume() {
     // With --resume the run goes on from its step-2 checkpoint: one more step is logged.
     let o = again(&["--steps", "3", "--resume"]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let log = rlhf_bot::run_outputs::read_log(&out).unwrap();
+    let log = rlhf_bot::run::outputs::read_log(&out).unwrap();
     assert_eq!(log.iter().map(|l| l.step).collect::<Vec<_>>(), [1, 2, 3]);
 }
 
@@ -450,7 +450,7 @@ fn policy_config_maps_onto_the_trainer_options() {
     let p = &s.policy;
     assert!(p.enabled && p.merge);
     let o = p.options_for(p.options.algo);
-    assert_eq!(o.algo, rlhf_bot::run_outputs::PolicyAlgo::Kto);
+    assert_eq!(o.algo, rlhf_bot::run::outputs::PolicyAlgo::Kto);
     assert_eq!((o.beta, o.lr, o.max_steps), (0.2, 0.01, Some(5)));
     assert_eq!(
         (o.batch_size, o.max_prompt_len, o.max_completion_len),
@@ -467,9 +467,9 @@ fn policy_config_maps_onto_the_trainer_options() {
     .unwrap()
     .policy;
     assert!(!d.enabled && d.model.is_none());
-    let ppo = d.options_for(rlhf_bot::run_outputs::PolicyAlgo::Ppo);
+    let ppo = d.options_for(rlhf_bot::run::outputs::PolicyAlgo::Ppo);
     assert_eq!((ppo.lr, ppo.max_steps), (3e-6, Some(100)));
-    let dpo = d.options_for(rlhf_bot::run_outputs::PolicyAlgo::Dpo);
+    let dpo = d.options_for(rlhf_bot::run::outputs::PolicyAlgo::Dpo);
     assert_eq!((dpo.lr, dpo.max_steps, dpo.beta), (1e-6, None, 0.1));
 }
 

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 use rlhf_bot::app::train_policy::{TrainPolicyRequest, train_policy};
-use rlhf_bot::model::lora::load_frozen_causal_lm;
-use rlhf_bot::run_outputs::{LogLine, PolicyAlgo, PolicyRunOutput};
+use rlhf_bot::model::llama::load_frozen_causal_lm;
+use rlhf_bot::run::outputs::{LogLine, PolicyAlgo, PolicyRunOutput};
 use rlhf_bot::train::dpo_trainer::{PreferenceExample, train_dpo};
 use rlhf_bot::train::kto_trainer::{PointwiseExample, kl_partner, train_kto};
 use rlhf_bot::train::policy_common::{
@@ -109,7 +109,7 @@ fn dpo_loss_falls_and_margin_grows_on_a_toy_set() {
     }
     // log.jsonl on disk carries the same lines.
     // (JSON round-trips may move a float by one ulp.)
-    let on_disk = rlhf_bot::run_outputs::read_log(tmp.path()).unwrap();
+    let on_disk = rlhf_bot::run::outputs::read_log(tmp.path()).unwrap();
     assert_eq!(on_disk.len(), out.log.len());
     for (a, b) in on_disk.iter().zip(&out.log) {
         assert_eq!(a.step, b.step);

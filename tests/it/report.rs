@@ -9,7 +9,7 @@ use rlhf_bot::report::{
     self, GateConfig, GateStatus, Interval, KpiRow, LocalPaths, PR_BODY_LIMIT, PolicySection,
     RenderOptions, ReportContext, ReportError, RewardSection, evaluate_gates, verdict,
 };
-use rlhf_bot::run_outputs::{
+use rlhf_bot::run::outputs::{
     DatasetInfo, LogLine, PolicyAlgo, PolicyEval, PolicyMetrics, PolicyRunOutput, PolicySample,
     RewardEval, RewardMetrics, RewardRunOutput, RunOutputError, TrainStats, keys, read_log,
 };
@@ -631,6 +631,6 @@ fn metrics_errors_name_the_key() {
     value["eval"]["accuracy"] = serde_json::json!("high");
     value["unknown_extra"] = serde_json::json!(1);
     fs::write(dir.path().join("metrics.json"), value.to_string()).unwrap();
-    let err = rlhf_bot::run_outputs::read_metrics::<RewardMetrics>(dir.path()).unwrap_err();
+    let err = rlhf_bot::run::outputs::read_metrics::<RewardMetrics>(dir.path()).unwrap_err();
     assert!(err.to_string().contains("eval.accuracy"), "{err}");
 }

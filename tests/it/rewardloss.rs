@@ -471,7 +471,7 @@ fn eval_reports_aspect_mae_step_accuracy_and_heads_reload() {
     assert_eq!(e["aspects"]["accuracy"]["n"], 3);
     assert_eq!(e["aspects"]["helpfulness"]["n"], 2);
     assert_eq!(m["dataset"]["counts"]["train_points"], 16);
-    let lines = rlhf_bot::run_outputs::read_log(&out).unwrap();
+    let lines = rlhf_bot::run::outputs::read_log(&out).unwrap();
     let eval_line = lines
         .iter()
         .find(|l| l.get("eval_step_accuracy").is_some())

@@ -275,7 +275,7 @@ fn run_directory_has_model_metrics_and_log() {
     assert_eq!(m["train"]["steps"], 16);
     assert_eq!(m["dataset"]["examples_sha256"].as_str().unwrap().len(), 64);
     assert!(m["production_eval"]["accuracy"].is_number());
-    let lines = rlhf_bot::run_outputs::read_log(&out).unwrap();
+    let lines = rlhf_bot::run::outputs::read_log(&out).unwrap();
     for k in ["loss", "accuracy", "margin", "mean_reward", "lr"] {
         assert!(lines[0].get(k).is_some(), "log line lacks {k}");
     }

@@ -59,7 +59,7 @@ pub enum RunOutputError {
         path: PathBuf,
         source: io::Error,
     },
-    #[error("{}: at `{key}`: {message}\nhint: the file does not follow the run-output contract (src/run_outputs.rs)", path.display())]
+    #[error("{}: at `{key}`: {message}\nhint: the file does not follow the run-output contract (src/run/outputs.rs)", path.display())]
     Json {
         path: PathBuf,
         key: String,
