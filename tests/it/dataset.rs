@@ -498,7 +498,10 @@ fn tiny_datasets_still_get_one_eval_conversation() {
 }
 
 fn apply(store: &mut Store, changes: Vec<Change>) {
-    let items = changes.into_iter().map(Incoming::Valid).collect();
+    let items = changes
+        .into_iter()
+        .map(|c| Incoming::valid(c).unwrap())
+        .collect();
     store.apply_page(items, &ResumePoint::default()).unwrap();
 }
 
