@@ -86,6 +86,16 @@ pub enum Command {
     /// Write a trained model in a serving format: merged Hugging Face weights, a PEFT adapter,
     /// or GGUF for llama.cpp/Ollama (docs/serving.md).
     ExportModel(ExportModelArgs),
+    /// Run the feedback service: the feedback API (what `pull` reads, what a chat app writes),
+    /// its database, health and metrics endpoints (docs/feedback-service.md).
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// host:port to listen on, instead of `server.listen` (port 0: any free port).
+    #[arg(long)]
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 /// A serving format (`export-model --format`).

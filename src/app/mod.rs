@@ -11,6 +11,7 @@ pub mod pipeline;
 pub mod policy;
 mod pull;
 mod registry_cmd;
+mod serve;
 mod store_cmd;
 pub mod train_policy;
 pub mod train_reward;
@@ -426,6 +427,10 @@ pub async fn run(cli: Cli) -> Result<()> {
                     summary.out.display()
                 ),
             )
+        }
+        Command::Serve(args) => {
+            let settings = load_settings(&cli.config)?;
+            serve::serve_cmd(settings, &args).await
         }
         Command::Export { out } => {
             let settings = load_settings(&cli.config)?;

@@ -36,6 +36,7 @@ pub struct Settings {
     pub dataset: crate::dataset::DatasetOptions,
     pub reward: crate::train::reward_run::RewardTrainOptions,
     pub policy: super::policy::PolicySettings,
+    pub server: super::server::ServerSettings,
     /// sha256 of the config text: lineage for the registry and reports.
     pub config_sha256: String,
 }
@@ -325,6 +326,7 @@ pub fn validate(raw: RawConfig, text: &str) -> Result<Settings, Invalid> {
         reward.train.rating_loss = r;
     }
     let policy = super::policy::validate_policy(raw.policy)?;
+    let server = super::server::validate_server(raw.server)?;
     let store_dir = PathBuf::from(raw.store.dir.unwrap_or_else(|| DEFAULT_STORE_DIR.into()));
     let artifacts = match raw.registry.artifacts.as_deref() {
         None => ArtifactLocation::Dir(PathBuf::from(DEFAULT_ARTIFACTS_DIR)),
@@ -352,6 +354,7 @@ pub fn validate(raw: RawConfig, text: &str) -> Result<Settings, Invalid> {
         dataset,
         reward,
         policy,
+        server,
         feedback: FeedbackSettings {
             source,
             page_size: page_size as u32,
@@ -398,7 +401,7 @@ fn validate_gates(g: &crate::report::GateConfig) -> Result<(), Invalid> {
 /// Checks a `*_env` key: it names the environment variable that holds a secret. A value that is
 /// not a variable name, or that looks like a token, is refused without being repeated (it may
 /// be the secret itself, and the error goes to a log).
-fn env_name(key: &str, name: String, example: &str) -> Result<String, Invalid> {
+pub(super) fn env_name(key: &str, name: String, example: &str) -> Result<String, Invalid> {
     let is_name = !name.is_empty()
         && !name.starts_with(|c: char| c.is_ascii_digit())
         && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');

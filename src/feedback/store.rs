@@ -125,6 +125,23 @@ pub struct VersionCounts {
     pub rating_sq_sum: f64,
 }
 
+impl VersionCounts {
+    /// Reads the seven columns from `first` on, in field order: model_version, records, thumbs,
+    /// thumbs_up, ratings, rating_sum, rating_sq_sum (the feedback service's KPIs query the same
+    /// shape).
+    pub fn from_row(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Self> {
+        Ok(VersionCounts {
+            model_version: r.get(first)?,
+            records: r.get::<_, i64>(first + 1)? as u64,
+            thumbs: r.get::<_, i64>(first + 2)? as u64,
+            thumbs_up: r.get::<_, i64>(first + 3)? as u64,
+            ratings: r.get::<_, i64>(first + 4)? as u64,
+            rating_sum: r.get::<_, i64>(first + 5)? as f64,
+            rating_sq_sum: r.get::<_, i64>(first + 6)? as f64,
+        })
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct StoreStats {
     pub records: u64,
@@ -414,17 +431,7 @@ impl Store {
                 from.map(micros).unwrap_or(i64::MIN),
                 to.map(micros).unwrap_or(i64::MAX),
             ],
-            |r| {
-                Ok(VersionCounts {
-                    model_version: r.get(0)?,
-                    records: r.get::<_, i64>(1)? as u64,
-                    thumbs: r.get::<_, i64>(2)? as u64,
-                    thumbs_up: r.get::<_, i64>(3)? as u64,
-                    ratings: r.get::<_, i64>(4)? as u64,
-                    rating_sum: r.get::<_, i64>(5)? as f64,
-                    rating_sq_sum: r.get::<_, i64>(6)? as f64,
-                })
-            },
+            |r| VersionCounts::from_row(r, 0),
         )?;
         Ok(rows.collect::<Result<_, _>>()?)
     }

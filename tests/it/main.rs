@@ -31,6 +31,7 @@ mod pull_hostile;
 mod registry;
 mod report;
 mod rewardloss;
+mod serve;
 mod train_utils;
 mod trainer;
 mod unreachable_api;
