@@ -25,6 +25,7 @@ mod matvec;
 mod policy_model;
 mod policycli;
 mod policytrain;
+mod prism;
 mod promotion;
 mod pull;
 mod pull_hostile;

@@ -649,3 +649,109 @@ fn acknowledged_writes_survive_a_kill() {
         &missing[..missing.len().min(5)]
     );
 }
+
+/// Every endpoint, answered by the real service through a Prism proxy that checks requests and
+/// responses against docs/feedback-api.yaml: no exchange may carry an `sl-violations` header.
+#[test]
+fn the_service_answers_as_its_openapi_document_says() {
+    let deps = crate::common::deps_dir();
+    if !crate::common::have(&deps.join("node_modules/.bin/prism"), "prism") {
+        return;
+    }
+    let ws = Workspace::new();
+    let svc = start(&ws);
+    let spec = crate::common::repo().join("docs/feedback-api.yaml");
+    let prism = crate::prism::Prism::proxy(&deps, &spec, &svc.url);
+    let base = prism.url();
+    let c = client();
+    let mut checked = Vec::new();
+    // A request that breaks the contract on purpose (no credential) is flagged on the request
+    // side; the response must still be as documented.
+    let mut check = |what: &str, r: reqwest::blocking::Response, status: u16| {
+        let violations: Vec<Value> = r
+            .headers()
+            .get("sl-violations")
+            .map(|v| serde_json::from_str(v.to_str().unwrap_or("[]")).unwrap_or_default())
+            .unwrap_or_default();
+        let got = r.status().as_u16();
+        let body = r.text().unwrap_or_default();
+        assert_eq!(got, status, "{what}: {body}");
+        let on_purpose = |v: &&Value| status == 401 && v["location"][0] == "request";
+        let broken: Vec<&Value> = violations.iter().filter(|v| !on_purpose(v)).collect();
+        assert!(broken.is_empty(), "{what}: {broken:?}\n{body}");
+        checked.push(what.to_string());
+    };
+    let feed = format!("{base}/v1/feedback");
+    let one = record("fb-1", "thumb", "2026-12-01T10:00:00Z");
+    let r = c.post(&feed).bearer_auth(WRITE).json(&one).send().unwrap();
+    check("POST one", r, 200);
+    let batch = json!({"data": [record("fb-2", "step", "2026-12-01T10:00:01Z"), record("fb-3", "aspect", "2026-12-01T10:00:02Z")]});
+    let r = c
+        .post(&feed)
+        .bearer_auth(WRITE)
+        .json(&batch)
+        .send()
+        .unwrap();
+    check("POST batch", r, 200);
+    let mut bad = record("fb-4", "rating", "2026-12-01T10:00:00Z");
+    bad["rating"] = json!(9);
+    let r = c.post(&feed).bearer_auth(WRITE).json(&bad).send().unwrap();
+    check("POST invalid", r, 400);
+    let r = c
+        .get(&feed)
+        .bearer_auth(READ)
+        .query(&[("limit", "2")])
+        .send()
+        .unwrap();
+    let page: Value = {
+        let text = r.text().unwrap();
+        serde_json::from_str(&text).unwrap()
+    };
+    let cursor = page["next_cursor"].as_str().unwrap().to_string();
+    let r = c
+        .get(&feed)
+        .bearer_auth(READ)
+        .query(&[("limit", "2"), ("cursor", cursor.as_str())])
+        .send()
+        .unwrap();
+    check("GET page 2", r, 200);
+    let r = c
+        .get(&feed)
+        .bearer_auth(READ)
+        .query(&[("updated_since", "2026-01-01T00:00:00Z")])
+        .send()
+        .unwrap();
+    check("GET since", r, 200);
+    let r = c.get(&feed).send().unwrap();
+    check("GET without a token", r, 401);
+    let r = c
+        .delete(format!("{base}/v1/feedback/fb-1"))
+        .bearer_auth(WRITE)
+        .send()
+        .unwrap();
+    check("DELETE one", r, 200);
+    let r = c
+        .delete(format!("{base}/v1/users/user-a/feedback"))
+        .bearer_auth(WRITE)
+        .send()
+        .unwrap();
+    check("DELETE user", r, 200);
+    let r = c
+        .delete(format!("{base}/v1/users/user-a/feedback"))
+        .bearer_auth(READ)
+        .send()
+        .unwrap();
+    check("DELETE user with the read token", r, 403);
+    let r = c
+        .get(format!("{base}/v1/kpis"))
+        .bearer_auth(READ)
+        .query(&[("bucket", "day")])
+        .send()
+        .unwrap();
+    check("GET kpis", r, 200);
+    for probe in ["healthz", "readyz", "metrics"] {
+        let r = c.get(format!("{base}/{probe}")).send().unwrap();
+        check(probe, r, 200);
+    }
+    assert_eq!(checked.len(), 13);
+}
