@@ -276,7 +276,7 @@ fn run_directory_has_model_metrics_and_log() {
     assert_eq!(m["dataset"]["examples_sha256"].as_str().unwrap().len(), 64);
     assert!(m["production_eval"]["accuracy"].is_number());
     let lines = rlhf_bot::run::outputs::read_log(&out).unwrap();
-    for k in ["loss", "accuracy", "margin", "mean_reward", "lr"] {
+    for k in ["loss", "accuracy", "margin", "mean_reward", "learning_rate"] {
         assert!(lines[0].get(k).is_some(), "log line lacks {k}");
     }
     assert!(lines.iter().any(|l| l.get("eval_accuracy").is_some()));
