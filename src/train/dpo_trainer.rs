@@ -120,9 +120,7 @@ struct Dpo<'a> {
 }
 
 impl Objective for Dpo<'_> {
-    fn name(&self) -> &'static str {
-        "dpo"
-    }
+    const NAME: &'static str = "dpo";
 
     fn examples(&self) -> usize {
         self.chosen.len()

@@ -118,9 +118,7 @@ impl Kto<'_> {
 }
 
 impl Objective for Kto<'_> {
-    fn name(&self) -> &'static str {
-        "kto"
-    }
+    const NAME: &'static str = "kto";
 
     fn examples(&self) -> usize {
         self.examples.len()

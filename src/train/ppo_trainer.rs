@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use crate::model::generate::{GenerationConfig, generate};
 use crate::model::sampling::SamplingParams;
 use crate::train::engine::order::epoch_order;
-use crate::train::engine::{self, Objective, PhaseClock, StepReport, TrainOutcome};
+use crate::train::engine::{self, Objective, PhaseClock, StepReport, TrainOutcome, Updates};
 use crate::train::losses::kl_control::KlController;
 use crate::train::losses::ppo::{
     PpoBatch, PpoLossConfig, PpoStats, RewardGaeConfig, apply_missing_eos_penalty, ppo_loss,
@@ -335,9 +335,7 @@ impl Ppo<'_> {
 }
 
 impl Objective for Ppo<'_> {
-    fn name(&self) -> &'static str {
-        "ppo"
-    }
+    const NAME: &'static str = "ppo";
 
     fn examples(&self) -> usize {
         self.prompts.len()
@@ -345,12 +343,7 @@ impl Objective for Ppo<'_> {
 
     /// Rolls out, then `ppo_epochs` passes over the rollouts in `num_minibatches` seeded
     /// minibatches, one optimiser update each.
-    fn plan(
-        &mut self,
-        step: u64,
-        batch: &[usize],
-        clock: &mut PhaseClock,
-    ) -> Result<Vec<Vec<usize>>> {
+    fn plan(&mut self, step: u64, batch: &[usize], clock: &mut PhaseClock) -> Result<Updates> {
         self.batch = Some(self.roll_out(step, batch, clock)?);
         self.policy.set_training(true);
         let po = &self.opts.ppo;

@@ -22,15 +22,15 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
-fn policy_dir() -> PathBuf {
+pub(crate) fn policy_dir() -> PathBuf {
     fixtures().join("tiny-llama-policy")
 }
 
-fn rm_dir() -> PathBuf {
+pub(crate) fn rm_dir() -> PathBuf {
     fixtures().join("tiny-llama-rm")
 }
 
-fn toy_pairs() -> Vec<PreferenceExample> {
+pub(crate) fn toy_pairs() -> Vec<PreferenceExample> {
     [
         (
             "What is a carbon tax?",
@@ -54,7 +54,7 @@ fn toy_pairs() -> Vec<PreferenceExample> {
     .collect()
 }
 
-fn dpo_opts(steps: u64) -> PolicyTrainOptions {
+pub(crate) fn dpo_opts(steps: u64) -> PolicyTrainOptions {
     PolicyTrainOptions {
         algo: PolicyAlgo::Dpo,
         lr: 5e-2,
@@ -154,7 +154,7 @@ fn dpo_stop_and_resume_equals_one_run() {
     assert_vars_close(&p1, &p3);
 }
 
-fn assert_vars_close(a: &Policy, b: &Policy) {
+pub(crate) fn assert_vars_close(a: &Policy, b: &Policy) {
     let da = a.varmap.data().lock().unwrap();
     let db = b.varmap.data().lock().unwrap();
     assert_eq!(da.len(), db.len());
@@ -260,7 +260,7 @@ fn lora_b_abs_sum(p: &Policy) -> f64 {
 
 // ---------------------------------------------------------------- KTO
 
-fn thumbs() -> Vec<PointwiseExample> {
+pub(crate) fn thumbs() -> Vec<PointwiseExample> {
     toy_pairs()
         .into_iter()
         .enumerate()
@@ -362,7 +362,7 @@ fn kto_runs_and_its_first_loss_matches_the_formula() {
 
 // ---------------------------------------------------------------- PPO
 
-fn ppo_opts(steps: u64) -> PolicyTrainOptions {
+pub(crate) fn ppo_opts(steps: u64) -> PolicyTrainOptions {
     PolicyTrainOptions {
         algo: PolicyAlgo::Ppo,
         lr: 1e-2,
@@ -380,7 +380,7 @@ fn ppo_opts(steps: u64) -> PolicyTrainOptions {
     }
 }
 
-fn prompts() -> Vec<String> {
+pub(crate) fn prompts() -> Vec<String> {
     toy_pairs()
         .into_iter()
         .map(|p| p.prompt)

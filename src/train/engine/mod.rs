@@ -129,11 +129,14 @@ impl PhaseClock {
     }
 }
 
+/// A step's optimiser updates, each the indices of its examples (see [`Objective::plan`]).
+pub type Updates = Vec<Vec<usize>>;
+
 /// One training algorithm on the engine: its data, its loss and its metrics.
 pub trait Objective {
     /// `dpo`, `kto`, `ppo`, ...: recorded in checkpoints (a checkpoint of another objective is
     /// refused) and used as the key of [`Objective::save_state`].
-    fn name(&self) -> &'static str;
+    const NAME: &'static str;
 
     /// Examples the data order permutes (pairs, thumbs, prompts).
     fn examples(&self) -> usize;
@@ -142,12 +145,7 @@ pub trait Objective {
     /// splits into micro-batches and passes to [`Objective::micro_loss`]. The default is one
     /// update over the step's examples (gradient accumulation over its micro-batches). PPO
     /// rolls out here and returns `ppo_epochs × num_minibatches` updates over rollout rows.
-    fn plan(
-        &mut self,
-        step: u64,
-        batch: &[usize],
-        clock: &mut PhaseClock,
-    ) -> Result<Vec<Vec<usize>>> {
+    fn plan(&mut self, step: u64, batch: &[usize], clock: &mut PhaseClock) -> Result<Updates> {
         let _ = (step, clock);
         Ok(vec![batch.to_vec()])
     }
@@ -175,13 +173,13 @@ pub trait Objective {
 /// Trains the variables of `varmap` with `objective`; metrics stream to `out/log.jsonl` and
 /// checkpoints to `out/checkpoints/`. A run started on an output directory with a checkpoint
 /// resumes from it and ends where an uninterrupted run would.
-pub fn run(
-    objective: &mut dyn Objective,
+pub fn run<O: Objective>(
+    objective: &mut O,
     varmap: &VarMap,
     cfg: &EngineConfig,
     out: &Path,
 ) -> Result<TrainOutcome> {
-    let name = objective.name();
+    let name = O::NAME;
     let cursor = DataCursor {
         n: objective.examples(),
         seed: cfg.seed,
