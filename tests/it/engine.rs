@@ -17,7 +17,8 @@ use rlhf_bot::train::reward_run::load_backbone;
 use rlhf_bot::train::reward_trainer::{self, RewardBackbone, TrainConfig, TrainData};
 
 use crate::policytrain::{
-    assert_vars_close, dpo_opts, policy_dir, ppo_opts, prompts, rm_dir, thumbs, toy_pairs,
+    assert_logs_close, assert_vars_close, dpo_opts, policy_dir, ppo_opts, prompts, rm_dir, thumbs,
+    toy_pairs,
 };
 
 fn kto_opts(steps: u64) -> PolicyTrainOptions {
@@ -52,18 +53,7 @@ fn kto_stop_and_resume_equals_one_run() {
     assert_eq!((resumed.steps, resumed.log.len()), (5, 5));
     // Only the two resumed steps ran in this process.
     assert_eq!(resumed.examples, 4);
-    for (a, b) in full.log.iter().zip(&resumed.log) {
-        assert_eq!(a.step, b.step);
-        assert_eq!(a.values.len(), b.values.len(), "step {}", a.step);
-        for (k, v) in &a.values {
-            let w = b.get(k).unwrap();
-            assert!(
-                (v - w).abs() <= 1e-6 * (1.0 + v.abs()),
-                "step {} {k}: {v} vs {w}",
-                a.step
-            );
-        }
-    }
+    assert_logs_close(&full.log, &resumed.log, 1e-6);
     assert_eq!(full.epochs, 2.5);
     assert_eq!(resumed.epochs, 2.5);
     assert_vars_close(&p1, &p3);
@@ -106,12 +96,22 @@ fn assert_seed_refused(err: &anyhow::Error, out: &Path) {
     );
 }
 
+/// Every policy objective, each after one step with seed 42 in a fresh directory, with the
+/// `log.jsonl` it wrote.
+fn first_steps() -> impl Iterator<Item = (PolicyAlgo, tempfile::TempDir, String)> {
+    [PolicyAlgo::Dpo, PolicyAlgo::Kto, PolicyAlgo::Ppo]
+        .into_iter()
+        .map(|algo| {
+            let tmp = tempfile::tempdir().unwrap();
+            policy_run(algo, 42, 1, tmp.path()).unwrap();
+            let log = std::fs::read_to_string(tmp.path().join("log.jsonl")).unwrap();
+            (algo, tmp, log)
+        })
+}
+
 #[test]
 fn resuming_with_another_seed_is_refused_for_every_policy_objective() {
-    for algo in [PolicyAlgo::Dpo, PolicyAlgo::Kto, PolicyAlgo::Ppo] {
-        let tmp = tempfile::tempdir().unwrap();
-        policy_run(algo, 42, 1, tmp.path()).unwrap();
-        let log_before = std::fs::read_to_string(tmp.path().join("log.jsonl")).unwrap();
+    for (algo, tmp, log_before) in first_steps() {
         let err = policy_run(algo, 43, 2, tmp.path()).unwrap_err();
         assert_seed_refused(&err, tmp.path());
         // Refused before anything was trained or rewritten.
@@ -169,10 +169,7 @@ fn resuming_the_reward_model_with_another_seed_is_refused() {
 
 #[test]
 fn every_objective_logs_the_engine_names() {
-    for algo in [PolicyAlgo::Dpo, PolicyAlgo::Kto, PolicyAlgo::Ppo] {
-        let tmp = tempfile::tempdir().unwrap();
-        policy_run(algo, 42, 1, tmp.path()).unwrap();
-        let text = std::fs::read_to_string(tmp.path().join("log.jsonl")).unwrap();
+    for (algo, _tmp, text) in first_steps() {
         let line: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
         for key in ["loss", "grad_norm", "learning_rate", "epoch"] {
             let v = line[key].as_f64();

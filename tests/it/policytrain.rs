@@ -140,18 +140,25 @@ fn dpo_stop_and_resume_equals_one_run() {
 
     assert_eq!(resumed.steps, 4);
     assert_eq!(resumed.log.len(), 4);
-    for (a, b) in full.log.iter().zip(&resumed.log) {
+    assert_logs_close(&full.log, &resumed.log, 1e-6);
+    assert_vars_close(&p1, &p3);
+}
+
+/// Every value of every line of `a` is in the same line of `b`, equal within `rel` (relative).
+pub(crate) fn assert_logs_close(a: &[LogLine], b: &[LogLine], rel: f64) {
+    assert_eq!(a.len(), b.len());
+    for (a, b) in a.iter().zip(b) {
         assert_eq!(a.step, b.step);
+        assert_eq!(a.values.len(), b.values.len(), "step {}", a.step);
         for (k, v) in &a.values {
             let w = b.get(k).unwrap();
             assert!(
-                (v - w).abs() <= 1e-6 * (1.0 + v.abs()),
+                (v - w).abs() <= rel * (1.0 + v.abs()),
                 "step {} {k}: {v} vs {w}",
                 a.step
             );
         }
     }
-    assert_vars_close(&p1, &p3);
 }
 
 pub(crate) fn assert_vars_close(a: &Policy, b: &Policy) {
@@ -452,16 +459,7 @@ fn ppo_stop_and_resume_equals_one_run() {
     let mut p3 = Policy::load(&policy_dir(), ppo_opts(3).lora.as_ref(), 7, &Device::Cpu).unwrap();
     let resumed = train_ppo(&mut p3, &rm, &prompts(), &ppo_opts(3), two.path()).unwrap();
     assert_eq!(resumed.log.len(), 3);
-    for (a, b) in full.log.iter().zip(&resumed.log) {
-        for (k, v) in &a.values {
-            let w = b.get(k).unwrap();
-            assert!(
-                (v - w).abs() <= 1e-5 * (1.0 + v.abs()),
-                "step {} {k}: {v} vs {w}",
-                a.step
-            );
-        }
-    }
+    assert_logs_close(&full.log, &resumed.log, 1e-5);
     assert_vars_close(&p1, &p3);
 }
 
