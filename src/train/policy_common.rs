@@ -1,7 +1,8 @@
-//! What the three policy trainers (DPO, KTO, PPO) and the policy evaluation share: the options
-//! with their TRL defaults, the trainable policy with its frozen reference, tokenising
-//! (prompt, completion) pairs into the padded batches the decoder scores, the log and the
-//! checkpoint bookkeeping, and the safety rails (KL ceiling, non-finite values).
+//! What the three policy objectives (DPO, KTO, PPO) and the policy evaluation share: the options
+//! with their TRL defaults (and how they map onto the training engine, [`PolicyTrainOptions::engine`]),
+//! the trainable policy with its frozen reference, and tokenising (prompt, completion) pairs into
+//! the padded batches the decoder scores. The loop itself (log, checkpoints, rails) is the
+//! engine's (`train::engine`); its names are re-exported here for existing callers.
 //!
 //! With LoRA the reference policy is the *same* base weights without adapters: the base is
 //! loaded once as plain tensors, cloned (candle tensors are reference-counted, so the clone
