@@ -395,7 +395,7 @@ pub(crate) fn prompts() -> Vec<String> {
         .collect()
 }
 
-const PPO_KEYS: [&str; 9] = [
+pub(crate) const PPO_KEYS: [&str; 9] = [
     "objective/kl",
     "objective/entropy",
     "objective/rlhf_reward",
