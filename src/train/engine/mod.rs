@@ -214,33 +214,13 @@ pub fn run<O: Objective>(
         let lr = cfg.schedule.lr_at(step - 1);
         opt.set_learning_rate(lr);
         let updates = objective.plan(step, &batch, &mut clock)?;
-        let (mut loss_sum, mut norm_sum) = (0.0, 0.0);
-        for update in &updates {
-            let mut total: Option<Tensor> = None;
-            for micro in update.chunks(cfg.micro_batch) {
-                let mut loss = objective.micro_loss(step, micro)?;
-                if micro.len() != update.len() {
-                    loss = loss.affine(micro.len() as f64 / update.len() as f64, 0.0)?;
-                }
-                total = Some(match total {
-                    Some(t) => (t + loss)?,
-                    None => loss,
-                });
-            }
-            clock.lap("forward");
-            let loss = total.context("an optimiser update without micro-batches")?;
-            let (value, norm) = update_weights(&mut opt, &loss, step, cfg.max_grad_norm)?;
-            loss_sum += value;
-            norm_sum += norm;
-            clock.lap("backward + optimiser");
-        }
+        let (loss, grad_norm) = run_updates(objective, &mut opt, &updates, step, cfg, &mut clock)?;
         let report = objective.finish_step(step)?;
         cursor.advance(&mut log.state, batch.len());
         log.state.step = step;
-        let k = updates.len().max(1) as f64;
         let mut line = LogLine::new(step)
-            .with(keys::LOSS, loss_sum / k)
-            .with(keys::GRAD_NORM, norm_sum / k)
+            .with(keys::LOSS, loss)
+            .with(keys::GRAD_NORM, grad_norm)
             .with(keys::LEARNING_RATE, lr);
         for (key, value) in &report.metrics {
             line = line.with(key, *value);
@@ -249,7 +229,7 @@ pub fn run<O: Objective>(
         log.push(line)?;
         outcome.examples += batch.len() as u64;
         outcome.tokens += report.tokens;
-        tracing::info!(objective = name, step, loss = loss_sum / k, "train step");
+        tracing::info!(objective = name, step, loss, "train step");
         if let (Some(kl), Some(ceiling)) = (report.kl, cfg.kl_ceiling) {
             check_kl(step, kl, ceiling)?;
         }
@@ -268,6 +248,41 @@ pub fn run<O: Objective>(
     outcome.log = log.lines.clone();
     outcome.phase_seconds = clock.phases.phase_seconds;
     Ok(outcome)
+}
+
+/// One optimiser update per entry of `updates`: its examples are scored `micro_batch` at a time,
+/// the micro-batch losses weighted by their share of the update and summed, then one backward
+/// and AdamW step. Returns the mean loss and gradient norm over the updates.
+fn run_updates<O: Objective>(
+    objective: &mut O,
+    opt: &mut AdamW,
+    updates: &Updates,
+    step: u64,
+    cfg: &EngineConfig,
+    clock: &mut PhaseClock,
+) -> Result<(f64, f64)> {
+    let (mut loss_sum, mut norm_sum) = (0.0, 0.0);
+    for update in updates {
+        let mut total: Option<Tensor> = None;
+        for micro in update.chunks(cfg.micro_batch) {
+            let mut loss = objective.micro_loss(step, micro)?;
+            if micro.len() != update.len() {
+                loss = loss.affine(micro.len() as f64 / update.len() as f64, 0.0)?;
+            }
+            total = Some(match total {
+                Some(t) => (t + loss)?,
+                None => loss,
+            });
+        }
+        clock.lap("forward");
+        let loss = total.context("an optimiser update without micro-batches")?;
+        let (value, norm) = update_weights(opt, &loss, step, cfg.max_grad_norm)?;
+        loss_sum += value;
+        norm_sum += norm;
+        clock.lap("backward + optimiser");
+    }
+    let k = updates.len().max(1) as f64;
+    Ok((loss_sum / k, norm_sum / k))
 }
 
 /// `backward`, gradient guard, optional clip and AdamW step; returns the loss and the gradient
