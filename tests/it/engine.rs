@@ -1,7 +1,8 @@
 //! The training engine's promises, for every objective: an interrupted run resumed from its
 //! checkpoint ends where an uninterrupted one does (KTO here; DPO and PPO in `policytrain`,
 //! reward in `trainer`), and a checkpoint made with another seed or by another objective is
-//! refused with an error that names both and says what to do.
+//! refused with an error that names both and says what to do. The engine alone, with the smallest
+//! objective (a line fit): micro-batch accumulation, objective state across a resume, the guards.
 
 use std::path::Path;
 
@@ -9,12 +10,15 @@ use candle_core::Device;
 use rlhf_bot::run::outputs::PolicyAlgo;
 use rlhf_bot::train::batching::encode_pairs;
 use rlhf_bot::train::dpo_trainer::train_dpo;
+use rlhf_bot::train::engine::{self, DataOrder, EngineConfig, Objective, StepReport};
 use rlhf_bot::train::kto_trainer::train_kto;
+use rlhf_bot::train::optim::AdamWConfig;
 use rlhf_bot::train::policy_common::{Policy, PolicyTrainOptions};
 use rlhf_bot::train::policy_eval::RewardScorer;
 use rlhf_bot::train::ppo_trainer::train_ppo;
 use rlhf_bot::train::reward_run::load_backbone;
 use rlhf_bot::train::reward_trainer::{self, RewardBackbone, TrainConfig, TrainData};
+use rlhf_bot::train::schedule::{Decay, Schedule};
 
 use crate::policytrain::{
     assert_logs_close, assert_vars_close, dpo_opts, policy_dir, ppo_opts, prompts, rm_dir, thumbs,
@@ -182,4 +186,195 @@ fn every_objective_logs_the_engine_names() {
         assert_eq!(line["learning_rate"].as_f64(), Some(lr), "{algo:?}");
         assert!(line.get("lr").is_none(), "{algo:?}: {line}");
     }
+}
+
+// ------------------------------------------------- the engine alone, with the smallest objective
+
+/// Least squares for a line through noisy points of y = 3x − 1: the smallest objective the
+/// engine runs, and the pattern a new algorithm follows (docs/training-engine.md).
+struct Line {
+    w: candle_core::Tensor,
+    b: candle_core::Tensor,
+    xs: Vec<f32>,
+    ys: Vec<f32>,
+    /// Examples scored so far, kept across a resume through save_state.
+    seen: u64,
+    nan_at_step: Option<u64>,
+    kl: Option<f64>,
+}
+
+impl Line {
+    fn new(varmap: &candle_nn::VarMap) -> Self {
+        let var = |name: &str| {
+            varmap
+                .get(
+                    1,
+                    name,
+                    candle_nn::Init::Const(0.0),
+                    candle_core::DType::F32,
+                    &Device::Cpu,
+                )
+                .unwrap()
+        };
+        let xs: Vec<f32> = (0..10).map(|i| i as f32 / 5.0 - 1.0).collect();
+        let ys = xs
+            .iter()
+            .enumerate()
+            .map(|(i, x)| 3.0 * x - 1.0 + if i % 2 == 0 { 0.1 } else { -0.1 })
+            .collect();
+        Self {
+            w: var("w"),
+            b: var("b"),
+            xs,
+            ys,
+            seen: 0,
+            nan_at_step: None,
+            kl: None,
+        }
+    }
+}
+
+impl Objective for Line {
+    const NAME: &'static str = "line";
+
+    fn examples(&self) -> usize {
+        self.xs.len()
+    }
+
+    fn micro_loss(&mut self, step: u64, micro: &[usize]) -> anyhow::Result<candle_core::Tensor> {
+        self.seen += micro.len() as u64;
+        let pick = |v: &[f32]| micro.iter().map(|&i| v[i]).collect::<Vec<f32>>();
+        let x = candle_core::Tensor::from_vec(pick(&self.xs), micro.len(), &Device::Cpu)?;
+        let y = candle_core::Tensor::from_vec(pick(&self.ys), micro.len(), &Device::Cpu)?;
+        let err = x.broadcast_mul(&self.w)?.broadcast_add(&self.b)?.sub(&y)?;
+        let loss = err.sqr()?.mean_all()?;
+        Ok(match self.nan_at_step {
+            Some(s) if s == step => loss.affine(f64::NAN, 0.0)?,
+            _ => loss,
+        })
+    }
+
+    fn finish_step(&mut self, _step: u64) -> anyhow::Result<StepReport> {
+        Ok(StepReport {
+            kl: self.kl,
+            ..StepReport::default()
+        }
+        .metric("seen", self.seen as f64))
+    }
+
+    fn save_state(&self) -> anyhow::Result<Option<serde_json::Value>> {
+        Ok(Some(serde_json::json!(self.seen)))
+    }
+
+    fn restore_state(&mut self, state: serde_json::Value) -> anyhow::Result<()> {
+        self.seen = serde_json::from_value(state)?;
+        Ok(())
+    }
+}
+
+fn line_cfg(total_steps: u64, micro_batch: usize) -> EngineConfig {
+    EngineConfig {
+        seed: 7,
+        total_steps,
+        examples_per_step: 4,
+        micro_batch,
+        order: DataOrder::Epochs,
+        schedule: Schedule {
+            peak_lr: 0.1,
+            min_lr: 0.0,
+            warmup_steps: 0,
+            total_steps,
+            decay: Decay::Constant,
+        },
+        adamw: AdamWConfig {
+            lr: 0.1,
+            weight_decay: 0.0,
+            ..AdamWConfig::default()
+        },
+        max_grad_norm: None,
+        checkpoint_every: 2,
+        kl_ceiling: Some(1.0),
+    }
+}
+
+/// Trains a fresh line for `cfg` on `out`; returns the outcome and (w, b).
+fn train_line(cfg: &EngineConfig, out: &Path) -> (engine::TrainOutcome, Vec<f32>) {
+    let varmap = candle_nn::VarMap::new();
+    let mut line = Line::new(&varmap);
+    let outcome = engine::run(&mut line, &varmap, cfg, out).unwrap();
+    let wb = [&line.w, &line.b].map(|t| t.to_vec1::<f32>().unwrap()[0]);
+    (outcome, wb.to_vec())
+}
+
+#[test]
+fn micro_batches_accumulate_to_the_same_update_as_one_batch() {
+    // 10 examples, 4 a step: steps of 4, 4 and 2 per epoch; 9 steps are three epochs.
+    let tmp = tempfile::tempdir().unwrap();
+    let (whole, w_whole) = train_line(&line_cfg(9, 4), &tmp.path().join("whole"));
+    for micro in [1, 2, 3] {
+        let (split, w_split) =
+            train_line(&line_cfg(9, micro), &tmp.path().join(format!("m{micro}")));
+        for (a, b) in w_whole.iter().zip(&w_split) {
+            assert!(
+                (a - b).abs() < 1e-5,
+                "micro {micro}: {w_whole:?} vs {w_split:?}"
+            );
+        }
+        assert_logs_close(&whole.log, &split.log, 1e-5);
+    }
+    // Every example once per epoch, and the line is being learnt.
+    assert_eq!(whole.examples, 30);
+    assert_eq!(whole.log.last().unwrap().get("seen"), Some(30.0));
+    assert_eq!(whole.epochs, 3.0);
+    let loss = |i: usize| whole.log[i].get("loss").unwrap();
+    assert!(loss(8) < 0.75 * loss(0), "{} then {}", loss(0), loss(8));
+}
+
+#[test]
+fn objective_state_and_data_position_survive_a_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (full, w_full) = train_line(&line_cfg(7, 2), &tmp.path().join("full"));
+    let out = tmp.path().join("split");
+    // Stopped after step 4 (a checkpoint: checkpoint_every 2), in the middle of the 2nd epoch.
+    train_line(&line_cfg(4, 2), &out);
+    let (resumed, w_resumed) = train_line(&line_cfg(7, 2), &out);
+    assert_eq!((resumed.steps, resumed.examples), (7, 10));
+    // `seen` counts from the restored state, not from 0.
+    assert_eq!(resumed.log.last().unwrap().get("seen"), Some(24.0));
+    assert_logs_close(&full.log, &resumed.log, 1e-6);
+    for (a, b) in w_full.iter().zip(&w_resumed) {
+        assert!((a - b).abs() < 1e-6, "{w_full:?} vs {w_resumed:?}");
+    }
+}
+
+#[test]
+fn a_non_finite_loss_or_a_kl_past_the_ceiling_stops_the_run_naming_the_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let varmap = candle_nn::VarMap::new();
+    let mut line = Line {
+        nan_at_step: Some(3),
+        ..Line::new(&varmap)
+    };
+    let err = engine::run(&mut line, &varmap, &line_cfg(6, 2), tmp.path()).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("loss is NaN at step 3"),
+        "{err:#}"
+    );
+    // Steps 1 and 2 were logged, nothing after.
+    let log = std::fs::read_to_string(tmp.path().join("log.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 2);
+
+    let tmp = tempfile::tempdir().unwrap();
+    let varmap = candle_nn::VarMap::new();
+    let mut line = Line {
+        kl: Some(2.5),
+        ..Line::new(&varmap)
+    };
+    let err = engine::run(&mut line, &varmap, &line_cfg(6, 2), tmp.path()).unwrap_err();
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("KL to the reference is 2.500 nats at step 1, above the ceiling 1"),
+        "{text}"
+    );
+    assert!(text.contains("hint:"), "{text}");
 }
