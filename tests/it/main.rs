@@ -11,6 +11,7 @@ mod crash;
 mod cuda;
 mod dataset;
 mod dpospeed;
+mod engine;
 mod export_model;
 mod feedback_server;
 mod firstrun;
