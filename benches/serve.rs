@@ -1,6 +1,6 @@
 //! Feedback service benchmark, against the release `rlhf-bot serve` on loopback:
 //! 1. acknowledged single-record writes per second, and their p50/p99 latency, from `CLIENTS`
-//!    concurrent clients (default 64) for `SECONDS` (default 10);
+//!    concurrent clients (default 64) for `DURATION` seconds (default 10);
 //! 2. the same with batches of `BATCH` records (default 500) from 8 clients: records per second;
 //! 3. `rlhf-bot pull` of `PULL_RECORDS` records (default 1,000,000; the service is topped up with
 //!    batches first) into a fresh store: wall and CPU time, peak memory.
@@ -95,7 +95,7 @@ async fn load(
 
 fn main() {
     let clients = env_usize("CLIENTS", 64);
-    let seconds = env_usize("SECONDS", 10) as f64;
+    let seconds = env_usize("DURATION", 10) as f64;
     let batch = env_usize("BATCH", 500);
     let pull_records = env_usize("PULL_RECORDS", 1_000_000);
     let dir = tempfile::tempdir().unwrap();

@@ -3,6 +3,7 @@
 //! the KPIs. Every record goes through the same validator as the pull's quarantine
 //! ([`WireRecord::validate`]); a batch with one bad record stores nothing.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -14,6 +15,7 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 use super::AppState;
 use super::auth::{Caller, WIDGET_KEY_HEADER};
@@ -224,12 +226,13 @@ struct WriteResult {
 /// Turns one posted JSON value into a write, filling what the server decides: `updated_at`
 /// (and `created_at`) when the client sent none, and `source: end_user` for the widget.
 fn to_op(
-    value: serde_json::Value,
+    raw: &RawValue,
     field: &str,
     caller: Caller,
     now: DateTime<Utc>,
 ) -> Result<WriteOp, ApiError> {
-    let mut wire: WireRecord = serde_path_to_error::deserialize(value).map_err(|e| {
+    let mut reader = serde_json::Deserializer::from_str(raw.get());
+    let mut wire: WireRecord = serde_path_to_error::deserialize(&mut reader).map_err(|e| {
         let path = e.path().to_string();
         let at = if path == "." {
             field.to_string()
@@ -262,7 +265,9 @@ fn to_op(
     let change = wire
         .validate()
         .map_err(|e| ApiError::bad_request(format!("{field}: {e}")).at(field))?;
-    Ok(WriteOp::from_change(change))
+    WriteOp::from_change(change).map_err(|e| {
+        ApiError::bad_request(format!("{field}: cannot be stored as JSON: {e}")).at(field)
+    })
 }
 
 pub async fn post_feedback(
@@ -293,29 +298,33 @@ pub async fn post_feedback(
         };
         ApiError::new(status, "invalid_body", message)
     })?;
-    let value: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
+    let not_json = |e: serde_json::Error| {
         ApiError::bad_request(format!(
             "the body is not JSON ({e}); send one record, or {{\"data\": [records]}}"
         ))
+    };
+    // Only the top level is parsed here; each record is parsed once, on its own, below.
+    let top: BTreeMap<&str, &RawValue> = serde_json::from_slice(&body).map_err(|e| {
+        if e.is_data() {
+            ApiError::bad_request(
+                "the body must be one record (an object), or {\"data\": [records]}",
+            )
+        } else {
+            not_json(e)
+        }
     })?;
     let now = Utc::now();
-    let (values, batch) = match value {
-        serde_json::Value::Object(mut map) if map.contains_key("data") => {
-            match map.remove("data") {
-                Some(serde_json::Value::Array(items)) => (items, true),
-                _ => {
-                    return Err(
-                        ApiError::bad_request("`data` must be an array of records").at("data")
-                    );
-                }
-            }
-        }
-        single @ serde_json::Value::Object(_) => (vec![single], false),
-        _ => {
-            return Err(ApiError::bad_request(
-                "the body must be one record (an object), or {\"data\": [records]}",
-            ));
-        }
+    let (values, batch): (Vec<&RawValue>, bool) = match top.get("data") {
+        Some(data) => (
+            serde_json::from_str(data.get()).map_err(|_| {
+                ApiError::bad_request("`data` must be an array of records").at("data")
+            })?,
+            true,
+        ),
+        None => (
+            vec![serde_json::from_slice(&body).map_err(not_json)?],
+            false,
+        ),
     };
     if values.is_empty() {
         return Err(ApiError::bad_request("`data` is empty").at("data"));

@@ -55,6 +55,9 @@ pub enum WriteOp {
     Upsert {
         record: Box<FeedbackRecord>,
         client_at: DateTime<Utc>,
+        /// The record's JSON without `updated_at`, made by the request's task so that the one
+        /// writer only appends the server time ([`served_body`]).
+        content: String,
     },
     Delete {
         id: String,
@@ -65,17 +68,24 @@ pub enum WriteOp {
 }
 
 impl WriteOp {
-    pub fn from_change(change: Change) -> Self {
-        match change {
+    pub fn from_change(change: Change) -> Result<Self> {
+        Ok(match change {
             Change::Upsert(record) => {
                 let client_at = record.updated_at;
-                WriteOp::Upsert { record, client_at }
+                let mut wire = record.to_wire();
+                wire.updated_at = None;
+                let content = serde_json::to_string(&wire)?;
+                WriteOp::Upsert {
+                    record,
+                    client_at,
+                    content,
+                }
             }
             Change::Delete { id, updated_at } => WriteOp::Delete {
                 id,
                 client_at: updated_at,
             },
-        }
+        })
     }
 }
 
@@ -439,24 +449,30 @@ fn stored(tx: &rusqlite::Transaction<'_>, id: &str) -> Result<Option<(i64, bool,
         .optional()?)
 }
 
-/// A record's JSON as served: its own fields, with the server's `updated_at`.
-fn served_body(record: &FeedbackRecord, served_us: i64) -> Result<String> {
-    let mut wire = record.to_wire();
+/// The key the served time is appended under; inside a JSON string a `"` is always escaped, so
+/// this text can only be our own key.
+const SERVED_KEY: &str = ",\"updated_at\":\"";
+
+/// A record's JSON as served: its content with the server's `updated_at` appended.
+fn served_body(content: &str, served_us: i64) -> Result<String> {
     let at = DateTime::from_timestamp_micros(served_us).context("server time out of range")?;
-    wire.updated_at = Some(format_time(at));
-    Ok(serde_json::to_string(&wire)?)
+    let open = content
+        .strip_suffix('}')
+        .context("a record's JSON does not end with `}`")?;
+    Ok(format!("{open}{SERVED_KEY}{}\"}}", format_time(at)))
+}
+
+/// Whether a stored body is `content` with some served time (a retried request).
+fn same_content(stored: &str, content: &str) -> bool {
+    match (stored.rfind(SERVED_KEY), content.strip_suffix('}')) {
+        (Some(cut), Some(open)) => &stored[..cut] == open,
+        _ => false,
+    }
 }
 
 fn tombstone_body(id: &str, served_us: i64) -> Result<String> {
     let at = DateTime::from_timestamp_micros(served_us).context("server time out of range")?;
     Ok(serde_json::json!({"id": id, "updated_at": format_time(at), "deleted": true}).to_string())
-}
-
-/// The body without its `updated_at`, to tell a retried request from a conflicting one.
-fn content_of(body: &str) -> Option<serde_json::Value> {
-    let mut v: serde_json::Value = serde_json::from_str(body).ok()?;
-    v.as_object_mut()?.remove("updated_at");
-    Some(v)
 }
 
 fn apply_op(
@@ -465,7 +481,11 @@ fn apply_op(
     clock: &mut ServedClock,
 ) -> Result<Outcome> {
     match op {
-        WriteOp::Upsert { record, client_at } => {
+        WriteOp::Upsert {
+            record,
+            client_at,
+            content,
+        } => {
             let client_us = client_at.timestamp_micros();
             let existing = stored(tx, &record.id)?;
             let outcome = match &existing {
@@ -475,8 +495,7 @@ fn apply_op(
                     if *deleted {
                         return Ok(Outcome::Stale);
                     }
-                    let candidate = served_body(record, 0)?;
-                    return Ok(if content_of(&candidate) == content_of(body) {
+                    return Ok(if same_content(body, content) {
                         Outcome::Unchanged
                     } else {
                         Outcome::Conflict
@@ -485,7 +504,7 @@ fn apply_op(
                 Some(_) => Outcome::Updated,
             };
             let served = clock.next();
-            let body = served_body(record, served)?;
+            let body = served_body(content, served)?;
             tx.prepare_cached(
                 "INSERT INTO feedback(id, served_us, client_us, deleted, user_id, model_version,
                                       kind, thumb, rating, created_us, body)

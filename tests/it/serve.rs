@@ -336,15 +336,17 @@ fn bad_input_gets_a_4xx_naming_the_problem_and_nothing_is_stored() {
             .contains("max_body_bytes")
     );
 
-    let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+    // 10,000 levels deep, inside a record and as the whole body: refused, naming where.
+    let nest = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+    let deep = format!(
+        r#"{{"data": [{{"id": "d", "comment": {}}}]}}"#,
+        nest(10_000)
+    );
     let (status, body) = post_raw(&svc, deep.into_bytes());
     assert_eq!(status, 400, "{body}");
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("recursion limit")
-    );
+    assert_eq!(body["error"]["field"], "data[0].comment", "{body}");
+    let (status, body) = post_raw(&svc, nest(10_000).into_bytes());
+    assert_eq!(status, 400, "{body}");
 
     let mut bad_utf8 = serde_json::to_vec(&record("u", "thumb", "2026-12-01T10:00:00Z")).unwrap();
     let at = bad_utf8
