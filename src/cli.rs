@@ -96,6 +96,10 @@ pub struct ServeArgs {
     /// host:port to listen on, instead of `server.listen` (port 0: any free port).
     #[arg(long)]
     pub listen: Option<std::net::SocketAddr>,
+    /// Serve the demo page at /demo with a widget key for this service's own origin; a read
+    /// token or write key whose variable is unset is generated and printed (local trials only).
+    #[arg(long)]
+    pub demo: bool,
 }
 
 /// A serving format (`export-model --format`).

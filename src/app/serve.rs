@@ -2,6 +2,8 @@
 //! database, and serves the feedback API until SIGINT or SIGTERM, finishing the requests in
 //! flight (every acknowledged write is already committed).
 
+use std::io::Write as _;
+
 use anyhow::Result;
 
 use crate::cli::ServeArgs;
@@ -12,17 +14,53 @@ pub async fn serve_cmd(settings: Settings, args: &ServeArgs) -> Result<()> {
     if let Some(listen) = args.listen {
         server.listen = listen;
     }
-    let state = crate::server::build_state(server, &|name| std::env::var(name).ok())?;
+    let mut generated = Vec::new();
+    let mut demo_key = None;
+    if args.demo {
+        for var in [&server.read_token_env, &server.write_key_env] {
+            if std::env::var(var).map_or(true, |v| v.trim().is_empty()) {
+                generated.push((var.clone(), random_secret()));
+            }
+        }
+        demo_key = Some(random_secret());
+    }
+    let env = |name: &str| {
+        generated
+            .iter()
+            .find(|(var, _)| var == name)
+            .map(|(_, value)| value.clone())
+            .or_else(|| std::env::var(name).ok())
+    };
+    let state = crate::server::build_state(server, &env, demo_key)?;
     crate::server::serve(
         state,
         |addr| {
-            // Scripts and tests read the bound address from this line (the port may be 0 in the
-            // config); it goes to stdout so that logs on stderr stay separate.
-            println!("feedback service listening on http://{addr}");
+            // Scripts and tests read the bound address from the first line (the port may be 0
+            // in the config); it goes to stdout so that logs on stderr stay separate. A reader
+            // that closed stdout must not stop the service, so write errors are ignored.
+            let mut lines = vec![format!("feedback service listening on http://{addr}")];
+            if args.demo {
+                lines.push(format!("demo page: http://{addr}/demo"));
+                // Demo mode only: the user asked for throw-away credentials and needs the read
+                // token to pull what they clicked.
+                for (var, value) in &generated {
+                    lines.push(format!("generated {var}={value}"));
+                }
+            }
+            let mut out = std::io::stdout().lock();
+            for line in lines {
+                let _ = writeln!(out, "{line}");
+            }
+            let _ = out.flush();
         },
         shutdown_signal(),
     )
     .await
+}
+
+/// 32 random bytes as hex, from the thread's OS-seeded generator.
+fn random_secret() -> String {
+    hex::encode(rand::random::<[u8; 32]>())
 }
 
 async fn shutdown_signal() {

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use super::AppState;
-use super::auth::{Caller, WIDGET_KEY_HEADER};
+use super::auth::{Caller, SAME_ORIGIN, WIDGET_KEY_HEADER};
 use super::db::{Outcome, WriteOp};
 use super::error::ApiError;
 use crate::feedback::record::{WireRecord, format_time};
@@ -73,12 +73,16 @@ fn admit_widget(
         .get(header::ORIGIN)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    if !state
+    let own = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(|host| format!("http://{host}"));
+    let allowed = state
         .credentials
         .widget_origins(index)
         .iter()
-        .any(|o| o == origin)
-    {
+        .any(|o| o == origin || (o == SAME_ORIGIN && own.as_deref() == Some(origin)));
+    if !allowed {
         return Err(ApiError::forbidden(format!(
             "origin {:?} is not allowed for this widget key\nhint: add it to the key's `origins` in `server.widget_keys`",
             crate::sanitize::terminal_line(origin)

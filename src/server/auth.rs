@@ -14,6 +14,10 @@ use crate::config::server::ServerSettings;
 /// The header a widget sends its public key in (a bearer token would look like a secret).
 pub const WIDGET_KEY_HEADER: &str = "x-rlhf-widget-key";
 
+/// An allowed origin meaning "the service's own": the browser's `Origin` must be
+/// `http://<Host header>` (the demo page posting to the service that served it).
+pub const SAME_ORIGIN: &str = "self";
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Caller {
     Reader,
@@ -102,6 +106,11 @@ impl Credentials {
             write,
             widgets,
         })
+    }
+
+    /// Adds a widget key at run time (`serve --demo`); `origins` may hold [`SAME_ORIGIN`].
+    pub fn add_widget(&mut self, key: &str, origins: Vec<String>) {
+        self.widgets.push((digest(key.as_bytes()), origins));
     }
 
     /// Matches a bearer token (read token or write key).

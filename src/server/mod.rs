@@ -6,12 +6,14 @@
 //! - [`db`]: the storage interface and its SQLite implementation (one writer, group commit);
 //! - [`auth`]: read token, write key and widget keys, compared as digests;
 //! - [`cors`], [`rate_limit`]: what the public widget key is allowed;
-//! - [`metrics`], [`error`]: `/metrics` and the JSON error shape.
+//! - [`metrics`], [`error`]: `/metrics` and the JSON error shape;
+//! - [`demo`]: the embedded widget (`/widget.js`) and the demo page (`/demo`).
 
 pub mod api;
 pub mod auth;
 pub mod cors;
 pub mod db;
+pub mod demo;
 pub mod error;
 pub mod metrics;
 pub mod rate_limit;
@@ -43,6 +45,8 @@ pub struct AppState {
     pub db: Arc<dyn FeedbackDb>,
     pub metrics: Metrics,
     pub rate_limit: RateLimiter,
+    /// The widget key the demo page embeds (`serve --demo`); `None`: `/demo` is off.
+    pub demo_widget_key: Option<String>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -81,6 +85,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/feedback/{id}", delete(api::delete_feedback))
         .route("/v1/users/{user_id}/feedback", delete(api::erase_user))
         .route("/v1/kpis", get(api::kpis))
+        .route("/widget.js", get(demo::widget_js))
+        .route("/demo", get(demo::demo_page))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
@@ -129,11 +135,16 @@ async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
 }
 
 /// Builds the state from settings and the environment (credentials), opening the database.
+/// `demo_widget_key`: a key the demo page may use from the service's own origin.
 pub fn build_state(
     settings: ServerSettings,
     env: &dyn Fn(&str) -> Option<String>,
+    demo_widget_key: Option<String>,
 ) -> Result<Arc<AppState>> {
-    let credentials = Credentials::from_env(&settings, env)?;
+    let mut credentials = Credentials::from_env(&settings, env)?;
+    if let Some(key) = &demo_widget_key {
+        credentials.add_widget(key, vec![auth::SAME_ORIGIN.to_string()]);
+    }
     let db = open_database(&settings)?;
     Ok(Arc::new(AppState {
         rate_limit: RateLimiter::new(settings.widget_requests_per_minute),
@@ -141,6 +152,7 @@ pub fn build_state(
         credentials,
         db,
         metrics: Metrics::default(),
+        demo_widget_key,
     }))
 }
 

@@ -37,3 +37,4 @@ mod serve;
 mod train_utils;
 mod trainer;
 mod unreachable_api;
+mod widget_browser;

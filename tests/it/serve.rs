@@ -3,7 +3,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -40,27 +40,35 @@ fn service_config(ws: &Workspace, extra: &str) -> PathBuf {
     ))
 }
 
-fn start_with(config: &Path) -> Service {
-    let mut child = bin()
-        .env("SERVICE_READ", READ)
-        .env("SERVICE_WRITE", WRITE)
-        .env("SERVICE_WIDGET", WIDGET)
-        .arg("--config")
-        .arg(config)
-        .arg("serve")
+/// Spawns `rlhf-bot … serve` and returns it with its base URL, read from the first line of its
+/// stdout; the rest of its output is drained so the service never blocks on a full pipe.
+pub fn spawn_service(mut cmd: Command) -> (Child, String) {
+    let mut child = cmd
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    out.read_line(&mut line).unwrap();
+    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
     let url = line
         .trim()
         .strip_prefix("feedback service listening on ")
         .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
         .to_string();
+    (child, url)
+}
+
+fn start_with(config: &Path) -> Service {
+    let mut cmd = bin();
+    cmd.env("SERVICE_READ", READ)
+        .env("SERVICE_WRITE", WRITE)
+        .env("SERVICE_WIDGET", WIDGET)
+        .arg("--config")
+        .arg(config)
+        .arg("serve");
+    let (child, url) = spawn_service(cmd);
     Service {
         child,
         url,
