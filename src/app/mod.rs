@@ -4,6 +4,7 @@
 
 pub mod baseline;
 mod check;
+pub mod deploy;
 pub mod export_model;
 pub mod generate;
 mod output;
@@ -426,6 +427,13 @@ pub async fn run(cli: Cli) -> Result<()> {
                     summary.out.display()
                 ),
             )
+        }
+        Command::Deploy(args) => {
+            let settings = load_settings(&cli.config)?;
+            deploy::deploy_cmd(&settings, &args, |report| {
+                output::json_or_text(format, report, &report.to_string())
+            })
+            .await
         }
         Command::Export { out } => {
             let settings = load_settings(&cli.config)?;

@@ -36,6 +36,7 @@ pub struct Settings {
     pub dataset: crate::dataset::DatasetOptions,
     pub reward: crate::train::reward_run::RewardTrainOptions,
     pub policy: super::policy::PolicySettings,
+    pub deploy: super::deploy::DeploySettings,
     /// sha256 of the config text: lineage for the registry and reports.
     pub config_sha256: String,
 }
@@ -325,6 +326,10 @@ pub fn validate(raw: RawConfig, text: &str) -> Result<Settings, Invalid> {
         reward.train.rating_loss = r;
     }
     let policy = super::policy::validate_policy(raw.policy)?;
+    let deploy = super::deploy::validate_deploy(
+        raw.deploy,
+        publish.github.as_ref().map(|g| g.api_url.as_str()),
+    )?;
     let store_dir = PathBuf::from(raw.store.dir.unwrap_or_else(|| DEFAULT_STORE_DIR.into()));
     let artifacts = match raw.registry.artifacts.as_deref() {
         None => ArtifactLocation::Dir(PathBuf::from(DEFAULT_ARTIFACTS_DIR)),
@@ -352,6 +357,7 @@ pub fn validate(raw: RawConfig, text: &str) -> Result<Settings, Invalid> {
         dataset,
         reward,
         policy,
+        deploy,
         feedback: FeedbackSettings {
             source,
             page_size: page_size as u32,
@@ -398,7 +404,7 @@ fn validate_gates(g: &crate::report::GateConfig) -> Result<(), Invalid> {
 /// Checks a `*_env` key: it names the environment variable that holds a secret. A value that is
 /// not a variable name, or that looks like a token, is refused without being repeated (it may
 /// be the secret itself, and the error goes to a log).
-fn env_name(key: &str, name: String, example: &str) -> Result<String, Invalid> {
+pub(super) fn env_name(key: &str, name: String, example: &str) -> Result<String, Invalid> {
     let is_name = !name.is_empty()
         && !name.starts_with(|c: char| c.is_ascii_digit())
         && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
@@ -448,7 +454,7 @@ fn looks_like_token(name: &str) -> bool {
 
 /// Parses an http(s) URL setting. Credentials in it are refused, naming the URL with them hidden:
 /// they would be printed (`config check`, errors) and sent as Basic auth instead of the token.
-fn http_url(key: &str, text: &str, token_key: &str) -> Result<url::Url, Invalid> {
+pub(super) fn http_url(key: &str, text: &str, token_key: &str) -> Result<url::Url, Invalid> {
     let shown = crate::sanitize::redact_url(text);
     let url = url::Url::parse(text)
         .map_err(|e| Invalid::new(key, format!("not a URL ({shown:?}): {e}")))?;
@@ -469,6 +475,13 @@ fn http_url(key: &str, text: &str, token_key: &str) -> Result<url::Url, Invalid>
     Ok(url)
 }
 
+/// Splits an `owner/name` repository setting.
+pub(super) fn owner_repo<'a>(key: &str, repo: &'a str) -> Result<(&'a str, &'a str), Invalid> {
+    repo.split_once('/')
+        .filter(|(o, n)| !o.is_empty() && !n.is_empty() && !n.contains('/'))
+        .ok_or_else(|| Invalid::new(key, format!("expected owner/name, got {repo:?}")))
+}
+
 fn validate_publish(p: RawPublish) -> Result<PublishSettings, Invalid> {
     let mode = p.mode.unwrap_or(PublishMode::Local);
     let github = match mode {
@@ -481,15 +494,7 @@ fn validate_publish(p: RawPublish) -> Result<PublishSettings, Invalid> {
                     "`mode: github` needs `publish.github.repo` (owner/name)",
                 ));
             };
-            let Some((owner, name)) = repo
-                .split_once('/')
-                .filter(|(o, n)| !o.is_empty() && !n.is_empty() && !n.contains('/'))
-            else {
-                return Err(Invalid::new(
-                    "publish.github.repo",
-                    format!("expected owner/name, got {repo:?}"),
-                ));
-            };
+            let (owner, name) = owner_repo("publish.github.repo", &repo)?;
             let token_env = env_name(
                 "publish.github.token_env",
                 g.token_env
