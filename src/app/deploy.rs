@@ -22,8 +22,15 @@ use crate::secret::SecretString;
 pub const STAGING_DIR: &str = "deploy-staging";
 
 /// `export-model`'s code, one format at a time.
-struct ExportModel<'a> {
+#[derive(Debug)]
+pub struct ExportModel<'a> {
     settings: &'a Settings,
+}
+
+impl<'a> ExportModel<'a> {
+    pub fn new(settings: &'a Settings) -> Self {
+        Self { settings }
+    }
 }
 
 impl Exporter for ExportModel<'_> {

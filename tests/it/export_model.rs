@@ -43,9 +43,14 @@ fn random(rng: &mut ChaCha8Rng, shape: (usize, usize), std: f64) -> Tensor {
 /// the merge matters) over a base at `ws/base` (the default tiny llama: hidden 64, 4 heads, 2 KV
 /// heads, with SmolLM2's chat template and tokenizer files beside).
 fn policy_run(ws: &Workspace) -> PathBuf {
-    let base = ws.path().join("base");
+    policy_run_in(ws.path())
+}
+
+/// [`policy_run`] under any directory (`root/base`, `root/run`).
+pub(crate) fn policy_run_in(root: &Path) -> PathBuf {
+    let base = root.join("base");
     rlhf_bot::app::policy::default_base_model(&base, 7).unwrap();
-    let run = ws.path().join("run");
+    let run = root.join("run");
     let policy = run.join("policy");
     let adapter = policy.join("adapter");
     std::fs::create_dir_all(&adapter).unwrap();
