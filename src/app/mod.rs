@@ -486,7 +486,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::Registry(crate::cli::RegistryCommand::Show) => {
             let settings = load_settings(&cli.config)?;
-            let view = registry_cmd::show(&settings)?;
+            let view = registry_cmd::show(&settings).await?;
             output::json_or_text(format, &view, view.to_string().trim_end())
         }
         Command::Store(cmd) => {

@@ -3,7 +3,9 @@
 //!
 //! The JSON of `registry show` has fixed keys that scripts rely on:
 //! `{"production": {"reward": ID|null, "policy": ID|null}, "candidates": [ID…],
-//! "models": [{"id", "kind", "status", "aliases", "parent", "created_at", "metrics"}…]}`.
+//! "models": [{"id", "kind", "status", "aliases", "parent", "created_at", "metrics"}…],
+//! "deployed": {"reward": LIVE|null, "policy": LIVE|null}}`, where LIVE is what `deploy` last
+//! switched the production prefix to: `{"id", "deployed_at", "formats", "status"}`.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -11,8 +13,11 @@ use std::fmt;
 use anyhow::Result;
 use serde::Serialize;
 
+use crate::artifacts::ArtifactLocation;
 use crate::cli::RegistryKind;
 use crate::config::Settings;
+use crate::deploy::manifest::RecordStatus;
+use crate::deploy::{LiveView, ProductionStore};
 use crate::feedback::record::format_time;
 use crate::registry::{ModelEntry, ModelKind, ModelStatus, Registry};
 
@@ -22,6 +27,14 @@ pub struct RegistryView {
     pub production: ProductionView,
     pub candidates: Vec<String>,
     pub models: Vec<ModelView>,
+    pub deployed: DeployedView,
+}
+
+/// What `deploy` published last, per kind (`None`: nothing deployed, or the store unreadable).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DeployedView {
+    pub reward: Option<LiveView>,
+    pub policy: Option<LiveView>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -51,6 +64,7 @@ impl RegistryView {
             },
             candidates: registry.candidates().map(|m| m.id.clone()).collect(),
             models: registry.models.iter().map(ModelView::of).collect(),
+            deployed: DeployedView::default(),
         }
     }
 }
@@ -83,6 +97,26 @@ impl fmt::Display for RegistryView {
         } else {
             writeln!(f, "candidates: {}", self.candidates.join(", "))?;
         }
+        for (kind, live) in [
+            ("reward", &self.deployed.reward),
+            ("policy", &self.deployed.policy),
+        ] {
+            if let Some(live) = live {
+                let formats: Vec<&str> = live.formats.iter().map(|f| f.as_str()).collect();
+                let status = match live.status {
+                    Some(RecordStatus::Complete) => "complete",
+                    Some(RecordStatus::Incomplete) => "incomplete: serving not told yet",
+                    None => "not recorded",
+                };
+                writeln!(
+                    f,
+                    "deployed {kind}: {} since {} ({}; {status})",
+                    live.id,
+                    live.deployed_at,
+                    formats.join(", ")
+                )?;
+            }
+        }
         for m in &self.models {
             let status = serde_json::to_value(m.status)
                 .ok()
@@ -108,9 +142,35 @@ impl fmt::Display for RegistryView {
 }
 
 /// `registry show`.
-pub fn show(settings: &Settings) -> Result<RegistryView> {
+pub async fn show(settings: &Settings) -> Result<RegistryView> {
     let registry = Registry::load_or_default(&settings.registry.path)?;
-    Ok(RegistryView::of(&registry))
+    let mut view = RegistryView::of(&registry);
+    view.deployed = deployed(settings).await;
+    Ok(view)
+}
+
+/// The production prefix's manifests, best effort: showing the registry must not fail because
+/// the artifact store is unreachable (or, for a directory, does not exist yet).
+async fn deployed(settings: &Settings) -> DeployedView {
+    if let ArtifactLocation::Dir(dir) = &settings.registry.artifacts
+        && !dir.is_dir()
+    {
+        return DeployedView::default();
+    }
+    let live = match crate::artifacts::object_root(&settings.registry.artifacts) {
+        Ok(root) => crate::deploy::live(&ProductionStore::new(root)).await,
+        Err(e) => Err(e.into()),
+    };
+    match live {
+        Ok(mut live) => DeployedView {
+            reward: live.remove(&ModelKind::Reward),
+            policy: live.remove(&ModelKind::Policy),
+        },
+        Err(e) => {
+            tracing::warn!("cannot read what is deployed: {e:#}");
+            DeployedView::default()
+        }
+    }
 }
 
 /// What `promote` and `rollback` changed.

@@ -184,6 +184,42 @@ impl std::fmt::Display for DeployReport {
     }
 }
 
+/// What is live for one kind, as `registry show` summarises it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LiveView {
+    pub id: String,
+    pub deployed_at: String,
+    pub formats: Vec<ServingFormat>,
+    /// The newest record of this deployment; `None` when none was written (a crash between the
+    /// switch and the record: the next `deploy` notifies and records).
+    pub status: Option<RecordStatus>,
+}
+
+/// The live manifest of each kind with the status of its newest record.
+pub async fn live(production: &ProductionStore) -> Result<BTreeMap<ModelKind, LiveView>> {
+    let records = production.records().await?;
+    let mut out = BTreeMap::new();
+    for kind in [ModelKind::Reward, ModelKind::Policy] {
+        if let Some((m, _)) = production.manifest(kind).await? {
+            let status = records
+                .iter()
+                .rev()
+                .find(|r| r.kind == kind && r.id == m.id && r.deployed_at == m.deployed_at)
+                .map(|r| r.status);
+            out.insert(
+                kind,
+                LiveView {
+                    formats: m.format_names(),
+                    id: m.id,
+                    deployed_at: m.deployed_at,
+                    status,
+                },
+            );
+        }
+    }
+    Ok(out)
+}
+
 /// The per-kind decision, made before anything is written.
 struct Plan<'r> {
     kind: ModelKind,
@@ -338,7 +374,7 @@ async fn carry_out(
     }
     let failed = || {
         format!(
-            "publishing the {kind} model {id}: the previous manifest is still live\nhint: fix the cause and run `rlhf-bot deploy` again; it completes the deployment"
+            "publishing the {kind} model {id} failed, so the previous manifest is still live (once the cause is fixed, `rlhf-bot deploy` completes it)"
         )
     };
     let kept = production.release(kind, id).await.with_context(failed)?;

@@ -770,6 +770,31 @@ fn a_failing_webhook_is_retried_recorded_incomplete_and_sent_again_by_the_next_r
         record["error"].as_str().unwrap().contains("503"),
         "{record}"
     );
+    // `registry show` summarises what is live and that serving was not told yet.
+    let show = |format: &str| {
+        let o = bin()
+            .arg("--config")
+            .arg(&w.cfg)
+            .args(["--format", format, "registry", "show"])
+            .envs(w.moto.env())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        stdout(&o)
+    };
+    let shown: serde_json::Value = serde_json::from_str(&show("json")).unwrap();
+    assert_eq!(shown["deployed"]["policy"]["id"], "policy-w1", "{shown}");
+    assert_eq!(shown["deployed"]["policy"]["status"], "incomplete");
+    assert_eq!(
+        shown["deployed"]["policy"]["formats"],
+        serde_json::json!(["peft"])
+    );
+    assert!(shown["deployed"]["reward"].is_null());
+    assert!(
+        show("text").contains("deployed policy: policy-w1 since"),
+        "{}",
+        show("text")
+    );
 
     // The receiver recovers: the next run sends the same deployment again, and completes.
     let out = w.deploy_ok(&[], &env);
@@ -788,6 +813,11 @@ fn a_failing_webhook_is_retried_recorded_incomplete_and_sent_again_by_the_next_r
     );
     assert_eq!(inner.deliveries[3].status, 200);
     assert_eq!(w.records().pop().unwrap()["status"], "complete");
+    assert!(
+        show("text").contains("(peft; complete)"),
+        "{}",
+        show("text")
+    );
     drop(inner);
     let again = w.deploy_ok(&[], &env);
     assert_eq!(again["kinds"][1]["action"], "unchanged", "{again}");
