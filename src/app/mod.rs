@@ -98,6 +98,12 @@ fn mask_secrets(settings: &Settings) {
     if let Some(github) = &settings.publish.github {
         vars.push(github.token_env.as_str());
     }
+    if let Some(webhook) = &settings.deploy.webhook {
+        vars.push(webhook.secret_env.as_str());
+    }
+    if let Some(dispatch) = &settings.deploy.repository_dispatch {
+        vars.push(dispatch.token_env.as_str());
+    }
     for var in vars {
         if let Ok(value) = std::env::var(var) {
             env.mask(value.trim());

@@ -61,6 +61,17 @@ pub enum NotifyError {
     Setup(String),
 }
 
+/// The URL as errors and logs show it: no user-info, query or fragment, where receivers (chat
+/// tools' incoming webhooks) often carry a token.
+fn shown_url(url: &url::Url) -> String {
+    let mut shown = url.clone();
+    shown.set_query(None);
+    shown.set_fragment(None);
+    let _ = shown.set_username("");
+    let _ = shown.set_password(None);
+    shown.to_string()
+}
+
 /// Sends the webhook, retrying 5xx, 429 and transport errors up to `settings.max_attempts`
 /// times with waits doubling from `backoff`. Returns the attempts it took.
 pub async fn send_webhook(
@@ -70,7 +81,7 @@ pub async fn send_webhook(
     idempotency_key: &str,
     backoff: Duration,
 ) -> Result<u32, NotifyError> {
-    let shown = redact_url(settings.url.as_str());
+    let shown = shown_url(&settings.url);
     let client = reqwest::Client::builder()
         .timeout(settings.timeout)
         .user_agent(concat!("rlhf-bot/", env!("CARGO_PKG_VERSION")))
@@ -173,6 +184,12 @@ pub async fn send_dispatch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shown_urls_drop_credentials_and_queries() {
+        let url = url::Url::parse("https://u:p@hooks.example.com/x/y?token=abc#f").unwrap();
+        assert_eq!(shown_url(&url), "https://hooks.example.com/x/y");
+    }
 
     #[test]
     fn signature_is_the_hmac_sha256_of_the_body() {

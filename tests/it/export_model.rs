@@ -609,6 +609,39 @@ fn registry_ids_export_after_their_artifact_is_verified() {
     assert!(o.status.success(), "{}", stderr(&o));
     let s: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(s["kind"], "reward");
+    // A sequence-classification checkpoint with its score head, which the project's own loader
+    // reads back without initialising anything, and which scores like the registered model.
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ws.path().join("rm/config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["architectures"][0], "LlamaForSequenceClassification");
+    let ids = Tensor::new(&[[1u32, 504, 3458, 282, 4649, 314]], &Device::Cpu).unwrap();
+    let score = |dir: &Path| {
+        let p = rlhf_bot::model::llama::LlamaForSequenceClassification::load(
+            dir,
+            None,
+            None,
+            &Device::Cpu,
+        )
+        .unwrap();
+        assert!(
+            p.report.initialised.is_empty(),
+            "{:?}",
+            p.report.initialised
+        );
+        p.model
+            .forward(&ids, None)
+            .unwrap()
+            .logits
+            .to_dtype(DType::F32)
+            .unwrap()
+    };
+    let registered = ws.store_dir().join("artifacts/reward").join(&reward);
+    let d = crate::common::max_abs_diff(&score(&registered), &score(&ws.path().join("rm")));
+    assert!(
+        d < 0.05,
+        "the exported reward model scores {d} away from the registered one"
+    );
 
     // A modified artifact is refused before anything is read.
     crate::promotion::tamper(&ws, "policy", &policy);
