@@ -52,11 +52,29 @@ impl DeploySettings {
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct WebhookSettings {
+    /// Printed (`config check`) with any query replaced by `***`: receivers often carry a token
+    /// there.
+    #[serde(serialize_with = "url_without_query")]
     pub url: url::Url,
     /// The variable's name; the secret is read when notifying and never printed.
     pub secret_env: String,
     pub max_attempts: u32,
-    pub timeout: Duration,
+    pub timeout_secs: u64,
+}
+
+impl WebhookSettings {
+    pub fn timeout(&self) -> Duration {
+        Duration::from_secs(self.timeout_secs)
+    }
+}
+
+fn url_without_query<S: serde::Serializer>(url: &url::Url, s: S) -> Result<S::Ok, S::Error> {
+    let mut shown = url.clone();
+    if shown.query().is_some() {
+        shown.set_query(Some("***"));
+    }
+    shown.set_fragment(None);
+    s.serialize_str(shown.as_str())
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -134,7 +152,7 @@ fn webhook(w: RawWebhook) -> Result<WebhookSettings, Invalid> {
         url,
         secret_env,
         max_attempts: w.max_attempts.map_or(5, |a| a.0.min(20) as u32),
-        timeout: Duration::from_secs(w.timeout_secs.map_or(30, |t| t.0)),
+        timeout_secs: w.timeout_secs.map_or(30, |t| t.0),
     })
 }
 

@@ -83,7 +83,7 @@ pub async fn send_webhook(
 ) -> Result<u32, NotifyError> {
     let shown = shown_url(&settings.url);
     let client = reqwest::Client::builder()
-        .timeout(settings.timeout)
+        .timeout(settings.timeout())
         .user_agent(concat!("rlhf-bot/", env!("CARGO_PKG_VERSION")))
         .build()
         .map_err(|e| NotifyError::Setup(format!("cannot build the webhook client: {e}")))?;

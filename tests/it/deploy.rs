@@ -844,6 +844,13 @@ fn deploy_config_refuses_formats_that_do_not_apply_and_the_hub() {
     );
     assert_eq!(s.deploy.reward_formats, [ServingFormat::Hf]);
     assert_eq!(s.deploy.keep, 3);
+    // `config check` shows a webhook URL without the token a query may carry.
+    let s = load("  webhook: {url: 'https://hooks.example.com/a?token=s3cr3t'}\n").unwrap();
+    let shown = serde_json::to_string(&s.deploy).unwrap();
+    assert!(
+        shown.contains("https://hooks.example.com/a?***") && !shown.contains("s3cr3t"),
+        "{shown}"
+    );
     for (deploy, needles) in [
         (
             "  formats: {reward: [gguf-f16]}\n",
