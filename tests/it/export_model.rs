@@ -503,6 +503,26 @@ fn gguf_exports_open_in_llama_cpps_reader_with_what_llama_cpp_needs() {
     check_llama_gguf(&r, 16, 32, 2, 1, "Q8_0");
 }
 
+/// The reward model in `dir` loaded by the project's own loader (which must initialise nothing:
+/// the score head is in the file) and its score of a fixed token sequence.
+fn reward_score(dir: &Path) -> Tensor {
+    let ids = Tensor::new(&[[1u32, 504, 3458, 282, 4649, 314]], &Device::Cpu).unwrap();
+    let p =
+        rlhf_bot::model::llama::LlamaForSequenceClassification::load(dir, None, None, &Device::Cpu)
+            .unwrap();
+    assert!(
+        p.report.initialised.is_empty(),
+        "{:?}",
+        p.report.initialised
+    );
+    p.model
+        .forward(&ids, None)
+        .unwrap()
+        .logits
+        .to_dtype(DType::F32)
+        .unwrap()
+}
+
 #[test]
 fn reward_model_exports_as_sequence_classification_and_only_as_hf() {
     let ws = Workspace::new();
@@ -529,28 +549,7 @@ fn reward_model_exports_as_sequence_classification_and_only_as_hf() {
             .unwrap();
     assert_eq!(tok_cfg["pad_token"], "<|im_end|>");
     // It loads back as a reward model and scores like the original (bf16 rounding aside).
-    let ids = Tensor::new(&[[1u32, 504, 3458, 282, 4649, 314]], &Device::Cpu).unwrap();
-    let score = |dir: &Path| {
-        let p = rlhf_bot::model::llama::LlamaForSequenceClassification::load(
-            dir,
-            None,
-            None,
-            &Device::Cpu,
-        )
-        .unwrap();
-        assert!(
-            p.report.initialised.is_empty(),
-            "{:?}",
-            p.report.initialised
-        );
-        p.model
-            .forward(&ids, None)
-            .unwrap()
-            .logits
-            .to_dtype(DType::F32)
-            .unwrap()
-    };
-    let d = crate::common::max_abs_diff(&score(&rm), &score(&out));
+    let d = crate::common::max_abs_diff(&reward_score(&rm), &reward_score(&out));
     assert!(d < 0.05, "exported reward differs by {d}");
 
     let o = bin()
@@ -615,29 +614,11 @@ fn registry_ids_export_after_their_artifact_is_verified() {
         serde_json::from_str(&std::fs::read_to_string(ws.path().join("rm/config.json")).unwrap())
             .unwrap();
     assert_eq!(cfg["architectures"][0], "LlamaForSequenceClassification");
-    let ids = Tensor::new(&[[1u32, 504, 3458, 282, 4649, 314]], &Device::Cpu).unwrap();
-    let score = |dir: &Path| {
-        let p = rlhf_bot::model::llama::LlamaForSequenceClassification::load(
-            dir,
-            None,
-            None,
-            &Device::Cpu,
-        )
-        .unwrap();
-        assert!(
-            p.report.initialised.is_empty(),
-            "{:?}",
-            p.report.initialised
-        );
-        p.model
-            .forward(&ids, None)
-            .unwrap()
-            .logits
-            .to_dtype(DType::F32)
-            .unwrap()
-    };
     let registered = ws.store_dir().join("artifacts/reward").join(&reward);
-    let d = crate::common::max_abs_diff(&score(&registered), &score(&ws.path().join("rm")));
+    let d = crate::common::max_abs_diff(
+        &reward_score(&registered),
+        &reward_score(&ws.path().join("rm")),
+    );
     assert!(
         d < 0.05,
         "the exported reward model scores {d} away from the registered one"
