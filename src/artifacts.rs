@@ -673,13 +673,14 @@ pub fn object_root(location: &ArtifactLocation) -> Result<ObjectRoot, ArtifactEr
         ArtifactLocation::Dir(dir) => {
             fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
             let root = fs::canonicalize(dir).map_err(io_err("resolving", dir))?;
-            let store =
-                object_store::local::LocalFileSystem::new_with_prefix(&root).map_err(|e| {
-                    ArtifactError::BadUri {
-                        uri: root.display().to_string(),
-                        reason: e.to_string(),
-                    }
-                })?;
+            // Deleting a file removes the directories it leaves empty: otherwise a pruned
+            // version would still be listed as a directory.
+            let store = object_store::local::LocalFileSystem::new_with_prefix(&root)
+                .map_err(|e| ArtifactError::BadUri {
+                    uri: root.display().to_string(),
+                    reason: e.to_string(),
+                })?
+                .with_automatic_cleanup(true);
             let base = url::Url::from_directory_path(&root)
                 .map(|u| u.as_str().trim_end_matches('/').to_string())
                 .map_err(|()| ArtifactError::BadUri {

@@ -84,46 +84,12 @@ impl World {
 
     /// Stores a model directory as `id` and makes it production of its kind.
     fn promote(&self, kind: ModelKind, id: &str, dir: &Path) {
-        let artifact = self.artifacts().put(kind, id, dir).unwrap();
-        let path = self.registry_path();
-        let mut registry = Registry::load_or_default(&path).unwrap();
-        let n = registry.models.len() as i64;
-        registry
-            .add_candidate(ModelEntry {
-                id: id.to_string(),
-                kind,
-                created_at: Utc.timestamp_opt(1_800_000_000 + n * 60, 0).unwrap(),
-                created_by: None,
-                base_model: "llama-from-scratch".into(),
-                parent: None,
-                algorithm: if kind == ModelKind::Reward {
-                    "reward"
-                } else {
-                    "dpo"
-                }
-                .into(),
-                config_sha256: "0".repeat(64),
-                feedback: FeedbackSnapshot {
-                    watermark: "w".into(),
-                    counts: BTreeMap::new(),
-                    examples_sha256: "0".repeat(64),
-                },
-                artifact,
-                metrics: BTreeMap::new(),
-                status: ModelStatus::Candidate,
-                aliases: Vec::new(),
-            })
-            .unwrap();
-        registry.promote(id).unwrap();
-        registry.save(&path).unwrap();
+        register_production(&self.registry_path(), &self.artifacts(), kind, id, dir);
     }
 
-    /// A distinct tiny LoRA policy (the export tests' fixture plus a marker file) as `id`.
+    /// A distinct tiny LoRA policy as `id`.
     fn promote_policy(&self, id: &str) {
-        let root = self.ws.path().join("models").join(id);
-        let run = crate::export_model::policy_run_in(&root);
-        std::fs::write(run.join("policy/version.txt"), id).unwrap();
-        self.promote(ModelKind::Policy, id, &run);
+        self.promote(ModelKind::Policy, id, &policy_dir(self.ws.path(), id));
     }
 
     /// The tiny llama reward model fixture as `id`.
@@ -233,6 +199,54 @@ impl World {
             }
         }
     }
+}
+
+/// Stores a model directory as `id` in `store`, registers it and makes it production of its kind.
+fn register_production(
+    registry_path: &Path,
+    store: &dyn ArtifactStore,
+    kind: ModelKind,
+    id: &str,
+    dir: &Path,
+) {
+    let artifact = store.put(kind, id, dir).unwrap();
+    let mut registry = Registry::load_or_default(registry_path).unwrap();
+    let n = registry.models.len() as i64;
+    registry
+        .add_candidate(ModelEntry {
+            id: id.to_string(),
+            kind,
+            created_at: Utc.timestamp_opt(1_800_000_000 + n * 60, 0).unwrap(),
+            created_by: None,
+            base_model: "llama-from-scratch".into(),
+            parent: None,
+            algorithm: if kind == ModelKind::Reward {
+                "reward"
+            } else {
+                "dpo"
+            }
+            .into(),
+            config_sha256: "0".repeat(64),
+            feedback: FeedbackSnapshot {
+                watermark: "w".into(),
+                counts: BTreeMap::new(),
+                examples_sha256: "0".repeat(64),
+            },
+            artifact,
+            metrics: BTreeMap::new(),
+            status: ModelStatus::Candidate,
+            aliases: Vec::new(),
+        })
+        .unwrap();
+    registry.promote(id).unwrap();
+    registry.save(registry_path).unwrap();
+}
+
+/// A distinct tiny LoRA policy run (the export tests' fixture plus a marker file) under `root`.
+fn policy_dir(root: &Path, id: &str) -> PathBuf {
+    let run = crate::export_model::policy_run_in(&root.join("models").join(id));
+    std::fs::write(run.join("policy/version.txt"), id).unwrap();
+    run
 }
 
 /// Passes everything through to a real store, logging each put, and fails the put numbered
@@ -882,4 +896,71 @@ fn deploy_config_refuses_formats_that_do_not_apply_and_the_hub() {
             assert!(text.contains(n), "{deploy}: {text}");
         }
     }
+}
+
+/// The same publish, prune and rollback with the default artifact store, a local directory
+/// (object_store's file system: puts are renames, deletes remove emptied directories).
+#[test]
+fn a_directory_store_is_published_pruned_and_rolled_back_alike() {
+    let ws = Workspace::new();
+    let text = ws.sample_config_text().replace(
+        "policy:\n  enabled: true",
+        &format!("policy:\n  base_model_id: {BASE_ID}\n  enabled: true"),
+    );
+    let cfg = ws.write_config(&format!(
+        "{text}deploy:\n  formats: {{policy: [peft], reward: []}}\n  keep: 2\n"
+    ));
+    let settings = rlhf_bot::config::load(&cfg).unwrap();
+    let artifacts = settings.registry.open_artifacts().unwrap();
+    let production = ws.store_dir().join("artifacts/production");
+    let run = |args: &[&str]| {
+        let o = crate::common::run(&cfg, args);
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+        stdout(&o)
+    };
+    let live = || -> serde_json::Value {
+        serde_json::from_str(
+            &std::fs::read_to_string(production.join("policy/manifest.json")).unwrap(),
+        )
+        .unwrap()
+    };
+    for id in ["policy-d1", "policy-d2", "policy-d3"] {
+        let dir = policy_dir(ws.path(), id);
+        register_production(
+            &settings.registry.path,
+            &*artifacts,
+            ModelKind::Policy,
+            id,
+            &dir,
+        );
+        let out: serde_json::Value =
+            serde_json::from_str(&run(&["--format", "json", "deploy"])).unwrap();
+        assert_eq!(out["kinds"][1]["action"], "published", "{out}");
+        assert_eq!(live()["id"], id);
+    }
+    let mut versions: Vec<String> = std::fs::read_dir(production.join("policy/versions"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    versions.sort();
+    assert_eq!(
+        versions,
+        ["policy-d2", "policy-d3"],
+        "keep: 2, no empty directory left"
+    );
+    let uri = live()["formats"]["peft"]["uri"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        uri.starts_with("file:///") && uri.ends_with("/production/policy/versions/policy-d3/peft/"),
+        "{uri}"
+    );
+    run(&["rollback", "policy"]);
+    let out: serde_json::Value =
+        serde_json::from_str(&run(&["--format", "json", "deploy"])).unwrap();
+    assert_eq!(out["kinds"][1]["action"], "republished", "{out}");
+    assert_eq!(live()["id"], "policy-d2");
+    let records = std::fs::read_to_string(production.join("deployments.jsonl")).unwrap();
+    assert_eq!(records.lines().count(), 4);
 }
