@@ -2,16 +2,18 @@
 //! secrets into [`crate::deploy::deploy`], with `export-model`'s code as the exporter. Secrets
 //! are read (and masked in Actions) before anything is uploaded, so a missing one fails first.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
 use crate::app::export_model::export_located;
+use crate::artifacts::ArtifactLocation;
 use crate::cli::{DeployArgs, DeployKind, ExportFormat, ExportModelArgs};
 use crate::config::Settings;
 use crate::deploy::{
-    DeployReport, DeployRequest, Exporter, Notifiers, ProductionStore, ServingFormat,
+    DeployReport, DeployRequest, Exporter, LiveView, Notifiers, ProductionStore, ServingFormat,
 };
 use crate::forge::github::{RetryPolicy, SecretToken};
 use crate::model_kind::ModelKind;
@@ -141,4 +143,34 @@ pub async fn deploy_cmd(
         );
     }
     Ok(())
+}
+
+/// What `deploy` last published per kind, best effort: showing the registry or rendering a
+/// report must not fail because the artifact store is unreachable (or, for a directory, does
+/// not exist yet); a warning says why it is empty.
+pub async fn live_best_effort(settings: &Settings) -> BTreeMap<ModelKind, LiveView> {
+    if let ArtifactLocation::Dir(dir) = &settings.registry.artifacts
+        && !dir.is_dir()
+    {
+        return BTreeMap::new();
+    }
+    let live = match crate::artifacts::object_root(&settings.registry.artifacts) {
+        Ok(root) => crate::deploy::live(&ProductionStore::new(root)).await,
+        Err(e) => Err(e.into()),
+    };
+    live.unwrap_or_else(|e| {
+        tracing::warn!("cannot read what is deployed: {e:#}");
+        BTreeMap::new()
+    })
+}
+
+/// [`live_best_effort`] for synchronous callers (the report), on the binary's multi-threaded
+/// runtime; elsewhere (no runtime, or a current-thread one that cannot block) it is empty.
+pub fn live_blocking(settings: &Settings) -> BTreeMap<ModelKind, LiveView> {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(|| h.block_on(live_best_effort(settings)))
+        }
+        _ => BTreeMap::new(),
+    }
 }

@@ -13,11 +13,10 @@ use std::fmt;
 use anyhow::Result;
 use serde::Serialize;
 
-use crate::artifacts::ArtifactLocation;
 use crate::cli::RegistryKind;
 use crate::config::Settings;
+use crate::deploy::LiveView;
 use crate::deploy::manifest::RecordStatus;
-use crate::deploy::{LiveView, ProductionStore};
 use crate::feedback::record::format_time;
 use crate::registry::{ModelEntry, ModelKind, ModelStatus, Registry};
 
@@ -145,32 +144,12 @@ impl fmt::Display for RegistryView {
 pub async fn show(settings: &Settings) -> Result<RegistryView> {
     let registry = Registry::load_or_default(&settings.registry.path)?;
     let mut view = RegistryView::of(&registry);
-    view.deployed = deployed(settings).await;
-    Ok(view)
-}
-
-/// The production prefix's manifests, best effort: showing the registry must not fail because
-/// the artifact store is unreachable (or, for a directory, does not exist yet).
-async fn deployed(settings: &Settings) -> DeployedView {
-    if let ArtifactLocation::Dir(dir) = &settings.registry.artifacts
-        && !dir.is_dir()
-    {
-        return DeployedView::default();
-    }
-    let live = match crate::artifacts::object_root(&settings.registry.artifacts) {
-        Ok(root) => crate::deploy::live(&ProductionStore::new(root)).await,
-        Err(e) => Err(e.into()),
+    let mut live = crate::app::deploy::live_best_effort(settings).await;
+    view.deployed = DeployedView {
+        reward: live.remove(&ModelKind::Reward),
+        policy: live.remove(&ModelKind::Policy),
     };
-    match live {
-        Ok(mut live) => DeployedView {
-            reward: live.remove(&ModelKind::Reward),
-            policy: live.remove(&ModelKind::Policy),
-        },
-        Err(e) => {
-            tracing::warn!("cannot read what is deployed: {e:#}");
-            DeployedView::default()
-        }
-    }
+    Ok(view)
 }
 
 /// What `promote` and `rollback` changed.
