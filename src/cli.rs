@@ -89,6 +89,9 @@ pub enum Command {
     /// Publish the registry's production models to the artifact store's `production/` prefix in
     /// the configured serving formats, switch the manifest, and notify serving (docs/serving.md).
     Deploy(DeployArgs),
+    /// Run the feedback service: the feedback API (what `pull` reads, what a chat app writes),
+    /// its database, health and metrics endpoints (docs/feedback-service.md).
+    Serve(ServeArgs),
 }
 
 /// Which kinds `deploy` handles.
@@ -106,6 +109,13 @@ pub struct DeployArgs {
     /// Verify the artifacts and say what would be published; upload and notify nothing.
     #[arg(long)]
     pub dry_run: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// host:port to listen on, instead of `server.listen` (port 0: any free port).
+    #[arg(long)]
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 /// A serving format (`export-model --format`).

@@ -20,5 +20,6 @@ pub mod report;
 pub mod run;
 pub mod sanitize;
 pub mod secret;
+pub mod server;
 pub mod stats;
 pub mod train;

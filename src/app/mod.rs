@@ -12,6 +12,7 @@ pub mod pipeline;
 pub mod policy;
 mod pull;
 mod registry_cmd;
+mod serve;
 mod store_cmd;
 pub mod train_policy;
 pub mod train_reward;
@@ -440,6 +441,10 @@ pub async fn run(cli: Cli) -> Result<()> {
                 output::json_or_text(format, report, &report.to_string())
             })
             .await
+        }
+        Command::Serve(args) => {
+            let settings = load_settings(&cli.config)?;
+            serve::serve_cmd(settings, &args).await
         }
         Command::Export { out } => {
             let settings = load_settings(&cli.config)?;

@@ -4,18 +4,20 @@
 //! `policy/` (PEFT adapter under `policy/adapter/` with LoRA, else HF weights), `metrics.json`
 //! ([`PolicyMetrics`]), `log.jsonl` (TRL metric names) and `checkpoints/` (resumable).
 //!
-//! Data is TRL-format JSONL, one example per line: `{"prompt", "chosen", "rejected"}` pairs for
-//! DPO, `{"prompt", "completion", "label"}` thumbs for KTO; PPO uses every line's `prompt`. The
+//! Data is TRL-format JSONL, one example per line, read by `dataset::io::load_policy_jsonl`:
+//! `{"prompt", "chosen", "rejected"}` pairs for DPO, `{"prompt", "completion", "label"}` thumbs
+//! for KTO; PPO uses every line's `prompt`. The
 //! held-out evaluation prompts are chosen by a hash of the prompt text (stable across runs and
 //! machines) and every example with such a prompt is kept out of training.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+use crate::dataset::{PolicyLine, load_policy_jsonl};
 use crate::model::chat_template::{ChatMessage, ChatTemplate};
 use crate::model::llama::load_frozen_causal_lm;
 use crate::run::outputs::{PolicyAlgo, PolicyMetrics, TrainStats, write_metrics};
@@ -54,38 +56,6 @@ pub struct PolicyRunSummary {
     pub eval_prompts: usize,
 }
 
-/// One line of the data file (the union of the TRL formats).
-#[derive(Debug, Clone, Deserialize)]
-struct Line {
-    prompt: String,
-    #[serde(default)]
-    chosen: Option<String>,
-    #[serde(default)]
-    rejected: Option<String>,
-    #[serde(default)]
-    completion: Option<String>,
-    #[serde(default)]
-    label: Option<bool>,
-}
-
-fn read_lines(path: &Path) -> Result<Vec<Line>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading policy data {}", path.display()))?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| {
-            serde_json::from_str(l).with_context(|| {
-                format!(
-                    "{}:{}: not a TRL example\nhint: each line needs \"prompt\" plus chosen/rejected (DPO) or completion/label (KTO)",
-                    path.display(),
-                    i + 1
-                )
-            })
-        })
-        .collect()
-}
-
 /// The `k` prompts with the smallest SHA-256 of their text: a held-out set that does not move
 /// when data is appended.
 pub fn held_out_prompts(prompts: &BTreeSet<String>, k: usize) -> BTreeSet<String> {
@@ -109,7 +79,7 @@ pub fn train_policy_blocking(req: &TrainPolicyRequest) -> Result<PolicyRunSummar
     let opts = &req.options;
     opts.validate()?;
     let device = opts.device()?;
-    let mut lines = read_lines(&req.data)?;
+    let mut lines = load_policy_jsonl(&req.data)?;
     if req.apply_chat_template {
         let tpl = ChatTemplate::from_hf_dir(&req.base_model)
             .with_context(|| format!("chat template of {}", req.base_model.display()))?;
@@ -128,7 +98,7 @@ pub fn train_policy_blocking(req: &TrainPolicyRequest) -> Result<PolicyRunSummar
     // Keep at least one prompt for training.
     let k = opts.eval_prompts.min(prompts.len() - 1);
     let held = held_out_prompts(&prompts, k);
-    let train: Vec<&Line> = lines.iter().filter(|l| !held.contains(&l.prompt)).collect();
+    let train: Vec<&PolicyLine> = lines.iter().filter(|l| !held.contains(&l.prompt)).collect();
     let eval_prompts: Vec<String> = held.iter().cloned().collect();
 
     let mut policy = Policy::load(&req.base_model, opts.lora.as_ref(), opts.seed, &device)?;

@@ -10,6 +10,7 @@ pub mod models;
 pub mod nesting;
 pub mod policy;
 pub mod raw;
+pub mod server;
 pub mod settings;
 pub mod values;
 

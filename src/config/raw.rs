@@ -32,6 +32,40 @@ pub struct RawConfig {
     /// `rlhf-bot deploy`: what is published after a promotion, and who is told.
     #[serde(default)]
     pub deploy: RawDeploy,
+    /// The feedback service (`rlhf-bot serve`); docs/feedback-service.md.
+    #[serde(default)]
+    pub server: RawServer,
+}
+
+/// `server:`: where the feedback service listens, its database and its credentials.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    /// `host:port`.
+    pub listen: Option<String>,
+    /// A SQLite file path, or (later) a `postgres://` URL.
+    pub database: Option<String>,
+    /// The variable holding the bearer token that reads feedback (what `rlhf-bot pull` sends).
+    pub read_token_env: Option<String>,
+    /// The variable holding the key a chat application's backend writes and deletes with.
+    pub write_key_env: Option<String>,
+    /// Public keys for the browser widget: each may only write, from its listed origins.
+    #[serde(default)]
+    pub widget_keys: Vec<RawWidgetKey>,
+    /// Records in one `POST /v1/feedback` batch.
+    pub max_batch: Option<super::values::PositiveInt>,
+    /// Bytes in one request body.
+    pub max_body_bytes: Option<super::values::PositiveInt>,
+    /// Requests per minute one widget key may make from one client address.
+    pub widget_requests_per_minute: Option<super::values::PositiveInt>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWidgetKey {
+    pub key_env: String,
+    /// Origins allowed to use the key, e.g. `https://chat.example.com`.
+    pub origins: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -37,6 +37,7 @@ pub struct Settings {
     pub reward: crate::train::reward_run::RewardTrainOptions,
     pub policy: super::policy::PolicySettings,
     pub deploy: super::deploy::DeploySettings,
+    pub server: super::server::ServerSettings,
     /// sha256 of the config text: lineage for the registry and reports.
     pub config_sha256: String,
 }
@@ -330,6 +331,7 @@ pub fn validate(raw: RawConfig, text: &str) -> Result<Settings, Invalid> {
         raw.deploy,
         publish.github.as_ref().map(|g| g.api_url.as_str()),
     )?;
+    let server = super::server::validate_server(raw.server)?;
     let store_dir = PathBuf::from(raw.store.dir.unwrap_or_else(|| DEFAULT_STORE_DIR.into()));
     let artifacts = match raw.registry.artifacts.as_deref() {
         None => ArtifactLocation::Dir(PathBuf::from(DEFAULT_ARTIFACTS_DIR)),
@@ -358,6 +360,7 @@ pub fn validate(raw: RawConfig, text: &str) -> Result<Settings, Invalid> {
         reward,
         policy,
         deploy,
+        server,
         feedback: FeedbackSettings {
             source,
             page_size: page_size as u32,

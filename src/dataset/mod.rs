@@ -1,8 +1,9 @@
 //! Feedback → training data. This module owns the one place where human judgements on answers
 //! become examples a trainer can use: preference pairs with margins (reward model, DPO),
 //! pointwise examples (KTO), per-step labels (process reward models) and per-aspect targets;
-//! the deterministic train/eval split by conversation; TRL-format JSONL export (and loaders for
-//! TRL preference files and Anthropic HH-RLHF); and a fingerprint for lineage.
+//! the deterministic train/eval split by conversation; TRL-format JSONL export; the one way in
+//! for data from files (`io`: TRL preference and policy files, Anthropic HH-RLHF); and a
+//! fingerprint for lineage.
 //!
 //! Why it is separate from `feedback`: the store keeps what people said, faithfully; how that
 //! becomes a learning signal (weights, which answers pair up, what a tie means) is a modelling
@@ -14,6 +15,7 @@ mod build;
 pub mod examples;
 pub mod export;
 pub mod fingerprint;
+pub mod io;
 pub mod split;
 
 use std::collections::BTreeMap;
@@ -29,11 +31,12 @@ pub use examples::{
     Answer, AnswerFeedback, AnswerKey, AspectExample, DatasetStats, DropReason, ExampleCounts,
     Examples, PointwiseExample, PreferencePair, StepExample,
 };
-pub use export::{
-    ExportOptions, ExportSummary, ExportedFile, LoadError, export, export_with, hh_rlhf_pairs,
-    load_preference_jsonl, render_plain_prompt,
-};
+pub use export::{ExportOptions, ExportSummary, ExportedFile, export, export_with};
 pub use fingerprint::Fingerprint;
+pub use io::{
+    LoadError, PolicyLine, hh_rlhf_pairs, load_policy_jsonl, load_preference_jsonl,
+    render_plain_prompt,
+};
 pub use split::{SplitSide, split, split_side};
 
 /// How much each kind of answer-level signal counts in an answer's score.

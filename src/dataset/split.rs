@@ -67,37 +67,31 @@ pub fn split(examples: Examples, eval_fraction: f64, seed: u64) -> (Examples, Ex
         }
     }
 
-    let mut train_side = Examples::default();
-    let mut eval_side = Examples::default();
     let side = |id: &str| eval.contains(id);
-    for e in examples.pairs {
-        if side(&e.conversation_id) {
-            eval_side.pairs.push(e)
-        } else {
-            train_side.pairs.push(e)
-        }
-    }
-    for e in examples.pointwise {
-        if side(&e.conversation_id) {
-            eval_side.pointwise.push(e)
-        } else {
-            train_side.pointwise.push(e)
-        }
-    }
-    for e in examples.steps {
-        if side(&e.conversation_id) {
-            eval_side.steps.push(e)
-        } else {
-            train_side.steps.push(e)
-        }
-    }
-    for e in examples.aspects {
-        if side(&e.conversation_id) {
-            eval_side.aspects.push(e)
-        } else {
-            train_side.aspects.push(e)
-        }
-    }
+    let (eval_pairs, pairs) = examples
+        .pairs
+        .into_iter()
+        .partition(|e| side(&e.conversation_id));
+    let (eval_pointwise, pointwise) =
+        (examples.pointwise.into_iter()).partition(|e| side(&e.conversation_id));
+    let (eval_steps, steps) = examples
+        .steps
+        .into_iter()
+        .partition(|e| side(&e.conversation_id));
+    let (eval_aspects, aspects) =
+        (examples.aspects.into_iter()).partition(|e| side(&e.conversation_id));
+    let mut train_side = Examples {
+        pairs,
+        pointwise,
+        steps,
+        aspects,
+    };
+    let mut eval_side = Examples {
+        pairs: eval_pairs,
+        pointwise: eval_pointwise,
+        steps: eval_steps,
+        aspects: eval_aspects,
+    };
     train_side.sort();
     eval_side.sort();
     (train_side, eval_side)

@@ -351,9 +351,10 @@ pub fn parse_page(body: &[u8]) -> Result<Page, serde_json::Error> {
 pub fn incoming_from_json(raw: &str) -> Incoming {
     let parsed = serde_json::from_str::<WireRecord>(raw)
         .map_err(|e| Invalid(format!("not a feedback record: {e}")))
-        .and_then(WireRecord::validate);
+        .and_then(WireRecord::validate)
+        .and_then(Incoming::valid);
     match parsed {
-        Ok(change) => Incoming::Valid(change),
+        Ok(valid) => valid,
         Err(reason) => Incoming::Malformed {
             raw: raw.to_string(),
             reason,

@@ -186,9 +186,85 @@ fn rating(value: Option<i64>) -> Result<u8, Invalid> {
     }
 }
 
+/// Field size limits, the same for a record pulled from an API (quarantined past them) and one
+/// posted to `rlhf-bot serve` (refused with 400). They are far above real chat turns and keep
+/// one record from filling a page, a store or a report.
+pub mod limits {
+    /// ids, versions, aspect names, roles, timestamps.
+    pub const MAX_NAME_BYTES: usize = 256;
+    /// The whole conversation before the answer, all messages together.
+    pub const MAX_PROMPT_BYTES: usize = 512 * 1024;
+    pub const MAX_PROMPT_MESSAGES: usize = 512;
+    /// The answer and its steps, all together.
+    pub const MAX_RESPONSE_BYTES: usize = 256 * 1024;
+    pub const MAX_STEPS: usize = 256;
+    pub const MAX_COMMENT_BYTES: usize = 16 * 1024;
+}
+
+fn within(bytes: usize, limit: usize, field: &str) -> Result<(), Invalid> {
+    if bytes > limit {
+        return Err(Invalid(format!(
+            "`{field}` is {bytes} bytes; the limit is {limit}"
+        )));
+    }
+    Ok(())
+}
+
 impl WireRecord {
+    /// Refuses fields past [`limits`], naming the field.
+    fn check_sizes(&self) -> Result<(), Invalid> {
+        use limits::*;
+        let names = [
+            ("id", &self.id),
+            ("kind", &self.kind),
+            ("thumb", &self.thumb),
+            ("aspect", &self.aspect),
+            ("conversation_id", &self.conversation_id),
+            ("message_id", &self.message_id),
+            ("model_version", &self.model_version),
+            ("source", &self.source),
+            ("user_id", &self.user_id),
+            ("created_at", &self.created_at),
+            ("updated_at", &self.updated_at),
+        ];
+        for (field, value) in names {
+            within(value.as_ref().map_or(0, String::len), MAX_NAME_BYTES, field)?;
+        }
+        within(
+            self.comment.as_ref().map_or(0, String::len),
+            MAX_COMMENT_BYTES,
+            "comment",
+        )?;
+        if let Some(prompt) = &self.prompt {
+            if prompt.len() > MAX_PROMPT_MESSAGES {
+                return Err(Invalid(format!(
+                    "`prompt` has {} messages; the limit is {MAX_PROMPT_MESSAGES}",
+                    prompt.len()
+                )));
+            }
+            for (i, m) in prompt.iter().enumerate() {
+                within(m.role.len(), MAX_NAME_BYTES, &format!("prompt[{i}].role"))?;
+            }
+            let total = prompt.iter().map(|m| m.content.len()).sum();
+            within(total, MAX_PROMPT_BYTES, "prompt")?;
+        }
+        if let Some(response) = &self.response {
+            if response.steps.len() > MAX_STEPS {
+                return Err(Invalid(format!(
+                    "`response.steps` has {} steps; the limit is {MAX_STEPS}",
+                    response.steps.len()
+                )));
+            }
+            let total =
+                response.content.len() + response.steps.iter().map(String::len).sum::<usize>();
+            within(total, MAX_RESPONSE_BYTES, "response")?;
+        }
+        Ok(())
+    }
+
     /// Validates one record from the feed into a store change.
     pub fn validate(self) -> Result<Change, Invalid> {
+        self.check_sizes()?;
         let id = required(&self.id, "id")?.to_string();
         let updated_at = timestamp(&self.updated_at, "updated_at")?;
         if self.deleted == Some(true) {

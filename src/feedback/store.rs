@@ -45,8 +45,31 @@ const DB_FILE: &str = "feedback.sqlite3";
 /// One item of a fetched page: a validated change, or the raw text and why it was refused.
 #[derive(Debug)]
 pub enum Incoming {
-    Valid(Change),
+    Valid(Prepared),
     Malformed { raw: String, reason: Invalid },
+}
+
+/// A validated change with the canonical JSON body the store keeps for an upsert. The body is
+/// serialised where the page is parsed, not on the store's single writer thread: that thread is
+/// what bounds a pull's speed (docs/benchmarks.md, "pull").
+#[derive(Debug)]
+pub struct Prepared {
+    change: Change,
+    /// `Some` exactly for [`Change::Upsert`].
+    body: Option<String>,
+}
+
+impl Incoming {
+    pub fn valid(change: Change) -> Result<Self, Invalid> {
+        let body = match &change {
+            Change::Upsert(record) => Some(
+                serde_json::to_string(&record.to_wire())
+                    .map_err(|e| Invalid(format!("the record cannot be stored as JSON: {e}")))?,
+            ),
+            Change::Delete { .. } => None,
+        };
+        Ok(Incoming::Valid(Prepared { change, body }))
+    }
 }
 
 /// What applying a page did; summed over a pull for its summary.
@@ -100,6 +123,23 @@ pub struct VersionCounts {
     pub ratings: u64,
     pub rating_sum: f64,
     pub rating_sq_sum: f64,
+}
+
+impl VersionCounts {
+    /// Reads the seven columns from `first` on, in field order: model_version, records, thumbs,
+    /// thumbs_up, ratings, rating_sum, rating_sq_sum (the feedback service's KPIs query the same
+    /// shape).
+    pub fn from_row(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Self> {
+        Ok(VersionCounts {
+            model_version: r.get(first)?,
+            records: r.get::<_, i64>(first + 1)? as u64,
+            thumbs: r.get::<_, i64>(first + 2)? as u64,
+            thumbs_up: r.get::<_, i64>(first + 3)? as u64,
+            ratings: r.get::<_, i64>(first + 4)? as u64,
+            rating_sum: r.get::<_, i64>(first + 5)? as f64,
+            rating_sq_sum: r.get::<_, i64>(first + 6)? as f64,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -391,17 +431,7 @@ impl Store {
                 from.map(micros).unwrap_or(i64::MIN),
                 to.map(micros).unwrap_or(i64::MAX),
             ],
-            |r| {
-                Ok(VersionCounts {
-                    model_version: r.get(0)?,
-                    records: r.get::<_, i64>(1)? as u64,
-                    thumbs: r.get::<_, i64>(2)? as u64,
-                    thumbs_up: r.get::<_, i64>(3)? as u64,
-                    ratings: r.get::<_, i64>(4)? as u64,
-                    rating_sum: r.get::<_, i64>(5)? as f64,
-                    rating_sq_sum: r.get::<_, i64>(6)? as f64,
-                })
-            },
+            |r| VersionCounts::from_row(r, 0),
         )?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
@@ -548,9 +578,12 @@ fn apply_items(tx: &Transaction<'_>, items: Vec<Incoming>) -> Result<ApplyCounts
         "INSERT OR IGNORE INTO quarantine(raw_sha256, reason, raw, received_at) VALUES (?1, ?2, ?3, ?4)",
     )?;
 
+    // Most stores hold no tombstones; then there is nothing to look up for each record.
+    let mut any_tombstones: bool =
+        tx.query_row("SELECT EXISTS(SELECT 1 FROM tombstones)", [], |r| r.get(0))?;
     for item in items {
-        let change = match item {
-            Incoming::Valid(change) => change,
+        let Prepared { change, body } = match item {
+            Incoming::Valid(prepared) => prepared,
             Incoming::Malformed { raw, reason } => {
                 let digest = hex::encode(Sha256::digest(raw.as_bytes()));
                 quarantine.execute(params![digest, reason.0, raw, received_at])?;
@@ -562,7 +595,11 @@ fn apply_items(tx: &Transaction<'_>, items: Vec<Incoming>) -> Result<ApplyCounts
         let at = micros(change.updated_at());
         newest = Some(newest.map_or(at, |n| n.max(at)));
         let live: Option<i64> = current.query_row([&id], |r| r.get(0)).optional()?;
-        let buried: Option<i64> = tombstone.query_row([&id], |r| r.get(0)).optional()?;
+        let buried: Option<i64> = if any_tombstones {
+            tombstone.query_row([&id], |r| r.get(0)).optional()?
+        } else {
+            None
+        };
         // Newest `updated_at` wins; on a tie the stored version stays (re-delivery is a no-op).
         let known = live.into_iter().chain(buried).max();
         if known.is_some_and(|k| k >= at) {
@@ -572,6 +609,7 @@ fn apply_items(tx: &Transaction<'_>, items: Vec<Incoming>) -> Result<ApplyCounts
         match change {
             Change::Delete { .. } => {
                 bury.execute(params![id, at])?;
+                any_tombstones = true;
                 if live.is_some() {
                     delete.execute([&id])?;
                     counts.deleted += 1;
@@ -583,7 +621,7 @@ fn apply_items(tx: &Transaction<'_>, items: Vec<Incoming>) -> Result<ApplyCounts
                 if buried.is_some() {
                     unbury.execute([&id])?;
                 }
-                let body = serde_json::to_string(&record.to_wire())?;
+                let body = body.context("an upsert reached the store without its body")?;
                 let aspect = match &record.signal {
                     super::Signal::Aspect { aspect, .. } => Some(aspect.as_str()),
                     _ => None,

@@ -27,7 +27,8 @@ pub mod keys {
     pub const LOSS: &str = "loss";
     pub const ACCURACY: &str = "accuracy";
     pub const MARGIN: &str = "margin";
-    pub const LR: &str = "lr";
+    pub const LEARNING_RATE: &str = "learning_rate";
+    pub const GRAD_NORM: &str = "grad_norm";
     pub const MEAN_REWARD: &str = "mean_reward";
     pub const EPOCH: &str = "epoch";
     // PPO

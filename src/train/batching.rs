@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::model::tokenizer::Tokenizer;
 
 /// One preference pair as text. `prompt` is the conversation before the answer, already rendered
-/// (see [`render_prompt`]).
+/// (see [`crate::dataset::render_plain_prompt`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PairText {
     pub prompt: String,
@@ -55,18 +55,6 @@ pub enum PointLabel {
     },
     /// Per-aspect ratings scaled to `[0, 1]`.
     Aspects(BTreeMap<String, f64>),
-}
-
-/// Renders a single user message as the text a decoder reward model reads. The policy's chat
-/// template is not used (no template module exists yet): a plain `User: …\nAssistant: ` keeps the
-/// reward model independent of the policy's special tokens. Prompts that already carry their
-/// turns (Anthropic HH's `\n\nHuman: … \n\nAssistant:`) are kept as they are.
-pub fn render_prompt(user: &str) -> String {
-    if user.contains("Assistant:") {
-        user.to_string()
-    } else {
-        format!("User: {user}\nAssistant: ")
-    }
 }
 
 /// Special tokens a backbone wraps around `prompt` and `answer`.

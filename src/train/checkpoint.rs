@@ -87,6 +87,10 @@ pub struct TrainState {
     /// Trainer-specific state (e.g. the KL controller), opaque here.
     #[serde(default)]
     pub extra: serde_json::Value,
+    /// What was trained (`reward`, `dpo`, `kto`, `ppo`); absent in checkpoints written before it
+    /// was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub objective: Option<String>,
 }
 
 impl TrainState {
@@ -101,8 +105,40 @@ impl TrainState {
             rng: None,
             metrics: Vec::new(),
             extra: serde_json::Value::Null,
+            objective: None,
         }
     }
+
+    /// A fresh state at step 0 for `objective`.
+    pub fn for_objective(seed: u64, objective: &str) -> Self {
+        Self {
+            objective: Some(objective.to_string()),
+            ..Self::new(seed)
+        }
+    }
+}
+
+/// Refuses to continue from the checkpoint in `dir` when it was made by another run: another
+/// seed (the data order and sampling would silently change mid-run) or another objective (its
+/// weights and optimiser state mean something else). The same checks for every algorithm.
+pub fn check_resume(dir: &Path, state: &TrainState, seed: u64, objective: &str) -> Result<()> {
+    if state.seed != seed {
+        bail!(
+            "checkpoint {} was made with seed {} but this run has seed {}\nhint: resume with the same settings, or start a new output directory",
+            dir.display(),
+            state.seed,
+            seed
+        );
+    }
+    if let Some(made_by) = &state.objective
+        && made_by != objective
+    {
+        bail!(
+            "checkpoint {} was made by {made_by} training but this run trains {objective}\nhint: start a new output directory for the {objective} run",
+            dir.display()
+        );
+    }
+    Ok(())
 }
 
 /// Name of the checkpoint directory for `step`.

@@ -1,27 +1,23 @@
-//! The DPO loop (TRL `DPOTrainer`): preference pairs → policy updates, with the reference
-//! log-probs computed once up front and cached (the reference never changes, so scoring it every
-//! step would double the forward cost for nothing).
+//! DPO (TRL `DPOTrainer`) as an objective on the training engine: preference pairs → policy
+//! updates, with the reference log-probs computed once up front and cached (the reference never
+//! changes, so scoring it every step would double the forward cost for nothing).
 //!
-//! Each step takes `batch_size × grad_accum` pairs in a seeded per-epoch order; chosen and
-//! rejected answers of a micro-batch go through the policy in one forward pass, and only
-//! completion tokens count in the sequence log-probs. Metrics go to `log.jsonl` under TRL's
-//! names; a checkpoint (weights or adapters, AdamW state, data position, log) is written every
-//! `checkpoint_every` steps and at the end, and a run started on the same output directory resumes
-//! from it.
+//! A micro-batch's chosen and rejected answers go through the policy in one forward pass, and
+//! only completion tokens count in the sequence log-probs. Metrics use TRL's names; the engine
+//! owns the data order, accumulation, clipping, checkpoints, resume and the KL ceiling (guarding
+//! `objective/logratio_abs`, the mean |log π − log π_ref| per answer).
 
 use std::path::Path;
-use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::run::outputs::LogLine;
+use crate::train::engine::{self, Objective, StepReport};
+pub use crate::train::engine::{TrainOutcome, checkpoint_root};
 use crate::train::losses::dpo::{DpoConfig, DpoLossType, DpoMetrics, dpo_loss};
-use crate::train::optim::AdamW;
 use crate::train::policy_common::{
-    Policy, PolicyTrainOptions, RunLog, Tokenised, batch_tensors, check_kl, epoch_order,
-    optimiser_step, reference_logps, tokenise_pair,
+    Policy, PolicyTrainOptions, Tokenised, batch_tensors, reference_logps, tokenise_pair,
 };
 
 /// One preference pair as TRL's DPO dataset holds it (`prompt`, `chosen`, `rejected`; the
@@ -31,36 +27,6 @@ pub struct PreferenceExample {
     pub prompt: String,
     pub chosen: String,
     pub rejected: String,
-}
-
-/// What a finished training loop reports (throughput and the log it wrote).
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct TrainOutcome {
-    pub steps: u64,
-    pub seconds: f64,
-    /// Examples (pairs, thumbs, rollouts) processed in this process (not before a resume).
-    pub examples: u64,
-    pub tokens: u64,
-    pub epochs: f64,
-    pub log: Vec<LogLine>,
-    /// Wall seconds per phase of the loop, summed over its steps, in the order the phases first
-    /// ran (PPO records rollout, scoring, GAE and update phases; other loops leave it empty).
-    pub phase_seconds: Vec<(String, f64)>,
-}
-
-impl TrainOutcome {
-    /// Adds `seconds` to phase `name` (appending it the first time it is seen).
-    pub fn add_phase(&mut self, name: &str, seconds: f64) {
-        match self.phase_seconds.iter_mut().find(|(n, _)| n == name) {
-            Some((_, s)) => *s += seconds,
-            None => self.phase_seconds.push((name.to_string(), seconds)),
-        }
-    }
-}
-
-/// Directory of the checkpoints under a run's output directory.
-pub fn checkpoint_root(out: &Path) -> std::path::PathBuf {
-    out.join("checkpoints")
 }
 
 fn dpo_config(opts: &PolicyTrainOptions) -> DpoConfig {
@@ -90,159 +56,155 @@ pub fn train_dpo(
             "no preference pairs to train DPO on\nhint: collect feedback with chosen/rejected answers, or use KTO for thumbs"
         );
     }
-    let started = Instant::now();
     let eos = policy.eos_ids().first().copied();
-    let pad = policy.pad_id();
-    let mut chosen = Vec::with_capacity(pairs.len());
-    let mut rejected = Vec::with_capacity(pairs.len());
+    let (mut chosen, mut rejected) = (Vec::new(), Vec::new());
     for (i, p) in pairs.iter().enumerate() {
         let tk = |c: &str| {
-            tokenise_pair(
-                &policy.tokenizer,
-                &p.prompt,
-                c,
-                eos,
-                opts.max_prompt_len,
-                opts.max_completion_len,
-            )
-            .with_context(|| format!("tokenising preference pair {i}"))
+            let (max_p, max_c) = (opts.max_prompt_len, opts.max_completion_len);
+            tokenise_pair(&policy.tokenizer, &p.prompt, c, eos, max_p, max_c)
+                .with_context(|| format!("tokenising preference pair {i}"))
         };
         chosen.push(tk(&p.chosen)?);
         rejected.push(tk(&p.rejected)?);
     }
     // Reference log-probs, once (no adapters / the frozen copy; no graph).
     policy.set_training(false);
-    let chunk = opts.batch_size.max(1) * 2;
-    let ref_c = reference_logps(
+    let (pad, chunk) = (policy.pad_id(), opts.batch_size.max(1) * 2);
+    let ref_chosen = reference_logps(
         &policy.reference,
         &chosen.iter().collect::<Vec<_>>(),
         pad,
         chunk,
     )?;
-    let ref_r = reference_logps(
+    let ref_rejected = reference_logps(
         &policy.reference,
         &rejected.iter().collect::<Vec<_>>(),
         pad,
         chunk,
     )?;
+    let varmap = policy.varmap.clone();
+    let mut objective = Dpo {
+        policy,
+        cfg,
+        chosen,
+        rejected,
+        ref_chosen,
+        ref_rejected,
+        step: StepLogps::default(),
+    };
+    objective.policy.set_training(true);
+    let outcome = engine::run(&mut objective, &varmap, &opts.engine(pairs.len()), out);
+    policy.set_training(false);
+    outcome
+}
 
-    let n = pairs.len();
-    let per_step = opts.batch_size * opts.grad_accum;
-    let steps_per_epoch = n.div_ceil(per_step) as u64;
-    let total = opts.max_steps.unwrap_or(opts.epochs * steps_per_epoch);
-    let root = checkpoint_root(out);
-    let mut opt = AdamW::from_varmap(&policy.varmap, opts.adamw())?;
-    let mut log = RunLog::start_or_resume(out, &root, opts.seed, &mut policy.varmap, &mut opt)?;
-    let mut outcome = TrainOutcome::default();
-    let dev = policy.model.lm_head_weight().device().clone();
-    policy.set_training(true);
-    while log.state.step < total {
-        let order = epoch_order(n, opts.seed, log.state.epoch);
-        let start = log.state.data_position as usize;
-        let idx: Vec<usize> = order[start.min(n)..(start + per_step).min(n)].to_vec();
-        if idx.is_empty() {
-            log.state.epoch += 1;
-            log.state.data_position = 0;
-            continue;
-        }
-        let step = log.state.step + 1;
-        let mut total_loss: Option<Tensor> = None;
-        let (mut pc_all, mut pr_all, mut rc_all, mut rr_all) = (vec![], vec![], vec![], vec![]);
-        for micro in idx.chunks(opts.batch_size) {
-            let rows: Vec<&Tokenised> = micro
+/// Sequence log-probs of a step's answers under the policy (detached) and the reference.
+#[derive(Debug, Default)]
+struct StepLogps {
+    policy_chosen: Vec<f32>,
+    policy_rejected: Vec<f32>,
+    ref_chosen: Vec<f32>,
+    ref_rejected: Vec<f32>,
+    tokens: u64,
+}
+
+/// The DPO objective over tokenised pairs and their cached reference log-probs.
+struct Dpo<'a> {
+    policy: &'a Policy,
+    cfg: DpoConfig,
+    chosen: Vec<Tokenised>,
+    rejected: Vec<Tokenised>,
+    ref_chosen: Vec<f32>,
+    ref_rejected: Vec<f32>,
+    step: StepLogps,
+}
+
+impl Objective for Dpo<'_> {
+    const NAME: &'static str = "dpo";
+
+    fn examples(&self) -> usize {
+        self.chosen.len()
+    }
+
+    fn micro_loss(&mut self, _step: u64, micro: &[usize]) -> Result<Tensor> {
+        let dev = self.policy.model.lm_head_weight().device().clone();
+        let rows: Vec<&Tokenised> = micro
+            .iter()
+            .map(|&i| &self.chosen[i])
+            .chain(micro.iter().map(|&i| &self.rejected[i]))
+            .collect();
+        self.step.tokens += rows.iter().map(|r| r.ids.len() as u64).sum::<u64>();
+        let (ids, att, tgt) = batch_tensors(&rows, self.policy.pad_id(), &dev)?;
+        let mut logps = self
+            .policy
+            .model
+            .token_logprobs(&ids, Some(&att), &tgt)?
+            .sum(1)?;
+        let b = micro.len();
+        let mut rc: Vec<f32> = micro.iter().map(|&i| self.ref_chosen[i]).collect();
+        let mut rr: Vec<f32> = micro.iter().map(|&i| self.ref_rejected[i]).collect();
+        if self.cfg.loss_type == DpoLossType::Ipo {
+            // TRL feeds IPO length-averaged log-probs.
+            let lens: Vec<f32> = rows
                 .iter()
-                .map(|&i| &chosen[i])
-                .chain(micro.iter().map(|&i| &rejected[i]))
+                .map(|r| (r.ids.len() - r.prompt_len) as f32)
                 .collect();
-            outcome.tokens += rows.iter().map(|r| r.ids.len() as u64).sum::<u64>();
-            let (ids, att, tgt) = batch_tensors(&rows, pad, &dev)?;
-            let tok = policy.model.token_logprobs(&ids, Some(&att), &tgt)?;
-            let mut logps = tok.sum(1)?;
-            let b = micro.len();
-            let mut rc: Vec<f32> = micro.iter().map(|&i| ref_c[i]).collect();
-            let mut rr: Vec<f32> = micro.iter().map(|&i| ref_r[i]).collect();
-            if opts.ipo {
-                // TRL feeds IPO length-averaged log-probs.
-                let lens: Vec<f32> = rows
-                    .iter()
-                    .map(|r| (r.ids.len() - r.prompt_len) as f32)
-                    .collect();
-                for (j, x) in rc.iter_mut().enumerate() {
-                    *x /= lens[j];
-                }
-                for (j, x) in rr.iter_mut().enumerate() {
-                    *x /= lens[b + j];
-                }
-                logps = logps.div(&Tensor::from_vec(lens, 2 * b, &dev)?)?;
+            for (x, len) in rc.iter_mut().chain(rr.iter_mut()).zip(&lens) {
+                *x /= len;
             }
-            let pc = logps.narrow(0, 0, b)?;
-            let pr = logps.narrow(0, b, b)?;
-            let rct = Tensor::from_vec(rc.clone(), b, &dev)?;
-            let rrt = Tensor::from_vec(rr.clone(), b, &dev)?;
-            let o = dpo_loss(&pc, &pr, &rct, &rrt, &cfg)?;
-            let weighted = o.loss.affine(b as f64 / idx.len() as f64, 0.0)?;
-            total_loss = Some(match total_loss {
-                Some(t) => (t + weighted)?,
-                None => weighted,
-            });
-            pc_all.extend(pc.detach().to_vec1::<f32>()?);
-            pr_all.extend(pr.detach().to_vec1::<f32>()?);
-            rc_all.extend(rc);
-            rr_all.extend(rr);
+            logps = logps.div(&Tensor::from_vec(lens, 2 * b, &dev)?)?;
         }
-        let loss = total_loss.context("empty step")?;
-        let loss_value = crate::train::losses::stats::scalar_f64(&loss)?;
-        let grad_norm = optimiser_step(&mut opt, &loss, step, opts.max_grad_norm)?;
+        let pc = logps.narrow(0, 0, b)?;
+        let pr = logps.narrow(0, b, b)?;
+        let o = dpo_loss(
+            &pc,
+            &pr,
+            &tensor(&rc, &dev)?,
+            &tensor(&rr, &dev)?,
+            &self.cfg,
+        )?;
+        self.step
+            .policy_chosen
+            .extend(pc.detach().to_vec1::<f32>()?);
+        self.step
+            .policy_rejected
+            .extend(pr.detach().to_vec1::<f32>()?);
+        self.step.ref_chosen.extend(rc);
+        self.step.ref_rejected.extend(rr);
+        Ok(o.loss)
+    }
 
-        let m = idx.len();
-        let t = |v: Vec<f32>| Tensor::from_vec(v, m, &dev);
-        let (pc, pr) = (t(pc_all.clone())?, t(pr_all.clone())?);
-        let o = dpo_loss(&pc, &pr, &t(rc_all.clone())?, &t(rr_all.clone())?, &cfg)?;
+    fn finish_step(&mut self, _step: u64) -> Result<StepReport> {
+        let s = std::mem::take(&mut self.step);
+        let dev = self.policy.model.lm_head_weight().device().clone();
+        let (pc, pr) = (
+            tensor(&s.policy_chosen, &dev)?,
+            tensor(&s.policy_rejected, &dev)?,
+        );
+        let (rc, rr) = (tensor(&s.ref_chosen, &dev)?, tensor(&s.ref_rejected, &dev)?);
+        let o = dpo_loss(&pc, &pr, &rc, &rr, &self.cfg)?;
         let metrics = DpoMetrics::compute(&o, &pc, &pr)?;
         // How far the policy has moved from the reference on the training answers: the mean
         // absolute per-sequence log-ratio (nats), what the KL ceiling guards for DPO.
-        let drift = pc_all
-            .iter()
-            .zip(&rc_all)
-            .chain(pr_all.iter().zip(&rr_all))
+        let pairs = s.policy_chosen.len();
+        let drift = (s.policy_chosen.iter().zip(&s.ref_chosen))
+            .chain(s.policy_rejected.iter().zip(&s.ref_rejected))
             .map(|(p, r)| f64::from((p - r).abs()))
             .sum::<f64>()
-            / (2 * m) as f64;
-        let mut line = LogLine::new(step)
-            .with("loss", loss_value)
-            .with("grad_norm", grad_norm)
-            .with("learning_rate", opts.lr)
-            .with("objective/logratio_abs", drift);
+            / (2 * pairs) as f64;
+        let mut report = StepReport {
+            kl: Some(drift),
+            tokens: s.tokens,
+            ..StepReport::default()
+        }
+        .metric("objective/logratio_abs", drift);
         for (k, v) in metrics.named() {
-            line = line.with(k, v);
+            report = report.metric(k, v);
         }
-        log.state.step = step;
-        log.state.data_position += m as u64;
-        if log.state.data_position as usize >= n {
-            log.state.epoch += 1;
-            log.state.data_position = 0;
-        }
-        line = line.with(
-            "epoch",
-            log.state.epoch as f64 + log.state.data_position as f64 / n as f64,
-        );
-        log.push(line)?;
-        outcome.examples += m as u64;
-        tracing::info!(
-            step,
-            loss = loss_value,
-            margin = metrics.rewards_margins,
-            "dpo step"
-        );
-        check_kl(step, drift, opts.kl_ceiling)?;
-        if step % opts.checkpoint_every.max(1) == 0 || step == total {
-            log.checkpoint(&root, &policy.varmap, &opt, Default::default())?;
-        }
+        Ok(report)
     }
-    policy.set_training(false);
-    outcome.steps = log.state.step;
-    outcome.seconds = started.elapsed().as_secs_f64();
-    outcome.epochs = log.state.epoch as f64 + log.state.data_position as f64 / n as f64;
-    outcome.log = log.lines.clone();
-    Ok(outcome)
+}
+
+fn tensor(values: &[f32], dev: &Device) -> Result<Tensor> {
+    Ok(Tensor::from_vec(values.to_vec(), values.len(), dev)?)
 }

@@ -1,4 +1,4 @@
-//! The KTO loop (TRL `KTOTrainer`, `loss_type = "kto"`): learns from unpaired thumbs up/down,
+//! KTO (TRL `KTOTrainer`, `loss_type = "kto"`) as an objective on the training engine: learns from unpaired thumbs up/down,
 //! which is most of the feedback users leave.
 //!
 //! Each micro-batch is scored twice by the policy: once on its own (prompt, completion) rows
@@ -6,22 +6,19 @@
 //! as TRL builds its KL dataset — whose log-ratio to the reference, averaged and clamped at 0, is
 //! the detached reference point `z₀`. Reference log-probs of the real rows are computed once and
 //! cached; those of the mismatched rows depend on the batch and are computed per step (no
-//! graph). Metrics use TRL's names; checkpoints and resume work as in the DPO loop.
+//! graph). Metrics use TRL's names; the engine owns the data order, accumulation, clipping,
+//! checkpoints, resume and the KL ceiling (guarding the batch KL estimate `kl`).
 
 use std::path::Path;
-use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use crate::run::outputs::LogLine;
-use crate::train::dpo_trainer::{TrainOutcome, checkpoint_root};
+use crate::train::engine::{self, Objective, StepReport, TrainOutcome};
 use crate::train::losses::kto::{KtoConfig, kto_loss};
-use crate::train::optim::AdamW;
 use crate::train::policy_common::{
-    Policy, PolicyTrainOptions, RunLog, Tokenised, check_kl, epoch_order, optimiser_step,
-    reference_logps, sequence_logps, tokenise_pair,
+    Policy, PolicyTrainOptions, Tokenised, reference_logps, sequence_logps, tokenise_pair,
 };
 
 /// One thumbs-up (`label = true`) or thumbs-down answer, TRL's unpaired format.
@@ -49,153 +46,159 @@ pub fn train_kto(
     if examples.is_empty() {
         bail!("no thumbs to train KTO on\nhint: collect thumbs up/down feedback first");
     }
-    let cfg = KtoConfig {
-        beta: opts.beta,
-        desirable_weight: opts.kto_desirable_weight,
-        undesirable_weight: opts.kto_undesirable_weight,
+    let mut objective = Kto {
+        policy,
+        examples,
+        opts,
+        cfg: KtoConfig {
+            beta: opts.beta,
+            desirable_weight: opts.kto_desirable_weight,
+            undesirable_weight: opts.kto_undesirable_weight,
+        },
+        rows: Vec::new(),
+        refs: Vec::new(),
+        step: StepSums::default(),
     };
-    let started = Instant::now();
-    let eos = policy.eos_ids().first().copied();
-    let pad = policy.pad_id();
-    let tk = |prompt: &str, completion: &str| {
-        tokenise_pair(
-            &policy.tokenizer,
-            prompt,
-            completion,
-            eos,
-            opts.max_prompt_len,
-            opts.max_completion_len,
-        )
-    };
-    let rows = examples
+    objective.rows = examples
         .iter()
         .enumerate()
         .map(|(i, e)| {
-            tk(&e.prompt, &e.completion).with_context(|| format!("tokenising example {i}"))
+            objective
+                .tokenise(&e.prompt, &e.completion)
+                .with_context(|| format!("tokenising example {i}"))
         })
         .collect::<Result<Vec<_>>>()?;
     policy.set_training(false);
-    let refs = reference_logps(
-        &policy.reference,
-        &rows.iter().collect::<Vec<_>>(),
-        pad,
-        opts.batch_size,
-    )?;
+    let rows: Vec<&Tokenised> = objective.rows.iter().collect();
+    objective.refs = reference_logps(&policy.reference, &rows, policy.pad_id(), opts.batch_size)?;
+    engine::run(
+        &mut objective,
+        &policy.varmap,
+        &opts.engine(examples.len()),
+        out,
+    )
+}
 
-    let n = examples.len();
-    let per_step = opts.batch_size * opts.grad_accum;
-    let total = opts
-        .max_steps
-        .unwrap_or(opts.epochs * n.div_ceil(per_step) as u64);
-    let root = checkpoint_root(out);
-    let mut opt = AdamW::from_varmap(&policy.varmap, opts.adamw())?;
-    let mut log = RunLog::start_or_resume(out, &root, opts.seed, &mut policy.varmap, &mut opt)?;
-    let mut outcome = TrainOutcome::default();
-    let dev = policy.model.lm_head_weight().device().clone();
-    while log.state.step < total {
-        let order = epoch_order(n, opts.seed, log.state.epoch);
-        let start = log.state.data_position as usize;
-        let idx: Vec<usize> = order[start.min(n)..(start + per_step).min(n)].to_vec();
-        if idx.is_empty() {
-            log.state.epoch += 1;
-            log.state.data_position = 0;
-            continue;
-        }
-        let step = log.state.step + 1;
-        let mut total_loss: Option<Tensor> = None;
-        let (mut d_pol, mut u_pol, mut d_rew, mut u_rew, mut kls) =
-            (vec![], vec![], vec![], vec![], vec![]);
-        for micro in idx.chunks(opts.batch_size) {
-            let m = micro.len();
-            // The mismatched rows for the KL reference point, scored without a graph.
-            let kl_rows = micro
-                .iter()
-                .enumerate()
-                .map(|(j, &i)| {
-                    let partner = micro[kl_partner(j, m)];
-                    tk(&examples[i].prompt, &examples[partner].completion)
-                })
-                .collect::<Result<Vec<Tokenised>>>()?;
-            let kl_refs: Vec<&Tokenised> = kl_rows.iter().collect();
-            policy.set_training(false);
-            let pol_kl = sequence_logps(&policy.model, &kl_refs, pad)?.detach();
-            let ref_kl = sequence_logps(&policy.reference, &kl_refs, pad)?.detach();
-            policy.set_training(true);
+/// What a step's micro-batches add up: policy log-probs and rewards of the desirable and
+/// undesirable answers, and each micro-batch's KL estimate.
+#[derive(Debug, Default)]
+struct StepSums {
+    desirable_logps: Vec<f32>,
+    undesirable_logps: Vec<f32>,
+    desirable_rewards: Vec<f32>,
+    undesirable_rewards: Vec<f32>,
+    kls: Vec<f64>,
+    tokens: u64,
+}
 
-            let (des, und): (Vec<usize>, Vec<usize>) =
-                micro.iter().partition(|&&i| examples[i].label);
-            let ordered: Vec<&Tokenised> = des.iter().chain(&und).map(|&i| &rows[i]).collect();
-            outcome.tokens += ordered.iter().map(|r| r.ids.len() as u64).sum::<u64>();
-            let logps = sequence_logps(&policy.model, &ordered, pad)?;
-            let pd = logps.narrow(0, 0, des.len())?;
-            let pu = logps.narrow(0, des.len(), und.len())?;
-            let rd: Vec<f32> = des.iter().map(|&i| refs[i]).collect();
-            let ru: Vec<f32> = und.iter().map(|&i| refs[i]).collect();
-            let rdt = Tensor::from_vec(rd, des.len(), &dev)?;
-            let rut = Tensor::from_vec(ru, und.len(), &dev)?;
-            let o = kto_loss(&pd, &rdt, &pu, &rut, &pol_kl, &ref_kl, &cfg)?;
-            let weighted = o.loss.affine(m as f64 / idx.len() as f64, 0.0)?;
-            total_loss = Some(match total_loss {
-                Some(t) => (t + weighted)?,
-                None => weighted,
-            });
-            d_pol.extend(pd.detach().to_vec1::<f32>()?);
-            u_pol.extend(pu.detach().to_vec1::<f32>()?);
-            d_rew.extend(o.chosen_rewards.to_vec1::<f32>()?);
-            u_rew.extend(o.rejected_rewards.to_vec1::<f32>()?);
-            kls.push(o.kl);
-        }
-        let loss = total_loss.context("empty step")?;
-        let loss_value = crate::train::losses::stats::scalar_f64(&loss)?;
-        let grad_norm = optimiser_step(&mut opt, &loss, step, opts.max_grad_norm)?;
-        let mean = |v: &[f32]| {
-            if v.is_empty() {
-                None
-            } else {
-                Some(v.iter().map(|x| f64::from(*x)).sum::<f64>() / v.len() as f64)
-            }
+/// The KTO objective over tokenised thumbs and their cached reference log-probs.
+struct Kto<'a> {
+    policy: &'a Policy,
+    examples: &'a [PointwiseExample],
+    opts: &'a PolicyTrainOptions,
+    cfg: KtoConfig,
+    rows: Vec<Tokenised>,
+    refs: Vec<f32>,
+    step: StepSums,
+}
+
+impl Kto<'_> {
+    fn tokenise(&self, prompt: &str, completion: &str) -> Result<Tokenised> {
+        let eos = self.policy.eos_ids().first().copied();
+        let (max_p, max_c) = (self.opts.max_prompt_len, self.opts.max_completion_len);
+        tokenise_pair(
+            &self.policy.tokenizer,
+            prompt,
+            completion,
+            eos,
+            max_p,
+            max_c,
+        )
+    }
+}
+
+impl Objective for Kto<'_> {
+    const NAME: &'static str = "kto";
+
+    fn examples(&self) -> usize {
+        self.examples.len()
+    }
+
+    fn micro_loss(&mut self, _step: u64, micro: &[usize]) -> Result<Tensor> {
+        let (policy, pad) = (self.policy, self.policy.pad_id());
+        let dev = policy.model.lm_head_weight().device().clone();
+        let m = micro.len();
+        // The mismatched rows for the KL reference point, scored without a graph.
+        let kl_rows = micro
+            .iter()
+            .enumerate()
+            .map(|(j, &i)| {
+                let partner = micro[kl_partner(j, m)];
+                self.tokenise(&self.examples[i].prompt, &self.examples[partner].completion)
+            })
+            .collect::<Result<Vec<Tokenised>>>()?;
+        let kl_refs: Vec<&Tokenised> = kl_rows.iter().collect();
+        policy.set_training(false);
+        let pol_kl = sequence_logps(&policy.model, &kl_refs, pad)?.detach();
+        let ref_kl = sequence_logps(&policy.reference, &kl_refs, pad)?.detach();
+        policy.set_training(true);
+
+        let (des, und): (Vec<usize>, Vec<usize>) =
+            micro.iter().partition(|&&i| self.examples[i].label);
+        let ordered: Vec<&Tokenised> = des.iter().chain(&und).map(|&i| &self.rows[i]).collect();
+        self.step.tokens += ordered.iter().map(|r| r.ids.len() as u64).sum::<u64>();
+        let logps = sequence_logps(&policy.model, &ordered, pad)?;
+        let pd = logps.narrow(0, 0, des.len())?;
+        let pu = logps.narrow(0, des.len(), und.len())?;
+        let refs = |idx: &[usize]| -> Result<Tensor> {
+            let v: Vec<f32> = idx.iter().map(|&i| self.refs[i]).collect();
+            Ok(Tensor::from_vec(v, idx.len(), &dev)?)
         };
-        let kl = kls.iter().sum::<f64>() / kls.len() as f64;
-        let mut line = LogLine::new(step)
-            .with("loss", loss_value)
-            .with("grad_norm", grad_norm)
-            .with("learning_rate", opts.lr)
-            .with("kl", kl);
+        let o = kto_loss(
+            &pd,
+            &refs(&des)?,
+            &pu,
+            &refs(&und)?,
+            &pol_kl,
+            &ref_kl,
+            &self.cfg,
+        )?;
+        let s = &mut self.step;
+        s.desirable_logps.extend(pd.detach().to_vec1::<f32>()?);
+        s.undesirable_logps.extend(pu.detach().to_vec1::<f32>()?);
+        s.desirable_rewards
+            .extend(o.chosen_rewards.to_vec1::<f32>()?);
+        s.undesirable_rewards
+            .extend(o.rejected_rewards.to_vec1::<f32>()?);
+        s.kls.push(o.kl);
+        Ok(o.loss)
+    }
+
+    fn finish_step(&mut self, _step: u64) -> Result<StepReport> {
+        let s = std::mem::take(&mut self.step);
+        let mean = |v: &[f32]| {
+            (!v.is_empty()).then(|| v.iter().map(|x| f64::from(*x)).sum::<f64>() / v.len() as f64)
+        };
+        let kl = s.kls.iter().sum::<f64>() / s.kls.len() as f64;
+        let mut report = StepReport {
+            kl: Some(kl),
+            tokens: s.tokens,
+            ..StepReport::default()
+        }
+        .metric("kl", kl);
         for (k, v) in [
-            ("rewards/chosen", mean(&d_rew)),
-            ("rewards/rejected", mean(&u_rew)),
-            ("logps/chosen", mean(&d_pol)),
-            ("logps/rejected", mean(&u_pol)),
+            ("rewards/chosen", mean(&s.desirable_rewards)),
+            ("rewards/rejected", mean(&s.undesirable_rewards)),
+            ("logps/chosen", mean(&s.desirable_logps)),
+            ("logps/rejected", mean(&s.undesirable_logps)),
         ] {
             if let Some(v) = v {
-                line = line.with(k, v);
+                report = report.metric(k, v);
             }
         }
-        if let (Some(c), Some(r)) = (mean(&d_rew), mean(&u_rew)) {
-            line = line.with("rewards/margins", c - r);
+        if let (Some(c), Some(r)) = (mean(&s.desirable_rewards), mean(&s.undesirable_rewards)) {
+            report = report.metric("rewards/margins", c - r);
         }
-        log.state.step = step;
-        log.state.data_position += idx.len() as u64;
-        if log.state.data_position as usize >= n {
-            log.state.epoch += 1;
-            log.state.data_position = 0;
-        }
-        line = line.with(
-            "epoch",
-            log.state.epoch as f64 + log.state.data_position as f64 / n as f64,
-        );
-        log.push(line)?;
-        outcome.examples += idx.len() as u64;
-        tracing::info!(step, loss = loss_value, kl, "kto step");
-        check_kl(step, kl, opts.kl_ceiling)?;
-        if step % opts.checkpoint_every.max(1) == 0 || step == total {
-            log.checkpoint(&root, &policy.varmap, &opt, Default::default())?;
-        }
+        Ok(report)
     }
-    policy.set_training(false);
-    outcome.steps = log.state.step;
-    outcome.seconds = started.elapsed().as_secs_f64();
-    outcome.epochs = log.state.epoch as f64 + log.state.data_position as f64 / n as f64;
-    outcome.log = log.lines.clone();
-    Ok(outcome)
 }

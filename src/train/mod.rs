@@ -1,11 +1,14 @@
-//! Training: losses as pure tensor functions (`losses`) and the loop utilities every trainer
-//! shares: our own AdamW with savable state (`optim`), learning-rate schedules (`schedule`),
-//! atomic checkpoints for bit-identical resume (`checkpoint`) and non-finite guards (`guard`).
+//! Training: losses as pure tensor functions (`losses`), the engine every policy objective runs
+//! on (`engine`: data order, accumulation, clipping, checkpoint/resume, guards, metrics log), the
+//! objectives (`dpo_trainer`, `kto_trainer`, `ppo_trainer`), the reward-model loop
+//! (`reward_trainer`), and what they share: our own AdamW with savable state (`optim`),
+//! learning-rate schedules (`schedule`), atomic checkpoints (`checkpoint`) and guards (`guard`).
 
 pub mod batching;
 pub mod checkpoint;
 pub mod device;
 pub mod dpo_trainer;
+pub mod engine;
 pub mod guard;
 pub mod kto_trainer;
 pub mod losses;

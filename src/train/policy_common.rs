@@ -1,7 +1,8 @@
-//! What the three policy trainers (DPO, KTO, PPO) and the policy evaluation share: the options
-//! with their TRL defaults, the trainable policy with its frozen reference, tokenising
-//! (prompt, completion) pairs into the padded batches the decoder scores, the log and the
-//! checkpoint bookkeeping, and the safety rails (KL ceiling, non-finite values).
+//! What the three policy objectives (DPO, KTO, PPO) and the policy evaluation share: the options
+//! with their TRL defaults (and how they map onto the training engine, [`PolicyTrainOptions::engine`]),
+//! the trainable policy with its frozen reference, and tokenising (prompt, completion) pairs into
+//! the padded batches the decoder scores. The loop itself (log, checkpoints, rails) is the
+//! engine's (`train::engine`); its names are re-exported here for existing callers.
 //!
 //! With LoRA the reference policy is the *same* base weights without adapters: the base is
 //! loaded once as plain tensors, cloned (candle tensors are reference-counted, so the clone
@@ -19,9 +20,14 @@ use crate::model::llama::load_frozen_causal_lm;
 use crate::model::llama::{Architecture, LlamaConfig, LlamaForCausalLM, save_pretrained};
 use crate::model::lora::{LoraAdapters, LoraConfig, LoraInit, attach_lora};
 use crate::model::tokenizer::Tokenizer;
-use crate::run::outputs::{LogLine, LogWriter, PolicyAlgo};
-use crate::train::checkpoint::{self, TrainState};
-use crate::train::optim::{AdamW, AdamWConfig};
+use crate::run::outputs::PolicyAlgo;
+// The engine and the guards own these; re-exported for the policy trainers' callers.
+pub use crate::train::engine::order::epoch_order;
+use crate::train::engine::{DataOrder, EngineConfig};
+pub use crate::train::engine::{RunLog, optimiser_step};
+pub use crate::train::guard::{RailError, check_finite, check_kl};
+use crate::train::optim::AdamWConfig;
+use crate::train::schedule::{Decay, Schedule};
 
 /// PPO-specific options (TRL / N+ implementation details defaults, GUIDE §5).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -242,45 +248,44 @@ impl PolicyTrainOptions {
             ..AdamWConfig::default()
         }
     }
-}
 
-/// Why a run stopped on its own.
-#[derive(Debug, thiserror::Error, PartialEq)]
-pub enum RailError {
-    #[error(
-        "KL to the reference is {kl:.3} nats at step {step}, above the ceiling {ceiling}\nhint: lower the learning rate, raise beta / kl_coef, or raise kl_ceiling if the drift is intended"
-    )]
-    KlCeiling { step: u64, kl: f64, ceiling: f64 },
-    #[error(
-        "{what} is not finite ({value}) at step {step}\nhint: lower the learning rate or set max_grad_norm"
-    )]
-    NonFinite { step: u64, what: String, value: f64 },
-}
-
-/// Fails on the first non-finite value of a log line.
-pub fn check_finite(line: &LogLine) -> Result<(), RailError> {
-    match line.values.iter().find(|(_, v)| !v.is_finite()) {
-        Some((k, v)) => Err(RailError::NonFinite {
-            step: line.step,
-            what: k.clone(),
-            value: *v,
-        }),
-        None => Ok(()),
+    /// The engine settings of a policy run over `examples` examples: a constant learning rate,
+    /// `batch_size × grad_accum` examples a step in `batch_size` micro-batches (PPO: the rollouts
+    /// of a step, one minibatch per micro-batch), `max_steps` or `epochs` passes over the data.
+    pub fn engine(&self, examples: usize) -> EngineConfig {
+        let (examples_per_step, micro_batch, order) = match self.algo {
+            PolicyAlgo::Ppo => (
+                self.ppo.rollouts_per_step,
+                self.ppo.rollouts_per_step / self.ppo.num_minibatches.max(1),
+                DataOrder::Stream,
+            ),
+            PolicyAlgo::Dpo | PolicyAlgo::Kto => (
+                self.batch_size * self.grad_accum,
+                self.batch_size,
+                DataOrder::Epochs,
+            ),
+        };
+        let steps_per_epoch = examples.div_ceil(examples_per_step.max(1)) as u64;
+        let total_steps = self.max_steps.unwrap_or(self.epochs * steps_per_epoch);
+        EngineConfig {
+            seed: self.seed,
+            total_steps,
+            examples_per_step,
+            micro_batch: micro_batch.max(1),
+            order,
+            schedule: Schedule {
+                peak_lr: self.lr,
+                min_lr: 0.0,
+                warmup_steps: 0,
+                total_steps,
+                decay: Decay::Constant,
+            },
+            adamw: self.adamw(),
+            max_grad_norm: self.max_grad_norm,
+            checkpoint_every: self.checkpoint_every,
+            kl_ceiling: Some(self.kl_ceiling),
+        }
     }
-}
-
-pub fn check_kl(step: u64, kl: f64, ceiling: f64) -> Result<(), RailError> {
-    if !kl.is_finite() {
-        return Err(RailError::NonFinite {
-            step,
-            what: "kl".into(),
-            value: kl,
-        });
-    }
-    if kl > ceiling {
-        return Err(RailError::KlCeiling { step, kl, ceiling });
-    }
-    Ok(())
 }
 
 /// The model being trained, its frozen reference and what the optimiser sees.
@@ -516,118 +521,6 @@ pub fn reference_logps(
         );
     }
     Ok(out)
-}
-
-/// A deterministic permutation of `0..n` for `epoch` (ChaCha seeded by `seed` and `epoch`), so
-/// a resumed run visits the data in the same order.
-pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
-    use rand::SeedableRng;
-    use rand::seq::SliceRandom;
-    let mut rng =
-        rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    let mut v: Vec<usize> = (0..n).collect();
-    v.shuffle(&mut rng);
-    v
-}
-
-/// Loop state shared by the trainers: the checkpointed [`TrainState`], the log lines so far
-/// (kept in the state so a resumed run rewrites the full `log.jsonl`) and the writer.
-pub struct RunLog {
-    pub state: TrainState,
-    pub lines: Vec<LogLine>,
-    writer: LogWriter,
-}
-
-impl RunLog {
-    /// Starts a fresh log in `out`, or resumes from the newest checkpoint under `ckpt_root`
-    /// (loading weights and optimiser state into `varmap`/`opt`).
-    pub fn start_or_resume(
-        out: &Path,
-        ckpt_root: &Path,
-        seed: u64,
-        varmap: &mut VarMap,
-        opt: &mut AdamW,
-    ) -> Result<Self> {
-        let (state, lines) = match checkpoint::latest(ckpt_root)? {
-            Some(dir) => {
-                let state = checkpoint::load(&dir, varmap, opt)?;
-                let lines: Vec<LogLine> = match state.extra.get("log") {
-                    Some(v) => serde_json::from_value(v.clone()).context("checkpoint log lines")?,
-                    None => Vec::new(),
-                };
-                tracing::info!(dir = %dir.display(), step = state.step, "resuming policy training");
-                (state, lines)
-            }
-            None => (TrainState::new(seed), Vec::new()),
-        };
-        let mut writer = LogWriter::create(out)?;
-        for l in &lines {
-            writer.write(l)?;
-        }
-        Ok(Self {
-            state,
-            lines,
-            writer,
-        })
-    }
-
-    pub fn push(&mut self, line: LogLine) -> Result<()> {
-        check_finite(&line)?;
-        self.writer.write(&line)?;
-        self.lines.push(line);
-        Ok(())
-    }
-
-    /// Saves a checkpoint with `extra` trainer state (the log lines are added here).
-    pub fn checkpoint(
-        &mut self,
-        ckpt_root: &Path,
-        varmap: &VarMap,
-        opt: &AdamW,
-        mut extra: serde_json::Map<String, serde_json::Value>,
-    ) -> Result<PathBuf> {
-        extra.insert("log".into(), serde_json::to_value(&self.lines)?);
-        self.state.extra = serde_json::Value::Object(extra);
-        let dir = checkpoint::save(ckpt_root, &self.state, varmap, opt)?;
-        checkpoint::prune(ckpt_root, 2)?;
-        Ok(dir)
-    }
-}
-
-/// `backward`, gradient guard, optional clip and AdamW step; returns the gradient norm.
-///
-/// One pass over each gradient gives its sum of squares, which is finite exactly when the
-/// gradient is (so it is both the guard and the norm), and the clip coefficient is applied
-/// inside the AdamW update instead of rewriting every gradient first.
-pub fn optimiser_step(
-    opt: &mut AdamW,
-    loss: &Tensor,
-    step: u64,
-    max_grad_norm: Option<f64>,
-) -> Result<f64> {
-    crate::train::guard::check_loss(step, loss)?;
-    let grads = loss.backward()?;
-    let mut sq = 0f64;
-    for (name, var) in opt.params() {
-        if let Some(g) = grads.get(var.as_tensor()) {
-            let s = crate::train::optim::grad_sq_sum(g)?;
-            if !s.is_finite() {
-                return Err(crate::train::guard::GuardError::NonFiniteGradient {
-                    step,
-                    param: name.to_string(),
-                }
-                .into());
-            }
-            sq += s;
-        }
-    }
-    let norm = sq.sqrt();
-    // PyTorch's clip_grad_norm_: coefficient max_norm / (norm + 1e-6), applied only below 1.
-    let scale = max_grad_norm
-        .map(|m| m / (norm + 1e-6))
-        .filter(|&c| c < 1.0);
-    opt.step_scaled(&grads, scale)?;
-    Ok(norm)
 }
 
 /// Mean of a 1-d tensor as f64.

@@ -1,6 +1,7 @@
-//! The PPO loop for RLHF, following TRL's `PPOTrainer` and the N+ implementation details:
-//! sample answers, score them, turn scores and the per-token KL into advantages, and take
-//! several clipped PPO epochs over minibatches of the rollouts.
+//! PPO for RLHF as an objective on the training engine, following TRL's `PPOTrainer` and the N+
+//! implementation details: sample answers, score them, turn scores and the per-token KL into
+//! advantages (all in [`Objective::plan`], before the step's updates), and take several clipped
+//! PPO epochs over minibatches of the rollouts (one optimiser update per minibatch).
 //!
 //! One step: `rollouts_per_step` prompts (a seeded, epoch-wise permutation of the prompt set)
 //! are answered by the policy with KV-cache sampling at `temperature`; the reward model scores
@@ -15,10 +16,10 @@
 //! The value head is a linear layer over the policy's own final hidden states (a shared
 //! backbone: no second model in memory), initialised from the reward model's score head when
 //! the hidden sizes match, otherwise at zero. It lives in the policy's `VarMap` as
-//! `value_head.*`, so it is checkpointed with the adapters but never saved into the policy.
+//! `value_head.*`, so it is checkpointed with the adapters but never saved into the policy. The
+//! KL controller is kept across a resume through [`Objective::save_state`].
 
 use std::path::Path;
-use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use candle_core::{D, DType, Device, Tensor, Var};
@@ -26,17 +27,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::generate::{GenerationConfig, generate};
 use crate::model::sampling::SamplingParams;
-use crate::run::outputs::LogLine;
-use crate::train::dpo_trainer::{TrainOutcome, checkpoint_root};
+use crate::train::engine::order::epoch_order;
+use crate::train::engine::{self, Objective, PhaseClock, StepReport, TrainOutcome, Updates};
 use crate::train::losses::kl_control::KlController;
 use crate::train::losses::ppo::{
-    PpoBatch, PpoLossConfig, RewardGaeConfig, apply_missing_eos_penalty, ppo_loss,
+    PpoBatch, PpoLossConfig, PpoStats, RewardGaeConfig, apply_missing_eos_penalty, ppo_loss,
     rewards_and_advantages,
 };
-use crate::train::optim::AdamW;
-use crate::train::policy_common::{
-    Policy, PolicyTrainOptions, RunLog, VALUE_HEAD, check_kl, epoch_order, optimiser_step,
-};
+use crate::train::policy_common::{Policy, PolicyTrainOptions, VALUE_HEAD};
 use crate::train::policy_eval::{RewardScorer, prompt_ids};
 
 /// Checkpointed PPO state beyond weights and optimiser.
@@ -174,68 +172,88 @@ pub fn train_ppo(
     if prompts.is_empty() {
         bail!("no prompts to roll out\nhint: the feedback store has no prompts yet");
     }
+    opts.max_steps.context("ppo needs max_steps")?;
     let po = &opts.ppo;
-    let total = opts.max_steps.context("ppo needs max_steps")?;
-    let started = Instant::now();
-    let dev = policy.model.lm_head_weight().device().clone();
-    let eos = policy.eos_ids();
-    let pad = policy.pad_id();
+    // The value head joins the policy's variables before the engine builds the optimiser.
     let head = value_head(policy, rm)?;
-    let root = checkpoint_root(out);
-    let mut opt = AdamW::from_varmap(&policy.varmap, opts.adamw())?;
-    let mut log = RunLog::start_or_resume(out, &root, opts.seed, &mut policy.varmap, &mut opt)?;
-    let mut kl_ctl = match log.state.extra.get("ppo") {
-        Some(v) => {
-            serde_json::from_value::<PpoExtra>(v.clone())
-                .context("PPO state in the checkpoint")?
-                .kl_ctl
-        }
-        None if po.adaptive_kl => KlController::adaptive(
+    let kl_ctl = if po.adaptive_kl {
+        KlController::adaptive(
             po.adaptive_kl_init,
             po.adaptive_kl_target,
             po.adaptive_kl_horizon,
-        ),
-        None => KlController::fixed(po.kl_coef),
+        )
+    } else {
+        KlController::fixed(po.kl_coef)
     };
-    let loss_cfg = PpoLossConfig {
-        cliprange: po.cliprange,
-        cliprange_value: po.cliprange_value,
-        vf_coef: po.vf_coef,
-        ratio_threshold: None,
+    let mut objective = Ppo {
+        policy,
+        rm,
+        prompts,
+        opts,
+        head,
+        kl_ctl,
+        loss_cfg: PpoLossConfig {
+            cliprange: po.cliprange,
+            cliprange_value: po.cliprange_value,
+            vf_coef: po.vf_coef,
+            ratio_threshold: None,
+        },
+        batch: None,
+        stats: Vec::new(),
     };
-    let n = prompts.len();
-    let bsz = po.rollouts_per_step;
-    let mb = bsz / po.num_minibatches;
-    let mut outcome = TrainOutcome::default();
-    // Phase timer: each call books the time since the previous one under `name`.
-    let mut mark = Instant::now();
-    let mut lap = |outcome: &mut TrainOutcome, name: &str| {
-        outcome.add_phase(name, mark.elapsed().as_secs_f64());
-        mark = Instant::now();
-    };
-    while log.state.step < total {
-        let step = log.state.step + 1;
-        // Prompts of this step: positions (step-1)·B .. step·B of the epoch-wise permutations.
-        let batch_prompts: Vec<&String> = (0..bsz)
-            .map(|k| {
-                let g = (step - 1) as usize * bsz + k;
-                let order = epoch_order(n, opts.seed, (g / n) as u64);
-                &prompts[order[g % n]]
-            })
-            .collect();
+    let outcome = engine::run(
+        &mut objective,
+        &policy.varmap,
+        &opts.engine(prompts.len()),
+        out,
+    );
+    policy.set_training(false);
+    outcome
+}
+
+/// A step's rollouts and everything computed from them before the updates.
+struct StepBatch {
+    rollouts: Rollouts,
+    old_lp: Tensor,
+    values: Tensor,
+    scores: Tensor,
+    gae: crate::train::losses::ppo::RewardGae,
+    resp_mask: Tensor,
+    tokens: u64,
+}
+
+/// The PPO objective: prompts to roll out, the reward model that scores them, the value head
+/// and the KL controller.
+struct Ppo<'a> {
+    policy: &'a Policy,
+    rm: &'a RewardScorer,
+    prompts: &'a [String],
+    opts: &'a PolicyTrainOptions,
+    head: (Tensor, Tensor),
+    kl_ctl: KlController,
+    loss_cfg: PpoLossConfig,
+    batch: Option<StepBatch>,
+    stats: Vec<PpoStats>,
+}
+
+impl Ppo<'_> {
+    /// Rolls out the step's prompts and computes old log-probs, values, reference log-probs,
+    /// scores, rewards and advantages (no dropout, no graph).
+    fn roll_out(&self, step: u64, batch: &[usize], clock: &mut PhaseClock) -> Result<StepBatch> {
+        let (policy, opts, po) = (self.policy, self.opts, &self.opts.ppo);
+        let dev = policy.model.lm_head_weight().device().clone();
+        let (eos, pad) = (policy.eos_ids(), policy.pad_id());
+        let bsz = batch.len();
+        let batch_prompts: Vec<&String> = batch.iter().map(|&i| &self.prompts[i]).collect();
         let q = batch_prompts
             .iter()
             .map(|p| {
-                prompt_ids(
-                    &policy.tokenizer,
-                    p,
-                    opts.max_prompt_len,
-                    eos.first().copied(),
-                )
+                let eos = eos.first().copied();
+                prompt_ids(&policy.tokenizer, p, opts.max_prompt_len, eos)
             })
             .collect::<Result<Vec<_>>>()?;
 
-        // 1. Rollouts (no dropout, no graph).
+        // 1. Rollouts.
         policy.set_training(false);
         let gen_cfg = GenerationConfig {
             max_new_tokens: opts.max_completion_len,
@@ -252,17 +270,18 @@ pub fn train_ppo(
         let g = generate(&policy.model, &q, &gen_cfg)?;
         let mut r = layout(&q, &g.tokens, pad, &dev)?;
         r.finished = g.finished.clone();
-        lap(&mut outcome, "rollout generation");
+        clock.lap("rollout generation");
         let all = Tensor::arange(0u32, bsz as u32, &dev)?;
-        let (old_lp, values) = score_rows(&policy.model, Some(&head), &r, &all, po.temperature)?;
+        let (old_lp, values) =
+            score_rows(&policy.model, Some(&self.head), &r, &all, po.temperature)?;
         let (old_lp, values) = (
             old_lp.detach(),
             values.context("value head output")?.detach(),
         );
-        lap(&mut outcome, "policy logprobs + values");
+        clock.lap("policy logprobs + values");
         let (ref_lp, _) = score_rows(&policy.reference, None, &r, &all, po.temperature)?;
         let ref_lp = ref_lp.detach();
-        lap(&mut outcome, "reference logprobs");
+        clock.lap("reference logprobs");
 
         // 2. Scores at the last token, missing-EOS penalty.
         let texts = g.texts(policy.tokenizer.inner(), true)?;
@@ -276,10 +295,10 @@ pub fn train_ppo(
             .zip(&g.tokens)
             .map(|(p, a)| p.iter().chain(a).copied().collect())
             .collect();
-        let raw = rm.score(&full_ids, &full_texts)?;
-        let raw_t = Tensor::from_vec(raw.clone(), bsz, &dev)?;
+        let raw = self.rm.score(&full_ids, &full_texts)?;
+        let raw_t = Tensor::from_vec(raw, bsz, &dev)?;
         let scores = apply_missing_eos_penalty(&raw_t, &r.finished, -po.missing_eos_penalty)?;
-        lap(&mut outcome, "reward scoring");
+        clock.lap("reward scoring");
 
         // 3. Rewards, GAE, whitening.
         let seq_lens: Vec<usize> = r.answers.iter().map(|a| a.len() - 1).collect();
@@ -290,7 +309,7 @@ pub fn train_ppo(
             &scores,
             &seq_lens,
             &RewardGaeConfig {
-                kl_coef: kl_ctl.value(),
+                kl_coef: self.kl_ctl.value(),
                 gamma: po.gamma,
                 lam: po.lam,
                 whiten_rewards: po.whiten_rewards,
@@ -302,104 +321,143 @@ pub fn train_ppo(
             .ones_like()?
             .sub(&gae.padding_mask)?
             .to_dtype(DType::F32)?;
-        lap(&mut outcome, "rewards + GAE");
+        clock.lap("rewards + GAE");
+        Ok(StepBatch {
+            rollouts: r,
+            old_lp,
+            values,
+            scores,
+            gae,
+            resp_mask,
+            tokens: g.num_tokens() as u64,
+        })
+    }
+}
 
-        // 4. PPO epochs over minibatches.
-        policy.set_training(true);
-        let mut stats = Vec::new();
+impl Objective for Ppo<'_> {
+    const NAME: &'static str = "ppo";
+
+    fn examples(&self) -> usize {
+        self.prompts.len()
+    }
+
+    /// Rolls out, then `ppo_epochs` passes over the rollouts in `num_minibatches` seeded
+    /// minibatches, one optimiser update each.
+    fn plan(&mut self, step: u64, batch: &[usize], clock: &mut PhaseClock) -> Result<Updates> {
+        self.batch = Some(self.roll_out(step, batch, clock)?);
+        self.policy.set_training(true);
+        let po = &self.opts.ppo;
+        let mb = batch.len() / po.num_minibatches;
+        let mut updates = Vec::new();
         for e in 0..po.ppo_epochs {
-            let perm = epoch_order(bsz, opts.seed ^ step.wrapping_mul(7919), e as u64);
-            for chunk in perm.chunks(mb) {
-                let rows: Vec<u32> = chunk.iter().map(|&i| i as u32).collect();
-                let rows = Tensor::from_vec(rows, chunk.len(), &dev)?;
-                let (lp, vpred) =
-                    score_rows(&policy.model, Some(&head), &r, &rows, po.temperature)?;
-                let vpred = vpred.context("value head output")?;
-                let sel = |t: &Tensor| t.contiguous()?.index_select(&rows, 0);
-                let pl = ppo_loss(
-                    &PpoBatch {
-                        old_logprobs: &sel(&old_lp)?,
-                        logprobs: &lp,
-                        values: &sel(&values)?,
-                        vpreds: &vpred,
-                        mask: &sel(&resp_mask)?,
-                        advantages: &sel(&gae.advantages)?,
-                        returns: &sel(&gae.returns)?,
-                        logits: None,
-                        value_mask: None,
-                    },
-                    &loss_cfg,
-                )?;
-                lap(&mut outcome, "ppo forward");
-                optimiser_step(&mut opt, &pl.loss, step, opts.max_grad_norm)?;
-                lap(&mut outcome, "ppo backward + AdamW");
-                stats.push(pl.stats);
-            }
+            let perm = epoch_order(
+                batch.len(),
+                self.opts.seed ^ step.wrapping_mul(7919),
+                e as u64,
+            );
+            updates.extend(perm.chunks(mb).map(<[usize]>::to_vec));
         }
-        policy.set_training(false);
+        Ok(updates)
+    }
 
-        // 5. Metrics (TRL names).
+    fn micro_loss(&mut self, _step: u64, micro: &[usize]) -> Result<Tensor> {
+        let b = self
+            .batch
+            .as_ref()
+            .context("PPO update before its rollouts")?;
+        let dev = self.policy.model.lm_head_weight().device().clone();
+        let rows: Vec<u32> = micro.iter().map(|&i| i as u32).collect();
+        let rows = Tensor::from_vec(rows, micro.len(), &dev)?;
+        let temperature = self.opts.ppo.temperature;
+        let (lp, vpred) = score_rows(
+            &self.policy.model,
+            Some(&self.head),
+            &b.rollouts,
+            &rows,
+            temperature,
+        )?;
+        let vpred = vpred.context("value head output")?;
+        let sel = |t: &Tensor| t.contiguous()?.index_select(&rows, 0);
+        let pl = ppo_loss(
+            &PpoBatch {
+                old_logprobs: &sel(&b.old_lp)?,
+                logprobs: &lp,
+                values: &sel(&b.values)?,
+                vpreds: &vpred,
+                mask: &sel(&b.resp_mask)?,
+                advantages: &sel(&b.gae.advantages)?,
+                returns: &sel(&b.gae.returns)?,
+                logits: None,
+                value_mask: None,
+            },
+            &self.loss_cfg,
+        )?;
+        self.stats.push(pl.stats);
+        Ok(pl.loss)
+    }
+
+    /// TRL's PPO metrics; the KL controller moves after the step, as TRL's does.
+    fn finish_step(&mut self, step: u64) -> Result<StepReport> {
+        self.policy.set_training(false);
+        let b = self.batch.take().context("PPO step without rollouts")?;
+        let stats = std::mem::take(&mut self.stats);
+        let r = &b.rollouts;
+        let bsz = r.answers.len();
         let rows_mean = |t: &Tensor| -> Result<f64> {
-            let s = (t.to_dtype(DType::F64)? * resp_mask.to_dtype(DType::F64)?)?.sum(D::Minus1)?;
+            let s =
+                (t.to_dtype(DType::F64)? * b.resp_mask.to_dtype(DType::F64)?)?.sum(D::Minus1)?;
             Ok(s.mean_all()?.to_scalar::<f64>()?)
         };
-        let kl = rows_mean(&gae.kl)?;
-        let entropy = -rows_mean(&old_lp)?;
-        let non_score = rows_mean(&gae.non_score_reward)?;
-        let score_mean = scores
+        let kl = rows_mean(&b.gae.kl)?;
+        let entropy = -rows_mean(&b.old_lp)?;
+        let non_score = rows_mean(&b.gae.non_score_reward)?;
+        let score_mean = b
+            .scores
             .to_dtype(DType::F64)?
             .mean_all()?
             .to_scalar::<f64>()?;
-        let avg = |f: &dyn Fn(&crate::train::losses::ppo::PpoStats) -> f64| {
-            stats.iter().map(f).sum::<f64>() / stats.len() as f64
-        };
-        let line = LogLine::new(step)
-            .with("objective/kl", kl)
-            .with("objective/entropy", entropy)
-            .with("objective/non_score_reward", non_score)
-            .with("objective/rlhf_reward", score_mean + non_score)
-            .with("objective/scores", score_mean)
-            .with("objective/kl_coef", kl_ctl.value())
-            .with("policy/approxkl_avg", avg(&|s| s.policy_approxkl))
-            .with("policy/clipfrac_avg", avg(&|s| s.policy_clipfrac))
-            .with("loss/policy_avg", avg(&|s| s.loss_policy))
-            .with("loss/value_avg", avg(&|s| s.loss_value))
-            .with("val/clipfrac_avg", avg(&|s| s.val_clipfrac))
-            .with("val/ratio", avg(&|s| s.ratio_mean))
-            .with(
-                "val/num_eos_tokens",
-                r.finished.iter().filter(|&&f| f).count() as f64,
-            )
-            .with(
-                "response_length",
-                r.answers.iter().map(Vec::len).sum::<usize>() as f64 / bsz as f64,
-            )
-            .with("learning_rate", opts.lr)
-            .with("episode", (step as usize * bsz) as f64);
-        log.state.step = step;
-        log.state.data_position = (step as usize * bsz % n) as u64;
-        log.state.epoch = (step as usize * bsz / n) as u64;
-        log.push(line)?;
-        outcome.examples += bsz as u64;
-        outcome.tokens += g.num_tokens() as u64;
-        tracing::info!(step, kl, score = score_mean, "ppo step");
-        check_kl(step, kl, opts.kl_ceiling)?;
-        kl_ctl.update(kl, bsz);
-        if step % opts.checkpoint_every.max(1) == 0 || step == total {
-            let mut extra = serde_json::Map::new();
-            extra.insert(
-                "ppo".into(),
-                serde_json::to_value(PpoExtra {
-                    kl_ctl: kl_ctl.clone(),
-                })?,
-            );
-            log.checkpoint(&root, &policy.varmap, &opt, extra)?;
+        let avg =
+            |f: &dyn Fn(&PpoStats) -> f64| stats.iter().map(f).sum::<f64>() / stats.len() as f64;
+        let report = StepReport {
+            kl: Some(kl),
+            tokens: b.tokens,
+            ..StepReport::default()
         }
-        lap(&mut outcome, "metrics + checkpoint");
+        .metric("objective/kl", kl)
+        .metric("objective/entropy", entropy)
+        .metric("objective/non_score_reward", non_score)
+        .metric("objective/rlhf_reward", score_mean + non_score)
+        .metric("objective/scores", score_mean)
+        .metric("objective/kl_coef", self.kl_ctl.value())
+        .metric("policy/approxkl_avg", avg(&|s| s.policy_approxkl))
+        .metric("policy/clipfrac_avg", avg(&|s| s.policy_clipfrac))
+        .metric("loss/policy_avg", avg(&|s| s.loss_policy))
+        .metric("loss/value_avg", avg(&|s| s.loss_value))
+        .metric("val/clipfrac_avg", avg(&|s| s.val_clipfrac))
+        .metric("val/ratio", avg(&|s| s.ratio_mean))
+        .metric(
+            "val/num_eos_tokens",
+            r.finished.iter().filter(|&&f| f).count() as f64,
+        )
+        .metric(
+            "response_length",
+            r.answers.iter().map(Vec::len).sum::<usize>() as f64 / bsz as f64,
+        )
+        .metric("episode", (step as usize * bsz) as f64);
+        tracing::info!(step, kl, score = score_mean, "ppo step");
+        self.kl_ctl.update(kl, bsz);
+        Ok(report)
     }
-    outcome.steps = log.state.step;
-    outcome.seconds = started.elapsed().as_secs_f64();
-    outcome.epochs = (log.state.step as usize * bsz) as f64 / n as f64;
-    outcome.log = log.lines.clone();
-    Ok(outcome)
+
+    fn save_state(&self) -> Result<Option<serde_json::Value>> {
+        let extra = PpoExtra {
+            kl_ctl: self.kl_ctl.clone(),
+        };
+        Ok(Some(serde_json::to_value(extra)?))
+    }
+
+    fn restore_state(&mut self, state: serde_json::Value) -> Result<()> {
+        self.kl_ctl = serde_json::from_value::<PpoExtra>(state)?.kl_ctl;
+        Ok(())
+    }
 }

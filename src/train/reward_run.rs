@@ -12,7 +12,6 @@
 //! `checkpoints/`. A model with a non-finite weight is never written.
 
 use std::collections::BTreeMap;
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -23,13 +22,11 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::dataset::{DatasetOptions, Examples, render_plain_prompt};
+use crate::dataset::{DatasetOptions, Examples, load_preference_jsonl, render_plain_prompt};
 use crate::model::llama::ExtraHeads;
 use crate::model::tokenizer::Tokenizer;
 use crate::run::outputs::{self, DatasetInfo, RewardEval, RewardMetrics, TrainStats};
-use crate::train::batching::{
-    PairText, PointLabel, PointText, encode_pairs, encode_points, render_prompt,
-};
+use crate::train::batching::{PairText, PointLabel, PointText, encode_pairs, encode_points};
 use crate::train::device::DeviceChoice;
 use crate::train::reward_models::{
     AnyReward, BertReward, DEFAULT_TOKENIZER_JSON, LlamaReward, default_llama_config,
@@ -505,78 +502,21 @@ fn score_production(
     reward_trainer::evaluate_mixed(&model, &enc, opts.train.batch_size * 4, device)
 }
 
-/// One line of a preference file: TRL's explicit-prompt form (`prompt`, `chosen`, `rejected`,
-/// optional `margin`) or the implicit-prompt form (`chosen` and `rejected` are whole dialogues
-/// sharing a prefix, as in Anthropic HH).
-#[derive(Debug, Deserialize)]
-struct PairLine {
-    #[serde(default)]
-    prompt: Option<String>,
-    chosen: String,
-    rejected: String,
-    #[serde(default)]
-    margin: Option<f64>,
-}
-
-/// Reads preference pairs from JSON lines.
+/// Reads preference pairs through `dataset::io` (TRL preference JSONL, explicit or implicit
+/// prompt, e.g. Anthropic HH; gzip allowed), rendering each prompt as the reward model reads
+/// prompts from the feedback store ([`render_plain_prompt`]), so a file and the store train the
+/// same format. A margin of 0 (or none) is no margin.
 pub fn load_pairs(path: &Path) -> Result<Vec<PairText>> {
-    // Plain or gzip-compressed JSON lines (HH-RLHF ships as .jsonl.gz).
-    let reader = crate::dataset::export::open_lines(path).with_context(|| {
-        format!(
-            "opening the preference file {}\nhint: check --dataset / --eval",
-            path.display()
-        )
-    })?;
-    let mut pairs = Vec::new();
-    for (i, line) in reader.lines().enumerate() {
-        let line = line.with_context(|| format!("reading {}", path.display()))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let raw: PairLine = serde_json::from_str(&line).with_context(|| {
-            format!(
-                "{}:{}: not a preference pair\nhint: each line needs \"chosen\" and \"rejected\" strings",
-                path.display(),
-                i + 1
-            )
-        })?;
-        pairs.push(match raw.prompt {
-            Some(p) => PairText {
-                prompt: render_prompt(&p),
-                chosen: raw.chosen,
-                rejected: raw.rejected,
-                margin: raw.margin,
-            },
-            None => split_dialogues(&raw.chosen, &raw.rejected, raw.margin),
-        });
-    }
-    if pairs.is_empty() {
-        bail!("{} holds no preference pairs", path.display());
-    }
-    Ok(pairs)
-}
-
-/// Splits two dialogues at the start of their last assistant turn when they share everything
-/// before it (HH), else at their longest common prefix on a character boundary.
-fn split_dialogues(chosen: &str, rejected: &str, margin: Option<f64>) -> PairText {
-    const TURN: &str = "\n\nAssistant:";
-    let common = chosen
-        .char_indices()
-        .zip(rejected.chars())
-        .take_while(|((_, a), b)| a == b)
-        .last()
-        .map(|((i, c), _)| i + c.len_utf8())
-        .unwrap_or(0);
-    let cut = chosen[..common]
-        .rfind(TURN)
-        .map(|i| i + TURN.len())
-        .unwrap_or(common);
-    PairText {
-        prompt: chosen[..cut].to_string(),
-        chosen: chosen[cut..].to_string(),
-        rejected: rejected[cut..].to_string(),
-        margin,
-    }
+    let pairs = load_preference_jsonl(path)?;
+    Ok(pairs
+        .into_iter()
+        .map(|p| PairText {
+            prompt: render_plain_prompt(&p.prompt),
+            chosen: p.chosen,
+            rejected: p.rejected,
+            margin: (p.margin != 0.0).then_some(f64::from(p.margin)),
+        })
+        .collect())
 }
 
 /// Seeded split by pair: `fraction` of the pairs (at least one) go to evaluation.

@@ -317,6 +317,9 @@ mod f64_bits_opt {
     }
 }
 
+/// The objective name recorded in (and checked against) this loop's checkpoints.
+const OBJECTIVE: &str = "reward";
+
 /// Directory where the loop keeps its checkpoints.
 pub fn checkpoint_root(run_dir: &Path) -> PathBuf {
     run_dir.join("checkpoints")
@@ -393,21 +396,14 @@ pub fn train_mixed<M: RewardBackbone>(
     std::fs::create_dir_all(run_dir)
         .with_context(|| format!("creating the run directory {}", run_dir.display()))?;
 
-    let mut state = TrainState::new(cfg.seed);
+    let mut state = TrainState::for_objective(cfg.seed, OBJECTIVE);
     let mut extra = Extra::default();
     let mut epoch_rng = ChaCha8Rng::seed_from_u64(cfg.seed);
     if resume && let Some(dir) = checkpoint::latest(&ckpt_root)? {
         let mut vm = model.varmap().clone();
         state = checkpoint::load(&dir, &mut vm, &mut opt)
             .with_context(|| format!("resuming from {}", dir.display()))?;
-        if state.seed != cfg.seed {
-            bail!(
-                "checkpoint {} was made with seed {} but this run has seed {}\nhint: resume with the same settings, or start a new output directory",
-                dir.display(),
-                state.seed,
-                cfg.seed
-            );
-        }
+        checkpoint::check_resume(&dir, &state, cfg.seed, OBJECTIVE)?;
         extra = serde_json::from_value(state.extra.clone())
             .context("reading the trainer state of the checkpoint")?;
         if let Some(rng) = &state.rng {
@@ -648,7 +644,7 @@ impl Window {
                 line = line.with(&format!("loss/{name}"), f64::from_bits(bits) / steps as f64);
             }
         }
-        line.with(keys::LR, lr).with(keys::EPOCH, epoch)
+        line.with(keys::LEARNING_RATE, lr).with(keys::EPOCH, epoch)
     }
 }
 

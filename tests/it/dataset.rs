@@ -1,6 +1,8 @@
 //! The `dataset` module: feedback records → pairs, pointwise, step and aspect examples; the split
-//! by conversation; TRL export; the TRL preference and HH-RLHF loaders (issue "Reward models in
-//! candle" §1). Records are built in code; one test runs over the bundled sample.
+//! by conversation; TRL export; the one way in for files (TRL preference and HH-RLHF loaders,
+//! issue "Reward models in candle" §1, and the HH splitter of issue 18 §3, tested on real HH rows
+//! bundled in tests/fixtures/hh-rlhf). Records are built in code; one test runs over the bundled
+//! sample.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
@@ -18,6 +20,7 @@ use rlhf_bot::feedback::record::{
     Change, ChatMessage, FeedbackRecord, FeedbackSource, Response, Signal, Thumb,
 };
 use rlhf_bot::feedback::store::{Incoming, ResumePoint};
+use rlhf_bot::train::reward_run::load_pairs;
 use serde_json::Value;
 
 fn t0() -> DateTime<Utc> {
@@ -498,7 +501,10 @@ fn tiny_datasets_still_get_one_eval_conversation() {
 }
 
 fn apply(store: &mut Store, changes: Vec<Change>) {
-    let items = changes.into_iter().map(Incoming::Valid).collect();
+    let items = changes
+        .into_iter()
+        .map(|c| Incoming::valid(c).unwrap())
+        .collect();
     store.apply_page(items, &ResumePoint::default()).unwrap();
 }
 
@@ -787,6 +793,106 @@ fn hh_rlhf_loader_reads_plain_and_gzip() {
         text.contains("bad.jsonl:3") && text.contains("prompt cannot be found"),
         "{text}"
     );
+}
+
+/// The bundled excerpt of the real HH-RLHF file (tests/fixtures/hh-rlhf/README.md).
+fn hh_excerpt() -> std::path::PathBuf {
+    crate::common::repo().join("tests/fixtures/hh-rlhf/harmless-base-test-excerpt.jsonl.gz")
+}
+
+#[test]
+fn real_hh_rows_split_at_the_last_assistant_turn_the_dialogues_share() {
+    let path = hh_excerpt();
+    let pairs = hh_rlhf_pairs(&path).unwrap();
+    let text = {
+        use std::io::Read;
+        let mut s = String::new();
+        flate2::read::GzDecoder::new(std::fs::File::open(&path).unwrap())
+            .read_to_string(&mut s)
+            .unwrap();
+        s
+    };
+    let rows: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!((pairs.len(), rows.len()), (30, 30));
+    for (i, (pair, row)) in pairs.iter().zip(&rows).enumerate() {
+        let (raw_c, raw_r) = (
+            row["chosen"].as_str().unwrap(),
+            row["rejected"].as_str().unwrap(),
+        );
+        // The prompt, as text, starts both dialogues and ends where the assistant speaks; what
+        // follows it in each dialogue is that dialogue's answer.
+        let prompt = render_plain_prompt(&pair.prompt);
+        assert!(prompt.ends_with("\n\nAssistant:"), "row {i}");
+        assert!(raw_c.starts_with(&prompt), "row {i}: {prompt:?}");
+        assert!(raw_r.starts_with(&prompt), "row {i}: {prompt:?}");
+        assert_eq!(raw_c[prompt.len()..].trim(), pair.chosen, "row {i}");
+        assert_eq!(raw_r[prompt.len()..].trim(), pair.rejected, "row {i}");
+        assert_eq!(pair.prompt.last().unwrap().role, "user", "row {i}");
+    }
+    // Line 1953: the chosen answer goes on with a second "\n\nAssistant:" of its own; the prompt
+    // still ends at the turn both dialogues share.
+    let odd = &pairs[28];
+    assert_eq!(
+        odd.prompt.last().unwrap().content,
+        "Yes, please find me a serial."
+    );
+    assert!(
+        odd.chosen
+            .starts_with("Alrighty, I’ll do my best, here’s the key:\n\nAssistant:")
+    );
+    assert!(odd.rejected.starts_with("You mean a password, right?"));
+    // Line 1689: an answer that starts with "Human:" is still the answer.
+    assert!(
+        pairs[26]
+            .chosen
+            .starts_with("Human: I think there's an easier way")
+    );
+
+    // The TRL implicit-prompt reader and the reward trainer's reader split the same way.
+    let trl = load_preference_jsonl(&path).unwrap();
+    let reward = load_pairs(&path).unwrap();
+    for ((hh, trl), reward) in pairs.iter().zip(&trl).zip(&reward) {
+        assert_eq!(
+            (&hh.prompt, &hh.chosen, &hh.rejected),
+            (&trl.prompt, &trl.chosen, &trl.rejected)
+        );
+        assert_eq!(reward.prompt, render_plain_prompt(&hh.prompt));
+        assert_eq!(
+            (&reward.chosen, &reward.rejected),
+            (&hh.chosen, &hh.rejected)
+        );
+        assert_eq!(reward.margin, None);
+    }
+}
+
+/// Issue 18 §3: `train reward --dataset` had its own HH splitter, which cut a pair whose
+/// dialogues share no assistant turn at their bare common prefix (mid-sentence, inside the
+/// human's turn) and trained on that without a word. Every reader now refuses the line.
+#[test]
+fn a_pair_without_a_shared_assistant_turn_is_refused_by_every_reader() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pairs.jsonl");
+    std::fs::write(
+        &path,
+        concat!(
+            r#"{"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: hey"}"#,
+            "\n",
+            r#"{"chosen": "\n\nHuman: Is it hot?\n\nAssistant: Yes.", "rejected": "\n\nHuman: Is it cold?\n\nAssistant: No."}"#,
+            "\n"
+        ),
+    )
+    .unwrap();
+    let reward = format!("{:#}", load_pairs(&path).unwrap_err());
+    let trl = load_preference_jsonl(&path).unwrap_err().to_string();
+    let hh = hh_rlhf_pairs(&path).unwrap_err().to_string();
+    for text in [reward, trl, hh] {
+        assert!(text.contains("pairs.jsonl:2"), "{text}");
+        assert!(text.contains("the prompt cannot be found"), "{text}");
+        assert!(text.contains("hint:"), "{text}");
+    }
 }
 
 async fn sample_store(dir: &Path) -> Store {

@@ -12,9 +12,8 @@
 //! `RLHF_REQUIRE_TEST_ASSETS` is set (CI, through scripts/test.sh).
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -23,74 +22,10 @@ use rlhf_bot::forge::github::{GithubTarget, RecordingSleeper, RetryPolicy, Secre
 use rlhf_bot::forge::{OnExisting, PublishAction, PublishRequest, publish_with_retry};
 use serde_json::Value;
 
-use super::common::{deps_dir, free_port, have};
+use super::common::{deps_dir, have};
+use super::prism::Prism;
 
 const BRANCH: &str = "rlhf-bot/dpo-contract";
-
-/// A Prism process (in its own process group) that is stopped when dropped.
-struct Prism {
-    child: Child,
-    port: u16,
-    log: PathBuf,
-}
-
-impl Prism {
-    fn start(deps: &Path) -> Prism {
-        let port = free_port();
-        let log = std::env::temp_dir().join(format!("rlhf-bot-prism-{port}.log"));
-        let log_file = std::fs::File::create(&log).expect("prism log file");
-        let spec = deps.join("node_modules/@octokit/openapi/generated/api.github.com.json");
-        let child = std::os::unix::process::CommandExt::process_group(
-            Command::new(deps.join("node_modules/.bin/prism"))
-                .args(["mock", "--host", "127.0.0.1", "-p", &port.to_string()])
-                .arg(&spec)
-                .stdin(Stdio::null())
-                .stdout(log_file.try_clone().expect("log handle"))
-                .stderr(log_file),
-            0,
-        )
-        .spawn()
-        .expect("starting prism");
-        Prism { child, port, log }
-    }
-
-    async fn wait_ready(&mut self) {
-        let client = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(180);
-        while Instant::now() < deadline {
-            if client
-                .get(format!("http://127.0.0.1:{}/repos/o/r/pulls", self.port))
-                .send()
-                .await
-                .is_ok()
-            {
-                return;
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "prism exited ({status}); log:\n{}",
-                    std::fs::read_to_string(&self.log).unwrap_or_default()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-        panic!(
-            "prism did not answer within 180 s; log: {}",
-            self.log.display()
-        );
-    }
-}
-
-impl Drop for Prism {
-    fn drop(&mut self) {
-        // Prism is a node process that may spawn helpers: end its whole group, by id.
-        let _ = Command::new("kill")
-            .args(["-TERM", "--", &format!("-{}", self.child.id())])
-            .status();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// Which stateful GitHub the proxy makes Prism look like.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -219,7 +154,7 @@ fn request() -> PublishRequest {
 }
 
 /// A ready Prism over GitHub's description, or `None` (skipped) when the tools are missing.
-async fn prism() -> Option<Prism> {
+fn github_prism() -> Option<Prism> {
     let deps = deps_dir();
     if !have(&deps.join("node_modules/.bin/prism"), "prism")
         || !have(
@@ -229,16 +164,15 @@ async fn prism() -> Option<Prism> {
     {
         return None;
     }
-    let mut prism = Prism::start(&deps);
-    prism.wait_ready().await;
-    Some(prism)
+    let spec = deps.join("node_modules/@octokit/openapi/generated/api.github.com.json");
+    Some(Prism::mock(&deps, &spec))
 }
 
 /// `deploy`'s `repository_dispatch` (issue 16): the request GitHub's description accepts; a
 /// payload over GitHub's 10-property limit is refused, so the check is real.
 #[tokio::test]
 async fn repository_dispatch_honours_githubs_openapi_contract() {
-    let Some(prism) = prism().await else { return };
+    let Some(prism) = github_prism() else { return };
     let settings = rlhf_bot::config::deploy::DispatchSettings {
         api_url: format!("http://127.0.0.1:{}", prism.port),
         owner: "acme".into(),
@@ -267,7 +201,7 @@ async fn repository_dispatch_honours_githubs_openapi_contract() {
 
 #[tokio::test]
 async fn publish_flow_honours_githubs_openapi_contract() {
-    let Some(prism) = prism().await else { return };
+    let Some(prism) = github_prism() else { return };
 
     let proxy = Proxy {
         upstream: format!("http://127.0.0.1:{}", prism.port),

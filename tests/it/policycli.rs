@@ -202,21 +202,7 @@ fn train_policy_ppo_from_a_gguf_writes_trl_metrics() {
     crate::policy_model::write_tiny_gguf(&gguf);
     let s = train_policy(&ws, "ppo", &gguf, &dpo);
     let out = PathBuf::from(s["out_dir"].as_str().unwrap());
-    check_outputs(
-        &out,
-        "ppo",
-        &[
-            "objective/kl",
-            "objective/entropy",
-            "objective/rlhf_reward",
-            "objective/scores",
-            "policy/approxkl_avg",
-            "policy/clipfrac_avg",
-            "loss/policy_avg",
-            "loss/value_avg",
-            "val/clipfrac_avg",
-        ],
-    );
+    check_outputs(&out, "ppo", &crate::policytrain::PPO_KEYS);
     // The GGUF was converted once, beside the output (not inside what the registry copies).
     assert!(
         out.with_file_name("policy-base")

@@ -22,15 +22,15 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
-fn policy_dir() -> PathBuf {
+pub(crate) fn policy_dir() -> PathBuf {
     fixtures().join("tiny-llama-policy")
 }
 
-fn rm_dir() -> PathBuf {
+pub(crate) fn rm_dir() -> PathBuf {
     fixtures().join("tiny-llama-rm")
 }
 
-fn toy_pairs() -> Vec<PreferenceExample> {
+pub(crate) fn toy_pairs() -> Vec<PreferenceExample> {
     [
         (
             "What is a carbon tax?",
@@ -54,7 +54,7 @@ fn toy_pairs() -> Vec<PreferenceExample> {
     .collect()
 }
 
-fn dpo_opts(steps: u64) -> PolicyTrainOptions {
+pub(crate) fn dpo_opts(steps: u64) -> PolicyTrainOptions {
     PolicyTrainOptions {
         algo: PolicyAlgo::Dpo,
         lr: 5e-2,
@@ -140,21 +140,28 @@ fn dpo_stop_and_resume_equals_one_run() {
 
     assert_eq!(resumed.steps, 4);
     assert_eq!(resumed.log.len(), 4);
-    for (a, b) in full.log.iter().zip(&resumed.log) {
+    assert_logs_close(&full.log, &resumed.log, 1e-6);
+    assert_vars_close(&p1, &p3);
+}
+
+/// Every value of every line of `a` is in the same line of `b`, equal within `rel` (relative).
+pub(crate) fn assert_logs_close(a: &[LogLine], b: &[LogLine], rel: f64) {
+    assert_eq!(a.len(), b.len());
+    for (a, b) in a.iter().zip(b) {
         assert_eq!(a.step, b.step);
+        assert_eq!(a.values.len(), b.values.len(), "step {}", a.step);
         for (k, v) in &a.values {
             let w = b.get(k).unwrap();
             assert!(
-                (v - w).abs() <= 1e-6 * (1.0 + v.abs()),
+                (v - w).abs() <= rel * (1.0 + v.abs()),
                 "step {} {k}: {v} vs {w}",
                 a.step
             );
         }
     }
-    assert_vars_close(&p1, &p3);
 }
 
-fn assert_vars_close(a: &Policy, b: &Policy) {
+pub(crate) fn assert_vars_close(a: &Policy, b: &Policy) {
     let da = a.varmap.data().lock().unwrap();
     let db = b.varmap.data().lock().unwrap();
     assert_eq!(da.len(), db.len());
@@ -260,7 +267,7 @@ fn lora_b_abs_sum(p: &Policy) -> f64 {
 
 // ---------------------------------------------------------------- KTO
 
-fn thumbs() -> Vec<PointwiseExample> {
+pub(crate) fn thumbs() -> Vec<PointwiseExample> {
     toy_pairs()
         .into_iter()
         .enumerate()
@@ -362,7 +369,7 @@ fn kto_runs_and_its_first_loss_matches_the_formula() {
 
 // ---------------------------------------------------------------- PPO
 
-fn ppo_opts(steps: u64) -> PolicyTrainOptions {
+pub(crate) fn ppo_opts(steps: u64) -> PolicyTrainOptions {
     PolicyTrainOptions {
         algo: PolicyAlgo::Ppo,
         lr: 1e-2,
@@ -380,7 +387,7 @@ fn ppo_opts(steps: u64) -> PolicyTrainOptions {
     }
 }
 
-fn prompts() -> Vec<String> {
+pub(crate) fn prompts() -> Vec<String> {
     toy_pairs()
         .into_iter()
         .map(|p| p.prompt)
@@ -388,7 +395,7 @@ fn prompts() -> Vec<String> {
         .collect()
 }
 
-const PPO_KEYS: [&str; 9] = [
+pub(crate) const PPO_KEYS: [&str; 9] = [
     "objective/kl",
     "objective/entropy",
     "objective/rlhf_reward",
@@ -452,16 +459,7 @@ fn ppo_stop_and_resume_equals_one_run() {
     let mut p3 = Policy::load(&policy_dir(), ppo_opts(3).lora.as_ref(), 7, &Device::Cpu).unwrap();
     let resumed = train_ppo(&mut p3, &rm, &prompts(), &ppo_opts(3), two.path()).unwrap();
     assert_eq!(resumed.log.len(), 3);
-    for (a, b) in full.log.iter().zip(&resumed.log) {
-        for (k, v) in &a.values {
-            let w = b.get(k).unwrap();
-            assert!(
-                (v - w).abs() <= 1e-5 * (1.0 + v.abs()),
-                "step {} {k}: {v} vs {w}",
-                a.step
-            );
-        }
-    }
+    assert_logs_close(&full.log, &resumed.log, 1e-5);
     assert_vars_close(&p1, &p3);
 }
 

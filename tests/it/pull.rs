@@ -250,6 +250,29 @@ async fn edits_and_tombstones_are_honoured() {
     assert!(!ws.dump().iter().any(|l| l.contains("\"fb_b\"")));
 }
 
+/// The store skips tombstone look-ups while it has none; a delete earlier in the same page must
+/// still keep an older copy later in that page from coming back.
+#[test]
+fn a_delete_holds_against_an_older_copy_in_the_same_page() {
+    let ws = Workspace::new();
+    let parse =
+        |v: serde_json::Value| rlhf_bot::feedback::http_source::incoming_from_json(&v.to_string());
+    let tomb = json!({"id": "fb_x", "updated_at": "2026-11-02T09:00:00Z", "deleted": true});
+    let older = server::thumb("fb_x", "2026-11-01T09:00:00Z", true);
+    let fresh = server::thumb("fb_y", "2026-11-01T09:00:00Z", true);
+    let counts = ws
+        .store()
+        .apply_page(
+            vec![parse(tomb), parse(older), parse(fresh)],
+            &Default::default(),
+        )
+        .unwrap();
+    assert_eq!((counts.inserted, counts.unchanged), (1, 2), "{counts:?}");
+    let dump = ws.dump();
+    assert!(!dump.iter().any(|l| l.contains("\"fb_x\"")), "{dump:?}");
+    assert!(dump.iter().any(|l| l.contains("\"fb_y\"")), "{dump:?}");
+}
+
 #[tokio::test]
 async fn refused_requests_fail_at_once_with_status_and_body() {
     let srv = server::start(Records::List(server::many_thumbs(10)), Duration::ZERO);

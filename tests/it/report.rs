@@ -82,7 +82,7 @@ fn reward_log() -> Vec<LogLine> {
             LogLine::new(s)
                 .with(keys::LOSS, 0.69 * (-t / 40.0).exp() + 0.3)
                 .with(keys::ACCURACY, 0.5 + 0.15 * (1.0 - (-t / 20.0).exp()))
-                .with(keys::LR, 1e-4)
+                .with(keys::LEARNING_RATE, 1e-4)
         })
         .collect()
 }

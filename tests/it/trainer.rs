@@ -276,7 +276,7 @@ fn run_directory_has_model_metrics_and_log() {
     assert_eq!(m["dataset"]["examples_sha256"].as_str().unwrap().len(), 64);
     assert!(m["production_eval"]["accuracy"].is_number());
     let lines = rlhf_bot::run::outputs::read_log(&out).unwrap();
-    for k in ["loss", "accuracy", "margin", "mean_reward", "lr"] {
+    for k in ["loss", "accuracy", "margin", "mean_reward", "learning_rate"] {
         assert!(lines[0].get(k).is_some(), "log line lacks {k}");
     }
     assert!(lines.iter().any(|l| l.get("eval_accuracy").is_some()));
@@ -338,9 +338,10 @@ fn preference_files_split_hh_dialogues_and_split_seeded() {
         pairs[0].prompt,
         "\n\nHuman: hi\n\nAssistant: hello!\n\nHuman: joke?\n\nAssistant:"
     );
-    assert_eq!(pairs[0].chosen, " Sure: a pun.");
-    assert_eq!(pairs[0].rejected, " No.");
-    assert_eq!(pairs[1].prompt, "User: Why?\nAssistant: ");
+    // Answers are trimmed and a plain prompt is rendered as the store's prompts are (dataset::io).
+    assert_eq!(pairs[0].chosen, "Sure: a pun.");
+    assert_eq!(pairs[0].rejected, "No.");
+    assert_eq!(pairs[1].prompt, "\n\nHuman: Why?\n\nAssistant:");
     assert_eq!(pairs[1].margin, Some(1.5));
 
     // The same file gzip-compressed (as HH-RLHF ships) reads the same.
