@@ -645,3 +645,79 @@ pub fn open(
         ArtifactLocation::Bucket(url) => Box::new(BucketStore::from_url(url, cache)?),
     })
 }
+
+/// The artifact location as a plain object store: what `deploy` writes its production prefix
+/// through, the same way for a directory (`object_store`'s local file system, whose puts are
+/// atomic renames) and a bucket.
+#[derive(Clone)]
+pub struct ObjectRoot {
+    pub store: std::sync::Arc<dyn object_store::ObjectStore>,
+    /// The object path the location names (empty for a directory).
+    pub prefix: object_store::path::Path,
+    /// The location as a URL without a trailing `/` (`file:///abs/dir`, `s3://bucket/prefix`).
+    pub base: String,
+}
+
+impl std::fmt::Debug for ObjectRoot {
+    // Not derived: a bucket client's Debug can include static credentials.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObjectRoot")
+            .field("base", &self.base)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Opens `location` as an [`ObjectRoot`]; bucket credentials come from the environment.
+pub fn object_root(location: &ArtifactLocation) -> Result<ObjectRoot, ArtifactError> {
+    match location {
+        ArtifactLocation::Dir(dir) => {
+            fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
+            let root = fs::canonicalize(dir).map_err(io_err("resolving", dir))?;
+            // Deleting a file removes the directories it leaves empty: otherwise a pruned
+            // version would still be listed as a directory.
+            let store = object_store::local::LocalFileSystem::new_with_prefix(&root)
+                .map_err(|e| ArtifactError::BadUri {
+                    uri: root.display().to_string(),
+                    reason: e.to_string(),
+                })?
+                .with_automatic_cleanup(true);
+            let base = url::Url::from_directory_path(&root)
+                .map(|u| u.as_str().trim_end_matches('/').to_string())
+                .map_err(|()| ArtifactError::BadUri {
+                    uri: root.display().to_string(),
+                    reason: "not an absolute path".into(),
+                })?;
+            Ok(ObjectRoot {
+                store: std::sync::Arc::new(store),
+                prefix: object_store::path::Path::default(),
+                base,
+            })
+        }
+        ArtifactLocation::Bucket(url) => {
+            ObjectRoot::bucket(url, std::iter::empty::<(&str, &str)>())
+        }
+    }
+}
+
+impl ObjectRoot {
+    /// A bucket with builder options (the `object_store` config keys) over the environment's,
+    /// as [`BucketStore::with_options`] takes them.
+    pub fn bucket<I, K, V>(url: &url::Url, options: I) -> Result<Self, ArtifactError>
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: AsRef<str>,
+        V: Into<String>,
+    {
+        let store = bucket::build_store(url, options)?;
+        let (_, prefix) =
+            object_store::ObjectStoreScheme::parse(url).map_err(|e| ArtifactError::BadUri {
+                uri: url.to_string(),
+                reason: e.to_string(),
+            })?;
+        Ok(Self {
+            store,
+            prefix,
+            base: url.as_str().trim_end_matches('/').to_string(),
+        })
+    }
+}

@@ -86,9 +86,29 @@ pub enum Command {
     /// Write a trained model in a serving format: merged Hugging Face weights, a PEFT adapter,
     /// or GGUF for llama.cpp/Ollama (docs/serving.md).
     ExportModel(ExportModelArgs),
+    /// Publish the registry's production models to the artifact store's `production/` prefix in
+    /// the configured serving formats, switch the manifest, and notify serving (docs/serving.md).
+    Deploy(DeployArgs),
     /// Run the feedback service: the feedback API (what `pull` reads, what a chat app writes),
     /// its database, health and metrics endpoints (docs/feedback-service.md).
     Serve(ServeArgs),
+}
+
+/// Which kinds `deploy` handles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DeployKind {
+    All,
+    Reward,
+    Policy,
+}
+
+#[derive(Debug, Args)]
+pub struct DeployArgs {
+    #[arg(long, value_enum, default_value_t = DeployKind::All)]
+    pub kind: DeployKind,
+    /// Verify the artifacts and say what would be published; upload and notify nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Args)]

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod dataset;
 pub mod decision;
+pub mod deploy;
 pub mod feedback;
 pub mod forge;
 pub mod kpi;

@@ -36,6 +36,18 @@ pub fn export_model_cmd(
         Some(k) => k,
         None => kind_of(&dir)?,
     };
+    export_located(settings, &dir, kind, args)
+}
+
+/// Exports the `kind` model in the local directory `dir` (already verified when it came from
+/// the registry) as `args` say; `args.model` is not read. `deploy` calls this for each format.
+pub fn export_located(
+    settings: Option<&Settings>,
+    dir: &Path,
+    kind: ModelKind,
+    args: &ExportModelArgs,
+) -> Result<ExportSummary> {
+    let dir = dir.to_path_buf();
     let base_model_id = args
         .base_model_id
         .clone()

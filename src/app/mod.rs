@@ -4,6 +4,7 @@
 
 pub mod baseline;
 mod check;
+pub mod deploy;
 pub mod export_model;
 pub mod generate;
 mod output;
@@ -97,6 +98,12 @@ fn mask_secrets(settings: &Settings) {
     }
     if let Some(github) = &settings.publish.github {
         vars.push(github.token_env.as_str());
+    }
+    if let Some(webhook) = &settings.deploy.webhook {
+        vars.push(webhook.secret_env.as_str());
+    }
+    if let Some(dispatch) = &settings.deploy.repository_dispatch {
+        vars.push(dispatch.token_env.as_str());
     }
     for var in vars {
         if let Ok(value) = std::env::var(var) {
@@ -428,6 +435,13 @@ pub async fn run(cli: Cli) -> Result<()> {
                 ),
             )
         }
+        Command::Deploy(args) => {
+            let settings = load_settings(&cli.config)?;
+            deploy::deploy_cmd(&settings, &args, |report| {
+                output::json_or_text(format, report, &report.to_string())
+            })
+            .await
+        }
         Command::Serve(args) => {
             let settings = load_settings(&cli.config)?;
             serve::serve_cmd(settings, &args).await
@@ -483,7 +497,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::Registry(crate::cli::RegistryCommand::Show) => {
             let settings = load_settings(&cli.config)?;
-            let view = registry_cmd::show(&settings)?;
+            let view = registry_cmd::show(&settings).await?;
             output::json_or_text(format, &view, view.to_string().trim_end())
         }
         Command::Store(cmd) => {

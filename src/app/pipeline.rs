@@ -221,6 +221,17 @@ pub fn build_report(
         gates: settings.gates.clone(),
         reproduce: format!("rlhf-bot --config {} run --force", config_path.display()),
         max_samples: settings.report.max_samples,
+        deployed: crate::app::deploy::live_blocking(settings)
+            .into_iter()
+            .map(|(kind, live)| report::Deployment {
+                kind: kind.to_string(),
+                id: live.id,
+                deployed_at: live.deployed_at,
+                notified: live
+                    .status
+                    .map(|s| s == crate::deploy::manifest::RecordStatus::Complete),
+            })
+            .collect(),
         rejections: Proposals::load(&store)?
             .rejected()
             .filter_map(|p| {

@@ -46,7 +46,7 @@ pub async fn pull(settings: &Settings) -> Result<PullSummary> {
 }
 
 /// Tests shorten the backoff with `RLHF_BOT_BACKOFF_MS`; the default suits real APIs.
-fn backoff_base_ms() -> u64 {
+pub(crate) fn backoff_base_ms() -> u64 {
     std::env::var("RLHF_BOT_BACKOFF_MS")
         .ok()
         .and_then(|v| v.parse().ok())

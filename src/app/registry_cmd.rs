@@ -3,7 +3,9 @@
 //!
 //! The JSON of `registry show` has fixed keys that scripts rely on:
 //! `{"production": {"reward": ID|null, "policy": ID|null}, "candidates": [ID…],
-//! "models": [{"id", "kind", "status", "aliases", "parent", "created_at", "metrics"}…]}`.
+//! "models": [{"id", "kind", "status", "aliases", "parent", "created_at", "metrics"}…],
+//! "deployed": {"reward": LIVE|null, "policy": LIVE|null}}`, where LIVE is what `deploy` last
+//! switched the production prefix to: `{"id", "deployed_at", "formats", "status"}`.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -13,6 +15,8 @@ use serde::Serialize;
 
 use crate::cli::RegistryKind;
 use crate::config::Settings;
+use crate::deploy::LiveView;
+use crate::deploy::manifest::RecordStatus;
 use crate::feedback::record::format_time;
 use crate::registry::{ModelEntry, ModelKind, ModelStatus, Registry};
 
@@ -22,6 +26,14 @@ pub struct RegistryView {
     pub production: ProductionView,
     pub candidates: Vec<String>,
     pub models: Vec<ModelView>,
+    pub deployed: DeployedView,
+}
+
+/// What `deploy` published last, per kind (`None`: nothing deployed, or the store unreadable).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DeployedView {
+    pub reward: Option<LiveView>,
+    pub policy: Option<LiveView>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -51,6 +63,7 @@ impl RegistryView {
             },
             candidates: registry.candidates().map(|m| m.id.clone()).collect(),
             models: registry.models.iter().map(ModelView::of).collect(),
+            deployed: DeployedView::default(),
         }
     }
 }
@@ -83,6 +96,26 @@ impl fmt::Display for RegistryView {
         } else {
             writeln!(f, "candidates: {}", self.candidates.join(", "))?;
         }
+        for (kind, live) in [
+            ("reward", &self.deployed.reward),
+            ("policy", &self.deployed.policy),
+        ] {
+            if let Some(live) = live {
+                let formats: Vec<&str> = live.formats.iter().map(|f| f.as_str()).collect();
+                let status = match live.status {
+                    Some(RecordStatus::Complete) => "complete",
+                    Some(RecordStatus::Incomplete) => "incomplete: serving not told yet",
+                    None => "not recorded",
+                };
+                writeln!(
+                    f,
+                    "deployed {kind}: {} since {} ({}; {status})",
+                    live.id,
+                    live.deployed_at,
+                    formats.join(", ")
+                )?;
+            }
+        }
         for m in &self.models {
             let status = serde_json::to_value(m.status)
                 .ok()
@@ -108,9 +141,15 @@ impl fmt::Display for RegistryView {
 }
 
 /// `registry show`.
-pub fn show(settings: &Settings) -> Result<RegistryView> {
+pub async fn show(settings: &Settings) -> Result<RegistryView> {
     let registry = Registry::load_or_default(&settings.registry.path)?;
-    Ok(RegistryView::of(&registry))
+    let mut view = RegistryView::of(&registry);
+    let mut live = crate::app::deploy::live_best_effort(settings).await;
+    view.deployed = DeployedView {
+        reward: live.remove(&ModelKind::Reward),
+        policy: live.remove(&ModelKind::Policy),
+    };
+    Ok(view)
 }
 
 /// What `promote` and `rollback` changed.

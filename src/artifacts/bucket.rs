@@ -224,7 +224,10 @@ fn env_options(prefix: &str) -> Vec<(String, String)> {
 
 /// Builds the `object_store` client for a bucket URL: the provider's builder with the
 /// environment's options (as its `from_env` would), then `options`, then the URL.
-fn build_store<I, K, V>(url: &Url, options: I) -> Result<Arc<dyn ObjectStore>, ArtifactError>
+pub(crate) fn build_store<I, K, V>(
+    url: &Url,
+    options: I,
+) -> Result<Arc<dyn ObjectStore>, ArtifactError>
 where
     I: IntoIterator<Item = (K, V)>,
     K: AsRef<str>,
@@ -487,71 +490,85 @@ impl Upload {
         rel: &str,
         location: &ObjectPath,
     ) -> Result<(String, u64), ArtifactError> {
-        let path = self.src.join(rel);
         let uri = format!("{}{rel}", self.uri);
-        let mut file = tokio::fs::File::open(&path)
+        upload_file(
+            &*self.store,
+            &self.src.join(rel),
+            location,
+            &uri,
+            self.part_size,
+        )
+        .await
+    }
+}
+
+/// Streams the file at `path` to `location`, hashing what is sent; returns (sha256, size).
+/// Files above `part_size` go up as a multipart upload with a bounded number of parts in flight.
+pub(crate) async fn upload_file(
+    store: &dyn ObjectStore,
+    path: &Path,
+    location: &ObjectPath,
+    uri: &str,
+    part_size: usize,
+) -> Result<(String, u64), ArtifactError> {
+    let mut file = tokio::fs::File::open(path)
+        .await
+        .map_err(io_err("opening", path))?;
+    let len = file
+        .metadata()
+        .await
+        .map_err(io_err("inspecting", path))?
+        .len();
+    let mut hasher = Sha256::new();
+    let mut size = 0u64;
+    let mut buf = vec![0u8; READ_CHUNK];
+    if len <= part_size as u64 {
+        let mut body = Vec::with_capacity(len as usize);
+        file.read_to_end(&mut body)
             .await
-            .map_err(io_err("opening", &path))?;
-        let len = file
-            .metadata()
+            .map_err(io_err("reading", path))?;
+        hasher.update(&body);
+        size = body.len() as u64;
+        store
+            .put(location, PutPayload::from(body))
             .await
-            .map_err(io_err("inspecting", &path))?
-            .len();
-        let mut hasher = Sha256::new();
-        let mut size = 0u64;
-        let mut buf = vec![0u8; READ_CHUNK];
-        if len <= self.part_size as u64 {
-            let mut body = Vec::with_capacity(len as usize);
-            file.read_to_end(&mut body)
-                .await
-                .map_err(io_err("reading", &path))?;
-            hasher.update(&body);
-            size = body.len() as u64;
-            self.store
-                .put(location, PutPayload::from(body))
-                .await
-                .map_err(|e| remote("uploading", &uri, e))?;
-        } else {
-            let upload = self
-                .store
-                .put_multipart(location)
-                .await
-                .map_err(|e| remote("starting the upload of", &uri, e))?;
-            let mut writer = WriteMultipart::new_with_chunk_size(upload, self.part_size);
-            let streamed: Result<(), ArtifactError> = async {
-                loop {
-                    let n = file
-                        .read(&mut buf)
-                        .await
-                        .map_err(io_err("reading", &path))?;
-                    if n == 0 {
-                        return Ok(());
-                    }
-                    hasher.update(&buf[..n]);
-                    size += n as u64;
-                    writer
-                        .wait_for_capacity(PARTS_IN_FLIGHT)
-                        .await
-                        .map_err(|e| remote("uploading", &uri, e))?;
-                    writer.write(&buf[..n]);
+            .map_err(|e| remote("uploading", uri, e))?;
+    } else {
+        let upload = store
+            .put_multipart(location)
+            .await
+            .map_err(|e| remote("starting the upload of", uri, e))?;
+        let mut writer = WriteMultipart::new_with_chunk_size(upload, part_size);
+        let streamed: Result<(), ArtifactError> = async {
+            loop {
+                let n = file.read(&mut buf).await.map_err(io_err("reading", path))?;
+                if n == 0 {
+                    return Ok(());
                 }
-            }
-            .await;
-            match streamed {
-                Ok(()) => {
-                    writer
-                        .finish()
-                        .await
-                        .map_err(|e| remote("uploading", &uri, e))?;
-                }
-                Err(e) => {
-                    let _ = writer.abort().await;
-                    return Err(e);
-                }
+                hasher.update(&buf[..n]);
+                size += n as u64;
+                writer
+                    .wait_for_capacity(PARTS_IN_FLIGHT)
+                    .await
+                    .map_err(|e| remote("uploading", uri, e))?;
+                writer.write(&buf[..n]);
             }
         }
-        Ok((hex::encode(hasher.finalize()), size))
+        .await;
+        match streamed {
+            Ok(()) => {
+                writer
+                    .finish()
+                    .await
+                    .map_err(|e| remote("uploading", uri, e))?;
+            }
+            Err(e) => {
+                let _ = writer.abort().await;
+                return Err(e);
+            }
+        }
     }
+    Ok((hex::encode(hasher.finalize()), size))
 }
 
 /// The manifest of an artifact, checked against the registry's digest, and its entries.

@@ -29,6 +29,9 @@ pub struct RawConfig {
     pub reward: RawReward,
     #[serde(default)]
     pub policy: RawPolicy,
+    /// `rlhf-bot deploy`: what is published after a promotion, and who is told.
+    #[serde(default)]
+    pub deploy: RawDeploy,
     /// The feedback service (`rlhf-bot serve`); docs/feedback-service.md.
     #[serde(default)]
     pub server: RawServer,
@@ -290,4 +293,47 @@ pub struct RawQuality {
     pub window_days: Option<PositiveInt>,
     pub confidence: Option<Fraction>,
     pub min_samples: Option<PositiveInt>,
+}
+
+/// `deploy:` (docs/serving.md, "Deploying what was promoted").
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDeploy {
+    #[serde(default)]
+    pub formats: RawDeployFormats,
+    /// Versions kept under `production/<kind>/versions/` (the live one included).
+    pub keep: Option<PositiveInt>,
+    pub webhook: Option<RawWebhook>,
+    pub repository_dispatch: Option<RawDispatch>,
+    /// Accepted only to refuse it with a clear message: the Hub push is not implemented.
+    pub hub: Option<serde_norway::Value>,
+}
+
+/// Serving formats per kind, by `export-model --to` names; validated in `config::deploy`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDeployFormats {
+    pub policy: Option<Vec<String>>,
+    pub reward: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWebhook {
+    pub url: String,
+    /// Name of the environment variable holding the HMAC secret.
+    pub secret_env: Option<String>,
+    pub max_attempts: Option<PositiveInt>,
+    pub timeout_secs: Option<PositiveInt>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDispatch {
+    /// `owner/name` of the repository whose workflows receive the event.
+    pub repo: String,
+    pub event_type: Option<String>,
+    /// Name of the environment variable holding a token that may dispatch to `repo`.
+    pub token_env: Option<String>,
+    pub api_url: Option<String>,
 }

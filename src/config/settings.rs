@@ -36,6 +36,7 @@ pub struct Settings {
     pub dataset: crate::dataset::DatasetOptions,
     pub reward: crate::train::reward_run::RewardTrainOptions,
     pub policy: super::policy::PolicySettings,
+    pub deploy: super::deploy::DeploySettings,
     pub server: super::server::ServerSettings,
     /// sha256 of the config text: lineage for the registry and reports.
     pub config_sha256: String,
@@ -326,6 +327,10 @@ pub fn validate(raw: RawConfig, text: &str) -> Result<Settings, Invalid> {
         reward.train.rating_loss = r;
     }
     let policy = super::policy::validate_policy(raw.policy)?;
+    let deploy = super::deploy::validate_deploy(
+        raw.deploy,
+        publish.github.as_ref().map(|g| g.api_url.as_str()),
+    )?;
     let server = super::server::validate_server(raw.server)?;
     let store_dir = PathBuf::from(raw.store.dir.unwrap_or_else(|| DEFAULT_STORE_DIR.into()));
     let artifacts = match raw.registry.artifacts.as_deref() {
@@ -354,6 +359,7 @@ pub fn validate(raw: RawConfig, text: &str) -> Result<Settings, Invalid> {
         dataset,
         reward,
         policy,
+        deploy,
         server,
         feedback: FeedbackSettings {
             source,
@@ -451,7 +457,7 @@ fn looks_like_token(name: &str) -> bool {
 
 /// Parses an http(s) URL setting. Credentials in it are refused, naming the URL with them hidden:
 /// they would be printed (`config check`, errors) and sent as Basic auth instead of the token.
-fn http_url(key: &str, text: &str, token_key: &str) -> Result<url::Url, Invalid> {
+pub(super) fn http_url(key: &str, text: &str, token_key: &str) -> Result<url::Url, Invalid> {
     let shown = crate::sanitize::redact_url(text);
     let url = url::Url::parse(text)
         .map_err(|e| Invalid::new(key, format!("not a URL ({shown:?}): {e}")))?;
@@ -472,6 +478,13 @@ fn http_url(key: &str, text: &str, token_key: &str) -> Result<url::Url, Invalid>
     Ok(url)
 }
 
+/// Splits an `owner/name` repository setting.
+pub(super) fn owner_repo<'a>(key: &str, repo: &'a str) -> Result<(&'a str, &'a str), Invalid> {
+    repo.split_once('/')
+        .filter(|(o, n)| !o.is_empty() && !n.is_empty() && !n.contains('/'))
+        .ok_or_else(|| Invalid::new(key, format!("expected owner/name, got {repo:?}")))
+}
+
 fn validate_publish(p: RawPublish) -> Result<PublishSettings, Invalid> {
     let mode = p.mode.unwrap_or(PublishMode::Local);
     let github = match mode {
@@ -484,15 +497,7 @@ fn validate_publish(p: RawPublish) -> Result<PublishSettings, Invalid> {
                     "`mode: github` needs `publish.github.repo` (owner/name)",
                 ));
             };
-            let Some((owner, name)) = repo
-                .split_once('/')
-                .filter(|(o, n)| !o.is_empty() && !n.is_empty() && !n.contains('/'))
-            else {
-                return Err(Invalid::new(
-                    "publish.github.repo",
-                    format!("expected owner/name, got {repo:?}"),
-                ));
-            };
+            let (owner, name) = owner_repo("publish.github.repo", &repo)?;
             let token_env = env_name(
                 "publish.github.token_env",
                 g.token_env

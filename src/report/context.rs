@@ -293,6 +293,18 @@ pub struct Rejection {
     pub closed_at: Option<String>,
 }
 
+/// What serves users now: the model `rlhf-bot deploy` last published for a kind.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Deployment {
+    /// `reward` or `policy`.
+    pub kind: String,
+    pub id: String,
+    pub deployed_at: String,
+    /// `true`: the record says complete; `false`: incomplete (serving not told yet); `None`: no
+    /// record.
+    pub notified: Option<bool>,
+}
+
 /// Everything one report is rendered from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ReportContext {
@@ -325,6 +337,9 @@ pub struct ReportContext {
     /// rejected); listed so reviewers see what was already turned down.
     #[serde(default)]
     pub rejections: Vec<Rejection>,
+    /// What `deploy` published last, per kind (empty when nothing was deployed).
+    #[serde(default)]
+    pub deployed: Vec<Deployment>,
     /// How many policy samples to show side by side.
     #[serde(default = "default_samples")]
     pub max_samples: usize,

@@ -31,8 +31,8 @@ use minijinja::{Environment, UndefinedBehavior};
 use serde::Serialize;
 
 pub use context::{
-    GateConfig, GateResult, GateStatus, Interval, KpiRow, PolicySection, Rejection, ReportContext,
-    RewardSection, Verdict, evaluate_gates, integrity_gate, verdict,
+    Deployment, GateConfig, GateResult, GateStatus, Interval, KpiRow, PolicySection, Rejection,
+    ReportContext, RewardSection, Verdict, evaluate_gates, integrity_gate, verdict,
 };
 use neutralize::{code, fenced, inline, truncate_markdown};
 pub use paths::LocalPaths;
@@ -283,6 +283,7 @@ struct View {
     production_note: Option<String>,
     gates: Vec<GateView>,
     rejections: Vec<String>,
+    deployed: Vec<String>,
     kpis: Vec<KpiView>,
     aspects: Vec<AspectRow>,
     training: Vec<TrainRow>,
@@ -769,6 +770,23 @@ fn build_view(
         comparison,
         production_note,
         gates: gates_view,
+        deployed: ctx
+            .deployed
+            .iter()
+            .map(|d| {
+                let told = match d.notified {
+                    Some(true) => "deployment complete",
+                    Some(false) => "serving not told yet (the next `rlhf-bot deploy` retries)",
+                    None => "no deployment record",
+                };
+                format!(
+                    "{} {} since {}, {told}",
+                    inline(&d.kind, 20),
+                    code(&d.id),
+                    inline(&d.deployed_at, 40)
+                )
+            })
+            .collect(),
         rejections: ctx
             .rejections
             .iter()

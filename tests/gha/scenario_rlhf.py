@@ -8,7 +8,9 @@ Day 0  a tampered release tarball: the install step refuses it; nothing else run
 Day 1  schedule: 598 records arrive -> exactly one PR with the report and the registry change.
 Day 2  schedule, nothing new: no training job, no commit, no PR closed; the check job saves state.
 Merge  the PR is merged (push event): the post-merge job runs; `registry show` on main and the
-       next check (day 3) name the merged candidate as production.
+       next check (day 3) name the merged candidate as production; `rlhf-bot deploy` publishes
+       both models under the shared artifact store's production/ prefix (manifest, complete
+       record) and a loopback webhook receives the signed notice.
 Day 4  new feedback -> a new PR; it is closed without merging.
 Day 5  schedule: the same model is not proposed again; then a forced dry run from the Actions tab
        (workflow_dispatch inputs) keeps its PR as an artifact and opens none.
@@ -23,8 +25,12 @@ closed PR as a rejection, one annotation for an unreachable API); until then the
 from __future__ import annotations
 
 import argparse
+import hashlib
+import hmac
+import http.server
 import json
 import os
+import threading
 import shutil
 import subprocess
 import sys
@@ -51,7 +57,38 @@ DAY: dict[int, str] = {}
 WORKFLOW = ".github/workflows/rlhf.yml"
 
 
-def team_config(feedback_url: str, api_url: str) -> str:
+WEBHOOK_SECRET = "whsec-scenario-3f9a"
+
+
+class WebhookReceiver:
+    """The serving side of `rlhf-bot deploy`: a loopback HTTP server that checks each delivery's
+    X-Rlhf-Bot-Signature the way docs/serving.md tells a receiver to."""
+
+    def __init__(self):
+        self.deliveries: list[dict] = []
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                expected = "sha256=" + hmac.new(WEBHOOK_SECRET.encode(), body, hashlib.sha256).hexdigest()
+                ok = hmac.compare_digest(expected, self.headers.get("X-Rlhf-Bot-Signature", ""))
+                receiver.deliveries.append({"ok": ok, "body": body, "key": self.headers.get("Idempotency-Key")})
+                self.send_response(200 if ok else 401)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.server.shutdown()
+
+
+def team_config(feedback_url: str, api_url: str, artifacts: str, webhook_url: str) -> str:
     # The tiny from-scratch models (configs/example.yaml's shape) with very few steps: the
     # scenario is about the workflow, not the models.
     return f"""\
@@ -80,7 +117,9 @@ reward:
   batch_size: 8
 registry:
   path: models/registry.yaml
-  artifacts: .rlhf/artifacts
+  # One store every job reaches (a bucket in real life; here a directory on the machine that
+  # runs every simulated runner), so the post-merge job can deploy what the train job stored.
+  artifacts: {artifacts}
 report:
   dir: reports
 publish:
@@ -100,7 +139,13 @@ policy:
   max_prompt_length: 48
   max_completion_length: 8
   eval_prompts: 4
-  lora: {{r: 4, alpha: 8, dropout: 0.0, target_modules: [q_proj, v_proj], merge: false}}
+  # merge: the stored policy carries its merged weights, so the post-merge job exports `hf` and
+  # GGUF without the from-scratch base, which lives only in the train job's run directory.
+  lora: {{r: 4, alpha: 8, dropout: 0.0, target_modules: [q_proj, v_proj], merge: true}}
+deploy:
+  formats: {{policy: [hf, gguf-q8_0], reward: [hf]}}
+  webhook:
+    url: {webhook_url}
 """
 
 
@@ -165,6 +210,16 @@ def read_json(path: str):
         return None
 
 
+def stored_sha256(store: str, uri: str, path: str) -> str | None:
+    """sha256 of a file a manifest lists, by its `file://…/production/…` URI under `store`."""
+    rel = uri.split("/production/", 1)[-1]
+    try:
+        with open(os.path.join(store, "production", rel, path), "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except OSError:
+        return None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--binary", required=True)
@@ -176,6 +231,10 @@ def main() -> int:
     c = Checks()
     world = World(work, binary=args.binary, verbose=args.verbose)
     gh, h = world.github, world.harness
+    hook = WebhookReceiver()
+    artifact_store = os.path.join(work, "artifact-store")
+    h.vars["RLHF_DEPLOY"] = "true"
+    h.secrets["RLHF_DEPLOY_WEBHOOK_SECRET"] = WEBHOOK_SECRET
     try:
         root = project_root()
         with open(os.path.join(root, "workflow-template", "rlhf.yml"), "rb") as f:
@@ -183,7 +242,7 @@ def main() -> int:
         world.seed(
             {
                 WORKFLOW: workflow,
-                "rlhf-bot.yaml": team_config(world.feedback.url, gh.api_url).encode(),
+                "rlhf-bot.yaml": team_config(world.feedback.url, gh.api_url, artifact_store, hook.url).encode(),
                 "README.md": b"# Climate Economy assistant\n",
             }
         )
@@ -267,6 +326,27 @@ def main() -> int:
                 promoted = runm.job("promoted")
                 c.expect(promoted.result == "success", "merge: the post-merge job succeeds", pending="`rlhf-bot registry show`", detail="\n".join(promoted.log[-15:]))
                 c.expect(bool(policy_id) and policy_id in promoted.summary, "merge: the post-merge summary names the new production policy", pending="`rlhf-bot registry show` + the PR moving `production`")
+                c.expect(promoted.step("Deploy").conclusion == "success", "merge: the deploy step succeeds", detail="\n".join(promoted.log[-30:]))
+                deployed = read_json(os.path.join(promoted.temp, "deploy.json")) or {}
+                actions = {k.get("kind"): (k.get("id"), k.get("action"), k.get("status")) for k in deployed.get("kinds", [])}
+                c.expect(actions.get("policy") == (policy_id, "published", "complete") and actions.get("reward") == (reward_id, "published", "complete"), "merge: deploy published both production models, records complete", detail=str(deployed)[:600])
+                manifest = read_json(os.path.join(artifact_store, "production", "policy", "manifest.json")) or {}
+                c.expect(manifest.get("id") == policy_id and set(manifest.get("formats", {})) == {"hf", "gguf-q8_0"}, "merge: production/policy/manifest.json names the merged policy in the configured formats", detail=str(manifest)[:400])
+                files_ok = bool(manifest) and all(
+                    stored_sha256(artifact_store, fmt["uri"], f["path"]) == f["sha256"]
+                    for fmt in manifest.get("formats", {}).values()
+                    for f in fmt["files"]
+                )
+                c.expect(files_ok, "merge: every file the manifest lists is stored with its sha256")
+                try:
+                    with open(os.path.join(artifact_store, "production", "deployments.jsonl")) as f:
+                        records = [json.loads(line) for line in f if line.strip()]
+                except OSError:
+                    records = []
+                c.expect(sorted((r["kind"], r["id"], r["status"]) for r in records) == sorted([("policy", policy_id, "complete"), ("reward", reward_id, "complete")]), "merge: the deployment records say complete", detail=str(records)[:400])
+                bodies = [json.loads(d["body"]) for d in hook.deliveries if d["ok"]]
+                c.expect(len(hook.deliveries) == 2 and len(bodies) == 2 and {b["id"] for b in bodies} == {policy_id, reward_id}, "merge: the webhook received one signed notice per model", detail=str(hook.deliveries)[:400])
+                c.expect("rlhf-bot deployment" in promoted.summary and "published" in promoted.summary, "merge: the summary shows the deployment", detail=promoted.summary[-400:])
             clone = world.checkout_main(os.path.join(work, "main-clone"))
             show = subprocess.run([world.binary, "registry", "show", "--config", "rlhf-bot.yaml", "--format", "json"], cwd=clone, capture_output=True, text=True)
             shown = None
@@ -332,6 +412,7 @@ def main() -> int:
         c.expect(not [r for r in gh.requests if r["status"] in (401, 403)], "no request was refused for its token")
     finally:
         world.stop()
+        hook.stop()
     status = c.report()
     if status == 0 and not args.work:
         shutil.rmtree(work, ignore_errors=True)

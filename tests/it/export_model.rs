@@ -43,9 +43,14 @@ fn random(rng: &mut ChaCha8Rng, shape: (usize, usize), std: f64) -> Tensor {
 /// the merge matters) over a base at `ws/base` (the default tiny llama: hidden 64, 4 heads, 2 KV
 /// heads, with SmolLM2's chat template and tokenizer files beside).
 fn policy_run(ws: &Workspace) -> PathBuf {
-    let base = ws.path().join("base");
+    policy_run_in(ws.path())
+}
+
+/// [`policy_run`] under any directory (`root/base`, `root/run`).
+pub(crate) fn policy_run_in(root: &Path) -> PathBuf {
+    let base = root.join("base");
     rlhf_bot::app::policy::default_base_model(&base, 7).unwrap();
-    let run = ws.path().join("run");
+    let run = root.join("run");
     let policy = run.join("policy");
     let adapter = policy.join("adapter");
     std::fs::create_dir_all(&adapter).unwrap();
@@ -498,6 +503,26 @@ fn gguf_exports_open_in_llama_cpps_reader_with_what_llama_cpp_needs() {
     check_llama_gguf(&r, 16, 32, 2, 1, "Q8_0");
 }
 
+/// The reward model in `dir` loaded by the project's own loader (which must initialise nothing:
+/// the score head is in the file) and its score of a fixed token sequence.
+fn reward_score(dir: &Path) -> Tensor {
+    let ids = Tensor::new(&[[1u32, 504, 3458, 282, 4649, 314]], &Device::Cpu).unwrap();
+    let p =
+        rlhf_bot::model::llama::LlamaForSequenceClassification::load(dir, None, None, &Device::Cpu)
+            .unwrap();
+    assert!(
+        p.report.initialised.is_empty(),
+        "{:?}",
+        p.report.initialised
+    );
+    p.model
+        .forward(&ids, None)
+        .unwrap()
+        .logits
+        .to_dtype(DType::F32)
+        .unwrap()
+}
+
 #[test]
 fn reward_model_exports_as_sequence_classification_and_only_as_hf() {
     let ws = Workspace::new();
@@ -524,28 +549,7 @@ fn reward_model_exports_as_sequence_classification_and_only_as_hf() {
             .unwrap();
     assert_eq!(tok_cfg["pad_token"], "<|im_end|>");
     // It loads back as a reward model and scores like the original (bf16 rounding aside).
-    let ids = Tensor::new(&[[1u32, 504, 3458, 282, 4649, 314]], &Device::Cpu).unwrap();
-    let score = |dir: &Path| {
-        let p = rlhf_bot::model::llama::LlamaForSequenceClassification::load(
-            dir,
-            None,
-            None,
-            &Device::Cpu,
-        )
-        .unwrap();
-        assert!(
-            p.report.initialised.is_empty(),
-            "{:?}",
-            p.report.initialised
-        );
-        p.model
-            .forward(&ids, None)
-            .unwrap()
-            .logits
-            .to_dtype(DType::F32)
-            .unwrap()
-    };
-    let d = crate::common::max_abs_diff(&score(&rm), &score(&out));
+    let d = crate::common::max_abs_diff(&reward_score(&rm), &reward_score(&out));
     assert!(d < 0.05, "exported reward differs by {d}");
 
     let o = bin()
@@ -604,6 +608,21 @@ fn registry_ids_export_after_their_artifact_is_verified() {
     assert!(o.status.success(), "{}", stderr(&o));
     let s: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(s["kind"], "reward");
+    // A sequence-classification checkpoint with its score head, which the project's own loader
+    // reads back without initialising anything, and which scores like the registered model.
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ws.path().join("rm/config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["architectures"][0], "LlamaForSequenceClassification");
+    let registered = ws.store_dir().join("artifacts/reward").join(&reward);
+    let d = crate::common::max_abs_diff(
+        &reward_score(&registered),
+        &reward_score(&ws.path().join("rm")),
+    );
+    assert!(
+        d < 0.05,
+        "the exported reward model scores {d} away from the registered one"
+    );
 
     // A modified artifact is refused before anything is read.
     crate::promotion::tamper(&ws, "policy", &policy);

@@ -153,8 +153,8 @@ fn request() -> PublishRequest {
     }
 }
 
-#[tokio::test]
-async fn publish_flow_honours_githubs_openapi_contract() {
+/// A ready Prism over GitHub's description, or `None` (skipped) when the tools are missing.
+fn github_prism() -> Option<Prism> {
     let deps = deps_dir();
     if !have(&deps.join("node_modules/.bin/prism"), "prism")
         || !have(
@@ -162,10 +162,46 @@ async fn publish_flow_honours_githubs_openapi_contract() {
             "@octokit/openapi",
         )
     {
-        return;
+        return None;
     }
     let spec = deps.join("node_modules/@octokit/openapi/generated/api.github.com.json");
-    let prism = Prism::mock(&deps, &spec);
+    Some(Prism::mock(&deps, &spec))
+}
+
+/// `deploy`'s `repository_dispatch` (issue 16): the request GitHub's description accepts; a
+/// payload over GitHub's 10-property limit is refused, so the check is real.
+#[tokio::test]
+async fn repository_dispatch_honours_githubs_openapi_contract() {
+    let Some(prism) = github_prism() else { return };
+    let settings = rlhf_bot::config::deploy::DispatchSettings {
+        api_url: format!("http://127.0.0.1:{}", prism.port),
+        owner: "acme".into(),
+        repo: "serving".into(),
+        event_type: "rlhf-model-deployed".into(),
+        token_env: "UNUSED".into(),
+    };
+    let token = SecretToken::new("dispatch-token").unwrap();
+    let policy = RetryPolicy::default().with_sleeper(Arc::new(RecordingSleeper::default()));
+    let payload = serde_json::json!({
+        "kind": "policy", "id": "policy-1", "deployed_at": "2026-12-07T09:19:02Z",
+        "manifest": "s3://b/production/policy/manifest.json", "artifact_sha256": "0",
+        "formats": {"hf": "s3://b/production/policy/versions/policy-1/hf/"},
+    });
+    rlhf_bot::deploy::notify::send_dispatch(&settings, token.clone(), payload, policy.clone())
+        .await
+        .unwrap();
+    let too_big: serde_json::Map<String, Value> =
+        (0..11).map(|i| (format!("k{i}"), Value::from(i))).collect();
+    let err = rlhf_bot::deploy::notify::send_dispatch(&settings, token, too_big.into(), policy)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("422"), "{err}");
+    drop(prism);
+}
+
+#[tokio::test]
+async fn publish_flow_honours_githubs_openapi_contract() {
+    let Some(prism) = github_prism() else { return };
 
     let proxy = Proxy {
         upstream: format!("http://127.0.0.1:{}", prism.port),

@@ -36,7 +36,7 @@ fn show(config: &Path) -> serde_json::Value {
     let v = json(config, &["registry", "show"]);
     assert_eq!(
         keys(&v),
-        set(&["production", "candidates", "models"]),
+        set(&["production", "candidates", "models", "deployed"]),
         "{v}"
     );
     assert_eq!(keys(&v["production"]), set(&["reward", "policy"]), "{v}");

@@ -200,6 +200,7 @@ fn context(production: bool, win: (f64, f64, f64), kl: f64) -> ReportContext {
         reproduce: "rlhf-bot run --config .github/rlhf-bot.yaml --watermark 2026-11-27T06:00:00Z".into(),
         max_samples: 3,
         rejections: Vec::new(),
+        deployed: Vec::new(),
     }
 }
 
@@ -216,6 +217,44 @@ fn snapshot_all_gates_pass() {
     assert!(r.markdown.contains("All 3 checked gates passed"));
     snap("report_all_pass", &r.markdown);
     snap("pr_body_all_pass", &r.pr_body);
+}
+
+/// What `deploy` published (issue 16) is listed, neutralised like every other value.
+#[test]
+fn the_live_models_are_listed() {
+    let mut ctx = passing();
+    ctx.deployed = vec![
+        report::Deployment {
+            kind: "policy".into(),
+            id: "pol-20261101-000000".into(),
+            deployed_at: "2026-11-02T08:00:00Z".into(),
+            notified: Some(false),
+        },
+        report::Deployment {
+            kind: "reward".into(),
+            id: "@acme/x <b>".into(),
+            deployed_at: "2026-11-02T08:00:00Z".into(),
+            notified: Some(true),
+        },
+    ];
+    let r = render_all(&ctx).unwrap();
+    for doc in [&r.markdown, &r.pr_body] {
+        assert!(doc.contains("### Live in serving"), "{doc}");
+        assert!(
+            doc.contains(
+                "policy `pol-20261101-000000` since 2026-11-02T08:00:00Z, serving not told yet"
+            ),
+            "{doc}"
+        );
+        assert!(!doc.contains("<b>") && !doc.contains(" @acme/x"), "{doc}");
+    }
+    // Without deployments the section is absent (the snapshots above hold that).
+    assert!(
+        !render_all(&passing())
+            .unwrap()
+            .markdown
+            .contains("Live in serving")
+    );
 }
 
 #[test]

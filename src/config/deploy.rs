@@ -1,0 +1,200 @@
+//! The `deploy:` section: which serving formats `rlhf-bot deploy` publishes per model kind, how
+//! many versions stay in the artifact store, and whom it tells (a signed webhook, a
+//! `repository_dispatch`). Validated here so that a format that cannot apply to a kind (a GGUF of
+//! a reward model) is a config error before anything is exported or uploaded.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::Invalid;
+use super::raw::{RawDeploy, RawDispatch, RawWebhook};
+use super::settings::{env_name, http_url, owner_repo};
+use crate::deploy::ServingFormat;
+use crate::model_kind::ModelKind;
+
+pub const DEFAULT_KEEP: usize = 3;
+pub const DEFAULT_WEBHOOK_SECRET_ENV: &str = "RLHF_DEPLOY_WEBHOOK_SECRET";
+pub const DEFAULT_DISPATCH_TOKEN_ENV: &str = "RLHF_DISPATCH_TOKEN";
+pub const DEFAULT_DISPATCH_EVENT: &str = "rlhf-model-deployed";
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DeploySettings {
+    pub policy_formats: Vec<ServingFormat>,
+    pub reward_formats: Vec<ServingFormat>,
+    /// Versions kept per kind, the live one included (at least 1).
+    pub keep: usize,
+    pub webhook: Option<WebhookSettings>,
+    pub repository_dispatch: Option<DispatchSettings>,
+}
+
+impl Default for DeploySettings {
+    fn default() -> Self {
+        Self {
+            policy_formats: vec![ServingFormat::Hf],
+            reward_formats: vec![ServingFormat::Hf],
+            keep: DEFAULT_KEEP,
+            webhook: None,
+            repository_dispatch: None,
+        }
+    }
+}
+
+impl DeploySettings {
+    /// The formats published for `kind` (empty: that kind is not deployed).
+    pub fn formats(&self, kind: ModelKind) -> &[ServingFormat] {
+        match kind {
+            ModelKind::Policy => &self.policy_formats,
+            ModelKind::Reward => &self.reward_formats,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct WebhookSettings {
+    /// Printed (`config check`) with any query replaced by `***`: receivers often carry a token
+    /// there.
+    #[serde(serialize_with = "url_without_query")]
+    pub url: url::Url,
+    /// The variable's name; the secret is read when notifying and never printed.
+    pub secret_env: String,
+    pub max_attempts: u32,
+    pub timeout_secs: u64,
+}
+
+impl WebhookSettings {
+    pub fn timeout(&self) -> Duration {
+        Duration::from_secs(self.timeout_secs)
+    }
+}
+
+fn url_without_query<S: serde::Serializer>(url: &url::Url, s: S) -> Result<S::Ok, S::Error> {
+    let mut shown = url.clone();
+    if shown.query().is_some() {
+        shown.set_query(Some("***"));
+    }
+    shown.set_fragment(None);
+    s.serialize_str(shown.as_str())
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DispatchSettings {
+    pub api_url: String,
+    pub owner: String,
+    pub repo: String,
+    pub event_type: String,
+    /// The variable's name; the token is read when notifying and never printed.
+    pub token_env: String,
+}
+
+/// `github_api` is `publish.github.api_url` when set: a dispatch goes to the same GitHub.
+pub fn validate_deploy(
+    raw: RawDeploy,
+    github_api: Option<&str>,
+) -> Result<DeploySettings, Invalid> {
+    if raw.hub.is_some() {
+        return Err(Invalid::new(
+            "deploy.hub",
+            "pushing to the Hugging Face Hub is not supported yet\nhint: remove `deploy.hub`; a serving job can copy the `hf` format from the production prefix (docs/serving.md)",
+        ));
+    }
+    let defaults = DeploySettings::default();
+    let policy_formats = match raw.formats.policy {
+        Some(names) => formats("deploy.formats.policy", ModelKind::Policy, names)?,
+        None => defaults.policy_formats,
+    };
+    let reward_formats = match raw.formats.reward {
+        Some(names) => formats("deploy.formats.reward", ModelKind::Reward, names)?,
+        None => defaults.reward_formats,
+    };
+    let keep = raw.keep.map_or(DEFAULT_KEEP, |k| k.0.min(1000) as usize);
+    Ok(DeploySettings {
+        policy_formats,
+        reward_formats,
+        keep,
+        webhook: raw.webhook.map(webhook).transpose()?,
+        repository_dispatch: raw
+            .repository_dispatch
+            .map(|d| dispatch(d, github_api))
+            .transpose()?,
+    })
+}
+
+fn formats(key: &str, kind: ModelKind, names: Vec<String>) -> Result<Vec<ServingFormat>, Invalid> {
+    let mut out: Vec<ServingFormat> = Vec::with_capacity(names.len());
+    for name in names {
+        let format: ServingFormat = name.parse().map_err(|e: String| Invalid::new(key, e))?;
+        if !format.applies_to(kind) {
+            return Err(Invalid::new(
+                key,
+                format!(
+                    "`{format}` does not apply to a {kind} model: a reward model is served only as `hf` (a sequence-classification checkpoint)\nhint: list `{format}` under deploy.formats.policy, and only `hf` (or nothing) under deploy.formats.reward"
+                ),
+            ));
+        }
+        if !out.contains(&format) {
+            out.push(format);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn webhook(w: RawWebhook) -> Result<WebhookSettings, Invalid> {
+    let url = http_url("deploy.webhook.url", &w.url, "deploy.webhook.secret_env")?;
+    let secret_env = env_name(
+        "deploy.webhook.secret_env",
+        w.secret_env
+            .unwrap_or_else(|| DEFAULT_WEBHOOK_SECRET_ENV.into()),
+        DEFAULT_WEBHOOK_SECRET_ENV,
+    )?;
+    Ok(WebhookSettings {
+        url,
+        secret_env,
+        max_attempts: w.max_attempts.map_or(5, |a| a.0.min(20) as u32),
+        timeout_secs: w.timeout_secs.map_or(30, |t| t.0),
+    })
+}
+
+fn dispatch(d: RawDispatch, github_api: Option<&str>) -> Result<DispatchSettings, Invalid> {
+    let (owner, repo) = owner_repo("deploy.repository_dispatch.repo", &d.repo)?;
+    let event_type = d
+        .event_type
+        .unwrap_or_else(|| DEFAULT_DISPATCH_EVENT.into());
+    // GitHub limits event types to 100 characters; keep them to a plain alphabet.
+    let event_ok = !event_type.is_empty()
+        && event_type.len() <= 100
+        && event_type
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:/".contains(&b));
+    if !event_ok {
+        return Err(Invalid::new(
+            "deploy.repository_dispatch.event_type",
+            format!(
+                "{event_type:?} is not a usable event type\nhint: 1-100 letters, digits and -_.:/, e.g. {DEFAULT_DISPATCH_EVENT}"
+            ),
+        ));
+    }
+    let token_env = env_name(
+        "deploy.repository_dispatch.token_env",
+        d.token_env
+            .unwrap_or_else(|| DEFAULT_DISPATCH_TOKEN_ENV.into()),
+        DEFAULT_DISPATCH_TOKEN_ENV,
+    )?;
+    let api_url = d
+        .api_url
+        .or_else(|| github_api.map(str::to_string))
+        .unwrap_or_else(|| crate::forge::github::DEFAULT_API_URL.into());
+    http_url(
+        "deploy.repository_dispatch.api_url",
+        &api_url,
+        "deploy.repository_dispatch.token_env",
+    )?;
+    Ok(DispatchSettings {
+        api_url: api_url.trim_end_matches('/').to_string(),
+        owner: owner.to_string(),
+        repo: repo.to_string(),
+        event_type,
+        token_env,
+    })
+}
