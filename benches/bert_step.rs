@@ -19,7 +19,7 @@ use anyhow::Context;
 use candle_core::backprop::GradStore;
 use candle_nn::{Optimizer, ParamsAdamW};
 use rlhf_bot::model::bert::{BertConfig, BertRewardModel, EncodedBatch, Kernels, RewardHeadConfig};
-use rlhf_bot::model::fused::{FusedAdamW, tune_allocator};
+use rlhf_bot::model::fused::{FusedAdamW, init_compute_threads, tune_allocator};
 use rlhf_bot::train::device::DeviceChoice;
 
 /// One optimiser update from the gradients of a backward pass.
@@ -64,10 +64,8 @@ fn main() -> anyhow::Result<()> {
         other => anyhow::bail!("BENCH_KERNELS={other:?}\nhint: fused or reference"),
     };
     let opt_kind = env_or("BENCH_OPT", default_opt);
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build_global()
-        .context("configuring rayon's global pool")?;
+    // As the binary runs: subnormals flushed on every compute thread.
+    init_compute_threads(Some(threads)).context("configuring rayon's global pool")?;
 
     let mut cfg = BertConfig::minilm_l6();
     cfg.hidden_dropout_prob = 0.0;

@@ -57,6 +57,7 @@ fn report(what: &str, times: &[f64], bytes: usize) {
 
 fn main() -> Result<()> {
     fused::tune_allocator();
+    let _ = fused::init_compute_threads(None);
     let dev = Device::Cpu;
     let passes = env_list("PASSES", "20")
         .first()

@@ -97,6 +97,8 @@ fn time_steps(
 
 fn main() -> candle_core::Result<()> {
     rlhf_bot::model::fused::tune_allocator();
+    // As the binary runs: subnormals flushed on every compute thread.
+    let _ = rlhf_bot::model::fused::init_compute_threads(None);
     let device: DeviceChoice = std::env::var("DEVICE")
         .unwrap_or_else(|_| "cpu".into())
         .parse()

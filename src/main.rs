@@ -16,8 +16,16 @@ fn main() -> std::process::ExitCode {
         tuned,
         "glibc malloc tuned: no mmap for large blocks, no trimming"
     );
+    // Subnormal floats cost ~100x per operation on Intel cores (see `model::fused::threads`):
+    // every thread that runs kernels flushes them, as the benchmarks do.
+    if let Err(e) = rlhf_bot::model::fused::init_compute_threads(None) {
+        tracing::debug!("compute thread pool already configured: {e}");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .on_thread_start(|| {
+            rlhf_bot::model::fused::flush_denormals_on_this_thread();
+        })
         .build()
     {
         Ok(rt) => rt,

@@ -346,7 +346,8 @@ impl candle_core::CustomOp1 for FusedSoftmax {
                     sum += *o;
                 }
                 let inv = 1.0 / sum;
-                orow.iter_mut().for_each(|o| *o *= inv);
+                orow.iter_mut()
+                    .for_each(|o| *o = fused::math::flush_subnormal(*o * inv));
             }
         });
         Ok((CpuStorage::F32(out), layout.shape().clone()))

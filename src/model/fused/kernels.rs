@@ -388,7 +388,7 @@ pub struct SoftmaxLastDim;
 pub(super) fn softmax_row(row: &mut [f32]) {
     let inv = 1.0 / exp_minus_max(row);
     for v in row.iter_mut() {
-        *v *= inv;
+        *v = math::flush_subnormal(*v * inv);
     }
 }
 

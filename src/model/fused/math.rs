@@ -4,16 +4,24 @@
 //! softmax tensors of a BERT step (millions of elements per layer) they dominate the kernel time.
 //! These versions use only arithmetic, comparisons and bit casts (SSE2 has all of them).
 
+/// Below this, `e^x` is under f32's normal range and [`exp`] returns exactly 0.
+pub const EXP_UNDERFLOW: f32 = -87.3;
+
 /// `e^x` with ~2 ulp relative error on the clamped range (Cephes' expf polynomial after a
 /// round-to-nearest range reduction done with the 1.5·2²³ trick, which needs no `round` call).
+///
+/// Never subnormal: below [`EXP_UNDERFLOW`] the result is exactly 0. Masked attention scores
+/// (−1e9) land there, and a subnormal probability multiplied through the attention gemms makes
+/// every FMA that touches it take a microcode assist on Intel cores (~100× slower), which is how
+/// a padded length-256 batch once took minutes per step.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
-    // Below -87.3 the result is under f32's normal range; clamp to flush it to ~0 smoothly.
-    let x = x.clamp(-87.3, 88.7);
+    let underflow = x < EXP_UNDERFLOW;
+    let x = x.clamp(EXP_UNDERFLOW, 88.7);
     let t = x * LOG2E + MAGIC;
     let n = t - MAGIC;
     let r = x - n * LN2_HI - n * LN2_LO;
@@ -28,7 +36,15 @@ pub fn exp(x: f32) -> f32 {
     // The low mantissa bits of `t` hold n (two's complement); build 2^n from them.
     let ni = (t.to_bits() as i32).wrapping_sub(0x4B40_0000);
     let pow2n = f32::from_bits(((ni + 127) << 23) as u32);
-    p * pow2n
+    // A select, not a branch: the loops over slices still vectorise.
+    if underflow { 0.0 } else { p * pow2n }
+}
+
+/// `v`, or 0 where `v` is subnormal (|v| < f32::MIN_POSITIVE): for normalised probabilities,
+/// where `e·(1/sum)` can fall below the normal range although `e` did not (see [`exp`]).
+#[inline(always)]
+pub fn flush_subnormal(v: f32) -> f32 {
+    if v.abs() < f32::MIN_POSITIVE { 0.0 } else { v }
 }
 
 /// GELU (erf form, HF `gelu`) and its derivative, sharing one `exp`.
@@ -67,6 +83,22 @@ mod tests {
         }
         assert!(worst < 5e-7, "worst relative error {worst}");
         assert_eq!(exp(-1000.0).min(1e-37), exp(-1000.0));
+    }
+
+    #[test]
+    fn exp_is_never_subnormal() {
+        assert_eq!(exp(-1.0e9), 0.0);
+        assert_eq!(exp(-88.0), 0.0);
+        let mut x = -110.0f32;
+        while x < 0.0 {
+            let y = exp(x);
+            assert!(y == 0.0 || y.is_normal(), "exp({x}) = {y:e} is subnormal");
+            x += 0.01;
+        }
+        assert!(exp(EXP_UNDERFLOW).is_normal());
+        assert_eq!(flush_subnormal(1.0e-40), 0.0);
+        assert_eq!(flush_subnormal(-1.0e-40), 0.0);
+        assert_eq!(flush_subnormal(2.0e-38), 2.0e-38);
     }
 
     #[test]

@@ -17,6 +17,7 @@ mod linear;
 pub(crate) mod math;
 mod matvec;
 pub(crate) mod sgemm;
+pub mod threads;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, D, DType, Layout, Result, Storage, Tensor, bail};
@@ -24,6 +25,7 @@ use candle_core::{CpuStorage, D, DType, Layout, Result, Storage, Tensor, bail};
 pub use adamw::FusedAdamW;
 pub use alloc::{collapse_into_huge_pages, tune_allocator};
 pub use cached_attention::CachedAttention;
+pub use threads::{flush_denormals_on_this_thread, init_compute_threads};
 
 /// The contiguous f32 data a layout addresses.
 pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
