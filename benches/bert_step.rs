@@ -18,9 +18,10 @@ use std::time::Instant;
 use anyhow::Context;
 use candle_core::backprop::GradStore;
 use candle_nn::{Optimizer, ParamsAdamW};
+use rlhf_bot::kernels::{init_compute_threads, tune_allocator};
 use rlhf_bot::model::bert::{BertConfig, BertRewardModel, EncodedBatch, Kernels, RewardHeadConfig};
-use rlhf_bot::model::fused::{FusedAdamW, init_compute_threads, tune_allocator};
 use rlhf_bot::train::device::DeviceChoice;
+use rlhf_bot::train::optim::{AdamW, AdamWConfig};
 
 /// One optimiser update from the gradients of a backward pass.
 type StepFn = dyn FnMut(&GradStore) -> candle_core::Result<()>;
@@ -80,7 +81,14 @@ fn main() -> anyhow::Result<()> {
     };
     let mut opt: Box<StepFn> = match opt_kind.as_str() {
         "fused" => {
-            let mut o = FusedAdamW::new(vars, params)?;
+            // The optimiser `train reward` runs (its kernels: `kernels::adamw`).
+            let named = model.named_vars();
+            let cfg = AdamWConfig {
+                lr: params.lr,
+                weight_decay: params.weight_decay,
+                ..AdamWConfig::default()
+            };
+            let mut o = AdamW::new(named, cfg)?;
             Box::new(move |grads| o.step(grads))
         }
         "candle" => {

@@ -10,6 +10,7 @@ pub mod dataset;
 pub mod decision;
 pub mod feedback;
 pub mod forge;
+pub mod kernels;
 pub mod kpi;
 pub mod model;
 pub mod model_kind;

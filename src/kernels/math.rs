@@ -68,6 +68,82 @@ pub fn gelu_with_grad(x: f32) -> (f32, f32) {
     (x * cdf, cdf + x * e * INV_SQRT_2PI)
 }
 
+/// Lanes of the row reductions below: the maximum and the sums are kept in eight interleaved
+/// accumulators so the loops vectorise (a single running `f32` would be one serial chain).
+const LANES: usize = 8;
+
+/// The largest value of `row` (−∞ for an empty row).
+#[inline]
+pub fn row_max(row: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (m, &v) in lanes.iter_mut().zip(c) {
+            *m = if v > *m { v } else { *m };
+        }
+    }
+    chunks
+        .remainder()
+        .iter()
+        .chain(&lanes)
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(v))
+}
+
+/// Replaces each value `v` of `row` by `e^(v − max)` and returns their sum.
+#[inline]
+fn exp_minus(row: &mut [f32], max: f32) -> f32 {
+    for v in row.iter_mut() {
+        *v = exp(*v - max);
+    }
+    lane_sum(row)
+}
+
+#[inline]
+fn lane_sum(row: &[f32]) -> f32 {
+    let mut sums = [0f32; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (s, &v) in sums.iter_mut().zip(c) {
+            *s += v;
+        }
+    }
+    chunks.remainder().iter().sum::<f32>() + sums.iter().sum::<f32>()
+}
+
+/// Replaces each value `v` of `row` by `e^(v − max(row))` and returns their sum: a softmax
+/// without the division, for callers that fold `1/sum` into a later product.
+#[inline]
+pub fn exp_minus_max(row: &mut [f32]) -> f32 {
+    exp_minus(row, row_max(row))
+}
+
+/// In-place softmax of one row (subnormal results flushed to 0, see [`exp`]); returns the row's
+/// log-sum-exp, which the LM head keeps for its backward pass.
+#[inline]
+pub fn softmax_row(row: &mut [f32]) -> f32 {
+    let max = row_max(row);
+    let sum = exp_minus(row, max);
+    let inv = 1.0 / sum;
+    for v in row.iter_mut() {
+        *v = flush_subnormal(*v * inv);
+    }
+    max + sum.ln()
+}
+
+/// `log Σ exp(x)` of one row, leaving the row as it is.
+pub fn row_logsumexp(row: &[f32]) -> f32 {
+    let max = row_max(row);
+    let mut sums = [0f32; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (s, &v) in sums.iter_mut().zip(c) {
+            *s += exp(v - max);
+        }
+    }
+    let tail: f32 = chunks.remainder().iter().map(|&v| exp(v - max)).sum();
+    max + (tail + sums.iter().sum::<f32>()).ln()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

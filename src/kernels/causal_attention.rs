@@ -14,9 +14,10 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
-use super::kernels::{softmax_bwd_rows, softmax_row};
+use super::cpu::{f32_slice, with_f32};
+use super::math::softmax_row;
 use super::sgemm::sgemm;
-use super::{f32_slice, with_f32};
+use super::softmax::softmax_bwd_rows;
 
 pub struct CausalAttentionOp {
     scale: f32,
