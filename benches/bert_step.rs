@@ -18,9 +18,10 @@ use std::time::Instant;
 use anyhow::Context;
 use candle_core::backprop::GradStore;
 use candle_nn::{Optimizer, ParamsAdamW};
+use rlhf_bot::kernels::{init_compute_threads, tune_allocator};
 use rlhf_bot::model::bert::{BertConfig, BertRewardModel, EncodedBatch, Kernels, RewardHeadConfig};
-use rlhf_bot::model::fused::{FusedAdamW, tune_allocator};
 use rlhf_bot::train::device::DeviceChoice;
+use rlhf_bot::train::optim::{AdamW, AdamWConfig};
 
 /// One optimiser update from the gradients of a backward pass.
 type StepFn = dyn FnMut(&GradStore) -> candle_core::Result<()>;
@@ -64,10 +65,8 @@ fn main() -> anyhow::Result<()> {
         other => anyhow::bail!("BENCH_KERNELS={other:?}\nhint: fused or reference"),
     };
     let opt_kind = env_or("BENCH_OPT", default_opt);
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build_global()
-        .context("configuring rayon's global pool")?;
+    // As the binary runs: subnormals flushed on every compute thread.
+    init_compute_threads(Some(threads)).context("configuring rayon's global pool")?;
 
     let mut cfg = BertConfig::minilm_l6();
     cfg.hidden_dropout_prob = 0.0;
@@ -82,7 +81,14 @@ fn main() -> anyhow::Result<()> {
     };
     let mut opt: Box<StepFn> = match opt_kind.as_str() {
         "fused" => {
-            let mut o = FusedAdamW::new(vars, params)?;
+            // The optimiser `train reward` runs (its kernels: `kernels::adamw`).
+            let named = model.named_vars();
+            let cfg = AdamWConfig {
+                lr: params.lr,
+                weight_decay: params.weight_decay,
+                ..AdamWConfig::default()
+            };
+            let mut o = AdamW::new(named, cfg)?;
             Box::new(move |grads| o.step(grads))
         }
         "candle" => {

@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use candle_core::{Device, Tensor};
-use rlhf_bot::model::fused;
+use rlhf_bot::kernels;
 
 const HIDDEN: usize = 576;
 const INTERMEDIATE: usize = 1536;
@@ -40,7 +40,7 @@ fn time_passes(passes: usize, work: impl Fn() -> Result<()> + Sync) -> Result<Ve
     let mut times = Vec::with_capacity(passes);
     for _ in 0..passes {
         let t = Instant::now();
-        fused::on_worker(&work)?;
+        kernels::on_worker(&work)?;
         times.push(t.elapsed().as_secs_f64() * 1e3);
     }
     times.sort_by(f64::total_cmp);
@@ -56,7 +56,8 @@ fn report(what: &str, times: &[f64], bytes: usize) {
 }
 
 fn main() -> Result<()> {
-    fused::tune_allocator();
+    kernels::tune_allocator();
+    let _ = kernels::init_compute_threads(None);
     let dev = Device::Cpu;
     let passes = env_list("PASSES", "20")
         .first()
@@ -79,7 +80,7 @@ fn main() -> Result<()> {
     }
     weights.push(Tensor::randn(0f32, 0.02, (VOCAB, HIDDEN), &dev)?);
     // As a loaded model's weights are (see `GgufLlama::causal_lm`).
-    fused::collapse_into_huge_pages(weights.iter());
+    kernels::collapse_into_huge_pages(weights.iter());
     let weight_bytes: usize = weights.iter().map(|w| w.elem_count() * 4).sum();
 
     for m in env_list("ROWS", "1,8") {
@@ -88,7 +89,7 @@ fn main() -> Result<()> {
         let times = time_passes(passes, || {
             for w in &weights {
                 let x = if w.dim(1)? == HIDDEN { &xh } else { &xi };
-                fused::matmul_t(x, w)?;
+                kernels::matmul_t(x, w)?;
             }
             Ok(())
         })?;
@@ -108,7 +109,7 @@ fn main() -> Result<()> {
     let q = Tensor::randn(0f32, 1.0, (batch, HEADS, 1, HEAD_DIM), &dev)?;
     let times = time_passes(passes, || {
         for (k, v) in &layers {
-            let op = fused::CachedAttention {
+            let op = kernels::CachedAttention {
                 heads: HEADS,
                 len: keys,
                 scale: (HEAD_DIM as f32).sqrt().recip(),

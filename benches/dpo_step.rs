@@ -69,7 +69,9 @@ fn inputs(dev: &Device) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
 }
 
 fn main() -> anyhow::Result<()> {
-    rlhf_bot::model::fused::tune_allocator();
+    rlhf_bot::kernels::tune_allocator();
+    // As the binary runs: subnormals flushed on every compute thread.
+    let _ = rlhf_bot::kernels::init_compute_threads(None);
     let dev = Device::Cpu;
     let steps: usize = std::env::var("STEPS")
         .ok()

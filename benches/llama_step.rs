@@ -96,7 +96,9 @@ fn time_steps(
 }
 
 fn main() -> candle_core::Result<()> {
-    rlhf_bot::model::fused::tune_allocator();
+    rlhf_bot::kernels::tune_allocator();
+    // As the binary runs: subnormals flushed on every compute thread.
+    let _ = rlhf_bot::kernels::init_compute_threads(None);
     let device: DeviceChoice = std::env::var("DEVICE")
         .unwrap_or_else(|_| "cpu".into())
         .parse()

@@ -57,7 +57,9 @@ fn options(steps: u64) -> PolicyTrainOptions {
 }
 
 fn main() -> Result<()> {
-    rlhf_bot::model::fused::tune_allocator();
+    rlhf_bot::kernels::tune_allocator();
+    // As the binary runs: subnormals flushed on every compute thread.
+    let _ = rlhf_bot::kernels::init_compute_threads(None);
     let Some(path) = gguf::find_gguf("SmolLM2-135M-Instruct") else {
         println!(
             "skipped: SmolLM2-135M-Instruct GGUF not found under {:?}",

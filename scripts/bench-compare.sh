@@ -10,13 +10,16 @@
 #   dpo         tiny-Llama DPO step, 8+8 x 256 (dpo_step | bench-pytorch.py dpo)
 #   generate    SmolLM2-135M greedy generation, batch 1 and 8 (generate | transformers)
 #   reward-e2e  `rlhf-bot train reward` vs TRL's RewardTrainer: all-MiniLM-L6-v2, 2,000 HH-RLHF
-#               pairs, max length 256, batch 16, 1 epoch, lr 5e-5; time and held-out accuracy
+#               pairs (E2E_PAIRS), max length 256, batch 16, 1 epoch, lr 5e-5; wall time of the
+#               whole command (load, train, evaluate the 312 held-out pairs) and held-out
+#               accuracy. TRL drops the pairs longer than max length (~20% of HH at 256) where we
+#               truncate them, so it trains on fewer, shorter pairs.
 #   pull        `rlhf-bot pull` of 1,000,000 records from a loopback API (ours only: target
 #               <= 10 s and <= 200 MB)
 # The Python side lives in its own venv ($RLHF_BENCH_VENV, default ~/.cache/rlhf-bot/bench-venv):
 # torch from PyTorch's CPU wheel index (else PyPI), transformers and TRL from PyPI. Models come from
 # scripts/fetch-models.sh; the HH data from $HH_DATA (a harmless-base .jsonl.gz).
-# Env: ROUNDS, THREADS (2), RLHF_MODELS_DIR, RLHF_BENCH_VENV, HH_DATA, BENCH_OUT.
+# Env: ROUNDS, THREADS (2), RLHF_MODELS_DIR, RLHF_BENCH_VENV, HH_DATA, BENCH_OUT, E2E_PAIRS (2000).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,6 +29,7 @@ MODELS=${RLHF_MODELS_DIR:-$HOME/.cache/rlhf-bot/models}
 VENV=${RLHF_BENCH_VENV:-$HOME/.cache/rlhf-bot/bench-venv}
 OUT=${BENCH_OUT:-target/bench-compare}
 HH_DATA=${HH_DATA:-../shared/data/hh-rlhf-harmless-test/harmless-base-test.jsonl.gz}
+E2E_PAIRS=${E2E_PAIRS:-2000}
 CASES=("$@")
 [ ${#CASES[@]} -gt 0 ] || CASES=(bert dpo generate reward-e2e pull)
 mkdir -p "$OUT"
@@ -67,14 +71,15 @@ smollm_hf() {
   echo "$dir"
 }
 
-# The end-to-end reward data: 2,000 training pairs and the rest held out, as TRL JSONL.
+# The end-to-end reward data: the first E2E_PAIRS of the first 2,000 pairs to train on, the
+# remaining 312 held out, as TRL JSONL.
 reward_data() {
-  if [ ! -f "$OUT/hh-train.jsonl" ]; then
-    "$VENV/bin/python" - "$HH_DATA" "$OUT" <<'EOF'
+  if [ ! -f "$OUT/hh-train-$E2E_PAIRS.jsonl" ]; then
+    "$VENV/bin/python" - "$HH_DATA" "$OUT" "$E2E_PAIRS" <<'EOF'
 import gzip, json, sys
 rows = [json.loads(l) for l in gzip.open(sys.argv[1], "rt") if l.strip()]
-with open(f"{sys.argv[2]}/hh-train.jsonl", "w") as f:
-    for r in rows[:2000]:
+with open(f"{sys.argv[2]}/hh-train-{sys.argv[3]}.jsonl", "w") as f:
+    for r in rows[:min(int(sys.argv[3]), 2000)]:
         f.write(json.dumps({"chosen": r["chosen"], "rejected": r["rejected"]}) + "\n")
 with open(f"{sys.argv[2]}/hh-eval.jsonl", "w") as f:
     for r in rows[2000:]:
@@ -109,12 +114,12 @@ run_case() {
       rm -rf "$ours_dir"
       /usr/bin/time -f '%e s wall, %M KB peak' -o "$log.ours.time" "$BIN" --format json \
         --config configs/example.yaml train reward --model "$MODELS/all-MiniLM-L6-v2" \
-        --dataset "$OUT/hh-train.jsonl" --eval "$OUT/hh-eval.jsonl" --max-length 256 \
+        --dataset "$OUT/hh-train-$E2E_PAIRS.jsonl" --eval "$OUT/hh-eval.jsonl" --max-length 256 \
         --batch-size 16 --epochs 1 --lr 5e-5 --out "$ours_dir" > "$log.ours" 2> "$log.ours.err"
       record reward-e2e ours "$(after "$log.ours.time" '')" s
       record reward-e2e-accuracy ours "$("$VENV/bin/python" -c 'import json,sys; print(json.load(open(sys.argv[1]))["metrics"]["eval"]["accuracy"])' "$log.ours")" acc
       /usr/bin/time -f '%e s wall, %M KB peak' -o "$log.theirs.time" "$VENV/bin/python" \
-        scripts/bench-trl-reward.py "$MODELS/all-MiniLM-L6-v2" "$OUT/hh-train.jsonl" \
+        scripts/bench-trl-reward.py "$MODELS/all-MiniLM-L6-v2" "$OUT/hh-train-$E2E_PAIRS.jsonl" \
         "$OUT/hh-eval.jsonl" > "$log.theirs" 2>&1
       record reward-e2e trl "$(after "$log.theirs.time" '')" s
       record reward-e2e-accuracy trl "$(after "$log.theirs" 'accuracy')" acc ;;

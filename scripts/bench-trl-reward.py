@@ -30,6 +30,10 @@ def main():
     model_dir, train_file, eval_file = sys.argv[1:4]
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    # TRL appends the EOS token to every non-conversational example; a BERT WordPiece tokenizer
+    # has none, so its [SEP] stands in (the row then ends "[SEP] [SEP]", one token longer).
+    if tokenizer.eos_token is None:
+        tokenizer.eos_token = tokenizer.sep_token
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1)
     train = Dataset.from_list(rows(train_file))
     with tempfile.TemporaryDirectory() as out:

@@ -11,6 +11,7 @@ pub mod decision;
 pub mod deploy;
 pub mod feedback;
 pub mod forge;
+pub mod kernels;
 pub mod kpi;
 pub mod model;
 pub mod model_kind;

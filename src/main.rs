@@ -11,13 +11,21 @@ fn main() -> std::process::ExitCode {
     // The benchmarks measure training with these allocator settings (GUIDE §4: glibc's default
     // returns large freed blocks to the OS, and page faults then cost a large share of a step);
     // production must run with what was measured.
-    let tuned = rlhf_bot::model::fused::tune_allocator();
+    let tuned = rlhf_bot::kernels::tune_allocator();
     tracing::debug!(
         tuned,
         "glibc malloc tuned: no mmap for large blocks, no trimming"
     );
+    // Subnormal floats cost ~100x per operation on Intel cores (see `kernels::threads`):
+    // every thread that runs kernels flushes them, as the benchmarks do.
+    if let Err(e) = rlhf_bot::kernels::init_compute_threads(None) {
+        tracing::debug!("compute thread pool already configured: {e}");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .on_thread_start(|| {
+            rlhf_bot::kernels::flush_denormals_on_this_thread();
+        })
         .build()
     {
         Ok(rt) => rt,

@@ -3,7 +3,7 @@
 //! candle-transformers ships a BERT, but its fused layer norm and softmax have no backward pass, so
 //! gradients would silently stop inside the encoder (GUIDE §4). This module builds the same network
 //! from ops that all have a backward, either candle's generic ops ([`Kernels::Reference`]) or the
-//! project's fused CPU kernels in [`crate::model::fused`] ([`Kernels::Fused`], same maths, several
+//! project's fused CPU kernels in [`crate::kernels`] ([`Kernels::Fused`], same maths, several
 //! times fewer passes over memory). Tensor names equal the Hugging Face names
 //! (`embeddings.word_embeddings.weight`, `encoder.layer.0.attention.self.query.weight`, …) so a
 //! checkpoint loads into a [`VarMap`] and saves back in a layout `transformers` reads.
@@ -22,7 +22,7 @@ use candle_nn::{Init, VarBuilder, VarMap};
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::model::fused;
+use crate::kernels;
 
 /// Attention scores of padded keys get this bias; finite (unlike `f32::MIN` arithmetic) so that a
 /// fully padded row gives a uniform softmax instead of NaN.
@@ -219,8 +219,8 @@ impl Dense {
 
     fn forward(&self, x: &Tensor, kernels: Kernels) -> candle_core::Result<Tensor> {
         match kernels {
-            Kernels::Reference => fused::reference::linear(x, &self.weight, &self.bias),
-            Kernels::Fused => fused::linear(x, &self.weight, &self.bias),
+            Kernels::Reference => kernels::reference::linear(x, &self.weight, &self.bias),
+            Kernels::Fused => kernels::linear(x, &self.weight, &self.bias),
         }
     }
 
@@ -232,7 +232,7 @@ impl Dense {
         kernels: Kernels,
     ) -> candle_core::Result<Tensor> {
         if kernels == Kernels::Fused && act == HiddenAct::Gelu {
-            return fused::linear_gelu(x, &self.weight, &self.bias);
+            return kernels::linear_gelu(x, &self.weight, &self.bias);
         }
         let h = self.forward(x, kernels)?;
         match act {
@@ -265,7 +265,7 @@ impl LayerNorm {
             Kernels::Reference => {
                 candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, self.eps as f32)
             }
-            Kernels::Fused => fused::layer_norm(x, &self.weight, &self.bias, self.eps as f32),
+            Kernels::Fused => kernels::layer_norm(x, &self.weight, &self.bias, self.eps as f32),
         }
     }
 
@@ -401,7 +401,7 @@ impl Layer {
             && hidden_dropout == 0.0
         {
             // The whole layer as one op: one backward node instead of ~15 (see fused/layer.rs).
-            let p = fused::EncoderLayerParams {
+            let p = kernels::EncoderLayerParams {
                 query: self.query.parts(),
                 key: self.key.parts(),
                 value: self.value.parts(),
@@ -411,14 +411,14 @@ impl Layer {
                 output: self.output.parts(),
                 out_norm: [&self.out_norm.weight, &self.out_norm.bias],
             };
-            return fused::encoder_layer(x, &p, mask_bias, self.heads, self.attn_norm.eps as f32);
+            return kernels::encoder_layer(x, &p, mask_bias, self.heads, self.attn_norm.eps as f32);
         }
         let ctx = match kernels {
             Kernels::Fused if attn_dropout == 0.0 => {
                 let q = self.query.forward(x, kernels)?;
                 let k = self.key.forward(x, kernels)?;
                 let v = self.value.forward(x, kernels)?;
-                fused::attention(&q, &k, &v, mask_bias, self.heads, scale as f32)?
+                kernels::attention(&q, &k, &v, mask_bias, self.heads, scale as f32)?
             }
             _ => {
                 let split = |t_: Tensor| -> candle_core::Result<Tensor> {
@@ -432,7 +432,7 @@ impl Layer {
                 let scores = (q.matmul(&k.t()?)? * scale)?
                     .broadcast_add(&mask_bias.reshape((b, 1, 1, t))?)?;
                 let probs = match kernels {
-                    Kernels::Fused => fused::softmax_last_dim(&scores)?,
+                    Kernels::Fused => kernels::softmax_last_dim(&scores)?,
                     Kernels::Reference => candle_nn::ops::softmax(&scores, D::Minus1)?,
                 };
                 let probs = dropout(&probs, attn_dropout, true)?;

@@ -12,7 +12,7 @@
 use anyhow::{Context, Result};
 use candle_core::{D, Device, IndexOp, Tensor};
 
-use crate::model::fused;
+use crate::kernels;
 use crate::model::llama::{LayerKv, LlamaForCausalLM};
 use crate::model::sampling::{Sampler, SamplingParams, token_logprob};
 
@@ -131,7 +131,7 @@ impl Generation {
 
 /// Generates continuations of the token-id `prompts` (each non-empty).
 ///
-/// The decoding loop runs on a rayon worker ([`fused::on_worker`]): each token's forward pass is
+/// The decoding loop runs on a rayon worker ([`kernels::on_worker`]): each token's forward pass is
 /// hundreds of small parallel products, and handing each one over from an outside thread costs
 /// more than the product itself for the smaller layers.
 pub fn generate<M: CausalLm + Sync + ?Sized>(
@@ -139,7 +139,7 @@ pub fn generate<M: CausalLm + Sync + ?Sized>(
     prompts: &[Vec<u32>],
     cfg: &GenerationConfig,
 ) -> Result<Generation> {
-    fused::on_worker(|| generate_here(model, prompts, cfg))
+    kernels::on_worker(|| generate_here(model, prompts, cfg))
 }
 
 fn generate_here<M: CausalLm + Sync + ?Sized>(
@@ -274,7 +274,7 @@ fn rows_tensor(rows: &[Vec<u32>], device: &Device) -> Result<Tensor> {
 pub fn last_position_logits(hidden: &Tensor, lm_head: &Tensor) -> Result<Tensor> {
     let t = hidden.dim(1)?;
     let last = hidden.i((.., t - 1, ..))?.contiguous()?;
-    Ok(crate::model::fused::matmul_t(&last, lm_head)?)
+    Ok(crate::kernels::matmul_t(&last, lm_head)?)
 }
 
 /// `log_softmax` over the last dimension, for callers that score whole sequences.

@@ -240,7 +240,7 @@ impl GgufLlama {
             .map(|(k, v)| Ok((k.clone(), v.to_device(device)?)))
             .collect::<candle_core::Result<_>>()?;
         // Decoding streams every weight once per token: 2 MiB pages make that faster.
-        crate::model::fused::collapse_into_huge_pages(tensors.values());
+        crate::kernels::collapse_into_huge_pages(tensors.values());
         let vb = candle_nn::VarBuilder::from_tensors(tensors, candle_core::DType::F32, device);
         crate::model::llama::LlamaForCausalLM::new(&cfg, vb)
             .context("building the llama decoder from GGUF weights")

@@ -20,9 +20,9 @@ use candle_nn::{Embedding, Init, Linear, VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
 use super::checkpoint_io::{self, LoadReport};
-use super::fused;
 use super::lora::{AdaptableLinear, HasAdaptableLinears};
 use super::ops;
+use crate::kernels;
 
 /// Key in `config.json` under which this crate records its extra reward heads. transformers
 /// keeps unknown config keys as plain attributes, so the file stays loadable there.
@@ -380,7 +380,7 @@ impl RmsNorm {
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        ops::rms_norm_fused(x, &self.weight, self.eps)
+        kernels::rms_norm(x, &self.weight, self.eps)
     }
 }
 
@@ -404,7 +404,7 @@ impl Mlp {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let gate = self.gate_proj.forward(x)?;
         let up = self.up_proj.forward(x)?;
-        self.down_proj.forward(&ops::silu_mul(&gate, &up)?)
+        self.down_proj.forward(&kernels::silu_mul(&gate, &up)?)
     }
 }
 
@@ -462,8 +462,8 @@ impl Attention {
         let q = split(self.q_proj.forward(x)?, self.n_heads)?;
         let k = split(self.k_proj.forward(x)?, self.n_kv)?;
         let v = split(self.v_proj.forward(x)?, self.n_kv)?.contiguous()?;
-        let q = ops::apply_rope_fused(&q, &ctx.cos, &ctx.sin)?;
-        let k = ops::apply_rope_fused(&k, &ctx.cos, &ctx.sin)?;
+        let q = kernels::apply_rope(&q, &ctx.cos, &ctx.sin)?;
+        let k = kernels::apply_rope(&k, &ctx.cos, &ctx.sin)?;
         Ok((q, k, v))
     }
 
@@ -485,7 +485,7 @@ impl Attention {
         let scale = 1.0 / (d as f64).sqrt();
         let q = (q * scale)?.reshape((b, self.n_kv, rep * tq, d))?;
         let scores = q.matmul(&k.t()?)?.reshape((b, self.n_heads, tq, tk))?;
-        let probs = ops::softmax_last_dim(&scores.broadcast_add(bias)?)?;
+        let probs = kernels::softmax_last_dim(&scores.broadcast_add(bias)?)?;
         let out = probs
             .reshape((b, self.n_kv, rep * tq, tk))?
             .matmul(v)?
@@ -502,18 +502,18 @@ impl Attention {
         kv: Option<&mut LayerKv>,
     ) -> candle_core::Result<Tensor> {
         let (q, k, v) = self.qkv(x, ctx)?;
-        if kv.is_none() && fused::fusable_all(&[&q, &k, &v, &ctx.bias]) {
+        if kv.is_none() && kernels::fusable_all(&[&q, &k, &v, &ctx.bias]) {
             // Training and scoring (no cache): the fused op, one pass with its own backward.
             let scale = 1.0 / (self.head_dim as f32).sqrt();
-            let out = fused::causal_attention(&q, &k, &v, &ctx.bias, scale)?;
+            let out = kernels::causal_attention(&q, &k, &v, &ctx.bias, scale)?;
             return self.o_proj.forward(&out);
         }
         let out = match kv {
             None => self.attend(&q, &k, &v, &ctx.bias)?,
             Some(slot) => {
                 let buf = KvBuffer::append(slot, &k.contiguous()?, &v.contiguous()?)?;
-                if fused::fusable_all(&[&q, &buf.k, &buf.v, &ctx.bias]) {
-                    let op = fused::CachedAttention {
+                if kernels::fusable_all(&[&q, &buf.k, &buf.v, &ctx.bias]) {
+                    let op = kernels::CachedAttention {
                         heads: self.n_heads,
                         len: buf.len,
                         scale: (1.0 / (self.head_dim as f64).sqrt()) as f32,
@@ -933,7 +933,7 @@ impl LlamaForCausalLM {
         let src = Tensor::from_vec(src_rows, targets.len(), dev)?;
         let dst = Tensor::from_vec(dst_rows, targets.len(), dev)?;
         let picked = hidden.reshape((b * t, d))?.index_select(&src, 0)?;
-        let logp = ops::lm_head_logprobs(&picked, &self.lm_head, &targets, LOGPROB_CHUNK)?;
+        let logp = kernels::lm_head_logprobs(&picked, &self.lm_head, &targets, LOGPROB_CHUNK)?;
         zeros.index_add(&dst, &logp, 0)
     }
 
@@ -1219,7 +1219,7 @@ pub fn load_frozen_causal_lm(
     let cfg = LlamaConfig::from_dir(dir)?;
     let tensors = crate::model::checkpoint_io::read_dir_tensors(dir, device)?;
     // A frozen base is what rollouts decode with: its weights are streamed once per token.
-    fused::collapse_into_huge_pages(tensors.values());
+    kernels::collapse_into_huge_pages(tensors.values());
     let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, device);
     LlamaForCausalLM::new(&cfg, vb)
         .with_context(|| format!("building the frozen base model from {}", dir.display()))

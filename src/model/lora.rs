@@ -23,7 +23,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::SeedableRng;
 use serde::{Deserialize, Serialize};
 
-use crate::model::fused::{self, matmul_t};
+use crate::kernels::{self, matmul_t};
 
 /// File names of a PEFT adapter directory.
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
@@ -355,10 +355,10 @@ fn dense(layer: &Linear, x: &Tensor) -> candle_core::Result<Tensor> {
     let dims = x.dims();
     let in_dim = dims.last().copied().unwrap_or(1);
     let rows = x.elem_count() / in_dim.max(1);
-    if rows >= FUSED_DENSE_MIN_ROWS && fused::fusable_all(&[x, layer.weight()]) {
+    if rows >= FUSED_DENSE_MIN_ROWS && kernels::fusable_all(&[x, layer.weight()]) {
         // Training and scoring shapes: one op whose backward writes dW in place and skips it
         // for a frozen (LoRA base or reference) weight.
-        let y = fused::matmul_wt(x, layer.weight())?;
+        let y = kernels::matmul_wt(x, layer.weight())?;
         return match layer.bias() {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),

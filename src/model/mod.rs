@@ -10,7 +10,6 @@ pub mod bert;
 pub mod chat_template;
 pub mod checkpoint_io;
 pub mod export;
-pub mod fused;
 pub mod generate;
 pub mod gguf;
 pub mod llama;

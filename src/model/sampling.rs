@@ -6,7 +6,7 @@
 //! The order of the filters follows Hugging Face's `generate`: temperature, then top-k, then
 //! top-p, so a config written for `transformers` means the same thing here.
 
-use crate::model::fused::math as fused_math;
+use crate::kernels::math as fused_math;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::SeedableRng;

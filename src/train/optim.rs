@@ -13,29 +13,10 @@ use anyhow::{Context, bail};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Result as CResult, Tensor, Var};
 use candle_nn::VarMap;
-use serde::{Deserialize, Serialize};
 
-/// Hyper-parameters (the defaults are PyTorch's and candle's).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct AdamWConfig {
-    pub lr: f64,
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
-    pub weight_decay: f64,
-}
+use crate::kernels::adamw;
 
-impl Default for AdamWConfig {
-    fn default() -> Self {
-        Self {
-            lr: 1e-3,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.01,
-        }
-    }
-}
+pub use crate::kernels::adamw::AdamWConfig;
 
 #[derive(Debug)]
 struct Slot {
@@ -133,9 +114,9 @@ impl AdamW {
             let Some(g) = grads.get(s.var.as_tensor()) else {
                 continue;
             };
-            if fused::applies(&s.var, g, &s.m, &s.v) {
-                let c = fused::Consts::new(&self.cfg, scale_m, scale_v, grad_scale);
-                let (m, v) = fused::update(&s.var, g, &s.m, &s.v, &c)?;
+            if adamw::applies(&s.var, g, &s.m, &s.v) {
+                let c = adamw::Consts::new(&self.cfg, scale_m, scale_v, grad_scale);
+                let (m, v) = adamw::update(&s.var, g, &s.m, &s.v, &c)?;
                 s.m = m;
                 s.v = v;
                 continue;
@@ -254,7 +235,7 @@ pub fn grad_norm<'a>(grads: &GradStore, params: impl IntoIterator<Item = &'a Var
 /// Not finite exactly when some entry is NaN or infinite (squares of finite f32 values cannot
 /// overflow f64), which is what lets one pass serve both the norm and the finiteness guard.
 pub fn grad_sq_sum(g: &Tensor) -> CResult<f64> {
-    if let Some(s) = fused::sq_sum(g)? {
+    if let Some(s) = adamw::sq_sum(g)? {
         return Ok(s);
     }
     g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()
@@ -304,158 +285,4 @@ pub fn first_non_finite_grad(
         }
     }
     Ok(None)
-}
-
-/// The AdamW update and the gradient sum of squares as single multi-threaded passes over f32
-/// CPU data. The composed version allocates a full-size tensor per op (about ten per parameter,
-/// most of them single-threaded), which on a 49k-vocabulary embedding is a large share of a DPO
-/// step. Every operation here mirrors one of candle's ops in the same order and precision
-/// (`affine(a, b)` is `x·a + b` with `a`, `b` rounded to f32), so results match bit for bit.
-mod fused {
-    use candle_core::{DType, Result, Storage, Tensor, Var};
-    use rayon::prelude::*;
-
-    use super::AdamWConfig;
-
-    /// Elements per rayon task.
-    const CHUNK: usize = 1 << 14;
-
-    /// Whether the fused kernels can run on these tensors.
-    pub(super) fn applies(var: &Var, g: &Tensor, m: &Tensor, v: &Tensor) -> bool {
-        [var.as_tensor(), g, m, v]
-            .iter()
-            .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
-    }
-
-    /// The update's constants, each rounded to f32 where candle's `affine` would round it.
-    pub(super) struct Consts {
-        grad_scale: Option<f32>,
-        beta1: f32,
-        one_minus_beta1: f32,
-        beta2: f32,
-        one_minus_beta2: f32,
-        scale_m: f32,
-        scale_v: f32,
-        decay: f32,
-        eps: f32,
-        lr: f32,
-    }
-
-    impl Consts {
-        pub(super) fn new(
-            cfg: &AdamWConfig,
-            scale_m: f64,
-            scale_v: f64,
-            grad_scale: Option<f64>,
-        ) -> Self {
-            Self {
-                grad_scale: grad_scale.map(|c| c as f32),
-                beta1: cfg.beta1 as f32,
-                one_minus_beta1: (1.0 - cfg.beta1) as f32,
-                beta2: cfg.beta2 as f32,
-                one_minus_beta2: (1.0 - cfg.beta2) as f32,
-                scale_m: scale_m as f32,
-                scale_v: scale_v as f32,
-                decay: (1f64 - cfg.lr * cfg.weight_decay) as f32,
-                eps: cfg.eps as f32,
-                lr: cfg.lr as f32,
-            }
-        }
-
-        /// One element: `(θ', m', v')`. The `+ 0.0` terms are the zero offsets of candle's
-        /// `affine`, kept so signed zeros come out the same.
-        #[inline(always)]
-        fn apply(&self, p: f32, g: f32, m: f32, v: f32) -> (f32, f32, f32) {
-            let g = match self.grad_scale {
-                Some(c) => g * c + 0.0,
-                None => g,
-            };
-            let m = (m * self.beta1 + 0.0) + (g * self.one_minus_beta1 + 0.0);
-            let v = (v * self.beta2 + 0.0) + ((g * g) * self.one_minus_beta2 + 0.0);
-            let m_hat = m * self.scale_m + 0.0;
-            let v_hat = v * self.scale_v + 0.0;
-            let theta = p * self.decay + 0.0;
-            let adjusted = m_hat / (v_hat.sqrt() * 1.0 + self.eps);
-            (theta - (adjusted * self.lr + 0.0), m, v)
-        }
-    }
-
-    /// Runs `f` on the contiguous f32 data of a CPU tensor.
-    fn with_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-        let t = t.contiguous()?;
-        let (storage, layout) = t.storage_and_layout();
-        let Storage::Cpu(cpu) = &*storage else {
-            candle_core::bail!("fused AdamW: tensor is not on the CPU");
-        };
-        let Some((a, b)) = layout.contiguous_offsets() else {
-            candle_core::bail!("fused AdamW: tensor is not contiguous");
-        };
-        f(&cpu.as_slice::<f32>()?[a..b])
-    }
-
-    /// Applies one AdamW update to `var` and returns the new moments.
-    pub(super) fn update(
-        var: &Var,
-        g: &Tensor,
-        m: &Tensor,
-        v: &Tensor,
-        c: &Consts,
-    ) -> Result<(Tensor, Tensor)> {
-        let n = var.elem_count();
-        for (what, t) in [("gradient", g), ("first moment", m), ("second moment", v)] {
-            if t.elem_count() != n {
-                candle_core::bail!(
-                    "AdamW: {what} has {} entries, parameter {n}",
-                    t.elem_count()
-                );
-            }
-        }
-        let mut new_p = vec![0f32; n];
-        let mut new_m = vec![0f32; n];
-        let mut new_v = vec![0f32; n];
-        with_data(var.as_tensor(), |p| {
-            with_data(g, |g| {
-                with_data(m, |m| {
-                    with_data(v, |v| {
-                        new_p
-                            .par_chunks_mut(CHUNK)
-                            .zip(new_m.par_chunks_mut(CHUNK))
-                            .zip(new_v.par_chunks_mut(CHUNK))
-                            .enumerate()
-                            .for_each(|(i, ((np, nm), nv))| {
-                                let o = i * CHUNK;
-                                for j in 0..np.len() {
-                                    let k = o + j;
-                                    (np[j], nm[j], nv[j]) = c.apply(p[k], g[k], m[k], v[k]);
-                                }
-                            });
-                        Ok(())
-                    })
-                })
-            })
-        })?;
-        let (shape, dev) = (var.shape().clone(), var.device().clone());
-        var.set(&Tensor::from_vec(new_p, shape.clone(), &dev)?)?;
-        Ok((
-            Tensor::from_vec(new_m, shape.clone(), &dev)?,
-            Tensor::from_vec(new_v, shape, &dev)?,
-        ))
-    }
-
-    /// `Σ g²` in f64 for an f32 CPU tensor; `None` for anything else.
-    pub(super) fn sq_sum(g: &Tensor) -> Result<Option<f64>> {
-        if !g.device().is_cpu() || g.dtype() != DType::F32 {
-            return Ok(None);
-        }
-        with_data(g, |d| {
-            // Partial sums are collected in order and added sequentially: rayon's own `sum`
-            // reduces in an order that depends on scheduling, and a resumed run must repeat
-            // the same clipping coefficient bit for bit.
-            let parts: Vec<f64> = d
-                .par_chunks(CHUNK)
-                .map(|c| c.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>())
-                .collect();
-            Ok(Some(parts.iter().sum()))
-        })
-    }
 }

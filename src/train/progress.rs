@@ -1,11 +1,16 @@
 //! Training progress for people: an indicatif bar when stderr is a terminal, and otherwise (CI
-//! logs) one plain line every N steps, so a GitHub Actions log stays readable and never fills
-//! with carriage-return redraws (GUIDE §3.6).
+//! logs, a pipe, a file) one plain line every N steps, so a GitHub Actions log stays readable and
+//! never fills with carriage-return redraws (GUIDE §3.6). The first step and any step after
+//! [`QUIET_LIMIT`] without a line also get one: a run whose steps take minutes still shows
+//! that it is alive, and how fast it goes, from its first step on.
 
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
+
+/// Longest stretch without a progress line when stderr is not a terminal.
+pub const QUIET_LIMIT: Duration = Duration::from_secs(30);
 
 /// What one optimiser step reports.
 #[derive(Debug, Clone, Copy, Default)]
@@ -27,6 +32,7 @@ pub struct Progress {
     started: Instant,
     first_step: u64,
     tokens: u64,
+    last_line: Instant,
 }
 
 impl Progress {
@@ -51,6 +57,7 @@ impl Progress {
             started: Instant::now(),
             first_step,
             tokens: 0,
+            last_line: Instant::now(),
         }
     }
 
@@ -69,9 +76,14 @@ impl Progress {
                 bar.set_position(done);
                 bar.set_message(msg);
             }
-            None if done.is_multiple_of(self.every) || done == self.total => {
+            None if done.is_multiple_of(self.every)
+                || done == self.total
+                || r.step == self.first_step
+                || self.last_line.elapsed() >= QUIET_LIMIT =>
+            {
                 let eta = self.eta(done);
                 tracing::info!("step {done}/{} {msg} eta {}s", self.total, eta.as_secs());
+                self.last_line = Instant::now();
             }
             None => {}
         }

@@ -8,11 +8,11 @@ use std::path::PathBuf;
 
 use candle_core::{Device, Tensor, Var};
 use candle_nn::{Optimizer, ParamsAdamW};
+use rlhf_bot::kernels;
 use rlhf_bot::model::bert::{
     BertConfig, BertRewardModel, EncodedBatch, HiddenAct, Kernels, LoadedTokenizer,
     RewardHeadConfig,
 };
-use rlhf_bot::model::fused;
 
 use crate::common::max_abs_diff;
 
@@ -396,8 +396,8 @@ fn fused_bias_add_matches_reference() {
     assert_same(
         "bias_add",
         &inputs,
-        &|t| fused::bias_add(&t[0], &t[1]),
-        &|t| fused::reference::bias_add(&t[0], &t[1]),
+        &|t| kernels::bias_add(&t[0], &t[1]),
+        &|t| kernels::reference::bias_add(&t[0], &t[1]),
         1e-6,
     );
 }
@@ -412,7 +412,7 @@ fn fused_linear_matches_reference() {
     assert_same(
         "linear",
         &inputs,
-        &|t| fused::linear(&t[0], &t[1], &t[2]),
+        &|t| kernels::linear(&t[0], &t[1], &t[2]),
         &|t| t[0].broadcast_matmul(&t[1].t()?)?.broadcast_add(&t[2]),
         1e-5,
     );
@@ -428,8 +428,8 @@ fn fused_linear_gelu_matches_reference() {
     assert_same(
         "linear_gelu",
         &inputs,
-        &|t| fused::linear_gelu(&t[0], &t[1], &t[2]),
-        &|t| fused::reference::linear(&t[0], &t[1], &t[2])?.gelu_erf(),
+        &|t| kernels::linear_gelu(&t[0], &t[1], &t[2]),
+        &|t| kernels::reference::linear(&t[0], &t[1], &t[2])?.gelu_erf(),
         1e-5,
     );
 }
@@ -440,8 +440,8 @@ fn fused_bias_gelu_matches_reference() {
     assert_same(
         "bias_gelu",
         &inputs,
-        &|t| fused::bias_gelu(&t[0], &t[1]),
-        &|t| fused::reference::bias_gelu(&t[0], &t[1]),
+        &|t| kernels::bias_gelu(&t[0], &t[1]),
+        &|t| kernels::reference::bias_gelu(&t[0], &t[1]),
         1e-5,
     );
 }
@@ -456,8 +456,8 @@ fn fused_layer_norm_matches_reference() {
     assert_same(
         "layer_norm",
         &inputs,
-        &|t| fused::layer_norm(&t[0], &t[1], &t[2], 1e-12),
-        &|t| fused::reference::layer_norm(&t[0], &t[1], &t[2], 1e-12),
+        &|t| kernels::layer_norm(&t[0], &t[1], &t[2], 1e-12),
+        &|t| kernels::reference::layer_norm(&t[0], &t[1], &t[2], 1e-12),
         1e-4,
     );
 }
@@ -468,8 +468,8 @@ fn fused_softmax_matches_reference() {
     assert_same(
         "softmax",
         &inputs,
-        &|t| fused::softmax_last_dim(&t[0]),
-        &|t| fused::reference::softmax_last_dim(&t[0]),
+        &|t| kernels::softmax_last_dim(&t[0]),
+        &|t| kernels::reference::softmax_last_dim(&t[0]),
         1e-6,
     );
 }
@@ -494,8 +494,8 @@ fn fused_attention_matches_reference_with_padding() {
     assert_same(
         "attention",
         &inputs,
-        &move |x| fused::attention(&x[0], &x[1], &x[2], &m1, heads, scale),
-        &move |x| fused::reference::attention(&x[0], &x[1], &x[2], &mask, heads, scale),
+        &move |x| kernels::attention(&x[0], &x[1], &x[2], &m1, heads, scale),
+        &move |x| kernels::reference::attention(&x[0], &x[1], &x[2], &mask, heads, scale),
         1e-5,
     );
 }
@@ -551,7 +551,7 @@ fn fused_encoder_layer_matches_reference_with_padding() {
     let run = |x: &[Tensor], fused_op: bool| -> candle_core::Result<Tensor> {
         let p = params(&x[1..]);
         let pair = |i: usize| [&p[i][0], &p[i][1]];
-        let lp = fused::EncoderLayerParams {
+        let lp = kernels::EncoderLayerParams {
             query: pair(0),
             key: pair(1),
             value: pair(2),
@@ -562,9 +562,9 @@ fn fused_encoder_layer_matches_reference_with_padding() {
             out_norm: pair(7),
         };
         if fused_op {
-            fused::encoder_layer(&x[0], &lp, &mask, heads, 1e-12)
+            kernels::encoder_layer(&x[0], &lp, &mask, heads, 1e-12)
         } else {
-            fused::reference::encoder_layer(&x[0], &lp, &mask, heads, 1e-12)
+            kernels::reference::encoder_layer(&x[0], &lp, &mask, heads, 1e-12)
         }
     };
     assert_same(
@@ -588,7 +588,17 @@ fn fused_adamw_matches_candle_adamw() {
         .iter()
         .map(|v| Var::from_tensor(v.as_tensor()).unwrap())
         .collect();
-    let mut fused_opt = fused::FusedAdamW::new(a.to_vec(), params.clone()).unwrap();
+    // The optimiser production runs (its kernels: `kernels::adamw`).
+    let named = a
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (format!("p{i}"), v.clone()));
+    let cfg = rlhf_bot::train::optim::AdamWConfig {
+        lr: params.lr,
+        weight_decay: params.weight_decay,
+        ..Default::default()
+    };
+    let mut fused_opt = rlhf_bot::train::optim::AdamW::new(named.collect(), cfg).unwrap();
     let mut candle_opt = candle_nn::AdamW::new(b.clone(), params).unwrap();
     for step in 0..3u32 {
         let loss = |vs: &[Var]| -> Tensor {

@@ -3,7 +3,7 @@
 //! fused results, so a GPU run computes the same numbers (up to float rounding).
 
 use candle_core::{DType, Device, Tensor, Var};
-use rlhf_bot::model::ops;
+use rlhf_bot::kernels;
 
 /// Values and the gradients of `Σ wᵢ·logpᵢ` for `h` and `w` (non-uniform weights so that no
 /// row's gradient can hide behind another's).
@@ -63,10 +63,10 @@ fn inputs(dtype: DType) -> (Var, Var, Vec<u32>) {
 #[test]
 fn generic_lm_head_logprobs_match_the_fused_op() {
     let (h, w, targets) = inputs(DType::F32);
-    let fused = logprobs_and_grads(|h, w| ops::lm_head_logprobs(h, w, &targets, 3), &h, &w);
+    let fused = logprobs_and_grads(|h, w| kernels::lm_head_logprobs(h, w, &targets, 3), &h, &w);
     for chunk in [1, 3, 4, 100] {
         let generic = logprobs_and_grads(
-            |h, w| ops::lm_head_logprobs_generic(h, w, &targets, chunk),
+            |h, w| kernels::reference::lm_head_logprobs(h, w, &targets, chunk),
             &h,
             &w,
         );
@@ -81,14 +81,18 @@ fn generic_lm_head_logprobs_match_the_fused_op() {
 #[test]
 fn lm_head_logprobs_falls_back_off_the_fused_path() {
     let (h, w, targets) = inputs(DType::F32);
-    let fused = logprobs_and_grads(|h, w| ops::lm_head_logprobs(h, w, &targets, 3), &h, &w);
+    let fused = logprobs_and_grads(|h, w| kernels::lm_head_logprobs(h, w, &targets, 3), &h, &w);
     let (h64, w64) = (
         Var::from_tensor(&h.to_dtype(DType::F64).unwrap()).unwrap(),
         Var::from_tensor(&w.to_dtype(DType::F64).unwrap()).unwrap(),
     );
-    let out = ops::lm_head_logprobs(h64.as_tensor(), w64.as_tensor(), &targets, 3).unwrap();
+    let out = kernels::lm_head_logprobs(h64.as_tensor(), w64.as_tensor(), &targets, 3).unwrap();
     assert_eq!(out.dtype(), DType::F64);
-    let wide = logprobs_and_grads(|h, w| ops::lm_head_logprobs(h, w, &targets, 3), &h64, &w64);
+    let wide = logprobs_and_grads(
+        |h, w| kernels::lm_head_logprobs(h, w, &targets, 3),
+        &h64,
+        &w64,
+    );
     assert_close("logp f64", &wide.0, &fused.0, 1e-5);
     assert_close("dh f64", &wide.1, &fused.1, 1e-4);
     assert_close("dW f64", &wide.2, &fused.2, 1e-4);
@@ -98,7 +102,8 @@ fn lm_head_logprobs_falls_back_off_the_fused_path() {
 #[test]
 fn generic_lm_head_logprobs_rejects_mismatched_targets() {
     let (h, w, _) = inputs(DType::F32);
-    let err = ops::lm_head_logprobs_generic(h.as_tensor(), w.as_tensor(), &[1, 2], 4).unwrap_err();
+    let err =
+        kernels::reference::lm_head_logprobs(h.as_tensor(), w.as_tensor(), &[1, 2], 4).unwrap_err();
     assert!(
         err.to_string().contains("7 hidden rows for 2 targets"),
         "{err}"

@@ -4,6 +4,7 @@
 
 use candle_core::{Device, Tensor, Var};
 use candle_nn::Optimizer;
+use rlhf_bot::kernels;
 use rlhf_bot::model::ops;
 use rlhf_bot::train::guard::GuardError;
 use rlhf_bot::train::optim::{self, AdamW, AdamWConfig};
@@ -62,8 +63,8 @@ fn fused_rope_matches_the_composed_rotation() {
     let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, t, h, d), &dev).unwrap()).unwrap();
     assert_same_op(
         std::slice::from_ref(&x),
-        |xs| ops::apply_rope_fused(&xs[0].transpose(1, 2).unwrap(), &cos, &sin).unwrap(),
-        |xs| ops::apply_rope(&xs[0].transpose(1, 2).unwrap(), &cos, &sin).unwrap(),
+        |xs| kernels::apply_rope(&xs[0].transpose(1, 2).unwrap(), &cos, &sin).unwrap(),
+        |xs| kernels::reference::apply_rope(&xs[0].transpose(1, 2).unwrap(), &cos, &sin).unwrap(),
         1e-6,
     );
 }
@@ -74,9 +75,7 @@ fn fused_rope_refuses_tables_of_another_shape() {
     let inv = ops::rope_inv_freq(8, 10_000.0);
     let (cos, sin) = ops::rope_tables(&[vec![0, 1, 2]], &inv, &dev).unwrap();
     let x = Tensor::zeros((1, 2, 4, 8), candle_core::DType::F32, &dev).unwrap();
-    let err = ops::apply_rope_fused(&x, &cos, &sin)
-        .unwrap_err()
-        .to_string();
+    let err = kernels::apply_rope(&x, &cos, &sin).unwrap_err().to_string();
     assert!(err.contains("do not match"), "{err}");
 }
 
@@ -89,7 +88,7 @@ fn fused_silu_mul_matches_silu_times_up() {
     let u = Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &dev).unwrap()).unwrap();
     assert_same_op(
         &[g, u],
-        |xs| ops::silu_mul(&xs[0], &xs[1]).unwrap(),
+        |xs| kernels::silu_mul(&xs[0], &xs[1]).unwrap(),
         |xs| (xs[0].silu().unwrap() * &xs[1]).unwrap(),
         1e-5,
     );
@@ -248,7 +247,9 @@ fn fused_lm_head_matches_autograd_with_and_without_kept_softmax() {
     for budget in [0, usize::MAX] {
         assert_same_op(
             &[h.clone(), w.clone()],
-            |xs| ops::lm_head_logprobs_with_budget(&xs[0], &xs[1], &targets, 8, budget).unwrap(),
+            |xs| {
+                kernels::lm_head_logprobs_with_budget(&xs[0], &xs[1], &targets, 8, budget).unwrap()
+            },
             |xs| {
                 let logits = xs[0].matmul(&xs[1].t().unwrap()).unwrap();
                 candle_nn::ops::log_softmax(&logits, candle_core::D::Minus1)
@@ -277,9 +278,7 @@ fn fused_causal_attention_matches_the_composed_ops() {
     let scale = 1.0 / (d as f32).sqrt();
     assert_same_op(
         &[q, k, v],
-        |xs| {
-            rlhf_bot::model::fused::causal_attention(&xs[0], &xs[1], &xs[2], &bias, scale).unwrap()
-        },
+        |xs| rlhf_bot::kernels::causal_attention(&xs[0], &xs[1], &xs[2], &bias, scale).unwrap(),
         |xs| {
             let rep = |x: &Tensor| {
                 let x = x

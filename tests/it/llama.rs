@@ -4,6 +4,7 @@
 //! were produced by TRL 1.16 (`RewardTrainer`, `DPOTrainer`) on the tiny random checkpoints, and
 //! `check_e2e.py` there recomputes them with plain transformers.
 
+use rlhf_bot::kernels;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -300,7 +301,7 @@ fn fused_logprob_gradient_matches_autograd() {
     let h = Var::from_tensor(&Tensor::randn(0f32, 1.0, (7, 5), &dev).unwrap()).unwrap();
     let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, (11, 5), &dev).unwrap()).unwrap();
     let targets: Vec<u32> = vec![0, 3, 10, 5, 5, 1, 7];
-    let fused = ops::lm_head_logprobs(h.as_tensor(), w.as_tensor(), &targets, 3).unwrap();
+    let fused = kernels::lm_head_logprobs(h.as_tensor(), w.as_tensor(), &targets, 3).unwrap();
     let weights = Tensor::new(&[1f32, -2.0, 0.5, 3.0, 1.0, -1.0, 2.0], &dev).unwrap();
     let gf = (&fused * &weights)
         .unwrap()
@@ -640,13 +641,13 @@ fn fast_exp_is_accurate() {
     let mut x = -80.0f32;
     while x < 80.0 {
         let want = f64::from(x).exp();
-        let got = f64::from(ops::fast_exp(x));
+        let got = f64::from(kernels::math::exp(x));
         worst = worst.max(((got - want) / want).abs());
         x += 0.013;
     }
     assert!(worst < 5e-7, "worst relative error {worst}");
-    assert_eq!(ops::fast_exp(0.0), 1.0);
-    assert!(ops::fast_exp(-1.0e30) < 1e-37);
+    assert_eq!(kernels::math::exp(0.0), 1.0);
+    assert!(kernels::math::exp(-1.0e30) < 1e-37);
 }
 
 /// Values and gradients of a fused op against the same math from primitive candle ops.
@@ -692,14 +693,14 @@ fn fused_softmax_and_rms_norm_match_primitive_ops() {
     let x = Var::from_tensor(&(Tensor::randn(0f32, 3.0, (2, 3, 5, 13), &dev).unwrap())).unwrap();
     compare_fused(
         std::slice::from_ref(&x),
-        |t| ops::softmax_last_dim(&t[0]).unwrap(),
+        |t| kernels::softmax_last_dim(&t[0]).unwrap(),
         |t| candle_nn::ops::softmax(&t[0], D::Minus1).unwrap(),
     );
     let w = Var::from_tensor(&(Tensor::randn(1f32, 0.5, 13, &dev).unwrap())).unwrap();
     compare_fused(
         &[x.clone(), w],
-        |t| ops::rms_norm_fused(&t[0], &t[1], 1e-5).unwrap(),
-        |t| ops::rms_norm(&t[0], &t[1], 1e-5).unwrap(),
+        |t| kernels::rms_norm(&t[0], &t[1], 1e-5).unwrap(),
+        |t| kernels::reference::rms_norm(&t[0], &t[1], 1e-5).unwrap(),
     );
     // Masked logits (the attention bias) get zero probability and no NaN.
     let masked = Tensor::new(
@@ -707,7 +708,7 @@ fn fused_softmax_and_rms_norm_match_primitive_ops() {
         &dev,
     )
     .unwrap();
-    let p = ops::softmax_last_dim(&masked)
+    let p = kernels::softmax_last_dim(&masked)
         .unwrap()
         .to_vec2::<f32>()
         .unwrap();

@@ -5,7 +5,9 @@
 //! against the formula written out by hand in the test.
 
 use candle_core::{DType, Device, Tensor, Var};
-use rlhf_bot::train::losses::{dpo, kl_control::KlController, kto, logprobs, ppo, reward, stats};
+use rlhf_bot::train::losses::{
+    dpo, kl_control::KlController, kto, logits_reference, ppo, reward, stats,
+};
 use serde_json::Value;
 
 const DTYPES: [DType; 2] = [DType::F64, DType::F32];
@@ -383,8 +385,8 @@ fn dpo_from_logits_matches_trl_logps_loss_metrics_and_logit_gradients() {
         for case in d["cases"].as_array().unwrap() {
             let pl = var(&d["policy_logits"], dt);
             let rl = t(&d["ref_logits"], dt);
-            let p = logprobs::sequence_logprobs(pl.as_tensor(), &input_ids, &cm).unwrap();
-            let r = logprobs::sequence_logprobs(&rl, &input_ids, &cm).unwrap();
+            let p = logits_reference::sequence_logprobs(pl.as_tensor(), &input_ids, &cm).unwrap();
+            let r = logits_reference::sequence_logprobs(&rl, &input_ids, &cm).unwrap();
             close_t("policy logps", &p, &case["policy_logps"], dt);
             close_t("ref logps", &r, &case["ref_logps"], dt);
             let cfg = dpo::DpoConfig {
@@ -451,8 +453,8 @@ fn dpo_from_logits_matches_trl_logps_loss_metrics_and_logit_gradients() {
                 ]
             );
             // Entropy metric: mean policy entropy over the (shifted) completion tokens.
-            let (_, shifted_mask) = logprobs::shift_labels(&input_ids, &cm).unwrap();
-            let ent = logprobs::entropy_from_logits(pl.as_tensor()).unwrap();
+            let (_, shifted_mask) = logits_reference::shift_labels(&input_ids, &cm).unwrap();
+            let ent = logits_reference::entropy_from_logits(pl.as_tensor()).unwrap();
             close(
                 "entropy",
                 stats::scalar_f64(&stats::masked_mean(&ent, &shifted_mask).unwrap()).unwrap(),
@@ -676,20 +678,20 @@ fn whiten_masked_stats_clip_entropy_logprobs_match_trl_core() {
         let logits = t(&d["logits"], dt);
         close_t(
             "entropy",
-            &logprobs::entropy_from_logits(&logits).unwrap(),
+            &logits_reference::entropy_from_logits(&logits).unwrap(),
             &d["entropy_from_logits"],
             dt,
         );
         let labels = ids(&d["labels"]);
         close_t(
             "logprobs",
-            &logprobs::token_logprobs(&logits, &labels).unwrap(),
+            &logits_reference::token_logprobs(&logits, &labels).unwrap(),
             &d["logprobs_from_logits"],
             dt,
         );
         close_t(
             "logprobs generic",
-            &logprobs::token_logprobs_generic(&logits, &labels).unwrap(),
+            &logits_reference::token_logprobs_generic(&logits, &labels).unwrap(),
             &d["logprobs_from_logits"],
             dt,
         );
@@ -763,8 +765,8 @@ fn fused_logprob_kernel_agrees_with_generic_ops_on_a_large_vocabulary() {
         )
         .unwrap();
         let w = weights.to_dtype(dt).unwrap();
-        let fused = logprobs::token_logprobs(x.as_tensor(), &labels).unwrap();
-        let generic = logprobs::token_logprobs_generic(x.as_tensor(), &labels).unwrap();
+        let fused = logits_reference::token_logprobs(x.as_tensor(), &labels).unwrap();
+        let generic = logits_reference::token_logprobs_generic(x.as_tensor(), &labels).unwrap();
         close_vec("values", &host(&fused), &host(&generic), dt);
         let gf = (&fused * &w)
             .unwrap()
@@ -789,7 +791,7 @@ fn fused_logprob_kernel_agrees_with_generic_ops_on_a_large_vocabulary() {
             max_diff < tol(dt) * 1e-2,
             "{dt:?}: gradient differs by {max_diff}"
         );
-        let ent_fused = logprobs::entropy_from_logits(x.as_tensor()).unwrap();
+        let ent_fused = logits_reference::entropy_from_logits(x.as_tensor()).unwrap();
         let lsm = candle_nn::ops::log_softmax(x.as_tensor(), 2).unwrap();
         let ent_ref = lsm
             .exp()
@@ -808,16 +810,16 @@ fn fused_logprob_kernel_agrees_with_generic_ops_on_a_large_vocabulary() {
 fn labels_outside_the_vocabulary_are_an_error_with_a_hint() {
     let logits = Tensor::zeros((2, 5), DType::F32, &Device::Cpu).unwrap();
     let labels = Tensor::new(&[1u32, 5], &Device::Cpu).unwrap();
-    let err = logprobs::token_logprobs(&logits, &labels)
+    let err = logits_reference::token_logprobs(&logits, &labels)
         .unwrap_err()
         .to_string();
     assert!(err.contains("label 5") && err.contains("hint:"), "{err}");
-    let err = logprobs::token_logprobs_generic(&logits, &labels)
+    let err = logits_reference::token_logprobs_generic(&logits, &labels)
         .unwrap_err()
         .to_string();
     assert!(err.contains("label 5"), "{err}");
     let wrong = Tensor::new(&[1u32, 2, 3], &Device::Cpu).unwrap();
-    assert!(logprobs::token_logprobs(&logits, &wrong).is_err());
+    assert!(logits_reference::token_logprobs(&logits, &wrong).is_err());
 }
 
 // ---- PPO -----------------------------------------------------------------------------------------
@@ -1079,10 +1081,10 @@ fn logprob_kernel_timing() {
     };
     for _ in 0..2 {
         run("fused  ", &|| {
-            logprobs::token_logprobs(x.as_tensor(), &labels).unwrap()
+            logits_reference::token_logprobs(x.as_tensor(), &labels).unwrap()
         });
         run("generic", &|| {
-            logprobs::token_logprobs_generic(x.as_tensor(), &labels).unwrap()
+            logits_reference::token_logprobs_generic(x.as_tensor(), &labels).unwrap()
         });
         run("candle log_softmax + gather", &|| {
             candle_nn::ops::log_softmax(x.as_tensor(), 1)

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor, Var};
-use rlhf_bot::model::fused::matmul_t;
+use rlhf_bot::kernels::matmul_t;
 use rlhf_bot::model::generate::{CausalLm, KvCache};
 
 use crate::common::max_abs_diff;

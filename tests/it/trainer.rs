@@ -374,3 +374,71 @@ fn cuda_without_the_feature_is_a_clear_error() {
     );
     assert!("tpu".parse::<DeviceChoice>().is_err());
 }
+
+/// Issue 18: a run whose stderr is a pipe (neither a terminal nor CI) still reports progress —
+/// a line for the first step, then every `log_every` (10) steps and at the end — and `log.jsonl`
+/// holds the training and evaluation lines, flushed as they are written.
+#[test]
+fn piped_stderr_gets_progress_lines_and_the_log_fills() {
+    let ws = crate::common::Workspace::new();
+    let config = ws.sample_config();
+    let model = tiny_rm_dir(ws.path());
+    let jsonl = |pairs: &[PairText]| -> String {
+        pairs
+            .iter()
+            .map(|p| {
+                serde_json::json!({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected})
+                    .to_string()
+                    + "\n"
+            })
+            .collect()
+    };
+    let pairs = toy_pairs(16);
+    let (train, eval) = (ws.path().join("train.jsonl"), ws.path().join("eval.jsonl"));
+    std::fs::write(&train, jsonl(&pairs[..12])).unwrap();
+    std::fs::write(&eval, jsonl(&pairs[12..])).unwrap();
+    let out = ws.path().join("run");
+    let o = crate::common::bin()
+        .arg("--config")
+        .arg(&config)
+        .args(["train", "reward", "--model"])
+        .arg(&model)
+        .arg("--dataset")
+        .arg(&train)
+        .arg("--eval")
+        .arg(&eval)
+        .args(["--batch-size", "1", "--max-length", "48", "--out"])
+        .arg(&out)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = crate::common::stderr(&o);
+    assert!(o.status.success(), "{stderr}");
+    let steps: Vec<&str> = stderr
+        .lines()
+        .filter_map(|l| l.split(" step ").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .collect();
+    for want in ["1/12", "10/12", "12/12"] {
+        assert!(
+            steps.contains(&want),
+            "no progress line for step {want}:\n{stderr}"
+        );
+    }
+    assert!(stderr.contains("tok/s"), "{stderr}");
+    // No terminal: no carriage-return redraws of a bar.
+    assert!(!stderr.contains('\r'), "{stderr:?}");
+    let lines = rlhf_bot::run::outputs::read_log(&out).unwrap();
+    let logged: Vec<u64> = lines
+        .iter()
+        .filter(|l| l.get("loss").is_some())
+        .map(|l| l.step)
+        .collect();
+    assert_eq!(logged, vec![10, 12], "{lines:?}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.step == 12 && l.get("eval_accuracy").is_some()),
+        "{lines:?}"
+    );
+}

@@ -3,7 +3,7 @@
 //!
 //! Inputs are `[B]` sequence log-probs of the chosen and rejected answers under the policy (with a
 //! graph) and the frozen reference (detached here, whatever the caller passes). For IPO, TRL
-//! feeds *length-averaged* log-probs (see `logprobs::sequence_logprobs_mean`).
+//! feeds *length-averaged* log-probs (see `logits_reference::sequence_logprobs_mean`).
 
 use candle_core::{DType, Result, Tensor, bail};
 use serde::{Deserialize, Serialize};

@@ -9,7 +9,7 @@
 pub mod dpo;
 pub mod kl_control;
 pub mod kto;
-pub mod logprobs;
+pub mod logits_reference;
 pub mod ppo;
 pub mod reward;
 pub mod stats;

@@ -11,7 +11,7 @@
 use candle_core::{D, DType, Result, Tensor, bail};
 use serde::{Deserialize, Serialize};
 
-use super::logprobs::entropy_from_logits;
+use super::logits_reference::entropy_from_logits;
 use super::stats::{clip_by_value, masked_mean, masked_var, masked_whiten, scalar_f64};
 
 /// TRL's `INVALID_LOGPROB`: the log-prob written at padding so that the KL there is zero.

@@ -1,4 +1,8 @@
-//! Log-probabilities and entropies from language-model logits: the input of every policy loss.
+//! Log-probabilities and entropies from full language-model logits: the reference that the
+//! policy losses are tested with (TRL's vectors are given as logits) and the path for callers
+//! that already hold logits. Production never materialises the logits: the policies compute
+//! per-token log-probs from hidden states through the LM-head kernel
+//! (`kernels::lm_head_logprobs`), and PPO passes `logits: None`.
 //!
 //! The vocabulary dominates memory and time here (49 152 entries for SmolLM2), so nothing in this
 //! file materialises a full `log_softmax` copy of the logits. On the CPU, for f32/f64, a fused

@@ -17,8 +17,8 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, bail};
 use rayon::prelude::*;
 
-use super::f32_slice;
-use super::kernels::exp_minus_max;
+use super::cpu::f32_slice;
+use super::math::exp_minus_max;
 use super::matvec::{dispatch, matmul_wt_into, prefetch_all};
 use pulp::{Simd, WithSimd};
 

@@ -1,66 +1,45 @@
-//! Fused CPU kernels, each a candle custom op with its own backward pass, plus the allocator
-//! tuning and optimiser that go with them. These exist for speed: candle's generic versions of the
-//! same maths make a BERT training step several times slower than PyTorch on CPU (GUIDE §4).
+//! Every custom CPU kernel of the project, each a candle custom op with its own backward pass,
+//! plus the process tuning that goes with them (allocator, subnormal flushing, compute threads)
+//! and the optimiser's kernels. These exist for speed: candle's generic versions of the same
+//! maths make a BERT training step several times slower than PyTorch on CPU (GUIDE §4).
+//!
+//! Layout: one file per op family (`activation`, `norm`, `softmax`, `rope`, `linear`, `attention`,
+//! `causal_attention`, `cached_attention`, `layer`, `lm_head`, `matvec`, `adamw`), one set of CPU
+//! helpers (`cpu`: borrowing f32 data, the one row splitter), one math file (`math`: exp, GELU,
+//! the row softmax and log-sum-exp). The kernels import nothing from `model` or `train`; models
+//! and trainers call the public functions here.
 //!
 //! Every public function checks whether its inputs are f32 tensors on the CPU; if not, it runs the
 //! unfused reference composition from [`reference`] instead, so callers never need two code paths.
 //! Tests compare each fused op's forward and backward with its [`reference`] twin.
 
+mod activation;
 pub mod adamw;
 pub mod alloc;
 mod attention;
 mod cached_attention;
 mod causal_attention;
-mod kernels;
+pub(crate) mod cpu;
 mod layer;
 mod linear;
-pub(crate) mod math;
+mod lm_head;
+pub mod math;
 mod matvec;
+mod norm;
+mod rope;
 pub(crate) mod sgemm;
+mod softmax;
+pub mod threads;
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, D, DType, Layout, Result, Storage, Tensor, bail};
+use std::sync::Mutex;
 
-pub use adamw::FusedAdamW;
+use candle_core::{D, DType, Result, Tensor, bail};
+
 pub use alloc::{collapse_into_huge_pages, tune_allocator};
 pub use cached_attention::CachedAttention;
-
-/// The contiguous f32 data a layout addresses.
-pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(data) = s else {
-        bail!("{op}: expected f32 data, got {:?}", s.dtype());
-    };
-    match l.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => bail!("{op}: input is not contiguous (shape {:?})", l.dims()),
-    }
-}
-
-/// Runs `f` on the contiguous f32 data of a CPU tensor (copying only if it is strided).
-pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        Storage::Cpu(cpu) => f(f32_slice(cpu, layout, "fused op")?),
-        _ => bail!("fused op: tensor is not on the CPU"),
-    }
-}
-
-/// Runs `work` on one of rayon's worker threads and returns its result.
-///
-/// The kernels here (and candle's matmul) split their work over rayon's pool. Called from a thread
-/// outside the pool, every split is handed over through a lock and the caller is woken through a
-/// condition variable when it ends, while the pool's idle workers spin: three threads on a 2-core
-/// machine, hundreds of hand-overs per generated token. Called from a worker, a split is a `join`
-/// whose other half the second worker steals. Measured here on the decode matrix products of
-/// SmolLM2-135M: 6–10% less time per token. Already on a worker, `work` simply runs.
-pub fn on_worker<R: Send>(work: impl FnOnce() -> R + Send) -> R {
-    if rayon::current_thread_index().is_some() {
-        work()
-    } else {
-        rayon::join(work, || ()).0
-    }
-}
+pub use cpu::on_worker;
+pub use lm_head::KEEP_PROBS_MAX;
+pub use threads::{flush_denormals_on_this_thread, init_compute_threads};
 
 fn fusable(ts: &[&Tensor]) -> bool {
     ts.iter()
@@ -94,7 +73,7 @@ pub fn bias_add(x: &Tensor, b: &Tensor) -> Result<Tensor> {
         return reference::bias_add(x, b);
     }
     x.contiguous()?
-        .apply_op2(&b.contiguous()?, kernels::BiasAdd)
+        .apply_op2(&b.contiguous()?, activation::BiasAdd)
 }
 
 /// `x·Wᵀ + b` for `x` of any rank (`[.., in]`), with `w` `[out, in]` and `b` `[out]`, as one op
@@ -139,7 +118,7 @@ pub fn bias_gelu(x: &Tensor, b: &Tensor) -> Result<Tensor> {
         return reference::bias_gelu(x, b);
     }
     x.contiguous()?
-        .apply_op2(&b.contiguous()?, kernels::BiasGelu)
+        .apply_op2(&b.contiguous()?, activation::BiasGelu)
 }
 
 /// Layer norm over the last dimension: `(x − μ)/√(σ² + eps) · w + b`.
@@ -150,7 +129,7 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> Result<Tensor
     x.contiguous()?.apply_op3(
         &w.contiguous()?,
         &b.contiguous()?,
-        kernels::LayerNormOp::new(eps),
+        norm::LayerNormOp::new(eps),
     )
 }
 
@@ -159,7 +138,7 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     if !fusable(&[x]) {
         return reference::softmax_last_dim(x);
     }
-    x.contiguous()?.apply_op1(kernels::SoftmaxLastDim)
+    x.contiguous()?.apply_op1(softmax::SoftmaxLastDim)
 }
 
 /// Multi-head attention core on `[b, t, heads·d]` projections:
@@ -285,6 +264,112 @@ pub fn causal_attention(
     )
 }
 
+/// [`reference::apply_rope`] as one fused CPU op with a backward pass (the same values: every output is
+/// `x·cos ± x'·sin` computed in the same order). The composed version is six graph nodes (two
+/// narrows, a negation, a concatenation, two broadcast products and a sum), each a full pass over
+/// the heads and each with its own backward; a rotation's backward is the inverse rotation, one
+/// pass. `cos`/`sin` are constants (no gradient). Falls back to the reference off the CPU.
+pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if !fusable(&[x, cos, sin]) {
+        return reference::apply_rope(x, cos, sin);
+    }
+    let (b, h, t, d) = x.dims4()?;
+    if cos.dims() != [b, 1, t, d] || sin.dims() != [b, 1, t, d] || d % 2 != 0 {
+        candle_core::bail!(
+            "rope tables {:?} / {:?} do not match input {:?}",
+            cos.dims(),
+            sin.dims(),
+            x.dims()
+        );
+    }
+    let table = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+    x.contiguous()?.apply_op1(rope::RopeOp {
+        cos: table(cos)?,
+        sin: table(sin)?,
+        heads: h,
+        seq: t,
+    })
+}
+
+/// `silu(gate) ⊙ up` (SwiGLU's gating) as one fused CPU op with a backward pass; candle's
+/// `silu` and product are two passes forward and about six backward over `[tokens, ffn]`.
+/// Uses [`math::exp`] (relative error ~1e-7). Falls back to the composed ops off the CPU.
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if !fusable(&[gate, up]) {
+        return reference::silu_mul(gate, up);
+    }
+    if gate.shape() != up.shape() {
+        candle_core::bail!(
+            "silu_mul: gate {:?} and up {:?} differ in shape",
+            gate.shape(),
+            up.shape()
+        );
+    }
+    gate.contiguous()?
+        .apply_op2(&up.contiguous()?, activation::SiluMul)
+}
+
+/// RMSNorm (`w * x / sqrt(mean(x²) + eps)`) as one fused CPU op with a backward pass;
+/// [`reference::rms_norm`] is the same math from primitive ops (and the fallback off-CPU).
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if !fusable(&[x, weight]) {
+        return reference::rms_norm(x, weight, eps);
+    }
+    x.contiguous()?
+        .apply_op2(&weight.contiguous()?, norm::RmsNormOp { eps: eps as f32 })
+}
+
+/// Per-row log-probability of `targets` under `softmax(hidden · weightᵀ)`, without ever
+/// holding the `[rows, vocab]` logits as a graph tensor.
+///
+/// `hidden` is `[rows, d]`, `weight` is the LM head `[vocab, d]`, `targets` has one id per row.
+/// The forward pass walks `chunk` rows at a time and keeps each row's log-sum-exp; when a
+/// gradient will be taken it also keeps the softmax (up to [`KEEP_PROBS_MAX`] floats), so the
+/// backward pass forms `softmax − onehot` without recomputing the logits; above that budget the
+/// backward recomputes them chunk by chunk and peak memory stays at `chunk × vocab` floats. This
+/// is the step that a 49k vocabulary dominates.
+pub fn lm_head_logprobs(
+    hidden: &Tensor,
+    weight: &Tensor,
+    targets: &[u32],
+    chunk: usize,
+) -> Result<Tensor> {
+    lm_head_logprobs_with_budget(hidden, weight, targets, chunk, KEEP_PROBS_MAX)
+}
+
+/// [`lm_head_logprobs`] with the softmax kept for backward only when `rows × vocab` is at most
+/// `keep_probs_max` floats (0: always recompute).
+pub fn lm_head_logprobs_with_budget(
+    hidden: &Tensor,
+    weight: &Tensor,
+    targets: &[u32],
+    chunk: usize,
+    keep_probs_max: usize,
+) -> Result<Tensor> {
+    let (rows, _d) = hidden.dims2()?;
+    if rows != targets.len() {
+        candle_core::bail!("{rows} hidden rows for {} targets", targets.len());
+    }
+    let vocab = weight.dim(0)?;
+    if let Some(bad) = targets.iter().find(|&&t| t as usize >= vocab) {
+        candle_core::bail!("target id {bad} is outside the vocabulary of {vocab}");
+    }
+    if !hidden.device().is_cpu() || hidden.dtype() != DType::F32 || weight.dtype() != DType::F32 {
+        // The fused op only has a CPU kernel; elsewhere (CUDA) candle's own ops do the work.
+        return reference::lm_head_logprobs(hidden, weight, targets, chunk);
+    }
+    let op = lm_head::LmHeadLogprobs {
+        targets: targets.to_vec(),
+        chunk: chunk.max(1),
+        device: hidden.device().clone(),
+        lse: Mutex::new(None),
+        keep_probs: (hidden.track_op() || weight.track_op())
+            && rows.saturating_mul(vocab) <= keep_probs_max,
+        probs: Mutex::new(None),
+    };
+    hidden.contiguous()?.apply_op2(&weight.contiguous()?, op)
+}
+
 /// Whether every tensor is f32 on the CPU (the fused kernels' domain).
 pub fn fusable_all(ts: &[&Tensor]) -> bool {
     fusable(ts)
@@ -294,6 +379,62 @@ pub fn fusable_all(ts: &[&Tensor]) -> bool {
 /// fused ops are tested against and the fallback off the CPU.
 pub mod reference {
     use super::*;
+
+    /// RMSNorm as transformers' `LlamaRMSNorm` computes it: `w * x / sqrt(mean(x²) + eps)`.
+    pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+        let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
+        let inv_rms = (mean_sq + eps)?.sqrt()?.recip()?;
+        x.broadcast_mul(&inv_rms)?.broadcast_mul(weight)
+    }
+
+    /// transformers' `rotate_half`: `cat(-x2, x1)` over the last dimension.
+    pub fn rotate_half(x: &Tensor) -> Result<Tensor> {
+        let half = x.dim(D::Minus1)? / 2;
+        let x1 = x.narrow(D::Minus1, 0, half)?;
+        let x2 = x.narrow(D::Minus1, half, half)?;
+        Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)
+    }
+
+    /// Rotary position embeddings in the HF layout (`x * cos + rotate_half(x) * sin`); `x` is
+    /// `[batch, heads, seq, head_dim]`, `cos`/`sin` are `[batch, 1, seq, head_dim]`.
+    pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        x.broadcast_mul(cos)? + rotate_half(x)?.broadcast_mul(sin)?
+    }
+
+    pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        gate.silu()? * up
+    }
+
+    /// [`super::lm_head_logprobs`] from candle's differentiable ops (matmul, `log_softmax`, gather), `chunk`
+    /// rows at a time: the path off the CPU, where the fused op has no kernel. Autograd keeps each
+    /// chunk's `[chunk, vocab]` logits for backward, so it needs more memory than the fused op.
+    pub fn lm_head_logprobs(
+        hidden: &Tensor,
+        weight: &Tensor,
+        targets: &[u32],
+        chunk: usize,
+    ) -> Result<Tensor> {
+        let rows = hidden.dim(0)?;
+        if rows != targets.len() {
+            candle_core::bail!("{rows} hidden rows for {} targets", targets.len());
+        }
+        if rows == 0 {
+            return Tensor::zeros(0, hidden.dtype(), hidden.device());
+        }
+        let chunk = chunk.max(1);
+        let wt = weight.t()?;
+        let ids = Tensor::from_slice(targets, (rows, 1), hidden.device())?;
+        let mut parts = Vec::with_capacity(rows.div_ceil(chunk));
+        let mut start = 0;
+        while start < rows {
+            let len = chunk.min(rows - start);
+            let logits = hidden.narrow(0, start, len)?.matmul(&wt)?;
+            let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+            parts.push(logp.gather(&ids.narrow(0, start, len)?, 1)?.squeeze(1)?);
+            start += len;
+        }
+        Tensor::cat(&parts, 0)
+    }
 
     pub fn bias_add(x: &Tensor, b: &Tensor) -> Result<Tensor> {
         x.broadcast_add(b)

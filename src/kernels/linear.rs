@@ -12,10 +12,10 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
-use super::kernels::{col_sums, rows_per_task};
+use super::cpu::{col_sums, rows_per_task};
+use super::cpu::{f32_slice, with_f32};
 use super::math;
 use super::sgemm::sgemm_threads;
-use super::{f32_slice, with_f32};
 
 pub struct LinearOp {
     gelu: bool,

@@ -25,7 +25,7 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, bail};
 use pulp::{Simd, WithSimd};
 use rayon::prelude::*;
 
-use super::f32_slice;
+use super::cpu::f32_slice;
 
 /// Inputs with more rows than this go to the blocked gemm, which wins once packing the
 /// weights is amortised over enough rows.

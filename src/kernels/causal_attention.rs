@@ -14,10 +14,10 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
-use super::kernels::softmax_bwd_rows;
+use super::cpu::{f32_slice, with_f32};
+use super::math::softmax_row;
 use super::sgemm::sgemm;
-use super::{f32_slice, with_f32};
-use crate::model::ops::fast_exp;
+use super::softmax::softmax_bwd_rows;
 
 pub struct CausalAttentionOp {
     scale: f32,
@@ -111,18 +111,10 @@ impl CausalAttentionOp {
                         self.scale,
                     );
                     for (row, m) in ph.chunks_exact_mut(tk).zip(mask.chunks_exact(tk)) {
-                        let mut max = f32::NEG_INFINITY;
                         for (x, &b) in row.iter_mut().zip(m) {
                             *x += b;
-                            max = max.max(*x);
                         }
-                        let mut sum = 0f32;
-                        for x in row.iter_mut() {
-                            *x = fast_exp(*x - max);
-                            sum += *x;
-                        }
-                        let inv = 1.0 / sum;
-                        row.iter_mut().for_each(|x| *x *= inv);
+                        softmax_row(row);
                     }
                     // O_h = P V_h, written into head h's columns of the [tq, nh·d] rows.
                     sgemm(

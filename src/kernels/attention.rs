@@ -14,9 +14,10 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
-use super::kernels::{softmax_bwd_rows, softmax_row};
+use super::cpu::{f32_slice, with_f32};
+use super::math::softmax_row;
 use super::sgemm::sgemm;
-use super::{f32_slice, with_f32};
+use super::softmax::softmax_bwd_rows;
 
 pub struct AttentionOp {
     heads: usize,
@@ -318,5 +319,66 @@ impl CustomOp3 for AttentionOp {
             Some(dqkv.narrow(2, hd, hd)?),
             Some(dqkv.narrow(2, 2 * hd, hd)?),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Padded keys (bias −1e9) must get probability exactly 0, never a subnormal: subnormals fed
+    /// to the attention gemms cost a microcode assist per FMA on Intel cores (`threads.rs`).
+    #[test]
+    fn padded_keys_give_exact_zeros_and_no_subnormals_forward_or_backward() {
+        let (b, t, heads, d) = (2, 40, 2, 8);
+        let hd = heads * d;
+        let data = |seed: f32| -> Vec<f32> {
+            (0..b * t * hd)
+                .map(|i| ((i as f32 * 0.37 + seed).sin()) * 3.0)
+                .collect()
+        };
+        let (q, k, v, go) = (data(0.1), data(0.7), data(1.3), data(2.1));
+        // Row 0 has 7 real tokens, row 1 all 40.
+        let mask: Vec<f32> = (0..b * t)
+            .map(|i| if i < t && i % t >= 7 { -1.0e9 } else { 0.0 })
+            .collect();
+        let g = Geom {
+            t,
+            heads,
+            d,
+            ld: hd,
+            scale: 0.35,
+        };
+        let mut out = vec![0f32; b * t * hd];
+        let mut probs = vec![0f32; b * heads * t * t];
+        forward(g, [&q, &k, &v], &mask, &mut out, &mut probs);
+        for (i, &p) in probs.iter().enumerate() {
+            assert!(p == 0.0 || p.is_normal(), "prob {i} = {p:e} is subnormal");
+        }
+        // Batch row 0, every head and query: keys 7.. are padding.
+        for row in probs[..heads * t * t].chunks_exact(t) {
+            assert!(row[7..].iter().all(|&p| p == 0.0), "{:?}", &row[7..]);
+            assert!((row[..7].iter().sum::<f32>() - 1.0).abs() < 1e-5);
+        }
+        let mut dqkv = vec![0f32; b * t * 3 * hd];
+        backward(
+            g,
+            [&q, &k, &v],
+            &probs,
+            &go,
+            &mut dqkv,
+            (3 * hd, [0, hd, 2 * hd]),
+        );
+        for (i, &x) in dqkv.iter().enumerate() {
+            assert!(
+                x == 0.0 || x.is_normal(),
+                "gradient {i} = {x:e} is subnormal"
+            );
+        }
+        // Padded keys of row 0 get no key or value gradient.
+        for tok in 7..t {
+            let at = tok * 3 * hd;
+            assert!(dqkv[at + hd..at + 3 * hd].iter().all(|&x| x == 0.0));
+        }
     }
 }

@@ -18,9 +18,9 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
 use super::attention::{self, Geom};
-use super::kernels::{layer_norm_backward, layer_norm_forward};
+use super::cpu::{f32_slice, with_f32};
 use super::linear::{affine, affine_backward, gelu, gelu_backward_in_place};
-use super::{f32_slice, with_f32};
+use super::norm::{layer_norm_backward, layer_norm_forward};
 
 /// Number of parameter tensors of a layer, in the order [`part_sizes`] lists them.
 pub const PARTS: usize = 16;

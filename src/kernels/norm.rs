@@ -1,0 +1,304 @@
+//! Normalisation ops with their backward: layer norm (BERT; the forward/backward slices are
+//! shared with the whole-layer op) and RMSNorm (llama). Reference twins in [`super::reference`].
+
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::cpu::{add_into, check_vector, f32_slice, last_dim, par_rows, rows_per_task, with_f32};
+
+/// Layer norm over the last dimension with affine `weight`/`bias`; keeps each row's mean and
+/// 1/σ from the forward pass for the backward.
+pub struct LayerNormOp {
+    pub eps: f32,
+    /// `[rows, 2]`: mean and reciprocal standard deviation of each row.
+    stats: Mutex<Option<Vec<f32>>>,
+}
+
+impl LayerNormOp {
+    pub fn new(eps: f32) -> Self {
+        Self {
+            eps,
+            stats: Mutex::new(None),
+        }
+    }
+}
+
+/// Mean and reciprocal standard deviation of each `n`-wide row of `x`, as `[rows, 2]`.
+fn row_stats(x: &[f32], n: usize, eps: f32) -> Vec<f32> {
+    let mut stats = vec![0f32; 2 * (x.len() / n)];
+    let rows = rows_per_task(n);
+    stats
+        .par_chunks_mut(2 * rows)
+        .zip(x.par_chunks(n * rows))
+        .for_each(|(st, x)| {
+            for (s, row) in st.chunks_exact_mut(2).zip(x.chunks_exact(n)) {
+                let mean = row.iter().sum::<f32>() / n as f32;
+                let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n as f32;
+                s[0] = mean;
+                s[1] = 1.0 / (var + eps).sqrt();
+            }
+        });
+    stats
+}
+
+/// Layer norm of the `n`-wide rows of `x` into `out` (same length); returns the row statistics
+/// that [`layer_norm_backward`] needs.
+pub(crate) fn layer_norm_forward(
+    x: &[f32],
+    (w, b): (&[f32], &[f32]),
+    eps: f32,
+    out: &mut [f32],
+) -> Vec<f32> {
+    let n = w.len();
+    let stats = row_stats(x, n, eps);
+    let rows = rows_per_task(n);
+    out.par_chunks_mut(n * rows)
+        .zip(x.par_chunks(n * rows))
+        .zip(stats.par_chunks(2 * rows))
+        .for_each(|((o, x), st)| {
+            for ((orow, xrow), s) in o
+                .chunks_exact_mut(n)
+                .zip(x.chunks_exact(n))
+                .zip(st.chunks_exact(2))
+            {
+                for (((o, x), w), b) in orow.iter_mut().zip(xrow).zip(w).zip(b) {
+                    *o = (x - s[0]) * s[1] * w + b;
+                }
+            }
+        });
+    stats
+}
+
+/// Backward of [`layer_norm_forward`]: writes the input gradient into `dx` and returns the weight
+/// gradient followed by the bias gradient (`2·n` values).
+pub(crate) fn layer_norm_backward(
+    x: &[f32],
+    stats: &[f32],
+    w: &[f32],
+    g: &[f32],
+    dx: &mut [f32],
+) -> Vec<f32> {
+    let n = w.len();
+    let rows = rows_per_task(n);
+    dx.par_chunks_mut(n * rows)
+        .zip(x.par_chunks(n * rows))
+        .zip(g.par_chunks(n * rows))
+        .zip(stats.par_chunks(2 * rows))
+        .map(|(((dx, x), g), st)| {
+            // acc[..n] = Σ dy·x̂ (weight grad), acc[n..] = Σ dy (bias grad).
+            let mut acc = vec![0f32; 2 * n];
+            let mut xhat = vec![0f32; n];
+            for (((dxr, xr), gr), s) in dx
+                .chunks_exact_mut(n)
+                .zip(x.chunks_exact(n))
+                .zip(g.chunks_exact(n))
+                .zip(st.chunks_exact(2))
+            {
+                let (mean, rstd) = (s[0], s[1]);
+                let mut sum_dxhat = 0f32;
+                let mut sum_dxhat_xhat = 0f32;
+                for (((xh, x), g), w) in xhat.iter_mut().zip(xr).zip(gr).zip(w) {
+                    *xh = (x - mean) * rstd;
+                    let dxh = g * w;
+                    sum_dxhat += dxh;
+                    sum_dxhat_xhat += dxh * *xh;
+                }
+                let a = sum_dxhat / n as f32;
+                let c = sum_dxhat_xhat / n as f32;
+                let (aw, ab) = acc.split_at_mut(n);
+                for (((((d, xh), g), w), aw), ab) in dxr
+                    .iter_mut()
+                    .zip(&xhat)
+                    .zip(gr)
+                    .zip(w)
+                    .zip(aw.iter_mut())
+                    .zip(ab.iter_mut())
+                {
+                    *d = rstd * (g * w - a - xh * c);
+                    *aw += g * xh;
+                    *ab += g;
+                }
+            }
+            acc
+        })
+        .reduce(|| vec![0f32; 2 * n], add_into)
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let n = last_dim(l1, self.name())?;
+        check_vector(l2, n, self.name(), "weight")?;
+        check_vector(l3, n, self.name(), "bias")?;
+        let x = f32_slice(s1, l1, self.name())?;
+        let w = f32_slice(s2, l2, self.name())?;
+        let b = f32_slice(s3, l3, self.name())?;
+        let mut out = vec![0f32; x.len()];
+        let stats = layer_norm_forward(x, (w, b), self.eps, &mut out);
+        if let Ok(mut slot) = self.stats.lock() {
+            *slot = Some(stats);
+        }
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let n = w.dim(0)?;
+        let saved = self.stats.lock().ok().and_then(|mut s| s.take());
+        let (dx, dwb) = with_f32(x, |x| {
+            with_f32(w, |w| {
+                with_f32(grad, |g| {
+                    let stats = match saved {
+                        Some(s) if s.len() == 2 * (x.len() / n) => s,
+                        _ => row_stats(x, n, self.eps),
+                    };
+                    let mut dx = vec![0f32; x.len()];
+                    let dwb = layer_norm_backward(x, &stats, w, g, &mut dx);
+                    Ok((dx, dwb))
+                })
+            })
+        })?;
+        let dw = Tensor::from_slice(&dwb[..n], n, w.device())?;
+        let db = Tensor::from_slice(&dwb[n..], n, w.device())?;
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?),
+            Some(dw),
+            Some(db),
+        ))
+    }
+}
+
+pub struct RmsNormOp {
+    pub eps: f32,
+}
+
+impl RmsNormOp {
+    fn inv_rms(&self, row: &[f32]) -> f32 {
+        let ms = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
+        1.0 / (ms + self.eps).sqrt()
+    }
+}
+
+impl CustomOp2 for RmsNormOp {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "fused-rms-norm")?;
+        let w = f32_slice(s2, l2, "fused-rms-norm")?;
+        let cols = w.len();
+        if l1.shape().dims().last() != Some(&cols) {
+            candle_core::bail!(
+                "rms-norm weight {:?} does not match input {:?}",
+                l2.shape(),
+                l1.shape()
+            );
+        }
+        let mut out = vec![0f32; x.len()];
+        par_rows(&mut out, cols, |r0, block| {
+            for (k, orow) in block.chunks_exact_mut(cols).enumerate() {
+                let row = &x[(r0 + k) * cols..(r0 + k + 1) * cols];
+                let inv = self.inv_rms(row);
+                for ((o, &v), &g) in orow.iter_mut().zip(row).zip(w) {
+                    *o = v * inv * g;
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // With n = x·inv and g = dy·w:  dx = inv·(g − n·mean(g·n)),  dw = Σ_rows dy·n.
+        let shape = x.shape().clone();
+        let cols = w.dim(0)?;
+        let xf = x.detach().contiguous()?.reshape(((), cols))?;
+        let dyf = grad_res.detach().contiguous()?.reshape(((), cols))?;
+        let wv = w.detach().to_vec1::<f32>()?;
+        let threads = rayon::current_num_threads().max(1);
+        let (dx, dw) = with_f32(&xf, |xd| {
+            with_f32(&dyf, |dyd| {
+                let rows = xd.len() / cols;
+                let mut dx = vec![0f32; xd.len()];
+                let per = rows.div_ceil(threads).max(1);
+                let partials: Vec<Vec<f32>> = std::thread::scope(|s| {
+                    let handles: Vec<_> = dx
+                        .chunks_mut(per * cols)
+                        .enumerate()
+                        .map(|(i, block)| {
+                            let wv = &wv;
+                            s.spawn(move || {
+                                let mut dw = vec![0f32; cols];
+                                for (k, orow) in block.chunks_exact_mut(cols).enumerate() {
+                                    let span = (i * per + k) * cols..(i * per + k + 1) * cols;
+                                    let (xr, dr) = (&xd[span.clone()], &dyd[span]);
+                                    let inv = self.inv_rms(xr);
+                                    let mut dot = 0f32;
+                                    for j in 0..cols {
+                                        let n = xr[j] * inv;
+                                        dot += dr[j] * wv[j] * n;
+                                        dw[j] += dr[j] * n;
+                                    }
+                                    let mean = dot / cols as f32;
+                                    for j in 0..cols {
+                                        let n = xr[j] * inv;
+                                        orow[j] = inv * (dr[j] * wv[j] - n * mean);
+                                    }
+                                }
+                                dw
+                            })
+                        })
+                        .collect();
+                    handles
+                        .into_iter()
+                        .map(|h| h.join().unwrap_or_default())
+                        .collect()
+                });
+                let mut dw = vec![0f32; cols];
+                for p in partials {
+                    for (a, b) in dw.iter_mut().zip(p) {
+                        *a += b;
+                    }
+                }
+                Ok((dx, dw))
+            })
+        })?;
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, shape, dev)?),
+            Some(Tensor::from_vec(dw, cols, dev)?),
+        ))
+    }
+}
