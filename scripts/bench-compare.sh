@@ -24,7 +24,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ROUNDS=${ROUNDS:-3}
-export THREADS=${THREADS:-2} RAYON_NUM_THREADS=${THREADS:-2}
+export THREADS=${THREADS:-2}
+export RAYON_NUM_THREADS=$THREADS
 MODELS=${RLHF_MODELS_DIR:-$HOME/.cache/rlhf-bot/models}
 VENV=${RLHF_BENCH_VENV:-$HOME/.cache/rlhf-bot/bench-venv}
 OUT=${BENCH_OUT:-target/bench-compare}
@@ -42,21 +43,10 @@ record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >> "$RESULTS"; }
 # The first number after a marker text in a file.
 after() { grep -m1 -oE -- "$2 *[0-9]+(\.[0-9]+)?" "$1" | head -n1 | grep -oE '[0-9]+(\.[0-9]+)?$'; }
 
-python_side() {
-  if [ ! -x "$VENV/bin/python" ]; then
-    log "creating the Python venv $VENV (torch CPU wheel, transformers, TRL)"
-    python3 -m venv "$VENV"
-    "$VENV/bin/pip" install --quiet --upgrade pip
-    # PyTorch's CPU wheel index is small; where only PyPI is reachable, PyPI's default wheel
-    # (it pulls the CUDA libraries, several GB) measures the same CPU kernels.
-    "$VENV/bin/pip" install --quiet torch --index-url https://download.pytorch.org/whl/cpu ||
-      "$VENV/bin/pip" install --quiet torch
-    "$VENV/bin/pip" install --quiet transformers trl datasets accelerate
-  fi
-}
+source scripts/lib/bench-venv.sh
 
 scripts/fetch-models.sh >/dev/null
-python_side
+ensure_bench_venv "$VENV"
 log "building the release benchmarks and binary"
 cargo build --release --quiet --benches --bins --examples
 BIN=target/release/rlhf-bot
