@@ -15,6 +15,7 @@ pub mod kernels;
 pub mod kpi;
 pub mod model;
 pub mod model_kind;
+pub mod nesting;
 pub mod proposals;
 pub mod registry;
 pub mod report;

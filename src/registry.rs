@@ -161,7 +161,7 @@ pub enum RegistryError {
     #[error("cannot parse model registry {}:{}: {deep}", file.display(), deep.line)]
     TooDeep {
         file: PathBuf,
-        deep: crate::config::nesting::TooDeep,
+        deep: crate::nesting::TooDeep,
     },
     #[error("cannot serialise the model registry: {0}")]
     Serialize(String),
@@ -246,7 +246,7 @@ impl Registry {
 
     /// Parses and validates YAML text; `file` is used only in error messages.
     pub fn from_yaml(file: &Path, text: &str) -> Result<Self, RegistryError> {
-        use crate::config::nesting;
+        use crate::nesting;
         nesting::check(text, nesting::MAX_DEPTH).map_err(|deep| RegistryError::TooDeep {
             file: file.to_path_buf(),
             deep,

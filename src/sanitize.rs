@@ -244,10 +244,7 @@ pub fn error_body_excerpt(body: &str, secrets: &[&str]) -> String {
         return "(empty body)".to_owned();
     }
     let redacted = redact_secrets(&collapsed, secrets);
-    defuse(&crate::report::neutralize::truncate(
-        &redacted,
-        ERROR_BODY_CHARS,
-    ))
+    defuse(&truncate(&redacted, ERROR_BODY_CHARS))
 }
 
 /// Replaces every occurrence of each secret, and credential-looking words after `Bearer`,
@@ -383,6 +380,16 @@ pub fn json_text(json: &str) -> Cow<'_, str> {
     // The runner's legacy `##[command]` form is read anywhere in a line; `[` as `\u005b` means
     // the same inside a JSON string, the only place `#` can occur.
     Cow::Owned(out.replace("##[", "##\\u005b"))
+}
+
+/// Cuts `text` to at most `max_chars` characters, appending a marker that says how much was cut.
+pub fn truncate(text: &str, max_chars: usize) -> String {
+    let total = text.chars().count();
+    if total <= max_chars {
+        return text.to_string();
+    }
+    let kept: String = text.chars().take(max_chars).collect();
+    format!("{kept}… [truncated: {} more characters]", total - max_chars)
 }
 
 #[cfg(test)]

@@ -137,10 +137,9 @@ async fn train_reward_cmd(
     }
     opts.resume = args.run.resume;
     opts.production_model = args.production_model;
-    let out = args
-        .run
-        .out
-        .unwrap_or_else(|| crate::run::run_dir(settings, &crate::run::new_run_id()).join("reward"));
+    let out = args.run.out.unwrap_or_else(|| {
+        crate::run::run_dir(&settings.store.dir, &crate::run::new_run_id()).join("reward")
+    });
     match args.dataset {
         Some(dataset) => {
             opts.dataset = Some(dataset);
@@ -188,7 +187,7 @@ async fn train_and_publish(
     models_present(settings, policy_runs)?;
     let run_id = crate::run::new_run_id();
     let started = check::now()?;
-    let reward_dir = crate::run::run_dir(settings, &run_id).join("reward");
+    let reward_dir = crate::run::run_dir(&settings.store.dir, &run_id).join("reward");
     let mut reward_opts = settings.reward.clone();
     let reward_baseline = baseline::resolve(
         settings,
@@ -210,7 +209,7 @@ async fn train_and_publish(
             m.display().to_string()
         });
     let policy = if policy_runs {
-        let run_dir = crate::run::run_dir(settings, &run_id);
+        let run_dir = crate::run::run_dir(&settings.store.dir, &run_id);
         Some(
             policy::run_policy_stage(
                 settings,
@@ -461,7 +460,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             let settings = load_settings(&cli.config)?;
             let run_id = match select.run {
                 Some(id) => id,
-                None => crate::run::latest_run(&settings)?,
+                None => crate::run::latest_run(&settings.store.dir)?,
             };
             let (dir, _, draft) = pipeline::build_report(&settings, &run_id, &cli.config)?;
             output::json_or_text(
@@ -474,7 +473,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             let settings = load_settings(&cli.config)?;
             let run_id = match args.select.run {
                 Some(id) => id,
-                None => crate::run::latest_run(&settings)?,
+                None => crate::run::latest_run(&settings.store.dir)?,
             };
             let (_, body, draft) = pipeline::build_report(&settings, &run_id, &cli.config)?;
             let outcome =

@@ -51,7 +51,7 @@ pub fn register(
     base_models: (&str, &str),
     policy_data: Option<&Path>,
 ) -> Result<Registered> {
-    let dir = run_dir(settings, run_id);
+    let dir = run_dir(&settings.store.dir, run_id);
     let mut registry = Registry::load_or_default(&settings.registry.path)?;
     let artifacts = settings.registry.open_artifacts()?;
     let store = Store::open(&settings.store.dir)?;
@@ -161,7 +161,7 @@ pub fn build_report(
     run_id: &str,
     config_path: &Path,
 ) -> Result<(PathBuf, String, bool)> {
-    let dir = run_dir(settings, run_id);
+    let dir = run_dir(&settings.store.dir, run_id);
     let registry = Registry::load_or_default(&settings.registry.path)?;
     let store = Store::open(&settings.store.dir)?;
     let candidate = |kind: ModelKind| {
@@ -279,7 +279,7 @@ pub async fn publish_run(
     let report_dir = settings.report.dir.join(run_id);
     let kinds: Vec<&str> = ["reward", "policy"]
         .into_iter()
-        .filter(|k| run_dir(settings, run_id).join(k).is_dir())
+        .filter(|k| run_dir(&settings.store.dir, run_id).join(k).is_dir())
         .collect();
     let mut files = vec![(
         repo_path(&settings.registry.path, "models/registry.yaml"),

@@ -550,7 +550,7 @@ pub async fn train_policy_cmd(
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
             .map_or_else(|| PathBuf::from("."), Path::to_path_buf),
-        None => crate::run::run_dir(settings, &crate::run::new_run_id()),
+        None => crate::run::run_dir(&settings.store.dir, &crate::run::new_run_id()),
     };
     run_policy_stage(
         settings,

@@ -3,89 +3,16 @@
 //! `repository_dispatch`). Validated here so that a format that cannot apply to a kind (a GGUF of
 //! a reward model) is a config error before anything is exported or uploaded.
 
-use std::time::Duration;
-
-use serde::Serialize;
-
 use super::Invalid;
 use super::raw::{RawDeploy, RawDispatch, RawWebhook};
-use super::settings::{env_name, http_url, owner_repo};
+use super::fields::{env_name, http_url, owner_repo};
 use crate::deploy::ServingFormat;
 use crate::model_kind::ModelKind;
 
-pub const DEFAULT_KEEP: usize = 3;
-pub const DEFAULT_WEBHOOK_SECRET_ENV: &str = "RLHF_DEPLOY_WEBHOOK_SECRET";
-pub const DEFAULT_DISPATCH_TOKEN_ENV: &str = "RLHF_DISPATCH_TOKEN";
-pub const DEFAULT_DISPATCH_EVENT: &str = "rlhf-model-deployed";
-
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct DeploySettings {
-    pub policy_formats: Vec<ServingFormat>,
-    pub reward_formats: Vec<ServingFormat>,
-    /// Versions kept per kind, the live one included (at least 1).
-    pub keep: usize,
-    pub webhook: Option<WebhookSettings>,
-    pub repository_dispatch: Option<DispatchSettings>,
-}
-
-impl Default for DeploySettings {
-    fn default() -> Self {
-        Self {
-            policy_formats: vec![ServingFormat::Hf],
-            reward_formats: vec![ServingFormat::Hf],
-            keep: DEFAULT_KEEP,
-            webhook: None,
-            repository_dispatch: None,
-        }
-    }
-}
-
-impl DeploySettings {
-    /// The formats published for `kind` (empty: that kind is not deployed).
-    pub fn formats(&self, kind: ModelKind) -> &[ServingFormat] {
-        match kind {
-            ModelKind::Policy => &self.policy_formats,
-            ModelKind::Reward => &self.reward_formats,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct WebhookSettings {
-    /// Printed (`config check`) with any query replaced by `***`: receivers often carry a token
-    /// there.
-    #[serde(serialize_with = "url_without_query")]
-    pub url: url::Url,
-    /// The variable's name; the secret is read when notifying and never printed.
-    pub secret_env: String,
-    pub max_attempts: u32,
-    pub timeout_secs: u64,
-}
-
-impl WebhookSettings {
-    pub fn timeout(&self) -> Duration {
-        Duration::from_secs(self.timeout_secs)
-    }
-}
-
-fn url_without_query<S: serde::Serializer>(url: &url::Url, s: S) -> Result<S::Ok, S::Error> {
-    let mut shown = url.clone();
-    if shown.query().is_some() {
-        shown.set_query(Some("***"));
-    }
-    shown.set_fragment(None);
-    s.serialize_str(shown.as_str())
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct DispatchSettings {
-    pub api_url: String,
-    pub owner: String,
-    pub repo: String,
-    pub event_type: String,
-    /// The variable's name; the token is read when notifying and never printed.
-    pub token_env: String,
-}
+pub use crate::deploy::settings::{
+    DEFAULT_DISPATCH_EVENT, DEFAULT_DISPATCH_TOKEN_ENV, DEFAULT_KEEP, DEFAULT_WEBHOOK_SECRET_ENV,
+    DeploySettings, DispatchSettings, WebhookSettings,
+};
 
 /// `github_api` is `publish.github.api_url` when set: a dispatch goes to the same GitHub.
 pub fn validate_deploy(

@@ -5,9 +5,9 @@
 //! Secrets never live in the file: it names the environment variables that hold them.
 
 pub mod deploy;
+pub mod fields;
 pub mod locate;
 pub mod models;
-pub mod nesting;
 pub mod policy;
 pub mod raw;
 pub mod server;
@@ -73,7 +73,7 @@ pub fn load_str(path: &Path, text: &str) -> Result<Settings, ConfigError> {
 }
 
 fn parse_raw(path: &Path, text: &str) -> Result<raw::RawConfig, ConfigError> {
-    nesting::check(text, nesting::MAX_DEPTH).map_err(|deep| ConfigError {
+    crate::nesting::check(text, crate::nesting::MAX_DEPTH).map_err(|deep| ConfigError {
         file: path.to_path_buf(),
         line: Some(deep.line),
         column: Some(1),

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::Invalid;
 use super::raw::RawServer;
-use super::settings::env_name;
+use super::fields::env_name;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_DATABASE: &str = ".rlhf/feedback-service.sqlite3";

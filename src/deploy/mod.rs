@@ -18,6 +18,7 @@ pub mod format;
 pub mod manifest;
 pub mod notify;
 pub mod production;
+pub mod settings;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -32,7 +33,7 @@ use manifest::{DeploymentRecord, Manifest, RecordStatus};
 pub use production::ProductionStore;
 
 use crate::artifacts::ArtifactStore;
-use crate::config::deploy::{DeploySettings, DispatchSettings, WebhookSettings};
+use crate::deploy::settings::{DeploySettings, DispatchSettings, WebhookSettings};
 use crate::forge::github::{RetryPolicy, SecretToken};
 use crate::model_kind::ModelKind;
 use crate::registry::{ModelEntry, Registry};

@@ -14,7 +14,7 @@ use std::time::Duration;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::config::deploy::{DispatchSettings, WebhookSettings};
+use crate::deploy::settings::{DispatchSettings, WebhookSettings};
 use crate::forge::github::{GithubClient, GithubTarget, RetryPolicy, SecretToken};
 use crate::sanitize::{error_body_excerpt, redact_url};
 use crate::secret::SecretString;

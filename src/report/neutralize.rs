@@ -17,6 +17,8 @@
 //! something other than what is there) and truncate long text with a visible marker.
 //! [`truncate_markdown`] cuts a whole document to a size limit without leaving a fence open.
 
+use crate::sanitize::truncate;
+
 /// U+200D ZERO WIDTH JOINER: invisible, and not a word character, so `@\u{200D}team` is no mention.
 const ZWJ: char = '\u{200D}';
 
@@ -32,16 +34,6 @@ pub fn clean(text: &str) -> String {
         .chars()
         .filter(|&c| c != '\r' && !is_dropped(c))
         .collect()
-}
-
-/// Cuts `text` to at most `max_chars` characters, appending a marker that says how much was cut.
-pub fn truncate(text: &str, max_chars: usize) -> String {
-    let total = text.chars().count();
-    if total <= max_chars {
-        return text.to_string();
-    }
-    let kept: String = text.chars().take(max_chars).collect();
-    format!("{kept}… [truncated: {} more characters]", total - max_chars)
 }
 
 /// Escapes untrusted text for a sentence or a Markdown table cell.

@@ -3,16 +3,14 @@
 
 pub mod outputs;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use chrono::Utc;
 
-use crate::config::Settings;
-
-/// The directory of one run's outputs.
-pub fn run_dir(settings: &Settings, run_id: &str) -> PathBuf {
-    settings.store.dir.join("runs").join(run_id)
+/// The directory of one run's outputs, under the store directory (`store.dir`).
+pub fn run_dir(store_dir: &Path, run_id: &str) -> PathBuf {
+    store_dir.join("runs").join(run_id)
 }
 
 /// A run id: the Actions run id when there is one (reruns of a workflow run share it, so the
@@ -25,8 +23,8 @@ pub fn new_run_id() -> String {
 }
 
 /// The newest run directory, for `report` / `publish` without `--run`.
-pub fn latest_run(settings: &Settings) -> Result<String> {
-    let root = settings.store.dir.join("runs");
+pub fn latest_run(store_dir: &Path) -> Result<String> {
+    let root = store_dir.join("runs");
     let mut runs: Vec<(std::time::SystemTime, String)> = std::fs::read_dir(&root)
         .with_context(|| {
             format!(

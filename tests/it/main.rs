@@ -21,6 +21,7 @@ mod forge_contract;
 mod hostile;
 mod hygiene;
 mod install;
+mod layout;
 mod llama;
 mod losses;
 mod matvec;
