@@ -1,5 +1,5 @@
 """transformers' greedy continuations of rlhf-bot's prompts on an `export-model --to hf` directory,
-compared with rlhf-bot's own (one JSON object per line: prompt, completion). Prints one line per
+compared with rlhf-bot's own (`generate --format json` documents: prompt, completion). Prints one line per
 prompt and dtype; exits 1 when an f32 continuation differs. Used by check-transformers-export.sh."""
 import json
 import sys
@@ -8,7 +8,19 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 export_dir, ours_file, new_tokens = sys.argv[1], sys.argv[2], int(sys.argv[3])
-ours = [json.loads(line) for line in open(ours_file) if line.strip()]
+def documents(text):
+    """The JSON documents of a file, one after the other (`generate --format json` pretty-prints)."""
+    decoder, pos, out = json.JSONDecoder(), 0, []
+    while True:
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+        if pos == len(text):
+            return out
+        doc, pos = decoder.raw_decode(text, pos)
+        out.append(doc)
+
+
+ours = documents(open(ours_file).read())
 tok = AutoTokenizer.from_pretrained(export_dir)
 print(f"transformers loaded {export_dir} (config dtype: "
       f"{json.load(open(export_dir + '/config.json')).get('torch_dtype', '?')})")
