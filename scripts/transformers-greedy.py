@@ -26,7 +26,7 @@ print(f"transformers loaded {export_dir} (config dtype: "
       f"{json.load(open(export_dir + '/config.json')).get('torch_dtype', '?')})")
 failed = False
 for dtype in (torch.float32, torch.bfloat16):
-    model = AutoModelForCausalLM.from_pretrained(export_dir, torch_dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(export_dir, dtype=dtype).eval()
     for row in ours:
         ids = tok(row["prompt"], return_tensors="pt")
         with torch.no_grad():
