@@ -4,8 +4,8 @@
 //! a reward model) is a config error before anything is exported or uploaded.
 
 use super::Invalid;
-use super::raw::{RawDeploy, RawDispatch, RawWebhook};
 use super::fields::{env_name, http_url, owner_repo};
+use super::raw::{RawDeploy, RawDispatch, RawWebhook};
 use crate::deploy::ServingFormat;
 use crate::model_kind::ModelKind;
 

@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use serde::Serialize;
 
 use super::Invalid;
-use super::raw::RawServer;
 use super::fields::env_name;
+use super::raw::RawServer;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_DATABASE: &str = ".rlhf/feedback-service.sqlite3";

@@ -12,6 +12,10 @@ fn no_import_cycle_between_modules() {
         .output()
         .expect("python3 runs scripts/module-cycles.py");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(text.trim(), "no import cycles");
 }
