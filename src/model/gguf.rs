@@ -35,7 +35,7 @@ pub enum GgufError {
     )]
     UnsupportedTokenizer(String),
     #[error(
-        "GGUF pre-tokenizer {0:?} is not supported\nhint: supported: default, gpt2, smollm, llama-bpe, llama3"
+        "GGUF pre-tokenizer {0:?} is not supported\nhint: supported: default, gpt-2, smollm, llama-bpe, llama3"
     )]
     UnsupportedPreTokenizer(String),
     #[error("GGUF tensor {0:?} has no Hugging Face llama equivalent")]
@@ -490,8 +490,16 @@ fn build_tokenizer_json(
     };
     // llama.cpp names the pre-tokenizer regex; map the ones whose HF form we know.
     let pre_tokenizer = match pre {
-        "default" | "gpt2" | "smollm" => serde_json::json!({
+        "default" | "gpt2" | "gpt-2" => serde_json::json!({
             "type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true
+        }),
+        // SmolLM's tokenizer.json: every digit on its own, then GPT-2's byte-level split.
+        "smollm" => serde_json::json!({
+            "type": "Sequence",
+            "pretokenizers": [
+                {"type": "Digits", "individual_digits": true},
+                {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}
+            ]
         }),
         "llama-bpe" | "llama3" => serde_json::json!({
             "type": "Sequence",

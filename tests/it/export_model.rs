@@ -395,7 +395,10 @@ fn check_llama_gguf(
         assert!(!md[key].is_null(), "{key} missing: {md}");
     }
     assert_eq!(md["tokenizer.ggml.model"], "gpt2");
-    assert_eq!(md["tokenizer.ggml.pre"], "gpt2");
+    assert_eq!(
+        md["tokenizer.ggml.pre"], "gpt-2",
+        "llama.cpp's name; it refuses `gpt2`"
+    );
     assert_eq!(md["tokenizer.ggml.bos_token_id"], 1);
     assert_eq!(md["tokenizer.ggml.eos_token_id"], 2);
     assert_eq!(md["tokenizer.ggml.padding_token_id"], 2);
@@ -669,4 +672,13 @@ fn smollm2_gguf_exports_follow_the_f32_model() {
     );
     assert!(a16.iter().all(|&n| n >= 4), "f16: {a16:?}");
     assert!(a8.iter().all(|&n| n >= 2), "q8_0: {a8:?}");
+    // The tokenizer survives import and export: llama.cpp reads the same pre-tokenizer name
+    // (`smollm`: digits one by one) from the export as from the original file.
+    if let (Some(original), Some(exported)) = (inspect(&src), inspect(&f16)) {
+        assert_eq!(original["metadata"]["tokenizer.ggml.pre"], "smollm");
+        assert_eq!(
+            exported["metadata"]["tokenizer.ggml.pre"],
+            original["metadata"]["tokenizer.ggml.pre"]
+        );
+    }
 }

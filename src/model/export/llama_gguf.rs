@@ -285,7 +285,8 @@ fn pre_tokenizer_name(pre: &serde_json::Value) -> Result<&'static str> {
         p["type"] == "ByteLevel" && p["use_regex"].as_bool().unwrap_or(true) == regex
     };
     if byte_level(pre, true) {
-        return Ok("gpt2");
+        // llama.cpp's name is `gpt-2`; it refuses `gpt2` ("unknown pre-tokenizer type").
+        return Ok("gpt-2");
     }
     if pre["type"] == "Sequence" {
         let parts: Vec<&serde_json::Value> = pre["pretokenizers"]
@@ -309,7 +310,7 @@ fn pre_tokenizer_name(pre: &serde_json::Value) -> Result<&'static str> {
         }
     }
     bail!(
-        "the tokenizer's pre-tokenizer {pre} has no llama.cpp name known here\nhint: supported: GPT-2 byte-level (gpt2), SmolLM (digits + byte-level), Llama 3 (llama-bpe)"
+        "the tokenizer's pre-tokenizer {pre} has no llama.cpp name known here\nhint: supported: GPT-2 byte-level (gpt-2), SmolLM (digits + byte-level), Llama 3 (llama-bpe)"
     )
 }
 
