@@ -545,6 +545,33 @@ fn set_meta(conn: &Connection, key: &str, value: Option<&str>) -> Result<()> {
     Ok(())
 }
 
+/// Binds one record to an insert into `records` (plain or upsert: the same ten columns) and runs
+/// it; returns the rows written.
+fn write_record(
+    stmt: &mut rusqlite::CachedStatement<'_>,
+    id: &str,
+    at: i64,
+    record: &FeedbackRecord,
+    body: &str,
+) -> rusqlite::Result<usize> {
+    let aspect = match &record.signal {
+        super::Signal::Aspect { aspect, .. } => Some(aspect.as_str()),
+        _ => None,
+    };
+    stmt.execute(params![
+        id,
+        at,
+        micros(record.created_at),
+        record.signal.kind(),
+        record.model_version,
+        aspect,
+        record.answer_thumb().map(|t| t == super::Thumb::Up),
+        record.answer_rating(),
+        !record.response.content.trim().is_empty(),
+        body
+    ])
+}
+
 fn apply_items(tx: &Transaction<'_>, items: Vec<Incoming>) -> Result<ApplyCounts> {
     let mut counts = ApplyCounts::default();
     let mut newest: Option<i64> = tx
@@ -567,6 +594,12 @@ fn apply_items(tx: &Transaction<'_>, items: Vec<Incoming>) -> Result<ApplyCounts
              model_version = excluded.model_version, aspect = excluded.aspect,
              thumb = excluded.thumb, rating = excluded.rating, has_answer = excluded.has_answer,
              body = excluded.body",
+    )?;
+    let mut insert_new = tx.prepare_cached(
+        "INSERT INTO records(id, updated_us, created_us, kind, model_version, aspect, thumb, rating,
+                             has_answer, body)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+         ON CONFLICT(id) DO NOTHING",
     )?;
     let mut delete = tx.prepare_cached("DELETE FROM records WHERE id = ?1")?;
     let mut bury = tx.prepare_cached(
@@ -594,6 +627,17 @@ fn apply_items(tx: &Transaction<'_>, items: Vec<Incoming>) -> Result<ApplyCounts
         let id = change.id().to_string();
         let at = micros(change.updated_at());
         newest = Some(newest.map_or(at, |n| n.max(at)));
+        // A record the store has never seen (the common case: a first pull) is inserted at once;
+        // only when its id exists does it take the look-ups below. With tombstones around, an
+        // unknown id may still be a deleted one, so the look-ups come first.
+        if !any_tombstones
+            && let Change::Upsert(record) = &change
+            && let Some(body) = &body
+            && write_record(&mut insert_new, &id, at, record, body)? == 1
+        {
+            counts.inserted += 1;
+            continue;
+        }
         let live: Option<i64> = current.query_row([&id], |r| r.get(0)).optional()?;
         let buried: Option<i64> = if any_tombstones {
             tombstone.query_row([&id], |r| r.get(0)).optional()?
@@ -622,22 +666,7 @@ fn apply_items(tx: &Transaction<'_>, items: Vec<Incoming>) -> Result<ApplyCounts
                     unbury.execute([&id])?;
                 }
                 let body = body.context("an upsert reached the store without its body")?;
-                let aspect = match &record.signal {
-                    super::Signal::Aspect { aspect, .. } => Some(aspect.as_str()),
-                    _ => None,
-                };
-                upsert.execute(params![
-                    id,
-                    at,
-                    micros(record.created_at),
-                    record.signal.kind(),
-                    record.model_version,
-                    aspect,
-                    record.answer_thumb().map(|t| t == super::Thumb::Up),
-                    record.answer_rating(),
-                    !record.response.content.trim().is_empty(),
-                    body
-                ])?;
+                write_record(&mut upsert, &id, at, &record, &body)?;
                 if live.is_some() {
                     counts.updated += 1
                 } else {
