@@ -917,7 +917,7 @@ impl BertRewardModel {
             .entry("model_type")
             .or_insert_with(|| serde_json::json!("bert"));
         let text = serde_json::to_string_pretty(&cfg)?;
-        write_atomic(&dir.join("config.json"), text.as_bytes())?;
+        crate::atomic_file::write_atomically(&dir.join("config.json"), text.as_bytes())?;
         let tmp = dir.join("model.safetensors.part");
         self.varmap
             .save(&tmp)
@@ -925,7 +925,7 @@ impl BertRewardModel {
         std::fs::rename(&tmp, dir.join("model.safetensors"))
             .with_context(|| format!("renaming {} into place", tmp.display()))?;
         if let Some(tok) = &self.tokenizer {
-            write_atomic(&dir.join("tokenizer.json"), tok.json.as_bytes())?;
+            crate::atomic_file::write_atomically(&dir.join("tokenizer.json"), tok.json.as_bytes())?;
         }
         Ok(())
     }
@@ -1022,10 +1022,4 @@ fn normal_sample(rng: &mut impl Rng) -> f32 {
     let u1: f64 = rng.random_range(f64::EPSILON..1.0);
     let u2: f64 = rng.random();
     ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let tmp = path.with_extension("part");
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} into place", tmp.display()))
 }
