@@ -908,15 +908,7 @@ impl BertRewardModel {
     /// training updates the weights in place, so the twin scores with the current values, and
     /// no op on it records an autograd graph. For evaluation and scoring.
     pub fn detached_twin(&self) -> anyhow::Result<Self> {
-        let vars = self.named_vars();
-        let device = vars
-            .first()
-            .map_or(Device::Cpu, |(_, v)| v.as_tensor().device().clone());
-        let weights = vars
-            .into_iter()
-            .map(|(name, var)| (name, var.as_tensor().detach()))
-            .collect();
-        let vb = VarBuilder::from_tensors(weights, DType::F32, &device);
+        let vb = crate::model::checkpoint_io::detached_view(&self.varmap);
         let mut twin = Self::build(self.config(), self.head.clone(), vb, self.varmap.clone())?;
         twin.encoder.set_kernels(self.encoder.kernels());
         Ok(twin)

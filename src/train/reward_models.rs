@@ -4,27 +4,27 @@
 //! `step_head.*`); loading adds the heads a run needs, initialised, when the checkpoint lacks them.
 //!
 //! Evaluation scores through a twin of each model built over detached views of the same weight
-//! storage ([`detached_weights`]): the optimiser updates the weights in place, so the twin always
-//! sees the current values, and no op on it records a graph.
+//! storage (`checkpoint_io::detached_view`): the optimiser updates the weights in place, so the
+//! twin always sees the current values, and no op on it records a graph.
 //!
 //! The decoder reads its score at the last real token and wants no special tokens (TRL's reward
 //! batches carry the plain text tokens); the default model's weights are drawn from a seeded
 //! ChaCha8 stream because candle's CPU initialisers cannot be seeded, and "same seed, same
 //! weights" must hold from the first step.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::OnceLock;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{VarBuilder, VarMap};
+use candle_nn::VarMap;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::batching::{SequenceLayout, TokenBatch};
 use super::reward_trainer::{RewardBackbone, RewardForward};
 use crate::model::bert::{BertRewardModel, EncodedBatch};
+use crate::model::checkpoint_io;
 use crate::model::llama::{
     Architecture, ExtraHeads, LlamaConfig, LlamaForSequenceClassification, save_pretrained,
 };
@@ -117,25 +117,10 @@ impl LlamaReward {
         if let Some(m) = self.scorer.get() {
             return Ok(m);
         }
-        let (weights, device) = detached_weights(&self.varmap)?;
-        let vb = VarBuilder::from_tensors(weights, DType::F32, &device);
+        let vb = checkpoint_io::detached_view(&self.varmap);
         let twin = LlamaForSequenceClassification::new(&self.config, vb)?;
         Ok(self.scorer.get_or_init(|| twin))
     }
-}
-
-/// Every weight of `varmap` as a detached tensor sharing the variable's storage (no copy), and
-/// their device: what a no-graph twin of a model is built from.
-pub fn detached_weights(varmap: &VarMap) -> candle_core::Result<(HashMap<String, Tensor>, Device)> {
-    let vars = super::optim::named_vars(varmap);
-    let device = vars
-        .first()
-        .map_or(Device::Cpu, |(_, v)| v.as_tensor().device().clone());
-    let weights = vars
-        .into_iter()
-        .map(|(name, var)| (name, var.as_tensor().detach()))
-        .collect();
-    Ok((weights, device))
 }
 
 impl std::fmt::Debug for LlamaReward {

@@ -456,16 +456,22 @@ fn a_non_finite_loss_or_a_kl_past_the_ceiling_stops_the_run_naming_the_step() {
 
 #[test]
 fn evaluations_are_logged_and_a_stalled_one_stops_the_run_early() {
-    let tmp = tempfile::tempdir().unwrap();
-    let varmap = candle_nn::VarMap::new();
-    let mut line = Line {
-        eval_watch: Some(0.5),
-        ..Line::new(&varmap)
+    // Every evaluation reports the same watched value: it never improves after the first.
+    let stalled = |patience: Option<u32>| {
+        let tmp = tempfile::tempdir().unwrap();
+        let varmap = candle_nn::VarMap::new();
+        let mut line = Line {
+            eval_watch: Some(0.5),
+            ..Line::new(&varmap)
+        };
+        let mut cfg = line_cfg(8, 2);
+        cfg.control.eval_every = 1;
+        cfg.control.patience = patience;
+        let outcome = engine::run(&mut line, &varmap, &cfg, tmp.path()).unwrap();
+        let text = std::fs::read_to_string(tmp.path().join("log.jsonl")).unwrap();
+        (outcome, text.lines().count())
     };
-    let mut cfg = line_cfg(8, 2);
-    cfg.control.eval_every = 1;
-    cfg.control.patience = Some(2);
-    let outcome = engine::run(&mut line, &varmap, &cfg, tmp.path()).unwrap();
+    let (outcome, file_lines) = stalled(Some(2));
     // Step 1 sets the best; steps 2 and 3 do not beat it: two evaluations without improvement.
     assert!(outcome.stopped_early && outcome.completed);
     assert_eq!(outcome.steps, 3);
@@ -477,19 +483,11 @@ fn evaluations_are_logged_and_a_stalled_one_stops_the_run_early() {
         .collect();
     assert_eq!(evals, vec![1, 2, 3]);
     // One training line per step, each followed by its evaluation line, in the file too.
-    let text = std::fs::read_to_string(tmp.path().join("log.jsonl")).unwrap();
-    assert_eq!(text.lines().count(), 6);
+    assert_eq!(file_lines, 6);
 
     // Without patience the same run goes to its end, evaluating every step.
-    let tmp = tempfile::tempdir().unwrap();
-    let varmap = candle_nn::VarMap::new();
-    let mut line = Line {
-        eval_watch: Some(0.5),
-        ..Line::new(&varmap)
-    };
-    cfg.control.patience = None;
-    let outcome = engine::run(&mut line, &varmap, &cfg, tmp.path()).unwrap();
+    let (outcome, file_lines) = stalled(None);
     assert!(!outcome.stopped_early);
     assert_eq!(outcome.steps, 8);
-    assert_eq!(outcome.log.len(), 16);
+    assert_eq!((outcome.log.len(), file_lines), (16, 16));
 }

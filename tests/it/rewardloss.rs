@@ -378,18 +378,24 @@ fn each_head_learns_from_its_kind(model: &AnyReward, data: &TrainData) {
     );
 }
 
-#[test]
-fn each_head_gets_a_gradient_when_its_kind_is_present() {
+/// Runs `check` on the llama and the BERT reward model, each with both kinds of extra head and
+/// a batch of every kind of example in its vocabulary.
+fn on_both_backbones(check: fn(&AnyReward, &TrainData)) {
     let tmp = tempfile::tempdir().unwrap();
     let (llama, tok) = llama_with_heads(tmp.path());
     let data = encode(&llama, &tok, &mixed(&toy_pairs(2), 2), 64).unwrap();
-    each_head_learns_from_its_kind(&llama, &data);
+    check(&llama, &data);
 
     let (bert, tok) = bert_with_heads(tmp.path());
     assert_eq!(bert.aspect_names(), ["accuracy", "helpfulness"]);
     assert!(bert.has_step_head());
     let data = encode(&bert, &tok, &bert_text(), 20).unwrap();
-    each_head_learns_from_its_kind(&bert, &data);
+    check(&bert, &data);
+}
+
+#[test]
+fn each_head_gets_a_gradient_when_its_kind_is_present() {
+    on_both_backbones(each_head_learns_from_its_kind);
 }
 
 /// Issue 18 §2: evaluation scores through [`RewardBackbone::score`], a twin over detached views
@@ -437,14 +443,7 @@ fn scoring_matches_the_training_forward_without_a_graph(model: &AnyReward, data:
 
 #[test]
 fn evaluation_scores_equal_the_training_forward_and_build_no_graph() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (llama, tok) = llama_with_heads(tmp.path());
-    let data = encode(&llama, &tok, &mixed(&toy_pairs(2), 4), 64).unwrap();
-    scoring_matches_the_training_forward_without_a_graph(&llama, &data);
-
-    let (bert, tok) = bert_with_heads(tmp.path());
-    let data = encode(&bert, &tok, &bert_text(), 20).unwrap();
-    scoring_matches_the_training_forward_without_a_graph(&bert, &data);
+    on_both_backbones(scoring_matches_the_training_forward_without_a_graph);
 }
 
 fn mixed_cfg() -> TrainConfig {
