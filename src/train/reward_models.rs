@@ -1,6 +1,6 @@
-//! Adapters from the concrete reward models to the loop's [`RewardBackbone`], plus the small
-//! llama reward model trained from scratch when no `--model` is given. Both backbones can carry
-//! extra heads ([`ExtraHeads`]: per-aspect heads `aspect_heads.<name>.*` and a per-token
+//! Adapters from the concrete reward models to the reward objective's [`RewardBackbone`], plus
+//! the small llama reward model trained from scratch when no `--model` is given. Both backbones
+//! can carry extra heads ([`ExtraHeads`]: per-aspect heads `aspect_heads.<name>.*` and a per-token
 //! `step_head.*`); loading adds the heads a run needs, initialised, when the checkpoint lacks them.
 //!
 //! Evaluation scores through a twin of each model built over detached views of the same weight

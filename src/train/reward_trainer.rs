@@ -98,7 +98,7 @@ pub struct TrainConfig {
     /// A progress line every N steps when stderr is not a terminal (`log.jsonl` has every
     /// step).
     pub log_every: u64,
-    /// Checkpoint every N steps; 0 never.
+    /// Checkpoint every N steps; 0: only after the last step and at `stop_after_steps`.
     pub checkpoint_every: u64,
     /// Checkpoints kept on disk (the newest ones).
     pub keep_checkpoints: usize,
@@ -355,17 +355,22 @@ pub fn train_mixed<M: RewardBackbone>(
         last_eval: None,
     };
     let out = engine::run(&mut objective, model.varmap(), &engine_cfg, run_dir)?;
+    // A resume of a finished run trains no step and so never evaluates: evaluate here, so its
+    // outcome still reports the model it ends with.
+    let final_eval = match objective.last_eval.take() {
+        Some(ev) => Some(ev),
+        None if out.completed && !eval.is_empty() => {
+            Some(evaluate_mixed(model, eval, cfg.batch_size * 4, device)?)
+        }
+        None => None,
+    };
     Ok(LoopOutcome {
         steps: out.steps,
         seconds: out.seconds,
         examples: out.examples,
         tokens: out.tokens,
         epochs: out.epochs,
-        eval: if out.completed {
-            objective.last_eval
-        } else {
-            None
-        },
+        eval: if out.completed { final_eval } else { None },
         log: out.log,
         stopped_early: out.stopped_early,
         completed: out.completed,

@@ -116,6 +116,12 @@ fn reward_stop_and_resume_equals_one_run() {
     assert_eq!(w_resumed, w_full, "weights differ after resume");
     assert_eq!(resumed.eval, full.eval);
     assert_eq!(resumed.epochs, 2.0);
+
+    // Resuming the finished run trains nothing and still reports the final model's evaluation.
+    let (again, w_again) = run(&two, None);
+    assert_eq!((again.steps, again.examples), (6, 0));
+    assert_eq!(again.eval, full.eval);
+    assert_eq!(w_again, w_full);
 }
 
 fn policy_run(algo: PolicyAlgo, seed: u64, steps: u64, out: &Path) -> anyhow::Result<()> {

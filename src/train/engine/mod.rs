@@ -1,4 +1,4 @@
-//! The training engine: the one loop every policy objective runs on (burn-train's
+//! The training engine: the one loop every objective (reward, DPO, KTO, PPO) runs on (burn-train's
 //! `TrainStep`/`Learner` split). The engine owns what every algorithm does the same way:
 //!
 //! - the data order and position ([`order`]): seeded per-epoch permutations, checkpointed;
