@@ -750,6 +750,16 @@ impl BertRewardModel {
         head.validate()?;
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+        Self::build(cfg, head, vb, varmap)
+    }
+
+    /// The same model over the weights `vb` gives (`varmap` is what [`Self::varmap`] returns).
+    fn build(
+        cfg: &BertConfig,
+        head: RewardHeadConfig,
+        vb: VarBuilder,
+        varmap: VarMap,
+    ) -> anyhow::Result<Self> {
         let encoder = BertModel::new(cfg, vb.clone())?;
         let score = Dense::new(cfg.hidden_size, 1, vb.pp("score"))?;
         let aspect_heads = head
@@ -892,6 +902,16 @@ impl BertRewardModel {
         model.fresh_heads = fresh;
         model.tokenizer = Some(LoadedTokenizer::from_file(&dir.join("tokenizer.json"))?);
         Ok(model)
+    }
+
+    /// A twin of this model over detached views of its weights (the same storage, no copy):
+    /// training updates the weights in place, so the twin scores with the current values, and
+    /// no op on it records an autograd graph. For evaluation and scoring.
+    pub fn detached_twin(&self) -> anyhow::Result<Self> {
+        let vb = crate::model::checkpoint_io::detached_view(&self.varmap);
+        let mut twin = Self::build(self.config(), self.head.clone(), vb, self.varmap.clone())?;
+        twin.encoder.set_kernels(self.encoder.kernels());
+        Ok(twin)
     }
 
     /// Head variables (`score.*`, `aspect_heads.*`, `step_head.*`) that the checkpoint did not
