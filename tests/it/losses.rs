@@ -10,9 +10,9 @@ use rlhf_bot::train::losses::{
 };
 use serde_json::Value;
 
-const DTYPES: [DType; 2] = [DType::F64, DType::F32];
+pub(crate) const DTYPES: [DType; 2] = [DType::F64, DType::F32];
 
-fn vectors(name: &str) -> Value {
+pub(crate) fn vectors(name: &str) -> Value {
     let path = format!(
         "{}/tests/fixtures/vectors/{name}",
         env!("CARGO_MANIFEST_DIR")
@@ -21,11 +21,11 @@ fn vectors(name: &str) -> Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("parsing {path}: {e}"))
 }
 
-fn tol(dt: DType) -> f64 {
+pub(crate) fn tol(dt: DType) -> f64 {
     if dt == DType::F64 { 1e-6 } else { 1e-4 }
 }
 
-fn flat(v: &Value) -> (Vec<f64>, Vec<usize>) {
+pub(crate) fn flat(v: &Value) -> (Vec<f64>, Vec<usize>) {
     match v {
         Value::Array(items) if items.first().is_some_and(Value::is_array) => {
             let mut data = Vec::new();
@@ -48,7 +48,7 @@ fn flat(v: &Value) -> (Vec<f64>, Vec<usize>) {
     }
 }
 
-fn t(v: &Value, dt: DType) -> Tensor {
+pub(crate) fn t(v: &Value, dt: DType) -> Tensor {
     let (data, shape) = flat(v);
     Tensor::from_vec(data, shape, &Device::Cpu)
         .unwrap()
@@ -62,11 +62,11 @@ fn ids(v: &Value) -> Tensor {
     Tensor::from_vec(d, shape, &Device::Cpu).unwrap()
 }
 
-fn var(v: &Value, dt: DType) -> Var {
+pub(crate) fn var(v: &Value, dt: DType) -> Var {
     Var::from_tensor(&t(v, dt)).unwrap()
 }
 
-fn host(x: &Tensor) -> Vec<f64> {
+pub(crate) fn host(x: &Tensor) -> Vec<f64> {
     x.to_dtype(DType::F64)
         .unwrap()
         .flatten_all()
@@ -75,7 +75,7 @@ fn host(x: &Tensor) -> Vec<f64> {
         .unwrap()
 }
 
-fn close_vec(what: &str, actual: &[f64], expected: &[f64], dt: DType) {
+pub(crate) fn close_vec(what: &str, actual: &[f64], expected: &[f64], dt: DType) {
     assert_eq!(actual.len(), expected.len(), "{what}: length");
     let tol = tol(dt);
     for (i, (a, e)) in actual.iter().zip(expected).enumerate() {
@@ -89,15 +89,15 @@ fn close_vec(what: &str, actual: &[f64], expected: &[f64], dt: DType) {
     }
 }
 
-fn close_t(what: &str, actual: &Tensor, expected: &Value, dt: DType) {
+pub(crate) fn close_t(what: &str, actual: &Tensor, expected: &Value, dt: DType) {
     close_vec(what, &host(actual), &flat(expected).0, dt);
 }
 
-fn close(what: &str, actual: f64, expected: f64, dt: DType) {
+pub(crate) fn close(what: &str, actual: f64, expected: f64, dt: DType) {
     close_vec(what, &[actual], &[expected], dt);
 }
 
-fn f(v: &Value) -> f64 {
+pub(crate) fn f(v: &Value) -> f64 {
     v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"))
 }
 

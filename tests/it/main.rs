@@ -19,6 +19,7 @@ mod feedback_server;
 mod firstrun;
 mod forge_behaviour;
 mod forge_contract;
+mod grpo;
 mod hostile;
 mod hygiene;
 mod install;

@@ -7,9 +7,11 @@
 //! `source` field of each file). The functions are dtype-generic: tests run them in f64 and f32.
 
 pub mod dpo;
+pub mod grpo;
 pub mod kl_control;
 pub mod kto;
 pub mod logits_reference;
 pub mod ppo;
 pub mod reward;
+pub mod rloo;
 pub mod stats;

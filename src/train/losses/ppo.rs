@@ -169,6 +169,18 @@ pub enum KlEstimator {
     K3,
 }
 
+impl KlEstimator {
+    /// The per-token estimate of `KL(π ‖ π_ref)` from `lp = log π` and `ref = log π_ref`
+    /// (keeps the graph to both).
+    pub fn estimate(self, logprobs: &Tensor, ref_logprobs: &Tensor) -> Result<Tensor> {
+        let logr = (ref_logprobs - logprobs)?;
+        match self {
+            Self::K1 => logr.neg(),
+            Self::K3 => (logr.exp()? - 1.0)? - &logr,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct RewardGaeConfig {
     pub kl_coef: f64,
@@ -290,11 +302,7 @@ pub fn rewards_and_advantages(
     let zeros = Tensor::zeros((b, t), dt, dev)?;
     let values = padding_mask_p1.where_cond(&zeros, &values.detach().to_dtype(dt)?)?;
 
-    let logr = (&rlp - &lp)?;
-    let kl = match cfg.kl_estimator {
-        KlEstimator::K1 => logr.neg()?,
-        KlEstimator::K3 => ((logr.exp()? - 1.0)? - &logr)?,
-    };
+    let kl = cfg.kl_estimator.estimate(&lp, &rlp)?;
     let non_score_reward = kl.affine(-cfg.kl_coef, 0.0)?;
     let end_hot = Tensor::from_vec(end_hot, (b, t), dev)?.to_dtype(dt)?;
     let mut rewards = (&non_score_reward + end_hot)?;

@@ -172,3 +172,24 @@ impl RunningMoments {
         (score - self.mean) / (self.std + eps)
     }
 }
+
+/// Mean of the non-NaN values (`torch.nanmean`); NaN when there are none.
+pub fn nan_mean(xs: &[f64]) -> f64 {
+    let (sum, n) = xs
+        .iter()
+        .filter(|x| !x.is_nan())
+        .fold((0.0, 0usize), |(s, n), x| (s + x, n + 1));
+    if n == 0 { f64::NAN } else { sum / n as f64 }
+}
+
+/// Unbiased (`n - 1`) standard deviation of the non-NaN values (TRL's `nanstd`); NaN below two
+/// values, as torch gives.
+pub fn nan_std(xs: &[f64]) -> f64 {
+    let mean = nan_mean(xs);
+    let vals: Vec<f64> = xs.iter().copied().filter(|x| !x.is_nan()).collect();
+    if vals.len() < 2 {
+        return f64::NAN;
+    }
+    let ss: f64 = vals.iter().map(|x| (x - mean).powi(2)).sum();
+    (ss / (vals.len() - 1) as f64).sqrt()
+}

@@ -1,0 +1,364 @@
+//! GRPO and RLOO against TRL's reference vectors (`tests/fixtures/vectors/grpo_*.json`,
+//! `rloo_advantages_loss.json`): advantages and logged reward metrics, losses, their gradients
+//! w.r.t. the per-token log-probs (candle autograd) and the clip / KL / entropy metrics. Losses run
+//! in f64 (1e-6 relative) and f32 (1e-4); advantages are f64 host math.
+
+use candle_core::DType;
+use rlhf_bot::train::losses::{grpo, rloo, stats};
+use serde_json::Value;
+
+use crate::losses::{DTYPES, close, close_t, close_vec, f, t, var, vectors};
+
+/// Float32 mean metrics (clip ratios, frac_reward_zero_std) compare with 1e-6 absolute.
+fn close_abs(what: &str, actual: f64, expected: f64) {
+    assert!(
+        (actual - expected).abs() <= 1e-6,
+        "{what}: got {actual}, expected {expected}"
+    );
+}
+
+fn is_f32_metric(name: &str) -> bool {
+    name.starts_with("clip_ratio/") || name == "frac_reward_zero_std"
+}
+
+fn check_metrics(case: &str, got: &[(String, f64)], expected: &Value, dt: DType) {
+    let expected = expected.as_object().expect("metrics object");
+    let names: Vec<&String> = got.iter().map(|(k, _)| k).collect();
+    for (name, want) in expected {
+        let Some((_, value)) = got.iter().find(|(k, _)| k == name) else {
+            panic!("{case}: metric {name} missing; got {names:?}");
+        };
+        if is_f32_metric(name) {
+            close_abs(&format!("{case} {name}"), *value, f(want));
+        } else {
+            close(&format!("{case} {name}"), *value, f(want), dt);
+        }
+    }
+    assert_eq!(got.len(), expected.len(), "{case}: metrics {names:?}");
+}
+
+fn reward_table(v: &Value) -> Vec<Vec<Option<f64>>> {
+    v.as_array()
+        .expect("rows")
+        .iter()
+        .map(|row| {
+            row.as_array()
+                .expect("row")
+                .iter()
+                .map(Value::as_f64)
+                .collect()
+        })
+        .collect()
+}
+
+fn floats(v: &Value) -> Vec<f64> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_f64().unwrap_or(f64::NAN))
+        .collect()
+}
+
+fn names(n: usize) -> Vec<String> {
+    (0..n).map(|k| format!("r{k}")).collect()
+}
+
+#[test]
+fn grpo_advantages_match_trl_for_every_scaling_aggregation_and_null_reward() {
+    let d = vectors("grpo_advantages.json");
+    let g = d["inputs"]["num_generations"].as_u64().unwrap() as usize;
+    let cases = d["outputs"]["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 11);
+    for c in cases {
+        let rewards =
+            reward_table(&d["inputs"]["rewards_per_func"][c["rewards"].as_str().unwrap()]);
+        let weights = floats(&c["reward_weights"]);
+        let case = format!(
+            "{} {} {}",
+            c["rewards"], c["multi_objective_aggregation"], c["scale_rewards"]
+        );
+        let cfg = grpo::AdvantageConfig {
+            num_generations: g,
+            reward_weights: weights.clone(),
+            scale_rewards: serde_json::from_value(c["scale_rewards"].clone()).unwrap(),
+            aggregation: serde_json::from_value(c["multi_objective_aggregation"].clone()).unwrap(),
+        };
+        let out = grpo::grpo_advantages(&rewards, &names(weights.len()), &cfg).unwrap();
+        close_vec(
+            &format!("{case} advantages"),
+            &out.advantages,
+            &floats(&c["advantages"]),
+            DType::F64,
+        );
+        close_vec(
+            &format!("{case} std"),
+            &out.std_rewards,
+            &floats(&c["std_rewards"]),
+            DType::F64,
+        );
+        match (&out.mean_grouped_rewards, c.get("mean_grouped_rewards")) {
+            (Some(m), Some(want)) => {
+                close_vec(&format!("{case} means"), m, &floats(want), DType::F64)
+            }
+            (None, None) => {}
+            (got, want) => panic!("{case}: group means {got:?} vs {want:?}"),
+        }
+        check_metrics(&case, &out.metrics, &c["logged_metrics"], DType::F64);
+    }
+}
+
+#[test]
+fn grpo_advantages_refuse_ragged_groups_and_mismatched_weights() {
+    let row = |x: f64| vec![Some(x)];
+    let cfg = grpo::AdvantageConfig {
+        num_generations: 4,
+        reward_weights: vec![1.0],
+        scale_rewards: grpo::ScaleRewards::Group,
+        aggregation: grpo::Aggregation::SumThenNormalize,
+    };
+    let five: Vec<_> = (0..5).map(|i| row(i as f64)).collect();
+    let e = grpo::grpo_advantages(&five, &names(1), &cfg)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("5 rewards") && e.contains("groups of 4"), "{e}");
+    let two_funcs = grpo::AdvantageConfig {
+        reward_weights: vec![1.0, 0.5],
+        ..cfg.clone()
+    };
+    let four: Vec<_> = (0..4).map(|i| row(i as f64)).collect();
+    let e = grpo::grpo_advantages(&four, &names(2), &two_funcs)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("row 0 has 1 rewards") && e.contains("2 reward weights"),
+        "{e}"
+    );
+    let single = grpo::AdvantageConfig {
+        num_generations: 1,
+        ..cfg
+    };
+    let e = grpo::grpo_advantages(&four, &names(1), &single)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("num_generations is 1"), "{e}");
+}
+
+/// The case's loss settings, or `None` for a TRL feature this crate does not implement
+/// (cispo / sapo / vespo, entropy bonus, top-entropy and off-policy masks).
+fn loss_config(c: &Value, num_items: f64) -> Option<grpo::GrpoLossConfig> {
+    let unsupported = [
+        "entropy_coef",
+        "top_entropy_quantile",
+        "off_policy_mask_threshold",
+    ];
+    if unsupported.iter().any(|k| c.get(*k).is_some()) {
+        return None;
+    }
+    Some(grpo::GrpoLossConfig {
+        loss_type: grpo::LossType::parse(c["loss_type"].as_str()?)?,
+        beta: f(&c["beta"]),
+        epsilon_low: f(&c["epsilon_low"]),
+        epsilon_high: f(&c["epsilon_high"]),
+        level: serde_json::from_value(c["importance_sampling_level"].clone()).unwrap(),
+        kl_bias_correction: c["use_bias_correction_kl"].as_bool().unwrap(),
+        delta: c["delta"].as_f64(),
+        max_completion_length: c["max_completion_length"].as_u64().unwrap() as usize,
+        num_items_in_batch: num_items,
+    })
+}
+
+#[test]
+fn grpo_loss_gradients_and_metrics_match_trl_for_each_implemented_loss_type() {
+    let d = vectors("grpo_loss.json");
+    let i = &d["inputs"];
+    let num_items = f(&i["num_items_in_batch"]);
+    let mut checked = std::collections::BTreeSet::new();
+    let mut ran = 0;
+    for c in d["outputs"]["cases"].as_array().unwrap() {
+        let Some(cfg) = loss_config(c, num_items) else {
+            continue;
+        };
+        let case = format!("{cfg:?}");
+        for dt in DTYPES {
+            let lp = var(&i["per_token_logps"], dt);
+            let (old, reference, adv, mask, ent) = (
+                t(&i["old_per_token_logps"], dt),
+                t(&i["ref_per_token_logps"], dt),
+                t(&i["advantages"], dt),
+                t(&i["completion_mask"], dt),
+                t(&i["entropies"], dt),
+            );
+            let batch = grpo::GrpoBatch {
+                logprobs: lp.as_tensor(),
+                old_logprobs: Some(&old),
+                ref_logprobs: Some(&reference),
+                advantages: &adv,
+                mask: &mask,
+                entropies: Some(&ent),
+            };
+            let out = grpo::grpo_loss(&batch, &cfg).unwrap();
+            close(
+                &format!("{case} loss"),
+                stats::scalar_f64(&out.loss).unwrap(),
+                f(&c["loss"]),
+                dt,
+            );
+            let g = out.loss.backward().unwrap();
+            close_t(
+                &format!("{case} grad"),
+                g.get(lp.as_tensor()).unwrap(),
+                &c["grad_per_token_logps"],
+                dt,
+            );
+            check_metrics(&case, &out.metrics, &c["metrics"], dt);
+        }
+        checked.insert(c["loss_type"].as_str().unwrap().to_string());
+        ran += 1;
+    }
+    // Every implemented loss type at β 0 and 0.04, plus GSPO, no bias correction, delta, dr_grpo's
+    // own max length and symmetric clipping.
+    assert_eq!(ran, 16, "cases run");
+    for lt in ["grpo", "bnpo", "dr_grpo", "dapo", "luspo"] {
+        assert!(checked.contains(lt), "{lt} not checked");
+    }
+}
+
+#[test]
+fn grpo_loss_ignores_padding_values_and_needs_a_reference_for_beta() {
+    let d = vectors("grpo_loss.json");
+    let i = &d["inputs"];
+    let c = &d["outputs"]["cases"][1]; // grpo, β = 0.04
+    let cfg = loss_config(c, f(&i["num_items_in_batch"])).unwrap();
+    let dt = DType::F64;
+    let mask = t(&i["completion_mask"], dt);
+    // Garbage at padding must not change the loss.
+    let junk = ((mask.ones_like().unwrap() - &mask).unwrap() * 37.0).unwrap();
+    let lp = (t(&i["per_token_logps"], dt) + &junk).unwrap();
+    let old = (t(&i["old_per_token_logps"], dt) - &junk).unwrap();
+    let reference = (t(&i["ref_per_token_logps"], dt) + &junk).unwrap();
+    let adv = t(&i["advantages"], dt);
+    let batch = grpo::GrpoBatch {
+        logprobs: &lp,
+        old_logprobs: Some(&old),
+        ref_logprobs: Some(&reference),
+        advantages: &adv,
+        mask: &mask,
+        entropies: None,
+    };
+    let out = grpo::grpo_loss(&batch, &cfg).unwrap();
+    close(
+        "padded loss",
+        stats::scalar_f64(&out.loss).unwrap(),
+        f(&c["loss"]),
+        dt,
+    );
+    let no_ref = grpo::GrpoBatch {
+        ref_logprobs: None,
+        ..batch
+    };
+    let e = grpo::grpo_loss(&no_ref, &cfg).unwrap_err().to_string();
+    assert!(e.contains("beta is 0.04") && e.contains("reference"), "{e}");
+}
+
+#[test]
+fn rloo_advantages_match_trl_with_kl_normalisation_and_reward_clipping() {
+    let d = vectors("rloo_advantages_loss.json");
+    let i = &d["inputs"];
+    let rewards = reward_table(&i["rewards_per_func"]);
+    let dt = DType::F64;
+    let (old, reference, mask) = (
+        t(&i["old_per_token_logps"], dt),
+        t(&i["ref_per_token_logps"], dt),
+        t(&i["completion_mask"], dt),
+    );
+    let kl = rloo::sequence_kl(&old, &reference, &mask).unwrap();
+    let cases = d["outputs"]["advantage_cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 5);
+    for c in cases {
+        let case = format!("{c:.60}");
+        let clip = c["reward_clip_range"]
+            .as_array()
+            .map(|r| (f(&r[0]), f(&r[1])));
+        let cfg = rloo::RlooAdvantageConfig {
+            num_generations: i["num_generations"].as_u64().unwrap() as usize,
+            reward_weights: floats(&i["reward_weights"]),
+            beta: f(&c["beta"]),
+            normalize_advantages: c["normalize_advantages"].as_bool().unwrap(),
+            reward_clip_range: clip,
+        };
+        let out = rloo::rloo_advantages(&rewards, &names(2), Some(&kl), &cfg).unwrap();
+        if let Some(seq) = c.get("seq_kl") {
+            close_vec(&format!("{case} seq kl"), &kl.0, &floats(seq), dt);
+        }
+        close_vec(
+            &format!("{case} rewards"),
+            &out.rewards,
+            &floats(&c["rewards_after_kl"]),
+            dt,
+        );
+        close_vec(
+            &format!("{case} baselines"),
+            &out.baselines,
+            &floats(&c["baselines"]),
+            dt,
+        );
+        close_vec(
+            &format!("{case} advantages"),
+            &out.advantages,
+            &floats(&c["advantages"]),
+            dt,
+        );
+        check_metrics(&case, &out.metrics, &c["logged_metrics"], dt);
+    }
+}
+
+#[test]
+fn rloo_loss_gradients_and_metrics_match_trl() {
+    let d = vectors("rloo_advantages_loss.json");
+    let i = &d["inputs"];
+    let cases = d["outputs"]["loss_cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 3);
+    for c in cases {
+        let (lo, hi) = (f(&c["epsilon_low"]), f(&c["epsilon_high"]));
+        for dt in DTYPES {
+            let lp = var(&i["per_token_logps"], dt);
+            let (old, adv, mask, ent) = (
+                t(&i["old_logps"], dt),
+                t(&c["advantages"], dt),
+                t(&i["completion_mask"], dt),
+                t(&i["entropies"], dt),
+            );
+            // The sampling policy's sequence log-probs are the masked sums of its token log-probs.
+            let old_tokens = t(&i["old_per_token_logps"], dt);
+            close_t(
+                "old logps",
+                &stats::masked_sum_last(&old_tokens, &mask).unwrap(),
+                &i["old_logps"],
+                dt,
+            );
+            let batch = rloo::RlooBatch {
+                logprobs: lp.as_tensor(),
+                old_sequence_logps: &old,
+                advantages: &adv,
+                mask: &mask,
+                entropies: Some(&ent),
+            };
+            let out = rloo::rloo_loss(&batch, lo, hi).unwrap();
+            let case = format!("rloo eps {lo}/{hi}");
+            close(
+                &case,
+                stats::scalar_f64(&out.loss).unwrap(),
+                f(&c["loss"]),
+                dt,
+            );
+            let g = out.loss.backward().unwrap();
+            close_t(
+                &format!("{case} grad"),
+                g.get(lp.as_tensor()).unwrap(),
+                &c["grad_per_token_logps"],
+                dt,
+            );
+            check_metrics(&case, &out.metrics, &c["metrics"], dt);
+        }
+    }
+}
