@@ -182,6 +182,10 @@ pub enum Algo {
     Dpo,
     Kto,
     Ppo,
+    /// Group-relative policy optimisation: G sampled answers per prompt are each other's baseline.
+    Grpo,
+    /// REINFORCE leave-one-out: each answer's baseline is the mean reward of the other G-1.
+    Rloo,
 }
 
 /// `--device`: where training and generation run.

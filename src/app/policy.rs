@@ -42,6 +42,8 @@ pub fn algo_of(a: Algo) -> PolicyAlgo {
         Algo::Dpo => PolicyAlgo::Dpo,
         Algo::Kto => PolicyAlgo::Kto,
         Algo::Ppo => PolicyAlgo::Ppo,
+        Algo::Grpo => PolicyAlgo::Grpo,
+        Algo::Rloo => PolicyAlgo::Rloo,
     }
 }
 
@@ -499,7 +501,7 @@ pub fn export_policy_data(
                 })?);
             }
         }
-        PolicyAlgo::Ppo => {
+        PolicyAlgo::Ppo | PolicyAlgo::Grpo | PolicyAlgo::Rloo => {
             let mut prompts = BTreeSet::new();
             for s in splits {
                 for p in &s.pairs {
@@ -524,7 +526,7 @@ pub fn export_policy_data(
         let what = match algo {
             PolicyAlgo::Dpo => "preference pairs (answers to one prompt with different feedback)",
             PolicyAlgo::Kto => "answers with a thumb or a rating",
-            PolicyAlgo::Ppo => "prompts",
+            PolicyAlgo::Ppo | PolicyAlgo::Grpo | PolicyAlgo::Rloo => "prompts",
         };
         bail!(
             "the store yields no {what} for {}\nhint: pull more feedback, or pick another --algo (kto learns from single thumbs)",

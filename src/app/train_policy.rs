@@ -22,6 +22,7 @@ use crate::model::chat_template::{ChatMessage, ChatTemplate};
 use crate::model::llama::load_frozen_causal_lm;
 use crate::run::outputs::{PolicyAlgo, PolicyMetrics, TrainStats, write_metrics};
 use crate::train::dpo_trainer::{PreferenceExample, TrainOutcome, train_dpo};
+use crate::train::group_rl_trainer::{train_grpo, train_rloo};
 use crate::train::kto_trainer::{PointwiseExample, train_kto};
 use crate::train::policy_common::Policy;
 pub use crate::train::policy_common::{LoraOptions, PolicyTrainOptions, PpoOptions};
@@ -132,13 +133,17 @@ pub fn train_policy_blocking(req: &TrainPolicyRequest) -> Result<PolicyRunSummar
             (train_kto(&mut policy, &ex, opts, &req.out)?, ex.len())
         }
         PolicyAlgo::Ppo => {
-            let ps: Vec<String> = train
-                .iter()
-                .map(|l| l.prompt.clone())
-                .collect::<BTreeSet<_>>()
-                .into_iter()
-                .collect();
+            let ps = distinct_prompts(&train);
             (train_ppo(&mut policy, &rm, &ps, opts, &req.out)?, ps.len())
+        }
+        PolicyAlgo::Grpo | PolicyAlgo::Rloo => {
+            let ps = distinct_prompts(&train);
+            let run = if opts.algo == PolicyAlgo::Grpo {
+                train_grpo
+            } else {
+                train_rloo
+            };
+            (run(&mut policy, &rm, &ps, opts, &req.out)?, ps.len())
         }
     };
     let policy_dir = req.out.join("policy");
@@ -186,4 +191,15 @@ pub fn train_policy_blocking(req: &TrainPolicyRequest) -> Result<PolicyRunSummar
         train_examples: n_train,
         eval_prompts: eval_prompts.len(),
     })
+}
+
+/// The training lines' prompts, each once, in a stable order (what the online algorithms sample
+/// answers for).
+fn distinct_prompts(lines: &[&PolicyLine]) -> Vec<String> {
+    lines
+        .iter()
+        .map(|l| l.prompt.clone())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect()
 }

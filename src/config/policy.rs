@@ -61,11 +61,13 @@ impl PolicySettings {
         o.algo = algo;
         o.lr = self.lr.unwrap_or(match algo {
             PolicyAlgo::Ppo => DEFAULT_PPO_LR,
-            PolicyAlgo::Dpo | PolicyAlgo::Kto => DEFAULT_PREFERENCE_LR,
+            PolicyAlgo::Dpo | PolicyAlgo::Kto | PolicyAlgo::Grpo | PolicyAlgo::Rloo => {
+                DEFAULT_PREFERENCE_LR
+            }
         });
         o.max_steps = match (self.steps, algo) {
             (Some(s), _) => Some(s),
-            (None, PolicyAlgo::Ppo) => Some(DEFAULT_PPO_STEPS),
+            (None, a) if a.is_online() => Some(DEFAULT_PPO_STEPS),
             (None, _) => None,
         };
         o
@@ -105,6 +107,9 @@ pub fn validate_policy(raw: RawPolicy) -> Result<PolicySettings, Invalid> {
         .transpose()?;
     let lora = validate_lora(&raw.lora)?;
     let ppo = validate_ppo(&raw.ppo)?;
+    raw.grpo
+        .validate()
+        .map_err(|e| Invalid::new("policy.grpo", e.to_string()))?;
     let options = PolicyTrainOptions {
         algo: raw.algo.unwrap_or(PolicyAlgo::Dpo),
         beta: positive("policy.beta", raw.beta, d.beta)?,
@@ -144,6 +149,7 @@ pub fn validate_policy(raw: RawPolicy) -> Result<PolicySettings, Invalid> {
         lora,
         kl_ceiling: positive("policy.kl_ceiling", raw.kl_ceiling, d.kl_ceiling)?,
         ppo,
+        grpo: raw.grpo,
         eval_prompts: raw.eval_prompts.map_or(d.eval_prompts, |v| v.0 as usize),
         eval_greedy: raw.eval_greedy.unwrap_or(d.eval_greedy),
         checkpoint_every: raw.checkpoint_every.map_or(d.checkpoint_every, |v| v.0),

@@ -117,7 +117,7 @@ pub struct RawLossWeights {
 #[serde(deny_unknown_fields)]
 pub struct RawPolicy {
     pub enabled: Option<bool>,
-    /// `dpo`, `kto` or `ppo`.
+    /// `dpo`, `kto`, `ppo`, `grpo` or `rloo`.
     pub algo: Option<crate::run::outputs::PolicyAlgo>,
     /// A Hugging Face causal-LM directory or a `.gguf` file; absent: a tiny llama from scratch.
     pub model: Option<String>,
@@ -154,6 +154,9 @@ pub struct RawPolicy {
     pub device: Option<String>,
     #[serde(default)]
     pub ppo: RawPpo,
+    /// GRPO / RLOO settings (TRL's names; validated by `GroupRlOptions::validate`).
+    #[serde(default)]
+    pub grpo: crate::train::policy_common::GroupRlOptions,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -207,6 +207,8 @@ pub enum PolicyAlgo {
     Ppo,
     Dpo,
     Kto,
+    Grpo,
+    Rloo,
 }
 
 impl PolicyAlgo {
@@ -215,7 +217,14 @@ impl PolicyAlgo {
             PolicyAlgo::Ppo => "ppo",
             PolicyAlgo::Dpo => "dpo",
             PolicyAlgo::Kto => "kto",
+            PolicyAlgo::Grpo => "grpo",
+            PolicyAlgo::Rloo => "rloo",
         }
+    }
+
+    /// Samples its own completions each step (PPO, GRPO, RLOO): counts steps, not epochs.
+    pub fn is_online(self) -> bool {
+        matches!(self, PolicyAlgo::Ppo | PolicyAlgo::Grpo | PolicyAlgo::Rloo)
     }
 }
 

@@ -10,6 +10,7 @@ pub mod checkpoint;
 pub mod device;
 pub mod dpo_trainer;
 pub mod engine;
+pub mod group_rl_trainer;
 pub mod guard;
 pub mod kto_trainer;
 pub mod losses;

@@ -1,4 +1,4 @@
-//! What the three policy objectives (DPO, KTO, PPO) and the policy evaluation share: the options
+//! What the policy objectives (DPO, KTO, PPO, GRPO, RLOO) and the policy evaluation share: the options
 //! with their TRL defaults (and how they map onto the training engine, [`PolicyTrainOptions::engine`]),
 //! the trainable policy with its frozen reference, and tokenising (prompt, completion) pairs into
 //! the padded batches the decoder scores. The loop itself (log, checkpoints, rails) is the
@@ -80,6 +80,105 @@ impl Default for PpoOptions {
     }
 }
 
+/// GRPO / RLOO options (`policy.grpo:`), TRL's names; both algorithms read the same section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GroupRlOptions {
+    /// Prompts per step; each gets `num_generations` completions.
+    pub prompts_per_step: usize,
+    /// `G`: completions sampled per prompt (at least 2: the group is the baseline).
+    pub num_generations: usize,
+    /// Optimiser updates per generation batch (TRL `num_iterations`, μ).
+    pub num_iterations: usize,
+    /// KL coefficient; absent: TRL's default (GRPO 0.0, which skips the reference pass; RLOO 0.05).
+    pub beta: Option<f64>,
+    /// Lower clip bound `1 - epsilon`.
+    pub epsilon: f64,
+    /// Upper clip bound `1 + epsilon_high`; absent: `epsilon`.
+    pub epsilon_high: Option<f64>,
+    /// GRPO loss normalisation: grpo, bnpo, dr_grpo, dapo (TRL's default), luspo.
+    pub loss_type: crate::train::losses::grpo::LossType,
+    /// GRPO: group, batch or none.
+    pub scale_rewards: crate::train::losses::grpo::ScaleRewards,
+    /// GRPO: token or sequence (GSPO).
+    pub importance_sampling_level: crate::train::losses::grpo::RatioLevel,
+    /// Sampling temperature (TRL's default is 1.0); log-probs are scored at it too.
+    pub temperature: f32,
+    /// RLOO: z-score the advantages over the batch.
+    pub normalize_advantages: bool,
+    /// RLOO: clamp the reward to `[lo, hi]` before the KL term.
+    pub reward_clip_range: Option<(f64, f64)>,
+}
+
+impl Default for GroupRlOptions {
+    fn default() -> Self {
+        Self {
+            prompts_per_step: 2,
+            num_generations: 4,
+            num_iterations: 1,
+            beta: None,
+            epsilon: 0.2,
+            epsilon_high: None,
+            loss_type: crate::train::losses::grpo::LossType::Dapo,
+            scale_rewards: crate::train::losses::grpo::ScaleRewards::Group,
+            importance_sampling_level: crate::train::losses::grpo::RatioLevel::Token,
+            temperature: 1.0,
+            normalize_advantages: false,
+            reward_clip_range: None,
+        }
+    }
+}
+
+impl GroupRlOptions {
+    /// β for `algo`: the configured one, else TRL's default for that trainer.
+    pub fn beta_for(&self, algo: PolicyAlgo) -> f64 {
+        self.beta
+            .unwrap_or(if algo == PolicyAlgo::Rloo { 0.05 } else { 0.0 })
+    }
+
+    /// Rejects values the objectives cannot run with, naming the key.
+    pub fn validate(&self) -> Result<()> {
+        for (name, v, min) in [
+            ("prompts_per_step", self.prompts_per_step, 1),
+            ("num_generations", self.num_generations, 2),
+            ("num_iterations", self.num_iterations, 1),
+        ] {
+            if v < min {
+                bail!("policy.grpo.{name} must be at least {min}, got {v}");
+            }
+        }
+        if let Some(b) = self.beta.filter(|b| !(b.is_finite() && *b >= 0.0)) {
+            bail!("policy.grpo.beta must be a number >= 0, got {b}");
+        }
+        let eps_high = self.epsilon_high.unwrap_or(self.epsilon);
+        for (name, v) in [("epsilon", self.epsilon), ("epsilon_high", eps_high)] {
+            if !(v.is_finite() && v > 0.0) {
+                bail!("policy.grpo.{name} must be a number > 0, got {v}");
+            }
+        }
+        if self.epsilon >= 1.0 {
+            bail!(
+                "policy.grpo.epsilon must be below 1 (the ratio's lower bound is 1 - epsilon), got {}",
+                self.epsilon
+            );
+        }
+        if !(self.temperature.is_finite() && self.temperature > 0.0) {
+            bail!(
+                "policy.grpo.temperature must be a number > 0, got {}",
+                self.temperature
+            );
+        }
+        if let Some((lo, hi)) = self.reward_clip_range
+            && !(lo.is_finite() && hi.is_finite() && lo < hi)
+        {
+            bail!(
+                "policy.grpo.reward_clip_range must be [low, high] with low < high, got [{lo}, {hi}]"
+            );
+        }
+        Ok(())
+    }
+}
+
 /// LoRA options as a user writes them; `None` in [`PolicyTrainOptions::lora`] trains all weights.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -141,6 +240,7 @@ pub struct PolicyTrainOptions {
     /// Stop with an error when the KL to the reference (per sequence, nats) passes this.
     pub kl_ceiling: f64,
     pub ppo: PpoOptions,
+    pub grpo: GroupRlOptions,
     /// Held-out prompts answered by candidate and production in the evaluation.
     pub eval_prompts: usize,
     /// Greedy evaluation answers (else sampled with `seed`).
@@ -171,6 +271,7 @@ impl Default for PolicyTrainOptions {
             lora: Some(LoraOptions::default()),
             kl_ceiling: 50.0,
             ppo: PpoOptions::default(),
+            grpo: GroupRlOptions::default(),
             eval_prompts: 16,
             eval_greedy: true,
             checkpoint_every: 50,
@@ -219,8 +320,14 @@ impl PolicyTrainOptions {
         if self.max_steps.is_none() && self.epochs == 0 {
             bail!("policy options need max_steps or epochs ≥ 1");
         }
-        if self.algo == PolicyAlgo::Ppo && self.max_steps.is_none() {
-            bail!("ppo needs max_steps\nhint: set max_steps (PPO has no epochs over a fixed set)");
+        if self.algo.is_online() && self.max_steps.is_none() {
+            bail!(
+                "{} needs max_steps\nhint: set max_steps (an online algorithm has no epochs over a fixed set)",
+                self.algo.as_str()
+            );
+        }
+        if matches!(self.algo, PolicyAlgo::Grpo | PolicyAlgo::Rloo) {
+            self.grpo.validate()?;
         }
         Ok(())
     }
@@ -257,6 +364,13 @@ impl PolicyTrainOptions {
             PolicyAlgo::Ppo => (
                 self.ppo.rollouts_per_step,
                 self.ppo.rollouts_per_step / self.ppo.num_minibatches.max(1),
+                DataOrder::Stream,
+            ),
+            // A step's prompts; the objective's updates index their completions, scored
+            // `batch_size` at a time.
+            PolicyAlgo::Grpo | PolicyAlgo::Rloo => (
+                self.grpo.prompts_per_step,
+                self.batch_size,
                 DataOrder::Stream,
             ),
             PolicyAlgo::Dpo | PolicyAlgo::Kto => (

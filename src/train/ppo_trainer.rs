@@ -25,7 +25,7 @@ use anyhow::{Context, Result, bail};
 use candle_core::{D, DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
-use crate::model::generate::{GenerationConfig, generate};
+use crate::model::generate::{Generation, GenerationConfig, generate};
 use crate::model::sampling::SamplingParams;
 use crate::train::engine::order::epoch_order;
 use crate::train::engine::{self, Objective, PhaseClock, StepReport, TrainOutcome, Updates};
@@ -71,15 +71,16 @@ fn value_head(policy: &Policy, rm: &RewardScorer) -> Result<(Tensor, Tensor)> {
 }
 
 /// Rollouts of one step in the left-padded layout.
-struct Rollouts {
-    ids: Tensor,
-    mask: Tensor,
+pub(crate) struct Rollouts {
+    pub(crate) ids: Tensor,
+    pub(crate) mask: Tensor,
     /// Common (padded) prompt length: answer token `j` is column `p + j`.
-    p: usize,
+    pub(crate) p: usize,
     /// Longest answer.
-    t: usize,
-    answers: Vec<Vec<u32>>,
-    finished: Vec<bool>,
+    pub(crate) t: usize,
+    pub(crate) answers: Vec<Vec<u32>>,
+    /// Whether each answer ended with EOS (else it hit the length limit).
+    pub(crate) finished: Vec<bool>,
 }
 
 fn layout(prompts: &[Vec<u32>], answers: &[Vec<u32>], pad: u32, dev: &Device) -> Result<Rollouts> {
@@ -115,7 +116,7 @@ fn layout(prompts: &[Vec<u32>], answers: &[Vec<u32>], pad: u32, dev: &Device) ->
 
 /// Answer-token log-probs `[B, t]` (temperature-scaled) and values `[B, t]` for `rows` of the
 /// rollouts; the values are those of the positions that predict each answer token.
-fn score_rows(
+pub(crate) fn score_rows(
     model: &crate::model::llama::LlamaForCausalLM,
     head: Option<&(Tensor, Tensor)>,
     r: &Rollouts,
@@ -158,6 +159,59 @@ fn score_rows(
         None => None,
     };
     Ok((lp, values))
+}
+
+/// Samples one answer per prompt in `q` with the policy in a single KV-cached batch (seeded by
+/// `seed` and `step`, stopping at EOS) and lays prompts and answers out for scoring.
+pub(crate) fn sample_rollouts(
+    policy: &Policy,
+    q: &[Vec<u32>],
+    max_new_tokens: usize,
+    temperature: f32,
+    seed: u64,
+    step: u64,
+) -> Result<(Generation, Rollouts)> {
+    let dev = policy.model.lm_head_weight().device().clone();
+    let (eos, pad) = (policy.eos_ids(), policy.pad_id());
+    policy.set_training(false);
+    let gen_cfg = GenerationConfig {
+        max_new_tokens,
+        sampling: SamplingParams {
+            temperature,
+            top_k: None,
+            top_p: None,
+        },
+        seed: seed.wrapping_mul(1_000_003).wrapping_add(step),
+        stop_token_ids: eos,
+        pad_token_id: pad,
+        use_cache: true,
+    };
+    let g = generate(&policy.model, q, &gen_cfg)?;
+    let mut r = layout(q, &g.tokens, pad, &dev)?;
+    r.finished = g.finished.clone();
+    Ok((g, r))
+}
+
+/// The reward model's score of each prompt + sampled answer (at its last token).
+pub(crate) fn score_answers(
+    rm: &RewardScorer,
+    policy: &Policy,
+    prompts: &[&String],
+    q: &[Vec<u32>],
+    g: &Generation,
+) -> Result<Vec<f32>> {
+    let texts = g.texts(policy.tokenizer.inner(), true)?;
+    let full_texts: Vec<String> = prompts
+        .iter()
+        .zip(&texts)
+        .map(|(p, a)| format!("{p}{a}"))
+        .collect();
+    let full_ids: Vec<Vec<u32>> = q
+        .iter()
+        .zip(&g.tokens)
+        .map(|(p, a)| p.iter().chain(a).copied().collect())
+        .collect();
+    rm.score(&full_ids, &full_texts)
 }
 
 /// Trains `policy` with PPO on `prompts`, rewarded by `rm`; metrics stream to `out/log.jsonl`.
@@ -242,7 +296,7 @@ impl Ppo<'_> {
     fn roll_out(&self, step: u64, batch: &[usize], clock: &mut PhaseClock) -> Result<StepBatch> {
         let (policy, opts, po) = (self.policy, self.opts, &self.opts.ppo);
         let dev = policy.model.lm_head_weight().device().clone();
-        let (eos, pad) = (policy.eos_ids(), policy.pad_id());
+        let eos = policy.eos_ids();
         let bsz = batch.len();
         let batch_prompts: Vec<&String> = batch.iter().map(|&i| &self.prompts[i]).collect();
         let q = batch_prompts
@@ -254,22 +308,14 @@ impl Ppo<'_> {
             .collect::<Result<Vec<_>>>()?;
 
         // 1. Rollouts.
-        policy.set_training(false);
-        let gen_cfg = GenerationConfig {
-            max_new_tokens: opts.max_completion_len,
-            sampling: SamplingParams {
-                temperature: po.temperature,
-                top_k: None,
-                top_p: None,
-            },
-            seed: opts.seed.wrapping_mul(1_000_003).wrapping_add(step),
-            stop_token_ids: eos.clone(),
-            pad_token_id: pad,
-            use_cache: true,
-        };
-        let g = generate(&policy.model, &q, &gen_cfg)?;
-        let mut r = layout(&q, &g.tokens, pad, &dev)?;
-        r.finished = g.finished.clone();
+        let (g, r) = sample_rollouts(
+            policy,
+            &q,
+            opts.max_completion_len,
+            po.temperature,
+            opts.seed,
+            step,
+        )?;
         clock.lap("rollout generation");
         let all = Tensor::arange(0u32, bsz as u32, &dev)?;
         let (old_lp, values) =
@@ -284,18 +330,7 @@ impl Ppo<'_> {
         clock.lap("reference logprobs");
 
         // 2. Scores at the last token, missing-EOS penalty.
-        let texts = g.texts(policy.tokenizer.inner(), true)?;
-        let full_texts: Vec<String> = batch_prompts
-            .iter()
-            .zip(&texts)
-            .map(|(p, a)| format!("{p}{a}"))
-            .collect();
-        let full_ids: Vec<Vec<u32>> = q
-            .iter()
-            .zip(&g.tokens)
-            .map(|(p, a)| p.iter().chain(a).copied().collect())
-            .collect();
-        let raw = self.rm.score(&full_ids, &full_texts)?;
+        let raw = score_answers(self.rm, policy, &batch_prompts, &q, &g)?;
         let raw_t = Tensor::from_vec(raw, bsz, &dev)?;
         let scores = apply_missing_eos_penalty(&raw_t, &r.finished, -po.missing_eos_penalty)?;
         clock.lap("reward scoring");

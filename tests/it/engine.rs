@@ -1,5 +1,5 @@
 //! The training engine's promises, for every objective: an interrupted run resumed from its
-//! checkpoint ends where an uninterrupted one does (KTO and the reward model here; DPO and PPO
+//! checkpoint ends where an uninterrupted one does (KTO, GRPO, RLOO and the reward model here; DPO and PPO
 //! in `policytrain`, reward with every kind of feedback in `rewardloss`), and a checkpoint made with another seed or by another objective is
 //! refused with an error that names both and says what to do. The engine alone, with the smallest
 //! objective (a line fit): micro-batch accumulation, objective state across a resume, the guards,
@@ -24,6 +24,7 @@ use rlhf_bot::train::reward_run::load_backbone;
 use rlhf_bot::train::reward_trainer::{self, RewardBackbone, TrainConfig, TrainData};
 use rlhf_bot::train::schedule::{Decay, Schedule};
 
+use crate::grpo::{group_opts, train_group};
 use crate::policytrain::{
     assert_logs_close, assert_vars_close, dpo_opts, policy_dir, ppo_opts, prompts, rm_dir, thumbs,
     toy_pairs,
@@ -65,6 +66,28 @@ fn kto_stop_and_resume_equals_one_run() {
     assert_eq!(full.epochs, 2.5);
     assert_eq!(resumed.epochs, 2.5);
     assert_vars_close(&p1, &p3);
+}
+
+/// GRPO and RLOO (issue 19): stopped after one step and resumed by a new load with other fresh
+/// adapters, they end with the log and weights of one uninterrupted three-step run (sampling is
+/// seeded by the step, so the resumed steps draw the same completions).
+#[test]
+fn grpo_and_rloo_stop_and_resume_equal_one_run() {
+    for algo in [PolicyAlgo::Grpo, PolicyAlgo::Rloo] {
+        let one = tempfile::tempdir().unwrap();
+        let mut p1 = load(&group_opts(algo, 3), 1);
+        let full = train_group(algo, &mut p1, &group_opts(algo, 3), one.path()).unwrap();
+
+        let two = tempfile::tempdir().unwrap();
+        let mut p2 = load(&group_opts(algo, 1), 1);
+        train_group(algo, &mut p2, &group_opts(algo, 1), two.path()).unwrap();
+        drop(p2);
+        let mut p3 = load(&group_opts(algo, 3), 7);
+        let resumed = train_group(algo, &mut p3, &group_opts(algo, 3), two.path()).unwrap();
+        assert_eq!(resumed.log.len(), 3, "{algo:?}");
+        assert_logs_close(&full.log, &resumed.log, 1e-5);
+        assert_vars_close(&p1, &p3);
+    }
 }
 
 /// Runs `algo` for `steps` steps with `seed` on `out`.
@@ -131,6 +154,7 @@ fn policy_run(algo: PolicyAlgo, seed: u64, steps: u64, out: &Path) -> anyhow::Re
             PolicyAlgo::Dpo => dpo_opts(steps),
             PolicyAlgo::Kto => kto_opts(steps),
             PolicyAlgo::Ppo => ppo_opts(steps),
+            PolicyAlgo::Grpo | PolicyAlgo::Rloo => group_opts(algo, steps),
         }
     };
     let mut policy = load(&opts, 1);
@@ -141,6 +165,7 @@ fn policy_run(algo: PolicyAlgo, seed: u64, steps: u64, out: &Path) -> anyhow::Re
             let rm = RewardScorer::load(&rm_dir(), &Device::Cpu).unwrap();
             train_ppo(&mut policy, &rm, &prompts(), &opts, out).map(drop)
         }
+        PolicyAlgo::Grpo | PolicyAlgo::Rloo => train_group(algo, &mut policy, &opts, out).map(drop),
     }
 }
 
@@ -163,14 +188,20 @@ fn assert_seed_refused(err: &anyhow::Error, out: &Path) {
 /// Every policy objective, each after one step with seed 42 in a fresh directory, with the
 /// `log.jsonl` it wrote.
 fn first_steps() -> impl Iterator<Item = (PolicyAlgo, tempfile::TempDir, String)> {
-    [PolicyAlgo::Dpo, PolicyAlgo::Kto, PolicyAlgo::Ppo]
-        .into_iter()
-        .map(|algo| {
-            let tmp = tempfile::tempdir().unwrap();
-            policy_run(algo, 42, 1, tmp.path()).unwrap();
-            let log = std::fs::read_to_string(tmp.path().join("log.jsonl")).unwrap();
-            (algo, tmp, log)
-        })
+    [
+        PolicyAlgo::Dpo,
+        PolicyAlgo::Kto,
+        PolicyAlgo::Ppo,
+        PolicyAlgo::Grpo,
+        PolicyAlgo::Rloo,
+    ]
+    .into_iter()
+    .map(|algo| {
+        let tmp = tempfile::tempdir().unwrap();
+        policy_run(algo, 42, 1, tmp.path()).unwrap();
+        let log = std::fs::read_to_string(tmp.path().join("log.jsonl")).unwrap();
+        (algo, tmp, log)
+    })
 }
 
 #[test]
@@ -241,6 +272,7 @@ fn every_objective_logs_the_engine_names() {
         }
         let lr = match algo {
             PolicyAlgo::Ppo => ppo_opts(1).lr,
+            PolicyAlgo::Grpo | PolicyAlgo::Rloo => group_opts(algo, 1).lr,
             _ => dpo_opts(1).lr,
         };
         assert_eq!(line["learning_rate"].as_f64(), Some(lr), "{algo:?}");

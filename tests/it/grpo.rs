@@ -1,13 +1,21 @@
 //! GRPO and RLOO against TRL's reference vectors (`tests/fixtures/vectors/grpo_*.json`,
 //! `rloo_advantages_loss.json`): advantages and logged reward metrics, losses, their gradients
 //! w.r.t. the per-token log-probs (candle autograd) and the clip / KL / entropy metrics. Losses run
-//! in f64 (1e-6 relative) and f32 (1e-4); advantages are f64 host math.
+//! in f64 (1e-6 relative) and f32 (1e-4); advantages are f64 host math. Then both objectives on
+//! the engine with the tiny policy and reward model: TRL's metric names, option checks, the KL
+//! ceiling (resume equivalence is in `engine::`).
 
-use candle_core::DType;
+use candle_core::{DType, Device};
+use rlhf_bot::run::outputs::PolicyAlgo;
+use rlhf_bot::train::engine::TrainOutcome;
+use rlhf_bot::train::group_rl_trainer::{train_grpo, train_rloo};
 use rlhf_bot::train::losses::{grpo, rloo, stats};
+use rlhf_bot::train::policy_common::{GroupRlOptions, Policy, PolicyTrainOptions};
+use rlhf_bot::train::policy_eval::RewardScorer;
 use serde_json::Value;
 
 use crate::losses::{DTYPES, close, close_t, close_vec, f, t, var, vectors};
+use crate::policytrain::{policy_dir, prompts, rm_dir};
 
 /// Float32 mean metrics (clip ratios, frac_reward_zero_std) compare with 1e-6 absolute.
 fn close_abs(what: &str, actual: f64, expected: f64) {
@@ -361,4 +369,144 @@ fn rloo_loss_gradients_and_metrics_match_trl() {
             check_metrics(&case, &out.metrics, &c["metrics"], dt);
         }
     }
+}
+
+// ---------------------------------------------------------------- the objectives on the engine
+
+/// GRPO (β 0.04, so the reference pass and the KL ceiling are exercised) or RLOO (TRL's β 0.05)
+/// on the tiny policy: 2 prompts × 4 completions per step, micro-batches of 2 rows, two updates
+/// per generation batch (so the second is off-policy and clipping can bite).
+pub(crate) fn group_opts(algo: PolicyAlgo, steps: u64) -> PolicyTrainOptions {
+    PolicyTrainOptions {
+        algo,
+        lr: 1e-2,
+        grpo: GroupRlOptions {
+            prompts_per_step: 2,
+            num_generations: 4,
+            num_iterations: 2,
+            beta: (algo == PolicyAlgo::Grpo).then_some(0.04),
+            loss_type: grpo::LossType::Dapo,
+            ..GroupRlOptions::default()
+        },
+        ..crate::policytrain::ppo_opts(steps)
+    }
+}
+
+/// Runs `algo` on the tiny policy and reward model.
+pub(crate) fn train_group(
+    algo: PolicyAlgo,
+    policy: &mut Policy,
+    opts: &PolicyTrainOptions,
+    out: &std::path::Path,
+) -> anyhow::Result<TrainOutcome> {
+    let rm = RewardScorer::load(&rm_dir(), &Device::Cpu).unwrap();
+    let run = if algo == PolicyAlgo::Grpo {
+        train_grpo
+    } else {
+        train_rloo
+    };
+    run(policy, &rm, &prompts(), opts, out)
+}
+
+/// TRL's names that every GRPO / RLOO step logs.
+const GROUP_KEYS: [&str; 12] = [
+    "reward",
+    "reward_std",
+    "frac_reward_zero_std",
+    "rewards/reward_model/mean",
+    "rewards/reward_model/std",
+    "kl",
+    "clip_ratio/low_mean",
+    "clip_ratio/high_mean",
+    "clip_ratio/region_mean",
+    "completions/mean_length",
+    "completions/max_length",
+    "completions/clipped_ratio",
+];
+
+#[test]
+fn grpo_and_rloo_run_with_finite_trl_metrics_and_move_the_policy() {
+    for algo in [PolicyAlgo::Grpo, PolicyAlgo::Rloo] {
+        let tmp = tempfile::tempdir().unwrap();
+        let opts = group_opts(algo, 2);
+        let mut policy = Policy::load(&policy_dir(), opts.lora.as_ref(), 1, &Device::Cpu).unwrap();
+        let before = weights_of(&policy);
+        let out = train_group(algo, &mut policy, &opts, tmp.path()).unwrap();
+        assert_eq!(out.log.len(), 2, "{algo:?}");
+        for line in &out.log {
+            for key in GROUP_KEYS {
+                let v = line.get(key);
+                assert!(v.is_some_and(f64::is_finite), "{algo:?}: {key} = {v:?}");
+            }
+            let len = line.get("completions/mean_length").unwrap();
+            assert!((1.0..=6.0).contains(&len), "{algo:?}: mean length {len}");
+        }
+        // The written log carries the same names.
+        let text = std::fs::read_to_string(tmp.path().join("log.jsonl")).unwrap();
+        let first: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+        assert!(first["reward_std"].as_f64().is_some(), "{algo:?}: {first}");
+        // The LoRA weights moved (a zero advantage everywhere would leave them).
+        let after = weights_of(&policy);
+        let moved = before.iter().zip(&after).any(|(a, b)| a != b);
+        assert!(moved, "{algo:?}: no weight changed");
+    }
+}
+
+fn weights_of(p: &Policy) -> Vec<Vec<f32>> {
+    let data = p.varmap.data().lock().unwrap();
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    names
+        .iter()
+        .map(|n| {
+            data[*n]
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn grpo_options_that_cannot_run_are_refused_naming_the_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut opts = group_opts(PolicyAlgo::Grpo, 1);
+    opts.grpo.num_generations = 1;
+    let mut policy = Policy::load(&policy_dir(), opts.lora.as_ref(), 1, &Device::Cpu).unwrap();
+    let e = format!(
+        "{:#}",
+        train_group(PolicyAlgo::Grpo, &mut policy, &opts, tmp.path()).unwrap_err()
+    );
+    assert!(
+        e.contains("policy.grpo.num_generations must be at least 2, got 1"),
+        "{e}"
+    );
+    opts.grpo.num_generations = 4;
+    opts.grpo.epsilon = 1.5;
+    let e = format!(
+        "{:#}",
+        train_group(PolicyAlgo::Grpo, &mut policy, &opts, tmp.path()).unwrap_err()
+    );
+    assert!(e.contains("policy.grpo.epsilon must be below 1"), "{e}");
+}
+
+#[test]
+fn a_kl_ceiling_below_the_drift_stops_grpo_naming_the_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = PolicyTrainOptions {
+        kl_ceiling: 1e-12,
+        lr: 0.5,
+        ..group_opts(PolicyAlgo::Grpo, 4)
+    };
+    let mut policy = Policy::load(&policy_dir(), opts.lora.as_ref(), 1, &Device::Cpu).unwrap();
+    let e = format!(
+        "{:#}",
+        train_group(PolicyAlgo::Grpo, &mut policy, &opts, tmp.path()).unwrap_err()
+    );
+    assert!(
+        e.contains("KL to the reference") && e.contains("above the ceiling"),
+        "{e}"
+    );
 }

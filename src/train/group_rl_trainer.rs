@@ -1,0 +1,412 @@
+//! GRPO and RLOO (TRL 1.16 `GRPOTrainer` / `RLOOTrainer`) as objectives on the training engine:
+//! no value head, the group of completions to one prompt is the baseline.
+//!
+//! One step: `prompts_per_step` prompts (the engine's `DataOrder::Stream`) each repeated
+//! `num_generations` (G) times and answered by the policy in ONE KV-cached sampling batch at
+//! `temperature` (PPO's `sample_rollouts`); the reward model scores every prompt + answer
+//! (PPO's `score_answers`); advantages come from `losses::grpo::grpo_advantages` or
+//! `losses::rloo::rloo_advantages` (rows `g·G .. (g+1)·G` are prompt `g`'s group). Reference
+//! log-probs are computed once, without a graph, only when β ≠ 0; the sampling policy's
+//! log-probs only when an update can be off-policy (`num_iterations` > 1) or RLOO's reward needs
+//! them for its KL. Then `num_iterations` optimiser updates over all the step's completions,
+//! scored `batch_size` rows at a time, with `losses::grpo::grpo_loss` / `losses::rloo::rloo_loss`.
+//!
+//! The KL ceiling guards the mean per-completion KL to the reference (GRPO: summed k3 of the
+//! first update's log-probs; RLOO: summed k1 of the sampling policy, the KL in its reward).
+//! With β = 0 there is no reference pass and so nothing for the ceiling to guard.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use candle_core::{DType, Tensor};
+
+use crate::run::outputs::PolicyAlgo;
+use crate::train::engine::{self, Objective, PhaseClock, StepReport, TrainOutcome, Updates};
+use crate::train::losses::grpo::{
+    AdvantageConfig, Aggregation, GrpoBatch, GrpoLossConfig, grpo_advantages, grpo_loss,
+};
+use crate::train::losses::ppo::KlEstimator;
+use crate::train::losses::rloo::{
+    RlooAdvantageConfig, RlooBatch, rloo_advantages, rloo_loss, sequence_kl,
+};
+use crate::train::losses::stats::masked_sum_last;
+use crate::train::policy_common::{GroupRlOptions, Policy, PolicyTrainOptions};
+use crate::train::policy_eval::{RewardScorer, prompt_ids};
+use crate::train::ppo_trainer::{Rollouts, sample_rollouts, score_answers, score_rows};
+
+/// The reward model's name in `rewards/<name>/mean|std` (TRL names a reward function by its
+/// model's name; there is one here).
+const REWARD_FUNC: &str = "reward_model";
+
+/// Trains `policy` with GRPO on `prompts`, rewarded by `rm`; metrics stream to `out/log.jsonl`.
+pub fn train_grpo(
+    policy: &mut Policy,
+    rm: &RewardScorer,
+    prompts: &[String],
+    opts: &PolicyTrainOptions,
+    out: &Path,
+) -> Result<TrainOutcome> {
+    train_group::<false>(policy, rm, prompts, opts, out)
+}
+
+/// Trains `policy` with RLOO on `prompts`, rewarded by `rm`; metrics stream to `out/log.jsonl`.
+pub fn train_rloo(
+    policy: &mut Policy,
+    rm: &RewardScorer,
+    prompts: &[String],
+    opts: &PolicyTrainOptions,
+    out: &Path,
+) -> Result<TrainOutcome> {
+    train_group::<true>(policy, rm, prompts, opts, out)
+}
+
+fn train_group<const RLOO: bool>(
+    policy: &mut Policy,
+    rm: &RewardScorer,
+    prompts: &[String],
+    opts: &PolicyTrainOptions,
+    out: &Path,
+) -> Result<TrainOutcome> {
+    let algo = if RLOO {
+        PolicyAlgo::Rloo
+    } else {
+        PolicyAlgo::Grpo
+    };
+    if opts.algo != algo {
+        bail!(
+            "train_{} called with options for {}",
+            algo.as_str(),
+            opts.algo.as_str()
+        );
+    }
+    opts.validate()?;
+    if prompts.is_empty() {
+        bail!("no prompts to sample completions for\nhint: the feedback store has no prompts yet");
+    }
+    let mut objective = GroupRl::<RLOO> {
+        policy,
+        rm,
+        prompts,
+        opts,
+        go: &opts.grpo,
+        beta: opts.grpo.beta_for(algo),
+        batch: None,
+        sums: StepSums::default(),
+    };
+    let outcome = engine::run(
+        &mut objective,
+        &policy.varmap,
+        &opts.engine(prompts.len()),
+        out,
+    );
+    policy.set_training(false);
+    outcome
+}
+
+/// A step's completions and everything computed from them before the updates (all detached).
+struct GroupBatch {
+    rollouts: Rollouts,
+    /// `[B, t]` f32: 1 on answer tokens (EOS included), 0 on padding.
+    mask: Tensor,
+    /// Sampling policy's per-token log-probs, when an update may be off-policy or RLOO needs them.
+    old_lp: Option<Tensor>,
+    ref_lp: Option<Tensor>,
+    /// `[B]` f32.
+    advantages: Tensor,
+    /// Answer tokens of the whole generation batch (`dapo`'s denominator).
+    answer_tokens: f64,
+    /// Reward metrics from the advantage step.
+    metrics: Vec<(String, f64)>,
+    /// RLOO: the mean per-completion KL in its reward (what the ceiling guards).
+    reward_kl: Option<f64>,
+    tokens: u64,
+}
+
+/// What a step's micro-batches add up.
+#[derive(Debug, Default)]
+struct StepSums {
+    /// Loss metrics of each micro-batch.
+    micro_metrics: Vec<Vec<(String, f64)>>,
+    /// GRPO: summed per-completion k3 KL and the completions it covers (first update only).
+    seq_kl_sum: f64,
+    seq_kl_rows: usize,
+}
+
+/// The GRPO (`RLOO = false`) or RLOO objective.
+struct GroupRl<'a, const RLOO: bool> {
+    policy: &'a Policy,
+    rm: &'a RewardScorer,
+    prompts: &'a [String],
+    opts: &'a PolicyTrainOptions,
+    go: &'a GroupRlOptions,
+    beta: f64,
+    batch: Option<GroupBatch>,
+    sums: StepSums,
+}
+
+/// 1 where answer `i` has a token at column `j`, 0 after it.
+fn answer_mask(r: &Rollouts, dev: &candle_core::Device) -> Result<Tensor> {
+    let mut m = vec![0f32; r.answers.len() * r.t];
+    for (i, a) in r.answers.iter().enumerate() {
+        m[i * r.t..i * r.t + a.len()].fill(1.0);
+    }
+    Ok(Tensor::from_vec(m, (r.answers.len(), r.t), dev)?)
+}
+
+impl<const RLOO: bool> GroupRl<'_, RLOO> {
+    /// Samples G completions per prompt, scores them and computes the advantages.
+    fn generate_and_score(
+        &self,
+        step: u64,
+        batch: &[usize],
+        clock: &mut PhaseClock,
+    ) -> Result<GroupBatch> {
+        let (policy, opts, go) = (self.policy, self.opts, self.go);
+        let dev = policy.model.lm_head_weight().device().clone();
+        let eos = policy.eos_ids().first().copied();
+        let g = go.num_generations;
+        let prompts: Vec<&String> = batch
+            .iter()
+            .flat_map(|&i| std::iter::repeat_n(&self.prompts[i], g))
+            .collect();
+        let q = batch
+            .iter()
+            .map(|&i| {
+                prompt_ids(
+                    &policy.tokenizer,
+                    &self.prompts[i],
+                    opts.max_prompt_len,
+                    eos,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .flat_map(|ids| std::iter::repeat_n(ids, g))
+            .collect::<Vec<_>>();
+        let (sampled, r) = sample_rollouts(
+            policy,
+            &q,
+            opts.max_completion_len,
+            go.temperature,
+            opts.seed,
+            step,
+        )?;
+        clock.lap("rollout generation");
+        let mask = answer_mask(&r, &dev)?;
+        let rows = Tensor::arange(0u32, r.answers.len() as u32, &dev)?;
+        let needs_old = go.num_iterations > 1 || (RLOO && self.beta != 0.0);
+        let old_lp = if needs_old {
+            let (lp, _) = score_rows(&policy.model, None, &r, &rows, go.temperature)?;
+            clock.lap("policy logprobs");
+            Some(lp.detach())
+        } else {
+            None
+        };
+        let ref_lp = if self.beta != 0.0 {
+            let (lp, _) = score_rows(&policy.reference, None, &r, &rows, go.temperature)?;
+            clock.lap("reference logprobs");
+            Some(lp.detach())
+        } else {
+            None
+        };
+        let scores = score_answers(self.rm, policy, &prompts, &q, &sampled)?;
+        clock.lap("reward scoring");
+        let table: Vec<Vec<Option<f64>>> = scores
+            .iter()
+            .map(|&s| vec![Some(f64::from(s)).filter(|x| x.is_finite())])
+            .collect();
+        let names = [REWARD_FUNC.to_string()];
+        let (advantages, metrics, reward_kl) = if RLOO {
+            let kl = match (&old_lp, &ref_lp) {
+                (Some(old), Some(reference)) => Some(sequence_kl(old, reference, &mask)?),
+                _ => None,
+            };
+            let a = rloo_advantages(
+                &table,
+                &names,
+                kl.as_ref(),
+                &RlooAdvantageConfig {
+                    num_generations: g,
+                    reward_weights: vec![1.0],
+                    beta: self.beta,
+                    normalize_advantages: go.normalize_advantages,
+                    reward_clip_range: go.reward_clip_range,
+                },
+            )?;
+            let rail = kl.map(|(per_seq, _)| per_seq.iter().sum::<f64>() / per_seq.len() as f64);
+            (a.advantages, a.metrics, rail)
+        } else {
+            let a = grpo_advantages(
+                &table,
+                &names,
+                &AdvantageConfig {
+                    num_generations: g,
+                    reward_weights: vec![1.0],
+                    scale_rewards: go.scale_rewards,
+                    aggregation: Aggregation::SumThenNormalize,
+                },
+            )?;
+            (a.advantages, a.metrics, None)
+        };
+        let advantages: Vec<f32> = advantages.iter().map(|&a| a as f32).collect();
+        let n = advantages.len();
+        let answer_tokens = r.answers.iter().map(Vec::len).sum::<usize>() as f64;
+        clock.lap("advantages");
+        Ok(GroupBatch {
+            tokens: sampled.num_tokens() as u64,
+            rollouts: r,
+            mask,
+            old_lp,
+            ref_lp,
+            advantages: Tensor::from_vec(advantages, n, &dev)?,
+            answer_tokens,
+            metrics,
+            reward_kl,
+        })
+    }
+}
+
+impl<const RLOO: bool> Objective for GroupRl<'_, RLOO> {
+    const NAME: &'static str = if RLOO { "rloo" } else { "grpo" };
+    const PROGRESS_METRIC: Option<&'static str> = Some("reward");
+
+    fn examples(&self) -> usize {
+        self.prompts.len()
+    }
+
+    /// Generates and scores, then `num_iterations` updates over all the step's completions.
+    fn plan(&mut self, step: u64, batch: &[usize], clock: &mut PhaseClock) -> Result<Updates> {
+        let b = self.generate_and_score(step, batch, clock)?;
+        let rows: Vec<usize> = (0..b.rollouts.answers.len()).collect();
+        self.batch = Some(b);
+        self.policy.set_training(true);
+        Ok(vec![rows; self.go.num_iterations])
+    }
+
+    fn micro_loss(&mut self, _step: u64, micro: &[usize]) -> Result<Tensor> {
+        let b = self
+            .batch
+            .as_ref()
+            .context("update before its completions were generated")?;
+        let dev = self.policy.model.lm_head_weight().device().clone();
+        let idx: Vec<u32> = micro.iter().map(|&i| i as u32).collect();
+        let rows = Tensor::from_vec(idx, micro.len(), &dev)?;
+        let (lp, _) = score_rows(
+            &self.policy.model,
+            None,
+            &b.rollouts,
+            &rows,
+            self.go.temperature,
+        )?;
+        let sel = |t: &Tensor| t.contiguous()?.index_select(&rows, 0);
+        let mask = sel(&b.mask)?;
+        let adv = sel(&b.advantages)?;
+        let old = b.old_lp.as_ref().map(sel).transpose()?;
+        let eps_high = self.go.epsilon_high.unwrap_or(self.go.epsilon);
+        let out = if RLOO {
+            let old_tokens = old.unwrap_or_else(|| lp.detach());
+            let o = rloo_loss(
+                &RlooBatch {
+                    logprobs: &lp,
+                    old_sequence_logps: &masked_sum_last(&old_tokens, &mask)?,
+                    advantages: &adv,
+                    mask: &mask,
+                    entropies: None,
+                },
+                self.go.epsilon,
+                eps_high,
+            )?;
+            (o.loss, o.metrics)
+        } else {
+            let reference = b.ref_lp.as_ref().map(sel).transpose()?;
+            if let Some(reference) = &reference
+                && self.sums.seq_kl_rows < b.rollouts.answers.len()
+            {
+                let k3 = KlEstimator::K3.estimate(&lp.detach(), reference)?;
+                let per_seq = masked_sum_last(&k3, &mask)?.to_dtype(DType::F64)?;
+                self.sums.seq_kl_sum += per_seq.sum_all()?.to_scalar::<f64>()?;
+                self.sums.seq_kl_rows += micro.len();
+            }
+            let total_rows = b.rollouts.answers.len() as f64;
+            let o = grpo_loss(
+                &GrpoBatch {
+                    logprobs: &lp,
+                    old_logprobs: old.as_ref(),
+                    ref_logprobs: reference.as_ref(),
+                    advantages: &adv,
+                    mask: &mask,
+                    entropies: None,
+                },
+                &GrpoLossConfig {
+                    loss_type: self.go.loss_type,
+                    beta: self.beta,
+                    epsilon_low: self.go.epsilon,
+                    epsilon_high: eps_high,
+                    level: self.go.importance_sampling_level,
+                    kl_bias_correction: true,
+                    delta: None,
+                    max_completion_length: self.opts.max_completion_len,
+                    // The engine weights this micro-batch's loss by its share of the rows; dapo
+                    // divides by the tokens of the whole generation batch, so scale to undo it.
+                    num_items_in_batch: b.answer_tokens * micro.len() as f64 / total_rows,
+                },
+            )?;
+            (o.loss, o.metrics)
+        };
+        self.sums.micro_metrics.push(out.1);
+        Ok(out.0)
+    }
+
+    /// TRL's metric names: the reward statistics of the generation batch, the loss metrics
+    /// averaged over its micro-batches and `completions/*`.
+    fn finish_step(&mut self, _step: u64) -> Result<StepReport> {
+        self.policy.set_training(false);
+        let b = self.batch.take().context("step without completions")?;
+        let sums = std::mem::take(&mut self.sums);
+        let lens: Vec<f64> = b.rollouts.answers.iter().map(|a| a.len() as f64).collect();
+        let n = lens.len() as f64;
+        let terminated: Vec<f64> = lens
+            .iter()
+            .zip(&b.rollouts.finished)
+            .filter(|(_, f)| **f)
+            .map(|(l, _)| *l)
+            .collect();
+        let rail = if RLOO {
+            b.reward_kl
+        } else {
+            (sums.seq_kl_rows > 0).then(|| sums.seq_kl_sum / sums.seq_kl_rows as f64)
+        };
+        let mut report = StepReport {
+            kl: rail,
+            tokens: b.tokens,
+            ..StepReport::default()
+        };
+        report.metrics.extend(b.metrics);
+        let micros = sums.micro_metrics.len().max(1) as f64;
+        if let Some(first) = sums.micro_metrics.first() {
+            for (k, (name, _)) in first.iter().enumerate() {
+                let mean = sums.micro_metrics.iter().map(|m| m[k].1).sum::<f64>() / micros;
+                // RLOO's `kl` comes from its reward step; GRPO's from the loss.
+                if !report.metrics.iter().any(|(m, _)| m == name) {
+                    report.metrics.push((name.clone(), mean));
+                }
+            }
+        }
+        let fold = |init: f64, f: fn(f64, f64) -> f64| lens.iter().copied().fold(init, f);
+        let mean_terminated = if terminated.is_empty() {
+            0.0
+        } else {
+            terminated.iter().sum::<f64>() / terminated.len() as f64
+        };
+        report = report
+            .metric("completions/mean_length", lens.iter().sum::<f64>() / n)
+            .metric("completions/min_length", fold(f64::INFINITY, f64::min))
+            .metric("completions/max_length", fold(0.0, f64::max))
+            .metric(
+                "completions/clipped_ratio",
+                1.0 - terminated.len() as f64 / n,
+            )
+            .metric("completions/mean_terminated_length", mean_terminated);
+        Ok(report)
+    }
+}
