@@ -181,6 +181,11 @@ pub fn train_policy_blocking(req: &TrainPolicyRequest) -> Result<PolicyRunSummar
             tokens_per_second: outcome.tokens as f64 / secs,
             epochs: outcome.epochs,
         },
+        last_step: outcome
+            .log
+            .last()
+            .map(|l| l.values.clone())
+            .unwrap_or_default(),
     };
     write_metrics(&req.out, &metrics)?;
     Ok(PolicyRunSummary {

@@ -287,6 +287,8 @@ struct View {
     kpis: Vec<KpiView>,
     aspects: Vec<AspectRow>,
     training: Vec<TrainRow>,
+    /// The policy objective's metrics at its last step (TRL's names).
+    policy_last_step: Vec<MetricRow>,
     plots: Vec<PlotView>,
     samples: Vec<SampleView>,
     /// Why `report.md` shows no samples when the PR body has them.
@@ -332,6 +334,12 @@ struct AspectRow {
     aspect: String,
     candidate: String,
     production: String,
+}
+
+#[derive(Debug, Serialize)]
+struct MetricRow {
+    name: String,
+    value: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -704,6 +712,18 @@ fn build_view(
             &p.metrics.train,
         ));
     }
+    let policy_last_step: Vec<MetricRow> = policy
+        .map(|p| {
+            p.metrics
+                .last_step
+                .iter()
+                .map(|(name, v)| MetricRow {
+                    name: code(name),
+                    value: num(*v, 4),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
 
     let sample_view = |max_answer: usize| -> Vec<SampleView> {
         policy
@@ -810,6 +830,7 @@ fn build_view(
         kpis,
         aspects,
         training,
+        policy_last_step,
         plots: plots
             .iter()
             .map(|p| PlotView {

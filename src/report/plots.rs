@@ -162,6 +162,7 @@ pub fn training_plots(
                 keys::RLHF_REWARD,
                 keys::SCORES,
                 keys::REWARDS_MARGINS,
+                keys::REWARD,
                 keys::MEAN_REWARD,
             ],
         ));
@@ -169,7 +170,7 @@ pub fn training_plots(
             "policy-kl.svg",
             "Policy: KL to reference",
             log,
-            &[keys::KL, "kl"],
+            &[keys::KL, keys::GROUP_KL],
         ));
         specs.push((
             "policy-loss.svg",

@@ -48,6 +48,14 @@ pub mod keys {
     pub const REWARDS_MARGINS: &str = "rewards/margins";
     pub const LOGPS_CHOSEN: &str = "logps/chosen";
     pub const LOGPS_REJECTED: &str = "logps/rejected";
+    // GRPO / RLOO
+    pub const REWARD: &str = "reward";
+    pub const REWARD_STD: &str = "reward_std";
+    pub const FRAC_REWARD_ZERO_STD: &str = "frac_reward_zero_std";
+    /// Token-mean KL to the reference (GRPO: k3 in the loss; RLOO: k1 in the reward).
+    pub const GROUP_KL: &str = "kl";
+    pub const CLIP_RATIO_REGION: &str = "clip_ratio/region_mean";
+    pub const COMPLETIONS_MEAN_LENGTH: &str = "completions/mean_length";
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -268,6 +276,10 @@ pub struct PolicyMetrics {
     pub algo: PolicyAlgo,
     pub eval: PolicyEval,
     pub train: TrainStats,
+    /// The objective's metrics at the last training step, under TRL's names (`log.jsonl`'s last
+    /// training line: GRPO/RLOO's `reward`, `reward_std`, `kl`, `clip_ratio/*`, ...).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub last_step: BTreeMap<String, f64>,
 }
 
 impl PolicyMetrics {

@@ -494,3 +494,59 @@ fn sample_run_trains_registers_and_reports_a_policy() {
     let n = run["policy_eval"]["n"].as_u64().unwrap();
     assert!(n >= 2, "{run}");
 }
+
+/// Issue 19: `run --algo grpo` on the sample config trains a GRPO policy; its metrics.json and
+/// the report carry GRPO's metrics under TRL's names.
+#[test]
+fn sample_run_with_algo_grpo_reports_grpo_metrics() {
+    let ws = Workspace::new();
+    let cfg = ws.write_config(&ws.sample_config_text());
+    let o = bin()
+        .env("RLHF_BOT_NOW", "2026-11-27T12:00:00Z")
+        .arg("--config")
+        .arg(&cfg)
+        .args(["--format", "json", "run", "--force", "--algo", "grpo"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let json: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let run = &json["run"];
+    let policy_id = run["registered_policy"]
+        .as_str()
+        .expect("a policy candidate");
+    let registry = std::fs::read_to_string(ws.store_dir().join("registry.yaml")).unwrap();
+    assert!(
+        registry.contains(policy_id) && registry.contains("algorithm: grpo"),
+        "{registry}"
+    );
+    let report_path = PathBuf::from(run["report"].as_str().unwrap());
+    let metrics: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(report_path.with_file_name("metrics.json")).unwrap(),
+    )
+    .unwrap();
+    let policy = &metrics["policy"]["metrics"];
+    assert_eq!(policy["algo"], "grpo", "{metrics}");
+    for key in [
+        "reward",
+        "reward_std",
+        "frac_reward_zero_std",
+        "clip_ratio/region_mean",
+        "completions/mean_length",
+    ] {
+        let v = policy["last_step"][key].as_f64();
+        assert!(v.is_some_and(f64::is_finite), "{key}: {policy}");
+    }
+    let report = std::fs::read_to_string(&report_path).unwrap();
+    for needle in [
+        "(GRPO)",
+        "Policy objective at the last step",
+        "`reward_std`",
+        "`frac_reward_zero_std`",
+        "Policy: reward (reward)",
+    ] {
+        assert!(
+            report.contains(needle),
+            "{needle} missing from the report:\n{report}"
+        );
+    }
+}

@@ -140,6 +140,7 @@ fn policy_metrics(win: (f64, f64, f64), kl: f64, production: bool) -> PolicyMetr
             samples: samples(production),
         },
         train: train(120),
+        last_step: Default::default(),
     }
 }
 
