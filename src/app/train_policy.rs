@@ -22,7 +22,7 @@ use crate::model::chat_template::{ChatMessage, ChatTemplate};
 use crate::model::llama::load_frozen_causal_lm;
 use crate::run::outputs::{PolicyAlgo, PolicyMetrics, TrainStats, write_metrics};
 use crate::train::dpo_trainer::{PreferenceExample, TrainOutcome, train_dpo};
-use crate::train::group_rl_trainer::{train_grpo, train_rloo};
+use crate::train::group_rl_trainer::train_group_rl;
 use crate::train::kto_trainer::{PointwiseExample, train_kto};
 use crate::train::policy_common::Policy;
 pub use crate::train::policy_common::{LoraOptions, PolicyTrainOptions, PpoOptions};
@@ -138,12 +138,10 @@ pub fn train_policy_blocking(req: &TrainPolicyRequest) -> Result<PolicyRunSummar
         }
         PolicyAlgo::Grpo | PolicyAlgo::Rloo => {
             let ps = distinct_prompts(&train);
-            let run = if opts.algo == PolicyAlgo::Grpo {
-                train_grpo
-            } else {
-                train_rloo
-            };
-            (run(&mut policy, &rm, &ps, opts, &req.out)?, ps.len())
+            (
+                train_group_rl(&mut policy, &rm, &ps, opts, &req.out)?,
+                ps.len(),
+            )
         }
     };
     let policy_dir = req.out.join("policy");

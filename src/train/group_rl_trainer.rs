@@ -21,7 +21,7 @@ use anyhow::{Context, Result, bail};
 use candle_core::{DType, Tensor};
 
 use crate::run::outputs::PolicyAlgo;
-use crate::train::engine::{self, Objective, PhaseClock, StepReport, TrainOutcome, Updates};
+use crate::train::engine::{Objective, PhaseClock, StepReport, TrainOutcome, Updates};
 use crate::train::losses::grpo::{
     AdvantageConfig, Aggregation, GrpoBatch, GrpoLossConfig, grpo_advantages, grpo_loss,
 };
@@ -30,77 +30,39 @@ use crate::train::losses::rloo::{
     RlooAdvantageConfig, RlooBatch, rloo_advantages, rloo_loss, sequence_kl,
 };
 use crate::train::losses::stats::masked_sum_last;
-use crate::train::policy_common::{GroupRlOptions, Policy, PolicyTrainOptions};
+use crate::train::policy_common::{
+    GroupRlOptions, Policy, PolicyTrainOptions, check_sampling_inputs, run_sampling_objective,
+};
 use crate::train::policy_eval::{RewardScorer, prompt_ids};
-use crate::train::ppo_trainer::{Rollouts, sample_rollouts, score_answers, score_rows};
+use crate::train::ppo_trainer::{Rollouts, row_index, sample_rollouts, score_answers, score_rows};
 
 /// The reward model's name in `rewards/<name>/mean|std` (TRL names a reward function by its
 /// model's name; there is one here).
 const REWARD_FUNC: &str = "reward_model";
 
-/// Trains `policy` with GRPO on `prompts`, rewarded by `rm`; metrics stream to `out/log.jsonl`.
-pub fn train_grpo(
+/// Trains `policy` with GRPO or RLOO (`opts.algo`) on `prompts`, rewarded by `rm`; metrics
+/// stream to `out/log.jsonl`.
+pub fn train_group_rl(
     policy: &mut Policy,
     rm: &RewardScorer,
     prompts: &[String],
     opts: &PolicyTrainOptions,
     out: &Path,
 ) -> Result<TrainOutcome> {
-    train_group::<false>(policy, rm, prompts, opts, out)
-}
-
-/// Trains `policy` with RLOO on `prompts`, rewarded by `rm`; metrics stream to `out/log.jsonl`.
-pub fn train_rloo(
-    policy: &mut Policy,
-    rm: &RewardScorer,
-    prompts: &[String],
-    opts: &PolicyTrainOptions,
-    out: &Path,
-) -> Result<TrainOutcome> {
-    train_group::<true>(policy, rm, prompts, opts, out)
-}
-
-fn train_group<const RLOO: bool>(
-    policy: &mut Policy,
-    rm: &RewardScorer,
-    prompts: &[String],
-    opts: &PolicyTrainOptions,
-    out: &Path,
-) -> Result<TrainOutcome> {
-    let algo = if RLOO {
-        PolicyAlgo::Rloo
-    } else {
-        PolicyAlgo::Grpo
-    };
-    if opts.algo != algo {
-        bail!(
-            "train_{} called with options for {}",
-            algo.as_str(),
-            opts.algo.as_str()
-        );
+    check_sampling_inputs(opts, prompts)?;
+    let policy: &Policy = policy;
+    let n = prompts.len();
+    match opts.algo {
+        PolicyAlgo::Grpo => {
+            let mut grpo = GroupRl::<false>::new(policy, rm, prompts, opts);
+            run_sampling_objective(&mut grpo, policy, opts, n, out)
+        }
+        PolicyAlgo::Rloo => {
+            let mut rloo = GroupRl::<true>::new(policy, rm, prompts, opts);
+            run_sampling_objective(&mut rloo, policy, opts, n, out)
+        }
+        other => bail!("train_group_rl runs grpo or rloo, not {}", other.as_str()),
     }
-    opts.validate()?;
-    if prompts.is_empty() {
-        bail!("no prompts to sample completions for\nhint: the feedback store has no prompts yet");
-    }
-    let mut objective = GroupRl::<RLOO> {
-        policy,
-        rm,
-        prompts,
-        opts,
-        go: &opts.grpo,
-        beta: opts.grpo.beta_for(algo),
-        batch: None,
-        sums: StepSums::default(),
-    };
-    let outcome = engine::run(
-        &mut objective,
-        &policy.varmap,
-        &opts.engine(prompts.len()),
-        out,
-    );
-    policy.set_training(false);
-    outcome
 }
 
 /// A step's completions and everything computed from them before the updates (all detached).
@@ -153,7 +115,25 @@ fn answer_mask(r: &Rollouts, dev: &candle_core::Device) -> Result<Tensor> {
     Ok(Tensor::from_vec(m, (r.answers.len(), r.t), dev)?)
 }
 
-impl<const RLOO: bool> GroupRl<'_, RLOO> {
+impl<'a, const RLOO: bool> GroupRl<'a, RLOO> {
+    fn new(
+        policy: &'a Policy,
+        rm: &'a RewardScorer,
+        prompts: &'a [String],
+        opts: &'a PolicyTrainOptions,
+    ) -> Self {
+        Self {
+            policy,
+            rm,
+            prompts,
+            opts,
+            go: &opts.grpo,
+            beta: opts.grpo.beta_for(opts.algo),
+            batch: None,
+            sums: StepSums::default(),
+        }
+    }
+
     /// Samples G completions per prompt, scores them and computes the advantages.
     fn generate_and_score(
         &self,
@@ -288,9 +268,7 @@ impl<const RLOO: bool> Objective for GroupRl<'_, RLOO> {
             .batch
             .as_ref()
             .context("update before its completions were generated")?;
-        let dev = self.policy.model.lm_head_weight().device().clone();
-        let idx: Vec<u32> = micro.iter().map(|&i| i as u32).collect();
-        let rows = Tensor::from_vec(idx, micro.len(), &dev)?;
+        let rows = row_index(micro, self.policy)?;
         let (lp, _) = score_rows(
             &self.policy.model,
             None,

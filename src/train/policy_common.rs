@@ -23,7 +23,7 @@ use crate::model::tokenizer::Tokenizer;
 use crate::run::outputs::PolicyAlgo;
 // The engine and the guards own these; re-exported for the policy trainers' callers.
 pub use crate::train::engine::order::epoch_order;
-use crate::train::engine::{DataOrder, EngineConfig, RunControl};
+use crate::train::engine::{DataOrder, EngineConfig, Objective, RunControl, TrainOutcome};
 pub use crate::train::engine::{RunLog, optimiser_step};
 pub use crate::train::guard::{RailError, check_finite, check_kl};
 use crate::train::optim::AdamWConfig;
@@ -401,6 +401,33 @@ impl PolicyTrainOptions {
             control: RunControl::default(),
         }
     }
+}
+
+/// What every sampling objective (PPO, GRPO, RLOO) checks first: valid options (a step count
+/// included) and at least one prompt.
+pub fn check_sampling_inputs(opts: &PolicyTrainOptions, prompts: &[String]) -> Result<()> {
+    opts.validate()?;
+    if prompts.is_empty() {
+        bail!(
+            "no prompts to sample {} answers for\nhint: the feedback store has no prompts yet",
+            opts.algo.as_str()
+        );
+    }
+    Ok(())
+}
+
+/// Runs an objective that samples with the policy (PPO, GRPO, RLOO) on the engine over
+/// `examples` prompts, and leaves the policy in evaluation mode however the run ends.
+pub fn run_sampling_objective<O: Objective>(
+    objective: &mut O,
+    policy: &Policy,
+    opts: &PolicyTrainOptions,
+    examples: usize,
+    out: &Path,
+) -> Result<TrainOutcome> {
+    let outcome = crate::train::engine::run(objective, &policy.varmap, &opts.engine(examples), out);
+    policy.set_training(false);
+    outcome
 }
 
 /// The model being trained, its frozen reference and what the optimiser sees.

@@ -28,13 +28,15 @@ use serde::{Deserialize, Serialize};
 use crate::model::generate::{Generation, GenerationConfig, generate};
 use crate::model::sampling::SamplingParams;
 use crate::train::engine::order::epoch_order;
-use crate::train::engine::{self, Objective, PhaseClock, StepReport, TrainOutcome, Updates};
+use crate::train::engine::{Objective, PhaseClock, StepReport, TrainOutcome, Updates};
 use crate::train::losses::kl_control::KlController;
 use crate::train::losses::ppo::{
     PpoBatch, PpoLossConfig, PpoStats, RewardGaeConfig, apply_missing_eos_penalty, ppo_loss,
     rewards_and_advantages,
 };
-use crate::train::policy_common::{Policy, PolicyTrainOptions, VALUE_HEAD};
+use crate::train::policy_common::{
+    Policy, PolicyTrainOptions, VALUE_HEAD, check_sampling_inputs, run_sampling_objective,
+};
 use crate::train::policy_eval::{RewardScorer, prompt_ids};
 
 /// Checkpointed PPO state beyond weights and optimiser.
@@ -112,6 +114,13 @@ fn layout(prompts: &[Vec<u32>], answers: &[Vec<u32>], pad: u32, dev: &Device) ->
         answers: answers.to_vec(),
         finished: vec![],
     })
+}
+
+/// A micro-batch's rollout rows as an index tensor on the policy's device.
+pub(crate) fn row_index(micro: &[usize], policy: &Policy) -> Result<Tensor> {
+    let rows: Vec<u32> = micro.iter().map(|&i| i as u32).collect();
+    let dev = policy.model.lm_head_weight().device();
+    Ok(Tensor::from_vec(rows, micro.len(), dev)?)
 }
 
 /// Answer-token log-probs `[B, t]` (temperature-scaled) and values `[B, t]` for `rows` of the
@@ -222,11 +231,7 @@ pub fn train_ppo(
     opts: &PolicyTrainOptions,
     out: &Path,
 ) -> Result<TrainOutcome> {
-    opts.validate()?;
-    if prompts.is_empty() {
-        bail!("no prompts to roll out\nhint: the feedback store has no prompts yet");
-    }
-    opts.max_steps.context("ppo needs max_steps")?;
+    check_sampling_inputs(opts, prompts)?;
     let po = &opts.ppo;
     // The value head joins the policy's variables before the engine builds the optimiser.
     let head = value_head(policy, rm)?;
@@ -255,14 +260,7 @@ pub fn train_ppo(
         batch: None,
         stats: Vec::new(),
     };
-    let outcome = engine::run(
-        &mut objective,
-        &policy.varmap,
-        &opts.engine(prompts.len()),
-        out,
-    );
-    policy.set_training(false);
-    outcome
+    run_sampling_objective(&mut objective, policy, opts, prompts.len(), out)
 }
 
 /// A step's rollouts and everything computed from them before the updates.
@@ -400,9 +398,7 @@ impl Objective for Ppo<'_> {
             .batch
             .as_ref()
             .context("PPO update before its rollouts")?;
-        let dev = self.policy.model.lm_head_weight().device().clone();
-        let rows: Vec<u32> = micro.iter().map(|&i| i as u32).collect();
-        let rows = Tensor::from_vec(rows, micro.len(), &dev)?;
+        let rows = row_index(micro, self.policy)?;
         let temperature = self.opts.ppo.temperature;
         let (lp, vpred) = score_rows(
             &self.policy.model,

@@ -5,16 +5,16 @@
 //! the engine with the tiny policy and reward model: TRL's metric names, option checks, the KL
 //! ceiling (resume equivalence is in `engine::`).
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Var};
 use rlhf_bot::run::outputs::PolicyAlgo;
 use rlhf_bot::train::engine::TrainOutcome;
-use rlhf_bot::train::group_rl_trainer::{train_grpo, train_rloo};
+use rlhf_bot::train::group_rl_trainer::train_group_rl;
 use rlhf_bot::train::losses::{grpo, rloo, stats};
 use rlhf_bot::train::policy_common::{GroupRlOptions, Policy, PolicyTrainOptions};
 use rlhf_bot::train::policy_eval::RewardScorer;
 use serde_json::Value;
 
-use crate::losses::{DTYPES, close, close_t, close_vec, f, t, var, vectors};
+use crate::losses::{DTYPES, close, close_t, close_vec, f, flat, t, var, vectors};
 use crate::policytrain::{policy_dir, prompts, rm_dir};
 
 /// Float32 mean metrics (clip ratios, frac_reward_zero_std) compare with 1e-6 absolute.
@@ -45,6 +45,24 @@ fn check_metrics(case: &str, got: &[(String, f64)], expected: &Value, dt: DType)
     assert_eq!(got.len(), expected.len(), "{case}: metrics {names:?}");
 }
 
+/// The loss, its gradient w.r.t. the per-token log-probs and the metrics against a vector case.
+fn check_loss_case(case: &str, out: &grpo::GroupLoss, lp: &Var, c: &Value, dt: DType) {
+    close(
+        &format!("{case} loss"),
+        stats::scalar_f64(&out.loss).unwrap(),
+        f(&c["loss"]),
+        dt,
+    );
+    let g = out.loss.backward().unwrap();
+    close_t(
+        &format!("{case} grad"),
+        g.get(lp.as_tensor()).unwrap(),
+        &c["grad_per_token_logps"],
+        dt,
+    );
+    check_metrics(case, &out.metrics, &c["metrics"], dt);
+}
+
 fn reward_table(v: &Value) -> Vec<Vec<Option<f64>>> {
     v.as_array()
         .expect("rows")
@@ -60,11 +78,7 @@ fn reward_table(v: &Value) -> Vec<Vec<Option<f64>>> {
 }
 
 fn floats(v: &Value) -> Vec<f64> {
-    v.as_array()
-        .expect("array")
-        .iter()
-        .map(|x| x.as_f64().unwrap_or(f64::NAN))
-        .collect()
+    flat(v).0
 }
 
 fn names(n: usize) -> Vec<String> {
@@ -205,20 +219,7 @@ fn grpo_loss_gradients_and_metrics_match_trl_for_each_implemented_loss_type() {
                 entropies: Some(&ent),
             };
             let out = grpo::grpo_loss(&batch, &cfg).unwrap();
-            close(
-                &format!("{case} loss"),
-                stats::scalar_f64(&out.loss).unwrap(),
-                f(&c["loss"]),
-                dt,
-            );
-            let g = out.loss.backward().unwrap();
-            close_t(
-                &format!("{case} grad"),
-                g.get(lp.as_tensor()).unwrap(),
-                &c["grad_per_token_logps"],
-                dt,
-            );
-            check_metrics(&case, &out.metrics, &c["metrics"], dt);
+            check_loss_case(&case, &out, &lp, c, dt);
         }
         checked.insert(c["loss_type"].as_str().unwrap().to_string());
         ran += 1;
@@ -352,21 +353,7 @@ fn rloo_loss_gradients_and_metrics_match_trl() {
                 entropies: Some(&ent),
             };
             let out = rloo::rloo_loss(&batch, lo, hi).unwrap();
-            let case = format!("rloo eps {lo}/{hi}");
-            close(
-                &case,
-                stats::scalar_f64(&out.loss).unwrap(),
-                f(&c["loss"]),
-                dt,
-            );
-            let g = out.loss.backward().unwrap();
-            close_t(
-                &format!("{case} grad"),
-                g.get(lp.as_tensor()).unwrap(),
-                &c["grad_per_token_logps"],
-                dt,
-            );
-            check_metrics(&case, &out.metrics, &c["metrics"], dt);
+            check_loss_case(&format!("rloo eps {lo}/{hi}"), &out, &lp, c, dt);
         }
     }
 }
@@ -399,13 +386,9 @@ pub(crate) fn train_group(
     opts: &PolicyTrainOptions,
     out: &std::path::Path,
 ) -> anyhow::Result<TrainOutcome> {
+    assert_eq!(opts.algo, algo);
     let rm = RewardScorer::load(&rm_dir(), &Device::Cpu).unwrap();
-    let run = if algo == PolicyAlgo::Grpo {
-        train_grpo
-    } else {
-        train_rloo
-    };
-    run(policy, &rm, &prompts(), opts, out)
+    train_group_rl(policy, &rm, &prompts(), opts, out)
 }
 
 /// TRL's names that every GRPO / RLOO step logs.

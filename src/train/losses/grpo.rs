@@ -81,8 +81,8 @@ pub fn weighted_rewards(rewards: &[Vec<Option<f64>>], weights: &[f64]) -> Vec<f6
         .collect()
 }
 
-/// Checks the reward table against the weights and the group size.
-fn check_table(rewards: &[Vec<Option<f64>>], weights: &[f64], g: usize) -> Result<()> {
+/// Checks the reward table against the weights and the group size (GRPO and RLOO).
+pub fn check_table(rewards: &[Vec<Option<f64>>], weights: &[f64], g: usize) -> Result<()> {
     if g < 2 {
         bail!(
             "num_generations is {g}: a group needs at least 2 completions\nhint: set num_generations to 2 or more"
@@ -91,7 +91,7 @@ fn check_table(rewards: &[Vec<Option<f64>>], weights: &[f64], g: usize) -> Resul
     if weights.is_empty() {
         bail!("no reward weights: give one weight per reward function");
     }
-    if rewards.len() % g != 0 {
+    if !rewards.len().is_multiple_of(g) {
         bail!(
             "{} rewards do not split into groups of {g}\nhint: score every completion of every prompt",
             rewards.len()
@@ -298,9 +298,9 @@ pub struct GrpoBatch<'a> {
     pub entropies: Option<&'a Tensor>,
 }
 
-/// The loss and TRL's metrics (`kl`, `entropy`, `clip_ratio/*`).
+/// A GRPO or RLOO loss and TRL's metrics (`kl`, `entropy`, `clip_ratio/*`).
 #[derive(Debug, Clone)]
-pub struct GrpoLoss {
+pub struct GroupLoss {
     pub loss: Tensor,
     pub metrics: Vec<(String, f64)>,
 }
@@ -392,7 +392,7 @@ fn host2(t: &Tensor) -> Result<Vec<Vec<f64>>> {
 }
 
 /// TRL's `GRPOTrainer._compute_loss` for the implemented loss types.
-pub fn grpo_loss(x: &GrpoBatch<'_>, cfg: &GrpoLossConfig) -> Result<GrpoLoss> {
+pub fn grpo_loss(x: &GrpoBatch<'_>, cfg: &GrpoLossConfig) -> Result<GroupLoss> {
     let lp = x.logprobs;
     let dt = lp.dtype();
     let (b, t) = lp.dims2()?;
@@ -471,5 +471,5 @@ pub fn grpo_loss(x: &GrpoBatch<'_>, cfg: &GrpoLossConfig) -> Result<GrpoLoss> {
     );
     let weights: Vec<f64> = weights_mask.iter().map(|m| m.iter().sum()).collect();
     metrics.extend(clip_ratio_metrics(&low, &high, &region, &weights));
-    Ok(GrpoLoss { loss, metrics })
+    Ok(GroupLoss { loss, metrics })
 }

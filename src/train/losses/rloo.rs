@@ -9,8 +9,8 @@
 use candle_core::{D, DType, Result, Tensor, bail};
 
 use super::grpo::{
-    clip_fractions, clip_ratio_metrics, clipped_surrogate, frac_zero_std, group_std,
-    reward_metrics, weighted_rewards,
+    GroupLoss, check_table, clip_fractions, clip_ratio_metrics, clipped_surrogate, frac_zero_std,
+    group_std, reward_metrics, weighted_rewards,
 };
 use super::stats::{masked_mean, masked_sum_last, nan_mean, nan_std, scalar_f64};
 
@@ -59,14 +59,7 @@ pub fn rloo_advantages(
     cfg: &RlooAdvantageConfig,
 ) -> Result<RlooAdvantages> {
     let g = cfg.num_generations;
-    if g < 2 {
-        bail!(
-            "num_generations is {g}: a leave-one-out baseline needs at least 2 completions per prompt\nhint: set num_generations to 2 or more"
-        );
-    }
-    if rewards.len() % g != 0 {
-        bail!("{} rewards do not split into groups of {g}", rewards.len());
-    }
+    check_table(rewards, &cfg.reward_weights, g)?;
     let weighted = weighted_rewards(rewards, &cfg.reward_weights);
     let mut metrics = Vec::new();
     let mut r: Vec<f64> = match cfg.reward_clip_range {
@@ -121,16 +114,9 @@ pub struct RlooBatch<'a> {
     pub entropies: Option<&'a Tensor>,
 }
 
-/// The loss and TRL's metrics (`entropy`, `clip_ratio/*`).
-#[derive(Debug, Clone)]
-pub struct RlooLoss {
-    pub loss: Tensor,
-    pub metrics: Vec<(String, f64)>,
-}
-
 /// TRL's `RLOOTrainer._compute_loss`: `mean_i -min(w_i·A_i, clamp(w_i)·A_i)` with
 /// `w_i = exp(Σ_t lp·m - old_logp_i)`.
-pub fn rloo_loss(x: &RlooBatch<'_>, epsilon_low: f64, epsilon_high: f64) -> Result<RlooLoss> {
+pub fn rloo_loss(x: &RlooBatch<'_>, epsilon_low: f64, epsilon_high: f64) -> Result<GroupLoss> {
     let dt = x.logprobs.dtype();
     let mask = x.mask.to_dtype(dt)?;
     let old = x.old_sequence_logps.detach().to_dtype(dt)?;
@@ -155,5 +141,5 @@ pub fn rloo_loss(x: &RlooBatch<'_>, epsilon_low: f64, epsilon_high: f64) -> Resu
         &region,
         &vec![1.0; ratios.len()],
     ));
-    Ok(RlooLoss { loss, metrics })
+    Ok(GroupLoss { loss, metrics })
 }
