@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Var};
 use rlhf_bot::run::outputs::PolicyAlgo;
 use rlhf_bot::train::engine::TrainOutcome;
 use rlhf_bot::train::group_rl_trainer::train_group_rl;
-use rlhf_bot::train::losses::{grpo, rloo, stats};
+use rlhf_bot::train::losses::{group_rewards, grpo, rloo, stats};
 use rlhf_bot::train::policy_common::{GroupRlOptions, Policy, PolicyTrainOptions};
 use rlhf_bot::train::policy_eval::RewardScorer;
 use serde_json::Value;
@@ -46,7 +46,7 @@ fn check_metrics(case: &str, got: &[(String, f64)], expected: &Value, dt: DType)
 }
 
 /// The loss, its gradient w.r.t. the per-token log-probs and the metrics against a vector case.
-fn check_loss_case(case: &str, out: &grpo::GroupLoss, lp: &Var, c: &Value, dt: DType) {
+fn check_loss_case(case: &str, out: &group_rewards::GroupLoss, lp: &Var, c: &Value, dt: DType) {
     close(
         &format!("{case} loss"),
         stats::scalar_f64(&out.loss).unwrap(),

@@ -7,6 +7,7 @@
 //! `source` field of each file). The functions are dtype-generic: tests run them in f64 and f32.
 
 pub mod dpo;
+pub mod group_rewards;
 pub mod grpo;
 pub mod kl_control;
 pub mod kto;

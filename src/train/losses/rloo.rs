@@ -4,18 +4,15 @@
 //!
 //! As in GRPO, advantages are host-side f64 targets; the loss keeps its graph to the per-token
 //! log-probs. The KL lives in the reward, so the loss has no KL term. Weighted rewards, reward
-//! metrics and clip-ratio metrics are GRPO's (`losses::grpo`).
+//! metrics and clip-ratio metrics are shared with GRPO (`losses::group_rewards`).
 
 use candle_core::{D, DType, Result, Tensor, bail};
 
-use super::grpo::{
-    GroupLoss, check_table, clip_fractions, clip_ratio_metrics, clipped_surrogate, frac_zero_std,
-    group_std, reward_metrics, weighted_rewards,
+use super::group_rewards::{
+    GroupLoss, STD_EPS, check_table, clip_fractions, clip_ratio_metrics, clipped_surrogate,
+    frac_zero_std, group_std, reward_metrics, weighted_rewards,
 };
 use super::stats::{masked_mean, masked_sum_last, nan_mean, nan_std, scalar_f64};
-
-/// Added to the std before normalising advantages, as TRL does.
-const STD_EPS: f64 = 1e-4;
 
 /// The advantage settings of an RLOO step.
 #[derive(Debug, Clone, PartialEq)]
