@@ -107,9 +107,9 @@ pub fn validate_policy(raw: RawPolicy) -> Result<PolicySettings, Invalid> {
         .transpose()?;
     let lora = validate_lora(&raw.lora)?;
     let ppo = validate_ppo(&raw.ppo)?;
-    raw.grpo
-        .validate()
-        .map_err(|e| Invalid::new("policy.grpo", e.to_string()))?;
+    if let Some((key, message)) = raw.grpo.problem() {
+        return Err(Invalid::new(&format!("policy.grpo.{key}"), message));
+    }
     let options = PolicyTrainOptions {
         algo: raw.algo.unwrap_or(PolicyAlgo::Dpo),
         beta: positive("policy.beta", raw.beta, d.beta)?,

@@ -138,44 +138,58 @@ impl GroupRlOptions {
 
     /// Rejects values the objectives cannot run with, naming the key.
     pub fn validate(&self) -> Result<()> {
-        for (name, v, min) in [
+        match self.problem() {
+            Some((key, message)) => bail!("policy.grpo.{key}: {message}"),
+            None => Ok(()),
+        }
+    }
+
+    /// The first key (under `policy.grpo`) holding a value no objective can run with, and why.
+    pub fn problem(&self) -> Option<(&'static str, String)> {
+        for (key, v, min) in [
             ("prompts_per_step", self.prompts_per_step, 1),
             ("num_generations", self.num_generations, 2),
             ("num_iterations", self.num_iterations, 1),
         ] {
             if v < min {
-                bail!("policy.grpo.{name} must be at least {min}, got {v}");
+                let why = if key == "num_generations" {
+                    " (the group of answers to one prompt is the baseline)"
+                } else {
+                    ""
+                };
+                return Some((key, format!("expected an integer >= {min}{why}, got {v}")));
             }
         }
         if let Some(b) = self.beta.filter(|b| !(b.is_finite() && *b >= 0.0)) {
-            bail!("policy.grpo.beta must be a number >= 0, got {b}");
+            return Some(("beta", format!("expected a number >= 0, got {b}")));
         }
-        let eps_high = self.epsilon_high.unwrap_or(self.epsilon);
-        for (name, v) in [("epsilon", self.epsilon), ("epsilon_high", eps_high)] {
-            if !(v.is_finite() && v > 0.0) {
-                bail!("policy.grpo.{name} must be a number > 0, got {v}");
-            }
+        if !(self.epsilon.is_finite() && self.epsilon > 0.0 && self.epsilon < 1.0) {
+            return Some((
+                "epsilon",
+                format!(
+                    "expected a number in (0, 1) (the ratio's lower bound is 1 - epsilon), got {}",
+                    self.epsilon
+                ),
+            ));
         }
-        if self.epsilon >= 1.0 {
-            bail!(
-                "policy.grpo.epsilon must be below 1 (the ratio's lower bound is 1 - epsilon), got {}",
-                self.epsilon
-            );
+        if let Some(e) = self.epsilon_high.filter(|e| !(e.is_finite() && *e > 0.0)) {
+            return Some(("epsilon_high", format!("expected a number > 0, got {e}")));
         }
         if !(self.temperature.is_finite() && self.temperature > 0.0) {
-            bail!(
-                "policy.grpo.temperature must be a number > 0, got {}",
-                self.temperature
-            );
+            return Some((
+                "temperature",
+                format!("expected a number > 0, got {}", self.temperature),
+            ));
         }
         if let Some((lo, hi)) = self.reward_clip_range
             && !(lo.is_finite() && hi.is_finite() && lo < hi)
         {
-            bail!(
-                "policy.grpo.reward_clip_range must be [low, high] with low < high, got [{lo}, {hi}]"
-            );
+            return Some((
+                "reward_clip_range",
+                format!("expected [low, high] with low < high, got [{lo}, {hi}]"),
+            ));
         }
-        Ok(())
+        None
     }
 }
 

@@ -213,6 +213,32 @@ fn train_policy_ppo_from_a_gguf_writes_trl_metrics() {
 }
 
 #[test]
+fn train_policy_grpo_and_rloo_write_trl_metrics() {
+    let ws = Workspace::new();
+    let (dpo, _) = write_data(ws.path());
+    for algo in ["grpo", "rloo"] {
+        let s = train_policy(&ws, algo, &fixtures().join("tiny-llama-policy"), &dpo);
+        let out = PathBuf::from(s["out_dir"].as_str().unwrap());
+        check_outputs(
+            &out,
+            algo,
+            &[
+                "loss",
+                "reward",
+                "reward_std",
+                "frac_reward_zero_std",
+                "clip_ratio/region_mean",
+                "completions/mean_length",
+            ],
+        );
+        let m: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap())
+                .unwrap();
+        assert!(m["last_step"]["reward_std"].as_f64().is_some(), "{m}");
+    }
+}
+
+#[test]
 fn train_policy_continues_only_with_resume() {
     let ws = Workspace::new();
     let (dpo, _) = write_data(ws.path());
@@ -425,6 +451,18 @@ fn bad_policy_config_values_name_the_key_and_position() {
     );
     let e = config_error("policy:\n  lora: {enabled: false, merge: true}\n");
     assert!(e.contains("policy.lora.merge"), "{e}");
+    let e = config_error("policy:\n  grpo:\n    num_generations: 1\n");
+    assert!(
+        e.starts_with("rlhf.yaml:6:5: policy.grpo.num_generations: expected an integer >= 2"),
+        "{e}"
+    );
+    let e = config_error("policy:\n  grpo:\n    loss_type: cispo\n");
+    assert!(
+        e.contains("policy.grpo.loss_type") && e.contains("unknown variant `cispo`"),
+        "{e}"
+    );
+    let e = config_error("policy:\n  grpo:\n    scale_rewards: prompt\n");
+    assert!(e.contains("unknown variant `prompt`"), "{e}");
 }
 
 #[test]
