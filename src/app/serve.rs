@@ -31,7 +31,7 @@ pub async fn serve_cmd(settings: Settings, args: &ServeArgs) -> Result<()> {
             .map(|(_, value)| value.clone())
             .or_else(|| std::env::var(name).ok())
     };
-    let state = crate::server::build_state(server, &env, demo_key)?;
+    let state = crate::server::build_state(server, &env, demo_key).await?;
     crate::server::serve(
         state,
         |addr| {

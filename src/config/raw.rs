@@ -43,7 +43,7 @@ pub struct RawConfig {
 pub struct RawServer {
     /// `host:port`.
     pub listen: Option<String>,
-    /// A SQLite file path, or (later) a `postgres://` URL.
+    /// A SQLite file path, or a `postgres://` / `postgresql://` URL.
     pub database: Option<String>,
     /// The variable holding the bearer token that reads feedback (what `rlhf-bot pull` sends).
     pub read_token_env: Option<String>,

@@ -38,6 +38,76 @@ pub struct ServerSettings {
 #[serde(tag = "kind", content = "location", rename_all = "lowercase")]
 pub enum DatabaseLocation {
     Sqlite(PathBuf),
+    Postgres(PostgresUrl),
+}
+
+/// A `postgres://` or `postgresql://` URL that parsed as a connection string. It may hold a
+/// password, so `Debug`, `Display` and `Serialize` show it with the password replaced by `***`;
+/// only [`PostgresUrl::expose`] gives the real text (to the driver).
+#[derive(Clone)]
+pub struct PostgresUrl {
+    url: String,
+    redacted: String,
+}
+
+impl PostgresUrl {
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let redacted = redact_password(url);
+        url.parse::<tokio_postgres::Config>().map_err(|e| {
+            format!(
+                "{redacted} is not a PostgreSQL connection URL: {e}\nhint: e.g. `postgres://rlhf:PASSWORD@127.0.0.1:5432/feedback` (`?sslmode=require` for TLS)"
+            )
+        })?;
+        Ok(Self {
+            url: url.to_string(),
+            redacted,
+        })
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.url
+    }
+
+    /// The URL with its password (if any) replaced by `***`: what logs and errors show.
+    pub fn redacted(&self) -> &str {
+        &self.redacted
+    }
+}
+
+/// `url` with the password of its user-info replaced by `***`; a text that does not parse as
+/// a URL is replaced as a whole (it might hold a password in a form we do not recognise).
+fn redact_password(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) => {
+            if parsed.password().is_some() {
+                let _ = parsed.set_password(Some("***"));
+            }
+            // Key-value options such as `?password=…` are dropped from what is shown.
+            if parsed.query().is_some_and(|q| q.contains("password")) {
+                parsed.set_query(Some("***"));
+            }
+            parsed.to_string()
+        }
+        Err(_) => "the PostgreSQL URL (not shown: it may hold a password)".to_string(),
+    }
+}
+
+impl std::fmt::Debug for PostgresUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.redacted)
+    }
+}
+
+impl std::fmt::Display for PostgresUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.redacted)
+    }
+}
+
+impl Serialize for PostgresUrl {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.redacted)
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -60,15 +130,14 @@ pub fn validate_server(raw: RawServer) -> Result<ServerSettings, Invalid> {
     let database = match raw.database {
         None => DatabaseLocation::Sqlite(PathBuf::from(DEFAULT_DATABASE)),
         Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
-            return Err(Invalid::new(
-                "server.database",
-                "PostgreSQL is not supported by this release (the URL is not shown: it may hold a password)\nhint: use a SQLite file path, e.g. `.rlhf/feedback-service.sqlite3`",
-            ));
+            DatabaseLocation::Postgres(
+                PostgresUrl::parse(&url).map_err(|m| Invalid::new("server.database", m))?,
+            )
         }
         Some(path) if path.trim().is_empty() => {
             return Err(Invalid::new(
                 "server.database",
-                "is empty\nhint: a SQLite file path, e.g. `.rlhf/feedback-service.sqlite3`",
+                "is empty\nhint: a SQLite file path, e.g. `.rlhf/feedback-service.sqlite3`, or a `postgres://` URL",
             ));
         }
         Some(path) => DatabaseLocation::Sqlite(PathBuf::from(path)),
