@@ -1,5 +1,9 @@
 //! `rlhf-bot serve`, the feedback service, run as users run it: the release-shaped binary as a
 //! child process on a loopback port, written to over HTTP, and read by `rlhf-bot pull`.
+//!
+//! Every test that stores something runs once per storage backend (`serve::sqlite::…` and
+//! `serve::postgres::…`, see [`on_every_backend`]); the PostgreSQL runs use a real server the
+//! tests start themselves (`postgres_server`), one database per test.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -9,6 +13,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::common::{Workspace, bin, run, stderr};
+use crate::postgres_server::PgServer;
 
 const READ: &str = "read-token-for-tests-0001";
 const WRITE: &str = "write-key-for-tests-0001";
@@ -29,14 +34,72 @@ impl Drop for Service {
     }
 }
 
-fn service_config(ws: &Workspace, extra: &str) -> PathBuf {
+/// Where a test's service keeps its feedback.
+enum Backend {
+    /// `service/feedback.sqlite3` in the test's workspace.
+    Sqlite,
+    /// A new database on the shared test server: its URL.
+    Postgres(String),
+}
+
+impl Backend {
+    /// A fresh PostgreSQL database, or `None` (the test is skipped, with a message) when the
+    /// server binaries are absent and not required.
+    fn postgres() -> Option<Backend> {
+        PgServer::shared().map(|server| Backend::Postgres(server.fresh_database()))
+    }
+
+    fn database(&self, ws: &Workspace) -> String {
+        match self {
+            Backend::Sqlite => ws
+                .path()
+                .join("service/feedback.sqlite3")
+                .display()
+                .to_string(),
+            Backend::Postgres(url) => url.clone(),
+        }
+    }
+}
+
+/// Runs each named test (a `fn(&Backend)`) once per backend: `sqlite::NAME`, `postgres::NAME`.
+macro_rules! on_every_backend {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[test]
+            fn $name() {
+                super::$name(&super::Backend::Sqlite)
+            })*
+        }
+        mod postgres {
+            $(#[test]
+            fn $name() {
+                if let Some(backend) = super::Backend::postgres() {
+                    super::$name(&backend)
+                }
+            })*
+        }
+    };
+}
+
+on_every_backend!(
+    pull_from_the_service_stores_exactly_what_was_written,
+    writes_are_idempotent_stale_edits_are_reported_and_the_server_stamps_time,
+    deletes_and_erasure_reach_the_bots_store,
+    bad_input_gets_a_4xx_naming_the_problem_and_nothing_is_stored,
+    each_credential_does_only_its_job,
+    health_readiness_metrics_and_kpis,
+    two_hundred_writers_then_a_kill_lose_no_acknowledged_write,
+    the_service_answers_as_its_openapi_document_says,
+);
+
+fn service_config(ws: &Workspace, backend: &Backend, extra: &str) -> PathBuf {
     ws.write_config(&format!(
         "feedback:\n  source: http\n  url: http://127.0.0.1:9/\n  token_env: SERVICE_READ\n  page_size: 1000\n\
          store:\n  dir: {store}\n\
          server:\n  listen: 127.0.0.1:0\n  database: {db}\n  read_token_env: SERVICE_READ\n  write_key_env: SERVICE_WRITE\n\
          \x20 widget_keys:\n    - key_env: SERVICE_WIDGET\n      origins: [{PAGE_ORIGIN}]\n{extra}",
         store = ws.store_dir().display(),
-        db = ws.path().join("service/feedback.sqlite3").display(),
+        db = backend.database(ws),
     ))
 }
 
@@ -76,8 +139,8 @@ fn start_with(config: &Path) -> Service {
     }
 }
 
-fn start(ws: &Workspace) -> Service {
-    start_with(&service_config(ws, ""))
+fn start(ws: &Workspace, backend: &Backend) -> Service {
+    start_with(&service_config(ws, backend, ""))
 }
 
 fn client() -> reqwest::blocking::Client {
@@ -179,10 +242,9 @@ fn pull(ws: &Workspace, svc: &Service) -> Value {
     serde_json::from_slice(&o.stdout).unwrap()
 }
 
-#[test]
-fn pull_from_the_service_stores_exactly_what_was_written() {
+fn pull_from_the_service_stores_exactly_what_was_written(backend: &Backend) {
     let ws = Workspace::new();
-    let svc = start(&ws);
+    let svc = start(&ws, backend);
     let mut comment = record("fb-aspect", "aspect", "2026-12-01T10:00:03Z");
     comment["comment"] = json!("Clear, but cite a source.");
     let batch = json!({"data": [
@@ -228,10 +290,9 @@ fn pull_from_the_service_stores_exactly_what_was_written() {
     assert_eq!(by_id("fb-aspect")["comment"], "Clear, but cite a source.");
 }
 
-#[test]
-fn writes_are_idempotent_stale_edits_are_reported_and_the_server_stamps_time() {
+fn writes_are_idempotent_stale_edits_are_reported_and_the_server_stamps_time(backend: &Backend) {
     let ws = Workspace::new();
-    let svc = start(&ws);
+    let svc = start(&ws, backend);
     let r = record("fb-1", "thumb", "2026-12-01T10:00:00Z");
     assert_eq!(post(&svc, WRITE, &r).1["outcome"], "created");
     assert_eq!(post(&svc, WRITE, &r).1["outcome"], "unchanged");
@@ -269,10 +330,9 @@ fn writes_are_idempotent_stale_edits_are_reported_and_the_server_stamps_time() {
     assert_eq!(times, sorted);
 }
 
-#[test]
-fn deletes_and_erasure_reach_the_bots_store() {
+fn deletes_and_erasure_reach_the_bots_store(backend: &Backend) {
     let ws = Workspace::new();
-    let svc = start(&ws);
+    let svc = start(&ws, backend);
     let mut other = record("fb-b1", "rating", "2026-12-01T10:00:01Z");
     other["user_id"] = json!("user-b");
     let private = |id: &str, kind: &str, at: &str| {
@@ -317,22 +377,46 @@ fn deletes_and_erasure_reach_the_bots_store() {
         !served.iter().any(|r| r.to_string().contains("user-a")),
         "{served:?}"
     );
-    // Erased content leaves the files too, the write-ahead log included.
-    for file in ["feedback.sqlite3", "feedback.sqlite3-wal"] {
-        let bytes = std::fs::read(ws.path().join("service").join(file)).unwrap_or_default();
-        for needle in ["user-a", "private-note-of-a"] {
-            assert!(
-                !bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),
-                "{file} still holds {needle:?}"
+    match backend {
+        // Erased content leaves the files too, the write-ahead log included.
+        Backend::Sqlite => {
+            for file in ["feedback.sqlite3", "feedback.sqlite3-wal"] {
+                let bytes = std::fs::read(ws.path().join("service").join(file)).unwrap_or_default();
+                for needle in ["user-a", "private-note-of-a"] {
+                    assert!(
+                        !bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),
+                        "{file} still holds {needle:?}"
+                    );
+                }
+            }
+        }
+        // Erased content leaves the table (the live rows) before the answer, and the service
+        // vacuumed it: no dead row version is left behind.
+        Backend::Postgres(url) => {
+            let server = PgServer::shared().unwrap();
+            let left = server.query(
+                url,
+                "SELECT count(*) FROM feedback
+                 WHERE user_id = 'user-a' OR body LIKE '%user-a%' OR body LIKE '%private-note-of-a%'",
             );
+            assert_eq!(left, "0", "the table still holds user-a's content");
+            let tombstones = server.query(url, "SELECT count(*) FROM feedback WHERE deleted");
+            assert_eq!(tombstones, "3");
+            // Every row version on the table's page, dead ones included (pageinspect).
+            server.query(url, "CREATE EXTENSION IF NOT EXISTS pageinspect");
+            let versions = server.query(
+                url,
+                "SELECT count(*) FROM heap_page_items(get_raw_page('feedback', 0))
+                 WHERE position('private-note-of-a'::bytea IN t_data) > 0",
+            );
+            assert_eq!(versions, "0", "dead row versions still hold erased content");
         }
     }
 }
 
-#[test]
-fn bad_input_gets_a_4xx_naming_the_problem_and_nothing_is_stored() {
+fn bad_input_gets_a_4xx_naming_the_problem_and_nothing_is_stored(backend: &Backend) {
     let ws = Workspace::new();
-    let svc = start_with(&service_config(&ws, "  max_body_bytes: 65536\n"));
+    let svc = start_with(&service_config(&ws, backend, "  max_body_bytes: 65536\n"));
     let huge =
         json!({"data": [record("x", "thumb", "2026-12-01T10:00:00Z")], "pad": "y".repeat(70_000)});
     let (status, body) = post(&svc, WRITE, &huge);
@@ -426,10 +510,9 @@ fn bad_input_gets_a_4xx_naming_the_problem_and_nothing_is_stored() {
     assert_eq!(all[0]["comment"], "<script>alert(1)</script> ' OR 1=1 --");
 }
 
-#[test]
-fn each_credential_does_only_its_job() {
+fn each_credential_does_only_its_job(backend: &Backend) {
     let ws = Workspace::new();
-    let svc = start_with(&service_config(&ws, "  widget_requests_per_minute: 60\n"));
+    let svc = start_with(&service_config(&ws, backend, "  widget_requests_per_minute: 60\n"));
     let c = client();
     let feed = format!("{}/v1/feedback", svc.url);
     assert_eq!(c.get(&feed).send().unwrap().status(), 401);
@@ -500,7 +583,7 @@ fn each_credential_does_only_its_job() {
 #[test]
 fn serve_refuses_to_start_without_its_credentials() {
     let ws = Workspace::new();
-    let config = service_config(&ws, "");
+    let config = service_config(&ws, &Backend::Sqlite, "");
     let o = bin()
         .env("SERVICE_READ", READ)
         .env("SERVICE_WIDGET", WIDGET)
@@ -524,10 +607,9 @@ fn serve_refuses_to_start_without_its_credentials() {
     assert!(!stderr(&o).contains("abcdefghijklmnop"), "{}", stderr(&o));
 }
 
-#[test]
-fn health_readiness_metrics_and_kpis() {
+fn health_readiness_metrics_and_kpis(backend: &Backend) {
     let ws = Workspace::new();
-    let svc = start(&ws);
+    let svc = start(&ws, backend);
     let c = client();
     assert_eq!(
         c.get(format!("{}/healthz", svc.url))
@@ -597,12 +679,11 @@ fn health_readiness_metrics_and_kpis() {
 /// 200 concurrent writers hammer the service for 30 s; then it is killed with SIGKILL while
 /// they are still writing, and restarted on the same database: every write that was
 /// acknowledged is there, once.
-#[test]
-fn two_hundred_writers_then_a_kill_lose_no_acknowledged_write() {
+fn two_hundred_writers_then_a_kill_lose_no_acknowledged_write(backend: &Backend) {
     const WRITERS: usize = 200;
     const LOAD: Duration = Duration::from_secs(30);
     let ws = Workspace::new();
-    let config = service_config(&ws, "");
+    let config = service_config(&ws, backend, "");
     let svc = start_with(&config);
     let url = svc.url.clone();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -665,14 +746,13 @@ fn two_hundred_writers_then_a_kill_lose_no_acknowledged_write() {
 
 /// Every endpoint, answered by the real service through a Prism proxy that checks requests and
 /// responses against docs/feedback-api.yaml: no exchange may carry an `sl-violations` header.
-#[test]
-fn the_service_answers_as_its_openapi_document_says() {
+fn the_service_answers_as_its_openapi_document_says(backend: &Backend) {
     let deps = crate::common::deps_dir();
     if !crate::common::have(&deps.join("node_modules/.bin/prism"), "prism") {
         return;
     }
     let ws = Workspace::new();
-    let svc = start(&ws);
+    let svc = start(&ws, backend);
     let spec = crate::common::repo().join("docs/feedback-api.yaml");
     let prism = crate::prism::Prism::proxy(&deps, &spec, &svc.url);
     let base = prism.url();
