@@ -38,7 +38,11 @@ pub struct ServerSettings {
 #[serde(tag = "kind", content = "location", rename_all = "lowercase")]
 pub enum DatabaseLocation {
     Sqlite(PathBuf),
-    Postgres(PostgresUrl),
+    Postgres {
+        url: PostgresUrl,
+        /// The variable `serve` reads the password from at start-up (it replaces one in the URL).
+        password_env: Option<String>,
+    },
 }
 
 /// A `postgres://` or `postgresql://` URL that parsed as a connection string. It may hold a
@@ -117,7 +121,7 @@ pub struct WidgetKeySettings {
     pub origins: Vec<String>,
 }
 
-pub fn validate_server(raw: RawServer) -> Result<ServerSettings, Invalid> {
+pub fn validate_server(mut raw: RawServer) -> Result<ServerSettings, Invalid> {
     let listen_text = raw.listen.unwrap_or_else(|| DEFAULT_LISTEN.into());
     let listen = listen_text.parse::<SocketAddr>().map_err(|_| {
         Invalid::new(
@@ -130,9 +134,20 @@ pub fn validate_server(raw: RawServer) -> Result<ServerSettings, Invalid> {
     let database = match raw.database {
         None => DatabaseLocation::Sqlite(PathBuf::from(DEFAULT_DATABASE)),
         Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
-            DatabaseLocation::Postgres(
-                PostgresUrl::parse(&url).map_err(|m| Invalid::new("server.database", m))?,
-            )
+            DatabaseLocation::Postgres {
+                url: PostgresUrl::parse(&url).map_err(|m| Invalid::new("server.database", m))?,
+                password_env: raw
+                    .database_password_env
+                    .take()
+                    .map(|name| {
+                        env_name(
+                            "server.database_password_env",
+                            name,
+                            "RLHF_DATABASE_PASSWORD",
+                        )
+                    })
+                    .transpose()?,
+            }
         }
         Some(path) if path.trim().is_empty() => {
             return Err(Invalid::new(
@@ -142,6 +157,12 @@ pub fn validate_server(raw: RawServer) -> Result<ServerSettings, Invalid> {
         }
         Some(path) => DatabaseLocation::Sqlite(PathBuf::from(path)),
     };
+    if raw.database_password_env.is_some() {
+        return Err(Invalid::new(
+            "server.database_password_env",
+            "is only for a PostgreSQL database, and `server.database` is a SQLite file\nhint: remove the key, or set `server.database` to a `postgres://` URL",
+        ));
+    }
     let read_token_env = env_name(
         "server.read_token_env",
         raw.read_token_env

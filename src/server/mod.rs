@@ -139,7 +139,7 @@ pub async fn build_state(
     if let Some(key) = &demo_widget_key {
         credentials.add_widget(key, vec![auth::SAME_ORIGIN.to_string()]);
     }
-    let db = db::open(&settings.database).await?;
+    let db = db::open(&settings.database, env).await?;
     Ok(Arc::new(AppState {
         rate_limit: RateLimiter::new(settings.widget_requests_per_minute),
         settings,

@@ -1,6 +1,7 @@
-//! A real, throwaway PostgreSQL server for the feedback-service tests: one per run of the test
-//! binary, started on first use, with one new database per test (`createdb`) so tests stay
-//! independent.
+//! A real, throwaway PostgreSQL server for the feedback-service tests (and `benches/serve.rs`):
+//! tests/it/serve.rs starts one per run of the test binary, on first use, with one new database
+//! per test (`createdb`) so tests stay independent. This file depends on nothing else in the
+//! test crate so the benchmark can include it.
 //!
 //! It is Debian's `postgresql` (scripts/install-test-deps.sh installs it): `initdb` makes a
 //! data directory in a temporary folder, `pg_ctl` starts the server on a free loopback port
@@ -15,11 +16,12 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{ChildStdin, Command, Stdio};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, OnceLock};
 
-/// The role the tests connect as (trust authentication on loopback: a throwaway cluster).
-const ROLE: &str = "rlhf";
+/// The role the tests connect as over TCP, with a password (SCRAM), as a deployment would.
+pub const ROLE: &str = "rlhf";
+pub const PASSWORD: &str = "pg-test-password-0001";
 
 pub struct PgServer {
     bin: PathBuf,
@@ -30,11 +32,10 @@ pub struct PgServer {
     _guard: Mutex<ChildStdin>,
 }
 
-static SERVER: OnceLock<Option<PgServer>> = OnceLock::new();
 static DATABASES: AtomicUsize = AtomicUsize::new(0);
 
 /// Where the server binaries are: `RLHF_PG_BIN`, else the newest `/usr/lib/postgresql/*/bin`.
-fn bin_dir() -> PathBuf {
+pub fn bin_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("RLHF_PG_BIN") {
         return PathBuf::from(dir);
     }
@@ -51,23 +52,12 @@ fn bin_dir() -> PathBuf {
 }
 
 impl PgServer {
-    /// The shared server, started on first call; `None` (with a "skipped" message) when the
-    /// binaries are absent and the tests are not required (`RLHF_REQUIRE_TEST_ASSETS` unset).
-    pub fn shared() -> Option<&'static PgServer> {
-        SERVER
-            .get_or_init(|| {
-                let bin = bin_dir();
-                crate::common::have(&bin.join("initdb"), "PostgreSQL (Debian's `postgresql`)")
-                    .then(|| PgServer::start(bin))
-            })
-            .as_ref()
-    }
-
     fn command(&self, tool: &str) -> Command {
         command(&self.bin, self.as_postgres, tool)
     }
 
-    fn start(bin: PathBuf) -> PgServer {
+    /// Makes a data directory and starts a server from the binaries in `bin` (see [`bin_dir`]).
+    pub fn start(bin: PathBuf) -> PgServer {
         let as_postgres = std::fs::metadata("/proc/self").map_or(0, |m| m.uid()) == 0;
         let data = tempfile::Builder::new()
             .prefix("rlhf-test-pg-")
@@ -85,18 +75,32 @@ impl PgServer {
                 "the tests run as root and need a `postgres` user to run initdb (it refuses root)\nhint: apt-get install postgresql creates it"
             );
         }
+        let password_file = data.with_extension("password");
+        std::fs::write(&password_file, PASSWORD).expect("the password file");
         let out = command(&bin, as_postgres, "initdb")
             .arg("-D")
             .arg(&data)
-            .args(["-U", ROLE, "--auth=trust", "-E", "UTF8", "--no-sync"])
+            .arg(format!("--pwfile={}", password_file.display()))
+            .args([
+                "-U",
+                ROLE,
+                "--auth=scram-sha-256",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ])
             .output()
             .expect("initdb");
+        let _ = std::fs::remove_file(&password_file);
         assert!(
             out.status.success(),
             "initdb failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let port = crate::common::free_port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free loopback port")
+            .port();
         // fsync off: the tests kill the service, never this server, so what they check (an
         // acknowledged write was committed) does not depend on it; it spares the shared disk.
         let settings = format!(
@@ -143,10 +147,7 @@ impl PgServer {
 
     /// A new, empty database on the shared server: its URL for `server.database`.
     pub fn fresh_database(&self) -> String {
-        let name = format!(
-            "feedback_{}",
-            DATABASES.fetch_add(1, Ordering::Relaxed) + 1
-        );
+        let name = format!("feedback_{}", DATABASES.fetch_add(1, Ordering::Relaxed) + 1);
         let out = self
             .command("createdb")
             .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", ROLE])
@@ -158,7 +159,10 @@ impl PgServer {
             "createdb {name} failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        format!("postgres://{ROLE}@127.0.0.1:{}/{name}", self.port)
+        format!(
+            "postgres://{ROLE}:{PASSWORD}@127.0.0.1:{}/{name}",
+            self.port
+        )
     }
 
     /// Runs one SQL statement with psql on the database of `url`; its rows, `|`-separated.
@@ -196,7 +200,7 @@ fn command(bin: &Path, as_postgres: bool, tool: &str) -> Command {
         [] => Command::new(tool),
     };
     // The `postgres` user may not be allowed into the test's working directory.
-    cmd.current_dir("/");
+    cmd.current_dir("/").env("PGPASSWORD", PASSWORD);
     cmd
 }
 

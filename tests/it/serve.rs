@@ -42,11 +42,25 @@ enum Backend {
     Postgres(String),
 }
 
+/// The PostgreSQL server this test binary shares, started on first use; `None` (with a
+/// "skipped" message) when its binaries are absent and the tests are not required
+/// (`RLHF_REQUIRE_TEST_ASSETS` unset).
+fn postgres_server() -> Option<&'static PgServer> {
+    static SERVER: std::sync::OnceLock<Option<PgServer>> = std::sync::OnceLock::new();
+    SERVER
+        .get_or_init(|| {
+            let bin = crate::postgres_server::bin_dir();
+            crate::common::have(&bin.join("initdb"), "PostgreSQL (Debian's `postgresql`)")
+                .then(|| PgServer::start(bin))
+        })
+        .as_ref()
+}
+
 impl Backend {
     /// A fresh PostgreSQL database, or `None` (the test is skipped, with a message) when the
     /// server binaries are absent and not required.
     fn postgres() -> Option<Backend> {
-        PgServer::shared().map(|server| Backend::Postgres(server.fresh_database()))
+        postgres_server().map(|server| Backend::Postgres(server.fresh_database()))
     }
 
     fn database(&self, ws: &Workspace) -> String {
@@ -393,7 +407,7 @@ fn deletes_and_erasure_reach_the_bots_store(backend: &Backend) {
         // Erased content leaves the table (the live rows) before the answer, and the service
         // vacuumed it: no dead row version is left behind.
         Backend::Postgres(url) => {
-            let server = PgServer::shared().unwrap();
+            let server = postgres_server().expect("the server that made this database");
             let left = server.query(
                 url,
                 "SELECT count(*) FROM feedback
@@ -491,6 +505,15 @@ fn bad_input_gets_a_4xx_naming_the_problem_and_nothing_is_stored(backend: &Backe
         "{body}"
     );
 
+    // PostgreSQL's text cannot hold a NUL: refused up front, for every backend alike.
+    let nul_id = record("fb-nul\u{0}id", "thumb", "2026-12-01T10:00:00Z");
+    let (status, body) = post(&svc, WRITE, &nul_id);
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("NUL"),
+        "{body}"
+    );
+
     assert!(
         read_all(&svc).is_empty(),
         "a refused request stored something"
@@ -512,7 +535,11 @@ fn bad_input_gets_a_4xx_naming_the_problem_and_nothing_is_stored(backend: &Backe
 
 fn each_credential_does_only_its_job(backend: &Backend) {
     let ws = Workspace::new();
-    let svc = start_with(&service_config(&ws, backend, "  widget_requests_per_minute: 60\n"));
+    let svc = start_with(&service_config(
+        &ws,
+        backend,
+        "  widget_requests_per_minute: 60\n",
+    ));
     let c = client();
     let feed = format!("{}/v1/feedback", svc.url);
     assert_eq!(c.get(&feed).send().unwrap().status(), 401);
@@ -605,6 +632,99 @@ fn serve_refuses_to_start_without_its_credentials() {
     let o = run(&pasted, &["serve"]);
     assert!(!o.status.success());
     assert!(!stderr(&o).contains("abcdefghijklmnop"), "{}", stderr(&o));
+}
+
+/// The database URL's password never reaches the output, whatever fails.
+#[test]
+fn serve_never_shows_the_database_password() {
+    let ws = Workspace::new();
+    let port = crate::common::free_port();
+    let config = service_config(&ws, &Backend::Sqlite, "");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let sqlite = Backend::Sqlite.database(&ws);
+    for url in [
+        format!("postgres://rlhf:pw-never-shown-42@127.0.0.1:{port}/feedback"),
+        format!("postgresql://rlhf:pw-never-shown-42@127.0.0.1:{port}/feedback?sslmode=bogus"),
+    ] {
+        let config = ws.write_config(&text.replace(&sqlite, &url));
+        let o = bin()
+            .env("SERVICE_READ", READ)
+            .env("SERVICE_WRITE", WRITE)
+            .env("SERVICE_WIDGET", WIDGET)
+            .arg("--config")
+            .arg(&config)
+            .arg("serve")
+            .output()
+            .unwrap();
+        assert!(!o.status.success());
+        let err = stderr(&o);
+        assert!(!err.contains("pw-never-shown"), "{err}");
+        assert!(err.contains(&format!("rlhf:***@127.0.0.1:{port}")), "{err}");
+    }
+}
+
+/// The password can come from a variable instead of the URL; a wrong one is refused at start
+/// with the server's answer, and neither password is shown.
+#[test]
+fn postgres_password_from_the_environment() {
+    let Some(Backend::Postgres(url)) = Backend::postgres() else {
+        return;
+    };
+    let ws = Workspace::new();
+    let bare = url.replace(&format!(":{}@", crate::postgres_server::PASSWORD), "@");
+    assert_ne!(bare, url);
+    let text = std::fs::read_to_string(service_config(&ws, &Backend::Sqlite, "")).unwrap();
+    let config = ws.write_config(
+        &text.replace(&Backend::Sqlite.database(&ws), &bare).replace(
+            "  read_token_env:",
+            "  database_password_env: SERVICE_DB_PASSWORD\n  read_token_env:",
+        ),
+    );
+    let serve = |password: &str| {
+        let mut cmd = bin();
+        cmd.env("SERVICE_READ", READ)
+            .env("SERVICE_WRITE", WRITE)
+            .env("SERVICE_WIDGET", WIDGET)
+            .env("SERVICE_DB_PASSWORD", password)
+            .arg("--config")
+            .arg(&config)
+            .arg("serve");
+        cmd
+    };
+    let o = serve("wrong-password-never-shown").output().unwrap();
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(err.contains("password authentication failed"), "{err}");
+    assert!(!err.contains("wrong-password-never-shown"), "{err}");
+
+    // `sslmode=require` goes through rustls; this test server has no TLS, so it must refuse
+    // rather than fall back to plain text.
+    let plain = std::fs::read_to_string(&config).unwrap();
+    let tls_config = ws.path().join("tls.yaml");
+    std::fs::write(
+        &tls_config,
+        plain.replace(&bare, &format!("{bare}?sslmode=require")),
+    )
+    .unwrap();
+    let o = bin()
+        .env("SERVICE_READ", READ)
+        .env("SERVICE_WRITE", WRITE)
+        .env("SERVICE_WIDGET", WIDGET)
+        .env("SERVICE_DB_PASSWORD", crate::postgres_server::PASSWORD)
+        .arg("--config")
+        .arg(&tls_config)
+        .arg("serve")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("TLS"), "{}", stderr(&o));
+
+    let (child, url) = spawn_service(serve(crate::postgres_server::PASSWORD));
+    let svc = Service { child, url, config };
+    let ready = client().get(format!("{}/readyz", svc.url)).send().unwrap();
+    assert_eq!(ready.status(), 200);
+    let r = record("fb-1", "thumb", "2026-12-01T10:00:00Z");
+    assert_eq!(post(&svc, WRITE, &r).1["outcome"], "created");
 }
 
 fn health_readiness_metrics_and_kpis(backend: &Backend) {

@@ -32,12 +32,17 @@ use tokio::sync::{mpsc, oneshot};
 use crate::config::server::DatabaseLocation;
 use crate::feedback::record::{Change, FeedbackRecord, format_time};
 use crate::feedback::store::VersionCounts;
+use crate::secret::SecretString;
 
 pub use postgres::PostgresDb;
 pub use sqlite::SqliteDb;
 
 /// Opens (creating and migrating if needed) the configured database and starts its writer.
-pub async fn open(location: &DatabaseLocation) -> Result<Arc<dyn FeedbackDb>> {
+/// `env` reads the variable `server.database_password_env` names, if any.
+pub async fn open(
+    location: &DatabaseLocation,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Arc<dyn FeedbackDb>> {
     Ok(match location {
         DatabaseLocation::Sqlite(path) => {
             let path = path.clone();
@@ -45,7 +50,18 @@ pub async fn open(location: &DatabaseLocation) -> Result<Arc<dyn FeedbackDb>> {
                 .await
                 .context("opening the SQLite database panicked")??
         }
-        DatabaseLocation::Postgres(url) => PostgresDb::open(url).await?,
+        DatabaseLocation::Postgres { url, password_env } => {
+            let password = match password_env {
+                None => None,
+                Some(var) => match env(var) {
+                    Some(value) if !value.is_empty() => Some(SecretString::new(value)),
+                    _ => anyhow::bail!(
+                        "`server.database_password_env` names {var}, which is not set or empty\nhint: export {var}=<the database password>"
+                    ),
+                },
+            };
+            PostgresDb::open(url, password).await?
+        }
     })
 }
 
@@ -264,7 +280,10 @@ pub(crate) fn plan_upsert(
 }
 
 /// What a delete does given the stored version: `Ok(outcome)` when a tombstone must be written.
-pub(crate) fn plan_delete(existing: Option<&StoredVersion>, client_us: i64) -> Result<Outcome, Outcome> {
+pub(crate) fn plan_delete(
+    existing: Option<&StoredVersion>,
+    client_us: i64,
+) -> Result<Outcome, Outcome> {
     match existing {
         Some(known) if client_us < known.client_us => Err(Outcome::Stale),
         Some(known) if known.deleted => Err(Outcome::Unchanged),

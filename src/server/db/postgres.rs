@@ -38,6 +38,7 @@ use super::{
 use crate::config::server::PostgresUrl;
 use crate::feedback::record::format_time;
 use crate::feedback::store::VersionCounts;
+use crate::secret::SecretString;
 
 /// Versioned schema steps, applied in order, each once; step N is the same schema as
 /// [`super::sqlite`]'s step N. Text columns compare bytewise (`COLLATE "C"`), as SQLite's do,
@@ -69,7 +70,7 @@ const WRITER_LOCK: i64 = 0x726c_6866_7772_6974; // "rlhfwrit"
 const READ_POOL: usize = 4;
 
 pub struct PostgresDb {
-    url: PostgresUrl,
+    target: Target,
     jobs: mpsc::Sender<Job>,
     readers: Mutex<Vec<Client>>,
 }
@@ -77,34 +78,52 @@ pub struct PostgresDb {
 impl std::fmt::Debug for PostgresDb {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PostgresDb")
-            .field("url", &self.url)
+            .field("url", &self.target.url)
             .finish_non_exhaustive()
     }
 }
 
-/// Opens one connection: plain TCP, or TLS through rustls when the URL says
-/// `sslmode=require` (the server's certificate is verified against the system's roots).
-async fn connect(url: &PostgresUrl) -> Result<Client> {
-    let name = url.redacted().to_string();
-    let config: tokio_postgres::Config = url
-        .expose()
-        .parse()
-        .with_context(|| format!("parsing the database URL {name}"))?;
-    let context = || {
-        format!("connecting to the feedback database {name}\nhint: is PostgreSQL running there, and do the user, password and database exist?")
-    };
-    let logged_name = name.clone();
-    let closed = move |e: tokio_postgres::Error| {
-        tracing::warn!(database = %logged_name, "a database connection ended: {e}");
-    };
-    if config.get_ssl_mode() == SslMode::Require {
-        let (client, connection) = config.connect(tls()?).await.with_context(context)?;
-        tokio::spawn(async move { connection.await.map_err(closed) });
-        Ok(client)
-    } else {
-        let (client, connection) = config.connect(NoTls).await.with_context(context)?;
-        tokio::spawn(async move { connection.await.map_err(closed) });
-        Ok(client)
+/// Where to connect: the URL, and the password from `server.database_password_env` (it
+/// replaces one in the URL).
+#[derive(Clone)]
+struct Target {
+    url: PostgresUrl,
+    password: Option<SecretString>,
+}
+
+impl Target {
+    /// Opens one connection: plain TCP, or TLS through rustls when the URL says
+    /// `sslmode=require` (the server's certificate is verified against the system's roots).
+    async fn connect(&self) -> Result<Client> {
+        let name = self.url.redacted().to_string();
+        let mut config: tokio_postgres::Config = self
+            .url
+            .expose()
+            .parse()
+            .with_context(|| format!("parsing the database URL {name}"))?;
+        if let Some(password) = &self.password {
+            config.password(password.expose());
+        }
+        // The hint goes last, after the driver's reason (a `.context()` would print it first).
+        let failed = |e: tokio_postgres::Error| {
+            let reason = anyhow::Error::from(e);
+            anyhow!(
+                "cannot connect to the feedback database {name}: {reason:#}\nhint: is PostgreSQL running there, and do the user, the password and the database exist?"
+            )
+        };
+        let logged_name = name.clone();
+        let closed = move |e: tokio_postgres::Error| {
+            tracing::warn!(database = %logged_name, "a database connection ended: {e}");
+        };
+        if config.get_ssl_mode() == SslMode::Require {
+            let (client, connection) = config.connect(tls()?).await.map_err(failed)?;
+            tokio::spawn(async move { connection.await.map_err(closed) });
+            Ok(client)
+        } else {
+            let (client, connection) = config.connect(NoTls).await.map_err(failed)?;
+            tokio::spawn(async move { connection.await.map_err(closed) });
+            Ok(client)
+        }
     }
 }
 
@@ -177,15 +196,19 @@ async fn apply_migrations(client: &mut Client, name: &str) -> Result<()> {
 
 impl PostgresDb {
     /// Connects, migrates, and starts the writer task.
-    pub async fn open(url: &PostgresUrl) -> Result<Arc<Self>> {
-        let mut client = connect(url).await?;
+    pub async fn open(url: &PostgresUrl, password: Option<SecretString>) -> Result<Arc<Self>> {
+        let target = Target {
+            url: url.clone(),
+            password,
+        };
+        let mut client = target.connect().await?;
         migrate(&mut client, url.redacted()).await?;
-        let writer = Writer::new(client, url.clone()).await?;
-        let readers = vec![connect(url).await?];
+        let writer = Writer::new(client, target.clone()).await?;
+        let readers = vec![target.connect().await?];
         let (jobs, rx) = mpsc::channel(QUEUE);
         tokio::spawn(writer.run(rx));
         Ok(Arc::new(Self {
-            url: url.clone(),
+            target,
             jobs,
             readers: Mutex::new(readers),
         }))
@@ -201,7 +224,7 @@ impl PostgresDb {
             .filter(|c| !c.is_closed());
         let client = match idle {
             Some(c) => c,
-            None => connect(&self.url).await?,
+            None => self.target.connect().await?,
         };
         let result = f(&client).await;
         if !client.is_closed()
@@ -356,23 +379,23 @@ impl Statements {
 
 /// The one writer of this process: its connection (re-opened when it drops) and its clock.
 struct Writer {
-    url: PostgresUrl,
+    target: Target,
     conn: Option<(Client, Statements)>,
     clock: ServedClock,
 }
 
 impl Writer {
-    async fn new(client: Client, url: PostgresUrl) -> Result<Self> {
+    async fn new(client: Client, target: Target) -> Result<Self> {
         let statements = Statements::prepare(&client).await?;
         Ok(Self {
-            url,
+            target,
             conn: Some((client, statements)),
             clock: ServedClock { last: 0 },
         })
     }
 
     async fn run(mut self, mut rx: mpsc::Receiver<Job>) {
-        let database = self.url.redacted().to_string();
+        let database = self.target.url.redacted().to_string();
         while let Some(first) = rx.recv().await {
             let jobs = super::gather(first, &mut rx);
             let result = self.apply_jobs(&jobs).await;
@@ -390,7 +413,7 @@ impl Writer {
     async fn apply_jobs(&mut self, jobs: &[Job]) -> Result<Vec<Vec<Outcome>>> {
         if self.conn.as_ref().is_none_or(|(c, _)| c.is_closed()) {
             self.conn = None;
-            let client = connect(&self.url).await?;
+            let client = self.target.connect().await?;
             let statements = Statements::prepare(&client).await?;
             self.conn = Some((client, statements));
         }

@@ -245,7 +245,10 @@ fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Job>, last_served: i
             // hears that it is gone.
             Ok(outcomes) if super::removed_content(outcomes, true) => {
                 if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
-                    tracing::warn!(database, "could not truncate the write-ahead log after a deletion: {e}");
+                    tracing::warn!(
+                        database,
+                        "could not truncate the write-ahead log after a deletion: {e}"
+                    );
                 }
             }
             Ok(_) => {}
