@@ -137,7 +137,8 @@ pub fn spawn_service(mut cmd: Command) -> (Child, String) {
     (child, url)
 }
 
-fn start_with(config: &Path) -> Service {
+/// `rlhf-bot --config CONFIG serve` with the test credentials set.
+fn serve_command(config: &Path) -> Command {
     let mut cmd = bin();
     cmd.env("SERVICE_READ", READ)
         .env("SERVICE_WRITE", WRITE)
@@ -145,7 +146,11 @@ fn start_with(config: &Path) -> Service {
         .arg("--config")
         .arg(config)
         .arg("serve");
-    let (child, url) = spawn_service(cmd);
+    cmd
+}
+
+fn start_with(config: &Path) -> Service {
+    let (child, url) = spawn_service(serve_command(config));
     Service {
         child,
         url,
@@ -647,15 +652,7 @@ fn serve_never_shows_the_database_password() {
         format!("postgresql://rlhf:pw-never-shown-42@127.0.0.1:{port}/feedback?sslmode=bogus"),
     ] {
         let config = ws.write_config(&text.replace(&sqlite, &url));
-        let o = bin()
-            .env("SERVICE_READ", READ)
-            .env("SERVICE_WRITE", WRITE)
-            .env("SERVICE_WIDGET", WIDGET)
-            .arg("--config")
-            .arg(&config)
-            .arg("serve")
-            .output()
-            .unwrap();
+        let o = serve_command(&config).output().unwrap();
         assert!(!o.status.success());
         let err = stderr(&o);
         assert!(!err.contains("pw-never-shown"), "{err}");
@@ -680,18 +677,14 @@ fn postgres_password_from_the_environment() {
             "  database_password_env: SERVICE_DB_PASSWORD\n  read_token_env:",
         ),
     );
-    let serve = |password: &str| {
-        let mut cmd = bin();
-        cmd.env("SERVICE_READ", READ)
-            .env("SERVICE_WRITE", WRITE)
-            .env("SERVICE_WIDGET", WIDGET)
-            .env("SERVICE_DB_PASSWORD", password)
-            .arg("--config")
-            .arg(&config)
-            .arg("serve");
+    let serve = |config: &Path, password: &str| {
+        let mut cmd = serve_command(config);
+        cmd.env("SERVICE_DB_PASSWORD", password);
         cmd
     };
-    let o = serve("wrong-password-never-shown").output().unwrap();
+    let o = serve(&config, "wrong-password-never-shown")
+        .output()
+        .unwrap();
     assert!(!o.status.success());
     let err = stderr(&o);
     assert!(err.contains("password authentication failed"), "{err}");
@@ -706,20 +699,13 @@ fn postgres_password_from_the_environment() {
         plain.replace(&bare, &format!("{bare}?sslmode=require")),
     )
     .unwrap();
-    let o = bin()
-        .env("SERVICE_READ", READ)
-        .env("SERVICE_WRITE", WRITE)
-        .env("SERVICE_WIDGET", WIDGET)
-        .env("SERVICE_DB_PASSWORD", crate::postgres_server::PASSWORD)
-        .arg("--config")
-        .arg(&tls_config)
-        .arg("serve")
+    let o = serve(&tls_config, crate::postgres_server::PASSWORD)
         .output()
         .unwrap();
     assert!(!o.status.success());
     assert!(stderr(&o).contains("TLS"), "{}", stderr(&o));
 
-    let (child, url) = spawn_service(serve(crate::postgres_server::PASSWORD));
+    let (child, url) = spawn_service(serve(&config, crate::postgres_server::PASSWORD));
     let svc = Service { child, url, config };
     let ready = client().get(format!("{}/readyz", svc.url)).send().unwrap();
     assert_eq!(ready.status(), 200);

@@ -168,6 +168,16 @@ pub trait FeedbackDb: Send + Sync + 'static {
     fn ping(&self) -> BoxFuture<'_, Result<()>>;
 }
 
+/// A page's bounds with their defaults: (from time, after time, after id) — every row when
+/// neither is given.
+pub(crate) fn page_bounds(
+    since_us: Option<i64>,
+    after: Option<(i64, String)>,
+) -> (i64, i64, String) {
+    let (after_us, after_id) = after.unwrap_or((i64::MIN, String::new()));
+    (since_us.unwrap_or(i64::MIN), after_us, after_id)
+}
+
 /// One request waiting for the writer, with where to send its outcomes.
 pub(crate) struct Job {
     pub ops: Vec<WriteOp>,

@@ -249,8 +249,7 @@ impl FeedbackDb for PostgresDb {
         limit: usize,
     ) -> BoxFuture<'_, Result<Vec<FeedRow>>> {
         Box::pin(self.read(async move |client| {
-            let since = since_us.unwrap_or(i64::MIN);
-            let (after_us, after_id) = after.unwrap_or((i64::MIN, String::new()));
+            let (since, after_us, after_id) = super::page_bounds(since_us, after);
             let limit = i64::try_from(limit)?;
             let rows = client
                 .query(

@@ -170,8 +170,7 @@ impl FeedbackDb for SqliteDb {
         limit: usize,
     ) -> BoxFuture<'_, Result<Vec<FeedRow>>> {
         Box::pin(self.read(move |conn| {
-            let since = since_us.unwrap_or(i64::MIN);
-            let (after_us, after_id) = after.unwrap_or((i64::MIN, String::new()));
+            let (since, after_us, after_id) = super::page_bounds(since_us, after);
             let mut stmt = conn.prepare_cached(
                 "SELECT served_us, id, body FROM feedback
                  WHERE served_us >= ?1 AND (served_us > ?2 OR (served_us = ?2 AND id > ?3))
