@@ -107,6 +107,8 @@ impl PgServer {
             "\nlisten_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = ''\nmax_connections = 300\nfsync = off\n"
         );
         append(&data.join("postgresql.conf"), &settings);
+        // Never waited for: it outlives this process by design (it acts when we are gone).
+        #[allow(clippy::zombie_processes)]
         let guard = Command::new("sh")
             .args([
                 "-c",
