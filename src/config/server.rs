@@ -229,3 +229,31 @@ fn normalise_origin(text: &str) -> Result<String, String> {
     }
     Ok(url.origin().ascii_serialization())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::PostgresUrl;
+
+    #[test]
+    fn a_postgres_url_never_shows_its_password() {
+        let url = PostgresUrl::parse("postgres://rlhf:hunter2-secret@db:5432/feedback").unwrap();
+        assert_eq!(url.redacted(), "postgres://rlhf:***@db:5432/feedback");
+        assert_eq!(format!("{url} {url:?}").matches("hunter2").count(), 0);
+        assert_eq!(
+            serde_json::to_string(&url).unwrap(),
+            "\"postgres://rlhf:***@db:5432/feedback\""
+        );
+        let in_query =
+            PostgresUrl::parse("postgres://db/feedback?password=hunter2-secret").unwrap();
+        assert!(
+            !in_query.redacted().contains("hunter2"),
+            "{}",
+            in_query.redacted()
+        );
+        let refused =
+            PostgresUrl::parse("postgres://rlhf:hunter2-secret@db/feedback?sslmode=maybe")
+                .unwrap_err();
+        assert!(!refused.contains("hunter2"), "{refused}");
+        assert!(refused.contains("rlhf:***@db"), "{refused}");
+    }
+}

@@ -82,17 +82,22 @@ fn cross_field_errors_point_at_the_key() {
     );
 }
 
+/// `config check --format json` with the feedback token's variable set to `s3cr3t-value`.
+fn check_json(cfg: &std::path::Path) -> std::process::Output {
+    crate::common::bin()
+        .env("TEST_FEEDBACK_TOKEN", "s3cr3t-value")
+        .arg("--config")
+        .arg(cfg)
+        .args(["--format", "json", "config", "check"])
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn secrets_are_named_never_printed() {
     let ws = Workspace::new();
     let cfg = ws.http_config("http://127.0.0.1:9", "");
-    let out = crate::common::bin()
-        .env("TEST_FEEDBACK_TOKEN", "s3cr3t-value")
-        .arg("--config")
-        .arg(&cfg)
-        .args(["--format", "json", "config", "check"])
-        .output()
-        .unwrap();
+    let out = check_json(&cfg);
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
     assert!(
@@ -143,13 +148,7 @@ fn database_urls_are_printed_without_their_password() {
     let cfg = ws.write_config(&format!(
         "{text}server:\n  database: postgresql://rlhf:pw-in-the-url-77@db.internal:5432/feedback?sslmode=require\n"
     ));
-    let out = crate::common::bin()
-        .env("TEST_FEEDBACK_TOKEN", "s3cr3t-value")
-        .arg("--config")
-        .arg(&cfg)
-        .args(["--format", "json", "config", "check"])
-        .output()
-        .unwrap();
+    let out = check_json(&cfg);
     assert!(out.status.success(), "{}", stderr(&out));
     let printed = stdout(&out);
     assert!(!printed.contains("pw-in-the-url-77"), "{printed}");

@@ -357,3 +357,54 @@ pub(crate) fn tombstone_body(id: &str, served_us: i64) -> Result<String> {
     let at = DateTime::from_timestamp_micros(served_us).context("server time out of range")?;
     Ok(serde_json::json!({"id": id, "updated_at": format_time(at), "deleted": true}).to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn version(client_us: i64, deleted: bool, content: &str) -> StoredVersion {
+        StoredVersion {
+            client_us,
+            deleted,
+            body: served_body(content, 1_000).unwrap(),
+        }
+    }
+
+    #[test]
+    fn an_upsert_is_decided_by_the_client_time_then_the_content() {
+        let stored = version(10, false, r#"{"id":"a","thumb":"up"}"#);
+        let same = r#"{"id":"a","thumb":"up"}"#;
+        let other = r#"{"id":"a","thumb":"down"}"#;
+        assert_eq!(plan_upsert(None, 10, same), Ok(Outcome::Created));
+        assert_eq!(plan_upsert(Some(&stored), 9, same), Err(Outcome::Stale));
+        assert_eq!(
+            plan_upsert(Some(&stored), 10, same),
+            Err(Outcome::Unchanged)
+        );
+        assert_eq!(
+            plan_upsert(Some(&stored), 10, other),
+            Err(Outcome::Conflict)
+        );
+        assert_eq!(plan_upsert(Some(&stored), 11, other), Ok(Outcome::Updated));
+        let buried = version(10, true, r#"{"id":"a"}"#);
+        assert_eq!(plan_upsert(Some(&buried), 10, same), Err(Outcome::Stale));
+        assert_eq!(plan_upsert(Some(&buried), 11, same), Ok(Outcome::Updated));
+    }
+
+    #[test]
+    fn a_delete_keeps_a_tombstone_even_for_an_unknown_id() {
+        let stored = version(10, false, r#"{"id":"a"}"#);
+        assert_eq!(plan_delete(None, 10), Ok(Outcome::NotFound));
+        assert_eq!(plan_delete(Some(&stored), 9), Err(Outcome::Stale));
+        assert_eq!(plan_delete(Some(&stored), 10), Ok(Outcome::Deleted));
+        let buried = version(10, true, r#"{"id":"a"}"#);
+        assert_eq!(plan_delete(Some(&buried), 11), Err(Outcome::Unchanged));
+    }
+
+    #[test]
+    fn served_times_strictly_increase_even_when_the_clock_does_not() {
+        let mut clock = ServedClock { last: i64::MAX / 2 };
+        let first = clock.next();
+        assert!(clock.next() > first);
+    }
+}
