@@ -713,6 +713,49 @@ fn postgres_password_from_the_environment() {
     assert_eq!(post(&svc, WRITE, &r).1["outcome"], "created");
 }
 
+/// When its PostgreSQL database goes away, `/readyz` and writes answer 503 (nothing stored,
+/// retry), and the service keeps running.
+#[test]
+fn readiness_follows_the_postgres_database() {
+    let Some(Backend::Postgres(url)) = Backend::postgres() else {
+        return;
+    };
+    let ws = Workspace::new();
+    let svc = start(&ws, &Backend::Postgres(url.clone()));
+    let ready = || {
+        client()
+            .get(format!("{}/readyz", svc.url))
+            .send()
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(ready(), 200);
+    let (database, maintenance) = url
+        .rsplit_once('/')
+        .map(|(base, name)| (name.to_string(), format!("{base}/postgres")))
+        .unwrap();
+    postgres_server().unwrap().query(
+        &maintenance,
+        &format!("DROP DATABASE {database} WITH (FORCE)"),
+    );
+    assert_eq!(ready(), 503);
+    let (status, body) = post(
+        &svc,
+        WRITE,
+        &record("fb-1", "thumb", "2026-12-01T10:00:00Z"),
+    );
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(
+        client()
+            .get(format!("{}/healthz", svc.url))
+            .send()
+            .unwrap()
+            .status(),
+        200
+    );
+}
+
 fn health_readiness_metrics_and_kpis(backend: &Backend) {
     let ws = Workspace::new();
     let svc = start(&ws, backend);
