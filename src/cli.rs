@@ -92,6 +92,16 @@ pub enum Command {
     /// Run the feedback service: the feedback API (what `pull` reads, what a chat app writes),
     /// its database, health and metrics endpoints (docs/feedback-service.md).
     Serve(ServeArgs),
+    /// Write the training dashboard as a static site (GitHub Pages): model versions, KPI
+    /// trends, training curves, what is deployed (docs/dashboard.md). `serve` shows it live.
+    Dashboard(DashboardArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DashboardArgs {
+    /// Directory to write `index.html` (and `data.json`) to; created if missing.
+    #[arg(long)]
+    pub out: std::path::PathBuf,
 }
 
 /// Which kinds `deploy` handles.

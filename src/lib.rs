@@ -4,8 +4,10 @@
 
 pub mod app;
 pub mod artifacts;
+pub mod atomic_file;
 pub mod cli;
 pub mod config;
+pub mod dashboard;
 pub mod dataset;
 pub mod decision;
 pub mod deploy;

@@ -4,6 +4,7 @@
 
 pub mod baseline;
 mod check;
+mod dashboard;
 pub mod deploy;
 pub mod export_model;
 pub mod generate;
@@ -444,6 +445,11 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Serve(args) => {
             let settings = load_settings(&cli.config)?;
             serve::serve_cmd(settings, &args).await
+        }
+        Command::Dashboard(args) => {
+            let settings = load_settings(&cli.config)?;
+            let summary = dashboard::dashboard_cmd(&settings, &args).await?;
+            output::json_or_text(format, &summary, &summary.to_string())
         }
         Command::Export { out } => {
             let settings = load_settings(&cli.config)?;

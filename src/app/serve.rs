@@ -4,13 +4,17 @@
 
 use std::io::Write as _;
 
+use std::sync::Arc;
+
 use anyhow::Result;
 
 use crate::cli::ServeArgs;
 use crate::config::Settings;
+use crate::forge::github::SecretToken;
+use crate::server::dashboard::{DashboardSource, DeployedReader};
 
 pub async fn serve_cmd(settings: Settings, args: &ServeArgs) -> Result<()> {
-    let mut server = settings.server;
+    let mut server = settings.server.clone();
     if let Some(listen) = args.listen {
         server.listen = listen;
     }
@@ -31,7 +35,8 @@ pub async fn serve_cmd(settings: Settings, args: &ServeArgs) -> Result<()> {
             .map(|(_, value)| value.clone())
             .or_else(|| std::env::var(name).ok())
     };
-    let state = crate::server::build_state(server, &env, demo_key).await?;
+    let dashboard = dashboard_source(&settings, &env)?;
+    let state = crate::server::build_state(server, &env, demo_key, Some(dashboard)).await?;
     crate::server::serve(
         state,
         |addr| {
@@ -56,6 +61,44 @@ pub async fn serve_cmd(settings: Settings, args: &ServeArgs) -> Result<()> {
         shutdown_signal(),
     )
     .await
+}
+
+/// What the live dashboard reads: the same registry, reports and run logs as the bot, and
+/// what is deployed from the artifact store.
+fn dashboard_source(
+    settings: &Settings,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<DashboardSource> {
+    let d = &settings.dashboard;
+    let dispatch_token = match &d.dispatch_token_env {
+        Some(var) => match env(var).filter(|v| !v.trim().is_empty()) {
+            Some(value) => Some(
+                SecretToken::new(value)
+                    .map_err(|e| anyhow::anyhow!("dashboard.dispatch_token_env ({var}): {e}"))?,
+            ),
+            None => {
+                tracing::warn!(
+                    "{var} (dashboard.dispatch_token_env) is unset: the dashboard links to the workflow page instead of dispatching"
+                );
+                None
+            }
+        },
+        None => None,
+    };
+    let for_reader = Arc::new(settings.clone());
+    let deployed: DeployedReader = Arc::new(move || {
+        let settings = Arc::clone(&for_reader);
+        Box::pin(async move { crate::app::deploy::live_best_effort(&settings).await })
+    });
+    Ok(DashboardSource {
+        registry_file: settings.registry.path.clone(),
+        reports_dir: settings.report.dir.clone(),
+        store_dir: settings.store.dir.clone(),
+        settings: d.clone(),
+        repository: d.repository(|k| env(k)),
+        dispatch_token,
+        deployed,
+    })
 }
 
 /// 32 random bytes as hex, from the thread's OS-seeded generator.

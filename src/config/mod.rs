@@ -4,6 +4,7 @@
 //! `configs/rlhf.yaml:12:5: thresholds.min_new_feedback: expected a positive integer, got -3`.
 //! Secrets never live in the file: it names the environment variables that hold them.
 
+pub mod dashboard;
 pub mod deploy;
 pub mod fields;
 pub mod locate;

@@ -35,6 +35,9 @@ pub struct RawConfig {
     /// The feedback service (`rlhf-bot serve`); docs/feedback-service.md.
     #[serde(default)]
     pub server: RawServer,
+    /// The training dashboard (`rlhf-bot dashboard`, `GET /dashboard`); docs/dashboard.md.
+    #[serde(default)]
+    pub dashboard: RawDashboard,
 }
 
 /// `server:`: where the feedback service listens, its database and its credentials.
@@ -338,4 +341,24 @@ pub struct RawDispatch {
     /// Name of the environment variable holding a token that may dispatch to `repo`.
     pub token_env: Option<String>,
     pub api_url: Option<String>,
+}
+
+/// `dashboard:`: where "Retrain now" points, and who may open the live dashboard.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDashboard {
+    /// `owner/name` (default: `publish.github.repo`, else `$GITHUB_REPOSITORY`).
+    pub repo: Option<String>,
+    /// The workflow file name under `.github/workflows/` (default `rlhf.yml`).
+    pub workflow: Option<String>,
+    /// The branch a dispatched run uses (default: `publish.github.base_branch`, else `main`).
+    pub branch: Option<String>,
+    /// REST API root (default: `publish.github.api_url`, else `https://api.github.com`).
+    pub api_url: Option<String>,
+    /// The variable holding a token that may dispatch the workflow (live button instead of link).
+    pub dispatch_token_env: Option<String>,
+    /// Serve `/dashboard` without the read token.
+    pub public: Option<bool>,
+    /// Days of KPIs shown (default 90).
+    pub kpi_days: Option<super::values::PositiveInt>,
 }

@@ -39,6 +39,7 @@ pub struct Settings {
     pub policy: super::policy::PolicySettings,
     pub deploy: super::deploy::DeploySettings,
     pub server: super::server::ServerSettings,
+    pub dashboard: super::dashboard::DashboardSettings,
     /// sha256 of the config text: lineage for the registry and reports.
     pub config_sha256: String,
 }
@@ -333,6 +334,7 @@ pub fn validate(raw: RawConfig, text: &str) -> Result<Settings, Invalid> {
         publish.github.as_ref().map(|g| g.api_url.as_str()),
     )?;
     let server = super::server::validate_server(raw.server)?;
+    let dashboard = super::dashboard::validate_dashboard(raw.dashboard, publish.github.as_ref())?;
     let store_dir = PathBuf::from(raw.store.dir.unwrap_or_else(|| DEFAULT_STORE_DIR.into()));
     let artifacts = match raw.registry.artifacts.as_deref() {
         None => ArtifactLocation::Dir(PathBuf::from(DEFAULT_ARTIFACTS_DIR)),
@@ -362,6 +364,7 @@ pub fn validate(raw: RawConfig, text: &str) -> Result<Settings, Invalid> {
         policy,
         deploy,
         server,
+        dashboard,
         feedback: FeedbackSettings {
             source,
             page_size: page_size as u32,

@@ -10,6 +10,7 @@
 //!
 //! Reading such files back (and HH-RLHF) is `dataset::io`'s job.
 
+use crate::atomic_file::write_atomically;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -124,14 +125,6 @@ pub fn export_with(
     stats.push(b'\n');
     write_atomically(&dir.join("stats.json"), &stats)?;
     Ok(summary)
-}
-
-/// Writes beside the target and renames, so a reader never sees half a file.
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
 }
 
 #[derive(Default)]

@@ -173,6 +173,11 @@ fn micros(t: DateTime<Utc>) -> i64 {
     t.timestamp_micros()
 }
 
+/// Whether `dir` holds a store already (opening one creates it).
+pub fn exists(dir: &Path) -> bool {
+    dir.join(DB_FILE).is_file()
+}
+
 impl Store {
     /// Opens (creating if needed) the store in `dir`. A missing store is a normal first run.
     pub fn open(dir: &Path) -> Result<Self> {
@@ -420,18 +425,45 @@ impl Store {
         from: Option<DateTime<Utc>>,
         to: Option<DateTime<Utc>>,
     ) -> Result<Vec<VersionCounts>> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT model_version, count(*), count(thumb), coalesce(sum(thumb), 0),
-                    count(rating), coalesce(sum(rating), 0), coalesce(sum(rating * rating), 0)
+        let rows = self.counts_by(from, to, false)?;
+        Ok(rows.into_iter().map(|(_, counts)| counts).collect())
+    }
+
+    /// The same counts per model version and UTC day (the day's start in µs since the epoch),
+    /// for the dashboard's KPI trends.
+    pub fn daily_version_counts(
+        &self,
+        from: Option<DateTime<Utc>>,
+        to: Option<DateTime<Utc>>,
+    ) -> Result<Vec<(i64, VersionCounts)>> {
+        self.counts_by(from, to, true)
+    }
+
+    fn counts_by(
+        &self,
+        from: Option<DateTime<Utc>>,
+        to: Option<DateTime<Utc>>,
+        daily: bool,
+    ) -> Result<Vec<(i64, VersionCounts)>> {
+        const DAY_US: i64 = 86_400_000_000;
+        let bucket = if daily {
+            format!("(created_us / {DAY_US}) * {DAY_US}")
+        } else {
+            "0".to_string()
+        };
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {bucket} AS bucket, model_version, count(*), count(thumb),
+                    coalesce(sum(thumb), 0), count(rating), coalesce(sum(rating), 0),
+                    coalesce(sum(rating * rating), 0)
              FROM records WHERE created_us >= ?1 AND created_us < ?2
-             GROUP BY model_version ORDER BY model_version",
-        )?;
+             GROUP BY model_version, bucket ORDER BY model_version, bucket"
+        ))?;
         let rows = stmt.query_map(
             [
                 from.map(micros).unwrap_or(i64::MIN),
                 to.map(micros).unwrap_or(i64::MAX),
             ],
-            |r| VersionCounts::from_row(r, 0),
+            |r| Ok((r.get::<_, i64>(0)?, VersionCounts::from_row(r, 1)?)),
         )?;
         Ok(rows.collect::<Result<_, _>>()?)
     }

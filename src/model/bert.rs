@@ -750,6 +750,16 @@ impl BertRewardModel {
         head.validate()?;
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+        Self::build(cfg, head, vb, varmap)
+    }
+
+    /// The same model over the weights `vb` gives (`varmap` is what [`Self::varmap`] returns).
+    fn build(
+        cfg: &BertConfig,
+        head: RewardHeadConfig,
+        vb: VarBuilder,
+        varmap: VarMap,
+    ) -> anyhow::Result<Self> {
         let encoder = BertModel::new(cfg, vb.clone())?;
         let score = Dense::new(cfg.hidden_size, 1, vb.pp("score"))?;
         let aspect_heads = head
@@ -894,6 +904,16 @@ impl BertRewardModel {
         Ok(model)
     }
 
+    /// A twin of this model over detached views of its weights (the same storage, no copy):
+    /// training updates the weights in place, so the twin scores with the current values, and
+    /// no op on it records an autograd graph. For evaluation and scoring.
+    pub fn detached_twin(&self) -> anyhow::Result<Self> {
+        let vb = crate::model::checkpoint_io::detached_view(&self.varmap);
+        let mut twin = Self::build(self.config(), self.head.clone(), vb, self.varmap.clone())?;
+        twin.encoder.set_kernels(self.encoder.kernels());
+        Ok(twin)
+    }
+
     /// Head variables (`score.*`, `aspect_heads.*`, `step_head.*`) that the checkpoint did not
     /// hold, so [`BertRewardModel::load`] initialised them; a trainer re-draws them from its seed.
     pub fn fresh_heads(&self) -> &[String] {
@@ -917,7 +937,7 @@ impl BertRewardModel {
             .entry("model_type")
             .or_insert_with(|| serde_json::json!("bert"));
         let text = serde_json::to_string_pretty(&cfg)?;
-        write_atomic(&dir.join("config.json"), text.as_bytes())?;
+        crate::atomic_file::write_atomically(&dir.join("config.json"), text.as_bytes())?;
         let tmp = dir.join("model.safetensors.part");
         self.varmap
             .save(&tmp)
@@ -925,7 +945,7 @@ impl BertRewardModel {
         std::fs::rename(&tmp, dir.join("model.safetensors"))
             .with_context(|| format!("renaming {} into place", tmp.display()))?;
         if let Some(tok) = &self.tokenizer {
-            write_atomic(&dir.join("tokenizer.json"), tok.json.as_bytes())?;
+            crate::atomic_file::write_atomically(&dir.join("tokenizer.json"), tok.json.as_bytes())?;
         }
         Ok(())
     }
@@ -1022,10 +1042,4 @@ fn normal_sample(rng: &mut impl Rng) -> f32 {
     let u1: f64 = rng.random_range(f64::EPSILON..1.0);
     let u2: f64 = rng.random();
     ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let tmp = path.with_extension("part");
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} into place", tmp.display()))
 }

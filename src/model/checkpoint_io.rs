@@ -141,6 +141,26 @@ pub fn load_into_varmap(
 
 /// Writes the variables of `varmap` to one safetensors file, names sorted, with the
 /// `{"format": "pt"}` metadata transformers checks for.
+/// A [`candle_nn::VarBuilder`] over detached views of every weight of `varmap`: the same storage
+/// (no copy), so a model built from it sees every in-place update of the variables, but no op
+/// on it records an autograd graph. What a no-graph twin of a trained model (evaluation,
+/// scoring) is built from.
+pub fn detached_view(varmap: &VarMap) -> candle_nn::VarBuilder<'static> {
+    let data = match varmap.data().lock() {
+        Ok(d) => d,
+        Err(poisoned) => poisoned.into_inner(),
+    };
+    let device = data
+        .values()
+        .next()
+        .map_or(Device::Cpu, |v| v.as_tensor().device().clone());
+    let weights: HashMap<String, Tensor> = data
+        .iter()
+        .map(|(name, var)| (name.clone(), var.as_tensor().detach()))
+        .collect();
+    candle_nn::VarBuilder::from_tensors(weights, DType::F32, &device)
+}
+
 pub fn save_varmap(varmap: &VarMap, path: &Path) -> anyhow::Result<()> {
     let tensors: BTreeMap<String, Tensor> = {
         let data = varmap

@@ -28,7 +28,7 @@ pub struct PlotError {
 }
 
 /// Thins `points` to at most `max` by even stride, keeping the last point.
-fn thin(points: &[(f64, f64)], max: usize) -> Vec<(f64, f64)> {
+pub(crate) fn thin(points: &[(f64, f64)], max: usize) -> Vec<(f64, f64)> {
     if points.len() <= max || max < 2 {
         return points.to_vec();
     }

@@ -1,8 +1,8 @@
 //! The contract between training and reporting: what a training run leaves in its output
 //! directory, as plain serde structs.
 //!
-//! Trainers write `metrics.json` (one summary object) and `log.jsonl` (one JSON object per logged
-//! step); the report, the registry entry and the decision read them back. Keeping this contract in
+//! Trainers write `metrics.json` (one summary object) and `log.jsonl` (one JSON object per
+//! optimiser step, plus one per evaluation, flushed as written); the report, the registry entry and the decision read them back. Keeping this contract in
 //! one module, with public fields and constructors, lets the training and reporting code evolve
 //! apart without guessing each other's key names. Log lines keep TRL's metric names so a reviewer
 //! who knows TRL reads our plots without a legend. Readers tolerate unknown keys, so a trainer can

@@ -8,11 +8,13 @@
 //! - [`auth`]: read token, write key and widget keys, compared as digests;
 //! - [`cors`], [`rate_limit`]: what the public widget key is allowed;
 //! - [`metrics`], [`error`]: `/metrics` and the JSON error shape;
-//! - [`demo`]: the embedded widget (`/widget.js`) and the demo page (`/demo`).
+//! - [`demo`]: the embedded widget (`/widget.js`) and the demo page (`/demo`);
+//! - [`dashboard`]: the live training dashboard (`/dashboard`, "Retrain now").
 
 pub mod api;
 pub mod auth;
 pub mod cors;
+pub mod dashboard;
 pub mod db;
 pub mod demo;
 pub mod error;
@@ -30,7 +32,7 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get};
+use axum::routing::{delete, get, post};
 
 use crate::config::server::ServerSettings;
 use auth::Credentials;
@@ -48,6 +50,8 @@ pub struct AppState {
     pub rate_limit: RateLimiter,
     /// The widget key the demo page embeds (`serve --demo`); `None`: `/demo` is off.
     pub demo_widget_key: Option<String>,
+    /// What `/dashboard` reads; `None`: no dashboard.
+    pub dashboard: Option<dashboard::DashboardSource>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -81,6 +85,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/kpis", get(api::kpis))
         .route("/widget.js", get(demo::widget_js))
         .route("/demo", get(demo::demo_page))
+        .route("/dashboard", get(dashboard::dashboard_page))
+        .route("/dashboard/retrain", post(dashboard::retrain))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
@@ -134,6 +140,7 @@ pub async fn build_state(
     settings: ServerSettings,
     env: &dyn Fn(&str) -> Option<String>,
     demo_widget_key: Option<String>,
+    dashboard: Option<dashboard::DashboardSource>,
 ) -> Result<Arc<AppState>> {
     let mut credentials = Credentials::from_env(&settings, env)?;
     if let Some(key) = &demo_widget_key {
@@ -147,6 +154,7 @@ pub async fn build_state(
         db,
         metrics: Metrics::default(),
         demo_widget_key,
+        dashboard,
     }))
 }
 

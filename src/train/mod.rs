@@ -1,8 +1,9 @@
-//! Training: losses as pure tensor functions (`losses`), the engine every policy objective runs
-//! on (`engine`: data order, accumulation, clipping, checkpoint/resume, guards, metrics log), the
-//! objectives (`dpo_trainer`, `kto_trainer`, `ppo_trainer`), the reward-model loop
-//! (`reward_trainer`), and what they share: our own AdamW with savable state (`optim`),
-//! learning-rate schedules (`schedule`), atomic checkpoints (`checkpoint`) and guards (`guard`).
+//! Training: losses as pure tensor functions (`losses`), the engine every objective runs on
+//! (`engine`: data order, accumulation, clipping, checkpoint/resume, guards, the per-step metrics
+//! log, evaluation and early stopping, progress), the objectives (`reward_trainer`,
+//! `dpo_trainer`, `kto_trainer`, `ppo_trainer`), and what they share: our own AdamW with savable
+//! state (`optim`), learning-rate schedules (`schedule`), atomic checkpoints (`checkpoint`) and
+//! guards (`guard`).
 
 pub mod batching;
 pub mod checkpoint;

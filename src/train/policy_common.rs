@@ -23,7 +23,7 @@ use crate::model::tokenizer::Tokenizer;
 use crate::run::outputs::PolicyAlgo;
 // The engine and the guards own these; re-exported for the policy trainers' callers.
 pub use crate::train::engine::order::epoch_order;
-use crate::train::engine::{DataOrder, EngineConfig};
+use crate::train::engine::{DataOrder, EngineConfig, RunControl};
 pub use crate::train::engine::{RunLog, optimiser_step};
 pub use crate::train::guard::{RailError, check_finite, check_kl};
 use crate::train::optim::AdamWConfig;
@@ -284,6 +284,7 @@ impl PolicyTrainOptions {
             max_grad_norm: self.max_grad_norm,
             checkpoint_every: self.checkpoint_every,
             kl_ceiling: Some(self.kl_ceiling),
+            control: RunControl::default(),
         }
     }
 }

@@ -1,7 +1,11 @@
-//! Adapters from the concrete reward models to the loop's [`RewardBackbone`], plus the small
-//! llama reward model trained from scratch when no `--model` is given. Both backbones can carry
-//! extra heads ([`ExtraHeads`]: per-aspect heads `aspect_heads.<name>.*` and a per-token
+//! Adapters from the concrete reward models to the reward objective's [`RewardBackbone`], plus
+//! the small llama reward model trained from scratch when no `--model` is given. Both backbones
+//! can carry extra heads ([`ExtraHeads`]: per-aspect heads `aspect_heads.<name>.*` and a per-token
 //! `step_head.*`); loading adds the heads a run needs, initialised, when the checkpoint lacks them.
+//!
+//! Evaluation scores through a twin of each model built over detached views of the same weight
+//! storage (`checkpoint_io::detached_view`): the optimiser updates the weights in place, so the
+//! twin always sees the current values, and no op on it records a graph.
 //!
 //! The decoder reads its score at the last real token and wants no special tokens (TRL's reward
 //! batches carry the plain text tokens); the default model's weights are drawn from a seeded
@@ -9,6 +13,7 @@
 //! weights" must hold from the first step.
 
 use std::path::Path;
+use std::sync::OnceLock;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -19,6 +24,7 @@ use rand_chacha::ChaCha8Rng;
 use super::batching::{SequenceLayout, TokenBatch};
 use super::reward_trainer::{RewardBackbone, RewardForward};
 use crate::model::bert::{BertRewardModel, EncodedBatch};
+use crate::model::checkpoint_io;
 use crate::model::llama::{
     Architecture, ExtraHeads, LlamaConfig, LlamaForSequenceClassification, save_pretrained,
 };
@@ -34,6 +40,8 @@ pub struct LlamaReward {
     pub varmap: VarMap,
     pub config: LlamaConfig,
     layout: SequenceLayout,
+    /// The same model over detached weights, built on first use ([`RewardBackbone::score`]).
+    scorer: OnceLock<LlamaForSequenceClassification>,
 }
 
 impl LlamaReward {
@@ -101,7 +109,17 @@ impl LlamaReward {
                 pad_id,
                 ..SequenceLayout::default()
             },
+            scorer: OnceLock::new(),
         }
+    }
+
+    fn scorer(&self) -> candle_core::Result<&LlamaForSequenceClassification> {
+        if let Some(m) = self.scorer.get() {
+            return Ok(m);
+        }
+        let vb = checkpoint_io::detached_view(&self.varmap);
+        let twin = LlamaForSequenceClassification::new(&self.config, vb)?;
+        Ok(self.scorer.get_or_init(|| twin))
     }
 }
 
@@ -122,16 +140,26 @@ pub fn default_llama_config(tok: &Tokenizer) -> LlamaConfig {
     cfg
 }
 
-impl RewardBackbone for LlamaReward {
-    fn forward(&self, batch: &TokenBatch) -> candle_core::Result<RewardForward> {
-        let out = self
-            .model
-            .forward(&batch.input_ids, Some(&batch.attention_mask))?;
+impl LlamaReward {
+    fn forward_with(
+        model: &LlamaForSequenceClassification,
+        batch: &TokenBatch,
+    ) -> candle_core::Result<RewardForward> {
+        let out = model.forward(&batch.input_ids, Some(&batch.attention_mask))?;
         Ok(RewardForward {
             rewards: out.logits.flatten_all()?,
             aspects: out.aspects,
             step_logits: out.step_logits,
         })
+    }
+}
+
+impl RewardBackbone for LlamaReward {
+    fn forward(&self, batch: &TokenBatch) -> candle_core::Result<RewardForward> {
+        Self::forward_with(&self.model, batch)
+    }
+    fn score(&self, batch: &TokenBatch) -> candle_core::Result<RewardForward> {
+        Self::forward_with(self.scorer()?, batch)
     }
     fn varmap(&self) -> &VarMap {
         &self.varmap
@@ -283,6 +311,8 @@ pub fn length_groups(lengths: &[usize]) -> Vec<Vec<usize>> {
 pub struct BertReward {
     pub model: BertRewardModel,
     layout: SequenceLayout,
+    /// [`BertRewardModel::detached_twin`], built on first use ([`RewardBackbone::score`]).
+    scorer: OnceLock<BertRewardModel>,
 }
 
 impl BertReward {
@@ -321,19 +351,35 @@ impl BertReward {
                 token_types: true,
                 pad_id,
             },
+            scorer: OnceLock::new(),
         })
+    }
+
+    fn scorer(&self) -> candle_core::Result<&BertRewardModel> {
+        if let Some(m) = self.scorer.get() {
+            return Ok(m);
+        }
+        let twin = self
+            .model
+            .detached_twin()
+            .map_err(|e| candle_core::Error::Msg(format!("{e:#}")))?;
+        Ok(self.scorer.get_or_init(|| twin))
     }
 }
 
 impl BertReward {
-    /// Scores rows that all fit in `batch`'s width (one encoder pass).
-    fn forward_padded(&self, batch: &TokenBatch) -> candle_core::Result<RewardForward> {
+    /// Scores rows that all fit in `batch`'s width (one encoder pass) with `model` (the trained
+    /// one or its detached twin).
+    fn forward_padded(
+        model: &BertRewardModel,
+        batch: &TokenBatch,
+    ) -> candle_core::Result<RewardForward> {
         let enc = EncodedBatch {
             input_ids: batch.input_ids.clone(),
             token_type_ids: batch.token_type_ids.clone(),
             attention_mask: batch.attention_mask.to_dtype(DType::F32)?,
         };
-        let out = self.model.forward(&enc, false)?;
+        let out = model.forward(&enc, false)?;
         let aspects = if out.aspects.is_empty() {
             None
         } else {
@@ -359,6 +405,39 @@ impl RewardBackbone for BertReward {
     /// from the left), so this is the same maths as one pass over the whole batch; on HH-RLHF at
     /// max length 256 a 16-pair batch is ~45% padding when padded to its longest row.
     fn forward(&self, batch: &TokenBatch) -> candle_core::Result<RewardForward> {
+        Self::forward_grouped(&self.model, batch)
+    }
+    fn score(&self, batch: &TokenBatch) -> candle_core::Result<RewardForward> {
+        Self::forward_grouped(self.scorer()?, batch)
+    }
+    fn varmap(&self) -> &VarMap {
+        self.model.varmap()
+    }
+    fn layout(&self) -> &SequenceLayout {
+        &self.layout
+    }
+    fn save_pretrained(&self, dir: &Path) -> Result<()> {
+        self.model.save(dir)
+    }
+    fn kind(&self) -> &'static str {
+        "bert"
+    }
+    fn aspect_names(&self) -> Vec<String> {
+        // The model keeps its aspect heads in a name-ordered map: forward's columns are sorted.
+        let mut names = self.model.head_config().aspects.clone();
+        names.sort();
+        names
+    }
+    fn has_step_head(&self) -> bool {
+        self.model.head_config().step_head
+    }
+}
+
+impl BertReward {
+    fn forward_grouped(
+        model: &BertRewardModel,
+        batch: &TokenBatch,
+    ) -> candle_core::Result<RewardForward> {
         let lengths: Vec<usize> = batch
             .attention_mask
             .to_dtype(DType::U32)?
@@ -369,7 +448,7 @@ impl RewardBackbone for BertReward {
             .collect();
         let groups = length_groups(&lengths);
         if groups.len() <= 1 {
-            return self.forward_padded(batch);
+            return Self::forward_padded(model, batch);
         }
         let width = batch.input_ids.dim(1)?;
         let device = batch.input_ids.device();
@@ -384,7 +463,7 @@ impl RewardBackbone for BertReward {
                 token_type_ids: pick(&batch.token_type_ids)?,
                 tokens: 0,
             };
-            let mut out = self.forward_padded(&sub)?;
+            let mut out = Self::forward_padded(model, &sub)?;
             // Step logits are per token: back to the batch's width (padding scores 0).
             out.step_logits = out
                 .step_logits
@@ -410,27 +489,6 @@ impl RewardBackbone for BertReward {
             step_logits: gather(|p| p.step_logits.clone())?,
         })
     }
-    fn varmap(&self) -> &VarMap {
-        self.model.varmap()
-    }
-    fn layout(&self) -> &SequenceLayout {
-        &self.layout
-    }
-    fn save_pretrained(&self, dir: &Path) -> Result<()> {
-        self.model.save(dir)
-    }
-    fn kind(&self) -> &'static str {
-        "bert"
-    }
-    fn aspect_names(&self) -> Vec<String> {
-        // The model keeps its aspect heads in a name-ordered map: forward's columns are sorted.
-        let mut names = self.model.head_config().aspects.clone();
-        names.sort();
-        names
-    }
-    fn has_step_head(&self) -> bool {
-        self.model.head_config().step_head
-    }
 }
 
 /// Either backbone, chosen from `config.json`'s `model_type`.
@@ -454,6 +512,9 @@ impl AnyReward {
 impl RewardBackbone for AnyReward {
     fn forward(&self, batch: &TokenBatch) -> candle_core::Result<RewardForward> {
         self.inner().forward(batch)
+    }
+    fn score(&self, batch: &TokenBatch) -> candle_core::Result<RewardForward> {
+        self.inner().score(batch)
     }
     fn varmap(&self) -> &VarMap {
         self.inner().varmap()
@@ -523,6 +584,7 @@ mod tests {
                 token_types: true,
                 pad_id: 0,
             },
+            scorer: OnceLock::new(),
         }
     }
 
@@ -549,7 +611,7 @@ mod tests {
             let out = if grouped {
                 reward.forward(&batch)
             } else {
-                reward.forward_padded(&batch)
+                BertReward::forward_padded(&reward.model, &batch)
             }
             .expect("forward");
             // Step logits count only on real tokens (labels point at real positions).

@@ -1,49 +1,42 @@
-//! The reward-model training loop, independent of the backbone.
+//! The reward objective on the training engine ([`crate::train::engine`]), independent of the
+//! backbone.
 //!
 //! A [`RewardBackbone`] (the llama and BERT reward models implement it) maps a token batch to one
 //! score per row, plus per-aspect scores and per-token step logits when it has those heads. The
-//! loop trains on every kind of feedback at once: each epoch is one seeded shuffle of all
-//! examples (pairs, thumbs, ratings, step labels, aspect ratings); a micro-batch is the next
-//! `batch_size` of them, scored in ONE forward pass, and its loss is the configured weighted sum
-//! of the parts it holds (Bradley–Terry on pairs, BCE on thumbs, MSE or BCE on ratings, BCE per
-//! step through the step head, MSE through the aspect heads; see [`batch_loss`]). Kinds with
-//! weight 0 never enter the shuffle. The loop accumulates gradients over micro-batches, guards
-//! against non-finite values, clips, and steps our AdamW under a warm-up + decay schedule. It
-//! evaluates every N steps (pairwise accuracy, loss and mean margin; pointwise and step accuracy
-//! and per-aspect MAE where the split has them), stops early when pairwise accuracy stalls, and
-//! checkpoints weights, optimiser state, step, RNG and data position atomically, so a resumed run
-//! reaches bit-for-bit the weights of an uninterrupted one (the data order is drawn from one
-//! ChaCha8 stream whose position is saved at each epoch start).
+//! objective trains on every kind of feedback at once: the engine's data order shuffles all
+//! examples (pairs, thumbs, ratings, step labels, aspect ratings) each epoch; a micro-batch is the
+//! next `batch_size` of them, scored in ONE forward pass, and its loss is the configured weighted
+//! sum of the parts it holds (Bradley–Terry on pairs, BCE on thumbs, MSE or BCE on ratings, BCE
+//! per step through the step head, MSE through the aspect heads; see [`batch_loss`]). Kinds with
+//! weight 0 never enter the data order. What every algorithm does the same way — accumulation,
+//! clipping, AdamW under the warm-up + decay schedule, guards, checkpoint and resume, the log, the
+//! evaluation cadence and early stopping — is the engine's; this file owns the loss, the step
+//! metrics (`accuracy`, `margin`, `mean_reward`, `loss/<part>`) and the held-out evaluation
+//! (pairwise accuracy, loss and mean margin; pointwise and step accuracy and per-aspect MAE where
+//! the split has them), which scores through [`RewardBackbone::score`] and builds no graph.
 //!
 //! Nothing here knows about files other than its run directory (`log.jsonl`, `checkpoints/`);
 //! loading models and data and writing the final model belong to `train::reward_run`.
 
-use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
-use rand::SeedableRng;
-use rand::seq::SliceRandom;
-use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::batching::{
     EncodedPair, EncodedPoint, PointTarget, SequenceLayout, TokenBatch, collate_mixed,
     collate_pairs,
 };
-use super::checkpoint::{self, MetricPoint, RngState, TrainState};
-use super::guard;
+use super::engine::{self, DataOrder, EngineConfig, Evaluation, Objective, RunControl, StepReport};
 use super::losses::reward::{
     self as losses, RatingLoss, RewardLossParts, RewardLossWeights, aspect_mse, bce_with_logits,
     bradley_terry, combine,
 };
-use super::optim::{AdamW, AdamWConfig, clip_grad_norm};
-use super::progress::{Progress, StepReport};
+use super::optim::AdamWConfig;
 use super::schedule::{Decay, Schedule};
-use crate::run::outputs::{AspectEval, LogLine, LogWriter, RewardEval, keys};
+use crate::run::outputs::{AspectEval, LogLine, RewardEval, keys};
 
 /// What a backbone returns for a batch.
 #[derive(Debug, Clone)]
@@ -60,6 +53,10 @@ pub struct RewardForward {
 pub trait RewardBackbone {
     /// Scores every row of `batch`; keeps the autograd graph.
     fn forward(&self, batch: &TokenBatch) -> candle_core::Result<RewardForward>;
+    /// Scores every row of `batch` without building an autograd graph (evaluation, scoring):
+    /// the same values as [`RewardBackbone::forward`], computed on detached views of the
+    /// trainable weights, so no op records its inputs for a backward pass.
+    fn score(&self, batch: &TokenBatch) -> candle_core::Result<RewardForward>;
     /// Every trainable weight (the optimiser and checkpoints use it).
     fn varmap(&self) -> &VarMap;
     /// Special tokens and pad id of the backbone's input format.
@@ -98,9 +95,10 @@ pub struct TrainConfig {
     pub max_grad_norm: Option<f64>,
     /// Evaluate every N optimiser steps (and always at the end); 0 only at the end.
     pub eval_every: u64,
-    /// Log (and report progress) every N steps.
+    /// A progress line every N steps when stderr is not a terminal (`log.jsonl` has every
+    /// step).
     pub log_every: u64,
-    /// Checkpoint every N steps; 0 never.
+    /// Checkpoint every N steps; 0: only after the last step and at `stop_after_steps`.
     pub checkpoint_every: u64,
     /// Checkpoints kept on disk (the newest ones).
     pub keep_checkpoints: usize,
@@ -210,6 +208,37 @@ impl TrainConfig {
             decay: self.decay,
         }
     }
+
+    /// How the engine runs this config on `examples` examples: `batch_size × grad_accum`
+    /// examples a step, in micro-batches of `batch_size`, a step never crossing an epoch.
+    pub fn engine(&self, examples: usize, resume: bool) -> EngineConfig {
+        let schedule = self.schedule(examples);
+        EngineConfig {
+            seed: self.seed,
+            total_steps: schedule.total_steps,
+            examples_per_step: self.batch_size * self.grad_accum,
+            micro_batch: self.batch_size,
+            order: DataOrder::Epochs,
+            schedule,
+            adamw: AdamWConfig {
+                lr: self.lr,
+                weight_decay: self.weight_decay,
+                ..AdamWConfig::default()
+            },
+            max_grad_norm: self.max_grad_norm,
+            checkpoint_every: self.checkpoint_every,
+            kl_ceiling: None,
+            control: RunControl {
+                resume,
+                keep_checkpoints: self.keep_checkpoints,
+                eval_every: self.eval_every,
+                patience: self.patience,
+                stop_after_steps: self.stop_after_steps,
+                progress_every: self.log_every,
+                quiet: self.quiet,
+            },
+        }
+    }
 }
 
 /// Training (or evaluation) data, tokenised.
@@ -257,74 +286,6 @@ pub struct LoopOutcome {
     pub completed: bool,
 }
 
-/// Loop state kept in `TrainState::extra`, so a resume continues every counter. Floats that feed
-/// later numbers are stored as their bit patterns: serde_json's default parser may miss the last
-/// bit of a decimal, and a resumed run must log exactly what an uninterrupted one logs.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-struct Extra {
-    #[serde(with = "f64_bits_opt")]
-    best_accuracy: Option<f64>,
-    evals_without_improvement: u32,
-    micro_batches: u64,
-    examples: u64,
-    tokens: u64,
-    seconds: f64,
-    window: Window,
-    last_eval: Option<RewardEval>,
-    /// Every log line so far, values as f64 bits.
-    log: Vec<(u64, Vec<(String, u64)>)>,
-}
-
-/// Sums over the current logging window.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-struct Window {
-    steps: u64,
-    #[serde(with = "f64_bits")]
-    loss: f64,
-    #[serde(with = "f64_bits")]
-    accuracy: f64,
-    #[serde(with = "f64_bits")]
-    margin: f64,
-    #[serde(with = "f64_bits")]
-    mean_reward: f64,
-    /// Steps whose micro-batches held pairs (accuracy and margin are means over those).
-    pair_steps: u64,
-    /// Per loss part, in [`RewardLossWeights::named`] order: (sum of step means as f64 bits,
-    /// steps where the part was present).
-    parts: [(u64, u64); 4],
-}
-
-mod f64_bits {
-    use serde::{Deserialize, Deserializer, Serializer};
-    pub fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(v.to_bits())
-    }
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
-        Ok(f64::from_bits(u64::deserialize(d)?))
-    }
-}
-
-mod f64_bits_opt {
-    use serde::{Deserialize, Deserializer, Serializer};
-    pub fn serialize<S: Serializer>(v: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
-        match v {
-            Some(x) => s.serialize_some(&x.to_bits()),
-            None => s.serialize_none(),
-        }
-    }
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
-        Ok(Option::<u64>::deserialize(d)?.map(f64::from_bits))
-    }
-}
-
-/// The objective name recorded in (and checked against) this loop's checkpoints.
-const OBJECTIVE: &str = "reward";
-
-/// Directory where the loop keeps its checkpoints.
-pub fn checkpoint_root(run_dir: &Path) -> PathBuf {
-    run_dir.join("checkpoints")
-}
-
 /// Trains `model` in place on `data`, evaluating on the pairs `eval`. See [`train_mixed`].
 pub fn train<M: RewardBackbone>(
     model: &M,
@@ -346,9 +307,9 @@ enum Item {
     Point(usize),
 }
 
-/// Trains `model` in place. `run_dir` receives `log.jsonl` and `checkpoints/`; with `resume`, the
-/// newest checkpoint there is loaded first (a fresh start when there is none). `eval` may mix
-/// every kind of example; each is evaluated where present.
+/// Trains `model` in place on the engine. `run_dir` receives `log.jsonl` and `checkpoints/`;
+/// with `resume`, the newest checkpoint there is loaded first (a fresh start when there is none).
+/// `eval` may mix every kind of example; each is evaluated where present.
 pub fn train_mixed<M: RewardBackbone>(
     model: &M,
     data: &TrainData,
@@ -360,8 +321,8 @@ pub fn train_mixed<M: RewardBackbone>(
 ) -> Result<LoopOutcome> {
     cfg.validate()?;
     check_heads(model, data, cfg)?;
-    // Kinds with weight 0 never enter the shuffle: they would cost forward passes for nothing.
-    // Pairs come first so a pairs-only run shuffles exactly as it always has.
+    // Kinds with weight 0 never enter the data order: they would cost forward passes for
+    // nothing. Pairs come first so a pairs-only run orders its data as it always has.
     let items: Vec<Item> = (0..data.pairs.len())
         .filter(|_| cfg.loss_weights.pairwise != 0.0)
         .map(Item::Pair)
@@ -380,293 +341,165 @@ pub fn train_mixed<M: RewardBackbone>(
             data.points.len()
         );
     }
-    let n = items.len();
-    let schedule = cfg.schedule(n);
-    schedule.validate().map_err(anyhow::Error::msg)?;
-    let total = schedule.total_steps;
-    let mut opt = AdamW::from_varmap(
-        model.varmap(),
-        AdamWConfig {
-            lr: cfg.lr,
-            weight_decay: cfg.weight_decay,
-            ..AdamWConfig::default()
-        },
-    )?;
-    let ckpt_root = checkpoint_root(run_dir);
     std::fs::create_dir_all(run_dir)
         .with_context(|| format!("creating the run directory {}", run_dir.display()))?;
-
-    let mut state = TrainState::for_objective(cfg.seed, OBJECTIVE);
-    let mut extra = Extra::default();
-    let mut epoch_rng = ChaCha8Rng::seed_from_u64(cfg.seed);
-    if resume && let Some(dir) = checkpoint::latest(&ckpt_root)? {
-        let mut vm = model.varmap().clone();
-        state = checkpoint::load(&dir, &mut vm, &mut opt)
-            .with_context(|| format!("resuming from {}", dir.display()))?;
-        checkpoint::check_resume(&dir, &state, cfg.seed, OBJECTIVE)?;
-        extra = serde_json::from_value(state.extra.clone())
-            .context("reading the trainer state of the checkpoint")?;
-        if let Some(rng) = &state.rng {
-            epoch_rng = rng.restore()?;
+    let engine_cfg = cfg.engine(items.len(), resume);
+    let mut objective = RewardObjective {
+        model,
+        data,
+        eval,
+        items,
+        cfg,
+        device,
+        step: StepSums::default(),
+        last_eval: None,
+    };
+    let out = engine::run(&mut objective, model.varmap(), &engine_cfg, run_dir)?;
+    // A resume of a finished run trains no step and so never evaluates: evaluate here, so its
+    // outcome still reports the model it ends with.
+    let final_eval = match objective.last_eval.take() {
+        Some(ev) => Some(ev),
+        None if out.completed && !eval.is_empty() => {
+            Some(evaluate_mixed(model, eval, cfg.batch_size * 4, device)?)
         }
-        tracing::info!(step = state.step, dir = %dir.display(), "resuming reward training");
-    }
-
-    let mut log_lines: Vec<LogLine> = extra
-        .log
-        .iter()
-        .map(|(step, values)| LogLine {
-            step: *step,
-            values: values
-                .iter()
-                .map(|(k, v)| (k.clone(), f64::from_bits(*v)))
-                .collect(),
-        })
-        .collect();
-    let mut log = LogWriter::create(run_dir)?;
-    for l in &log_lines {
-        log.write(l)?;
-    }
-
-    let pad = model.layout().pad_id;
-    let started = Instant::now();
-    let seconds_before = extra.seconds;
-    let mut progress = Progress::new(total, state.step, cfg.log_every, cfg.quiet);
-    let mut stopped_early = false;
-    let mut interrupted = false;
-
-    'epochs: while state.epoch < u64::from(cfg.epochs) {
-        let rng_at_epoch_start = RngState::capture(&epoch_rng);
-        let mut order: Vec<usize> = (0..n).collect();
-        order.shuffle(&mut epoch_rng);
-        let mut pos = state.data_position as usize;
-        while pos < n {
-            let step = state.step;
-            let micro_left = (n - pos).div_ceil(cfg.batch_size);
-            let micro_n = micro_left.min(cfg.grad_accum);
-            let mut acc_grads: Option<GradStore> = None;
-            let mut s = StepSums::default();
-            for _ in 0..micro_n {
-                let end = (pos + cfg.batch_size).min(n);
-                let (mut pairs, mut points) = (Vec::new(), Vec::new());
-                for &i in &order[pos..end] {
-                    match items[i] {
-                        Item::Pair(j) => pairs.push(&data.pairs[j]),
-                        Item::Point(j) => points.push(&data.points[j]),
-                    }
-                }
-                pos = end;
-                let batch = collate_mixed(&pairs, &points, pad, device)?;
-                let out = model.forward(&batch)?;
-                let bl = batch_loss(&out, &pairs, &points, cfg)?;
-                let value = guard::check_loss(step, &bl.total)?;
-                let grads = bl.total.affine(1.0 / micro_n as f64, 0.0)?.backward()?;
-                acc_grads = Some(match acc_grads {
-                    None => grads,
-                    Some(acc) => add_grads(acc, grads, &opt)?,
-                });
-                s.loss += value / micro_n as f64;
-                if let Some(m) = bl.pair_metrics {
-                    s.accuracy += m.accuracy;
-                    s.margin += m.margin;
-                    s.pair_micro += 1;
-                }
-                for (k, (_, part)) in bl.parts.named().into_iter().enumerate() {
-                    if let Some(p) = part {
-                        s.parts[k].0 += scalar(p)?;
-                        s.parts[k].1 += 1;
-                    }
-                }
-                s.reward += scalar(&out.rewards.mean_all()?)? / micro_n as f64;
-                s.tokens += batch.tokens;
-                extra.micro_batches += 1;
-                extra.examples += (pairs.len() + points.len()) as u64;
-            }
-            let mut grads = acc_grads.context("an optimiser step without micro-batches")?;
-            let params = opt.params();
-            guard::check_grads(step, &grads, &params)?;
-            if let Some(max) = cfg.max_grad_norm {
-                clip_grad_norm(&mut grads, &params, max)?;
-            }
-            let lr = schedule.lr_at(step);
-            opt.set_learning_rate(lr);
-            opt.step(&grads)?;
-            state.step += 1;
-            extra.tokens += s.tokens;
-            let step_accuracy = (s.pair_micro > 0).then(|| s.accuracy / s.pair_micro as f64);
-            let w = &mut extra.window;
-            w.steps += 1;
-            w.loss += s.loss;
-            w.mean_reward += s.reward;
-            if let Some(acc) = step_accuracy {
-                w.accuracy += acc;
-                w.margin += s.margin / s.pair_micro as f64;
-                w.pair_steps += 1;
-            }
-            for (k, (sum, count)) in s.parts.iter().enumerate() {
-                if *count > 0 {
-                    let (bits, steps) = w.parts[k];
-                    w.parts[k] = (
-                        (f64::from_bits(bits) + sum / *count as f64).to_bits(),
-                        steps + 1,
-                    );
-                }
-            }
-            progress.step(StepReport {
-                step,
-                loss: s.loss,
-                accuracy: step_accuracy.unwrap_or(f64::NAN),
-                lr,
-                tokens: s.tokens,
-            });
-
-            let done = state.step;
-            let epoch_f = state.epoch as f64 + pos as f64 / n as f64;
-            if done.is_multiple_of(cfg.log_every.max(1)) || done == total {
-                let line = w.line(done, lr, epoch_f);
-                *w = Window::default();
-                push_line(&mut state, &mut extra, &mut log_lines, &mut log, line)?;
-            }
-            let last = done == total;
-            if !eval.is_empty()
-                && ((cfg.eval_every > 0 && done.is_multiple_of(cfg.eval_every)) || last)
-            {
-                let ev = evaluate_mixed(model, eval, cfg.batch_size * 4, device)?;
-                progress.note(&format!(
-                    "step {done}: eval accuracy {:.4} loss {:.4} margin {:.4} (n={})",
-                    ev.accuracy, ev.loss, ev.mean_margin, ev.n
-                ));
-                push_line(
-                    &mut state,
-                    &mut extra,
-                    &mut log_lines,
-                    &mut log,
-                    eval_line(done, &ev),
-                )?;
-                // Early stopping watches pairwise accuracy, the headline metric; without
-                // evaluation pairs there is nothing to watch.
-                if ev.n > 0 {
-                    if extra.best_accuracy.is_none_or(|b| ev.accuracy > b) {
-                        extra.best_accuracy = Some(ev.accuracy);
-                        extra.evals_without_improvement = 0;
-                    } else {
-                        extra.evals_without_improvement += 1;
-                    }
-                }
-                extra.last_eval = Some(ev);
-                if let Some(p) = cfg.patience
-                    && extra.evals_without_improvement >= p
-                    && !last
-                {
-                    progress.note(&format!(
-                        "early stopping at step {done}: eval accuracy has not improved for {p} evaluations"
-                    ));
-                    stopped_early = true;
-                }
-            }
-
-            // Where the data stands after this step (a finished epoch points at the next one).
-            let (epoch_after, pos_after, rng_after) = if pos >= n {
-                (state.epoch + 1, 0, RngState::capture(&epoch_rng))
-            } else {
-                (state.epoch, pos, rng_at_epoch_start.clone())
-            };
-            let interrupt = cfg.stop_after_steps.is_some_and(|k| done >= k) && !last;
-            if (cfg.checkpoint_every > 0 && done.is_multiple_of(cfg.checkpoint_every)) || interrupt
-            {
-                extra.seconds = seconds_before + started.elapsed().as_secs_f64();
-                let mut snap = state.clone();
-                snap.epoch = epoch_after;
-                snap.data_position = pos_after as u64;
-                snap.rng = Some(rng_after);
-                snap.extra = serde_json::to_value(&extra)?;
-                checkpoint::save(&ckpt_root, &snap, model.varmap(), &opt)?;
-                checkpoint::prune(&ckpt_root, cfg.keep_checkpoints.max(1))?;
-            }
-            if stopped_early {
-                break 'epochs;
-            }
-            if interrupt {
-                interrupted = true;
-                break 'epochs;
-            }
-        }
-        state.epoch += 1;
-        state.data_position = 0;
-    }
-    progress.finish();
-    let seconds = seconds_before + started.elapsed().as_secs_f64();
+        None => None,
+    };
     Ok(LoopOutcome {
-        steps: state.step,
-        seconds,
-        examples: extra.examples,
-        tokens: extra.tokens,
-        epochs: state.step as f64 / cfg.steps_per_epoch(n).max(1) as f64,
-        eval: if interrupted { None } else { extra.last_eval },
-        log: log_lines,
-        stopped_early,
-        completed: !interrupted,
+        steps: out.steps,
+        seconds: out.seconds,
+        examples: out.examples,
+        tokens: out.tokens,
+        epochs: out.epochs,
+        eval: if out.completed { final_eval } else { None },
+        log: out.log,
+        stopped_early: out.stopped_early,
+        completed: out.completed,
     })
 }
 
-/// What one optimiser step adds up over its micro-batches.
+/// The reward model's objective: the engine's indices are positions in `items`.
+struct RewardObjective<'a, M> {
+    model: &'a M,
+    data: &'a TrainData,
+    eval: &'a TrainData,
+    items: Vec<Item>,
+    cfg: &'a TrainConfig,
+    device: &'a Device,
+    /// What the current step's micro-batches have added up so far.
+    step: StepSums,
+    last_eval: Option<RewardEval>,
+}
+
+/// What one optimiser step adds up over its micro-batches (detached numbers only).
 #[derive(Debug, Default)]
 struct StepSums {
-    /// Already divided by the micro-batch count.
-    loss: f64,
+    micro: u64,
+    /// Sum of the micro-batches' mean scores.
     reward: f64,
     /// Sums over the micro-batches that held pairs (`pair_micro` of them).
     accuracy: f64,
     margin: f64,
     pair_micro: u64,
-    /// Per loss part: (sum over micro-batches, micro-batches where present).
+    /// Per loss part, in [`RewardLossWeights::named`] order: (sum over micro-batches,
+    /// micro-batches where present).
     parts: [(f64, u64); 4],
     tokens: u64,
 }
 
-impl Window {
-    /// The log line for this window: means over its steps (over the steps that had pairs for
-    /// accuracy and margin, over the steps that had the part for `loss/<part>`).
-    fn line(&self, step: u64, lr: f64, epoch: f64) -> LogLine {
-        let k = self.steps.max(1) as f64;
-        let mut line = LogLine::new(step).with(keys::LOSS, self.loss / k);
-        if self.pair_steps > 0 {
-            let p = self.pair_steps as f64;
-            line = line
-                .with(keys::ACCURACY, self.accuracy / p)
-                .with(keys::MARGIN, self.margin / p);
-        }
-        line = line.with(keys::MEAN_REWARD, self.mean_reward / k);
-        for ((name, _), (bits, steps)) in
-            RewardLossWeights::default().named().iter().zip(self.parts)
-        {
-            if steps > 0 {
-                line = line.with(&format!("loss/{name}"), f64::from_bits(bits) / steps as f64);
+impl<M: RewardBackbone> Objective for RewardObjective<'_, M> {
+    const NAME: &'static str = "reward";
+    const PROGRESS_METRIC: Option<&'static str> = Some(keys::ACCURACY);
+
+    fn examples(&self) -> usize {
+        self.items.len()
+    }
+
+    fn micro_loss(&mut self, _step: u64, micro: &[usize]) -> Result<Tensor> {
+        let (mut pairs, mut points) = (Vec::new(), Vec::new());
+        for &i in micro {
+            match self.items[i] {
+                Item::Pair(j) => pairs.push(&self.data.pairs[j]),
+                Item::Point(j) => points.push(&self.data.points[j]),
             }
         }
-        line.with(keys::LEARNING_RATE, lr).with(keys::EPOCH, epoch)
+        let batch = collate_mixed(&pairs, &points, self.model.layout().pad_id, self.device)?;
+        let out = self.model.forward(&batch)?;
+        let bl = batch_loss(&out, &pairs, &points, self.cfg)?;
+        let s = &mut self.step;
+        s.micro += 1;
+        s.tokens += batch.tokens;
+        s.reward += scalar(&out.rewards.detach().mean_all()?)?;
+        if let Some(m) = bl.pair_metrics {
+            s.accuracy += m.accuracy;
+            s.margin += m.margin;
+            s.pair_micro += 1;
+        }
+        for (k, (_, part)) in bl.parts.named().into_iter().enumerate() {
+            if let Some(p) = part {
+                s.parts[k].0 += scalar(&p.detach())?;
+                s.parts[k].1 += 1;
+            }
+        }
+        Ok(bl.total)
+    }
+
+    /// Means over the step's micro-batches: `accuracy` and `margin` over those that held pairs,
+    /// `loss/<part>` over those that held the part.
+    fn finish_step(&mut self, _step: u64) -> Result<StepReport> {
+        let s = std::mem::take(&mut self.step);
+        let mut report = StepReport {
+            tokens: s.tokens,
+            ..StepReport::default()
+        };
+        if s.pair_micro > 0 {
+            let p = s.pair_micro as f64;
+            report = report
+                .metric(keys::ACCURACY, s.accuracy / p)
+                .metric(keys::MARGIN, s.margin / p);
+        }
+        report = report.metric(keys::MEAN_REWARD, s.reward / s.micro.max(1) as f64);
+        for ((name, _), (sum, n)) in RewardLossWeights::default().named().iter().zip(s.parts) {
+            if n > 0 {
+                report = report.metric(&format!("loss/{name}"), sum / n as f64);
+            }
+        }
+        Ok(report)
+    }
+
+    /// Held-out evaluation; early stopping watches pairwise accuracy, the headline metric
+    /// (without evaluation pairs there is nothing to watch).
+    fn evaluate(&mut self, _step: u64) -> Result<Option<Evaluation>> {
+        if self.eval.is_empty() {
+            return Ok(None);
+        }
+        let ev = evaluate_mixed(self.model, self.eval, self.cfg.batch_size * 4, self.device)?;
+        let evaluation = Evaluation {
+            metrics: eval_metrics(&ev),
+            watch: (ev.n > 0).then_some(ev.accuracy),
+        };
+        self.last_eval = Some(ev);
+        Ok(Some(evaluation))
     }
 }
 
-/// The eval log line: TRL-style `eval_*` names, with the optional metrics where present.
-fn eval_line(step: u64, ev: &RewardEval) -> LogLine {
-    let mut line = LogLine::new(step);
+/// The eval log line's metrics: TRL-style `eval_*` names, the optional ones where present.
+fn eval_metrics(ev: &RewardEval) -> Vec<(String, f64)> {
+    let mut m: Vec<(String, f64)> = Vec::new();
     if ev.n > 0 {
-        line = line
-            .with("eval_loss", ev.loss)
-            .with("eval_accuracy", ev.accuracy)
-            .with("eval_margin", ev.mean_margin);
+        m.push(("eval_loss".into(), ev.loss));
+        m.push(("eval_accuracy".into(), ev.accuracy));
+        m.push(("eval_margin".into(), ev.mean_margin));
     }
     if let Some(a) = ev.pointwise_accuracy {
-        line = line.with("eval_pointwise_accuracy", a);
+        m.push(("eval_pointwise_accuracy".into(), a));
     }
     if let Some(a) = ev.step_accuracy {
-        line = line.with("eval_step_accuracy", a);
+        m.push(("eval_step_accuracy".into(), a));
     }
     for (name, a) in &ev.aspects {
-        line = line.with(&format!("eval_aspect_mae/{name}"), a.mae);
+        m.push((format!("eval_aspect_mae/{name}"), a.mae));
     }
-    line
+    m
 }
 
 /// Refuses data the model has no head for (it would otherwise fail mid-run); kinds with weight
@@ -824,53 +657,12 @@ pub fn batch_loss(
     })
 }
 
-/// Sums two gradient stores of the same parameters (gradient accumulation).
-fn add_grads(mut acc: GradStore, next: GradStore, opt: &AdamW) -> Result<GradStore> {
-    for (_, var) in opt.params() {
-        let t = var.as_tensor();
-        if let Some(g) = next.get(t) {
-            let sum = match acc.get(t) {
-                Some(a) => (a + g)?,
-                None => g.clone(),
-            };
-            acc.insert(t, sum);
-        }
-    }
-    Ok(acc)
-}
-
 fn scalar(t: &Tensor) -> Result<f64> {
     Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
 }
 
-fn push_line(
-    state: &mut TrainState,
-    extra: &mut Extra,
-    lines: &mut Vec<LogLine>,
-    log: &mut LogWriter,
-    line: LogLine,
-) -> Result<()> {
-    for (name, value) in &line.values {
-        state.metrics.push(MetricPoint {
-            step: line.step,
-            name: name.clone(),
-            value: *value,
-        });
-    }
-    extra.log.push((
-        line.step,
-        line.values
-            .iter()
-            .map(|(k, v)| (k.clone(), v.to_bits()))
-            .collect(),
-    ));
-    log.write(&line)?;
-    lines.push(line);
-    Ok(())
-}
-
 /// Pairwise evaluation: accuracy (`r_c > r_r`), mean Bradley–Terry loss and mean margin over
-/// `pairs`, in batches of `batch_pairs`. No gradients are kept.
+/// `pairs`, in batches of `batch_pairs`, scored through [`RewardBackbone::score`] (no graph).
 pub fn evaluate<M: RewardBackbone + ?Sized>(
     model: &M,
     pairs: &[EncodedPair],
@@ -884,7 +676,7 @@ pub fn evaluate<M: RewardBackbone + ?Sized>(
     for chunk in pairs.chunks(batch_pairs.max(1)) {
         let refs: Vec<&EncodedPair> = chunk.iter().collect();
         let (batch, _) = collate_pairs(&refs, model.layout().pad_id, device)?;
-        let rewards = model.forward(&batch)?.rewards.detach().flatten_all()?;
+        let rewards = model.score(&batch)?.rewards.flatten_all()?;
         let r: Vec<f64> = rewards.to_dtype(DType::F64)?.to_vec1()?;
         let b = chunk.len();
         for i in 0..b {
@@ -912,7 +704,7 @@ pub fn evaluate<M: RewardBackbone + ?Sized>(
 /// Evaluation on every kind of held-out example: the pairwise metrics of [`evaluate`] (zero with
 /// `n = 0` when there are no pairs), accuracy on thumbs (`score > 0` ⇔ up), accuracy on step
 /// labels (`step logit > 0` ⇔ correct) and each aspect head's mean absolute error. Rows go
-/// through the model `batch_rows` at a time; no gradients are kept.
+/// through [`RewardBackbone::score`] `batch_rows` at a time (no graph).
 pub fn evaluate_mixed<M: RewardBackbone + ?Sized>(
     model: &M,
     eval: &TrainData,
@@ -931,12 +723,10 @@ pub fn evaluate_mixed<M: RewardBackbone + ?Sized>(
     for chunk in eval.points.chunks(batch_rows.max(1)) {
         let refs: Vec<&EncodedPoint> = chunk.iter().collect();
         let batch = collate_mixed(&[], &refs, model.layout().pad_id, device)?;
-        let out = model.forward(&batch)?;
-        let rewards: Vec<f32> = out.rewards.detach().flatten_all()?.to_vec1()?;
-        let steps: Option<Vec<Vec<f32>>> =
-            out.step_logits.map(|t| t.detach().to_vec2()).transpose()?;
-        let aspects: Option<Vec<Vec<f32>>> =
-            out.aspects.map(|t| t.detach().to_vec2()).transpose()?;
+        let out = model.score(&batch)?;
+        let rewards: Vec<f32> = out.rewards.flatten_all()?.to_vec1()?;
+        let steps: Option<Vec<Vec<f32>>> = out.step_logits.map(|t| t.to_vec2()).transpose()?;
+        let aspects: Option<Vec<Vec<f32>>> = out.aspects.map(|t| t.to_vec2()).transpose()?;
         for (j, p) in chunk.iter().enumerate() {
             match &p.target {
                 PointTarget::Thumb(y) => {

@@ -1,8 +1,9 @@
 //! The training engine's promises, for every objective: an interrupted run resumed from its
-//! checkpoint ends where an uninterrupted one does (KTO here; DPO and PPO in `policytrain`,
-//! reward in `trainer`), and a checkpoint made with another seed or by another objective is
+//! checkpoint ends where an uninterrupted one does (KTO and the reward model here; DPO and PPO
+//! in `policytrain`, reward with every kind of feedback in `rewardloss`), and a checkpoint made with another seed or by another objective is
 //! refused with an error that names both and says what to do. The engine alone, with the smallest
-//! objective (a line fit): micro-batch accumulation, objective state across a resume, the guards.
+//! objective (a line fit): micro-batch accumulation, objective state across a resume, the guards,
+//! evaluation lines and early stopping.
 
 use std::path::Path;
 
@@ -10,12 +11,15 @@ use candle_core::Device;
 use rlhf_bot::run::outputs::PolicyAlgo;
 use rlhf_bot::train::batching::encode_pairs;
 use rlhf_bot::train::dpo_trainer::train_dpo;
-use rlhf_bot::train::engine::{self, DataOrder, EngineConfig, Objective, StepReport};
+use rlhf_bot::train::engine::{
+    self, DataOrder, EngineConfig, Evaluation, Objective, RunControl, StepReport,
+};
 use rlhf_bot::train::kto_trainer::train_kto;
 use rlhf_bot::train::optim::AdamWConfig;
 use rlhf_bot::train::policy_common::{Policy, PolicyTrainOptions};
 use rlhf_bot::train::policy_eval::RewardScorer;
 use rlhf_bot::train::ppo_trainer::train_ppo;
+use rlhf_bot::train::reward_models::weights_snapshot;
 use rlhf_bot::train::reward_run::load_backbone;
 use rlhf_bot::train::reward_trainer::{self, RewardBackbone, TrainConfig, TrainData};
 use rlhf_bot::train::schedule::{Decay, Schedule};
@@ -64,6 +68,62 @@ fn kto_stop_and_resume_equals_one_run() {
 }
 
 /// Runs `algo` for `steps` steps with `seed` on `out`.
+/// Issue 18: the reward model runs on the engine too. Interrupted in the middle of an epoch and
+/// resumed by a new load of the model, it ends with the weights, the log (training and
+/// evaluation lines) and the evaluation of one uninterrupted run, bit for bit.
+#[test]
+fn reward_stop_and_resume_equals_one_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = crate::trainer::tiny_rm_dir(tmp.path());
+    let pairs = crate::trainer::toy_pairs(12);
+    // 10 pairs, 2 a micro-batch, 2 micro-batches a step: steps of 4, 4 and 2 pairs an epoch.
+    let cfg = TrainConfig {
+        epochs: 2,
+        batch_size: 2,
+        grad_accum: 2,
+        eval_every: 2,
+        checkpoint_every: 0,
+        ..crate::trainer::cfg()
+    };
+    let run = |out: &Path, stop: Option<u64>| {
+        let (model, tok, _) = load_backbone(Some(&dir), 1, &Device::Cpu).unwrap();
+        let data = TrainData::from(encode_pairs(&tok, &pairs[..10], 64, model.layout()).unwrap());
+        let eval = encode_pairs(&tok, &pairs[10..], 64, model.layout()).unwrap();
+        let c = TrainConfig {
+            stop_after_steps: stop,
+            ..cfg.clone()
+        };
+        let o = reward_trainer::train(&model, &data, &eval, &c, out, true, &Device::Cpu).unwrap();
+        (o, weights_snapshot(model.varmap()).unwrap())
+    };
+    let (full, w_full) = run(&tmp.path().join("one"), None);
+    assert_eq!(full.steps, 6);
+    // A line per step and an evaluation line at steps 2, 4 and 6.
+    assert_eq!(full.log.len(), 9);
+
+    // Interrupted after step 2 (8 of the 10 pairs of the first epoch seen); checkpoint_every 0,
+    // so the interruption's checkpoint is the only one.
+    let two = tmp.path().join("two");
+    let (part, _) = run(&two, Some(2));
+    assert!(!part.completed);
+    assert_eq!((part.steps, part.eval.as_ref()), (2, None));
+    let (resumed, w_resumed) = run(&two, None);
+    assert!(resumed.completed);
+    assert_eq!(resumed.steps, 6);
+    // Only steps 3 to 6 ran in this process: 2 + 4 + 4 + 2 pairs.
+    assert_eq!(resumed.examples, 12);
+    assert_eq!(resumed.log, full.log, "log differs after resume");
+    assert_eq!(w_resumed, w_full, "weights differ after resume");
+    assert_eq!(resumed.eval, full.eval);
+    assert_eq!(resumed.epochs, 2.0);
+
+    // Resuming the finished run trains nothing and still reports the final model's evaluation.
+    let (again, w_again) = run(&two, None);
+    assert_eq!((again.steps, again.examples), (6, 0));
+    assert_eq!(again.eval, full.eval);
+    assert_eq!(w_again, w_full);
+}
+
 fn policy_run(algo: PolicyAlgo, seed: u64, steps: u64, out: &Path) -> anyhow::Result<()> {
     let opts = PolicyTrainOptions {
         seed,
@@ -201,6 +261,9 @@ struct Line {
     seen: u64,
     nan_at_step: Option<u64>,
     kl: Option<f64>,
+    /// When set, every evaluation reports this as the value early stopping watches (a stalled
+    /// metric), beside the fit's mean squared error.
+    eval_watch: Option<f64>,
 }
 
 impl Line {
@@ -230,6 +293,7 @@ impl Line {
             seen: 0,
             nan_at_step: None,
             kl: None,
+            eval_watch: None,
         }
     }
 }
@@ -260,6 +324,22 @@ impl Objective for Line {
             ..StepReport::default()
         }
         .metric("seen", self.seen as f64))
+    }
+
+    /// Evaluation reads the weights detached: no graph, as the engine requires.
+    fn evaluate(&mut self, _step: u64) -> anyhow::Result<Option<Evaluation>> {
+        let Some(watch) = self.eval_watch else {
+            return Ok(None);
+        };
+        let (w, b) = (self.w.detach(), self.b.detach());
+        let x = candle_core::Tensor::from_vec(self.xs.clone(), self.xs.len(), &Device::Cpu)?;
+        let y = candle_core::Tensor::from_vec(self.ys.clone(), self.ys.len(), &Device::Cpu)?;
+        let err = x.broadcast_mul(&w)?.broadcast_add(&b)?.sub(&y)?;
+        let mse = err.sqr()?.mean_all()?.to_scalar::<f32>()?;
+        Ok(Some(Evaluation {
+            metrics: vec![("eval_mse".into(), f64::from(mse))],
+            watch: Some(watch),
+        }))
     }
 
     fn save_state(&self) -> anyhow::Result<Option<serde_json::Value>> {
@@ -294,6 +374,7 @@ fn line_cfg(total_steps: u64, micro_batch: usize) -> EngineConfig {
         max_grad_norm: None,
         checkpoint_every: 2,
         kl_ceiling: Some(1.0),
+        control: RunControl::default(),
     }
 }
 
@@ -377,4 +458,42 @@ fn a_non_finite_loss_or_a_kl_past_the_ceiling_stops_the_run_naming_the_step() {
         "{text}"
     );
     assert!(text.contains("hint:"), "{text}");
+}
+
+#[test]
+fn evaluations_are_logged_and_a_stalled_one_stops_the_run_early() {
+    // Every evaluation reports the same watched value: it never improves after the first.
+    let stalled = |patience: Option<u32>| {
+        let tmp = tempfile::tempdir().unwrap();
+        let varmap = candle_nn::VarMap::new();
+        let mut line = Line {
+            eval_watch: Some(0.5),
+            ..Line::new(&varmap)
+        };
+        let mut cfg = line_cfg(8, 2);
+        cfg.control.eval_every = 1;
+        cfg.control.patience = patience;
+        let outcome = engine::run(&mut line, &varmap, &cfg, tmp.path()).unwrap();
+        let text = std::fs::read_to_string(tmp.path().join("log.jsonl")).unwrap();
+        (outcome, text.lines().count())
+    };
+    let (outcome, file_lines) = stalled(Some(2));
+    // Step 1 sets the best; steps 2 and 3 do not beat it: two evaluations without improvement.
+    assert!(outcome.stopped_early && outcome.completed);
+    assert_eq!(outcome.steps, 3);
+    let evals: Vec<u64> = outcome
+        .log
+        .iter()
+        .filter(|l| l.get("eval_mse").is_some())
+        .map(|l| l.step)
+        .collect();
+    assert_eq!(evals, vec![1, 2, 3]);
+    // One training line per step, each followed by its evaluation line, in the file too.
+    assert_eq!(file_lines, 6);
+
+    // Without patience the same run goes to its end, evaluating every step.
+    let (outcome, file_lines) = stalled(None);
+    assert!(!outcome.stopped_early);
+    assert_eq!(outcome.steps, 8);
+    assert_eq!((outcome.log.len(), file_lines), (16, 16));
 }

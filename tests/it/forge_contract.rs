@@ -154,7 +154,7 @@ fn request() -> PublishRequest {
 }
 
 /// A ready Prism over GitHub's description, or `None` (skipped) when the tools are missing.
-fn github_prism() -> Option<Prism> {
+pub(crate) fn github_prism() -> Option<Prism> {
     let deps = deps_dir();
     if !have(&deps.join("node_modules/.bin/prism"), "prism")
         || !have(

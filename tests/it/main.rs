@@ -9,6 +9,7 @@ mod common;
 mod config;
 mod crash;
 mod cuda;
+mod dashboard;
 mod dataset;
 mod deploy;
 mod dpospeed;

@@ -14,7 +14,7 @@ use rlhf_bot::train::batching::{
     EncodedPair, EncodedPoint, PairText, PointLabel, PointTarget, PointText, collate_mixed,
 };
 use rlhf_bot::train::losses::reward::{RatingLoss, RewardLossWeights};
-use rlhf_bot::train::optim::named_vars;
+use rlhf_bot::train::optim::{AdamW, AdamWConfig, named_vars};
 use rlhf_bot::train::reward_models::{AnyReward, weights_snapshot};
 use rlhf_bot::train::reward_run::{
     RewardTrainOptions, TextData, encode, load_backbone, load_backbone_with_heads,
@@ -378,18 +378,72 @@ fn each_head_learns_from_its_kind(model: &AnyReward, data: &TrainData) {
     );
 }
 
-#[test]
-fn each_head_gets_a_gradient_when_its_kind_is_present() {
+/// Runs `check` on the llama and the BERT reward model, each with both kinds of extra head and
+/// a batch of every kind of example in its vocabulary.
+fn on_both_backbones(check: fn(&AnyReward, &TrainData)) {
     let tmp = tempfile::tempdir().unwrap();
     let (llama, tok) = llama_with_heads(tmp.path());
     let data = encode(&llama, &tok, &mixed(&toy_pairs(2), 2), 64).unwrap();
-    each_head_learns_from_its_kind(&llama, &data);
+    check(&llama, &data);
 
     let (bert, tok) = bert_with_heads(tmp.path());
     assert_eq!(bert.aspect_names(), ["accuracy", "helpfulness"]);
     assert!(bert.has_step_head());
     let data = encode(&bert, &tok, &bert_text(), 20).unwrap();
-    each_head_learns_from_its_kind(&bert, &data);
+    check(&bert, &data);
+}
+
+#[test]
+fn each_head_gets_a_gradient_when_its_kind_is_present() {
+    on_both_backbones(each_head_learns_from_its_kind);
+}
+
+/// Issue 18 §2: evaluation scores through [`RewardBackbone::score`], a twin over detached views
+/// of the weights. Its outputs equal the training forward's on the same batch (to 1e-5), carry
+/// no autograd graph (nothing is kept for a backward pass), and follow the weights when the
+/// optimiser changes them in place.
+fn scoring_matches_the_training_forward_without_a_graph(model: &AnyReward, data: &TrainData) {
+    let (pairs, points) = refs(data);
+    let batch = collate_mixed(&pairs, &points, model.layout().pad_id, &Device::Cpu).unwrap();
+    let compare = |when: &str| -> Vec<f32> {
+        let train = model.forward(&batch).unwrap();
+        let eval = model.score(&batch).unwrap();
+        assert!(
+            train.rewards.track_op(),
+            "{when}: the training forward has no graph"
+        );
+        let outputs = [
+            ("rewards", Some(train.rewards.clone()), Some(eval.rewards)),
+            ("aspects", train.aspects, eval.aspects),
+            ("step logits", train.step_logits, eval.step_logits),
+        ];
+        for (what, t, e) in outputs {
+            let (t, e) = (t.expect(what), e.expect(what));
+            assert!(!e.track_op(), "{when}: scoring recorded a graph for {what}");
+            let diff = crate::common::max_abs_diff(&t, &e);
+            assert!(diff <= 1e-5, "{when}: {what} differ by {diff}");
+        }
+        train.rewards.flatten_all().unwrap().to_vec1().unwrap()
+    };
+    let before = compare("before training");
+    let mut opt = AdamW::from_varmap(
+        model.varmap(),
+        AdamWConfig {
+            lr: 1e-2,
+            ..AdamWConfig::default()
+        },
+    )
+    .unwrap();
+    let c = TrainConfig::default();
+    let loss = batch_loss(&model.forward(&batch).unwrap(), &pairs, &points, &c).unwrap();
+    opt.backward_step(&loss.total).unwrap();
+    let after = compare("after an optimiser step");
+    assert_ne!(before, after, "the step changed no score");
+}
+
+#[test]
+fn evaluation_scores_equal_the_training_forward_and_build_no_graph() {
+    on_both_backbones(scoring_matches_the_training_forward_without_a_graph);
 }
 
 fn mixed_cfg() -> TrainConfig {

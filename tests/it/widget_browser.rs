@@ -18,7 +18,7 @@ const WRITE: &str = "browser-write-key-000001";
 const ENTER: &str = "\u{E007}";
 const TAB: &str = "\u{E004}";
 
-struct Killed(Child);
+pub(crate) struct Killed(pub(crate) Child);
 
 impl Drop for Killed {
     fn drop(&mut self) {
@@ -28,14 +28,14 @@ impl Drop for Killed {
 }
 
 /// A minimal W3C WebDriver client over chromedriver.
-struct Browser {
+pub(crate) struct Browser {
     http: reqwest::blocking::Client,
     session: String,
     _driver: Killed,
 }
 
 impl Browser {
-    fn start() -> Option<Browser> {
+    pub(crate) fn start() -> Option<Browser> {
         let (chromium, driver) = (
             Path::new("/usr/bin/chromium"),
             Path::new("/usr/bin/chromedriver"),
@@ -88,7 +88,7 @@ impl Browser {
         })
     }
 
-    fn call(&self, method: reqwest::Method, path: &str, body: Value) -> Value {
+    pub(crate) fn call(&self, method: reqwest::Method, path: &str, body: Value) -> Value {
         let r: Value = self
             .http
             .request(method, format!("{}{path}", self.session))
@@ -101,7 +101,7 @@ impl Browser {
         r["value"].clone()
     }
 
-    fn go(&self, url: &str) {
+    pub(crate) fn go(&self, url: &str) {
         self.call(reqwest::Method::POST, "/url", json!({"url": url}));
     }
 
@@ -132,7 +132,7 @@ impl Browser {
         element_id(&el)
     }
 
-    fn click(&self, element: &str) {
+    pub(crate) fn click(&self, element: &str) {
         self.call(
             reqwest::Method::POST,
             &format!("/element/{element}/click"),
@@ -177,7 +177,7 @@ impl Browser {
         .to_string()
     }
 
-    fn screenshot(&self, to: &Path) {
+    pub(crate) fn screenshot(&self, to: &Path) {
         let png = self.call(reqwest::Method::GET, "/screenshot", json!({}));
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(png.as_str().unwrap())
@@ -193,7 +193,7 @@ impl Drop for Browser {
     }
 }
 
-fn element_id(v: &Value) -> String {
+pub(crate) fn element_id(v: &Value) -> String {
     v.as_object()
         .and_then(|o| o.values().next())
         .and_then(Value::as_str)

@@ -1,4 +1,4 @@
-//! The training engine: the one loop every policy objective runs on (burn-train's
+//! The training engine: the one loop every objective (reward, DPO, KTO, PPO) runs on (burn-train's
 //! `TrainStep`/`Learner` split). The engine owns what every algorithm does the same way:
 //!
 //! - the data order and position ([`order`]): seeded per-epoch permutations, checkpointed;
@@ -7,14 +7,18 @@
 //! - checkpoint and resume ([`run_log`]), with the same checks for every objective (the seed and
 //!   the objective that made the checkpoint);
 //! - the guards: non-finite loss, gradient or logged value, and the KL ceiling;
-//! - the metrics log (`log.jsonl`) with one set of names: `loss`, `grad_norm`, `learning_rate`
-//!   and `epoch` on every line (TRL's names), then the objective's own metrics.
+//! - the metrics log (`log.jsonl`), one line per optimiser step with one set of names: `loss`,
+//!   `grad_norm`, `learning_rate` and `epoch` on every line (TRL's names), then the objective's
+//!   own metrics; held-out evaluations on lines of their own (`eval_*`);
+//! - evaluation every N steps and after the last, early stopping on a stalled evaluation metric,
+//!   and the progress line for people ([`crate::train::progress`]: means over the steps since
+//!   the previous line).
 //!
 //! An algorithm is an [`Objective`]: it says how many examples it has, turns a step's examples
 //! into optimiser updates ([`Objective::plan`], where PPO rolls out), gives the loss of a
 //! micro-batch ([`Objective::micro_loss`]) and the step's metrics ([`Objective::finish_step`]),
-//! and may keep state across a resume ([`Objective::save_state`]). docs/training-engine.md shows
-//! how to add one.
+//! may evaluate on held-out data ([`Objective::evaluate`]) and may keep state across a resume
+//! ([`Objective::save_state`]). docs/training-engine.md shows how to add one.
 
 pub mod order;
 pub mod run_log;
@@ -24,11 +28,14 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use candle_core::Tensor;
+use candle_core::backprop::GradStore;
 use candle_nn::VarMap;
+use serde::{Deserialize, Serialize};
 
 use crate::run::outputs::{LogLine, keys};
 use crate::train::guard::{self, GuardError, check_kl};
 use crate::train::optim::{AdamW, AdamWConfig};
+use crate::train::progress::Progress;
 use crate::train::schedule::Schedule;
 pub use order::{DataCursor, DataOrder};
 pub use run_log::RunLog;
@@ -43,6 +50,11 @@ pub struct TrainOutcome {
     pub tokens: u64,
     pub epochs: f64,
     pub log: Vec<LogLine>,
+    /// Early stopping ended the run before its schedule ([`RunControl::patience`]).
+    pub stopped_early: bool,
+    /// False when [`RunControl::stop_after_steps`] interrupted the run (a checkpoint was written
+    /// to resume from).
+    pub completed: bool,
     /// Wall seconds per phase of the loop, summed over its steps, in the order the phases first
     /// ran: `forward`, `backward + optimiser`, `metrics + checkpoint`, and any phase an
     /// objective books itself (PPO: rollout generation, scoring, GAE).
@@ -82,10 +94,82 @@ pub struct EngineConfig {
     pub adamw: AdamWConfig,
     /// Global gradient-norm clip (PyTorch's `clip_grad_norm_`); `None` disables it.
     pub max_grad_norm: Option<f64>,
-    /// Checkpoint every N steps (and always after the last one).
+    /// Checkpoint every N steps (and always after the last one, and when
+    /// [`RunControl::stop_after_steps`] ends the run); 0: only then.
     pub checkpoint_every: u64,
     /// Stop with an error when a step's KL to the reference passes this.
     pub kl_ceiling: Option<f64>,
+    pub control: RunControl,
+}
+
+/// How a run is driven beyond its maths: resume, evaluation, early stopping, interruption,
+/// checkpoints kept, progress output. The defaults are what the policy runs use.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunControl {
+    /// Continue from the newest checkpoint under `out/checkpoints` when there is one.
+    pub resume: bool,
+    /// Checkpoints kept on disk (the newest ones).
+    pub keep_checkpoints: usize,
+    /// Call [`Objective::evaluate`] every N steps and after the last; 0: only after the last.
+    pub eval_every: u64,
+    /// Stop early when [`Evaluation::watch`] has not improved for this many evaluations.
+    pub patience: Option<u32>,
+    /// End the run after this many steps as an interruption would (a checkpoint is written):
+    /// tests of resume and time-boxed CI jobs.
+    pub stop_after_steps: Option<u64>,
+    /// A progress line every N steps when stderr is not a terminal (see [`Progress`]).
+    pub progress_every: u64,
+    /// No progress bar, even on a terminal.
+    pub quiet: bool,
+}
+
+impl Default for RunControl {
+    fn default() -> Self {
+        Self {
+            resume: true,
+            keep_checkpoints: 2,
+            eval_every: 0,
+            patience: None,
+            stop_after_steps: None,
+            progress_every: 10,
+            quiet: false,
+        }
+    }
+}
+
+/// What an objective's held-out evaluation reports ([`Objective::evaluate`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Evaluation {
+    /// Logged on a line of their own under the step (TRL's `eval_*` names).
+    pub metrics: Vec<(String, f64)>,
+    /// What early stopping watches (higher is better); `None`: nothing to watch this time.
+    pub watch: Option<f64>,
+}
+
+/// Early-stopping bookkeeping, kept in the checkpoint. The best value is stored as its bit
+/// pattern so a resumed run compares against exactly the number it saw.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct EarlyStopping {
+    best_bits: Option<u64>,
+    evals_without_improvement: u32,
+}
+
+impl EarlyStopping {
+    const KEY: &'static str = "early_stopping";
+
+    /// Records an evaluation's watched value; true when `patience` evaluations in a row have
+    /// not improved on the best.
+    fn observe(&mut self, watch: Option<f64>, patience: Option<u32>) -> bool {
+        if let Some(v) = watch {
+            if self.best_bits.is_none_or(|b| v > f64::from_bits(b)) {
+                self.best_bits = Some(v.to_bits());
+                self.evals_without_improvement = 0;
+            } else {
+                self.evals_without_improvement += 1;
+            }
+        }
+        patience.is_some_and(|p| self.evals_without_improvement >= p)
+    }
 }
 
 /// What an objective says about a finished step.
@@ -157,6 +241,17 @@ pub trait Objective {
     /// The step's metrics, after all its updates.
     fn finish_step(&mut self, step: u64) -> Result<StepReport>;
 
+    /// The step metric the progress line shows beside the loss (its mean since the previous
+    /// line), when the objective has a headline one.
+    const PROGRESS_METRIC: Option<&'static str> = None;
+
+    /// Held-out evaluation after `step` (every [`RunControl::eval_every`] steps and after the
+    /// last); `None` when there is nothing to evaluate on. It must not build an autograd graph.
+    fn evaluate(&mut self, step: u64) -> Result<Option<Evaluation>> {
+        let _ = step;
+        Ok(None)
+    }
+
     /// State to keep across a resume besides weights, optimiser and data position (PPO's KL
     /// controller).
     fn save_state(&self) -> Result<Option<serde_json::Value>> {
@@ -170,9 +265,10 @@ pub trait Objective {
     }
 }
 
-/// Trains the variables of `varmap` with `objective`; metrics stream to `out/log.jsonl` and
-/// checkpoints to `out/checkpoints/`. A run started on an output directory with a checkpoint
-/// resumes from it and ends where an uninterrupted run would.
+/// Trains the variables of `varmap` with `objective`; metrics stream to `out/log.jsonl` (one line
+/// per step, flushed) and checkpoints to `out/checkpoints/`. A run started on an output directory
+/// with a checkpoint resumes from it (unless [`RunControl::resume`] is off) and ends where an
+/// uninterrupted run would.
 pub fn run<O: Objective>(
     objective: &mut O,
     varmap: &VarMap,
@@ -180,6 +276,7 @@ pub fn run<O: Objective>(
     out: &Path,
 ) -> Result<TrainOutcome> {
     let name = O::NAME;
+    let ctl = &cfg.control;
     let cursor = DataCursor {
         n: objective.examples(),
         seed: cfg.seed,
@@ -199,17 +296,32 @@ pub fn run<O: Objective>(
     let root = checkpoint_root(out);
     let mut opt = AdamW::from_varmap(varmap, cfg.adamw)?;
     let mut vm = varmap.clone();
-    let mut log = RunLog::start_or_resume(out, &root, cfg.seed, name, &mut vm, &mut opt)?;
+    let mut log =
+        RunLog::start_or_resume(out, &root, ctl.resume, cfg.seed, name, &mut vm, &mut opt)?;
     if let Some(saved) = log.state.extra.get(name) {
         objective
             .restore_state(saved.clone())
             .with_context(|| format!("{name} state in the checkpoint"))?;
     }
+    let mut early: EarlyStopping = match log.state.extra.get(EarlyStopping::KEY) {
+        Some(v) => serde_json::from_value(v.clone()).context("early-stopping state")?,
+        None => EarlyStopping::default(),
+    };
     let started = Instant::now();
-    let mut outcome = TrainOutcome::default();
+    let mut outcome = TrainOutcome {
+        completed: true,
+        ..TrainOutcome::default()
+    };
     let mut clock = PhaseClock::start();
+    let mut progress = Progress::new(
+        cfg.total_steps,
+        log.state.step,
+        ctl.progress_every,
+        ctl.quiet,
+    );
     while log.state.step < cfg.total_steps {
         let step = log.state.step + 1;
+        let last = step == cfg.total_steps;
         let batch = cursor.next_batch(&mut log.state, cfg.examples_per_step);
         let lr = cfg.schedule.lr_at(step - 1);
         opt.set_learning_rate(lr);
@@ -226,22 +338,50 @@ pub fn run<O: Objective>(
             line = line.with(key, *value);
         }
         line = line.with(keys::EPOCH, cursor.epochs(&log.state));
+        let headline = O::PROGRESS_METRIC.and_then(|k| line.get(k).map(|v| (k, v)));
         log.push(line)?;
         outcome.examples += batch.len() as u64;
         outcome.tokens += report.tokens;
-        tracing::info!(objective = name, step, loss, "train step");
+        progress.step(step, loss, headline, lr, report.tokens);
         if let (Some(kl), Some(ceiling)) = (report.kl, cfg.kl_ceiling) {
             check_kl(step, kl, ceiling)?;
         }
-        if step.is_multiple_of(cfg.checkpoint_every.max(1)) || step == cfg.total_steps {
+        let due = |every: u64| every > 0 && step.is_multiple_of(every);
+        if (due(ctl.eval_every) || last)
+            && let Some(ev) = objective.evaluate(step)?
+        {
+            let mut line = LogLine::new(step);
+            for (key, value) in &ev.metrics {
+                line = line.with(key, *value);
+            }
+            progress.note(&format!("step {step}: {}", describe(&ev.metrics)));
+            log.push(line)?;
+            if early.observe(ev.watch, ctl.patience) && !last {
+                progress.note(&format!(
+                    "early stopping at step {step}: the evaluation has not improved for {} evaluations",
+                    early.evals_without_improvement
+                ));
+                outcome.stopped_early = true;
+            }
+        }
+        let interrupted = ctl.stop_after_steps.is_some_and(|k| step >= k) && !last;
+        if due(cfg.checkpoint_every) || last || interrupted {
             let mut extra = serde_json::Map::new();
             if let Some(state) = objective.save_state()? {
                 extra.insert(name.to_string(), state);
             }
-            log.checkpoint(&root, varmap, &opt, extra)?;
+            extra.insert(EarlyStopping::KEY.into(), serde_json::to_value(&early)?);
+            log.checkpoint(&root, varmap, &opt, extra, ctl.keep_checkpoints)?;
         }
         clock.lap("metrics + checkpoint");
+        if interrupted {
+            outcome.completed = false;
+        }
+        if interrupted || outcome.stopped_early {
+            break;
+        }
     }
+    progress.finish();
     outcome.steps = log.state.step;
     outcome.seconds = started.elapsed().as_secs_f64();
     outcome.epochs = cursor.epochs(&log.state);
@@ -250,9 +390,19 @@ pub fn run<O: Objective>(
     Ok(outcome)
 }
 
+/// `eval_accuracy 0.7500 eval_loss 0.4123 ...` for the progress output.
+fn describe(metrics: &[(String, f64)]) -> String {
+    metrics
+        .iter()
+        .map(|(k, v)| format!("{k} {v:.4}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// One optimiser update per entry of `updates`: its examples are scored `micro_batch` at a time,
-/// the micro-batch losses weighted by their share of the update and summed, then one backward
-/// and AdamW step. Returns the mean loss and gradient norm over the updates.
+/// each micro-batch's loss weighted by its share of the update and sent through its own backward
+/// pass (so only one micro-batch's graph is alive at a time), the gradients summed, then one
+/// AdamW step. Returns the mean loss and gradient norm over the updates.
 fn run_updates<O: Objective>(
     objective: &mut O,
     opt: &mut AdamW,
@@ -263,20 +413,24 @@ fn run_updates<O: Objective>(
 ) -> Result<(f64, f64)> {
     let (mut loss_sum, mut norm_sum) = (0.0, 0.0);
     for update in updates {
-        let mut total: Option<Tensor> = None;
+        let mut grads: Option<GradStore> = None;
+        let mut value = 0.0;
         for micro in update.chunks(cfg.micro_batch) {
             let mut loss = objective.micro_loss(step, micro)?;
             if micro.len() != update.len() {
                 loss = loss.affine(micro.len() as f64 / update.len() as f64, 0.0)?;
             }
-            total = Some(match total {
-                Some(t) => (t + loss)?,
-                None => loss,
+            clock.lap("forward");
+            value += guard::check_loss(step, &loss)?;
+            let next = loss.backward()?;
+            grads = Some(match grads {
+                Some(acc) => add_grads(acc, next, opt)?,
+                None => next,
             });
+            clock.lap("backward + optimiser");
         }
-        clock.lap("forward");
-        let loss = total.context("an optimiser update without micro-batches")?;
-        let (value, norm) = update_weights(opt, &loss, step, cfg.max_grad_norm)?;
+        let grads = grads.context("an optimiser update without micro-batches")?;
+        let norm = apply_update(opt, &grads, step, cfg.max_grad_norm)?;
         loss_sum += value;
         norm_sum += norm;
         clock.lap("backward + optimiser");
@@ -285,20 +439,33 @@ fn run_updates<O: Objective>(
     Ok((loss_sum / k, norm_sum / k))
 }
 
-/// `backward`, gradient guard, optional clip and AdamW step; returns the loss and the gradient
-/// norm (before clipping).
+/// Sums the gradients of the optimiser's parameters in `next` into `acc` (accumulation over
+/// micro-batches).
+fn add_grads(mut acc: GradStore, next: GradStore, opt: &AdamW) -> Result<GradStore> {
+    for (_, var) in opt.params() {
+        let t = var.as_tensor();
+        if let Some(g) = next.get(t) {
+            let sum = match acc.get(t) {
+                Some(a) => (a + g)?,
+                None => g.clone(),
+            };
+            acc.insert(t, sum);
+        }
+    }
+    Ok(acc)
+}
+
+/// Gradient guard, optional clip and AdamW step; returns the gradient norm (before clipping).
 ///
 /// One pass over each gradient gives its sum of squares, which is finite exactly when the
 /// gradient is (so it is both the guard and the norm), and the clip coefficient is applied
 /// inside the AdamW update instead of rewriting every gradient first.
-fn update_weights(
+fn apply_update(
     opt: &mut AdamW,
-    loss: &Tensor,
+    grads: &GradStore,
     step: u64,
     max_grad_norm: Option<f64>,
-) -> Result<(f64, f64)> {
-    let value = guard::check_loss(step, loss)?;
-    let grads = loss.backward()?;
+) -> Result<f64> {
     let mut sq = 0f64;
     for (name, var) in opt.params() {
         if let Some(g) = grads.get(var.as_tensor()) {
@@ -318,8 +485,8 @@ fn update_weights(
     let scale = max_grad_norm
         .map(|m| m / (norm + 1e-6))
         .filter(|&c| c < 1.0);
-    opt.step_scaled(&grads, scale)?;
-    Ok((value, norm))
+    opt.step_scaled(grads, scale)?;
+    Ok(norm)
 }
 
 /// One optimiser update outside the engine (benchmarks and tests of a single step): the same
@@ -330,5 +497,7 @@ pub fn optimiser_step(
     step: u64,
     max_grad_norm: Option<f64>,
 ) -> Result<f64> {
-    Ok(update_weights(opt, loss, step, max_grad_norm)?.1)
+    guard::check_loss(step, loss)?;
+    let grads = loss.backward()?;
+    apply_update(opt, &grads, step, max_grad_norm)
 }
