@@ -46,8 +46,10 @@ pub struct RawConfig {
 pub struct RawServer {
     /// `host:port`.
     pub listen: Option<String>,
-    /// A SQLite file path, or (later) a `postgres://` URL.
+    /// A SQLite file path, or a `postgres://` / `postgresql://` URL.
     pub database: Option<String>,
+    /// The variable holding the PostgreSQL password (instead of one in the URL).
+    pub database_password_env: Option<String>,
     /// The variable holding the bearer token that reads feedback (what `rlhf-bot pull` sends).
     pub read_token_env: Option<String>,
     /// The variable holding the key a chat application's backend writes and deletes with.

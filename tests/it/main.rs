@@ -30,6 +30,7 @@ mod moto;
 mod policy_model;
 mod policycli;
 mod policytrain;
+mod postgres_server;
 mod prism;
 mod promotion;
 mod pull;
