@@ -102,7 +102,7 @@ pub(crate) fn policy_run_in(root: &Path) -> PathBuf {
 }
 
 /// Runs `rlhf-bot --format json export-model …` and returns its JSON summary.
-fn export(model: &Path, format: &str, out: &Path, extra: &[&str]) -> serde_json::Value {
+pub(crate) fn export(model: &Path, format: &str, out: &Path, extra: &[&str]) -> serde_json::Value {
     let o = bin()
         .args(["--config", "/nonexistent/rlhf.yaml", "--format", "json"])
         .args(["export-model", "--to", format])

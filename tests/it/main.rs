@@ -14,6 +14,7 @@ mod deploy;
 mod dpospeed;
 mod engine;
 mod export_model;
+mod export_reward;
 mod feedback_server;
 mod firstrun;
 mod forge_behaviour;
