@@ -292,7 +292,8 @@ with torch.no_grad():
 ```
 
 `BertForSequenceClassification` would put BERT's tanh pooler before the head and compute a
-different score: do not load this directory with it.
+different score: do not load this directory with it. transformers reports the `pooler.*`
+weights as newly initialised when it loads the encoder; nothing above uses them.
 {step}"#,
         n_cols = 1 + aspects.len(),
         dense = st_layout::DENSE_DIR,
