@@ -48,6 +48,7 @@ impl Exporter for ExportModel<'_> {
             ServingFormat::Peft => ExportFormat::Peft,
             ServingFormat::GgufF16 => ExportFormat::GgufF16,
             ServingFormat::GgufQ8_0 => ExportFormat::GgufQ8_0,
+            ServingFormat::GgufLora => ExportFormat::GgufLora,
         };
         let args = ExportModelArgs {
             model: model_dir.display().to_string(),

@@ -201,20 +201,7 @@ fn a_plain_sentence_encoder_is_refused_with_a_hint() {
             .filter(|(k, _)| !k.starts_with("score."))
             .collect();
     candle_core::safetensors::save(&tensors, &path).unwrap();
-    let o = crate::common::bin()
-        .args([
-            "--config",
-            "/nonexistent/rlhf.yaml",
-            "export-model",
-            "--to",
-            "hf",
-        ])
-        .arg("--model")
-        .arg(&rm)
-        .arg("--out")
-        .arg(ws.path().join("out"))
-        .output()
-        .unwrap();
+    let o = crate::export_model::export_output(&rm, "hf", &ws.path().join("out"), &[]);
     assert!(!o.status.success());
     let err = crate::common::stderr(&o);
     assert!(

@@ -13,6 +13,7 @@ mod dataset;
 mod deploy;
 mod dpospeed;
 mod engine;
+mod export_lora_gguf;
 mod export_model;
 mod export_reward;
 mod feedback_server;

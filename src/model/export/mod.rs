@@ -13,6 +13,7 @@
 pub mod gguf_writer;
 pub mod hf;
 pub mod llama_gguf;
+pub mod lora_gguf;
 pub mod peft;
 pub mod sentence_transformers;
 
