@@ -87,6 +87,13 @@ fn notifiers(settings: &Settings) -> Result<Notifiers> {
         };
         out.dispatch = Some((dispatch.clone(), token, policy));
     }
+    if let Some(hub) = &settings.deploy.hub {
+        let token = SecretString::from_env(&hub.token_env, "Hugging Face Hub")?;
+        if actions.in_actions {
+            actions.mask(token.expose());
+        }
+        out.hub = Some((hub.clone(), token));
+    }
     Ok(out)
 }
 

@@ -11,6 +11,7 @@ mod crash;
 mod cuda;
 mod dataset;
 mod deploy;
+mod deploy_hub;
 mod dpospeed;
 mod engine;
 mod export_lora_gguf;
