@@ -389,6 +389,39 @@ fn the_production_policy_is_committed_to_the_hub_with_lfs_for_large_files() {
     assert_eq!(h.lfs_puts, 2);
     assert_eq!(h.lfs.len(), 2);
     assert_eq!(h.refused, ["preupload 401"], "nothing else was refused");
+    drop(h);
+
+    // Pushing the same files again uploads no LFS object: the Hub reports them stored.
+    let hub_settings = settings.deploy.hub.clone().unwrap();
+    let token = rlhf_bot::secret::SecretString::new(TOKEN);
+    let again: Vec<rlhf_bot::deploy::hub::HubFile> = files_of(&hub, 0);
+    let client = rlhf_bot::deploy::hub::HubClient::new(
+        &hub_settings,
+        &token,
+        std::time::Duration::from_millis(1),
+    )
+    .unwrap();
+    let commit = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(client.push(&again, "again", ""))
+        .unwrap();
+    assert_eq!(commit.lfs_uploaded, 0);
+    let h = hub.lock().unwrap();
+    assert_eq!((h.lfs_puts, h.commits.len()), (2, 2));
+    assert_eq!(h.commits[1].2, h.commits[0].2);
+}
+
+/// The files of commit `n` as a new push would send them.
+fn files_of(hub: &Shared, n: usize) -> Vec<rlhf_bot::deploy::hub::HubFile> {
+    hub.lock().unwrap().commits[n]
+        .2
+        .iter()
+        .map(|(path, content)| rlhf_bot::deploy::hub::HubFile {
+            path: path.clone(),
+            sha256: hex::encode(Sha256::digest(content)),
+            content: content.clone(),
+        })
+        .collect()
 }
 
 #[test]
