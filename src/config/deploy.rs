@@ -97,7 +97,7 @@ fn formats(key: &str, kind: ModelKind, names: Vec<String>) -> Result<Vec<Serving
             return Err(Invalid::new(
                 key,
                 format!(
-                    "`{format}` does not apply to a {kind} model: a reward model is served only as `hf` (a sequence-classification checkpoint)\nhint: list `{format}` under deploy.formats.policy, and only `hf` (or nothing) under deploy.formats.reward"
+                    "`{format}` does not apply to a {kind} model: a reward model is served only as `hf` (Hugging Face layout)\nhint: list `{format}` under deploy.formats.policy, and only `hf` (or nothing) under deploy.formats.reward"
                 ),
             ));
         }

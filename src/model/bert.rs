@@ -847,15 +847,18 @@ impl BertRewardModel {
             }
         }
         let mut cfg = BertConfig::from_file(&dir.join("config.json"))?;
-        let mut head = match cfg.extra.remove(REWARD_CONFIG_KEY) {
-            Some(v) => serde_json::from_value::<RewardHeadConfig>(v).with_context(|| {
-                format!(
-                    "parsing \"{REWARD_CONFIG_KEY}\" in {}",
-                    dir.join("config.json").display()
-                )
-            })?,
-            None => RewardHeadConfig::default(),
+        let recorded = match cfg.extra.remove(REWARD_CONFIG_KEY) {
+            Some(v) => Some(
+                serde_json::from_value::<RewardHeadConfig>(v).with_context(|| {
+                    format!(
+                        "parsing \"{REWARD_CONFIG_KEY}\" in {}",
+                        dir.join("config.json").display()
+                    )
+                })?,
+            ),
+            None => None,
         };
+        let mut head = recorded.clone().unwrap_or_default();
         for a in aspects {
             if !head.aspects.contains(a) {
                 head.aspects.push(a.clone());
@@ -866,7 +869,11 @@ impl BertRewardModel {
         let weights_path = dir.join("model.safetensors");
         let mut tensors = candle_core::safetensors::load(&weights_path, device)
             .with_context(|| format!("reading weights {}", weights_path.display()))?;
-        tensors.extend(sentence_transformers_heads(dir, &model.head, device)?);
+        // Only this project's export puts our heads in a Dense layer; another sentence
+        // encoder's `2_Dense/` (a projection) is not a score head.
+        if let Some(recorded) = &recorded {
+            tensors.extend(sentence_transformers_heads(dir, recorded, device)?);
+        }
         let mut fresh = Vec::new();
         {
             let data = model

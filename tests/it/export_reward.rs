@@ -209,3 +209,33 @@ fn a_plain_sentence_encoder_is_refused_with_a_hint() {
         "{err}"
     );
 }
+
+#[test]
+fn only_our_own_dense_layer_is_read_as_heads_and_a_mismatch_is_named() {
+    let ws = Workspace::new();
+    let rm = reward_dir(&ws.path().join("rm"), Pooling::Mean);
+    let out = ws.path().join("st");
+    export(&rm, "hf", &out, &["--dtype", "f32"]);
+    let cfg_path = out.join("config.json");
+    let cfg = json(&cfg_path);
+
+    // Config and Dense disagree on the heads: an error naming both, not a silent misreading.
+    let mut fewer = cfg.clone();
+    fewer["rlhf_bot_reward"]["aspects"] = serde_json::json!(["accuracy"]);
+    std::fs::write(&cfg_path, fewer.to_string()).unwrap();
+    let err = format!(
+        "{:#}",
+        BertRewardModel::load(&out, &[], &Device::Cpu).unwrap_err()
+    );
+    assert!(
+        err.contains("2_Dense") && err.contains("3 output rows") && err.contains("hint:"),
+        "{err}"
+    );
+
+    // Another sentence encoder's Dense (no rlhf_bot_reward): a projection, not our heads.
+    let mut foreign = cfg;
+    foreign.as_object_mut().unwrap().remove("rlhf_bot_reward");
+    std::fs::write(&cfg_path, foreign.to_string()).unwrap();
+    let model = BertRewardModel::load(&out, &[], &Device::Cpu).unwrap();
+    assert_eq!(model.fresh_heads(), ["score.bias", "score.weight"]);
+}
