@@ -5,11 +5,18 @@
 //! 3. `rlhf-bot pull` of `PULL_RECORDS` records (default 1,000,000; the service is topped up with
 //!    batches first) into a fresh store: wall and CPU time, peak memory.
 //!
+//! Each step runs once per storage backend in `BACKENDS` (default `sqlite,postgres`). PostgreSQL
+//! is the database at `BENCH_POSTGRES_URL`, or else a throwaway local server started like the
+//! tests' (Debian's `postgresql`; skipped with a message when absent).
+//!
 //! Run: `cargo bench --bench serve`. The service, the clients and the puller share the machine,
 //! as they would on a small host; say the core count next to any number.
 
 #[path = "../tests/it/child_usage.rs"]
 mod child_usage;
+#[allow(dead_code)]
+#[path = "../tests/it/postgres_server.rs"]
+mod postgres_server;
 #[path = "common/records.rs"]
 mod records;
 
@@ -94,6 +101,37 @@ async fn load(
 }
 
 fn main() {
+    let backends = std::env::var("BACKENDS").unwrap_or_else(|_| "sqlite,postgres".into());
+    // Kept until the end: dropping it (closing its guard pipe at exit) stops the server.
+    let mut local_postgres = None;
+    for backend in backends.split(',').map(str::trim) {
+        let database = match backend {
+            "sqlite" => None,
+            "postgres" => match std::env::var("BENCH_POSTGRES_URL") {
+                Ok(url) => Some(url),
+                Err(_) => {
+                    let bin = postgres_server::bin_dir();
+                    if !bin.join("initdb").exists() {
+                        println!(
+                            "postgres: skipped (no PostgreSQL at {}; set BENCH_POSTGRES_URL or install postgresql)",
+                            bin.display()
+                        );
+                        continue;
+                    }
+                    let server =
+                        local_postgres.get_or_insert_with(|| postgres_server::PgServer::start(bin));
+                    Some(server.fresh_database())
+                }
+            },
+            other => panic!("BACKENDS lists {other:?}; expected sqlite and/or postgres"),
+        };
+        println!("backend: {backend}");
+        bench_backend(database);
+    }
+}
+
+/// The three steps against one service; `postgres`: its database URL (`None`: SQLite).
+fn bench_backend(postgres: Option<String>) {
     let clients = env_usize("CLIENTS", 64);
     let seconds = env_usize("DURATION", 10) as f64;
     let batch = env_usize("BATCH", 500);
@@ -105,7 +143,7 @@ fn main() {
         format!(
             "feedback:\n  source: http\n  url: http://127.0.0.1:9/\n  token_env: BENCH_READ\n  page_size: 1000\nstore:\n  dir: {store}\nserver:\n  listen: 127.0.0.1:0\n  database: {db}\n  read_token_env: BENCH_READ\n  write_key_env: BENCH_WRITE\n  max_body_bytes: 67108864\n",
             store = dir.path().join("store").display(),
-            db = dir.path().join("service.sqlite3").display(),
+            db = postgres.unwrap_or_else(|| dir.path().join("service.sqlite3").display().to_string()),
         ),
     )
     .unwrap();

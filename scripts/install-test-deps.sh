@@ -34,12 +34,16 @@ mkdir -p "$dir"
 # System tools the workflow harness's steps and the install tests call (a runner image has them;
 # a bare Debian may not): installed with apt when missing and we may.
 # chromium + chromedriver: the feedback widget's browser test (tests/it/widget_browser.rs).
+# postgresql: the feedback service's suite runs against a throwaway PostgreSQL server too
+# (tests/it/postgres_server.rs runs initdb and pg_ctl from /usr/lib/postgresql/*/bin; the
+# package's own cluster is not used).
 missing=()
 for tool in jq curl git tar; do
   command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
+compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing+=(postgresql)
 if [ ${#missing[@]} -gt 0 ]; then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     echo "install-test-deps: installing ${missing[*]} with apt-get" >&2

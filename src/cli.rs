@@ -145,6 +145,9 @@ pub enum ExportFormat {
     /// GGUF with Q8_0 matrices (llama.cpp, Ollama).
     #[value(name = "gguf-q8_0")]
     GgufQ8_0,
+    /// The LoRA adapter as llama.cpp's adapter GGUF (llama.cpp --lora over the base's GGUF).
+    #[value(name = "gguf-lora")]
+    GgufLora,
 }
 
 /// The precision of exported weights (`export-model --dtype`).
@@ -165,7 +168,7 @@ pub struct ExportModelArgs {
     #[arg(long, value_enum)]
     pub to: ExportFormat,
     /// Output: a directory for `hf` and `peft`; a `.gguf` file (with a `Modelfile` beside it)
-    /// or a directory to hold `model.gguf` for the GGUF formats.
+    /// or a directory to hold `model.gguf` for the GGUF formats (`adapter.gguf` for gguf-lora).
     #[arg(long)]
     pub out: std::path::PathBuf,
     /// Weight precision for `hf` (default bf16) and `peft` (default f32, as trained).

@@ -48,6 +48,7 @@ impl Exporter for ExportModel<'_> {
             ServingFormat::Peft => ExportFormat::Peft,
             ServingFormat::GgufF16 => ExportFormat::GgufF16,
             ServingFormat::GgufQ8_0 => ExportFormat::GgufQ8_0,
+            ServingFormat::GgufLora => ExportFormat::GgufLora,
         };
         let args = ExportModelArgs {
             model: model_dir.display().to_string(),
@@ -85,6 +86,13 @@ fn notifiers(settings: &Settings) -> Result<Notifiers> {
             ..RetryPolicy::default()
         };
         out.dispatch = Some((dispatch.clone(), token, policy));
+    }
+    if let Some(hub) = &settings.deploy.hub {
+        let token = SecretString::from_env(&hub.token_env, "Hugging Face Hub")?;
+        if actions.in_actions {
+            actions.mask(token.expose());
+        }
+        out.hub = Some((hub.clone(), token));
     }
     Ok(out)
 }

@@ -12,7 +12,7 @@ use serde::Serialize;
 use crate::cli::{ExportDtype, ExportFormat, ExportModelArgs};
 use crate::config::Settings;
 use crate::model::export::llama_gguf::{self, GgufEncoding};
-use crate::model::export::{CausalLm, WeightDtype, hf, peft};
+use crate::model::export::{CausalLm, WeightDtype, hf, lora_gguf, peft};
 use crate::registry::{ModelKind, Registry};
 
 /// What `export-model` wrote.
@@ -103,18 +103,24 @@ pub fn export_located(
             } else {
                 GgufEncoding::Q8_0
             };
-            let path = if args
-                .out
-                .extension()
-                .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
-            {
-                args.out.clone()
-            } else {
-                args.out.join("model.gguf")
-            };
+            let path = gguf_path(&args.out, "model.gguf");
             let lm = load_causal_lm(&dir)?;
             let name = base_model_id.clone().unwrap_or_else(|| model_name(&dir));
             let files = llama_gguf::write(&lm, encoding, &name, &path)?;
+            (path, files, base_model_id)
+        }
+        (ModelKind::Policy, ExportFormat::GgufLora) => {
+            if args.dtype.is_some() {
+                bail!(
+                    "--dtype does not apply to gguf-lora: the adapter's tensors stay f32\nhint: drop --dtype"
+                );
+            }
+            let adapter = find_adapter(&dir)?;
+            let found = crate::app::policy::find_model_dir(&dir)?;
+            let base = crate::model::llama::LlamaConfig::from_dir(&found.weights)?;
+            let path = gguf_path(&args.out, "adapter.gguf");
+            let name = base_model_id.clone().unwrap_or_else(|| model_name(&dir));
+            let files = lora_gguf::write(&adapter, &base, &name, &path)?;
             (path, files, base_model_id)
         }
     };
@@ -126,6 +132,18 @@ pub fn export_located(
         files,
         base_model_id,
     })
+}
+
+/// `out` itself when it names a `.gguf` file, else `out/<file_name>`.
+fn gguf_path(out: &Path, file_name: &str) -> PathBuf {
+    if out
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    {
+        out.to_path_buf()
+    } else {
+        out.join(file_name)
+    }
 }
 
 /// A local path wins; otherwise `model` is a registry id whose artifact is verified and made

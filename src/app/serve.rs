@@ -36,7 +36,7 @@ pub async fn serve_cmd(settings: Settings, args: &ServeArgs) -> Result<()> {
             .or_else(|| std::env::var(name).ok())
     };
     let dashboard = dashboard_source(&settings, &env)?;
-    let state = crate::server::build_state(server, &env, demo_key, Some(dashboard))?;
+    let state = crate::server::build_state(server, &env, demo_key, Some(dashboard)).await?;
     crate::server::serve(
         state,
         |addr| {

@@ -31,18 +31,27 @@ pub struct DashboardSettings {
     pub kpi_days: u32,
 }
 
-/// `github` is `publish.github` (repo and API root) when configured: the dashboard retrains the
-/// repository the bot publishes to unless told otherwise.
+/// What `publish.github` says, when configured: the dashboard retrains the repository the bot
+/// publishes to unless told otherwise. (Plain fields, so this section does not import
+/// `settings`, which imports it.)
+#[derive(Debug, Clone, Copy)]
+pub struct PublishRepo<'a> {
+    pub owner: &'a str,
+    pub repo: &'a str,
+    pub api_url: &'a str,
+    pub base_branch: &'a str,
+}
+
 pub fn validate_dashboard(
     raw: RawDashboard,
-    github: Option<&super::settings::GithubSettings>,
+    github: Option<PublishRepo<'_>>,
 ) -> Result<DashboardSettings, Invalid> {
     let repo = match raw.repo.as_deref() {
         Some(text) => {
             let (owner, name) = owner_repo("dashboard.repo", text)?;
             Some((owner.to_string(), name.to_string()))
         }
-        None => github.map(|g| (g.owner.clone(), g.repo.clone())),
+        None => github.map(|g| (g.owner.to_string(), g.repo.to_string())),
     };
     let workflow = raw.workflow.unwrap_or_else(|| DEFAULT_WORKFLOW.into());
     let workflow_ok = (workflow.ends_with(".yml") || workflow.ends_with(".yaml"))
@@ -59,7 +68,7 @@ pub fn validate_dashboard(
     }
     let branch = raw
         .branch
-        .or_else(|| github.map(|g| g.base_branch.clone()))
+        .or_else(|| github.map(|g| g.base_branch.to_string()))
         .unwrap_or_else(|| "main".into());
     if !crate::forge::github::valid_branch_name(&branch) {
         return Err(Invalid::new(
@@ -69,7 +78,7 @@ pub fn validate_dashboard(
     }
     let api_url = raw
         .api_url
-        .or_else(|| github.map(|g| g.api_url.clone()))
+        .or_else(|| github.map(|g| g.api_url.to_string()))
         .unwrap_or_else(|| crate::forge::github::DEFAULT_API_URL.into());
     http_url(
         "dashboard.api_url",
@@ -136,14 +145,13 @@ mod tests {
 
     #[test]
     fn defaults_link_to_the_publish_repository() {
-        let github = crate::config::settings::GithubSettings {
-            api_url: "https://ghe.example.com/api/v3".into(),
-            owner: "acme".into(),
-            repo: "assistant".into(),
-            token_env: "GITHUB_TOKEN".into(),
-            base_branch: "trunk".into(),
+        let github = PublishRepo {
+            api_url: "https://ghe.example.com/api/v3",
+            owner: "acme",
+            repo: "assistant",
+            base_branch: "trunk",
         };
-        let d = validate_dashboard(raw("{}"), Some(&github)).unwrap();
+        let d = validate_dashboard(raw("{}"), Some(github)).unwrap();
         assert_eq!(d.branch, "trunk");
         assert!(!d.public);
         let (owner, repo) = d.repository(|_| None).unwrap();

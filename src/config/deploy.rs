@@ -1,17 +1,19 @@
 //! The `deploy:` section: which serving formats `rlhf-bot deploy` publishes per model kind, how
-//! many versions stay in the artifact store, and whom it tells (a signed webhook, a
-//! `repository_dispatch`). Validated here so that a format that cannot apply to a kind (a GGUF of
-//! a reward model) is a config error before anything is exported or uploaded.
+//! many versions stay in the artifact store, whom it tells (a signed webhook, a
+//! `repository_dispatch`), and which Hugging Face Hub repository receives a model. Validated here
+//! so that a format that cannot apply to a kind (a GGUF of a reward model) is a config error
+//! before anything is exported or uploaded.
 
 use super::Invalid;
 use super::fields::{env_name, http_url, owner_repo};
-use super::raw::{RawDeploy, RawDispatch, RawWebhook};
+use super::raw::{RawDeploy, RawDispatch, RawHub, RawWebhook};
 use crate::deploy::ServingFormat;
 use crate::model_kind::ModelKind;
 
 pub use crate::deploy::settings::{
-    DEFAULT_DISPATCH_EVENT, DEFAULT_DISPATCH_TOKEN_ENV, DEFAULT_KEEP, DEFAULT_WEBHOOK_SECRET_ENV,
-    DeploySettings, DispatchSettings, WebhookSettings,
+    DEFAULT_DISPATCH_EVENT, DEFAULT_DISPATCH_TOKEN_ENV, DEFAULT_HUB_ENDPOINT, DEFAULT_HUB_REVISION,
+    DEFAULT_HUB_TOKEN_ENV, DEFAULT_KEEP, DEFAULT_WEBHOOK_SECRET_ENV, DeploySettings,
+    DispatchSettings, HubSettings, WebhookSettings,
 };
 
 /// `github_api` is `publish.github.api_url` when set: a dispatch goes to the same GitHub.
@@ -19,12 +21,6 @@ pub fn validate_deploy(
     raw: RawDeploy,
     github_api: Option<&str>,
 ) -> Result<DeploySettings, Invalid> {
-    if raw.hub.is_some() {
-        return Err(Invalid::new(
-            "deploy.hub",
-            "pushing to the Hugging Face Hub is not supported yet\nhint: remove `deploy.hub`; a serving job can copy the `hf` format from the production prefix (docs/serving.md)",
-        ));
-    }
     let defaults = DeploySettings::default();
     let policy_formats = match raw.formats.policy {
         Some(names) => formats("deploy.formats.policy", ModelKind::Policy, names)?,
@@ -44,6 +40,52 @@ pub fn validate_deploy(
             .repository_dispatch
             .map(|d| dispatch(d, github_api))
             .transpose()?,
+        hub: raw.hub.map(hub).transpose()?,
+    })
+}
+
+fn hub(h: RawHub) -> Result<HubSettings, Invalid> {
+    owner_repo("deploy.hub.repo", &h.repo)?;
+    let endpoint = h.endpoint.unwrap_or_else(|| DEFAULT_HUB_ENDPOINT.into());
+    http_url("deploy.hub.endpoint", &endpoint, "deploy.hub.token_env")?;
+    let revision = h.revision.unwrap_or_else(|| DEFAULT_HUB_REVISION.into());
+    // A branch name as git allows it, kept to what needs no quoting beyond `/`.
+    let revision_ok = !revision.is_empty()
+        && !revision.contains("..")
+        && !revision.starts_with('/')
+        && !revision.ends_with('/')
+        && revision
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b));
+    if !revision_ok {
+        return Err(Invalid::new(
+            "deploy.hub.revision",
+            format!(
+                "{revision:?} is not a usable branch name\nhint: letters, digits and -_./, e.g. {DEFAULT_HUB_REVISION}"
+            ),
+        ));
+    }
+    let kind = match h.kind.as_deref() {
+        None | Some("policy") => ModelKind::Policy,
+        Some("reward") => ModelKind::Reward,
+        Some(other) => {
+            return Err(Invalid::new(
+                "deploy.hub.kind",
+                format!("{other:?} is not a model kind\nhint: policy (the default) or reward"),
+            ));
+        }
+    };
+    let token_env = env_name(
+        "deploy.hub.token_env",
+        h.token_env.unwrap_or_else(|| DEFAULT_HUB_TOKEN_ENV.into()),
+        DEFAULT_HUB_TOKEN_ENV,
+    )?;
+    Ok(HubSettings {
+        endpoint: endpoint.trim_end_matches('/').to_string(),
+        repo: h.repo,
+        revision,
+        token_env,
+        kind,
     })
 }
 
@@ -55,7 +97,7 @@ fn formats(key: &str, kind: ModelKind, names: Vec<String>) -> Result<Vec<Serving
             return Err(Invalid::new(
                 key,
                 format!(
-                    "`{format}` does not apply to a {kind} model: a reward model is served only as `hf` (a sequence-classification checkpoint)\nhint: list `{format}` under deploy.formats.policy, and only `hf` (or nothing) under deploy.formats.reward"
+                    "`{format}` does not apply to a {kind} model: a reward model is served only as `hf` (Hugging Face layout)\nhint: list `{format}` under deploy.formats.policy, and only `hf` (or nothing) under deploy.formats.reward"
                 ),
             ));
         }

@@ -46,8 +46,10 @@ pub struct RawConfig {
 pub struct RawServer {
     /// `host:port`.
     pub listen: Option<String>,
-    /// A SQLite file path, or (later) a `postgres://` URL.
+    /// A SQLite file path, or a `postgres://` / `postgresql://` URL.
     pub database: Option<String>,
+    /// The variable holding the PostgreSQL password (instead of one in the URL).
+    pub database_password_env: Option<String>,
     /// The variable holding the bearer token that reads feedback (what `rlhf-bot pull` sends).
     pub read_token_env: Option<String>,
     /// The variable holding the key a chat application's backend writes and deletes with.
@@ -311,8 +313,23 @@ pub struct RawDeploy {
     pub keep: Option<PositiveInt>,
     pub webhook: Option<RawWebhook>,
     pub repository_dispatch: Option<RawDispatch>,
-    /// Accepted only to refuse it with a clear message: the Hub push is not implemented.
-    pub hub: Option<serde_norway::Value>,
+    pub hub: Option<RawHub>,
+}
+
+/// `deploy.hub`: push the production model to a Hugging Face Hub model repository.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHub {
+    /// `owner/name` of the model repository (it must exist).
+    pub repo: String,
+    /// Name of the environment variable holding a Hub token with write access to `repo`.
+    pub token_env: Option<String>,
+    /// Branch committed to.
+    pub revision: Option<String>,
+    /// The Hub's base URL.
+    pub endpoint: Option<String>,
+    /// Which production model goes there: `policy` or `reward`.
+    pub kind: Option<String>,
 }
 
 /// Serving formats per kind, by `export-model --to` names; validated in `config::deploy`.

@@ -38,6 +38,80 @@ pub struct ServerSettings {
 #[serde(tag = "kind", content = "location", rename_all = "lowercase")]
 pub enum DatabaseLocation {
     Sqlite(PathBuf),
+    Postgres {
+        url: PostgresUrl,
+        /// The variable `serve` reads the password from at start-up (it replaces one in the URL).
+        password_env: Option<String>,
+    },
+}
+
+/// A `postgres://` or `postgresql://` URL that parsed as a connection string. It may hold a
+/// password, so `Debug`, `Display` and `Serialize` show it with the password replaced by `***`;
+/// only [`PostgresUrl::expose`] gives the real text (to the driver).
+#[derive(Clone)]
+pub struct PostgresUrl {
+    url: String,
+    redacted: String,
+}
+
+impl PostgresUrl {
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let redacted = redact_password(url);
+        url.parse::<tokio_postgres::Config>().map_err(|e| {
+            format!(
+                "{redacted} is not a PostgreSQL connection URL: {e}\nhint: e.g. `postgres://rlhf:PASSWORD@127.0.0.1:5432/feedback` (`?sslmode=require` for TLS)"
+            )
+        })?;
+        Ok(Self {
+            url: url.to_string(),
+            redacted,
+        })
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.url
+    }
+
+    /// The URL with its password (if any) replaced by `***`: what logs and errors show.
+    pub fn redacted(&self) -> &str {
+        &self.redacted
+    }
+}
+
+/// `url` with the password of its user-info replaced by `***`; a text that does not parse as
+/// a URL is replaced as a whole (it might hold a password in a form we do not recognise).
+fn redact_password(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) => {
+            if parsed.password().is_some() {
+                let _ = parsed.set_password(Some("***"));
+            }
+            // Key-value options such as `?password=…` are dropped from what is shown.
+            if parsed.query().is_some_and(|q| q.contains("password")) {
+                parsed.set_query(Some("***"));
+            }
+            parsed.to_string()
+        }
+        Err(_) => "the PostgreSQL URL (not shown: it may hold a password)".to_string(),
+    }
+}
+
+impl std::fmt::Debug for PostgresUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.redacted)
+    }
+}
+
+impl std::fmt::Display for PostgresUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.redacted)
+    }
+}
+
+impl Serialize for PostgresUrl {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.redacted)
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -47,7 +121,7 @@ pub struct WidgetKeySettings {
     pub origins: Vec<String>,
 }
 
-pub fn validate_server(raw: RawServer) -> Result<ServerSettings, Invalid> {
+pub fn validate_server(mut raw: RawServer) -> Result<ServerSettings, Invalid> {
     let listen_text = raw.listen.unwrap_or_else(|| DEFAULT_LISTEN.into());
     let listen = listen_text.parse::<SocketAddr>().map_err(|_| {
         Invalid::new(
@@ -60,19 +134,35 @@ pub fn validate_server(raw: RawServer) -> Result<ServerSettings, Invalid> {
     let database = match raw.database {
         None => DatabaseLocation::Sqlite(PathBuf::from(DEFAULT_DATABASE)),
         Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
-            return Err(Invalid::new(
-                "server.database",
-                "PostgreSQL is not supported by this release (the URL is not shown: it may hold a password)\nhint: use a SQLite file path, e.g. `.rlhf/feedback-service.sqlite3`",
-            ));
+            DatabaseLocation::Postgres {
+                url: PostgresUrl::parse(&url).map_err(|m| Invalid::new("server.database", m))?,
+                password_env: raw
+                    .database_password_env
+                    .take()
+                    .map(|name| {
+                        env_name(
+                            "server.database_password_env",
+                            name,
+                            "RLHF_DATABASE_PASSWORD",
+                        )
+                    })
+                    .transpose()?,
+            }
         }
         Some(path) if path.trim().is_empty() => {
             return Err(Invalid::new(
                 "server.database",
-                "is empty\nhint: a SQLite file path, e.g. `.rlhf/feedback-service.sqlite3`",
+                "is empty\nhint: a SQLite file path, e.g. `.rlhf/feedback-service.sqlite3`, or a `postgres://` URL",
             ));
         }
         Some(path) => DatabaseLocation::Sqlite(PathBuf::from(path)),
     };
+    if raw.database_password_env.is_some() {
+        return Err(Invalid::new(
+            "server.database_password_env",
+            "is only for a PostgreSQL database, and `server.database` is a SQLite file\nhint: remove the key, or set `server.database` to a `postgres://` URL",
+        ));
+    }
     let read_token_env = env_name(
         "server.read_token_env",
         raw.read_token_env
@@ -138,4 +228,32 @@ fn normalise_origin(text: &str) -> Result<String, String> {
         ));
     }
     Ok(url.origin().ascii_serialization())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PostgresUrl;
+
+    #[test]
+    fn a_postgres_url_never_shows_its_password() {
+        let url = PostgresUrl::parse("postgres://rlhf:hunter2-secret@db:5432/feedback").unwrap();
+        assert_eq!(url.redacted(), "postgres://rlhf:***@db:5432/feedback");
+        assert_eq!(format!("{url} {url:?}").matches("hunter2").count(), 0);
+        assert_eq!(
+            serde_json::to_string(&url).unwrap(),
+            "\"postgres://rlhf:***@db:5432/feedback\""
+        );
+        let in_query =
+            PostgresUrl::parse("postgres://db/feedback?password=hunter2-secret").unwrap();
+        assert!(
+            !in_query.redacted().contains("hunter2"),
+            "{}",
+            in_query.redacted()
+        );
+        let refused =
+            PostgresUrl::parse("postgres://rlhf:hunter2-secret@db/feedback?sslmode=maybe")
+                .unwrap_err();
+        assert!(!refused.contains("hunter2"), "{refused}");
+        assert!(refused.contains("rlhf:***@db"), "{refused}");
+    }
 }

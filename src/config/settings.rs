@@ -334,7 +334,18 @@ pub fn validate(raw: RawConfig, text: &str) -> Result<Settings, Invalid> {
         publish.github.as_ref().map(|g| g.api_url.as_str()),
     )?;
     let server = super::server::validate_server(raw.server)?;
-    let dashboard = super::dashboard::validate_dashboard(raw.dashboard, publish.github.as_ref())?;
+    let dashboard = super::dashboard::validate_dashboard(
+        raw.dashboard,
+        publish
+            .github
+            .as_ref()
+            .map(|g| super::dashboard::PublishRepo {
+                owner: &g.owner,
+                repo: &g.repo,
+                api_url: &g.api_url,
+                base_branch: &g.base_branch,
+            }),
+    )?;
     let store_dir = PathBuf::from(raw.store.dir.unwrap_or_else(|| DEFAULT_STORE_DIR.into()));
     let artifacts = match raw.registry.artifacts.as_deref() {
         None => ArtifactLocation::Dir(PathBuf::from(DEFAULT_ARTIFACTS_DIR)),

@@ -10,8 +10,8 @@ use crate::model_kind::ModelKind;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum ServingFormat {
-    /// Merged weights in Hugging Face layout (a sequence-classification checkpoint for a reward
-    /// model).
+    /// Merged weights in Hugging Face layout (a sequence-classification checkpoint or a
+    /// sentence-transformers directory for a reward model).
     #[serde(rename = "hf")]
     Hf,
     /// The LoRA adapter as a PEFT directory.
@@ -21,10 +21,19 @@ pub enum ServingFormat {
     GgufF16,
     #[serde(rename = "gguf-q8_0")]
     GgufQ8_0,
+    /// The LoRA adapter as llama.cpp's adapter GGUF.
+    #[serde(rename = "gguf-lora")]
+    GgufLora,
 }
 
 impl ServingFormat {
-    pub const ALL: [ServingFormat; 4] = [Self::Hf, Self::Peft, Self::GgufF16, Self::GgufQ8_0];
+    pub const ALL: [ServingFormat; 5] = [
+        Self::Hf,
+        Self::Peft,
+        Self::GgufF16,
+        Self::GgufQ8_0,
+        Self::GgufLora,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -32,11 +41,12 @@ impl ServingFormat {
             Self::Peft => "peft",
             Self::GgufF16 => "gguf-f16",
             Self::GgufQ8_0 => "gguf-q8_0",
+            Self::GgufLora => "gguf-lora",
         }
     }
 
-    /// A reward model is served only as a Hugging Face sequence-classification checkpoint; the
-    /// policy formats (adapter, GGUF) have no meaning for it.
+    /// A reward model is served only in Hugging Face layout (`hf`); the policy formats (adapter,
+    /// GGUF) have no meaning for it.
     pub fn applies_to(self, kind: ModelKind) -> bool {
         match kind {
             ModelKind::Policy => true,
@@ -60,7 +70,7 @@ impl FromStr for ServingFormat {
             .find(|f| f.as_str() == s)
             .ok_or_else(|| {
                 format!(
-                    "unknown serving format `{s}`\nhint: use one of hf, peft, gguf-f16, gguf-q8_0"
+                    "unknown serving format `{s}`\nhint: use one of hf, peft, gguf-f16, gguf-q8_0, gguf-lora"
                 )
             })
     }

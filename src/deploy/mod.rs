@@ -8,13 +8,15 @@
 //!    one put ([`production`] owns that ordering), and prune versions beyond `deploy.keep`; a
 //!    kept version whose files are intact is switched back to without exporting again (a
 //!    rollback);
-//! 4. notify ([`notify`]) and append a [`manifest::DeploymentRecord`]: `complete`, or
-//!    `incomplete` with the error, which the next run retries.
+//! 4. notify ([`notify`]), commit the kind `deploy.hub` names to a Hugging Face Hub repository
+//!    ([`hub`]), and append a [`manifest::DeploymentRecord`]: `complete`, or `incomplete` with
+//!    the error, which the next run retries.
 //!
 //! The model export and the secrets come from the caller (`app::deploy`), so this module knows
 //! nothing of clap or the environment, and tests can inject faults at each seam.
 
 pub mod format;
+pub mod hub;
 pub mod manifest;
 pub mod notify;
 pub mod production;
@@ -33,7 +35,7 @@ use manifest::{DeploymentRecord, Manifest, RecordStatus};
 pub use production::ProductionStore;
 
 use crate::artifacts::ArtifactStore;
-use crate::deploy::settings::{DeploySettings, DispatchSettings, WebhookSettings};
+use crate::deploy::settings::{DeploySettings, DispatchSettings, HubSettings, WebhookSettings};
 use crate::forge::github::{RetryPolicy, SecretToken};
 use crate::model_kind::ModelKind;
 use crate::registry::{ModelEntry, Registry};
@@ -56,12 +58,15 @@ pub trait Exporter {
 pub struct Notifiers {
     pub webhook: Option<(WebhookSettings, SecretString)>,
     pub dispatch: Option<(DispatchSettings, SecretToken, RetryPolicy)>,
-    /// First wait between webhook attempts; doubles each time.
+    pub hub: Option<(HubSettings, SecretString)>,
+    /// First wait between webhook (and Hub) attempts; doubles each time.
     pub backoff: Duration,
 }
 
 pub const WEBHOOK: &str = "webhook";
 pub const DISPATCH: &str = "repository_dispatch";
+/// In a record's `notified`: the Hub commit was made.
+pub const HUB: &str = "hf_hub";
 
 #[derive(Debug)]
 pub struct DeployRequest<'a> {
@@ -464,6 +469,62 @@ fn export_all(
     Ok(out)
 }
 
+/// Commits the live version's files to the Hub: the `hf` format at the repository's root (what
+/// `from_pretrained(repo)` loads), every other format under a folder of its name.
+async fn push_to_hub(
+    production: &ProductionStore,
+    settings: &HubSettings,
+    token: &SecretString,
+    manifest: &Manifest,
+    backoff: Duration,
+) -> Result<hub::HubCommit> {
+    use sha2::{Digest, Sha256};
+    let mut files = Vec::new();
+    for (format, published) in &manifest.formats {
+        for file in &published.files {
+            let content = production
+                .published_file(manifest.kind, &manifest.id, *format, &file.path)
+                .await?
+                .with_context(|| {
+                    format!("{}{} is listed but not stored", published.uri, file.path)
+                })?;
+            let sha256 = hex::encode(Sha256::digest(&content));
+            if sha256 != file.sha256 {
+                anyhow::bail!(
+                    "{}{} does not hash as release.json says; nothing was pushed to the Hub\nhint: remove the version directory so that `rlhf-bot deploy` republishes it",
+                    published.uri,
+                    file.path
+                );
+            }
+            let path = match format {
+                ServingFormat::Hf => file.path.clone(),
+                other => format!("{other}/{}", file.path),
+            };
+            files.push(hub::HubFile {
+                path,
+                content,
+                sha256,
+            });
+        }
+    }
+    let summary = format!("rlhf-bot deploy: {} {}", manifest.kind, manifest.id);
+    let description = format!(
+        "Production {} model {} (artifact sha256 {}), deployed at {}; formats: {}.",
+        manifest.kind,
+        manifest.id,
+        manifest.artifact_sha256,
+        manifest.deployed_at,
+        manifest
+            .format_names()
+            .iter()
+            .map(|f| f.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let client = hub::HubClient::new(settings, token, backoff)?;
+    Ok(client.push(&files, &summary, &description).await?)
+}
+
 /// What the webhook receives (and, trimmed, the dispatch's `client_payload`).
 #[derive(Debug, Serialize)]
 struct Payload<'a> {
@@ -532,6 +593,18 @@ async fn notify_and_record(
         match notify::send_dispatch(settings, token.clone(), client_payload, policy.clone()).await {
             Ok(()) => notified.push(DISPATCH.into()),
             Err(e) => errors.push(e.to_string()),
+        }
+    }
+    if let Some((settings, token)) = &notifiers.hub
+        && settings.kind == kind
+        && !notified.iter().any(|n| n == HUB)
+    {
+        match push_to_hub(production, settings, token, &manifest, notifiers.backoff).await {
+            Ok(commit) => {
+                tracing::info!(%kind, repo = %settings.repo, commit = %commit.commit_oid, "committed to the Hugging Face Hub");
+                notified.push(HUB.into());
+            }
+            Err(e) => errors.push(format!("{e:#}")),
         }
     }
     let status = if errors.is_empty() {

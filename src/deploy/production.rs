@@ -151,6 +151,18 @@ impl ProductionStore {
             .await
     }
 
+    /// The bytes of one file of a published format of version `id` (`None` when missing).
+    pub async fn published_file(
+        &self,
+        kind: ModelKind,
+        id: &str,
+        format: ServingFormat,
+        path: &str,
+    ) -> Result<Option<Vec<u8>>, ArtifactError> {
+        self.get(&format!("{}/{format}/{path}", Self::version_dir(kind, id)))
+            .await
+    }
+
     /// The release's URI (what a manifest names).
     pub fn release_uri(&self, kind: ModelKind, id: &str) -> String {
         self.uri(&format!("{}/{RELEASE}", Self::version_dir(kind, id)))

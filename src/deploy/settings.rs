@@ -13,6 +13,9 @@ pub const DEFAULT_KEEP: usize = 3;
 pub const DEFAULT_WEBHOOK_SECRET_ENV: &str = "RLHF_DEPLOY_WEBHOOK_SECRET";
 pub const DEFAULT_DISPATCH_TOKEN_ENV: &str = "RLHF_DISPATCH_TOKEN";
 pub const DEFAULT_DISPATCH_EVENT: &str = "rlhf-model-deployed";
+pub const DEFAULT_HUB_TOKEN_ENV: &str = "HF_TOKEN";
+pub const DEFAULT_HUB_ENDPOINT: &str = "https://huggingface.co";
+pub const DEFAULT_HUB_REVISION: &str = "main";
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DeploySettings {
@@ -22,6 +25,7 @@ pub struct DeploySettings {
     pub keep: usize,
     pub webhook: Option<WebhookSettings>,
     pub repository_dispatch: Option<DispatchSettings>,
+    pub hub: Option<HubSettings>,
 }
 
 impl Default for DeploySettings {
@@ -32,6 +36,7 @@ impl Default for DeploySettings {
             keep: DEFAULT_KEEP,
             webhook: None,
             repository_dispatch: None,
+            hub: None,
         }
     }
 }
@@ -81,4 +86,18 @@ pub struct DispatchSettings {
     pub event_type: String,
     /// The variable's name; the token is read when notifying and never printed.
     pub token_env: String,
+}
+
+/// `deploy.hub`: where the production model of `kind` is committed on a Hugging Face Hub.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HubSettings {
+    /// The Hub's base URL without a trailing `/` (`https://huggingface.co`).
+    pub endpoint: String,
+    /// `owner/name` of an existing model repository.
+    pub repo: String,
+    /// The branch committed to.
+    pub revision: String,
+    /// The variable's name; the token is read when pushing and never printed.
+    pub token_env: String,
+    pub kind: ModelKind,
 }

@@ -229,6 +229,10 @@ impl WireRecord {
         ];
         for (field, value) in names {
             within(value.as_ref().map_or(0, String::len), MAX_NAME_BYTES, field)?;
+            if value.as_ref().is_some_and(|v| v.contains('\0')) {
+                // PostgreSQL's text cannot hold it, and no identifier needs it.
+                return Err(Invalid(format!("`{field}` contains a NUL character")));
+            }
         }
         within(
             self.comment.as_ref().map_or(0, String::len),

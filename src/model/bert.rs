@@ -30,7 +30,20 @@ const MASK_BIAS: f32 = -1.0e9;
 
 /// Key in `config.json` under which the reward head's own settings are stored; `transformers`
 /// keeps unknown keys, so the file stays loadable there.
-const REWARD_CONFIG_KEY: &str = "rlhf_bot_reward";
+pub const REWARD_CONFIG_KEY: &str = "rlhf_bot_reward";
+
+/// The sentence-transformers layout of a reward model (`export-model --to hf` writes it, see
+/// `model::export::sentence_transformers`): the encoder at the root, the pooling settings in
+/// `1_Pooling/`, and every pooled head as one `Dense` layer in `2_Dense/` whose output rows are
+/// the score, then the aspect heads in name order. The per-token step head cannot sit after a
+/// pooling layer, so it has a file of its own at the root.
+pub mod st_layout {
+    pub const MODULES: &str = "modules.json";
+    pub const POOLING_DIR: &str = "1_Pooling";
+    pub const DENSE_DIR: &str = "2_Dense";
+    /// `weight` `[1, hidden]` and `bias` `[1]`: logits = last hidden state · weightᵀ + bias.
+    pub const STEP_HEAD_FILE: &str = "step_head.safetensors";
+}
 
 /// Activation of the intermediate (feed-forward) layer, as named by HF `hidden_act`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -844,15 +857,18 @@ impl BertRewardModel {
             }
         }
         let mut cfg = BertConfig::from_file(&dir.join("config.json"))?;
-        let mut head = match cfg.extra.remove(REWARD_CONFIG_KEY) {
-            Some(v) => serde_json::from_value::<RewardHeadConfig>(v).with_context(|| {
-                format!(
-                    "parsing \"{REWARD_CONFIG_KEY}\" in {}",
-                    dir.join("config.json").display()
-                )
-            })?,
-            None => RewardHeadConfig::default(),
+        let recorded = match cfg.extra.remove(REWARD_CONFIG_KEY) {
+            Some(v) => Some(
+                serde_json::from_value::<RewardHeadConfig>(v).with_context(|| {
+                    format!(
+                        "parsing \"{REWARD_CONFIG_KEY}\" in {}",
+                        dir.join("config.json").display()
+                    )
+                })?,
+            ),
+            None => None,
         };
+        let mut head = recorded.clone().unwrap_or_default();
         for a in aspects {
             if !head.aspects.contains(a) {
                 head.aspects.push(a.clone());
@@ -861,8 +877,13 @@ impl BertRewardModel {
         head.step_head |= step_head;
         let mut model = Self::new(&cfg, head, device)?;
         let weights_path = dir.join("model.safetensors");
-        let tensors = candle_core::safetensors::load(&weights_path, device)
+        let mut tensors = candle_core::safetensors::load(&weights_path, device)
             .with_context(|| format!("reading weights {}", weights_path.display()))?;
+        // Only this project's export puts our heads in a Dense layer; another sentence
+        // encoder's `2_Dense/` (a projection) is not a score head.
+        if let Some(recorded) = &recorded {
+            tensors.extend(sentence_transformers_heads(dir, recorded, device)?);
+        }
         let mut fresh = Vec::new();
         {
             let data = model
@@ -1034,6 +1055,58 @@ impl BertRewardModel {
             step_logits,
         })
     }
+}
+
+/// The head tensors of a sentence-transformers export ([`st_layout`]) under this model's names
+/// (`score.*`, `aspect_heads.<name>.*`, `step_head.*`); empty when `dir` has no `2_Dense/`.
+fn sentence_transformers_heads(
+    dir: &Path,
+    head: &RewardHeadConfig,
+    device: &Device,
+) -> anyhow::Result<std::collections::HashMap<String, Tensor>> {
+    let mut out = std::collections::HashMap::new();
+    let dense_path = dir.join(st_layout::DENSE_DIR).join("model.safetensors");
+    if dense_path.is_file() {
+        let dense = candle_core::safetensors::load(&dense_path, device)
+            .with_context(|| format!("reading weights {}", dense_path.display()))?;
+        let get = |name: &str| {
+            dense
+                .get(name)
+                .with_context(|| format!("{} has no tensor {name}", dense_path.display()))
+        };
+        let (weight, bias) = (get("linear.weight")?, get("linear.bias")?);
+        // Rows follow the model's own head order: the score, then aspects sorted by name.
+        let mut aspects = head.aspects.clone();
+        aspects.sort();
+        let rows = weight.dim(0)?;
+        ensure!(
+            rows == 1 + aspects.len() && bias.dims() == [rows],
+            "{} has {rows} output rows (bias {:?}); the config's heads need {} (the score, then \
+             aspects {aspects:?})\nhint: the Dense layer and config.json's \"{REWARD_CONFIG_KEY}\" \
+             must come from the same export",
+            dense_path.display(),
+            bias.dims(),
+            1 + aspects.len()
+        );
+        let names = std::iter::once("score".to_string())
+            .chain(aspects.iter().map(|a| format!("aspect_heads.{a}")));
+        for (row, name) in names.enumerate() {
+            out.insert(format!("{name}.weight"), weight.narrow(0, row, 1)?);
+            out.insert(format!("{name}.bias"), bias.narrow(0, row, 1)?);
+        }
+    }
+    let step_path = dir.join(st_layout::STEP_HEAD_FILE);
+    if step_path.is_file() {
+        let step = candle_core::safetensors::load(&step_path, device)
+            .with_context(|| format!("reading weights {}", step_path.display()))?;
+        for part in ["weight", "bias"] {
+            let t = step
+                .get(part)
+                .with_context(|| format!("{} has no tensor {part}", step_path.display()))?;
+            out.insert(format!("step_head.{part}"), t.clone());
+        }
+    }
+    Ok(out)
 }
 
 /// A standard normal sample (Box–Muller; `rand` 0.9 has no normal distribution without

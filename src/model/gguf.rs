@@ -595,7 +595,7 @@ fn build_tokenizer_json(
 /// The split regex of Llama 3's tokenizer (digits in groups of up to three).
 pub(crate) const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
-type Meta = std::collections::HashMap<String, GValue>;
+pub(crate) type Meta = std::collections::HashMap<String, GValue>;
 
 fn int_of(v: &GValue) -> Option<i64> {
     Some(match v {
@@ -642,7 +642,7 @@ fn get_usize(md: &Meta, key: &str) -> Result<usize, GgufError> {
     opt_usize(md, key)?.ok_or_else(|| GgufError::MissingKey(key.to_owned()))
 }
 
-fn opt_f64(md: &Meta, key: &str) -> Result<Option<f64>, GgufError> {
+pub(crate) fn opt_f64(md: &Meta, key: &str) -> Result<Option<f64>, GgufError> {
     match md.get(key) {
         None => Ok(None),
         Some(GValue::F32(x)) => Ok(Some(f64::from(*x))),
@@ -651,7 +651,7 @@ fn opt_f64(md: &Meta, key: &str) -> Result<Option<f64>, GgufError> {
     }
 }
 
-fn get_str<'a>(md: &'a Meta, key: &str) -> Result<&'a str, GgufError> {
+pub(crate) fn get_str<'a>(md: &'a Meta, key: &str) -> Result<&'a str, GgufError> {
     match md.get(key) {
         Some(GValue::String(s)) => Ok(s),
         Some(v) => Err(bad(key, v)),

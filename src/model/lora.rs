@@ -572,15 +572,8 @@ pub fn load_peft(dir: &Path) -> Result<(LoraConfig, HashMap<String, Tensor>)> {
     Ok((cfg, tensors))
 }
 
-/// Merges an adapter into a full HF state dict (`module_path.weight` names), in place:
-/// `W += scaling · B A` for every adapted module. For exporting a merged checkpoint without
-/// building the model.
-pub fn merge_into_state_dict(
-    weights: &mut HashMap<String, Tensor>,
-    config: &LoraConfig,
-    adapter: &HashMap<String, Tensor>,
-) -> Result<Vec<String>> {
-    let mut merged = Vec::new();
+/// The module paths a PEFT adapter's tensors adapt (`model.layers.0.self_attn.q_proj`), sorted.
+pub fn adapted_modules(adapter: &HashMap<String, Tensor>) -> Vec<String> {
     let mut modules: Vec<String> = adapter
         .keys()
         .filter_map(|k| {
@@ -590,7 +583,19 @@ pub fn merge_into_state_dict(
         })
         .collect();
     modules.sort();
-    for m in modules {
+    modules
+}
+
+/// Merges an adapter into a full HF state dict (`module_path.weight` names), in place:
+/// `W += scaling · B A` for every adapted module. For exporting a merged checkpoint without
+/// building the model.
+pub fn merge_into_state_dict(
+    weights: &mut HashMap<String, Tensor>,
+    config: &LoraConfig,
+    adapter: &HashMap<String, Tensor>,
+) -> Result<Vec<String>> {
+    let mut merged = Vec::new();
+    for m in adapted_modules(adapter) {
         let wname = format!("{m}.weight");
         let w = weights
             .get(&wname)

@@ -12,6 +12,7 @@ pub mod checkpoint_io;
 pub mod export;
 pub mod generate;
 pub mod gguf;
+pub mod gguf_lora;
 pub mod llama;
 pub mod lora;
 pub mod ops;

@@ -413,8 +413,13 @@ pub async fn delete_feedback(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     require_writer(caller(&state, &headers)?)?;
-    if id.is_empty() || id.len() > crate::feedback::record::limits::MAX_NAME_BYTES {
-        return Err(ApiError::bad_request("the id is empty or too long").at("id"));
+    if id.is_empty()
+        || id.len() > crate::feedback::record::limits::MAX_NAME_BYTES
+        || id.contains('\0')
+    {
+        return Err(
+            ApiError::bad_request("the id is empty, too long, or holds a NUL character").at("id"),
+        );
     }
     let op = WriteOp::Delete {
         id: id.clone(),
@@ -434,8 +439,14 @@ pub async fn erase_user(
     Path(user_id): Path<String>,
 ) -> Result<Response, ApiError> {
     require_writer(caller(&state, &headers)?)?;
-    if user_id.is_empty() || user_id.len() > crate::feedback::record::limits::MAX_NAME_BYTES {
-        return Err(ApiError::bad_request("the user id is empty or too long").at("user_id"));
+    if user_id.is_empty()
+        || user_id.len() > crate::feedback::record::limits::MAX_NAME_BYTES
+        || user_id.contains('\0')
+    {
+        return Err(ApiError::bad_request(
+            "the user id is empty, too long, or holds a NUL character",
+        )
+        .at("user_id"));
     }
     let erased = match write_one(&state, WriteOp::EraseUser { user_id }).await? {
         Outcome::Erased(n) => n,
@@ -475,6 +486,11 @@ pub async fn kpis(
     };
     if from >= to {
         return Err(ApiError::bad_request("`from` must be before `to`").at("from"));
+    }
+    if q.model_version.as_deref().is_some_and(|v| v.contains('\0')) {
+        return Err(
+            ApiError::bad_request("`model_version` holds a NUL character").at("model_version"),
+        );
     }
     let buckets = state
         .db

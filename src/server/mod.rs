@@ -3,7 +3,8 @@
 //! docs/feedback-service.md is the operator's guide; docs/feedback-api.yaml the contract.
 //!
 //! - [`api`]: the handlers (read side, write side, KPIs);
-//! - [`db`]: the storage interface and its SQLite implementation (one writer, group commit);
+//! - [`db`]: the storage interface and its SQLite and PostgreSQL implementations (one writer,
+//!   group commit);
 //! - [`auth`]: read token, write key and widget keys, compared as digests;
 //! - [`cors`], [`rate_limit`]: what the public widget key is allowed;
 //! - [`metrics`], [`error`]: `/metrics` and the JSON error shape;
@@ -33,9 +34,9 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 
-use crate::config::server::{DatabaseLocation, ServerSettings};
+use crate::config::server::ServerSettings;
 use auth::Credentials;
-use db::{FeedbackDb, SqliteDb};
+use db::FeedbackDb;
 use error::ApiError;
 use metrics::Metrics;
 use rate_limit::RateLimiter;
@@ -66,13 +67,6 @@ impl AppState {
     pub fn db_failed(&self, e: &anyhow::Error) -> ApiError {
         self.metrics.db_error();
         ApiError::internal(e)
-    }
-}
-
-/// Opens the configured database.
-pub fn open_database(settings: &ServerSettings) -> Result<Arc<dyn FeedbackDb>> {
-    match &settings.database {
-        DatabaseLocation::Sqlite(path) => Ok(SqliteDb::open(path)?),
     }
 }
 
@@ -142,7 +136,7 @@ async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
 
 /// Builds the state from settings and the environment (credentials), opening the database.
 /// `demo_widget_key`: a key the demo page may use from the service's own origin.
-pub fn build_state(
+pub async fn build_state(
     settings: ServerSettings,
     env: &dyn Fn(&str) -> Option<String>,
     demo_widget_key: Option<String>,
@@ -152,7 +146,7 @@ pub fn build_state(
     if let Some(key) = &demo_widget_key {
         credentials.add_widget(key, vec![auth::SAME_ORIGIN.to_string()]);
     }
-    let db = open_database(&settings)?;
+    let db = db::open(&settings.database, env).await?;
     Ok(Arc::new(AppState {
         rate_limit: RateLimiter::new(settings.widget_requests_per_minute),
         settings,

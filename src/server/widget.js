@@ -86,6 +86,8 @@ const outbox = {
   },
 };
 window.addEventListener("online", () => outbox.flush());
+// Feedback queued by an earlier visit (closed tab, reload while offline) goes out on load.
+outbox.flush();
 
 class RlhfFeedback extends HTMLElement {
   constructor() {

@@ -234,6 +234,7 @@ def main() -> int:
     hook = WebhookReceiver()
     artifact_store = os.path.join(work, "artifact-store")
     h.vars["RLHF_DEPLOY"] = "true"
+    h.vars["RLHF_DASHBOARD"] = "true"
     h.secrets["RLHF_DEPLOY_WEBHOOK_SECRET"] = WEBHOOK_SECRET
     try:
         root = project_root()
@@ -347,6 +348,17 @@ def main() -> int:
                 bodies = [json.loads(d["body"]) for d in hook.deliveries if d["ok"]]
                 c.expect(len(hook.deliveries) == 2 and len(bodies) == 2 and {b["id"] for b in bodies} == {policy_id, reward_id}, "merge: the webhook received one signed notice per model", detail=str(hook.deliveries)[:400])
                 c.expect("rlhf-bot deployment" in promoted.summary and "published" in promoted.summary, "merge: the summary shows the deployment", detail=promoted.summary[-400:])
+                # The dashboard job publishes the Pages site after the deploy.
+                dash = runm.job("dashboard")
+                c.expect(dash.result == "success", "merge: the dashboard job publishes the Pages site", detail="\n".join(dash.log[-20:]))
+                site = read_json(os.path.join(h.root, "pages", "data.json")) or {}
+                shown_status = {v.get("id"): v.get("status") for v in site.get("versions", [])}
+                c.expect(shown_status.get(policy_id) == "production" and shown_status.get(reward_id) == "production", "merge: the published dashboard shows the merged models as production", detail=str(shown_status)[:300])
+                c.expect(site.get("deployed", {}).get("policy", {}).get("id") == policy_id, "merge: the dashboard shows the deployed policy", detail=str(site.get("deployed"))[:300])
+                c.expect(bool(site.get("kpis")) and bool(site.get("curves", {}).get(policy_id)), "merge: the dashboard has KPI rows and the policy's training curves", detail=f"{len(site.get('kpis', []))} KPI rows, curves for {sorted(site.get('curves', {}))}")
+                c.expect(dash.environment.get("url", "").endswith(".github.io/" + gh.name + "/"), "merge: the github-pages environment gets the site's URL", detail=str(dash.environment))
+                page = open(os.path.join(h.root, "pages", "index.html"), encoding="utf-8").read() if os.path.isfile(os.path.join(h.root, "pages", "index.html")) else ""
+                c.expect("actions/workflows/rlhf.yml" in page, "merge: the page links 'Retrain now' to this workflow", detail=page[:200])
             clone = world.checkout_main(os.path.join(work, "main-clone"))
             show = subprocess.run([world.binary, "registry", "show", "--config", "rlhf-bot.yaml", "--format", "json"], cwd=clone, capture_output=True, text=True)
             shown = None

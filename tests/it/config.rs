@@ -82,17 +82,22 @@ fn cross_field_errors_point_at_the_key() {
     );
 }
 
+/// `config check --format json` with the feedback token's variable set to `s3cr3t-value`.
+fn check_json(cfg: &std::path::Path) -> std::process::Output {
+    crate::common::bin()
+        .env("TEST_FEEDBACK_TOKEN", "s3cr3t-value")
+        .arg("--config")
+        .arg(cfg)
+        .args(["--format", "json", "config", "check"])
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn secrets_are_named_never_printed() {
     let ws = Workspace::new();
     let cfg = ws.http_config("http://127.0.0.1:9", "");
-    let out = crate::common::bin()
-        .env("TEST_FEEDBACK_TOKEN", "s3cr3t-value")
-        .arg("--config")
-        .arg(&cfg)
-        .args(["--format", "json", "config", "check"])
-        .output()
-        .unwrap();
+    let out = check_json(&cfg);
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
     assert!(
@@ -131,4 +136,35 @@ fn the_binary_tunes_the_allocator_at_start_up() {
     if cfg!(all(target_os = "linux", target_env = "gnu")) {
         assert!(line.contains("tuned=true"), "{line}");
     }
+}
+
+/// `server.database` may be a PostgreSQL URL with a password: the effective settings show it
+/// redacted, and a password variable beside a SQLite path is refused, naming the key.
+#[test]
+fn database_urls_are_printed_without_their_password() {
+    let ws = Workspace::new();
+    let base = ws.http_config("http://127.0.0.1:9", "");
+    let text = std::fs::read_to_string(&base).unwrap();
+    let cfg = ws.write_config(&format!(
+        "{text}server:\n  database: postgresql://rlhf:pw-in-the-url-77@db.internal:5432/feedback?sslmode=require\n"
+    ));
+    let out = check_json(&cfg);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let printed = stdout(&out);
+    assert!(!printed.contains("pw-in-the-url-77"), "{printed}");
+    assert!(
+        printed.contains("postgresql://rlhf:***@db.internal:5432/feedback?sslmode=require"),
+        "{printed}"
+    );
+
+    let cfg = ws.write_config(&format!(
+        "{text}server:\n  database: x.sqlite3\n  database_password_env: DB_PASSWORD\n"
+    ));
+    let out = run(&cfg, &["config", "check"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("server.database_password_env"),
+        "{}",
+        stderr(&out)
+    );
 }

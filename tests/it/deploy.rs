@@ -202,7 +202,7 @@ impl World {
 }
 
 /// Stores a model directory as `id` in `store`, registers it and makes it production of its kind.
-fn register_production(
+pub(crate) fn register_production(
     registry_path: &Path,
     store: &dyn ArtifactStore,
     kind: ModelKind,
@@ -243,7 +243,7 @@ fn register_production(
 }
 
 /// A distinct tiny LoRA policy run (the export tests' fixture plus a marker file) under `root`.
-fn policy_dir(root: &Path, id: &str) -> PathBuf {
+pub(crate) fn policy_dir(root: &Path, id: &str) -> PathBuf {
     let run = crate::export_model::policy_run_in(&root.join("models").join(id));
     std::fs::write(run.join("policy/version.txt"), id).unwrap();
     run
@@ -843,7 +843,7 @@ fn a_failing_webhook_is_retried_recorded_incomplete_and_sent_again_by_the_next_r
 }
 
 #[test]
-fn deploy_config_refuses_formats_that_do_not_apply_and_the_hub() {
+fn deploy_config_refuses_formats_that_do_not_apply_and_bad_hub_settings() {
     let load = |deploy: &str| {
         rlhf_bot::config::load_str(
             Path::new("rlhf.yaml"),
@@ -878,10 +878,7 @@ fn deploy_config_refuses_formats_that_do_not_apply_and_the_hub() {
             "  formats: {policy: [onnx]}\n",
             &["deploy.formats.policy", "onnx", "hint:"],
         ),
-        (
-            "  hub: {repo: acme/model}\n",
-            &["deploy.hub", "not supported yet", "hint:"],
-        ),
+        ("  hub: {repo: acme}\n", &["deploy.hub.repo", "owner/name"]),
         (
             "  webhook: {url: 'ftp://x'}\n",
             &["deploy.webhook.url", "http(s)"],

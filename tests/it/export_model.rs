@@ -101,9 +101,14 @@ pub(crate) fn policy_run_in(root: &Path) -> PathBuf {
     run
 }
 
-/// Runs `rlhf-bot --format json export-model …` and returns its JSON summary.
-fn export(model: &Path, format: &str, out: &Path, extra: &[&str]) -> serde_json::Value {
-    let o = bin()
+/// Runs `rlhf-bot --format json export-model …` without a config file.
+pub(crate) fn export_output(
+    model: &Path,
+    format: &str,
+    out: &Path,
+    extra: &[&str],
+) -> std::process::Output {
+    bin()
         .args(["--config", "/nonexistent/rlhf.yaml", "--format", "json"])
         .args(["export-model", "--to", format])
         .arg("--model")
@@ -112,13 +117,18 @@ fn export(model: &Path, format: &str, out: &Path, extra: &[&str]) -> serde_json:
         .arg(out)
         .args(extra)
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+/// [`export_output`] that must succeed; returns its JSON summary.
+pub(crate) fn export(model: &Path, format: &str, out: &Path, extra: &[&str]) -> serde_json::Value {
+    let o = export_output(model, format, out, extra);
     assert!(o.status.success(), "{}", stderr(&o));
     serde_json::from_str(&stdout(&o)).unwrap()
 }
 
 /// Greedy continuations (token ids) of [`PROMPTS`], rendered with the chat template.
-fn greedy(
+pub(crate) fn greedy(
     model: &rlhf_bot::model::llama::LlamaForCausalLM,
     tok: &tokenizers::Tokenizer,
     template: Option<&rlhf_bot::model::chat_template::ChatTemplate>,
@@ -143,12 +153,12 @@ fn greedy(
         .tokens
 }
 
-fn hf_greedy(dir: &Path) -> Vec<Vec<u32>> {
+pub(crate) fn hf_greedy(dir: &Path) -> Vec<Vec<u32>> {
     let lm = load_lm(dir, &Device::Cpu).unwrap();
     greedy(&lm.model, &lm.tokenizer, lm.template.as_ref())
 }
 
-fn gguf_greedy(path: &Path) -> Vec<Vec<u32>> {
+pub(crate) fn gguf_greedy(path: &Path) -> Vec<Vec<u32>> {
     let g = GgufLlama::read(path).unwrap();
     let tpl = rlhf_bot::model::chat_template::ChatTemplate::new(
         g.chat_template
@@ -349,7 +359,7 @@ fn gguf_package() -> PathBuf {
 
 /// Runs scripts/gguf-inspect.py (llama.cpp's `gguf` package) on `path`; `None` (skipped) when
 /// the test venv lacks the package.
-fn inspect(path: &Path) -> Option<serde_json::Value> {
+pub(crate) fn inspect(path: &Path) -> Option<serde_json::Value> {
     if !have(
         &gguf_package(),
         "the gguf Python package (llama.cpp's reader)",

@@ -1,5 +1,9 @@
 //! `rlhf-bot serve`, the feedback service, run as users run it: the release-shaped binary as a
 //! child process on a loopback port, written to over HTTP, and read by `rlhf-bot pull`.
+//!
+//! Every test that stores something runs once per storage backend (`serve::sqlite::…` and
+//! `serve::postgres::…`, see [`on_every_backend`]); the PostgreSQL runs use a real server the
+//! tests start themselves (`postgres_server`), one database per test.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -9,6 +13,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::common::{Workspace, bin, run, stderr};
+use crate::postgres_server::PgServer;
 
 const READ: &str = "read-token-for-tests-0001";
 const WRITE: &str = "write-key-for-tests-0001";
@@ -29,14 +34,86 @@ impl Drop for Service {
     }
 }
 
-fn service_config(ws: &Workspace, extra: &str) -> PathBuf {
+/// Where a test's service keeps its feedback.
+enum Backend {
+    /// `service/feedback.sqlite3` in the test's workspace.
+    Sqlite,
+    /// A new database on the shared test server: its URL.
+    Postgres(String),
+}
+
+/// The PostgreSQL server this test binary shares, started on first use; `None` (with a
+/// "skipped" message) when its binaries are absent and the tests are not required
+/// (`RLHF_REQUIRE_TEST_ASSETS` unset).
+fn postgres_server() -> Option<&'static PgServer> {
+    static SERVER: std::sync::OnceLock<Option<PgServer>> = std::sync::OnceLock::new();
+    SERVER
+        .get_or_init(|| {
+            let bin = crate::postgres_server::bin_dir();
+            crate::common::have(&bin.join("initdb"), "PostgreSQL (Debian's `postgresql`)")
+                .then(|| PgServer::start(bin))
+        })
+        .as_ref()
+}
+
+impl Backend {
+    /// A fresh PostgreSQL database, or `None` (the test is skipped, with a message) when the
+    /// server binaries are absent and not required.
+    fn postgres() -> Option<Backend> {
+        postgres_server().map(|server| Backend::Postgres(server.fresh_database()))
+    }
+
+    fn database(&self, ws: &Workspace) -> String {
+        match self {
+            Backend::Sqlite => ws
+                .path()
+                .join("service/feedback.sqlite3")
+                .display()
+                .to_string(),
+            Backend::Postgres(url) => url.clone(),
+        }
+    }
+}
+
+/// Runs each named test (a `fn(&Backend)`) once per backend: `sqlite::NAME`, `postgres::NAME`.
+macro_rules! on_every_backend {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[test]
+            fn $name() {
+                super::$name(&super::Backend::Sqlite)
+            })*
+        }
+        mod postgres {
+            $(#[test]
+            fn $name() {
+                if let Some(backend) = super::Backend::postgres() {
+                    super::$name(&backend)
+                }
+            })*
+        }
+    };
+}
+
+on_every_backend!(
+    pull_from_the_service_stores_exactly_what_was_written,
+    writes_are_idempotent_stale_edits_are_reported_and_the_server_stamps_time,
+    deletes_and_erasure_reach_the_bots_store,
+    bad_input_gets_a_4xx_naming_the_problem_and_nothing_is_stored,
+    each_credential_does_only_its_job,
+    health_readiness_metrics_and_kpis,
+    two_hundred_writers_then_a_kill_lose_no_acknowledged_write,
+    the_service_answers_as_its_openapi_document_says,
+);
+
+fn service_config(ws: &Workspace, backend: &Backend, extra: &str) -> PathBuf {
     ws.write_config(&format!(
         "feedback:\n  source: http\n  url: http://127.0.0.1:9/\n  token_env: SERVICE_READ\n  page_size: 1000\n\
          store:\n  dir: {store}\n\
          server:\n  listen: 127.0.0.1:0\n  database: {db}\n  read_token_env: SERVICE_READ\n  write_key_env: SERVICE_WRITE\n\
          \x20 widget_keys:\n    - key_env: SERVICE_WIDGET\n      origins: [{PAGE_ORIGIN}]\n{extra}",
         store = ws.store_dir().display(),
-        db = ws.path().join("service/feedback.sqlite3").display(),
+        db = backend.database(ws),
     ))
 }
 
@@ -60,7 +137,8 @@ pub fn spawn_service(mut cmd: Command) -> (Child, String) {
     (child, url)
 }
 
-fn start_with(config: &Path) -> Service {
+/// `rlhf-bot --config CONFIG serve` with the test credentials set.
+fn serve_command(config: &Path) -> Command {
     let mut cmd = bin();
     cmd.env("SERVICE_READ", READ)
         .env("SERVICE_WRITE", WRITE)
@@ -68,7 +146,11 @@ fn start_with(config: &Path) -> Service {
         .arg("--config")
         .arg(config)
         .arg("serve");
-    let (child, url) = spawn_service(cmd);
+    cmd
+}
+
+fn start_with(config: &Path) -> Service {
+    let (child, url) = spawn_service(serve_command(config));
     Service {
         child,
         url,
@@ -76,8 +158,8 @@ fn start_with(config: &Path) -> Service {
     }
 }
 
-fn start(ws: &Workspace) -> Service {
-    start_with(&service_config(ws, ""))
+fn start(ws: &Workspace, backend: &Backend) -> Service {
+    start_with(&service_config(ws, backend, ""))
 }
 
 fn client() -> reqwest::blocking::Client {
@@ -179,10 +261,9 @@ fn pull(ws: &Workspace, svc: &Service) -> Value {
     serde_json::from_slice(&o.stdout).unwrap()
 }
 
-#[test]
-fn pull_from_the_service_stores_exactly_what_was_written() {
+fn pull_from_the_service_stores_exactly_what_was_written(backend: &Backend) {
     let ws = Workspace::new();
-    let svc = start(&ws);
+    let svc = start(&ws, backend);
     let mut comment = record("fb-aspect", "aspect", "2026-12-01T10:00:03Z");
     comment["comment"] = json!("Clear, but cite a source.");
     let batch = json!({"data": [
@@ -228,10 +309,9 @@ fn pull_from_the_service_stores_exactly_what_was_written() {
     assert_eq!(by_id("fb-aspect")["comment"], "Clear, but cite a source.");
 }
 
-#[test]
-fn writes_are_idempotent_stale_edits_are_reported_and_the_server_stamps_time() {
+fn writes_are_idempotent_stale_edits_are_reported_and_the_server_stamps_time(backend: &Backend) {
     let ws = Workspace::new();
-    let svc = start(&ws);
+    let svc = start(&ws, backend);
     let r = record("fb-1", "thumb", "2026-12-01T10:00:00Z");
     assert_eq!(post(&svc, WRITE, &r).1["outcome"], "created");
     assert_eq!(post(&svc, WRITE, &r).1["outcome"], "unchanged");
@@ -269,10 +349,9 @@ fn writes_are_idempotent_stale_edits_are_reported_and_the_server_stamps_time() {
     assert_eq!(times, sorted);
 }
 
-#[test]
-fn deletes_and_erasure_reach_the_bots_store() {
+fn deletes_and_erasure_reach_the_bots_store(backend: &Backend) {
     let ws = Workspace::new();
-    let svc = start(&ws);
+    let svc = start(&ws, backend);
     let mut other = record("fb-b1", "rating", "2026-12-01T10:00:01Z");
     other["user_id"] = json!("user-b");
     let private = |id: &str, kind: &str, at: &str| {
@@ -317,22 +396,46 @@ fn deletes_and_erasure_reach_the_bots_store() {
         !served.iter().any(|r| r.to_string().contains("user-a")),
         "{served:?}"
     );
-    // Erased content leaves the files too, the write-ahead log included.
-    for file in ["feedback.sqlite3", "feedback.sqlite3-wal"] {
-        let bytes = std::fs::read(ws.path().join("service").join(file)).unwrap_or_default();
-        for needle in ["user-a", "private-note-of-a"] {
-            assert!(
-                !bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),
-                "{file} still holds {needle:?}"
+    match backend {
+        // Erased content leaves the files too, the write-ahead log included.
+        Backend::Sqlite => {
+            for file in ["feedback.sqlite3", "feedback.sqlite3-wal"] {
+                let bytes = std::fs::read(ws.path().join("service").join(file)).unwrap_or_default();
+                for needle in ["user-a", "private-note-of-a"] {
+                    assert!(
+                        !bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),
+                        "{file} still holds {needle:?}"
+                    );
+                }
+            }
+        }
+        // Erased content leaves the table (the live rows) before the answer, and the service
+        // vacuumed it: no dead row version is left behind.
+        Backend::Postgres(url) => {
+            let server = postgres_server().expect("the server that made this database");
+            let left = server.query(
+                url,
+                "SELECT count(*) FROM feedback
+                 WHERE user_id = 'user-a' OR body LIKE '%user-a%' OR body LIKE '%private-note-of-a%'",
             );
+            assert_eq!(left, "0", "the table still holds user-a's content");
+            let tombstones = server.query(url, "SELECT count(*) FROM feedback WHERE deleted");
+            assert_eq!(tombstones, "3");
+            // Every row version on the table's page, dead ones included (pageinspect).
+            server.query(url, "CREATE EXTENSION IF NOT EXISTS pageinspect");
+            let versions = server.query(
+                url,
+                "SELECT count(*) FROM heap_page_items(get_raw_page('feedback', 0))
+                 WHERE position('private-note-of-a'::bytea IN t_data) > 0",
+            );
+            assert_eq!(versions, "0", "dead row versions still hold erased content");
         }
     }
 }
 
-#[test]
-fn bad_input_gets_a_4xx_naming_the_problem_and_nothing_is_stored() {
+fn bad_input_gets_a_4xx_naming_the_problem_and_nothing_is_stored(backend: &Backend) {
     let ws = Workspace::new();
-    let svc = start_with(&service_config(&ws, "  max_body_bytes: 65536\n"));
+    let svc = start_with(&service_config(&ws, backend, "  max_body_bytes: 65536\n"));
     let huge =
         json!({"data": [record("x", "thumb", "2026-12-01T10:00:00Z")], "pad": "y".repeat(70_000)});
     let (status, body) = post(&svc, WRITE, &huge);
@@ -407,6 +510,15 @@ fn bad_input_gets_a_4xx_naming_the_problem_and_nothing_is_stored() {
         "{body}"
     );
 
+    // PostgreSQL's text cannot hold a NUL: refused up front, for every backend alike.
+    let nul_id = record("fb-nul\u{0}id", "thumb", "2026-12-01T10:00:00Z");
+    let (status, body) = post(&svc, WRITE, &nul_id);
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("NUL"),
+        "{body}"
+    );
+
     assert!(
         read_all(&svc).is_empty(),
         "a refused request stored something"
@@ -426,10 +538,13 @@ fn bad_input_gets_a_4xx_naming_the_problem_and_nothing_is_stored() {
     assert_eq!(all[0]["comment"], "<script>alert(1)</script> ' OR 1=1 --");
 }
 
-#[test]
-fn each_credential_does_only_its_job() {
+fn each_credential_does_only_its_job(backend: &Backend) {
     let ws = Workspace::new();
-    let svc = start_with(&service_config(&ws, "  widget_requests_per_minute: 60\n"));
+    let svc = start_with(&service_config(
+        &ws,
+        backend,
+        "  widget_requests_per_minute: 60\n",
+    ));
     let c = client();
     let feed = format!("{}/v1/feedback", svc.url);
     assert_eq!(c.get(&feed).send().unwrap().status(), 401);
@@ -500,7 +615,7 @@ fn each_credential_does_only_its_job() {
 #[test]
 fn serve_refuses_to_start_without_its_credentials() {
     let ws = Workspace::new();
-    let config = service_config(&ws, "");
+    let config = service_config(&ws, &Backend::Sqlite, "");
     let o = bin()
         .env("SERVICE_READ", READ)
         .env("SERVICE_WIDGET", WIDGET)
@@ -524,10 +639,126 @@ fn serve_refuses_to_start_without_its_credentials() {
     assert!(!stderr(&o).contains("abcdefghijklmnop"), "{}", stderr(&o));
 }
 
+/// The database URL's password never reaches the output, whatever fails.
 #[test]
-fn health_readiness_metrics_and_kpis() {
+fn serve_never_shows_the_database_password() {
     let ws = Workspace::new();
-    let svc = start(&ws);
+    let port = crate::common::free_port();
+    let config = service_config(&ws, &Backend::Sqlite, "");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let sqlite = Backend::Sqlite.database(&ws);
+    for url in [
+        format!("postgres://rlhf:pw-never-shown-42@127.0.0.1:{port}/feedback"),
+        format!("postgresql://rlhf:pw-never-shown-42@127.0.0.1:{port}/feedback?sslmode=bogus"),
+    ] {
+        let config = ws.write_config(&text.replace(&sqlite, &url));
+        let o = serve_command(&config).output().unwrap();
+        assert!(!o.status.success());
+        let err = stderr(&o);
+        assert!(!err.contains("pw-never-shown"), "{err}");
+        assert!(err.contains(&format!("rlhf:***@127.0.0.1:{port}")), "{err}");
+    }
+}
+
+/// The password can come from a variable instead of the URL; a wrong one is refused at start
+/// with the server's answer, and neither password is shown.
+#[test]
+fn postgres_password_from_the_environment() {
+    let Some(Backend::Postgres(url)) = Backend::postgres() else {
+        return;
+    };
+    let ws = Workspace::new();
+    let bare = url.replace(&format!(":{}@", crate::postgres_server::PASSWORD), "@");
+    assert_ne!(bare, url);
+    let text = std::fs::read_to_string(service_config(&ws, &Backend::Sqlite, "")).unwrap();
+    let config = ws.write_config(
+        &text.replace(&Backend::Sqlite.database(&ws), &bare).replace(
+            "  read_token_env:",
+            "  database_password_env: SERVICE_DB_PASSWORD\n  read_token_env:",
+        ),
+    );
+    let serve = |config: &Path, password: &str| {
+        let mut cmd = serve_command(config);
+        cmd.env("SERVICE_DB_PASSWORD", password);
+        cmd
+    };
+    let o = serve(&config, "wrong-password-never-shown")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(err.contains("password authentication failed"), "{err}");
+    assert!(!err.contains("wrong-password-never-shown"), "{err}");
+
+    // `sslmode=require` goes through rustls; this test server has no TLS, so it must refuse
+    // rather than fall back to plain text.
+    let plain = std::fs::read_to_string(&config).unwrap();
+    let tls_config = ws.path().join("tls.yaml");
+    std::fs::write(
+        &tls_config,
+        plain.replace(&bare, &format!("{bare}?sslmode=require")),
+    )
+    .unwrap();
+    let o = serve(&tls_config, crate::postgres_server::PASSWORD)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("TLS"), "{}", stderr(&o));
+
+    let (child, url) = spawn_service(serve(&config, crate::postgres_server::PASSWORD));
+    let svc = Service { child, url, config };
+    let ready = client().get(format!("{}/readyz", svc.url)).send().unwrap();
+    assert_eq!(ready.status(), 200);
+    let r = record("fb-1", "thumb", "2026-12-01T10:00:00Z");
+    assert_eq!(post(&svc, WRITE, &r).1["outcome"], "created");
+}
+
+/// When its PostgreSQL database goes away, `/readyz` and writes answer 503 (nothing stored,
+/// retry), and the service keeps running.
+#[test]
+fn readiness_follows_the_postgres_database() {
+    let Some(Backend::Postgres(url)) = Backend::postgres() else {
+        return;
+    };
+    let ws = Workspace::new();
+    let svc = start(&ws, &Backend::Postgres(url.clone()));
+    let ready = || {
+        client()
+            .get(format!("{}/readyz", svc.url))
+            .send()
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(ready(), 200);
+    let (database, maintenance) = url
+        .rsplit_once('/')
+        .map(|(base, name)| (name.to_string(), format!("{base}/postgres")))
+        .unwrap();
+    postgres_server().unwrap().query(
+        &maintenance,
+        &format!("DROP DATABASE {database} WITH (FORCE)"),
+    );
+    assert_eq!(ready(), 503);
+    let (status, body) = post(
+        &svc,
+        WRITE,
+        &record("fb-1", "thumb", "2026-12-01T10:00:00Z"),
+    );
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(
+        client()
+            .get(format!("{}/healthz", svc.url))
+            .send()
+            .unwrap()
+            .status(),
+        200
+    );
+}
+
+fn health_readiness_metrics_and_kpis(backend: &Backend) {
+    let ws = Workspace::new();
+    let svc = start(&ws, backend);
     let c = client();
     assert_eq!(
         c.get(format!("{}/healthz", svc.url))
@@ -597,12 +828,11 @@ fn health_readiness_metrics_and_kpis() {
 /// 200 concurrent writers hammer the service for 30 s; then it is killed with SIGKILL while
 /// they are still writing, and restarted on the same database: every write that was
 /// acknowledged is there, once.
-#[test]
-fn two_hundred_writers_then_a_kill_lose_no_acknowledged_write() {
+fn two_hundred_writers_then_a_kill_lose_no_acknowledged_write(backend: &Backend) {
     const WRITERS: usize = 200;
     const LOAD: Duration = Duration::from_secs(30);
     let ws = Workspace::new();
-    let config = service_config(&ws, "");
+    let config = service_config(&ws, backend, "");
     let svc = start_with(&config);
     let url = svc.url.clone();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -665,14 +895,13 @@ fn two_hundred_writers_then_a_kill_lose_no_acknowledged_write() {
 
 /// Every endpoint, answered by the real service through a Prism proxy that checks requests and
 /// responses against docs/feedback-api.yaml: no exchange may carry an `sl-violations` header.
-#[test]
-fn the_service_answers_as_its_openapi_document_says() {
+fn the_service_answers_as_its_openapi_document_says(backend: &Backend) {
     let deps = crate::common::deps_dir();
     if !crate::common::have(&deps.join("node_modules/.bin/prism"), "prism") {
         return;
     }
     let ws = Workspace::new();
-    let svc = start(&ws);
+    let svc = start(&ws, backend);
     let spec = crate::common::repo().join("docs/feedback-api.yaml");
     let prism = crate::prism::Prism::proxy(&deps, &spec, &svc.url);
     let base = prism.url();

@@ -339,3 +339,66 @@ fn a_user_gives_feedback_in_the_demo_page_and_pull_stores_exactly_that() {
         "{rows:?}"
     );
 }
+
+/// Chromium's own network emulation: `offline` fails every request the page makes.
+fn set_offline(browser: &Browser, offline: bool) {
+    browser.call(
+        reqwest::Method::POST,
+        "/chromium/network_conditions",
+        json!({"network_conditions": {
+            "offline": offline, "latency": 0, "download_throughput": -1, "upload_throughput": -1
+        }}),
+    );
+}
+
+#[test]
+fn feedback_given_offline_is_queued_in_the_browser_and_sent_when_back_online() {
+    let Some(browser) = Browser::start() else {
+        return;
+    };
+    let ws = Workspace::new();
+    let (_service, url, _config) = start_demo(&ws);
+    browser.go(&format!("{url}/demo"));
+    set_offline(&browser, true);
+    browser.click(&browser.in_widget(0, r#"[aria-label="Thumb up for this answer"]"#));
+    browser.click(&browser.in_widget(0, r#"[aria-label="Rate 2 of 5"]"#));
+    // Both wait in localStorage (which outlives the page), and nothing reached the service.
+    let queued = |b: &Browser| {
+        b.call(
+            reqwest::Method::POST,
+            "/execute/sync",
+            json!({"script": "return Object.keys(JSON.parse(localStorage.getItem('rlhf-feedback-queue') || '{}')).length;", "args": []}),
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while queued(&browser) != json!(2) {
+        assert!(
+            Instant::now() < deadline,
+            "the offline sends were not queued: {}",
+            queued(&browser)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let c = reqwest::blocking::Client::new();
+    let page: Value = c
+        .get(format!("{url}/v1/feedback"))
+        .bearer_auth(READ)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(page["data"], json!([]), "nothing can arrive while offline");
+    set_offline(&browser, false);
+    let rows = served(&url, |rows| rows.len() == 2);
+    assert_eq!(find(&rows, ":thumb").unwrap()["thumb"], "up");
+    assert_eq!(find(&rows, ":rating").unwrap()["rating"], 2);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while queued(&browser) != json!(0) {
+        assert!(
+            Instant::now() < deadline,
+            "the queue was not emptied after the sends"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

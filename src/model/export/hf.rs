@@ -2,7 +2,8 @@
 //! without arguments.
 //!
 //! A policy becomes `LlamaForCausalLM` with merged weights; a llama reward model stays
-//! `LlamaForSequenceClassification` with its `score` head and `num_labels: 1`. Both get
+//! `LlamaForSequenceClassification` with its `score` head and `num_labels: 1` (a BERT reward
+//! model is handed to `sentence_transformers`). Both get
 //! `config.json` with `torch_dtype`/`dtype` naming the stored precision (bf16 by default — what
 //! these servers run in), the tokenizer files (`tokenizer.json`, a `tokenizer_config.json` that
 //! carries `chat_template`, `special_tokens_map.json`), `chat_template.jinja` (newer
@@ -16,6 +17,7 @@ use anyhow::{Context, Result, bail};
 use candle_core::Tensor;
 
 use super::{CausalLm, WeightDtype, cast_all, read_json, write_json};
+use crate::model::bert::REWARD_CONFIG_KEY;
 use crate::model::chat_template::SpecialTokens;
 use crate::model::checkpoint_io::save_tensors;
 use crate::model::llama::{Architecture, LlamaConfig};
@@ -52,18 +54,15 @@ pub fn write_causal_lm(lm: &CausalLm, dtype: WeightDtype, out: &Path) -> Result<
 }
 
 /// Writes a reward model directory (`src`, as `train reward` leaves it) as an HF
-/// sequence-classification checkpoint at `out`.
+/// sequence-classification checkpoint at `out` (llama) or a sentence-transformers directory
+/// (BERT, see `sentence_transformers`).
 pub fn write_reward_model(src: &Path, dtype: WeightDtype, out: &Path) -> Result<Vec<PathBuf>> {
     let raw = read_json(&src.join("config.json"))?
         .with_context(|| format!("{} has no config.json", src.display()))?;
-    if raw["model_type"] == "bert" || raw.get("rlhf_bot_reward").is_some() {
-        // This project's BERT reward head pools (mean or [CLS]) without BERT's pooler layer;
-        // BertForSequenceClassification puts a tanh pooler in between, so no renaming of the
-        // weights would make transformers compute the same score.
-        bail!(
-            "{} is a BERT reward model, whose score head reads the encoder output without BERT's pooler; BertForSequenceClassification would compute a different score\nhint: train a llama reward model (the default) to serve it with transformers, or load this directory with rlhf-bot",
-            src.display()
-        );
+    if raw["model_type"] == "bert" || raw.get(REWARD_CONFIG_KEY).is_some() {
+        // BertForSequenceClassification's tanh pooler is not what this head reads: the BERT
+        // reward model goes out in the sentence-transformers layout instead.
+        return super::sentence_transformers::write_bert_reward(src, dtype, out);
     }
     let mut cfg = LlamaConfig::from_dir(src)?;
     if cfg.num_labels() != 1 {

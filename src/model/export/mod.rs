@@ -1,6 +1,7 @@
 //! Serving formats out: a trained policy or reward model written in the shapes inference servers
 //! load unchanged — merged Hugging Face weights (transformers, vLLM, TGI), a PEFT adapter (vLLM
-//! `--lora-modules`), and GGUF (llama.cpp, Ollama, with a `Modelfile`).
+//! `--lora-modules`), GGUF (llama.cpp, Ollama, with a `Modelfile`), and the BERT reward model in
+//! the sentence-transformers layout.
 //!
 //! Training keeps f32 weights, a local base path in `adapter_config.json` and whatever tokenizer
 //! files the base came with; servers want half precision, a public base id, and a complete,
@@ -12,7 +13,9 @@
 pub mod gguf_writer;
 pub mod hf;
 pub mod llama_gguf;
+pub mod lora_gguf;
 pub mod peft;
+pub mod sentence_transformers;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

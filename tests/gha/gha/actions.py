@@ -439,7 +439,47 @@ def download_artifact(job, w: dict, env: dict, where: str, sid: str):
     return True, {"download-path": dest}
 
 
+# ---- GitHub Pages --------------------------------------------------------------------------------
+
+
+def upload_pages_artifact(job, w: dict, env: dict, where: str, sid: str):
+    """actions/upload-pages-artifact: the site directory as the run's `github-pages` artifact
+    (the real action tars it first; the harness keeps the files, which is what deploy reads)."""
+    _check_inputs("actions/upload-pages-artifact", w, {"path", "name", "retention-days"}, where)
+    path = w.get("path") or "_site/"
+    full = os.path.normpath(os.path.join(job.workspace, path))
+    if not os.path.isdir(full):
+        raise StepFailure(f"tar: {path}: Cannot open: No such file or directory")
+    for f in _walk(full, False):
+        if os.path.islink(f):
+            raise StepFailure(f"Pages artifacts may not hold symbolic links: {os.path.relpath(f, full)}")
+    return upload_artifact(job, {"name": w.get("name") or "github-pages", "path": full, "retention-days": w.get("retention-days") or "1", "include-hidden-files": "true"}, env, where, sid)
+
+
+def deploy_pages(job, w: dict, env: dict, where: str, sid: str):
+    """actions/deploy-pages: publishes this run's `github-pages` artifact as the repository's
+    site. Like GitHub it needs `pages: write` and `id-token: write` on the job's token."""
+    _check_inputs("actions/deploy-pages", w, {"token", "timeout", "error_count", "reporting_interval", "artifact_name", "preview"}, where)
+    perms = job.res.token_permissions
+    if perms.get("pages") != "write" or perms.get("id-token") != "write":
+        raise StepFailure(f"Ensure GITHUB_TOKEN has permission \"id-token: write\" and \"pages: write\" (the job has {perms})")
+    name = w.get("artifact_name") or "github-pages"
+    src = job.h.artifacts.dir(job.rx.run.id, name)
+    if not os.path.isdir(src):
+        raise StepFailure(f"Fetching artifact metadata failed. Is a Pages artifact named {name} uploaded in this run?")
+    site = os.path.join(job.h.root, "pages")
+    if os.path.exists(site):
+        shutil.rmtree(site)
+    shutil.copytree(src, site)
+    job.h.pages_deployments.append({"run_id": job.rx.run.id, "job": job.jid, "files": sorted(os.listdir(site))})
+    url = f"https://{job.h.github.owner}.github.io/{job.h.github.name}/"
+    job.logline(f"Reported success! Site at {url}")
+    return True, {"page_url": url}
+
+
 BUILTINS = {
+    "actions/upload-pages-artifact": upload_pages_artifact,
+    "actions/deploy-pages": deploy_pages,
     "actions/checkout": checkout,
     "actions/cache": cache,
     "actions/cache/restore": cache_restore,

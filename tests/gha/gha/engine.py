@@ -130,6 +130,8 @@ class JobRun:
     log: list = field(default_factory=list)
     runs_on: Any = None
     token_permissions: dict = field(default_factory=dict)
+    # `environment:` of the job: its name, and its url evaluated at the end of the job.
+    environment: dict = field(default_factory=dict)
 
     def step(self, name_or_id: str) -> StepResult:
         for s in self.steps:
@@ -273,6 +275,8 @@ class Harness:
 
         self.cache = CacheStore(os.path.join(self.root, "actions-cache"))
         self.artifacts = ArtifactStore(os.path.join(self.root, "artifacts"))
+        # What actions/deploy-pages published (the site itself is under <root>/pages).
+        self.pages_deployments: list[dict] = []
         git_cfg = os.path.join(self.github.bare, "config")
         subprocess.run(["git", "config", "--file", git_cfg, "uploadpack.allowAnySHA1InWant", "true"], check=True)
 
@@ -503,9 +507,9 @@ class RunExecutor:
         where = f"{self.path}: jobs.{jid}"
         result = JobRun(id=jid)
         for key in job:
-            if key in ("strategy", "container", "services", "uses", "secrets", "with", "environment"):
+            if key in ("strategy", "container", "services", "uses", "secrets", "with"):
                 raise HarnessError(f"{where}.{key} is not emulated by this harness")
-            if key not in ("name", "needs", "if", "runs-on", "timeout-minutes", "permissions", "outputs", "env", "defaults", "steps", "continue-on-error", "concurrency"):
+            if key not in ("name", "needs", "if", "runs-on", "timeout-minutes", "permissions", "outputs", "env", "defaults", "steps", "continue-on-error", "concurrency", "environment"):
                 raise HarnessError(f"{where}: key `{key}` is not emulated")
         needs_ctx = {d: {"result": self.run.jobs[d].result, "outputs": dict(self.run.jobs[d].outputs)} for d in needs[jid]}
         anc = [self.run.jobs[a].result for a in self.ancestors(jid, needs)]
@@ -707,6 +711,18 @@ class JobExecutor:
         self.prune()
         with open(os.path.join(self.dir, "log.txt"), "w") as f:
             f.write(self.res.log_text() + "\n")
+        # The deployment environment: GitHub evaluates its url once the steps ran.
+        env_spec = job.get("environment")
+        if env_spec is not None:
+            spec = env_spec if isinstance(env_spec, dict) else {"name": env_spec}
+            unknown = set(spec) - {"name", "url", "deployment"}
+            if unknown or not spec.get("name"):
+                raise HarnessError(f"{self.where}.environment: needs a name; unknown keys {sorted(unknown)}")
+            ctx = self.contexts(self.global_env, steps_ctx)
+            self.res.environment = {
+                "name": self.ev_str(spec["name"], ctx, f"{self.where}.environment.name"),
+                "url": self.ev_str(spec.get("url", ""), ctx, f"{self.where}.environment.url"),
+            }
         # Job outputs: evaluated at the end; a value holding a secret is dropped, as GitHub does.
         for name, raw in (job.get("outputs") or {}).items():
             value = self.ev_str(raw, self.contexts(self.global_env, steps_ctx), f"{self.where}.outputs.{name}")

@@ -1,33 +1,29 @@
-//! The feedback service's database: the one storage interface ([`FeedbackDb`]) and its SQLite
-//! implementation.
-//!
-//! Ordering: the feed is ordered by `(updated_at, id)`, where `updated_at` is the time the
-//! SERVER accepted the change, strictly increasing across writes (one writer assigns it). A
-//! client's own `updated_at` only decides which of two versions of a record wins (a later
-//! client time is an edit, an earlier one is stale). With client times as the feed order, a
-//! record arriving late with an old time would sort before the bot's watermark and never be
-//! pulled.
+//! The SQLite backend of [`FeedbackDb`]: a file in WAL mode.
 //!
 //! Writes: one writer thread owns the write connection and applies every queued request in one
-//! transaction (group commit), then answers each. A request is acknowledged only after its
-//! transaction committed; WAL with `synchronous = NORMAL` keeps committed transactions across a
-//! killed process. Reads use their own connections and never wait for the writer.
-//!
-//! Migrations: `schema_migrations` records each applied step; [`MIGRATIONS`] only grows.
+//! transaction (group commit), then answers each; WAL with `synchronous = NORMAL` keeps
+//! committed transactions across a killed process. Reads use their own connections and never
+//! wait for the writer. Deleted content leaves the file too: `secure_delete` zeroes it in the
+//! pages, and the write-ahead log is truncated before the client hears it is gone.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, anyhow};
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use futures::future::BoxFuture;
 use rusqlite::{Connection, OptionalExtension, params};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
-use crate::feedback::record::{Change, FeedbackRecord, format_time};
+use super::{
+    DAY_US, FeedRow, FeedbackDb, Job, KpiBucket, Outcome, QUEUE, RecordColumns, ServedClock,
+    StoredVersion, WriteOp, plan_delete, plan_upsert, served_body, tombstone_body,
+};
+use crate::feedback::record::format_time;
 use crate::feedback::store::VersionCounts;
 
-/// Versioned schema steps, applied in order, each once.
+/// Versioned schema steps, applied in order, each once; step N is the same schema as
+/// [`super::postgres`]'s step N.
 const MIGRATIONS: &[&str] = &[
     // 1: records and tombstones in one table; the feed index; the erasure index.
     "CREATE TABLE feedback (
@@ -47,111 +43,6 @@ const MIGRATIONS: &[&str] = &[
      CREATE INDEX feedback_kpi ON feedback(model_version, created_us) WHERE deleted = 0;",
 ];
 
-/// One change a client asked for.
-#[derive(Debug, Clone)]
-pub enum WriteOp {
-    /// Create or edit a record. `client_at` is the client's `updated_at` (or the time the server
-    /// received it, when the client sent none).
-    Upsert {
-        record: Box<FeedbackRecord>,
-        client_at: DateTime<Utc>,
-        /// The record's JSON without `updated_at`, made by the request's task so that the one
-        /// writer only appends the server time ([`served_body`]).
-        content: String,
-    },
-    Delete {
-        id: String,
-        client_at: DateTime<Utc>,
-    },
-    /// Tombstones every live record of one user (right to erasure).
-    EraseUser { user_id: String },
-}
-
-impl WriteOp {
-    pub fn from_change(change: Change) -> Result<Self> {
-        Ok(match change {
-            Change::Upsert(record) => {
-                let client_at = record.updated_at;
-                let mut wire = record.to_wire();
-                wire.updated_at = None;
-                let content = serde_json::to_string(&wire)?;
-                WriteOp::Upsert {
-                    record,
-                    client_at,
-                    content,
-                }
-            }
-            Change::Delete { id, updated_at } => WriteOp::Delete {
-                id,
-                client_at: updated_at,
-            },
-        })
-    }
-}
-
-/// What a write did, per op, in request order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Outcome {
-    Created,
-    Updated,
-    /// The same id and `updated_at` with the same content: a retried request, nothing changed.
-    Unchanged,
-    /// Older than the version stored (or than its deletion): ignored.
-    Stale,
-    /// The same id and `updated_at` as the stored version but other content.
-    Conflict,
-    Deleted,
-    /// A delete of an id the server never had: a tombstone is kept so a late create cannot
-    /// bring it back.
-    NotFound,
-    /// `EraseUser`: how many records were tombstoned.
-    Erased(u64),
-}
-
-/// One row of the feed as served: its position and its JSON.
-#[derive(Debug, Clone)]
-pub struct FeedRow {
-    pub served_us: i64,
-    pub id: String,
-    pub body: String,
-}
-
-/// Per model version and UTC day: the counts the KPI endpoint turns into rates and intervals.
-#[derive(Debug, Clone, PartialEq)]
-pub struct KpiBucket {
-    /// Start of the day, as µs since the epoch.
-    pub bucket_us: i64,
-    pub counts: VersionCounts,
-}
-
-/// The storage interface every backend implements; the same test suite runs against each.
-pub trait FeedbackDb: Send + Sync + 'static {
-    /// Applies the ops in one transaction; answers only once it committed.
-    fn write(&self, ops: Vec<WriteOp>) -> BoxFuture<'_, Result<Vec<Outcome>>>;
-    /// Up to `limit` rows after `after` (exclusive), from `since_us` (inclusive), in feed order.
-    fn page(
-        &self,
-        since_us: Option<i64>,
-        after: Option<(i64, String)>,
-        limit: usize,
-    ) -> BoxFuture<'_, Result<Vec<FeedRow>>>;
-    /// Live answer-level records created in `[from_us, to_us)`, per version and UTC day.
-    fn kpi_counts(
-        &self,
-        model_version: Option<String>,
-        from_us: i64,
-        to_us: i64,
-    ) -> BoxFuture<'_, Result<Vec<KpiBucket>>>;
-    /// Whether the database answers (for `/readyz`).
-    fn ping(&self) -> BoxFuture<'_, Result<()>>;
-}
-
-struct Job {
-    ops: Vec<WriteOp>,
-    reply: oneshot::Sender<Result<Vec<Outcome>, String>>,
-}
-
 /// SQLite in WAL mode: one writer thread, a small pool of read connections.
 pub struct SqliteDb {
     path: PathBuf,
@@ -166,11 +57,6 @@ impl std::fmt::Debug for SqliteDb {
             .finish()
     }
 }
-
-/// Requests waiting for the writer; past this, callers wait for room (back-pressure).
-const QUEUE: usize = 4096;
-/// Ops applied in one transaction at most, so one commit never grows without bound.
-const MAX_OPS_PER_COMMIT: usize = 20_000;
 
 fn open_connection(path: &Path) -> Result<Connection> {
     let conn = Connection::open(path)
@@ -274,17 +160,7 @@ impl SqliteDb {
 
 impl FeedbackDb for SqliteDb {
     fn write(&self, ops: Vec<WriteOp>) -> BoxFuture<'_, Result<Vec<Outcome>>> {
-        Box::pin(async move {
-            let (reply, answer) = oneshot::channel();
-            self.jobs
-                .send(Job { ops, reply })
-                .await
-                .map_err(|_| anyhow!("the database writer has stopped"))?;
-            answer
-                .await
-                .map_err(|_| anyhow!("the database writer has stopped"))?
-                .map_err(|e| anyhow!(e))
-        })
+        Box::pin(super::submit(&self.jobs, ops))
     }
 
     fn page(
@@ -294,8 +170,7 @@ impl FeedbackDb for SqliteDb {
         limit: usize,
     ) -> BoxFuture<'_, Result<Vec<FeedRow>>> {
         Box::pin(self.read(move |conn| {
-            let since = since_us.unwrap_or(i64::MIN);
-            let (after_us, after_id) = after.unwrap_or((i64::MIN, String::new()));
+            let (since, after_us, after_id) = super::page_bounds(since_us, after);
             let mut stmt = conn.prepare_cached(
                 "SELECT served_us, id, body FROM feedback
                  WHERE served_us >= ?1 AND (served_us > ?2 OR (served_us = ?2 AND id > ?3))
@@ -318,7 +193,6 @@ impl FeedbackDb for SqliteDb {
         from_us: i64,
         to_us: i64,
     ) -> BoxFuture<'_, Result<Vec<KpiBucket>>> {
-        const DAY_US: i64 = 86_400_000_000;
         Box::pin(self.read(move |conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT model_version, count(*), count(thumb), COALESCE(sum(thumb), 0),
@@ -354,70 +228,32 @@ impl FeedbackDb for SqliteDb {
     }
 }
 
-/// Takes every queued request (up to [`MAX_OPS_PER_COMMIT`] ops), applies them in one
-/// transaction, commits, then answers each. A failed transaction answers every request in it
-/// with the error: nothing of it was stored, and nothing was acknowledged.
+/// Takes every queued request (one group commit, [`super::gather`]), applies them in one
+/// transaction, commits, then answers each.
 fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Job>, last_served: i64, path: &Path) {
     let mut clock = ServedClock { last: last_served };
+    let database = path.display().to_string();
     while let Some(first) = rx.blocking_recv() {
-        let mut jobs = vec![first];
-        let mut ops = jobs[0].ops.len();
-        while ops < MAX_OPS_PER_COMMIT {
-            match rx.try_recv() {
-                Ok(job) => {
-                    ops += job.ops.len();
-                    jobs.push(job);
-                }
-                Err(_) => break,
-            }
-        }
+        let jobs = super::gather(first, &mut rx);
         let clock_before = clock.last;
         let result = apply_jobs(&mut conn, &jobs, &mut clock);
-        match result {
-            Ok(outcomes) => {
-                let removed = outcomes.iter().flatten().any(|o| {
-                    matches!(
-                        o,
-                        Outcome::Deleted | Outcome::Updated | Outcome::Erased(1..)
-                    )
-                });
-                // secure_delete zeroes the old content in the database pages, but the write-ahead
-                // log still holds earlier images of those pages until it is checkpointed and
-                // truncated. Deleted or erased feedback must leave every file before the client
-                // hears that it is gone.
-                if removed
-                    && let Err(e) =
-                        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
-                {
-                    tracing::warn!(database = %path.display(), "could not truncate the write-ahead log after a deletion: {e}");
-                }
-                for (job, outcome) in jobs.into_iter().zip(outcomes) {
-                    let _ = job.reply.send(Ok(outcome));
+        match &result {
+            // secure_delete zeroes the old content in the database pages, but the write-ahead
+            // log still holds earlier images of those pages until it is checkpointed and
+            // truncated. Deleted or erased feedback must leave every file before the client
+            // hears that it is gone.
+            Ok(outcomes) if super::removed_content(outcomes, true) => {
+                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
+                    tracing::warn!(
+                        database,
+                        "could not truncate the write-ahead log after a deletion: {e}"
+                    );
                 }
             }
-            Err(e) => {
-                clock.last = clock_before;
-                tracing::error!(database = %path.display(), "a write transaction failed: {e:#}");
-                let message = format!("{e:#}");
-                for job in jobs {
-                    let _ = job.reply.send(Err(message.clone()));
-                }
-            }
+            Ok(_) => {}
+            Err(_) => clock.last = clock_before,
         }
-    }
-}
-
-/// Hands out strictly increasing server times in µs: the wall clock, or one past the last time
-/// when the clock has not moved (or went back).
-struct ServedClock {
-    last: i64,
-}
-
-impl ServedClock {
-    fn next(&mut self) -> i64 {
-        let now = Utc::now().timestamp_micros();
-        self.last = now.max(self.last + 1);
-        self.last
+        super::answer(jobs, result, &database);
     }
 }
 
@@ -439,40 +275,17 @@ fn apply_jobs(
     Ok(all)
 }
 
-/// The stored version of one id: (client time, deleted, body).
-fn stored(tx: &rusqlite::Transaction<'_>, id: &str) -> Result<Option<(i64, bool, String)>> {
+fn stored(tx: &rusqlite::Transaction<'_>, id: &str) -> Result<Option<StoredVersion>> {
     Ok(tx
         .prepare_cached("SELECT client_us, deleted, body FROM feedback WHERE id = ?1")?
         .query_row([id], |r| {
-            Ok((r.get(0)?, r.get::<_, i64>(1)? != 0, r.get(2)?))
+            Ok(StoredVersion {
+                client_us: r.get(0)?,
+                deleted: r.get::<_, i64>(1)? != 0,
+                body: r.get(2)?,
+            })
         })
         .optional()?)
-}
-
-/// The key the served time is appended under; inside a JSON string a `"` is always escaped, so
-/// this text can only be our own key.
-const SERVED_KEY: &str = ",\"updated_at\":\"";
-
-/// A record's JSON as served: its content with the server's `updated_at` appended.
-fn served_body(content: &str, served_us: i64) -> Result<String> {
-    let at = DateTime::from_timestamp_micros(served_us).context("server time out of range")?;
-    let open = content
-        .strip_suffix('}')
-        .context("a record's JSON does not end with `}`")?;
-    Ok(format!("{open}{SERVED_KEY}{}\"}}", format_time(at)))
-}
-
-/// Whether a stored body is `content` with some served time (a retried request).
-fn same_content(stored: &str, content: &str) -> bool {
-    match (stored.rfind(SERVED_KEY), content.strip_suffix('}')) {
-        (Some(cut), Some(open)) => &stored[..cut] == open,
-        _ => false,
-    }
-}
-
-fn tombstone_body(id: &str, served_us: i64) -> Result<String> {
-    let at = DateTime::from_timestamp_micros(served_us).context("server time out of range")?;
-    Ok(serde_json::json!({"id": id, "updated_at": format_time(at), "deleted": true}).to_string())
 }
 
 fn apply_op(
@@ -486,22 +299,10 @@ fn apply_op(
             client_at,
             content,
         } => {
-            let client_us = client_at.timestamp_micros();
-            let existing = stored(tx, &record.id)?;
-            let outcome = match &existing {
-                None => Outcome::Created,
-                Some((known, _, _)) if client_us < *known => return Ok(Outcome::Stale),
-                Some((known, deleted, body)) if client_us == *known => {
-                    if *deleted {
-                        return Ok(Outcome::Stale);
-                    }
-                    return Ok(if same_content(body, content) {
-                        Outcome::Unchanged
-                    } else {
-                        Outcome::Conflict
-                    });
-                }
-                Some(_) => Outcome::Updated,
+            let row = RecordColumns::of(record, *client_at);
+            let outcome = match plan_upsert(stored(tx, row.id)?.as_ref(), row.client_us, content) {
+                Ok(outcome) => outcome,
+                Err(answered) => return Ok(answered),
             };
             let served = clock.next();
             let body = served_body(content, served)?;
@@ -516,29 +317,24 @@ fn apply_op(
                      created_us = excluded.created_us, body = excluded.body",
             )?
             .execute(params![
-                record.id,
+                row.id,
                 served,
-                client_us,
-                record.user_id,
-                record.model_version,
-                record.signal.kind(),
-                record
-                    .answer_thumb()
-                    .map(|t| t == crate::feedback::Thumb::Up),
-                record.answer_rating(),
-                record.created_at.timestamp_micros(),
+                row.client_us,
+                row.user_id,
+                row.model_version,
+                row.kind,
+                row.thumb,
+                row.rating,
+                row.created_us,
                 body,
             ])?;
             Ok(outcome)
         }
         WriteOp::Delete { id, client_at } => {
             let client_us = client_at.timestamp_micros();
-            let existing = stored(tx, id)?;
-            let outcome = match &existing {
-                Some((known, _, _)) if client_us < *known => return Ok(Outcome::Stale),
-                Some((_, true, _)) => return Ok(Outcome::Unchanged),
-                Some(_) => Outcome::Deleted,
-                None => Outcome::NotFound,
+            let outcome = match plan_delete(stored(tx, id)?.as_ref(), client_us) {
+                Ok(outcome) => outcome,
+                Err(answered) => return Ok(answered),
             };
             bury(tx, id, client_us, clock)?;
             Ok(outcome)
