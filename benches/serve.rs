@@ -1,7 +1,8 @@
 //! Feedback service benchmark, against the release `rlhf-bot serve` on loopback:
 //! 1. acknowledged single-record writes per second, and their p50/p99 latency, from `CLIENTS`
 //!    concurrent clients (default 64) for `DURATION` seconds (default 10);
-//! 2. the same with batches of `BATCH` records (default 500) from 8 clients: records per second;
+//! 2. the same with batches of `BATCH` records (default 500) from `BATCH_CLIENTS` clients
+//!    (default 8): records per second;
 //! 3. `rlhf-bot pull` of `PULL_RECORDS` records (default 1,000,000; the service is topped up with
 //!    batches first) into a fresh store: wall and CPU time, peak memory.
 //!
@@ -135,6 +136,7 @@ fn bench_backend(postgres: Option<String>) {
     let clients = env_usize("CLIENTS", 64);
     let seconds = env_usize("DURATION", 10) as f64;
     let batch = env_usize("BATCH", 500);
+    let batch_clients = env_usize("BATCH_CLIENTS", 8);
     let pull_records = env_usize("PULL_RECORDS", 1_000_000);
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("bench.yaml");
@@ -176,9 +178,9 @@ fn bench_backend(postgres: Option<String>) {
         percentile(&lat, 0.5),
         percentile(&lat, 0.99)
     );
-    let (n, lat) = rt.block_on(load(&url, 8, seconds, next.clone(), batch));
+    let (n, lat) = rt.block_on(load(&url, batch_clients, seconds, next.clone(), batch));
     println!(
-        "batches of {batch}  8 clients: {:.0} acknowledged records/s ({:.1} requests/s), p50 {:.1} ms, p99 {:.1} ms",
+        "batches of {batch}  {batch_clients} clients: {:.0} acknowledged records/s ({:.1} requests/s), p50 {:.1} ms, p99 {:.1} ms",
         (n * batch) as f64 / seconds,
         n as f64 / seconds,
         percentile(&lat, 0.5),
