@@ -11,9 +11,10 @@
 #   generate    SmolLM2-135M greedy generation, batch 1 and 8 (generate | transformers)
 #   reward-e2e  `rlhf-bot train reward` vs TRL's RewardTrainer: all-MiniLM-L6-v2, 2,000 HH-RLHF
 #               pairs (E2E_PAIRS), max length 256, batch 16, 1 epoch, lr 5e-5; wall time of the
-#               whole command (load, train, evaluate the 312 held-out pairs) and held-out
-#               accuracy. TRL drops the pairs longer than max length (~20% of HH at 256) where we
-#               truncate them, so it trains on fewer, shorter pairs.
+#               whole command (load, train, evaluate the 312 held-out pairs once, as TRL
+#               does here) and held-out accuracy. Only the pairs that fit 256 tokens are
+#               trained on (TRL drops longer ones where we truncate), so both sides see the
+#               same pairs.
 #   pull        `rlhf-bot pull` of 1,000,000 records from a loopback API (ours only: target
 #               <= 10 s and <= 200 MB)
 # The Python side lives in its own venv ($RLHF_BENCH_VENV, default ~/.cache/rlhf-bot/bench-venv):
@@ -61,19 +62,26 @@ smollm_hf() {
   echo "$dir"
 }
 
-# The end-to-end reward data: the first E2E_PAIRS of the first 2,000 pairs to train on, the
-# remaining 312 held out, as TRL JSONL.
+# The end-to-end reward data: of the first E2E_PAIRS of the first 2,000 pairs, those whose two
+# answers fit the max length as TRL counts it (its tokenisation plus the EOS it appends), so both
+# sides train on the same pairs: TRL's RewardTrainer drops a longer pair where we would truncate
+# it. The remaining 312 pairs are held out, untouched (both sides truncate them at 256).
 reward_data() {
-  if [ ! -f "$OUT/hh-train-$E2E_PAIRS.jsonl" ]; then
-    "$VENV/bin/python" - "$HH_DATA" "$OUT" "$E2E_PAIRS" <<'EOF'
+  if [ ! -f "$OUT/hh-train-fit-$E2E_PAIRS.jsonl" ]; then
+    "$VENV/bin/python" - "$HH_DATA" "$OUT" "$E2E_PAIRS" "$MODELS/all-MiniLM-L6-v2" <<'EOF'
 import gzip, json, sys
+from transformers import AutoTokenizer
+tok = AutoTokenizer.from_pretrained(sys.argv[4])
+fits = lambda text: len(tok(text)["input_ids"]) + 1 <= 256
 rows = [json.loads(l) for l in gzip.open(sys.argv[1], "rt") if l.strip()]
-with open(f"{sys.argv[2]}/hh-train-{sys.argv[3]}.jsonl", "w") as f:
-    for r in rows[:min(int(sys.argv[3]), 2000)]:
+train = [r for r in rows[:min(int(sys.argv[3]), 2000)] if fits(r["chosen"]) and fits(r["rejected"])]
+with open(f"{sys.argv[2]}/hh-train-fit-{sys.argv[3]}.jsonl", "w") as f:
+    for r in train:
         f.write(json.dumps({"chosen": r["chosen"], "rejected": r["rejected"]}) + "\n")
 with open(f"{sys.argv[2]}/hh-eval.jsonl", "w") as f:
     for r in rows[2000:]:
         f.write(json.dumps({"chosen": r["chosen"], "rejected": r["rejected"]}) + "\n")
+print(f"reward-e2e data: {len(train)} of {min(int(sys.argv[3]), 2000)} pairs fit 256 tokens", file=sys.stderr)
 EOF
   fi
 }
@@ -104,12 +112,12 @@ run_case() {
       rm -rf "$ours_dir"
       /usr/bin/time -f '%e s wall, %M KB peak' -o "$log.ours.time" "$BIN" --format json \
         --config configs/example.yaml train reward --model "$MODELS/all-MiniLM-L6-v2" \
-        --dataset "$OUT/hh-train-$E2E_PAIRS.jsonl" --eval "$OUT/hh-eval.jsonl" --max-length 256 \
-        --batch-size 16 --epochs 1 --lr 5e-5 --out "$ours_dir" > "$log.ours" 2> "$log.ours.err"
+        --dataset "$OUT/hh-train-fit-$E2E_PAIRS.jsonl" --eval "$OUT/hh-eval.jsonl" --max-length 256 \
+        --batch-size 16 --epochs 1 --lr 5e-5 --eval-every 0 --out "$ours_dir" > "$log.ours" 2> "$log.ours.err"
       record reward-e2e ours "$(after "$log.ours.time" '')" s
       record reward-e2e-accuracy ours "$("$VENV/bin/python" -c 'import json,sys; print(json.load(open(sys.argv[1]))["metrics"]["eval"]["accuracy"])' "$log.ours")" acc
       /usr/bin/time -f '%e s wall, %M KB peak' -o "$log.theirs.time" "$VENV/bin/python" \
-        scripts/bench-trl-reward.py "$MODELS/all-MiniLM-L6-v2" "$OUT/hh-train-$E2E_PAIRS.jsonl" \
+        scripts/bench-trl-reward.py "$MODELS/all-MiniLM-L6-v2" "$OUT/hh-train-fit-$E2E_PAIRS.jsonl" \
         "$OUT/hh-eval.jsonl" > "$log.theirs" 2>&1
       record reward-e2e trl "$(after "$log.theirs.time" '')" s
       record reward-e2e-accuracy trl "$(after "$log.theirs" 'accuracy')" acc ;;

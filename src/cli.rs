@@ -388,6 +388,10 @@ pub struct TrainRewardArgs {
     pub batch_size: Option<usize>,
     #[arg(long)]
     pub lr: Option<f64>,
+    /// Evaluate every N optimiser steps and after the last (0: only after the last);
+    /// default: reward.eval_every, else 50.
+    #[arg(long)]
+    pub eval_every: Option<u64>,
     #[command(flatten)]
     pub run: TrainRunArgs,
     /// The production reward model, scored on the same eval set for comparison.

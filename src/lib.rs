@@ -25,5 +25,6 @@ pub mod run;
 pub mod sanitize;
 pub mod secret;
 pub mod server;
+pub mod sqlite_pages;
 pub mod stats;
 pub mod train;

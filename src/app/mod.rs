@@ -133,6 +133,9 @@ async fn train_reward_cmd(
     if let Some(v) = args.lr {
         opts.train.lr = v;
     }
+    if let Some(v) = args.eval_every {
+        opts.train.eval_every = v;
+    }
     if let Some(d) = args.run.device {
         opts.device = d.choice();
     }

@@ -93,6 +93,9 @@ pub struct RawReward {
     pub max_length: Option<PositiveInt>,
     pub batch_size: Option<PositiveInt>,
     pub lr: Option<f64>,
+    /// Evaluate on the held-out pairs every N optimiser steps (and after the last); 0: only
+    /// after the last.
+    pub eval_every: Option<u64>,
     /// `cpu` or `cuda` (a binary built with `--features cuda`).
     pub device: Option<String>,
     /// Weight of each kind of feedback in the reward loss (docs/reward-training.md).

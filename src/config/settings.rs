@@ -296,6 +296,9 @@ pub fn validate(raw: RawConfig, text: &str) -> Result<Settings, Invalid> {
         }
         reward.train.lr = v;
     }
+    if let Some(v) = raw.reward.eval_every {
+        reward.train.eval_every = v;
+    }
     if let Some(d) = raw.reward.device {
         reward.device = d
             .parse()

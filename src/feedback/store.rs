@@ -42,6 +42,39 @@ use super::record::{Change, FeedbackRecord, Invalid, WireRecord, format_time};
 const SCHEMA_VERSION: &str = "1";
 const DB_FILE: &str = "feedback.sqlite3";
 
+/// The store's settings and tables; `CREATE … IF NOT EXISTS` so opening an existing store is a
+/// no-op.
+const SCHEMA: &str = "
+    PRAGMA auto_vacuum = INCREMENTAL;
+    PRAGMA secure_delete = ON;
+    PRAGMA journal_mode = WAL;
+    PRAGMA synchronous = NORMAL;
+    PRAGMA busy_timeout = 10000;
+    PRAGMA cache_size = -65536;
+    CREATE TABLE IF NOT EXISTS records (
+        id TEXT PRIMARY KEY,
+        updated_us INTEGER NOT NULL,
+        created_us INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        model_version TEXT NOT NULL,
+        aspect TEXT,
+        thumb INTEGER,
+        rating INTEGER,
+        has_answer INTEGER NOT NULL,
+        body TEXT NOT NULL);
+    CREATE TABLE IF NOT EXISTS tombstones (
+        id TEXT PRIMARY KEY, updated_us INTEGER NOT NULL);
+    CREATE TABLE IF NOT EXISTS quarantine (
+        raw_sha256 TEXT PRIMARY KEY, reason TEXT NOT NULL, raw TEXT NOT NULL,
+        received_at TEXT NOT NULL);
+    CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    -- Covering indexes for `check`: its counts read these narrow rows (and only the
+    -- time window asked for) instead of scanning the record bodies.
+    CREATE INDEX IF NOT EXISTS records_by_update
+        ON records(updated_us, kind, aspect, has_answer);
+    CREATE INDEX IF NOT EXISTS records_by_version
+        ON records(model_version, created_us, thumb, rating);";
+
 /// One item of a fetched page: a validated change, or the raw text and why it was refused.
 #[derive(Debug)]
 pub enum Incoming {
@@ -186,42 +219,14 @@ impl Store {
         let path = dir.join(DB_FILE);
         let conn = Connection::open(&path)
             .with_context(|| format!("opening the feedback store {}", path.display()))?;
-        // auto_vacuum only takes effect in a database without tables (a new store); older stores
-        // keep their zeroed free pages for reuse, which secure_delete already made harmless.
-        conn.execute_batch(
-            "PRAGMA auto_vacuum = INCREMENTAL;
-             PRAGMA secure_delete = ON;
-             PRAGMA journal_mode = WAL;
-             PRAGMA synchronous = NORMAL;
-             PRAGMA busy_timeout = 10000;
-             PRAGMA cache_size = -65536;
-             PRAGMA wal_autocheckpoint = 8192;
-             CREATE TABLE IF NOT EXISTS records (
-                 id TEXT PRIMARY KEY,
-                 updated_us INTEGER NOT NULL,
-                 created_us INTEGER NOT NULL,
-                 kind TEXT NOT NULL,
-                 model_version TEXT NOT NULL,
-                 aspect TEXT,
-                 thumb INTEGER,
-                 rating INTEGER,
-                 has_answer INTEGER NOT NULL,
-                 body TEXT NOT NULL);
-             CREATE TABLE IF NOT EXISTS tombstones (
-                 id TEXT PRIMARY KEY, updated_us INTEGER NOT NULL);
-             CREATE TABLE IF NOT EXISTS quarantine (
-                 raw_sha256 TEXT PRIMARY KEY, reason TEXT NOT NULL, raw TEXT NOT NULL,
-                 received_at TEXT NOT NULL);
-             CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-             -- Covering indexes for `check`: its counts read these narrow rows (and only the
-             -- time window asked for) instead of scanning the record bodies.
-             CREATE INDEX IF NOT EXISTS records_by_update
-                 ON records(updated_us, kind, aspect, has_answer);
-             CREATE INDEX IF NOT EXISTS records_by_version
-                 ON records(model_version, created_us, thumb, rating);",
-        )
-        .with_context(|| format!("initialising the feedback store {}", path.display()))
-        .map_err(|e| if_damaged(&path, e))?;
+        // auto_vacuum and the page size only take effect in a database without tables (a new
+        // store); older stores keep theirs (their zeroed free pages are reused, which
+        // secure_delete already made harmless).
+        crate::sqlite_pages::request_page_size(&conn)
+            .and_then(|()| conn.execute_batch(SCHEMA))
+            .and_then(|()| crate::sqlite_pages::checkpoint_after_bytes(&conn, 32 << 20))
+            .with_context(|| format!("initialising the feedback store {}", path.display()))
+            .map_err(|e| if_damaged(&path, e))?;
         let store = Self {
             conn,
             path,

@@ -701,7 +701,7 @@ fn bad_loss_weights_are_config_errors_naming_the_key() {
 
     let ok = rlhf_bot::config::load_str(
         &PathBuf::from("rlhf.yaml"),
-        "feedback:\n  source: file\n  path: f.jsonl\n  aspects: [accuracy]\nreward:\n  loss_weights:\n    steps: 0\n    aspects: 2.5\n  rating_loss: bce\n  center_rewards_coefficient: 0.01\n",
+        "feedback:\n  source: file\n  path: f.jsonl\n  aspects: [accuracy]\nreward:\n  loss_weights:\n    steps: 0\n    aspects: 2.5\n  rating_loss: bce\n  center_rewards_coefficient: 0.01\n  eval_every: 0\n",
     )
     .unwrap();
     let t = &ok.reward.train;
@@ -716,5 +716,6 @@ fn bad_loss_weights_are_config_errors_naming_the_key() {
     );
     assert_eq!(t.rating_loss, RatingLoss::Bce);
     assert_eq!(t.center_rewards_coefficient, Some(0.01));
+    assert_eq!(t.eval_every, 0);
     assert_eq!(ok.reward.aspects, ["accuracy"]);
 }

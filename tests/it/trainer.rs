@@ -408,7 +408,15 @@ fn piped_stderr_gets_progress_lines_and_the_log_fills() {
         .arg(&train)
         .arg("--eval")
         .arg(&eval)
-        .args(["--batch-size", "1", "--max-length", "48", "--out"])
+        .args([
+            "--batch-size",
+            "1",
+            "--max-length",
+            "48",
+            "--eval-every",
+            "5",
+            "--out",
+        ])
         .arg(&out)
         .stderr(std::process::Stdio::piped())
         .output()
@@ -436,10 +444,11 @@ fn piped_stderr_gets_progress_lines_and_the_log_fills() {
         .map(|l| l.step)
         .collect();
     assert_eq!(logged, (1..=12).collect::<Vec<u64>>(), "{lines:?}");
-    assert!(
-        lines
-            .iter()
-            .any(|l| l.step == 12 && l.get("eval_accuracy").is_some()),
-        "{lines:?}"
-    );
+    // `--eval-every 5`: after steps 5 and 10, and after the last.
+    let evaluated: Vec<u64> = lines
+        .iter()
+        .filter(|l| l.get("eval_accuracy").is_some())
+        .map(|l| l.step)
+        .collect();
+    assert_eq!(evaluated, [5, 10, 12], "{lines:?}");
 }

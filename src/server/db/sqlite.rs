@@ -64,6 +64,7 @@ impl std::fmt::Debug for SqliteDb {
 fn open_connection(path: &Path) -> Result<Connection> {
     let conn = Connection::open(path)
         .with_context(|| format!("opening the feedback database {}", path.display()))?;
+    crate::sqlite_pages::request_page_size(&conn)?;
     conn.execute_batch(
         "PRAGMA journal_mode = WAL;
          PRAGMA synchronous = NORMAL;
@@ -126,9 +127,9 @@ impl SqliteDb {
         // Checkpoints run beside the writer, not inside its commits: a checkpoint copies the
         // whole write-ahead log into the database file, and inside a commit it stalled every
         // request of that group (p99 of single writes 27-38 ms with, 7-9 ms without).
-        // The writer still checkpoints past 64 MiB of log (16,384 pages), should the thread
-        // fall behind: a long log makes every read search more of the log's index.
-        writer.execute_batch("PRAGMA wal_autocheckpoint = 16384;")?;
+        // The writer still checkpoints past 64 MiB of log, should the thread fall behind: a
+        // long log makes every read search more of the log's index.
+        crate::sqlite_pages::checkpoint_after_bytes(&writer, 64 << 20)?;
         let checkpointer = open_connection(path)?;
         let (jobs, rx) = mpsc::channel(QUEUE);
         let thread_path = path.to_path_buf();
