@@ -17,6 +17,7 @@ pub mod losses;
 pub mod optim;
 pub mod policy_common;
 pub mod policy_eval;
+pub mod policy_reward;
 pub mod ppo_trainer;
 pub mod progress;
 pub mod reward_models;

@@ -19,7 +19,8 @@ use crate::model::generate::{GenerationConfig, generate};
 use crate::model::llama::{LlamaForCausalLM, LlamaForSequenceClassification};
 use crate::model::sampling::SamplingParams;
 use crate::model::tokenizer::Tokenizer;
-use crate::run::outputs::{PolicyEval, PolicySample};
+use crate::run::outputs::{PolicyEval, PolicySample, RewardComponentEval};
+use crate::train::policy_reward::{PolicyReward, ScoredAnswers};
 
 /// A trained reward model (from `train reward`), scoring (prompt + answer) texts.
 // One value per run holds a whole model either way; boxing would only add an indirection.
@@ -101,12 +102,41 @@ impl RewardScorer {
         }
     }
 
+    /// The names of the reward model's aspect heads, in the column order of
+    /// [`ModelRewards::aspects`].
+    pub fn aspect_names(&self) -> Vec<String> {
+        match self {
+            Self::Llama { model, .. } => model
+                .aspect_names()
+                .into_iter()
+                .map(str::to_string)
+                .collect(),
+            // The BERT model keeps its heads in a name-ordered map.
+            Self::Bert(m, _) => {
+                let mut names = m.head_config().aspects.clone();
+                names.sort();
+                names
+            }
+        }
+    }
+
     /// Scores rows given both as policy token ids (prompt + answer) and as text; each
     /// architecture reads the form it can.
     pub fn score(&self, ids: &[Vec<u32>], texts: &[String]) -> Result<Vec<f32>> {
+        Ok(self.score_with_aspects(ids, texts)?.scores)
+    }
+
+    /// [`Self::score`] plus every aspect head's output for each row.
+    pub fn score_with_aspects(&self, ids: &[Vec<u32>], texts: &[String]) -> Result<ModelRewards> {
         if ids.len() != texts.len() {
             bail!("{} id rows for {} texts", ids.len(), texts.len());
         }
+        let rows_of = |t: Option<Tensor>| -> Result<Vec<Vec<f32>>> {
+            match t {
+                Some(t) => Ok(t.to_vec2::<f32>()?),
+                None => Ok(vec![Vec::new(); ids.len()]),
+            }
+        };
         match self {
             Self::Llama {
                 model, tokenizer, ..
@@ -147,27 +177,69 @@ impl RewardScorer {
                 let ids = Tensor::from_vec(flat, (b, t), &dev)?;
                 let mask = Tensor::from_vec(mask, (b, t), &dev)?;
                 let out = model.forward(&ids, Some(&mask))?;
-                Ok(out
-                    .logits
-                    .narrow(D::Minus1, 0, 1)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?)
+                Ok(ModelRewards {
+                    scores: out
+                        .logits
+                        .narrow(D::Minus1, 0, 1)?
+                        .flatten_all()?
+                        .to_vec1::<f32>()?,
+                    aspects: rows_of(out.aspects)?,
+                })
             }
             Self::Bert(m, dev) => {
                 let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
                 let batch = m.encode(&refs, dev)?;
-                Ok(m.forward(&batch, false)?.score.to_vec1::<f32>()?)
+                let out = m.forward(&batch, false)?;
+                // BTreeMap order: the sorted names of `aspect_names`.
+                let cols: Vec<Tensor> = out
+                    .aspects
+                    .values()
+                    .map(|t| t.unsqueeze(1))
+                    .collect::<candle_core::Result<_>>()?;
+                let aspects = (!cols.is_empty())
+                    .then(|| Tensor::cat(&cols, 1))
+                    .transpose()?;
+                Ok(ModelRewards {
+                    scores: out.score.to_vec1::<f32>()?,
+                    aspects: rows_of(aspects)?,
+                })
             }
         }
     }
 }
 
+/// The reward model's outputs for a batch of rows.
+#[derive(Debug, Clone)]
+pub struct ModelRewards {
+    /// The final score of each row.
+    pub scores: Vec<f32>,
+    /// Each row's aspect-head outputs, in [`RewardScorer::aspect_names`] order.
+    pub aspects: Vec<Vec<f32>>,
+}
+
 /// Answers of one policy to the evaluation prompts.
 #[derive(Debug, Clone)]
 pub struct Answers {
+    /// The prompts' token ids (what the answers continue).
+    pub prompt_ids: Vec<Vec<u32>>,
     pub texts: Vec<String>,
     pub tokens: Vec<Vec<u32>>,
+    /// Whether each answer ended with EOS.
+    pub finished: Vec<bool>,
     pub scores: Vec<f32>,
+}
+
+impl Answers {
+    /// The answers as a reward's input, with their `prompts`.
+    fn scored<'a>(&'a self, prompts: &'a [&'a str]) -> ScoredAnswers<'a> {
+        ScoredAnswers {
+            prompts,
+            prompt_ids: &self.prompt_ids,
+            answer_ids: &self.tokens,
+            answer_texts: &self.texts,
+            finished: &self.finished,
+        }
+    }
 }
 
 /// How the policies answer during evaluation.
@@ -197,8 +269,10 @@ pub fn answer(
         .or_else(|| eos.first().copied())
         .unwrap_or(0);
     let mut out = Answers {
+        prompt_ids: vec![],
         texts: vec![],
         tokens: vec![],
+        finished: vec![],
         scores: vec![],
     };
     for (c, chunk) in prompts.chunks(s.batch_size.max(1)).enumerate() {
@@ -220,21 +294,35 @@ pub fn answer(
         };
         let g = generate(model, &ids, &gen_cfg)?;
         let texts = g.texts(tokenizer.inner(), true)?;
-        let full_ids: Vec<Vec<u32>> = ids
-            .iter()
-            .zip(&g.tokens)
-            .map(|(p, r)| p.iter().chain(r).copied().collect())
-            .collect();
-        let full_texts: Vec<String> = chunk
-            .iter()
-            .zip(&texts)
-            .map(|(p, a)| format!("{p}{a}"))
-            .collect();
+        let chunk_prompts: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        let (full_ids, full_texts) = joined_rows(&chunk_prompts, &ids, &g.tokens, &texts);
         out.scores.extend(rm.score(&full_ids, &full_texts)?);
         out.texts.extend(texts);
         out.tokens.extend(g.tokens);
+        out.finished.extend(g.finished);
+        out.prompt_ids.extend(ids);
     }
     Ok(out)
+}
+
+/// Prompt + answer rows in both forms a reward model reads: token ids and text.
+pub(crate) fn joined_rows(
+    prompts: &[&str],
+    prompt_ids: &[Vec<u32>],
+    answer_ids: &[Vec<u32>],
+    answer_texts: &[String],
+) -> (Vec<Vec<u32>>, Vec<String>) {
+    let ids = prompt_ids
+        .iter()
+        .zip(answer_ids)
+        .map(|(p, r)| p.iter().chain(r).copied().collect())
+        .collect();
+    let texts = prompts
+        .iter()
+        .zip(answer_texts)
+        .map(|(p, a)| format!("{p}{a}"))
+        .collect();
+    (ids, texts)
 }
 
 /// Prompt token ids, keeping the last `max_len` (never empty: generation needs a position).
@@ -333,7 +421,34 @@ pub fn answer_kl(
     Ok(out)
 }
 
-/// The whole evaluation: candidate vs production on `prompts`, scored by `rm`.
+/// Each component of `reward` averaged over the held-out answers of the initial policy (the
+/// reference: the base weights before training) and of the trained one.
+fn component_evals(
+    reward: &PolicyReward,
+    rm: &RewardScorer,
+    prompts: &[String],
+    before: &Answers,
+    after: &Answers,
+) -> Result<Vec<RewardComponentEval>> {
+    let texts: Vec<&str> = prompts.iter().map(String::as_str).collect();
+    let means = |a: &Answers| -> Result<Vec<(String, f64)>> {
+        Ok(reward.component_means(&reward.components(rm, &a.scored(&texts))?))
+    };
+    let (b, a) = (means(before)?, means(after)?);
+    Ok(b.into_iter()
+        .zip(a)
+        .map(|((name, before), (_, after))| RewardComponentEval {
+            weight: reward.weight_of(&name).unwrap_or(1.0),
+            name,
+            before,
+            after,
+        })
+        .collect())
+}
+
+/// The whole evaluation: candidate vs production on `prompts`, scored by `rm`; with a
+/// configured `reward`, also each of its components before (the reference's answers) and after
+/// training (the candidate's).
 #[allow(clippy::too_many_arguments)]
 pub fn evaluate(
     candidate: &LlamaForCausalLM,
@@ -341,6 +456,7 @@ pub fn evaluate(
     reference: &LlamaForCausalLM,
     tokenizer: &Tokenizer,
     rm: &RewardScorer,
+    reward: Option<&PolicyReward>,
     prompts: &[String],
     s: &EvalSettings,
 ) -> Result<PolicyEval> {
@@ -349,6 +465,13 @@ pub fn evaluate(
     }
     let cand = answer(candidate, tokenizer, rm, prompts, s)?;
     let prod = answer(production, tokenizer, rm, prompts, s)?;
+    let reward_components = match reward.filter(|r| r.is_configured()) {
+        Some(r) => {
+            let initial = answer(reference, tokenizer, rm, prompts, s)?;
+            component_evals(r, rm, prompts, &initial, &cand)?
+        }
+        None => Vec::new(),
+    };
     let kls = answer_kl(
         candidate,
         reference,
@@ -393,5 +516,6 @@ pub fn evaluate(
         response_length: len(&cand.tokens),
         production_response_length: Some(len(&prod.tokens)),
         samples,
+        reward_components,
     })
 }

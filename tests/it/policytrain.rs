@@ -483,6 +483,7 @@ fn evaluation_of_the_base_against_itself_is_a_tie_with_zero_kl() {
         &policy.reference,
         &policy.tokenizer,
         &rm,
+        None,
         &prompts(),
         &s,
     )
