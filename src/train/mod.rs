@@ -22,5 +22,6 @@ pub mod ppo_trainer;
 pub mod progress;
 pub mod reward_models;
 pub mod reward_run;
+pub mod reward_scorer;
 pub mod reward_trainer;
 pub mod schedule;

@@ -19,7 +19,7 @@ use anyhow::{Result, bail};
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 
-use crate::train::policy_eval::{ModelRewards, RewardScorer, joined_rows};
+use crate::train::reward_scorer::{ModelRewards, RewardScorer, joined_rows};
 
 /// The reward model's final score in `policy.reward.weights`.
 pub const SCORE_KEY: &str = "score";
