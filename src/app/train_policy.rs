@@ -27,6 +27,7 @@ use crate::train::kto_trainer::{PointwiseExample, train_kto};
 use crate::train::policy_common::Policy;
 pub use crate::train::policy_common::{LoraOptions, PolicyTrainOptions, PpoOptions};
 use crate::train::policy_eval::{EvalSettings, RewardScorer, evaluate};
+use crate::train::policy_reward::PolicyReward;
 use crate::train::ppo_trainer::train_ppo;
 
 /// A `train policy` request (the CLI and the pipeline build it from settings).
@@ -104,6 +105,9 @@ pub fn train_policy_blocking(req: &TrainPolicyRequest) -> Result<PolicyRunSummar
 
     let mut policy = Policy::load(&req.base_model, opts.lora.as_ref(), opts.seed, &device)?;
     let rm = RewardScorer::load(&req.reward_model, &device)?;
+    // Resolved before training so an unknown aspect fails before any step runs.
+    let reward = PolicyReward::new(&opts.reward, &rm)
+        .with_context(|| format!("the reward model in {}", req.reward_model.display()))?;
     std::fs::create_dir_all(&req.out).with_context(|| format!("creating {}", req.out.display()))?;
     let (outcome, n_train): (TrainOutcome, usize) = match opts.algo {
         PolicyAlgo::Dpo => {
@@ -158,6 +162,7 @@ pub fn train_policy_blocking(req: &TrainPolicyRequest) -> Result<PolicyRunSummar
         &policy.reference,
         &policy.tokenizer,
         &rm,
+        Some(&reward),
         &eval_prompts,
         &EvalSettings {
             max_new_tokens: opts.max_completion_len,

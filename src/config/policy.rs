@@ -110,6 +110,9 @@ pub fn validate_policy(raw: RawPolicy) -> Result<PolicySettings, Invalid> {
     if let Some((key, message)) = raw.grpo.problem() {
         return Err(Invalid::new(&format!("policy.grpo.{key}"), message));
     }
+    if let Some((key, message)) = raw.reward.problem() {
+        return Err(Invalid::new(&format!("policy.reward.{key}"), message));
+    }
     let options = PolicyTrainOptions {
         algo: raw.algo.unwrap_or(PolicyAlgo::Dpo),
         beta: positive("policy.beta", raw.beta, d.beta)?,
@@ -150,6 +153,7 @@ pub fn validate_policy(raw: RawPolicy) -> Result<PolicySettings, Invalid> {
         kl_ceiling: positive("policy.kl_ceiling", raw.kl_ceiling, d.kl_ceiling)?,
         ppo,
         grpo: raw.grpo,
+        reward: raw.reward,
         eval_prompts: raw.eval_prompts.map_or(d.eval_prompts, |v| v.0 as usize),
         eval_greedy: raw.eval_greedy.unwrap_or(d.eval_greedy),
         checkpoint_every: raw.checkpoint_every.map_or(d.checkpoint_every, |v| v.0),

@@ -162,6 +162,10 @@ pub struct RawPolicy {
     /// GRPO / RLOO settings (TRL's names; validated by `GroupRlOptions::validate`).
     #[serde(default)]
     pub grpo: crate::train::policy_common::GroupRlOptions,
+    /// The online objectives' reward: weights of the score and aspects, rule rewards
+    /// (validated by `RewardOptions::problem`; aspect names against the model at train time).
+    #[serde(default)]
+    pub reward: crate::train::policy_reward::RewardOptions,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -895,6 +895,20 @@ impl LlamaForCausalLM {
             .map(|flat| flat.reshape((b, t)))?
     }
 
+    /// The entropy `-Σ p·log p` of the next-token distribution at every position of `hidden`
+    /// (`[batch, seq, hidden]` → `[batch, seq]`), with its graph (GRPO's entropy bonus trains on
+    /// it). Unlike [`Self::token_logprobs_from_hidden`] this materialises the positions' full
+    /// logits, so callers ask for it only when a loss needs it.
+    pub fn token_entropies_from_hidden(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, t, d) = hidden.dims3()?;
+        let logits = hidden.reshape((b * t, d))?.matmul(&self.lm_head.t()?)?;
+        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        (logp.exp()? * &logp)?
+            .sum(D::Minus1)?
+            .neg()?
+            .reshape((b, t))
+    }
+
     /// [`Self::token_logprobs`] from precomputed final hidden states; returns `[batch·seq]`.
     pub fn token_logprobs_from_hidden(
         &self,

@@ -289,6 +289,8 @@ struct View {
     training: Vec<TrainRow>,
     /// The policy objective's metrics at its last step (TRL's names).
     policy_last_step: Vec<MetricRow>,
+    /// Each component of the policy's reward before and after training (`policy.reward`).
+    reward_components: Vec<ComponentRow>,
     plots: Vec<PlotView>,
     samples: Vec<SampleView>,
     /// Why `report.md` shows no samples when the PR body has them.
@@ -340,6 +342,15 @@ struct AspectRow {
 struct MetricRow {
     name: String,
     value: String,
+}
+
+#[derive(Debug, Serialize)]
+struct ComponentRow {
+    name: String,
+    weight: String,
+    before: String,
+    after: String,
+    delta: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -724,6 +735,22 @@ fn build_view(
                 .collect()
         })
         .unwrap_or_default();
+    let reward_components: Vec<ComponentRow> = policy
+        .map(|p| {
+            p.metrics
+                .eval
+                .reward_components
+                .iter()
+                .map(|c| ComponentRow {
+                    name: code(&c.name),
+                    weight: num(c.weight, 3),
+                    before: num(c.before, 4),
+                    after: num(c.after, 4),
+                    delta: num(c.after - c.before, 4),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
 
     let sample_view = |max_answer: usize| -> Vec<SampleView> {
         policy
@@ -831,6 +858,7 @@ fn build_view(
         aspects,
         training,
         policy_last_step,
+        reward_components,
         plots: plots
             .iter()
             .map(|p| PlotView {

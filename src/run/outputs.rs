@@ -268,6 +268,22 @@ pub struct PolicyEval {
     pub production_response_length: Option<f64>,
     #[serde(default)]
     pub samples: Vec<PolicySample>,
+    /// With `policy.reward` configured: each reward component's mean on the held-out prompts
+    /// before and after training.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reward_components: Vec<RewardComponentEval>,
+}
+
+/// One component of the policy's reward (`policy.reward`) on the held-out prompts: its mean for
+/// the initial policy's answers and for the trained policy's.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RewardComponentEval {
+    /// `reward_model` (the score), an aspect name, or a rule (`length_penalty`, `format_regex`,
+    /// `missing_eos`).
+    pub name: String,
+    pub weight: f64,
+    pub before: f64,
+    pub after: f64,
 }
 
 /// `metrics.json` of a policy run.

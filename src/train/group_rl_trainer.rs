@@ -3,13 +3,16 @@
 //!
 //! One step: `prompts_per_step` prompts (the engine's `DataOrder::Stream`) each repeated
 //! `num_generations` (G) times and answered by the policy in ONE KV-cached sampling batch at
-//! `temperature` (PPO's `sample_rollouts`); the reward model scores every prompt + answer
-//! (PPO's `score_answers`); advantages come from `losses::grpo::grpo_advantages` or
+//! `temperature` (PPO's `sample_rollouts`); every answer gets the components of the policy's
+//! reward (`train::policy_reward`: the reward model's score and aspect heads, rule rewards),
+//! each one reward function with its weight; advantages come from `losses::grpo::grpo_advantages` or
 //! `losses::rloo::rloo_advantages` (rows `g·G .. (g+1)·G` are prompt `g`'s group). Reference
 //! log-probs are computed once, without a graph, only when β ≠ 0; the sampling policy's
 //! log-probs only when an update can be off-policy (`num_iterations` > 1) or RLOO's reward needs
 //! them for its KL. Then `num_iterations` optimiser updates over all the step's completions,
-//! scored `batch_size` rows at a time, with `losses::grpo::grpo_loss` / `losses::rloo::rloo_loss`.
+//! scored `batch_size` rows at a time, with `losses::grpo::grpo_loss` / `losses::rloo::rloo_loss`
+//! (per-token entropies, a full-vocabulary pass, only when GRPO's entropy bonus or top-entropy
+//! mask asks for them).
 //!
 //! The KL ceiling guards the mean per-completion KL to the reference (GRPO: summed k3 of the
 //! first update's log-probs; RLOO: summed k1 of the sampling policy, the KL in its reward).
@@ -23,7 +26,7 @@ use candle_core::{DType, Tensor};
 use crate::run::outputs::PolicyAlgo;
 use crate::train::engine::{Objective, PhaseClock, StepReport, TrainOutcome, Updates};
 use crate::train::losses::grpo::{
-    AdvantageConfig, Aggregation, GrpoBatch, GrpoLossConfig, grpo_advantages, grpo_loss,
+    AdvantageConfig, GrpoBatch, GrpoLossConfig, grpo_advantages, grpo_loss,
 };
 use crate::train::losses::ppo::KlEstimator;
 use crate::train::losses::rloo::{
@@ -34,11 +37,10 @@ use crate::train::policy_common::{
     GroupRlOptions, Policy, PolicyTrainOptions, check_sampling_inputs, run_sampling_objective,
 };
 use crate::train::policy_eval::{RewardScorer, prompt_ids};
-use crate::train::ppo_trainer::{Rollouts, row_index, sample_rollouts, score_answers, score_rows};
-
-/// The reward model's name in `rewards/<name>/mean|std` (TRL names a reward function by its
-/// model's name; there is one here).
-const REWARD_FUNC: &str = "reward_model";
+use crate::train::policy_reward::PolicyReward;
+use crate::train::ppo_trainer::{
+    Rollouts, row_index, sample_rollouts, score_rollouts, score_rows, score_rows_with,
+};
 
 /// Trains `policy` with GRPO or RLOO (`opts.algo`) on `prompts`, rewarded by `rm`; metrics
 /// stream to `out/log.jsonl`.
@@ -52,13 +54,14 @@ pub fn train_group_rl(
     check_sampling_inputs(opts, prompts)?;
     let policy: &Policy = policy;
     let n = prompts.len();
+    let reward = PolicyReward::new(&opts.reward, rm)?;
     match opts.algo {
         PolicyAlgo::Grpo => {
-            let mut grpo = GroupRl::<false>::new(policy, rm, prompts, opts);
+            let mut grpo = GroupRl::<false>::new(policy, rm, reward, prompts, opts);
             run_sampling_objective(&mut grpo, policy, opts, n, out)
         }
         PolicyAlgo::Rloo => {
-            let mut rloo = GroupRl::<true>::new(policy, rm, prompts, opts);
+            let mut rloo = GroupRl::<true>::new(policy, rm, reward, prompts, opts);
             run_sampling_objective(&mut rloo, policy, opts, n, out)
         }
         other => bail!("train_group_rl runs grpo or rloo, not {}", other.as_str()),
@@ -98,6 +101,8 @@ struct StepSums {
 struct GroupRl<'a, const RLOO: bool> {
     policy: &'a Policy,
     rm: &'a RewardScorer,
+    /// The reward's components: each one reward function of the advantages.
+    reward: PolicyReward,
     prompts: &'a [String],
     opts: &'a PolicyTrainOptions,
     go: &'a GroupRlOptions,
@@ -119,12 +124,14 @@ impl<'a, const RLOO: bool> GroupRl<'a, RLOO> {
     fn new(
         policy: &'a Policy,
         rm: &'a RewardScorer,
+        reward: PolicyReward,
         prompts: &'a [String],
         opts: &'a PolicyTrainOptions,
     ) -> Self {
         Self {
             policy,
             rm,
+            reward,
             prompts,
             opts,
             go: &opts.grpo,
@@ -189,13 +196,10 @@ impl<'a, const RLOO: bool> GroupRl<'a, RLOO> {
         } else {
             None
         };
-        let scores = score_answers(self.rm, policy, &prompts, &q, &sampled)?;
+        let table = score_rollouts(&self.reward, self.rm, policy, &prompts, &q, &sampled)?;
         clock.lap("reward scoring");
-        let table: Vec<Vec<Option<f64>>> = scores
-            .iter()
-            .map(|&s| vec![Some(f64::from(s)).filter(|x| x.is_finite())])
-            .collect();
-        let names = [REWARD_FUNC.to_string()];
+        let names = self.reward.names();
+        let reward_weights = self.reward.weights();
         let (advantages, metrics, reward_kl) = if RLOO {
             let kl = match (&old_lp, &ref_lp) {
                 (Some(old), Some(reference)) => Some(sequence_kl(old, reference, &mask)?),
@@ -207,7 +211,7 @@ impl<'a, const RLOO: bool> GroupRl<'a, RLOO> {
                 kl.as_ref(),
                 &RlooAdvantageConfig {
                     num_generations: g,
-                    reward_weights: vec![1.0],
+                    reward_weights: reward_weights.clone(),
                     beta: self.beta,
                     normalize_advantages: go.normalize_advantages,
                     reward_clip_range: go.reward_clip_range,
@@ -221,9 +225,9 @@ impl<'a, const RLOO: bool> GroupRl<'a, RLOO> {
                 &names,
                 &AdvantageConfig {
                     num_generations: g,
-                    reward_weights: vec![1.0],
+                    reward_weights,
                     scale_rewards: go.scale_rewards,
-                    aggregation: Aggregation::SumThenNormalize,
+                    aggregation: go.multi_objective_aggregation,
                 },
             )?;
             (a.advantages, a.metrics, None)
@@ -269,18 +273,22 @@ impl<const RLOO: bool> Objective for GroupRl<'_, RLOO> {
             .as_ref()
             .context("update before its completions were generated")?;
         let rows = row_index(micro, self.policy)?;
-        let (lp, _) = score_rows(
+        let loss_cfg = self
+            .go
+            .grpo_loss_config(self.beta, self.opts.max_completion_len);
+        let scored = score_rows_with(
             &self.policy.model,
             None,
             &b.rollouts,
             &rows,
             self.go.temperature,
+            !RLOO && loss_cfg.needs_entropies(),
         )?;
+        let lp = scored.logprobs;
         let sel = |t: &Tensor| t.contiguous()?.index_select(&rows, 0);
         let mask = sel(&b.mask)?;
         let adv = sel(&b.advantages)?;
         let old = b.old_lp.as_ref().map(sel).transpose()?;
-        let eps_high = self.go.epsilon_high.unwrap_or(self.go.epsilon);
         let out = if RLOO {
             let old_tokens = old.unwrap_or_else(|| lp.detach());
             let o = rloo_loss(
@@ -291,8 +299,8 @@ impl<const RLOO: bool> Objective for GroupRl<'_, RLOO> {
                     mask: &mask,
                     entropies: None,
                 },
-                self.go.epsilon,
-                eps_high,
+                loss_cfg.epsilon_low,
+                loss_cfg.epsilon_high,
             )?;
             (o.loss, o.metrics)
         } else {
@@ -306,6 +314,9 @@ impl<const RLOO: bool> Objective for GroupRl<'_, RLOO> {
                 self.sums.seq_kl_rows += micro.len();
             }
             let total_rows = b.rollouts.answers.len() as f64;
+            // The engine weights this micro-batch's loss by its share of the rows; dapo, cispo
+            // and vespo divide by the tokens of the whole generation batch, so scale to undo it.
+            let num_items_in_batch = b.answer_tokens * micro.len() as f64 / total_rows;
             let o = grpo_loss(
                 &GrpoBatch {
                     logprobs: &lp,
@@ -313,20 +324,11 @@ impl<const RLOO: bool> Objective for GroupRl<'_, RLOO> {
                     ref_logprobs: reference.as_ref(),
                     advantages: &adv,
                     mask: &mask,
-                    entropies: None,
+                    entropies: scored.entropies.as_ref(),
                 },
                 &GrpoLossConfig {
-                    loss_type: self.go.loss_type,
-                    beta: self.beta,
-                    epsilon_low: self.go.epsilon,
-                    epsilon_high: eps_high,
-                    level: self.go.importance_sampling_level,
-                    kl_bias_correction: true,
-                    delta: None,
-                    max_completion_length: self.opts.max_completion_len,
-                    // The engine weights this micro-batch's loss by its share of the rows; dapo
-                    // divides by the tokens of the whole generation batch, so scale to undo it.
-                    num_items_in_batch: b.answer_tokens * micro.len() as f64 / total_rows,
+                    num_items_in_batch,
+                    ..loss_cfg
                 },
             )?;
             (o.loss, o.metrics)

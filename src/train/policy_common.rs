@@ -21,6 +21,8 @@ use crate::model::llama::{Architecture, LlamaConfig, LlamaForCausalLM, save_pret
 use crate::model::lora::{LoraAdapters, LoraConfig, LoraInit, attach_lora};
 use crate::model::tokenizer::Tokenizer;
 use crate::run::outputs::PolicyAlgo;
+use crate::train::losses::grpo::{GrpoLossConfig, LossType};
+use crate::train::losses::grpo_terms::{SapoTemperatures, VespoParams};
 // The engine and the guards own these; re-exported for the policy trainers' callers.
 pub use crate::train::engine::order::epoch_order;
 use crate::train::engine::{DataOrder, EngineConfig, Objective, RunControl, TrainOutcome};
@@ -96,10 +98,31 @@ pub struct GroupRlOptions {
     pub epsilon: f64,
     /// Upper clip bound `1 + epsilon_high`; absent: `epsilon`.
     pub epsilon_high: Option<f64>,
-    /// GRPO loss normalisation: grpo, bnpo, dr_grpo, dapo (TRL's default), luspo.
+    /// GRPO loss: grpo, bnpo, dr_grpo, dapo (TRL's default), luspo, cispo, sapo, vespo.
     pub loss_type: crate::train::losses::grpo::LossType,
+    /// GRPO: cap on the unclipped ratio (INTELLECT-2's two-sided clipping), clipped loss types.
+    pub delta: Option<f64>,
+    /// GRPO: multiply the k3 KL by the importance ratio (TRL 1.16's default: true).
+    pub use_bias_correction_kl: bool,
+    /// GRPO `sapo`: gate temperatures for positive / non-positive advantages.
+    pub sapo_temperature_pos: f64,
+    pub sapo_temperature_neg: f64,
+    /// GRPO `vespo`: gamma-weight exponent `k` and decay `lambda` per advantage sign.
+    pub vespo_k_pos: f64,
+    pub vespo_lambda_pos: f64,
+    pub vespo_k_neg: f64,
+    pub vespo_lambda_neg: f64,
+    /// GRPO: entropy bonus coefficient (0 = off).
+    pub entropy_coef: f64,
+    /// GRPO: keep this top quantile of answer tokens by entropy in the policy term (1 = all).
+    pub top_entropy_quantile: f64,
+    /// GRPO: drop negative-advantage answers whose mean drift since sampling passes this.
+    pub off_policy_mask_threshold: Option<f64>,
     /// GRPO: group, batch or none.
     pub scale_rewards: crate::train::losses::grpo::ScaleRewards,
+    /// GRPO with several reward components (`policy.reward`): sum_then_normalize or
+    /// normalize_then_sum.
+    pub multi_objective_aggregation: crate::train::losses::grpo::Aggregation,
     /// GRPO: token or sequence (GSPO).
     pub importance_sampling_level: crate::train::losses::grpo::RatioLevel,
     /// Sampling temperature (TRL's default is 1.0); log-probs are scored at it too.
@@ -112,6 +135,7 @@ pub struct GroupRlOptions {
 
 impl Default for GroupRlOptions {
     fn default() -> Self {
+        let loss = GrpoLossConfig::default();
         Self {
             prompts_per_step: 2,
             num_generations: 4,
@@ -119,8 +143,20 @@ impl Default for GroupRlOptions {
             beta: None,
             epsilon: 0.2,
             epsilon_high: None,
-            loss_type: crate::train::losses::grpo::LossType::Dapo,
+            loss_type: loss.loss_type,
+            delta: loss.delta,
+            use_bias_correction_kl: loss.kl_bias_correction,
+            sapo_temperature_pos: loss.sapo.pos,
+            sapo_temperature_neg: loss.sapo.neg,
+            vespo_k_pos: loss.vespo.k_pos,
+            vespo_lambda_pos: loss.vespo.lambda_pos,
+            vespo_k_neg: loss.vespo.k_neg,
+            vespo_lambda_neg: loss.vespo.lambda_neg,
+            entropy_coef: loss.entropy_coef,
+            top_entropy_quantile: loss.top_entropy_quantile,
+            off_policy_mask_threshold: loss.off_policy_mask_threshold,
             scale_rewards: crate::train::losses::grpo::ScaleRewards::Group,
+            multi_objective_aggregation: crate::train::losses::grpo::Aggregation::SumThenNormalize,
             importance_sampling_level: crate::train::losses::grpo::RatioLevel::Token,
             temperature: 1.0,
             normalize_advantages: false,
@@ -134,6 +170,34 @@ impl GroupRlOptions {
     pub fn beta_for(&self, algo: PolicyAlgo) -> f64 {
         self.beta
             .unwrap_or(if algo == PolicyAlgo::Rloo { 0.05 } else { 0.0 })
+    }
+
+    /// GRPO's loss settings for `beta`; `num_items_in_batch` is the caller's (per micro-batch).
+    pub fn grpo_loss_config(&self, beta: f64, max_completion_length: usize) -> GrpoLossConfig {
+        GrpoLossConfig {
+            loss_type: self.loss_type,
+            beta,
+            epsilon_low: self.epsilon,
+            epsilon_high: self.epsilon_high.unwrap_or(self.epsilon),
+            level: self.importance_sampling_level,
+            kl_bias_correction: self.use_bias_correction_kl,
+            delta: self.delta,
+            max_completion_length,
+            num_items_in_batch: 0.0,
+            sapo: SapoTemperatures {
+                pos: self.sapo_temperature_pos,
+                neg: self.sapo_temperature_neg,
+            },
+            vespo: VespoParams {
+                k_pos: self.vespo_k_pos,
+                lambda_pos: self.vespo_lambda_pos,
+                k_neg: self.vespo_k_neg,
+                lambda_neg: self.vespo_lambda_neg,
+            },
+            entropy_coef: self.entropy_coef,
+            top_entropy_quantile: self.top_entropy_quantile,
+            off_policy_mask_threshold: self.off_policy_mask_threshold,
+        }
     }
 
     /// Rejects values the objectives cannot run with, naming the key.
@@ -175,6 +239,9 @@ impl GroupRlOptions {
         if let Some(e) = self.epsilon_high.filter(|e| !(e.is_finite() && *e > 0.0)) {
             return Some(("epsilon_high", format!("expected a number > 0, got {e}")));
         }
+        if let Some(problem) = self.loss_knob_problem() {
+            return Some(problem);
+        }
         if !(self.temperature.is_finite() && self.temperature > 0.0) {
             return Some((
                 "temperature",
@@ -187,6 +254,68 @@ impl GroupRlOptions {
             return Some((
                 "reward_clip_range",
                 format!("expected [low, high] with low < high, got [{lo}, {hi}]"),
+            ));
+        }
+        None
+    }
+}
+
+impl GroupRlOptions {
+    /// The first of GRPO's loss knobs (TRL's names) holding a value the loss cannot use.
+    fn loss_knob_problem(&self) -> Option<(&'static str, String)> {
+        if self.loss_type == LossType::Cispo {
+            let cap = self.epsilon_high.unwrap_or(self.epsilon);
+            if cap <= 1.0 {
+                return Some((
+                    "epsilon_high",
+                    format!(
+                        "loss_type cispo caps the ratio itself at epsilon_high, so it must be > 1, got {cap}\nhint: ScaleRL recommends epsilon_high: 5.0"
+                    ),
+                ));
+            }
+        }
+        let positive = [
+            ("sapo_temperature_pos", self.sapo_temperature_pos),
+            ("sapo_temperature_neg", self.sapo_temperature_neg),
+            ("vespo_lambda_pos", self.vespo_lambda_pos),
+            ("vespo_lambda_neg", self.vespo_lambda_neg),
+        ];
+        let non_negative = [
+            ("vespo_k_pos", Some(self.vespo_k_pos)),
+            ("vespo_k_neg", Some(self.vespo_k_neg)),
+            ("off_policy_mask_threshold", self.off_policy_mask_threshold),
+        ];
+        if let Some((key, v)) = positive
+            .into_iter()
+            .find(|(_, v)| !(v.is_finite() && *v > 0.0))
+        {
+            return Some((key, format!("expected a number > 0, got {v}")));
+        }
+        if let Some((key, Some(v))) = non_negative
+            .into_iter()
+            .find(|(_, v)| v.is_some_and(|v| !(v.is_finite() && v >= 0.0)))
+        {
+            return Some((key, format!("expected a number >= 0, got {v}")));
+        }
+        if let Some(d) = self.delta.filter(|d| !(d.is_finite() && *d > 1.0)) {
+            return Some((
+                "delta",
+                format!(
+                    "expected a number > 1 (it caps the importance ratio; TRL recommends more than 1 + epsilon), got {d}"
+                ),
+            ));
+        }
+        if !self.entropy_coef.is_finite() {
+            return Some((
+                "entropy_coef",
+                format!("expected a finite number, got {}", self.entropy_coef),
+            ));
+        }
+        let q = self.top_entropy_quantile;
+        if !(q.is_finite() && (0.0..=1.0).contains(&q)) {
+            return Some((
+                "top_entropy_quantile",
+                format!("expected a number in [0, 1] (1 keeps every token), got {q}"),
             ));
         }
         None
@@ -255,6 +384,8 @@ pub struct PolicyTrainOptions {
     pub kl_ceiling: f64,
     pub ppo: PpoOptions,
     pub grpo: GroupRlOptions,
+    /// The online objectives' reward: score, aspect weights and rules (`policy.reward`).
+    pub reward: crate::train::policy_reward::RewardOptions,
     /// Held-out prompts answered by candidate and production in the evaluation.
     pub eval_prompts: usize,
     /// Greedy evaluation answers (else sampled with `seed`).
@@ -286,6 +417,7 @@ impl Default for PolicyTrainOptions {
             kl_ceiling: 50.0,
             ppo: PpoOptions::default(),
             grpo: GroupRlOptions::default(),
+            reward: crate::train::policy_reward::RewardOptions::default(),
             eval_prompts: 16,
             eval_greedy: true,
             checkpoint_every: 50,

@@ -1,5 +1,5 @@
-//! Evaluating a candidate policy against production before it may be promoted, and the reward
-//! scorer that both this evaluation and PPO read rewards from.
+//! Evaluating a candidate policy against production before it may be promoted (the reward model
+//! it is scored by is `train::reward_scorer`'s, re-exported here).
 //!
 //! On held-out prompts the candidate and the production policy each answer (greedy, or sampled
 //! with a fixed seed); the reward model scores both answers; the candidate wins a prompt when
@@ -7,167 +7,45 @@
 //! interval (so a reviewer sees how much 16 prompts can say), the mean rewards, the mean KL of
 //! the candidate's answers to the reference (the exact KL between the two models' next-token
 //! distributions, summed over each answer's positions: never negative, greedy answers too),
-//! mean answer lengths, and a few sample pairs.
-
-use std::path::Path;
+//! mean answer lengths, and a few sample pairs; with `policy.reward` configured, each reward
+//! component's mean for the initial policy's answers and the trained one's.
 
 use anyhow::{Context, Result, bail};
-use candle_core::{D, Device, Tensor};
+use candle_core::{D, Tensor};
 
-use crate::model::bert::BertRewardModel;
 use crate::model::generate::{GenerationConfig, generate};
-use crate::model::llama::{LlamaForCausalLM, LlamaForSequenceClassification};
+use crate::model::llama::LlamaForCausalLM;
 use crate::model::sampling::SamplingParams;
 use crate::model::tokenizer::Tokenizer;
-use crate::run::outputs::{PolicyEval, PolicySample};
-
-/// A trained reward model (from `train reward`), scoring (prompt + answer) texts.
-// One value per run holds a whole model either way; boxing would only add an indirection.
-#[allow(clippy::large_enum_variant)]
-pub enum RewardScorer {
-    /// `LlamaForSequenceClassification`, read at the last non-pad token. Without its own
-    /// `tokenizer.json` it must share the policy's vocabulary and is fed the policy's token ids.
-    Llama {
-        model: LlamaForSequenceClassification,
-        tokenizer: Option<Tokenizer>,
-        score_weight: Option<Tensor>,
-    },
-    /// A BERT encoder with a score head (`BertRewardModel`).
-    Bert(Box<BertRewardModel>, Device),
-}
-
-impl std::fmt::Debug for RewardScorer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Llama { .. } => f.write_str("RewardScorer::Llama"),
-            Self::Bert(..) => f.write_str("RewardScorer::Bert"),
-        }
-    }
-}
-
-impl RewardScorer {
-    /// Loads a reward-model directory; `config.json`'s `model_type` picks the architecture.
-    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
-        let cfg_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&cfg_path).with_context(|| {
-            format!(
-                "reading {}\nhint: pass the output directory of `train reward`",
-                cfg_path.display()
-            )
-        })?;
-        let cfg: serde_json::Value = serde_json::from_str(&text)
-            .with_context(|| format!("parsing {}", cfg_path.display()))?;
-        match cfg.get("model_type").and_then(|v| v.as_str()) {
-            Some("bert") => Ok(Self::Bert(
-                Box::new(BertRewardModel::load(dir, &[], device)?),
-                device.clone(),
-            )),
-            Some("llama" | "qwen2") | None => {
-                let p = LlamaForSequenceClassification::load(dir, Some(1), None, device)?;
-                let tok_path = dir.join("tokenizer.json");
-                let tokenizer = if tok_path.exists() {
-                    Some(Tokenizer::from_file(&tok_path)?.with_special_ids(
-                        p.config.pad_token_id,
-                        p.config.eos_token_ids().first().copied(),
-                    ))
-                } else {
-                    None
-                };
-                let score_weight = p
-                    .varmap
-                    .data()
-                    .lock()
-                    .map_err(|_| anyhow::anyhow!("poisoned"))?
-                    .get("score.weight")
-                    .map(|v| v.as_tensor().detach());
-                Ok(Self::Llama {
-                    model: p.model,
-                    tokenizer,
-                    score_weight,
-                })
-            }
-            Some(other) => bail!(
-                "reward model type {other:?} in {} is not supported\nhint: use a llama or bert reward model from `train reward`",
-                cfg_path.display()
-            ),
-        }
-    }
-
-    /// The `[1, hidden]` score head, to start a value head from (Llama reward models only).
-    pub fn score_weight(&self) -> Option<&Tensor> {
-        match self {
-            Self::Llama { score_weight, .. } => score_weight.as_ref(),
-            Self::Bert(..) => None,
-        }
-    }
-
-    /// Scores rows given both as policy token ids (prompt + answer) and as text; each
-    /// architecture reads the form it can.
-    pub fn score(&self, ids: &[Vec<u32>], texts: &[String]) -> Result<Vec<f32>> {
-        if ids.len() != texts.len() {
-            bail!("{} id rows for {} texts", ids.len(), texts.len());
-        }
-        match self {
-            Self::Llama {
-                model, tokenizer, ..
-            } => {
-                let cfg = model.config();
-                let pad = cfg
-                    .pad_token_id
-                    .or_else(|| cfg.eos_token_ids().first().copied())
-                    .unwrap_or(0);
-                let rows: Vec<Vec<u32>> = match tokenizer {
-                    Some(t) => texts
-                        .iter()
-                        .map(|x| t.encode(x, false).map_err(anyhow::Error::from))
-                        .collect::<Result<_>>()?,
-                    None => ids.to_vec(),
-                };
-                if let Some(bad) = rows
-                    .iter()
-                    .flatten()
-                    .find(|&&x| x as usize >= cfg.vocab_size)
-                {
-                    bail!(
-                        "token id {bad} is outside the reward model's vocabulary ({})\nhint: give the reward model directory its tokenizer.json",
-                        cfg.vocab_size
-                    );
-                }
-                let dev = model.model().embed_weight().device().clone();
-                let t = rows.iter().map(Vec::len).max().unwrap_or(1).max(1);
-                let b = rows.len();
-                let mut flat = vec![pad; b * t];
-                let mut mask = vec![0u32; b * t];
-                for (i, r) in rows.iter().enumerate() {
-                    for (j, &x) in r.iter().enumerate() {
-                        flat[i * t + j] = x;
-                        mask[i * t + j] = 1;
-                    }
-                }
-                let ids = Tensor::from_vec(flat, (b, t), &dev)?;
-                let mask = Tensor::from_vec(mask, (b, t), &dev)?;
-                let out = model.forward(&ids, Some(&mask))?;
-                Ok(out
-                    .logits
-                    .narrow(D::Minus1, 0, 1)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?)
-            }
-            Self::Bert(m, dev) => {
-                let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-                let batch = m.encode(&refs, dev)?;
-                Ok(m.forward(&batch, false)?.score.to_vec1::<f32>()?)
-            }
-        }
-    }
-}
+use crate::run::outputs::{PolicyEval, PolicySample, RewardComponentEval};
+use crate::train::policy_reward::{PolicyReward, ScoredAnswers};
+// The scorer has its own module (the reward composition reads it too); re-exported for callers.
+use crate::train::reward_scorer::joined_rows;
+pub use crate::train::reward_scorer::{ModelRewards, RewardScorer};
 
 /// Answers of one policy to the evaluation prompts.
 #[derive(Debug, Clone)]
 pub struct Answers {
+    /// The prompts' token ids (what the answers continue).
+    pub prompt_ids: Vec<Vec<u32>>,
     pub texts: Vec<String>,
     pub tokens: Vec<Vec<u32>>,
+    /// Whether each answer ended with EOS.
+    pub finished: Vec<bool>,
     pub scores: Vec<f32>,
+}
+
+impl Answers {
+    /// The answers as a reward's input, with their `prompts`.
+    fn scored<'a>(&'a self, prompts: &'a [&'a str]) -> ScoredAnswers<'a> {
+        ScoredAnswers {
+            prompts,
+            prompt_ids: &self.prompt_ids,
+            answer_ids: &self.tokens,
+            answer_texts: &self.texts,
+            finished: &self.finished,
+        }
+    }
 }
 
 /// How the policies answer during evaluation.
@@ -197,8 +75,10 @@ pub fn answer(
         .or_else(|| eos.first().copied())
         .unwrap_or(0);
     let mut out = Answers {
+        prompt_ids: vec![],
         texts: vec![],
         tokens: vec![],
+        finished: vec![],
         scores: vec![],
     };
     for (c, chunk) in prompts.chunks(s.batch_size.max(1)).enumerate() {
@@ -220,19 +100,13 @@ pub fn answer(
         };
         let g = generate(model, &ids, &gen_cfg)?;
         let texts = g.texts(tokenizer.inner(), true)?;
-        let full_ids: Vec<Vec<u32>> = ids
-            .iter()
-            .zip(&g.tokens)
-            .map(|(p, r)| p.iter().chain(r).copied().collect())
-            .collect();
-        let full_texts: Vec<String> = chunk
-            .iter()
-            .zip(&texts)
-            .map(|(p, a)| format!("{p}{a}"))
-            .collect();
+        let chunk_prompts: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        let (full_ids, full_texts) = joined_rows(&chunk_prompts, &ids, &g.tokens, &texts);
         out.scores.extend(rm.score(&full_ids, &full_texts)?);
         out.texts.extend(texts);
         out.tokens.extend(g.tokens);
+        out.finished.extend(g.finished);
+        out.prompt_ids.extend(ids);
     }
     Ok(out)
 }
@@ -333,7 +207,34 @@ pub fn answer_kl(
     Ok(out)
 }
 
-/// The whole evaluation: candidate vs production on `prompts`, scored by `rm`.
+/// Each component of `reward` averaged over the held-out answers of the initial policy (the
+/// reference: the base weights before training) and of the trained one.
+fn component_evals(
+    reward: &PolicyReward,
+    rm: &RewardScorer,
+    prompts: &[String],
+    before: &Answers,
+    after: &Answers,
+) -> Result<Vec<RewardComponentEval>> {
+    let texts: Vec<&str> = prompts.iter().map(String::as_str).collect();
+    let means = |a: &Answers| -> Result<Vec<(String, f64)>> {
+        Ok(reward.component_means(&reward.components(rm, &a.scored(&texts))?))
+    };
+    let (b, a) = (means(before)?, means(after)?);
+    Ok(b.into_iter()
+        .zip(a)
+        .map(|((name, before), (_, after))| RewardComponentEval {
+            weight: reward.weight_of(&name).unwrap_or(1.0),
+            name,
+            before,
+            after,
+        })
+        .collect())
+}
+
+/// The whole evaluation: candidate vs production on `prompts`, scored by `rm`; with a
+/// configured `reward`, also each of its components before (the reference's answers) and after
+/// training (the candidate's).
 #[allow(clippy::too_many_arguments)]
 pub fn evaluate(
     candidate: &LlamaForCausalLM,
@@ -341,6 +242,7 @@ pub fn evaluate(
     reference: &LlamaForCausalLM,
     tokenizer: &Tokenizer,
     rm: &RewardScorer,
+    reward: Option<&PolicyReward>,
     prompts: &[String],
     s: &EvalSettings,
 ) -> Result<PolicyEval> {
@@ -349,6 +251,13 @@ pub fn evaluate(
     }
     let cand = answer(candidate, tokenizer, rm, prompts, s)?;
     let prod = answer(production, tokenizer, rm, prompts, s)?;
+    let reward_components = match reward.filter(|r| r.is_configured()) {
+        Some(r) => {
+            let initial = answer(reference, tokenizer, rm, prompts, s)?;
+            component_evals(r, rm, prompts, &initial, &cand)?
+        }
+        None => Vec::new(),
+    };
     let kls = answer_kl(
         candidate,
         reference,
@@ -393,5 +302,6 @@ pub fn evaluate(
         response_length: len(&cand.tokens),
         production_response_length: Some(len(&prod.tokens)),
         samples,
+        reward_components,
     })
 }

@@ -4,10 +4,12 @@
 //! PPO epochs over minibatches of the rollouts (one optimiser update per minibatch).
 //!
 //! One step: `rollouts_per_step` prompts (a seeded, epoch-wise permutation of the prompt set)
-//! are answered by the policy with KV-cache sampling at `temperature`; the reward model scores
-//! prompt + answer at its last token; answers without EOS get `missing_eos_penalty` added. The
-//! rows are laid out with prompts LEFT-padded to a common length, so answer token `j` sits in
-//! the same column of every row and the answer log-probs and values are plain column slices.
+//! are answered by the policy with KV-cache sampling at `temperature`; the score is the weighted
+//! sum of the policy's reward components (`train::policy_reward`; by default the reward model's
+//! score of prompt + answer at its last token); answers without EOS get `missing_eos_penalty`
+//! added. The rows are laid out with prompts LEFT-padded to a common length, so answer token `j`
+//! sits in the same column of every row and the answer log-probs and values are plain column
+//! slices.
 //! Old log-probs (temperature-scaled, as TRL scores them), reference log-probs and values are
 //! computed without a graph; per-token k1 KL (`kl_coef`, fixed or adaptive), score placement,
 //! GAE and advantage whitening come from `losses::ppo::rewards_and_advantages`; the clipped
@@ -38,6 +40,7 @@ use crate::train::policy_common::{
     Policy, PolicyTrainOptions, VALUE_HEAD, check_sampling_inputs, run_sampling_objective,
 };
 use crate::train::policy_eval::{RewardScorer, prompt_ids};
+use crate::train::policy_reward::{PolicyReward, ScoredAnswers};
 
 /// Checkpointed PPO state beyond weights and optimiser.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -132,6 +135,28 @@ pub(crate) fn score_rows(
     rows: &Tensor,
     temperature: f32,
 ) -> Result<(Tensor, Option<Tensor>)> {
+    let s = score_rows_with(model, head, r, rows, temperature, false)?;
+    Ok((s.logprobs, s.values))
+}
+
+/// What [`score_rows_with`] computes for rows of the rollouts, all `[B, t]` over answer tokens.
+pub(crate) struct ScoredRows {
+    pub(crate) logprobs: Tensor,
+    pub(crate) values: Option<Tensor>,
+    /// Entropies of the (temperature-scaled) next-token distributions, when asked for.
+    pub(crate) entropies: Option<Tensor>,
+}
+
+/// [`score_rows`], plus the answer positions' entropies when `entropies` (a full-vocabulary
+/// pass over those positions, so only when a loss needs them).
+pub(crate) fn score_rows_with(
+    model: &crate::model::llama::LlamaForCausalLM,
+    head: Option<&(Tensor, Tensor)>,
+    r: &Rollouts,
+    rows: &Tensor,
+    temperature: f32,
+    entropies: bool,
+) -> Result<ScoredRows> {
     let ids = r.ids.index_select(rows, 0)?;
     let mask = r.mask.index_select(rows, 0)?;
     let (b, w) = ids.dims2()?;
@@ -149,11 +174,18 @@ pub(crate) fn score_rows(
     } else {
         hidden.clone()
     };
-    let lp = model
+    let logprobs = model
         .token_logprobs_from_hidden(&scaled, &ids, &tgt)?
         .reshape((b, w))?
         .narrow(1, r.p, r.t)?
         .contiguous()?;
+    // Position p - 1 + j predicts answer token j.
+    let entropies = if entropies {
+        let at = scaled.narrow(1, r.p - 1, r.t)?.contiguous()?;
+        Some(model.token_entropies_from_hidden(&at)?)
+    } else {
+        None
+    };
     let values = match head {
         Some((wt, bias)) => {
             let d = hidden.dim(2)?;
@@ -167,7 +199,11 @@ pub(crate) fn score_rows(
         }
         None => None,
     };
-    Ok((lp, values))
+    Ok(ScoredRows {
+        logprobs,
+        values,
+        entropies,
+    })
 }
 
 /// Samples one answer per prompt in `q` with the policy in a single KV-cached batch (seeded by
@@ -201,26 +237,28 @@ pub(crate) fn sample_rollouts(
     Ok((g, r))
 }
 
-/// The reward model's score of each prompt + sampled answer (at its last token).
-pub(crate) fn score_answers(
+/// The reward components of each sampled answer (`[rows][components]`, see
+/// [`PolicyReward::components`]) to its prompt (`prompts` as text, `q` as the policy's ids).
+pub(crate) fn score_rollouts(
+    reward: &PolicyReward,
     rm: &RewardScorer,
     policy: &Policy,
     prompts: &[&String],
     q: &[Vec<u32>],
     g: &Generation,
-) -> Result<Vec<f32>> {
+) -> Result<Vec<Vec<Option<f64>>>> {
     let texts = g.texts(policy.tokenizer.inner(), true)?;
-    let full_texts: Vec<String> = prompts
-        .iter()
-        .zip(&texts)
-        .map(|(p, a)| format!("{p}{a}"))
-        .collect();
-    let full_ids: Vec<Vec<u32>> = q
-        .iter()
-        .zip(&g.tokens)
-        .map(|(p, a)| p.iter().chain(a).copied().collect())
-        .collect();
-    rm.score(&full_ids, &full_texts)
+    let prompt_texts: Vec<&str> = prompts.iter().map(|p| p.as_str()).collect();
+    reward.components(
+        rm,
+        &ScoredAnswers {
+            prompts: &prompt_texts,
+            prompt_ids: q,
+            answer_ids: &g.tokens,
+            answer_texts: &texts,
+            finished: &g.finished,
+        },
+    )
 }
 
 /// Trains `policy` with PPO on `prompts`, rewarded by `rm`; metrics stream to `out/log.jsonl`.
@@ -244,9 +282,11 @@ pub fn train_ppo(
     } else {
         KlController::fixed(po.kl_coef)
     };
+    let reward = PolicyReward::new(&opts.reward, rm)?;
     let mut objective = Ppo {
         policy,
         rm,
+        reward,
         prompts,
         opts,
         head,
@@ -271,6 +311,8 @@ struct StepBatch {
     scores: Tensor,
     gae: crate::train::losses::ppo::RewardGae,
     resp_mask: Tensor,
+    /// `rewards/<component>/mean` with `policy.reward` configured.
+    reward_metrics: Vec<(String, f64)>,
     tokens: u64,
 }
 
@@ -279,6 +321,7 @@ struct StepBatch {
 struct Ppo<'a> {
     policy: &'a Policy,
     rm: &'a RewardScorer,
+    reward: PolicyReward,
     prompts: &'a [String],
     opts: &'a PolicyTrainOptions,
     head: (Tensor, Tensor),
@@ -328,7 +371,18 @@ impl Ppo<'_> {
         clock.lap("reference logprobs");
 
         // 2. Scores at the last token, missing-EOS penalty.
-        let raw = score_answers(self.rm, policy, &batch_prompts, &q, &g)?;
+        let table = score_rollouts(&self.reward, self.rm, policy, &batch_prompts, &q, &g)?;
+        // PPO trains on the weighted sum; a row nothing could score gets 0 (no signal).
+        let raw: Vec<f32> = table
+            .iter()
+            .map(|row| self.reward.weighted(row))
+            .map(|r| if r.is_finite() { r as f32 } else { 0.0 })
+            .collect();
+        let reward_metrics = if self.reward.is_configured() {
+            self.reward.mean_metrics(&table)
+        } else {
+            Vec::new()
+        };
         let raw_t = Tensor::from_vec(raw, bsz, &dev)?;
         let scores = apply_missing_eos_penalty(&raw_t, &r.finished, -po.missing_eos_penalty)?;
         clock.lap("reward scoring");
@@ -362,6 +416,7 @@ impl Ppo<'_> {
             scores,
             gae,
             resp_mask,
+            reward_metrics,
             tokens: g.num_tokens() as u64,
         })
     }
@@ -449,7 +504,7 @@ impl Objective for Ppo<'_> {
             .to_scalar::<f64>()?;
         let avg =
             |f: &dyn Fn(&PpoStats) -> f64| stats.iter().map(f).sum::<f64>() / stats.len() as f64;
-        let report = StepReport {
+        let mut report = StepReport {
             kl: Some(kl),
             tokens: b.tokens,
             ..StepReport::default()
@@ -475,6 +530,7 @@ impl Objective for Ppo<'_> {
             r.answers.iter().map(Vec::len).sum::<usize>() as f64 / bsz as f64,
         )
         .metric("episode", (step as usize * bsz) as f64);
+        report.metrics.extend(b.reward_metrics);
         tracing::info!(step, kl, score = score_mean, "ppo step");
         self.kl_ctl.update(kl, bsz);
         Ok(report)

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Var};
 use rlhf_bot::run::outputs::PolicyAlgo;
 use rlhf_bot::train::engine::TrainOutcome;
 use rlhf_bot::train::group_rl_trainer::train_group_rl;
-use rlhf_bot::train::losses::{group_rewards, grpo, rloo, stats};
+use rlhf_bot::train::losses::{group_rewards, grpo, grpo_terms, rloo, stats};
 use rlhf_bot::train::policy_common::{GroupRlOptions, Policy, PolicyTrainOptions};
 use rlhf_bot::train::policy_eval::RewardScorer;
 use serde_json::Value;
@@ -165,19 +165,14 @@ fn grpo_advantages_refuse_ragged_groups_and_mismatched_weights() {
     assert!(e.contains("num_generations is 1"), "{e}");
 }
 
-/// The case's loss settings, or `None` for a TRL feature this crate does not implement
-/// (cispo / sapo / vespo, entropy bonus, top-entropy and off-policy masks).
-fn loss_config(c: &Value, num_items: f64) -> Option<grpo::GrpoLossConfig> {
-    let unsupported = [
-        "entropy_coef",
-        "top_entropy_quantile",
-        "off_policy_mask_threshold",
-    ];
-    if unsupported.iter().any(|k| c.get(*k).is_some()) {
-        return None;
-    }
-    Some(grpo::GrpoLossConfig {
-        loss_type: grpo::LossType::parse(c["loss_type"].as_str()?)?,
+/// A case's loss settings: TRL's keys, absent ones at TRL's defaults.
+fn loss_config(c: &Value, num_items: f64) -> grpo::GrpoLossConfig {
+    let opt = |k: &str| c.get(k).and_then(Value::as_f64);
+    let d = grpo::GrpoLossConfig::default();
+    let loss_type = c["loss_type"].as_str().unwrap();
+    grpo::GrpoLossConfig {
+        loss_type: grpo::LossType::parse(loss_type)
+            .unwrap_or_else(|| panic!("loss type {loss_type} not implemented")),
         beta: f(&c["beta"]),
         epsilon_low: f(&c["epsilon_low"]),
         epsilon_high: f(&c["epsilon_high"]),
@@ -186,20 +181,59 @@ fn loss_config(c: &Value, num_items: f64) -> Option<grpo::GrpoLossConfig> {
         delta: c["delta"].as_f64(),
         max_completion_length: c["max_completion_length"].as_u64().unwrap() as usize,
         num_items_in_batch: num_items,
-    })
+        sapo: grpo_terms::SapoTemperatures {
+            pos: opt("sapo_temperature_pos").unwrap_or(d.sapo.pos),
+            neg: opt("sapo_temperature_neg").unwrap_or(d.sapo.neg),
+        },
+        vespo: grpo_terms::VespoParams {
+            k_pos: opt("vespo_k_pos").unwrap_or(d.vespo.k_pos),
+            lambda_pos: opt("vespo_lambda_pos").unwrap_or(d.vespo.lambda_pos),
+            k_neg: opt("vespo_k_neg").unwrap_or(d.vespo.k_neg),
+            lambda_neg: opt("vespo_lambda_neg").unwrap_or(d.vespo.lambda_neg),
+        },
+        entropy_coef: opt("entropy_coef").unwrap_or(0.0),
+        top_entropy_quantile: opt("top_entropy_quantile").unwrap_or(1.0),
+        off_policy_mask_threshold: opt("off_policy_mask_threshold"),
+    }
 }
 
+/// The keys of a case that this test reads; any other key would be a TRL knob left untested.
+const CASE_KEYS: [&str; 20] = [
+    "loss_type",
+    "beta",
+    "epsilon_low",
+    "epsilon_high",
+    "importance_sampling_level",
+    "max_completion_length",
+    "use_bias_correction_kl",
+    "delta",
+    "sapo_temperature_pos",
+    "sapo_temperature_neg",
+    "vespo_k_pos",
+    "vespo_lambda_pos",
+    "vespo_k_neg",
+    "vespo_lambda_neg",
+    "entropy_coef",
+    "top_entropy_quantile",
+    "off_policy_mask_threshold",
+    "loss",
+    "grad_per_token_logps",
+    "metrics",
+];
+
 #[test]
-fn grpo_loss_gradients_and_metrics_match_trl_for_each_implemented_loss_type() {
+fn grpo_loss_gradients_and_metrics_match_trl_for_every_case() {
     let d = vectors("grpo_loss.json");
     let i = &d["inputs"];
     let num_items = f(&i["num_items_in_batch"]);
     let mut checked = std::collections::BTreeSet::new();
-    let mut ran = 0;
-    for c in d["outputs"]["cases"].as_array().unwrap() {
-        let Some(cfg) = loss_config(c, num_items) else {
-            continue;
-        };
+    let mut knobs = std::collections::BTreeSet::new();
+    let cases = d["outputs"]["cases"].as_array().unwrap();
+    for c in cases {
+        for key in c.as_object().unwrap().keys() {
+            assert!(CASE_KEYS.contains(&key.as_str()), "case key {key} not read");
+        }
+        let cfg = loss_config(c, num_items);
         let case = format!("{cfg:?}");
         for dt in DTYPES {
             let lp = var(&i["per_token_logps"], dt);
@@ -222,14 +256,26 @@ fn grpo_loss_gradients_and_metrics_match_trl_for_each_implemented_loss_type() {
             check_loss_case(&case, &out, &lp, c, dt);
         }
         checked.insert(c["loss_type"].as_str().unwrap().to_string());
-        ran += 1;
+        for knob in [
+            "entropy_coef",
+            "top_entropy_quantile",
+            "off_policy_mask_threshold",
+        ] {
+            if c.get(knob).is_some() {
+                knobs.insert(knob);
+            }
+        }
     }
-    // Every implemented loss type at β 0 and 0.04, plus GSPO, no bias correction, delta, dr_grpo's
-    // own max length and symmetric clipping.
-    assert_eq!(ran, 16, "cases run");
-    for lt in ["grpo", "bnpo", "dr_grpo", "dapo", "luspo"] {
-        assert!(checked.contains(lt), "{lt} not checked");
-    }
+    // Every loss type at β 0 and 0.04, plus GSPO, no bias correction, delta, dr_grpo's own max
+    // length, symmetric clipping, the entropy bonus and both masks: none skipped.
+    assert_eq!(cases.len(), 25, "cases in the vector file");
+    assert_eq!(
+        checked.iter().map(String::as_str).collect::<Vec<_>>(),
+        [
+            "bnpo", "cispo", "dapo", "dr_grpo", "grpo", "luspo", "sapo", "vespo"
+        ]
+    );
+    assert_eq!(knobs.len(), 3, "{knobs:?}");
 }
 
 #[test]
@@ -237,7 +283,7 @@ fn grpo_loss_ignores_padding_values_and_needs_a_reference_for_beta() {
     let d = vectors("grpo_loss.json");
     let i = &d["inputs"];
     let c = &d["outputs"]["cases"][1]; // grpo, β = 0.04
-    let cfg = loss_config(c, f(&i["num_items_in_batch"])).unwrap();
+    let cfg = loss_config(c, f(&i["num_items_in_batch"]));
     let dt = DType::F64;
     let mask = t(&i["completion_mask"], dt);
     // Garbage at padding must not change the loss.
@@ -495,4 +541,67 @@ fn a_kl_ceiling_below_the_drift_stops_grpo_naming_the_step() {
         e.contains("KL to the reference") && e.contains("above the ceiling"),
         "{e}"
     );
+}
+
+/// The loss types beyond the clipped surrogate and the entropy knobs on the engine: the
+/// entropies come from the policy with their graph (the bonus trains on them), and TRL's
+/// metrics for each type are logged.
+#[test]
+fn grpo_runs_cispo_sapo_and_vespo_with_the_entropy_bonus_and_both_masks() {
+    for (loss_type, metric) in [
+        (grpo::LossType::Cispo, "cispo_clip_ratio"),
+        (grpo::LossType::Sapo, "entropy"),
+        (grpo::LossType::Vespo, "vespo/phi_seq_mean"),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut opts = group_opts(PolicyAlgo::Grpo, 1);
+        opts.grpo.loss_type = loss_type;
+        opts.grpo.epsilon_high = Some(if loss_type == grpo::LossType::Cispo {
+            5.0
+        } else {
+            0.28
+        });
+        opts.grpo.entropy_coef = 0.01;
+        opts.grpo.top_entropy_quantile = 0.5;
+        opts.grpo.off_policy_mask_threshold = Some(0.1);
+        let mut policy = Policy::load(&policy_dir(), opts.lora.as_ref(), 1, &Device::Cpu).unwrap();
+        let before = weights_of(&policy);
+        let out = train_group(PolicyAlgo::Grpo, &mut policy, &opts, tmp.path()).unwrap();
+        let line = &out.log[0];
+        for key in [metric, "entropy", "policy_loss", "entropy_coef", "reward"] {
+            let v = line.get(key);
+            assert!(
+                v.is_some_and(f64::is_finite),
+                "{loss_type:?}: {key} = {v:?}"
+            );
+        }
+        assert_eq!(line.get("entropy_coef"), Some(0.01));
+        let entropy = line.get("entropy").unwrap();
+        assert!(entropy > 0.0, "{loss_type:?}: entropy {entropy}");
+        assert!(
+            weights_of(&policy) != before,
+            "{loss_type:?}: no weight changed"
+        );
+    }
+}
+
+/// `policy.reward` against the reward model's heads: an aspect it lacks is refused before any
+/// step, naming the key and the aspects it has.
+#[test]
+fn a_reward_weight_on_an_unknown_aspect_is_refused_naming_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut opts = group_opts(PolicyAlgo::Grpo, 1);
+    opts.reward.weights.insert("tone".into(), 0.5);
+    let mut policy = Policy::load(&policy_dir(), opts.lora.as_ref(), 1, &Device::Cpu).unwrap();
+    let e = format!(
+        "{:#}",
+        train_group(PolicyAlgo::Grpo, &mut policy, &opts, tmp.path()).unwrap_err()
+    );
+    assert!(
+        e.contains("policy.reward.weights.tone")
+            && e.contains("its aspects: none")
+            && e.contains("hint:"),
+        "{e}"
+    );
+    assert!(!tmp.path().join("log.jsonl").exists(), "no step ran");
 }

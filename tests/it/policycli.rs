@@ -456,11 +456,53 @@ fn bad_policy_config_values_name_the_key_and_position() {
         e.starts_with("rlhf.yaml:6:5: policy.grpo.num_generations: expected an integer >= 2"),
         "{e}"
     );
-    let e = config_error("policy:\n  grpo:\n    loss_type: cispo\n");
+    let e = config_error("policy:\n  grpo:\n    loss_type: gspo\n");
     assert!(
-        e.contains("policy.grpo.loss_type") && e.contains("unknown variant `cispo`"),
+        e.contains("policy.grpo.loss_type") && e.contains("unknown variant `gspo`"),
         "{e}"
     );
+    // GRPO's loss knobs and policy.reward: each bad value names its key (position-located),
+    // and says what is expected.
+    for (yaml, needles) in [
+        // cispo caps the ratio itself at epsilon_high: the default 0.2 would freeze every update.
+        (
+            "  grpo:\n    loss_type: cispo\n",
+            &["policy.grpo.epsilon_high", "got 0.2", "hint:"][..],
+        ),
+        (
+            "  grpo:\n    top_entropy_quantile: 1.5\n",
+            &["policy.grpo.top_entropy_quantile: expected a number in [0, 1]"],
+        ),
+        (
+            "  grpo:\n    delta: 0.5\n",
+            &["policy.grpo.delta: expected a number > 1"],
+        ),
+        (
+            "  grpo:\n    sapo_temperature_neg: 0\n",
+            &["policy.grpo.sapo_temperature_neg: expected a number > 0"],
+        ),
+        (
+            "  reward:\n    rules:\n      format_regex: {pattern: '(x', reward: 1}\n",
+            &[
+                "rlhf.yaml:",
+                "policy.reward.rules.format_regex.pattern: not a valid regular expression",
+                "hint:",
+            ],
+        ),
+        (
+            "  reward:\n    rules:\n      length_penalty: {per_token: -0.1}\n",
+            &["policy.reward.rules.length_penalty.per_token: expected a number >= 0"],
+        ),
+        (
+            "  reward:\n    rules:\n      eos: -1\n",
+            &["unknown field `eos`"],
+        ),
+    ] {
+        let e = config_error(&format!("policy:\n{yaml}"));
+        for needle in needles {
+            assert!(e.contains(needle), "{needle} missing for {yaml:?}: {e}");
+        }
+    }
     let e = config_error("policy:\n  grpo:\n    scale_rewards: prompt\n");
     assert!(e.contains("unknown variant `prompt`"), "{e}");
 }
@@ -533,21 +575,26 @@ fn sample_run_trains_registers_and_reports_a_policy() {
     assert!(n >= 2, "{run}");
 }
 
+/// `run --force --algo grpo` on `cfg` through the binary; its JSON output.
+fn forced_grpo_run(cfg: &Path) -> serde_json::Value {
+    let o = bin()
+        .env("RLHF_BOT_NOW", "2026-11-27T12:00:00Z")
+        .arg("--config")
+        .arg(cfg)
+        .args(["--format", "json", "run", "--force", "--algo", "grpo"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    serde_json::from_str(&stdout(&o)).unwrap()
+}
+
 /// Issue 19: `run --algo grpo` on the sample config trains a GRPO policy; its metrics.json and
 /// the report carry GRPO's metrics under TRL's names.
 #[test]
 fn sample_run_with_algo_grpo_reports_grpo_metrics() {
     let ws = Workspace::new();
     let cfg = ws.write_config(&ws.sample_config_text());
-    let o = bin()
-        .env("RLHF_BOT_NOW", "2026-11-27T12:00:00Z")
-        .arg("--config")
-        .arg(&cfg)
-        .args(["--format", "json", "run", "--force", "--algo", "grpo"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
-    let json: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let json = forced_grpo_run(&cfg);
     let run = &json["run"];
     let policy_id = run["registered_policy"]
         .as_str()
@@ -585,6 +632,80 @@ fn sample_run_with_algo_grpo_reports_grpo_metrics() {
         assert!(
             report.contains(needle),
             "{needle} missing from the report:\n{report}"
+        );
+    }
+}
+
+/// Issue 19: a multi-objective reward on the sample config (its reward model has `accuracy` and
+/// `helpfulness` heads): GRPO logs every component under TRL's `rewards/<name>/mean`, and
+/// metrics.json and the report carry each component's mean before and after training.
+#[test]
+fn sample_run_with_a_weighted_reward_reports_every_component_before_and_after() {
+    let ws = Workspace::new();
+    let grpo_line = "  grpo: {prompts_per_step: 2, num_generations: 4}";
+    let text = ws.sample_config_text();
+    assert!(text.contains(grpo_line), "tiny.yaml changed");
+    let text = text.replace(
+        grpo_line,
+        &format!(
+            "{grpo_line}\n  reward:\n    weights: {{score: 1.0, accuracy: 0.5, helpfulness: 0.5}}\n    rules:\n      length_penalty: {{per_token: 0.01, over: 4}}\n      format_regex: {{pattern: '[.!?]', reward: 0.5}}\n      missing_eos: -1.0\n"
+        ),
+    );
+    let cfg = ws.write_config(&text);
+    let json = forced_grpo_run(&cfg);
+    let report_path = PathBuf::from(json["run"]["report"].as_str().unwrap());
+    let metrics: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(report_path.with_file_name("metrics.json")).unwrap(),
+    )
+    .unwrap();
+    let policy = &metrics["policy"]["metrics"];
+    let components = [
+        ("reward_model", 1.0),
+        ("accuracy", 0.5),
+        ("helpfulness", 0.5),
+        ("length_penalty", 1.0),
+        ("format_regex", 1.0),
+        ("missing_eos", 1.0),
+    ];
+    for (name, _) in components {
+        let v = policy["last_step"][format!("rewards/{name}/mean")].as_f64();
+        assert!(v.is_some_and(f64::is_finite), "{name}: {policy}");
+    }
+    let evals = policy["eval"]["reward_components"]
+        .as_array()
+        .expect("components");
+    let names: Vec<&str> = evals.iter().map(|c| c["name"].as_str().unwrap()).collect();
+    assert_eq!(names, components.map(|c| c.0), "{policy}");
+    for (c, (_, weight)) in evals.iter().zip(components) {
+        assert_eq!(c["weight"].as_f64(), Some(weight), "{c}");
+        for k in ["before", "after"] {
+            assert!(c[k].as_f64().is_some_and(f64::is_finite), "{k}: {c}");
+        }
+    }
+    // Rule values are bounded by their settings, whatever the answers were.
+    let get = |name: &str, k: &str| {
+        evals.iter().find(|c| c["name"] == name).unwrap()[k]
+            .as_f64()
+            .unwrap()
+    };
+    for k in ["before", "after"] {
+        assert!((0.0..=0.5).contains(&get("format_regex", k)), "{policy}");
+        assert!((-1.0..=0.0).contains(&get("missing_eos", k)), "{policy}");
+        assert!(get("length_penalty", k) <= 0.0, "{policy}");
+    }
+    let report = std::fs::read_to_string(&report_path).unwrap();
+    assert!(
+        report.contains("Policy reward components (held-out prompts)"),
+        "{report}"
+    );
+    for (name, _) in components {
+        assert!(
+            report.contains(&format!("| `{name}` |")),
+            "{name}:\n{report}"
+        );
+        assert!(
+            report.contains(&format!("`rewards/{name}/mean`")),
+            "{name} per-step mean:\n{report}"
         );
     }
 }

@@ -463,6 +463,35 @@ fn ppo_stop_and_resume_equals_one_run() {
     assert_vars_close(&p1, &p3);
 }
 
+/// `policy.reward` under PPO: the score PPO trains on is the weighted sum of the components
+/// (here 2 × the reward model's score plus two rules), each logged as `rewards/<name>/mean`.
+#[test]
+fn ppo_trains_on_the_weighted_sum_of_the_reward_components() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut opts = ppo_opts(1);
+    // Only the rule penalises a missing EOS here, so the sum is exactly the components'.
+    opts.ppo.missing_eos_penalty = 0.0;
+    opts.reward = serde_norway::from_str(
+        "weights: {score: 2.0}\nrules:\n  format_regex: {pattern: '[a-z]', reward: 0.5}\n  missing_eos: -1.0\n",
+    )
+    .unwrap();
+    let mut policy = Policy::load(&policy_dir(), opts.lora.as_ref(), 1, &Device::Cpu).unwrap();
+    let rm = RewardScorer::load(&rm_dir(), &Device::Cpu).unwrap();
+    let out = train_ppo(&mut policy, &rm, &prompts(), &opts, tmp.path()).unwrap();
+    let l = &out.log[0];
+    let mean = |name: &str| {
+        l.get(&format!("rewards/{name}/mean"))
+            .unwrap_or_else(|| panic!("rewards/{name}/mean missing: {l:?}"))
+    };
+    let expected = 2.0 * mean("reward_model") + mean("format_regex") + mean("missing_eos");
+    let scores = l.get("objective/scores").unwrap();
+    assert!(
+        (scores - expected).abs() < 1e-5,
+        "objective/scores {scores} vs weighted components {expected}"
+    );
+    assert!((-1.0..=0.0).contains(&mean("missing_eos")), "{l:?}");
+}
+
 // ---------------------------------------------------------------- evaluation + stage
 
 #[test]
@@ -483,6 +512,7 @@ fn evaluation_of_the_base_against_itself_is_a_tie_with_zero_kl() {
         &policy.reference,
         &policy.tokenizer,
         &rm,
+        None,
         &prompts(),
         &s,
     )

@@ -138,6 +138,7 @@ fn policy_metrics(win: (f64, f64, f64), kl: f64, production: bool) -> PolicyMetr
             response_length: 87.5,
             production_response_length: production.then_some(64.0),
             samples: samples(production),
+            reward_components: Vec::new(),
         },
         train: train(120),
         last_step: Default::default(),

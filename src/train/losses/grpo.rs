@@ -1,6 +1,8 @@
 //! GRPO (TRL 1.16 `GRPOTrainer`): group-relative advantages from one or more reward functions and
-//! the clipped token-level surrogate with an optional k3 KL term against the frozen reference, for
-//! the loss types `grpo`, `bnpo`, `dr_grpo`, `dapo` and `luspo`, at token or sequence level.
+//! the token-level loss with an optional k3 KL term against the frozen reference, for every TRL
+//! loss type (`grpo`, `bnpo`, `dr_grpo`, `dapo`, `luspo` on the clipped surrogate; `cispo`,
+//! `sapo`, `vespo` on their own terms from `losses::grpo_terms`), at token or sequence level, with
+//! the entropy bonus and the top-entropy and off-policy masks.
 //!
 //! Advantages are targets, never differentiated, so they are computed on the host in f64 from
 //! plain reward rows (a `None` reward is a function that could not score the row, TRL's NaN). The
@@ -14,6 +16,10 @@ use serde::{Deserialize, Serialize};
 use super::group_rewards::{
     GroupLoss, STD_EPS, check_table, clip_fractions, clip_ratio_metrics, clipped_surrogate,
     frac_zero_std, group_std, reward_metrics, weighted_rewards,
+};
+use super::grpo_terms::{
+    SapoTemperatures, VespoParams, cispo_term, high_entropy_mask, off_policy_keep, sapo_term,
+    vespo_weights,
 };
 use super::ppo::KlEstimator;
 use super::stats::{masked_mean, masked_sum_last, nan_mean, nan_std, scalar_f64};
@@ -142,7 +148,7 @@ pub fn grpo_advantages(
     })
 }
 
-/// GRPO's loss types that this crate implements (TRL `loss_type`).
+/// GRPO's loss types (TRL `loss_type`): the policy term and how it is normalised.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum LossType {
@@ -157,10 +163,19 @@ pub enum LossType {
     Dapo,
     /// Per-sequence token sum, then the batch mean.
     Luspo,
+    /// ScaleRL's CISPO: the ratio, capped at `epsilon_high` and detached, scales `A·log π`;
+    /// normalised as `dapo`.
+    Cispo,
+    /// Soft Adaptive Policy Optimization: a sigmoid gate on the ratio instead of the clip;
+    /// normalised as `grpo`.
+    Sapo,
+    /// VESPO: a per-sequence gamma weight of the summed log-ratio scales `A·log π`; normalised as
+    /// `dapo`.
+    Vespo,
 }
 
 impl LossType {
-    pub const NAMES: &'static str = "grpo, bnpo, dr_grpo, dapo, luspo";
+    pub const NAMES: &'static str = "grpo, bnpo, dr_grpo, dapo, luspo, cispo, sapo, vespo";
 
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
@@ -169,8 +184,24 @@ impl LossType {
             "dr_grpo" => Self::DrGrpo,
             "dapo" => Self::Dapo,
             "luspo" => Self::Luspo,
+            "cispo" => Self::Cispo,
+            "sapo" => Self::Sapo,
+            "vespo" => Self::Vespo,
             _ => return None,
         })
+    }
+
+    /// The loss types whose policy term is PPO's clipped surrogate (and that log `clip_ratio/*`).
+    fn is_clipped(self) -> bool {
+        matches!(
+            self,
+            Self::Grpo | Self::Bnpo | Self::DrGrpo | Self::Dapo | Self::Luspo
+        )
+    }
+
+    /// The loss types normalised by the generation batch's token count (`num_items_in_batch`).
+    fn divides_by_batch_tokens(self) -> bool {
+        matches!(self, Self::Dapo | Self::Cispo | Self::Vespo)
     }
 }
 
@@ -183,13 +214,14 @@ pub enum RatioLevel {
     Sequence,
 }
 
-/// Settings of the GRPO loss.
+/// Settings of the GRPO loss; [`Default`] holds TRL 1.16's defaults.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct GrpoLossConfig {
     pub loss_type: LossType,
     /// KL coefficient; 0 skips the KL term (and the reference pass).
     pub beta: f64,
     pub epsilon_low: f64,
+    /// Upper clip bound `1 + epsilon_high`; for `cispo`, the cap on the ratio itself.
     pub epsilon_high: f64,
     pub level: RatioLevel,
     /// Multiply the k3 KL by the (differentiable) importance ratio.
@@ -198,8 +230,45 @@ pub struct GrpoLossConfig {
     pub delta: Option<f64>,
     /// `dr_grpo`'s denominator per row (the configured maximum, not the padded width).
     pub max_completion_length: usize,
-    /// `dapo`'s denominator: completion tokens of the whole generation batch.
+    /// `dapo` / `cispo` / `vespo`'s denominator: completion tokens of the whole generation batch.
     pub num_items_in_batch: f64,
+    pub sapo: SapoTemperatures,
+    pub vespo: VespoParams,
+    /// Entropy bonus: the loss minus `entropy_coef ×` the mean answer-token entropy (needs the
+    /// entropies with their graph); 0 is off.
+    pub entropy_coef: f64,
+    /// Keep only this top quantile of answer tokens by entropy in the policy term; 1 keeps all.
+    pub top_entropy_quantile: f64,
+    /// Drop answers with a negative advantage whose mean drift since sampling passes this.
+    pub off_policy_mask_threshold: Option<f64>,
+}
+
+impl Default for GrpoLossConfig {
+    fn default() -> Self {
+        Self {
+            loss_type: LossType::Dapo,
+            beta: 0.0,
+            epsilon_low: 0.2,
+            epsilon_high: 0.2,
+            level: RatioLevel::Token,
+            kl_bias_correction: true,
+            delta: None,
+            max_completion_length: 512,
+            num_items_in_batch: 0.0,
+            sapo: SapoTemperatures::default(),
+            vespo: VespoParams::default(),
+            entropy_coef: 0.0,
+            top_entropy_quantile: 1.0,
+            off_policy_mask_threshold: None,
+        }
+    }
+}
+
+impl GrpoLossConfig {
+    /// Whether the loss needs the per-token entropies (entropy bonus or top-entropy mask).
+    pub fn needs_entropies(&self) -> bool {
+        self.entropy_coef != 0.0 || self.top_entropy_quantile < 1.0
+    }
 }
 
 /// The inputs of one loss evaluation, all `[B, T]` except `advantages` (`[B]`).
@@ -214,7 +283,8 @@ pub struct GrpoBatch<'a> {
     pub advantages: &'a Tensor,
     /// 1 on completion tokens (up to and including EOS), 0 on padding.
     pub mask: &'a Tensor,
-    /// Per-token entropies for the `entropy` metric, if known.
+    /// Per-token entropies: the `entropy` metric, the top-entropy mask and (with their graph)
+    /// the entropy bonus. Required when [`GrpoLossConfig::needs_entropies`].
     pub entropies: Option<&'a Tensor>,
 }
 
@@ -238,7 +308,29 @@ fn host2(t: &Tensor) -> Result<Vec<Vec<f64>>> {
         .to_vec2::<f64>()
 }
 
-/// TRL's `GRPOTrainer._compute_loss` for the implemented loss types.
+/// A `[rows, cols]` tensor of `dt` from host rows.
+fn from_rows(rows: Vec<Vec<f64>>, like: &Tensor) -> Result<Tensor> {
+    let (r, c) = (rows.len(), rows.first().map_or(0, Vec::len));
+    let flat: Vec<f64> = rows.into_iter().flatten().collect();
+    Tensor::from_vec(flat, (r, c), like.device())?.to_dtype(like.dtype())
+}
+
+/// The mean of `flag` over answer tokens (`weights` per position: the mask, or one per sequence
+/// at sequence level), as TRL's `global_masked_mean` of a boolean.
+fn flag_mean(ratio: &[Vec<f64>], weights: &[Vec<f64>], flag: impl Fn(f64, usize) -> bool) -> f64 {
+    let (mut hit, mut total) = (0.0, 0.0);
+    for (i, (w, m)) in ratio.iter().zip(weights).enumerate() {
+        for (x, m) in w.iter().zip(m) {
+            total += m;
+            if flag(*x, i) {
+                hit += m;
+            }
+        }
+    }
+    hit / f64::max(total, 1.0)
+}
+
+/// TRL's `GRPOTrainer._compute_loss` (static entropy coefficient, no vLLM correction).
 pub fn grpo_loss(x: &GrpoBatch<'_>, cfg: &GrpoLossConfig) -> Result<GroupLoss> {
     let lp = x.logprobs;
     let dt = lp.dtype();
@@ -249,16 +341,53 @@ pub fn grpo_loss(x: &GrpoBatch<'_>, cfg: &GrpoLossConfig) -> Result<GroupLoss> {
         Some(o) => o.detach().to_dtype(dt)?,
         None => lp.detach(),
     };
-    let ratio = importance_ratio(&(lp - &old)?, &mask, cfg.level)?;
-    let capped = match cfg.delta {
-        Some(d) => ratio.minimum(d)?,
-        None => ratio.clone(),
+    let entropies = match x.entropies {
+        Some(h) => Some(h.to_dtype(dt)?),
+        None if cfg.needs_entropies() => bail!(
+            "entropy_coef {} / top_entropy_quantile {} need the per-token entropies, and none were given",
+            cfg.entropy_coef,
+            cfg.top_entropy_quantile
+        ),
+        None => None,
     };
-    let mut per_token =
-        clipped_surrogate(&capped, &ratio, &adv, cfg.epsilon_low, cfg.epsilon_high)?
-            .broadcast_as((b, t))?
-            .contiguous()?;
+    let mask_h = host2(&mask)?;
+    let adv_h: Vec<f64> = host2(&adv)?.into_iter().map(|r| r[0]).collect();
+    let log_ratio = (lp - &old)?;
+    let ratio = importance_ratio(&log_ratio, &mask, cfg.level)?;
+    // The delta cap applies to the surrogate and the clip metrics, not to the KL's correction.
+    let capped = match cfg.delta {
+        Some(d) if cfg.loss_type.is_clipped() => ratio.minimum(d)?,
+        _ => ratio.clone(),
+    };
     let mut metrics = Vec::new();
+    let mut vespo_phi = None;
+    let policy_term = match cfg.loss_type {
+        LossType::Cispo => cispo_term(&ratio, lp, &adv, cfg.epsilon_high)?,
+        LossType::Sapo => sapo_term(&ratio, &adv, &adv_h, cfg.sapo)?,
+        LossType::Vespo => {
+            let phi = vespo_weights(&host2(&log_ratio)?, &mask_h, &adv_h, cfg.vespo);
+            let phi_t = from_rows(phi.iter().map(|p| vec![*p]).collect(), lp)?;
+            vespo_phi = Some(phi);
+            phi_t.broadcast_mul(&adv)?.broadcast_mul(lp)?.neg()?
+        }
+        _ => clipped_surrogate(&capped, &ratio, &adv, cfg.epsilon_low, cfg.epsilon_high)?,
+    };
+    let mut per_token = policy_term.broadcast_as((b, t))?.contiguous()?;
+    if let Some(d) = cfg.off_policy_mask_threshold {
+        let keep = off_policy_keep(&adv_h, &host2(lp)?, &host2(&old)?, &mask_h, d);
+        let keep = from_rows(keep.into_iter().map(|k| vec![k]).collect(), lp)?;
+        per_token = per_token.broadcast_mul(&keep)?;
+    }
+    let entropy_mask = match &entropies {
+        Some(h) if cfg.top_entropy_quantile < 1.0 => {
+            let m = high_entropy_mask(&host2(h)?, &mask_h, cfg.top_entropy_quantile);
+            Some(from_rows(m, lp)?)
+        }
+        _ => None,
+    };
+    if let Some(m) = &entropy_mask {
+        per_token = (per_token * m)?;
+    }
     if cfg.beta != 0.0 {
         let Some(reference) = x.ref_logprobs else {
             bail!("beta is {} but no reference log-probs were given", cfg.beta);
@@ -275,8 +404,18 @@ pub fn grpo_loss(x: &GrpoBatch<'_>, cfg: &GrpoLossConfig) -> Result<GroupLoss> {
     }
     let masked = (&per_token * &mask)?;
     let lens = mask.sum(D::Minus1)?.clamp(1.0, f64::MAX)?;
+    let batch_tokens = || {
+        if cfg.num_items_in_batch <= 0.0 {
+            bail!(
+                "{:?} needs the completion token count of the generation batch (got {})",
+                cfg.loss_type,
+                cfg.num_items_in_batch
+            );
+        }
+        Ok(cfg.num_items_in_batch)
+    };
     let loss = match cfg.loss_type {
-        LossType::Grpo => masked.sum(D::Minus1)?.div(&lens)?.mean_all()?,
+        LossType::Grpo | LossType::Sapo => masked.sum(D::Minus1)?.div(&lens)?.mean_all()?,
         LossType::Bnpo => {
             let n = scalar_f64(&mask.sum_all()?)?.max(1.0);
             masked.sum_all()?.affine(1.0 / n, 0.0)?
@@ -285,38 +424,65 @@ pub fn grpo_loss(x: &GrpoBatch<'_>, cfg: &GrpoLossConfig) -> Result<GroupLoss> {
             let denom = (b * cfg.max_completion_length.max(1)) as f64;
             masked.sum_all()?.affine(1.0 / denom, 0.0)?
         }
-        LossType::Dapo => {
-            if cfg.num_items_in_batch <= 0.0 {
-                bail!(
-                    "dapo needs the completion token count of the generation batch (got {})",
-                    cfg.num_items_in_batch
-                );
-            }
-            masked
-                .sum_all()?
-                .affine(1.0 / cfg.num_items_in_batch, 0.0)?
+        LossType::Dapo | LossType::Cispo | LossType::Vespo => {
+            masked.sum_all()?.affine(1.0 / batch_tokens()?, 0.0)?
         }
         LossType::Luspo => masked.sum(D::Minus1)?.mean_all()?,
     };
-    if let Some(h) = x.entropies {
-        let h = h.detach().to_dtype(dt)?;
-        metrics.push(("entropy".into(), scalar_f64(&masked_mean(&h, &mask)?)?));
+    let loss = match (&entropies, cfg.entropy_coef) {
+        (Some(h), coef) if coef != 0.0 => {
+            // The bonus acts on the tokens the policy term keeps.
+            let active = match &entropy_mask {
+                Some(m) => (&mask * m)?,
+                None => mask.clone(),
+            };
+            let summed = (h * &active)?.sum_all()?;
+            // Batch-token normalised losses already sum to a mean over the generation batch.
+            let denom = if cfg.loss_type.divides_by_batch_tokens() {
+                batch_tokens()?
+            } else {
+                scalar_f64(&active.sum_all()?)?.max(1.0)
+            };
+            metrics.push(("policy_loss".into(), scalar_f64(&loss)?));
+            metrics.push(("entropy_coef".into(), coef));
+            (loss - summed.affine(coef / denom, 0.0)?)?
+        }
+        _ => loss,
+    };
+    if let Some(h) = &entropies {
+        metrics.push((
+            "entropy".into(),
+            scalar_f64(&masked_mean(&h.detach(), &mask)?)?,
+        ));
     }
-    let mask_h = host2(&mask)?;
-    let adv_h: Vec<f64> = host2(&adv)?.into_iter().map(|r| r[0]).collect();
+    // Ratio flags weigh each answer token, or each answer once at sequence level.
     let (ratio_h, weights_mask) = match cfg.level {
         RatioLevel::Token => (host2(&capped)?, mask_h.clone()),
-        // One flag per sequence, each sequence weighing the same.
         RatioLevel::Sequence => (host2(&capped)?, vec![vec![1.0]; b]),
     };
-    let [low, high, region] = clip_fractions(
-        &ratio_h,
-        &weights_mask,
-        &adv_h,
-        cfg.epsilon_low,
-        cfg.epsilon_high,
-    );
-    let weights: Vec<f64> = weights_mask.iter().map(|m| m.iter().sum()).collect();
-    metrics.extend(clip_ratio_metrics(&low, &high, &region, &weights));
+    match cfg.loss_type {
+        LossType::Cispo => {
+            let hi = cfg.epsilon_high;
+            let clipped = flag_mean(&ratio_h, &weights_mask, |w, i| w > hi && adv_h[i] > 0.0);
+            metrics.push(("cispo_clip_ratio".into(), clipped));
+        }
+        LossType::Vespo => {
+            let phi = vespo_phi.unwrap_or_default();
+            let mean = phi.iter().sum::<f64>() / phi.len().max(1) as f64;
+            metrics.push(("vespo/phi_seq_mean".into(), mean));
+        }
+        LossType::Sapo => {}
+        _ => {
+            let [low, high, region] = clip_fractions(
+                &ratio_h,
+                &weights_mask,
+                &adv_h,
+                cfg.epsilon_low,
+                cfg.epsilon_high,
+            );
+            let weights: Vec<f64> = weights_mask.iter().map(|m| m.iter().sum()).collect();
+            metrics.extend(clip_ratio_metrics(&low, &high, &region, &weights));
+        }
+    }
     Ok(GroupLoss { loss, metrics })
 }

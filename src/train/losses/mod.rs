@@ -9,6 +9,7 @@
 pub mod dpo;
 pub mod group_rewards;
 pub mod grpo;
+pub mod grpo_terms;
 pub mod kl_control;
 pub mod kto;
 pub mod logits_reference;

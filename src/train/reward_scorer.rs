@@ -1,0 +1,228 @@
+//! The trained reward model as the policy objectives and the evaluation read it: loads a
+//! `train reward` output directory (llama or BERT, chosen by `config.json`'s `model_type`) and
+//! scores prompt + answer rows, giving the final score and every aspect head's output. Frozen:
+//! nothing here records a graph or changes a weight.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use candle_core::{D, Device, Tensor};
+
+use crate::model::bert::BertRewardModel;
+use crate::model::llama::LlamaForSequenceClassification;
+use crate::model::tokenizer::Tokenizer;
+
+/// A trained reward model (from `train reward`), scoring (prompt + answer) texts.
+// One value per run holds a whole model either way; boxing would only add an indirection.
+#[allow(clippy::large_enum_variant)]
+pub enum RewardScorer {
+    /// `LlamaForSequenceClassification`, read at the last non-pad token. Without its own
+    /// `tokenizer.json` it must share the policy's vocabulary and is fed the policy's token ids.
+    Llama {
+        model: LlamaForSequenceClassification,
+        tokenizer: Option<Tokenizer>,
+        score_weight: Option<Tensor>,
+    },
+    /// A BERT encoder with a score head (`BertRewardModel`).
+    Bert(Box<BertRewardModel>, Device),
+}
+
+impl std::fmt::Debug for RewardScorer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Llama { .. } => f.write_str("RewardScorer::Llama"),
+            Self::Bert(..) => f.write_str("RewardScorer::Bert"),
+        }
+    }
+}
+
+impl RewardScorer {
+    /// Loads a reward-model directory; `config.json`'s `model_type` picks the architecture.
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let cfg_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&cfg_path).with_context(|| {
+            format!(
+                "reading {}\nhint: pass the output directory of `train reward`",
+                cfg_path.display()
+            )
+        })?;
+        let cfg: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("parsing {}", cfg_path.display()))?;
+        match cfg.get("model_type").and_then(|v| v.as_str()) {
+            Some("bert") => Ok(Self::Bert(
+                Box::new(BertRewardModel::load(dir, &[], device)?),
+                device.clone(),
+            )),
+            Some("llama" | "qwen2") | None => {
+                let p = LlamaForSequenceClassification::load(dir, Some(1), None, device)?;
+                let tok_path = dir.join("tokenizer.json");
+                let tokenizer = if tok_path.exists() {
+                    Some(Tokenizer::from_file(&tok_path)?.with_special_ids(
+                        p.config.pad_token_id,
+                        p.config.eos_token_ids().first().copied(),
+                    ))
+                } else {
+                    None
+                };
+                let score_weight = p
+                    .varmap
+                    .data()
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("poisoned"))?
+                    .get("score.weight")
+                    .map(|v| v.as_tensor().detach());
+                Ok(Self::Llama {
+                    model: p.model,
+                    tokenizer,
+                    score_weight,
+                })
+            }
+            Some(other) => bail!(
+                "reward model type {other:?} in {} is not supported\nhint: use a llama or bert reward model from `train reward`",
+                cfg_path.display()
+            ),
+        }
+    }
+
+    /// The `[1, hidden]` score head, to start a value head from (Llama reward models only).
+    pub fn score_weight(&self) -> Option<&Tensor> {
+        match self {
+            Self::Llama { score_weight, .. } => score_weight.as_ref(),
+            Self::Bert(..) => None,
+        }
+    }
+
+    /// The names of the reward model's aspect heads, in the column order of
+    /// [`ModelRewards::aspects`].
+    pub fn aspect_names(&self) -> Vec<String> {
+        match self {
+            Self::Llama { model, .. } => model
+                .aspect_names()
+                .into_iter()
+                .map(str::to_string)
+                .collect(),
+            // The BERT model keeps its heads in a name-ordered map.
+            Self::Bert(m, _) => {
+                let mut names = m.head_config().aspects.clone();
+                names.sort();
+                names
+            }
+        }
+    }
+
+    /// Scores rows given both as policy token ids (prompt + answer) and as text; each
+    /// architecture reads the form it can.
+    pub fn score(&self, ids: &[Vec<u32>], texts: &[String]) -> Result<Vec<f32>> {
+        Ok(self.score_with_aspects(ids, texts)?.scores)
+    }
+
+    /// [`Self::score`] plus every aspect head's output for each row.
+    pub fn score_with_aspects(&self, ids: &[Vec<u32>], texts: &[String]) -> Result<ModelRewards> {
+        if ids.len() != texts.len() {
+            bail!("{} id rows for {} texts", ids.len(), texts.len());
+        }
+        let rows_of = |t: Option<Tensor>| -> Result<Vec<Vec<f32>>> {
+            match t {
+                Some(t) => Ok(t.to_vec2::<f32>()?),
+                None => Ok(vec![Vec::new(); ids.len()]),
+            }
+        };
+        match self {
+            Self::Llama {
+                model, tokenizer, ..
+            } => {
+                let cfg = model.config();
+                let pad = cfg
+                    .pad_token_id
+                    .or_else(|| cfg.eos_token_ids().first().copied())
+                    .unwrap_or(0);
+                let rows: Vec<Vec<u32>> = match tokenizer {
+                    Some(t) => texts
+                        .iter()
+                        .map(|x| t.encode(x, false).map_err(anyhow::Error::from))
+                        .collect::<Result<_>>()?,
+                    None => ids.to_vec(),
+                };
+                if let Some(bad) = rows
+                    .iter()
+                    .flatten()
+                    .find(|&&x| x as usize >= cfg.vocab_size)
+                {
+                    bail!(
+                        "token id {bad} is outside the reward model's vocabulary ({})\nhint: give the reward model directory its tokenizer.json",
+                        cfg.vocab_size
+                    );
+                }
+                let dev = model.model().embed_weight().device().clone();
+                let t = rows.iter().map(Vec::len).max().unwrap_or(1).max(1);
+                let b = rows.len();
+                let mut flat = vec![pad; b * t];
+                let mut mask = vec![0u32; b * t];
+                for (i, r) in rows.iter().enumerate() {
+                    for (j, &x) in r.iter().enumerate() {
+                        flat[i * t + j] = x;
+                        mask[i * t + j] = 1;
+                    }
+                }
+                let ids = Tensor::from_vec(flat, (b, t), &dev)?;
+                let mask = Tensor::from_vec(mask, (b, t), &dev)?;
+                let out = model.forward(&ids, Some(&mask))?;
+                Ok(ModelRewards {
+                    scores: out
+                        .logits
+                        .narrow(D::Minus1, 0, 1)?
+                        .flatten_all()?
+                        .to_vec1::<f32>()?,
+                    aspects: rows_of(out.aspects)?,
+                })
+            }
+            Self::Bert(m, dev) => {
+                let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+                let batch = m.encode(&refs, dev)?;
+                let out = m.forward(&batch, false)?;
+                // BTreeMap order: the sorted names of `aspect_names`.
+                let cols: Vec<Tensor> = out
+                    .aspects
+                    .values()
+                    .map(|t| t.unsqueeze(1))
+                    .collect::<candle_core::Result<_>>()?;
+                let aspects = (!cols.is_empty())
+                    .then(|| Tensor::cat(&cols, 1))
+                    .transpose()?;
+                Ok(ModelRewards {
+                    scores: out.score.to_vec1::<f32>()?,
+                    aspects: rows_of(aspects)?,
+                })
+            }
+        }
+    }
+}
+
+/// The reward model's outputs for a batch of rows.
+#[derive(Debug, Clone)]
+pub struct ModelRewards {
+    /// The final score of each row.
+    pub scores: Vec<f32>,
+    /// Each row's aspect-head outputs, in [`RewardScorer::aspect_names`] order.
+    pub aspects: Vec<Vec<f32>>,
+}
+
+/// Prompt + answer rows in both forms a reward model reads: token ids and text.
+pub(crate) fn joined_rows(
+    prompts: &[&str],
+    prompt_ids: &[Vec<u32>],
+    answer_ids: &[Vec<u32>],
+    answer_texts: &[String],
+) -> (Vec<Vec<u32>>, Vec<String>) {
+    let ids = prompt_ids
+        .iter()
+        .zip(answer_ids)
+        .map(|(p, r)| p.iter().chain(r).copied().collect())
+        .collect();
+    let texts = prompts
+        .iter()
+        .zip(answer_texts)
+        .map(|(p, a)| format!("{p}{a}"))
+        .collect();
+    (ids, texts)
+}
