@@ -11,8 +11,8 @@
 //!    the blob, so a file another revision already brought is linked, not downloaded.
 //! 3. `GET` the same URL, following the redirect (reqwest drops `Authorization` when it leaves
 //!    the Hub's host), into `blobs/<etag>.incomplete`; a try that finds bytes there asks for the
-//!    rest with `Range: bytes=N-`. A body cut short is retried that way (and a later run resumes
-//!    it too).
+//!    rest with `Range: bytes=N-`. A body cut short is retried that way, for as long as rounds of
+//!    attempts bring more bytes; a run that gives up keeps the partial file for the next.
 //! 4. Verification before the blob is kept: an LFS ETag is the sha256 of the content; any other
 //!    ETag is the git blob id, sha1 of `blob <size>\0<content>`, and is checked as such. A
 //!    mismatch deletes the partial blob and fails; nothing reaches `snapshots/`.
@@ -411,10 +411,31 @@ impl HubDownloader {
         let partial = cache.incomplete(&meta.etag);
         std::fs::create_dir_all(cache.blobs()).map_err(|e| self.cache_error(cache, e.into()))?;
         let at = &partial;
-        retrying(self.backoff, |_| {
-            self.download_attempt(model, url, what, meta, at)
-        })
-        .await?;
+        let held = || std::fs::metadata(at).map_or(0, |m| m.len());
+        // A round of attempts that moved the download forward earns another round, so a flaky
+        // link that keeps delivering finishes; a round that delivers nothing gives up, keeping
+        // the partial file for the next run to resume.
+        loop {
+            let before = held();
+            match retrying(self.backoff, |_| {
+                self.download_attempt(model, url, what, meta, at)
+            })
+            .await
+            {
+                Ok(()) => break,
+                Err(error) if resumable(&error) && held() > before => {
+                    tracing::warn!(
+                        "{}; {} bytes are in, trying again",
+                        first_line(&error),
+                        held()
+                    );
+                }
+                Err(error) if resumable(&error) && held() > 0 => {
+                    return Err(self.truncated(what, held(), first_line(&error)));
+                }
+                Err(error) => return Err(error),
+            }
+        }
         let (check, etag, path) = (meta.check, meta.etag.clone(), partial.clone());
         let actual = tokio::task::spawn_blocking(move || digest(&path, check))
             .await
@@ -617,6 +638,28 @@ impl HubDownloader {
             detail: format!("{e:#}"),
         }
     }
+}
+
+/// Whether a failed download may succeed later from where it stopped (not a refusal, a failed
+/// check or a local problem).
+fn resumable(error: &HubDownloadError) -> bool {
+    matches!(
+        error,
+        HubDownloadError::Truncated { .. }
+            | HubDownloadError::Unreachable { .. }
+            | HubDownloadError::Status { .. }
+            | HubDownloadError::Protocol { .. }
+    )
+}
+
+/// An error's first line (what failed), without its hint.
+fn first_line(error: &HubDownloadError) -> String {
+    error
+        .to_string()
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// `text` as one URL path segment (a `/` in a branch name or file becomes `%2F`, as

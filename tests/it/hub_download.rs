@@ -7,14 +7,15 @@
 //! model directory does not need (README, `pytorch_model.bin`), and logs every request.
 //!
 //! Shown: `generate --model hf://…` answers as the local fixture does; a body cut mid-way is
-//! resumed with a `Range` request and verified; a second run downloads nothing (one API request;
+//! resumed with a `Range` request and verified (in the same run, and by the next run when the
+//! storage stayed down); a second run downloads nothing (one API request;
 //! none for a commit revision or with `HF_HUB_OFFLINE=1`); a gated model answers 401 without a
 //! token and works with `HF_TOKEN` or the token file, the token never printed; 404s name the
 //! repository, revision or file; a corrupted body fails its sha256 and leaves nothing in the
-//! snapshot; an unreachable endpoint is named with what to do; `policy.model: hf://…` in a
-//! config trains, and the registry pins the commit.
+//! snapshot; an unreachable endpoint is named with what to do; `train reward --model hf://…`
+//! trains; `policy.model: hf://…` in a config trains, and the registry pins the commit.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::sync::{Arc, Mutex};
@@ -43,8 +44,10 @@ struct Hub {
     repos: BTreeMap<String, (bool, BTreeMap<String, Vec<u8>>)>,
     /// Every request, as "METHOD path" plus " range=…" when one was asked.
     log: Vec<String>,
-    /// LFS oids whose next download is cut off half way (then served normally).
-    cut_once: HashSet<String>,
+    /// LFS oids whose next N downloads are cut off half way (then served normally).
+    cuts: HashMap<String, u32>,
+    /// How many storage requests answer 503 (an outage) before it serves again.
+    storage_down: u32,
     /// LFS oids always served with one byte flipped.
     corrupt: HashSet<String>,
     /// Files listed by the revision API that `resolve` answers 404 for.
@@ -203,6 +206,10 @@ async fn handle(
 
 /// The storage side of an LFS file: `Range: bytes=N-` answers 206.
 fn cdn(h: &mut Hub, oid: &str, range: Option<&str>) -> Response {
+    if h.storage_down > 0 && !h.cuts.values().any(|n| *n > 0) {
+        h.storage_down -= 1;
+        return refused(StatusCode::SERVICE_UNAVAILABLE, "storage unavailable");
+    }
     let Some(content) = h
         .repos
         .values()
@@ -235,7 +242,8 @@ fn cdn(h: &mut Hub, oid: &str, range: Option<&str>) -> Response {
     } else {
         response.status(StatusCode::OK)
     };
-    if h.cut_once.remove(oid) {
+    if let Some(left) = h.cuts.get_mut(oid).filter(|n| **n > 0) {
+        *left -= 1;
         // Headers promise the whole body; the connection dies after half of it.
         let half = Bytes::from(part[..part.len() / 2].to_vec());
         let chunks: Vec<Result<Bytes, std::io::Error>> =
@@ -335,7 +343,7 @@ fn files_under(dir: &Path) -> Vec<String> {
 fn generate_from_the_hub_resumes_a_cut_download_and_then_runs_from_the_cache() {
     let (url, hub) = start();
     let oid = weights_oid();
-    hub.lock().unwrap().cut_once.insert(oid.clone());
+    hub.lock().unwrap().cuts.insert(oid.clone(), 1);
     let ws = Workspace::new();
     let local = generate(
         &mut bin(),
@@ -608,4 +616,108 @@ fn a_config_policy_model_from_the_hub_trains_and_the_registry_pins_its_commit() 
         .output()
         .unwrap();
     failed(&o, &["policy.model", "hf://ORG/NAME"]);
+}
+
+#[test]
+fn train_reward_takes_a_hub_backbone_on_the_command_line() {
+    let (url, hub) = start();
+    let ws = Workspace::new();
+    let pairs: String = [
+        ("What is a carbon tax?", "A price on emissions.", "Bananas."),
+        ("Define GDP.", "Total output of an economy.", "Trains."),
+        ("What is inflation?", "Rising prices over time.", "Purple."),
+        ("What is a tariff?", "A tax on imports.", "No idea."),
+    ]
+    .iter()
+    .map(|(p, c, r)| {
+        serde_json::json!({"prompt": p, "chosen": c, "rejected": r}).to_string() + "\n"
+    })
+    .collect();
+    let data = ws.path().join("pairs.jsonl");
+    std::fs::write(&data, pairs).unwrap();
+    let out = ws.path().join("reward");
+    let o = hub_bin(&ws, &url)
+        .arg("--config")
+        .arg(ws.sample_config())
+        .args(["--format", "json", "train", "reward", "--model"])
+        .arg(format!("hf://{PUBLIC}@{COMMIT}"))
+        .arg("--dataset")
+        .arg(&data)
+        .args([
+            "--epochs",
+            "1",
+            "--batch-size",
+            "2",
+            "--max-length",
+            "32",
+            "--out",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        out.join("config.json").is_file(),
+        "a reward model was written"
+    );
+    assert!(
+        requests(&hub)
+            .iter()
+            .any(|l| l == &format!("GET /api/models/{PUBLIC}/revision/{COMMIT}")),
+        "{:#?}",
+        requests(&hub)
+    );
+}
+
+#[test]
+fn a_download_that_gave_up_is_resumed_by_the_next_run() {
+    let (url, hub) = start();
+    let oid = weights_oid();
+    // Cut half way, then an outage longer than one run's attempts: the first run gives up.
+    {
+        let mut h = hub.lock().unwrap();
+        h.cuts.insert(oid.clone(), 1);
+        h.storage_down = 1000;
+    }
+    let ws = Workspace::new();
+    let model = format!("hf://{PUBLIC}");
+    let o = generate(&mut hub_bin(&ws, &url), &model);
+    failed(
+        &o,
+        &[
+            "model.safetensors",
+            "stopped after",
+            "HTTP 503",
+            "the download resumes where it stopped",
+        ],
+    );
+    let partial = repo_cache(&ws, PUBLIC)
+        .join("blobs")
+        .join(format!("{oid}.incomplete"));
+    let kept = std::fs::metadata(&partial).unwrap().len();
+    let size = fixture_files()["model.safetensors"].len() as u64;
+    assert!(kept > 0 && kept < size, "{kept} of {size} bytes kept");
+    assert!(
+        !repo_cache(&ws, PUBLIC)
+            .join("snapshots")
+            .join(COMMIT)
+            .join("model.safetensors")
+            .exists()
+    );
+
+    hub.lock().unwrap().storage_down = 0;
+    let before = requests(&hub).len();
+    let o = generate(&mut hub_bin(&ws, &url), &model);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let resumed = format!("GET /cdn/{oid} range=bytes={kept}-");
+    assert!(
+        requests(&hub)[before..].contains(&resumed),
+        "{resumed} not in {:#?}",
+        &requests(&hub)[before..]
+    );
+    assert!(!partial.exists());
+    assert_eq!(
+        std::fs::read(repo_cache(&ws, PUBLIC).join("blobs").join(&oid)).unwrap(),
+        fixture_files()["model.safetensors"]
+    );
 }
