@@ -9,7 +9,8 @@
 //!   refs/<revision>               the commit a branch or tag pointed at when last resolved
 //! ```
 //!
-//! One addition of ours, beside (not inside) those folders: `.rlhf-bot/complete-<commit>` lists
+//! Downloads of one blob are serialised by `<cache>/.locks/models--ORG--NAME/<etag>.lock`, the
+//! lock `huggingface_hub` takes too. One addition of ours, beside (not inside) those folders: `.rlhf-bot/complete-<commit>` lists
 //! the files a finished resolve put in that snapshot, so a later resolve of a commit (or an
 //! offline one) knows the snapshot is whole without asking the Hub. HF tools ignore it.
 
@@ -54,6 +55,18 @@ impl RepoCache {
     /// Where a blob grows while it downloads; a later try resumes it.
     pub fn incomplete(&self, etag: &str) -> PathBuf {
         self.blobs().join(format!("{etag}.incomplete"))
+    }
+
+    /// The lock a process holds while it downloads blob `etag`: where `huggingface_hub` puts
+    /// its own (`<cache>/.locks/models--ORG--NAME/<etag>.lock`, an advisory `flock`), so
+    /// rlhf-bot and HF tools never write one blob at once.
+    pub fn lock_file(&self, etag: &str) -> PathBuf {
+        let folder = self.root.file_name().unwrap_or_default();
+        let cache_dir = self.root.parent().unwrap_or(Path::new("."));
+        cache_dir
+            .join(".locks")
+            .join(folder)
+            .join(format!("{etag}.lock"))
     }
 
     fn ref_file(&self, revision: &str) -> PathBuf {
@@ -172,6 +185,10 @@ mod tests {
         assert_eq!(
             cache.incomplete("abc"),
             Path::new("/c/models--Org--Name/blobs/abc.incomplete")
+        );
+        assert_eq!(
+            cache.lock_file("abc"),
+            Path::new("/c/.locks/models--Org--Name/abc.lock")
         );
     }
 

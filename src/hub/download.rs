@@ -389,6 +389,9 @@ impl HubDownloader {
                 .map_err(|detail| Failure::Fatal(self.protocol(what, detail)))
         })
         .await?;
+        // Held until this file is linked; another process fetching the same blob waits, then
+        // finds it present.
+        let _lock = self.lock_blob(cache, &meta.etag, what).await?;
         if !cache.blob(&meta.etag).is_file() {
             tracing::info!(model = %model, file, bytes = ?meta.size, "downloading from the Hub");
             self.download_blob(model, url, what, &meta, cache).await?;
@@ -396,6 +399,52 @@ impl HubDownloader {
         cache
             .link(commit, file, &meta.etag)
             .map_err(|e| self.cache_error(cache, e))
+    }
+
+    /// Takes the blob's download lock, waiting while another process (rlhf-bot or an HF tool)
+    /// holds it. The lock goes with the returned file (the OS drops it if the process dies).
+    async fn lock_blob(
+        &self,
+        cache: &RepoCache,
+        etag: &str,
+        what: &str,
+    ) -> Result<std::fs::File, HubDownloadError> {
+        let path = cache.lock_file(etag);
+        let opened = path
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| {
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(&path)
+            });
+        let file = opened.map_err(|e| {
+            self.cache_error(
+                cache,
+                anyhow::Error::from(e).context(format!("opening {}", path.display())),
+            )
+        })?;
+        let mut waited = false;
+        loop {
+            match file.try_lock() {
+                Ok(()) => return Ok(file),
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    if !waited {
+                        tracing::info!("another process is downloading {what}; waiting for it");
+                        waited = true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(std::fs::TryLockError::Error(e)) => {
+                    return Err(self.cache_error(
+                        cache,
+                        anyhow::Error::from(e).context(format!("locking {}", path.display())),
+                    ));
+                }
+            }
+        }
     }
 
     /// Downloads into `blobs/<etag>.incomplete` (resuming what is there), verifies, and moves

@@ -12,7 +12,8 @@
 //! none for a commit revision or with `HF_HUB_OFFLINE=1`); a gated model answers 401 without a
 //! token and works with `HF_TOKEN` or the token file, the token never printed; 404s name the
 //! repository, revision or file; a corrupted body fails its sha256 and leaves nothing in the
-//! snapshot; an unreachable endpoint is named with what to do; `train reward --model hf://…`
+//! snapshot; a blob another process is downloading (its lock held) is waited for; an
+//! unreachable endpoint is named with what to do; `train reward --model hf://…`
 //! trains; `policy.model: hf://…` in a config trains, and the registry pins the commit.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -719,5 +720,55 @@ fn a_download_that_gave_up_is_resumed_by_the_next_run() {
     assert_eq!(
         std::fs::read(repo_cache(&ws, PUBLIC).join("blobs").join(&oid)).unwrap(),
         fixture_files()["model.safetensors"]
+    );
+}
+
+#[test]
+fn a_blob_another_process_is_downloading_is_waited_for() {
+    let (url, hub) = start();
+    let oid = weights_oid();
+    let ws = Workspace::new();
+    // The lock huggingface_hub would hold while downloading the weights.
+    let lock_path = repo_cache(&ws, PUBLIC)
+        .parent()
+        .unwrap()
+        .join(".locks")
+        .join(format!("models--{}", PUBLIC.replace('/', "--")))
+        .join(format!("{oid}.lock"));
+    std::fs::create_dir_all(lock_path.parent().unwrap()).unwrap();
+    let lock = std::fs::File::create(&lock_path).unwrap();
+    lock.lock().unwrap();
+    let child = hub_bin(&ws, &url)
+        .arg("-v")
+        .args(GENERATE)
+        .args(["--model", &format!("hf://{PUBLIC}")])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let asked = format!("HEAD /{PUBLIC}/resolve/{COMMIT}/model.safetensors");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !requests(&hub).contains(&asked) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:#?}",
+            requests(&hub)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    assert!(
+        !requests(&hub)
+            .iter()
+            .any(|l| l.starts_with(&format!("GET /cdn/{oid}"))),
+        "nothing is downloaded while another process holds the blob's lock"
+    );
+    lock.unlock().unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("another process is downloading file model.safetensors"),
+        "{}",
+        stderr(&o)
     );
 }
