@@ -108,6 +108,8 @@ fn mask_secrets(settings: &Settings) {
     if let Some(dispatch) = &settings.deploy.repository_dispatch {
         vars.push(dispatch.token_env.as_str());
     }
+    // The Hub token `hf://` models may be fetched with (crate::hub::env).
+    vars.push("HF_TOKEN");
     for var in vars {
         if let Ok(value) = std::env::var(var) {
             env.mask(value.trim());

@@ -471,6 +471,24 @@ fn a_gated_model_needs_a_token_which_is_never_shown() {
         "the gated repository was asked with the token"
     );
 
+    // In GitHub Actions the token is masked as soon as a config is read.
+    let o = hub_bin(&ws, &url)
+        .env("GITHUB_ACTIONS", "true")
+        .env("HF_TOKEN", TOKEN)
+        .arg("--config")
+        .arg(ws.sample_config())
+        .args(["config", "check"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o)
+            .lines()
+            .any(|l| l == format!("::add-mask::{TOKEN}")),
+        "{}",
+        stderr(&o)
+    );
+
     // A wrong token is refused and not echoed either.
     let wrong = "hf_wrong_22c4d0";
     let ws2 = Workspace::new();
