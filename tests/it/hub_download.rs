@@ -8,13 +8,14 @@
 //!
 //! Shown: `generate --model hf://…` answers as the local fixture does; a body cut mid-way is
 //! resumed with a `Range` request and verified (in the same run, and by the next run when the
-//! storage stayed down); a second run downloads nothing (one API request;
-//! none for a commit revision or with `HF_HUB_OFFLINE=1`); a gated model answers 401 without a
-//! token and works with `HF_TOKEN` or the token file, the token never printed; 404s name the
-//! repository, revision or file; a corrupted body fails its sha256 and leaves nothing in the
+//! storage stayed down); a second run downloads nothing (one API request; none for a commit
+//! revision or with `HF_HUB_OFFLINE=1`); a gated model answers 401 without a token and works
+//! with `HF_TOKEN` or the token file, the token never printed (and masked in Actions); 404s name
+//! the repository, revision or file; a corrupted body fails its sha256 and leaves nothing in the
 //! snapshot; a blob another process is downloading (its lock held) is waited for; an
-//! unreachable endpoint is named with what to do; `train reward --model hf://…`
-//! trains; `policy.model: hf://…` in a config trains, and the registry pins the commit.
+//! unreachable endpoint is named with what to do; `train reward --model hf://…` trains and
+//! `export-model --model hf://…` exports; `policy.model: hf://…` in a config trains, and the
+//! registry pins the commit.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -789,4 +790,29 @@ fn a_blob_another_process_is_downloading_is_waited_for() {
         "{}",
         stderr(&o)
     );
+}
+
+#[test]
+fn export_model_reads_a_hub_model() {
+    let (url, _hub) = start();
+    let ws = Workspace::new();
+    let out = ws.path().join("exported");
+    let o = hub_bin(&ws, &url)
+        .args([
+            "export-model",
+            "--model",
+            &format!("hf://{PUBLIC}"),
+            "--to",
+            "hf",
+        ])
+        .args(["--dtype", "f32", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    let fixture: serde_json::Value =
+        serde_json::from_slice(&fixture_files()["config.json"]).unwrap();
+    assert_eq!(config["hidden_size"], fixture["hidden_size"]);
 }
