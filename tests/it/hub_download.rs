@@ -619,7 +619,14 @@ fn a_config_policy_model_from_the_hub_trains_and_the_registry_pins_its_commit() 
         "the public id PEFT exports name defaults to the repository"
     );
     assert!(requests(&hub).is_empty(), "config check downloads nothing");
-    forced_run_json_with(hub_bin(&ws, &url), &cfg, "2026-11-27T12:00:00Z");
+    let json = forced_run_json_with(hub_bin(&ws, &url), &cfg, "2026-11-27T12:00:00Z");
+    let report = std::fs::read_to_string(json["run"]["report"].as_str().unwrap()).unwrap();
+    // (`@` is defused against GitHub mentions, so only the parts around it are matched.)
+    assert!(
+        report.contains(&format!("base model hf://{PUBLIC}@"))
+            && report.contains(&format!("main at commit `{COMMIT}`")),
+        "the reviewer sees the pinned base: {report}"
+    );
     let registry = std::fs::read_to_string(ws.store_dir().join("registry.yaml")).unwrap();
     assert!(
         registry.contains(&format!("base_model: hf://{PUBLIC}@main"))
