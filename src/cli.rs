@@ -160,8 +160,9 @@ pub enum ExportDtype {
 
 #[derive(Debug, Args)]
 pub struct ExportModelArgs {
-    /// A model directory (`train policy` or `train reward` output, an HF directory) or a
-    /// registry id (its artifact is verified against the registry's checksums first).
+    /// A model directory (`train policy` or `train reward` output, an HF directory), a Hub
+    /// model (`hf://ORG/NAME[@REVISION]`), or a registry id (its artifact is verified against
+    /// the registry's checksums first).
     #[arg(long)]
     pub model: String,
     /// The serving format. Named `--to` because `--format` is the global text|json switch.
@@ -315,8 +316,8 @@ pub struct TrainPolicyArgs {
     /// The algorithm; default: policy.algo from the config (dpo when absent).
     #[arg(long, value_enum)]
     pub algo: Option<Algo>,
-    /// The base policy: a Hugging Face causal-LM directory or a `.gguf` file;
-    /// default: policy.model, else a tiny llama trained from scratch.
+    /// The base policy: a Hugging Face causal-LM directory, a `.gguf` file or a Hub model
+    /// (`hf://ORG/NAME[@REVISION]`); default: policy.model, else a tiny llama from scratch.
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// The reward model directory (from `train reward`); default: the newest run's `reward/`,
@@ -343,7 +344,8 @@ pub struct TrainPolicyArgs {
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
-    /// A Hugging Face causal-LM directory, a `.gguf` file, or a `train policy` output.
+    /// A Hugging Face causal-LM directory, a `.gguf` file, a `train policy` output, or a Hub
+    /// model (`hf://ORG/NAME[@REVISION]`, downloaded into the HF cache).
     #[arg(long)]
     pub model: PathBuf,
     /// The prompt text.
@@ -370,8 +372,9 @@ pub struct GenerateArgs {
 
 #[derive(Debug, Args)]
 pub struct TrainRewardArgs {
-    /// A local Hugging Face checkpoint (encoder or decoder, detected from config.json);
-    /// default: reward.model from the config, else a small llama trained from scratch.
+    /// A Hugging Face checkpoint (encoder or decoder, detected from config.json), local or on
+    /// the Hub (`hf://ORG/NAME[@REVISION]`); default: reward.model from the config, else a small
+    /// llama trained from scratch.
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Preference pairs in TRL's JSONL format instead of the store.

@@ -67,6 +67,10 @@ pub struct ModelEntry {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_by: Option<String>,
     pub base_model: String,
+    /// The commit a Hub base model (`hf://ORG/NAME@REVISION`) resolved to when this version was
+    /// trained: the revision pinned, so the base can be fetched again byte for byte.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_model_commit: Option<String>,
     /// The model version this one was trained from (usually the production model of its kind).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<String>,

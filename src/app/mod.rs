@@ -8,6 +8,7 @@ mod dashboard;
 pub mod deploy;
 pub mod export_model;
 pub mod generate;
+pub mod model_source;
 mod output;
 pub mod pipeline;
 pub mod policy;
@@ -25,6 +26,7 @@ use tracing_subscriber::EnvFilter;
 
 use crate::cli::{Cli, Command, ConfigCommand, Format};
 use crate::config::{self, ConfigError, Settings};
+use crate::hub::HubModelRef;
 
 pub use check::{CheckOutcome, check};
 pub use pull::pull;
@@ -106,6 +108,8 @@ fn mask_secrets(settings: &Settings) {
     if let Some(dispatch) = &settings.deploy.repository_dispatch {
         vars.push(dispatch.token_env.as_str());
     }
+    // The Hub token `hf://` models may be fetched with (crate::hub::env).
+    vars.push("HF_TOKEN");
     for var in vars {
         if let Ok(value) = std::env::var(var) {
             env.mask(value.trim());
@@ -118,9 +122,8 @@ async fn train_reward_cmd(
     args: crate::cli::TrainRewardArgs,
 ) -> Result<crate::train::reward_run::RewardRunSummary> {
     let mut opts = settings.reward.clone();
-    if let Some(m) = args.model {
-        opts.model = Some(m);
-    }
+    // `hf://` references become local snapshot directories before the stage reads them.
+    opts.model = model_source::localize_opt(args.model.or(opts.model)).await?;
     if let Some(v) = args.epochs {
         opts.train.epochs = v;
     }
@@ -140,7 +143,7 @@ async fn train_reward_cmd(
         opts.device = d.choice();
     }
     opts.resume = args.run.resume;
-    opts.production_model = args.production_model;
+    opts.production_model = model_source::localize_opt(args.production_model).await?;
     let out = args.run.out.unwrap_or_else(|| {
         crate::run::run_dir(&settings.store.dir, &crate::run::new_run_id()).join("reward")
     });
@@ -155,28 +158,35 @@ async fn train_reward_cmd(
     }
 }
 
-/// Fails before any training when a configured model is missing, naming the key and (for the
+/// The settings with every configured model made local (`hf://` references downloaded into the
+/// Hub cache), failing before any training when one is missing, naming the key and (for the
 /// models directory) the script that fills it; otherwise a newcomer would wait through the
 /// reward model before the policy's absence surfaced.
-fn models_present(settings: &Settings, policy_runs: bool) -> Result<()> {
-    let mut wanted = vec![("reward.model", settings.reward.model.as_ref())];
+async fn local_models(settings: &Settings, policy_runs: bool) -> Result<Settings> {
+    let mut local = settings.clone();
+    let mut wanted = vec![("reward.model", &mut local.reward.model)];
     if policy_runs {
-        wanted.push(("policy.model", settings.policy.model.as_ref()));
+        wanted.push(("policy.model", &mut local.policy.model));
         wanted.push((
             "policy.production_model",
-            settings.policy.production_model.as_ref(),
+            &mut local.policy.production_model,
         ));
     }
-    for (key, path) in wanted {
-        if let Some(path) = path.filter(|p| !p.exists()) {
+    for (key, slot) in wanted {
+        let Some(path) = slot.take() else { continue };
+        let path = model_source::localize(&path)
+            .await
+            .with_context(|| format!("{key}: {}", path.display()))?;
+        if !path.exists() {
             anyhow::bail!(
                 "{key}: model {} does not exist\nhint: {}",
                 path.display(),
-                config::models::missing_hint(path)
+                config::models::missing_hint(&path)
             );
         }
+        *slot = Some(path);
     }
-    Ok(())
+    Ok(local)
 }
 
 /// The stages after a positive `check`: train the reward model on the store, register it,
@@ -188,7 +198,7 @@ async fn train_and_publish(
     algo: Option<crate::run::outputs::PolicyAlgo>,
 ) -> Result<RunSummary> {
     let policy_runs = settings.policy.enabled || algo.is_some();
-    models_present(settings, policy_runs)?;
+    let settings = &local_models(settings, policy_runs).await?;
     let run_id = crate::run::new_run_id();
     let started = check::now()?;
     let reward_dir = crate::run::run_dir(&settings.store.dir, &run_id).join("reward");
@@ -409,13 +419,18 @@ pub async fn run(cli: Cli) -> Result<()> {
                 ),
             )
         }
-        Command::Generate(args) => {
+        Command::Generate(mut args) => {
+            args.model = model_source::localize(&args.model).await?;
             let out = tokio::task::spawn_blocking(move || generate::generate_cmd(&args))
                 .await
                 .context("the generation thread panicked")??;
             output::json_or_text(format, &out, &out.completion)
         }
-        Command::ExportModel(args) => {
+        Command::ExportModel(mut args) => {
+            if HubModelRef::from_value(&args.model).is_some() {
+                let local = model_source::localize(Path::new(&args.model)).await?;
+                args.model = local.display().to_string();
+            }
             // A directory exports without a config; a registry id needs one.
             let settings = if cli.config.is_file() {
                 Some(load_settings(&cli.config)?)

@@ -65,13 +65,16 @@ pub fn register(
      -> Result<ModelEntry> {
         let id = format!("{}-{run_id}", kind.as_str());
         let artifact = artifacts.put(kind, &id, &dir.join(sub))?;
+        // A Hub base model is named `hf://ORG/NAME@REVISION` with its commit pinned.
+        let (base, base_model_commit) = crate::app::model_source::lineage(base);
         let entry = ModelEntry {
             id: id.clone(),
             kind,
             created_at: Utc::now(),
             created_by: created_by.clone(),
             // Committed with the PR: a local path is shown as `<models>/…` or repo-relative.
-            base_model: local_paths(settings).display(base),
+            base_model: local_paths(settings).display(&base),
+            base_model_commit,
             parent: registry.production(kind).map(|p| p.id.clone()),
             algorithm,
             config_sha256: settings.config_sha256.clone(),

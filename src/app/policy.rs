@@ -16,6 +16,7 @@ use anyhow::{Context, Result, bail};
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 
+use crate::app::model_source::localize_opt;
 use crate::app::train_policy::{PolicyRunSummary, TrainPolicyRequest, train_policy};
 use crate::cli::Algo;
 use crate::config::Settings;
@@ -68,7 +69,8 @@ pub struct PolicyStageSummary {
     #[serde(flatten)]
     pub run: PolicyRunSummary,
     pub algo: PolicyAlgo,
-    /// The base model as given (path, or `llama-from-scratch`), for the registry.
+    /// The base model's local path (a Hub model's cache snapshot), or `llama-from-scratch`, for
+    /// the registry (`model_source::lineage` turns a snapshot back into `hf://…` and its commit).
     pub base_model: String,
     pub reward_model: PathBuf,
     pub data: PathBuf,
@@ -110,7 +112,8 @@ pub async fn run_policy_stage(
     // Converted or generated models live beside the output, not in it: the output directory is
     // what the registry copies into the artifact store.
     let scratch = sibling(&out, "base");
-    let reward_model = match o.reward_model {
+    // `hf://` references become local snapshot directories here, before anything reads them.
+    let reward_model = match localize_opt(o.reward_model).await? {
         Some(p) => {
             if !p.join("config.json").is_file() {
                 bail!(
@@ -122,7 +125,7 @@ pub async fn run_policy_stage(
         }
         None => find_reward_model(settings)?,
     };
-    let (base_dir, base_name) = match o.model.or_else(|| ps.model.clone()) {
+    let (base_dir, base_name) = match localize_opt(o.model.or_else(|| ps.model.clone())).await? {
         Some(m) => (resolve_model_dir(&m, &scratch)?, m.display().to_string()),
         None => (
             default_base_model(&scratch, options.seed)?,
@@ -151,7 +154,7 @@ pub async fn run_policy_stage(
         }
         None => export_policy_data(settings, &run_dir.join("data"), algo, template.as_ref())?,
     };
-    let explicit = o.production_model.or_else(|| ps.production_model.clone());
+    let explicit = localize_opt(o.production_model.or_else(|| ps.production_model.clone())).await?;
     let scratch = sibling(&out, "production");
     let baseline = crate::app::baseline::resolve(
         settings,

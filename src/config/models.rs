@@ -4,8 +4,15 @@
 //! (`reward.model`, `policy.model`, `policy.production_model`) may therefore start with
 //! `$RLHF_MODELS_DIR/`, which is replaced by that directory; no other variable is expanded, so a
 //! config can never pull a secret out of the environment into a path that gets printed.
+//!
+//! A model key may also name a Hugging Face Hub model, `hf://ORG/NAME[@REVISION]`: the reference
+//! is checked here (so a typo fails at `config check`, naming the key) and kept as written; the
+//! stage that reads the model downloads it (`app::model_source`, `crate::hub`).
 
 use std::path::{Path, PathBuf};
+
+use super::Invalid;
+use crate::hub::HubModelRef;
 
 /// The variable the fetch script, the tests and the configs share.
 pub const MODELS_DIR_VAR: &str = "RLHF_MODELS_DIR";
@@ -31,6 +38,19 @@ pub fn expand(value: &str) -> PathBuf {
         Some("") => models_dir(),
         Some(rest) if rest.starts_with('/') => models_dir().join(rest.trim_start_matches('/')),
         _ => PathBuf::from(value),
+    }
+}
+
+/// A config model value (`key` names it in errors): an `hf://` reference checked and kept as
+/// written, or a local path through [`expand`].
+pub fn model_path(key: &str, value: &str) -> Result<PathBuf, Invalid> {
+    match HubModelRef::from_value(value) {
+        Some(Err(why)) => Err(Invalid::new(
+            key,
+            format!("{why}\nhint: name a Hub model as hf://ORG/NAME or hf://ORG/NAME@REVISION"),
+        )),
+        Some(Ok(_)) => Ok(PathBuf::from(value)),
+        None => Ok(expand(value)),
     }
 }
 
@@ -67,5 +87,24 @@ mod tests {
         assert_eq!(expand("$HOME/a"), PathBuf::from("$HOME/a"));
         assert!(missing_hint(&dir.join("x")).contains("scripts/fetch-models.sh"));
         assert!(!missing_hint(Path::new("/nowhere/x")).contains("fetch-models"));
+    }
+
+    #[test]
+    fn hub_references_are_checked_and_kept() {
+        assert_eq!(
+            model_path(
+                "policy.model",
+                "hf://HuggingFaceTB/SmolLM2-135M-Instruct@main"
+            )
+            .unwrap(),
+            PathBuf::from("hf://HuggingFaceTB/SmolLM2-135M-Instruct@main")
+        );
+        assert_eq!(
+            model_path("reward.model", "$RLHF_MODELS_DIR/x").unwrap(),
+            models_dir().join("x")
+        );
+        let err = model_path("reward.model", "hf://only-a-name").unwrap_err();
+        assert_eq!(err.key_path, "reward.model");
+        assert!(err.message.contains("hf://ORG/NAME"), "{}", err.message);
     }
 }

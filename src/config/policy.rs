@@ -160,9 +160,20 @@ pub fn validate_policy(raw: RawPolicy) -> Result<PolicySettings, Invalid> {
         seed: raw.seed.map_or(d.seed, |v| v.0),
         device: device_string(device),
     };
+    let model = raw
+        .model
+        .as_deref()
+        .map(|v| super::models::model_path("policy.model", v))
+        .transpose()?;
+    // A Hub base model's public id is its repository id: PEFT exports name it without help.
+    let hub_id = model
+        .as_deref()
+        .and_then(crate::hub::HubModelRef::from_path)
+        .and_then(Result::ok)
+        .map(|m| m.repo);
     Ok(PolicySettings {
         enabled: raw.enabled.unwrap_or(false),
-        model: raw.model.as_deref().map(super::models::expand),
+        model,
         base_model_id: match raw.base_model_id {
             Some(id) if id.trim().is_empty() || id.contains(char::is_whitespace) => {
                 return Err(Invalid::new(
@@ -172,9 +183,13 @@ pub fn validate_policy(raw: RawPolicy) -> Result<PolicySettings, Invalid> {
                     ),
                 ));
             }
-            other => other,
+            other => other.or(hub_id),
         },
-        production_model: raw.production_model.as_deref().map(super::models::expand),
+        production_model: raw
+            .production_model
+            .as_deref()
+            .map(|v| super::models::model_path("policy.production_model", v))
+            .transpose()?,
         chat_template: raw.chat_template,
         merge: raw.lora.merge.unwrap_or(false),
         device,

@@ -273,7 +273,12 @@ pub fn validate(raw: RawConfig, text: &str) -> Result<Settings, Invalid> {
         )
     })?;
     let mut reward = crate::train::reward_run::RewardTrainOptions {
-        model: raw.reward.model.as_deref().map(super::models::expand),
+        model: raw
+            .reward
+            .model
+            .as_deref()
+            .map(|v| super::models::model_path("reward.model", v))
+            .transpose()?,
         eval_fraction: dataset.eval_fraction,
         ..Default::default()
     };

@@ -26,6 +26,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use serde::Deserialize;
 
 use crate::deploy::settings::HubSettings;
+use crate::retry::{Backoff, Failure, retrying};
 use crate::sanitize::{error_body_excerpt, redact_url};
 use crate::secret::SecretString;
 
@@ -445,26 +446,23 @@ impl<'a> HubClient<'a> {
         self.retried_text(step, request).await.map(|_| ())
     }
 
-    /// Sends `request()` until a 2xx, a non-retryable answer, or [`MAX_ATTEMPTS`].
+    /// Sends `request()` until a 2xx, a non-retryable answer, or [`MAX_ATTEMPTS`] (the loop
+    /// shared with the model download, `crate::retry`).
     async fn retried_text(
         &self,
         step: &'static str,
         request: impl Fn() -> reqwest::RequestBuilder,
     ) -> Result<String, HubError> {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match self.text_answer(step, request().send().await).await {
-                Ok(text) => return Ok(text),
-                Err((retryable, error)) => {
-                    if !retryable || attempt >= MAX_ATTEMPTS {
-                        return Err(error);
-                    }
-                    let wait = self.backoff.saturating_mul(1u32 << (attempt - 1));
-                    tracing::warn!("{error}; retrying in {:.1}s", wait.as_secs_f64());
-                    tokio::time::sleep(wait).await;
-                }
-            }
-        }
+        let backoff = Backoff {
+            max_attempts: MAX_ATTEMPTS,
+            first_wait: self.backoff,
+        };
+        let request = &request;
+        retrying(backoff, |_| async move {
+            self.text_answer(step, request().send().await)
+                .await
+                .map_err(|(retryable, error)| Failure::new(retryable, error))
+        })
+        .await
     }
 }

@@ -21,6 +21,7 @@ use serde_json::value::RawValue;
 
 use super::record::{Invalid, WireRecord};
 use super::store::Incoming;
+use crate::retry::describe_transport as describe;
 use crate::secret::SecretString;
 
 /// How the client talks to the API; built from the validated config.
@@ -391,28 +392,6 @@ fn is_dns_failure(e: &reqwest::Error) -> bool {
         cause = c.source();
     }
     false
-}
-
-fn describe(e: &reqwest::Error) -> String {
-    let kind = if e.is_timeout() {
-        "timed out"
-    } else if e.is_connect() {
-        "could not connect"
-    } else {
-        "request failed"
-    };
-    // The URL carries the query (cursor, since) but never the token, which is a header.
-    let mut source = String::new();
-    let mut cause = std::error::Error::source(e);
-    while let Some(c) = cause {
-        source = c.to_string();
-        cause = c.source();
-    }
-    if source.is_empty() {
-        format!("{kind}: {e}")
-    } else {
-        format!("{kind}: {e}: {source}")
-    }
 }
 
 /// The URL without its query, for messages (cursors can be long and opaque).

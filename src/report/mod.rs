@@ -903,7 +903,15 @@ fn lineage_view(role: &'static str, m: &ModelEntry, paths: &LocalPaths) -> Linea
             .created_by
             .as_deref()
             .map(|u| link("workflow run", u).unwrap_or_else(|| code(u))),
-        base_model: path_code(&paths.display(&m.base_model)),
+        base_model: match &m.base_model_commit {
+            // A Hub base: the revision it was asked by and the commit that was trained on.
+            Some(commit) => format!(
+                "{} at commit {}",
+                path_code(&paths.display(&m.base_model)),
+                code(commit)
+            ),
+            None => path_code(&paths.display(&m.base_model)),
+        },
         parent: m
             .parent
             .as_deref()

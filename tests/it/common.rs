@@ -108,7 +108,12 @@ pub fn run(config: &Path, args: &[&str]) -> Output {
 /// `run --force --format json` with the clock at `now` (RFC 3339), as a user's forced run; panics
 /// with stderr when it fails, and returns the whole JSON (`pull`, `check`, `run`).
 pub fn forced_run_json(config: &Path, now: &str) -> serde_json::Value {
-    let o = bin()
+    forced_run_json_with(bin(), config, now)
+}
+
+/// [`forced_run_json`] with a command the caller prepared (extra environment).
+pub fn forced_run_json_with(mut cmd: Command, config: &Path, now: &str) -> serde_json::Value {
+    let o = cmd
         .env("RLHF_BOT_NOW", now)
         .arg("--config")
         .arg(config)
@@ -182,4 +187,23 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("free port")
+}
+
+/// Serves `app` on a loopback port from a thread of its own (a current-thread runtime, so the
+/// test's blocking calls never starve it); returns its base URL.
+pub fn serve_on_thread(app: axum::Router) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            axum::serve(listener, app).await.unwrap();
+        });
+    });
+    url
 }

@@ -219,6 +219,7 @@ pub(crate) fn register_production(
             created_at: Utc.timestamp_opt(1_800_000_000 + n * 60, 0).unwrap(),
             created_by: None,
             base_model: "llama-from-scratch".into(),
+            base_model_commit: None,
             parent: None,
             algorithm: if kind == ModelKind::Reward {
                 "reward"
@@ -634,23 +635,11 @@ mod receiver {
     pub fn start(secret: &str) -> (String, Shared) {
         let shared = Shared::default();
         let state = (shared.clone(), secret.to_string());
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let app = Router::new()
-                    .route("/hook", post(hook))
-                    .route("/repos/acme/serving/dispatches", post(dispatch))
-                    .with_state(state);
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                axum::serve(listener, app).await.unwrap();
-            });
-        });
+        let app = Router::new()
+            .route("/hook", post(hook))
+            .route("/repos/acme/serving/dispatches", post(dispatch))
+            .with_state(state);
+        let url = crate::common::serve_on_thread(app);
         (url, shared)
     }
 }

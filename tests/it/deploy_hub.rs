@@ -23,7 +23,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use rlhf_bot::registry::ModelKind;
 use sha2::{Digest, Sha256};
 
-use crate::common::{Workspace, stderr, stdout};
+use crate::common::{Workspace, serve_on_thread, stderr, stdout};
 use crate::deploy::{policy_dir, register_production};
 
 const TOKEN: &str = "hf_test_rlhf_7f3a";
@@ -251,33 +251,20 @@ async fn commit(
 /// Starts the receiver on a thread of its own; returns its base URL and state.
 fn start() -> (String, Shared) {
     let shared = Shared::default();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
+    let app = Router::new()
+        .route(
+            "/api/models/{owner}/{name}/preupload/{rev}",
+            post(preupload),
+        )
+        .route("/api/models/{owner}/{name}/commit/{rev}", post(commit))
+        .route("/{owner}/{repo}/info/lfs/objects/batch", post(batch))
+        .route("/storage/{oid}", put(storage))
+        .route("/verify", post(verify))
+        // Model files exceed axum's 2 MiB default.
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .with_state(shared.clone());
+    let url = serve_on_thread(app);
     shared.lock().unwrap().base = url.clone();
-    let state = shared.clone();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let app = Router::new()
-                .route(
-                    "/api/models/{owner}/{name}/preupload/{rev}",
-                    post(preupload),
-                )
-                .route("/api/models/{owner}/{name}/commit/{rev}", post(commit))
-                .route("/{owner}/{repo}/info/lfs/objects/batch", post(batch))
-                .route("/storage/{oid}", put(storage))
-                .route("/verify", post(verify))
-                // Model files exceed axum's 2 MiB default.
-                .layer(axum::extract::DefaultBodyLimit::disable())
-                .with_state(state);
-            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            axum::serve(listener, app).await.unwrap();
-        });
-    });
     (url, shared)
 }
 

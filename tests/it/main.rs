@@ -24,6 +24,7 @@ mod forge_behaviour;
 mod forge_contract;
 mod grpo;
 mod hostile;
+mod hub_download;
 mod hygiene;
 mod install;
 mod layout;

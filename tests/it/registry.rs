@@ -25,6 +25,7 @@ pub fn entry(id: &str, kind: ModelKind, day: u32, parent: Option<&str>) -> Model
             "https://github.com/acme/assistant/actions/runs/{day}00"
         )),
         base_model: "HuggingFaceTB/SmolLM2-135M-Instruct".into(),
+        base_model_commit: None,
         parent: parent.map(String::from),
         algorithm: if kind == ModelKind::Reward {
             "reward".into()
