@@ -106,6 +106,14 @@ fn mask_secrets(settings: &Settings) {
     if let Some(dispatch) = &settings.deploy.repository_dispatch {
         vars.push(dispatch.token_env.as_str());
     }
+    if let Some(var) = settings
+        .evals
+        .judge
+        .as_ref()
+        .and_then(|j| j.api_key_env.as_deref())
+    {
+        vars.push(var);
+    }
     for var in vars {
         if let Ok(value) = std::env::var(var) {
             env.mask(value.trim());
