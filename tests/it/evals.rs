@@ -35,11 +35,13 @@ enum Reply {
     Status(u16),
 }
 
+/// The `Authorization` headers and request bodies the judge saw.
+type Seen = Arc<Mutex<Vec<(String, Value)>>>;
+
 #[derive(Clone)]
 struct JudgeState {
     reply: Reply,
-    /// The `Authorization` headers and request bodies seen.
-    seen: Arc<Mutex<Vec<(String, Value)>>>,
+    seen: Seen,
 }
 
 async fn completions(
@@ -77,7 +79,7 @@ async fn completions(
     }
 }
 
-fn start_judge(reply: Reply) -> (String, Arc<Mutex<Vec<(String, Value)>>>) {
+fn start_judge(reply: Reply) -> (String, Seen) {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let app = Router::new()
         .route("/v1/chat/completions", post(completions))
@@ -308,8 +310,10 @@ fn a_failing_required_eval_makes_the_pull_request_a_draft() {
     assert_eq!(run["draft"], true, "{run}");
     let report_path = Path::new(run["report"].as_str().unwrap());
     // The other gates are set so they pass: the failing required eval alone makes the draft.
-    let metrics: Value =
-        serde_json::from_str(&std::fs::read_to_string(report_path.with_file_name("metrics.json")).unwrap()).unwrap();
+    let metrics: Value = serde_json::from_str(
+        &std::fs::read_to_string(report_path.with_file_name("metrics.json")).unwrap(),
+    )
+    .unwrap();
     let failing: Vec<&str> = metrics["gates"]
         .as_array()
         .unwrap()
