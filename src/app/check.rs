@@ -54,10 +54,17 @@ pub fn check(settings: &Settings, force: bool) -> Result<CheckOutcome> {
     )?;
     // Flagged feedback bursts are held out of the quality trigger until a person clears them.
     let bursts = if settings.audit.enabled {
-        crate::dataset::audit::scan_store(&store, &settings.audit)?.0
+        crate::dataset::audit::bursts_in_store(&store, &settings.audit)?
     } else {
         Vec::new()
     };
+    let held = bursts.iter().filter(|b| !b.cleared).count();
+    if held > 0 {
+        tracing::info!(
+            bursts = held,
+            "flagged feedback bursts held out of the quality trigger until cleared (audit.cleared_bursts)"
+        );
+    }
     let quality = match last
         .as_ref()
         .and_then(|l| l.production_version.clone().map(|v| (v, l.promoted_at)))

@@ -14,7 +14,7 @@ use rlhf_bot::feedback::record::{FeedbackRecord, Response, Signal, Thumb};
 use rlhf_bot::feedback::store::LastTraining;
 use serde_json::{Value, json};
 
-use crate::common::Workspace;
+use crate::common::{Workspace, forced_run_logged};
 use crate::feedback_server::{self as server, Records};
 use crate::pull::pull_into;
 
@@ -281,4 +281,35 @@ fn the_cap_scales_a_heavy_user_down_without_dropping_a_record() {
         .map(|e| e.weight)
         .sum();
     assert!(heavy_weight < 1.0, "{heavy_weight}");
+}
+
+#[test]
+fn apply_label_smoothing_trains_dpo_with_the_estimated_flip_rate() {
+    let ws = Workspace::new();
+    let config = ws.write_config(&format!(
+        "{}audit:\n  apply_label_smoothing: true\n",
+        ws.sample_config_text()
+    ));
+    let (out, log) = forced_run_logged(&config, "2026-11-27T12:00:00Z", &[]);
+    let line = log
+        .lines()
+        .find(|l| l.contains("DPO label_smoothing set from rater agreement"))
+        .unwrap_or_else(|| panic!("no smoothing line in the log:\n{log}"));
+    // `label_smoothing=0.123`: the value the trainer got, and the one the report states.
+    let value: f64 = line
+        .split("label_smoothing=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    assert!(value > 0.0 && value < 0.5, "{line}");
+    let report = std::fs::read_to_string(out["run"]["report"].as_str().unwrap()).unwrap();
+    assert!(
+        report.contains(&format!("DPO trained with `label_smoothing` {value:.3}")),
+        "{report}"
+    );
+    assert!(
+        !log.contains("u_1") && !log.contains("u_2"),
+        "a user id reached the log"
+    );
 }

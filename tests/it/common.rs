@@ -108,15 +108,26 @@ pub fn run(config: &Path, args: &[&str]) -> Output {
 /// `run --force --format json` with the clock at `now` (RFC 3339), as a user's forced run; panics
 /// with stderr when it fails, and returns the whole JSON (`pull`, `check`, `run`).
 pub fn forced_run_json(config: &Path, now: &str) -> serde_json::Value {
+    forced_run_logged(config, now, &[]).0
+}
+
+/// [`forced_run_json`] with extra environment variables; also returns the log (stderr).
+pub fn forced_run_logged(
+    config: &Path,
+    now: &str,
+    env: &[(&str, &str)],
+) -> (serde_json::Value, String) {
     let o = bin()
         .env("RLHF_BOT_NOW", now)
+        .envs(env.iter().copied())
         .arg("--config")
         .arg(config)
         .args(["--format", "json", "run", "--force"])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
-    serde_json::from_str(&stdout(&o)).unwrap_or_else(|e| panic!("{e}: {}", stdout(&o)))
+    let json = serde_json::from_str(&stdout(&o)).unwrap_or_else(|e| panic!("{e}: {}", stdout(&o)));
+    (json, stderr(&o))
 }
 
 pub fn stdout(o: &Output) -> String {

@@ -17,7 +17,7 @@ use rlhf_bot::evals::{Answered, ModelAnswer, check, parse, results};
 use rlhf_bot::secret::SecretString;
 use serde_json::{Value, json};
 
-use crate::common::{Workspace, bin, stderr, stdout};
+use crate::common::{Workspace, forced_run_logged};
 use crate::feedback_server::serve_in_background;
 
 const JUDGE_KEY: &str = "judge-key-4c1d9e";
@@ -292,20 +292,12 @@ fn a_failing_required_eval_makes_the_pull_request_a_draft() {
         ws.sample_config_text(),
         evals.display()
     ));
-    let o = bin()
-        .env("RLHF_BOT_NOW", "2026-11-27T12:00:00Z")
-        .env("TEST_JUDGE_KEY", JUDGE_KEY)
-        .arg("--config")
-        .arg(&config)
-        .args(["--format", "json", "run", "--force"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert!(
-        !stderr(&o).contains(JUDGE_KEY),
-        "the judge key reached the log"
+    let (out, log) = forced_run_logged(
+        &config,
+        "2026-11-27T12:00:00Z",
+        &[("TEST_JUDGE_KEY", JUDGE_KEY)],
     );
-    let out: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert!(!log.contains(JUDGE_KEY), "the judge key reached the log");
     let run = &out["run"];
     assert_eq!(run["draft"], true, "{run}");
     let report_path = Path::new(run["report"].as_str().unwrap());

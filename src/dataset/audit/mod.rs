@@ -82,17 +82,39 @@ impl Scan {
     }
 }
 
+/// Feeds every live record of the store to `scan`.
+fn scan_with<S>(store: &Store, mut scan: S, add: impl Fn(&mut S, &FeedbackRecord)) -> Result<S> {
+    store.for_each_record(|record| {
+        add(&mut scan, &record);
+        Ok(())
+    })?;
+    Ok(scan)
+}
+
 /// Scans every live record of the store for bursts and rater agreement.
 pub fn scan_store(
     store: &Store,
     settings: &AuditSettings,
 ) -> Result<(Vec<Burst>, AgreementSummary)> {
-    let mut scan = Scan::default();
-    store.for_each_record(|record| {
-        scan.add(&record);
-        Ok(())
-    })?;
-    Ok(scan.finish(settings))
+    Ok(scan_with(store, Scan::default(), Scan::add)?.finish(settings))
+}
+
+/// Only the bursts (what `check` needs; keeps no per-answer labels in memory).
+pub fn bursts_in_store(store: &Store, settings: &AuditSettings) -> Result<Vec<Burst>> {
+    Ok(
+        scan_with(store, burst::BurstScan::default(), burst::BurstScan::add)?
+            .finish(&settings.burst, &settings.cleared_bursts),
+    )
+}
+
+/// Only the rater agreement (what the DPO stage needs for `apply_label_smoothing`).
+pub fn agreement_in_store(store: &Store, settings: &AuditSettings) -> Result<AgreementSummary> {
+    Ok(scan_with(
+        store,
+        agreement::AgreementScan::default(),
+        agreement::AgreementScan::add,
+    )?
+    .finish(settings.min_agreement_pairs))
 }
 
 /// The report's Integrity section: what the audit found, in counts only.
