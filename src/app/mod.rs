@@ -327,6 +327,8 @@ pub async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Config(ConfigCommand::Check) => {
             let settings = load_settings(&cli.config)?;
+            // The behaviour tests are part of what a config change can break.
+            crate::evals::load_checked(&settings.evals)?;
             output::config_check(&cli.config, &settings, format)
         }
         Command::Pull => {

@@ -144,7 +144,7 @@ pub async fn run_policy_stage(
         None => ChatTemplate::from_hf_dir(&base_dir).ok(),
     };
     // Behaviour tests (docs/evals.md): loaded before training, so a broken eval file fails fast.
-    let eval_cases = crate::evals::load_dir(&settings.evals.dir)?;
+    let eval_cases = crate::evals::load_checked(&settings.evals)?;
     let judge = match &settings.evals.judge {
         Some(j) if eval_cases.iter().any(crate::evals::EvalCase::needs_judge) => {
             Some(crate::evals::judge::Judge::new(j)?)

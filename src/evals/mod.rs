@@ -363,6 +363,24 @@ impl Default for EvalsSettings {
     }
 }
 
+/// Loads the configured evals and checks that a judge is configured where a check needs one:
+/// what `config check` and the policy stage (before training) run, so a broken eval file fails
+/// before any compute is spent.
+pub fn load_checked(settings: &EvalsSettings) -> Result<Vec<EvalCase>> {
+    let cases = load_dir(&settings.dir)?;
+    if settings.judge.is_none()
+        && let Some(case) = cases.iter().find(|c| c.needs_judge())
+    {
+        bail!(
+            "eval {:?} ({}) has a judge check, but no judge is configured
+hint: set `evals.judge.url` and `evals.judge.model` (docs/evals.md)",
+            case.name,
+            case.file.display()
+        );
+    }
+    Ok(cases)
+}
+
 /// One model's greedy answer to one eval's conversation, with its reward-model score.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelAnswer {

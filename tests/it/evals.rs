@@ -17,7 +17,7 @@ use rlhf_bot::evals::{Answered, ModelAnswer, check, parse, results};
 use rlhf_bot::secret::SecretString;
 use serde_json::{Value, json};
 
-use crate::common::{Workspace, forced_run_logged};
+use crate::common::{Workspace, forced_run_logged, run, stderr};
 use crate::feedback_server::serve_in_background;
 
 const JUDGE_KEY: &str = "judge-key-4c1d9e";
@@ -188,6 +188,38 @@ fn a_bad_eval_file_names_the_file_the_eval_and_the_check() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("does not end with a user turn"), "{e}");
+}
+
+#[test]
+fn config_check_validates_the_eval_files() {
+    let ws = Workspace::new();
+    let evals = ws.path().join("evals");
+    std::fs::create_dir_all(&evals).unwrap();
+    std::fs::write(evals.join("judged.yaml"), CASES).unwrap();
+    let config = ws.write_config(&format!(
+        "{}evals:\n  dir: {}\n",
+        ws.sample_config_text(),
+        evals.display()
+    ));
+    let o = run(&config, &["config", "check"]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains("\"explains-the-price\"") && err.contains("no judge is configured"),
+        "{err}"
+    );
+    std::fs::write(
+        evals.join("judged.yaml"),
+        CASES.replace("    - judge:", "    - not_judge:"),
+    )
+    .unwrap();
+    let err = stderr(&run(&config, &["config", "check"]));
+    assert!(
+        err.contains("judged.yaml") && err.contains("not_judge"),
+        "{err}"
+    );
+    std::fs::remove_file(evals.join("judged.yaml")).unwrap();
+    assert!(run(&config, &["config", "check"]).status.success());
 }
 
 #[tokio::test]
