@@ -254,7 +254,7 @@ fn apply_audited_smoothing(settings: &Settings, options: &mut PolicyTrainOptions
         return Ok(());
     }
     let store = Store::open(&settings.store.dir)?;
-    let agreement = crate::dataset::audit::agreement_in_store(&store, audit)?;
+    let (_, agreement) = crate::dataset::audit::scan_store(&store, audit)?;
     match agreement.suggested_label_smoothing {
         Some(smoothing) => {
             tracing::info!(

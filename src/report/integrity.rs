@@ -110,6 +110,14 @@ pub(super) fn view(s: &IntegritySummary) -> IntegrityView {
         ),
         _ => "Rater agreement: no answer was rated by two users yet.".to_string(),
     };
+    let agreement = if a.held_out_labels > 0 {
+        format!(
+            "{agreement} {} labels of held bursts were left out.",
+            a.held_out_labels
+        )
+    } else {
+        agreement
+    };
     let smoothing = match (a.suggested_label_smoothing, s.applied_label_smoothing) {
         (_, Some(applied)) => {
             format!(

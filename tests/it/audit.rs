@@ -137,6 +137,8 @@ async fn a_flood_from_one_user_is_capped_flagged_and_kept_out_of_the_quality_tri
         vec![BurstReason::FewUsers, BurstReason::NewUsers]
     );
     assert_eq!(burst.id, outcome.held_bursts[0]);
+    // The flood is not honest disagreement: its labels are left out of the agreement.
+    assert_eq!(integrity.agreement.held_out_labels, 150);
     let burst_id = burst.id.clone();
 
     // A person clears it: the votes count again and the trigger fires on them.
@@ -202,6 +204,18 @@ fn labelled(answer: usize, user: usize, up: bool) -> FeedbackRecord {
     }
 }
 
+/// Audit settings under which the constructed sets (every label at one instant, from raters
+/// never seen before) are not a burst.
+fn no_bursts() -> audit::AuditSettings {
+    audit::AuditSettings {
+        burst: audit::BurstSettings {
+            min_votes: 1_000_000,
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
 #[test]
 fn the_label_noise_estimate_recovers_a_known_flip_rate() {
     // Two raters per answer, each label flipped with ε = 0.1: raters disagree on a share
@@ -213,7 +227,7 @@ fn the_label_noise_estimate_recovers_a_known_flip_rate() {
         scan.add(&labelled(answer, 2 * answer, truth));
         scan.add(&labelled(answer, 2 * answer + 1, truth != disagree));
     }
-    let (_, agreement) = scan.finish(&audit::AuditSettings::default());
+    let (_, agreement) = scan.finish(&no_bursts());
     assert_eq!(
         (agreement.answers_multi_rated, agreement.rater_pairs),
         (1000, 1000)
@@ -233,7 +247,7 @@ fn the_label_noise_estimate_recovers_a_known_flip_rate() {
     let mut again = labelled(1, 1, false);
     again.id = "r1-1-again".into();
     scan.add(&again);
-    let (_, dup) = scan.finish(&audit::AuditSettings::default());
+    let (_, dup) = scan.finish(&no_bursts());
     assert_eq!((dup.duplicate_pairs, dup.duplicate_pairs_agreeing), (1, 0));
     assert_eq!(
         dup.suggested_label_smoothing, None,

@@ -12,8 +12,11 @@
 //! probability a = (1 − ε)² + ε² = 1 − 2ε(1 − ε), so ε = (1 − √(2a − 1)) / 2 (and 0.5, pure
 //! noise, when a ≤ 0.5). The 95% interval of ε comes from the Wilson interval of a through the
 //! same (decreasing) map. The suggested `label_smoothing` is the estimate itself.
+//!
+//! Votes of flagged, uncleared bursts are left out: a flood is not honest disagreement, and
+//! counting it would let an attacker raise the smoothing DPO trains with.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -26,8 +29,8 @@ pub const MAX_LABEL_SMOOTHING: f64 = 0.49;
 /// Collects every rater's labels per answer (one streaming pass).
 #[derive(Debug, Default)]
 pub struct AgreementScan {
-    /// (conversation, message) → rater → labels in arrival order.
-    labels: HashMap<(String, String), BTreeMap<String, Vec<bool>>>,
+    /// (conversation, message) → rater → (record id, label) in arrival order.
+    labels: HashMap<(String, String), BTreeMap<String, Vec<(String, bool)>>>,
 }
 
 impl AgreementScan {
@@ -49,10 +52,11 @@ impl AgreementScan {
             .or_default()
             .entry(rater)
             .or_default()
-            .push(label);
+            .push((record.id.clone(), label));
     }
 
-    pub fn finish(self, min_pairs: u64) -> AgreementSummary {
+    /// The summary, leaving out the records in `held` (votes of uncleared bursts).
+    pub fn finish(self, min_pairs: u64, held: &HashSet<&str>) -> AgreementSummary {
         let mut s = AgreementSummary {
             min_pairs,
             ..Default::default()
@@ -60,8 +64,17 @@ impl AgreementScan {
         for raters in self.labels.values() {
             let (mut good, mut bad) = (0u64, 0u64);
             for labels in raters.values() {
-                let up = labels.iter().filter(|l| **l).count() as u64;
-                let down = labels.len() as u64 - up;
+                let kept: Vec<bool> = labels
+                    .iter()
+                    .filter(|(id, _)| !held.contains(id.as_str()))
+                    .map(|(_, l)| *l)
+                    .collect();
+                s.held_out_labels += (labels.len() - kept.len()) as u64;
+                if kept.is_empty() {
+                    continue;
+                }
+                let up = kept.iter().filter(|l| **l).count() as u64;
+                let down = kept.len() as u64 - up;
                 let (pairs, agreeing) = pairs_of(up, down);
                 s.duplicate_pairs += pairs;
                 s.duplicate_pairs_agreeing += agreeing;
@@ -129,6 +142,9 @@ pub struct AgreementSummary {
     pub suggested_label_smoothing: Option<f64>,
     /// Pairs needed before a smoothing is suggested (`audit.min_agreement_pairs`).
     pub min_pairs: u64,
+    /// Labels left out because they belong to a flagged, uncleared burst.
+    #[serde(default)]
+    pub held_out_labels: u64,
 }
 
 #[cfg(test)]

@@ -71,6 +71,8 @@ enum Negative {
 
 #[derive(Debug, Clone)]
 struct Vote {
+    /// The record's id, so other audits can leave held votes out too.
+    id: String,
     created_at: DateTime<Utc>,
     who: Contributor,
     signal: Negative,
@@ -93,6 +95,16 @@ pub struct Burst {
     pub cleared: bool,
     #[serde(skip)]
     held: Vec<(DateTime<Utc>, Negative)>,
+    /// The held votes' record ids (in memory only).
+    #[serde(skip)]
+    held_ids: Vec<String>,
+}
+
+impl Burst {
+    /// The record ids of the votes this burst holds out (none once cleared).
+    pub fn held_ids(&self) -> &[String] {
+        if self.cleared { &[] } else { &self.held_ids }
+    }
 }
 
 /// Collects what burst detection needs from every record (one streaming pass).
@@ -119,6 +131,7 @@ impl BurstScan {
             .entry(record.model_version.clone())
             .or_default()
             .push(Vote {
+                id: record.id.clone(),
                 created_at: record.created_at,
                 who,
                 signal,
@@ -198,6 +211,7 @@ fn sweep(
             let mut reasons: Vec<BurstReason> = Vec::new();
             let mut users: HashMap<&Contributor, ()> = HashMap::new();
             let mut held = Vec::new();
+            let mut held_ids = Vec::new();
             for i in first..=last {
                 if flags[i].is_empty() {
                     continue;
@@ -209,6 +223,7 @@ fn sweep(
                 }
                 users.insert(&votes[i].who, ());
                 held.push((votes[i].created_at, votes[i].signal));
+                held_ids.push(votes[i].id.clone());
             }
             reasons.sort();
             let start = votes[first].created_at;
@@ -223,6 +238,7 @@ fn sweep(
                 users: users.len() as u64,
                 reasons,
                 held,
+                held_ids,
             }
         })
         .collect()

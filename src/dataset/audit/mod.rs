@@ -16,6 +16,8 @@ pub mod agreement;
 pub mod burst;
 pub mod influence;
 
+use std::collections::HashSet;
+
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
@@ -73,12 +75,18 @@ impl Scan {
         self.agreement.add(record);
     }
 
+    /// Bursts first: their held votes are left out of the agreement.
     pub fn finish(self, settings: &AuditSettings) -> (Vec<Burst>, AgreementSummary) {
-        (
-            self.bursts
-                .finish(&settings.burst, &settings.cleared_bursts),
-            self.agreement.finish(settings.min_agreement_pairs),
-        )
+        let bursts = self
+            .bursts
+            .finish(&settings.burst, &settings.cleared_bursts);
+        let held: HashSet<&str> = bursts
+            .iter()
+            .flat_map(|b| b.held_ids())
+            .map(String::as_str)
+            .collect();
+        let agreement = self.agreement.finish(settings.min_agreement_pairs, &held);
+        (bursts, agreement)
     }
 }
 
@@ -105,16 +113,6 @@ pub fn bursts_in_store(store: &Store, settings: &AuditSettings) -> Result<Vec<Bu
         scan_with(store, burst::BurstScan::default(), burst::BurstScan::add)?
             .finish(&settings.burst, &settings.cleared_bursts),
     )
-}
-
-/// Only the rater agreement (what the DPO stage needs for `apply_label_smoothing`).
-pub fn agreement_in_store(store: &Store, settings: &AuditSettings) -> Result<AgreementSummary> {
-    Ok(scan_with(
-        store,
-        agreement::AgreementScan::default(),
-        agreement::AgreementScan::add,
-    )?
-    .finish(settings.min_agreement_pairs))
 }
 
 /// The report's Integrity section: what the audit found, in counts only.
