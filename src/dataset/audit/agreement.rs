@@ -26,11 +26,14 @@ use crate::stats::{Interval, wilson};
 /// DPO refuses a `label_smoothing` of 0.5 or more (the loss would no longer prefer anything).
 pub const MAX_LABEL_SMOOTHING: f64 = 0.49;
 
+/// One rater's labels on one answer: (record id, good?) in arrival order.
+type RaterLabels = Vec<(String, bool)>;
+
 /// Collects every rater's labels per answer (one streaming pass).
 #[derive(Debug, Default)]
 pub struct AgreementScan {
-    /// (conversation, message) → rater → (record id, label) in arrival order.
-    labels: HashMap<(String, String), BTreeMap<String, Vec<(String, bool)>>>,
+    /// (conversation, message) → rater → labels.
+    labels: HashMap<(String, String), BTreeMap<String, RaterLabels>>,
 }
 
 impl AgreementScan {
