@@ -7,7 +7,8 @@
 //! production version's positive-thumb rate or mean rating in the recent window is significantly
 //! below its earlier baseline, one-sided test at the configured confidence). A `cooldown` (less
 //! than H hours since the last training) holds back every trigger but `force`, so a flood of
-//! feedback does not retrain on every scheduled run.
+//! feedback does not retrain on every scheduled run. Votes of flagged feedback bursts are left
+//! out of the quality windows by the caller until a person clears them (see `QualityWindows`).
 
 use chrono::{DateTime, Duration, Utc};
 use serde::Serialize;
@@ -37,6 +38,9 @@ pub struct QualityWindows {
     pub production_version: String,
     pub baseline: VersionCounts,
     pub recent: VersionCounts,
+    /// Records of flagged, uncleared feedback bursts already left out of both windows
+    /// (`dataset::audit::burst`); named in the trigger's detail so a reader knows.
+    pub held_out: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -209,6 +213,12 @@ fn quality_trigger(windows: Option<&QualityWindows>, t: &Thresholds) -> Trigger 
         parts.push(format!(
             "ratings: {} baseline / {} recent (need {} each)",
             b.ratings, r.ratings, q.min_samples
+        ));
+    }
+    if w.held_out > 0 {
+        parts.push(format!(
+            "{} records of flagged feedback bursts held out until cleared (audit.cleared_bursts)",
+            w.held_out
         ));
     }
     Trigger {

@@ -11,6 +11,7 @@ pub mod dashboard;
 pub mod dataset;
 pub mod decision;
 pub mod deploy;
+pub mod evals;
 pub mod feedback;
 pub mod forge;
 pub mod hub;

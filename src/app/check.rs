@@ -6,6 +6,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::config::Settings;
+use crate::dataset::audit::burst::{held_counts, subtract};
 use crate::decision::{Decision, DecisionInput, QualityWindows, decide, window_start};
 use crate::feedback::Store;
 use crate::feedback::record::format_time;
@@ -28,6 +29,8 @@ pub struct CheckOutcome {
     /// (the store's own record of `run`, used when the registry names no model yet).
     pub history_source: &'static str,
     pub kpis: Vec<VersionKpis>,
+    /// Flagged feedback bursts still held out of the quality trigger (ids only).
+    pub held_bursts: Vec<String>,
     pub now: String,
 }
 
@@ -49,6 +52,19 @@ pub fn check(settings: &Settings, force: bool) -> Result<CheckOutcome> {
         last.as_ref().and_then(|l| l.watermark),
         &settings.feedback.aspects,
     )?;
+    // Flagged feedback bursts are held out of the quality trigger until a person clears them.
+    let bursts = if settings.audit.enabled {
+        crate::dataset::audit::bursts_in_store(&store, &settings.audit)?
+    } else {
+        Vec::new()
+    };
+    let held = bursts.iter().filter(|b| !b.cleared).count();
+    if held > 0 {
+        tracing::info!(
+            bursts = held,
+            "flagged feedback bursts held out of the quality trigger until cleared (audit.cleared_bursts)"
+        );
+    }
     let quality = match last
         .as_ref()
         .and_then(|l| l.production_version.clone().map(|v| (v, l.promoted_at)))
@@ -64,9 +80,18 @@ pub fn check(settings: &Settings, force: bool) -> Result<CheckOutcome> {
                         ..Default::default()
                     })
             };
+            let held_base = held_counts(&bursts, &version, promoted_at, Some(start));
+            let held_recent = held_counts(&bursts, &version, Some(start), None);
             Some(QualityWindows {
-                baseline: pick(store.version_counts(promoted_at, Some(start))?),
-                recent: pick(store.version_counts(Some(start), None)?),
+                baseline: subtract(
+                    &pick(store.version_counts(promoted_at, Some(start))?),
+                    &held_base,
+                ),
+                recent: subtract(
+                    &pick(store.version_counts(Some(start), None)?),
+                    &held_recent,
+                ),
+                held_out: held_base.records + held_recent.records,
                 production_version: version.clone(),
             })
         }
@@ -102,6 +127,11 @@ pub fn check(settings: &Settings, force: bool) -> Result<CheckOutcome> {
         production_version: last.and_then(|l| l.production_version),
         history_source,
         kpis,
+        held_bursts: bursts
+            .iter()
+            .filter(|b| !b.cleared)
+            .map(|b| b.id.clone())
+            .collect(),
         now: format_time(now),
         decision,
     })

@@ -110,6 +110,14 @@ fn mask_secrets(settings: &Settings) {
     }
     // The Hub token `hf://` models may be fetched with (crate::hub::env).
     vars.push("HF_TOKEN");
+    if let Some(var) = settings
+        .evals
+        .judge
+        .as_ref()
+        .and_then(|j| j.api_key_env.as_deref())
+    {
+        vars.push(var);
+    }
     for var in vars {
         if let Ok(value) = std::env::var(var) {
             env.mask(value.trim());
@@ -332,6 +340,8 @@ pub async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Config(ConfigCommand::Check) => {
             let settings = load_settings(&cli.config)?;
+            // The behaviour tests are part of what a config change can break.
+            crate::evals::load_checked(&settings.evals)?;
             output::config_check(&cli.config, &settings, format)
         }
         Command::Pull => {

@@ -207,6 +207,20 @@ pub fn build_report(
     }
     let last = store.last_training()?;
     let new_feedback = store.kinds_since(last.and_then(|l| l.watermark))?;
+    let integrity = if settings.audit.enabled {
+        let mut found =
+            crate::dataset::audit::integrity(&store, &settings.dataset, &settings.audit)?;
+        // Say "applied" only when a DPO policy trained with it in this run.
+        let dpo = policy
+            .as_ref()
+            .is_some_and(|p| p.metrics.algo == crate::run::outputs::PolicyAlgo::Dpo);
+        if !dpo {
+            found.applied_label_smoothing = None;
+        }
+        Some(found)
+    } else {
+        None
+    };
     let ctx = ReportContext {
         run_id: run_id.to_string(),
         generated_at: Utc::now(),
@@ -224,6 +238,8 @@ pub fn build_report(
         gates: settings.gates.clone(),
         reproduce: format!("rlhf-bot --config {} run --force", config_path.display()),
         max_samples: settings.report.max_samples,
+        integrity,
+        evals: crate::evals::EvalResults::read(&dir.join("policy"))?,
         deployed: crate::app::deploy::live_blocking(settings)
             .into_iter()
             .map(|(kind, live)| report::Deployment {

@@ -27,6 +27,7 @@ use crate::model::llama::{Architecture, LlamaConfig, LlamaForCausalLM};
 use crate::registry::{ModelKind, Registry};
 use crate::run::outputs::PolicyAlgo;
 use crate::train::device::DeviceChoice;
+use crate::train::policy_common::PolicyTrainOptions;
 use crate::train::reward_models::{DEFAULT_TOKENIZER_JSON, default_llama_config, seeded_init};
 
 /// Files that travel with a model's weights (tokenizer, template, generation defaults).
@@ -100,6 +101,9 @@ pub async fn run_policy_stage(
         }
         options.lr = lr;
     }
+    if algo == PolicyAlgo::Dpo && o.data.is_none() {
+        apply_audited_smoothing(settings, &mut options)?;
+    }
     let device = o.device.unwrap_or(ps.device);
     // Opening the device first turns "no CUDA in this build" into an error with a hint, and
     // `auto` into the device the trainer is then told to use (the log says which and why).
@@ -142,6 +146,18 @@ pub async fn run_policy_stage(
         })?),
         None => ChatTemplate::from_hf_dir(&base_dir).ok(),
     };
+    // Behaviour tests (docs/evals.md): loaded before training, so a broken eval file fails fast.
+    let eval_cases = crate::evals::load_checked(&settings.evals)?;
+    let judge = match &settings.evals.judge {
+        Some(j) if eval_cases.iter().any(crate::evals::EvalCase::needs_judge) => {
+            Some(crate::evals::judge::Judge::new(j)?)
+        }
+        _ => None,
+    };
+    let behaviour_prompts = eval_cases
+        .iter()
+        .map(|c| render_prompt(template.as_ref(), &c.conversation))
+        .collect::<Result<Vec<_>>>()?;
     let data = match o.data {
         Some(d) => {
             if !d.is_file() {
@@ -193,9 +209,26 @@ pub async fn run_policy_stage(
         apply_chat_template: false,
         out: out.clone(),
         options,
+        behaviour_prompts,
     };
     let run = train_policy(req).await?;
     baseline.baseline.write(&out)?;
+    if let Some(answers) = &run.behaviour_answers {
+        let results = crate::evals::results(
+            &eval_cases,
+            &answers.candidate,
+            Some(answers.production.as_slice()),
+            judge.as_ref(),
+        )
+        .await?;
+        results.write(&out)?;
+        tracing::info!(
+            evals = results.cases.len(),
+            required_failures = results.required_failures().count(),
+            regressions = results.regressions().count(),
+            "behaviour tests done"
+        );
+    }
     let merged_dir = if ps.merge && run.lora {
         let dir = out.join("merged");
         write_merged(&base_dir, &run.policy_dir.join("adapter"), &dir)?;
@@ -215,6 +248,34 @@ pub async fn run_policy_stage(
 }
 
 /// `dir` with `-suffix` appended to its last component (`runs/x/policy` → `runs/x/policy-base`).
+/// With `audit.apply_label_smoothing`, DPO trains with the label flip rate the rater agreement
+/// implies (`dataset::audit::agreement`) instead of `policy.label_smoothing`, when there are
+/// enough label pairs to estimate it.
+fn apply_audited_smoothing(settings: &Settings, options: &mut PolicyTrainOptions) -> Result<()> {
+    let audit = &settings.audit;
+    if !(audit.enabled && audit.apply_label_smoothing) {
+        return Ok(());
+    }
+    let store = Store::open(&settings.store.dir)?;
+    let (_, agreement) = crate::dataset::audit::scan_store(&store, audit)?;
+    match agreement.suggested_label_smoothing {
+        Some(smoothing) => {
+            tracing::info!(
+                label_smoothing = smoothing,
+                pairs = agreement.rater_pairs + agreement.duplicate_pairs,
+                "DPO label_smoothing set from rater agreement (audit.apply_label_smoothing)"
+            );
+            options.label_smoothing = smoothing;
+        }
+        None => tracing::info!(
+            pairs = agreement.rater_pairs + agreement.duplicate_pairs,
+            needed = audit.min_agreement_pairs,
+            "too few label pairs to estimate label noise; policy.label_smoothing kept"
+        ),
+    }
+    Ok(())
+}
+
 fn sibling(dir: &Path, suffix: &str) -> PathBuf {
     let name = dir
         .file_name()
@@ -436,6 +497,24 @@ struct PolicyLine<'a> {
     label: Option<bool>,
 }
 
+/// A conversation as the policy sees it: rendered with the chat template when there is one, else
+/// in the plain HH style (`Human: … Assistant:`).
+fn render_prompt(
+    template: Option<&ChatTemplate>,
+    msgs: &[crate::feedback::record::ChatMessage],
+) -> Result<String> {
+    match template {
+        Some(t) => {
+            let m: Vec<ChatMessage> = msgs
+                .iter()
+                .map(|m| ChatMessage::new(m.role.clone(), m.content.clone()))
+                .collect();
+            Ok(t.render(&m, true)?)
+        }
+        None => Ok(crate::dataset::render_plain_prompt(msgs)),
+    }
+}
+
 /// Builds the store's dataset, exports it as TRL JSONL into `dir` (the record of what the run
 /// saw) and writes `dir/policy.<algo>.jsonl`, the file the trainer reads: preference pairs for
 /// DPO, labelled answers for KTO, distinct prompts for PPO, over both splits (the stage holds
@@ -456,18 +535,7 @@ pub fn export_policy_data(
             conversational: false,
         },
     )?;
-    let render = |msgs: &[crate::feedback::record::ChatMessage]| -> Result<String> {
-        match template {
-            Some(t) => {
-                let m: Vec<ChatMessage> = msgs
-                    .iter()
-                    .map(|m| ChatMessage::new(m.role.clone(), m.content.clone()))
-                    .collect();
-                Ok(t.render(&m, true)?)
-            }
-            None => Ok(crate::dataset::render_plain_prompt(msgs)),
-        }
-    };
+    let render = |msgs: &[crate::feedback::record::ChatMessage]| render_prompt(template, msgs);
     // Plain prompts end in "Assistant:", so the answer starts with a space (TRL's standard form).
     let answer = |text: &str| -> String {
         if template.is_some() {

@@ -18,6 +18,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::dataset::{PolicyLine, load_policy_jsonl};
+use crate::evals::ModelAnswer;
 use crate::model::chat_template::{ChatMessage, ChatTemplate};
 use crate::model::llama::load_frozen_causal_lm;
 use crate::run::outputs::{PolicyAlgo, PolicyMetrics, TrainStats, write_metrics};
@@ -26,7 +27,7 @@ use crate::train::group_rl_trainer::train_group_rl;
 use crate::train::kto_trainer::{PointwiseExample, train_kto};
 use crate::train::policy_common::Policy;
 pub use crate::train::policy_common::{LoraOptions, PolicyTrainOptions, PpoOptions};
-use crate::train::policy_eval::{EvalSettings, RewardScorer, evaluate};
+use crate::train::policy_eval::{Answers, EvalSettings, RewardScorer, answer, evaluate};
 use crate::train::policy_reward::PolicyReward;
 use crate::train::ppo_trainer::train_ppo;
 
@@ -45,6 +46,16 @@ pub struct TrainPolicyRequest {
     pub apply_chat_template: bool,
     pub out: PathBuf,
     pub options: PolicyTrainOptions,
+    /// The behaviour tests' conversations (`evals/*.yaml`), already rendered as prompts: the
+    /// candidate and production answer each greedily after training.
+    pub behaviour_prompts: Vec<String>,
+}
+
+/// Greedy answers of the candidate and of production to the behaviour tests, in their order.
+#[derive(Debug, Clone)]
+pub struct BehaviourAnswers {
+    pub candidate: Vec<ModelAnswer>,
+    pub production: Vec<ModelAnswer>,
 }
 
 /// What `train policy` reports back.
@@ -56,6 +67,8 @@ pub struct PolicyRunSummary {
     pub metrics: PolicyMetrics,
     pub train_examples: usize,
     pub eval_prompts: usize,
+    #[serde(skip)]
+    pub behaviour_answers: Option<BehaviourAnswers>,
 }
 
 /// The `k` prompts with the smallest SHA-256 of their text: a held-out set that does not move
@@ -173,6 +186,45 @@ pub fn train_policy_blocking(req: &TrainPolicyRequest) -> Result<PolicyRunSummar
             samples: 3,
         },
     )?;
+    let behaviour_answers = if req.behaviour_prompts.is_empty() {
+        None
+    } else {
+        let greedy = EvalSettings {
+            max_new_tokens: opts.max_completion_len,
+            max_prompt_len: opts.max_prompt_len,
+            greedy: true,
+            seed: opts.seed,
+            batch_size: opts.batch_size.max(1),
+            samples: 0,
+        };
+        let of = |a: Answers| -> Vec<ModelAnswer> {
+            a.texts
+                .into_iter()
+                .zip(a.scores)
+                .map(|(text, reward)| ModelAnswer {
+                    text,
+                    reward: f64::from(reward),
+                })
+                .collect()
+        };
+        let prompts = &req.behaviour_prompts;
+        Some(BehaviourAnswers {
+            candidate: of(answer(
+                &policy.model,
+                &policy.tokenizer,
+                &rm,
+                prompts,
+                &greedy,
+            )?),
+            production: of(answer(
+                &production,
+                &policy.tokenizer,
+                &rm,
+                prompts,
+                &greedy,
+            )?),
+        })
+    };
     let secs = outcome.seconds.max(1e-9);
     let metrics = PolicyMetrics {
         algo: opts.algo,
@@ -198,6 +250,7 @@ pub fn train_policy_blocking(req: &TrainPolicyRequest) -> Result<PolicyRunSummar
         metrics,
         train_examples: n_train,
         eval_prompts: eval_prompts.len(),
+        behaviour_answers,
     })
 }
 

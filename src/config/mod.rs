@@ -4,8 +4,10 @@
 //! `configs/rlhf.yaml:12:5: thresholds.min_new_feedback: expected a positive integer, got -3`.
 //! Secrets never live in the file: it names the environment variables that hold them.
 
+pub mod audit;
 pub mod dashboard;
 pub mod deploy;
+pub mod evals;
 pub mod fields;
 pub mod locate;
 pub mod models;

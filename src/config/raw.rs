@@ -25,6 +25,12 @@ pub struct RawConfig {
     pub publish: RawPublish,
     #[serde(default)]
     pub dataset: RawDataset,
+    /// The feedback audit (docs/feedback-audit.md).
+    #[serde(default)]
+    pub audit: super::audit::RawAudit,
+    /// Behaviour tests as merge gates (docs/evals.md).
+    #[serde(default)]
+    pub evals: super::evals::RawEvals,
     #[serde(default)]
     pub reward: RawReward,
     #[serde(default)]

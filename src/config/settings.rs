@@ -35,6 +35,8 @@ pub struct Settings {
     pub gates: crate::report::GateConfig,
     pub publish: PublishSettings,
     pub dataset: crate::dataset::DatasetOptions,
+    pub audit: crate::dataset::audit::AuditSettings,
+    pub evals: crate::evals::EvalsSettings,
     pub reward: crate::train::reward_run::RewardTrainOptions,
     pub policy: super::policy::PolicySettings,
     pub deploy: super::deploy::DeploySettings,
@@ -266,6 +268,11 @@ pub fn validate(raw: RawConfig, text: &str) -> Result<Settings, Invalid> {
     if let Some(v) = raw.dataset.margin_scale {
         dataset.margin_scale = v;
     }
+    let audit = super::audit::validate_audit(raw.audit)?;
+    let evals = super::evals::validate_evals(raw.evals)?;
+    if audit.enabled && audit.max_user_share < 1.0 {
+        dataset.max_user_share = Some(audit.max_user_share);
+    }
     dataset.validate().map_err(|e| {
         Invalid::new(
             &format!("dataset.{}", e.option),
@@ -379,6 +386,8 @@ pub fn validate(raw: RawConfig, text: &str) -> Result<Settings, Invalid> {
         gates: raw.gates,
         publish,
         dataset,
+        audit,
+        evals,
         reward,
         policy,
         deploy,

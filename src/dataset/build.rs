@@ -10,11 +10,12 @@
 //! up, the higher one chosen. Answers that end up in no pair become pointwise examples. Step
 //! thumbs give step labels by weighted majority; aspect ratings give per-aspect targets.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use chrono::{DateTime, Utc};
 
 use super::DatasetOptions;
+use super::audit::influence::{AppliedWeights, Contributor, UserFactors, cap_factors};
 use super::examples::{
     Answer, AnswerFeedback, AnswerKey, AspectExample, DatasetStats, DropReason, Examples,
     PointwiseExample, PreferencePair, StepExample, majority, source_name,
@@ -56,6 +57,8 @@ pub struct Aggregation {
     options: DatasetOptions,
     pending: BTreeMap<AnswerKey, Pending>,
     stats: DatasetStats,
+    /// The influence cap's factors and the weights they gave, when the cap is on.
+    user_factors: Option<(UserFactors, AppliedWeights)>,
 }
 
 impl Aggregation {
@@ -64,7 +67,14 @@ impl Aggregation {
             options: options.clone(),
             pending: BTreeMap::new(),
             stats: DatasetStats::default(),
+            user_factors: None,
         }
+    }
+
+    /// Applies the per-user influence cap (see `audit::influence`) to every record added after.
+    pub fn with_user_factors(mut self, factors: UserFactors) -> Self {
+        self.user_factors = Some((factors, AppliedWeights::default()));
+        self
     }
 
     pub fn add(&mut self, record: FeedbackRecord) {
@@ -78,28 +88,16 @@ impl Aggregation {
             .records_by_source
             .entry(source_name(record.source).to_string())
             .or_default() += 1;
-        if record.response.content.trim().is_empty() {
-            self.stats.count_drop(DropReason::EmptyResponse);
-            return;
-        }
-        let kind_weight = match &record.signal {
-            Signal::Thumb(_) => self.options.weights.thumb,
-            Signal::Rating(_) => self.options.weights.rating,
-            Signal::Aspect { aspect, .. } => {
-                if !self.options.aspects.is_empty() && !self.options.aspects.contains(aspect) {
-                    self.stats.count_drop(DropReason::AspectNotTrained);
-                    return;
-                }
-                self.options.weights.aspect
+        let mut weight = match record_weight(&self.options, &record) {
+            Ok(w) => w,
+            Err(reason) => {
+                self.stats.count_drop(reason);
+                return;
             }
-            // Step labels are votes among steps, not part of the answer's score: only the source
-            // weight applies.
-            Signal::Step { .. } => 1.0,
         };
-        let weight = kind_weight * self.options.source_weights.of(record.source);
-        if weight <= 0.0 {
-            self.stats.count_drop(DropReason::ZeroWeight);
-            return;
+        if let Some((factors, applied)) = &mut self.user_factors {
+            weight *= factors.of(&record.user_id);
+            applied.add(&record.user_id, weight, factors);
         }
         let key = AnswerKey {
             conversation_id: record.conversation_id,
@@ -139,6 +137,10 @@ impl Aggregation {
     /// Resolves each answer to its newest text and sums the feedback about that text.
     pub fn finish(self) -> (Vec<Answer>, DatasetStats) {
         let mut stats = self.stats;
+        stats.influence = self
+            .user_factors
+            .as_ref()
+            .map(|(factors, applied)| applied.summary(factors));
         let mut answers = Vec::with_capacity(self.pending.len());
         for (key, pending) in self.pending {
             let Some(winner) = (0..pending.versions.len())
@@ -219,6 +221,51 @@ pub fn aggregate(
         aggregation.add(record);
     }
     aggregation.finish()
+}
+
+/// The weight a record carries into its answer's feedback (kind weight × source weight, before
+/// the influence cap), or why it carries none.
+pub(crate) fn record_weight(
+    options: &DatasetOptions,
+    record: &FeedbackRecord,
+) -> Result<f64, DropReason> {
+    if record.response.content.trim().is_empty() {
+        return Err(DropReason::EmptyResponse);
+    }
+    let kind_weight = match &record.signal {
+        Signal::Thumb(_) => options.weights.thumb,
+        Signal::Rating(_) => options.weights.rating,
+        Signal::Aspect { aspect, .. } => {
+            if !options.aspects.is_empty() && !options.aspects.contains(aspect) {
+                return Err(DropReason::AspectNotTrained);
+            }
+            options.weights.aspect
+        }
+        // Step labels are votes among steps, not part of the answer's score: only the source
+        // weight applies.
+        Signal::Step { .. } => 1.0,
+    };
+    let weight = kind_weight * options.source_weights.of(record.source);
+    if weight <= 0.0 {
+        return Err(DropReason::ZeroWeight);
+    }
+    Ok(weight)
+}
+
+/// Each contributor's summed record weight: what the influence cap divides into shares.
+#[derive(Debug, Default)]
+pub(crate) struct ContributorTotals(HashMap<Contributor, f64>);
+
+impl ContributorTotals {
+    pub(crate) fn add(&mut self, options: &DatasetOptions, record: &FeedbackRecord) {
+        if let Ok(w) = record_weight(options, record) {
+            *self.0.entry(record.user_id.clone()).or_default() += w;
+        }
+    }
+
+    pub(crate) fn factors(&self, cap: f64) -> UserFactors {
+        cap_factors(&self.0, cap)
+    }
 }
 
 /// A 1–5 rating on [0, 1].

@@ -300,6 +300,9 @@ pub struct DatasetStats {
     /// Step examples whose steps could not be found in order in the answer text, so their
     /// completion is the steps joined by newlines instead.
     pub steps_rebuilt: u64,
+    /// What the per-user influence cap did (absent when `audit.max_user_share` is off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub influence: Option<super::audit::influence::InfluenceSummary>,
 }
 
 impl DatasetStats {

@@ -3,7 +3,8 @@
 //! pointwise examples (KTO), per-step labels (process reward models) and per-aspect targets;
 //! the deterministic train/eval split by conversation; TRL-format JSONL export; the one way in
 //! for data from files (`io`: TRL preference and policy files, Anthropic HH-RLHF); and a
-//! fingerprint for lineage.
+//! fingerprint for lineage; and the audit of the feedback itself (`audit`: the per-user influence
+//! cap the builder applies, burst detection, rater agreement).
 //!
 //! Why it is separate from `feedback`: the store keeps what people said, faithfully; how that
 //! becomes a learning signal (weights, which answers pair up, what a tie means) is a modelling
@@ -11,6 +12,7 @@
 //! drops (see [`DropReason`]). The same store and options always give byte-identical output.
 //! docs/dataset.md explains the rules with examples.
 
+pub mod audit;
 mod build;
 pub mod examples;
 pub mod export;
@@ -109,6 +111,10 @@ pub struct DatasetOptions {
     /// Seeds the split: another seed gives another (equally deterministic) split.
     pub seed: u64,
     pub source_weights: SourceWeights,
+    /// The per-user influence cap (`audit.max_user_share`): no contributor's records may carry
+    /// more than this share of the summed record weights; `None` turns the cap off.
+    #[serde(default)]
+    pub max_user_share: Option<f64>,
 }
 
 impl Default for DatasetOptions {
@@ -121,6 +127,7 @@ impl Default for DatasetOptions {
             eval_fraction: 0.1,
             seed: 0,
             source_weights: SourceWeights::default(),
+            max_user_share: None,
         }
     }
 }
@@ -174,6 +181,15 @@ impl DatasetOptions {
                 hint: "0.1 holds out a tenth of the conversations; 0 holds out none",
             });
         }
+        if let Some(cap) = self.max_user_share
+            && !(cap > 0.0 && cap <= 1.0)
+        {
+            return Err(InvalidOptions {
+                option: "max_user_share",
+                problem: format!("must be in (0, 1], got {cap}"),
+                hint: "0.2 lets no user supply more than a fifth of the training signal; 1 turns the cap off",
+            });
+        }
         Ok(())
     }
 }
@@ -194,7 +210,15 @@ pub fn build(
     options: &DatasetOptions,
 ) -> Result<Dataset, InvalidOptions> {
     options.validate()?;
+    let records: Vec<FeedbackRecord> = records.into_iter().collect();
     let mut aggregation = Aggregation::new(options);
+    if let Some(cap) = options.max_user_share {
+        let mut totals = build::ContributorTotals::default();
+        for record in &records {
+            totals.add(options, record);
+        }
+        aggregation = aggregation.with_user_factors(totals.factors(cap));
+    }
     for record in records {
         aggregation.add(record);
     }
@@ -202,10 +226,19 @@ pub fn build(
 }
 
 /// Builds the dataset from every live record of the store (tombstones and edits already applied
-/// there), streaming them.
+/// there), streaming them: twice when the influence cap is on, once to weigh each contributor
+/// and once to build.
 pub fn build_from_store(store: &Store, options: &DatasetOptions) -> Result<Dataset> {
     options.validate()?;
     let mut aggregation = Aggregation::new(options);
+    if let Some(cap) = options.max_user_share {
+        let mut totals = build::ContributorTotals::default();
+        store.for_each_record(|record| {
+            totals.add(options, &record);
+            Ok(())
+        })?;
+        aggregation = aggregation.with_user_factors(totals.factors(cap));
+    }
     store.for_each_record(|record| {
         aggregation.add(record);
         Ok(())

@@ -343,6 +343,12 @@ pub struct ReportContext {
     /// How many policy samples to show side by side.
     #[serde(default = "default_samples")]
     pub max_samples: usize,
+    /// What the feedback audit found (counts only; absent when `audit.enabled` is false).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub integrity: Option<crate::dataset::audit::IntegritySummary>,
+    /// The behaviour tests' results (`evals/*.yaml`), when the run had any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evals: Option<crate::evals::EvalResults>,
 }
 
 fn default_samples() -> usize {
@@ -362,8 +368,42 @@ impl ReportContext {
             self.policy.as_ref().and_then(|p| p.baseline.as_ref()),
         ];
         gates.extend(integrity_gate(baselines.into_iter().flatten()));
+        gates.extend(self.evals.as_ref().and_then(evals_gate));
         gates
     }
+}
+
+/// The behaviour-test gate: fails when a `required: true` eval fails for the candidate. Absent
+/// when no eval is required.
+pub fn evals_gate(results: &crate::evals::EvalResults) -> Option<GateResult> {
+    let required = results.cases.iter().filter(|c| c.required).count();
+    if required == 0 {
+        return None;
+    }
+    let failed: Vec<String> = results
+        .required_failures()
+        .map(|c| crate::report::neutralize::code(&c.name))
+        .collect();
+    Some(GateResult {
+        id: "evals".into(),
+        name: "Required behaviour tests pass".into(),
+        status: if failed.is_empty() {
+            GateStatus::Pass
+        } else {
+            GateStatus::Fail
+        },
+        detail: if failed.is_empty() {
+            format!("{required} of {required} required evals pass")
+        } else {
+            format!(
+                "{} of {required} required evals fail: {}",
+                failed.len(),
+                failed.join(", ")
+            )
+        },
+        value: Some((required - failed.len()) as f64),
+        threshold: Some(required as f64),
+    })
 }
 
 /// The production-integrity gate: fails when a production model exists but could not be used

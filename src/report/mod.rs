@@ -18,6 +18,8 @@
 //! [`RenderOptions::samples_in_files`] opts in; absolute paths are rewritten by [`LocalPaths`].
 
 pub mod context;
+mod evals;
+mod integrity;
 pub mod neutralize;
 pub mod paths;
 pub mod plots;
@@ -32,7 +34,7 @@ use serde::Serialize;
 
 pub use context::{
     Deployment, GateConfig, GateResult, GateStatus, Interval, KpiRow, PolicySection, Rejection,
-    ReportContext, RewardSection, Verdict, evaluate_gates, integrity_gate, verdict,
+    ReportContext, RewardSection, Verdict, evals_gate, evaluate_gates, integrity_gate, verdict,
 };
 use neutralize::{code, fenced, inline, truncate_markdown};
 pub use paths::LocalPaths;
@@ -162,6 +164,8 @@ pub fn render_with(ctx: &ReportContext, opts: &RenderOptions) -> Result<Rendered
             .map(|(id, metrics)| ModelSummary { id, metrics }),
         kpis: &ctx.kpis,
         new_feedback: &ctx.new_feedback,
+        integrity: ctx.integrity.as_ref(),
+        evals: ctx.evals.as_ref(),
     };
     let metrics_json = serde_json::to_string_pretty(&summary)? + "\n";
     Ok(Rendered {
@@ -264,6 +268,10 @@ struct MetricsSummary<'a> {
     policy: Option<ModelSummary<'a, crate::run::outputs::PolicyMetrics>>,
     kpis: &'a [KpiRow],
     new_feedback: &'a BTreeMap<String, u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    integrity: Option<&'a crate::dataset::audit::IntegritySummary>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    evals: Option<&'a crate::evals::EvalResults>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -299,6 +307,10 @@ struct View {
     samples_total: usize,
     lineage: Vec<LineageView>,
     reproduce: String,
+    /// What the feedback audit found (absent when the audit is off).
+    integrity: Option<integrity::IntegrityView>,
+    /// The behaviour tests' results (absent when the run had no evals).
+    evals: Option<evals::EvalsView>,
 }
 
 #[derive(Debug, Serialize)]
@@ -876,6 +888,8 @@ fn build_view(
             PROMPT_CHARS,
             "sh",
         ),
+        integrity: ctx.integrity.as_ref().map(integrity::view),
+        evals: ctx.evals.as_ref().map(evals::view),
     }
 }
 

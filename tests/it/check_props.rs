@@ -47,7 +47,7 @@ prop_compose! {
             new_feedback: feedback,
             new_signals: signals.min(feedback),
             last_training_at: hours_ago.map(|h| now() - Duration::hours(h)),
-            quality: Some(QualityWindows { production_version: "policy-v2".into(), baseline: counts(bt, bu, bt / 2, 3.5), recent: counts(rt, ru, rt / 2, 3.0) }),
+            quality: Some(QualityWindows { production_version: "policy-v2".into(), baseline: counts(bt, bu, bt / 2, 3.5), recent: counts(rt, ru, rt / 2, 3.0), held_out: 0 }),
             force,
             rejected_same_data: None,
         }
@@ -71,7 +71,7 @@ proptest! {
     #[test]
     fn equal_windows_never_fire_the_quality_trigger(t in thresholds(), i in input(), n in 0u64..2000, up in 0u64..2000, mean in 1.0f64..5.0) {
         let same = counts(n, up, n, mean);
-        let equal = DecisionInput { quality: Some(QualityWindows { production_version: "policy-v2".into(), baseline: same.clone(), recent: same }), ..i };
+        let equal = DecisionInput { quality: Some(QualityWindows { production_version: "policy-v2".into(), baseline: same.clone(), recent: same, held_out: 0 }), ..i };
         prop_assert!(!decide(&equal, &t).trigger("quality").unwrap().fired);
     }
 
@@ -88,7 +88,7 @@ proptest! {
     fn a_better_recent_window_never_fires_the_quality_trigger(t in thresholds(), i in input(), n in 1u64..1000, up in 0u64..1000, gain in 0u64..200) {
         let base = counts(n, up.min(n), 0, 0.0);
         let better = counts(n, (up + gain).min(n), 0, 0.0);
-        let q = DecisionInput { quality: Some(QualityWindows { production_version: "v".into(), baseline: base, recent: better }), ..i };
+        let q = DecisionInput { quality: Some(QualityWindows { production_version: "v".into(), baseline: base, recent: better, held_out: 0 }), ..i };
         prop_assert!(!decide(&q, &t).trigger("quality").unwrap().fired);
     }
 
@@ -115,6 +115,7 @@ fn a_clear_drop_fires_the_quality_trigger() {
             production_version: "policy-v2".into(),
             baseline: counts(400, 320, 0, 0.0),
             recent: counts(200, 110, 0, 0.0),
+            held_out: 0,
         }),
         force: false,
         rejected_same_data: None,
@@ -129,6 +130,7 @@ fn a_clear_drop_fires_the_quality_trigger() {
             production_version: "policy-v2".into(),
             baseline: counts(10, 8, 0, 0.0),
             recent: counts(10, 5, 0, 0.0),
+            held_out: 0,
         }),
         ..i
     };

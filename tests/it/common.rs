@@ -108,11 +108,27 @@ pub fn run(config: &Path, args: &[&str]) -> Output {
 /// `run --force --format json` with the clock at `now` (RFC 3339), as a user's forced run; panics
 /// with stderr when it fails, and returns the whole JSON (`pull`, `check`, `run`).
 pub fn forced_run_json(config: &Path, now: &str) -> serde_json::Value {
-    forced_run_json_with(bin(), config, now)
+    forced_run_with(bin(), config, now).0
 }
 
 /// [`forced_run_json`] with a command the caller prepared (extra environment).
-pub fn forced_run_json_with(mut cmd: Command, config: &Path, now: &str) -> serde_json::Value {
+pub fn forced_run_json_with(cmd: Command, config: &Path, now: &str) -> serde_json::Value {
+    forced_run_with(cmd, config, now).0
+}
+
+/// [`forced_run_json`] with extra environment variables; also returns the log (stderr).
+pub fn forced_run_logged(
+    config: &Path,
+    now: &str,
+    env: &[(&str, &str)],
+) -> (serde_json::Value, String) {
+    let mut cmd = bin();
+    cmd.envs(env.iter().copied());
+    forced_run_with(cmd, config, now)
+}
+
+/// The forced run itself, on a prepared command: its JSON and its log (stderr).
+fn forced_run_with(mut cmd: Command, config: &Path, now: &str) -> (serde_json::Value, String) {
     let o = cmd
         .env("RLHF_BOT_NOW", now)
         .arg("--config")
@@ -121,7 +137,8 @@ pub fn forced_run_json_with(mut cmd: Command, config: &Path, now: &str) -> serde
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
-    serde_json::from_str(&stdout(&o)).unwrap_or_else(|e| panic!("{e}: {}", stdout(&o)))
+    let json = serde_json::from_str(&stdout(&o)).unwrap_or_else(|e| panic!("{e}: {}", stdout(&o)));
+    (json, stderr(&o))
 }
 
 pub fn stdout(o: &Output) -> String {

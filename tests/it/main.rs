@@ -1,6 +1,7 @@
 //! The one integration-test binary: every module below shares the helpers in `common` and the
 //! real feedback API server in `feedback_server`.
 
+mod audit;
 mod bert;
 mod bucket;
 mod check_props;
@@ -15,6 +16,7 @@ mod deploy;
 mod deploy_hub;
 mod dpospeed;
 mod engine;
+mod evals;
 mod export_lora_gguf;
 mod export_model;
 mod export_reward;

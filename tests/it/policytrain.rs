@@ -549,6 +549,7 @@ fn train_policy_stage_writes_metrics_log_and_adapter() {
             max_completion_len: 4,
             ..dpo_opts(2)
         },
+        behaviour_prompts: Vec::new(),
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

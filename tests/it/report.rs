@@ -203,10 +203,12 @@ fn context(production: bool, win: (f64, f64, f64), kl: f64) -> ReportContext {
         max_samples: 3,
         rejections: Vec::new(),
         deployed: Vec::new(),
+        integrity: None,
+        evals: None,
     }
 }
 
-fn passing() -> ReportContext {
+pub fn passing() -> ReportContext {
     context(true, (0.58, 0.532, 0.627), 2.1)
 }
 

@@ -1,0 +1,59 @@
+//! The `evals:` section (docs/evals.md): where the golden conversations live and the judge
+//! endpoint, validated into [`crate::evals::EvalsSettings`].
+
+use serde::Deserialize;
+
+use super::Invalid;
+use super::fields::{env_name, http_url};
+use super::values::PositiveInt;
+use crate::evals::EvalsSettings;
+use crate::evals::judge::JudgeSettings;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEvals {
+    /// Directory of `*.yaml` eval files (default `evals`).
+    pub dir: Option<String>,
+    pub judge: Option<RawJudge>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawJudge {
+    /// Base URL of an OpenAI-compatible API (`…/v1`).
+    pub url: String,
+    pub model: String,
+    /// The variable holding the API key (never the key itself).
+    pub api_key_env: Option<String>,
+    pub timeout_secs: Option<PositiveInt>,
+}
+
+pub fn validate_evals(raw: RawEvals) -> Result<EvalsSettings, Invalid> {
+    let d = EvalsSettings::default();
+    let judge = match raw.judge {
+        None => None,
+        Some(j) => {
+            let url = http_url("evals.judge.url", &j.url, "evals.judge.api_key_env")?;
+            if j.model.trim().is_empty() {
+                return Err(Invalid::new(
+                    "evals.judge.model",
+                    "empty model name\nhint: the model the endpoint serves, e.g. gpt-4o-mini",
+                ));
+            }
+            let api_key_env = j
+                .api_key_env
+                .map(|v| env_name("evals.judge.api_key_env", v, "JUDGE_API_KEY"))
+                .transpose()?;
+            Some(JudgeSettings {
+                url,
+                model: j.model,
+                api_key_env,
+                timeout_secs: j.timeout_secs.map_or(60, |v| v.0),
+            })
+        }
+    };
+    Ok(EvalsSettings {
+        dir: raw.dir.map_or(d.dir, std::path::PathBuf::from),
+        judge,
+    })
+}

@@ -1,0 +1,193 @@
+//! The judge: an OpenAI-compatible chat-completions endpoint that scores an answer against a
+//! rubric from 0 to 10. The base URL comes from the config (`evals.judge.url`, e.g.
+//! `https://api.openai.com/v1` or a local vLLM / llama.cpp server), the API key from the
+//! environment variable `evals.judge.api_key_env` names; the key is a [`SecretString`] and is
+//! never printed. One request per answer, `temperature: 0`; the reply must contain `Score: N`.
+//! Every failure (no answer within the timeout, an HTTP error, a reply without a usable score)
+//! is an error that names the endpoint and says what to do, never a silent pass or fail.
+
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::feedback::record::ChatMessage;
+use crate::sanitize::{error_body_excerpt, redact_url};
+use crate::secret::SecretString;
+
+/// `evals.judge`, validated.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct JudgeSettings {
+    /// Base URL; requests go to `<url>/chat/completions`.
+    pub url: url::Url,
+    pub model: String,
+    /// The variable holding the API key (`None`: send no `Authorization`, e.g. a local server).
+    pub api_key_env: Option<String>,
+    pub timeout_secs: u64,
+}
+
+/// Why the judge could not score an answer.
+#[derive(Debug, thiserror::Error)]
+pub enum JudgeError {
+    #[error(
+        "the judge at {url} did not answer within {secs} s\nhint: raise `evals.judge.timeout_secs`, or check that the endpoint is up"
+    )]
+    Timeout { url: String, secs: u64 },
+    #[error("the judge at {url} could not be reached: {detail}\nhint: check `evals.judge.url`")]
+    Unreachable { url: String, detail: String },
+    #[error(
+        "the judge at {url} answered HTTP {status}: {body}\nhint: check `evals.judge.model` and the key in the variable `evals.judge.api_key_env` names"
+    )]
+    Status {
+        url: String,
+        status: u16,
+        body: String,
+    },
+    #[error(
+        "the judge at {url} replied without a usable score ({problem}): {excerpt}\nhint: the reply must contain `Score: N` with N from 0 to 10; use a model that follows the instruction, or make the rubric say so"
+    )]
+    NoScore {
+        url: String,
+        problem: String,
+        excerpt: String,
+    },
+}
+
+const SYSTEM: &str = "You grade an assistant's answer against a rubric. Think briefly, then end \
+your reply with one line `Score: N`, where N is a number from 0 (fails the rubric) to 10 \
+(fully meets it).";
+
+/// A client for one judge endpoint.
+#[derive(Debug, Clone)]
+pub struct Judge {
+    endpoint: url::Url,
+    model: String,
+    key: Option<SecretString>,
+    timeout: Duration,
+    http: reqwest::Client,
+}
+
+impl Judge {
+    /// Builds the client; reads the key from the environment (the error names the variable).
+    pub fn new(settings: &JudgeSettings) -> anyhow::Result<Self> {
+        let key = settings
+            .api_key_env
+            .as_deref()
+            .map(|var| SecretString::from_env(var, "judge API"))
+            .transpose()?;
+        Self::with_key(settings, key)
+    }
+
+    /// Builds the client with the key given (tests, or callers that hold it already).
+    pub fn with_key(settings: &JudgeSettings, key: Option<SecretString>) -> anyhow::Result<Self> {
+        let mut base = settings.url.clone();
+        if !base.path().ends_with('/') {
+            base.set_path(&format!("{}/", base.path()));
+        }
+        let timeout = Duration::from_secs(settings.timeout_secs.max(1));
+        Ok(Self {
+            endpoint: base.join("chat/completions")?,
+            model: settings.model.clone(),
+            key,
+            timeout,
+            http: reqwest::Client::builder().timeout(timeout).build()?,
+        })
+    }
+
+    /// Where requests go, safe to print.
+    pub fn shown_url(&self) -> String {
+        redact_url(self.endpoint.as_str())
+    }
+
+    /// Scores `answer` to `conversation` against `rubric`, 0 to 10.
+    pub async fn score(
+        &self,
+        rubric: &str,
+        conversation: &[ChatMessage],
+        answer: &str,
+    ) -> Result<f64, JudgeError> {
+        let url = self.shown_url();
+        let mut transcript = String::new();
+        for m in conversation {
+            transcript.push_str(&format!("{}: {}\n", m.role, m.content));
+        }
+        let body = json!({
+            "model": self.model,
+            "temperature": 0,
+            "messages": [
+                {"role": "system", "content": SYSTEM},
+                {"role": "user", "content": format!(
+                    "Rubric:\n{rubric}\n\nConversation:\n{transcript}\nAnswer to grade:\n{answer}\n\nEnd with `Score: N` (0-10)."
+                )},
+            ],
+        });
+        let mut request = self.http.post(self.endpoint.clone()).json(&body);
+        if let Some(key) = &self.key {
+            request = request.bearer_auth(key.expose());
+        }
+        let secrets: Vec<&str> = self.key.iter().map(SecretString::expose).collect();
+        let failed = |e: reqwest::Error| {
+            if e.is_timeout() {
+                JudgeError::Timeout {
+                    url: url.clone(),
+                    secs: self.timeout.as_secs(),
+                }
+            } else {
+                JudgeError::Unreachable {
+                    url: url.clone(),
+                    detail: error_body_excerpt(&e.to_string(), &secrets),
+                }
+            }
+        };
+        let response = request.send().await.map_err(failed)?;
+        let status = response.status();
+        let text = response.text().await.map_err(failed)?;
+        if !status.is_success() {
+            return Err(JudgeError::Status {
+                url,
+                status: status.as_u16(),
+                body: error_body_excerpt(&text, &secrets),
+            });
+        }
+        let no_score = |problem: &str| JudgeError::NoScore {
+            url: url.clone(),
+            problem: problem.to_string(),
+            excerpt: error_body_excerpt(&text, &secrets),
+        };
+        let reply: Value =
+            serde_json::from_str(&text).map_err(|_| no_score("the body is not JSON"))?;
+        let content = reply
+            .pointer("/choices/0/message/content")
+            .and_then(Value::as_str)
+            .ok_or_else(|| no_score("no choices[0].message.content"))?;
+        let score = parse_score(content).ok_or_else(|| no_score("no `Score: N` in the reply"))?;
+        if !(0.0..=10.0).contains(&score) {
+            return Err(no_score(&format!("score {score} is outside 0-10")));
+        }
+        Ok(score)
+    }
+}
+
+/// The last `Score: N` (or `score = N`, any case) in `reply`, or the reply itself when it is
+/// only a number.
+pub fn parse_score(reply: &str) -> Option<f64> {
+    let re = regex::Regex::new(r"(?i)score\s*[:=]?\s*\**\s*(-?\d+(?:\.\d+)?)").ok()?;
+    re.captures_iter(reply)
+        .last()
+        .and_then(|c| c[1].parse().ok())
+        .or_else(|| reply.trim().parse().ok())
+        .filter(|s: &f64| s.is_finite())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_score;
+
+    #[test]
+    fn scores_are_read_from_the_last_score_line() {
+        assert_eq!(parse_score("Reasoning... Score: 8"), Some(8.0));
+        assert_eq!(parse_score("score=3.5\nScore: **9**"), Some(9.0));
+        assert_eq!(parse_score(" 7 "), Some(7.0));
+        assert_eq!(parse_score("I like it"), None);
+    }
+}
