@@ -15,6 +15,7 @@ use anyhow::{Context, Result, bail};
 use candle_core::{D, Device, Tensor};
 
 use crate::model::bert::BertRewardModel;
+use crate::model::family::SUPPORTED_MODEL_TYPES;
 use crate::model::generate::{GenerationConfig, generate};
 use crate::model::llama::{LlamaForCausalLM, LlamaForSequenceClassification};
 use crate::model::sampling::SamplingParams;
@@ -62,7 +63,11 @@ impl RewardScorer {
                 Box::new(BertRewardModel::load(dir, &[], device)?),
                 device.clone(),
             )),
-            Some("llama" | "qwen2") | None => {
+            Some(t) if !SUPPORTED_MODEL_TYPES.contains(&t) => bail!(
+                "reward model type {t:?} in {} is not supported\nhint: use a BERT reward model or one of the decoder families {SUPPORTED_MODEL_TYPES:?}",
+                cfg_path.display()
+            ),
+            _ => {
                 let p = LlamaForSequenceClassification::load(dir, Some(1), None, device)?;
                 let tok_path = dir.join("tokenizer.json");
                 let tokenizer = if tok_path.exists() {
@@ -86,10 +91,6 @@ impl RewardScorer {
                     score_weight,
                 })
             }
-            Some(other) => bail!(
-                "reward model type {other:?} in {} is not supported\nhint: use a llama or bert reward model from `train reward`",
-                cfg_path.display()
-            ),
         }
     }
 
@@ -313,7 +314,7 @@ pub fn answer_kl(
             {
                 let idx = Tensor::new(idx, &device)?;
                 let log_probs = |h: &Tensor, m: &LlamaForCausalLM| -> Result<Tensor> {
-                    let logits = h.index_select(&idx, 0)?.matmul(&m.lm_head_weight().t()?)?;
+                    let logits = m.head_logits(&h.index_select(&idx, 0)?)?;
                     Ok(candle_nn::ops::log_softmax(&logits, D::Minus1)?)
                 };
                 let lp = log_probs(&h_model, model)?;

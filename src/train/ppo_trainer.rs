@@ -144,13 +144,13 @@ pub(crate) fn score_rows(
         ],
         1,
     )?;
-    let scaled = if temperature > 0.0 && (temperature - 1.0).abs() > f32::EPSILON {
-        (&hidden / f64::from(temperature))?
+    let temperature = if temperature > 0.0 {
+        f64::from(temperature)
     } else {
-        hidden.clone()
+        1.0
     };
     let lp = model
-        .token_logprobs_from_hidden(&scaled, &ids, &tgt)?
+        .token_logprobs_from_hidden_at(&hidden, &ids, &tgt, temperature)?
         .reshape((b, w))?
         .narrow(1, r.p, r.t)?
         .contiguous()?;
