@@ -499,3 +499,42 @@ fn each_fixture_exercises_the_feature_it_stands_for() {
         );
     }
 }
+
+/// A Qwen3 GGUF (as llama.cpp's converter writes one: `qwen3.*` keys, no Q/K permutation,
+/// `attn_q_norm`/`attn_k_norm`, the `qwen2` pre-tokenizer) imports as the HF model: same
+/// logits as transformers', same tokens for plain text. Architectures llama.cpp defines but
+/// this importer does not rebuild are refused by name.
+#[test]
+fn a_qwen3_gguf_imports_as_its_hf_model() {
+    use rlhf_bot::model::gguf::GgufLlama;
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("qwen3.gguf");
+    crate::policy_model::write_hf_as_gguf(&fixture("qwen3"), "qwen3", "qwen2", &path);
+    let m = GgufLlama::read(&path).unwrap();
+    assert_eq!(m.config.model_type, "qwen3");
+    let out = tmp.path().join("hf");
+    m.save_hf_dir(&out).unwrap();
+    let pre = LlamaForCausalLM::load(&out, &Device::Cpu).unwrap();
+    assert_eq!(pre.config.family(), rlhf_bot::model::family::Family::Qwen3);
+    let exp = expected("qwen3");
+    let logits = pre
+        .model
+        .forward(&row(&exp.prompt), None)
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    let diff = max_abs_diff(&logits, &exp.logits);
+    assert!(diff <= 1e-4, "qwen3 from GGUF: logits differ by {diff}");
+    let text = "Feedback becomes training data for the policy.";
+    let ours = Tokenizer::from_file(&out.join("tokenizer.json")).unwrap();
+    let theirs = Tokenizer::from_file(&fixture("qwen3").join("tokenizer.json")).unwrap();
+    assert_eq!(
+        ours.encode(text, false).unwrap(),
+        theirs.encode(text, false).unwrap()
+    );
+
+    let gemma = tmp.path().join("gemma2.gguf");
+    crate::policy_model::write_hf_as_gguf(&fixture("gemma2"), "gemma2", "default", &gemma);
+    let err = format!("{:#}", GgufLlama::read(&gemma).unwrap_err());
+    assert!(err.contains("\"gemma2\"") && err.contains("qwen3"), "{err}");
+}
