@@ -206,7 +206,7 @@ impl Family {
             Family::Llama => false,
             Family::Mistral => true,
             Family::Qwen2 | Family::Qwen3 => i >= max_window_layers,
-            Family::Gemma2 => i % 2 == 0,
+            Family::Gemma2 => i.is_multiple_of(2),
             Family::Gemma3 => !(i + 1).is_multiple_of(pattern.max(1)),
         }
     }

@@ -104,7 +104,7 @@ fn every_family_reproduces_transformers_logits_and_greedy_continuation() {
         );
         let eos = pre.config.eos_token_ids();
         let cfg = GenerationConfig::greedy(exp.continuation.len(), eos, 0);
-        let out = generate(&pre.model, &[exp.prompt.clone()], &cfg).unwrap();
+        let out = generate(&pre.model, std::slice::from_ref(&exp.prompt), &cfg).unwrap();
         assert_eq!(
             out.tokens[0], exp.continuation,
             "{name} ({what}): greedy continuation differs from transformers'"
