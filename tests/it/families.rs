@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
+use rlhf_bot::config::policy::LORA_TARGETS;
 use rlhf_bot::model::generate::{GenerationConfig, generate};
 use rlhf_bot::model::llama::{
     Architecture, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification,
@@ -80,6 +81,16 @@ fn row(ids: &[u32]) -> Tensor {
     Tensor::new(vec![ids.to_vec()], &Device::Cpu).unwrap()
 }
 
+/// Largest distance between `model`'s logits of the fixture's prompt and transformers'.
+fn logits_gap(model: &LlamaForCausalLM, exp: &Expected) -> f32 {
+    let logits = model
+        .forward(&row(&exp.prompt), None)
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    max_abs_diff(&logits, &exp.logits)
+}
+
 #[test]
 fn every_family_reproduces_transformers_logits_and_greedy_continuation() {
     for (name, what) in FIXTURES {
@@ -91,13 +102,7 @@ fn every_family_reproduces_transformers_logits_and_greedy_continuation() {
             "{name}: weights missing from the checkpoint: {:?}",
             pre.report.initialised
         );
-        let logits = pre
-            .model
-            .forward(&row(&exp.prompt), None)
-            .unwrap()
-            .squeeze(0)
-            .unwrap();
-        let diff = max_abs_diff(&logits, &exp.logits);
+        let diff = logits_gap(&pre.model, &exp);
         assert!(
             diff <= 1e-4,
             "{name} ({what}): logits differ from transformers by {diff}"
@@ -171,17 +176,7 @@ fn every_family_trains_fully_and_with_lora_on_its_own_module_names() {
         let varmap = VarMap::new();
         let lcfg = LoraConfig {
             dropout: 0.0,
-            target_modules: [
-                "q_proj",
-                "k_proj",
-                "v_proj",
-                "o_proj",
-                "gate_proj",
-                "up_proj",
-                "down_proj",
-            ]
-            .map(String::from)
-            .to_vec(),
+            target_modules: LORA_TARGETS.iter().map(|t| t.to_string()).collect(),
             ..LoraConfig::default()
         };
         let adapters =
@@ -444,40 +439,25 @@ lora: {{r: 4, alpha: 8, dropout: 0.0, target_modules: [q_proj, k_proj, v_proj, o
 /// with the feature switched off in the config, the logits must move away from transformers'.
 #[test]
 fn each_fixture_exercises_the_feature_it_stands_for() {
-    let switch_off: &[(&str, &str, serde_json::Value)] = &[
-        (
-            "llama3",
-            "rope_parameters",
-            serde_json::json!({"rope_type": "default", "rope_theta": 10000.0}),
-        ),
-        (
-            "llama-linear",
-            "rope_parameters",
-            serde_json::json!({"rope_type": "default", "rope_theta": 10000.0}),
-        ),
-        (
-            "llama-dynamic",
-            "rope_parameters",
-            serde_json::json!({"rope_type": "default", "rope_theta": 10000.0}),
-        ),
-        (
-            "llama-yarn",
-            "rope_parameters",
-            serde_json::json!({"rope_type": "default", "rope_theta": 10000.0}),
-        ),
-        (
-            "llama-longrope",
-            "rope_parameters",
-            serde_json::json!({"rope_type": "default", "rope_theta": 10000.0}),
-        ),
+    let plain_rope = serde_json::json!({"rope_type": "default", "rope_theta": 10000.0});
+    let mut switch_off: Vec<(&str, &str, serde_json::Value)> = [
+        "llama3",
+        "llama-linear",
+        "llama-dynamic",
+        "llama-yarn",
+        "llama-longrope",
+    ]
+    .map(|name| (name, "rope_parameters", plain_rope.clone()))
+    .to_vec();
+    switch_off.extend([
         ("qwen2", "use_sliding_window", serde_json::json!(false)),
         ("mistral", "sliding_window", serde_json::Value::Null),
         ("gemma2", "attn_logit_softcapping", serde_json::Value::Null),
         ("gemma2", "final_logit_softcapping", serde_json::Value::Null),
         ("gemma2", "query_pre_attn_scalar", serde_json::json!(16)),
         ("gemma3", "sliding_window", serde_json::Value::Null),
-    ];
-    for (name, key, value) in switch_off {
+    ]);
+    for (name, key, value) in &switch_off {
         let mut cfg: serde_json::Value = serde_json::from_str(&config_text(name)).unwrap();
         cfg[*key] = value.clone();
         let cfg = LlamaConfig::from_json_str(&cfg.to_string()).unwrap();
@@ -486,13 +466,7 @@ fn each_fixture_exercises_the_feature_it_stands_for() {
         let vb =
             candle_nn::VarBuilder::from_tensors(tensors, candle_core::DType::F32, &Device::Cpu);
         let model = LlamaForCausalLM::new(&cfg, vb).unwrap();
-        let exp = expected(name);
-        let logits = model
-            .forward(&row(&exp.prompt), None)
-            .unwrap()
-            .squeeze(0)
-            .unwrap();
-        let diff = max_abs_diff(&logits, &exp.logits);
+        let diff = logits_gap(&model, &expected(name));
         assert!(
             diff > 1e-3,
             "{name}: setting {key} = {value} leaves the logits within {diff} of transformers'"
@@ -516,14 +490,7 @@ fn a_qwen3_gguf_imports_as_its_hf_model() {
     m.save_hf_dir(&out).unwrap();
     let pre = LlamaForCausalLM::load(&out, &Device::Cpu).unwrap();
     assert_eq!(pre.config.family(), rlhf_bot::model::family::Family::Qwen3);
-    let exp = expected("qwen3");
-    let logits = pre
-        .model
-        .forward(&row(&exp.prompt), None)
-        .unwrap()
-        .squeeze(0)
-        .unwrap();
-    let diff = max_abs_diff(&logits, &exp.logits);
+    let diff = logits_gap(&pre.model, &expected("qwen3"));
     assert!(diff <= 1e-4, "qwen3 from GGUF: logits differ by {diff}");
     let text = "Feedback becomes training data for the policy.";
     let ours = Tokenizer::from_file(&out.join("tokenizer.json")).unwrap();
