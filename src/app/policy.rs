@@ -424,7 +424,7 @@ pub fn write_merged(base: &Path, adapter: &Path, out: &Path) -> Result<()> {
     let weights = merged_weights(base, adapter)?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let cfg = LlamaConfig::from_dir(base)?;
-    cfg.save(out, "LlamaForCausalLM")?;
+    cfg.save(out, &Architecture::CausalLm.class_name(&cfg))?;
     let path = out.join("model.safetensors");
     candle_core::safetensors::save(&weights, &path)
         .with_context(|| format!("writing {}", path.display()))?;

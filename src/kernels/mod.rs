@@ -414,6 +414,20 @@ pub mod reference {
         targets: &[u32],
         chunk: usize,
     ) -> Result<Tensor> {
+        lm_head_logprobs_capped(hidden, weight, targets, chunk, None, 1.0)
+    }
+
+    /// [`lm_head_logprobs`] with the logits soft-capped first (`tanh(z / cap) · cap`, Gemma's
+    /// final soft-capping) when `softcap` is set, then divided by `temperature`. The fused op
+    /// has no soft-capping, so capped models take this composition on every device.
+    pub fn lm_head_logprobs_capped(
+        hidden: &Tensor,
+        weight: &Tensor,
+        targets: &[u32],
+        chunk: usize,
+        softcap: Option<f64>,
+        temperature: f64,
+    ) -> Result<Tensor> {
         let rows = hidden.dim(0)?;
         if rows != targets.len() {
             candle_core::bail!("{rows} hidden rows for {} targets", targets.len());
@@ -428,7 +442,13 @@ pub mod reference {
         let mut start = 0;
         while start < rows {
             let len = chunk.min(rows - start);
-            let logits = hidden.narrow(0, start, len)?.matmul(&wt)?;
+            let mut logits = hidden.narrow(0, start, len)?.matmul(&wt)?;
+            if let Some(cap) = softcap {
+                logits = ((logits / cap)?.tanh()? * cap)?;
+            }
+            if temperature != 1.0 {
+                logits = (logits / temperature)?;
+            }
             let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
             parts.push(logp.gather(&ids.narrow(0, start, len)?, 1)?.squeeze(1)?);
             start += len;

@@ -269,12 +269,12 @@ fn rows_tensor(rows: &[Vec<u32>], device: &Device) -> Result<Tensor> {
     Ok(Tensor::from_vec(flat, (b, t), device)?)
 }
 
-/// The last column of hidden states `[batch, t, hidden]` times the LM head `[vocab, hidden]`:
-/// only one position per row goes through the (large) vocabulary projection.
-pub fn last_position_logits(hidden: &Tensor, lm_head: &Tensor) -> Result<Tensor> {
+/// The logits of the last column of hidden states `[batch, t, hidden]`: only one position per
+/// row goes through the (large) vocabulary projection.
+pub fn last_position_logits(model: &LlamaForCausalLM, hidden: &Tensor) -> Result<Tensor> {
     let t = hidden.dim(1)?;
     let last = hidden.i((.., t - 1, ..))?.contiguous()?;
-    Ok(crate::kernels::matmul_t(&last, lm_head)?)
+    Ok(model.head_logits(&last)?)
 }
 
 /// `log_softmax` over the last dimension, for callers that score whole sequences.
@@ -300,7 +300,7 @@ impl CausalLm for LlamaForCausalLM {
         let hidden = self
             .model()
             .forward_cached(input_ids, mask, &mut cache.layers)?;
-        last_position_logits(&hidden, self.lm_head_weight())
+        last_position_logits(self, &hidden)
     }
 
     fn last_logits_full(&self, input_ids: &Tensor, mask: &[Vec<u32>]) -> Result<Tensor> {
@@ -309,6 +309,6 @@ impl CausalLm for LlamaForCausalLM {
         let flat: Vec<u32> = mask.iter().flatten().copied().collect();
         let mask = Tensor::from_vec(flat, (b, t), input_ids.device())?;
         let hidden = self.model().forward(input_ids, Some(&mask))?;
-        last_position_logits(&hidden, self.lm_head_weight())
+        last_position_logits(self, &hidden)
     }
 }

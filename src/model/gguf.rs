@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
     #[error(
-        "GGUF architecture {0:?} is not supported\nhint: only llama-family models (general.architecture = \"llama\") can be imported"
+        "GGUF architecture {0:?} is not supported\nhint: general.architecture must be one of {IMPORTABLE_ARCHITECTURES:?} (llama.cpp writes Mistral as \"llama\")"
     )]
     UnsupportedArchitecture(String),
     #[error("GGUF metadata key {0} is missing")]
@@ -35,7 +35,7 @@ pub enum GgufError {
     )]
     UnsupportedTokenizer(String),
     #[error(
-        "GGUF pre-tokenizer {0:?} is not supported\nhint: supported: default, gpt-2, smollm, llama-bpe, llama3"
+        "GGUF pre-tokenizer {0:?} is not supported\nhint: supported: default, gpt-2, smollm, llama-bpe, llama3, qwen2"
     )]
     UnsupportedPreTokenizer(String),
     #[error("GGUF tensor {0:?} has no Hugging Face llama equivalent")]
@@ -48,9 +48,18 @@ pub enum GgufError {
     },
 }
 
-/// The llama hyper-parameters a GGUF carries, written out as HF `config.json` keys.
+/// The `general.architecture` values imported; each is also the HF `model_type` it becomes.
+/// llama.cpp stores these three the way this importer reads them (same tensor names, Q/K rows
+/// permuted for `llama` only); Gemma's GGUFs carry a SentencePiece tokenizer, which is not
+/// rebuilt here.
+pub const IMPORTABLE_ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3"];
+
+/// The decoder hyper-parameters a GGUF carries, written out as HF `config.json` keys.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GgufLlamaConfig {
+    /// The HF `model_type` (`general.architecture`: llama, qwen2 or qwen3).
+    #[serde(default = "llama_model_type")]
+    pub model_type: String,
     pub vocab_size: usize,
     pub hidden_size: usize,
     pub intermediate_size: usize,
@@ -67,13 +76,20 @@ pub struct GgufLlamaConfig {
     pub pad_token_id: Option<u32>,
 }
 
+fn llama_model_type() -> String {
+    "llama".into()
+}
+
 impl GgufLlamaConfig {
-    /// The HF `config.json` for this model (`LlamaForCausalLM`, f32). The RoPE base is written
-    /// both as `rope_theta` (transformers 4) and `rope_parameters` (transformers 5).
+    /// The HF `config.json` for this model (`LlamaForCausalLM`, `Qwen3ForCausalLM`, …, f32).
+    /// The RoPE base is written both as `rope_theta` (transformers 4) and `rope_parameters`
+    /// (transformers 5).
     pub fn to_hf_json(&self) -> serde_json::Value {
+        let class = crate::model::family::Family::resolve(Some(&self.model_type), &[])
+            .map_or_else(|_| "LlamaForCausalLM".to_owned(), |f| f.causal_lm_class());
         serde_json::json!({
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+            "architectures": [class],
+            "model_type": self.model_type,
             "attention_bias": false,
             "attention_dropout": 0.0,
             "mlp_bias": false,
@@ -132,49 +148,52 @@ impl GgufLlama {
         let content = gguf_file::Content::read(reader).context("parsing the GGUF header")?;
         let md = &content.metadata;
         let arch = get_str(md, "general.architecture")?;
-        if arch != "llama" {
+        if !IMPORTABLE_ARCHITECTURES.contains(&arch) {
             return Err(GgufError::UnsupportedArchitecture(arch.to_owned()).into());
         }
+        // Hyper-parameters live under the architecture's own prefix (`qwen3.block_count`).
+        let key = |k: &str| format!("{arch}.{k}");
         let tokens = get_string_array(md, "tokenizer.ggml.tokens")?;
-        let hidden_size = get_usize(md, "llama.embedding_length")?;
-        let num_attention_heads = get_usize(md, "llama.attention.head_count")?;
+        let hidden_size = get_usize(md, &key("embedding_length"))?;
+        let num_attention_heads = get_usize(md, &key("attention.head_count"))?;
         let num_key_value_heads =
-            opt_usize(md, "llama.attention.head_count_kv")?.unwrap_or(num_attention_heads);
-        let head_dim = match opt_usize(md, "llama.attention.key_length")? {
+            opt_usize(md, &key("attention.head_count_kv"))?.unwrap_or(num_attention_heads);
+        let head_dim = match opt_usize(md, &key("attention.key_length"))? {
             Some(d) => d,
             None => hidden_size / num_attention_heads.max(1),
         };
-        if let Some(rot) = opt_usize(md, "llama.rope.dimension_count")?
+        if let Some(rot) = opt_usize(md, &key("rope.dimension_count"))?
             && rot != head_dim
         {
             return Err(GgufError::BadValue {
-                key: "llama.rope.dimension_count".into(),
+                key: key("rope.dimension_count"),
                 found: format!("{rot} (partial rotary embeddings; head_dim is {head_dim})"),
             }
             .into());
         }
         let tie_word_embeddings = !content.tensor_infos.contains_key("output.weight");
         let config = GgufLlamaConfig {
-            vocab_size: opt_usize(md, "llama.vocab_size")?.unwrap_or(tokens.len()),
+            model_type: arch.to_owned(),
+            vocab_size: opt_usize(md, &key("vocab_size"))?.unwrap_or(tokens.len()),
             hidden_size,
-            intermediate_size: get_usize(md, "llama.feed_forward_length")?,
-            num_hidden_layers: get_usize(md, "llama.block_count")?,
+            intermediate_size: get_usize(md, &key("feed_forward_length"))?,
+            num_hidden_layers: get_usize(md, &key("block_count"))?,
             num_attention_heads,
             num_key_value_heads,
             head_dim,
-            rms_norm_eps: opt_f64(md, "llama.attention.layer_norm_rms_epsilon")?.unwrap_or(1e-5),
-            rope_theta: opt_f64(md, "llama.rope.freq_base")?.unwrap_or(10_000.0),
-            max_position_embeddings: opt_usize(md, "llama.context_length")?.unwrap_or(2048),
+            rms_norm_eps: opt_f64(md, &key("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5),
+            rope_theta: opt_f64(md, &key("rope.freq_base"))?.unwrap_or(10_000.0),
+            max_position_embeddings: opt_usize(md, &key("context_length"))?.unwrap_or(2048),
             tie_word_embeddings,
             bos_token_id: opt_u32(md, "tokenizer.ggml.bos_token_id")?,
             eos_token_id: opt_u32(md, "tokenizer.ggml.eos_token_id")?,
             pad_token_id: opt_u32(md, "tokenizer.ggml.padding_token_id")?,
         };
-        if let Some(s) = md.get("llama.rope.scaling.type")
+        if let Some(s) = md.get(&key("rope.scaling.type"))
             && !matches!(s, GValue::String(t) if t == "none")
         {
             return Err(GgufError::BadValue {
-                key: "llama.rope.scaling.type".into(),
+                key: key("rope.scaling.type"),
                 found: format!("{s:?} (RoPE scaling is not supported)"),
             }
             .into());
@@ -191,12 +210,18 @@ impl GgufLlama {
             let mut t = q
                 .dequantize(&Device::Cpu)
                 .with_context(|| format!("dequantising tensor {name} ({:?})", q.dtype()))?;
-            // convert_hf_to_gguf.py interleaves the two rotary halves of every Q/K head so that
-            // llama.cpp can rotate adjacent pairs; HF rotates halves, so restore HF order.
-            if name.ends_with(".attn_q.weight") || name.ends_with(".attn_q.bias") {
+            // convert_hf_to_gguf.py interleaves the two rotary halves of every Q/K head of a
+            // `llama` model so that llama.cpp can rotate adjacent pairs (Qwen's are written
+            // as they are); HF rotates halves, so restore HF order.
+            let permuted = arch == "llama";
+            let is = |module: &str| {
+                name.ends_with(&format!(".{module}.weight"))
+                    || name.ends_with(&format!(".{module}.bias"))
+            };
+            if permuted && is("attn_q") {
                 t = unpermute_qk(&t, config.num_attention_heads)
                     .with_context(|| format!("un-permuting {name}"))?;
-            } else if name.ends_with(".attn_k.weight") || name.ends_with(".attn_k.bias") {
+            } else if permuted && is("attn_k") {
                 t = unpermute_qk(&t, config.num_key_value_heads)
                     .with_context(|| format!("un-permuting {name}"))?;
             }
@@ -359,6 +384,8 @@ const LAYER_MODULES: &[(&str, &str)] = &[
     ("ffn_gate", "mlp.gate_proj"),
     ("ffn_up", "mlp.up_proj"),
     ("ffn_down", "mlp.down_proj"),
+    ("attn_q_norm", "self_attn.q_norm"),
+    ("attn_k_norm", "self_attn.k_norm"),
 ];
 
 /// Splits `<prefix><layer>.<module>.<weight|bias>` into its parts.
@@ -458,6 +485,22 @@ fn check_shapes(cfg: &GgufLlamaConfig, tensors: &BTreeMap<String, Tensor>) -> Re
         ] {
             expected.push((format!("{p}.{n}"), s));
         }
+        // The family's extra tensors: Qwen2's q/k/v biases, Qwen3's per-head q/k norms.
+        let extra: &[(&str, usize)] = match cfg.model_type.as_str() {
+            "qwen2" => &[
+                ("self_attn.q_proj.bias", q),
+                ("self_attn.k_proj.bias", kv),
+                ("self_attn.v_proj.bias", kv),
+            ],
+            "qwen3" => &[
+                ("self_attn.q_norm.weight", cfg.head_dim),
+                ("self_attn.k_norm.weight", cfg.head_dim),
+            ],
+            _ => &[],
+        };
+        for (n, len) in extra {
+            expected.push((format!("{p}.{n}"), vec![*len]));
+        }
     }
     for (name, shape) in expected {
         let t = tensors
@@ -492,6 +535,14 @@ fn build_tokenizer_json(
     let pre_tokenizer = match pre {
         "default" | "gpt2" | "gpt-2" => serde_json::json!({
             "type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true
+        }),
+        // Qwen2/2.5/3: Llama 3's split with single digits, then the byte-level mapping.
+        "qwen2" => serde_json::json!({
+            "type": "Sequence",
+            "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": QWEN2_SPLIT}, "behavior": "Isolated", "invert": false},
+                {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}
+            ]
         }),
         // SmolLM's tokenizer.json: every digit on its own, then GPT-2's byte-level split.
         "smollm" => serde_json::json!({
@@ -591,6 +642,9 @@ fn build_tokenizer_json(
         }
     }))
 }
+
+/// The split regex of Qwen2's tokenizer (Llama 3's, with every digit on its own).
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// The split regex of Llama 3's tokenizer (digits in groups of up to three).
 pub(crate) const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";

@@ -1,5 +1,7 @@
-//! Trainable llama-family decoder (Llama, SmolLM2, Qwen2) with a causal-LM head and a
-//! sequence-classification (reward) head.
+//! Trainable llama-family decoder with a causal-LM head and a sequence-classification (reward)
+//! head: one decoder for Llama (SmolLM2, Llama 3.x), Mistral, Qwen2/2.5, Qwen3 and Gemma 2/3,
+//! whose differences are switches read from `config.json` ([`super::family`]) and whose RoPE
+//! scalings are resolved by [`super::rope`].
 //!
 //! candle-transformers ships a Llama, but its fused kernels have no backward pass (GUIDE §4), so
 //! this one is assembled only from differentiable pieces in [`super::ops`]. Parameter names are
@@ -20,8 +22,10 @@ use candle_nn::{Embedding, Init, Linear, VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
 use super::checkpoint_io::{self, LoadReport};
+use super::family::{Family, FamilyError};
 use super::lora::{AdaptableLinear, HasAdaptableLinears};
 use super::ops;
+use super::rope::{Rope, RopeDims, RopeError};
 use crate::kernels;
 
 /// Key in `config.json` under which this crate records its extra reward heads. transformers
@@ -53,7 +57,8 @@ pub struct RopeParameters {
     pub rope_theta: Option<f64>,
     #[serde(default)]
     pub rope_type: Option<String>,
-    /// Scaling fields (llama3, yarn, …) that this port does not implement.
+    /// Scaling fields (`factor`, `original_max_position_embeddings`, …; see [`Rope`]) or, for
+    /// Gemma 3, one dictionary per layer type (`full_attention`, `sliding_attention`).
     #[serde(flatten)]
     pub extra: serde_json::Map<String, serde_json::Value>,
 }
@@ -149,14 +154,51 @@ pub enum ConfigError {
     KvHeads { heads: usize, kv: usize },
     #[error("head_dim {0} must be even for rotary embeddings")]
     OddHeadDim(usize),
-    #[error("hidden_act {0:?} is not supported\nhint: this port implements SwiGLU with silu only")]
-    Activation(String),
     #[error(
-        "RoPE type {0:?} is not supported\nhint: only the default rotary embedding is implemented"
+        "hidden activation {0:?} is not supported\nhint: supported activations are silu (swish) and gelu_pytorch_tanh (gelu_new)"
     )]
-    RopeType(String),
+    Activation(String),
+    #[error(transparent)]
+    Rope(#[from] RopeError),
+    #[error(transparent)]
+    Family(#[from] FamilyError),
+    #[error(
+        "layer_types has {found} entries for {layers} layers, or a value other than \"full_attention\" / \"sliding_attention\"\nhint: list one of those two per layer"
+    )]
+    LayerTypes { found: usize, layers: usize },
+    #[error(
+        "use_bidirectional_attention is not supported\nhint: this port trains causal decoders only"
+    )]
+    Bidirectional,
     #[error("{field} must be positive, got 0")]
     Zero { field: &'static str },
+}
+
+/// The gated feed-forward's activation: `act(gate) ⊙ up`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// SwiGLU (Llama, Mistral, Qwen).
+    Silu,
+    /// GeGLU with the tanh approximation of GELU (Gemma's `gelu_pytorch_tanh`).
+    GeluTanh,
+}
+
+impl Activation {
+    fn parse(name: &str) -> Result<Self, ConfigError> {
+        match name {
+            "silu" | "swish" => Ok(Activation::Silu),
+            "gelu_pytorch_tanh" | "gelu_new" => Ok(Activation::GeluTanh),
+            other => Err(ConfigError::Activation(other.to_owned())),
+        }
+    }
+}
+
+/// A key of `extra`: absent (`None`), JSON null (`Some(None)`), or a number.
+fn extra_number(
+    extra: &serde_json::Map<String, serde_json::Value>,
+    key: &str,
+) -> Option<Option<f64>> {
+    extra.get(key).map(serde_json::Value::as_f64)
 }
 
 impl LlamaConfig {
@@ -226,6 +268,7 @@ impl LlamaConfig {
 
     /// Checks the fields this port depends on.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        let family = self.checked_family()?;
         for (field, v) in [
             ("hidden_size", self.hidden_size),
             ("intermediate_size", self.intermediate_size),
@@ -246,29 +289,204 @@ impl LlamaConfig {
         if !self.head_dim().is_multiple_of(2) || self.head_dim() == 0 {
             return Err(ConfigError::OddHeadDim(self.head_dim()));
         }
-        if let Some(act) = &self.hidden_act
-            && act != "silu"
-            && act != "swish"
-        {
-            return Err(ConfigError::Activation(act.clone()));
+        self.checked_activation()?;
+        if let Some(types) = self.layer_types() {
+            let known = types
+                .iter()
+                .all(|t| t == "full_attention" || t == "sliding_attention");
+            if types.len() != self.num_hidden_layers || !known {
+                return Err(ConfigError::LayerTypes {
+                    found: types.len(),
+                    layers: self.num_hidden_layers,
+                });
+            }
         }
-        let rope_type = self
+        if family.is_gemma()
+            && self
+                .extra
+                .get("use_bidirectional_attention")
+                .and_then(serde_json::Value::as_bool)
+                == Some(true)
+        {
+            return Err(ConfigError::Bidirectional);
+        }
+        self.rope(false)?;
+        self.rope(true)?;
+        Ok(())
+    }
+
+    fn checked_family(&self) -> Result<Family, FamilyError> {
+        let architectures: Vec<String> = self
+            .extra
+            .get("architectures")
+            .and_then(serde_json::Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Family::resolve(self.model_type.as_deref(), &architectures)
+    }
+
+    /// The decoder family (Llama when the config names none; [`Self::validate`] refuses
+    /// unknown ones).
+    pub fn family(&self) -> Family {
+        self.checked_family().unwrap_or(Family::Llama)
+    }
+
+    fn checked_activation(&self) -> Result<Activation, ConfigError> {
+        let family = self.family();
+        // Gemma configs name it `hidden_activation`; the others `hidden_act`.
+        let name = if family.is_gemma() {
+            self.extra
+                .get("hidden_activation")
+                .and_then(serde_json::Value::as_str)
+        } else {
+            self.hidden_act.as_deref()
+        };
+        Activation::parse(name.unwrap_or(family.default_activation()))
+    }
+
+    /// The feed-forward activation (validated).
+    pub fn activation(&self) -> Activation {
+        self.checked_activation().unwrap_or(Activation::Silu)
+    }
+
+    fn layer_types(&self) -> Option<Vec<String>> {
+        let list = self.extra.get("layer_types")?.as_array()?;
+        Some(
+            list.iter()
+                .map(|v| v.as_str().unwrap_or_default().to_owned())
+                .collect(),
+        )
+    }
+
+    /// The sliding-window width of the family's sliding layers, `None` when no layer slides
+    /// (transformers' class defaults apply to keys the config omits).
+    pub fn sliding_window(&self) -> Option<usize> {
+        let window = || match self.extra.get("sliding_window") {
+            None => Some(4096),
+            Some(v) => v.as_u64().map(|w| w as usize),
+        };
+        match self.family() {
+            Family::Llama => None,
+            Family::Mistral | Family::Gemma2 | Family::Gemma3 => window(),
+            Family::Qwen2 | Family::Qwen3 => {
+                let on = self
+                    .extra
+                    .get("use_sliding_window")
+                    .and_then(serde_json::Value::as_bool)
+                    .unwrap_or(false);
+                if on { window() } else { None }
+            }
+        }
+    }
+
+    /// Whether layer `i` attends through the sliding window.
+    pub fn layer_is_sliding(&self, i: usize) -> bool {
+        if self.sliding_window().is_none() {
+            return false;
+        }
+        let family = self.family();
+        if family == Family::Mistral {
+            // Mistral slides in every layer; its class ignores `layer_types`.
+            return true;
+        }
+        if let Some(types) = self.layer_types() {
+            return types.get(i).is_some_and(|t| t == "sliding_attention");
+        }
+        let count = |key: &str, default: usize| {
+            self.extra
+                .get(key)
+                .and_then(serde_json::Value::as_u64)
+                .map_or(default, |v| v as usize)
+        };
+        family.default_layer_is_sliding(
+            i,
+            count("max_window_layers", 28),
+            count("sliding_window_pattern", 6),
+        )
+    }
+
+    /// Multiplier of `q·kᵀ`: `query_pre_attn_scalar^-½` (Gemma), else `head_dim^-½`.
+    pub fn attention_scale(&self) -> f64 {
+        let scalar = if self.family().is_gemma() {
+            extra_number(&self.extra, "query_pre_attn_scalar")
+                .flatten()
+                .unwrap_or(256.0)
+        } else {
+            self.head_dim() as f64
+        };
+        1.0 / scalar.sqrt()
+    }
+
+    /// `tanh(s / cap) · cap` on attention logits (Gemma 2; its class default is 50).
+    pub fn attention_softcap(&self) -> Option<f64> {
+        if !self.family().applies_attention_softcap() {
+            return None;
+        }
+        extra_number(&self.extra, "attn_logit_softcapping").unwrap_or(Some(50.0))
+    }
+
+    /// `tanh(logits / cap) · cap` on the LM head's logits (Gemma 2 default 30, Gemma 3 none).
+    pub fn final_logit_softcap(&self) -> Option<f64> {
+        let default = match self.family() {
+            Family::Gemma2 => Some(30.0),
+            Family::Gemma3 => None,
+            _ => return None,
+        };
+        extra_number(&self.extra, "final_logit_softcapping").unwrap_or(default)
+    }
+
+    /// The rotary embedding of full-attention (`sliding == false`) or sliding layers; they
+    /// differ only in Gemma 3 (its local base, and scaling on the global layers only).
+    pub fn rope(&self, sliding: bool) -> Result<Rope, ConfigError> {
+        let family = self.family();
+        let layer_key = if sliding {
+            "sliding_attention"
+        } else {
+            "full_attention"
+        };
+        let nested = self
             .rope_parameters
             .as_ref()
-            .and_then(|r| r.rope_type.clone())
-            .or_else(|| {
-                self.rope_scaling.as_ref().and_then(|v| {
-                    v.get("rope_type")
-                        .or_else(|| v.get("type"))
-                        .and_then(|t| t.as_str().map(str::to_owned))
-                })
-            });
-        if let Some(t) = rope_type
-            && t != "default"
-        {
-            return Err(ConfigError::RopeType(t));
+            .and_then(|r| r.extra.get(layer_key))
+            .and_then(serde_json::Value::as_object);
+        let mut default_theta = self.rope_theta.unwrap_or(family.default_theta(false));
+        let params: serde_json::Map<String, serde_json::Value> = if let Some(nested) = nested {
+            nested.clone()
+        } else if family == Family::Gemma3 && sliding {
+            // transformers-4 Gemma 3: the local layers are plain RoPE on a base of their own
+            // (`rope_local_base_freq`, below); any scaling is for the global layers.
+            serde_json::Map::new()
+        } else if let Some(scaling) = self.rope_scaling.as_ref().and_then(|v| v.as_object()) {
+            // transformers-4 configs: `rope_scaling` replaces `rope_parameters` entirely.
+            scaling.clone()
+        } else if let Some(p) = &self.rope_parameters {
+            match serde_json::to_value(p) {
+                Ok(serde_json::Value::Object(m)) => m,
+                _ => serde_json::Map::new(),
+            }
+        } else {
+            serde_json::Map::new()
+        };
+        if family == Family::Gemma3 && sliding {
+            default_theta = extra_number(&self.extra, "rope_local_base_freq")
+                .flatten()
+                .unwrap_or(family.default_theta(true));
         }
-        Ok(())
+        let dims = RopeDims {
+            head_dim: self.head_dim(),
+            max_position_embeddings: self.max_position_embeddings,
+            default_theta,
+            top_level_original_max: self
+                .extra
+                .get("original_max_position_embeddings")
+                .and_then(serde_json::Value::as_u64)
+                .map(|v| v as usize),
+        };
+        Ok(Rope::from_params(&params, dims)?)
     }
 
     pub fn num_kv_heads(&self) -> usize {
@@ -276,8 +494,11 @@ impl LlamaConfig {
     }
 
     pub fn head_dim(&self) -> usize {
-        self.head_dim
-            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+        self.head_dim.unwrap_or_else(|| {
+            self.family()
+                .default_head_dim()
+                .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+        })
     }
 
     /// RoPE base: `rope_parameters.rope_theta`, else `rope_theta`, else 10000 (HF's default).
@@ -289,17 +510,12 @@ impl LlamaConfig {
             .unwrap_or(10_000.0)
     }
 
-    /// Qwen2 always has q/k/v biases (its config has no `attention_bias` key) and no o_proj bias.
-    fn is_qwen2(&self) -> bool {
-        self.model_type.as_deref() == Some("qwen2")
-    }
-
     fn qkv_bias(&self) -> bool {
-        self.attention_bias || self.is_qwen2()
+        self.attention_bias || self.family().always_qkv_bias()
     }
 
     fn o_bias(&self) -> bool {
-        self.attention_bias && !self.is_qwen2()
+        self.attention_bias && !self.family().always_qkv_bias()
     }
 
     /// Number of outputs of the `score` head: `num_labels`, else the size of `id2label`, else 2
@@ -366,21 +582,33 @@ fn linear(
     Ok(Linear::new(w, b))
 }
 
-/// RMSNorm with its HF weight name (`<prefix>.weight`).
+/// RMSNorm with its HF weight name (`<prefix>.weight`). Gemma stores the scale as an offset
+/// from 1 (`x̂ · (1 + w)`, initialised at 0); the kernel then runs on `1 + w`.
 #[derive(Debug, Clone)]
 struct RmsNorm {
     weight: Tensor,
     eps: f64,
+    unit_offset: bool,
 }
 
 impl RmsNorm {
-    fn new(size: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<Self> {
-        let weight = vb.get_with_hints(size, "weight", Init::Const(1.0))?;
-        Ok(Self { weight, eps })
+    fn new(size: usize, cfg: &LlamaConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let unit_offset = cfg.family().norm_unit_offset();
+        let init = Init::Const(if unit_offset { 0.0 } else { 1.0 });
+        let weight = vb.get_with_hints(size, "weight", init)?;
+        Ok(Self {
+            weight,
+            eps: cfg.rms_norm_eps,
+            unit_offset,
+        })
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        kernels::rms_norm(x, &self.weight, self.eps)
+        if self.unit_offset {
+            kernels::rms_norm(x, &(&self.weight + 1.0)?, self.eps)
+        } else {
+            kernels::rms_norm(x, &self.weight, self.eps)
+        }
     }
 }
 
@@ -389,6 +617,7 @@ struct Mlp {
     gate_proj: AdaptableLinear,
     up_proj: AdaptableLinear,
     down_proj: AdaptableLinear,
+    activation: Activation,
 }
 
 impl Mlp {
@@ -398,18 +627,24 @@ impl Mlp {
             gate_proj: linear(h, i, b, cfg, vb.pp("gate_proj"))?.into(),
             up_proj: linear(h, i, b, cfg, vb.pp("up_proj"))?.into(),
             down_proj: linear(i, h, b, cfg, vb.pp("down_proj"))?.into(),
+            activation: cfg.activation(),
         })
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let gate = self.gate_proj.forward(x)?;
         let up = self.up_proj.forward(x)?;
-        self.down_proj.forward(&kernels::silu_mul(&gate, &up)?)
+        let gated = match self.activation {
+            Activation::Silu => kernels::silu_mul(&gate, &up)?,
+            // No fused GeGLU kernel: candle's tanh-GELU (it has a backward) and a product.
+            Activation::GeluTanh => (gate.gelu()? * up)?,
+        };
+        self.down_proj.forward(&gated)
     }
 }
 
-/// What every attention layer of one forward pass shares: rotary tables for the query
-/// positions and the additive mask.
+/// What every attention layer of one kind (full or sliding) shares in a forward pass: rotary
+/// tables for the query positions and the additive mask.
 ///
 /// With a KV cache, `bias` covers `past + current` keys and `cos`/`sin` only the current
 /// queries; [`LlamaModel::forward_with_offset`] builds it that way.
@@ -423,29 +658,63 @@ pub struct AttentionContext {
     pub bias: Tensor,
 }
 
+/// The contexts of one forward pass: full-attention layers read `full`, sliding-window layers
+/// `sliding` (present only when the model has sliding layers).
+#[derive(Debug, Clone)]
+pub struct ForwardContext {
+    pub full: AttentionContext,
+    pub sliding: Option<AttentionContext>,
+}
+
+impl ForwardContext {
+    fn for_layer(&self, sliding: bool) -> &AttentionContext {
+        match (&self.sliding, sliding) {
+            (Some(ctx), true) => ctx,
+            _ => &self.full,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Attention {
     q_proj: AdaptableLinear,
     k_proj: AdaptableLinear,
     v_proj: AdaptableLinear,
     o_proj: AdaptableLinear,
+    /// Per-head RMSNorm on queries and keys before RoPE (Qwen3, Gemma 3).
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
     n_heads: usize,
     n_kv: usize,
     head_dim: usize,
+    scale: f64,
+    softcap: Option<f64>,
 }
 
 impl Attention {
     fn new(cfg: &LlamaConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let (h, hd) = (cfg.hidden_size, cfg.head_dim());
         let (nh, nkv) = (cfg.num_attention_heads, cfg.num_kv_heads());
+        let (q_norm, k_norm) = if cfg.family().qk_norm() {
+            (
+                Some(RmsNorm::new(hd, cfg, vb.pp("q_norm"))?),
+                Some(RmsNorm::new(hd, cfg, vb.pp("k_norm"))?),
+            )
+        } else {
+            (None, None)
+        };
         Ok(Self {
             q_proj: linear(h, nh * hd, cfg.qkv_bias(), cfg, vb.pp("q_proj"))?.into(),
             k_proj: linear(h, nkv * hd, cfg.qkv_bias(), cfg, vb.pp("k_proj"))?.into(),
             v_proj: linear(h, nkv * hd, cfg.qkv_bias(), cfg, vb.pp("v_proj"))?.into(),
             o_proj: linear(nh * hd, h, cfg.o_bias(), cfg, vb.pp("o_proj"))?.into(),
+            q_norm,
+            k_norm,
             n_heads: nh,
             n_kv: nkv,
             head_dim: hd,
+            scale: cfg.attention_scale(),
+            softcap: cfg.attention_softcap(),
         })
     }
 
@@ -456,18 +725,25 @@ impl Attention {
         ctx: &AttentionContext,
     ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let (b, t, _) = x.dims3()?;
-        let split = |y: Tensor, heads: usize| -> candle_core::Result<Tensor> {
-            y.reshape((b, t, heads, self.head_dim))?.transpose(1, 2)
-        };
-        let q = split(self.q_proj.forward(x)?, self.n_heads)?;
-        let k = split(self.k_proj.forward(x)?, self.n_kv)?;
-        let v = split(self.v_proj.forward(x)?, self.n_kv)?.contiguous()?;
+        let split =
+            |y: Tensor, heads: usize, norm: Option<&RmsNorm>| -> candle_core::Result<Tensor> {
+                let y = y.reshape((b, t, heads, self.head_dim))?;
+                let y = match norm {
+                    Some(n) => n.forward(&y)?,
+                    None => y,
+                };
+                y.transpose(1, 2)
+            };
+        let q = split(self.q_proj.forward(x)?, self.n_heads, self.q_norm.as_ref())?;
+        let k = split(self.k_proj.forward(x)?, self.n_kv, self.k_norm.as_ref())?;
+        let v = split(self.v_proj.forward(x)?, self.n_kv, None)?.contiguous()?;
         let q = kernels::apply_rope(&q, &ctx.cos, &ctx.sin)?;
         let k = kernels::apply_rope(&k, &ctx.cos, &ctx.sin)?;
         Ok((q, k, v))
     }
 
-    /// Scaled dot-product attention with grouped KV heads.
+    /// Scaled dot-product attention with grouped KV heads, from candle's ops: the path off the
+    /// CPU and the one for soft-capped logits (no fused kernel caps them).
     ///
     /// Query heads that share a KV head are stacked along the sequence axis
     /// (`[b, kv, rep·t, d]`), so K and V are used as they are instead of being repeated
@@ -482,9 +758,12 @@ impl Attention {
         let (b, _, tq, d) = q.dims4()?;
         let tk = k.dim(2)?;
         let rep = self.n_heads / self.n_kv;
-        let scale = 1.0 / (d as f64).sqrt();
-        let q = (q * scale)?.reshape((b, self.n_kv, rep * tq, d))?;
-        let scores = q.matmul(&k.t()?)?.reshape((b, self.n_heads, tq, tk))?;
+        let q = (q * self.scale)?.reshape((b, self.n_kv, rep * tq, d))?;
+        let mut scores = q.matmul(&k.t()?)?.reshape((b, self.n_heads, tq, tk))?;
+        if let Some(cap) = self.softcap {
+            // Gemma 2: tanh(s / cap) · cap before the mask is added, as transformers does.
+            scores = ((scores / cap)?.tanh()? * cap)?;
+        }
         let probs = kernels::softmax_last_dim(&scores.broadcast_add(bias)?)?;
         let out = probs
             .reshape((b, self.n_kv, rep * tq, tk))?
@@ -502,21 +781,21 @@ impl Attention {
         kv: Option<&mut LayerKv>,
     ) -> candle_core::Result<Tensor> {
         let (q, k, v) = self.qkv(x, ctx)?;
-        if kv.is_none() && kernels::fusable_all(&[&q, &k, &v, &ctx.bias]) {
+        let fused = self.softcap.is_none();
+        if kv.is_none() && fused && kernels::fusable_all(&[&q, &k, &v, &ctx.bias]) {
             // Training and scoring (no cache): the fused op, one pass with its own backward.
-            let scale = 1.0 / (self.head_dim as f32).sqrt();
-            let out = kernels::causal_attention(&q, &k, &v, &ctx.bias, scale)?;
+            let out = kernels::causal_attention(&q, &k, &v, &ctx.bias, self.scale as f32)?;
             return self.o_proj.forward(&out);
         }
         let out = match kv {
             None => self.attend(&q, &k, &v, &ctx.bias)?,
             Some(slot) => {
                 let buf = KvBuffer::append(slot, &k.contiguous()?, &v.contiguous()?)?;
-                if kernels::fusable_all(&[&q, &buf.k, &buf.v, &ctx.bias]) {
+                if fused && kernels::fusable_all(&[&q, &buf.k, &buf.v, &ctx.bias]) {
                     let op = kernels::CachedAttention {
                         heads: self.n_heads,
                         len: buf.len,
-                        scale: (1.0 / (self.head_dim as f64).sqrt()) as f32,
+                        scale: self.scale as f32,
                         bias: ctx.bias.flatten_all()?.to_vec1::<f32>()?,
                     };
                     q.contiguous()?.apply_op3_no_bwd(&buf.k, &buf.v, &op)?
@@ -530,44 +809,79 @@ impl Attention {
     }
 }
 
+/// Gemma's extra norms around the feed-forward (its `post_attention_layernorm` then normalises
+/// the attention output instead of the feed-forward input).
+#[derive(Debug, Clone)]
+struct SandwichNorms {
+    pre_feedforward_layernorm: RmsNorm,
+    post_feedforward_layernorm: RmsNorm,
+}
+
 #[derive(Debug, Clone)]
 struct DecoderLayer {
     input_layernorm: RmsNorm,
     self_attn: Attention,
     post_attention_layernorm: RmsNorm,
     mlp: Mlp,
+    sandwich: Option<SandwichNorms>,
+    /// Attends through the sliding window (and, in Gemma 3, with the local RoPE).
+    sliding: bool,
 }
 
 impl DecoderLayer {
-    fn new(cfg: &LlamaConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+    fn new(cfg: &LlamaConfig, index: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+        let h = cfg.hidden_size;
+        let sandwich = if cfg.family().sandwich_norms() {
+            Some(SandwichNorms {
+                pre_feedforward_layernorm: RmsNorm::new(
+                    h,
+                    cfg,
+                    vb.pp("pre_feedforward_layernorm"),
+                )?,
+                post_feedforward_layernorm: RmsNorm::new(
+                    h,
+                    cfg,
+                    vb.pp("post_feedforward_layernorm"),
+                )?,
+            })
+        } else {
+            None
+        };
         Ok(Self {
-            input_layernorm: RmsNorm::new(
-                cfg.hidden_size,
-                cfg.rms_norm_eps,
-                vb.pp("input_layernorm"),
-            )?,
+            input_layernorm: RmsNorm::new(h, cfg, vb.pp("input_layernorm"))?,
             self_attn: Attention::new(cfg, vb.pp("self_attn"))?,
-            post_attention_layernorm: RmsNorm::new(
-                cfg.hidden_size,
-                cfg.rms_norm_eps,
-                vb.pp("post_attention_layernorm"),
-            )?,
+            post_attention_layernorm: RmsNorm::new(h, cfg, vb.pp("post_attention_layernorm"))?,
             mlp: Mlp::new(cfg, vb.pp("mlp"))?,
+            sandwich,
+            sliding: cfg.layer_is_sliding(index),
         })
     }
 
     fn forward(
         &self,
         x: &Tensor,
-        ctx: &AttentionContext,
+        ctx: &ForwardContext,
         kv: Option<&mut LayerKv>,
     ) -> candle_core::Result<Tensor> {
-        let h = (x + self
+        let ctx = ctx.for_layer(self.sliding);
+        let attn = self
             .self_attn
-            .forward(&self.input_layernorm.forward(x)?, ctx, kv)?)?;
-        &h + self
-            .mlp
-            .forward(&self.post_attention_layernorm.forward(&h)?)?
+            .forward(&self.input_layernorm.forward(x)?, ctx, kv)?;
+        match &self.sandwich {
+            None => {
+                let h = (x + attn)?;
+                &h + self
+                    .mlp
+                    .forward(&self.post_attention_layernorm.forward(&h)?)?
+            }
+            Some(n) => {
+                let h = (x + self.post_attention_layernorm.forward(&attn)?)?;
+                let ff = self
+                    .mlp
+                    .forward(&n.pre_feedforward_layernorm.forward(&h)?)?;
+                &h + n.post_feedforward_layernorm.forward(&ff)?
+            }
+        }
     }
 }
 
@@ -580,9 +894,13 @@ fn mask_rows(mask: &Tensor) -> candle_core::Result<Vec<Vec<u32>>> {
 #[derive(Debug, Clone)]
 pub struct LlamaModel {
     embed_tokens: Embedding,
+    /// √hidden for Gemma (rounded to f32 as transformers' buffer is), else none.
+    embed_scale: Option<f64>,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
-    inv_freq: Vec<f64>,
+    rope_full: Rope,
+    /// The sliding layers' rotary embedding and window, when any layer slides.
+    sliding: Option<(Rope, usize)>,
     cfg: LlamaConfig,
 }
 
@@ -595,13 +913,24 @@ impl LlamaModel {
             weight_init(cfg),
         )?;
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| DecoderLayer::new(cfg, vb.pp(format!("layers.{i}"))))
+            .map(|i| DecoderLayer::new(cfg, i, vb.pp(format!("layers.{i}"))))
             .collect::<candle_core::Result<Vec<_>>>()?;
+        let rope = |sliding| cfg.rope(sliding).map_err(candle_core::Error::wrap);
+        let sliding = match cfg.sliding_window() {
+            Some(w) if layers.iter().any(|l| l.sliding) => Some((rope(true)?, w)),
+            _ => None,
+        };
+        let embed_scale = cfg
+            .family()
+            .scales_embedding()
+            .then(|| f64::from((cfg.hidden_size as f64).sqrt() as f32));
         Ok(Self {
             embed_tokens: Embedding::new(emb, cfg.hidden_size),
+            embed_scale,
             layers,
-            norm: RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("norm"))?,
-            inv_freq: ops::rope_inv_freq(cfg.head_dim(), cfg.rope_theta()),
+            norm: RmsNorm::new(cfg.hidden_size, cfg, vb.pp("norm"))?,
+            rope_full: rope(false)?,
+            sliding,
             cfg: cfg.clone(),
         })
     }
@@ -615,22 +944,65 @@ impl LlamaModel {
         self.embed_tokens.embeddings()
     }
 
-    /// Rotary tables and attention mask for `q_len` new tokens after `offset` cached ones.
+    fn embed(&self, input_ids: &Tensor) -> candle_core::Result<Tensor> {
+        let x = self.embed_tokens.forward(input_ids)?;
+        match self.embed_scale {
+            Some(s) => x * s,
+            None => Ok(x),
+        }
+    }
+
+    /// Rotary tables and attention masks for `q_len` new tokens after `offset` cached ones.
     /// `mask` rows span `offset + q_len` columns.
     pub fn attention_context(
         &self,
         mask: &[Vec<u32>],
         offset: usize,
         device: &Device,
-    ) -> candle_core::Result<AttentionContext> {
+    ) -> candle_core::Result<ForwardContext> {
         let k_len = mask.first().map_or(0, Vec::len);
         if k_len < offset {
             candle_core::bail!("attention mask has {k_len} columns, fewer than offset {offset}");
         }
         let positions = ops::positions_from_mask(mask, offset);
-        let (cos, sin) = ops::rope_tables(&positions, &self.inv_freq, device)?;
-        let bias = ops::attention_bias(mask, k_len - offset, device)?;
-        Ok(AttentionContext { cos, sin, bias })
+        // Length-dependent scalings (dynamic, longrope) follow the largest position of this
+        // call, as transformers' `dynamic_rope_update` does.
+        let seq_len = positions
+            .iter()
+            .flatten()
+            .max()
+            .map_or(0, |&p| p as usize + 1);
+        let tables = |rope: &Rope| {
+            ops::rope_tables_scaled(
+                &positions,
+                &rope.inv_freq_for(seq_len),
+                rope.attention_scaling(),
+                device,
+            )
+        };
+        let q_len = k_len - offset;
+        let (cos, sin) = tables(&self.rope_full)?;
+        let full = AttentionContext {
+            cos,
+            sin,
+            bias: ops::attention_bias(mask, q_len, device)?,
+        };
+        let sliding = match &self.sliding {
+            None => None,
+            Some((rope, window)) => {
+                let (cos, sin) = if rope == &self.rope_full {
+                    (full.cos.clone(), full.sin.clone())
+                } else {
+                    tables(rope)?
+                };
+                Some(AttentionContext {
+                    cos,
+                    sin,
+                    bias: ops::sliding_attention_bias(mask, q_len, *window, device)?,
+                })
+            }
+        };
+        Ok(ForwardContext { full, sliding })
     }
 
     /// Final hidden states `[batch, seq, hidden]` for `input_ids` `[batch, seq]`.
@@ -673,7 +1045,7 @@ impl LlamaModel {
             );
         }
         let ctx = self.attention_context(&mask, offset, input_ids.device())?;
-        let mut x = self.embed_tokens.forward(input_ids)?;
+        let mut x = self.embed(input_ids)?;
         for layer in &self.layers {
             x = layer.forward(&x, &ctx, None)?;
         }
@@ -709,7 +1081,7 @@ impl LlamaModel {
             );
         }
         let ctx = self.attention_context(mask, offset, input_ids.device())?;
-        let mut x = self.embed_tokens.forward(input_ids)?;
+        let mut x = self.embed(input_ids)?;
         for (layer, kv) in self.layers.iter().zip(cache.iter_mut()) {
             x = layer.forward(&x, &ctx, Some(kv))?;
         }
@@ -821,6 +1193,8 @@ impl KvBuffer {
 pub struct LlamaForCausalLM {
     model: LlamaModel,
     lm_head: Tensor,
+    /// Gemma's `final_logit_softcapping`: logits become `tanh(z / cap) · cap`.
+    final_softcap: Option<f64>,
 }
 
 /// Rows of the LM head processed together by the fused log-prob op: 256 × 49152 floats is
@@ -841,7 +1215,11 @@ impl LlamaForCausalLM {
                 weight_init(cfg),
             )?
         };
-        Ok(Self { model, lm_head })
+        Ok(Self {
+            model,
+            lm_head,
+            final_softcap: cfg.final_logit_softcap(),
+        })
     }
 
     pub fn model(&self) -> &LlamaModel {
@@ -871,9 +1249,18 @@ impl LlamaForCausalLM {
     ) -> candle_core::Result<Tensor> {
         let h = self.model.forward(input_ids, attention_mask)?;
         let (b, t, d) = h.dims3()?;
-        h.reshape((b * t, d))?
-            .matmul(&self.lm_head.t()?)?
+        self.head_logits(&h.reshape((b * t, d))?)?
             .reshape((b, t, ()))
+    }
+
+    /// Logits `[rows, vocab]` of final hidden states `[rows, hidden]`: the LM head, then the
+    /// family's final soft-capping when it has one.
+    pub fn head_logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
+        let logits = kernels::matmul_t(&hidden.contiguous()?, &self.lm_head)?;
+        match self.final_softcap {
+            Some(cap) => (logits / cap)?.tanh()? * cap,
+            None => Ok(logits),
+        }
     }
 
     /// Per-token log-probabilities `[batch, seq]`: entry `(i, t)` is
@@ -895,13 +1282,17 @@ impl LlamaForCausalLM {
             .map(|flat| flat.reshape((b, t)))?
     }
 
-    /// The entropy `-Σ p·log p` of the next-token distribution at every position of `hidden`
-    /// (`[batch, seq, hidden]` → `[batch, seq]`), with its graph (GRPO's entropy bonus trains on
-    /// it). Unlike [`Self::token_logprobs_from_hidden`] this materialises the positions' full
-    /// logits, so callers ask for it only when a loss needs it.
-    pub fn token_entropies_from_hidden(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
+    /// The entropy `-Σ p·log p` of the next-token distribution `softmax(logits / temperature)`
+    /// at every position of `hidden` (`[batch, seq, hidden]` → `[batch, seq]`), with its graph
+    /// (GRPO's entropy bonus trains on it). Unlike [`Self::token_logprobs_from_hidden`] this
+    /// materialises the positions' full logits, so callers ask for it only when a loss needs it.
+    pub fn token_entropies_from_hidden(
+        &self,
+        hidden: &Tensor,
+        temperature: f64,
+    ) -> candle_core::Result<Tensor> {
         let (b, t, d) = hidden.dims3()?;
-        let logits = hidden.reshape((b * t, d))?.matmul(&self.lm_head.t()?)?;
+        let logits = (self.head_logits(&hidden.reshape((b * t, d))?)? / temperature)?;
         let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
         (logp.exp()? * &logp)?
             .sum(D::Minus1)?
@@ -915,6 +1306,18 @@ impl LlamaForCausalLM {
         hidden: &Tensor,
         input_ids: &Tensor,
         target_mask: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        self.token_logprobs_from_hidden_at(hidden, input_ids, target_mask, 1.0)
+    }
+
+    /// [`Self::token_logprobs_from_hidden`] under `softmax(logits / temperature)` (how PPO
+    /// scores its rollouts). The temperature divides the logits after any soft-capping.
+    pub fn token_logprobs_from_hidden_at(
+        &self,
+        hidden: &Tensor,
+        input_ids: &Tensor,
+        target_mask: &Tensor,
+        temperature: f64,
     ) -> candle_core::Result<Tensor> {
         let (b, t, d) = hidden.dims3()?;
         let ids = input_ids.to_dtype(DType::U32)?.to_vec2::<u32>()?;
@@ -947,7 +1350,26 @@ impl LlamaForCausalLM {
         let src = Tensor::from_vec(src_rows, targets.len(), dev)?;
         let dst = Tensor::from_vec(dst_rows, targets.len(), dev)?;
         let picked = hidden.reshape((b * t, d))?.index_select(&src, 0)?;
-        let logp = kernels::lm_head_logprobs(&picked, &self.lm_head, &targets, LOGPROB_CHUNK)?;
+        let logp = match self.final_softcap {
+            None => {
+                // Without capping, dividing the hidden states divides the logits (cheaper).
+                let picked = if temperature == 1.0 {
+                    picked
+                } else {
+                    (picked / temperature)?
+                };
+                kernels::lm_head_logprobs(&picked, &self.lm_head, &targets, LOGPROB_CHUNK)?
+            }
+            // The fused op has no soft-capping: candle's ops, chunk by chunk.
+            Some(cap) => kernels::reference::lm_head_logprobs_capped(
+                &picked,
+                &self.lm_head,
+                &targets,
+                LOGPROB_CHUNK,
+                Some(cap),
+                temperature,
+            )?,
+        };
         zeros.index_add(&dst, &logp, 0)
     }
 
@@ -1196,10 +1618,10 @@ pub enum Architecture {
 impl Architecture {
     /// The transformers class name (`LlamaForCausalLM`, `Qwen2ForSequenceClassification`, …).
     pub fn class_name(self, cfg: &LlamaConfig) -> String {
-        let family = if cfg.is_qwen2() { "Qwen2" } else { "Llama" };
+        let family = cfg.family();
         match self {
-            Architecture::CausalLm => format!("{family}ForCausalLM"),
-            Architecture::SequenceClassification => format!("{family}ForSequenceClassification"),
+            Architecture::CausalLm => family.causal_lm_class(),
+            Architecture::SequenceClassification => family.classifier_class(),
         }
     }
 }

@@ -1,6 +1,6 @@
 //! Differentiable compositions for the trainable models (no custom ops: those, with their
 //! backward passes, live in `crate::kernels`): RoPE tables, position ids and attention biases
-//! from padding masks, masked row sums.
+//! (causal, and sliding-window) from padding masks, masked row sums.
 //!
 //! candle's fused kernels (`candle_nn::ops::rms_norm`, `softmax_last_dim`, the `rope*` family,
 //! `sdpa`) have no backward pass: gradients stop there silently (GUIDE §4), so the models use
@@ -31,6 +31,18 @@ pub fn rope_tables(
     inv_freq: &[f64],
     device: &Device,
 ) -> Result<(Tensor, Tensor)> {
+    rope_tables_scaled(positions, inv_freq, 1.0, device)
+}
+
+/// [`rope_tables`] with both tables multiplied by `attention_scaling` (YaRN's and LongRoPE's
+/// attention factor; transformers multiplies the f32 tables by it).
+pub fn rope_tables_scaled(
+    positions: &[Vec<u32>],
+    inv_freq: &[f64],
+    attention_scaling: f64,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let scale = attention_scaling as f32;
     let batch = positions.len();
     let seq = positions.first().map_or(0, Vec::len);
     let half = inv_freq.len();
@@ -47,8 +59,8 @@ pub fn rope_tables(
                 for &f in inv_freq {
                     // HF computes the angle in f32; doing it in f64 and rounding differs by < 1 ulp.
                     let angle = (p as f64 * f) as f32;
-                    cos.push(angle.cos());
-                    sin.push(angle.sin());
+                    cos.push(angle.cos() * scale);
+                    sin.push(angle.sin() * scale);
                 }
             }
         }
@@ -82,6 +94,27 @@ pub fn positions_from_mask(mask: &[Vec<u32>], offset: usize) -> Vec<Vec<u32>> {
 ///
 /// `mask` rows have `k_len = offset + q_len` entries (past plus current tokens).
 pub fn attention_bias(mask: &[Vec<u32>], q_len: usize, device: &Device) -> Result<Tensor> {
+    windowed_bias(mask, q_len, None, device)
+}
+
+/// [`attention_bias`] for a sliding-window layer: query column `c` also may not see keys at
+/// columns `c - window` or earlier (transformers' `kv_idx > q_idx - sliding_window`, on mask
+/// columns, so padding counts as it does there).
+pub fn sliding_attention_bias(
+    mask: &[Vec<u32>],
+    q_len: usize,
+    window: usize,
+    device: &Device,
+) -> Result<Tensor> {
+    windowed_bias(mask, q_len, Some(window), device)
+}
+
+fn windowed_bias(
+    mask: &[Vec<u32>],
+    q_len: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> Result<Tensor> {
     let batch = mask.len();
     let k_len = mask.first().map_or(0, Vec::len);
     if k_len < q_len {
@@ -98,7 +131,8 @@ pub fn attention_bias(mask: &[Vec<u32>], q_len: usize, device: &Device) -> Resul
         }
         for i in 0..q_len {
             let base = (b * q_len + i) * k_len;
-            for (j, &m) in row.iter().enumerate().take(offset + i + 1) {
+            let first = window.map_or(0, |w| (offset + i + 1).saturating_sub(w));
+            for (j, &m) in row.iter().enumerate().take(offset + i + 1).skip(first) {
                 if m != 0 {
                     bias[base + j] = 0.0;
                 }

@@ -684,7 +684,8 @@ impl Policy {
             Some(l) => {
                 // Only the adapter variables (a PPO value head stays out of the adapter).
                 l.save_peft(&out.join("adapter"), &self.varmap)?;
-                self.config.save(out, "LlamaForCausalLM")?;
+                self.config
+                    .save(out, &Architecture::CausalLm.class_name(&self.config))?;
             }
             None => {
                 let vm = VarMap::new();

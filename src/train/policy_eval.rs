@@ -187,7 +187,7 @@ pub fn answer_kl(
             {
                 let idx = Tensor::new(idx, &device)?;
                 let log_probs = |h: &Tensor, m: &LlamaForCausalLM| -> Result<Tensor> {
-                    let logits = h.index_select(&idx, 0)?.matmul(&m.lm_head_weight().t()?)?;
+                    let logits = m.head_logits(&h.index_select(&idx, 0)?)?;
                     Ok(candle_nn::ops::log_softmax(&logits, D::Minus1)?)
                 };
                 let lp = log_probs(&h_model, model)?;

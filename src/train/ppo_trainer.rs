@@ -169,20 +169,20 @@ pub(crate) fn score_rows_with(
         ],
         1,
     )?;
-    let scaled = if temperature > 0.0 && (temperature - 1.0).abs() > f32::EPSILON {
-        (&hidden / f64::from(temperature))?
+    let temperature = if temperature > 0.0 {
+        f64::from(temperature)
     } else {
-        hidden.clone()
+        1.0
     };
     let logprobs = model
-        .token_logprobs_from_hidden(&scaled, &ids, &tgt)?
+        .token_logprobs_from_hidden_at(&hidden, &ids, &tgt, temperature)?
         .reshape((b, w))?
         .narrow(1, r.p, r.t)?
         .contiguous()?;
     // Position p - 1 + j predicts answer token j.
     let entropies = if entropies {
-        let at = scaled.narrow(1, r.p - 1, r.t)?.contiguous()?;
-        Some(model.token_entropies_from_hidden(&at)?)
+        let at = hidden.narrow(1, r.p - 1, r.t)?.contiguous()?;
+        Some(model.token_entropies_from_hidden(&at, temperature)?)
     } else {
         None
     };

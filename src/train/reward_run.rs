@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::dataset::{DatasetOptions, Examples, load_preference_jsonl, render_plain_prompt};
+use crate::model::family::SUPPORTED_MODEL_TYPES;
 use crate::model::llama::ExtraHeads;
 use crate::model::tokenizer::Tokenizer;
 use crate::run::outputs::{self, DatasetInfo, RewardEval, RewardMetrics, TrainStats};
@@ -416,7 +417,7 @@ pub fn load_backbone_with_heads(
             })?;
             let tok = tokenizer_from_bytes(&tok_json)?;
             match kind.as_str() {
-                "llama" | "qwen2" | "mistral" => {
+                t if SUPPORTED_MODEL_TYPES.contains(&t) => {
                     let model = LlamaReward::load_with_heads(dir, &tok, heads, seed, device)?;
                     Ok((AnyReward::Llama(model), tok, tok_json))
                 }
@@ -425,7 +426,7 @@ pub fn load_backbone_with_heads(
                     Ok((AnyReward::Bert(model), tok, tok_json))
                 }
                 other => bail!(
-                    "model type {other:?} in {} is not supported for reward training\nhint: use a llama-family or BERT model",
+                    "model type {other:?} in {} is not supported for reward training\nhint: use a BERT model or one of the decoder families {SUPPORTED_MODEL_TYPES:?}",
                     dir.join("config.json").display()
                 ),
             }

@@ -9,6 +9,7 @@ use anyhow::{Context, Result, bail};
 use candle_core::{D, Device, Tensor};
 
 use crate::model::bert::BertRewardModel;
+use crate::model::family::SUPPORTED_MODEL_TYPES;
 use crate::model::llama::LlamaForSequenceClassification;
 use crate::model::tokenizer::Tokenizer;
 
@@ -53,7 +54,11 @@ impl RewardScorer {
                 Box::new(BertRewardModel::load(dir, &[], device)?),
                 device.clone(),
             )),
-            Some("llama" | "qwen2") | None => {
+            Some(t) if !SUPPORTED_MODEL_TYPES.contains(&t) => bail!(
+                "reward model type {t:?} in {} is not supported\nhint: use a BERT reward model or one of the decoder families {SUPPORTED_MODEL_TYPES:?}",
+                cfg_path.display()
+            ),
+            _ => {
                 let p = LlamaForSequenceClassification::load(dir, Some(1), None, device)?;
                 let tok_path = dir.join("tokenizer.json");
                 let tokenizer = if tok_path.exists() {
@@ -77,10 +82,6 @@ impl RewardScorer {
                     score_weight,
                 })
             }
-            Some(other) => bail!(
-                "reward model type {other:?} in {} is not supported\nhint: use a llama or bert reward model from `train reward`",
-                cfg_path.display()
-            ),
         }
     }
 

@@ -20,6 +20,7 @@ mod evals;
 mod export_lora_gguf;
 mod export_model;
 mod export_reward;
+mod families;
 mod feedback_server;
 mod firstrun;
 mod forge_behaviour;

@@ -53,7 +53,13 @@ fn ids_of(v: &serde_json::Value) -> Vec<u32> {
 /// convert_hf_to_gguf.py does, tokenizer as tokenizer.ggml.*), so the importer can be tested
 /// without the 100 MB real model.
 pub(crate) fn write_tiny_gguf(path: &Path) {
-    let dir = tiny_policy_dir();
+    write_hf_as_gguf(&tiny_policy_dir(), "llama", "smollm", path);
+}
+
+/// Writes the HF directory `dir` as llama.cpp's converter would for `arch` (llama, qwen2,
+/// qwen3): its names, Q/K rows permuted for `llama` only, hyper-parameters under `arch.`, the
+/// tokenizer as `tokenizer.ggml.*` with pre-tokenizer `pre`.
+pub(crate) fn write_hf_as_gguf(dir: &Path, arch: &str, pre: &str, path: &Path) {
     let tensors =
         candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
     let cfg: serde_json::Value =
@@ -77,12 +83,14 @@ pub(crate) fn write_tiny_gguf(path: &Path) {
             .replace("self_attn.k_proj", "attn_k")
             .replace("self_attn.v_proj", "attn_v")
             .replace("self_attn.o_proj", "attn_output")
+            .replace("self_attn.q_norm", "attn_q_norm")
+            .replace("self_attn.k_norm", "attn_k_norm")
             .replace("mlp.gate_proj", "ffn_gate")
             .replace("mlp.up_proj", "ffn_up")
             .replace("mlp.down_proj", "ffn_down");
-        let t = if name.contains("q_proj") {
+        let t = if arch == "llama" && name.contains("q_proj") {
             gguf::permute_qk(t, n_head).unwrap()
-        } else if name.contains("k_proj") {
+        } else if arch == "llama" && name.contains("k_proj") {
             gguf::permute_qk(t, n_kv).unwrap()
         } else {
             t.clone()
@@ -117,35 +125,47 @@ pub(crate) fn write_tiny_gguf(path: &Path) {
         })
         .collect();
     let u32v = |k: &str| GValue::U32(cfg[k].as_u64().unwrap() as u32);
-    let template = std::fs::read_to_string(dir.join("chat_template.jinja")).unwrap();
-    let md: Vec<(&str, GValue)> = vec![
-        ("general.architecture", GValue::String("llama".into())),
-        ("llama.block_count", u32v("num_hidden_layers")),
-        ("llama.context_length", u32v("max_position_embeddings")),
-        ("llama.embedding_length", u32v("hidden_size")),
-        ("llama.feed_forward_length", u32v("intermediate_size")),
-        ("llama.attention.head_count", u32v("num_attention_heads")),
-        ("llama.attention.head_count_kv", u32v("num_key_value_heads")),
-        ("llama.rope.freq_base", GValue::F32(10000.0)),
-        ("llama.attention.layer_norm_rms_epsilon", GValue::F32(1e-5)),
-        ("llama.vocab_size", u32v("vocab_size")),
-        ("llama.rope.dimension_count", u32v("head_dim")),
-        ("tokenizer.ggml.model", GValue::String("gpt2".into())),
-        ("tokenizer.ggml.pre", GValue::String("smollm".into())),
+    let theta = cfg["rope_parameters"]["rope_theta"]
+        .as_f64()
+        .unwrap_or(10000.0);
+    let key = |k: &str| format!("{arch}.{k}");
+    let mut md: Vec<(String, GValue)> = vec![
+        ("general.architecture".into(), GValue::String(arch.into())),
+        (key("block_count"), u32v("num_hidden_layers")),
+        (key("context_length"), u32v("max_position_embeddings")),
+        (key("embedding_length"), u32v("hidden_size")),
+        (key("feed_forward_length"), u32v("intermediate_size")),
+        (key("attention.head_count"), u32v("num_attention_heads")),
+        (key("attention.head_count_kv"), u32v("num_key_value_heads")),
+        (key("attention.key_length"), u32v("head_dim")),
+        (key("rope.freq_base"), GValue::F32(theta as f32)),
         (
-            "tokenizer.ggml.tokens",
+            key("attention.layer_norm_rms_epsilon"),
+            GValue::F32(cfg["rms_norm_eps"].as_f64().unwrap() as f32),
+        ),
+        (key("vocab_size"), u32v("vocab_size")),
+        (key("rope.dimension_count"), u32v("head_dim")),
+        ("tokenizer.ggml.model".into(), GValue::String("gpt2".into())),
+        ("tokenizer.ggml.pre".into(), GValue::String(pre.into())),
+        (
+            "tokenizer.ggml.tokens".into(),
             GValue::Array(tokens.into_iter().map(GValue::String).collect()),
         ),
-        ("tokenizer.ggml.token_type", GValue::Array(types)),
-        ("tokenizer.ggml.merges", GValue::Array(merges)),
-        ("tokenizer.ggml.bos_token_id", GValue::U32(1)),
-        ("tokenizer.ggml.eos_token_id", GValue::U32(2)),
-        ("tokenizer.ggml.unknown_token_id", GValue::U32(0)),
-        ("tokenizer.ggml.padding_token_id", GValue::U32(2)),
-        ("tokenizer.ggml.add_bos_token", GValue::Bool(false)),
-        ("tokenizer.chat_template", GValue::String(template)),
+        ("tokenizer.ggml.token_type".into(), GValue::Array(types)),
+        ("tokenizer.ggml.merges".into(), GValue::Array(merges)),
+        ("tokenizer.ggml.bos_token_id".into(), u32v("bos_token_id")),
+        ("tokenizer.ggml.eos_token_id".into(), u32v("eos_token_id")),
+        ("tokenizer.ggml.unknown_token_id".into(), GValue::U32(0)),
+        (
+            "tokenizer.ggml.padding_token_id".into(),
+            u32v("pad_token_id"),
+        ),
+        ("tokenizer.ggml.add_bos_token".into(), GValue::Bool(false)),
     ];
-    let md_refs: Vec<(&str, &GValue)> = md.iter().map(|(k, v)| (*k, v)).collect();
+    if let Ok(template) = std::fs::read_to_string(dir.join("chat_template.jinja")) {
+        md.push(("tokenizer.chat_template".into(), GValue::String(template)));
+    }
+    let md_refs: Vec<(&str, &GValue)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let t_refs: Vec<(&str, &QTensor)> = q.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let mut f = std::fs::File::create(path).unwrap();
     gguf_file::write(&mut f, &md_refs, &t_refs).unwrap();
