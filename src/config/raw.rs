@@ -95,6 +95,8 @@ pub struct RawReward {
     pub lr: Option<f64>,
     /// `cpu` or `cuda` (a binary built with `--features cuda`).
     pub device: Option<String>,
+    /// The CPU's big matrix products: `f32` (default), `bf16` or `auto` (docs/reward-training.md).
+    pub precision: Option<String>,
     /// Weight of each kind of feedback in the reward loss (docs/reward-training.md).
     #[serde(default)]
     pub loss_weights: RawLossWeights,
