@@ -10,18 +10,17 @@ use rlhf_bot::model::bert::{BertConfig, BertRewardModel, LoadedTokenizer, Reward
 use rlhf_bot::run::outputs::{RewardMetrics, read_log, read_metrics};
 
 use crate::common::{Workspace, bin, repo, stderr};
+use crate::trainer::{pairs_jsonl, toy_pairs};
 
-/// A seeded two-layer BERT reward model (hidden 32) with the fixture tokenizer, saved to `dir`.
+/// A seeded two-layer BERT reward model (bert.rs's tiny config, positions for 48 tokens, no
+/// dropout) with the fixture tokenizer, saved to `dir`.
 fn tiny_bert_reward_model(dir: &Path) {
-    let mut cfg = BertConfig::minilm_l6();
-    cfg.vocab_size = 41; // the fixture tokenizer's vocabulary
-    cfg.hidden_size = 32;
-    cfg.num_hidden_layers = 2;
-    cfg.num_attention_heads = 4;
-    cfg.intermediate_size = 64;
-    cfg.max_position_embeddings = 64;
-    cfg.hidden_dropout_prob = 0.0;
-    cfg.attention_probs_dropout_prob = 0.0;
+    let cfg = BertConfig {
+        max_position_embeddings: 64,
+        hidden_dropout_prob: 0.0,
+        attention_probs_dropout_prob: 0.0,
+        ..crate::bert::tiny_config()
+    };
     let mut model =
         BertRewardModel::new_seeded(&cfg, RewardHeadConfig::default(), &Device::Cpu, 7).unwrap();
     model.set_tokenizer(
@@ -74,20 +73,10 @@ fn bf16_reward_training_tracks_f32() {
     let ws = Workspace::new();
     let model = ws.path().join("tiny-bert");
     tiny_bert_reward_model(&model);
-    let pairs = crate::trainer::toy_pairs(16);
-    let jsonl = |pairs: &[rlhf_bot::train::batching::PairText]| -> String {
-        pairs
-            .iter()
-            .map(|p| {
-                serde_json::json!({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected})
-                    .to_string()
-                    + "\n"
-            })
-            .collect()
-    };
+    let pairs = toy_pairs(16);
     let (train, eval) = (ws.path().join("train.jsonl"), ws.path().join("eval.jsonl"));
-    std::fs::write(&train, jsonl(&pairs[..12])).unwrap();
-    std::fs::write(&eval, jsonl(&pairs[12..])).unwrap();
+    std::fs::write(&train, pairs_jsonl(&pairs[..12])).unwrap();
+    std::fs::write(&eval, pairs_jsonl(&pairs[12..])).unwrap();
 
     let f32_run = train_at(&ws, &model, (&train, &eval), "f32");
     let bf16_run = train_at(&ws, &model, (&train, &eval), "bf16");
