@@ -140,7 +140,7 @@ done
 echo "## bench-compare ($(date -u +%Y-%m-%dT%H:%MZ), $ROUNDS rounds, $THREADS threads)"
 echo
 echo "CPU: $(lscpu | sed -n 's/^Model name: *//p')"
-echo "Flags: $(lscpu | sed -n 's/^Flags: *//p' | tr ' ' '\n' | grep -E '^(avx|avx2|fma|avx512[a-z_]*|amx[a-z_]*)$' | tr '\n' ' ')"
+echo "Flags: $(lscpu | sed -n 's/^Flags: *//p' | tr ' ' '\n' | grep -E '^(avx|avx2|fma|avx512[a-z_0-9]*|amx[a-z_0-9]*)$' | tr '\n' ' ')"
 echo
 "$VENV/bin/python" - "$RESULTS" <<'EOF'
 import collections, statistics, sys
