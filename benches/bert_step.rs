@@ -9,6 +9,7 @@
 //! Run: `cargo bench --bench bert_step`. Knobs (environment):
 //!   BENCH_THREADS (2), BENCH_STEPS (6), BENCH_WARMUP (2), BENCH_BATCH (16), BENCH_SEQ (128),
 //!   BENCH_KERNELS=fused|reference, BENCH_OPT=fused|candle, BENCH_MALLOC=tuned|default,
+//!   BENCH_PRECISION=f32|bf16|auto (f32: the big CPU products' precision, as `reward.precision`),
 //!   DEVICE=cpu|cuda (cpu). The fused kernels and optimiser are CPU-only, so on CUDA the
 //!   defaults are `reference` and `candle`; step times there are taken after a device
 //!   synchronise, since CUDA kernels launch asynchronously.
@@ -18,6 +19,7 @@ use std::time::Instant;
 use anyhow::Context;
 use candle_core::backprop::GradStore;
 use candle_nn::{Optimizer, ParamsAdamW};
+use rlhf_bot::kernels::precision::{PrecisionChoice, set_precision};
 use rlhf_bot::kernels::{init_compute_threads, tune_allocator};
 use rlhf_bot::model::bert::{BertConfig, BertRewardModel, EncodedBatch, Kernels, RewardHeadConfig};
 use rlhf_bot::train::device::DeviceChoice;
@@ -65,6 +67,10 @@ fn main() -> anyhow::Result<()> {
         other => anyhow::bail!("BENCH_KERNELS={other:?}\nhint: fused or reference"),
     };
     let opt_kind = env_or("BENCH_OPT", default_opt);
+    let precision = env_or("BENCH_PRECISION", "f32")
+        .parse::<PrecisionChoice>()?
+        .resolve("BENCH_PRECISION")?;
+    set_precision(precision);
     // As the binary runs: subnormals flushed on every compute thread.
     init_compute_threads(Some(threads)).context("configuring rayon's global pool")?;
 
@@ -117,7 +123,8 @@ fn main() -> anyhow::Result<()> {
 
     println!(
         "bert_step: {} layers, d {}, ffn {}, heads {}, vocab {}, {} params; batch {b} x {t}; \
-         device {device}; threads {threads}; kernels {kernels:?}; optimiser {opt_kind}; allocator {}",
+         device {device}; threads {threads}; kernels {kernels:?}; precision {precision}; optimiser \
+         {opt_kind}; allocator {}",
         cfg.num_hidden_layers,
         cfg.hidden_size,
         cfg.intermediate_size,

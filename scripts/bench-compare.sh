@@ -3,10 +3,13 @@
 # rounds (default 3), printing the ratio of the medians. Machines differ from one day to the next
 # (AVX2-only one day, AVX-512 + AMX the next), so only these side-by-side ratios mean anything.
 #
-#   scripts/bench-compare.sh [bert] [dpo] [generate] [reward-e2e] [pull]     (default: all)
+#   scripts/bench-compare.sh [bert] [bert-bf16] [dpo] [generate] [reward-e2e] [pull]
+#   (default: all but bert-bf16, which needs a CPU with AVX512_BF16)
 #
 # Cases:
 #   bert        MiniLM reward step, 16 x 128 (cargo bench --bench bert_step | bench-pytorch.py bert)
+#   bert-bf16   the same step with bf16 matmul inputs and f32 accumulation (BENCH_PRECISION=bf16)
+#               beside PyTorch in f32 and under torch.autocast("cpu", dtype=torch.bfloat16)
 #   dpo         tiny-Llama DPO step, 8+8 x 256 (dpo_step | bench-pytorch.py dpo)
 #   generate    SmolLM2-135M greedy generation, batch 1 and 8 (generate | transformers)
 #   reward-e2e  `rlhf-bot train reward` vs TRL's RewardTrainer: all-MiniLM-L6-v2, 2,000 HH-RLHF
@@ -94,6 +97,13 @@ run_case() {
       record bert ours "$(after "$log.ours" 'median')" s
       "$VENV/bin/python" scripts/bench-pytorch.py bert > "$log.theirs" 2>&1
       record bert pytorch "$(after "$log.theirs" 'median')" s ;;
+    bert-bf16)
+      BENCH_STEPS=6 BENCH_PRECISION=bf16 "$(bench_bin bert_step)" > "$log.ours" 2>&1
+      record bert-bf16 ours "$(after "$log.ours" 'median')" s
+      "$VENV/bin/python" scripts/bench-pytorch.py bert > "$log.theirs" 2>&1
+      record bert-bf16 pytorch-f32 "$(after "$log.theirs" 'median')" s
+      "$VENV/bin/python" scripts/bench-pytorch.py bert-bf16 > "$log.autocast" 2>&1
+      record bert-bf16 pytorch-bf16-autocast "$(after "$log.autocast" 'median')" s ;;
     dpo)
       STEPS=3 "$(bench_bin dpo_step)" > "$log.ours" 2>&1
       record dpo ours "$(after "$log.ours" 'median')" s
@@ -138,7 +148,7 @@ done
 echo "## bench-compare ($(date -u +%Y-%m-%dT%H:%MZ), $ROUNDS rounds, $THREADS threads)"
 echo
 echo "CPU: $(lscpu | sed -n 's/^Model name: *//p')"
-echo "Flags: $(lscpu | sed -n 's/^Flags: *//p' | tr ' ' '\n' | grep -E '^(avx|avx2|fma|avx512[a-z_]*|amx[a-z_]*)$' | tr '\n' ' ')"
+echo "Flags: $(lscpu | sed -n 's/^Flags: *//p' | tr ' ' '\n' | grep -E '^(avx|avx2|fma|avx512[a-z_0-9]*|amx[a-z_0-9]*)$' | tr '\n' ' ')"
 echo
 "$VENV/bin/python" - "$RESULTS" <<'EOF'
 import collections, statistics, sys
@@ -156,17 +166,20 @@ for (case, side), values in sorted(rows.items()):
     medians[(case, side)] = statistics.median(values)
     print(f"| {case} | {side} | {medians[(case, side)]:.3f} {units[case]} | {', '.join(f'{v:.3f}' for v in values)} |")
 print()
-print("| case | ratio (ours vs reference) |")
-print("|---|---|")
+print("| case | reference | ratio (ours vs reference) |")
+print("|---|---|---|")
 for case in sorted({c for c, _ in medians}):
     ours = medians.get((case, "ours"))
-    ref = [v for (c, s), v in medians.items() if c == case and s != "ours"]
-    if ours is None or not ref:
+    if ours is None:
         continue
-    if units[case] == "s":
-        print(f"| {case} | ours takes {ours / ref[0]:.2f}x the reference's time |")
-    elif units[case] == "tok/s":
-        print(f"| {case} | ours is {ours / ref[0]:.2f}x the reference's speed |")
-    else:
-        print(f"| {case} | ours {ours:.3f} vs {ref[0]:.3f} |")
+    # One row per reference (bert-bf16 has two: PyTorch in f32 and under bf16 autocast).
+    for (c, side), ref in sorted(medians.items()):
+        if c != case or side == "ours":
+            continue
+        if units[case] == "s":
+            print(f"| {case} | {side} | ours takes {ours / ref:.2f}x the reference's time |")
+        elif units[case] == "tok/s":
+            print(f"| {case} | {side} | ours is {ours / ref:.2f}x the reference's speed |")
+        else:
+            print(f"| {case} | {side} | ours {ours:.3f} vs {ref:.3f} |")
 EOF

@@ -10,6 +10,9 @@ Cases (all f32, CPU, `torch.set_num_threads(THREADS)`, default 2):
   bert  -- MiniLM-size reward step (6 layers, d 384, ffn 1536, 12 heads, vocab 30522,
            batch 16 x 128, mean pooling + score head, Bradley-Terry on 8 pairs, SDPA attention,
            fused AdamW, no dropout): what `cargo bench --bench bert_step` runs;
+  bert-bf16 -- the same step under `torch.autocast("cpu", dtype=torch.bfloat16)`: the matmuls
+           take bf16 inputs with f32 accumulation (oneDNN), weights and AdamW stay f32; what
+           `BENCH_PRECISION=bf16 cargo bench --bench bert_step` runs;
   dpo   -- DPO step on the tiny Llama (4 layers, hidden 256, ffn 768, 4 heads / 2 KV heads,
            vocab 49152, tied embeddings), 8 chosen + 8 rejected x 256 tokens, the last 128 the
            completion: reference forward without grad, policy forward, backward, AdamW, as TRL
@@ -19,7 +22,7 @@ Cases (all f32, CPU, `torch.set_num_threads(THREADS)`, default 2):
            MODEL_DIR, an HF directory of SmolLM2-135M-Instruct in f32 (the `*-base/` directory
            that `train policy` converts from the GGUF, e.g. under scripts/demo-smollm2.sh's output).
 
-Run: python3 scripts/bench-pytorch.py [gemm] [bert] [dpo] [generate]
+Run: python3 scripts/bench-pytorch.py [gemm] [bert] [bert-bf16] [dpo] [generate]
      (env: THREADS, STEPS, WARMUP, MODEL_DIR)
 """
 
@@ -92,7 +95,7 @@ class BertReward(nn.Module):
         return self.score(pooled).squeeze(-1)
 
 
-def bench_bert():
+def bench_bert(autocast=False):
     torch.manual_seed(0)
     model = BertReward()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -100,14 +103,16 @@ def bench_bert():
     attn = torch.ones(16, 128)
 
     def step():
-        r = model(ids, attn)
-        loss = -F.logsigmoid(r[:8] - r[8:]).mean()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            r = model(ids, attn)
+            loss = -F.logsigmoid(r[:8].float() - r[8:].float()).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
     med, best = timed(step)
-    print(f"bert step (16x128): median {med:.3f} s, best {best:.3f} s, {16 * 128 / med:.0f} tokens/s")
+    label = "bert bf16-autocast step" if autocast else "bert step"
+    print(f"{label} (16x128): median {med:.3f} s, best {best:.3f} s, {16 * 128 / med:.0f} tokens/s")
 
 
 class RMSNorm(nn.Module):
@@ -241,7 +246,8 @@ def main():
           f"cpu capability {torch.backends.cpu.get_cpu_capability()}")
     cases = sys.argv[1:] or ["gemm", "bert", "dpo", "generate"]
     for case in cases:
-        cases_by_name = {"gemm": bench_gemm, "bert": bench_bert, "dpo": bench_dpo,
+        cases_by_name = {"gemm": bench_gemm, "bert": bench_bert,
+                         "bert-bf16": lambda: bench_bert(autocast=True), "dpo": bench_dpo,
                          "generate": bench_generate}
         cases_by_name[case]()
 

@@ -19,6 +19,7 @@ use sha2::{Digest, Sha256};
 
 use crate::dataset::{PolicyLine, load_policy_jsonl};
 use crate::evals::ModelAnswer;
+use crate::kernels::precision::{Precision, set_precision};
 use crate::model::chat_template::{ChatMessage, ChatTemplate};
 use crate::model::llama::load_frozen_causal_lm;
 use crate::run::outputs::{PolicyAlgo, PolicyMetrics, TrainStats, write_metrics};
@@ -94,6 +95,9 @@ pub fn train_policy_blocking(req: &TrainPolicyRequest) -> Result<PolicyRunSummar
     let opts = &req.options;
     opts.validate()?;
     let device = opts.device()?;
+    // Policy training multiplies in f32: a reward stage earlier in this process (`run`) may have
+    // switched the CPU products to bf16 (`reward.precision`).
+    set_precision(Precision::F32);
     let mut lines = load_policy_jsonl(&req.data)?;
     if req.apply_chat_template {
         let tpl = ChatTemplate::from_hf_dir(&req.base_model)
@@ -235,6 +239,7 @@ pub fn train_policy_blocking(req: &TrainPolicyRequest) -> Result<PolicyRunSummar
             examples_per_second: outcome.examples as f64 / secs,
             tokens_per_second: outcome.tokens as f64 / secs,
             epochs: outcome.epochs,
+            precision: Some(Precision::F32.to_string()),
         },
         last_step: outcome
             .log

@@ -104,6 +104,8 @@ pub struct RawReward {
     pub eval_every: Option<u64>,
     /// `cpu` or `cuda` (a binary built with `--features cuda`).
     pub device: Option<String>,
+    /// The CPU's big matrix products: `f32` (default), `bf16` or `auto` (docs/reward-training.md).
+    pub precision: Option<String>,
     /// Weight of each kind of feedback in the reward loss (docs/reward-training.md).
     #[serde(default)]
     pub loss_weights: RawLossWeights,

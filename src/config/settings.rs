@@ -316,6 +316,11 @@ pub fn validate(raw: RawConfig, text: &str) -> Result<Settings, Invalid> {
             .parse()
             .map_err(|e| Invalid::new("reward.device", format!("{e}")))?;
     }
+    if let Some(p) = raw.reward.precision {
+        reward.precision = p
+            .parse()
+            .map_err(|e| Invalid::new("reward.precision", format!("{e}")))?;
+    }
     reward.aspects = f.aspects.clone();
     let lw = raw.reward.loss_weights;
     let w = &mut reward.train.loss_weights;

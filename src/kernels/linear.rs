@@ -5,7 +5,9 @@
 //! element by element on one thread, and the broadcast's bias gradient is a slow reduction. Here
 //! the bias is folded into the gemm (its rows seed the output), the weight gradient `dyᵀ·x` is
 //! written straight in `[out, in]` layout, the bias gradient is a parallel column sum, and the
-//! optional GELU is applied in the same op (its pre-activation is kept for the backward).
+//! optional GELU is applied in the same op (its pre-activation is kept for the backward). Every
+//! product runs in the process's precision ([`super::precision`]: f32, or bf16 inputs with f32
+//! accumulation).
 
 use std::sync::Mutex;
 
@@ -15,7 +17,7 @@ use rayon::prelude::*;
 use super::cpu::{col_sums, rows_per_task};
 use super::cpu::{f32_slice, with_f32};
 use super::math;
-use super::sgemm::sgemm_threads;
+use super::precision::projection_gemm;
 
 pub struct LinearOp {
     gelu: bool,
@@ -70,7 +72,7 @@ pub(super) fn affine(
         }
     });
     // Wᵀ is read through swapped strides: element (k_i, n_j) = w[n_j * k + k_i].
-    sgemm_threads(
+    projection_gemm(
         (rows, n, k),
         &mut y,
         (n, 1),
@@ -100,7 +102,7 @@ pub(super) fn affine_backward(
     db: &mut [f32],
 ) {
     let threads = rayon::current_num_threads();
-    sgemm_threads(
+    projection_gemm(
         (rows, k, n),
         dx,
         (k, 1),
@@ -112,7 +114,7 @@ pub(super) fn affine_backward(
         1.0,
         threads,
     );
-    sgemm_threads(
+    projection_gemm(
         (n, k, rows),
         dw,
         (k, 1),
@@ -237,7 +239,7 @@ fn grad_input(
     threads: usize,
 ) -> Vec<f32> {
     let mut dx = vec![0f32; rows * k];
-    sgemm_threads(
+    projection_gemm(
         (rows, k, n),
         &mut dx,
         (k, 1),
@@ -260,7 +262,7 @@ fn grad_weight(
     threads: usize,
 ) -> Vec<f32> {
     let mut dw = vec![0f32; n * k];
-    sgemm_threads(
+    projection_gemm(
         (n, k, rows),
         &mut dw,
         (k, 1),
@@ -316,7 +318,7 @@ impl candle_core::CustomOp2 for MatmulWtOp {
         let x = f32_slice(s1, l1, self.name())?;
         let w = f32_slice(s2, l2, self.name())?;
         let mut y = vec![0f32; rows * n];
-        sgemm_threads(
+        projection_gemm(
             (rows, n, k),
             &mut y,
             (n, 1),

@@ -6,7 +6,8 @@
 //! Layout: one file per op family (`activation`, `norm`, `softmax`, `rope`, `linear`, `attention`,
 //! `causal_attention`, `cached_attention`, `layer`, `lm_head`, `matvec`, `adamw`), one set of CPU
 //! helpers (`cpu`: borrowing f32 data, the one row splitter), one math file (`math`: exp, GELU,
-//! the row softmax and log-sum-exp). The kernels import nothing from `model` or `train`; models
+//! the row softmax and log-sum-exp), the bf16 gemm (`bf16_gemm`) and the switch that sends the
+//! big products to it (`precision`). The kernels import nothing from `model` or `train`; models
 //! and trainers call the public functions here.
 //!
 //! Every public function checks whether its inputs are f32 tensors on the CPU; if not, it runs the
@@ -17,6 +18,7 @@ mod activation;
 pub mod adamw;
 pub mod alloc;
 mod attention;
+pub mod bf16_gemm;
 mod cached_attention;
 mod causal_attention;
 pub(crate) mod cpu;
@@ -26,6 +28,7 @@ mod lm_head;
 pub mod math;
 mod matvec;
 mod norm;
+pub mod precision;
 mod rope;
 pub(crate) mod sgemm;
 mod softmax;

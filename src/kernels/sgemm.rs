@@ -50,41 +50,21 @@ pub fn sgemm_threads(
     scale: f32,
     threads: usize,
 ) {
-    if m == 0 || n == 0 {
+    if finished_without_multiplying(
+        (m, n, k),
+        dst,
+        (dst_rs, dst_cs),
+        accumulate,
+        (lhs, (lhs_rs, lhs_cs)),
+        (rhs, (rhs_rs, rhs_cs)),
+    ) {
         return;
     }
-    let last = |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
-    assert!(
-        last(m, n, dst_rs, dst_cs) < dst.len(),
-        "sgemm: dst out of bounds"
-    );
-    assert!(
-        dst_rs >= n * dst_cs || dst_cs >= m * dst_rs,
-        "sgemm: dst strides ({dst_rs}, {dst_cs}) alias elements of an {m}x{n} matrix"
-    );
-    if k == 0 {
-        if !accumulate {
-            for i in 0..m {
-                for j in 0..n {
-                    dst[i * dst_rs + j * dst_cs] = 0.0;
-                }
-            }
-        }
-        return;
-    }
-    assert!(
-        last(m, k, lhs_rs, lhs_cs) < lhs.len(),
-        "sgemm: lhs out of bounds"
-    );
-    assert!(
-        last(k, n, rhs_rs, rhs_cs) < rhs.len(),
-        "sgemm: rhs out of bounds"
-    );
     let s = |v: usize| v as isize;
-    // SAFETY: the asserts above prove every address gemm reads (lhs, rhs) or writes (dst) lies
-    // inside the borrowed slices, and that the dst addresses are distinct. `dst` is borrowed
-    // mutably, so it cannot overlap `lhs`/`rhs`, and nothing outside gemm can touch it while gemm
-    // runs (gemm's own worker threads write disjoint blocks of it).
+    // SAFETY: `finished_without_multiplying` asserted that every address gemm reads (lhs, rhs)
+    // or writes (dst) lies inside the borrowed slices, and that the dst addresses are distinct.
+    // `dst` is borrowed mutably, so it cannot overlap `lhs`/`rhs`, and nothing outside gemm can
+    // touch it while gemm runs (gemm's own worker threads write disjoint blocks of it).
     unsafe {
         gemm::gemm(
             m,
@@ -112,6 +92,51 @@ pub fn sgemm_threads(
             },
         );
     }
+}
+
+/// The checks every strided gemm entry point makes before touching memory, shared by [`sgemm_threads`]
+/// and the bf16 kernel: panics if a stride pattern would read or write outside its slice or if two
+/// `dst` elements would share an address (programming errors of the caller). Returns `true` when
+/// the product is empty (`m`, `n` or `k` zero) and `dst` already holds the answer.
+pub(super) fn finished_without_multiplying(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    (dst_rs, dst_cs): (usize, usize),
+    accumulate: bool,
+    (lhs, (lhs_rs, lhs_cs)): (&[f32], (usize, usize)),
+    (rhs, (rhs_rs, rhs_cs)): (&[f32], (usize, usize)),
+) -> bool {
+    if m == 0 || n == 0 {
+        return true;
+    }
+    let last = |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
+    assert!(
+        last(m, n, dst_rs, dst_cs) < dst.len(),
+        "sgemm: dst out of bounds"
+    );
+    assert!(
+        dst_rs >= n * dst_cs || dst_cs >= m * dst_rs,
+        "sgemm: dst strides ({dst_rs}, {dst_cs}) alias elements of an {m}x{n} matrix"
+    );
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                for j in 0..n {
+                    dst[i * dst_rs + j * dst_cs] = 0.0;
+                }
+            }
+        }
+        return true;
+    }
+    assert!(
+        last(m, k, lhs_rs, lhs_cs) < lhs.len(),
+        "sgemm: lhs out of bounds"
+    );
+    assert!(
+        last(k, n, rhs_rs, rhs_cs) < rhs.len(),
+        "sgemm: rhs out of bounds"
+    );
+    false
 }
 
 #[cfg(test)]

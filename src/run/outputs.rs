@@ -90,6 +90,10 @@ pub struct TrainStats {
     pub examples_per_second: f64,
     pub tokens_per_second: f64,
     pub epochs: f64,
+    /// The precision of the big matrix products (`f32` or `bf16`; see `kernels::precision`);
+    /// absent in runs written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precision: Option<String>,
 }
 
 /// The examples a run trained on.

@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::dataset::{DatasetOptions, Examples, load_preference_jsonl, render_plain_prompt};
+use crate::kernels::precision::{Precision, PrecisionChoice, set_precision};
 use crate::model::family::SUPPORTED_MODEL_TYPES;
 use crate::model::llama::ExtraHeads;
 use crate::model::tokenizer::Tokenizer;
@@ -55,6 +56,8 @@ pub struct RewardTrainOptions {
     pub resume: bool,
     /// `--device auto|cpu|cuda`.
     pub device: DeviceChoice,
+    /// `reward.precision`: the precision of the big matrix products on the CPU.
+    pub precision: PrecisionChoice,
     /// `--production-model DIR`: the current reward model, scored on the same eval set.
     pub production_model: Option<PathBuf>,
     /// Aspect heads to train (`feedback.aspects`); empty: every aspect the data is rated on.
@@ -73,6 +76,7 @@ impl Default for RewardTrainOptions {
             out: PathBuf::from("runs/reward"),
             resume: false,
             device: DeviceChoice::Auto,
+            precision: PrecisionChoice::F32,
             production_model: None,
             aspects: Vec::new(),
             train: TrainConfig::default(),
@@ -236,6 +240,13 @@ pub fn train_reward_mixed(
     let heads = heads_for(&opts.aspects, &train, &eval)?;
     let resolved = opts.device.resolve()?;
     let device = resolved.device.clone();
+    // The setting is about the CPU kernels; on CUDA candle's own f32 ops run.
+    let precision = if device.is_cpu() {
+        opts.precision.resolve("reward.precision")?
+    } else {
+        Precision::F32
+    };
+    set_precision(precision);
     let (model, tok, tok_json) =
         load_backbone_with_heads(opts.model.as_deref(), opts.train.seed, &heads, &device)?;
     tracing::info!(
@@ -247,6 +258,7 @@ pub fn train_reward_mixed(
         aspects = ?heads.aspects,
         step_head = heads.step_head,
         device = %resolved.name(),
+        %precision,
         "training the reward model"
     );
     let data = encode(&model, &tok, &train, opts.train.max_length)?;
@@ -281,6 +293,7 @@ pub fn train_reward_mixed(
             examples_per_second: outcome.examples as f64 / outcome.seconds.max(1e-9),
             tokens_per_second: outcome.tokens as f64 / outcome.seconds.max(1e-9),
             epochs: outcome.epochs,
+            precision: Some(precision.to_string()),
         },
         dataset: DatasetInfo {
             counts,

@@ -39,7 +39,7 @@ fn minilm_dir() -> Option<PathBuf> {
     }
 }
 
-fn tiny_config() -> BertConfig {
+pub(crate) fn tiny_config() -> BertConfig {
     let mut cfg = BertConfig::minilm_l6();
     cfg.vocab_size = 41; // the fixture tokenizer's vocabulary
     cfg.hidden_size = 16;

@@ -39,6 +39,7 @@ mod policy_model;
 mod policycli;
 mod policytrain;
 mod postgres_server;
+mod precision;
 mod prism;
 mod promotion;
 mod pull;

@@ -54,6 +54,7 @@ fn train(steps: u64) -> TrainStats {
         examples_per_second: 24.6,
         tokens_per_second: 6120.0,
         epochs: 2.0,
+        precision: None,
     }
 }
 

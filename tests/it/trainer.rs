@@ -58,6 +58,18 @@ pub(crate) fn toy_pairs(n: usize) -> Vec<PairText> {
         .collect()
 }
 
+/// Preference pairs as TRL JSON lines (`prompt`, `chosen`, `rejected`), as `--dataset` reads them.
+pub(crate) fn pairs_jsonl(pairs: &[PairText]) -> String {
+    pairs
+        .iter()
+        .map(|p| {
+            serde_json::json!({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected})
+                .to_string()
+                + "\n"
+        })
+        .collect()
+}
+
 pub(crate) fn cfg() -> TrainConfig {
     TrainConfig {
         epochs: 4,
@@ -384,20 +396,10 @@ fn piped_stderr_gets_progress_lines_and_the_log_fills() {
     let ws = crate::common::Workspace::new();
     let config = ws.sample_config();
     let model = tiny_rm_dir(ws.path());
-    let jsonl = |pairs: &[PairText]| -> String {
-        pairs
-            .iter()
-            .map(|p| {
-                serde_json::json!({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected})
-                    .to_string()
-                    + "\n"
-            })
-            .collect()
-    };
     let pairs = toy_pairs(16);
     let (train, eval) = (ws.path().join("train.jsonl"), ws.path().join("eval.jsonl"));
-    std::fs::write(&train, jsonl(&pairs[..12])).unwrap();
-    std::fs::write(&eval, jsonl(&pairs[12..])).unwrap();
+    std::fs::write(&train, pairs_jsonl(&pairs[..12])).unwrap();
+    std::fs::write(&eval, pairs_jsonl(&pairs[12..])).unwrap();
     let out = ws.path().join("run");
     let o = crate::common::bin()
         .arg("--config")
