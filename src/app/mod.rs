@@ -4,6 +4,7 @@
 
 pub mod baseline;
 mod check;
+mod constitution;
 mod dashboard;
 pub mod deploy;
 pub mod export_model;
@@ -477,6 +478,12 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Dashboard(args) => {
             let settings = load_settings(&cli.config)?;
             let summary = dashboard::dashboard_cmd(&settings, &args).await?;
+            output::json_or_text(format, &summary, &summary.to_string())
+        }
+        Command::Constitution { limit, out } => {
+            let settings = load_settings(&cli.config)?;
+            let summary =
+                constitution::constitution_cmd(&settings, limit.map(|n| n as usize), out).await?;
             output::json_or_text(format, &summary, &summary.to_string())
         }
         Command::Export { out } => {
