@@ -272,6 +272,7 @@ async fn train_and_publish(
         production_version: previous.as_ref().and_then(|p| p.production_version.clone()),
         promoted_at: previous.and_then(|p| p.promoted_at),
     })?;
+    crate::constitution::record_principles(&store, &settings.constitution)?;
     Ok(RunSummary {
         run_id,
         reward_dir: summary.out,

@@ -9,6 +9,7 @@
 pub mod pairs;
 pub mod principles;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
@@ -16,6 +17,7 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use crate::evals::judge::{Judge, JudgeSettings};
+use crate::feedback::Store;
 use crate::feedback::record::ChatMessage;
 use pairs::AiPair;
 use principles::Principle;
@@ -172,4 +174,62 @@ pub async fn revise(
         });
     }
     Ok(out)
+}
+
+/// The store's loop-state key of the principles' fingerprints at the last training.
+const TRAINED_PRINCIPLES: &str = "trained_principles";
+
+/// The principles file's fingerprints, or `None` when the team keeps no principles file.
+fn current_fingerprints(
+    settings: &ConstitutionSettings,
+) -> Result<Option<BTreeMap<String, String>>> {
+    if !settings.principles.is_file() {
+        return Ok(None);
+    }
+    Ok(Some(principles::fingerprints(&principles::load(
+        &settings.principles,
+    )?)))
+}
+
+/// Records the principles a training used (called when a training is recorded), so the next
+/// `check` sees an edit of the file as the `principles` trigger.
+pub fn record_principles(store: &Store, settings: &ConstitutionSettings) -> Result<()> {
+    match current_fingerprints(settings)? {
+        Some(current) => store.set_loop_state(TRAINED_PRINCIPLES, &current),
+        None => Ok(()),
+    }
+}
+
+/// What changed in the principles since the last training: `None` when there is no principles
+/// file or no training recorded them, else one entry per principle changed, added or removed.
+pub fn principle_changes(
+    store: &Store,
+    settings: &ConstitutionSettings,
+) -> Result<Option<Vec<String>>> {
+    let Some(current) = current_fingerprints(settings)? else {
+        return Ok(None);
+    };
+    let Some(trained) = store.loop_state::<BTreeMap<String, String>>(TRAINED_PRINCIPLES)? else {
+        return Ok(None);
+    };
+    Ok(Some(diff(&trained, &current)))
+}
+
+/// `before` → `after` as `"<id> changed"`, `"<id> added"`, `"<id> removed"`, by id.
+pub fn diff(before: &BTreeMap<String, String>, after: &BTreeMap<String, String>) -> Vec<String> {
+    let mut out = Vec::new();
+    for (id, sha) in after {
+        match before.get(id) {
+            Some(old) if old == sha => {}
+            Some(_) => out.push(format!("{id} changed")),
+            None => out.push(format!("{id} added")),
+        }
+    }
+    out.extend(
+        before
+            .keys()
+            .filter(|id| !after.contains_key(*id))
+            .map(|id| format!("{id} removed")),
+    );
+    out
 }

@@ -84,3 +84,59 @@ pub fn write(store_dir: &Path, pairs: &ConstitutionPairs) -> Result<()> {
     bytes.push(b'\n');
     write_atomically(&current, &bytes)
 }
+
+/// What the last run changed against the run before it: for the report.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ConstitutionDiff {
+    /// `"<id> changed"`, `"<id> added"`, `"<id> removed"` (see [`super::diff`]).
+    pub changed: Vec<String>,
+    /// Prompts whose pair used a changed or added principle, in the last run's order.
+    pub examples: Vec<DiffExample>,
+    /// How many prompts the change affected (`examples` holds at most the asked number).
+    pub affected: usize,
+}
+
+/// One affected prompt: the answer before the change and after it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiffExample {
+    pub principle: String,
+    pub prompt: Vec<ChatMessage>,
+    /// The previous run's revision of this prompt, else the policy's unrevised answer.
+    pub before: String,
+    pub after: String,
+}
+
+/// The diff between the last two runs kept beside the store (`None`: no run yet), with at
+/// most `max_examples` examples.
+pub fn diff_last_runs(store_dir: &Path, max_examples: usize) -> Result<Option<ConstitutionDiff>> {
+    let Some(current) = read_current(store_dir)? else {
+        return Ok(None);
+    };
+    let previous = read_previous(store_dir)?.unwrap_or_default();
+    let changed = super::diff(&previous.principles, &current.principles);
+    let touched = |id: &str| previous.principles.get(id) != current.principles.get(id);
+    let affected: Vec<&AiPair> = current
+        .pairs
+        .iter()
+        .filter(|p| touched(&p.principle))
+        .collect();
+    let examples = affected
+        .iter()
+        .take(max_examples)
+        .map(|p| DiffExample {
+            principle: p.principle.clone(),
+            prompt: p.prompt.clone(),
+            before: previous
+                .pairs
+                .iter()
+                .find(|old| old.prompt == p.prompt)
+                .map_or_else(|| p.rejected.clone(), |old| old.chosen.clone()),
+            after: p.chosen.clone(),
+        })
+        .collect();
+    Ok(Some(ConstitutionDiff {
+        changed,
+        examples,
+        affected: affected.len(),
+    }))
+}

@@ -268,3 +268,88 @@ fn a_bad_principles_file_names_the_file_the_principle_and_the_field() {
         "the judge was asked anyway"
     );
 }
+
+/// `check --format json` at `now`.
+fn check(config: &Path, now: &str) -> Value {
+    let o = bin()
+        .env("RLHF_BOT_NOW", now)
+        .arg("--config")
+        .arg(config)
+        .args(["--format", "json", "check"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    serde_json::from_str(&stdout(&o)).unwrap()
+}
+
+fn principles_trigger(check: &Value) -> Value {
+    check["decision"]["triggers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "principles")
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+#[test]
+fn editing_the_principles_fires_the_principles_trigger_and_the_report_shows_the_change() {
+    let (url, _) = start_judge(Reply::Good);
+    let ws = Workspace::new();
+    let config = write_config(&ws, &url, 1.0);
+    pull(&config);
+    assert!(constitution(&config).status.success());
+    let now = chrono::Utc::now();
+    let (out, log) = crate::common::forced_run_logged(
+        &config,
+        &now.to_rfc3339(),
+        &[("TEST_CONSTITUTION_KEY", KEY)],
+    );
+    assert!(!log.contains(KEY), "the key reached the log");
+
+    // The report: which principles are new, and (in the PR body only: prompts are user text)
+    // the answers before and after.
+    let report_path = PathBuf::from(out["run"]["report"].as_str().unwrap());
+    let report = std::fs::read_to_string(&report_path).unwrap();
+    assert!(report.contains("### Constitution"), "{report}");
+    assert!(
+        report.contains("`cite-numbers` added") && report.contains("`plain-language` added"),
+        "{report}"
+    );
+    assert!(report.contains("3 prompt(s) affected"), "{report}");
+    assert!(
+        !report.contains(REVISED),
+        "answers reached the committed report"
+    );
+    let body_dir = PathBuf::from(out["run"]["publish"]["local_dir"].as_str().unwrap());
+    let body = std::fs::read_to_string(body_dir.join("body.md")).unwrap();
+    assert!(
+        body.contains("Constitution: answers before and after (3)") && body.contains(REVISED),
+        "{body}"
+    );
+
+    // Unchanged principles: listed, not fired.
+    let later = (now + chrono::Duration::days(1)).to_rfc3339();
+    let quiet = check(&config, &later);
+    let t = principles_trigger(&quiet);
+    assert_eq!(t["fired"], false, "{quiet}");
+    assert_eq!(quiet["retrain"], false, "{quiet}");
+
+    // A pull request edits one principle: the next check retrains for that reason alone.
+    let principles = ws.path().join("principles.yaml");
+    let edited = PRINCIPLES.replace("given {critique}", "so that it answers {critique}");
+    std::fs::write(&principles, edited).unwrap();
+    let fired = check(&config, &later);
+    let t = principles_trigger(&fired);
+    assert_eq!(t["fired"], true, "{fired}");
+    assert!(
+        t["detail"]
+            .as_str()
+            .unwrap()
+            .contains("cite-numbers changed")
+            && !t["detail"].as_str().unwrap().contains("plain-language"),
+        "{t}"
+    );
+    assert_eq!(fired["retrain"], true, "{fired}");
+    assert_eq!(fired["reasons"], "principles", "{fired}");
+}
