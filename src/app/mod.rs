@@ -344,6 +344,10 @@ pub async fn run(cli: Cli) -> Result<()> {
             let settings = load_settings(&cli.config)?;
             // The behaviour tests are part of what a config change can break.
             crate::evals::load_checked(&settings.evals)?;
+            // So are the principles, when the team keeps a file (a pull request may edit it).
+            if settings.constitution.principles.is_file() {
+                crate::constitution::principles::load(&settings.constitution.principles)?;
+            }
             output::config_check(&cli.config, &settings, format)
         }
         Command::Pull => {

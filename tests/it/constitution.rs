@@ -42,11 +42,13 @@ enum Reply {
     NoChoices,
 }
 
+/// (Authorization header, user message) of every request the judge saw.
+type Seen = Arc<Mutex<Vec<(String, String)>>>;
+
 #[derive(Clone)]
 struct Judge {
     reply: Reply,
-    /// (Authorization header, user message) of every request.
-    seen: Arc<Mutex<Vec<(String, String)>>>,
+    seen: Seen,
 }
 
 async fn completions(State(j): State<Judge>, headers: HeaderMap, body: Json<Value>) -> Response {
@@ -82,7 +84,7 @@ async fn completions(State(j): State<Judge>, headers: HeaderMap, body: Json<Valu
     }
 }
 
-fn start_judge(reply: Reply) -> (String, Arc<Mutex<Vec<(String, String)>>>) {
+fn start_judge(reply: Reply) -> (String, Seen) {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let app = Router::new()
         .route("/v1/chat/completions", post(completions))
