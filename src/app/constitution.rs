@@ -105,19 +105,7 @@ pub async fn constitution_cmd(
     let policy_dir = policy_model(settings).await?;
     let device = DeviceChoice::default().open()?;
     let lm = load_lm(&policy_dir, &device)?;
-    let mut stop = lm.config.eos_token_ids();
-    if stop.is_empty() {
-        stop.extend(
-            ["<|im_end|>", "<|endoftext|>", "</s>", "<|eot_id|>"]
-                .iter()
-                .find_map(|t| lm.tokenizer.token_to_id(t)),
-        );
-    }
-    let pad = lm
-        .config
-        .pad_token_id
-        .or_else(|| stop.first().copied())
-        .unwrap_or(0);
+    let (stop, pad) = lm.stop_and_pad();
     let cfg = GenerationConfig::greedy(cs.max_new_tokens, stop, pad);
     let template = lm.template.as_ref();
     let generate = |messages: &[ChatMessage]| -> Result<String> {

@@ -94,6 +94,21 @@ impl Critic<'_> {
         };
         Ok(reply.trim().to_string())
     }
+
+    /// [`Self::ask`] for the principle's `what` (`critique`, `revision`) on the prompt `at`
+    /// describes; an empty reply is an error.
+    async fn ask_for(&mut self, what: &str, request: &str, at: &str) -> Result<String> {
+        let reply = self
+            .ask(request)
+            .await
+            .with_context(|| format!("asking for the {what} of the answer to {at}"))?;
+        if reply.is_empty() {
+            bail!(
+                "the critic returned an empty {what} for {at}\nhint: check that the critic model follows instructions; the request is the principle's `{what}` prompt"
+            );
+        }
+        Ok(reply)
+    }
 }
 
 /// One prompt to revise: the conversation up to the user's last turn.
@@ -142,25 +157,19 @@ pub async fn revise(
             .trim()
             .to_string();
         let critique = critic
-            .ask(&principle.critique_request(question, &original))
-            .await
-            .with_context(|| format!("critiquing the answer to {}", at()))?;
-        if critique.is_empty() {
-            bail!(
-                "the critic returned an empty critique for {}\nhint: check that the critic model follows instructions; the critique prompt is the principle's `critique`",
-                at()
-            );
-        }
+            .ask_for(
+                "critique",
+                &principle.critique_request(question, &original),
+                &at(),
+            )
+            .await?;
         let revised = critic
-            .ask(&principle.revision_request(question, &original, &critique))
-            .await
-            .with_context(|| format!("revising the answer to {}", at()))?;
-        if revised.is_empty() {
-            bail!(
-                "the critic returned an empty revision for {}\nhint: check that the critic model follows instructions; the revision prompt is the principle's `revision`",
-                at()
-            );
-        }
+            .ask_for(
+                "revision",
+                &principle.revision_request(question, &original, &critique),
+                &at(),
+            )
+            .await?;
         if revised == original {
             out.unchanged += 1;
             continue;
