@@ -50,6 +50,16 @@ pub enum Command {
     /// Train models.
     #[command(subcommand)]
     Train(TrainCommand),
+    /// Make AI preference pairs from the team's principles (docs/constitution.md): the policy's
+    /// answers to stored prompts, critiqued and revised by the policy or the judge.
+    Constitution {
+        /// At most this many prompts (default `constitution.limit`).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        limit: Option<u64>,
+        /// Write the pairs to this file for review instead of the store.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Write the dataset built from the store in TRL's JSONL formats (preference, KTO, PRM).
     Export {
         /// Output directory.

@@ -9,6 +9,9 @@
 //! than H hours since the last training) holds back every trigger but `force`, so a flood of
 //! feedback does not retrain on every scheduled run. Votes of flagged feedback bursts are left
 //! out of the quality windows by the caller until a person clears them (see `QualityWindows`).
+//! `principles` (listed when the team keeps a principles file and a training recorded it): the
+//! principles changed since the last training, e.g. a merged pull request edited
+//! `principles.yaml` (docs/constitution.md).
 
 use chrono::{DateTime, Duration, Utc};
 use serde::Serialize;
@@ -30,6 +33,10 @@ pub struct DecisionInput {
     /// exactly the data and config a training now would use: the text names that PR. Training
     /// again would propose the same model, so it blocks retraining unless forced.
     pub rejected_same_data: Option<String>,
+    /// The team's principles (`constitution.principles`) against those recorded at the last
+    /// training: `None` when there is no principles file or none was recorded, else what changed
+    /// (`"plain-language changed"`, empty when nothing did).
+    pub principles: Option<Vec<String>>,
 }
 
 /// The production version's answer-level counts before and inside the recent window.
@@ -127,6 +134,19 @@ pub fn decide(input: &DecisionInput, t: &Thresholds) -> Decision {
 
     triggers.push(quality_trigger(input.quality.as_ref(), t));
 
+    // Listed only when principles are tracked, so configs without them keep their table.
+    if let Some(changes) = &input.principles {
+        triggers.push(Trigger {
+            name: "principles",
+            fired: !changes.is_empty(),
+            detail: if changes.is_empty() {
+                "unchanged since the last training".into()
+            } else {
+                format!("since the last training: {}", changes.join(", "))
+            },
+        });
+    }
+
     let cooling = hours_since.is_some_and(|h| h < t.min_hours_between as f64);
     triggers.push(Trigger {
         name: "cooldown",
@@ -154,7 +174,7 @@ pub fn decide(input: &DecisionInput, t: &Thresholds) -> Decision {
 
     let any = triggers
         .iter()
-        .any(|tr| matches!(tr.name, "volume" | "age" | "quality") && tr.fired);
+        .any(|tr| matches!(tr.name, "volume" | "age" | "quality" | "principles") && tr.fired);
     Decision {
         retrain: input.force || (any && !cooling && !rejected),
         triggers,

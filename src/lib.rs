@@ -7,6 +7,7 @@ pub mod artifacts;
 pub mod atomic_file;
 pub mod cli;
 pub mod config;
+pub mod constitution;
 pub mod dashboard;
 pub mod dataset;
 pub mod decision;

@@ -112,6 +112,7 @@ pub fn check(settings: &Settings, force: bool) -> Result<CheckOutcome> {
                     p.models.join(", ")
                 )
             }),
+        principles: crate::constitution::principle_changes(&store, &settings.constitution)?,
     };
     let decision = decide(&input, &settings.thresholds);
     let kpis = all_kpis(

@@ -36,6 +36,27 @@ impl std::fmt::Debug for LoadedLm {
     }
 }
 
+impl LoadedLm {
+    /// The token ids that end an answer (the config's EOS, else the first chat end token the
+    /// tokenizer knows) and the padding id (the config's, else the first stop id, else 0).
+    pub fn stop_and_pad(&self) -> (Vec<u32>, u32) {
+        let mut stop = self.config.eos_token_ids();
+        if stop.is_empty() {
+            stop.extend(
+                ["<|im_end|>", "<|endoftext|>", "</s>", "<|eot_id|>"]
+                    .iter()
+                    .find_map(|t| self.tokenizer.token_to_id(t)),
+            );
+        }
+        let pad = self
+            .config
+            .pad_token_id
+            .or_else(|| stop.first().copied())
+            .unwrap_or(0);
+        (stop, pad)
+    }
+}
+
 /// Loads a `.gguf` file, an HF directory, or a `train policy` output (`policy/`, `merged/` or
 /// a PEFT adapter over its base).
 pub fn load_lm(path: &Path, device: &Device) -> Result<LoadedLm> {
@@ -120,19 +141,7 @@ pub fn generate_cmd(args: &GenerateArgs) -> Result<GenerateOutput> {
     if text.is_empty() {
         bail!("--prompt is empty\nhint: give the text the model should continue");
     }
-    let mut stop = lm.config.eos_token_ids();
-    if stop.is_empty() {
-        stop.extend(
-            ["<|im_end|>", "<|endoftext|>", "</s>", "<|eot_id|>"]
-                .iter()
-                .find_map(|t| lm.tokenizer.token_to_id(t)),
-        );
-    }
-    let pad = lm
-        .config
-        .pad_token_id
-        .or_else(|| stop.first().copied())
-        .unwrap_or(0);
+    let (stop, pad) = lm.stop_and_pad();
     let cfg = GenerationConfig {
         max_new_tokens: args.max_new_tokens,
         sampling,

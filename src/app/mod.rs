@@ -4,6 +4,7 @@
 
 pub mod baseline;
 mod check;
+mod constitution;
 mod dashboard;
 pub mod deploy;
 pub mod export_model;
@@ -271,6 +272,7 @@ async fn train_and_publish(
         production_version: previous.as_ref().and_then(|p| p.production_version.clone()),
         promoted_at: previous.and_then(|p| p.promoted_at),
     })?;
+    crate::constitution::record_principles(&store, &settings.constitution)?;
     Ok(RunSummary {
         run_id,
         reward_dir: summary.out,
@@ -342,6 +344,10 @@ pub async fn run(cli: Cli) -> Result<()> {
             let settings = load_settings(&cli.config)?;
             // The behaviour tests are part of what a config change can break.
             crate::evals::load_checked(&settings.evals)?;
+            // So are the principles, when the team keeps a file (a pull request may edit it).
+            if settings.constitution.principles.is_file() {
+                crate::constitution::principles::load(&settings.constitution.principles)?;
+            }
             output::config_check(&cli.config, &settings, format)
         }
         Command::Pull => {
@@ -477,6 +483,12 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Dashboard(args) => {
             let settings = load_settings(&cli.config)?;
             let summary = dashboard::dashboard_cmd(&settings, &args).await?;
+            output::json_or_text(format, &summary, &summary.to_string())
+        }
+        Command::Constitution { limit, out } => {
+            let settings = load_settings(&cli.config)?;
+            let summary =
+                constitution::constitution_cmd(&settings, limit.map(|n| n as usize), out).await?;
             output::json_or_text(format, &summary, &summary.to_string())
         }
         Command::Export { out } => {

@@ -240,6 +240,10 @@ pub fn build_report(
         max_samples: settings.report.max_samples,
         integrity,
         evals: crate::evals::EvalResults::read(&dir.join("policy"))?,
+        constitution: crate::constitution::pairs::diff_last_runs(
+            &settings.store.dir,
+            settings.report.max_samples,
+        )?,
         deployed: crate::app::deploy::live_blocking(settings)
             .into_iter()
             .map(|(kind, live)| report::Deployment {

@@ -499,7 +499,7 @@ struct PolicyLine<'a> {
 
 /// A conversation as the policy sees it: rendered with the chat template when there is one, else
 /// in the plain HH style (`Human: … Assistant:`).
-fn render_prompt(
+pub(crate) fn render_prompt(
     template: Option<&ChatTemplate>,
     msgs: &[crate::feedback::record::ChatMessage],
 ) -> Result<String> {

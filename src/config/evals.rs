@@ -30,30 +30,34 @@ pub struct RawJudge {
 
 pub fn validate_evals(raw: RawEvals) -> Result<EvalsSettings, Invalid> {
     let d = EvalsSettings::default();
-    let judge = match raw.judge {
-        None => None,
-        Some(j) => {
-            let url = http_url("evals.judge.url", &j.url, "evals.judge.api_key_env")?;
-            if j.model.trim().is_empty() {
-                return Err(Invalid::new(
-                    "evals.judge.model",
-                    "empty model name\nhint: the model the endpoint serves, e.g. gpt-4o-mini",
-                ));
-            }
-            let api_key_env = j
-                .api_key_env
-                .map(|v| env_name("evals.judge.api_key_env", v, "JUDGE_API_KEY"))
-                .transpose()?;
-            Some(JudgeSettings {
-                url,
-                model: j.model,
-                api_key_env,
-                timeout_secs: j.timeout_secs.map_or(60, |v| v.0),
-            })
-        }
-    };
     Ok(EvalsSettings {
         dir: raw.dir.map_or(d.dir, std::path::PathBuf::from),
-        judge,
+        judge: raw
+            .judge
+            .map(|j| validate_judge("evals.judge", j))
+            .transpose()?,
+    })
+}
+
+/// Validates a judge endpoint of the section `section` (`evals.judge`, `constitution.judge`):
+/// both sections share this shape and these checks.
+pub fn validate_judge(section: &str, j: RawJudge) -> Result<JudgeSettings, Invalid> {
+    let key = |field: &str| format!("{section}.{field}");
+    let url = http_url(&key("url"), &j.url, &key("api_key_env"))?;
+    if j.model.trim().is_empty() {
+        return Err(Invalid::new(
+            &key("model"),
+            "empty model name\nhint: the model the endpoint serves, e.g. gpt-4o-mini",
+        ));
+    }
+    let api_key_env = j
+        .api_key_env
+        .map(|v| env_name(&key("api_key_env"), v, "JUDGE_API_KEY"))
+        .transpose()?;
+    Ok(JudgeSettings {
+        url,
+        model: j.model,
+        api_key_env,
+        timeout_secs: j.timeout_secs.map_or(60, |v| v.0),
     })
 }

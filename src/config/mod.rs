@@ -5,6 +5,7 @@
 //! Secrets never live in the file: it names the environment variables that hold them.
 
 pub mod audit;
+pub mod constitution;
 pub mod dashboard;
 pub mod deploy;
 pub mod evals;

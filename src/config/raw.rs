@@ -31,6 +31,9 @@ pub struct RawConfig {
     /// Behaviour tests as merge gates (docs/evals.md).
     #[serde(default)]
     pub evals: super::evals::RawEvals,
+    /// Constitution as code (docs/constitution.md).
+    #[serde(default)]
+    pub constitution: super::constitution::RawConstitution,
     #[serde(default)]
     pub reward: RawReward,
     #[serde(default)]

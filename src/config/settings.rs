@@ -37,6 +37,7 @@ pub struct Settings {
     pub dataset: crate::dataset::DatasetOptions,
     pub audit: crate::dataset::audit::AuditSettings,
     pub evals: crate::evals::EvalsSettings,
+    pub constitution: crate::constitution::ConstitutionSettings,
     pub reward: crate::train::reward_run::RewardTrainOptions,
     pub policy: super::policy::PolicySettings,
     pub deploy: super::deploy::DeploySettings,
@@ -270,6 +271,8 @@ pub fn validate(raw: RawConfig, text: &str) -> Result<Settings, Invalid> {
     }
     let audit = super::audit::validate_audit(raw.audit)?;
     let evals = super::evals::validate_evals(raw.evals)?;
+    let constitution = super::constitution::validate_constitution(raw.constitution)?;
+    dataset.constitution_weight = constitution.weight;
     if audit.enabled && audit.max_user_share < 1.0 {
         dataset.max_user_share = Some(audit.max_user_share);
     }
@@ -393,6 +396,7 @@ pub fn validate(raw: RawConfig, text: &str) -> Result<Settings, Invalid> {
         dataset,
         audit,
         evals,
+        constitution,
         reward,
         policy,
         deploy,

@@ -336,6 +336,8 @@ pub(crate) fn examples(
                     conversation_id: chosen.key.conversation_id.clone(),
                     chosen_id: chosen.key.message_id.clone(),
                     rejected_id: rejected.key.message_id.clone(),
+                    source: None,
+                    weight: None,
                 });
                 paired[a] = true;
                 paired[b] = true;

@@ -132,6 +132,12 @@ pub struct PreferencePair {
     pub conversation_id: String,
     pub chosen_id: String,
     pub rejected_id: String,
+    /// Where the pair came from when not from human feedback (`ai_constitution`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// The pair's weight when not 1 (the config's weight for its `source`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<f32>,
 }
 
 /// One answer judged on its own (no other answer to the same prompt to compare it with): KTO data.

@@ -157,12 +157,19 @@ fn lines(
     };
     let mut out = Lines::default();
     for p in &examples.pairs {
-        out.preference.push(serde_json::json!({
+        let mut line = serde_json::json!({
             "prompt": prompt(&p.prompt),
             "chosen": completion(&p.chosen),
             "rejected": completion(&p.rejected),
             "margin": p.margin,
-        }));
+        });
+        // Only pairs that did not come from human feedback say where they came from, so a
+        // human-only export stays byte-identical; TRL ignores the extra columns.
+        if let (Some(source), Value::Object(fields)) = (&p.source, &mut line) {
+            fields.insert("source".into(), Value::String(source.clone()));
+            fields.insert("weight".into(), serde_json::json!(p.weight.unwrap_or(1.0)));
+        }
+        out.preference.push(line);
     }
     for e in &examples.pointwise {
         match e.kto_label() {

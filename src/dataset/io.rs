@@ -199,6 +199,8 @@ pub fn load_preference_jsonl(path: &Path) -> Result<Vec<PreferencePair>, LoadErr
             margin,
             chosen_id: format!("line-{line}-chosen"),
             rejected_id: format!("line-{line}-rejected"),
+            source: None,
+            weight: None,
             conversation_id,
         })
     })
@@ -359,6 +361,8 @@ pub fn hh_rlhf_pairs(path: &Path) -> Result<Vec<PreferencePair>, LoadError> {
             conversation_id: format!("hh-{line}"),
             chosen_id: format!("hh-{line}-chosen"),
             rejected_id: format!("hh-{line}-rejected"),
+            source: None,
+            weight: None,
         })
     })
 }

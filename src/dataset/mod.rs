@@ -115,6 +115,14 @@ pub struct DatasetOptions {
     /// more than this share of the summed record weights; `None` turns the cap off.
     #[serde(default)]
     pub max_user_share: Option<f64>,
+    /// The weight of constitution pairs (`constitution.weight`), separate from human feedback:
+    /// 0 leaves them out of the dataset.
+    #[serde(default = "one")]
+    pub constitution_weight: f64,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 impl Default for DatasetOptions {
@@ -128,6 +136,7 @@ impl Default for DatasetOptions {
             seed: 0,
             source_weights: SourceWeights::default(),
             max_user_share: None,
+            constitution_weight: 1.0,
         }
     }
 }
@@ -144,7 +153,7 @@ pub struct InvalidOptions {
 impl DatasetOptions {
     /// Checks what the types cannot: finite, non-negative weights and a usable eval fraction.
     pub fn validate(&self) -> Result<(), InvalidOptions> {
-        let weights: [(&'static str, f64); 9] = [
+        let weights: [(&'static str, f64); 10] = [
             ("weights.thumb", self.weights.thumb),
             ("weights.rating", self.weights.rating),
             ("weights.aspect", self.weights.aspect),
@@ -154,6 +163,7 @@ impl DatasetOptions {
             ("source_weights.unknown", self.source_weights.unknown),
             ("min_score_gap", self.min_score_gap),
             ("margin_scale", self.margin_scale),
+            ("constitution_weight", self.constitution_weight),
         ];
         for (option, value) in weights {
             if !value.is_finite() || value < 0.0 {
@@ -227,7 +237,9 @@ pub fn build(
 
 /// Builds the dataset from every live record of the store (tombstones and edits already applied
 /// there), streaming them: twice when the influence cap is on, once to weigh each contributor
-/// and once to build.
+/// and once to build. The pairs of the last `rlhf-bot constitution` run kept beside the store
+/// (`constitution::pairs`) join the human pairs, marked `source: ai_constitution` and weighted
+/// by `constitution_weight` (0 leaves them out).
 pub fn build_from_store(store: &Store, options: &DatasetOptions) -> Result<Dataset> {
     options.validate()?;
     let mut aggregation = Aggregation::new(options);
@@ -243,12 +255,38 @@ pub fn build_from_store(store: &Store, options: &DatasetOptions) -> Result<Datas
         aggregation.add(record);
         Ok(())
     })?;
-    Ok(finish(aggregation, options))
+    let store_dir = store.path().parent().unwrap_or(std::path::Path::new("."));
+    let ai = match crate::constitution::pairs::read_current(store_dir)? {
+        Some(c) if options.constitution_weight > 0.0 => c.pairs,
+        _ => Vec::new(),
+    };
+    Ok(finish_with(aggregation, options, ai))
 }
 
 fn finish(aggregation: Aggregation, options: &DatasetOptions) -> Dataset {
+    finish_with(aggregation, options, Vec::new())
+}
+
+fn finish_with(
+    aggregation: Aggregation,
+    options: &DatasetOptions,
+    ai_pairs: Vec<crate::constitution::pairs::AiPair>,
+) -> Dataset {
     let (answers, mut stats) = aggregation.finish();
-    let examples = build::examples(&answers, options, &mut stats);
+    let mut examples = build::examples(&answers, options, &mut stats);
+    for (i, p) in ai_pairs.into_iter().enumerate() {
+        examples.pairs.push(PreferencePair {
+            prompt: p.prompt,
+            chosen: p.chosen,
+            rejected: p.rejected,
+            margin: 0.0,
+            conversation_id: p.conversation_id,
+            chosen_id: format!("constitution-{i}-revised"),
+            rejected_id: format!("constitution-{i}-original"),
+            source: Some(crate::constitution::pairs::SOURCE.to_string()),
+            weight: Some(options.constitution_weight as f32),
+        });
+    }
     let (train, eval) = split(examples, options.eval_fraction, options.seed);
     stats.train = train.counts();
     stats.eval = eval.counts();

@@ -1,10 +1,13 @@
-//! The judge: an OpenAI-compatible chat-completions endpoint that scores an answer against a
-//! rubric from 0 to 10. The base URL comes from the config (`evals.judge.url`, e.g.
-//! `https://api.openai.com/v1` or a local vLLM / llama.cpp server), the API key from the
-//! environment variable `evals.judge.api_key_env` names; the key is a [`SecretString`] and is
-//! never printed. One request per answer, `temperature: 0`; the reply must contain `Score: N`.
-//! Every failure (no answer within the timeout, an HTTP error, a reply without a usable score)
-//! is an error that names the endpoint and says what to do, never a silent pass or fail.
+//! The judge: the one client of an OpenAI-compatible chat-completions endpoint. [`Judge::chat`]
+//! sends a system and a user message and returns the reply text (the constitution's critiques
+//! and revisions, docs/constitution.md); [`Judge::score`] builds on it to grade an answer against
+//! a rubric from 0 to 10 (behaviour tests, docs/evals.md). The base URL comes from the config
+//! (`evals.judge.url` or `constitution.judge.url`, e.g. `https://api.openai.com/v1` or a local
+//! vLLM / llama.cpp server), the API key from the environment variable `api_key_env` names; the
+//! key is a [`SecretString`] and is never printed. `temperature: 0`. Every failure (no answer
+//! within the timeout, an HTTP error, a reply that is not a chat completion, a reply without a
+//! usable score) is an error that names the endpoint and the config section to fix, never a
+//! silent pass or fail.
 
 use std::time::Duration;
 
@@ -26,22 +29,41 @@ pub struct JudgeSettings {
     pub timeout_secs: u64,
 }
 
-/// Why the judge could not score an answer.
+/// Why the judge could not answer (or score). `section` is the config section the endpoint came
+/// from (`evals.judge`, `constitution.judge`), so the hint names the keys to change.
 #[derive(Debug, thiserror::Error)]
 pub enum JudgeError {
     #[error(
-        "the judge at {url} did not answer within {secs} s\nhint: raise `evals.judge.timeout_secs`, or check that the endpoint is up"
+        "the judge at {url} did not answer within {secs} s\nhint: raise `{section}.timeout_secs`, or check that the endpoint is up"
     )]
-    Timeout { url: String, secs: u64 },
-    #[error("the judge at {url} could not be reached: {detail}\nhint: check `evals.judge.url`")]
-    Unreachable { url: String, detail: String },
+    Timeout {
+        url: String,
+        secs: u64,
+        section: &'static str,
+    },
+    #[error("the judge at {url} could not be reached: {detail}\nhint: check `{section}.url`")]
+    Unreachable {
+        url: String,
+        detail: String,
+        section: &'static str,
+    },
     #[error(
-        "the judge at {url} answered HTTP {status}: {body}\nhint: check `evals.judge.model` and the key in the variable `evals.judge.api_key_env` names"
+        "the judge at {url} answered HTTP {status}: {body}\nhint: check `{section}.model` and the key in the variable `{section}.api_key_env` names"
     )]
     Status {
         url: String,
         status: u16,
         body: String,
+        section: &'static str,
+    },
+    #[error(
+        "the judge at {url} sent a reply that is not a chat completion ({problem}): {excerpt}\nhint: `{section}.url` must be an OpenAI-compatible API base (`.../v1`) whose /chat/completions answers with `choices[0].message.content`"
+    )]
+    BadReply {
+        url: String,
+        problem: String,
+        excerpt: String,
+        section: &'static str,
     },
     #[error(
         "the judge at {url} replied without a usable score ({problem}): {excerpt}\nhint: the reply must contain `Score: N` with N from 0 to 10; use a model that follows the instruction, or make the rubric say so"
@@ -65,6 +87,8 @@ pub struct Judge {
     key: Option<SecretString>,
     timeout: Duration,
     http: reqwest::Client,
+    /// The config section the settings came from, for the hints of errors.
+    section: &'static str,
 }
 
 impl Judge {
@@ -91,7 +115,15 @@ impl Judge {
             key,
             timeout,
             http: reqwest::Client::builder().timeout(timeout).build()?,
+            section: "evals.judge",
         })
+    }
+
+    /// Names the config section the settings came from (default `evals.judge`): error hints
+    /// name its keys.
+    pub fn in_section(mut self, section: &'static str) -> Self {
+        self.section = section;
+        self
     }
 
     /// Where requests go, safe to print.
@@ -106,19 +138,41 @@ impl Judge {
         conversation: &[ChatMessage],
         answer: &str,
     ) -> Result<f64, JudgeError> {
-        let url = self.shown_url();
         let mut transcript = String::new();
         for m in conversation {
             transcript.push_str(&format!("{}: {}\n", m.role, m.content));
         }
+        let content = self
+            .chat(
+                SYSTEM,
+                &format!(
+                    "Rubric:\n{rubric}\n\nConversation:\n{transcript}\nAnswer to grade:\n{answer}\n\nEnd with `Score: N` (0-10)."
+                ),
+            )
+            .await?;
+        let secrets: Vec<&str> = self.key.iter().map(SecretString::expose).collect();
+        let no_score = |problem: &str| JudgeError::NoScore {
+            url: self.shown_url(),
+            problem: problem.to_string(),
+            excerpt: error_body_excerpt(&content, &secrets),
+        };
+        let score = parse_score(&content).ok_or_else(|| no_score("no `Score: N` in the reply"))?;
+        if !(0.0..=10.0).contains(&score) {
+            return Err(no_score(&format!("score {score} is outside 0-10")));
+        }
+        Ok(score)
+    }
+
+    /// Sends one system and one user message; returns the text of the first choice.
+    pub async fn chat(&self, system: &str, user: &str) -> Result<String, JudgeError> {
+        let url = self.shown_url();
+        let section = self.section;
         let body = json!({
             "model": self.model,
             "temperature": 0,
             "messages": [
-                {"role": "system", "content": SYSTEM},
-                {"role": "user", "content": format!(
-                    "Rubric:\n{rubric}\n\nConversation:\n{transcript}\nAnswer to grade:\n{answer}\n\nEnd with `Score: N` (0-10)."
-                )},
+                {"role": "system", "content": system},
+                {"role": "user", "content": user},
             ],
         });
         let mut request = self.http.post(self.endpoint.clone()).json(&body);
@@ -131,11 +185,13 @@ impl Judge {
                 JudgeError::Timeout {
                     url: url.clone(),
                     secs: self.timeout.as_secs(),
+                    section,
                 }
             } else {
                 JudgeError::Unreachable {
                     url: url.clone(),
                     detail: error_body_excerpt(&e.to_string(), &secrets),
+                    section,
                 }
             }
         };
@@ -147,24 +203,22 @@ impl Judge {
                 url,
                 status: status.as_u16(),
                 body: error_body_excerpt(&text, &secrets),
+                section,
             });
         }
-        let no_score = |problem: &str| JudgeError::NoScore {
+        let bad_reply = |problem: &str| JudgeError::BadReply {
             url: url.clone(),
             problem: problem.to_string(),
             excerpt: error_body_excerpt(&text, &secrets),
+            section,
         };
         let reply: Value =
-            serde_json::from_str(&text).map_err(|_| no_score("the body is not JSON"))?;
+            serde_json::from_str(&text).map_err(|_| bad_reply("the body is not JSON"))?;
         let content = reply
             .pointer("/choices/0/message/content")
             .and_then(Value::as_str)
-            .ok_or_else(|| no_score("no choices[0].message.content"))?;
-        let score = parse_score(content).ok_or_else(|| no_score("no `Score: N` in the reply"))?;
-        if !(0.0..=10.0).contains(&score) {
-            return Err(no_score(&format!("score {score} is outside 0-10")));
-        }
-        Ok(score)
+            .ok_or_else(|| bad_reply("no choices[0].message.content"))?;
+        Ok(content.to_string())
     }
 }
 

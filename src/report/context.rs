@@ -349,6 +349,9 @@ pub struct ReportContext {
     /// The behaviour tests' results (`evals/*.yaml`), when the run had any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub evals: Option<crate::evals::EvalResults>,
+    /// What the last `rlhf-bot constitution` run changed (absent when there was none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub constitution: Option<crate::constitution::pairs::ConstitutionDiff>,
 }
 
 fn default_samples() -> usize {

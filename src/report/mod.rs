@@ -17,6 +17,7 @@
 //! answers to it) go only into the PR body, where a reviewer can still edit them out, unless
 //! [`RenderOptions::samples_in_files`] opts in; absolute paths are rewritten by [`LocalPaths`].
 
+mod constitution;
 pub mod context;
 mod evals;
 mod integrity;
@@ -311,6 +312,8 @@ struct View {
     integrity: Option<integrity::IntegrityView>,
     /// The behaviour tests' results (absent when the run had no evals).
     evals: Option<evals::EvalsView>,
+    /// The constitution diff (absent when no `rlhf-bot constitution` run exists).
+    constitution: Option<constitution::ConstitutionView>,
 }
 
 #[derive(Debug, Serialize)]
@@ -890,6 +893,15 @@ fn build_view(
         ),
         integrity: ctx.integrity.as_ref().map(integrity::view),
         evals: ctx.evals.as_ref().map(evals::view),
+        constitution: ctx.constitution.as_ref().map(|d| {
+            constitution::view(
+                d,
+                opts.samples_in_files,
+                PROMPT_CHARS,
+                ANSWER_CHARS,
+                PR_ANSWER_CHARS,
+            )
+        }),
     }
 }
 

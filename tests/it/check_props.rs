@@ -49,7 +49,7 @@ prop_compose! {
             last_training_at: hours_ago.map(|h| now() - Duration::hours(h)),
             quality: Some(QualityWindows { production_version: "policy-v2".into(), baseline: counts(bt, bu, bt / 2, 3.5), recent: counts(rt, ru, rt / 2, 3.0), held_out: 0 }),
             force,
-            rejected_same_data: None,
+            rejected_same_data: None, principles: None,
         }
     }
 }
@@ -119,6 +119,7 @@ fn a_clear_drop_fires_the_quality_trigger() {
         }),
         force: false,
         rejected_same_data: None,
+        principles: None,
     };
     let d = decide(&i, &t);
     assert!(d.trigger("quality").unwrap().fired, "{d:?}");
@@ -148,6 +149,7 @@ fn a_rejected_proposal_on_the_same_data_blocks_retraining_unless_forced() {
         quality: None,
         force: false,
         rejected_same_data: Some("#12".into()),
+        principles: None,
     };
     let d = decide(&i, &t);
     assert!(!d.retrain, "{d:?}");
@@ -164,6 +166,7 @@ fn a_rejected_proposal_on_the_same_data_blocks_retraining_unless_forced() {
     );
     let fresh = DecisionInput {
         rejected_same_data: None,
+        principles: None,
         ..i
     };
     assert!(decide(&fresh, &t).retrain);
@@ -259,4 +262,49 @@ fn check_on_the_bundled_sample_writes_actions_outputs() {
     );
     let md = std::fs::read_to_string(&summary).unwrap();
     assert!(md.contains("| volume | yes |"), "{md}");
+}
+
+#[test]
+fn the_principles_trigger_fires_only_on_a_change_and_waits_out_the_cooldown() {
+    let t = Thresholds::default();
+    let quiet = DecisionInput {
+        now: now(),
+        new_feedback: 0,
+        new_signals: 0,
+        last_training_at: Some(now() - Duration::days(1)),
+        quality: None,
+        force: false,
+        rejected_same_data: None,
+        principles: Some(Vec::new()),
+    };
+    let d = decide(&quiet, &t);
+    assert!(!d.retrain, "{d:?}");
+    assert!(!d.trigger("principles").unwrap().fired);
+    // No principles tracked: the trigger is not listed at all.
+    let untracked = DecisionInput {
+        principles: None,
+        ..quiet.clone()
+    };
+    assert!(decide(&untracked, &t).trigger("principles").is_none());
+    let edited = DecisionInput {
+        principles: Some(vec!["no-jargon changed".into()]),
+        ..quiet.clone()
+    };
+    let d = decide(&edited, &t);
+    assert!(d.retrain, "{d:?}");
+    assert_eq!(d.reasons(), "principles");
+    assert!(
+        d.trigger("principles")
+            .unwrap()
+            .detail
+            .contains("no-jargon changed")
+    );
+    let cooling = DecisionInput {
+        last_training_at: Some(now() - Duration::minutes(30)),
+        ..edited
+    };
+    assert!(
+        !decide(&cooling, &t).retrain,
+        "the cooldown holds the principles trigger too"
+    );
 }

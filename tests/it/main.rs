@@ -8,6 +8,7 @@ mod check_props;
 mod child_usage;
 mod common;
 mod config;
+mod constitution;
 mod crash;
 mod cuda;
 mod dashboard;

@@ -206,6 +206,7 @@ fn context(production: bool, win: (f64, f64, f64), kl: f64) -> ReportContext {
         deployed: Vec::new(),
         integrity: None,
         evals: None,
+        constitution: None,
     }
 }
 
