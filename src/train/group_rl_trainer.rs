@@ -23,6 +23,7 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Tensor};
 
+use crate::model::generate::Generation;
 use crate::run::outputs::PolicyAlgo;
 use crate::train::engine::{Objective, PhaseClock, StepReport, TrainOutcome, Updates};
 use crate::train::losses::grpo::{
@@ -41,6 +42,10 @@ use crate::train::policy_reward::PolicyReward;
 use crate::train::ppo_trainer::{
     Rollouts, row_index, sample_rollouts, score_rollouts, score_rows, score_rows_with,
 };
+use crate::train::reward_scorer::StepQuery;
+use crate::train::step_rewards::{
+    AnswerSteps, last_token_before, split_steps, step_advantages, step_metrics, token_spans,
+};
 
 /// Trains `policy` with GRPO or RLOO (`opts.algo`) on `prompts`, rewarded by `rm`; metrics
 /// stream to `out/log.jsonl`.
@@ -55,6 +60,9 @@ pub fn train_group_rl(
     let policy: &Policy = policy;
     let n = prompts.len();
     let reward = PolicyReward::new(&opts.reward, rm)?;
+    if opts.reward.step_weight != 0.0 {
+        rm.require_step_head()?;
+    }
     match opts.algo {
         PolicyAlgo::Grpo => {
             let mut grpo = GroupRl::<false>::new(policy, rm, reward, prompts, opts);
@@ -76,7 +84,7 @@ struct GroupBatch {
     /// Sampling policy's per-token log-probs, when an update may be off-policy or RLOO needs them.
     old_lp: Option<Tensor>,
     ref_lp: Option<Tensor>,
-    /// `[B]` f32.
+    /// `[B]` f32, or `[B, t]` per token with step rewards.
     advantages: Tensor,
     /// Answer tokens of the whole generation batch (`dapo`'s denominator).
     answer_tokens: f64,
@@ -232,8 +240,21 @@ impl<'a, const RLOO: bool> GroupRl<'a, RLOO> {
             )?;
             (a.advantages, a.metrics, None)
         };
-        let advantages: Vec<f32> = advantages.iter().map(|&a| a as f32).collect();
-        let n = advantages.len();
+        let step_weight = opts.reward.step_weight;
+        let (advantages, metrics) = if !RLOO && step_weight != 0.0 {
+            let steps = self.score_steps(&prompts, &q, &sampled)?;
+            clock.lap("step scoring");
+            let mut metrics = metrics;
+            metrics.extend(step_metrics(&steps));
+            let rows = step_advantages(&advantages, &steps, r.t, step_weight);
+            let flat: Vec<f32> = rows.iter().flatten().map(|&a| a as f32).collect();
+            (Tensor::from_vec(flat, (rows.len(), r.t), &dev)?, metrics)
+        } else {
+            // Off: one advantage per completion, exactly as before step rewards existed.
+            let flat: Vec<f32> = advantages.iter().map(|&a| a as f32).collect();
+            let n = flat.len();
+            (Tensor::from_vec(flat, n, &dev)?, metrics)
+        };
         let answer_tokens = r.answers.iter().map(Vec::len).sum::<usize>() as f64;
         clock.lap("advantages");
         Ok(GroupBatch {
@@ -242,11 +263,52 @@ impl<'a, const RLOO: bool> GroupRl<'a, RLOO> {
             mask,
             old_lp,
             ref_lp,
-            advantages: Tensor::from_vec(advantages, n, &dev)?,
+            advantages,
             answer_tokens,
             metrics,
             reward_kl,
         })
+    }
+}
+
+impl<const RLOO: bool> GroupRl<'_, RLOO> {
+    /// The step head's score of each step of each sampled answer, at the policy token that ends
+    /// the step (`train::step_rewards`).
+    fn score_steps(
+        &self,
+        prompts: &[&String],
+        q: &[Vec<u32>],
+        sampled: &Generation,
+    ) -> Result<Vec<AnswerSteps>> {
+        let tok = &self.policy.tokenizer;
+        let texts = sampled.texts(tok.inner(), true)?;
+        let spans = sampled
+            .tokens
+            .iter()
+            .map(|ids| token_spans(tok, ids))
+            .collect::<Result<Vec<_>>>()?;
+        let ends: Vec<Vec<usize>> = texts.iter().map(|t| split_steps(t)).collect();
+        let queries: Vec<StepQuery<'_>> = (0..texts.len())
+            .map(|i| StepQuery {
+                prompt: prompts[i],
+                answer: &texts[i],
+                prompt_ids: &q[i],
+                answer_ids: &sampled.tokens[i],
+                answer_spans: &spans[i],
+                step_ends: &ends[i],
+            })
+            .collect();
+        let probs = self.rm.step_probabilities(&queries)?;
+        Ok(ends
+            .iter()
+            .zip(&spans)
+            .zip(&probs)
+            .map(|((ends, spans), p)| {
+                let last: Vec<Option<usize>> =
+                    ends.iter().map(|e| last_token_before(spans, *e)).collect();
+                AnswerSteps::from_probabilities(&last, p)
+            })
+            .collect())
     }
 }
 

@@ -37,6 +37,9 @@ pub struct RewardOptions {
     /// `score` and/or aspect names → weight. Empty: the score alone, weight 1.
     pub weights: BTreeMap<String, f64>,
     pub rules: RuleOptions,
+    /// Dense step rewards (GRPO): the weight of the step head's score of each reasoning step in
+    /// the advantage of that step's tokens (`train::step_rewards`); 0 is off.
+    pub step_weight: f64,
 }
 
 /// `policy.reward.rules`: rewards computed from the answer alone.
@@ -75,6 +78,15 @@ impl RewardOptions {
     /// The first key (under `policy.reward`) holding a value no reward can be built from, and
     /// why. Aspect names are checked against the reward model when it is loaded.
     pub fn problem(&self) -> Option<(String, String)> {
+        if !(self.step_weight.is_finite() && self.step_weight >= 0.0) {
+            return Some((
+                "step_weight".into(),
+                format!(
+                    "expected a number >= 0 (0 turns step rewards off), got {}",
+                    self.step_weight
+                ),
+            ));
+        }
         for (name, w) in &self.weights {
             if !w.is_finite() {
                 return Some((
