@@ -4,10 +4,13 @@
 //! (a byte offset in the text) to a token position in either tokenizer, the per-token advantage
 //! and the step metrics. The reward model's forward pass is `RewardScorer::step_probabilities`.
 //!
-//! The split: a sampled answer has no reported steps, so it is cut where the dataset joins steps
-//! when it rebuilds an answer from them (`dataset::build`: steps joined with `"\n"`): one step
-//! per non-blank line, ending at the line's last non-whitespace character. An answer on one line
-//! is one step.
+//! The split: a sampled answer has no reported steps, so it is cut where recorded steps end. The
+//! assistant reports its steps as sentences of the answer (every step end recorded in the bundled
+//! sample is a sentence end), and the dataset joins steps with `"\n"` when it rebuilds an answer
+//! from them (`dataset::build`). So a step ends after `.`, `!` or `?` followed by whitespace or
+//! the end of the text, and at the last visible character before a line break or the end; blank
+//! stretches are no step. A lead-in sentence ("Here is how economists see it.") is a step of its
+//! own, and an abbreviation such as "e.g. " cuts a sentence in two: both only add a step.
 //!
 //! The score of step k is `2·σ(logit) − 1` ∈ (−1, 1): the step head is trained with BCE on thumbs
 //! (up = 1), so σ is its probability that the step is right, and centring it at ½ makes a step the
@@ -20,17 +23,28 @@ use anyhow::{Context, Result};
 
 use crate::model::tokenizer::Tokenizer;
 
-/// Byte offsets (exclusive) where each step of `text` ends: one step per non-blank line.
+/// Byte offsets (exclusive) where each step of `text` ends: at sentence ends and line ends.
 pub fn split_steps(text: &str) -> Vec<usize> {
     let mut ends = Vec::new();
-    let mut line_start = 0;
-    for line in text.split('\n') {
-        let trimmed = line.trim_end();
-        if !trimmed.trim_start().is_empty() {
-            ends.push(line_start + trimmed.len());
+    // End of the last visible character of the step being read, if it has one.
+    let mut open: Option<usize> = None;
+    let mut chars = text.char_indices().peekable();
+    while let Some((i, c)) = chars.next() {
+        if c == '\n' {
+            ends.extend(open.take());
+            continue;
         }
-        line_start += line.len() + 1;
+        if c.is_whitespace() {
+            continue;
+        }
+        let end = i + c.len_utf8();
+        open = Some(end);
+        let at_break = chars.peek().is_none_or(|(_, next)| next.is_whitespace());
+        if matches!(c, '.' | '!' | '?') && at_break {
+            ends.extend(open.take());
+        }
     }
+    ends.extend(open);
     ends
 }
 
@@ -132,17 +146,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn steps_are_non_blank_lines_ending_at_their_last_visible_character() {
-        let text = "First, add 2.\n\n  Then double it.  \nSo 8.";
+    fn steps_end_at_sentence_and_line_ends() {
+        let text = "First, add 2. Then double it!\n\n  So 8  \nPi is 3.14 or so";
         let ends = split_steps(text);
-        assert_eq!(ends.len(), 3);
-        assert_eq!(&text[..ends[0]], "First, add 2.");
-        assert!(text[..ends[1]].ends_with("Then double it."));
-        assert_eq!(ends[2], text.len());
-        assert_eq!(split_steps("one line"), vec![8]);
-        assert!(split_steps("  \n\n").is_empty());
+        let steps: Vec<&str> = ends.iter().map(|e| &text[..*e]).collect();
+        assert_eq!(ends.len(), 4, "{steps:?}");
+        assert_eq!(steps[0], "First, add 2.");
+        assert!(steps[1].ends_with("Then double it!"));
+        assert!(steps[2].ends_with("So 8"));
+        // A decimal point is no sentence end.
+        assert_eq!(ends[3], text.len());
+        // A recorded answer of the sample: its two steps end where the split ends them.
+        let answer = "Briefly, EVs use more oil than cars. Oil demand cannot change.";
+        let e = split_steps(answer);
+        assert_eq!(&answer[..e[0]], "Briefly, EVs use more oil than cars.");
+        assert_eq!(e[1], answer.len());
+        assert_eq!(split_steps("one step"), vec![8]);
+        assert!(split_steps("  \n\n ").is_empty());
         // Multi-byte characters: offsets stay on char boundaries.
-        let de = "CO₂ steigt.\nDann fällt er.";
+        let de = "CO₂ steigt. Dann fällt er.";
         let e = split_steps(de);
         assert_eq!(&de[..e[0]], "CO₂ steigt.");
         assert_eq!(e[1], de.len());
