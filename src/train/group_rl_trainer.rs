@@ -6,7 +6,10 @@
 //! `temperature` (PPO's `sample_rollouts`); every answer gets the components of the policy's
 //! reward (`train::policy_reward`: the reward model's score and aspect heads, rule rewards),
 //! each one reward function with its weight; advantages come from `losses::grpo::grpo_advantages` or
-//! `losses::rloo::rloo_advantages` (rows `g·G .. (g+1)·G` are prompt `g`'s group). Reference
+//! `losses::rloo::rloo_advantages` (rows `g·G .. (g+1)·G` are prompt `g`'s group). With
+//! `policy.reward.step_weight` > 0, GRPO's advantages become per token: the reward model's step
+//! head scores each step of each answer and `train::step_rewards` adds the weighted score on that
+//! step's tokens. Reference
 //! log-probs are computed once, without a graph, only when β ≠ 0; the sampling policy's
 //! log-probs only when an update can be off-policy (`num_iterations` > 1) or RLOO's reward needs
 //! them for its KL. Then `num_iterations` optimiser updates over all the step's completions,
@@ -42,10 +45,8 @@ use crate::train::policy_reward::PolicyReward;
 use crate::train::ppo_trainer::{
     Rollouts, row_index, sample_rollouts, score_rollouts, score_rows, score_rows_with,
 };
-use crate::train::reward_scorer::StepQuery;
-use crate::train::step_rewards::{
-    AnswerSteps, last_token_before, split_steps, step_advantages, step_metrics, token_spans,
-};
+use crate::train::reward_scorer::AnswerRows;
+use crate::train::step_rewards::{AnswerSteps, step_advantages, step_metrics};
 
 /// Trains `policy` with GRPO or RLOO (`opts.algo`) on `prompts`, rewarded by `rm`; metrics
 /// stream to `out/log.jsonl`.
@@ -282,32 +283,19 @@ impl<const RLOO: bool> GroupRl<'_, RLOO> {
     ) -> Result<Vec<AnswerSteps>> {
         let tok = &self.policy.tokenizer;
         let texts = sampled.texts(tok.inner(), true)?;
-        let spans = sampled
-            .tokens
+        let prompts: Vec<&str> = prompts.iter().map(|p| p.as_str()).collect();
+        let scored = self.rm.answer_steps(
+            tok,
+            &AnswerRows {
+                prompts: &prompts,
+                prompt_ids: q,
+                answer_ids: &sampled.tokens,
+                answer_texts: &texts,
+            },
+        )?;
+        Ok(scored
             .iter()
-            .map(|ids| token_spans(tok, ids))
-            .collect::<Result<Vec<_>>>()?;
-        let ends: Vec<Vec<usize>> = texts.iter().map(|t| split_steps(t)).collect();
-        let queries: Vec<StepQuery<'_>> = (0..texts.len())
-            .map(|i| StepQuery {
-                prompt: prompts[i],
-                answer: &texts[i],
-                prompt_ids: &q[i],
-                answer_ids: &sampled.tokens[i],
-                answer_spans: &spans[i],
-                step_ends: &ends[i],
-            })
-            .collect();
-        let probs = self.rm.step_probabilities(&queries)?;
-        Ok(ends
-            .iter()
-            .zip(&spans)
-            .zip(&probs)
-            .map(|((ends, spans), p)| {
-                let last: Vec<Option<usize>> =
-                    ends.iter().map(|e| last_token_before(spans, *e)).collect();
-                AnswerSteps::from_probabilities(&last, p)
-            })
+            .map(|s| AnswerSteps::from_probabilities(&s.last_tokens, &s.probabilities))
             .collect())
     }
 }

@@ -2,7 +2,8 @@
 //! each reasoning step of a sampled answer, and the score joins the advantage of that step's
 //! tokens. This module owns the step split of a sampled answer, the mapping of a step's end
 //! (a byte offset in the text) to a token position in either tokenizer, the per-token advantage
-//! and the step metrics. The reward model's forward pass is `RewardScorer::step_probabilities`.
+//! and the step metrics. The reward model's side (the forward pass, σ of the step logit) is
+//! `RewardScorer::answer_steps`.
 //!
 //! The split: a sampled answer has no reported steps, so it is cut where recorded steps end. The
 //! assistant reports its steps as sentences of the answer (every step end recorded in the bundled
