@@ -7,7 +7,8 @@
 # policy's held-out answers are right), the KL to the reference and the wall time.
 #   scripts/compare-step-rewards.sh [STEPS] [STEP_WEIGHT]
 # RLHF_BOT picks the binary (default target/debug/rlhf-bot, built here if missing; a release
-# build is faster to run but slow to build on a small machine).
+# build is much faster to run). The scale: GENERATIONS completions for each of PROMPTS prompts a
+# step (default 2 × 4), COMPLETION_LEN new tokens (48), EVAL_PROMPTS held-out prompts (8).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export RLHF_MODELS_DIR=${RLHF_MODELS_DIR:-$HOME/.cache/rlhf-bot/models}
@@ -20,9 +21,11 @@ gguf="$RLHF_MODELS_DIR/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 work=.rlhf/step-rewards
 rm -rf "$work" && mkdir -p "$work"
-# The SmolLM2 demo config with its store under $work and small GRPO groups.
+# The SmolLM2 demo config with its store under $work, at the chosen scale.
 sed -e "s#\.rlhf/smollm2-demo#$work#g" \
-    -e '/^policy:/a\  grpo: {prompts_per_step: 2, num_generations: 4}' \
+    -e "s/max_completion_length: [0-9]*/max_completion_length: ${COMPLETION_LEN:-48}/" \
+    -e "s/eval_prompts: [0-9]*/eval_prompts: ${EVAL_PROMPTS:-8}/" \
+    -e "/^policy:/a\\  grpo: {prompts_per_step: ${PROMPTS:-2}, num_generations: ${GENERATIONS:-4}}" \
     configs/smollm2-demo.yaml >"$work/base.yaml"
 bot() { "$bin" --config "$1" "${@:2}"; }
 

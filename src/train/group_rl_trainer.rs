@@ -41,11 +41,10 @@ use crate::train::policy_common::{
     GroupRlOptions, Policy, PolicyTrainOptions, check_sampling_inputs, run_sampling_objective,
 };
 use crate::train::policy_eval::{RewardScorer, prompt_ids};
-use crate::train::policy_reward::PolicyReward;
+use crate::train::policy_reward::{PolicyReward, ScoredAnswers, answer_steps};
 use crate::train::ppo_trainer::{
     Rollouts, row_index, sample_rollouts, score_rollouts, score_rows, score_rows_with,
 };
-use crate::train::reward_scorer::AnswerRows;
 use crate::train::step_rewards::{AnswerSteps, step_advantages, step_metrics};
 
 /// Trains `policy` with GRPO or RLOO (`opts.algo`) on `prompts`, rewarded by `rm`; metrics
@@ -284,13 +283,15 @@ impl<const RLOO: bool> GroupRl<'_, RLOO> {
         let tok = &self.policy.tokenizer;
         let texts = sampled.texts(tok.inner(), true)?;
         let prompts: Vec<&str> = prompts.iter().map(|p| p.as_str()).collect();
-        let scored = self.rm.answer_steps(
+        let scored = answer_steps(
+            self.rm,
             tok,
-            &AnswerRows {
+            &ScoredAnswers {
                 prompts: &prompts,
                 prompt_ids: q,
                 answer_ids: &sampled.tokens,
                 answer_texts: &texts,
+                finished: &sampled.finished,
             },
         )?;
         Ok(scored

@@ -20,9 +20,9 @@ use crate::model::llama::LlamaForCausalLM;
 use crate::model::sampling::SamplingParams;
 use crate::model::tokenizer::Tokenizer;
 use crate::run::outputs::{PolicyEval, PolicySample, RewardComponentEval};
-use crate::train::policy_reward::{PolicyReward, ScoredAnswers};
+use crate::train::policy_reward::{PolicyReward, ScoredAnswers, answer_steps};
 // The scorer has its own module (the reward composition reads it too); re-exported for callers.
-use crate::train::reward_scorer::{AnswerRows, joined_rows};
+use crate::train::reward_scorer::joined_rows;
 pub use crate::train::reward_scorer::{ModelRewards, RewardScorer};
 
 /// Answers of one policy to the evaluation prompts.
@@ -327,15 +327,7 @@ fn mean_step_probability(
     answers: &Answers,
 ) -> Result<Option<f64>> {
     let texts: Vec<&str> = prompts.iter().map(String::as_str).collect();
-    let scored = rm.answer_steps(
-        tokenizer,
-        &AnswerRows {
-            prompts: &texts,
-            prompt_ids: &answers.prompt_ids,
-            answer_ids: &answers.tokens,
-            answer_texts: &answers.texts,
-        },
-    )?;
+    let scored = answer_steps(rm, tokenizer, &answers.scored(&texts))?;
     let probs: Vec<f64> = scored
         .iter()
         .flat_map(|s| s.probabilities.iter().copied())

@@ -11,7 +11,7 @@ use candle_core::{D, Device, Tensor};
 use crate::model::bert::BertRewardModel;
 use crate::model::llama::{ClassifierOutput, LlamaForSequenceClassification};
 use crate::model::tokenizer::Tokenizer;
-use crate::train::step_rewards::{last_token_before, split_steps, token_spans};
+use crate::train::step_rewards::last_token_before;
 
 /// A trained reward model (from `train reward`), scoring (prompt + answer) texts.
 // One value per run holds a whole model either way; boxing would only add an indirection.
@@ -185,43 +185,11 @@ impl RewardScorer {
         }
     }
 
-    /// Splits each answer into steps (`step_rewards::split_steps`) and gives, per step, the
-    /// policy answer token that ends it and the step head's probability that the step is right.
-    /// `tok` is the policy's tokenizer (the answers' ids are its).
-    pub fn answer_steps(&self, tok: &Tokenizer, rows: &AnswerRows<'_>) -> Result<Vec<ScoredSteps>> {
-        let spans = rows
-            .answer_ids
-            .iter()
-            .map(|ids| token_spans(tok, ids))
-            .collect::<Result<Vec<_>>>()?;
-        let ends: Vec<Vec<usize>> = rows.answer_texts.iter().map(|t| split_steps(t)).collect();
-        let queries: Vec<StepQuery<'_>> = (0..rows.answer_texts.len())
-            .map(|i| StepQuery {
-                prompt: rows.prompts[i],
-                answer: &rows.answer_texts[i],
-                prompt_ids: &rows.prompt_ids[i],
-                answer_ids: &rows.answer_ids[i],
-                answer_spans: &spans[i],
-                step_ends: &ends[i],
-            })
-            .collect();
-        let probs = self.step_probabilities(&queries)?;
-        Ok(ends
-            .iter()
-            .zip(&spans)
-            .zip(probs)
-            .map(|((ends, spans), probabilities)| ScoredSteps {
-                last_tokens: ends.iter().map(|e| last_token_before(spans, *e)).collect(),
-                probabilities,
-            })
-            .collect())
-    }
-
     /// The step head's probability that each step is right, per row and step (`NaN` where no
     /// token carries the step). Each row is prompt + answer; the head is read at the last token
     /// that starts before the step's end (`step_rewards::last_token_before`), in the reward
     /// model's own tokenization when it has a tokenizer, else at the policy's answer tokens.
-    fn step_probabilities(&self, rows: &[StepQuery<'_>]) -> Result<Vec<Vec<f64>>> {
+    pub fn step_probabilities(&self, rows: &[StepQuery<'_>]) -> Result<Vec<Vec<f64>>> {
         self.require_step_head()?;
         let Self::Llama {
             model, tokenizer, ..
@@ -280,30 +248,9 @@ impl RewardScorer {
     }
 }
 
-/// Prompt + answer rows in every form the step scoring reads, row for row.
-#[derive(Debug, Clone, Copy)]
-pub struct AnswerRows<'a> {
-    pub prompts: &'a [&'a str],
-    /// The policy's ids of each prompt.
-    pub prompt_ids: &'a [Vec<u32>],
-    /// The policy's ids of each answer.
-    pub answer_ids: &'a [Vec<u32>],
-    /// Each answer decoded without special tokens.
-    pub answer_texts: &'a [String],
-}
-
-/// One answer's steps as the step head sees them, in step order.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ScoredSteps {
-    /// The policy answer token that ends each step (`None`: no token starts before its end).
-    pub last_tokens: Vec<Option<usize>>,
-    /// σ(step logit) of each step; `NaN` where the reward model's row has no token for it.
-    pub probabilities: Vec<f64>,
-}
-
 /// One answer whose steps the step head scores.
 #[derive(Debug, Clone, Copy)]
-struct StepQuery<'a> {
+pub struct StepQuery<'a> {
     pub prompt: &'a str,
     /// The answer's text, as the reward reads it.
     pub answer: &'a str,

@@ -3,7 +3,7 @@
 //! tokens. This module owns the step split of a sampled answer, the mapping of a step's end
 //! (a byte offset in the text) to a token position in either tokenizer, the per-token advantage
 //! and the step metrics. The reward model's side (the forward pass, σ of the step logit) is
-//! `RewardScorer::answer_steps`.
+//! `RewardScorer::step_probabilities`; `policy_reward::answer_steps` puts the two together.
 //!
 //! The split: a sampled answer has no reported steps, so it is cut where recorded steps end. The
 //! assistant reports its steps as sentences of the answer (every step end recorded in the bundled
@@ -73,6 +73,15 @@ pub fn token_spans(tok: &Tokenizer, ids: &[u32]) -> Result<Vec<(usize, usize)>> 
         prev = end;
     }
     Ok(spans)
+}
+
+/// One answer's steps as the step head sees them, in step order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScoredSteps {
+    /// The policy answer token that ends each step (`None`: no token starts before its end).
+    pub last_tokens: Vec<Option<usize>>,
+    /// σ(step logit) of each step; `NaN` where the reward model's row has no token for it.
+    pub probabilities: Vec<f64>,
 }
 
 /// One sampled answer's steps: for each, the policy token that ends it and its score in (−1, 1).
