@@ -9,10 +9,9 @@
 //! `losses::rloo::rloo_advantages` (rows `g·G .. (g+1)·G` are prompt `g`'s group). With
 //! `policy.reward.step_weight` > 0, GRPO's advantages become per token: the reward model's step
 //! head scores each step of each answer and `train::step_rewards` adds the weighted score on that
-//! step's tokens. Reference
-//! log-probs are computed once, without a graph, only when β ≠ 0; the sampling policy's
-//! log-probs only when an update can be off-policy (`num_iterations` > 1) or RLOO's reward needs
-//! them for its KL. Then `num_iterations` optimiser updates over all the step's completions,
+//! step's tokens. Reference log-probs are computed once, without a graph, only when β ≠ 0; the
+//! sampling policy's log-probs only when an update can be off-policy (`num_iterations` > 1) or
+//! RLOO's reward needs them for its KL. Then `num_iterations` optimiser updates over all the step's completions,
 //! scored `batch_size` rows at a time, with `losses::grpo::grpo_loss` / `losses::rloo::rloo_loss`
 //! (per-token entropies, a full-vocabulary pass, only when GRPO's entropy bonus or top-entropy
 //! mask asks for them).
