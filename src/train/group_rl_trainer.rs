@@ -11,10 +11,10 @@
 //! head scores each step of each answer and `train::step_rewards` adds the weighted score on that
 //! step's tokens. Reference log-probs are computed once, without a graph, only when β ≠ 0; the
 //! sampling policy's log-probs only when an update can be off-policy (`num_iterations` > 1) or
-//! RLOO's reward needs them for its KL. Then `num_iterations` optimiser updates over all the step's completions,
-//! scored `batch_size` rows at a time, with `losses::grpo::grpo_loss` / `losses::rloo::rloo_loss`
-//! (per-token entropies, a full-vocabulary pass, only when GRPO's entropy bonus or top-entropy
-//! mask asks for them).
+//! RLOO's reward needs them for its KL. Then `num_iterations` optimiser updates over all the
+//! step's completions, scored `batch_size` rows at a time, with `losses::grpo::grpo_loss` /
+//! `losses::rloo::rloo_loss` (per-token entropies, a full-vocabulary pass, only when GRPO's
+//! entropy bonus or top-entropy mask asks for them).
 //!
 //! The KL ceiling guards the mean per-completion KL to the reference (GRPO: summed k3 of the
 //! first update's log-probs; RLOO: summed k1 of the sampling policy, the KL in its reward).
