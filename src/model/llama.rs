@@ -1445,6 +1445,11 @@ impl LlamaForSequenceClassification {
         &self.model.cfg
     }
 
+    /// Whether the model has a per-token step head.
+    pub fn has_step_head(&self) -> bool {
+        self.step_head.is_some()
+    }
+
     /// Names of the aspect heads, in output column order.
     pub fn aspect_names(&self) -> Vec<&str> {
         self.aspect_heads.iter().map(|(n, _)| n.as_str()).collect()

@@ -276,6 +276,13 @@ pub struct PolicyEval {
     /// before and after training.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub reward_components: Vec<RewardComponentEval>,
+    /// With a step head on the reward model: the mean probability it gives the steps of the
+    /// candidate's held-out answers (and of production's) of being right (`train::step_rewards`
+    /// splits the answers into steps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_score: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub production_step_score: Option<f64>,
 }
 
 /// One component of the policy's reward (`policy.reward`) on the held-out prompts: its mean for

@@ -18,6 +18,7 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::model::tokenizer::Tokenizer;
+use crate::train::step_rewards::last_token_before;
 
 /// One preference pair as text. `prompt` is the conversation before the answer, already rendered
 /// (see [`crate::dataset::render_plain_prompt`]).
@@ -245,8 +246,7 @@ pub fn encode_points(
                 let (mut positions, mut ys) = (Vec::new(), Vec::new());
                 for (end, label) in ends.iter().zip(labels) {
                     let Some(label) = label else { continue };
-                    // The step's last token is the last one that starts before the step ends.
-                    if let Some(j) = offsets.iter().rposition(|(start, _)| start < end) {
+                    if let Some(j) = last_token_before(offsets, *end) {
                         positions.push(answer_start + j);
                         ys.push(if *label { 1.0 } else { 0.0 });
                     }

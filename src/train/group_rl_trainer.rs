@@ -6,13 +6,15 @@
 //! `temperature` (PPO's `sample_rollouts`); every answer gets the components of the policy's
 //! reward (`train::policy_reward`: the reward model's score and aspect heads, rule rewards),
 //! each one reward function with its weight; advantages come from `losses::grpo::grpo_advantages` or
-//! `losses::rloo::rloo_advantages` (rows `g·G .. (g+1)·G` are prompt `g`'s group). Reference
-//! log-probs are computed once, without a graph, only when β ≠ 0; the sampling policy's
-//! log-probs only when an update can be off-policy (`num_iterations` > 1) or RLOO's reward needs
-//! them for its KL. Then `num_iterations` optimiser updates over all the step's completions,
-//! scored `batch_size` rows at a time, with `losses::grpo::grpo_loss` / `losses::rloo::rloo_loss`
-//! (per-token entropies, a full-vocabulary pass, only when GRPO's entropy bonus or top-entropy
-//! mask asks for them).
+//! `losses::rloo::rloo_advantages` (rows `g·G .. (g+1)·G` are prompt `g`'s group). With
+//! `policy.reward.step_weight` > 0, GRPO's advantages become per token: the reward model's step
+//! head scores each step of each answer and `train::step_rewards` adds the weighted score on that
+//! step's tokens. Reference log-probs are computed once, without a graph, only when β ≠ 0; the
+//! sampling policy's log-probs only when an update can be off-policy (`num_iterations` > 1) or
+//! RLOO's reward needs them for its KL. Then `num_iterations` optimiser updates over all the
+//! step's completions, scored `batch_size` rows at a time, with `losses::grpo::grpo_loss` /
+//! `losses::rloo::rloo_loss` (per-token entropies, a full-vocabulary pass, only when GRPO's
+//! entropy bonus or top-entropy mask asks for them).
 //!
 //! The KL ceiling guards the mean per-completion KL to the reference (GRPO: summed k3 of the
 //! first update's log-probs; RLOO: summed k1 of the sampling policy, the KL in its reward).
@@ -23,6 +25,7 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Tensor};
 
+use crate::model::generate::Generation;
 use crate::run::outputs::PolicyAlgo;
 use crate::train::engine::{Objective, PhaseClock, StepReport, TrainOutcome, Updates};
 use crate::train::losses::grpo::{
@@ -37,10 +40,11 @@ use crate::train::policy_common::{
     GroupRlOptions, Policy, PolicyTrainOptions, check_sampling_inputs, run_sampling_objective,
 };
 use crate::train::policy_eval::{RewardScorer, prompt_ids};
-use crate::train::policy_reward::PolicyReward;
+use crate::train::policy_reward::{PolicyReward, ScoredAnswers, answer_steps};
 use crate::train::ppo_trainer::{
     Rollouts, row_index, sample_rollouts, score_rollouts, score_rows, score_rows_with,
 };
+use crate::train::step_rewards::{AnswerSteps, step_advantages, step_metrics};
 
 /// Trains `policy` with GRPO or RLOO (`opts.algo`) on `prompts`, rewarded by `rm`; metrics
 /// stream to `out/log.jsonl`.
@@ -55,6 +59,9 @@ pub fn train_group_rl(
     let policy: &Policy = policy;
     let n = prompts.len();
     let reward = PolicyReward::new(&opts.reward, rm)?;
+    if opts.reward.step_weight != 0.0 {
+        rm.require_step_head()?;
+    }
     match opts.algo {
         PolicyAlgo::Grpo => {
             let mut grpo = GroupRl::<false>::new(policy, rm, reward, prompts, opts);
@@ -76,7 +83,7 @@ struct GroupBatch {
     /// Sampling policy's per-token log-probs, when an update may be off-policy or RLOO needs them.
     old_lp: Option<Tensor>,
     ref_lp: Option<Tensor>,
-    /// `[B]` f32.
+    /// `[B]` f32, or `[B, t]` per token with step rewards.
     advantages: Tensor,
     /// Answer tokens of the whole generation batch (`dapo`'s denominator).
     answer_tokens: f64,
@@ -232,8 +239,21 @@ impl<'a, const RLOO: bool> GroupRl<'a, RLOO> {
             )?;
             (a.advantages, a.metrics, None)
         };
-        let advantages: Vec<f32> = advantages.iter().map(|&a| a as f32).collect();
-        let n = advantages.len();
+        let step_weight = opts.reward.step_weight;
+        let (advantages, metrics) = if !RLOO && step_weight != 0.0 {
+            let steps = self.score_steps(&prompts, &q, &sampled)?;
+            clock.lap("step scoring");
+            let mut metrics = metrics;
+            metrics.extend(step_metrics(&steps));
+            let rows = step_advantages(&advantages, &steps, r.t, step_weight);
+            let flat: Vec<f32> = rows.iter().flatten().map(|&a| a as f32).collect();
+            (Tensor::from_vec(flat, (rows.len(), r.t), &dev)?, metrics)
+        } else {
+            // Off: one advantage per completion, exactly as before step rewards existed.
+            let flat: Vec<f32> = advantages.iter().map(|&a| a as f32).collect();
+            let n = flat.len();
+            (Tensor::from_vec(flat, n, &dev)?, metrics)
+        };
         let answer_tokens = r.answers.iter().map(Vec::len).sum::<usize>() as f64;
         clock.lap("advantages");
         Ok(GroupBatch {
@@ -242,11 +262,41 @@ impl<'a, const RLOO: bool> GroupRl<'a, RLOO> {
             mask,
             old_lp,
             ref_lp,
-            advantages: Tensor::from_vec(advantages, n, &dev)?,
+            advantages,
             answer_tokens,
             metrics,
             reward_kl,
         })
+    }
+}
+
+impl<const RLOO: bool> GroupRl<'_, RLOO> {
+    /// The step head's score of each step of each sampled answer, at the policy token that ends
+    /// the step (`train::step_rewards`).
+    fn score_steps(
+        &self,
+        prompts: &[&String],
+        q: &[Vec<u32>],
+        sampled: &Generation,
+    ) -> Result<Vec<AnswerSteps>> {
+        let tok = &self.policy.tokenizer;
+        let texts = sampled.texts(tok.inner(), true)?;
+        let prompts: Vec<&str> = prompts.iter().map(|p| p.as_str()).collect();
+        let scored = answer_steps(
+            self.rm,
+            tok,
+            &ScoredAnswers {
+                prompts: &prompts,
+                prompt_ids: q,
+                answer_ids: &sampled.tokens,
+                answer_texts: &texts,
+                finished: &sampled.finished,
+            },
+        )?;
+        Ok(scored
+            .iter()
+            .map(|s| AnswerSteps::from_probabilities(&s.last_tokens, &s.probabilities))
+            .collect())
     }
 }
 

@@ -25,3 +25,4 @@ pub mod reward_run;
 pub mod reward_scorer;
 pub mod reward_trainer;
 pub mod schedule;
+pub mod step_rewards;

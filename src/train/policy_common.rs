@@ -466,6 +466,13 @@ impl PolicyTrainOptions {
         if self.max_steps.is_none() && self.epochs == 0 {
             bail!("policy options need max_steps or epochs ≥ 1");
         }
+        if self.reward.step_weight != 0.0 && self.algo != PolicyAlgo::Grpo {
+            bail!(
+                "policy.reward.step_weight is {} but {} takes no step rewards (they enter GRPO's per-token advantage)\nhint: use --algo grpo, or set policy.reward.step_weight to 0",
+                self.reward.step_weight,
+                self.algo.as_str()
+            );
+        }
         if self.algo.is_online() && self.max_steps.is_none() {
             bail!(
                 "{} needs max_steps\nhint: set max_steps (an online algorithm has no epochs over a fixed set)",

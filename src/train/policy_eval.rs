@@ -8,7 +8,9 @@
 //! the candidate's answers to the reference (the exact KL between the two models' next-token
 //! distributions, summed over each answer's positions: never negative, greedy answers too),
 //! mean answer lengths, and a few sample pairs; with `policy.reward` configured, each reward
-//! component's mean for the initial policy's answers and the trained one's.
+//! component's mean for the initial policy's answers and the trained one's; with a step head on
+//! the reward model, the mean step score of each policy's answers (`train::step_rewards` splits
+//! them into steps).
 
 use anyhow::{Context, Result, bail};
 use candle_core::{D, Tensor};
@@ -18,7 +20,7 @@ use crate::model::llama::LlamaForCausalLM;
 use crate::model::sampling::SamplingParams;
 use crate::model::tokenizer::Tokenizer;
 use crate::run::outputs::{PolicyEval, PolicySample, RewardComponentEval};
-use crate::train::policy_reward::{PolicyReward, ScoredAnswers};
+use crate::train::policy_reward::{PolicyReward, ScoredAnswers, answer_steps};
 // The scorer has its own module (the reward composition reads it too); re-exported for callers.
 use crate::train::reward_scorer::joined_rows;
 pub use crate::train::reward_scorer::{ModelRewards, RewardScorer};
@@ -267,6 +269,14 @@ pub fn evaluate(
         s.max_prompt_len,
         s.batch_size,
     )?;
+    let (step_score, production_step_score) = if rm.require_step_head().is_ok() {
+        (
+            mean_step_probability(rm, tokenizer, prompts, &cand)?,
+            mean_step_probability(rm, tokenizer, prompts, &prod)?,
+        )
+    } else {
+        (None, None)
+    };
     let n = prompts.len();
     let mut wins2 = 0u64; // twice the wins, so a tie adds 1
     for (c, p) in cand.scores.iter().zip(&prod.scores) {
@@ -303,5 +313,25 @@ pub fn evaluate(
         production_response_length: Some(len(&prod.tokens)),
         samples,
         reward_components,
+        step_score,
+        production_step_score,
     })
+}
+
+/// The mean over every step of `answers` of the step head's probability that it is right;
+/// `None` when no answer has a step.
+fn mean_step_probability(
+    rm: &RewardScorer,
+    tokenizer: &Tokenizer,
+    prompts: &[String],
+    answers: &Answers,
+) -> Result<Option<f64>> {
+    let texts: Vec<&str> = prompts.iter().map(String::as_str).collect();
+    let scored = answer_steps(rm, tokenizer, &answers.scored(&texts))?;
+    let probs: Vec<f64> = scored
+        .iter()
+        .flat_map(|s| s.probabilities.iter().copied())
+        .filter(|p| p.is_finite())
+        .collect();
+    Ok((!probs.is_empty()).then(|| probs.iter().sum::<f64>() / probs.len() as f64))
 }

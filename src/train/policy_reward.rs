@@ -19,7 +19,9 @@ use anyhow::{Result, bail};
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 
-use crate::train::reward_scorer::{ModelRewards, RewardScorer, joined_rows};
+use crate::model::tokenizer::Tokenizer;
+use crate::train::reward_scorer::{ModelRewards, RewardScorer, StepQuery, joined_rows};
+use crate::train::step_rewards::{ScoredSteps, last_token_before, split_steps, token_spans};
 
 /// The reward model's final score in `policy.reward.weights`.
 pub const SCORE_KEY: &str = "score";
@@ -37,6 +39,9 @@ pub struct RewardOptions {
     /// `score` and/or aspect names → weight. Empty: the score alone, weight 1.
     pub weights: BTreeMap<String, f64>,
     pub rules: RuleOptions,
+    /// Dense step rewards (GRPO): the weight of the step head's score of each reasoning step in
+    /// the advantage of that step's tokens (`train::step_rewards`); 0 is off.
+    pub step_weight: f64,
 }
 
 /// `policy.reward.rules`: rewards computed from the answer alone.
@@ -75,6 +80,15 @@ impl RewardOptions {
     /// The first key (under `policy.reward`) holding a value no reward can be built from, and
     /// why. Aspect names are checked against the reward model when it is loaded.
     pub fn problem(&self) -> Option<(String, String)> {
+        if !(self.step_weight.is_finite() && self.step_weight >= 0.0) {
+            return Some((
+                "step_weight".into(),
+                format!(
+                    "expected a number >= 0 (0 turns step rewards off), got {}",
+                    self.step_weight
+                ),
+            ));
+        }
         for (name, w) in &self.weights {
             if !w.is_finite() {
                 return Some((
@@ -149,6 +163,42 @@ pub struct ScoredAnswers<'a> {
     pub answer_ids: &'a [Vec<u32>],
     pub answer_texts: &'a [String],
     pub finished: &'a [bool],
+}
+
+/// Splits each answer into steps (`step_rewards::split_steps`) and gives, per step, the policy
+/// answer token that ends it and the step head's probability that the step is right. `tok` is
+/// the policy's tokenizer (the answers' ids are its).
+pub fn answer_steps(
+    rm: &RewardScorer,
+    tok: &Tokenizer,
+    a: &ScoredAnswers<'_>,
+) -> Result<Vec<ScoredSteps>> {
+    let spans = a
+        .answer_ids
+        .iter()
+        .map(|ids| token_spans(tok, ids))
+        .collect::<Result<Vec<_>>>()?;
+    let ends: Vec<Vec<usize>> = a.answer_texts.iter().map(|t| split_steps(t)).collect();
+    let queries: Vec<StepQuery<'_>> = (0..a.answer_texts.len())
+        .map(|i| StepQuery {
+            prompt: a.prompts[i],
+            answer: &a.answer_texts[i],
+            prompt_ids: &a.prompt_ids[i],
+            answer_ids: &a.answer_ids[i],
+            answer_spans: &spans[i],
+            step_ends: &ends[i],
+        })
+        .collect();
+    let probs = rm.step_probabilities(&queries)?;
+    Ok(ends
+        .iter()
+        .zip(&spans)
+        .zip(probs)
+        .map(|((ends, spans), probabilities)| ScoredSteps {
+            last_tokens: ends.iter().map(|e| last_token_before(spans, *e)).collect(),
+            probabilities,
+        })
+        .collect())
 }
 
 /// The policy's reward resolved against a loaded reward model.

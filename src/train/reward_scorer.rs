@@ -10,8 +10,9 @@ use candle_core::{D, Device, Tensor};
 
 use crate::model::bert::BertRewardModel;
 use crate::model::family::SUPPORTED_MODEL_TYPES;
-use crate::model::llama::LlamaForSequenceClassification;
+use crate::model::llama::{ClassifierOutput, LlamaForSequenceClassification};
 use crate::model::tokenizer::Tokenizer;
+use crate::train::step_rewards::last_token_before;
 
 /// A trained reward model (from `train reward`), scoring (prompt + answer) texts.
 // One value per run holds a whole model either way; boxing would only add an indirection.
@@ -132,11 +133,6 @@ impl RewardScorer {
             Self::Llama {
                 model, tokenizer, ..
             } => {
-                let cfg = model.config();
-                let pad = cfg
-                    .pad_token_id
-                    .or_else(|| cfg.eos_token_ids().first().copied())
-                    .unwrap_or(0);
                 let rows: Vec<Vec<u32>> = match tokenizer {
                     Some(t) => texts
                         .iter()
@@ -144,30 +140,7 @@ impl RewardScorer {
                         .collect::<Result<_>>()?,
                     None => ids.to_vec(),
                 };
-                if let Some(bad) = rows
-                    .iter()
-                    .flatten()
-                    .find(|&&x| x as usize >= cfg.vocab_size)
-                {
-                    bail!(
-                        "token id {bad} is outside the reward model's vocabulary ({})\nhint: give the reward model directory its tokenizer.json",
-                        cfg.vocab_size
-                    );
-                }
-                let dev = model.model().embed_weight().device().clone();
-                let t = rows.iter().map(Vec::len).max().unwrap_or(1).max(1);
-                let b = rows.len();
-                let mut flat = vec![pad; b * t];
-                let mut mask = vec![0u32; b * t];
-                for (i, r) in rows.iter().enumerate() {
-                    for (j, &x) in r.iter().enumerate() {
-                        flat[i * t + j] = x;
-                        mask[i * t + j] = 1;
-                    }
-                }
-                let ids = Tensor::from_vec(flat, (b, t), &dev)?;
-                let mask = Tensor::from_vec(mask, (b, t), &dev)?;
-                let out = model.forward(&ids, Some(&mask))?;
+                let out = llama_forward(model, &rows)?;
                 Ok(ModelRewards {
                     scores: out
                         .logits
@@ -197,6 +170,133 @@ impl RewardScorer {
             }
         }
     }
+}
+
+impl RewardScorer {
+    /// Refuses a reward model that cannot score steps (`policy.reward.step_weight` > 0).
+    pub fn require_step_head(&self) -> Result<()> {
+        match self {
+            Self::Llama { model, .. } if model.has_step_head() => Ok(()),
+            Self::Llama { .. } => bail!(
+                "policy.reward.step_weight is set but the reward model has no step head\nhint: train it with `train reward` on feedback that has step thumbs, or set policy.reward.step_weight to 0"
+            ),
+            Self::Bert(..) => bail!(
+                "policy.reward.step_weight needs a llama-family reward model; this one is BERT\nhint: set policy.reward.step_weight to 0, or train the reward model from a llama checkpoint"
+            ),
+        }
+    }
+
+    /// The step head's probability that each step is right, per row and step (`NaN` where no
+    /// token carries the step). Each row is prompt + answer; the head is read at the last token
+    /// that starts before the step's end (`step_rewards::last_token_before`), in the reward
+    /// model's own tokenization when it has a tokenizer, else at the policy's answer tokens.
+    pub fn step_probabilities(&self, rows: &[StepQuery<'_>]) -> Result<Vec<Vec<f64>>> {
+        self.require_step_head()?;
+        let Self::Llama {
+            model, tokenizer, ..
+        } = self
+        else {
+            bail!("step scoring needs a llama reward model");
+        };
+        let mut ids = Vec::with_capacity(rows.len());
+        let mut positions = Vec::with_capacity(rows.len());
+        for q in rows {
+            match tokenizer {
+                Some(t) => {
+                    let text = format!("{}{}", q.prompt, q.answer);
+                    let enc = t
+                        .inner()
+                        .encode(text.as_str(), false)
+                        .map_err(|e| anyhow::anyhow!("tokenising an answer for its steps: {e}"))?;
+                    let at = q.prompt.len();
+                    positions.push(
+                        q.step_ends
+                            .iter()
+                            .map(|e| last_token_before(enc.get_offsets(), at + e))
+                            .collect::<Vec<_>>(),
+                    );
+                    ids.push(enc.get_ids().to_vec());
+                }
+                None => {
+                    let at = q.prompt_ids.len();
+                    positions.push(
+                        q.step_ends
+                            .iter()
+                            .map(|e| last_token_before(q.answer_spans, *e).map(|j| at + j))
+                            .collect(),
+                    );
+                    ids.push(q.prompt_ids.iter().chain(q.answer_ids).copied().collect());
+                }
+            }
+        }
+        let out = llama_forward(model, &ids)?;
+        let logits = out
+            .step_logits
+            .context("the reward model gave no step logits")?
+            .to_vec2::<f32>()?;
+        Ok(positions
+            .iter()
+            .zip(&logits)
+            .map(|(pos, row)| {
+                pos.iter()
+                    .map(|p| match p {
+                        Some(j) => 1.0 / (1.0 + (-f64::from(row[*j])).exp()),
+                        None => f64::NAN,
+                    })
+                    .collect()
+            })
+            .collect())
+    }
+}
+
+/// One answer whose steps the step head scores.
+#[derive(Debug, Clone, Copy)]
+pub struct StepQuery<'a> {
+    pub prompt: &'a str,
+    /// The answer's text, as the reward reads it.
+    pub answer: &'a str,
+    pub prompt_ids: &'a [u32],
+    pub answer_ids: &'a [u32],
+    /// Each answer token's `(start, end)` bytes in `answer` (`step_rewards::token_spans`).
+    pub answer_spans: &'a [(usize, usize)],
+    /// Byte offsets in `answer` where its steps end (`step_rewards::split_steps`).
+    pub step_ends: &'a [usize],
+}
+
+/// Pads `rows` (token ids in the model's vocabulary) and runs the reward model once.
+fn llama_forward(
+    model: &LlamaForSequenceClassification,
+    rows: &[Vec<u32>],
+) -> Result<ClassifierOutput> {
+    let cfg = model.config();
+    let pad = cfg
+        .pad_token_id
+        .or_else(|| cfg.eos_token_ids().first().copied())
+        .unwrap_or(0);
+    if let Some(bad) = rows
+        .iter()
+        .flatten()
+        .find(|&&x| x as usize >= cfg.vocab_size)
+    {
+        bail!(
+            "token id {bad} is outside the reward model's vocabulary ({})\nhint: give the reward model directory its tokenizer.json",
+            cfg.vocab_size
+        );
+    }
+    let dev = model.model().embed_weight().device().clone();
+    let t = rows.iter().map(Vec::len).max().unwrap_or(1).max(1);
+    let b = rows.len();
+    let mut flat = vec![pad; b * t];
+    let mut mask = vec![0u32; b * t];
+    for (i, r) in rows.iter().enumerate() {
+        for (j, &x) in r.iter().enumerate() {
+            flat[i * t + j] = x;
+            mask[i * t + j] = 1;
+        }
+    }
+    let ids = Tensor::from_vec(flat, (b, t), &dev)?;
+    let mask = Tensor::from_vec(mask, (b, t), &dev)?;
+    Ok(model.forward(&ids, Some(&mask))?)
 }
 
 /// The reward model's outputs for a batch of rows.

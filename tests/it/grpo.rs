@@ -221,6 +221,19 @@ const CASE_KEYS: [&str; 20] = [
     "metrics",
 ];
 
+/// The detached inputs of `grpo_loss.json`: old and reference log-probs, advantages, mask and
+/// entropies.
+fn loss_inputs(i: &Value, dt: DType) -> [candle_core::Tensor; 5] {
+    [
+        "old_per_token_logps",
+        "ref_per_token_logps",
+        "advantages",
+        "completion_mask",
+        "entropies",
+    ]
+    .map(|k| t(&i[k], dt))
+}
+
 #[test]
 fn grpo_loss_gradients_and_metrics_match_trl_for_every_case() {
     let d = vectors("grpo_loss.json");
@@ -237,13 +250,7 @@ fn grpo_loss_gradients_and_metrics_match_trl_for_every_case() {
         let case = format!("{cfg:?}");
         for dt in DTYPES {
             let lp = var(&i["per_token_logps"], dt);
-            let (old, reference, adv, mask, ent) = (
-                t(&i["old_per_token_logps"], dt),
-                t(&i["ref_per_token_logps"], dt),
-                t(&i["advantages"], dt),
-                t(&i["completion_mask"], dt),
-                t(&i["entropies"], dt),
-            );
+            let [old, reference, adv, mask, ent] = loss_inputs(i, dt);
             let batch = grpo::GrpoBatch {
                 logprobs: lp.as_tensor(),
                 old_logprobs: Some(&old),
@@ -604,4 +611,167 @@ fn a_reward_weight_on_an_unknown_aspect_is_refused_naming_it() {
         "{e}"
     );
     assert!(!tmp.path().join("log.jsonl").exists(), "no step ran");
+}
+
+// ---------------------------------------------------------------- dense step rewards
+
+/// A `[B]` advantage is the per-token `[B, T]` one broadcast over its row: every loss type and
+/// knob of the TRL vectors gives the same loss and metrics either way, bit for bit, and the same
+/// gradient up to summation order.
+#[test]
+fn per_completion_advantages_equal_the_per_token_ones_broadcast() {
+    let d = vectors("grpo_loss.json");
+    let (i, dt) = (&d["inputs"], DType::F64);
+    let num_items = f(&i["num_items_in_batch"]);
+    for c in d["outputs"]["cases"].as_array().unwrap() {
+        let cfg = loss_config(c, num_items);
+        let [old, reference, adv, mask, ent] = loss_inputs(i, dt);
+        let dims = mask.dims2().unwrap();
+        let wide = adv.unsqueeze(1).unwrap().broadcast_as(dims).unwrap();
+        let wide = wide.contiguous().unwrap();
+        let run = |adv: &candle_core::Tensor| {
+            let lp = var(&i["per_token_logps"], dt);
+            let batch = grpo::GrpoBatch {
+                logprobs: lp.as_tensor(),
+                old_logprobs: Some(&old),
+                ref_logprobs: Some(&reference),
+                advantages: adv,
+                mask: &mask,
+                entropies: Some(&ent),
+            };
+            let out = grpo::grpo_loss(&batch, &cfg).unwrap();
+            let grad = out.loss.backward().unwrap();
+            let g: Vec<f64> = grad
+                .get(lp.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            (stats::scalar_f64(&out.loss).unwrap(), g, out.metrics)
+        };
+        let (narrow_out, wide_out) = (run(&adv), run(&wide));
+        assert_eq!(
+            narrow_out.0.to_bits(),
+            wide_out.0.to_bits(),
+            "{cfg:?}: loss"
+        );
+        // Backward sums a sequence-level ratio's gradient over a broadcast `[B, 1]` in another
+        // order than over `[B, T]`: equal up to rounding, not bit for bit.
+        for (a, b) in narrow_out.1.iter().zip(&wide_out.1) {
+            assert!((a - b).abs() <= 1e-14, "{cfg:?}: gradient {a} vs {b}");
+        }
+        assert_eq!(narrow_out.2, wide_out.2, "{cfg:?}: metrics");
+    }
+    // A shape that is neither is refused, naming both.
+    let mask = t(&i["completion_mask"], dt);
+    let lp = t(&i["per_token_logps"], dt);
+    let bad = candle_core::Tensor::zeros((1, 3), dt, &Device::Cpu).unwrap();
+    let batch = grpo::GrpoBatch {
+        logprobs: &lp,
+        old_logprobs: None,
+        ref_logprobs: None,
+        advantages: &bad,
+        mask: &mask,
+        entropies: None,
+    };
+    let cfg = grpo::GrpoLossConfig {
+        num_items_in_batch: 10.0,
+        ..grpo::GrpoLossConfig::default()
+    };
+    let e = grpo::grpo_loss(&batch, &cfg).unwrap_err().to_string();
+    assert!(e.contains("[1, 3]") && e.contains("expected"), "{e}");
+}
+
+/// The tiny reward model with a (seeded, untrained) step head added, saved in `dir`; with
+/// `own_tokenizer` it also gets the policy's tokenizer.json, so steps are placed in its own
+/// tokenization rather than at the policy's ids.
+fn rm_with_step_head(dir: &std::path::Path, own_tokenizer: bool) {
+    use rlhf_bot::model::llama::ExtraHeads;
+    use rlhf_bot::model::tokenizer::Tokenizer;
+    use rlhf_bot::train::reward_models::LlamaReward;
+    use rlhf_bot::train::reward_trainer::RewardBackbone;
+    let tok_path = policy_dir().join("tokenizer.json");
+    let tok = Tokenizer::from_file(&tok_path).unwrap();
+    let heads = ExtraHeads {
+        aspects: vec![],
+        step_head: true,
+    };
+    let rm = LlamaReward::load_with_heads(&rm_dir(), &tok, &heads, 7, &Device::Cpu).unwrap();
+    rm.save_pretrained(dir).unwrap();
+    if own_tokenizer {
+        std::fs::copy(&tok_path, dir.join("tokenizer.json")).unwrap();
+    }
+}
+
+fn train_with_rm(
+    rm: &std::path::Path,
+    opts: &PolicyTrainOptions,
+    out: &std::path::Path,
+) -> anyhow::Result<(TrainOutcome, Vec<Vec<f32>>)> {
+    let mut policy = Policy::load(&policy_dir(), opts.lora.as_ref(), 1, &Device::Cpu).unwrap();
+    let rm = RewardScorer::load(rm, &Device::Cpu).unwrap();
+    let out = train_group_rl(&mut policy, &rm, &prompts(), opts, out)?;
+    Ok((out, weights_of(&policy)))
+}
+
+/// `policy.reward.step_weight` 0 leaves GRPO exactly as it was, even with a step head on the
+/// reward model; above 0 the step head's scores reach the advantages (the weights end
+/// elsewhere) and the step metrics are logged, with either tokenizer placement.
+#[test]
+fn step_rewards_are_off_at_zero_and_move_grpo_above_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = group_opts(PolicyAlgo::Grpo, 1);
+    let plain = train_with_rm(&rm_dir(), &opts, &tmp.path().join("plain")).unwrap();
+    let with_head = tmp.path().join("rm-steps");
+    rm_with_step_head(&with_head, false);
+    let off = train_with_rm(&with_head, &opts, &tmp.path().join("off")).unwrap();
+    assert_eq!(off.1, plain.1, "step_weight 0 changed the trained weights");
+    assert_eq!(
+        off.0.log[0].get("loss"),
+        plain.0.log[0].get("loss"),
+        "step_weight 0 changed the loss"
+    );
+    assert!(off.0.log[0].get("rewards/steps/mean").is_none());
+    let mut on_opts = opts.clone();
+    on_opts.reward.step_weight = 2.0;
+    for own_tokenizer in [false, true] {
+        let dir = tmp.path().join(format!("rm-{own_tokenizer}"));
+        rm_with_step_head(&dir, own_tokenizer);
+        let on = train_with_rm(
+            &dir,
+            &on_opts,
+            &tmp.path().join(format!("on-{own_tokenizer}")),
+        )
+        .unwrap();
+        let line = &on.0.log[0];
+        let mean = line.get("rewards/steps/mean").unwrap();
+        assert!(mean.is_finite() && mean.abs() < 1.0, "steps mean {mean}");
+        let multi = line.get("steps/multi_step_frac").unwrap();
+        assert!((0.0..=1.0).contains(&multi), "multi-step share {multi}");
+        // Same samples, same group advantages: only the step scores can move the weights.
+        assert!(
+            on.1 != plain.1,
+            "own tokenizer {own_tokenizer}: step rewards changed nothing"
+        );
+    }
+    // Without a step head, or with RLOO, step rewards are refused naming the key.
+    let e = format!(
+        "{:#}",
+        train_with_rm(&rm_dir(), &on_opts, &tmp.path().join("no-head")).unwrap_err()
+    );
+    assert!(
+        e.contains("policy.reward.step_weight") && e.contains("no step head"),
+        "{e}"
+    );
+    let mut rloo = group_opts(PolicyAlgo::Rloo, 1);
+    rloo.reward.step_weight = 0.5;
+    let e = format!(
+        "{:#}",
+        train_with_rm(&with_head, &rloo, &tmp.path().join("rloo")).unwrap_err()
+    );
+    assert!(
+        e.contains("policy.reward.step_weight is 0.5") && e.contains("rloo"),
+        "{e}"
+    );
 }

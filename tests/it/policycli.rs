@@ -497,6 +497,20 @@ fn bad_policy_config_values_name_the_key_and_position() {
             "  reward:\n    rules:\n      eos: -1\n",
             &["unknown field `eos`"],
         ),
+        (
+            "  reward:\n    step_weight: -0.5\n",
+            &[
+                "policy.reward.step_weight: expected a number >= 0",
+                "got -0.5",
+            ],
+        ),
+        (
+            "  reward:\n    step_weight: .nan\n",
+            &[
+                "policy.reward.step_weight: expected a number >= 0",
+                "got NaN",
+            ],
+        ),
     ] {
         let e = config_error(&format!("policy:\n{yaml}"));
         for needle in needles {

@@ -140,6 +140,8 @@ fn policy_metrics(win: (f64, f64, f64), kl: f64, production: bool) -> PolicyMetr
             production_response_length: production.then_some(64.0),
             samples: samples(production),
             reward_components: Vec::new(),
+            step_score: None,
+            production_step_score: None,
         },
         train: train(120),
         last_step: Default::default(),

@@ -134,31 +134,39 @@ pub fn clip_ratio_metrics(
     ]
 }
 
+/// The advantage of position `j` in a host row holding one value per token, or a single value
+/// for the whole row (per-completion advantages, broadcast).
+pub fn advantage_at(row: &[f64], j: usize) -> f64 {
+    row[j.min(row.len().saturating_sub(1))]
+}
+
 /// Per-sequence fractions of the positions (weighted by `mask`) where the ratio was clipped
-/// low (`w < 1-ε_low` with `A < 0`), high (`w > 1+ε_high` with `A > 0`) or either.
+/// low (`w < 1-ε_low` with `A < 0`), high (`w > 1+ε_high` with `A > 0`) or either. `adv` holds
+/// one advantage per row or one per position ([`advantage_at`]).
 pub fn clip_fractions(
     ratio: &[Vec<f64>],
     mask: &[Vec<f64>],
-    adv: &[f64],
+    adv: &[Vec<f64>],
     lo: f64,
     hi: f64,
 ) -> [Vec<f64>; 3] {
     let mut out = [Vec::new(), Vec::new(), Vec::new()];
     for ((w, m), a) in ratio.iter().zip(mask).zip(adv) {
         let n: f64 = m.iter().sum::<f64>().max(f64::MIN_POSITIVE);
-        let frac = |hit: &dyn Fn(f64) -> bool| {
+        let frac = |hit: &dyn Fn(f64, usize) -> bool| {
             w.iter()
                 .zip(m)
-                .filter(|(x, _)| hit(**x))
-                .map(|(_, m)| m)
+                .enumerate()
+                .filter(|(j, (x, _))| hit(**x, *j))
+                .map(|(_, (_, m))| m)
                 .sum::<f64>()
                 / n
         };
-        let is_low = |x: f64| x < 1.0 - lo && *a < 0.0;
-        let is_high = |x: f64| x > 1.0 + hi && *a > 0.0;
+        let is_low = |x: f64, j: usize| x < 1.0 - lo && advantage_at(a, j) < 0.0;
+        let is_high = |x: f64, j: usize| x > 1.0 + hi && advantage_at(a, j) > 0.0;
         out[0].push(frac(&is_low));
         out[1].push(frac(&is_high));
-        out[2].push(frac(&|x| is_low(x) || is_high(x)));
+        out[2].push(frac(&|x, j| is_low(x, j) || is_high(x, j)));
     }
     out
 }

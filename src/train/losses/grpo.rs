@@ -14,8 +14,8 @@ use candle_core::{D, Result, Tensor, bail};
 use serde::{Deserialize, Serialize};
 
 use super::group_rewards::{
-    GroupLoss, STD_EPS, check_table, clip_fractions, clip_ratio_metrics, clipped_surrogate,
-    frac_zero_std, group_std, reward_metrics, weighted_rewards,
+    GroupLoss, STD_EPS, advantage_at, check_table, clip_fractions, clip_ratio_metrics,
+    clipped_surrogate, frac_zero_std, group_std, reward_metrics, weighted_rewards,
 };
 use super::grpo_terms::{
     SapoTemperatures, VespoParams, cispo_term, high_entropy_mask, off_policy_keep, sapo_term,
@@ -271,7 +271,9 @@ impl GrpoLossConfig {
     }
 }
 
-/// The inputs of one loss evaluation, all `[B, T]` except `advantages` (`[B]`).
+/// The inputs of one loss evaluation, all `[B, T]` except `advantages`: `[B]` (one per
+/// completion, TRL's case) or `[B, T]` (per token, with step rewards); a `[B]` advantage is the
+/// per-token one broadcast over its row, and gives exactly the same loss.
 #[derive(Debug, Clone, Copy)]
 pub struct GrpoBatch<'a> {
     /// Current policy log-probs (with graph).
@@ -316,18 +318,38 @@ fn from_rows(rows: Vec<Vec<f64>>, like: &Tensor) -> Result<Tensor> {
 }
 
 /// The mean of `flag` over answer tokens (`weights` per position: the mask, or one per sequence
-/// at sequence level), as TRL's `global_masked_mean` of a boolean.
-fn flag_mean(ratio: &[Vec<f64>], weights: &[Vec<f64>], flag: impl Fn(f64, usize) -> bool) -> f64 {
+/// at sequence level), as TRL's `global_masked_mean` of a boolean; `flag` gets the value, its
+/// row and its column.
+fn flag_mean(
+    ratio: &[Vec<f64>],
+    weights: &[Vec<f64>],
+    flag: impl Fn(f64, usize, usize) -> bool,
+) -> f64 {
     let (mut hit, mut total) = (0.0, 0.0);
     for (i, (w, m)) in ratio.iter().zip(weights).enumerate() {
-        for (x, m) in w.iter().zip(m) {
+        for (j, (x, m)) in w.iter().zip(m).enumerate() {
             total += m;
-            if flag(*x, i) {
+            if flag(*x, i, j) {
                 hit += m;
             }
         }
     }
     hit / f64::max(total, 1.0)
+}
+
+/// Each answer's advantage as one number: the value itself when the row holds one, else the
+/// mean over the answer's tokens.
+fn sequence_advantages(adv: &[Vec<f64>], mask: &[Vec<f64>]) -> Vec<f64> {
+    adv.iter()
+        .zip(mask)
+        .map(|(a, m)| match a.as_slice() {
+            [one] => *one,
+            _ => {
+                let n: f64 = m.iter().sum();
+                a.iter().zip(m).map(|(a, m)| a * m).sum::<f64>() / n.max(1.0)
+            }
+        })
+        .collect()
 }
 
 /// TRL's `GRPOTrainer._compute_loss` (static entropy coefficient, no vLLM correction).
@@ -336,7 +358,14 @@ pub fn grpo_loss(x: &GrpoBatch<'_>, cfg: &GrpoLossConfig) -> Result<GroupLoss> {
     let dt = lp.dtype();
     let (b, t) = lp.dims2()?;
     let mask = x.mask.to_dtype(dt)?;
-    let adv = x.advantages.detach().to_dtype(dt)?.reshape((b, 1))?;
+    let adv = match x.advantages.rank() {
+        1 => x.advantages.detach().to_dtype(dt)?.reshape((b, 1))?,
+        _ if x.advantages.dims() == [b, t] => x.advantages.detach().to_dtype(dt)?,
+        _ => bail!(
+            "advantages of shape {:?} for log-probs of shape [{b}, {t}]: expected [{b}] or [{b}, {t}]",
+            x.advantages.dims()
+        ),
+    };
     let old = match x.old_logprobs {
         Some(o) => o.detach().to_dtype(dt)?,
         None => lp.detach(),
@@ -351,7 +380,10 @@ pub fn grpo_loss(x: &GrpoBatch<'_>, cfg: &GrpoLossConfig) -> Result<GroupLoss> {
         None => None,
     };
     let mask_h = host2(&mask)?;
-    let adv_h: Vec<f64> = host2(&adv)?.into_iter().map(|r| r[0]).collect();
+    // Host copies: per row `[a]`, or per token; the sequence-level choices (VESPO's shape, the
+    // sequence-level clip flags) read each answer's mean advantage.
+    let adv_h = host2(&adv)?;
+    let seq_adv = sequence_advantages(&adv_h, &mask_h);
     let log_ratio = (lp - &old)?;
     let ratio = importance_ratio(&log_ratio, &mask, cfg.level)?;
     // The delta cap applies to the surrogate and the clip metrics, not to the KL's correction.
@@ -365,7 +397,7 @@ pub fn grpo_loss(x: &GrpoBatch<'_>, cfg: &GrpoLossConfig) -> Result<GroupLoss> {
         LossType::Cispo => cispo_term(&ratio, lp, &adv, cfg.epsilon_high)?,
         LossType::Sapo => sapo_term(&ratio, &adv, &adv_h, cfg.sapo)?,
         LossType::Vespo => {
-            let phi = vespo_weights(&host2(&log_ratio)?, &mask_h, &adv_h, cfg.vespo);
+            let phi = vespo_weights(&host2(&log_ratio)?, &mask_h, &seq_adv, cfg.vespo);
             let phi_t = from_rows(phi.iter().map(|p| vec![*p]).collect(), lp)?;
             vespo_phi = Some(phi);
             phi_t.broadcast_mul(&adv)?.broadcast_mul(lp)?.neg()?
@@ -375,7 +407,7 @@ pub fn grpo_loss(x: &GrpoBatch<'_>, cfg: &GrpoLossConfig) -> Result<GroupLoss> {
     let mut per_token = policy_term.broadcast_as((b, t))?.contiguous()?;
     if let Some(d) = cfg.off_policy_mask_threshold {
         let keep = off_policy_keep(&adv_h, &host2(lp)?, &host2(&old)?, &mask_h, d);
-        let keep = from_rows(keep.into_iter().map(|k| vec![k]).collect(), lp)?;
+        let keep = from_rows(keep, lp)?;
         per_token = per_token.broadcast_mul(&keep)?;
     }
     let entropy_mask = match &entropies {
@@ -456,14 +488,20 @@ pub fn grpo_loss(x: &GrpoBatch<'_>, cfg: &GrpoLossConfig) -> Result<GroupLoss> {
         ));
     }
     // Ratio flags weigh each answer token, or each answer once at sequence level.
-    let (ratio_h, weights_mask) = match cfg.level {
-        RatioLevel::Token => (host2(&capped)?, mask_h.clone()),
-        RatioLevel::Sequence => (host2(&capped)?, vec![vec![1.0]; b]),
+    let (ratio_h, weights_mask, flag_adv) = match cfg.level {
+        RatioLevel::Token => (host2(&capped)?, mask_h.clone(), adv_h),
+        RatioLevel::Sequence => (
+            host2(&capped)?,
+            vec![vec![1.0]; b],
+            seq_adv.iter().map(|a| vec![*a]).collect(),
+        ),
     };
     match cfg.loss_type {
         LossType::Cispo => {
             let hi = cfg.epsilon_high;
-            let clipped = flag_mean(&ratio_h, &weights_mask, |w, i| w > hi && adv_h[i] > 0.0);
+            let clipped = flag_mean(&ratio_h, &weights_mask, |w, i, j| {
+                w > hi && advantage_at(&flag_adv[i], j) > 0.0
+            });
             metrics.push(("cispo_clip_ratio".into(), clipped));
         }
         LossType::Vespo => {
@@ -476,7 +514,7 @@ pub fn grpo_loss(x: &GrpoBatch<'_>, cfg: &GrpoLossConfig) -> Result<GroupLoss> {
             let [low, high, region] = clip_fractions(
                 &ratio_h,
                 &weights_mask,
-                &adv_h,
+                &flag_adv,
                 cfg.epsilon_low,
                 cfg.epsilon_high,
             );

@@ -62,21 +62,22 @@ pub fn cispo_term(ratio: &Tensor, lp: &Tensor, adv: &Tensor, epsilon_high: f64) 
 }
 
 /// SAPO: `-(σ(τ·(w − 1)) · 4/τ) · A`, a smooth gate in place of the hard clip; `τ` by the sign of
-/// each row's advantage (`adv_h`).
+/// the advantage (`adv_h`: the same values on the host, one per row or one per token).
 pub fn sapo_term(
     ratio: &Tensor,
     adv: &Tensor,
-    adv_h: &[f64],
+    adv_h: &[Vec<f64>],
     temps: SapoTemperatures,
 ) -> Result<Tensor> {
     let dev = ratio.device();
     let dt = ratio.dtype();
     let tau: Vec<f64> = adv_h
         .iter()
+        .flatten()
         .map(|&a| if a > 0.0 { temps.pos } else { temps.neg })
         .collect();
     let scale: Vec<f64> = tau.iter().map(|t| 4.0 / t).collect();
-    let rows = (tau.len(), 1);
+    let rows = (adv_h.len(), adv_h.first().map_or(1, Vec::len));
     let tau = Tensor::from_vec(tau, rows, dev)?.to_dtype(dt)?;
     let scale = Tensor::from_vec(scale, rows, dev)?.to_dtype(dt)?;
     let gate = sigmoid(&(ratio - 1.0)?.broadcast_mul(&tau)?)?.broadcast_mul(&scale)?;
@@ -117,20 +118,21 @@ pub fn vespo_weights(
         .collect()
 }
 
-/// DeepSeek-V3.2's off-policy sequence mask: 1 keeps an answer, 0 drops it. An answer is
-/// dropped when its advantage is negative AND its mean per-token `log π_old − log π` (the drift
-/// since sampling) is above `threshold`.
+/// DeepSeek-V3.2's off-policy sequence mask: 1 keeps, 0 drops, in the shape of `adv` (one value
+/// per row, or per token with step rewards). A position is dropped when its advantage is
+/// negative AND its answer's mean per-token `log π_old − log π` (the drift since sampling) is
+/// above `threshold`.
 pub fn off_policy_keep(
-    adv: &[f64],
+    adv: &[Vec<f64>],
     lp: &[Vec<f64>],
     old: &[Vec<f64>],
     mask: &[Vec<f64>],
     threshold: f64,
-) -> Vec<f64> {
+) -> Vec<Vec<f64>> {
     adv.iter()
         .zip(lp.iter().zip(old))
         .zip(mask)
-        .map(|((&a, (lp, old)), m)| {
+        .map(|((a, (lp, old)), m)| {
             let (sum, n) = lp
                 .iter()
                 .zip(old)
@@ -138,11 +140,15 @@ pub fn off_policy_keep(
                 .filter(|(_, m)| **m != 0.0)
                 .fold((0.0, 0.0), |(s, n), ((l, o), m)| (s + (o - l) * m, n + m));
             let drift = sum / f64::max(n, 1.0);
-            if a >= 0.0 || drift <= threshold {
-                1.0
-            } else {
-                0.0
-            }
+            a.iter()
+                .map(|&a| {
+                    if a >= 0.0 || drift <= threshold {
+                        1.0
+                    } else {
+                        0.0
+                    }
+                })
+                .collect()
         })
         .collect()
 }
@@ -208,7 +214,17 @@ mod tests {
         let old = vec![vec![-0.5, -0.5], vec![-0.5, -0.5], vec![-1.0, f64::NAN]];
         let m = vec![vec![1.0, 1.0], vec![1.0, 1.0], vec![1.0, 0.0]];
         // Drift 0.5 on rows 0 and 1; row 2 has none (its NaN is padding).
-        let keep = off_policy_keep(&[1.0, -1.0, -1.0], &lp, &old, &m, 0.1);
-        assert_eq!(keep, vec![1.0, 0.0, 1.0]);
+        let adv = [vec![1.0], vec![-1.0], vec![-1.0]];
+        let keep = off_policy_keep(&adv, &lp, &old, &m, 0.1);
+        assert_eq!(keep, vec![vec![1.0], vec![0.0], vec![1.0]]);
+    }
+
+    #[test]
+    fn off_policy_mask_with_per_token_advantages_drops_only_the_negative_tokens() {
+        let lp = vec![vec![-1.0, -1.0]];
+        let old = vec![vec![-0.5, -0.5]];
+        let m = vec![vec![1.0, 1.0]];
+        let keep = off_policy_keep(&[vec![0.5, -0.5]], &lp, &old, &m, 0.1);
+        assert_eq!(keep, vec![vec![1.0, 0.0]]);
     }
 }

@@ -130,8 +130,8 @@ pub fn rloo_loss(x: &RlooBatch<'_>, epsilon_low: f64, epsilon_high: f64) -> Resu
         |t: &Tensor| -> Result<Vec<f64>> { t.detach().to_dtype(DType::F64)?.to_vec1::<f64>() };
     let ratios: Vec<Vec<f64>> = host(&ratio)?.into_iter().map(|w| vec![w]).collect();
     let ones = vec![vec![1.0]; ratios.len()];
-    let [low, high, region] =
-        clip_fractions(&ratios, &ones, &host(&adv)?, epsilon_low, epsilon_high);
+    let advs: Vec<Vec<f64>> = host(&adv)?.into_iter().map(|a| vec![a]).collect();
+    let [low, high, region] = clip_fractions(&ratios, &ones, &advs, epsilon_low, epsilon_high);
     metrics.extend(clip_ratio_metrics(
         &low,
         &high,
