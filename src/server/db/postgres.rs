@@ -22,7 +22,6 @@
 //!
 //! The URL may hold a password: every message names the database by its redacted form.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, anyhow};
@@ -30,7 +29,6 @@ use chrono::Utc;
 use futures::future::BoxFuture;
 use tokio::sync::mpsc;
 use tokio_postgres::config::SslMode;
-use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Row, Statement, Transaction};
 
 use super::{
@@ -344,9 +342,7 @@ impl Statements {
     async fn prepare(client: &Client) -> Result<Self> {
         Ok(Self {
             stored: client
-                .prepare(
-                    "SELECT id, client_us, deleted, body FROM feedback WHERE id = ANY($1)",
-                )
+                .prepare("SELECT client_us, deleted, body FROM feedback WHERE id = $1")
                 .await?,
             upsert: client
                 .prepare(
@@ -431,183 +427,107 @@ impl Writer {
             .await?
             .try_get(0)?;
         self.clock.last = self.clock.last.max(latest);
-        let mut group = GroupWrite::prefetch(&tx, statements, jobs).await?;
         let mut all = Vec::with_capacity(jobs.len());
         for job in jobs {
             let mut outcomes = Vec::with_capacity(job.ops.len());
             for op in &job.ops {
-                outcomes.push(group.plan(&tx, statements, op, &mut self.clock).await?);
+                outcomes.push(apply_op(&tx, statements, op, &mut self.clock).await?);
             }
             all.push(outcomes);
         }
-        group.flush(&tx, statements).await?;
         tx.commit().await.context("committing feedback")?;
         Ok(all)
     }
 }
 
-/// One group commit's writes, decided in memory and sent pipelined.
-///
-/// A round trip per record (look the id up, then write it) made the writer wait on the network
-/// for every op. Instead the stored versions of every id in the group are read with one query,
-/// each op is decided against that map (which then holds the version the op wrote, so a later op
-/// on the same id in the group sees it), and the writes are sent back to back without waiting
-/// for each answer. Erasure reads the table, so the writes queued before it are flushed first.
-struct GroupWrite<'a> {
-    known: HashMap<String, StoredVersion>,
-    queued: Vec<QueuedWrite<'a>>,
+async fn stored(
+    tx: &Transaction<'_>,
+    statements: &Statements,
+    id: &str,
+) -> Result<Option<StoredVersion>> {
+    let Some(row) = tx.query_opt(&statements.stored, &[&id]).await? else {
+        return Ok(None);
+    };
+    Ok(Some(StoredVersion {
+        client_us: row.try_get(0)?,
+        deleted: row.try_get(1)?,
+        body: row.try_get(2)?,
+    }))
 }
 
-enum QueuedWrite<'a> {
-    Upsert {
-        row: RecordColumns<'a>,
-        served: i64,
-        body: String,
-    },
-    Bury {
-        id: String,
-        served: i64,
-        client_us: i64,
-        body: String,
-    },
-}
-
-impl<'a> GroupWrite<'a> {
-    async fn prefetch(
-        tx: &Transaction<'_>,
-        statements: &Statements,
-        jobs: &[Job],
-    ) -> Result<GroupWrite<'a>> {
-        let ids: Vec<&str> = jobs
-            .iter()
-            .flat_map(|job| &job.ops)
-            .filter_map(|op| match op {
-                WriteOp::Upsert { record, .. } => Some(record.id.as_str()),
-                WriteOp::Delete { id, .. } => Some(id.as_str()),
-                WriteOp::EraseUser { .. } => None,
-            })
-            .collect();
-        let mut known = HashMap::with_capacity(ids.len());
-        for row in tx.query(&statements.stored, &[&ids]).await? {
-            known.insert(
-                row.try_get(0)?,
-                StoredVersion {
-                    client_us: row.try_get(1)?,
-                    deleted: row.try_get(2)?,
-                    body: row.try_get(3)?,
-                },
-            );
-        }
-        Ok(GroupWrite {
-            known,
-            queued: Vec::new(),
-        })
-    }
-
-    /// Decides one op against the versions known so far and queues its write.
-    async fn plan(
-        &mut self,
-        tx: &Transaction<'_>,
-        statements: &Statements,
-        op: &'a WriteOp,
-        clock: &mut ServedClock,
-    ) -> Result<Outcome> {
-        match op {
-            WriteOp::Upsert {
-                record,
-                client_at,
-                content,
-            } => {
-                let row = RecordColumns::of(record, *client_at);
-                let outcome = match plan_upsert(self.known.get(row.id), row.client_us, content) {
-                    Ok(outcome) => outcome,
-                    Err(answered) => return Ok(answered),
-                };
-                let served = clock.next();
-                let body = served_body(content, served)?;
-                self.remember(row.id, row.client_us, false, &body);
-                self.queued.push(QueuedWrite::Upsert { row, served, body });
-                Ok(outcome)
-            }
-            WriteOp::Delete { id, client_at } => {
-                let client_us = client_at.timestamp_micros();
-                let outcome = match plan_delete(self.known.get(id.as_str()), client_us) {
-                    Ok(outcome) => outcome,
-                    Err(answered) => return Ok(answered),
-                };
-                self.bury(id.clone(), client_us, clock)?;
-                Ok(outcome)
-            }
-            WriteOp::EraseUser { user_id } => {
-                self.flush(tx, statements).await?;
-                let rows = tx.query(&statements.live_of_user, &[user_id]).await?;
-                for r in &rows {
-                    self.bury(r.try_get(0)?, r.try_get(1)?, clock)?;
-                }
-                self.flush(tx, statements).await?;
-                // Tombstones of earlier deletes still carry the user id: drop it too.
-                tx.execute(&statements.forget_user, &[user_id]).await?;
-                Ok(Outcome::Erased(rows.len() as u64))
-            }
-        }
-    }
-
-    /// Queues the tombstone that replaces a record: the content leaves the row, the id and a
-    /// new server time stay so the deletion reaches every puller.
-    fn bury(&mut self, id: String, client_us: i64, clock: &mut ServedClock) -> Result<()> {
-        let served = clock.next();
-        let body = tombstone_body(&id, served)?;
-        self.remember(&id, client_us, true, &body);
-        self.queued.push(QueuedWrite::Bury {
-            id,
-            served,
-            client_us,
-            body,
-        });
-        Ok(())
-    }
-
-    fn remember(&mut self, id: &str, client_us: i64, deleted: bool, body: &str) {
-        self.known.insert(
-            id.to_owned(),
-            StoredVersion {
-                client_us,
-                deleted,
-                body: body.to_owned(),
-            },
-        );
-    }
-
-    /// Sends every queued write, in order, without waiting between them, then waits for all.
-    async fn flush(&mut self, tx: &Transaction<'_>, statements: &Statements) -> Result<()> {
-        let queued = std::mem::take(&mut self.queued);
-        futures::future::try_join_all(queued.iter().map(|write| {
-            let (statement, params): (&Statement, Vec<&(dyn ToSql + Sync)>) = match write {
-                QueuedWrite::Upsert { row, served, body } => (
-                    &statements.upsert,
-                    vec![
-                        &row.id,
-                        served,
-                        &row.client_us,
-                        &row.user_id,
-                        &row.model_version,
-                        &row.kind,
-                        &row.thumb,
-                        &row.rating,
-                        &row.created_us,
-                        body,
-                    ],
-                ),
-                QueuedWrite::Bury {
-                    id,
-                    served,
-                    client_us,
-                    body,
-                } => (&statements.bury, vec![id, served, client_us, body]),
+async fn apply_op(
+    tx: &Transaction<'_>,
+    statements: &Statements,
+    op: &WriteOp,
+    clock: &mut ServedClock,
+) -> Result<Outcome> {
+    match op {
+        WriteOp::Upsert {
+            record,
+            client_at,
+            content,
+        } => {
+            let row = RecordColumns::of(record, *client_at);
+            let existing = stored(tx, statements, row.id).await?;
+            let outcome = match plan_upsert(existing.as_ref(), row.client_us, content) {
+                Ok(outcome) => outcome,
+                Err(answered) => return Ok(answered),
             };
-            tx.execute_raw(statement, params)
-        }))
-        .await?;
-        Ok(())
+            let served = clock.next();
+            let body = served_body(content, served)?;
+            tx.execute(
+                &statements.upsert,
+                &[
+                    &row.id,
+                    &served,
+                    &row.client_us,
+                    &row.user_id,
+                    &row.model_version,
+                    &row.kind,
+                    &row.thumb,
+                    &row.rating,
+                    &row.created_us,
+                    &body,
+                ],
+            )
+            .await?;
+            Ok(outcome)
+        }
+        WriteOp::Delete { id, client_at } => {
+            let client_us = client_at.timestamp_micros();
+            let existing = stored(tx, statements, id).await?;
+            let outcome = match plan_delete(existing.as_ref(), client_us) {
+                Ok(outcome) => outcome,
+                Err(answered) => return Ok(answered),
+            };
+            bury(tx, statements, id, client_us, clock).await?;
+            Ok(outcome)
+        }
+        WriteOp::EraseUser { user_id } => {
+            let rows = tx.query(&statements.live_of_user, &[user_id]).await?;
+            for r in &rows {
+                let id: String = r.try_get(0)?;
+                bury(tx, statements, &id, r.try_get(1)?, clock).await?;
+            }
+            // Tombstones of earlier deletes still carry the user id: drop it too.
+            tx.execute(&statements.forget_user, &[user_id]).await?;
+            Ok(Outcome::Erased(rows.len() as u64))
+        }
     }
+}
+
+/// Replaces a record by its tombstone: the content leaves the row, the id and a new server
+/// time stay so the deletion reaches every puller.
+async fn bury(
+    tx: &Transaction<'_>,
+    statements: &Statements,
+    id: &str,
+    client_us: i64,
+    clock: &mut ServedClock,
+) -> Result<()> {
+    let served = clock.next();
+    let body = tombstone_body(id, served)?;
+    tx.execute(&statements.bury, &[&id, &served, &client_us, &body])
+        .await?;
+    Ok(())
 }
