@@ -60,6 +60,16 @@ pub enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Label regenerations that people did not compare, with the judge in both orders
+    /// (docs/rlaif.md): first checked against the pairs people did label.
+    Rlaif {
+        /// At most this many pairs judged (default `rlaif.max_pairs`).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        max_pairs: Option<u64>,
+        /// Write the result to this file for review instead of the store.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Write the dataset built from the store in TRL's JSONL formats (preference, KTO, PRM).
     Export {
         /// Output directory.

@@ -25,6 +25,7 @@ pub mod proposals;
 pub mod registry;
 pub mod report;
 pub mod retry;
+pub mod rlaif;
 pub mod run;
 pub mod sanitize;
 pub mod secret;

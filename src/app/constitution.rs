@@ -12,17 +12,20 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
 use super::generate::load_lm;
+use super::judge::JudgeHandle;
 use super::model_source::localize_opt;
 use super::policy::{default_base_model, render_prompt as render, resolve_model_dir};
 use crate::config::Settings;
 use crate::constitution::pairs::{self, ConstitutionPairs};
 use crate::constitution::{Critic, CriticKind, StoredPrompt, principles, revise};
-use crate::evals::judge::Judge;
 use crate::feedback::Store;
 use crate::feedback::record::ChatMessage;
 use crate::model::generate::{GenerationConfig, generate_from_texts};
 use crate::model_kind::ModelKind;
 use crate::train::device::DeviceChoice;
+
+/// The config section of the judge, named by its errors' hints.
+const JUDGE_SECTION: &str = "constitution.judge";
 
 /// What a run did.
 #[derive(Debug, Clone, Serialize)]
@@ -86,9 +89,16 @@ pub async fn constitution_cmd(
 ) -> Result<ConstitutionSummary> {
     let cs = &settings.constitution;
     let principles = principles::load(&cs.principles)?;
-    // The judge (and its key) is checked before any model is loaded.
+    // The judge (and its key) is checked before the policy is loaded.
     let judge = match (cs.critic, &cs.judge) {
-        (CriticKind::Judge, Some(j)) => Some(Judge::new(j)?.in_section("constitution.judge")),
+        (CriticKind::Judge, Some(j)) => Some(
+            JudgeHandle::open(
+                j,
+                JUDGE_SECTION,
+                &settings.store.dir.join("constitution-judge-model"),
+            )
+            .await?,
+        ),
         (CriticKind::Judge, None) => bail!(
             "`constitution.critic: judge` needs a judge\nhint: set `constitution.judge.url` and `constitution.judge.model`"
         ),
@@ -122,7 +132,8 @@ pub async fn constitution_cmd(
                 content: request.to_string(),
             }])
         };
-        let mut critic = match &judge {
+        let any_judge = judge.as_ref().map(|j| j.judge(JUDGE_SECTION));
+        let mut critic = match &any_judge {
             Some(j) => Critic::Judge(j),
             None => Critic::Policy(&mut ask_policy),
         };

@@ -9,12 +9,14 @@ mod dashboard;
 pub mod deploy;
 pub mod export_model;
 pub mod generate;
+mod judge;
 pub mod model_source;
 mod output;
 pub mod pipeline;
 pub mod policy;
 mod pull;
 mod registry_cmd;
+mod rlaif;
 mod serve;
 mod store_cmd;
 pub mod train_policy;
@@ -489,6 +491,11 @@ pub async fn run(cli: Cli) -> Result<()> {
             let settings = load_settings(&cli.config)?;
             let summary =
                 constitution::constitution_cmd(&settings, limit.map(|n| n as usize), out).await?;
+            output::json_or_text(format, &summary, &summary.to_string())
+        }
+        Command::Rlaif { max_pairs, out } => {
+            let settings = load_settings(&cli.config)?;
+            let summary = rlaif::rlaif_cmd(&settings, max_pairs.map(|n| n as usize), out).await?;
             output::json_or_text(format, &summary, &summary.to_string())
         }
         Command::Export { out } => {

@@ -5,7 +5,7 @@
 use serde::Deserialize;
 
 use super::Invalid;
-use super::evals::{RawJudge, validate_judge};
+use super::evals::{RawJudge, validate_judge_source};
 use super::values::{NonNegative, NonNegativeInt, PositiveInt};
 use crate::constitution::{ConstitutionSettings, CriticKind};
 
@@ -39,12 +39,12 @@ pub fn validate_constitution(raw: RawConstitution) -> Result<ConstitutionSetting
     };
     let judge = raw
         .judge
-        .map(|j| validate_judge("constitution.judge", j))
+        .map(|j| validate_judge_source("constitution.judge", j))
         .transpose()?;
     if critic == CriticKind::Judge && judge.is_none() {
         return Err(Invalid::new(
             "constitution.critic",
-            "`judge` needs a judge endpoint\nhint: set `constitution.judge.url` and `constitution.judge.model` (an OpenAI-compatible API), or use `critic: policy`",
+            "`judge` needs a judge endpoint\nhint: set `constitution.judge.url` and `constitution.judge.model` (an OpenAI-compatible API), or `constitution.judge.checkpoint` (a local model), or use `critic: policy`",
         ));
     }
     Ok(ConstitutionSettings {

@@ -14,6 +14,7 @@ pub mod locate;
 pub mod models;
 pub mod policy;
 pub mod raw;
+pub mod rlaif;
 pub mod server;
 pub mod settings;
 pub mod values;

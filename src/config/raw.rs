@@ -34,6 +34,9 @@ pub struct RawConfig {
     /// Constitution as code (docs/constitution.md).
     #[serde(default)]
     pub constitution: super::constitution::RawConstitution,
+    /// AI feedback where humans gave none (docs/rlaif.md).
+    #[serde(default)]
+    pub rlaif: super::rlaif::RawRlaif,
     #[serde(default)]
     pub reward: RawReward,
     #[serde(default)]

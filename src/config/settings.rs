@@ -38,6 +38,7 @@ pub struct Settings {
     pub audit: crate::dataset::audit::AuditSettings,
     pub evals: crate::evals::EvalsSettings,
     pub constitution: crate::constitution::ConstitutionSettings,
+    pub rlaif: crate::rlaif::RlaifSettings,
     pub reward: crate::train::reward_run::RewardTrainOptions,
     pub policy: super::policy::PolicySettings,
     pub deploy: super::deploy::DeploySettings,
@@ -273,6 +274,8 @@ pub fn validate(raw: RawConfig, text: &str) -> Result<Settings, Invalid> {
     let evals = super::evals::validate_evals(raw.evals)?;
     let constitution = super::constitution::validate_constitution(raw.constitution)?;
     dataset.constitution_weight = constitution.weight;
+    let rlaif = super::rlaif::validate_rlaif(raw.rlaif)?;
+    dataset.ai_feedback_weight = if rlaif.enabled { rlaif.weight } else { 0.0 };
     if audit.enabled && audit.max_user_share < 1.0 {
         dataset.max_user_share = Some(audit.max_user_share);
     }
@@ -397,6 +400,7 @@ pub fn validate(raw: RawConfig, text: &str) -> Result<Settings, Invalid> {
         audit,
         evals,
         constitution,
+        rlaif,
         reward,
         policy,
         deploy,

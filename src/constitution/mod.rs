@@ -2,7 +2,7 @@
 //! a `rlhf-bot constitution` run makes from them and where they live (`pairs`), and the run
 //! itself ([`revise`]): for each prompt, the policy's answer is critiqued against a sampled
 //! principle and revised, by the policy itself or by the OpenAI-compatible judge
-//! (`evals::judge`, the one judge client). The revision becomes `chosen`, the original
+//! (`evals::judge`, the one judge client) or a local checkpoint. The revision becomes `chosen`, the original
 //! `rejected`. Loading models and generating is `app::constitution`'s job; this module sees
 //! the policy only as a function from a user message to a reply.
 
@@ -16,7 +16,7 @@ use anyhow::{Context, Result, bail};
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-use crate::evals::judge::{Judge, JudgeSettings};
+use crate::evals::judge::{AnyJudge, JudgeSource};
 use crate::feedback::Store;
 use crate::feedback::record::ChatMessage;
 use pairs::AiPair;
@@ -28,7 +28,7 @@ use principles::Principle;
 pub enum CriticKind {
     /// The policy answers its own critique and revision requests.
     Policy,
-    /// The OpenAI-compatible endpoint of `constitution.judge`.
+    /// The judge of `constitution.judge`: an OpenAI-compatible endpoint or a local checkpoint.
     Judge,
 }
 
@@ -48,7 +48,7 @@ pub struct ConstitutionSettings {
     pub principles: PathBuf,
     pub critic: CriticKind,
     /// Required when `critic` is `judge`.
-    pub judge: Option<JudgeSettings>,
+    pub judge: Option<JudgeSource>,
     /// The weight of constitution pairs in the dataset, separate from human feedback (0 leaves
     /// them out).
     pub weight: f64,
@@ -83,7 +83,7 @@ for a critique, the rewritten answer when asked for a revision.";
 /// the judge.
 pub enum Critic<'a> {
     Policy(&'a mut dyn FnMut(&str) -> Result<String>),
-    Judge(&'a Judge),
+    Judge(&'a AnyJudge<'a>),
 }
 
 impl Critic<'_> {

@@ -268,23 +268,18 @@ impl ContributorTotals {
     }
 }
 
-/// A 1–5 rating on [0, 1].
-fn scaled(rating: u8) -> f64 {
-    (f64::from(rating) - 1.0) / 4.0
+/// One context's distinct completions that people scored: (representative answer: the lowest
+/// message id, merged feedback, score, weight), and how many answers were folded into them.
+struct ScoredContext {
+    completions: Vec<(usize, AnswerFeedback, f64, f64)>,
+    merged: u64,
 }
 
-/// Turns answers into examples; everything left out is counted in `stats.dropped`.
-pub(crate) fn examples(
-    answers: &[Answer],
-    options: &DatasetOptions,
-    stats: &mut DatasetStats,
-) -> Examples {
-    let mut out = Examples::default();
-
-    // Pairs and pointwise examples, per context. The prompt messages are part of the key: two
-    // answers in one conversation but after different turns answer different questions. Within a
-    // context, answers with the same text (a regeneration that came out identical) are one
-    // completion: their feedback is merged, so they can never be paired against each other.
+/// The answers' indices by context and, within a context, by text. The prompt messages are part
+/// of the key: two answers in one conversation but after different turns answer different
+/// questions. Within a context, answers with the same text (a regeneration that came out
+/// identical) are one completion, so they can never be paired against each other.
+pub(crate) fn completions_by_context(answers: &[Answer]) -> Vec<Vec<Vec<usize>>> {
     type Context<'a> = (&'a str, Vec<(&'a str, &'a str)>);
     let mut contexts: BTreeMap<Context<'_>, BTreeMap<&str, Vec<usize>>> = BTreeMap::new();
     for (i, answer) in answers.iter().enumerate() {
@@ -300,30 +295,80 @@ pub(crate) fn examples(
             .or_default()
             .push(i);
     }
-    for texts in contexts.values() {
-        // (representative answer: the lowest message id, merged feedback, score, weight)
-        let mut group = Vec::new();
-        for indices in texts.values() {
-            let mut feedback = AnswerFeedback::default();
-            for &i in indices {
-                feedback.merge(&answers[i].feedback);
+    contexts
+        .into_values()
+        .map(|texts| texts.into_values().collect())
+        .collect()
+}
+
+/// [`completions_by_context`] with each completion's feedback merged; completions without an
+/// answer-level score are left out.
+fn scored_contexts(answers: &[Answer]) -> Vec<ScoredContext> {
+    completions_by_context(answers)
+        .into_iter()
+        .map(|texts| {
+            let mut out = ScoredContext {
+                completions: Vec::new(),
+                merged: 0,
+            };
+            for indices in texts {
+                let feedback = merged_feedback(answers, &indices);
+                if let Some((score, weight)) = feedback.score() {
+                    out.merged += indices.len() as u64 - 1;
+                    out.completions.push((indices[0], feedback, score, weight));
+                }
             }
-            if let Some((score, weight)) = feedback.score() {
-                stats.answers_merged += indices.len() as u64 - 1;
-                group.push((indices[0], feedback, score, weight));
-            }
-        }
+            out
+        })
+        .collect()
+}
+
+/// The feedback of one completion: every answer with its text in its context, merged.
+pub(crate) fn merged_feedback(answers: &[Answer], indices: &[usize]) -> AnswerFeedback {
+    let mut feedback = AnswerFeedback::default();
+    for &i in indices {
+        feedback.merge(&answers[i].feedback);
+    }
+    feedback
+}
+
+/// Whether people preferred the completion scored `a` over the one scored `b` (`Some(true)`),
+/// the reverse (`Some(false)`), or neither: the scores are closer than `min_score_gap`.
+pub(crate) fn human_preference(a: f64, b: f64, options: &DatasetOptions) -> Option<bool> {
+    let gap = (a - b).abs();
+    if gap <= 0.0 || gap + EPS < options.min_score_gap {
+        return None;
+    }
+    Some(a > b)
+}
+
+/// A 1–5 rating on [0, 1].
+fn scaled(rating: u8) -> f64 {
+    (f64::from(rating) - 1.0) / 4.0
+}
+
+/// Turns answers into examples; everything left out is counted in `stats.dropped`.
+pub(crate) fn examples(
+    answers: &[Answer],
+    options: &DatasetOptions,
+    stats: &mut DatasetStats,
+) -> Examples {
+    let mut out = Examples::default();
+
+    for group in scored_contexts(answers) {
+        stats.answers_merged += group.merged;
+        let group = group.completions;
         let mut paired = vec![false; group.len()];
         for a in 0..group.len() {
             for b in a + 1..group.len() {
                 let (ia, sa) = (group[a].0, group[a].2);
                 let (ib, sb) = (group[b].0, group[b].2);
-                let gap = (sa - sb).abs();
-                if gap <= 0.0 || gap + EPS < options.min_score_gap {
+                let Some(a_wins) = human_preference(sa, sb, options) else {
                     stats.count_drop(DropReason::ScoreGapTooSmall);
                     continue;
-                }
-                let (chosen, rejected) = if sa > sb {
+                };
+                let gap = (sa - sb).abs();
+                let (chosen, rejected) = if a_wins {
                     (&answers[ia], &answers[ib])
                 } else {
                     (&answers[ib], &answers[ia])

@@ -18,6 +18,7 @@ pub mod examples;
 pub mod export;
 pub mod fingerprint;
 pub mod io;
+mod regenerations;
 pub mod split;
 
 use std::collections::BTreeMap;
@@ -39,6 +40,7 @@ pub use io::{
     LoadError, PolicyLine, hh_rlhf_pairs, load_policy_jsonl, load_preference_jsonl,
     render_plain_prompt,
 };
+pub use regenerations::regeneration_candidates;
 pub use split::{SplitSide, split, split_side};
 
 /// How much each kind of answer-level signal counts in an answer's score.
@@ -119,6 +121,14 @@ pub struct DatasetOptions {
     /// 0 leaves them out of the dataset.
     #[serde(default = "one")]
     pub constitution_weight: f64,
+    /// The weight of AI-labelled pairs (`rlaif.weight` when `rlaif.enabled`, else 0), separate
+    /// from human feedback: 0 leaves them out of the dataset.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub ai_feedback_weight: f64,
+}
+
+fn is_zero(w: &f64) -> bool {
+    *w == 0.0
 }
 
 fn one() -> f64 {
@@ -137,6 +147,7 @@ impl Default for DatasetOptions {
             source_weights: SourceWeights::default(),
             max_user_share: None,
             constitution_weight: 1.0,
+            ai_feedback_weight: 0.0,
         }
     }
 }
@@ -153,7 +164,7 @@ pub struct InvalidOptions {
 impl DatasetOptions {
     /// Checks what the types cannot: finite, non-negative weights and a usable eval fraction.
     pub fn validate(&self) -> Result<(), InvalidOptions> {
-        let weights: [(&'static str, f64); 10] = [
+        let weights: [(&'static str, f64); 11] = [
             ("weights.thumb", self.weights.thumb),
             ("weights.rating", self.weights.rating),
             ("weights.aspect", self.weights.aspect),
@@ -164,6 +175,7 @@ impl DatasetOptions {
             ("min_score_gap", self.min_score_gap),
             ("margin_scale", self.margin_scale),
             ("constitution_weight", self.constitution_weight),
+            ("ai_feedback_weight", self.ai_feedback_weight),
         ];
         for (option, value) in weights {
             if !value.is_finite() || value < 0.0 {
@@ -236,12 +248,31 @@ pub fn build(
 }
 
 /// Builds the dataset from every live record of the store (tombstones and edits already applied
-/// there), streaming them: twice when the influence cap is on, once to weigh each contributor
-/// and once to build. The pairs of the last `rlhf-bot constitution` run kept beside the store
-/// (`constitution::pairs`) join the human pairs, marked `source: ai_constitution` and weighted
-/// by `constitution_weight` (0 leaves them out).
+/// there). Pairs made by AI join the human pairs, each marked with its `source` and weighted
+/// separately from human feedback (a weight of 0 leaves them out): those of the last
+/// `rlhf-bot constitution` run (`constitution::pairs`, `constitution_weight`) and those of the
+/// last `rlhf-bot rlaif` run when its AI labels passed the agreement check (`rlaif::pairs`,
+/// `ai_feedback_weight`).
 pub fn build_from_store(store: &Store, options: &DatasetOptions) -> Result<Dataset> {
     options.validate()?;
+    let aggregation = aggregate_store(store, options)?;
+    let store_dir = store.path().parent().unwrap_or(std::path::Path::new("."));
+    Ok(finish_with(
+        aggregation,
+        options,
+        ai_pairs(store_dir, options)?,
+    ))
+}
+
+/// The store's answers with their feedback, as [`build_from_store`] sees them.
+pub fn answers_from_store(store: &Store, options: &DatasetOptions) -> Result<Vec<Answer>> {
+    options.validate()?;
+    Ok(aggregate_store(store, options)?.finish().0)
+}
+
+/// Every live record of the store filed under its answer, streaming them: twice when the
+/// influence cap is on, once to weigh each contributor and once to file.
+fn aggregate_store(store: &Store, options: &DatasetOptions) -> Result<Aggregation> {
     let mut aggregation = Aggregation::new(options);
     if let Some(cap) = options.max_user_share {
         let mut totals = build::ContributorTotals::default();
@@ -255,12 +286,64 @@ pub fn build_from_store(store: &Store, options: &DatasetOptions) -> Result<Datas
         aggregation.add(record);
         Ok(())
     })?;
-    let store_dir = store.path().parent().unwrap_or(std::path::Path::new("."));
-    let ai = match crate::constitution::pairs::read_current(store_dir)? {
-        Some(c) if options.constitution_weight > 0.0 => c.pairs,
-        _ => Vec::new(),
+    Ok(aggregation)
+}
+
+/// The pairs made by AI kept beside the store, as preference pairs with their source and weight.
+fn ai_pairs(store_dir: &std::path::Path, options: &DatasetOptions) -> Result<Vec<PreferencePair>> {
+    let ai_pair = |prompt,
+                   chosen,
+                   rejected,
+                   conversation_id,
+                   ids: (String, String),
+                   source: &str,
+                   weight: f64| PreferencePair {
+        prompt,
+        chosen,
+        rejected,
+        margin: 0.0,
+        conversation_id,
+        chosen_id: ids.0,
+        rejected_id: ids.1,
+        source: Some(source.to_string()),
+        weight: Some(weight as f32),
     };
-    Ok(finish_with(aggregation, options, ai))
+    let mut out = Vec::new();
+    if options.constitution_weight > 0.0
+        && let Some(c) = crate::constitution::pairs::read_current(store_dir)?
+    {
+        for (i, p) in c.pairs.into_iter().enumerate() {
+            out.push(ai_pair(
+                p.prompt,
+                p.chosen,
+                p.rejected,
+                p.conversation_id,
+                (
+                    format!("constitution-{i}-revised"),
+                    format!("constitution-{i}-original"),
+                ),
+                crate::constitution::pairs::SOURCE,
+                options.constitution_weight,
+            ));
+        }
+    }
+    if options.ai_feedback_weight > 0.0
+        && let Some(f) = crate::rlaif::pairs::read_current(store_dir)?
+        && f.state.is_on()
+    {
+        for p in f.pairs {
+            out.push(ai_pair(
+                p.prompt,
+                p.chosen,
+                p.rejected,
+                p.conversation_id,
+                (p.chosen_id, p.rejected_id),
+                crate::rlaif::pairs::SOURCE,
+                options.ai_feedback_weight,
+            ));
+        }
+    }
+    Ok(out)
 }
 
 fn finish(aggregation: Aggregation, options: &DatasetOptions) -> Dataset {
@@ -270,23 +353,11 @@ fn finish(aggregation: Aggregation, options: &DatasetOptions) -> Dataset {
 fn finish_with(
     aggregation: Aggregation,
     options: &DatasetOptions,
-    ai_pairs: Vec<crate::constitution::pairs::AiPair>,
+    ai_pairs: Vec<PreferencePair>,
 ) -> Dataset {
     let (answers, mut stats) = aggregation.finish();
     let mut examples = build::examples(&answers, options, &mut stats);
-    for (i, p) in ai_pairs.into_iter().enumerate() {
-        examples.pairs.push(PreferencePair {
-            prompt: p.prompt,
-            chosen: p.chosen,
-            rejected: p.rejected,
-            margin: 0.0,
-            conversation_id: p.conversation_id,
-            chosen_id: format!("constitution-{i}-revised"),
-            rejected_id: format!("constitution-{i}-original"),
-            source: Some(crate::constitution::pairs::SOURCE.to_string()),
-            weight: Some(options.constitution_weight as f32),
-        });
-    }
+    examples.pairs.extend(ai_pairs);
     let (train, eval) = split(examples, options.eval_fraction, options.seed);
     stats.train = train.counts();
     stats.eval = eval.counts();

@@ -73,6 +73,95 @@ pub enum JudgeError {
         problem: String,
         excerpt: String,
     },
+    #[error(
+        "the judge {judge} replied without a usable preference ({problem}): {excerpt}\nhint: the reply must end with `Preferred: A` or `Preferred: B`; set `{section}` to a model that follows the instruction"
+    )]
+    NoPreference {
+        /// The endpoint's URL or the local checkpoint's path.
+        judge: String,
+        problem: String,
+        excerpt: String,
+        section: &'static str,
+    },
+    #[error(
+        "the local judge {checkpoint} could not answer: {detail}\nhint: check `{section}.checkpoint` (a llama-family checkpoint directory, a .gguf file or hf://ORG/NAME)"
+    )]
+    Local {
+        checkpoint: String,
+        detail: String,
+        section: &'static str,
+    },
+}
+
+/// Where a judge runs, validated (`constitution.judge`, `rlaif.judge`): an OpenAI-compatible
+/// endpoint, or a local llama-family checkpoint that answers greedily with our own generation
+/// code.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JudgeSource {
+    Endpoint(JudgeSettings),
+    Checkpoint(LocalJudgeSettings),
+}
+
+/// A local checkpoint as judge.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LocalJudgeSettings {
+    /// A checkpoint directory, a `.gguf` file, or `hf://ORG/NAME[@REVISION]`.
+    pub checkpoint: String,
+    /// The longest reply, in tokens.
+    pub max_new_tokens: usize,
+}
+
+/// A local model that answers a system and a user message (`app` loads the model and renders
+/// its chat template: model loading is not this module's job).
+pub trait LocalChat {
+    fn chat(&self, system: &str, user: &str) -> anyhow::Result<String>;
+}
+
+/// A judge whichever way it runs, so that callers (the constitution, RLAIF) do not care: the
+/// endpoint client, or a local checkpoint's greedy generation.
+pub enum AnyJudge<'a> {
+    Endpoint(Judge),
+    Local {
+        /// The checkpoint as the config names it (safe to print: a path or `hf://` reference).
+        checkpoint: String,
+        section: &'static str,
+        model: &'a dyn LocalChat,
+    },
+}
+
+impl AnyJudge<'_> {
+    /// Sends one system and one user message; returns the reply text.
+    pub async fn chat(&self, system: &str, user: &str) -> Result<String, JudgeError> {
+        match self {
+            AnyJudge::Endpoint(judge) => judge.chat(system, user).await,
+            AnyJudge::Local {
+                checkpoint,
+                section,
+                model,
+            } => model.chat(system, user).map_err(|e| JudgeError::Local {
+                checkpoint: checkpoint.clone(),
+                detail: format!("{e:#}"),
+                section,
+            }),
+        }
+    }
+
+    /// The endpoint's URL or the checkpoint, safe to print.
+    pub fn shown(&self) -> String {
+        match self {
+            AnyJudge::Endpoint(judge) => judge.shown_url(),
+            AnyJudge::Local { checkpoint, .. } => format!("(local checkpoint) {checkpoint}"),
+        }
+    }
+
+    /// The config section the judge came from.
+    pub fn section(&self) -> &'static str {
+        match self {
+            AnyJudge::Endpoint(judge) => judge.section,
+            AnyJudge::Local { section, .. } => section,
+        }
+    }
 }
 
 const SYSTEM: &str = "You grade an assistant's answer against a rubric. Think briefly, then end \
