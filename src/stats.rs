@@ -197,6 +197,21 @@ mod tests {
     }
 
     #[test]
+    fn wilson_matches_a_hand_computation_at_small_n() {
+        // 8 of 10, z = 1.959964: centre (0.8 + z²/20) / (1 + z²/10) = 0.716740, half-width
+        // z / (1 + z²/10) * sqrt(0.016 + z²/400) = 0.226578.
+        let i = wilson(8, 10, 0.95).unwrap();
+        assert_eq!(i.estimate, 0.8);
+        assert!((i.low - 0.490_162).abs() < 1e-5, "{i:?}");
+        assert!((i.high - 0.943_318).abs() < 1e-5, "{i:?}");
+        // 0 of 5: the interval starts at 0 and its upper end is z² / (n + z²).
+        let none = wilson(0, 5, 0.95).unwrap();
+        let z2 = two_sided_z(0.95).powi(2);
+        assert_eq!(none.low, 0.0);
+        assert!((none.high - z2 / (5.0 + z2)).abs() < 1e-9, "{none:?}");
+    }
+
+    #[test]
     fn drop_tests_have_the_right_sign() {
         let (z, p) = proportion_drop(80, 100, 60, 100).unwrap();
         assert!(z < -2.0 && p < 0.01);

@@ -37,8 +37,26 @@ pub struct Registered {
     pub registry: PathBuf,
 }
 
-fn snapshot(store: &Store, dataset: &DatasetInfo) -> Result<FeedbackSnapshot> {
-    Ok(dataset.snapshot(store.watermark()?.map(format_time).unwrap_or_default()))
+/// The registry's record of the feedback a model trained on; with AI feedback on, the last
+/// `rlaif` run's counts join the example counts (`ai_feedback_*`).
+fn snapshot(settings: &Settings, store: &Store, dataset: &DatasetInfo) -> Result<FeedbackSnapshot> {
+    let mut snapshot = dataset.snapshot(store.watermark()?.map(format_time).unwrap_or_default());
+    if let Some(ai) = ai_feedback_summary(settings)? {
+        for (name, count) in ai.lineage_counts() {
+            snapshot.counts.insert(name.to_string(), count);
+        }
+    }
+    Ok(snapshot)
+}
+
+/// The last `rlhf-bot rlaif` run's decision and counts, when AI feedback is on.
+fn ai_feedback_summary(
+    settings: &Settings,
+) -> Result<Option<crate::rlaif::pairs::AiFeedbackSummary>> {
+    if !settings.rlaif.enabled {
+        return Ok(None);
+    }
+    Ok(crate::rlaif::pairs::read_current(&settings.store.dir)?.map(|f| f.summary))
 }
 
 /// Stores each trained model of the run in the artifact store and adds it to the registry as a
@@ -78,7 +96,7 @@ pub fn register(
             parent: registry.production(kind).map(|p| p.id.clone()),
             algorithm,
             config_sha256: settings.config_sha256.clone(),
-            feedback: snapshot(&store, dataset)?,
+            feedback: snapshot(settings, &store, dataset)?,
             artifact,
             metrics,
             status: ModelStatus::Candidate,
@@ -244,6 +262,7 @@ pub fn build_report(
             &settings.store.dir,
             settings.report.max_samples,
         )?,
+        ai_feedback: ai_feedback_summary(settings)?,
         deployed: crate::app::deploy::live_blocking(settings)
             .into_iter()
             .map(|(kind, live)| report::Deployment {

@@ -13,35 +13,33 @@ use super::judge::JudgeHandle;
 use crate::config::Settings;
 use crate::dataset::{answers_from_store, regeneration_candidates};
 use crate::feedback::Store;
-use crate::rlaif::pairs::{self, AgreementCounts, LabelCounts, LabelsState};
-use crate::rlaif::{JUDGE_SECTION, label};
+use crate::rlaif::pairs::{self, AiFeedbackSummary};
+use crate::rlaif::{JUDGE_SECTION, label, state_sentence};
 
 /// What a run did.
 #[derive(Debug, Clone, Serialize)]
 pub struct RlaifSummary {
-    pub judge: String,
-    pub state: LabelsState,
-    pub min_agreement: f64,
-    pub agreement: AgreementCounts,
-    pub labels: LabelCounts,
+    #[serde(flatten)]
+    pub result: AiFeedbackSummary,
     pub written: PathBuf,
 }
 
 impl std::fmt::Display for RlaifSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let r = &self.result;
         writeln!(
             f,
             "rlaif: {}",
-            crate::rlaif::state_sentence(self.state, self.min_agreement, &self.agreement)
+            state_sentence(r.state, r.min_agreement, &r.agreement)
         )?;
         write!(
             f,
             "rlaif: {} pairs without a human preference, {} judged, {} inconsistent (dropped), {} kept, {} over the cap; written to {}",
-            self.labels.available,
-            self.labels.judged,
-            self.labels.inconsistent,
-            self.labels.kept,
-            self.labels.over_cap,
+            r.labels.available,
+            r.labels.judged,
+            r.labels.inconsistent,
+            r.labels.kept,
+            r.labels.over_cap,
             self.written.display()
         )
     }
@@ -75,11 +73,7 @@ pub async fn rlaif_cmd(
     let result = label(&candidates, rs, max_pairs.unwrap_or(rs.max_pairs), &judge).await?;
     let written = pairs::write(&settings.store.dir, &result, out.as_deref())?;
     Ok(RlaifSummary {
-        judge: result.judge,
-        state: result.state,
-        min_agreement: result.min_agreement,
-        agreement: result.agreement,
-        labels: result.labels,
+        result: result.summary,
         written,
     })
 }

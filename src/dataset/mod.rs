@@ -329,7 +329,7 @@ fn ai_pairs(store_dir: &std::path::Path, options: &DatasetOptions) -> Result<Vec
     }
     if options.ai_feedback_weight > 0.0
         && let Some(f) = crate::rlaif::pairs::read_current(store_dir)?
-        && f.state.is_on()
+        && f.summary.state.is_on()
     {
         for p in f.pairs {
             out.push(ai_pair(

@@ -352,6 +352,10 @@ pub struct ReportContext {
     /// What the last `rlhf-bot constitution` run changed (absent when there was none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub constitution: Option<crate::constitution::pairs::ConstitutionDiff>,
+    /// What the last `rlhf-bot rlaif` run decided (absent when `rlaif.enabled` is false or it
+    /// never ran).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ai_feedback: Option<crate::rlaif::pairs::AiFeedbackSummary>,
 }
 
 fn default_samples() -> usize {

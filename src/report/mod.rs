@@ -17,6 +17,7 @@
 //! answers to it) go only into the PR body, where a reviewer can still edit them out, unless
 //! [`RenderOptions::samples_in_files`] opts in; absolute paths are rewritten by [`LocalPaths`].
 
+mod ai_feedback;
 mod constitution;
 pub mod context;
 mod evals;
@@ -314,6 +315,8 @@ struct View {
     evals: Option<evals::EvalsView>,
     /// The constitution diff (absent when no `rlhf-bot constitution` run exists).
     constitution: Option<constitution::ConstitutionView>,
+    /// The last `rlhf-bot rlaif` run (absent when AI feedback is off or never ran).
+    ai_feedback: Option<ai_feedback::AiFeedbackView>,
 }
 
 #[derive(Debug, Serialize)]
@@ -902,6 +905,7 @@ fn build_view(
                 PR_ANSWER_CHARS,
             )
         }),
+        ai_feedback: ctx.ai_feedback.as_ref().map(ai_feedback::view),
     }
 }
 

@@ -16,7 +16,9 @@ use crate::evals::judge::{AnyJudge, JudgeError, JudgeSource};
 use crate::feedback::record::ChatMessage;
 use crate::sanitize::error_body_excerpt;
 use crate::stats::{Interval, wilson};
-use pairs::{AgreementCounts, AiFeedback, AiFeedbackPair, LabelCounts, LabelsState};
+use pairs::{
+    AgreementCounts, AiFeedback, AiFeedbackPair, AiFeedbackSummary, LabelCounts, LabelsState,
+};
 
 /// `rlaif:` in the config, validated.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -272,11 +274,13 @@ pub async fn label(
     }
     labels.over_cap = labels.available.saturating_sub(label_n as u64);
     Ok(AiFeedback {
-        judge: judge.shown(),
-        state,
-        min_agreement: settings.min_agreement,
-        agreement,
-        labels,
+        summary: AiFeedbackSummary {
+            judge: judge.shown(),
+            state,
+            min_agreement: settings.min_agreement,
+            agreement,
+            labels,
+        },
         pairs: kept,
     })
 }

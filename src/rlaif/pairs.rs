@@ -82,6 +82,15 @@ pub struct AiFeedbackPair {
 /// What one `rlaif` run decided and kept.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AiFeedback {
+    #[serde(flatten)]
+    pub summary: AiFeedbackSummary,
+    pub pairs: Vec<AiFeedbackPair>,
+}
+
+/// What one `rlaif` run decided, in numbers only (no user text): what the report and the
+/// registry see.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AiFeedbackSummary {
     /// The endpoint's URL or the local checkpoint (never a key).
     pub judge: String,
     pub state: LabelsState,
@@ -89,10 +98,9 @@ pub struct AiFeedback {
     pub min_agreement: f64,
     pub agreement: AgreementCounts,
     pub labels: LabelCounts,
-    pub pairs: Vec<AiFeedbackPair>,
 }
 
-impl AiFeedback {
+impl AiFeedbackSummary {
     /// The counts the registry records with a trained model (`ai_feedback_*`).
     pub fn lineage_counts(&self) -> [(&'static str, u64); 6] {
         [

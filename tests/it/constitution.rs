@@ -8,15 +8,15 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use axum::Json;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use axum::{Json, Router};
 use serde_json::{Value, json};
 
+use crate::chat_judge::{completion, start};
 use crate::common::{Workspace, bin, stderr, stdout};
-use crate::feedback_server::serve_in_background;
 
 const KEY: &str = "constitution-key-7f3a2b";
 const REVISED: &str = "A carbon tax puts a price on each tonne of CO2 emitted.";
@@ -62,14 +62,7 @@ async fn completions(State(j): State<Judge>, headers: HeaderMap, body: Json<Valu
         .unwrap_or("")
         .to_string();
     j.seen.lock().unwrap().push((auth, user.clone()));
-    let message = |content: &str| {
-        Json(json!({
-            "id": "chatcmpl-1", "object": "chat.completion", "model": "critic-test",
-            "choices": [{"index": 0, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": content}}],
-        }))
-        .into_response()
-    };
+    let message = completion;
     match j.reply {
         Reply::Good if user.starts_with("CRITIQUE") => message("It uses jargon and no numbers."),
         Reply::Good => message(REVISED),
@@ -86,13 +79,11 @@ async fn completions(State(j): State<Judge>, headers: HeaderMap, body: Json<Valu
 
 fn start_judge(reply: Reply) -> (String, Seen) {
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let app = Router::new()
-        .route("/v1/chat/completions", post(completions))
-        .with_state(Judge {
-            reply,
-            seen: seen.clone(),
-        });
-    (format!("http://{}/v1", serve_in_background(app)), seen)
+    let url = start(post(completions).with_state(Judge {
+        reply,
+        seen: seen.clone(),
+    }));
+    (url, seen)
 }
 
 /// The tiny test config with a `constitution:` section whose judge is at `url`.

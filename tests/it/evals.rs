@@ -7,7 +7,6 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -17,8 +16,8 @@ use rlhf_bot::evals::{Answered, ModelAnswer, check, parse, results};
 use rlhf_bot::secret::SecretString;
 use serde_json::{Value, json};
 
+use crate::chat_judge::{completion, start};
 use crate::common::{Workspace, forced_run_logged, run, stderr};
-use crate::feedback_server::serve_in_background;
 
 const JUDGE_KEY: &str = "judge-key-4c1d9e";
 
@@ -55,14 +54,7 @@ async fn completions(
         .unwrap_or("")
         .to_string();
     s.seen.lock().unwrap().push((auth, body.0));
-    let message = |content: &str| {
-        axum::Json(json!({
-            "id": "chatcmpl-1", "object": "chat.completion", "model": "judge-test",
-            "choices": [{"index": 0, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": content}}],
-        }))
-        .into_response()
-    };
+    let message = completion;
     match s.reply {
         Reply::Score(x) => message(&format!("The answer covers the rubric.\nScore: {x}")),
         Reply::Slow => {
@@ -81,14 +73,11 @@ async fn completions(
 
 fn start_judge(reply: Reply) -> (String, Seen) {
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let app = Router::new()
-        .route("/v1/chat/completions", post(completions))
-        .with_state(JudgeState {
-            reply,
-            seen: seen.clone(),
-        });
-    let addr = serve_in_background(app);
-    (format!("http://{addr}/v1"), seen)
+    let url = start(post(completions).with_state(JudgeState {
+        reply,
+        seen: seen.clone(),
+    }));
+    (url, seen)
 }
 
 fn judge(url: &str) -> Judge {

@@ -4,6 +4,7 @@
 mod audit;
 mod bert;
 mod bucket;
+mod chat_judge;
 mod check_props;
 mod child_usage;
 mod common;
@@ -48,6 +49,7 @@ mod pull_hostile;
 mod registry;
 mod report;
 mod rewardloss;
+mod rlaif;
 mod serve;
 mod train_utils;
 mod trainer;

@@ -209,6 +209,7 @@ fn context(production: bool, win: (f64, f64, f64), kl: f64) -> ReportContext {
         integrity: None,
         evals: None,
         constitution: None,
+        ai_feedback: None,
     }
 }
 
