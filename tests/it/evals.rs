@@ -14,7 +14,7 @@ use axum::routing::post;
 use rlhf_bot::evals::judge::{Judge, JudgeError, JudgeSettings};
 use rlhf_bot::evals::{Answered, ModelAnswer, check, parse, results};
 use rlhf_bot::secret::SecretString;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::chat_judge::{completion, start};
 use crate::common::{Workspace, forced_run_logged, run, stderr};
