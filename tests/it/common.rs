@@ -141,6 +141,24 @@ fn forced_run_with(mut cmd: Command, config: &Path, now: &str) -> (serde_json::V
     (json, stderr(&o))
 }
 
+/// `export --out dir`, then the preference lines of both splits that carry a `source`: the
+/// pairs made by AI (constitution, AI feedback).
+pub fn exported_ai_pairs(config: &Path, dir: &Path) -> Vec<serde_json::Value> {
+    let o = run(config, &["export", "--out", dir.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    ["preference.train.jsonl", "preference.eval.jsonl"]
+        .iter()
+        .flat_map(|f| {
+            std::fs::read_to_string(dir.join(f))
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+                .collect::<Vec<_>>()
+        })
+        .filter(|l| l.get("source").is_some())
+        .collect()
+}
+
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }

@@ -5,18 +5,13 @@
 //! clear error naming the endpoint, and nothing is written; the API key never shows.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::Json;
-use axum::extract::State;
-use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
 use serde_json::{Value, json};
 
-use crate::chat_judge::{completion, start};
-use crate::common::{Workspace, bin, stderr, stdout};
+use crate::chat_judge::{self, Seen, completion, user_message};
+use crate::common::{Workspace, bin, exported_ai_pairs, stderr, stdout};
 
 const KEY: &str = "constitution-key-7f3a2b";
 const REVISED: &str = "A carbon tax puts a price on each tonne of CO2 emitted.";
@@ -42,28 +37,10 @@ enum Reply {
     NoChoices,
 }
 
-/// (Authorization header, user message) of every request the judge saw.
-type Seen = Arc<Mutex<Vec<(String, String)>>>;
-
-#[derive(Clone)]
-struct Judge {
-    reply: Reply,
-    seen: Seen,
-}
-
-async fn completions(State(j): State<Judge>, headers: HeaderMap, body: Json<Value>) -> Response {
-    let auth = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
-    let user = body.0["messages"][1]["content"]
-        .as_str()
-        .unwrap_or("")
-        .to_string();
-    j.seen.lock().unwrap().push((auth, user.clone()));
+async fn completions(reply: Reply, body: Value) -> Response {
+    let user = user_message(&body);
     let message = completion;
-    match j.reply {
+    match reply {
         Reply::Good if user.starts_with("CRITIQUE") => message("It uses jargon and no numbers."),
         Reply::Good => message(REVISED),
         Reply::Slow => {
@@ -72,18 +49,13 @@ async fn completions(State(j): State<Judge>, headers: HeaderMap, body: Json<Valu
         }
         Reply::NotJson => "<html>upstream busy</html>".into_response(),
         Reply::NoChoices => {
-            Json(json!({"id": "chatcmpl-1", "object": "chat.completion"})).into_response()
+            axum::Json(json!({"id": "chatcmpl-1", "object": "chat.completion"})).into_response()
         }
     }
 }
 
 fn start_judge(reply: Reply) -> (String, Seen) {
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let url = start(post(completions).with_state(Judge {
-        reply,
-        seen: seen.clone(),
-    }));
-    (url, seen)
+    chat_judge::start_judge(reply, completions)
 }
 
 /// The tiny test config with a `constitution:` section whose judge is at `url`.
@@ -117,30 +89,6 @@ fn pull(config: &Path) {
     assert!(o.status.success(), "{}", stderr(&o));
 }
 
-/// The exported preference lines (both splits) that came from the constitution.
-fn exported_ai_lines(config: &Path, dir: &Path) -> Vec<Value> {
-    let o = bin()
-        .arg("--config")
-        .arg(config)
-        .arg("export")
-        .arg("--out")
-        .arg(dir)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
-    ["preference.train.jsonl", "preference.eval.jsonl"]
-        .iter()
-        .flat_map(|f| {
-            std::fs::read_to_string(dir.join(f))
-                .unwrap()
-                .lines()
-                .map(|l| serde_json::from_str::<Value>(l).unwrap())
-                .collect::<Vec<_>>()
-        })
-        .filter(|l| l.get("source").is_some())
-        .collect()
-}
-
 #[test]
 fn a_run_makes_weighted_pairs_that_reach_the_dataset_and_the_export() {
     let (url, seen) = start_judge(Reply::Good);
@@ -166,7 +114,8 @@ fn a_run_makes_weighted_pairs_that_reach_the_dataset_and_the_export() {
         seen.iter()
             .all(|(auth, _)| auth == &format!("Bearer {KEY}"))
     );
-    assert!(seen[1].1.starts_with("REVISE") && seen[1].1.contains("It uses jargon"));
+    let revise = user_message(&seen[1].1);
+    assert!(revise.starts_with("REVISE") && revise.contains("It uses jargon"));
 
     let file: Value = serde_json::from_str(
         &std::fs::read_to_string(ws.store_dir().join("constitution.json")).unwrap(),
@@ -181,7 +130,7 @@ fn a_run_makes_weighted_pairs_that_reach_the_dataset_and_the_export() {
     }
     assert_eq!(file["principles"].as_object().unwrap().len(), 2);
 
-    let lines = exported_ai_lines(&config, &ws.path().join("export"));
+    let lines = exported_ai_pairs(&config, &ws.path().join("export"));
     assert_eq!(lines.len(), 3, "{lines:?}");
     for l in &lines {
         assert_eq!(l["source"], "ai_constitution");
@@ -191,7 +140,7 @@ fn a_run_makes_weighted_pairs_that_reach_the_dataset_and_the_export() {
 
     // Weight 0 leaves them out of the dataset.
     let off = write_config(&ws, &url, 0.0);
-    assert!(exported_ai_lines(&off, &ws.path().join("export-off")).is_empty());
+    assert!(exported_ai_pairs(&off, &ws.path().join("export-off")).is_empty());
 }
 
 #[test]

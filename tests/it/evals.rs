@@ -4,19 +4,16 @@
 //! pull request a draft while a judge-scored eval passes.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
 use rlhf_bot::evals::judge::{Judge, JudgeError, JudgeSettings};
 use rlhf_bot::evals::{Answered, ModelAnswer, check, parse, results};
 use rlhf_bot::secret::SecretString;
 use serde_json::Value;
 
-use crate::chat_judge::{completion, start};
+use crate::chat_judge::{self, Seen, completion};
 use crate::common::{Workspace, forced_run_logged, run, stderr};
 
 const JUDGE_KEY: &str = "judge-key-4c1d9e";
@@ -34,28 +31,9 @@ enum Reply {
     Status(u16),
 }
 
-/// The `Authorization` headers and request bodies the judge saw.
-type Seen = Arc<Mutex<Vec<(String, Value)>>>;
-
-#[derive(Clone)]
-struct JudgeState {
-    reply: Reply,
-    seen: Seen,
-}
-
-async fn completions(
-    State(s): State<JudgeState>,
-    headers: HeaderMap,
-    body: axum::Json<Value>,
-) -> Response {
-    let auth = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
-    s.seen.lock().unwrap().push((auth, body.0));
+async fn completions(reply: Reply, _body: Value) -> Response {
     let message = completion;
-    match s.reply {
+    match reply {
         Reply::Score(x) => message(&format!("The answer covers the rubric.\nScore: {x}")),
         Reply::Slow => {
             tokio::time::sleep(Duration::from_secs(5)).await;
@@ -72,12 +50,7 @@ async fn completions(
 }
 
 fn start_judge(reply: Reply) -> (String, Seen) {
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let url = start(post(completions).with_state(JudgeState {
-        reply,
-        seen: seen.clone(),
-    }));
-    (url, seen)
+    chat_judge::start_judge(reply, completions)
 }
 
 fn judge(url: &str) -> Judge {

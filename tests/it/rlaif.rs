@@ -8,16 +8,13 @@
 //! is a local checkpoint whose reply is no preference is a clear error and nothing is written.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::extract::State;
 use axum::response::Response;
-use axum::routing::post;
 use serde_json::{Value, json};
 
-use crate::chat_judge::{completion, start};
-use crate::common::{Workspace, bin, repo, stderr, stdout};
+use crate::chat_judge::{self, Seen, completion, user_message};
+use crate::common::{Workspace, bin, exported_ai_pairs, repo, stderr, stdout};
 
 const KEY: &str = "rlaif-key-91c0d4";
 
@@ -31,15 +28,6 @@ enum Reply {
     Chatter,
 }
 
-/// The user messages the judge saw.
-type Seen = Arc<Mutex<Vec<String>>>;
-
-#[derive(Clone)]
-struct JudgeState {
-    reply: Reply,
-    seen: Seen,
-}
-
 /// The two answers of a pairwise request, as shown: (A, B).
 fn shown(user: &str) -> (String, String) {
     let a = user.split("Answer A:\n").nth(1).unwrap_or("");
@@ -48,13 +36,9 @@ fn shown(user: &str) -> (String, String) {
     (a.to_string(), b.to_string())
 }
 
-async fn completions(State(s): State<JudgeState>, body: axum::Json<Value>) -> Response {
-    let user = body.0["messages"][1]["content"]
-        .as_str()
-        .unwrap_or("")
-        .to_string();
-    s.seen.lock().unwrap().push(user.clone());
-    match s.reply {
+async fn completions(reply: Reply, body: Value) -> Response {
+    let user = user_message(&body);
+    match reply {
         Reply::MarkedOrFirst => {
             let (a, b) = shown(&user);
             let pick = if !a.contains("GOOD") && b.contains("GOOD") {
@@ -73,12 +57,7 @@ async fn completions(State(s): State<JudgeState>, body: axum::Json<Value>) -> Re
 }
 
 fn start_judge(reply: Reply) -> (String, Seen) {
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let url = start(post(completions).with_state(JudgeState {
-        reply,
-        seen: seen.clone(),
-    }));
-    (url, seen)
+    chat_judge::start_judge(reply, completions)
 }
 
 /// One thumb on one answer, as the feedback API sends it.
@@ -201,21 +180,13 @@ fn rlaif(config: &Path, extra: &[&str]) -> Value {
     serde_json::from_str(&stdout(&o)).unwrap()
 }
 
-/// The exported preference lines (both splits) that came from AI feedback.
+/// The exported pairs made by AI, each checked to come from AI feedback.
 fn exported_ai_feedback(config: &Path, dir: &Path) -> Vec<Value> {
-    let o = cli(config, &["export", "--out", dir.to_str().unwrap()]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    ["preference.train.jsonl", "preference.eval.jsonl"]
-        .iter()
-        .flat_map(|f| {
-            std::fs::read_to_string(dir.join(f))
-                .unwrap()
-                .lines()
-                .map(|l| serde_json::from_str::<Value>(l).unwrap())
-                .collect::<Vec<_>>()
-        })
-        .filter(|l| l["source"] == "ai_feedback")
-        .collect()
+    let lines = exported_ai_pairs(config, dir);
+    for l in &lines {
+        assert_eq!(l["source"], "ai_feedback", "{l}");
+    }
+    lines
 }
 
 fn close(got: &Value, want: f64) -> bool {
@@ -275,7 +246,12 @@ fn consistent_pairs_are_kept_inconsistent_ones_dropped_and_agreement_matches_wil
     // Every pair was asked in both orders, one right after the other, with the key.
     let seen = seen.lock().unwrap().clone();
     assert_eq!(seen.len(), 2 * (11 + 4));
-    for pair in seen.chunks(2) {
+    assert!(
+        seen.iter()
+            .all(|(auth, _)| auth == &format!("Bearer {KEY}"))
+    );
+    let asked: Vec<String> = seen.iter().map(|(_, body)| user_message(body)).collect();
+    for pair in asked.chunks(2) {
         let (a1, b1) = shown(&pair[0]);
         let (a2, b2) = shown(&pair[1]);
         assert!(!a1.is_empty() && !b1.is_empty(), "{}", pair[0]);
