@@ -168,6 +168,7 @@ pub fn render_with(ctx: &ReportContext, opts: &RenderOptions) -> Result<Rendered
         new_feedback: &ctx.new_feedback,
         integrity: ctx.integrity.as_ref(),
         evals: ctx.evals.as_ref(),
+        ai_feedback: ai_feedback_shown(ctx, opts),
     };
     let metrics_json = serde_json::to_string_pretty(&summary)? + "\n";
     Ok(Rendered {
@@ -274,6 +275,22 @@ struct MetricsSummary<'a> {
     integrity: Option<&'a crate::dataset::audit::IntegritySummary>,
     #[serde(skip_serializing_if = "Option::is_none")]
     evals: Option<&'a crate::evals::EvalResults>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ai_feedback: Option<crate::rlaif::pairs::AiFeedbackSummary>,
+}
+
+/// The AI feedback summary as committed files show it: a local judge checkpoint's path is
+/// rewritten like every other local path.
+fn ai_feedback_shown(
+    ctx: &ReportContext,
+    opts: &RenderOptions,
+) -> Option<crate::rlaif::pairs::AiFeedbackSummary> {
+    ctx.ai_feedback
+        .as_ref()
+        .map(|s| crate::rlaif::pairs::AiFeedbackSummary {
+            judge: opts.local_paths.display_words(&s.judge),
+            ..s.clone()
+        })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -905,7 +922,7 @@ fn build_view(
                 PR_ANSWER_CHARS,
             )
         }),
-        ai_feedback: ctx.ai_feedback.as_ref().map(ai_feedback::view),
+        ai_feedback: ai_feedback_shown(ctx, opts).as_ref().map(ai_feedback::view),
     }
 }
 

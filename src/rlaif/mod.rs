@@ -57,7 +57,7 @@ pub const JUDGE_SECTION: &str = "rlaif.judge";
 /// One sentence on whether AI labels are used this run and why, with the agreement numbers
 /// (the CLI's summary and the report say the same).
 pub fn state_sentence(state: LabelsState, floor: f64, a: &AgreementCounts) -> String {
-    let pct = |x: f64| format!("{:.0}%", x * 100.0);
+    let pct = |x: f64| format!("{:.1}%", x * 100.0);
     let measured = a.interval.map(|i| {
         format!(
             "the judge agreed with people on {} of {} pairs it judged consistently ({}, 95% interval {}–{})",
@@ -272,7 +272,10 @@ pub async fn label(
         }
         labels.kept = kept.len() as u64;
     }
-    labels.over_cap = labels.available.saturating_sub(label_n as u64);
+    // With the labels off nothing was left for the cap: nothing was to be judged.
+    if state.is_on() {
+        labels.over_cap = labels.available.saturating_sub(label_n as u64);
+    }
     Ok(AiFeedback {
         summary: AiFeedbackSummary {
             judge: judge.shown(),

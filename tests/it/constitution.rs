@@ -295,3 +295,28 @@ fn editing_the_principles_fires_the_principles_trigger_and_the_report_shows_the_
     assert_eq!(fired["retrain"], true, "{fired}");
     assert_eq!(fired["reasons"], "principles", "{fired}");
 }
+
+#[test]
+fn a_local_checkpoint_critic_answers_through_our_generation_and_an_empty_critique_is_an_error() {
+    let ws = Workspace::new();
+    let principles = ws.path().join("principles.yaml");
+    std::fs::write(&principles, PRINCIPLES).unwrap();
+    let checkpoint = crate::common::repo().join("tests/fixtures/tiny-llama-policy");
+    let config = ws.write_config(&format!(
+        "{}constitution:\n  principles: {}\n  critic: judge\n  max_new_tokens: 6\n  limit: 2\n  judge:\n    checkpoint: {}\n    max_new_tokens: 6\n",
+        ws.sample_config_text(),
+        principles.display(),
+        checkpoint.display()
+    ));
+    pull(&config);
+    // The tiny fixture stops at once: its (empty) critique came back through the local judge and
+    // is refused with the prompt it was for; nothing is written.
+    let o = constitution(&config);
+    let err = stderr(&o);
+    assert!(!o.status.success(), "the tiny model wrote a critique?");
+    assert!(
+        err.contains("the critic returned an empty critique for prompt 1 of 2"),
+        "{err}"
+    );
+    assert!(!ws.store_dir().join("constitution.json").exists());
+}

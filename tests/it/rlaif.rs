@@ -315,7 +315,7 @@ fn a_floor_the_lower_bound_misses_switches_ai_labels_off_and_the_report_says_so(
     let text = stdout(&o);
     assert!(
         text.contains("AI labels off for this run")
-            && text.contains("below `rlaif.min_agreement` (60%)"),
+            && text.contains("below `rlaif.min_agreement` (60.0%)"),
         "{text}"
     );
     let file: Value =
@@ -341,10 +341,24 @@ fn a_floor_the_lower_bound_misses_switches_ai_labels_off_and_the_report_says_so(
     assert!(report.contains("### AI feedback"), "{report}");
     assert!(
         report.contains("AI labels off for this run")
-            && report.contains("below `rlaif.min_agreement` (60%)"),
+            && report.contains("below `rlaif.min_agreement` (60.0%)"),
         "{report}"
     );
     assert!(!report.contains("GOOD"), "answers reached the report");
+    let report_dir = Path::new(out["run"]["report"].as_str().unwrap())
+        .parent()
+        .unwrap();
+    let metrics: Value =
+        serde_json::from_str(&std::fs::read_to_string(report_dir.join("metrics.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        metrics["ai_feedback"]["state"], "off_below_floor",
+        "{metrics}"
+    );
+    assert_eq!(
+        metrics["ai_feedback"]["agreement"], file["agreement"],
+        "{metrics}"
+    );
     let registry =
         rlhf_bot::registry::Registry::load(&ws.store_dir().join("registry.yaml")).unwrap();
     let entry = registry.models.first().expect("a registered model");
