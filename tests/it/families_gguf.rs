@@ -54,6 +54,17 @@ const CASES: &[Case] = &[
         tensors: &["blk.0.attn_q_norm.weight", "blk.0.attn_k_norm.weight"],
     },
     Case {
+        // llama.cpp's qwen2 neither slides nor reads YaRN here: the copy has neither.
+        fixture: "qwen2",
+        edit: Some(|c| {
+            c["use_sliding_window"] = false.into();
+            c["rope_parameters"] = serde_json::json!({"rope_type": "default", "rope_theta": 1e6});
+        }),
+        arch: "qwen2",
+        keys: &[("qwen2.rope.freq_base", Some(1_000_000.0))],
+        tensors: &["blk.0.attn_q.bias", "blk.1.attn_v.bias"],
+    },
+    Case {
         // llama.cpp runs Mistral as `llama`, every layer with full attention.
         fixture: "mistral",
         edit: Some(|c| c["sliding_window"] = serde_json::Value::Null),
