@@ -57,7 +57,13 @@ fn main() -> Result<()> {
                 .pad_token_id
                 .or(pre.config.eos_token_ids().first().copied())
                 .unwrap_or(0);
-            (pre.model, tokenizer, ChatTemplate::from_hf_dir(&dir)?, pad, dir)
+            (
+                pre.model,
+                tokenizer,
+                ChatTemplate::from_hf_dir(&dir)?,
+                pad,
+                dir,
+            )
         }
         None => {
             let Some(path) = gguf::find_gguf("SmolLM2-135M-Instruct") else {

@@ -55,9 +55,8 @@ fn fusable(ts: &[&Tensor]) -> bool {
 /// Whether every tensor is a float tensor on a GPU (candle-nn's fused kernels take f32, f16 and
 /// bf16 there).
 fn on_gpu(ts: &[&Tensor]) -> bool {
-    ts.iter().all(|t| {
-        !t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F16 | DType::BF16)
-    })
+    ts.iter()
+        .all(|t| !t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F16 | DType::BF16))
 }
 
 /// `x · wᵀ` for a 2-D `x` `[m, k]` and a weight `w` `[n, k]`, as linear layers and the LM head

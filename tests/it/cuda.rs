@@ -142,9 +142,8 @@ fn device_fused_softmax_and_rms_norm_match_the_reference() {
     let dev = Device::Cpu;
     let x = Var::from_tensor(&Tensor::randn(0f32, 2.0, (2, 3, 7), &dev).unwrap()).unwrap();
     let w = Var::from_tensor(&Tensor::randn(1f32, 0.3, 7, &dev).unwrap()).unwrap();
-    let run = |f: &dyn Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>| {
-        values_and_grads(f, &x, &w)
-    };
+    let run =
+        |f: &dyn Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>| values_and_grads(f, &x, &w);
     let fused = run(&|x, _| device_fused::softmax_last_dim(x));
     let composed = run(&|x, _| reference::softmax_last_dim(x));
     assert_close("softmax", &fused.0, &composed.0, 1e-6);

@@ -215,6 +215,39 @@ fn llama3_rope_scaling_comes_back_as_llama3_parameters() {
     assert_eq!(rope["high_freq_factor"], 4.0, "{rope}");
 }
 
+/// With several frequencies in Llama 3's blend, and parameters that are not the ones the fit
+/// assumes (low_freq_factor 2): the import finds parameters with the same frequencies, so the
+/// logits come back unchanged.
+#[test]
+fn llama3_scaling_with_a_wide_blend_round_trips() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("llama3-blend");
+    edited_copy(
+        "llama3",
+        |c| {
+            c["rope_parameters"] = serde_json::json!({
+                "rope_type": "llama3", "rope_theta": 100.0, "factor": 8.0, "low_freq_factor": 2.0,
+                "high_freq_factor": 8.0, "original_max_position_embeddings": 64
+            })
+        },
+        &dir,
+    );
+    let path = tmp.path().join("blend.gguf");
+    export(&dir, &path).unwrap();
+    let imported = GgufLlama::read(&path).unwrap();
+    assert_eq!(imported.config.rope_parameters["rope_type"], "llama3");
+    let out = tmp.path().join("back");
+    imported.save_hf_dir(&out).unwrap();
+    let prompt = expected("llama3").prompt;
+    let ours = LlamaForCausalLM::load(&dir, &Device::Cpu).unwrap();
+    let theirs = LlamaForCausalLM::load(&out, &Device::Cpu).unwrap();
+    let diff = max_abs_diff(
+        &prompt_logits(&theirs.model, &prompt),
+        &prompt_logits(&ours.model, &prompt),
+    );
+    assert!(diff <= 1e-4, "logits differ by {diff}");
+}
+
 #[test]
 fn models_llama_cpp_would_run_differently_are_refused_by_name() {
     let tmp = tempfile::tempdir().unwrap();
