@@ -17,7 +17,7 @@ use std::time::Instant;
 use anyhow::Result;
 use rlhf_bot::model::chat_template::{ChatMessage, ChatTemplate};
 use rlhf_bot::model::generate::{self, GenerationConfig};
-use rlhf_bot::model::gguf::{self, GgufLlama};
+use rlhf_bot::model::gguf::GgufLlama;
 use rlhf_bot::model::llama::LlamaForCausalLM;
 
 mod common;
@@ -66,11 +66,7 @@ fn main() -> Result<()> {
             )
         }
         None => {
-            let Some(path) = gguf::find_gguf("SmolLM2-135M-Instruct") else {
-                println!(
-                    "skipped: SmolLM2-135M-Instruct GGUF not found under {:?}",
-                    gguf::models_dir()
-                );
+            let Some(path) = common::smollm2_gguf() else {
                 return Ok(());
             };
             let m = GgufLlama::read(&path)?;

@@ -73,11 +73,7 @@ fn main() -> Result<()> {
     let dir = match std::env::var_os("MODEL_DIR") {
         Some(dir) => std::path::PathBuf::from(dir),
         None => {
-            let Some(path) = gguf::find_gguf("SmolLM2-135M-Instruct") else {
-                println!(
-                    "skipped: SmolLM2-135M-Instruct GGUF not found under {:?}",
-                    gguf::models_dir()
-                );
+            let Some(path) = common::smollm2_gguf() else {
                 return Ok(());
             };
             let dir = tmp.path().join("smollm2");

@@ -41,6 +41,39 @@ fn copy_of<S: BackendStorage>(s: &S, l: &Layout) -> Result<(S, Shape)> {
     Ok((s.try_clone(l)?, l.shape().clone()))
 }
 
+/// The forward passes (CPU, CUDA, Metal) of an op whose output is a copy of its last input,
+/// the fused kernel's result; the identifiers name the inputs before it, which are unused.
+macro_rules! forward_copies_last_input {
+    ($($unused:ident),*) => {
+        fn cpu_fwd(
+            &self,
+            $($unused: &CpuStorage, _: &Layout,)*
+            y: &CpuStorage,
+            l: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            copy_of(y, l)
+        }
+
+        fn cuda_fwd(
+            &self,
+            $($unused: &CudaStorage, _: &Layout,)*
+            y: &CudaStorage,
+            l: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            copy_of(y, l)
+        }
+
+        fn metal_fwd(
+            &self,
+            $($unused: &MetalStorage, _: &Layout,)*
+            y: &MetalStorage,
+            l: &Layout,
+        ) -> Result<(MetalStorage, Shape)> {
+            copy_of(y, l)
+        }
+    };
+}
+
 struct SoftmaxBackward;
 
 impl CustomOp2 for SoftmaxBackward {
@@ -48,35 +81,7 @@ impl CustomOp2 for SoftmaxBackward {
         "softmax-last-dim-fused-fwd"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        y: &CpuStorage,
-        l: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        copy_of(y, l)
-    }
-
-    fn cuda_fwd(
-        &self,
-        _: &CudaStorage,
-        _: &Layout,
-        y: &CudaStorage,
-        l: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        copy_of(y, l)
-    }
-
-    fn metal_fwd(
-        &self,
-        _: &MetalStorage,
-        _: &Layout,
-        y: &MetalStorage,
-        l: &Layout,
-    ) -> Result<(MetalStorage, Shape)> {
-        copy_of(y, l)
-    }
+    forward_copies_last_input!(_x);
 
     fn bwd(
         &self,
@@ -100,41 +105,7 @@ impl CustomOp3 for RmsNormBackward {
         "rms-norm-fused-fwd"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        y: &CpuStorage,
-        l: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        copy_of(y, l)
-    }
-
-    fn cuda_fwd(
-        &self,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-        y: &CudaStorage,
-        l: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        copy_of(y, l)
-    }
-
-    fn metal_fwd(
-        &self,
-        _: &MetalStorage,
-        _: &Layout,
-        _: &MetalStorage,
-        _: &Layout,
-        y: &MetalStorage,
-        l: &Layout,
-    ) -> Result<(MetalStorage, Shape)> {
-        copy_of(y, l)
-    }
+    forward_copies_last_input!(_x, _w);
 
     /// With `r = 1/√(mean(x²) + eps)` and `x̂ = x·r`: `dw = Σ_rows g⊙x̂` and
     /// `dx = r·(g⊙w − x̂·mean(g⊙w⊙x̂))` over each row.
