@@ -452,10 +452,10 @@ fn llama3_from_divisors(
                 .map(|(_, w)| *w)
                 .fold(f64::INFINITY, f64::min);
             let original = (first_scaled * (1.0 - 1e-9)).floor();
+            // At most 4 (transformers' default), and no more than puts the last unscaled
+            // wavelength at the blend's edge (where the blend leaves it unscaled anyway).
             let high = if last_kept > 0.0 {
-                (original / last_kept)
-                    .min(4.0 * (1.0 + 1e-9))
-                    .max(1.0 + 1e-3)
+                (original / last_kept).min(4.0)
             } else {
                 4.0
             };
