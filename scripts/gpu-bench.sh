@@ -54,7 +54,8 @@ import sys, torch, transformers
 cfg = transformers.LlamaConfig(
     vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-    rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True,
+    rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+    tie_word_embeddings=True,
     bos_token_id=1, eos_token_id=2, pad_token_id=2, hidden_act="silu")
 torch.manual_seed(0)
 model = transformers.LlamaForCausalLM(cfg).to(torch.float32)
