@@ -12,9 +12,10 @@
 //! the number is comparable with a framework that runs the reference each step.
 //!
 //! Model: 4 layers, hidden 256, intermediate 768, 4 heads / 2 KV heads, vocabulary 49152 (the
-//! SmolLM2 size), tied embeddings, random init, f32, CPU.
+//! SmolLM2 size), tied embeddings, random init, f32, on the CPU, or on CUDA with `DEVICE=cuda`
+//! (a `--features cuda` build; each step ends by reading the loss back, which synchronises).
 //!
-//! Run: `cargo bench --bench dpo_step` (env: `STEPS`, default 5).
+//! Run: `cargo bench --bench dpo_step` (env: `STEPS`, default 5; `DEVICE`, default cpu).
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -72,7 +73,7 @@ fn main() -> anyhow::Result<()> {
     rlhf_bot::kernels::tune_allocator();
     // As the binary runs: subnormals flushed on every compute thread.
     let _ = rlhf_bot::kernels::init_compute_threads(None);
-    let dev = Device::Cpu;
+    let dev = rlhf_bot::train::device::DeviceChoice::open_from_env("DEVICE")?;
     let steps: usize = std::env::var("STEPS")
         .ok()
         .and_then(|s| s.parse().ok())

@@ -1,4 +1,6 @@
-//! Greedy generation throughput with the KV cache on SmolLM2-135M-Instruct (f32, CPU).
+//! Greedy generation throughput with the KV cache on SmolLM2-135M-Instruct (f32, CPU; CUDA
+//! with `DEVICE=cuda` on a `--features cuda` build: every step reads its tokens back, which
+//! synchronises).
 //!
 //! PPO spends most of its wall time generating rollouts, so tokens/s of batched greedy decoding
 //! is the number that decides whether policy training fits a CI job. Each case generates
@@ -6,16 +8,17 @@
 //! chat-template prompts; batch 8 uses eight different questions, left-padded.
 //!
 //! Run: `cargo bench --bench generate` (env: `RUNS`, default 3; `BATCHES`, default `1,8`;
-//! `NEW_TOKENS`, default 64). Needs the GGUF (see `fetch-models.sh`; `RLHF_MODELS_DIR`), else
+//! `NEW_TOKENS`, default 64; `DEVICE`, default cpu; `MODEL_DIR`, an HF directory to run instead
+//! of the GGUF). Needs the GGUF (see `fetch-models.sh`; `RLHF_MODELS_DIR`), else
 //! prints "skipped".
 
 use std::time::Instant;
 
 use anyhow::Result;
-use candle_core::Device;
 use rlhf_bot::model::chat_template::{ChatMessage, ChatTemplate};
 use rlhf_bot::model::generate::{self, GenerationConfig};
-use rlhf_bot::model::gguf::{self, GgufLlama};
+use rlhf_bot::model::gguf::GgufLlama;
+use rlhf_bot::model::llama::LlamaForCausalLM;
 
 mod common;
 use common::questions;
@@ -31,13 +34,6 @@ fn main() -> Result<()> {
     rlhf_bot::kernels::tune_allocator();
     // As the binary runs: subnormals flushed on every compute thread.
     let _ = rlhf_bot::kernels::init_compute_threads(None);
-    let Some(path) = gguf::find_gguf("SmolLM2-135M-Instruct") else {
-        println!(
-            "skipped: SmolLM2-135M-Instruct GGUF not found under {:?}",
-            gguf::models_dir()
-        );
-        return Ok(());
-    };
     let runs = env_usize("RUNS", 3).max(1);
     let new_tokens = env_usize("NEW_TOKENS", 64);
     let batches: Vec<usize> = std::env::var("BATCHES")
@@ -45,22 +41,49 @@ fn main() -> Result<()> {
         .split(',')
         .filter_map(|b| b.trim().parse().ok())
         .collect();
+    let dev = rlhf_bot::train::device::DeviceChoice::open_from_env("DEVICE")?;
 
     let t0 = Instant::now();
-    let m = GgufLlama::read(&path)?;
-    let model = m.causal_lm(&Device::Cpu)?;
-    let tokenizer = m.tokenizer()?;
-    let template = ChatTemplate::new(
-        m.chat_template.clone().unwrap_or_default(),
-        m.special_tokens.clone(),
-    )?;
+    // MODEL_DIR: an HF directory of the same shape instead of the GGUF (scripts/gpu-bench.sh
+    // makes a randomly initialised one on a GPU machine the 98 MB GGUF cannot be carried to).
+    let (model, tokenizer, template, pad, source) = match std::env::var_os("MODEL_DIR") {
+        Some(dir) => {
+            let dir = std::path::PathBuf::from(dir);
+            let pre = LlamaForCausalLM::load(&dir, &dev)?;
+            let tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json"))
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let pad = pre
+                .config
+                .pad_token_id
+                .or(pre.config.eos_token_ids().first().copied())
+                .unwrap_or(0);
+            (
+                pre.model,
+                tokenizer,
+                ChatTemplate::from_hf_dir(&dir)?,
+                pad,
+                dir,
+            )
+        }
+        None => {
+            let Some(path) = common::smollm2_gguf() else {
+                return Ok(());
+            };
+            let m = GgufLlama::read(&path)?;
+            let template = ChatTemplate::new(
+                m.chat_template.clone().unwrap_or_default(),
+                m.special_tokens.clone(),
+            )?;
+            let pad = m.config.pad_token_id.or(m.config.eos_token_id).unwrap_or(0);
+            (m.causal_lm(&dev)?, m.tokenizer()?, template, pad, path)
+        }
+    };
     println!(
         "loaded {} in {:.1} s; threads: {}",
-        path.display(),
+        source.display(),
         t0.elapsed().as_secs_f64(),
         candle_core::utils::get_num_threads()
     );
-    let pad = m.config.pad_token_id.or(m.config.eos_token_id).unwrap_or(0);
 
     let questions = questions();
     for &batch in &batches {

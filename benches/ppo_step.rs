@@ -1,6 +1,7 @@
 //! PPO step time at the shape: SmolLM2-135M-Instruct with LoRA (r 16, α 32 on
 //! q/k/v/o, as `configs/smollm2-demo.yaml`), 8 prompts per step, 32 new tokens, 4 PPO epochs
-//! over one minibatch (TRL's defaults), f32 on the CPU.
+//! over one minibatch (TRL's defaults), f32 on the CPU (or CUDA: `DEVICE=cuda` on a
+//! `--features cuda` build).
 //!
 //! The step is the trainer's own: `train_ppo` runs rollout generation, the policy's old
 //! log-probs and values, the reference log-probs, reward scoring, rewards + GAE, and the PPO
@@ -11,13 +12,13 @@
 //! training, so a step may produce fewer than 32 tokens per row; the bench prints how many.
 //!
 //! Run: `cargo bench --bench ppo_step` (env: `STEPS`, default 2: the first is reported
-//! separately as warm-up). Needs the GGUF (see `fetch-models.sh`; `RLHF_MODELS_DIR`), else
+//! separately as warm-up; `DEVICE`, default cpu; `MODEL_DIR`, an HF directory instead of the
+//! GGUF). Needs the GGUF (see `fetch-models.sh`; `RLHF_MODELS_DIR`), else
 //! prints "skipped".
 
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use candle_core::Device;
 use rlhf_bot::model::chat_template::{ChatMessage, ChatTemplate};
 use rlhf_bot::model::gguf;
 use rlhf_bot::run::outputs::PolicyAlgo;
@@ -60,23 +61,27 @@ fn main() -> Result<()> {
     rlhf_bot::kernels::tune_allocator();
     // As the binary runs: subnormals flushed on every compute thread.
     let _ = rlhf_bot::kernels::init_compute_threads(None);
-    let Some(path) = gguf::find_gguf("SmolLM2-135M-Instruct") else {
-        println!(
-            "skipped: SmolLM2-135M-Instruct GGUF not found under {:?}",
-            gguf::models_dir()
-        );
-        return Ok(());
-    };
     let steps: u64 = std::env::var("STEPS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(2)
         .max(1);
     let tmp = tempfile::tempdir().context("creating a scratch directory")?;
-    let dir = tmp.path().join("smollm2");
     let t0 = Instant::now();
-    gguf::convert_gguf_to_hf_dir(&path, &dir)?;
-    let dev = Device::Cpu;
+    // MODEL_DIR: an HF directory of the same shape instead of the GGUF (scripts/gpu-bench.sh
+    // makes a randomly initialised one where the GGUF cannot be carried).
+    let dir = match std::env::var_os("MODEL_DIR") {
+        Some(dir) => std::path::PathBuf::from(dir),
+        None => {
+            let Some(path) = common::smollm2_gguf() else {
+                return Ok(());
+            };
+            let dir = tmp.path().join("smollm2");
+            gguf::convert_gguf_to_hf_dir(&path, &dir)?;
+            dir
+        }
+    };
+    let dev = rlhf_bot::train::device::DeviceChoice::open_from_env("DEVICE")?;
     let opts = options(steps);
     let template = ChatTemplate::from_hf_dir(&dir)?;
     let prompts: Vec<String> = questions()

@@ -5,7 +5,9 @@ The issues quote PyTorch timings taken on another machine (AVX-512); this script
 same shapes here so the Rust benches are compared with PyTorch on identical hardware. It is not
 part of the test suite and needs PyTorch installed by hand (`pip install torch`).
 
-Cases (all f32, CPU, `torch.set_num_threads(THREADS)`, default 2):
+Cases (all f32, `torch.set_num_threads(THREADS)`, default 2; on DEVICE, default cpu: with
+DEVICE=cuda every tensor and module is created on the GPU and each timed step ends with
+`torch.cuda.synchronize()`, as the Rust benches synchronise before stopping their clocks):
   gemm  -- GFLOP/s of the projection matmuls the steps are made of;
   bert  -- MiniLM-size reward step (6 layers, d 384, ffn 1536, 12 heads, vocab 30522,
            batch 16 x 128, mean pooling + score head, Bradley-Terry on 8 pairs, SDPA attention,
@@ -23,7 +25,7 @@ Cases (all f32, CPU, `torch.set_num_threads(THREADS)`, default 2):
            that `train policy` converts from the GGUF, e.g. under scripts/demo-smollm2.sh's output).
 
 Run: python3 scripts/bench-pytorch.py [gemm] [bert] [bert-bf16] [dpo] [generate]
-     (env: THREADS, STEPS, WARMUP, MODEL_DIR)
+     (env: THREADS, STEPS, WARMUP, MODEL_DIR, DEVICE)
 """
 
 import math
@@ -39,15 +41,24 @@ from torch import nn
 THREADS = int(os.environ.get("THREADS", "2"))
 STEPS = int(os.environ.get("STEPS", "5"))
 WARMUP = int(os.environ.get("WARMUP", "2"))
+DEVICE = os.environ.get("DEVICE", "cpu")
+
+
+def sync():
+    """Waits for the GPU's queued kernels, so a step's time includes them."""
+    if DEVICE.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def timed(step, steps=STEPS, warmup=WARMUP):
     for _ in range(warmup):
         step()
+    sync()
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
         step()
+        sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), min(times)
 
@@ -103,7 +114,7 @@ def bench_bert(autocast=False):
     attn = torch.ones(16, 128)
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16, enabled=autocast):
             r = model(ids, attn)
             loss = -F.logsigmoid(r[:8].float() - r[8:].float()).mean()
         opt.zero_grad(set_to_none=True)
@@ -220,7 +231,7 @@ def bench_generate():
 
     model_dir = os.environ["MODEL_DIR"]
     tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(DEVICE).eval()
     new_tokens = 64
     for batch in (1, 8):
         prompts = [
@@ -228,7 +239,7 @@ def bench_generate():
                                           add_generation_prompt=True)
             for q in QUESTIONS[:batch]
         ]
-        inputs = tokenizer(prompts, return_tensors="pt", padding=True)
+        inputs = tokenizer(prompts, return_tensors="pt", padding=True).to(DEVICE)
 
         def run():
             with torch.inference_mode():
@@ -242,8 +253,11 @@ def bench_generate():
 
 def main():
     torch.set_num_threads(THREADS)
+    # Every tensor and module the cases create lands on DEVICE.
+    torch.set_default_device(DEVICE)
+    gpu = f", {torch.cuda.get_device_name()}" if DEVICE.startswith("cuda") else ""
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"cpu capability {torch.backends.cpu.get_cpu_capability()}")
+          f"cpu capability {torch.backends.cpu.get_cpu_capability()}, device {DEVICE}{gpu}")
     cases = sys.argv[1:] or ["gemm", "bert", "dpo", "generate"]
     for case in cases:
         cases_by_name = {"gemm": bench_gemm, "bert": bench_bert,

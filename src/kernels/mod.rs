@@ -12,6 +12,8 @@
 //!
 //! Every public function checks whether its inputs are f32 tensors on the CPU; if not, it runs the
 //! unfused reference composition from [`reference`] instead, so callers never need two code paths.
+//! Two exceptions on a GPU: softmax and RMSNorm run candle's fused GPU kernels forward with a
+//! backward composed in [`device_fused`].
 //! Tests compare each fused op's forward and backward with its [`reference`] twin.
 
 mod activation;
@@ -22,6 +24,7 @@ pub mod bf16_gemm;
 mod cached_attention;
 mod causal_attention;
 pub(crate) mod cpu;
+pub mod device_fused;
 mod layer;
 mod linear;
 mod lm_head;
@@ -47,6 +50,13 @@ pub use threads::{flush_denormals_on_this_thread, init_compute_threads};
 fn fusable(ts: &[&Tensor]) -> bool {
     ts.iter()
         .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+}
+
+/// Whether every tensor is a float tensor on a GPU (candle-nn's fused kernels take f32, f16 and
+/// bf16 there).
+fn on_gpu(ts: &[&Tensor]) -> bool {
+    ts.iter()
+        .all(|t| !t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F16 | DType::BF16))
 }
 
 /// `x · wᵀ` for a 2-D `x` `[m, k]` and a weight `w` `[n, k]`, as linear layers and the LM head
@@ -138,6 +148,9 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> Result<Tensor
 
 /// Softmax over the last dimension.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if on_gpu(&[x]) {
+        return device_fused::softmax_last_dim(x);
+    }
     if !fusable(&[x]) {
         return reference::softmax_last_dim(x);
     }
@@ -313,8 +326,12 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 }
 
 /// RMSNorm (`w * x / sqrt(mean(x²) + eps)`) as one fused CPU op with a backward pass;
-/// [`reference::rms_norm`] is the same math from primitive ops (and the fallback off-CPU).
+/// [`reference::rms_norm`] is the same math from primitive ops (the fallback for other dtypes
+/// on the CPU); on a GPU, candle's fused kernel with a composed backward ([`device_fused`]).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if on_gpu(&[x, weight]) {
+        return device_fused::rms_norm(x, weight, eps);
+    }
     if !fusable(&[x, weight]) {
         return reference::rms_norm(x, weight, eps);
     }

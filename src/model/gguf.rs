@@ -8,6 +8,16 @@
 //! and the metadata becomes `config.json`, `generation_config.json`, `tokenizer.json` (rebuilt
 //! from `tokenizer.ggml.*`) and `tokenizer_config.json` (with the chat template). After
 //! [`convert_gguf_to_hf_dir`] nothing else needs to know GGUF exists.
+//!
+//! Families: `llama` (Llama, SmolLM2, and Mistral, which llama.cpp writes as `llama`), `qwen2`,
+//! `qwen3`, `gemma2` and `gemma3`. Some of what a family computes is not in a GGUF at all but
+//! hard-coded in llama.cpp by architecture (Gemma's sliding-layer pattern, its local RoPE base,
+//! its attention scale chosen by layer count); [`config_from_metadata`] reproduces those rules,
+//! so the config it writes is what llama.cpp runs. The exporter (`model::export::llama_gguf`)
+//! checks a model against that same function before writing a file llama.cpp would run
+//! differently. Llama 3's RoPE scaling reaches a GGUF as one divisor per frequency (the
+//! `rope_freqs` tensor); the importer recovers `rope_type: llama3` parameters that reproduce
+//! those divisors, and refuses a tensor that no such parameters explain.
 
 use std::collections::BTreeMap;
 use std::io::{BufReader, Read, Seek};
@@ -23,7 +33,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
     #[error(
-        "GGUF architecture {0:?} is not supported\nhint: general.architecture must be one of {IMPORTABLE_ARCHITECTURES:?} (llama.cpp writes Mistral as \"llama\")"
+        "GGUF architecture {0:?} is not supported\nhint: general.architecture must be one of {IMPORTABLE_ARCHITECTURES:?} (llama.cpp writes Mistral as \"llama\"); convert the Hugging Face checkpoint instead"
     )]
     UnsupportedArchitecture(String),
     #[error("GGUF metadata key {0} is missing")]
@@ -31,7 +41,7 @@ pub enum GgufError {
     #[error("GGUF metadata key {key} has an unexpected value: {found}")]
     BadValue { key: String, found: String },
     #[error(
-        "GGUF tokenizer model {0:?} is not supported\nhint: only byte-level BPE tokenizers (tokenizer.ggml.model = \"gpt2\") can be rebuilt"
+        "GGUF tokenizer model {0:?} is not supported\nhint: only byte-level BPE tokenizers (tokenizer.ggml.model = \"gpt2\") can be rebuilt; SentencePiece vocabularies (Gemma's, Llama 2's: \"llama\") are not: load the Hugging Face checkpoint instead"
     )]
     UnsupportedTokenizer(String),
     #[error(
@@ -48,16 +58,110 @@ pub enum GgufError {
     },
 }
 
-/// The `general.architecture` values imported; each is also the HF `model_type` it becomes.
-/// llama.cpp stores these three the way this importer reads them (same tensor names, Q/K rows
-/// permuted for `llama` only); Gemma's GGUFs carry a SentencePiece tokenizer, which is not
-/// rebuilt here.
-pub const IMPORTABLE_ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3"];
+/// The `general.architecture` values imported (and exported).
+pub const IMPORTABLE_ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3", "gemma2", "gemma3"];
+
+/// A llama.cpp architecture this module reads and writes: what differs between them in a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GgufArch {
+    Llama,
+    Qwen2,
+    Qwen3,
+    Gemma2,
+    Gemma3,
+}
+
+impl GgufArch {
+    pub fn parse(name: &str) -> Result<Self, GgufError> {
+        Ok(match name {
+            "llama" => GgufArch::Llama,
+            "qwen2" => GgufArch::Qwen2,
+            "qwen3" => GgufArch::Qwen3,
+            "gemma2" => GgufArch::Gemma2,
+            "gemma3" => GgufArch::Gemma3,
+            other => return Err(GgufError::UnsupportedArchitecture(other.to_owned())),
+        })
+    }
+
+    /// The architecture llama.cpp runs a model of `family` as (Mistral is `llama` there).
+    pub fn of_family(family: crate::model::family::Family) -> Self {
+        use crate::model::family::Family;
+        match family {
+            Family::Llama | Family::Mistral => GgufArch::Llama,
+            Family::Qwen2 => GgufArch::Qwen2,
+            Family::Qwen3 => GgufArch::Qwen3,
+            Family::Gemma2 => GgufArch::Gemma2,
+            Family::Gemma3 => GgufArch::Gemma3,
+        }
+    }
+
+    /// `general.architecture`, and the prefix of the hyper-parameter keys.
+    pub fn name(self) -> &'static str {
+        match self {
+            GgufArch::Llama => "llama",
+            GgufArch::Qwen2 => "qwen2",
+            GgufArch::Qwen3 => "qwen3",
+            GgufArch::Gemma2 => "gemma2",
+            GgufArch::Gemma3 => "gemma3",
+        }
+    }
+
+    /// The HF `model_type` an imported model gets.
+    fn model_type(self) -> &'static str {
+        match self {
+            GgufArch::Gemma3 => "gemma3_text",
+            other => other.name(),
+        }
+    }
+
+    /// `convert_hf_to_gguf.py` interleaves the two rotary halves of every Q/K head of a `llama`
+    /// model so that llama.cpp can rotate adjacent pairs; the other architectures are written
+    /// in HF order.
+    pub fn permutes_qk(self) -> bool {
+        self == GgufArch::Llama
+    }
+
+    pub fn is_gemma(self) -> bool {
+        matches!(self, GgufArch::Gemma2 | GgufArch::Gemma3)
+    }
+
+    /// What llama.cpp stores for every `*norm.weight`: Gemma's RMSNorm scales by `1 + w` and
+    /// the converter writes `1 + w`; the others scale by `w`.
+    pub fn norm_weight_shift(self) -> f64 {
+        if self.is_gemma() { 1.0 } else { 0.0 }
+    }
+
+    /// The layer count at which llama.cpp takes a Gemma for the 27B model and scales queries by
+    /// `(hidden / heads)^-½` instead of `head_dim^-½` (its `f_attention_scale`).
+    fn gemma_27b_layers(self) -> Option<usize> {
+        match self {
+            GgufArch::Gemma2 => Some(46),
+            GgufArch::Gemma3 => Some(62),
+            _ => None,
+        }
+    }
+
+    /// llama.cpp's fixed sliding-layer pattern (`set_swa_pattern`): within each group of `n`
+    /// layers, all but the last slide.
+    fn sliding_pattern(self) -> Option<usize> {
+        match self {
+            GgufArch::Gemma2 => Some(2),
+            GgufArch::Gemma3 => Some(6),
+            _ => None,
+        }
+    }
+}
+
+/// llama.cpp's name of the per-frequency RoPE divisors (Llama 3.x scaling).
+pub const ROPE_FREQS_TENSOR: &str = "rope_freqs.weight";
+
+/// The RoPE base of Gemma 3's sliding layers, fixed in llama.cpp (`rope_freq_base_train_swa`).
+const GEMMA3_LOCAL_ROPE_THETA: f64 = 10_000.0;
 
 /// The decoder hyper-parameters a GGUF carries, written out as HF `config.json` keys.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GgufLlamaConfig {
-    /// The HF `model_type` (`general.architecture`: llama, qwen2 or qwen3).
+    /// The HF `model_type` (`general.architecture`, `gemma3_text` for `gemma3`).
     #[serde(default = "llama_model_type")]
     pub model_type: String,
     pub vocab_size: usize,
@@ -74,6 +178,11 @@ pub struct GgufLlamaConfig {
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<u32>,
     pub pad_token_id: Option<u32>,
+    /// `rope_parameters` as transformers 5 writes them (per layer type for Gemma 3).
+    pub rope_parameters: serde_json::Value,
+    /// The family's own `config.json` keys (activation, soft-capping, sliding window, layer
+    /// types, query scale), as llama.cpp runs that architecture.
+    pub family_keys: serde_json::Map<String, serde_json::Value>,
 }
 
 fn llama_model_type() -> String {
@@ -87,7 +196,7 @@ impl GgufLlamaConfig {
     pub fn to_hf_json(&self) -> serde_json::Value {
         let class = crate::model::family::Family::resolve(Some(&self.model_type), &[])
             .map_or_else(|_| "LlamaForCausalLM".to_owned(), |f| f.causal_lm_class());
-        serde_json::json!({
+        let mut json = serde_json::json!({
             "architectures": [class],
             "model_type": self.model_type,
             "attention_bias": false,
@@ -107,15 +216,292 @@ impl GgufLlamaConfig {
             "head_dim": self.head_dim,
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope_theta,
-            "rope_parameters": {"rope_theta": self.rope_theta, "rope_type": "default"},
+            "rope_parameters": self.rope_parameters,
             "rope_scaling": null,
             "max_position_embeddings": self.max_position_embeddings,
             "tie_word_embeddings": self.tie_word_embeddings,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
             "pad_token_id": self.pad_token_id,
-        })
+        });
+        if let Some(obj) = json.as_object_mut() {
+            obj.extend(self.family_keys.clone());
+        }
+        json
     }
+}
+
+/// The HF config of the model a GGUF's metadata describes, as llama.cpp runs it: the keys the
+/// file carries, and for what it does not carry, the values llama.cpp fixes by architecture.
+/// `has_output` says whether the file has an untied `output.weight`; `rope_freqs` is its
+/// `rope_freqs` tensor, if any.
+pub(crate) fn config_from_metadata(
+    md: &Meta,
+    has_output: bool,
+    rope_freqs: Option<&[f32]>,
+) -> Result<GgufLlamaConfig> {
+    let arch = GgufArch::parse(get_str(md, "general.architecture")?)?;
+    // Hyper-parameters live under the architecture's own prefix (`qwen3.block_count`).
+    let key = |k: &str| format!("{}.{k}", arch.name());
+    let hidden_size = get_usize(md, &key("embedding_length"))?;
+    let num_attention_heads = get_usize(md, &key("attention.head_count"))?;
+    let num_key_value_heads =
+        opt_usize(md, &key("attention.head_count_kv"))?.unwrap_or(num_attention_heads);
+    let num_hidden_layers = get_usize(md, &key("block_count"))?;
+    let head_dim = match opt_usize(md, &key("attention.key_length"))? {
+        Some(d) => d,
+        None => hidden_size / num_attention_heads.max(1),
+    };
+    if let Some(rot) = opt_usize(md, &key("rope.dimension_count"))?
+        && rot != head_dim
+    {
+        return Err(GgufError::BadValue {
+            key: key("rope.dimension_count"),
+            found: format!("{rot} (partial rotary embeddings; head_dim is {head_dim})"),
+        }
+        .into());
+    }
+    let vocab_size = match opt_usize(md, &key("vocab_size"))? {
+        Some(v) => v,
+        None => match md.get("tokenizer.ggml.tokens") {
+            Some(GValue::Array(a)) => a.len(),
+            _ => return Err(GgufError::MissingKey(key("vocab_size")).into()),
+        },
+    };
+    let default_theta = if arch == GgufArch::Gemma3 {
+        1_000_000.0
+    } else {
+        10_000.0
+    };
+    let rope_theta = opt_f64(md, &key("rope.freq_base"))?.unwrap_or(default_theta);
+    let global_rope = rope_parameters_from_metadata(md, arch, rope_theta, head_dim, rope_freqs)?;
+
+    let mut family_keys = serde_json::Map::new();
+    let mut put = |k: &str, v: serde_json::Value| {
+        family_keys.insert(k.to_owned(), v);
+    };
+    let rope_parameters = if arch == GgufArch::Gemma3 {
+        serde_json::json!({
+            "sliding_attention": {"rope_type": "default", "rope_theta": GEMMA3_LOCAL_ROPE_THETA},
+            "full_attention": global_rope,
+        })
+    } else {
+        global_rope
+    };
+    if arch.is_gemma() {
+        put("hidden_activation", "gelu_pytorch_tanh".into());
+        put("hidden_act", "gelu_pytorch_tanh".into());
+        let scalar = if arch.gemma_27b_layers() == Some(num_hidden_layers) {
+            hidden_size / num_attention_heads.max(1)
+        } else {
+            head_dim
+        };
+        put("query_pre_attn_scalar", scalar.into());
+        // Gemma 2 always soft-caps (llama.cpp's defaults are the class defaults, 50 and 30);
+        // Gemma 3 has no attention cap and a final one only when the file says so.
+        let attn_cap = opt_f64(md, &key("attn_logit_softcapping"))?;
+        let final_cap = opt_f64(md, &key("final_logit_softcapping"))?;
+        if arch == GgufArch::Gemma2 {
+            put("attn_logit_softcapping", attn_cap.unwrap_or(50.0).into());
+            put("final_logit_softcapping", final_cap.unwrap_or(30.0).into());
+        } else {
+            put("attn_logit_softcapping", serde_json::Value::Null);
+            put("final_logit_softcapping", final_cap.into());
+        }
+        let window = opt_usize(md, &key("attention.sliding_window"))?;
+        // Gemma 2's default window is 4096; Gemma 3 slides only when the file gives a window.
+        let window = match arch {
+            GgufArch::Gemma2 => Some(window.unwrap_or(4096)),
+            _ => window.filter(|w| *w > 0),
+        };
+        let pattern = arch.sliding_pattern().unwrap_or(1);
+        let layer_types: Vec<&str> = (0..num_hidden_layers)
+            .map(|i| {
+                if window.is_some() && i % pattern < pattern - 1 {
+                    "sliding_attention"
+                } else {
+                    "full_attention"
+                }
+            })
+            .collect();
+        put("sliding_window", window.unwrap_or(4096).into());
+        put("layer_types", layer_types.into());
+    }
+    Ok(GgufLlamaConfig {
+        model_type: arch.model_type().to_owned(),
+        vocab_size,
+        hidden_size,
+        intermediate_size: get_usize(md, &key("feed_forward_length"))?,
+        num_hidden_layers,
+        num_attention_heads,
+        num_key_value_heads,
+        head_dim,
+        rms_norm_eps: opt_f64(md, &key("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5),
+        rope_theta,
+        max_position_embeddings: opt_usize(md, &key("context_length"))?.unwrap_or(2048),
+        // Gemma's GGUFs have no output head: the embedding is tied.
+        tie_word_embeddings: !has_output,
+        bos_token_id: opt_u32(md, "tokenizer.ggml.bos_token_id")?,
+        eos_token_id: opt_u32(md, "tokenizer.ggml.eos_token_id")?,
+        pad_token_id: opt_u32(md, "tokenizer.ggml.padding_token_id")?,
+        rope_parameters,
+        family_keys,
+    })
+}
+
+/// The `rope_parameters` of the full-attention layers: the base, plus linear scaling
+/// (`rope.scaling.type` = linear, or a factor with no type, which llama.cpp reads as linear)
+/// or Llama 3's scaling recovered from `rope_freqs`. Other scalings are refused by name.
+fn rope_parameters_from_metadata(
+    md: &Meta,
+    arch: GgufArch,
+    theta: f64,
+    head_dim: usize,
+    rope_freqs: Option<&[f32]>,
+) -> Result<serde_json::Value> {
+    let key = |k: &str| format!("{}.rope.scaling.{k}", arch.name());
+    let kind = match md.get(&key("type")) {
+        None => None,
+        Some(GValue::String(t)) => Some(t.as_str()),
+        Some(v) => return Err(bad(&key("type"), v).into()),
+    };
+    let factor = opt_f64(md, &key("factor"))?.filter(|f| *f != 0.0 && *f != 1.0);
+    let mut params = match (kind, factor) {
+        (None | Some("none"), None) | (Some("linear"), None) => {
+            serde_json::json!({"rope_type": "default"})
+        }
+        (None | Some("linear"), Some(f)) => serde_json::json!({"rope_type": "linear", "factor": f}),
+        (Some(other), _) => {
+            return Err(GgufError::BadValue {
+                key: key("type"),
+                found: format!(
+                    "{other:?} (RoPE scalings imported from GGUF: linear, and Llama 3's rope_freqs)"
+                ),
+            }
+            .into());
+        }
+    };
+    if let Some(divisors) = rope_freqs {
+        if params["rope_type"] != "default" {
+            return Err(GgufError::BadValue {
+                key: key("type"),
+                found: format!("{kind:?} beside a rope_freqs tensor (two scalings at once)"),
+            }
+            .into());
+        }
+        params = llama3_from_divisors(divisors, theta, head_dim)?;
+    }
+    params["rope_theta"] = theta.into();
+    Ok(params)
+}
+
+/// Llama 3 `rope_parameters` whose frequencies are the base ones divided by `divisors`, as
+/// `convert_hf_to_gguf.py` writes them: 1 for short wavelengths, `factor` for long ones, and a
+/// smooth blend between `original / high_freq_factor` and `original / low_freq_factor`. Only
+/// those two wavelengths and the factor matter, so `low_freq_factor` is taken as 1 (every
+/// Llama 3.x release has it so); the blend's frequencies give the rest. The result is checked
+/// by recomputing the divisors.
+fn llama3_from_divisors(
+    divisors: &[f32],
+    theta: f64,
+    head_dim: usize,
+) -> Result<serde_json::Value> {
+    use std::f64::consts::PI;
+    let found = |why: &str| GgufError::BadValue {
+        key: ROPE_FREQS_TENSOR.to_owned(),
+        found: why.to_owned(),
+    };
+    let base = crate::model::ops::rope_inv_freq(head_dim, theta);
+    if divisors.len() != base.len() {
+        return Err(found(&format!(
+            "{} values for head_dim {head_dim} (expected {})",
+            divisors.len(),
+            base.len()
+        ))
+        .into());
+    }
+    let f: Vec<f64> = divisors.iter().map(|&d| f64::from(d)).collect();
+    let factor = f.iter().copied().fold(1.0, f64::max);
+    if factor <= 1.0 + 1e-6 {
+        return Ok(serde_json::json!({"rope_type": "default"}));
+    }
+    let wavelen: Vec<f64> = base.iter().map(|b| 2.0 * PI / b).collect();
+    let tol = 1e-4 * factor;
+    // The blend's position of each in-between frequency: 0 at `factor`, 1 at no scaling.
+    let blend: Vec<(f64, f64)> = f
+        .iter()
+        .zip(&wavelen)
+        .filter(|(d, _)| **d > 1.0 + tol && **d < factor - tol)
+        .map(|(d, w)| (1.0 / w, (1.0 / d - 1.0 / factor) / (1.0 - 1.0 / factor)))
+        .collect();
+    // With low_freq_factor 1: smooth = (original / wavelen - 1) / (high - 1).
+    let (original, high) = match blend.as_slice() {
+        [] => {
+            // No frequency in the blend: any split between the last unscaled and the first
+            // fully scaled wavelength reproduces the divisors.
+            let last_kept = f
+                .iter()
+                .zip(&wavelen)
+                .filter(|(d, _)| **d <= 1.0 + tol)
+                .map(|(_, w)| *w)
+                .fold(0.0, f64::max);
+            let first_scaled = f
+                .iter()
+                .zip(&wavelen)
+                .filter(|(d, _)| **d >= factor - tol)
+                .map(|(_, w)| *w)
+                .fold(f64::INFINITY, f64::min);
+            let original = (first_scaled * (1.0 - 1e-9)).floor();
+            // At most 4 (transformers' default), and no more than puts the last unscaled
+            // wavelength at the blend's edge (where the blend leaves it unscaled anyway).
+            let high = if last_kept > 0.0 {
+                (original / last_kept).min(4.0)
+            } else {
+                4.0
+            };
+            (original, high)
+        }
+        [(x, s)] => {
+            // One frequency: assume transformers' default high_freq_factor of 4.
+            ((3.0 * s + 1.0) / x, 4.0)
+        }
+        [(x0, s0), .., (x1, s1)] => {
+            let slope = (s1 - s0) / (x1 - x0);
+            let intercept = s0 - slope * x0;
+            let high = 1.0 - 1.0 / intercept;
+            (slope * (high - 1.0), high)
+        }
+    };
+    let params = serde_json::json!({
+        "rope_type": "llama3",
+        "factor": factor,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": high,
+        "original_max_position_embeddings": original.round() as u64,
+    });
+    let dims = crate::model::rope::RopeDims {
+        head_dim,
+        max_position_embeddings: original.round().max(1.0) as usize,
+        default_theta: theta,
+        top_level_original_max: None,
+    };
+    let map = params.as_object().cloned().unwrap_or_default();
+    let rope = crate::model::rope::Rope::from_params(&map, dims)
+        .map_err(|e| found(&format!("no Llama 3 scaling reproduces it ({e})")))?;
+    let scaled = rope.inv_freq_for(0);
+    let worst = base
+        .iter()
+        .zip(scaled.iter())
+        .zip(&f)
+        .map(|((b, s), d)| ((b / s) / d - 1.0).abs())
+        .fold(0.0, f64::max);
+    if worst > 1e-4 {
+        return Err(found(&format!(
+            "divisors {f:?} follow no Llama 3 scaling (best fit off by {worst:.2e})"
+        ))
+        .into());
+    }
+    Ok(params)
 }
 
 /// A GGUF llama model in HF form, in memory: f32 tensors under HF names, the config, the
@@ -147,83 +533,46 @@ impl GgufLlama {
     pub fn from_reader<R: Read + Seek>(reader: &mut R) -> Result<Self> {
         let content = gguf_file::Content::read(reader).context("parsing the GGUF header")?;
         let md = &content.metadata;
-        let arch = get_str(md, "general.architecture")?;
-        if !IMPORTABLE_ARCHITECTURES.contains(&arch) {
-            return Err(GgufError::UnsupportedArchitecture(arch.to_owned()).into());
-        }
-        // Hyper-parameters live under the architecture's own prefix (`qwen3.block_count`).
-        let key = |k: &str| format!("{arch}.{k}");
+        let arch = GgufArch::parse(get_str(md, "general.architecture")?)?;
         let tokens = get_string_array(md, "tokenizer.ggml.tokens")?;
-        let hidden_size = get_usize(md, &key("embedding_length"))?;
-        let num_attention_heads = get_usize(md, &key("attention.head_count"))?;
-        let num_key_value_heads =
-            opt_usize(md, &key("attention.head_count_kv"))?.unwrap_or(num_attention_heads);
-        let head_dim = match opt_usize(md, &key("attention.key_length"))? {
-            Some(d) => d,
-            None => hidden_size / num_attention_heads.max(1),
+        let read = |reader: &mut R, name: &str| -> Result<Tensor> {
+            let q = content
+                .tensor(reader, name, &Device::Cpu)
+                .with_context(|| format!("reading tensor {name}"))?;
+            q.dequantize(&Device::Cpu)
+                .with_context(|| format!("dequantising tensor {name} ({:?})", q.dtype()))
         };
-        if let Some(rot) = opt_usize(md, &key("rope.dimension_count"))?
-            && rot != head_dim
-        {
-            return Err(GgufError::BadValue {
-                key: key("rope.dimension_count"),
-                found: format!("{rot} (partial rotary embeddings; head_dim is {head_dim})"),
-            }
-            .into());
-        }
-        let tie_word_embeddings = !content.tensor_infos.contains_key("output.weight");
-        let config = GgufLlamaConfig {
-            model_type: arch.to_owned(),
-            vocab_size: opt_usize(md, &key("vocab_size"))?.unwrap_or(tokens.len()),
-            hidden_size,
-            intermediate_size: get_usize(md, &key("feed_forward_length"))?,
-            num_hidden_layers: get_usize(md, &key("block_count"))?,
-            num_attention_heads,
-            num_key_value_heads,
-            head_dim,
-            rms_norm_eps: opt_f64(md, &key("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5),
-            rope_theta: opt_f64(md, &key("rope.freq_base"))?.unwrap_or(10_000.0),
-            max_position_embeddings: opt_usize(md, &key("context_length"))?.unwrap_or(2048),
-            tie_word_embeddings,
-            bos_token_id: opt_u32(md, "tokenizer.ggml.bos_token_id")?,
-            eos_token_id: opt_u32(md, "tokenizer.ggml.eos_token_id")?,
-            pad_token_id: opt_u32(md, "tokenizer.ggml.padding_token_id")?,
+        let rope_freqs = match content.tensor_infos.contains_key(ROPE_FREQS_TENSOR) {
+            true => Some(
+                read(reader, ROPE_FREQS_TENSOR)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?,
+            ),
+            false => None,
         };
-        if let Some(s) = md.get(&key("rope.scaling.type"))
-            && !matches!(s, GValue::String(t) if t == "none")
-        {
-            return Err(GgufError::BadValue {
-                key: key("rope.scaling.type"),
-                found: format!("{s:?} (RoPE scaling is not supported)"),
-            }
-            .into());
-        }
+        let has_output = content.tensor_infos.contains_key("output.weight");
+        let config = config_from_metadata(md, has_output, rope_freqs.as_deref())?;
 
         let mut tensors = BTreeMap::new();
         let mut names: Vec<&String> = content.tensor_infos.keys().collect();
         names.sort();
-        for name in names {
-            let hf = hf_tensor_name(name)?;
-            let q = content
-                .tensor(reader, name, &Device::Cpu)
-                .with_context(|| format!("reading tensor {name}"))?;
-            let mut t = q
-                .dequantize(&Device::Cpu)
-                .with_context(|| format!("dequantising tensor {name} ({:?})", q.dtype()))?;
-            // convert_hf_to_gguf.py interleaves the two rotary halves of every Q/K head of a
-            // `llama` model so that llama.cpp can rotate adjacent pairs (Qwen's are written
-            // as they are); HF rotates halves, so restore HF order.
-            let permuted = arch == "llama";
+        for name in names.into_iter().filter(|n| *n != ROPE_FREQS_TENSOR) {
+            let hf = hf_tensor_name_for(arch, name)?;
+            let mut t = read(reader, name)?;
+            // llama.cpp rotates adjacent pairs; HF rotates halves, so restore HF row order.
             let is = |module: &str| {
                 name.ends_with(&format!(".{module}.weight"))
                     || name.ends_with(&format!(".{module}.bias"))
             };
-            if permuted && is("attn_q") {
+            if arch.permutes_qk() && is("attn_q") {
                 t = unpermute_qk(&t, config.num_attention_heads)
                     .with_context(|| format!("un-permuting {name}"))?;
-            } else if permuted && is("attn_k") {
+            } else if arch.permutes_qk() && is("attn_k") {
                 t = unpermute_qk(&t, config.num_key_value_heads)
                     .with_context(|| format!("un-permuting {name}"))?;
+            }
+            if hf.ends_with("norm.weight") && arch.norm_weight_shift() != 0.0 {
+                t = (t - arch.norm_weight_shift())?;
             }
             tensors.insert(hf, t);
         }
@@ -372,11 +721,10 @@ const MODEL_TENSORS: &[(&str, &str)] = &[
     ("output.weight", "lm_head.weight"),
 ];
 
-/// llama.cpp module names inside `blk.N` and their HF names inside `model.layers.N`; both
-/// directions (import and export) read this one table.
+/// llama.cpp module names inside `blk.N` and their HF names inside `model.layers.N` that every
+/// architecture shares; both directions (import and export) read these tables.
 const LAYER_MODULES: &[(&str, &str)] = &[
     ("attn_norm", "input_layernorm"),
-    ("ffn_norm", "post_attention_layernorm"),
     ("attn_q", "self_attn.q_proj"),
     ("attn_k", "self_attn.k_proj"),
     ("attn_v", "self_attn.v_proj"),
@@ -387,6 +735,25 @@ const LAYER_MODULES: &[(&str, &str)] = &[
     ("attn_q_norm", "self_attn.q_norm"),
     ("attn_k_norm", "self_attn.k_norm"),
 ];
+
+/// The norm before the feed-forward in Llama and Qwen (HF calls it post-attention).
+const PLAIN_NORMS: &[(&str, &str)] = &[("ffn_norm", "post_attention_layernorm")];
+
+/// Gemma's sandwich norms: after attention, before and after the feed-forward.
+const SANDWICH_NORMS: &[(&str, &str)] = &[
+    ("post_attention_norm", "post_attention_layernorm"),
+    ("ffn_norm", "pre_feedforward_layernorm"),
+    ("post_ffw_norm", "post_feedforward_layernorm"),
+];
+
+fn layer_modules(arch: GgufArch) -> impl Iterator<Item = &'static (&'static str, &'static str)> {
+    let norms = if arch.is_gemma() {
+        SANDWICH_NORMS
+    } else {
+        PLAIN_NORMS
+    };
+    LAYER_MODULES.iter().chain(norms)
+}
 
 /// Splits `<prefix><layer>.<module>.<weight|bias>` into its parts.
 fn split_layer_name<'a>(name: &'a str, prefix: &str) -> Option<(usize, &'a str, &'a str)> {
@@ -399,13 +766,17 @@ fn split_layer_name<'a>(name: &'a str, prefix: &str) -> Option<(usize, &'a str, 
 
 /// llama.cpp tensor name -> HF `LlamaForCausalLM` tensor name.
 pub fn hf_tensor_name(gguf_name: &str) -> Result<String, GgufError> {
+    hf_tensor_name_for(GgufArch::Llama, gguf_name)
+}
+
+/// llama.cpp tensor name of architecture `arch` -> HF tensor name.
+pub fn hf_tensor_name_for(arch: GgufArch, gguf_name: &str) -> Result<String, GgufError> {
     let unknown = || GgufError::UnknownTensor(gguf_name.to_owned());
     if let Some((_, hf)) = MODEL_TENSORS.iter().find(|(g, _)| *g == gguf_name) {
         return Ok((*hf).to_owned());
     }
     let (layer, module, kind) = split_layer_name(gguf_name, "blk.").ok_or_else(unknown)?;
-    let (_, hf) = LAYER_MODULES
-        .iter()
+    let (_, hf) = layer_modules(arch)
         .find(|(g, _)| *g == module)
         .ok_or_else(unknown)?;
     Ok(format!("model.layers.{layer}.{hf}.{kind}"))
@@ -414,11 +785,17 @@ pub fn hf_tensor_name(gguf_name: &str) -> Result<String, GgufError> {
 /// HF `LlamaForCausalLM` tensor name -> llama.cpp tensor name (the inverse of
 /// [`hf_tensor_name`]); `None` for tensors llama.cpp's llama has no place for.
 pub fn gguf_tensor_name(hf_name: &str) -> Option<String> {
+    gguf_tensor_name_for(GgufArch::Llama, hf_name)
+}
+
+/// HF tensor name -> llama.cpp tensor name of architecture `arch` (the inverse of
+/// [`hf_tensor_name_for`]).
+pub fn gguf_tensor_name_for(arch: GgufArch, hf_name: &str) -> Option<String> {
     if let Some((g, _)) = MODEL_TENSORS.iter().find(|(_, h)| *h == hf_name) {
         return Some((*g).to_owned());
     }
     let (layer, module, kind) = split_layer_name(hf_name, "model.layers.")?;
-    let (g, _) = LAYER_MODULES.iter().find(|(_, h)| *h == module)?;
+    let (g, _) = layer_modules(arch).find(|(_, h)| *h == module)?;
     Some(format!("blk.{layer}.{g}.{kind}"))
 }
 
@@ -485,20 +862,28 @@ fn check_shapes(cfg: &GgufLlamaConfig, tensors: &BTreeMap<String, Tensor>) -> Re
         ] {
             expected.push((format!("{p}.{n}"), s));
         }
-        // The family's extra tensors: Qwen2's q/k/v biases, Qwen3's per-head q/k norms.
-        let extra: &[(&str, usize)] = match cfg.model_type.as_str() {
-            "qwen2" => &[
+        // The family's extra tensors: Qwen2's q/k/v biases, Qwen3's and Gemma 3's per-head q/k
+        // norms, Gemma's norms around the feed-forward.
+        let sandwich: &[(&str, usize)] = &[
+            ("pre_feedforward_layernorm.weight", h),
+            ("post_feedforward_layernorm.weight", h),
+        ];
+        let qk_norms: &[(&str, usize)] = &[
+            ("self_attn.q_norm.weight", cfg.head_dim),
+            ("self_attn.k_norm.weight", cfg.head_dim),
+        ];
+        let extra: &[&[(&str, usize)]] = match cfg.model_type.as_str() {
+            "qwen2" => &[&[
                 ("self_attn.q_proj.bias", q),
                 ("self_attn.k_proj.bias", kv),
                 ("self_attn.v_proj.bias", kv),
-            ],
-            "qwen3" => &[
-                ("self_attn.q_norm.weight", cfg.head_dim),
-                ("self_attn.k_norm.weight", cfg.head_dim),
-            ],
+            ]],
+            "qwen3" => &[qk_norms],
+            "gemma2" => &[sandwich],
+            "gemma3_text" => &[sandwich, qk_norms],
             _ => &[],
         };
-        for (n, len) in extra {
+        for (n, len) in extra.iter().copied().flatten() {
             expected.push((format!("{p}.{n}"), vec![*len]));
         }
     }

@@ -88,6 +88,8 @@ pub struct Rope {
     attention_scaling: f64,
     dynamic: Dynamic,
     head_dim: usize,
+    /// The base the unscaled frequencies come from (`rope_theta`).
+    theta: f64,
 }
 
 /// YaRN's `get_mscale`: `0.1·mscale·ln(scale) + 1` for scale > 1.
@@ -208,6 +210,7 @@ impl Rope {
             attention_scaling,
             dynamic: Dynamic::Fixed,
             head_dim: d,
+            theta,
         };
         let rope = match rope_type.as_str() {
             "default" => fixed(default, 1.0),
@@ -352,6 +355,7 @@ impl Rope {
             attention_scaling,
             dynamic: Dynamic::Fixed,
             head_dim: d,
+            theta,
         })
     }
 
@@ -363,12 +367,18 @@ impl Rope {
             attention_scaling: 1.0,
             dynamic: Dynamic::Fixed,
             head_dim,
+            theta,
         }
     }
 
     /// The `rope_type` this was resolved from.
     pub fn rope_type(&self) -> &str {
         &self.rope_type
+    }
+
+    /// The RoPE base (`rope_theta`) before any scaling.
+    pub fn theta(&self) -> f64 {
+        self.theta
     }
 
     /// The factor on `cos` and `sin` (1 except for YaRN and LongRoPE).

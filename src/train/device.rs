@@ -75,6 +75,15 @@ impl Resolved {
 }
 
 impl DeviceChoice {
+    /// The device named by environment variable `var` (`cpu`, `cuda`, `auto`; unset: the CPU),
+    /// opened: how the benchmarks pick theirs (`DEVICE=cuda`).
+    pub fn open_from_env(var: &str) -> Result<Device, DeviceError> {
+        match std::env::var(var) {
+            Ok(name) => name.parse::<Self>()?.open(),
+            Err(_) => Self::Cpu.open(),
+        }
+    }
+
     /// Opens the device (CUDA device 0 for `cuda`) and logs which one and why.
     pub fn open(self) -> Result<Device, DeviceError> {
         Ok(self.resolve()?.device)

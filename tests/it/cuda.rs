@@ -109,3 +109,50 @@ fn generic_lm_head_logprobs_rejects_mismatched_targets() {
         "{err}"
     );
 }
+
+/// Values, and gradients for `x` and `w` (empty when `w` gets none), of `Σ r ⊙ f(x, w)` with
+/// fixed uneven weights `r = sin(0.37·i)`, so every output element's gradient counts differently.
+fn values_and_grads(
+    f: impl Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>,
+    x: &Var,
+    w: &Var,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let out = f(x.as_tensor(), w.as_tensor()).unwrap();
+    let r = (Tensor::arange(0f32, out.elem_count() as f32, out.device()).unwrap() * 0.37)
+        .unwrap()
+        .sin()
+        .unwrap()
+        .reshape(out.shape())
+        .unwrap();
+    let grads = (&out * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    (
+        flat(&out),
+        flat(grads.get(x.as_tensor()).expect("grad for x")),
+        grads.get(w.as_tensor()).map(flat).unwrap_or_default(),
+    )
+}
+
+/// The GPU path of softmax and RMSNorm — candle-nn's fused forward kernels with the backward
+/// composed in `kernels::device_fused` — gives the reference composition's values and
+/// gradients. Checked on the CPU, where candle-nn has versions of both kernels.
+#[test]
+fn device_fused_softmax_and_rms_norm_match_the_reference() {
+    use rlhf_bot::kernels::{device_fused, reference};
+    let dev = Device::Cpu;
+    let x = Var::from_tensor(&Tensor::randn(0f32, 2.0, (2, 3, 7), &dev).unwrap()).unwrap();
+    let w = Var::from_tensor(&Tensor::randn(1f32, 0.3, 7, &dev).unwrap()).unwrap();
+    let run =
+        |f: &dyn Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>| values_and_grads(f, &x, &w);
+    let fused = run(&|x, _| device_fused::softmax_last_dim(x));
+    let composed = run(&|x, _| reference::softmax_last_dim(x));
+    assert_close("softmax", &fused.0, &composed.0, 1e-6);
+    assert_close("softmax dx", &fused.1, &composed.1, 1e-5);
+
+    let fused = run(&|x, w| device_fused::rms_norm(x, w, 1e-6));
+    let composed = run(&|x, w| reference::rms_norm(x, w, 1e-6));
+    assert_close("rms_norm", &fused.0, &composed.0, 1e-5);
+    assert_close("rms_norm dx", &fused.1, &composed.1, 1e-4);
+    assert_eq!(fused.2.len(), 7, "the weight gets a gradient");
+    assert_close("rms_norm dw", &fused.2, &composed.2, 1e-4);
+}

@@ -23,6 +23,7 @@ mod export_lora_gguf;
 mod export_model;
 mod export_reward;
 mod families;
+mod families_gguf;
 mod feedback_server;
 mod firstrun;
 mod forge_behaviour;

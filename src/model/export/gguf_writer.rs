@@ -134,6 +134,11 @@ impl GgufWriter {
         }
     }
 
+    /// The metadata set so far, in insertion order.
+    pub fn metadata(&self) -> &[(String, Value)] {
+        &self.metadata
+    }
+
     pub fn add_tensor(&mut self, t: GgufTensor) {
         self.tensors.push(t);
     }

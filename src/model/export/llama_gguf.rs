@@ -1,5 +1,15 @@
-//! A llama-family policy as a GGUF file for llama.cpp and Ollama, following llama.cpp's
+//! A decoder policy as a GGUF file for llama.cpp and Ollama, following llama.cpp's
 //! `convert_hf_to_gguf.py` conventions, plus the Ollama `Modelfile` that goes beside it.
+//! Families go out under the architecture llama.cpp runs them as (`model::gguf::GgufArch`):
+//! Llama and Mistral as `llama`, Qwen2/Qwen3, Gemma 2/3 as their own; Llama 3's RoPE scaling
+//! as the `rope_freqs` tensor, linear scaling as `rope.scaling.*`; Gemma's norm weights as
+//! `1 + w`.
+//!
+//! Part of what a Gemma computes is fixed in llama.cpp by architecture rather than read from
+//! the file (which layers slide, the local RoPE base, the query scale). Before writing, the
+//! metadata is read back through the importer's model of llama.cpp
+//! ([`crate::model::gguf::config_from_metadata`]) and compared with the model's own config, so
+//! a model llama.cpp would run differently is refused by name instead of served wrong.
 //!
 //! What llama.cpp needs, and why each piece is here: its tensor names (`blk.N.attn_q.weight`, the
 //! inverse of the import's table in `model::gguf`); Q and K rows permuted into its interleaved
@@ -17,19 +27,27 @@ use candle_core::quantized::gguf_file::Value;
 
 use super::CausalLm;
 use super::gguf_writer::{ALIGNMENT, GgmlType, GgufTensor, GgufWriter};
-use crate::model::gguf::{LLAMA3_SPLIT, gguf_tensor_name, permute_qk};
+use crate::model::gguf::{
+    GgufArch, LLAMA3_SPLIT, ROPE_FREQS_TENSOR, config_from_metadata, gguf_tensor_name_for,
+    permute_qk,
+};
+use crate::model::llama::LlamaConfig;
 
-/// The two GGUF encodings offered (`--format gguf-f16|gguf-q8_0`).
+/// The GGUF encodings of the matrices: `--format gguf-f16|gguf-q8_0`, and f32 for exact round
+/// trips (tests compare imported logits with the original's).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GgufEncoding {
+    F32,
     F16,
     Q8_0,
 }
 
 impl GgufEncoding {
-    /// llama.cpp's `LlamaFileType` (`general.file_type`): MOSTLY_F16 = 1, MOSTLY_Q8_0 = 7.
+    /// llama.cpp's `LlamaFileType` (`general.file_type`): ALL_F32 = 0, MOSTLY_F16 = 1,
+    /// MOSTLY_Q8_0 = 7.
     fn file_type(self) -> u32 {
         match self {
+            GgufEncoding::F32 => 0,
             GgufEncoding::F16 => 1,
             GgufEncoding::Q8_0 => 7,
         }
@@ -47,54 +65,206 @@ const QUANT_VERSION: u32 = 2;
 /// Builds the whole file in memory (tensors encoded); `name` becomes `general.name`.
 pub fn build(lm: &CausalLm, encoding: GgufEncoding, name: &str) -> Result<GgufWriter> {
     let cfg = &lm.config;
-    if cfg.model_type.as_deref().is_some_and(|t| t != "llama") {
+    let family = cfg.family();
+    let arch = GgufArch::of_family(family);
+    if cfg.mlp_bias {
         bail!(
-            "model_type {:?} cannot be exported as a llama GGUF\nhint: only llama-family models (SmolLM2, Llama) are supported; export `hf` instead",
-            cfg.model_type
+            "mlp_bias: true has no place in llama.cpp's {}\nhint: export `hf` instead",
+            arch.name()
         );
     }
-    if cfg.mlp_bias {
-        bail!("mlp_bias: true has no place in llama.cpp's llama\nhint: export `hf` instead");
+    if arch == GgufArch::Gemma2 && !cfg.tie_word_embeddings {
+        bail!(
+            "llama.cpp's gemma2 has no separate output head, and this Gemma 2 has untied embeddings\nhint: export `hf` instead"
+        );
     }
     let mut w = GgufWriter::new();
     let s = |v: &str| Value::String(v.to_owned());
     let u = |v: usize| Value::U32(v as u32);
-    w.set("general.architecture", s("llama"));
+    let key = |k: &str| format!("{}.{k}", arch.name());
+    w.set("general.architecture", s(arch.name()));
     w.set("general.type", s("model"));
     w.set("general.name", s(name));
     w.set("general.file_type", Value::U32(encoding.file_type()));
     w.set("general.quantization_version", Value::U32(QUANT_VERSION));
     w.set("general.alignment", u(ALIGNMENT));
-    w.set("llama.vocab_size", u(cfg.vocab_size));
-    w.set("llama.context_length", u(cfg.max_position_embeddings));
-    w.set("llama.embedding_length", u(cfg.hidden_size));
-    w.set("llama.block_count", u(cfg.num_hidden_layers));
-    w.set("llama.feed_forward_length", u(cfg.intermediate_size));
-    w.set("llama.attention.head_count", u(cfg.num_attention_heads));
-    w.set("llama.attention.head_count_kv", u(cfg.num_kv_heads()));
-    w.set("llama.attention.key_length", u(cfg.head_dim()));
-    w.set("llama.attention.value_length", u(cfg.head_dim()));
-    w.set("llama.rope.dimension_count", u(cfg.head_dim()));
-    w.set("llama.rope.freq_base", Value::F32(cfg.rope_theta() as f32));
+    w.set(&key("vocab_size"), u(cfg.vocab_size));
+    w.set(&key("context_length"), u(cfg.max_position_embeddings));
+    w.set(&key("embedding_length"), u(cfg.hidden_size));
+    w.set(&key("block_count"), u(cfg.num_hidden_layers));
+    w.set(&key("feed_forward_length"), u(cfg.intermediate_size));
+    w.set(&key("attention.head_count"), u(cfg.num_attention_heads));
+    w.set(&key("attention.head_count_kv"), u(cfg.num_kv_heads()));
+    w.set(&key("attention.key_length"), u(cfg.head_dim()));
+    w.set(&key("attention.value_length"), u(cfg.head_dim()));
+    w.set(&key("rope.dimension_count"), u(cfg.head_dim()));
     w.set(
-        "llama.attention.layer_norm_rms_epsilon",
+        &key("attention.layer_norm_rms_epsilon"),
         Value::F32(cfg.rms_norm_eps as f32),
     );
+    let rope_freqs = add_rope(&mut w, cfg, arch)?;
+    if arch.is_gemma() {
+        if let Some(cap) = cfg.attention_softcap() {
+            w.set(&key("attn_logit_softcapping"), Value::F32(cap as f32));
+        }
+        if let Some(cap) = cfg.final_logit_softcap() {
+            w.set(&key("final_logit_softcapping"), Value::F32(cap as f32));
+        }
+        if let Some(window) = cfg.sliding_window() {
+            w.set(&key("attention.sliding_window"), u(window));
+        }
+    }
+    check_llama_cpp_runs_it(&w, cfg, arch, rope_freqs.as_deref())?;
     add_tokenizer(&mut w, lm)?;
-    add_tensors(&mut w, lm, encoding)?;
+    add_tensors(&mut w, lm, arch, encoding, rope_freqs)?;
     Ok(w)
 }
 
-fn add_tensors(w: &mut GgufWriter, lm: &CausalLm, encoding: GgufEncoding) -> Result<()> {
+/// The RoPE metadata of the full-attention layers: the base, and the scaling as llama.cpp
+/// takes it. Returns Llama 3's per-frequency divisors (the `rope_freqs` tensor) when it has one.
+fn add_rope(w: &mut GgufWriter, cfg: &LlamaConfig, arch: GgufArch) -> Result<Option<Vec<f32>>> {
+    let rope = cfg.rope(false)?;
+    let key = |k: &str| format!("{}.{k}", arch.name());
+    w.set(&key("rope.freq_base"), Value::F32(rope.theta() as f32));
+    let base = crate::model::ops::rope_inv_freq(cfg.head_dim(), rope.theta());
+    let scaled = rope.inv_freq_for(0);
+    let divisors: Vec<f32> = base
+        .iter()
+        .zip(scaled.iter())
+        .map(|(b, s)| (b / s) as f32)
+        .collect();
+    match rope.rope_type() {
+        "default" => Ok(None),
+        "linear" => {
+            w.set(&key("rope.scaling.type"), Value::String("linear".into()));
+            w.set(&key("rope.scaling.factor"), Value::F32(divisors[0]));
+            Ok(None)
+        }
+        "llama3" if arch == GgufArch::Llama => Ok(Some(divisors)),
+        other => bail!(
+            "rope_type {other:?} has no export to llama.cpp's {} here\nhint: scalings exported to GGUF: linear, and llama3 for Llama; export `hf` and serve with transformers or vLLM",
+            arch.name()
+        ),
+    }
+}
+
+/// Refuses a model that llama.cpp would run differently from this project: the metadata, read
+/// back the way llama.cpp reads it, must give the same attention layout, scales, soft-caps,
+/// activation and rotary frequencies.
+fn check_llama_cpp_runs_it(
+    w: &GgufWriter,
+    ours: &LlamaConfig,
+    arch: GgufArch,
+    rope_freqs: Option<&[f32]>,
+) -> Result<()> {
+    let md: crate::model::gguf::Meta = w.metadata().iter().cloned().collect();
+    let has_output = !ours.tie_word_embeddings;
+    let theirs = config_from_metadata(&md, has_output, rope_freqs)?.to_hf_json();
+    let theirs = LlamaConfig::from_json_str(&theirs.to_string())
+        .context("reading back the GGUF metadata as llama.cpp would")?;
+    let differs = |what: &str, here: String, there: String| {
+        anyhow::anyhow!(
+            "llama.cpp's {} would run this model differently: {what} is {here} here but {there} in llama.cpp (which fixes it by architecture, not from the file)\nhint: export `hf` and serve with transformers or vLLM",
+            arch.name()
+        )
+    };
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-6 * a.abs().max(b.abs()).max(1e-30);
+    let close_opt = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) => close(a, b),
+        (a, b) => a.is_none() && b.is_none(),
+    };
+    for i in 0..ours.num_hidden_layers {
+        let (a, b) = (ours.layer_is_sliding(i), theirs.layer_is_sliding(i));
+        if a != b {
+            let kind = |s: bool| if s { "sliding" } else { "full" }.to_owned();
+            return Err(differs(&format!("layer {i}'s attention"), kind(a), kind(b)));
+        }
+    }
+    let any_sliding = (0..ours.num_hidden_layers).any(|i| ours.layer_is_sliding(i));
+    if any_sliding && ours.sliding_window() != theirs.sliding_window() {
+        let f = |w: Option<usize>| format!("{w:?}");
+        return Err(differs(
+            "the sliding window",
+            f(ours.sliding_window()),
+            f(theirs.sliding_window()),
+        ));
+    }
+    if !close(ours.attention_scale(), theirs.attention_scale()) {
+        let f = |s: f64| format!("{:.6} (query_pre_attn_scalar {:.1})", s, 1.0 / (s * s));
+        return Err(differs(
+            "the query scale",
+            f(ours.attention_scale()),
+            f(theirs.attention_scale()),
+        ));
+    }
+    let caps = [
+        (
+            "attention soft-capping",
+            ours.attention_softcap(),
+            theirs.attention_softcap(),
+        ),
+        (
+            "final logit soft-capping",
+            ours.final_logit_softcap(),
+            theirs.final_logit_softcap(),
+        ),
+    ];
+    for (what, a, b) in caps {
+        if !close_opt(a, b) {
+            return Err(differs(what, format!("{a:?}"), format!("{b:?}")));
+        }
+    }
+    if ours.activation() != theirs.activation() {
+        let (a, b) = (ours.activation(), theirs.activation());
+        return Err(differs(
+            "the activation",
+            format!("{a:?}"),
+            format!("{b:?}"),
+        ));
+    }
+    let kinds: &[bool] = if any_sliding {
+        &[false, true]
+    } else {
+        &[false]
+    };
+    for &sliding in kinds {
+        let (a, b) = (ours.rope(sliding)?, theirs.rope(sliding)?);
+        let what = if sliding {
+            "the sliding layers' RoPE"
+        } else {
+            "the RoPE"
+        };
+        let n = ours.max_position_embeddings;
+        let same = close(a.attention_scaling(), b.attention_scaling())
+            && a.inv_freq_for(n)
+                .iter()
+                .zip(b.inv_freq_for(n).iter())
+                .all(|(x, y)| (x - y).abs() <= 1e-5 * x.abs().max(y.abs()));
+        if !same {
+            let f =
+                |r: &crate::model::rope::Rope| format!("{} with base {}", r.rope_type(), r.theta());
+            return Err(differs(what, f(&a), f(&b)));
+        }
+    }
+    Ok(())
+}
+
+fn add_tensors(
+    w: &mut GgufWriter,
+    lm: &CausalLm,
+    arch: GgufArch,
+    encoding: GgufEncoding,
+    rope_freqs: Option<Vec<f32>>,
+) -> Result<()> {
     let cfg = &lm.config;
     let mut named: Vec<(String, &String)> = Vec::new();
     for hf in lm.tensors.keys() {
         if hf == "lm_head.weight" && cfg.tie_word_embeddings {
             continue;
         }
-        let g = gguf_tensor_name(hf).with_context(|| {
+        let g = gguf_tensor_name_for(arch, hf).with_context(|| {
             format!(
-                "tensor {hf} has no llama.cpp equivalent\nhint: only a plain llama causal LM (no value or reward heads) exports to GGUF"
+                "tensor {hf} has no llama.cpp equivalent\nhint: only a plain causal LM (no value or reward heads) exports to GGUF"
             )
         })?;
         named.push((g, hf));
@@ -108,18 +278,26 @@ fn add_tensors(w: &mut GgufWriter, lm: &CausalLm, encoding: GgufEncoding) -> Res
         }
     };
     named.sort_by_key(|(g, _)| rank(g));
+    if let Some(divisors) = rope_freqs {
+        let t = candle_core::Tensor::new(divisors, &candle_core::Device::Cpu)?;
+        w.add_tensor(GgufTensor::encode(ROPE_FREQS_TENSOR, &t, GgmlType::F32)?);
+    }
     for (g, hf) in named {
         let mut t = lm.tensors[hf].clone();
-        if g.contains(".attn_q.") {
+        if arch.permutes_qk() && g.contains(".attn_q.") {
             t = permute_qk(&t, cfg.num_attention_heads)
                 .with_context(|| format!("permuting {hf}"))?;
-        } else if g.contains(".attn_k.") {
+        } else if arch.permutes_qk() && g.contains(".attn_k.") {
             t = permute_qk(&t, cfg.num_kv_heads()).with_context(|| format!("permuting {hf}"))?;
+        }
+        if hf.ends_with("norm.weight") && arch.norm_weight_shift() != 0.0 {
+            t = (t + arch.norm_weight_shift())?;
         }
         let tensor = if t.rank() <= 1 {
             GgufTensor::encode(g, &t, GgmlType::F32)?
         } else {
             match encoding {
+                GgufEncoding::F32 => GgufTensor::encode(g, &t, GgmlType::F32)?,
                 GgufEncoding::F16 => GgufTensor::encode(g, &t, GgmlType::F16)?,
                 GgufEncoding::Q8_0 => GgufTensor::q8_0_or_f16(g, &t)?,
             }
