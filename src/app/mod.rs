@@ -3,6 +3,7 @@
 //! and tensor math live in the library modules; this layer only wires them.
 
 pub mod baseline;
+pub mod bucket_cmd;
 mod check;
 mod constitution;
 mod dashboard;
@@ -14,6 +15,7 @@ mod output;
 pub mod pipeline;
 pub mod policy;
 mod pull;
+pub mod ray_stage;
 mod registry_cmd;
 mod serve;
 mod store_cmd;
@@ -220,9 +222,16 @@ async fn train_and_publish(
         Ok,
     )?;
     reward_opts.production_model = reward_baseline.dir.clone();
-    let summary = pipeline::train_reward_from_store(settings, reward_dir.clone(), reward_opts)
-        .await
-        .context("stage train reward")?;
+    let summary = match &settings.train {
+        crate::train::ray::TrainBackend::Local => {
+            pipeline::train_reward_from_store(settings, reward_dir.clone(), reward_opts).await
+        }
+        crate::train::ray::TrainBackend::Ray(ray) => {
+            ray_stage::train_reward_on_ray(settings, ray, &run_id, reward_dir.clone(), reward_opts)
+                .await
+        }
+    }
+    .context("stage train reward")?;
     reward_baseline.baseline.write(&reward_dir)?;
     let base = settings
         .reward
@@ -479,6 +488,13 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Serve(args) => {
             let settings = load_settings(&cli.config)?;
             serve::serve_cmd(settings, &args).await
+        }
+        Command::Bucket(command) => {
+            let copied = match command {
+                crate::cli::BucketCommand::Get { uri, dir } => bucket_cmd::get(&uri, &dir)?,
+                crate::cli::BucketCommand::Put { dir, uri } => bucket_cmd::put(&dir, &uri)?,
+            };
+            output::json_or_text(format, &copied, &copied.to_string())
         }
         Command::Dashboard(args) => {
             let settings = load_settings(&cli.config)?;

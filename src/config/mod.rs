@@ -16,6 +16,7 @@ pub mod policy;
 pub mod raw;
 pub mod server;
 pub mod settings;
+pub mod train;
 pub mod values;
 
 use std::path::{Path, PathBuf};

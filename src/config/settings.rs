@@ -40,6 +40,8 @@ pub struct Settings {
     pub constitution: crate::constitution::ConstitutionSettings,
     pub reward: crate::train::reward_run::RewardTrainOptions,
     pub policy: super::policy::PolicySettings,
+    /// `train.backend`: where the training stage runs.
+    pub train: crate::train::ray::TrainBackend,
     pub deploy: super::deploy::DeploySettings,
     pub server: super::server::ServerSettings,
     pub dashboard: super::dashboard::DashboardSettings,
@@ -352,6 +354,7 @@ pub fn validate(raw: RawConfig, text: &str) -> Result<Settings, Invalid> {
         reward.train.rating_loss = r;
     }
     let policy = super::policy::validate_policy(raw.policy)?;
+    let train = super::train::validate_train(raw.train)?;
     let deploy = super::deploy::validate_deploy(
         raw.deploy,
         publish.github.as_ref().map(|g| g.api_url.as_str()),
@@ -375,6 +378,14 @@ pub fn validate(raw: RawConfig, text: &str) -> Result<Settings, Invalid> {
         Some(value) => ArtifactLocation::parse(value)
             .map_err(|problem| Invalid::new("registry.artifacts", problem))?,
     };
+    if matches!(train, crate::train::ray::TrainBackend::Ray(_))
+        && !matches!(artifacts, ArtifactLocation::Bucket(_))
+    {
+        return Err(Invalid::new(
+            "registry.artifacts",
+            "`train.backend: ray` exchanges the dataset and the checkpoint with the cluster through the artifact store, and this one is a directory\nhint: set `registry.artifacts` to a bucket both this runner and the cluster can reach, e.g. `s3://team-models/rlhf` (docs/ray.md)",
+        ));
+    }
     let artifacts_dir = match &artifacts {
         ArtifactLocation::Dir(dir) => dir.clone(),
         ArtifactLocation::Bucket(_) => store_dir.join(ARTIFACT_CACHE_DIR),
@@ -399,6 +410,7 @@ pub fn validate(raw: RawConfig, text: &str) -> Result<Settings, Invalid> {
         constitution,
         reward,
         policy,
+        train,
         deploy,
         server,
         dashboard,

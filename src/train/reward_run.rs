@@ -312,7 +312,7 @@ pub fn train_reward_mixed(
             && !(eval.pairs.is_empty() && eval.points.is_empty())
         {
             metrics.production_eval = Some(
-                score_production(prod, &eval, opts, &device)
+                evaluate_reward_model(prod, &eval, opts, &device)
                     .with_context(|| format!("scoring production model {}", prod.display()))?,
             );
         }
@@ -447,7 +447,8 @@ pub fn load_backbone_with_heads(
     }
 }
 
-fn model_type(dir: &Path) -> Result<String> {
+/// The `model_type` of the Hugging Face model directory `dir` (its `config.json`).
+pub fn model_type(dir: &Path) -> Result<String> {
     let path = dir.join("config.json");
     let text = std::fs::read_to_string(&path).with_context(|| {
         format!(
@@ -476,9 +477,10 @@ fn tokenizer_from_bytes(bytes: &[u8]) -> Result<Tokenizer> {
     tok
 }
 
-/// Scores the evaluation split with the production model, on what its heads can read: pairs and
+/// Scores the evaluation split with the reward model in `dir` (the production model, or one a
+/// cluster trained), on what its heads can read: pairs and
 /// single-answer labels always, step labels when it has a step head, the aspects it has heads for.
-fn score_production(
+pub fn evaluate_reward_model(
     dir: &Path,
     eval: &TextData,
     opts: &RewardTrainOptions,

@@ -1,0 +1,385 @@
+//! `train.backend: ray` against a real Ray head (tests/it/ray_head.rs) and a real S3 server
+//! (moto): a real job — our own binary as the entrypoint, training the reward model from the
+//! dataset the run exported to the bucket and writing the checkpoint back — and the faults:
+//! a failing job, a wrong or missing token, an unreachable head, a cancelled run, a duplicate
+//! submission.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use rlhf_bot::artifacts::ArtifactStore;
+use rlhf_bot::registry::{ModelKind, Registry};
+use rlhf_bot::train::ray::client::JobRequest;
+use rlhf_bot::train::ray::{JobsClient, SubmitOutcome};
+
+use super::common::{Workspace, bin, free_port, stderr};
+use super::moto::{Moto, moto};
+use super::ray_head::{RayHead, TOKEN, ray_head};
+
+const TOKEN_ENV: &str = "RAY_TEST_TOKEN";
+
+/// Both servers, or `None` (skipped, said loudly by the helpers).
+fn servers() -> Option<(&'static RayHead, &'static Moto)> {
+    let head = ray_head()?;
+    let moto = moto()?;
+    Some((head, moto))
+}
+
+/// The sample config, reward model only, its artifacts in `bucket`, training on the head at
+/// `address` with `ray_extra` added to `train.ray`.
+fn config(ws: &Workspace, moto: &Moto, bucket: &str, address: &str, ray_extra: &str) -> PathBuf {
+    moto.create_bucket(bucket);
+    let local_root = format!("artifacts: {}/artifacts", ws.store_dir().display());
+    let policy_on = "enabled: true                         # run trains";
+    let text = ws.sample_config_text();
+    assert!(
+        text.contains(&local_root) && text.contains(policy_on),
+        "the sample config moved: {text}"
+    );
+    let text = text
+        .replace(&local_root, &format!("artifacts: s3://{bucket}/models"))
+        .replace(
+            policy_on,
+            "enabled: false                        # run trains",
+        );
+    ws.write_config(&format!(
+        "{text}\ntrain:\n  backend: ray\n  ray:\n    address: {address}\n    entrypoint: rlhf-bot\n    forward_env: [AWS_ENDPOINT_URL, AWS_ALLOW_HTTP, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION]\n    poll_first_secs: 0.5\n    poll_max_secs: 2\n    num_cpus: 0\n{ray_extra}"
+    ))
+}
+
+/// `rlhf-bot run --force` as the workflow runs it, with run id `gh-<run>`.
+fn run_command(config: &Path, moto: &Moto, run: u32, token: Option<&str>) -> Command {
+    let mut cmd = bin();
+    for (k, v) in moto.env() {
+        cmd.env(k, v);
+    }
+    cmd.env_remove(TOKEN_ENV);
+    if let Some(token) = token {
+        cmd.env(TOKEN_ENV, token);
+    }
+    cmd.env("GITHUB_RUN_ID", run.to_string())
+        .env("RLHF_BOT_NOW", "2026-11-27T12:00:00Z")
+        .arg("--config")
+        .arg(config)
+        .args(["--format", "json", "run", "--force"]);
+    cmd
+}
+
+/// A stand-in for our binary on the cluster: a script that prints and then does `tail`.
+fn fake_trainer(ws: &Workspace, tail: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = ws.path().join("fake-trainer.sh");
+    std::fs::write(
+        &path,
+        format!("#!/bin/sh\necho \"fake trainer: $*\"\necho 'loading 12 pairs'\n{tail}\n"),
+    )
+    .unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+#[test]
+fn a_real_ray_job_trains_the_reward_model_and_the_run_registers_and_reports_it() {
+    let Some((head, moto)) = servers() else {
+        return;
+    };
+    let ws = Workspace::new();
+    let bucket = "ray-real";
+    let cfg = config(
+        &ws,
+        moto,
+        bucket,
+        &head.address(),
+        &format!(
+            "    token_env: {TOKEN_ENV}\n    rlhf_bot_command: {}\n",
+            env!("CARGO_BIN_EXE_rlhf-bot")
+        ),
+    );
+    let o = run_command(&cfg, moto, 9001, Some(TOKEN)).output().unwrap();
+    let err = stderr(&o);
+    assert!(
+        o.status.success(),
+        "run failed: {err}\nhead log: {}",
+        head.log.display()
+    );
+    assert!(!err.contains(TOKEN), "the token reached the log");
+    assert_eq!(head.status("gh-9001"), "SUCCEEDED");
+
+    // The dataset went up in TRL's format, the checkpoint came back with its manifest.
+    let keys = moto.keys(bucket, "models/ray/gh-9001/reward/");
+    for key in [
+        "models/ray/gh-9001/reward/data/SHA256SUMS",
+        "models/ray/gh-9001/reward/data/preference.train.jsonl",
+        "models/ray/gh-9001/reward/data/preference.eval.jsonl",
+        "models/ray/gh-9001/reward/output/SHA256SUMS",
+        "models/ray/gh-9001/reward/output/model.safetensors",
+    ] {
+        assert!(keys.iter().any(|k| k == key), "{key} missing from {keys:?}");
+    }
+    let first = String::from_utf8(
+        moto.get(
+            bucket,
+            "models/ray/gh-9001/reward/data/preference.train.jsonl",
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let pair: serde_json::Value = serde_json::from_str(first.lines().next().unwrap()).unwrap();
+    assert!(
+        pair["chosen"].is_array() && pair["rejected"].is_array(),
+        "{pair}"
+    );
+
+    // The job's log was streamed into the run, line by line.
+    let run_dir = ws.store_dir().join("runs/gh-9001");
+    let job_log = std::fs::read_to_string(run_dir.join("ray/reward.log")).unwrap();
+    assert!(job_log.contains("training the reward model"), "{job_log}");
+
+    // Evaluated here, registered like a local run, with the job in the lineage.
+    let metrics: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(run_dir.join("reward/metrics.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(metrics["eval"]["n"].as_u64().unwrap() > 0, "{metrics}");
+    assert!(
+        metrics["train"]["steps"].as_u64().unwrap() > 0,
+        "the job's own numbers: {metrics}"
+    );
+    let registry = Registry::load(&ws.store_dir().join("registry.yaml")).unwrap();
+    let reward = registry
+        .models
+        .iter()
+        .find(|m| m.kind == ModelKind::Reward)
+        .expect("a reward model registered");
+    let job = reward
+        .cluster_job
+        .as_ref()
+        .expect("the cluster job in the lineage");
+    assert_eq!(
+        (
+            job.backend.as_str(),
+            job.submission_id.as_str(),
+            job.entrypoint.as_str()
+        ),
+        ("ray", "gh-9001", "rlhf-bot")
+    );
+    assert_eq!(job.address, head.address());
+    assert_eq!(
+        reward.metrics["eval_accuracy"],
+        metrics["eval"]["accuracy"].as_f64().unwrap()
+    );
+    let url = url::Url::parse(&format!("s3://{bucket}/models")).unwrap();
+    let options = moto.env().map(|(k, v)| (k.to_ascii_lowercase(), v));
+    let artifacts =
+        rlhf_bot::artifacts::BucketStore::with_options(&url, options, ws.path().join("c")).unwrap();
+    artifacts.verify(&reward.artifact).unwrap();
+    let report = std::fs::read_to_string(ws.path().join("reports/gh-9001/report.md")).unwrap();
+    assert!(
+        report.contains("trained by the cluster") && report.contains("`gh-9001`"),
+        "{report}"
+    );
+}
+
+fn failed(o: &Output) -> String {
+    assert!(!o.status.success(), "the run succeeded: {}", stderr(o));
+    stderr(o)
+}
+
+#[test]
+fn a_failed_job_is_reported_with_its_last_log_lines() {
+    let Some((head, moto)) = servers() else {
+        return;
+    };
+    let ws = Workspace::new();
+    let script = fake_trainer(&ws, "echo 'RuntimeError: CUDA out of memory' >&2\nexit 3");
+    let cfg = config(
+        &ws,
+        moto,
+        "ray-fail",
+        &head.address(),
+        &format!(
+            "    token_env: {TOKEN_ENV}\n    rlhf_bot_command: {}\n",
+            script.display()
+        ),
+    );
+    let err = failed(&run_command(&cfg, moto, 9002, Some(TOKEN)).output().unwrap());
+    assert!(
+        err.contains("Ray job `gh-9002`")
+            && err.contains("ended FAILED")
+            && err.contains("RuntimeError: CUDA out of memory")
+            && err.contains("loading 12 pairs")
+            && err.contains("hint:"),
+        "{err}"
+    );
+    assert_eq!(head.status("gh-9002"), "FAILED");
+    assert!(
+        !ws.store_dir().join("registry.yaml").exists(),
+        "nothing registered"
+    );
+}
+
+#[test]
+fn a_wrong_or_missing_token_is_explained() {
+    let Some((head, moto)) = servers() else {
+        return;
+    };
+    let ws = Workspace::new();
+    let cfg = config(
+        &ws,
+        moto,
+        "ray-token",
+        &head.address(),
+        &format!("    token_env: {TOKEN_ENV}\n    max_attempts: 2\n"),
+    );
+    let err = failed(
+        &run_command(&cfg, moto, 9003, Some("not-the-token"))
+            .output()
+            .unwrap(),
+    );
+    assert!(
+        err.contains("HTTP 403")
+            && err.contains("the token was refused")
+            && err.contains(TOKEN_ENV)
+            && err.contains("ray get-auth-token"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("not-the-token"),
+        "the token was printed: {err}"
+    );
+
+    // No token configured at all: Ray's 401, and where to put one.
+    let ws = Workspace::new();
+    let cfg = config(
+        &ws,
+        moto,
+        "ray-token2",
+        &head.address(),
+        "    max_attempts: 2\n",
+    );
+    let err = failed(&run_command(&cfg, moto, 9004, None).output().unwrap());
+    assert!(
+        err.contains("HTTP 401") && err.contains("train.ray.token_env"),
+        "{err}"
+    );
+    // Neither submitted anything.
+    let ids: Vec<String> = head
+        .jobs()
+        .iter()
+        .filter_map(|j| j["submission_id"].as_str().map(str::to_string))
+        .collect();
+    assert!(
+        !ids.iter().any(|i| i == "gh-9003" || i == "gh-9004"),
+        "{ids:?}"
+    );
+}
+
+#[test]
+fn an_unreachable_head_is_named_with_what_to_check() {
+    // No Ray needed: nothing listens on the port.
+    let Some(moto) = moto() else { return };
+    let ws = Workspace::new();
+    let address = format!("http://127.0.0.1:{}", free_port());
+    let cfg = config(&ws, moto, "ray-unreach", &address, "    max_attempts: 2\n");
+    let started = Instant::now();
+    let err = failed(&run_command(&cfg, moto, 9005, None).output().unwrap());
+    assert!(
+        err.contains(&format!("cannot reach the Ray head at {address}"))
+            && err.contains("could not connect")
+            && err.contains("train.ray.address"),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(60));
+}
+
+#[test]
+fn a_cancelled_run_stops_its_job() {
+    let Some((head, moto)) = servers() else {
+        return;
+    };
+    let ws = Workspace::new();
+    let script = fake_trainer(&ws, "sleep 300");
+    let cfg = config(
+        &ws,
+        moto,
+        "ray-cancel",
+        &head.address(),
+        &format!(
+            "    token_env: {TOKEN_ENV}\n    rlhf_bot_command: {}\n",
+            script.display()
+        ),
+    );
+    let mut cmd = run_command(&cfg, moto, 9006, Some(TOKEN));
+    let child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while head.status("gh-9006") != "RUNNING" {
+        assert!(Instant::now() < deadline, "the job never ran");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let err = failed(&child.wait_with_output().unwrap());
+    assert!(
+        err.contains("terminated (SIGTERM)")
+            && err.contains("Ray job `gh-9006`")
+            && err.contains("asked to stop")
+            && err.contains("STOPPED"),
+        "{err}"
+    );
+    assert_eq!(head.status("gh-9006"), "STOPPED");
+}
+
+#[tokio::test]
+async fn a_duplicate_submission_attaches_instead_of_starting_a_second_job() {
+    let Some(head) = ray_head() else { return };
+    let client = JobsClient::new(
+        &head.address().parse().unwrap(),
+        Some(rlhf_bot::secret::SecretString::new(TOKEN)),
+        Some(TOKEN_ENV.into()),
+        Duration::from_secs(30),
+        rlhf_bot::retry::Backoff {
+            max_attempts: 2,
+            first_wait: Duration::from_millis(100),
+        },
+    )
+    .unwrap();
+    let job = |entrypoint: &str| JobRequest {
+        entrypoint: entrypoint.into(),
+        submission_id: "dup-1".into(),
+        runtime_env: serde_json::json!({}),
+        metadata: [("rlhf_bot_run".to_string(), "dup-1".to_string())].into(),
+        entrypoint_num_cpus: 0.0,
+        entrypoint_num_gpus: 0.0,
+    };
+    assert_eq!(
+        client.submit(&job("echo first")).await.unwrap(),
+        SubmitOutcome::Created
+    );
+    assert_eq!(
+        client.submit(&job("echo second")).await.unwrap(),
+        SubmitOutcome::AlreadyExists
+    );
+    let info = client.status("dup-1").await.unwrap();
+    assert_eq!(
+        info.entrypoint.as_deref(),
+        Some("echo first"),
+        "the first job is the one kept"
+    );
+    let jobs = tokio::task::spawn_blocking(move || ray_head().unwrap().jobs())
+        .await
+        .unwrap();
+    let same: Vec<_> = jobs
+        .iter()
+        .filter(|j| j["submission_id"] == "dup-1")
+        .collect();
+    assert_eq!(same.len(), 1, "{jobs:?}");
+    assert!(client.find("no-such-job").await.unwrap().is_none());
+}
