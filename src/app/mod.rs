@@ -209,6 +209,11 @@ async fn train_and_publish(
     algo: Option<crate::run::outputs::PolicyAlgo>,
 ) -> Result<RunSummary> {
     let policy_runs = settings.policy.enabled || algo.is_some();
+    if policy_runs && matches!(settings.train, crate::train::ray::TrainBackend::Ray(_)) {
+        anyhow::bail!(
+            "`run --algo` asks for the policy stage, which `train.backend: ray` does not run yet\nhint: run without --algo (the cluster trains the reward model), or with `train.backend: local`"
+        );
+    }
     let settings = &local_models(settings, policy_runs).await?;
     let run_id = crate::run::new_run_id();
     let started = check::now()?;

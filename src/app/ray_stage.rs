@@ -182,17 +182,7 @@ pub async fn train_reward_on_ray(
     })
     .await
     .context("the dataset thread panicked")??;
-    let (train, eval) = (
-        TextData::from_examples(&ds.train),
-        TextData::from_examples(&ds.eval),
-    );
-    if train.pairs.is_empty() || eval.pairs.is_empty() {
-        bail!(
-            "the store yields {} training and {} evaluation preference pairs; a reward model needs both\nhint: collect answers to the same prompt with different feedback, or lower dataset.min_score_gap",
-            train.pairs.len(),
-            eval.pairs.len()
-        );
-    }
+    let (train, eval) = crate::train::reward_run::reward_split(&ds)?;
 
     let existing = client.find(run_id).await?;
     match &existing {
@@ -289,7 +279,7 @@ pub async fn train_reward_on_ray(
     }
 
     fetch_output(&paths.output, &out, &run_dir, &cache)?;
-    evaluate(settings, &out, &opts, &ds, &train, &eval).await
+    evaluate(&out, &opts, &ds, &train, &eval).await
 }
 
 /// Exports the pairs in TRL's preference format and uploads them (train and eval only: the job
@@ -350,7 +340,6 @@ fn fetch_output(output_uri: &str, out: &Path, run_dir: &Path, cache: &Path) -> R
 /// Scores the downloaded model on the run's evaluation split, and the production model on the
 /// same split, as a local run does; writes `metrics.json`.
 async fn evaluate(
-    _settings: &Settings,
     out: &Path,
     opts: &RewardTrainOptions,
     ds: &crate::dataset::Dataset,
@@ -361,26 +350,11 @@ async fn evaluate(
     let job_train = outputs::read_metrics::<RewardMetrics>(out)
         .map(|m| m.train)
         .unwrap_or_else(|_| TrainStats::default());
-    let mut counts = std::collections::BTreeMap::new();
-    counts.insert(
-        "pairs".to_string(),
-        (train.pairs.len() + eval.pairs.len()) as u64,
-    );
-    counts.insert("train".to_string(), train.pairs.len() as u64);
-    counts.insert("eval".to_string(), eval.pairs.len() as u64);
-    let c = ds.fingerprint.train;
-    for (name, n) in [
-        ("pairs", c.pairs),
-        ("pointwise", c.pointwise),
-        ("steps", c.steps),
-        ("aspects", c.aspects),
-    ] {
-        counts.insert(format!("train_{name}"), n);
-    }
-    let dataset = DatasetInfo {
-        counts,
-        examples_sha256: ds.fingerprint.sha256.clone(),
+    let mut dataset = DatasetInfo {
+        counts: crate::train::reward_run::example_counts(train, eval),
+        examples_sha256: String::new(),
     };
+    crate::train::reward_run::record_dataset_lineage(&mut dataset, ds);
     let (out_dir, opts, eval) = (out.to_path_buf(), opts.clone(), eval.clone());
     tokio::task::spawn_blocking(move || {
         let device = opts.device.resolve()?.device;

@@ -383,3 +383,90 @@ async fn a_duplicate_submission_attaches_instead_of_starting_a_second_job() {
     assert_eq!(same.len(), 1, "{jobs:?}");
     assert!(client.find("no-such-job").await.unwrap().is_none());
 }
+
+#[test]
+fn the_ray_config_is_checked_with_the_key_and_a_hint() {
+    let load = |train: &str, artifacts: &str| {
+        rlhf_bot::config::load_str(
+            Path::new("rlhf.yaml"),
+            &format!(
+                "feedback:\n  source: file\n  path: f\nregistry:\n  artifacts: {artifacts}\npolicy:\n  enabled: false\ntrain:\n{train}"
+            ),
+        )
+    };
+    let ok = load(
+        "  backend: ray\n  ray:\n    address: http://head:8265\n    token_env: RAY_AUTH_TOKEN\n    entrypoint: openrlhf\n    runtime_env:\n      pip: [openrlhf==0.10.1, awscli==1.42.70]\n      env_vars: {NCCL_DEBUG: WARN}\n    num_gpus: 1\n    gpus_per_node: 8\n",
+        "s3://team/models",
+    )
+    .unwrap();
+    match &ok.train {
+        rlhf_bot::train::ray::TrainBackend::Ray(ray) => {
+            assert_eq!(ray.address.as_str(), "http://head:8265/");
+            assert_eq!(ray.pip, ["openrlhf==0.10.1", "awscli==1.42.70"]);
+            assert_eq!((ray.num_gpus, ray.gpus_per_node), (1.0, 8));
+            assert_eq!(ray.token_env.as_deref(), Some("RAY_AUTH_TOKEN"));
+        }
+        other => panic!("{other:?}"),
+    }
+    let bad = "s3://team/models";
+    for (train, artifacts, needles) in [
+        (
+            "  backend: cloud\n",
+            bad,
+            &["train.backend", "`local` (default) or `ray`"][..],
+        ),
+        ("  backend: ray\n", bad, &["train.ray", "hint:"][..]),
+        (
+            "  backend: ray\n  ray:\n    entrypoint: trl\n",
+            bad,
+            &["train.ray.address", "8265"][..],
+        ),
+        (
+            "  backend: ray\n  ray:\n    address: http://h:8265\n    entrypoint: deepspeed\n",
+            bad,
+            &["train.ray.entrypoint", "openrlhf, trl, rlhf-bot"][..],
+        ),
+        (
+            "  backend: ray\n  ray:\n    address: http://h:8265\n    entrypoint: trl\n",
+            bad,
+            &["train.ray.runtime_env.pip", "trl=="][..],
+        ),
+        (
+            "  backend: ray\n  ray:\n    address: http://h:8265\n    entrypoint: trl\n    runtime_env: {pip: [trl]}\n",
+            bad,
+            &["\"trl\" is not pinned", "NAME==VERSION"][..],
+        ),
+        (
+            "  backend: ray\n  ray:\n    address: http://h:8265\n    entrypoint: rlhf-bot\n    token_env: ghp_abcdefghijklmnopqrstuvwxyz123456\n",
+            bad,
+            &["train.ray.token_env", "not shown"][..],
+        ),
+        (
+            "  backend: ray\n  ray:\n    address: http://h:8265\n    entrypoint: rlhf-bot\n    token_env: RAY_T\n    forward_env: [RAY_T]\n",
+            bad,
+            &["train.ray.forward_env", "token"][..],
+        ),
+        (
+            "  backend: ray\n  ray:\n    address: http://h:8265\n    entrypoint: rlhf-bot\n",
+            "models/dir",
+            &["registry.artifacts", "bucket"][..],
+        ),
+    ] {
+        let text = format!("{:#}", load(train, artifacts).unwrap_err());
+        assert!(needles.iter().all(|n| text.contains(n)), "{train}: {text}");
+        assert!(!text.contains("ghp_abc"), "the token was echoed: {text}");
+    }
+    // The policy stage does not run on the cluster yet: refused rather than run on the runner.
+    let text = format!(
+        "{:#}",
+        rlhf_bot::config::load_str(
+            Path::new("rlhf.yaml"),
+            "feedback:\n  source: file\n  path: f\nregistry:\n  artifacts: s3://t/m\npolicy:\n  enabled: true\ntrain:\n  backend: ray\n  ray:\n    address: http://h:8265\n    entrypoint: rlhf-bot\n",
+        )
+        .unwrap_err()
+    );
+    assert!(
+        text.contains("policy.enabled") && text.contains("hint:"),
+        "{text}"
+    );
+}

@@ -327,18 +327,15 @@ impl JobsClient {
         })
     }
 
-    /// The job's whole log so far (the API has no offset: [`crate::train::ray::follow`] keeps
-    /// track of what it already showed).
-    pub async fn logs(&self, id: &str) -> Result<String, RayError> {
-        const OP: &str = "the job log request";
-        #[derive(Deserialize)]
-        struct Logs {
-            logs: String,
-        }
+    /// A request about the job `id` whose JSON answer is `T`; a 404 is [`RayError::NoSuchJob`].
+    async fn about_job<T: serde::de::DeserializeOwned>(
+        &self,
+        op: &'static str,
+        id: &str,
+        request: impl Fn() -> reqwest::RequestBuilder,
+    ) -> Result<T, RayError> {
         retrying(self.backoff, |_| async {
-            let (status, body) = self
-                .send(OP, self.http.get(self.url(&format!("/api/jobs/{id}/logs"))))
-                .await?;
+            let (status, body) = self.send(op, request()).await?;
             if status == StatusCode::NOT_FOUND {
                 return Err(Failure::Fatal(RayError::NoSuchJob {
                     address: self.base.clone(),
@@ -346,40 +343,39 @@ impl JobsClient {
                 }));
             }
             if !status.is_success() {
-                return Err(self.http_error(OP, status, &body));
+                return Err(self.http_error(op, status, &body));
             }
-            self.decode::<Logs>(OP, &body).map(|l| l.logs)
+            self.decode(op, &body)
         })
         .await
+    }
+
+    /// The job's whole log so far (the API has no offset: [`crate::train::ray::follow`] keeps
+    /// track of what it already showed).
+    pub async fn logs(&self, id: &str) -> Result<String, RayError> {
+        #[derive(Deserialize)]
+        struct Logs {
+            logs: String,
+        }
+        let url = self.url(&format!("/api/jobs/{id}/logs"));
+        let logs: Logs = self
+            .about_job("the job log request", id, || self.http.get(&url))
+            .await?;
+        Ok(logs.logs)
     }
 
     /// Asks the head to stop the job; `true` when it was running and is being stopped, `false`
     /// when it had already finished. Idempotent, hence retried like a read.
     pub async fn stop(&self, id: &str) -> Result<bool, RayError> {
-        const OP: &str = "the stop request";
         #[derive(Deserialize)]
         struct Stopped {
             stopped: bool,
         }
-        retrying(self.backoff, |_| async {
-            let (status, body) = self
-                .send(
-                    OP,
-                    self.http.post(self.url(&format!("/api/jobs/{id}/stop"))),
-                )
-                .await?;
-            if status == StatusCode::NOT_FOUND {
-                return Err(Failure::Fatal(RayError::NoSuchJob {
-                    address: self.base.clone(),
-                    id: id.to_string(),
-                }));
-            }
-            if !status.is_success() {
-                return Err(self.http_error(OP, status, &body));
-            }
-            self.decode::<Stopped>(OP, &body).map(|s| s.stopped)
-        })
-        .await
+        let url = self.url(&format!("/api/jobs/{id}/stop"));
+        let stopped: Stopped = self
+            .about_job("the stop request", id, || self.http.post(&url))
+            .await?;
+        Ok(stopped.stopped)
     }
 }
 
