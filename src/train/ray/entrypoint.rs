@@ -291,6 +291,27 @@ mod tests {
     }
 
     #[test]
+    fn every_entrypoint_is_a_valid_shell_script() {
+        for kind in [
+            EntrypointKind::RlhfBot,
+            EntrypointKind::Openrlhf,
+            EntrypointKind::Trl,
+        ] {
+            let text = reward_entrypoint(&settings(kind), &paths(), &job());
+            // `sh -n` parses without running anything.
+            let checked = std::process::Command::new("sh")
+                .args(["-n", "-c", &text])
+                .output()
+                .unwrap();
+            assert!(
+                checked.status.success(),
+                "{kind:?}: {}\n{text}",
+                String::from_utf8_lossy(&checked.stderr)
+            );
+        }
+    }
+
+    #[test]
     fn quoting_leaves_plain_words_and_wraps_the_rest() {
         assert_eq!(sh_quote("s3://b/x-1"), "s3://b/x-1");
         assert_eq!(sh_quote("a b"), "'a b'");
@@ -326,7 +347,7 @@ mod tests {
         assert!(text.contains("deepspeed --num_gpus 1 --module openrlhf.cli.train_rm --pretrain Qwen/Qwen2.5-0.5B-Instruct"));
         let files = text.find("--exclude SHA256SUMS").unwrap();
         let manifest = text
-            .find("SHA256SUMS s3://b/m/ray/r1/reward/output/SHA256SUMS")
+            .find("\"$work/out/SHA256SUMS\" s3://b/m/ray/r1/reward/output/SHA256SUMS")
             .unwrap();
         assert!(files < manifest);
         let text = reward_entrypoint(&settings(EntrypointKind::Trl), &paths(), &job());
