@@ -111,6 +111,11 @@ fn mask_secrets(settings: &Settings) {
     if let Some(dispatch) = &settings.deploy.repository_dispatch {
         vars.push(dispatch.token_env.as_str());
     }
+    if let crate::train::ray::TrainBackend::Ray(ray) = &settings.train
+        && let Some(token_env) = &ray.token_env
+    {
+        vars.push(token_env.as_str());
+    }
     // The Hub token `hf://` models may be fetched with (crate::hub::env).
     vars.push("HF_TOKEN");
     if let Some(var) = settings
