@@ -214,10 +214,10 @@ impl BucketStore {
 impl BucketStore {
     /// Copies the files under `src_dir` to this store's own prefix (not under `<kind>/<id>`)
     /// with a `SHA256SUMS` manifest written last: how data goes to and comes back from a
-    /// training cluster (`rlhf-bot bucket put`, `train.backend: ray`). Same rules as [`put`]
-    /// (an identical copy is a no-op, a different one a conflict).
-    ///
-    /// [`put`]: ArtifactStore::put
+    /// training cluster (`rlhf-bot bucket put`, `train.backend: ray`). An identical copy there
+    /// is a no-op; a different one is replaced, its manifest deleted first so that no reader
+    /// takes the mix for a whole copy (unlike a model artifact, nothing pins this content: a
+    /// retried run that pulled more feedback exports a new dataset before submitting its job).
     pub fn put_dir(&self, src_dir: &Path) -> Result<ArtifactRef, ArtifactError> {
         let files = super::list_files(src_dir)?;
         if files.is_empty() {
@@ -234,7 +234,20 @@ impl BucketStore {
             files,
             part_size: self.part_size,
         };
-        self.bridge.run(job.run())
+        let store = Arc::clone(&self.store);
+        self.bridge.run(async move {
+            let manifest_at = job.dir.clone().join(MANIFEST);
+            if let Some(bytes) = get_bytes(&*store, &manifest_at, &job.uri, MANIFEST).await? {
+                match job.existing(&bytes) {
+                    Err(ArtifactError::Conflict { .. }) => store
+                        .delete(&manifest_at)
+                        .await
+                        .map_err(|e| remote("replacing", &job.uri, e))?,
+                    same_or_error => return same_or_error,
+                }
+            }
+            job.run().await
+        })
     }
 
     /// Downloads what [`BucketStore::put_dir`] (or `sha256sum` and a copy tool) left at this

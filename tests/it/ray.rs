@@ -470,3 +470,146 @@ fn the_ray_config_is_checked_with_the_key_and_a_hint() {
         "{text}"
     );
 }
+
+#[test]
+fn a_retried_run_attaches_to_the_job_its_killed_first_attempt_left_running() {
+    let Some((head, moto)) = servers() else {
+        return;
+    };
+    let ws = Workspace::new();
+    let bucket = "ray-retry";
+    let cfg = config(
+        &ws,
+        moto,
+        bucket,
+        &head.address(),
+        &format!(
+            "    token_env: {TOKEN_ENV}\n    rlhf_bot_command: {}\n",
+            env!("CARGO_BIN_EXE_rlhf-bot")
+        ),
+    );
+    // The first attempt submits, then its runner dies (SIGKILL: no stop request is sent).
+    let mut first = run_command(&cfg, moto, 9007, Some(TOKEN))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while head.status("gh-9007").is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the first attempt never submitted"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let uploaded = moto.keys(bucket, "models/ray/gh-9007/reward/data/");
+
+    // The re-run (same workflow run id) follows that job to its end instead of starting one.
+    let o = run_command(&cfg, moto, 9007, Some(TOKEN)).output().unwrap();
+    let err = stderr(&o);
+    assert!(o.status.success(), "the retry failed: {err}");
+    assert!(err.contains("exists already: attaching"), "{err}");
+    assert!(!err.contains("submitted the reward training"), "{err}");
+    let same: Vec<_> = head
+        .jobs()
+        .into_iter()
+        .filter(|j| j["submission_id"] == "gh-9007")
+        .collect();
+    assert_eq!(same.len(), 1, "{same:?}");
+    assert_eq!(head.status("gh-9007"), "SUCCEEDED");
+    // The data was not exported again, and the model came back and was registered.
+    assert_eq!(
+        moto.keys(bucket, "models/ray/gh-9007/reward/data/"),
+        uploaded
+    );
+    let registry = Registry::load(&ws.store_dir().join("registry.yaml")).unwrap();
+    let reward = registry
+        .models
+        .iter()
+        .find(|m| m.kind == ModelKind::Reward)
+        .expect("a reward model registered");
+    assert_eq!(
+        reward
+            .cluster_job
+            .as_ref()
+            .map(|j| j.submission_id.as_str()),
+        Some("gh-9007")
+    );
+}
+
+#[test]
+fn bucket_put_and_get_move_a_directory_with_its_manifest_and_check_it() {
+    let Some(moto) = moto() else { return };
+    let ws = Workspace::new();
+    let bucket = "ray-bucket-cmd";
+    moto.create_bucket(bucket);
+    let uri = format!("s3://{bucket}/exchange/run-1/data");
+    let bucket_cmd = |args: &[&str]| {
+        let mut cmd = bin();
+        for (k, v) in moto.env() {
+            cmd.env(k, v);
+        }
+        cmd.arg("bucket").args(args).output().unwrap()
+    };
+    let src = ws.path().join("src");
+    std::fs::create_dir_all(src.join("sub")).unwrap();
+    std::fs::write(src.join("a.jsonl"), "one\n").unwrap();
+    std::fs::write(src.join("sub/b.bin"), [0u8, 1, 2]).unwrap();
+    let o = bucket_cmd(&["put", src.to_str().unwrap(), &uri]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let keys = moto.keys(bucket, "exchange/run-1/data/");
+    assert_eq!(
+        keys,
+        [
+            "exchange/run-1/data/SHA256SUMS",
+            "exchange/run-1/data/a.jsonl",
+            "exchange/run-1/data/sub/b.bin"
+        ]
+    );
+    // A changed directory replaces the copy (a retried run's new dataset).
+    std::fs::write(src.join("a.jsonl"), "one\ntwo\n").unwrap();
+    let o = bucket_cmd(&["put", src.to_str().unwrap(), &uri]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let dest = ws.path().join("dest");
+    let o = bucket_cmd(&["get", &uri, dest.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read_to_string(dest.join("a.jsonl")).unwrap(),
+        "one\ntwo\n"
+    );
+    assert_eq!(std::fs::read(dest.join("sub/b.bin")).unwrap(), [0u8, 1, 2]);
+    // An existing destination is refused; a corrupted object fails the check and leaves nothing.
+    let o = bucket_cmd(&["get", &uri, dest.to_str().unwrap()]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("already exists"),
+        "{}",
+        stderr(&o)
+    );
+    let (status, _) = moto.request(
+        "PUT",
+        &format!("/{bucket}/exchange/run-1/data/a.jsonl"),
+        b"evil\n",
+    );
+    assert_eq!(status, 200);
+    let dest2 = ws.path().join("dest2");
+    let o = bucket_cmd(&["get", &uri, dest2.to_str().unwrap()]);
+    let err = stderr(&o);
+    assert!(
+        !o.status.success() && err.contains("checksum mismatch") && err.contains("a.jsonl"),
+        "{err}"
+    );
+    assert!(!dest2.exists(), "half a download was left behind");
+    // A prefix whose writer has not finished (no manifest) is not data.
+    let o = bucket_cmd(&[
+        "get",
+        &format!("s3://{bucket}/exchange/nothing"),
+        dest2.to_str().unwrap(),
+    ]);
+    let err = stderr(&o);
+    assert!(
+        !o.status.success() && err.contains("missing `SHA256SUMS`"),
+        "{err}"
+    );
+}
