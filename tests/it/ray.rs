@@ -409,50 +409,56 @@ fn the_ray_config_is_checked_with_the_key_and_a_hint() {
         other => panic!("{other:?}"),
     }
     let bad = "s3://team/models";
+    let on_head =
+        |rest: &str| format!("  backend: ray\n  ray:\n    address: http://h:8265\n    {rest}");
     for (train, artifacts, needles) in [
         (
-            "  backend: cloud\n",
+            "  backend: cloud\n".to_string(),
             bad,
             &["train.backend", "`local` (default) or `ray`"][..],
         ),
-        ("  backend: ray\n", bad, &["train.ray", "hint:"][..]),
         (
-            "  backend: ray\n  ray:\n    entrypoint: trl\n",
+            "  backend: ray\n".to_string(),
+            bad,
+            &["train.ray", "hint:"][..],
+        ),
+        (
+            "  backend: ray\n  ray:\n    entrypoint: trl\n".to_string(),
             bad,
             &["train.ray.address", "8265"][..],
         ),
         (
-            "  backend: ray\n  ray:\n    address: http://h:8265\n    entrypoint: deepspeed\n",
+            on_head("entrypoint: deepspeed\n"),
             bad,
             &["train.ray.entrypoint", "openrlhf, trl, rlhf-bot"][..],
         ),
         (
-            "  backend: ray\n  ray:\n    address: http://h:8265\n    entrypoint: trl\n",
+            on_head("entrypoint: trl\n"),
             bad,
             &["train.ray.runtime_env.pip", "trl=="][..],
         ),
         (
-            "  backend: ray\n  ray:\n    address: http://h:8265\n    entrypoint: trl\n    runtime_env: {pip: [trl]}\n",
+            on_head("entrypoint: trl\n    runtime_env: {pip: [trl]}\n"),
             bad,
             &["\"trl\" is not pinned", "NAME==VERSION"][..],
         ),
         (
-            "  backend: ray\n  ray:\n    address: http://h:8265\n    entrypoint: rlhf-bot\n    token_env: ghp_abcdefghijklmnopqrstuvwxyz123456\n",
+            on_head("entrypoint: rlhf-bot\n    token_env: ghp_abcdefghijklmnopqrstuvwxyz123456\n"),
             bad,
             &["train.ray.token_env", "not shown"][..],
         ),
         (
-            "  backend: ray\n  ray:\n    address: http://h:8265\n    entrypoint: rlhf-bot\n    token_env: RAY_T\n    forward_env: [RAY_T]\n",
+            on_head("entrypoint: rlhf-bot\n    token_env: RAY_T\n    forward_env: [RAY_T]\n"),
             bad,
             &["train.ray.forward_env", "token"][..],
         ),
         (
-            "  backend: ray\n  ray:\n    address: http://h:8265\n    entrypoint: rlhf-bot\n",
+            on_head("entrypoint: rlhf-bot\n"),
             "models/dir",
             &["registry.artifacts", "bucket"][..],
         ),
     ] {
-        let text = format!("{:#}", load(train, artifacts).unwrap_err());
+        let text = format!("{:#}", load(&train, artifacts).unwrap_err());
         assert!(needles.iter().all(|n| text.contains(n)), "{train}: {text}");
         assert!(!text.contains("ghp_abc"), "the token was echoed: {text}");
     }
