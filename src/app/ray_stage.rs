@@ -262,7 +262,7 @@ pub async fn train_reward_on_ray(
         r = follow::until_done(&client, run_id, pace, |lines| {
             let _ = log_file.write_all(lines.as_bytes());
             for line in lines.lines() {
-                tracing::info!(target: "ray_job", "{}", crate::sanitize::terminal_line(line));
+                tracing::info!("ray job: {}", crate::sanitize::terminal_line(line));
             }
         }) => r?,
         why = cancelled() => return Err(stop_job(&client, run_id, why, pace).await),

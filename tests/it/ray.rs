@@ -135,6 +135,11 @@ fn a_real_ray_job_trains_the_reward_model_and_the_run_registers_and_reports_it()
     let run_dir = ws.store_dir().join("runs/gh-9001");
     let job_log = std::fs::read_to_string(run_dir.join("ray/reward.log")).unwrap();
     assert!(job_log.contains("training the reward model"), "{job_log}");
+    assert!(
+        err.lines()
+            .any(|l| l.contains("ray job: ") && l.contains("training the reward model")),
+        "the job's lines are not in the run's log: {err}"
+    );
 
     // Evaluated here, registered like a local run, with the job in the lineage.
     let metrics: serde_json::Value = serde_json::from_str(

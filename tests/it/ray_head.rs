@@ -5,8 +5,9 @@
 //!
 //! Like the moto server, it runs under a shell that stops it when our end of its stdin closes,
 //! i.e. when the test process exits however it exits: `ray start --block` then gets SIGTERM and
-//! takes every process of this head down with it (it drains for up to 30 s first). Nothing else
-//! is touched: no `ray stop`, which would stop every Ray process on the machine.
+//! takes every process of this head down with it (it drains for up to 30 s first), and the
+//! shell removes the head's temporary directory. Nothing else is touched: no `ray stop`, which
+//! would stop every Ray process on the machine.
 //!
 //! Ray not installed: the tests fail, naming the install script, unless `RLHF_SKIP_RAY=1` says
 //! to skip them (then each prints a loud line saying so).
@@ -61,7 +62,7 @@ pub(crate) fn ray_head() -> Option<&'static RayHead> {
         let mut shell = Command::new("sh")
             .args([
                 "-c",
-                r#""$0" start --head --block --port=0 --num-cpus=4 --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$1" --ray-client-server-port="$2" --dashboard-agent-listen-port="$3" --disable-usage-stats --temp-dir="$4" </dev/null & pid=$!; cat >/dev/null; kill $pid; wait $pid"#,
+                r#""$0" start --head --block --port=0 --num-cpus=4 --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$1" --ray-client-server-port="$2" --dashboard-agent-listen-port="$3" --disable-usage-stats --temp-dir="$4" </dev/null & pid=$!; cat >/dev/null; kill $pid; wait $pid; rm -rf "$4""#,
             ])
             .arg(&ray)
             .arg(port.to_string())
