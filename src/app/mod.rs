@@ -137,6 +137,12 @@ async fn train_reward_cmd(
     settings: &Settings,
     args: crate::cli::TrainRewardArgs,
 ) -> Result<crate::train::reward_run::RewardRunSummary> {
+    if matches!(settings.train, crate::train::ray::TrainBackend::Ray(_)) {
+        // Only `run` hands the stage to the cluster (it owns the run id the job is named by).
+        tracing::warn!(
+            "train.backend is ray, but `train reward` trains on this machine; `rlhf-bot run` submits to the cluster"
+        );
+    }
     let mut opts = settings.reward.clone();
     // `hf://` references become local snapshot directories before the stage reads them.
     opts.model = model_source::localize_opt(args.model.or(opts.model)).await?;
