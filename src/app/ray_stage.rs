@@ -128,7 +128,7 @@ async fn cancelled() -> &'static str {
 }
 
 /// Asks the cluster to stop the job and waits (a little) until it says STOPPED.
-async fn stop_job(client: &JobsClient, id: &str, why: &str, pace: PollPace) -> anyhow::Error {
+async fn stop_job(client: &JobsClient, id: &str, why: &str) -> anyhow::Error {
     tracing::warn!(job = id, "{why}: asking the Ray cluster to stop the job");
     if let Err(e) = client.stop(id).await {
         return anyhow::anyhow!(
@@ -136,8 +136,10 @@ async fn stop_job(client: &JobsClient, id: &str, why: &str, pace: PollPace) -> a
             client.address()
         );
     }
+    // A runner gives a cancelled step seconds, not minutes: look for ~10 s, then report what
+    // the head says (the stop request itself has been accepted either way).
     let mut status = None;
-    for n in 1..=10 {
+    for _ in 0..20 {
         match client.status(id).await {
             Ok(info) if info.status.is_terminal() => {
                 status = Some(info.status);
@@ -146,7 +148,7 @@ async fn stop_job(client: &JobsClient, id: &str, why: &str, pace: PollPace) -> a
             Ok(info) => status = Some(info.status),
             Err(_) => break,
         }
-        tokio::time::sleep(pace.pause(n)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
     let status = status.map_or("unknown".to_string(), |s| s.to_string());
     anyhow::anyhow!(
@@ -265,7 +267,7 @@ pub async fn train_reward_on_ray(
                 tracing::info!("ray job: {}", crate::sanitize::terminal_line(line));
             }
         }) => r?,
-        why = cancelled() => return Err(stop_job(&client, run_id, why, pace).await),
+        why = cancelled() => return Err(stop_job(&client, run_id, why).await),
     };
     let (info, log) = followed;
     if info.status != JobStatus::Succeeded {
