@@ -30,7 +30,9 @@ import urllib.request
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from gha.world import World, project_root  # noqa: E402
+import yaml  # noqa: E402
 from scenario_rlhf import Checks, failure_detail, read_json  # noqa: E402
+from scenario_rlhf import team_config as rlhf_team_config  # noqa: E402
 
 WORKFLOW = ".github/workflows/rlhf.yml"
 TOKEN = "ray-scenario-token-7c2e"
@@ -116,52 +118,26 @@ class Servers:
         shutil.rmtree(self.ray_temp, ignore_errors=True)
 
 
-def team_config(binary: str, ray_url: str) -> str:
-    return f"""\
-feedback:
-  source: http
-  url: http://placeholder
-  page_size: 200
-  max_attempts: 2
-  timeout_secs: 10
-  aspects: [accuracy, helpfulness]
-store:
-  dir: .rlhf
-thresholds:
-  min_new_feedback: 50
-  min_new_signals: 20
-  max_age_days: 7
-  min_hours_between: 6
-reward:
-  epochs: 1
-  max_length: 96
-  batch_size: 8
-registry:
-  path: models/registry.yaml
-  artifacts: s3://{BUCKET}/rlhf
-report:
-  dir: reports
-publish:
-  mode: github
-  labels: [rlhf-bot]
-  github:
-    api_url: http://github-placeholder
-    repo: acme/assistant
-    base_branch: main
-policy:
-  enabled: false
-train:
-  backend: ray
-  ray:
-    address: {ray_url}
-    token_env: RAY_AUTH_TOKEN
-    entrypoint: rlhf-bot
-    rlhf_bot_command: {binary}
-    forward_env: [AWS_ENDPOINT_URL, AWS_ALLOW_HTTP, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION]
-    num_cpus: 0
-    poll_first_secs: 0.5
-    poll_max_secs: 2
-"""
+def team_config(feedback_url: str, api_url: str, binary: str, ray_url: str) -> str:
+    """scenario_rlhf's team config with the reward model trained on the cluster: the artifact
+    store is the bucket, the policy stage off (it does not run on Ray yet), no deploy."""
+    cfg = yaml.safe_load(rlhf_team_config(feedback_url, api_url, f"s3://{BUCKET}/rlhf", "http://unused"))
+    cfg["policy"] = {"enabled": False}
+    cfg.pop("deploy", None)
+    cfg["train"] = {
+        "backend": "ray",
+        "ray": {
+            "address": ray_url,
+            "token_env": "RAY_AUTH_TOKEN",
+            "entrypoint": "rlhf-bot",
+            "rlhf_bot_command": binary,
+            "forward_env": ["AWS_ENDPOINT_URL", "AWS_ALLOW_HTTP", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"],
+            "num_cpus": 0,
+            "poll_first_secs": 0.5,
+            "poll_max_secs": 2,
+        },
+    }
+    return yaml.safe_dump(cfg, sort_keys=False)
 
 
 def main() -> int:
@@ -190,7 +166,7 @@ def main() -> int:
             workflow = f.read()
         world.seed({
             WORKFLOW: workflow,
-            "rlhf-bot.yaml": team_config(world.binary, servers.ray_url).replace("http://placeholder", world.feedback.url).replace("http://github-placeholder", gh.api_url).encode(),
+            "rlhf-bot.yaml": team_config(world.feedback.url, gh.api_url, world.binary, servers.ray_url).encode(),
             "README.md": b"# Climate Economy assistant\n",
         })
         world.feedback.load_jsonl(os.path.join(project_root(), "configs", "sample-feedback.jsonl"))
