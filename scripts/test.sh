@@ -35,3 +35,5 @@ if ! "$py" -c 'import yaml' 2>/dev/null; then
 fi
 "$py" -m unittest discover -s tests/gha -p 'test_*.py'
 "$py" tests/gha/scenario_rlhf.py --binary "${CARGO_TARGET_DIR:-target}/debug/rlhf-bot"
+# The thin-submitter variant against a real Ray head and moto (docs/ray.md).
+"$py" tests/gha/scenario_ray.py --binary "${CARGO_TARGET_DIR:-target}/debug/rlhf-bot"

@@ -115,6 +115,20 @@ pub enum Command {
     /// Write the training dashboard as a static site (GitHub Pages): model versions, KPI
     /// trends, training curves, what is deployed (docs/dashboard.md). `serve` shows it live.
     Dashboard(DashboardArgs),
+    /// Copy a directory to or from a bucket prefix with a SHA256SUMS manifest, checked on the
+    /// way back (what a Ray training job runs to move its data; docs/ray.md). Credentials and
+    /// endpoint come from the provider's environment variables, as for `registry.artifacts`.
+    #[command(subcommand)]
+    Bucket(BucketCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BucketCommand {
+    /// Download the files under URI (`s3://bucket/prefix`, `gs://…`, `az://…`) into DIR, which
+    /// must not exist yet; every file is checked against the prefix's SHA256SUMS.
+    Get { uri: String, dir: PathBuf },
+    /// Upload the files under DIR to URI, the SHA256SUMS manifest last.
+    Put { dir: PathBuf, uri: String },
 }
 
 #[derive(Debug, Args)]

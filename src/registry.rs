@@ -84,6 +84,24 @@ pub struct ModelEntry {
     pub status: ModelStatus,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub aliases: Vec<String>,
+    /// The cluster job that trained this version (`train.backend: ray`); absent when it was
+    /// trained on the runner.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_job: Option<ClusterJob>,
+}
+
+/// A training job on a cluster, as the registry's lineage records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterJob {
+    /// `ray`.
+    pub backend: String,
+    /// The Jobs API address (the head's dashboard URL).
+    pub address: String,
+    /// The job's submission id (the run id).
+    pub submission_id: String,
+    /// What the job ran: `openrlhf`, `trl` or `rlhf-bot`.
+    pub entrypoint: String,
 }
 
 /// The whole file.

@@ -1,5 +1,5 @@
-//! The retry loop the Hugging Face Hub clients share: the push in `deploy::hub` and the model
-//! download in `hub::download`. An attempt succeeds, fails for good, or fails in a way worth
+//! The retry loop the Hugging Face Hub clients and the Ray Jobs client share: the push in
+//! `deploy::hub`, the model download in `hub::download`, and `train::ray::client`. An attempt succeeds, fails for good, or fails in a way worth
 //! another try (a transport error, a 5xx or 429, a body cut short); the wait doubles from a first
 //! backoff and attempts are bounded, then the last failure is returned. [`describe_transport`]
 //! is how a transport failure reads in those messages (the feedback pull uses it too).
@@ -19,6 +19,15 @@ pub struct Backoff {
     pub max_attempts: u32,
     /// Wait after the first failure; doubles after each further one.
     pub first_wait: Duration,
+}
+
+impl Backoff {
+    /// The wait after the `n`th failure (n ≥ 1): `first_wait`, doubled for each failure before
+    /// it. Also the pace of status polling (`train::ray::follow`), capped there.
+    pub fn wait_after(&self, n: u32) -> Duration {
+        self.first_wait
+            .saturating_mul(1u32 << n.saturating_sub(1).min(16))
+    }
 }
 
 /// Why an attempt failed, and whether trying again can help.
@@ -62,7 +71,7 @@ where
                 if n >= backoff.max_attempts {
                     return Err(error);
                 }
-                let wait = backoff.first_wait.saturating_mul(1u32 << (n - 1).min(16));
+                let wait = backoff.wait_after(n);
                 // The first line says what failed; the hint after it is for the final error.
                 let what = error.to_string();
                 let what = what.lines().next().unwrap_or_default();

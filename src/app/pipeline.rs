@@ -101,6 +101,7 @@ pub fn register(
             metrics,
             status: ModelStatus::Candidate,
             aliases: Vec::new(),
+            cluster_job: crate::app::ray_stage::recorded_job(&dir, sub)?,
         };
         registry
             .add_candidate(entry.clone())

@@ -211,6 +211,83 @@ impl BucketStore {
     }
 }
 
+impl BucketStore {
+    /// Copies the files under `src_dir` to this store's own prefix (not under `<kind>/<id>`)
+    /// with a `SHA256SUMS` manifest written last: how data goes to and comes back from a
+    /// training cluster (`rlhf-bot bucket put`, `train.backend: ray`). An identical copy there
+    /// is a no-op; a different one is replaced, its manifest deleted first so that no reader
+    /// takes the mix for a whole copy (unlike a model artifact, nothing pins this content: a
+    /// retried run that pulled more feedback exports a new dataset before submitting its job).
+    pub fn put_dir(&self, src_dir: &Path) -> Result<ArtifactRef, ArtifactError> {
+        let files = super::list_files(src_dir)?;
+        if files.is_empty() {
+            return Err(ArtifactError::BadSource {
+                path: src_dir.to_path_buf(),
+                reason: "the directory holds no files".into(),
+            });
+        }
+        let job = Upload {
+            store: Arc::clone(&self.store),
+            dir: self.prefix.clone(),
+            uri: format!("{}/", self.base),
+            src: src_dir.to_path_buf(),
+            files,
+            part_size: self.part_size,
+        };
+        let store = Arc::clone(&self.store);
+        self.bridge.run(async move {
+            let manifest_at = job.dir.clone().join(MANIFEST);
+            if let Some(bytes) = get_bytes(&*store, &manifest_at, &job.uri, MANIFEST).await? {
+                match job.existing(&bytes) {
+                    Err(ArtifactError::Conflict { .. }) => store
+                        .delete(&manifest_at)
+                        .await
+                        .map_err(|e| remote("replacing", &job.uri, e))?,
+                    same_or_error => return same_or_error,
+                }
+            }
+            job.run().await
+        })
+    }
+
+    /// Downloads what [`BucketStore::put_dir`] (or `sha256sum` and a copy tool) left at this
+    /// store's prefix into `dest` (created; must not exist yet), checking every file against the
+    /// manifest. A prefix without a manifest is [`ArtifactError::Missing`]: its writer has not
+    /// finished.
+    pub fn get_dir(&self, dest: &Path) -> Result<ArtifactRef, ArtifactError> {
+        let uri = format!("{}/", self.base);
+        let store = Arc::clone(&self.store);
+        let prefix = self.prefix.clone();
+        let staging = dest.to_path_buf();
+        let fetched = self.bridge.run(async move {
+            let bytes = get_bytes(&*store, &prefix.clone().join(MANIFEST), &uri, MANIFEST)
+                .await?
+                .ok_or_else(|| ArtifactError::Missing {
+                    uri: uri.clone(),
+                    file: MANIFEST.into(),
+                })?;
+            let expected = ArtifactRef {
+                uri: uri.clone(),
+                sha256: hex::encode(Sha256::digest(&bytes)),
+                size_bytes: 0,
+            };
+            download(store, prefix, expected.clone(), staging).await?;
+            Ok(expected)
+        })?;
+        let mut size_bytes = 0;
+        for rel in super::list_files(dest)? {
+            let path = dest.join(&rel);
+            size_bytes += std::fs::metadata(&path)
+                .map_err(io_err("inspecting", &path))?
+                .len();
+        }
+        Ok(ArtifactRef {
+            size_bytes,
+            ..fetched
+        })
+    }
+}
+
 /// The provider's variables from the environment (`AWS_*`, …) as builder options, skipping empty
 /// ones: a workflow that maps an unset secret or variable into `env` passes an empty string, which
 /// must mean "not set" (an empty endpoint or key would otherwise break every request).

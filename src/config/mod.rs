@@ -17,6 +17,7 @@ pub mod raw;
 pub mod rlaif;
 pub mod server;
 pub mod settings;
+pub mod train;
 pub mod values;
 
 use std::path::{Path, PathBuf};

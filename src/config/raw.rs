@@ -41,6 +41,9 @@ pub struct RawConfig {
     pub reward: RawReward,
     #[serde(default)]
     pub policy: RawPolicy,
+    /// Where the training stage runs (docs/ray.md).
+    #[serde(default)]
+    pub train: super::train::RawTrain,
     /// `rlhf-bot deploy`: what is published after a promotion, and who is told.
     #[serde(default)]
     pub deploy: RawDeploy,

@@ -41,6 +41,8 @@ pub struct Settings {
     pub rlaif: crate::rlaif::RlaifSettings,
     pub reward: crate::train::reward_run::RewardTrainOptions,
     pub policy: super::policy::PolicySettings,
+    /// `train.backend`: where the training stage runs.
+    pub train: crate::train::ray::TrainBackend,
     pub deploy: super::deploy::DeploySettings,
     pub server: super::server::ServerSettings,
     pub dashboard: super::dashboard::DashboardSettings,
@@ -355,6 +357,7 @@ pub fn validate(raw: RawConfig, text: &str) -> Result<Settings, Invalid> {
         reward.train.rating_loss = r;
     }
     let policy = super::policy::validate_policy(raw.policy)?;
+    let train = super::train::validate_train(raw.train)?;
     let deploy = super::deploy::validate_deploy(
         raw.deploy,
         publish.github.as_ref().map(|g| g.api_url.as_str()),
@@ -378,6 +381,20 @@ pub fn validate(raw: RawConfig, text: &str) -> Result<Settings, Invalid> {
         Some(value) => ArtifactLocation::parse(value)
             .map_err(|problem| Invalid::new("registry.artifacts", problem))?,
     };
+    if matches!(train, crate::train::ray::TrainBackend::Ray(_))
+        && !matches!(artifacts, ArtifactLocation::Bucket(_))
+    {
+        return Err(Invalid::new(
+            "registry.artifacts",
+            "`train.backend: ray` exchanges the dataset and the checkpoint with the cluster through the artifact store, and this one is a directory\nhint: set `registry.artifacts` to a bucket both this runner and the cluster can reach, e.g. `s3://team-models/rlhf` (docs/ray.md)",
+        ));
+    }
+    if matches!(train, crate::train::ray::TrainBackend::Ray(_)) && policy.enabled {
+        return Err(Invalid::new(
+            "policy.enabled",
+            "`train.backend: ray` trains the reward model on the cluster; the policy stage does not run there yet, and training it on the submitting runner is what the backend is meant to avoid\nhint: set `policy.enabled: false` (docs/ray.md)",
+        ));
+    }
     let artifacts_dir = match &artifacts {
         ArtifactLocation::Dir(dir) => dir.clone(),
         ArtifactLocation::Bucket(_) => store_dir.join(ARTIFACT_CACHE_DIR),
@@ -403,6 +420,7 @@ pub fn validate(raw: RawConfig, text: &str) -> Result<Settings, Invalid> {
         rlaif,
         reward,
         policy,
+        train,
         deploy,
         server,
         dashboard,

@@ -430,6 +430,8 @@ struct LineageView {
     artifact_uri: String,
     artifact_sha256: String,
     artifact_size: String,
+    /// The cluster job that trained it (`train.backend: ray`).
+    cluster_job: Option<String>,
 }
 
 const DASH: &str = "—";
@@ -970,5 +972,14 @@ fn lineage_view(role: &'static str, m: &ModelEntry, paths: &LocalPaths) -> Linea
         artifact_uri: path_code(&paths.display(&m.artifact.uri)),
         artifact_sha256: code(&m.artifact.sha256),
         artifact_size: bytes(m.artifact.size_bytes),
+        cluster_job: m.cluster_job.as_ref().map(|j| {
+            format!(
+                "{} job {} on {} (entrypoint {})",
+                code(&j.backend),
+                code(&j.submission_id),
+                code(&j.address),
+                code(&j.entrypoint)
+            )
+        }),
     }
 }

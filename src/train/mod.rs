@@ -20,6 +20,7 @@ pub mod policy_eval;
 pub mod policy_reward;
 pub mod ppo_trainer;
 pub mod progress;
+pub mod ray;
 pub mod reward_models;
 pub mod reward_run;
 pub mod reward_scorer;

@@ -273,17 +273,7 @@ pub fn train_reward_mixed(
         &device,
     )?;
 
-    let mut counts = BTreeMap::new();
-    counts.insert(
-        "pairs".to_string(),
-        (train.pairs.len() + eval.pairs.len()) as u64,
-    );
-    counts.insert("train".to_string(), train.pairs.len() as u64);
-    counts.insert("eval".to_string(), eval.pairs.len() as u64);
-    if !(train.points.is_empty() && eval.points.is_empty()) {
-        counts.insert("train_points".to_string(), train.points.len() as u64);
-        counts.insert("eval_points".to_string(), eval.points.len() as u64);
-    }
+    let counts = example_counts(&train, &eval);
     let metrics_eval = outcome.eval.clone().unwrap_or_default();
     let mut metrics = RewardMetrics {
         eval: metrics_eval,
@@ -312,7 +302,7 @@ pub fn train_reward_mixed(
             && !(eval.pairs.is_empty() && eval.points.is_empty())
         {
             metrics.production_eval = Some(
-                score_production(prod, &eval, opts, &device)
+                evaluate_reward_model(prod, &eval, opts, &device)
                     .with_context(|| format!("scoring production model {}", prod.display()))?,
             );
         }
@@ -357,12 +347,21 @@ pub fn train_reward_from_store(
 ) -> Result<RewardRunSummary> {
     let store = crate::feedback::Store::open(store_dir)?;
     let ds = crate::dataset::build_from_store(&store, dataset)?;
+    let (train, eval) = reward_split(&ds)?;
+    let mut summary = train_reward_mixed(opts, &train, &eval)?;
+    record_dataset_lineage(&mut summary.metrics.dataset, &ds);
+    outputs::write_metrics(&summary.out, &summary.metrics)?;
+    Ok(summary)
+}
+
+/// The dataset's two splits as the reward model reads them. Pairwise accuracy is the headline
+/// metric every later stage reads (gates, report, registry): a run needs pairs on both sides,
+/// whatever else it trains on.
+pub fn reward_split(ds: &crate::dataset::Dataset) -> Result<(TextData, TextData)> {
     let (train, eval) = (
         TextData::from_examples(&ds.train),
         TextData::from_examples(&ds.eval),
     );
-    // Pairwise accuracy is the headline metric every later stage reads (gates, report, registry):
-    // a run needs pairs on both sides, whatever else it trains on.
     if train.pairs.is_empty() || eval.pairs.is_empty() {
         bail!(
             "the store yields {} training and {} evaluation preference pairs; a reward model needs both\n\
@@ -371,9 +370,28 @@ pub fn train_reward_from_store(
             eval.pairs.len()
         );
     }
-    let mut summary = train_reward_mixed(opts, &train, &eval)?;
-    // Lineage: the dataset's own counts and fingerprint replace the trainer's.
-    let info = &mut summary.metrics.dataset;
+    Ok((train, eval))
+}
+
+/// How many examples of each kind a run saw (`pairs`, `train`, `eval`, and the single-answer
+/// `train_points`/`eval_points` when there are any).
+pub fn example_counts(train: &TextData, eval: &TextData) -> BTreeMap<String, u64> {
+    let mut counts = BTreeMap::new();
+    counts.insert(
+        "pairs".to_string(),
+        (train.pairs.len() + eval.pairs.len()) as u64,
+    );
+    counts.insert("train".to_string(), train.pairs.len() as u64);
+    counts.insert("eval".to_string(), eval.pairs.len() as u64);
+    if !(train.points.is_empty() && eval.points.is_empty()) {
+        counts.insert("train_points".to_string(), train.points.len() as u64);
+        counts.insert("eval_points".to_string(), eval.points.len() as u64);
+    }
+    counts
+}
+
+/// Lineage: the store dataset's own counts and fingerprint replace the trainer's.
+pub fn record_dataset_lineage(info: &mut DatasetInfo, ds: &crate::dataset::Dataset) {
     info.examples_sha256 = ds.fingerprint.sha256.clone();
     let c = ds.fingerprint.train;
     for (name, n) in [
@@ -384,8 +402,6 @@ pub fn train_reward_from_store(
     ] {
         info.counts.insert(format!("train_{name}"), n);
     }
-    outputs::write_metrics(&summary.out, &summary.metrics)?;
-    Ok(summary)
 }
 
 /// Loads the reward model in `dir` (or the default one) with its tokenizer; returns the
@@ -447,7 +463,8 @@ pub fn load_backbone_with_heads(
     }
 }
 
-fn model_type(dir: &Path) -> Result<String> {
+/// The `model_type` of the Hugging Face model directory `dir` (its `config.json`).
+pub fn model_type(dir: &Path) -> Result<String> {
     let path = dir.join("config.json");
     let text = std::fs::read_to_string(&path).with_context(|| {
         format!(
@@ -476,9 +493,10 @@ fn tokenizer_from_bytes(bytes: &[u8]) -> Result<Tokenizer> {
     tok
 }
 
-/// Scores the evaluation split with the production model, on what its heads can read: pairs and
+/// Scores the evaluation split with the reward model in `dir` (the production model, or one a
+/// cluster trained), on what its heads can read: pairs and
 /// single-answer labels always, step labels when it has a step head, the aspects it has heads for.
-fn score_production(
+pub fn evaluate_reward_model(
     dir: &Path,
     eval: &TextData,
     opts: &RewardTrainOptions,

@@ -237,6 +237,7 @@ pub(crate) fn register_production(
             metrics: BTreeMap::new(),
             status: ModelStatus::Candidate,
             aliases: Vec::new(),
+            cluster_job: None,
         })
         .unwrap();
     registry.promote(id).unwrap();

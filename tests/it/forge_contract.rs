@@ -312,11 +312,14 @@ fn workflows_pass_actionlint() {
         .filter(|p| p.extension().is_some_and(|x| x == "yml" || x == "yaml"))
         .collect();
     assert!(
-        workflows.len() >= 3
-            && workflows
-                .iter()
-                .any(|p| p.ends_with("workflow-template/rlhf.yml")),
-        "expected ci.yml, release.yml and workflow-template/rlhf.yml, found {workflows:?}"
+        workflows.len() >= 4
+            && [
+                "workflow-template/rlhf.yml",
+                "workflow-template/rlhf-ray.yml"
+            ]
+            .iter()
+            .all(|t| workflows.iter().any(|p| p.ends_with(t))),
+        "expected ci.yml, release.yml and workflow-template/rlhf.yml and rlhf-ray.yml, found {workflows:?}"
     );
     // actionlint runs ShellCheck on every `run:` script when it finds it on PATH; the test tools'
     // venv has it (scripts/install-test-deps.sh).

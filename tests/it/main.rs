@@ -47,6 +47,8 @@ mod prism;
 mod promotion;
 mod pull;
 mod pull_hostile;
+mod ray;
+mod ray_head;
 mod registry;
 mod report;
 mod rewardloss;

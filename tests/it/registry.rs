@@ -52,6 +52,7 @@ pub fn entry(id: &str, kind: ModelKind, day: u32, parent: Option<&str>) -> Model
         ]),
         status: ModelStatus::Candidate,
         aliases: vec![],
+        cluster_job: None,
     }
 }
 

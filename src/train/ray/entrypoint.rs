@@ -1,0 +1,356 @@
+//! The command line a Ray job runs, for each entrypoint (docs/ray.md lists them as built).
+//!
+//! Every job is one POSIX shell script (Ray runs the entrypoint through a shell) that:
+//! 1. makes a private working directory (removed when the script exits, whatever happens);
+//! 2. fetches the exported dataset (`preference.train.jsonl`, `preference.eval.jsonl` in TRL's
+//!    preference format, which OpenRLHF reads as is) from the object store;
+//! 3. trains the reward model into `out/`;
+//! 4. uploads `out/` to the output prefix with a `SHA256SUMS` manifest written last, so the
+//!    submitter never reads a half-written checkpoint (the artifact store's rule).
+//!
+//! Our binary moves the data with `rlhf-bot bucket get|put` (any bucket the artifact store
+//! reads: `s3://`, `gs://`, `az://`); OpenRLHF and TRL jobs use the AWS CLI (`aws s3 cp`) and
+//! `sha256sum`, so the output prefix of those is `s3://` only. Versions are never chosen here:
+//! the job installs what `train.ray.runtime_env.pip` pins.
+
+use super::settings::{EntrypointKind, RaySettings};
+
+/// The hyper-parameters the job trains with (from `reward.*`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RewardJob {
+    /// The model to start from, as the cluster can read it (a path on its nodes, `hf://…`, or a
+    /// Hub name for OpenRLHF/TRL); `None`: our binary's small default (the `rlhf-bot` entrypoint
+    /// only).
+    pub base_model: Option<String>,
+    pub epochs: u32,
+    pub max_length: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+}
+
+/// Where the job reads its data and writes its result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobPaths {
+    /// The prefix holding the exported dataset, e.g. `s3://bucket/models/ray/<run>/reward/data`.
+    pub data: String,
+    /// The prefix the job writes the checkpoint to.
+    pub output: String,
+}
+
+/// The exported training and evaluation files, by name.
+pub const TRAIN_FILE: &str = "preference.train.jsonl";
+pub const EVAL_FILE: &str = "preference.eval.jsonl";
+
+/// Quotes one word for a POSIX shell: as is when it holds only safe characters, else in single
+/// quotes with each `'` closed, escaped and reopened.
+pub fn sh_quote(word: &str) -> String {
+    let safe = !word.is_empty()
+        && word
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./:=@+,%".contains(&b));
+    if safe {
+        word.to_string()
+    } else {
+        format!("'{}'", word.replace('\'', r"'\''"))
+    }
+}
+
+/// Joins words into a command line, quoting each; words starting with `"$work` are the
+/// script's own variable and are left for the shell to expand (they are ours, never input).
+fn command(words: &[String]) -> String {
+    words
+        .iter()
+        .map(|w| {
+            if w.starts_with("\"$work") {
+                w.clone()
+            } else {
+                sh_quote(w)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn work(rel: &str) -> String {
+    format!("\"$work/{rel}\"")
+}
+
+/// The lines that fetch the data and upload the result, around `train`.
+fn script(fetch: Vec<String>, train: Vec<String>, upload: Vec<Vec<String>>) -> String {
+    let mut lines = vec![
+        "set -eu".to_string(),
+        "work=$(mktemp -d)".to_string(),
+        "trap 'rm -rf \"$work\"' EXIT".to_string(),
+        command(&fetch),
+        command(&train),
+    ];
+    lines.extend(upload.iter().map(|c| command(c)));
+    lines.join("\n")
+}
+
+fn s(text: impl Into<String>) -> String {
+    text.into()
+}
+
+/// The job's whole entrypoint for training the reward model.
+pub fn reward_entrypoint(ray: &RaySettings, paths: &JobPaths, job: &RewardJob) -> String {
+    match ray.entrypoint {
+        EntrypointKind::RlhfBot => rlhf_bot(ray, paths, job),
+        EntrypointKind::Openrlhf => {
+            let mut train = vec![
+                s("deepspeed"),
+                s("--num_gpus"),
+                ray.gpus_per_node.to_string(),
+                s("--module"),
+                s("openrlhf.cli.train_rm"),
+                s("--pretrain"),
+                job.base_model.clone().unwrap_or_default(),
+                s("--dataset"),
+                work(&format!("data/{TRAIN_FILE}")),
+                s("--eval_dataset"),
+                work(&format!("data/{EVAL_FILE}")),
+                s("--apply_chat_template"),
+                s("--prompt_key"),
+                s("prompt"),
+                s("--chosen_key"),
+                s("chosen"),
+                s("--rejected_key"),
+                s("rejected"),
+                s("--save_path"),
+                work("out"),
+                s("--max_epochs"),
+                job.epochs.to_string(),
+                s("--max_len"),
+                job.max_length.to_string(),
+                s("--train_batch_size"),
+                job.batch_size.to_string(),
+                s("--micro_train_batch_size"),
+                s("1"),
+                s("--learning_rate"),
+                job.lr.to_string(),
+                s("--bf16"),
+            ];
+            train.extend(ray.extra_args.iter().cloned());
+            aws_script(paths, train)
+        }
+        EntrypointKind::Trl => {
+            let mut train = vec![
+                s("trl"),
+                s("reward"),
+                s("--model_name_or_path"),
+                job.base_model.clone().unwrap_or_default(),
+                s("--dataset_name"),
+                work("data"),
+                s("--dataset_train_split"),
+                s("train"),
+                s("--dataset_test_split"),
+                s("test"),
+                s("--output_dir"),
+                work("out"),
+                s("--num_train_epochs"),
+                job.epochs.to_string(),
+                s("--max_length"),
+                job.max_length.to_string(),
+                s("--per_device_train_batch_size"),
+                job.batch_size.to_string(),
+                s("--learning_rate"),
+                job.lr.to_string(),
+            ];
+            train.extend(ray.extra_args.iter().cloned());
+            aws_script(paths, train)
+        }
+    }
+}
+
+fn rlhf_bot(ray: &RaySettings, paths: &JobPaths, job: &RewardJob) -> String {
+    // Our binary wants a config file; the job's needs nothing but a (never read) source.
+    let bin = |args: &[String]| {
+        let mut words = vec![
+            ray.rlhf_bot_command.clone(),
+            s("--config"),
+            work("job.yaml"),
+        ];
+        words.extend_from_slice(args);
+        words
+    };
+    let mut train = bin(&[
+        s("train"),
+        s("reward"),
+        s("--dataset"),
+        work(&format!("data/{TRAIN_FILE}")),
+        s("--eval"),
+        work(&format!("data/{EVAL_FILE}")),
+        s("--out"),
+        work("out"),
+        s("--epochs"),
+        job.epochs.to_string(),
+        s("--max-length"),
+        job.max_length.to_string(),
+        s("--batch-size"),
+        job.batch_size.to_string(),
+        s("--lr"),
+        job.lr.to_string(),
+        s("--device"),
+        s(if ray.num_gpus > 0.0 { "cuda" } else { "cpu" }),
+    ]);
+    if let Some(model) = &job.base_model {
+        train.extend([s("--model"), model.clone()]);
+    }
+    train.extend(ray.extra_args.iter().cloned());
+    let mut lines = vec![
+        "set -eu".to_string(),
+        "work=$(mktemp -d)".to_string(),
+        "trap 'rm -rf \"$work\"' EXIT".to_string(),
+        "printf 'feedback:\\n  source: file\\n  path: /dev/null\\n' >\"$work/job.yaml\""
+            .to_string(),
+    ];
+    lines.push(command(&bin(&[
+        s("bucket"),
+        s("get"),
+        paths.data.clone(),
+        work("data"),
+    ])));
+    lines.push(command(&train));
+    lines.push(command(&bin(&[
+        s("bucket"),
+        s("put"),
+        work("out"),
+        paths.output.clone(),
+    ])));
+    lines.join("\n")
+}
+
+/// OpenRLHF and TRL: the data through the AWS CLI, the manifest by `sha256sum` (the format
+/// `SHA256SUMS` has by design), uploaded after every other file.
+fn aws_script(paths: &JobPaths, train: Vec<String>) -> String {
+    let data = format!("{}/", paths.data.trim_end_matches('/'));
+    let output = format!("{}/", paths.output.trim_end_matches('/'));
+    let fetch = vec![
+        s("aws"),
+        s("s3"),
+        s("cp"),
+        s("--recursive"),
+        data,
+        work("data"),
+    ];
+    let manifest = s(
+        "(cd \"$work/out\" && find . -type f ! -name SHA256SUMS -printf '%P\\n' | LC_ALL=C sort | xargs -r -d '\\n' sha256sum >SHA256SUMS)",
+    );
+    let upload_files = vec![
+        s("aws"),
+        s("s3"),
+        s("cp"),
+        s("--recursive"),
+        s("--exclude"),
+        s("SHA256SUMS"),
+        work("out"),
+        output.clone(),
+    ];
+    let upload_manifest = vec![
+        s("aws"),
+        s("s3"),
+        s("cp"),
+        work("out/SHA256SUMS"),
+        format!("{output}SHA256SUMS"),
+    ];
+    let mut text = script(fetch, train, vec![]);
+    text.push('\n');
+    text.push_str(&manifest);
+    text.push('\n');
+    text.push_str(&command(&upload_files));
+    text.push('\n');
+    text.push_str(&command(&upload_manifest));
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(kind: EntrypointKind) -> RaySettings {
+        let mut s = RaySettings::new("http://127.0.0.1:8265".parse().unwrap(), kind);
+        s.rlhf_bot_command = "/opt/rlhf bot/rlhf-bot".into();
+        s
+    }
+
+    fn job() -> RewardJob {
+        RewardJob {
+            base_model: Some("Qwen/Qwen2.5-0.5B-Instruct".into()),
+            epochs: 2,
+            max_length: 256,
+            batch_size: 8,
+            lr: 1e-4,
+        }
+    }
+
+    fn paths() -> JobPaths {
+        JobPaths {
+            data: "s3://b/m/ray/r1/reward/data".into(),
+            output: "s3://b/m/ray/r1/reward/output".into(),
+        }
+    }
+
+    #[test]
+    fn every_entrypoint_is_a_valid_shell_script() {
+        for kind in [
+            EntrypointKind::RlhfBot,
+            EntrypointKind::Openrlhf,
+            EntrypointKind::Trl,
+        ] {
+            let text = reward_entrypoint(&settings(kind), &paths(), &job());
+            // `sh -n` parses without running anything.
+            let checked = std::process::Command::new("sh")
+                .args(["-n", "-c", &text])
+                .output()
+                .unwrap();
+            assert!(
+                checked.status.success(),
+                "{kind:?}: {}\n{text}",
+                String::from_utf8_lossy(&checked.stderr)
+            );
+        }
+    }
+
+    #[test]
+    fn quoting_leaves_plain_words_and_wraps_the_rest() {
+        assert_eq!(sh_quote("s3://b/x-1"), "s3://b/x-1");
+        assert_eq!(sh_quote("a b"), "'a b'");
+        assert_eq!(sh_quote("it's"), r"'it'\''s'");
+        assert_eq!(sh_quote("$(rm -rf /)"), "'$(rm -rf /)'");
+        assert_eq!(sh_quote(""), "''");
+    }
+
+    #[test]
+    fn our_binary_fetches_trains_and_uploads_in_a_private_directory() {
+        let text = reward_entrypoint(&settings(EntrypointKind::RlhfBot), &paths(), &job());
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[..3],
+            [
+                "set -eu",
+                "work=$(mktemp -d)",
+                "trap 'rm -rf \"$work\"' EXIT"
+            ]
+        );
+        assert_eq!(
+            lines[4],
+            "'/opt/rlhf bot/rlhf-bot' --config \"$work/job.yaml\" bucket get s3://b/m/ray/r1/reward/data \"$work/data\""
+        );
+        assert!(lines[5].contains("train reward --dataset \"$work/data/preference.train.jsonl\" --eval \"$work/data/preference.eval.jsonl\" --out \"$work/out\" --epochs 2 --max-length 256 --batch-size 8 --lr 0.0001 --device cpu --model Qwen/Qwen2.5-0.5B-Instruct"), "{}", lines[5]);
+        assert!(lines[6].ends_with("bucket put \"$work/out\" s3://b/m/ray/r1/reward/output"));
+    }
+
+    #[test]
+    fn openrlhf_and_trl_train_between_two_aws_copies_with_the_manifest_last() {
+        let text = reward_entrypoint(&settings(EntrypointKind::Openrlhf), &paths(), &job());
+        assert!(text.contains("aws s3 cp --recursive s3://b/m/ray/r1/reward/data/ \"$work/data\""));
+        assert!(text.contains("deepspeed --num_gpus 1 --module openrlhf.cli.train_rm --pretrain Qwen/Qwen2.5-0.5B-Instruct"));
+        let files = text.find("--exclude SHA256SUMS").unwrap();
+        let manifest = text
+            .find("\"$work/out/SHA256SUMS\" s3://b/m/ray/r1/reward/output/SHA256SUMS")
+            .unwrap();
+        assert!(files < manifest);
+        let text = reward_entrypoint(&settings(EntrypointKind::Trl), &paths(), &job());
+        assert!(text.contains("trl reward --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --dataset_name \"$work/data\""));
+    }
+}
