@@ -101,6 +101,9 @@ pub fn rloo_advantages(
     })
 }
 
+/// Per-row host values (ratios, mask, advantages) for the clip metrics.
+type HostRows = Vec<Vec<f64>>;
+
 /// Inputs of the RLOO loss: per-token `[B, T]` log-probs (with graph) and mask, the sampling
 /// policy's sequence log-probs and the advantages: `[B]`, or `[B, T]` per token with step rewards
 /// (`train::step_rewards`).
@@ -147,7 +150,7 @@ pub fn rloo_loss(x: &RlooBatch<'_>, epsilon_low: f64, epsilon_high: f64) -> Resu
     let ratio_h = host(&ratio)?;
     // Clip flags per sequence (TRL); with per-token advantages, the share of each answer's tokens
     // whose advantage sign makes the sequence's ratio clip.
-    let (ratios, masks, advs): (Vec<Vec<f64>>, Vec<Vec<f64>>, Vec<Vec<f64>>) = if per_token {
+    let (ratios, masks, advs): (HostRows, HostRows, HostRows) = if per_token {
         let m = mask.to_dtype(DType::F64)?.to_vec2::<f64>()?;
         let a = adv.to_dtype(DType::F64)?.to_vec2::<f64>()?;
         (ratio_h.iter().map(|w| vec![*w; t]).collect(), m, a)
