@@ -15,10 +15,10 @@ use anyhow::Result;
 use candle_core::Device;
 use rlhf_bot::model::chat_template::{ChatMessage, ChatTemplate};
 use rlhf_bot::model::generate::{self, GenerationConfig};
-use rlhf_bot::model::gguf::{self, GgufLlama};
+use rlhf_bot::model::gguf::GgufLlama;
 
 mod common;
-use common::questions;
+use common::{questions, start_smollm2_bench};
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -28,14 +28,7 @@ fn env_usize(name: &str, default: usize) -> usize {
 }
 
 fn main() -> Result<()> {
-    rlhf_bot::kernels::tune_allocator();
-    // As the binary runs: subnormals flushed on every compute thread.
-    let _ = rlhf_bot::kernels::init_compute_threads(None);
-    let Some(path) = gguf::find_gguf("SmolLM2-135M-Instruct") else {
-        println!(
-            "skipped: SmolLM2-135M-Instruct GGUF not found under {:?}",
-            gguf::models_dir()
-        );
+    let Some(path) = start_smollm2_bench() else {
         return Ok(());
     };
     let runs = env_usize("RUNS", 3).max(1);

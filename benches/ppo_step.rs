@@ -18,53 +18,29 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use candle_core::Device;
-use rlhf_bot::model::chat_template::{ChatMessage, ChatTemplate};
-use rlhf_bot::model::gguf;
 use rlhf_bot::run::outputs::PolicyAlgo;
-use rlhf_bot::train::policy_common::{LoraOptions, Policy, PolicyTrainOptions, PpoOptions};
+use rlhf_bot::train::policy_common::{Policy, PolicyTrainOptions, PpoOptions};
 use rlhf_bot::train::policy_eval::RewardScorer;
 use rlhf_bot::train::ppo_trainer::train_ppo;
 
 mod common;
-use common::questions;
+use common::{policy_step_options, smollm2_prompts, start_smollm2_bench};
 
 fn options(steps: u64) -> PolicyTrainOptions {
     PolicyTrainOptions {
-        algo: PolicyAlgo::Ppo,
-        lr: 1e-4,
         max_steps: Some(steps),
-        max_prompt_len: 128,
-        max_completion_len: 32,
-        lora: Some(LoraOptions {
-            r: 16,
-            alpha: 32.0,
-            dropout: 0.0,
-            targets: ["q_proj", "k_proj", "v_proj", "o_proj"]
-                .map(String::from)
-                .to_vec(),
-        }),
         ppo: PpoOptions {
             rollouts_per_step: 8,
             ppo_epochs: 4,
             num_minibatches: 1,
             ..PpoOptions::default()
         },
-        // A random score head can make any KL look large; the bench measures time, not safety.
-        kl_ceiling: 1e9,
-        checkpoint_every: 1_000_000,
-        ..PolicyTrainOptions::default()
+        ..policy_step_options(PolicyAlgo::Ppo, 32)
     }
 }
 
 fn main() -> Result<()> {
-    rlhf_bot::kernels::tune_allocator();
-    // As the binary runs: subnormals flushed on every compute thread.
-    let _ = rlhf_bot::kernels::init_compute_threads(None);
-    let Some(path) = gguf::find_gguf("SmolLM2-135M-Instruct") else {
-        println!(
-            "skipped: SmolLM2-135M-Instruct GGUF not found under {:?}",
-            gguf::models_dir()
-        );
+    let Some(path) = start_smollm2_bench() else {
         return Ok(());
     };
     let steps: u64 = std::env::var("STEPS")
@@ -75,14 +51,9 @@ fn main() -> Result<()> {
     let tmp = tempfile::tempdir().context("creating a scratch directory")?;
     let dir = tmp.path().join("smollm2");
     let t0 = Instant::now();
-    gguf::convert_gguf_to_hf_dir(&path, &dir)?;
+    let prompts = smollm2_prompts(&path, &dir)?;
     let dev = Device::Cpu;
     let opts = options(steps);
-    let template = ChatTemplate::from_hf_dir(&dir)?;
-    let prompts: Vec<String> = questions()
-        .into_iter()
-        .map(|q| template.render(&[ChatMessage::user(q)], true))
-        .collect::<Result<_, _>>()?;
     let rm = RewardScorer::load(&dir, &dev)?;
     let mut policy = Policy::load(&dir, opts.lora.as_ref(), opts.seed, &dev)?;
     println!(
