@@ -1,5 +1,6 @@
-//! Masked statistics shared by every loss: masked mean / variance, whitening, clipping, and the
-//! running score moments PPO uses to scale rewards.
+//! Masked statistics shared by every loss: masked mean / variance, whitening, clipping, the
+//! running score moments PPO uses to scale rewards, and the per-example weighted batch mean (with
+//! the check of a weight) that the reward, DPO and KTO losses take.
 //!
 //! They mirror `trl.core` (0.11.4) exactly, including its conventions that trip people up:
 //! `masked_var` is *unbiased* by default (Bessel factor `n / (n - 1)` over the mask count),
