@@ -21,7 +21,7 @@ use rlhf_bot::model::gguf::GgufLlama;
 use rlhf_bot::model::llama::LlamaForCausalLM;
 
 mod common;
-use common::questions;
+use common::{questions, start_bench};
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -31,9 +31,7 @@ fn env_usize(name: &str, default: usize) -> usize {
 }
 
 fn main() -> Result<()> {
-    rlhf_bot::kernels::tune_allocator();
-    // As the binary runs: subnormals flushed on every compute thread.
-    let _ = rlhf_bot::kernels::init_compute_threads(None);
+    start_bench();
     let runs = env_usize("RUNS", 3).max(1);
     let new_tokens = env_usize("NEW_TOKENS", 64);
     let batches: Vec<usize> = std::env::var("BATCHES")

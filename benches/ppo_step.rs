@@ -19,48 +19,29 @@
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use rlhf_bot::model::chat_template::{ChatMessage, ChatTemplate};
-use rlhf_bot::model::gguf;
 use rlhf_bot::run::outputs::PolicyAlgo;
-use rlhf_bot::train::policy_common::{LoraOptions, Policy, PolicyTrainOptions, PpoOptions};
+use rlhf_bot::train::policy_common::{Policy, PolicyTrainOptions, PpoOptions};
 use rlhf_bot::train::policy_eval::RewardScorer;
 use rlhf_bot::train::ppo_trainer::train_ppo;
 
 mod common;
-use common::questions;
+use common::{chat_prompts, policy_step_options, smollm2_hf_dir, start_bench};
 
 fn options(steps: u64) -> PolicyTrainOptions {
     PolicyTrainOptions {
-        algo: PolicyAlgo::Ppo,
-        lr: 1e-4,
         max_steps: Some(steps),
-        max_prompt_len: 128,
-        max_completion_len: 32,
-        lora: Some(LoraOptions {
-            r: 16,
-            alpha: 32.0,
-            dropout: 0.0,
-            targets: ["q_proj", "k_proj", "v_proj", "o_proj"]
-                .map(String::from)
-                .to_vec(),
-        }),
         ppo: PpoOptions {
             rollouts_per_step: 8,
             ppo_epochs: 4,
             num_minibatches: 1,
             ..PpoOptions::default()
         },
-        // A random score head can make any KL look large; the bench measures time, not safety.
-        kl_ceiling: 1e9,
-        checkpoint_every: 1_000_000,
-        ..PolicyTrainOptions::default()
+        ..policy_step_options(PolicyAlgo::Ppo, 32)
     }
 }
 
 fn main() -> Result<()> {
-    rlhf_bot::kernels::tune_allocator();
-    // As the binary runs: subnormals flushed on every compute thread.
-    let _ = rlhf_bot::kernels::init_compute_threads(None);
+    start_bench();
     let steps: u64 = std::env::var("STEPS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -68,26 +49,12 @@ fn main() -> Result<()> {
         .max(1);
     let tmp = tempfile::tempdir().context("creating a scratch directory")?;
     let t0 = Instant::now();
-    // MODEL_DIR: an HF directory of the same shape instead of the GGUF (scripts/gpu-bench.sh
-    // makes a randomly initialised one where the GGUF cannot be carried).
-    let dir = match std::env::var_os("MODEL_DIR") {
-        Some(dir) => std::path::PathBuf::from(dir),
-        None => {
-            let Some(path) = common::smollm2_gguf() else {
-                return Ok(());
-            };
-            let dir = tmp.path().join("smollm2");
-            gguf::convert_gguf_to_hf_dir(&path, &dir)?;
-            dir
-        }
+    let Some(dir) = smollm2_hf_dir(tmp.path())? else {
+        return Ok(());
     };
+    let prompts = chat_prompts(&dir)?;
     let dev = rlhf_bot::train::device::DeviceChoice::open_from_env("DEVICE")?;
     let opts = options(steps);
-    let template = ChatTemplate::from_hf_dir(&dir)?;
-    let prompts: Vec<String> = questions()
-        .into_iter()
-        .map(|q| template.render(&[ChatMessage::user(q)], true))
-        .collect::<Result<_, _>>()?;
     let rm = RewardScorer::load(&dir, &dev)?;
     let mut policy = Policy::load(&dir, opts.lora.as_ref(), opts.seed, &dev)?;
     println!(

@@ -495,6 +495,9 @@ struct PolicyLine<'a> {
     completion: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     label: Option<bool>,
+    /// The example's weight in the loss when not 1 (influence cap, constitution weight).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    weight: Option<f32>,
 }
 
 /// A conversation as the policy sees it: rendered with the chat template when there is one, else
@@ -556,6 +559,7 @@ pub fn export_policy_data(
                     rejected: Some(&r),
                     completion: None,
                     label: None,
+                    weight: p.weight,
                 })?);
             }
         }
@@ -569,6 +573,7 @@ pub fn export_policy_data(
                     rejected: None,
                     completion: Some(&c),
                     label: Some(label),
+                    weight: e.influence,
                 })?);
             }
         }
@@ -589,6 +594,7 @@ pub fn export_policy_data(
                     rejected: None,
                     completion: None,
                     label: None,
+                    weight: None,
                 })?);
             }
         }

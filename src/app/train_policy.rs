@@ -135,6 +135,7 @@ pub fn train_policy_blocking(req: &TrainPolicyRequest) -> Result<PolicyRunSummar
                         prompt: l.prompt.clone(),
                         chosen: l.chosen.clone()?,
                         rejected: l.rejected.clone()?,
+                        weight: l.weight,
                     })
                 })
                 .collect();
@@ -148,6 +149,7 @@ pub fn train_policy_blocking(req: &TrainPolicyRequest) -> Result<PolicyRunSummar
                         prompt: l.prompt.clone(),
                         completion: l.completion.clone()?,
                         label: l.label?,
+                        weight: l.weight,
                     })
                 })
                 .collect();

@@ -43,6 +43,8 @@ struct Vote {
     version: usize,
     signal: Signal,
     weight: f64,
+    /// The weight before the influence cap (equal to `weight` when the cap is off).
+    uncapped: f64,
 }
 
 #[derive(Debug, Default)]
@@ -95,6 +97,7 @@ impl Aggregation {
                 return;
             }
         };
+        let uncapped = weight;
         if let Some((factors, applied)) = &mut self.user_factors {
             weight *= factors.of(&record.user_id);
             applied.add(&record.user_id, weight, factors);
@@ -131,6 +134,7 @@ impl Aggregation {
             version,
             signal: record.signal,
             weight,
+            uncapped,
         });
     }
 
@@ -156,6 +160,9 @@ impl Aggregation {
                 }
                 feedback.records += 1;
                 let w = vote.weight;
+                if !matches!(vote.signal, Signal::Step { .. }) {
+                    feedback.uncapped_weight += vote.uncapped;
+                }
                 match &vote.signal {
                     Signal::Thumb(Thumb::Up) => feedback.thumbs_up += w,
                     Signal::Thumb(Thumb::Down) => feedback.thumbs_down += w,
@@ -209,6 +216,13 @@ impl Aggregation {
             .len() as u64;
         (answers, stats)
     }
+}
+
+/// The share of an example's evidence left after the influence cap (`capped / uncapped` signal
+/// weight), as the weight the losses give it; `None` (weight 1) when the cap took nothing.
+fn influence_share(capped: f64, uncapped: f64) -> Option<f32> {
+    let share = capped / uncapped;
+    (uncapped > 0.0 && share < 1.0 - EPS).then_some(share as f32)
 }
 
 /// Files `records` under their answers (a convenience over [`Aggregation`]).
@@ -373,6 +387,11 @@ pub(crate) fn examples(
                 } else {
                     (&answers[ib], &answers[ia])
                 };
+                // The influence cap's share of the pair's evidence: a capped user's pair
+                // weighs less in every loss, not only in the answers' scores (where a user
+                // who rated both answers alone would cancel out).
+                let evidence = group[a].3 + group[b].3;
+                let uncapped = group[a].1.uncapped_weight + group[b].1.uncapped_weight;
                 out.pairs.push(PreferencePair {
                     prompt: chosen.prompt.clone(),
                     chosen: chosen.response.clone(),
@@ -382,7 +401,7 @@ pub(crate) fn examples(
                     chosen_id: chosen.key.message_id.clone(),
                     rejected_id: rejected.key.message_id.clone(),
                     source: None,
-                    weight: None,
+                    weight: influence_share(evidence, uncapped),
                 });
                 paired[a] = true;
                 paired[b] = true;
@@ -405,6 +424,7 @@ pub(crate) fn examples(
                 label,
                 target: score as f32,
                 weight: weight as f32,
+                influence: influence_share(weight, feedback.uncapped_weight),
                 conversation_id: answer.key.conversation_id.clone(),
                 message_id: answer.key.message_id.clone(),
             });

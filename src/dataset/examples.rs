@@ -49,6 +49,10 @@ pub struct AnswerFeedback {
     pub steps: BTreeMap<usize, (f64, f64)>,
     /// How many records contributed (after drops).
     pub records: u64,
+    /// The answer-level signal weight before the influence cap (the score's weight when the cap
+    /// is off); the pair and KTO weights are the capped share of it.
+    #[serde(skip)]
+    pub uncapped_weight: f64,
 }
 
 impl AnswerFeedback {
@@ -99,6 +103,7 @@ impl AnswerFeedback {
             entry.1 += down;
         }
         self.records += other.records;
+        self.uncapped_weight += other.uncapped_weight;
     }
 
     /// True when something other than step thumbs speaks about the whole answer.
@@ -135,7 +140,8 @@ pub struct PreferencePair {
     /// Where the pair came from when not from human feedback (`ai_constitution`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
-    /// The pair's weight when not 1 (the config's weight for its `source`).
+    /// The pair's weight in the losses when not 1: the config's weight for its `source`, or for
+    /// a human pair the share of its evidence left after the influence cap.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weight: Option<f32>,
 }
@@ -151,6 +157,10 @@ pub struct PointwiseExample {
     pub target: f32,
     /// The evidence behind the example: the summed weights of its signals.
     pub weight: f32,
+    /// The share of that evidence left after the influence cap when below 1: the example's
+    /// weight in the KTO loss.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub influence: Option<f32>,
     pub conversation_id: String,
     pub message_id: String,
 }

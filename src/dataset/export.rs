@@ -163,11 +163,16 @@ fn lines(
             "rejected": completion(&p.rejected),
             "margin": p.margin,
         });
-        // Only pairs that did not come from human feedback say where they came from, so a
-        // human-only export stays byte-identical; TRL ignores the extra columns.
-        if let (Some(source), Value::Object(fields)) = (&p.source, &mut line) {
-            fields.insert("source".into(), Value::String(source.clone()));
-            fields.insert("weight".into(), serde_json::json!(p.weight.unwrap_or(1.0)));
+        // Only pairs that did not come from human feedback say where they came from, and only
+        // those and the pairs the influence cap down-weighted carry a weight, so a human-only
+        // export without capping stays byte-identical; TRL ignores the extra columns.
+        if let Value::Object(fields) = &mut line {
+            if let Some(source) = &p.source {
+                fields.insert("source".into(), Value::String(source.clone()));
+            }
+            if p.source.is_some() || p.weight.is_some() {
+                fields.insert("weight".into(), serde_json::json!(p.weight.unwrap_or(1.0)));
+            }
         }
         out.preference.push(line);
     }

@@ -380,6 +380,9 @@ pub struct PolicyLine {
     pub completion: Option<String>,
     #[serde(default)]
     pub label: Option<bool>,
+    /// The example's weight in the loss (absent: 1).
+    #[serde(default)]
+    pub weight: Option<f64>,
 }
 
 /// Loads `train policy` data (gzip allowed); which lines an algorithm uses is the caller's

@@ -238,6 +238,12 @@ impl PolicyAlgo {
     pub fn is_online(self) -> bool {
         matches!(self, PolicyAlgo::Ppo | PolicyAlgo::Grpo | PolicyAlgo::Rloo)
     }
+
+    /// Takes dense step rewards (`policy.reward.step_weight`) in its per-token advantage: the
+    /// critic-free algorithms. PPO's advantage comes from its value head, DPO and KTO sample nothing.
+    pub fn takes_step_rewards(self) -> bool {
+        matches!(self, PolicyAlgo::Grpo | PolicyAlgo::Rloo)
+    }
 }
 
 /// One evaluation prompt answered by the candidate and by production, with reward-model scores.

@@ -30,6 +30,10 @@ pub struct PairText {
     /// How much more the chosen answer is preferred (subtracted inside the Bradley–Terry logit).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub margin: Option<f64>,
+    /// The pair's weight in the pairwise mean when not 1 (the influence cap's share of its
+    /// evidence, or a constitution pair's `constitution.weight`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<f64>,
 }
 
 /// One answer judged on its own: the kinds of feedback that do not compare two answers.
@@ -147,6 +151,8 @@ pub struct EncodedPair {
     pub chosen: Row,
     pub rejected: Row,
     pub margin: f64,
+    /// Weight in the pairwise mean (1 unless the pair says otherwise).
+    pub weight: f64,
 }
 
 /// A single-answer example, tokenised.
@@ -207,6 +213,7 @@ pub fn encode_pairs(
                 chosen: assemble(&prompt, &encode_text(tok, &p.chosen)?, max_len, layout)?,
                 rejected: assemble(&prompt, &encode_text(tok, &p.rejected)?, max_len, layout)?,
                 margin: p.margin.unwrap_or(0.0),
+                weight: p.weight.unwrap_or(1.0),
             })
         })
         .collect()

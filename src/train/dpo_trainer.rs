@@ -3,7 +3,8 @@
 //! changes, so scoring it every step would double the forward cost for nothing).
 //!
 //! A micro-batch's chosen and rejected answers go through the policy in one forward pass, and
-//! only completion tokens count in the sequence log-probs. Metrics use TRL's names; the engine
+//! only completion tokens count in the sequence log-probs. Its loss is the mean of the pairs'
+//! losses weighted by each pair's `weight` (TRL's plain mean when all are 1). Metrics use TRL's names; the engine
 //! owns the data order, accumulation, clipping, checkpoints, resume and the KL ceiling (guarding
 //! `objective/logratio_abs`, the mean |log π − log π_ref| per answer).
 
@@ -16,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::train::engine::{self, Objective, StepReport};
 pub use crate::train::engine::{TrainOutcome, checkpoint_root};
 use crate::train::losses::dpo::{DpoConfig, DpoLossType, DpoMetrics, dpo_loss};
+use crate::train::losses::stats::{example_weight, non_unit_weights, weighted_mean};
 use crate::train::policy_common::{
     Policy, PolicyTrainOptions, Tokenised, batch_tensors, reference_logps, tokenise_pair,
 };
@@ -27,6 +29,10 @@ pub struct PreferenceExample {
     pub prompt: String,
     pub chosen: String,
     pub rejected: String,
+    /// The pair's weight in the batch mean when not 1 (the influence cap's share of its evidence,
+    /// or a constitution pair's `constitution.weight`); 0 takes it out of the loss.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<f64>,
 }
 
 fn dpo_config(opts: &PolicyTrainOptions) -> DpoConfig {
@@ -56,6 +62,11 @@ pub fn train_dpo(
             "no preference pairs to train DPO on\nhint: collect feedback with chosen/rejected answers, or use KTO for thumbs"
         );
     }
+    let weights = pairs
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Ok(example_weight("preference pair", i, p.weight)?))
+        .collect::<Result<Vec<f64>>>()?;
     let eos = policy.eos_ids().first().copied();
     let (mut chosen, mut rejected) = (Vec::new(), Vec::new());
     for (i, p) in pairs.iter().enumerate() {
@@ -90,6 +101,7 @@ pub fn train_dpo(
         rejected,
         ref_chosen,
         ref_rejected,
+        weights,
         step: StepLogps::default(),
     };
     objective.policy.set_training(true);
@@ -116,6 +128,8 @@ struct Dpo<'a> {
     rejected: Vec<Tokenised>,
     ref_chosen: Vec<f32>,
     ref_rejected: Vec<f32>,
+    /// Each pair's weight in its micro-batch's mean (1 for most).
+    weights: Vec<f64>,
     step: StepLogps,
 }
 
@@ -171,7 +185,8 @@ impl Objective for Dpo<'_> {
             .extend(pr.detach().to_vec1::<f32>()?);
         self.step.ref_chosen.extend(rc);
         self.step.ref_rejected.extend(rr);
-        Ok(o.loss)
+        let weights = non_unit_weights(micro.iter().map(|&i| self.weights[i]));
+        Ok(weighted_mean(&o.per_example, weights.as_deref())?)
     }
 
     fn finish_step(&mut self, _step: u64) -> Result<StepReport> {

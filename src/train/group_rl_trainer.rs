@@ -7,9 +7,9 @@
 //! reward (`train::policy_reward`: the reward model's score and aspect heads, rule rewards),
 //! each one reward function with its weight; advantages come from `losses::grpo::grpo_advantages` or
 //! `losses::rloo::rloo_advantages` (rows `g·G .. (g+1)·G` are prompt `g`'s group). With
-//! `policy.reward.step_weight` > 0, GRPO's advantages become per token: the reward model's step
-//! head scores each step of each answer and `train::step_rewards` adds the weighted score on that
-//! step's tokens. Reference log-probs are computed once, without a graph, only when β ≠ 0; the
+//! `policy.reward.step_weight` > 0, the advantages (GRPO's or RLOO's, one path) become per token:
+//! the reward model's step head scores each step of each answer and `train::step_rewards` adds the
+//! weighted score on that step's tokens. Reference log-probs are computed once, without a graph, only when β ≠ 0; the
 //! sampling policy's log-probs only when an update can be off-policy (`num_iterations` > 1) or
 //! RLOO's reward needs them for its KL. Then `num_iterations` optimiser updates over all the
 //! step's completions, scored `batch_size` rows at a time, with `losses::grpo::grpo_loss` /
@@ -240,7 +240,7 @@ impl<'a, const RLOO: bool> GroupRl<'a, RLOO> {
             (a.advantages, a.metrics, None)
         };
         let step_weight = opts.reward.step_weight;
-        let (advantages, metrics) = if !RLOO && step_weight != 0.0 {
+        let (advantages, metrics) = if step_weight != 0.0 {
             let steps = self.score_steps(&prompts, &q, &sampled)?;
             clock.lap("step scoring");
             let mut metrics = metrics;

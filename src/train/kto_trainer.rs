@@ -6,7 +6,8 @@
 //! as TRL builds its KL dataset — whose log-ratio to the reference, averaged and clamped at 0, is
 //! the detached reference point `z₀`. Reference log-probs of the real rows are computed once and
 //! cached; those of the mismatched rows depend on the batch and are computed per step (no
-//! graph). Metrics use TRL's names; the engine owns the data order, accumulation, clipping,
+//! graph). The loss is the mean of the examples' losses weighted by each one's `weight` (the
+//! influence cap's share; TRL's plain mean when all are 1). Metrics use TRL's names; the engine owns the data order, accumulation, clipping,
 //! checkpoints, resume and the KL ceiling (guarding the batch KL estimate `kl`).
 
 use std::path::Path;
@@ -17,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::train::engine::{self, Objective, StepReport, TrainOutcome};
 use crate::train::losses::kto::{KtoConfig, kto_loss};
+use crate::train::losses::stats::{example_weight, non_unit_weights, weighted_mean};
 use crate::train::policy_common::{
     Policy, PolicyTrainOptions, Tokenised, reference_logps, sequence_logps, tokenise_pair,
 };
@@ -27,6 +29,10 @@ pub struct PointwiseExample {
     pub prompt: String,
     pub completion: String,
     pub label: bool,
+    /// The example's weight in the batch mean when not 1 (the influence cap's share of its
+    /// evidence); 0 takes it out of the loss (it still lends its completion to the KL estimate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<f64>,
 }
 
 /// Indices of the completion each row is paired with for the KL estimate (the next row's,
@@ -45,6 +51,9 @@ pub fn train_kto(
     opts.validate()?;
     if examples.is_empty() {
         bail!("no thumbs to train KTO on\nhint: collect thumbs up/down feedback first");
+    }
+    for (i, e) in examples.iter().enumerate() {
+        example_weight("thumb", i, e.weight)?;
     }
     let mut objective = Kto {
         policy,
@@ -163,6 +172,13 @@ impl Objective for Kto<'_> {
             &ref_kl,
             &self.cfg,
         )?;
+        // Weights in the loss's order: desirable first.
+        let weights = non_unit_weights(
+            des.iter()
+                .chain(&und)
+                .map(|&i| self.examples[i].weight.unwrap_or(1.0)),
+        );
+        let loss = weighted_mean(&o.per_example, weights.as_deref())?;
         let s = &mut self.step;
         s.desirable_logps.extend(pd.detach().to_vec1::<f32>()?);
         s.undesirable_logps.extend(pu.detach().to_vec1::<f32>()?);
@@ -171,7 +187,7 @@ impl Objective for Kto<'_> {
         s.undesirable_rewards
             .extend(o.rejected_rewards.to_vec1::<f32>()?);
         s.kls.push(o.kl);
-        Ok(o.loss)
+        Ok(loss)
     }
 
     fn finish_step(&mut self, _step: u64) -> Result<StepReport> {

@@ -466,9 +466,9 @@ impl PolicyTrainOptions {
         if self.max_steps.is_none() && self.epochs == 0 {
             bail!("policy options need max_steps or epochs ≥ 1");
         }
-        if self.reward.step_weight != 0.0 && self.algo != PolicyAlgo::Grpo {
+        if self.reward.step_weight != 0.0 && !self.algo.takes_step_rewards() {
             bail!(
-                "policy.reward.step_weight is {} but {} takes no step rewards (they enter GRPO's per-token advantage)\nhint: use --algo grpo, or set policy.reward.step_weight to 0",
+                "policy.reward.step_weight is {} but {} takes no step rewards (they enter the per-token advantage of the critic-free algorithms: grpo, rloo)\nhint: use --algo grpo or --algo rloo, or set policy.reward.step_weight to 0",
                 self.reward.step_weight,
                 self.algo.as_str()
             );

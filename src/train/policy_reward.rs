@@ -39,7 +39,7 @@ pub struct RewardOptions {
     /// `score` and/or aspect names → weight. Empty: the score alone, weight 1.
     pub weights: BTreeMap<String, f64>,
     pub rules: RuleOptions,
-    /// Dense step rewards (GRPO): the weight of the step head's score of each reasoning step in
+    /// Dense step rewards (GRPO, RLOO): the weight of the step head's score of each reasoning step in
     /// the advantage of that step's tokens (`train::step_rewards`); 0 is off.
     pub step_weight: f64,
 }

@@ -30,6 +30,7 @@ use crate::model::tokenizer::Tokenizer;
 use crate::run::outputs::{self, DatasetInfo, RewardEval, RewardMetrics, TrainStats};
 use crate::train::batching::{PairText, PointLabel, PointText, encode_pairs, encode_points};
 use crate::train::device::DeviceChoice;
+use crate::train::losses::stats::example_weight;
 use crate::train::reward_models::{
     AnyReward, BertReward, DEFAULT_TOKENIZER_JSON, LlamaReward, default_llama_config,
 };
@@ -129,6 +130,7 @@ impl TextData {
                 chosen: p.chosen.clone(),
                 rejected: p.rejected.clone(),
                 margin: Some(f64::from(p.margin)),
+                weight: p.weight.map(f64::from),
             })
             .collect();
         let pointwise = ex.pointwise.iter().map(|p| PointText {
@@ -540,15 +542,22 @@ pub fn evaluate_reward_model(
 /// same format. A margin of 0 (or none) is no margin.
 pub fn load_pairs(path: &Path) -> Result<Vec<PairText>> {
     let pairs = load_preference_jsonl(path)?;
-    Ok(pairs
+    pairs
         .into_iter()
-        .map(|p| PairText {
-            prompt: render_plain_prompt(&p.prompt),
-            chosen: p.chosen,
-            rejected: p.rejected,
-            margin: (p.margin != 0.0).then_some(f64::from(p.margin)),
+        .enumerate()
+        .map(|(i, p)| {
+            let weight = p.weight.map(f64::from);
+            example_weight("preference pair", i, weight)
+                .with_context(|| format!("reading {}", path.display()))?;
+            Ok(PairText {
+                prompt: render_plain_prompt(&p.prompt),
+                chosen: p.chosen,
+                rejected: p.rejected,
+                margin: (p.margin != 0.0).then_some(f64::from(p.margin)),
+                weight,
+            })
         })
-        .collect())
+        .collect()
 }
 
 /// Seeded split by pair: `fraction` of the pairs (at least one) go to evaluation.

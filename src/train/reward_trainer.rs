@@ -34,6 +34,7 @@ use super::losses::reward::{
     self as losses, RatingLoss, RewardLossParts, RewardLossWeights, aspect_mse, bce_with_logits,
     bradley_terry, combine,
 };
+use super::losses::stats::non_unit_weights;
 use super::optim::AdamWConfig;
 use super::schedule::{Decay, Schedule};
 use crate::run::outputs::{AspectEval, LogLine, RewardEval, keys};
@@ -542,7 +543,7 @@ pub struct BatchLoss {
 
 /// The loss of a batch collated by [`collate_mixed`] (`pairs` rows first: chosen then rejected,
 /// then one row per point) from the model's outputs on it. Each part is the mean over its own
-/// examples: Bradley–Terry (with margins and centring) over pairs; over single answers BCE for
+/// examples: Bradley–Terry (with margins and centring; weighted by each pair's `weight`) over pairs; over single answers BCE for
 /// thumbs and `cfg.rating_loss` for ratings; BCE over every labelled step, read from the step
 /// head at the step's last token; MSE over every rated (answer, aspect) through the aspect heads.
 pub fn batch_loss(
@@ -566,11 +567,13 @@ pub fn batch_loss(
             .any(|m| *m != 0.0)
             .then(|| Tensor::from_vec(margins, b, device))
             .transpose()?;
+        let weights = non_unit_weights(pairs.iter().map(|p| p.weight));
         let bt = bradley_terry(
             &chosen,
             &rejected,
             margin.as_ref(),
             cfg.center_rewards_coefficient,
+            weights.as_deref(),
         )?;
         parts.pairwise = Some(bt.loss);
         pair_metrics = Some(bt.metrics);

@@ -1,6 +1,6 @@
-//! Dense step rewards for GRPO (`policy.reward.step_weight`): the reward model's step head scores
-//! each reasoning step of a sampled answer, and the score joins the advantage of that step's
-//! tokens. This module owns the step split of a sampled answer, the mapping of a step's end
+//! Dense step rewards for GRPO and RLOO (`policy.reward.step_weight`): the reward model's step
+//! head scores each reasoning step of a sampled answer, and the score joins the advantage of that
+//! step's tokens. This module owns the step split of a sampled answer, the mapping of a step's end
 //! (a byte offset in the text) to a token position in either tokenizer, the per-token advantage
 //! and the step metrics. The reward model's side (the forward pass, σ of the step logit) is
 //! `RewardScorer::step_probabilities`; `policy_reward::answer_steps` puts the two together.

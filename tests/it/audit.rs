@@ -255,6 +255,75 @@ fn the_label_noise_estimate_recovers_a_known_flip_rate() {
     );
 }
 
+/// The cap reaches the losses: a pair built only from a capped user's votes carries the share
+/// of its evidence the cap left as its weight (the answers' scores alone would not show it: one
+/// user's scaled votes give the same means), and so does a capped user's KTO thumb; without the
+/// cap, and for everyone else, there is no weight (1).
+#[test]
+fn the_cap_down_weights_a_capped_users_pairs_and_thumbs() {
+    // u0 rates two answers of conversation c0 (m1 up, m2 down: a pair) and thumbs 20 other
+    // answers; nine other users thumb one answer each.
+    let mut records = Vec::new();
+    for (msg, up) in [("m1", true), ("m2", false)] {
+        let mut r = labelled(0, 0, up);
+        r.id = format!("pair-{msg}");
+        r.message_id = msg.into();
+        r.response.content = format!("answer {msg}");
+        records.push(r);
+    }
+    for k in 1..=20 {
+        let mut r = labelled(k, 0, true);
+        r.id = format!("heavy{k}");
+        records.push(r);
+    }
+    for u in 1..10 {
+        records.push(labelled(100 + u, u, true));
+    }
+    let options = |cap| DatasetOptions {
+        max_user_share: cap,
+        eval_fraction: 0.0,
+        ..Default::default()
+    };
+    let with = build(records.clone(), &options(Some(0.2))).unwrap();
+    let without = build(records, &options(None)).unwrap();
+    let pair_weight = |d: &rlhf_bot::dataset::Dataset| {
+        let pairs: Vec<_> = d
+            .train
+            .pairs
+            .iter()
+            .filter(|p| p.conversation_id == "c0")
+            .collect();
+        assert_eq!(pairs.len(), 1);
+        pairs[0].weight
+    };
+    assert_eq!(pair_weight(&without), None);
+    let w = pair_weight(&with).expect("the capped user's pair has a weight");
+    let i = with.stats.influence.clone().unwrap();
+    assert!(w > 0.0 && w < 1.0, "{w}");
+    // Every vote of u0 was scaled by the same factor: the pair's weight is that factor.
+    let heavy = with
+        .train
+        .pointwise
+        .iter()
+        .find(|e| e.conversation_id == "c1")
+        .unwrap();
+    assert_eq!(heavy.influence, Some(w), "{i:?}");
+    let light = with
+        .train
+        .pointwise
+        .iter()
+        .find(|e| e.conversation_id == "c101")
+        .unwrap();
+    assert_eq!(light.influence, None);
+    assert!(
+        without
+            .train
+            .pointwise
+            .iter()
+            .all(|e| e.influence.is_none())
+    );
+}
+
 #[test]
 fn the_cap_scales_a_heavy_user_down_without_dropping_a_record() {
     // u0 rates answers a and b (b worse), nine other users rate a once each.

@@ -683,6 +683,127 @@ fn per_completion_advantages_equal_the_per_token_ones_broadcast() {
     assert!(e.contains("[1, 3]") && e.contains("expected"), "{e}");
 }
 
+/// RLOO with per-token advantages (step rewards): rows that hold one value give TRL's loss, value
+/// and gradient, at every clip setting of the vectors (the clip metrics count tokens instead of
+/// answers, so they are not compared); a row whose tokens differ pushes each token by its own
+/// advantage, `-w·A_t/B` where the ratio is not clipped.
+#[test]
+fn rloo_per_token_advantages_reduce_to_trl_and_credit_each_token() {
+    let d = vectors("rloo_advantages_loss.json");
+    let (i, dt) = (&d["inputs"], DType::F64);
+    let run = |adv: &candle_core::Tensor, lo: f64, hi: f64| {
+        let lp = var(&i["per_token_logps"], dt);
+        let (old, mask) = (t(&i["old_logps"], dt), t(&i["completion_mask"], dt));
+        let batch = rloo::RlooBatch {
+            logprobs: lp.as_tensor(),
+            old_sequence_logps: &old,
+            advantages: adv,
+            mask: &mask,
+            entropies: None,
+        };
+        let out = rloo::rloo_loss(&batch, lo, hi).unwrap();
+        let grad = out.loss.backward().unwrap();
+        let g: Vec<Vec<f64>> = grad.get(lp.as_tensor()).unwrap().to_vec2().unwrap();
+        (stats::scalar_f64(&out.loss).unwrap(), g)
+    };
+    let mask: Vec<Vec<f64>> = t(&i["completion_mask"], dt).to_vec2().unwrap();
+    let (b, width) = (mask.len(), mask[0].len());
+    for c in d["outputs"]["loss_cases"].as_array().unwrap() {
+        let (lo, hi) = (f(&c["epsilon_low"]), f(&c["epsilon_high"]));
+        let adv = t(&c["advantages"], dt);
+        let wide = adv
+            .unsqueeze(1)
+            .unwrap()
+            .broadcast_as((b, width))
+            .unwrap()
+            .contiguous()
+            .unwrap();
+        let (narrow, per_token) = (run(&adv, lo, hi), run(&wide, lo, hi));
+        close_abs(&format!("eps {lo}/{hi}: loss"), per_token.0, narrow.0);
+        for (r, (x, y)) in narrow.1.iter().zip(&per_token.1).enumerate() {
+            for (j, (x, y)) in x.iter().zip(y).enumerate() {
+                close_abs(&format!("eps {lo}/{hi}: grad [{r}, {j}]"), *y, *x);
+            }
+        }
+    }
+    // On-policy (ratio 1, never clipped): d loss / d lp[r][j] = -A[r][j]·m[r][j] / B.
+    let lp0: Vec<Vec<f64>> = t(&i["per_token_logps"], dt).to_vec2().unwrap();
+    let old_seq: Vec<f64> = lp0
+        .iter()
+        .zip(&mask)
+        .map(|(l, m)| l.iter().zip(m).map(|(l, m)| l * m).sum())
+        .collect();
+    let per_token: Vec<Vec<f64>> = (0..b)
+        .map(|r| {
+            (0..width)
+                .map(|j| (r as f64 - 1.5) * (j as f64 + 1.0) / 4.0)
+                .collect()
+        })
+        .collect();
+    let adv = candle_core::Tensor::new(per_token.clone(), &Device::Cpu).unwrap();
+    let lp = var(&i["per_token_logps"], dt);
+    let (old, m) = (
+        candle_core::Tensor::new(old_seq, &Device::Cpu).unwrap(),
+        t(&i["completion_mask"], dt),
+    );
+    let out = rloo::rloo_loss(
+        &rloo::RlooBatch {
+            logprobs: lp.as_tensor(),
+            old_sequence_logps: &old,
+            advantages: &adv,
+            mask: &m,
+            entropies: None,
+        },
+        0.2,
+        0.2,
+    )
+    .unwrap();
+    let g: Vec<Vec<f64>> = out
+        .loss
+        .backward()
+        .unwrap()
+        .get(lp.as_tensor())
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    for r in 0..b {
+        for j in 0..width {
+            let want = -per_token[r][j] * mask[r][j] / b as f64;
+            close_abs(&format!("on-policy grad [{r}, {j}]"), g[r][j], want);
+        }
+    }
+    // The value reads as the sequence loss at each answer's mean advantage.
+    let mean_adv: Vec<f64> = per_token
+        .iter()
+        .zip(&mask)
+        .map(|(a, m)| {
+            a.iter().zip(m).map(|(a, m)| a * m).sum::<f64>() / m.iter().sum::<f64>().max(1.0)
+        })
+        .collect();
+    let want = -mean_adv.iter().sum::<f64>() / b as f64;
+    close_abs(
+        "on-policy loss",
+        stats::scalar_f64(&out.loss).unwrap(),
+        want,
+    );
+    // A shape that is neither is refused, naming both.
+    let bad = candle_core::Tensor::zeros((1, 3), dt, &Device::Cpu).unwrap();
+    let e = rloo::rloo_loss(
+        &rloo::RlooBatch {
+            logprobs: lp.as_tensor(),
+            old_sequence_logps: &old,
+            advantages: &bad,
+            mask: &m,
+            entropies: None,
+        },
+        0.2,
+        0.2,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("[1, 3]") && e.contains("expected"), "{e}");
+}
+
 /// The tiny reward model with a (seeded, untrained) step head added, saved in `dir`; with
 /// `own_tokenizer` it also gets the policy's tokenizer.json, so steps are placed in its own
 /// tokenization rather than at the policy's ids.
@@ -755,7 +876,7 @@ fn step_rewards_are_off_at_zero_and_move_grpo_above_it() {
             "own tokenizer {own_tokenizer}: step rewards changed nothing"
         );
     }
-    // Without a step head, or with RLOO, step rewards are refused naming the key.
+    // Without a step head step rewards are refused naming the key.
     let e = format!(
         "{:#}",
         train_with_rm(&rm_dir(), &on_opts, &tmp.path().join("no-head")).unwrap_err()
@@ -764,14 +885,47 @@ fn step_rewards_are_off_at_zero_and_move_grpo_above_it() {
         e.contains("policy.reward.step_weight") && e.contains("no step head"),
         "{e}"
     );
-    let mut rloo = group_opts(PolicyAlgo::Rloo, 1);
-    rloo.reward.step_weight = 0.5;
-    let e = format!(
-        "{:#}",
-        train_with_rm(&with_head, &rloo, &tmp.path().join("rloo")).unwrap_err()
+}
+
+/// RLOO takes step rewards through the same per-token advantage: 0 leaves it exactly as it was
+/// with a step head on the reward model, above 0 the step scores move the weights and are logged.
+/// PPO, DPO and KTO refuse them, naming the key and the algorithms that take them.
+#[test]
+fn step_rewards_move_rloo_and_are_refused_by_the_others() {
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = group_opts(PolicyAlgo::Rloo, 1);
+    let plain = train_with_rm(&rm_dir(), &opts, &tmp.path().join("plain")).unwrap();
+    let with_head = tmp.path().join("rm-steps");
+    rm_with_step_head(&with_head, false);
+    let off = train_with_rm(&with_head, &opts, &tmp.path().join("off")).unwrap();
+    assert_eq!(
+        off.1, plain.1,
+        "step_weight 0 changed RLOO's trained weights"
     );
-    assert!(
-        e.contains("policy.reward.step_weight is 0.5") && e.contains("rloo"),
-        "{e}"
-    );
+    assert!(off.0.log[0].get("rewards/steps/mean").is_none());
+    let mut on_opts = opts.clone();
+    on_opts.reward.step_weight = 2.0;
+    let on = train_with_rm(&with_head, &on_opts, &tmp.path().join("on")).unwrap();
+    let line = &on.0.log[0];
+    let mean = line.get("rewards/steps/mean").unwrap();
+    assert!(mean.is_finite() && mean.abs() < 1.0, "steps mean {mean}");
+    assert!(line.get("loss").unwrap().is_finite());
+    // Same samples and group advantages (same seed): only the step scores can move the weights.
+    assert!(on.1 != plain.1, "step rewards changed nothing in RLOO");
+    for algo in [PolicyAlgo::Ppo, PolicyAlgo::Dpo, PolicyAlgo::Kto] {
+        let mut o = PolicyTrainOptions {
+            algo,
+            max_steps: Some(1),
+            ..PolicyTrainOptions::default()
+        };
+        o.reward.step_weight = 0.5;
+        let e = format!("{:#}", o.validate().unwrap_err());
+        assert!(
+            e.contains("policy.reward.step_weight is 0.5")
+                && e.contains(&format!("but {} takes no step rewards", algo.as_str()))
+                && e.contains("grpo, rloo")
+                && e.contains("hint:"),
+            "{e}"
+        );
+    }
 }

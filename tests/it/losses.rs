@@ -103,6 +103,111 @@ pub(crate) fn f(v: &Value) -> f64 {
 
 // ---- reward model --------------------------------------------------------------------------------
 
+/// Per-pair weights in the reward loss (`bradley_terry`, with margins and centring): a pair of
+/// weight 0 leaves the loss and every gradient as if it were not in the batch, and weights of 1
+/// give TRL's mean; `stats::weighted_mean` refuses a length mismatch and gives 0 for all-zero.
+#[test]
+fn a_pair_of_weight_zero_is_out_of_the_reward_loss() {
+    let d = vectors("reward_bradley_terry.json");
+    let dt = DType::F64;
+    let full = |key: &str| -> Vec<f64> { d[key].as_array().unwrap().iter().map(f).collect() };
+    let (c, r, m) = (
+        full("rewards_chosen"),
+        full("rewards_rejected"),
+        full("margin"),
+    );
+    let n = c.len();
+    assert!(n >= 2);
+    let run = |keep: &[usize], weights: Option<&[f64]>| {
+        let pick = |v: &[f64]| {
+            Tensor::new(keep.iter().map(|&i| v[i]).collect::<Vec<_>>(), &Device::Cpu).unwrap()
+        };
+        let (rc, rr) = (
+            Var::from_tensor(&pick(&c)).unwrap(),
+            Var::from_tensor(&pick(&r)).unwrap(),
+        );
+        let margin = pick(&m);
+        let out = reward::bradley_terry(
+            rc.as_tensor(),
+            rr.as_tensor(),
+            Some(&margin),
+            Some(0.01),
+            weights,
+        )
+        .unwrap();
+        let g = out.loss.backward().unwrap();
+        let grad = |v: &Var| -> Vec<f64> { g.get(v.as_tensor()).unwrap().to_vec1().unwrap() };
+        (stats::scalar_f64(&out.loss).unwrap(), grad(&rc), grad(&rr))
+    };
+    let all: Vec<usize> = (0..n).collect();
+    let without_last: Vec<usize> = (0..n - 1).collect();
+    let mut w = vec![1.0; n];
+    w[n - 1] = 0.0;
+    let (l0, gc0, gr0) = run(&all, Some(&w));
+    let (l1, gc1, gr1) = run(&without_last, None);
+    close("loss", l0, l1, dt);
+    close_vec("grad chosen", &gc0[..n - 1], &gc1, dt);
+    close_vec("grad rejected", &gr0[..n - 1], &gr1, dt);
+    assert_eq!(
+        (gc0[n - 1], gr0[n - 1]),
+        (0.0, 0.0),
+        "the weight-0 pair got a gradient"
+    );
+    // Weights of 1 are TRL's mean; weights 2 count a pair twice.
+    let ones = vec![1.0; n];
+    let (plain, weighted_ones) = (run(&all, None), run(&all, Some(&ones)));
+    close("loss, weights 1", weighted_ones.0, plain.0, dt);
+    let mut twice = ones.clone();
+    twice[0] = 2.0;
+    let doubled: Vec<usize> = std::iter::once(0).chain(0..n).collect();
+    close(
+        "loss, weight 2",
+        run(&all, Some(&twice)).0,
+        run(&doubled, None).0,
+        dt,
+    );
+    let per = Tensor::new(&[1.0f64, 3.0], &Device::Cpu).unwrap();
+    assert_eq!(
+        stats::scalar_f64(&stats::weighted_mean(&per, Some(&[0.0, 0.0])).unwrap()).unwrap(),
+        0.0
+    );
+    let e = stats::weighted_mean(&per, Some(&[1.0]))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("1 weights for 2"), "{e}");
+    let e = stats::example_weight("preference pair", 3, Some(-0.5))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("preference pair 3 has weight -0.5") && e.contains("hint:"),
+        "{e}"
+    );
+}
+
+/// KTO with per-example weights: a thumb of weight 0 drops out of the mean (its completion still
+/// lends itself to the KL reference point, which is passed in here unchanged); weights of 1 give
+/// TRL's mean.
+#[test]
+fn kto_weights_make_a_weighted_mean_of_the_example_losses() {
+    let dev = &Device::Cpu;
+    let v = |x: &[f64]| Tensor::new(x, dev).unwrap();
+    let (pd, rd, pu, ru) = (v(&[-1.0, -2.0]), v(&[-1.5, -1.0]), v(&[-3.0]), v(&[-2.5]));
+    let (pk, rk) = (v(&[-2.0, -2.2]), v(&[-2.1, -2.0]));
+    let cfg = kto::KtoConfig::default();
+    let out = kto::kto_loss(&pd, &rd, &pu, &ru, &pk, &rk, &cfg).unwrap();
+    let per: Vec<f64> = out.per_example.to_vec1().unwrap();
+    let plain = stats::scalar_f64(&stats::weighted_mean(&out.per_example, None).unwrap()).unwrap();
+    close(
+        "weights 1",
+        plain,
+        stats::scalar_f64(&out.loss).unwrap(),
+        DType::F64,
+    );
+    let w = stats::weighted_mean(&out.per_example, Some(&[1.0, 0.0, 0.5])).unwrap();
+    let want = (per[0] + 0.5 * per[2]) / 1.5;
+    close("weighted", stats::scalar_f64(&w).unwrap(), want, DType::F64);
+}
+
 #[test]
 fn bradley_terry_matches_trl_values_and_gradients() {
     let d = vectors("reward_bradley_terry.json");
@@ -113,7 +218,7 @@ fn bradley_terry_matches_trl_values_and_gradients() {
             let margin = t(&d["margin"], dt);
             let m = case["use_margin"].as_bool().unwrap().then_some(&margin);
             let c = case["center_rewards_coefficient"].as_f64();
-            let out = reward::bradley_terry(rc.as_tensor(), rr.as_tensor(), m, c).unwrap();
+            let out = reward::bradley_terry(rc.as_tensor(), rr.as_tensor(), m, c, None).unwrap();
             close(
                 "loss",
                 stats::scalar_f64(&out.loss).unwrap(),

@@ -50,6 +50,7 @@ pub(crate) fn toy_pairs() -> Vec<PreferenceExample> {
         prompt: format!("User: {p}\nAssistant:"),
         chosen: format!(" {c}"),
         rejected: format!(" {r}"),
+        weight: None,
     })
     .collect()
 }
@@ -121,6 +122,44 @@ fn dpo_loss_falls_and_margin_grows_on_a_toy_set() {
             );
         }
     }
+}
+
+/// A pair of weight 0 is out of DPO's loss: one step on [A, B with weight 0] moves the adapters
+/// exactly as one step on [A] alone, and not as one step on [A, B]; a negative weight is refused
+/// before any step, naming the pair and the value.
+#[test]
+fn a_pair_of_weight_zero_trains_dpo_as_if_it_were_absent() {
+    let pairs = toy_pairs();
+    let run = |pairs: &[PreferenceExample]| {
+        let tmp = tempfile::tempdir().unwrap();
+        let o = PolicyTrainOptions {
+            batch_size: pairs.len(),
+            grad_accum: 1,
+            ..dpo_opts(1)
+        };
+        let mut p = Policy::load(&policy_dir(), o.lora.as_ref(), 1, &Device::Cpu).unwrap();
+        train_dpo(&mut p, pairs, &o, tmp.path()).map(|_| p)
+    };
+    let mut zero = pairs[..2].to_vec();
+    zero[1].weight = Some(0.0);
+    let alone = run(&pairs[..1]).unwrap();
+    assert_vars_close(&run(&zero).unwrap(), &alone);
+    let both = run(&pairs[..2]).unwrap();
+    let (da, db) = (
+        alone.varmap.data().lock().unwrap(),
+        both.varmap.data().lock().unwrap(),
+    );
+    let moved = da
+        .iter()
+        .map(|(k, v)| crate::common::max_abs_diff(v.as_tensor(), db[k].as_tensor()))
+        .fold(0.0f64, |a, b| a.max(b as f64));
+    assert!(
+        moved > 1e-4,
+        "pair B with weight 1 changed nothing ({moved})"
+    );
+    zero[1].weight = Some(-1.0);
+    let e = format!("{:#}", run(&zero).err().unwrap());
+    assert!(e.contains("preference pair 1 has weight -1"), "{e}");
 }
 
 #[test]
@@ -275,6 +314,7 @@ pub(crate) fn thumbs() -> Vec<PointwiseExample> {
             prompt: p.prompt,
             completion: if i % 2 == 0 { p.chosen } else { p.rejected },
             label: i % 2 == 0,
+            weight: None,
         })
         .collect()
 }

@@ -135,6 +135,7 @@ fn bert_text() -> TextData {
         chosen: c.into(),
         rejected: r.into(),
         margin: Some(0.5),
+        weight: None,
     };
     let point = |a: &str, label| PointText {
         prompt: "the climate policy ?".into(),

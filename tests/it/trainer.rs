@@ -53,6 +53,7 @@ pub(crate) fn toy_pairs(n: usize) -> Vec<PairText> {
                 ),
                 rejected: "No.".to_string(),
                 margin: None,
+                weight: None,
             }
         })
         .collect()

@@ -9,7 +9,7 @@
 use candle_core::{D, DType, Result, Tensor, bail};
 use serde::{Deserialize, Serialize};
 
-use super::stats::{log_sigmoid, masked_mean, scalar_f64};
+use super::stats::{log_sigmoid, masked_mean, scalar_f64, weighted_mean};
 
 /// TRL's reward metrics for a batch of pairs.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -36,12 +36,14 @@ pub struct RewardLoss {
 
 /// Bradley–Terry pairwise loss `mean(-logσ(r_c - r_r - margin))`, plus
 /// `center_coef · mean((r_c + r_r)²)` when given (keeps rewards centred on zero).
-/// `chosen`, `rejected` and `margin` are `[B]`.
+/// `chosen`, `rejected` and `margin` are `[B]`. With per-pair `weights` both means are weighted
+/// (`stats::weighted_mean`: a pair of weight 0 is out of the loss); `None` is TRL's mean.
 pub fn bradley_terry(
     chosen: &Tensor,
     rejected: &Tensor,
     margin: Option<&Tensor>,
     center_coef: Option<f64>,
+    weights: Option<&[f64]>,
 ) -> Result<RewardLoss> {
     if chosen.dims() != rejected.dims() {
         bail!(
@@ -55,9 +57,9 @@ pub fn bradley_terry(
         Some(m) => (&diff - m.to_dtype(diff.dtype())?)?,
         None => diff.clone(),
     };
-    let mut loss = log_sigmoid(&logits)?.neg()?.mean_all()?;
+    let mut loss = weighted_mean(&log_sigmoid(&logits)?.neg()?, weights)?;
     if let Some(c) = center_coef {
-        let center = (chosen + rejected)?.sqr()?.mean_all()?.affine(c, 0.0)?;
+        let center = weighted_mean(&(chosen + rejected)?.sqr()?, weights)?.affine(c, 0.0)?;
         loss = (loss + center)?;
     }
     let detached = diff.detach();

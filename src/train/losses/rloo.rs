@@ -4,7 +4,8 @@
 //!
 //! As in GRPO, advantages are host-side f64 targets; the loss keeps its graph to the per-token
 //! log-probs. The KL lives in the reward, so the loss has no KL term. Weighted rewards, reward
-//! metrics and clip-ratio metrics are shared with GRPO (`losses::group_rewards`).
+//! metrics and clip-ratio metrics are shared with GRPO (`losses::group_rewards`). With step
+//! rewards the advantages are per token and each token's gradient carries its own advantage.
 
 use candle_core::{D, DType, Result, Tensor, bail};
 
@@ -100,8 +101,12 @@ pub fn rloo_advantages(
     })
 }
 
+/// Per-row host values (ratios, mask, advantages) for the clip metrics.
+type HostRows = Vec<Vec<f64>>;
+
 /// Inputs of the RLOO loss: per-token `[B, T]` log-probs (with graph) and mask, the sampling
-/// policy's sequence log-probs and the advantages (`[B]`).
+/// policy's sequence log-probs and the advantages: `[B]`, or `[B, T]` per token with step rewards
+/// (`train::step_rewards`).
 #[derive(Debug, Clone, Copy)]
 pub struct RlooBatch<'a> {
     pub logprobs: &'a Tensor,
@@ -112,15 +117,29 @@ pub struct RlooBatch<'a> {
 }
 
 /// TRL's `RLOOTrainer._compute_loss`: `mean_i -min(w_i·A_i, clamp(w_i)·A_i)` with
-/// `w_i = exp(Σ_t lp·m - old_logp_i)`.
+/// `w_i = exp(Σ_t lp·m - old_logp_i)`. Per-token advantages go through
+/// [`per_token_surrogate`], which is this loss, value and gradient, when a row's advantages are
+/// all equal.
 pub fn rloo_loss(x: &RlooBatch<'_>, epsilon_low: f64, epsilon_high: f64) -> Result<GroupLoss> {
     let dt = x.logprobs.dtype();
+    let (b, t) = x.logprobs.dims2()?;
     let mask = x.mask.to_dtype(dt)?;
     let old = x.old_sequence_logps.detach().to_dtype(dt)?;
     let adv = x.advantages.detach().to_dtype(dt)?;
     let ratio = (masked_sum_last(x.logprobs, &mask)? - old)?.exp()?;
-    let loss =
-        clipped_surrogate(&ratio, &ratio, &adv, epsilon_low, epsilon_high)?.mean(D::Minus1)?;
+    let per_token = match adv.dims() {
+        [n] if *n == b => false,
+        [n, m] if *n == b && *m == t => true,
+        other => bail!(
+            "advantages of shape {other:?} for log-probs of shape [{b}, {t}]: expected [{b}] or [{b}, {t}]"
+        ),
+    };
+    let loss = if per_token {
+        per_token_surrogate(x.logprobs, &ratio, &adv, &mask, epsilon_low, epsilon_high)?
+    } else {
+        clipped_surrogate(&ratio, &ratio, &adv, epsilon_low, epsilon_high)?
+    }
+    .mean(D::Minus1)?;
     let mut metrics = Vec::new();
     if let Some(h) = x.entropies {
         let h = h.detach().to_dtype(dt)?;
@@ -128,15 +147,52 @@ pub fn rloo_loss(x: &RlooBatch<'_>, epsilon_low: f64, epsilon_high: f64) -> Resu
     }
     let host =
         |t: &Tensor| -> Result<Vec<f64>> { t.detach().to_dtype(DType::F64)?.to_vec1::<f64>() };
-    let ratios: Vec<Vec<f64>> = host(&ratio)?.into_iter().map(|w| vec![w]).collect();
-    let ones = vec![vec![1.0]; ratios.len()];
-    let advs: Vec<Vec<f64>> = host(&adv)?.into_iter().map(|a| vec![a]).collect();
-    let [low, high, region] = clip_fractions(&ratios, &ones, &advs, epsilon_low, epsilon_high);
-    metrics.extend(clip_ratio_metrics(
-        &low,
-        &high,
-        &region,
-        &vec![1.0; ratios.len()],
-    ));
+    let ratio_h = host(&ratio)?;
+    // Clip flags per sequence (TRL); with per-token advantages, the share of each answer's tokens
+    // whose advantage sign makes the sequence's ratio clip.
+    let (ratios, masks, advs): (HostRows, HostRows, HostRows) = if per_token {
+        let m = mask.to_dtype(DType::F64)?.to_vec2::<f64>()?;
+        let a = adv.to_dtype(DType::F64)?.to_vec2::<f64>()?;
+        (ratio_h.iter().map(|w| vec![*w; t]).collect(), m, a)
+    } else {
+        (
+            ratio_h.iter().map(|w| vec![*w]).collect(),
+            vec![vec![1.0]; b],
+            host(&adv)?.into_iter().map(|a| vec![a]).collect(),
+        )
+    };
+    let [low, high, region] = clip_fractions(&ratios, &masks, &advs, epsilon_low, epsilon_high);
+    metrics.extend(clip_ratio_metrics(&low, &high, &region, &vec![1.0; b]));
     Ok(GroupLoss { loss, metrics })
+}
+
+/// `[B]` per-answer losses for per-token advantages `A_t`: each token's surrogate
+/// `-min(w_t·A_t, clamp(w_t)·A_t)` with `w_t` the sequence ratio's value whose gradient flows
+/// through that token's log-prob only, summed over the answer, so token t is pushed by its own
+/// advantage (`-w·A_t·∇lp_t` unclipped); with equal `A_t` that is the gradient of the sequence
+/// surrogate. The value reported is the sequence surrogate at the answer's mean advantage, so the
+/// logged loss reads as without step rewards.
+fn per_token_surrogate(
+    lp: &Tensor,
+    ratio: &Tensor,
+    adv: &Tensor,
+    mask: &Tensor,
+    epsilon_low: f64,
+    epsilon_high: f64,
+) -> Result<Tensor> {
+    let (b, _) = lp.dims2()?;
+    // exp(lp - sg(lp)) is exactly 1: w_t == w in value.
+    let token_ratio = ratio
+        .detach()
+        .reshape((b, 1))?
+        .broadcast_mul(&(lp - lp.detach())?.exp()?)?;
+    let summed = masked_sum_last(
+        &clipped_surrogate(&token_ratio, &token_ratio, adv, epsilon_low, epsilon_high)?,
+        mask,
+    )?;
+    let lens = mask.sum(D::Minus1)?.clamp(1.0, f64::MAX)?;
+    let mean_adv = masked_sum_last(adv, mask)?.div(&lens)?;
+    let w = ratio.detach();
+    let value = clipped_surrogate(&w, &w, &mean_adv, epsilon_low, epsilon_high)?;
+    value + (&summed - summed.detach())?
 }

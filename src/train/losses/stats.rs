@@ -1,5 +1,6 @@
-//! Masked statistics shared by every loss: masked mean / variance, whitening, clipping, and the
-//! running score moments PPO uses to scale rewards.
+//! Masked statistics shared by every loss: masked mean / variance, whitening, clipping, the
+//! running score moments PPO uses to scale rewards, and the per-example weighted batch mean (with
+//! the check of a weight) that the reward, DPO and KTO losses take.
 //!
 //! They mirror `trl.core` (0.11.4) exactly, including its conventions that trip people up:
 //! `masked_var` is *unbiased* by default (Bessel factor `n / (n - 1)` over the mask count),
@@ -12,6 +13,45 @@ use candle_core::{D, DType, Result, Tensor};
 
 /// Epsilon under the square root when whitening, as in TRL.
 pub const WHITEN_EPS: f64 = 1e-8;
+
+/// The mean of per-example losses `[B]` with per-example weights (the influence cap's share, a
+/// constitution pair's config weight): `sum(w·l) / sum(w)`, so a weight of 0 takes an example
+/// out of the batch and weights rescale examples, not the loss. `None` is TRL's plain mean,
+/// bit for bit. A batch whose weights are all 0 gives 0 (and no gradient).
+pub fn weighted_mean(per_example: &Tensor, weights: Option<&[f64]>) -> Result<Tensor> {
+    let Some(w) = weights else {
+        return per_example.mean_all();
+    };
+    let n = per_example.elem_count();
+    if w.len() != n {
+        candle_core::bail!("{} weights for {n} per-example losses", w.len());
+    }
+    let total: f64 = w.iter().sum();
+    let w = Tensor::from_iter(
+        w.iter().map(|x| x / total.max(f64::MIN_POSITIVE)),
+        per_example.device(),
+    )?
+    .to_dtype(per_example.dtype())?;
+    (per_example.flatten_all()? * w)?.sum_all()
+}
+
+/// Per-example weights for [`weighted_mean`]: `None` (the plain mean) when every weight is 1.
+pub fn non_unit_weights(weights: impl IntoIterator<Item = f64>) -> Option<Vec<f64>> {
+    let w: Vec<f64> = weights.into_iter().collect();
+    w.iter().any(|x| *x != 1.0).then_some(w)
+}
+
+/// Example `i`'s weight in its batch mean (`what`: "preference pair", "thumb"): 1 when none is
+/// given; a negative or non-finite one is refused, naming the example and the value.
+pub fn example_weight(what: &str, i: usize, weight: Option<f64>) -> Result<f64> {
+    let w = weight.unwrap_or(1.0);
+    if !(w.is_finite() && w >= 0.0) {
+        candle_core::bail!(
+            "{what} {i} has weight {w}: expected a finite number >= 0\nhint: fix its \"weight\" field in the training data (0 leaves the example out)"
+        );
+    }
+    Ok(w)
+}
 
 /// `sum(x * mask) / sum(mask)` over all elements (a 0-d tensor).
 pub fn masked_mean(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
