@@ -128,7 +128,7 @@ struct Dpo<'a> {
     rejected: Vec<Tokenised>,
     ref_chosen: Vec<f32>,
     ref_rejected: Vec<f32>,
-    /// Each pair's weight in its micro-batch's mean (1 for most).
+    /// Each pair's weight in its update's mean (1 for most).
     weights: Vec<f64>,
     step: StepLogps,
 }
@@ -138,6 +138,10 @@ impl Objective for Dpo<'_> {
 
     fn examples(&self) -> usize {
         self.chosen.len()
+    }
+
+    fn example_weight(&self, i: usize) -> f64 {
+        self.weights[i]
     }
 
     fn micro_loss(&mut self, _step: u64, micro: &[usize]) -> Result<Tensor> {

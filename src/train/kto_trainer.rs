@@ -133,6 +133,10 @@ impl Objective for Kto<'_> {
         self.examples.len()
     }
 
+    fn example_weight(&self, i: usize) -> f64 {
+        self.examples[i].weight.unwrap_or(1.0)
+    }
+
     fn micro_loss(&mut self, _step: u64, micro: &[usize]) -> Result<Tensor> {
         let (policy, pad) = (self.policy, self.policy.pad_id());
         let dev = policy.model.lm_head_weight().device().clone();

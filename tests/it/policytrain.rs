@@ -162,6 +162,41 @@ fn a_pair_of_weight_zero_trains_dpo_as_if_it_were_absent() {
     assert!(e.contains("preference pair 1 has weight -1"), "{e}");
 }
 
+/// A weight scales a pair within the whole optimiser update, not within its micro-batch: a
+/// half-weight pair scored alone (micro-batches of 1, gradient accumulation over 2) moves the
+/// weights exactly as it does in one micro-batch of 2.
+#[test]
+fn dpo_weights_hold_across_micro_batches() {
+    let mut pairs = toy_pairs()[..2].to_vec();
+    pairs[1].weight = Some(0.5);
+    // `batch_size` is the micro-batch; a step takes `batch_size × grad_accum` pairs.
+    let run = |pairs: &[PreferenceExample], micro_batch: usize| {
+        let tmp = tempfile::tempdir().unwrap();
+        let o = PolicyTrainOptions {
+            batch_size: micro_batch,
+            grad_accum: 2 / micro_batch,
+            ..dpo_opts(1)
+        };
+        let mut p = Policy::load(&policy_dir(), o.lora.as_ref(), 1, &Device::Cpu).unwrap();
+        train_dpo(&mut p, pairs, &o, tmp.path()).unwrap();
+        p
+    };
+    let (whole, accumulated) = (run(&pairs, 2), run(&pairs, 1));
+    assert_vars_close(&whole, &accumulated);
+    // And the weight mattered: the same two pairs at full weight train differently.
+    pairs[1].weight = None;
+    let unweighted = run(&pairs, 1);
+    let (da, db) = (
+        accumulated.varmap.data().lock().unwrap(),
+        unweighted.varmap.data().lock().unwrap(),
+    );
+    let moved = da
+        .iter()
+        .map(|(k, v)| crate::common::max_abs_diff(v.as_tensor(), db[k].as_tensor()))
+        .fold(0.0f64, |a, b| a.max(b as f64));
+    assert!(moved > 1e-5, "a weight of 0.5 changed nothing ({moved})");
+}
+
 #[test]
 fn dpo_stop_and_resume_equals_one_run() {
     let pairs = toy_pairs();

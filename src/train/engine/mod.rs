@@ -235,8 +235,20 @@ pub trait Objective {
     }
 
     /// The mean loss of one micro-batch (indices as [`Objective::plan`] gave them), with its
-    /// autograd graph; the engine weights it by the micro-batch's share of the update.
+    /// autograd graph; the engine weights it by the micro-batch's share of the update (its share
+    /// of the update's [`Objective::example_weight`]s).
     fn micro_loss(&mut self, step: u64, micro: &[usize]) -> Result<Tensor>;
+
+    /// Example `i`'s weight in its update's mean loss (the influence cap's share, a constitution
+    /// or AI pair's config weight); 1 by default. An objective whose micro-batch loss is the
+    /// weighted mean `sum(w·l) / sum(w)` returns its weights here, so that the engine, weighing
+    /// each micro-batch by its share of the update's total weight, gives the whole update
+    /// `sum(w·l) / sum(w)` whatever the micro-batch size: a half-weight pair alone in its
+    /// micro-batch still counts half.
+    fn example_weight(&self, i: usize) -> f64 {
+        let _ = i;
+        1.0
+    }
 
     /// The step's metrics, after all its updates.
     fn finish_step(&mut self, step: u64) -> Result<StepReport>;
@@ -415,10 +427,17 @@ fn run_updates<O: Objective>(
     for update in updates {
         let mut grads: Option<GradStore> = None;
         let mut value = 0.0;
+        let update_weight = weight_of(objective, update);
         for micro in update.chunks(cfg.micro_batch) {
             let mut loss = objective.micro_loss(step, micro)?;
             if micro.len() != update.len() {
-                loss = loss.affine(micro.len() as f64 / update.len() as f64, 0.0)?;
+                // With unit weights this is the micro-batch's share of the examples, exactly.
+                let share = if update_weight > 0.0 {
+                    weight_of(objective, micro) / update_weight
+                } else {
+                    micro.len() as f64 / update.len() as f64
+                };
+                loss = loss.affine(share, 0.0)?;
             }
             clock.lap("forward");
             value += guard::check_loss(step, &loss)?;
@@ -437,6 +456,11 @@ fn run_updates<O: Objective>(
     }
     let k = updates.len().max(1) as f64;
     Ok((loss_sum / k, norm_sum / k))
+}
+
+/// The total [`Objective::example_weight`] of `examples`.
+fn weight_of<O: Objective>(objective: &O, examples: &[usize]) -> f64 {
+    examples.iter().map(|&i| objective.example_weight(i)).sum()
 }
 
 /// Sums the gradients of the optimiser's parameters in `next` into `acc` (accumulation over
