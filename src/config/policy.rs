@@ -159,6 +159,12 @@ pub fn validate_policy(raw: RawPolicy) -> Result<PolicySettings, Invalid> {
         checkpoint_every: raw.checkpoint_every.map_or(d.checkpoint_every, |v| v.0),
         seed: raw.seed.map_or(d.seed, |v| v.0),
         device: device_string(device),
+        precision: match raw.precision.as_deref() {
+            None => d.precision,
+            Some(p) => p
+                .parse()
+                .map_err(|e| Invalid::new("policy.precision", format!("{e}")))?,
+        },
     };
     let model = raw
         .model

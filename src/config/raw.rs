@@ -168,6 +168,9 @@ pub struct RawPolicy {
     pub seed: Option<NonNegativeInt>,
     /// `cpu` or `cuda` (a binary built with `--features cuda`).
     pub device: Option<String>,
+    /// Frozen models held in bf16 and bf16 products: `f32` (default), `bf16` or `auto`
+    /// (docs/config.md, `policy.precision`).
+    pub precision: Option<String>,
     #[serde(default)]
     pub ppo: RawPpo,
     /// GRPO / RLOO settings (TRL's names; validated by `GroupRlOptions::validate`).

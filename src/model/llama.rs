@@ -573,9 +573,11 @@ fn linear(
     cfg: &LlamaConfig,
     vb: VarBuilder,
 ) -> candle_core::Result<Linear> {
+    // The weight in the builder's dtype (bf16 for a frozen model held in bf16); everything
+    // else a model holds — biases, norms, embeddings, heads — stays f32.
     let w = vb.get_with_hints((out_dim, in_dim), "weight", weight_init(cfg))?;
     let b = if bias {
-        Some(vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?)
+        Some(vb.get_with_hints_dtype(out_dim, "bias", Init::Const(0.0), DType::F32)?)
     } else {
         None
     };
@@ -595,7 +597,7 @@ impl RmsNorm {
     fn new(size: usize, cfg: &LlamaConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let unit_offset = cfg.family().norm_unit_offset();
         let init = Init::Const(if unit_offset { 0.0 } else { 1.0 });
-        let weight = vb.get_with_hints(size, "weight", init)?;
+        let weight = vb.get_with_hints_dtype(size, "weight", init, DType::F32)?;
         Ok(Self {
             weight,
             eps: cfg.rms_norm_eps,
@@ -907,10 +909,11 @@ pub struct LlamaModel {
 impl LlamaModel {
     /// Builds the body under `vb` (which should be prefixed `model`).
     pub fn new(cfg: &LlamaConfig, vb: VarBuilder) -> candle_core::Result<Self> {
-        let emb = vb.pp("embed_tokens").get_with_hints(
+        let emb = vb.pp("embed_tokens").get_with_hints_dtype(
             (cfg.vocab_size, cfg.hidden_size),
             "weight",
             weight_init(cfg),
+            DType::F32,
         )?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| DecoderLayer::new(cfg, i, vb.pp(format!("layers.{i}"))))
@@ -1209,10 +1212,11 @@ impl LlamaForCausalLM {
         let lm_head = if cfg.tie_word_embeddings {
             model.embed_weight().clone()
         } else {
-            vb.pp("lm_head").get_with_hints(
+            vb.pp("lm_head").get_with_hints_dtype(
                 (cfg.vocab_size, cfg.hidden_size),
                 "weight",
                 weight_init(cfg),
+                DType::F32,
             )?
         };
         Ok(Self {
@@ -1657,11 +1661,45 @@ pub fn load_frozen_causal_lm(
     dir: &Path,
     device: &candle_core::Device,
 ) -> anyhow::Result<LlamaForCausalLM> {
+    load_frozen_causal_lm_in(dir, device, DType::F32)
+}
+
+/// [`load_frozen_causal_lm`] with the decoder's projections held in `projections` (bf16 halves
+/// the bulk of a frozen model; see `policy.precision`). Embeddings, norms and the LM head stay
+/// f32.
+pub fn load_frozen_causal_lm_in(
+    dir: &Path,
+    device: &candle_core::Device,
+    projections: DType,
+) -> anyhow::Result<LlamaForCausalLM> {
     let cfg = LlamaConfig::from_dir(dir)?;
-    let tensors = crate::model::checkpoint_io::read_dir_tensors(dir, device)?;
+    let tensors = checkpoint_io::read_dir_tensors_as(dir, device, |name| {
+        if is_projection_weight(name) {
+            projections
+        } else {
+            DType::F32
+        }
+    })?;
+    frozen_causal_lm_from_tensors(&cfg, tensors, projections, device)
+        .with_context(|| format!("building the frozen base model from {}", dir.display()))
+}
+
+/// A frozen causal LM from named tensors (HF names), its projections in `projections` (the
+/// tensors should already be in it, or each is converted here).
+pub fn frozen_causal_lm_from_tensors(
+    cfg: &LlamaConfig,
+    tensors: std::collections::HashMap<String, Tensor>,
+    projections: DType,
+    device: &candle_core::Device,
+) -> candle_core::Result<LlamaForCausalLM> {
     // A frozen base is what rollouts decode with: its weights are streamed once per token.
     kernels::collapse_into_huge_pages(tensors.values());
-    let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, device);
-    LlamaForCausalLM::new(&cfg, vb)
-        .with_context(|| format!("building the frozen base model from {}", dir.display()))
+    let vb = candle_nn::VarBuilder::from_tensors(tensors, projections, device);
+    LlamaForCausalLM::new(cfg, vb)
+}
+
+/// Whether `name` is the weight of a decoder projection (`model.layers.N.*_proj.weight`): what
+/// LoRA adapts and a frozen model may hold in bf16.
+pub fn is_projection_weight(name: &str) -> bool {
+    name.starts_with("model.layers.") && name.ends_with("_proj.weight")
 }

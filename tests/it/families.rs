@@ -127,7 +127,7 @@ fn batch(name: &str) -> (Tensor, Tensor) {
     (ids, targets)
 }
 
-fn nll(model: &LlamaForCausalLM, ids: &Tensor, targets: &Tensor) -> Tensor {
+pub(crate) fn nll(model: &LlamaForCausalLM, ids: &Tensor, targets: &Tensor) -> Tensor {
     model
         .sequence_logprobs(ids, None, targets)
         .unwrap()

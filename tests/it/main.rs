@@ -26,6 +26,7 @@ mod feedback_server;
 mod firstrun;
 mod forge_behaviour;
 mod forge_contract;
+mod frozen_bf16;
 mod grpo;
 mod hostile;
 mod hub_download;

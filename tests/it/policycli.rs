@@ -444,6 +444,11 @@ fn bad_policy_config_values_name_the_key_and_position() {
     );
     let e = config_error("policy:\n  device: tpu\n");
     assert!(e.contains("policy.device") && e.contains("\"tpu\""), "{e}");
+    let e = config_error("policy:\n  precision: fp8\n");
+    assert!(
+        e.contains("policy.precision") && e.contains("\"fp8\"") && e.contains("hint:"),
+        "{e}"
+    );
     let e = config_error("policy:\n  stepz: 3\n");
     assert!(
         e.contains("unknown field `stepz`") && e.contains("hint:"),
