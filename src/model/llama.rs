@@ -15,6 +15,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::Context;
 use candle_core::{D, DType, Device, Module, Tensor};
@@ -25,6 +26,7 @@ use super::checkpoint_io::{self, LoadReport};
 use super::family::{Family, FamilyError};
 use super::lora::{AdaptableLinear, HasAdaptableLinears};
 use super::ops;
+use super::recompute;
 use super::rope::{Rope, RopeDims, RopeError};
 use crate::kernels;
 
@@ -859,6 +861,33 @@ impl DecoderLayer {
         })
     }
 
+    /// The layer's trainable tensors (LoRA A/B, or every weight when fully trained), the ones
+    /// a recomputed layer must hand gradients to.
+    fn trainable(&self) -> Vec<Tensor> {
+        let a = &self.self_attn;
+        let m = &self.mlp;
+        let linears = [
+            &a.q_proj,
+            &a.k_proj,
+            &a.v_proj,
+            &a.o_proj,
+            &m.gate_proj,
+            &m.up_proj,
+            &m.down_proj,
+        ];
+        let mut norms = vec![&self.input_layernorm, &self.post_attention_layernorm];
+        norms.extend(a.q_norm.iter().chain(&a.k_norm));
+        if let Some(s) = &self.sandwich {
+            norms.extend([&s.pre_feedforward_layernorm, &s.post_feedforward_layernorm]);
+        }
+        linears
+            .into_iter()
+            .flat_map(AdaptableLinear::tensors)
+            .chain(norms.into_iter().map(|n| n.weight.clone()))
+            .filter(Tensor::is_variable)
+            .collect()
+    }
+
     fn forward(
         &self,
         x: &Tensor,
@@ -904,6 +933,8 @@ pub struct LlamaModel {
     /// The sliding layers' rotary embedding and window, when any layer slides.
     sliding: Option<(Rope, usize)>,
     cfg: LlamaConfig,
+    /// Gradient checkpointing: layers keep no activations and run again in backward.
+    recompute_layers: bool,
 }
 
 impl LlamaModel {
@@ -935,6 +966,7 @@ impl LlamaModel {
             rope_full: rope(false)?,
             sliding,
             cfg: cfg.clone(),
+            recompute_layers: false,
         })
     }
 
@@ -1050,9 +1082,22 @@ impl LlamaModel {
         let ctx = self.attention_context(&mask, offset, input_ids.device())?;
         let mut x = self.embed(input_ids)?;
         for layer in &self.layers {
-            x = layer.forward(&x, &ctx, None)?;
+            x = if self.recompute_layers {
+                let (layer_, ctx_) = (layer.clone(), ctx.clone());
+                let block: recompute::Block = Arc::new(move |x| layer_.forward(x, &ctx_, None));
+                recompute::checkpointed(block, &x, layer.trainable())?
+            } else {
+                layer.forward(&x, &ctx, None)?
+            };
         }
         self.norm.forward(&x)
+    }
+
+    /// Turns gradient checkpointing on or off (`policy.gradient_checkpointing`): with it, a
+    /// training forward keeps each layer's input only and recomputes the layer in backward.
+    /// Off by default; generation (the KV-cache path) never recomputes.
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.recompute_layers = on;
     }
 
     /// Hidden states `[batch, t, hidden]` for `input_ids` `[batch, t]` that follow the

@@ -325,6 +325,22 @@ impl AdaptableLinear {
         }
     }
 
+    /// Every tensor the layer multiplies with: weight and bias, plus A and B with an adapter.
+    pub fn tensors(&self) -> Vec<Tensor> {
+        let base = match self {
+            Self::Plain(l) => l,
+            Self::Lora(l) => &l.base,
+        };
+        let mut out: Vec<Tensor> = std::iter::once(base.weight())
+            .chain(base.bias())
+            .cloned()
+            .collect();
+        if let Self::Lora(l) = self {
+            out.extend([l.a.clone(), l.b.clone()]);
+        }
+        out
+    }
+
     /// Folds an adapter into the weight; a plain layer stays as it is.
     pub fn merge(&mut self) -> candle_core::Result<()> {
         if let Self::Lora(l) = self {

@@ -398,6 +398,9 @@ pub struct PolicyTrainOptions {
     /// `policy.precision`: `bf16` holds the frozen weights (LoRA base, reference policy) in bf16
     /// and runs the big products in bf16; trainable weights and optimiser state stay f32.
     pub precision: PrecisionChoice,
+    /// `policy.gradient_checkpointing`: decoder layers keep no activations and run again in
+    /// backward (CPU; deterministic layers, so no LoRA dropout).
+    pub gradient_checkpointing: bool,
 }
 
 impl Default for PolicyTrainOptions {
@@ -428,6 +431,7 @@ impl Default for PolicyTrainOptions {
             seed: 42,
             device: "cpu".into(),
             precision: PrecisionChoice::F32,
+            gradient_checkpointing: false,
         }
     }
 }

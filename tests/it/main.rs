@@ -46,6 +46,7 @@ mod prism;
 mod promotion;
 mod pull;
 mod pull_hostile;
+mod recompute;
 mod registry;
 mod report;
 mod rewardloss;

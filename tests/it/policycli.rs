@@ -444,6 +444,11 @@ fn bad_policy_config_values_name_the_key_and_position() {
     );
     let e = config_error("policy:\n  device: tpu\n");
     assert!(e.contains("policy.device") && e.contains("\"tpu\""), "{e}");
+    let e = config_error("policy:\n  gradient_checkpointing: true\n  lora:\n    dropout: 0.1\n");
+    assert!(
+        e.contains("policy.gradient_checkpointing") && e.contains("dropout is 0.1"),
+        "{e}"
+    );
     let e = config_error("policy:\n  precision: fp8\n");
     assert!(
         e.contains("policy.precision") && e.contains("\"fp8\"") && e.contains("hint:"),
