@@ -140,7 +140,7 @@ hint: set it to              false for a {device:?} run"
         .model
         .model_mut()
         .set_gradient_checkpointing(opts.gradient_checkpointing);
-    let rm = RewardScorer::load(&req.reward_model, &device)?;
+    let rm = RewardScorer::load_in(&req.reward_model, &device, policy.frozen_dtype())?;
     // Resolved before training so an unknown aspect fails before any step runs.
     let reward = PolicyReward::new(&opts.reward, &rm)
         .with_context(|| format!("the reward model in {}", req.reward_model.display()))?;

@@ -1464,6 +1464,8 @@ impl LlamaForSequenceClassification {
     pub fn new(cfg: &LlamaConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let model = LlamaModel::new(cfg, vb.pp("model"))?;
         let h = cfg.hidden_size;
+        // Heads stay f32 in a model whose projections are held in bf16.
+        let vb = vb.set_dtype(DType::F32);
         let score = linear(h, cfg.num_labels(), false, cfg, vb.pp("score"))?;
         let heads = cfg.extra_heads.clone().unwrap_or_default();
         let aspect_heads = heads
@@ -1741,6 +1743,30 @@ pub fn frozen_causal_lm_from_tensors(
     kernels::collapse_into_huge_pages(tensors.values());
     let vb = candle_nn::VarBuilder::from_tensors(tensors, projections, device);
     LlamaForCausalLM::new(cfg, vb)
+}
+
+/// A reward model for scoring only (`policy.precision`): every weight a plain tensor, the
+/// decoder's projections in `projections`, the heads f32; `num_labels` set to 1 as the scorer
+/// reads it. Returns the model and its score head `[1, hidden]`.
+pub fn load_frozen_reward_model(
+    dir: &Path,
+    device: &candle_core::Device,
+    projections: DType,
+) -> anyhow::Result<(LlamaForSequenceClassification, LlamaConfig, Option<Tensor>)> {
+    let mut cfg = LlamaConfig::from_dir(dir)?;
+    cfg.set_num_labels(1);
+    let tensors = checkpoint_io::read_dir_tensors_as(dir, device, |name| {
+        if is_projection_weight(name) {
+            projections
+        } else {
+            DType::F32
+        }
+    })?;
+    let score = tensors.get("score.weight").cloned();
+    let vb = candle_nn::VarBuilder::from_tensors(tensors, projections, device);
+    let model = LlamaForSequenceClassification::new(&cfg, vb)
+        .with_context(|| format!("building the frozen reward model from {}", dir.display()))?;
+    Ok((model, cfg, score))
 }
 
 /// Whether `name` is the weight of a decoder projection (`model.layers.N.*_proj.weight`): what

@@ -592,6 +592,14 @@ pub fn run_sampling_objective<O: Objective>(
     outcome
 }
 
+/// The dtype `precision` holds frozen projections in.
+fn frozen_dtype(precision: Precision) -> DType {
+    match precision {
+        Precision::F32 => DType::F32,
+        Precision::Bf16 => DType::BF16,
+    }
+}
+
 /// The model being trained, its frozen reference and what the optimiser sees.
 pub struct Policy {
     pub model: LlamaForCausalLM,
@@ -602,6 +610,8 @@ pub struct Policy {
     pub config: LlamaConfig,
     pub tokenizer: Tokenizer,
     pub base_dir: PathBuf,
+    /// What `policy.precision` holds the frozen projections in.
+    frozen: DType,
 }
 
 impl std::fmt::Debug for Policy {
@@ -635,10 +645,7 @@ impl Policy {
         device: &Device,
         precision: Precision,
     ) -> Result<Self> {
-        let frozen = match precision {
-            Precision::F32 => DType::F32,
-            Precision::Bf16 => DType::BF16,
-        };
+        let frozen = frozen_dtype(precision);
         let config = LlamaConfig::from_dir(dir)?;
         let tok_path = dir.join("tokenizer.json");
         let tokenizer = Tokenizer::from_file(&tok_path).with_context(|| {
@@ -688,7 +695,14 @@ impl Policy {
             config,
             tokenizer,
             base_dir: dir.to_path_buf(),
+            frozen,
         })
+    }
+
+    /// The dtype the frozen models' projections are held in (the reference, the LoRA base, the
+    /// reward model that scores rollouts).
+    pub fn frozen_dtype(&self) -> DType {
+        self.frozen
     }
 
     pub fn eos_ids(&self) -> Vec<u32> {

@@ -191,3 +191,39 @@ fn a_lora_step_on_a_bf16_base_matches_the_f32_base() {
         );
     }
 }
+
+/// The reward model that scores rollouts, held in bf16, scores as the f32 one does within 1% of
+/// the scores' spread, and ranks the answers the same way.
+#[test]
+fn a_bf16_held_reward_model_scores_as_the_f32_one() {
+    use rlhf_bot::train::policy_eval::RewardScorer;
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama-rm");
+    let f32_rm = RewardScorer::load(&dir, &Device::Cpu).unwrap();
+    let bf16_rm = RewardScorer::load_in(&dir, &Device::Cpu, DType::BF16).unwrap();
+    let rows: Vec<Vec<u32>> = (0..6u32)
+        .map(|r| (0..20 + r).map(|i| (i * 13 + r * 7 + 5) % 250).collect())
+        .collect();
+    let texts = vec![String::new(); rows.len()];
+    let (a, b) = (
+        f32_rm.score(&rows, &texts).unwrap(),
+        bf16_rm.score(&rows, &texts).unwrap(),
+    );
+    let spread =
+        a.iter().copied().fold(f32::MIN, f32::max) - a.iter().copied().fold(f32::MAX, f32::min);
+    let gap = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    eprintln!("reward scores f32 {a:?}, bf16 {b:?}");
+    assert!(
+        gap <= 1e-2 * spread,
+        "bf16 scores differ by {gap} (spread {spread})"
+    );
+    let order = |s: &[f32]| {
+        let mut idx: Vec<usize> = (0..s.len()).collect();
+        idx.sort_by(|&i, &j| s[i].total_cmp(&s[j]));
+        idx
+    };
+    assert_eq!(order(&a), order(&b), "the ranking changed");
+}
