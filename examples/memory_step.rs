@@ -85,6 +85,14 @@ fn peak_mib() -> f64 {
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
+/// A `[rows, len]` mask scoring the second half of each row (the completion).
+fn second_halves(rows: usize, len: usize, dev: &Device) -> candle_core::Result<Tensor> {
+    let mask: Vec<u32> = (0..rows * len)
+        .map(|i| u32::from(i % len >= len / 2))
+        .collect();
+    Tensor::from_vec(mask, (rows, len), dev)
+}
+
 fn main() -> anyhow::Result<()> {
     rlhf_bot::kernels::tune_allocator();
     let _ = rlhf_bot::kernels::init_compute_threads(None);
@@ -137,10 +145,7 @@ fn main() -> anyhow::Result<()> {
             let rows = 2 * batch;
             let ids: Vec<u32> = (0..rows * len).map(token).collect();
             let ids = Tensor::from_vec(ids, (rows, len), &dev)?;
-            let scored: Vec<u32> = (0..rows * len)
-                .map(|i| u32::from(i % len >= len / 2))
-                .collect();
-            let scored = Tensor::from_vec(scored, (rows, len), &dev)?;
+            let scored = second_halves(rows, len, &dev)?;
             let reference_logps = reference.sequence_logprobs(&ids, None, &scored)?.detach();
             let logps = policy.sequence_logprobs(&ids, None, &scored)?;
             let out = dpo_loss(
@@ -168,10 +173,7 @@ fn main() -> anyhow::Result<()> {
             let n = batch * group;
             let width = rows.len() / n;
             let ids = Tensor::from_vec(rows, (n, width), &dev)?;
-            let scored: Vec<u32> = (0..n * width)
-                .map(|i| u32::from(i % width >= len / 2))
-                .collect();
-            let scored = Tensor::from_vec(scored, (n, width), &dev)?;
+            let scored = second_halves(n, width, &dev)?;
             let reference_logps = reference.sequence_logprobs(&ids, None, &scored)?.detach();
             let logps = policy.sequence_logprobs(&ids, None, &scored)?;
             let advantages: Vec<f32> = (0..n).map(|i| i as f32 / n as f32 - 0.5).collect();

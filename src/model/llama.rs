@@ -1720,29 +1720,12 @@ pub fn load_frozen_causal_lm_in(
     projections: DType,
 ) -> anyhow::Result<LlamaForCausalLM> {
     let cfg = LlamaConfig::from_dir(dir)?;
-    let tensors = checkpoint_io::read_dir_tensors_as(dir, device, |name| {
-        if is_projection_weight(name) {
-            projections
-        } else {
-            DType::F32
-        }
-    })?;
-    frozen_causal_lm_from_tensors(&cfg, tensors, projections, device)
-        .with_context(|| format!("building the frozen base model from {}", dir.display()))
-}
-
-/// A frozen causal LM from named tensors (HF names), its projections in `projections` (the
-/// tensors should already be in it, or each is converted here).
-pub fn frozen_causal_lm_from_tensors(
-    cfg: &LlamaConfig,
-    tensors: std::collections::HashMap<String, Tensor>,
-    projections: DType,
-    device: &candle_core::Device,
-) -> candle_core::Result<LlamaForCausalLM> {
+    let tensors = read_frozen_tensors(dir, device, projections)?;
     // A frozen base is what rollouts decode with: its weights are streamed once per token.
     kernels::collapse_into_huge_pages(tensors.values());
     let vb = candle_nn::VarBuilder::from_tensors(tensors, projections, device);
-    LlamaForCausalLM::new(cfg, vb)
+    LlamaForCausalLM::new(&cfg, vb)
+        .with_context(|| format!("building the frozen base model from {}", dir.display()))
 }
 
 /// A reward model for scoring only (`policy.precision`): every weight a plain tensor, the
@@ -1755,18 +1738,27 @@ pub fn load_frozen_reward_model(
 ) -> anyhow::Result<(LlamaForSequenceClassification, LlamaConfig, Option<Tensor>)> {
     let mut cfg = LlamaConfig::from_dir(dir)?;
     cfg.set_num_labels(1);
-    let tensors = checkpoint_io::read_dir_tensors_as(dir, device, |name| {
-        if is_projection_weight(name) {
-            projections
-        } else {
-            DType::F32
-        }
-    })?;
+    let tensors = read_frozen_tensors(dir, device, projections)?;
     let score = tensors.get("score.weight").cloned();
     let vb = candle_nn::VarBuilder::from_tensors(tensors, projections, device);
     let model = LlamaForSequenceClassification::new(&cfg, vb)
         .with_context(|| format!("building the frozen reward model from {}", dir.display()))?;
     Ok((model, cfg, score))
+}
+
+/// A checkpoint's tensors with the projections in `projections` and everything else in f32.
+fn read_frozen_tensors(
+    dir: &Path,
+    device: &candle_core::Device,
+    projections: DType,
+) -> anyhow::Result<std::collections::HashMap<String, Tensor>> {
+    checkpoint_io::read_dir_tensors_as(dir, device, |name| {
+        if is_projection_weight(name) {
+            projections
+        } else {
+            DType::F32
+        }
+    })
 }
 
 /// Whether `name` is the weight of a decoder projection (`model.layers.N.*_proj.weight`): what
