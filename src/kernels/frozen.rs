@@ -8,9 +8,9 @@
 //! - CPU, f32 input, bf16 weight: [`Bf16WeightProduct`] runs the bf16 gemm on the stored bf16
 //!   values (AVX512_BF16; on other CPUs the weight is widened to f32 on the fly, one matrix at
 //!   a time), and its backward is the same op against `W` untransposed.
-//! - Everywhere else (CUDA, the f64 test path, small f32 shapes): candle's matmul on a detached
-//!   input, in the weight's dtype (bf16 autocast on CUDA), then [`InputGradOnly`] hands back
-//!   the product and gives the input its gradient `dy · W`, nothing for the weight.
+//! - Everywhere else (CUDA, the f64 test path, small f32 shapes): [`super::matmul_t`] on a
+//!   detached input (bf16 autocast on CUDA), then [`InputGradOnly`] hands back the product and
+//!   gives the input its gradient `dy · W`, nothing for the weight.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
@@ -33,12 +33,10 @@ pub fn frozen_matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
             transposed: true,
         });
     }
+    // The very product an unfrozen layer computes (decode-shape kernel, autocast), so the
+    // frozen route changes gradients only, never values.
+    let y = super::matmul_t(&x.detach(), w)?;
     let compute = autocast_dtype(x, w);
-    let y = x
-        .detach()
-        .to_dtype(compute)?
-        .matmul(&w.to_dtype(compute)?.t()?)?
-        .to_dtype(x.dtype())?;
     if !x.track_op() {
         return Ok(y);
     }
