@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 
 use crate::dataset::{PolicyLine, load_policy_jsonl};
 use crate::evals::ModelAnswer;
-use crate::kernels::precision::{Precision, set_precision};
+use crate::kernels::precision::set_precision;
 use crate::model::chat_template::{ChatMessage, ChatTemplate};
 use crate::model::llama::load_frozen_causal_lm;
 use crate::run::outputs::{PolicyAlgo, PolicyMetrics, TrainStats, write_metrics};
@@ -95,9 +95,12 @@ pub fn train_policy_blocking(req: &TrainPolicyRequest) -> Result<PolicyRunSummar
     let opts = &req.options;
     opts.validate()?;
     let device = opts.device()?;
-    // Policy training multiplies in f32: a reward stage earlier in this process (`run`) may have
-    // switched the CPU products to bf16 (`reward.precision`).
-    set_precision(Precision::F32);
+    // Set for this stage whatever it was: a reward stage earlier in this process (`run`) may
+    // have switched the products to bf16 (`reward.precision`).
+    let precision = opts
+        .precision
+        .resolve_on("policy.precision", device.is_cpu())?;
+    set_precision(precision);
     let mut lines = load_policy_jsonl(&req.data)?;
     if req.apply_chat_template {
         let tpl = ChatTemplate::from_hf_dir(&req.base_model)
@@ -120,8 +123,24 @@ pub fn train_policy_blocking(req: &TrainPolicyRequest) -> Result<PolicyRunSummar
     let train: Vec<&PolicyLine> = lines.iter().filter(|l| !held.contains(&l.prompt)).collect();
     let eval_prompts: Vec<String> = held.iter().cloned().collect();
 
-    let mut policy = Policy::load(&req.base_model, opts.lora.as_ref(), opts.seed, &device)?;
-    let rm = RewardScorer::load(&req.reward_model, &device)?;
+    if opts.gradient_checkpointing && !device.is_cpu() {
+        bail!(
+            "policy.gradient_checkpointing recomputes layers on the CPU only
+hint: set it to              false for a {device:?} run"
+        );
+    }
+    let mut policy = Policy::load_in(
+        &req.base_model,
+        opts.lora.as_ref(),
+        opts.seed,
+        &device,
+        precision,
+    )?;
+    policy
+        .model
+        .model_mut()
+        .set_gradient_checkpointing(opts.gradient_checkpointing);
+    let rm = RewardScorer::load_in(&req.reward_model, &device, policy.frozen_dtype())?;
     // Resolved before training so an unknown aspect fails before any step runs.
     let reward = PolicyReward::new(&opts.reward, &rm)
         .with_context(|| format!("the reward model in {}", req.reward_model.display()))?;
@@ -241,7 +260,7 @@ pub fn train_policy_blocking(req: &TrainPolicyRequest) -> Result<PolicyRunSummar
             examples_per_second: outcome.examples as f64 / secs,
             tokens_per_second: outcome.tokens as f64 / secs,
             epochs: outcome.epochs,
-            precision: Some(Precision::F32.to_string()),
+            precision: Some(precision.to_string()),
         },
         last_step: outcome
             .log

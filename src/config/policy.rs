@@ -106,6 +106,21 @@ pub fn validate_policy(raw: RawPolicy) -> Result<PolicySettings, Invalid> {
         .map(|v| positive("policy.lr", Some(v), v))
         .transpose()?;
     let lora = validate_lora(&raw.lora)?;
+    let gradient_checkpointing = raw.gradient_checkpointing.unwrap_or(false);
+    if let Some(l) = lora
+        .as_ref()
+        .filter(|l| gradient_checkpointing && l.dropout > 0.0)
+    {
+        // A recomputed layer must repeat its first run exactly; a new dropout mask would not.
+        return Err(Invalid::new(
+            "policy.gradient_checkpointing",
+            format!(
+                "recomputing layers needs deterministic layers, but lora.dropout is {}
+hint:                  set policy.lora.dropout: 0, or gradient_checkpointing: false",
+                l.dropout
+            ),
+        ));
+    }
     let ppo = validate_ppo(&raw.ppo)?;
     if let Some((key, message)) = raw.grpo.problem() {
         return Err(Invalid::new(&format!("policy.grpo.{key}"), message));
@@ -159,6 +174,13 @@ pub fn validate_policy(raw: RawPolicy) -> Result<PolicySettings, Invalid> {
         checkpoint_every: raw.checkpoint_every.map_or(d.checkpoint_every, |v| v.0),
         seed: raw.seed.map_or(d.seed, |v| v.0),
         device: device_string(device),
+        precision: match raw.precision.as_deref() {
+            None => d.precision,
+            Some(p) => p
+                .parse()
+                .map_err(|e| Invalid::new("policy.precision", format!("{e}")))?,
+        },
+        gradient_checkpointing,
     };
     let model = raw
         .model

@@ -174,6 +174,11 @@ pub struct RawPolicy {
     pub seed: Option<NonNegativeInt>,
     /// `cpu` or `cuda` (a binary built with `--features cuda`).
     pub device: Option<String>,
+    /// Frozen models held in bf16 and bf16 products: `f32` (default), `bf16` or `auto`
+    /// (docs/config.md, `policy.precision`).
+    pub precision: Option<String>,
+    /// Recompute each decoder layer's activations in backward instead of keeping them.
+    pub gradient_checkpointing: Option<bool>,
     #[serde(default)]
     pub ppo: RawPpo,
     /// GRPO / RLOO settings (TRL's names; validated by `GroupRlOptions::validate`).

@@ -169,29 +169,94 @@ pub fn bf16_gemm_threads(
             kp: k.div_ceil(2),
         };
         let b_packed = pack_b(&shape, rhs, (rhs_rs, rhs_cs), threads);
-        let task = |(t, rows_dst): (usize, &mut [f32])| {
-            let row0 = t * MC;
-            if row0 < m {
-                let rows = MC.min(m - row0);
-                let a = StridedSource {
-                    data: lhs,
-                    lane_stride: lhs_rs,
-                    k_stride: lhs_cs,
-                    lane0: row0,
-                };
-                multiply_rows(
-                    &shape, &a, rows, &b_packed, rows_dst, dst_rs, accumulate, scale,
-                );
-            }
+        multiply_packed(
+            &shape,
+            m,
+            (dst, dst_rs),
+            accumulate,
+            (lhs, (lhs_rs, lhs_cs)),
+            &b_packed,
+            scale,
+            threads,
+        );
+    }
+}
+
+/// `dst = lhs · rhs` for a row-major `m×n` `dst`, where `rhs` is already bf16 (bit patterns, as
+/// candle's `bf16` tensors hold them) at strides `(rhs_rs, rhs_cs)`: a frozen weight stored in
+/// bf16 is packed as it is, with no f32 copy. Same accumulation as [`bf16_gemm_threads`].
+///
+/// Panics if the CPU lacks AVX512_BF16 ([`supported`]) or on strides outside the slices.
+pub fn bf16_gemm_bf16_rhs_threads(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    lhs: (&[f32], (usize, usize)),
+    rhs: (&[u16], (usize, usize)),
+    threads: usize,
+) {
+    assert!(
+        supported(),
+        "bf16 gemm called on a CPU without AVX512_BF16 (callers check `supported` first)"
+    );
+    assert!(
+        dst.len() >= m * n,
+        "bf16 gemm: dst holds fewer than m·n values"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        dst[..m * n].fill(0.0);
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        let shape = Shape {
+            n,
+            k,
+            kp: k.div_ceil(2),
         };
-        // Each task owns MC whole rows of dst: with dst_cs = 1 and dst_rs ≥ n a row's n
-        // elements lie inside its chunk.
-        let chunk = MC * dst_rs;
-        if threads > 1 {
-            dst.par_chunks_mut(chunk).enumerate().for_each(task);
-        } else {
-            dst.chunks_mut(chunk).enumerate().for_each(task);
+        let b_packed = pack_b_bf16(&shape, rhs.0, rhs.1, threads);
+        multiply_packed(&shape, m, (dst, n), false, lhs, &b_packed, 1.0, threads);
+    }
+}
+
+/// Splits the rows of `dst` (row stride `dst_rs`, contiguous columns) into tasks of [`MC`] rows
+/// that each pack their A rows and multiply them by the packed B.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn multiply_packed(
+    shape: &Shape,
+    m: usize,
+    (dst, dst_rs): (&mut [f32], usize),
+    accumulate: bool,
+    (lhs, (lhs_rs, lhs_cs)): (&[f32], (usize, usize)),
+    b_packed: &[u32],
+    scale: f32,
+    threads: usize,
+) {
+    let task = |(t, rows_dst): (usize, &mut [f32])| {
+        let row0 = t * MC;
+        if row0 < m {
+            let rows = MC.min(m - row0);
+            let a = StridedSource {
+                data: lhs,
+                lane_stride: lhs_rs,
+                k_stride: lhs_cs,
+                lane0: row0,
+            };
+            multiply_rows(
+                shape, &a, rows, b_packed, rows_dst, dst_rs, accumulate, scale,
+            );
         }
+    };
+    // Each task owns MC whole rows of dst: with dst_cs = 1 and dst_rs ≥ n a row's n
+    // elements lie inside its chunk.
+    let chunk = MC * dst_rs;
+    if threads > 1 {
+        dst.par_chunks_mut(chunk).enumerate().for_each(task);
+    } else {
+        dst.chunks_mut(chunk).enumerate().for_each(task);
     }
 }
 
@@ -226,6 +291,47 @@ fn pack_b(s: &Shape, rhs: &[f32], (rs, cs): (usize, usize), threads: usize) -> V
             lane0: jp * NR,
         };
         pack_panel(panel, &src, NR, NR.min(s.n - jp * NR), s.k);
+    };
+    if threads > 1 {
+        packed.par_chunks_mut(panel_len).enumerate().for_each(fill);
+    } else {
+        packed.chunks_mut(panel_len).enumerate().for_each(fill);
+    }
+    packed
+}
+
+/// B packed as [`pack_b`] packs it, from bf16 bit patterns: each pair is two stored values, so
+/// packing only moves them.
+#[cfg(target_arch = "x86_64")]
+fn pack_b_bf16(s: &Shape, rhs: &[u16], (rs, cs): (usize, usize), threads: usize) -> Vec<u32> {
+    let panel_len = s.kp * NR;
+    let mut packed = vec![0u32; s.n.div_ceil(NR) * panel_len];
+    let at = |kk: usize, j: usize| -> u32 {
+        if kk < s.k {
+            u32::from(rhs[kk * rs + j * cs])
+        } else {
+            0
+        }
+    };
+    let fill = |(jp, panel): (usize, &mut [u32])| {
+        let lanes = NR.min(s.n - jp * NR);
+        // Walk the source in its memory order: along k when k is contiguous (a weight used
+        // transposed), along the lanes otherwise.
+        if rs == 1 {
+            for lane in 0..lanes {
+                let j = jp * NR + lane;
+                for p in 0..s.kp {
+                    panel[p * NR + lane] = at(2 * p, j) | (at(2 * p + 1, j) << 16);
+                }
+            }
+        } else {
+            for p in 0..s.kp {
+                for lane in 0..lanes {
+                    let j = jp * NR + lane;
+                    panel[p * NR + lane] = at(2 * p, j) | (at(2 * p + 1, j) << 16);
+                }
+            }
+        }
     };
     if threads > 1 {
         packed.par_chunks_mut(panel_len).enumerate().for_each(fill);

@@ -25,6 +25,7 @@ mod cached_attention;
 mod causal_attention;
 pub(crate) mod cpu;
 pub mod device_fused;
+mod frozen;
 mod layer;
 mod linear;
 mod lm_head;
@@ -44,6 +45,7 @@ use candle_core::{D, DType, Result, Tensor, bail};
 pub use alloc::{collapse_into_huge_pages, tune_allocator};
 pub use cached_attention::CachedAttention;
 pub use cpu::on_worker;
+pub use frozen::frozen_matmul_t;
 pub use lm_head::KEEP_PROBS_MAX;
 pub use threads::{flush_denormals_on_this_thread, init_compute_threads};
 
@@ -66,7 +68,7 @@ fn on_gpu(ts: &[&Tensor]) -> bool {
 /// weight, this runs the streaming kernel of [`matvec`], which reads each weight row once
 /// instead of packing the whole matrix as the blocked gemm does; everything else (training
 /// batches, other devices or dtypes, strided weights) is candle's matmul. Both record a
-/// backward.
+/// backward. Off the CPU, with `policy.precision: bf16`, the product runs in bf16 (autocast).
 pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let small = x.rank() == 2
         && w.rank() == 2
@@ -74,10 +76,17 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         && w.is_contiguous()
         && fusable(&[x, w]);
     if small {
-        matvec::matmul_wt(x, w)
-    } else {
-        x.matmul(&w.t()?)
+        return matvec::matmul_wt(x, w);
     }
+    let compute = frozen::autocast_dtype(x, w);
+    if compute == x.dtype() && compute == w.dtype() {
+        return x.matmul(&w.t()?);
+    }
+    // bf16 autocast off the CPU: both operands rounded for the product (their gradients flow
+    // back through the casts to the f32 master weights), the result widened again.
+    x.to_dtype(compute)?
+        .matmul(&w.to_dtype(compute)?.t()?)?
+        .to_dtype(x.dtype())
 }
 
 /// `x + b` over the last dimension.

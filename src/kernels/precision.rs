@@ -74,6 +74,19 @@ impl PrecisionChoice {
     }
 }
 
+impl PrecisionChoice {
+    /// [`Self::resolve`] for a run on `cpu` or an accelerator: off the CPU, `bf16` runs as
+    /// candle's bf16 dtype (every CUDA GPU candle supports computes it) and `auto` stays f32,
+    /// since older GPUs (T4, compute capability 7.5) emulate bf16 slowly.
+    pub fn resolve_on(self, key: &'static str, cpu: bool) -> Result<Precision, PrecisionError> {
+        match (cpu, self) {
+            (true, _) => self.resolve(key),
+            (false, Self::Bf16) => Ok(Precision::Bf16),
+            (false, Self::F32 | Self::Auto) => Ok(Precision::F32),
+        }
+    }
+}
+
 impl FromStr for PrecisionChoice {
     type Err = PrecisionError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {

@@ -79,16 +79,23 @@ pub fn weight_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
 
 /// Reads every tensor of a checkpoint directory onto `device`, as f32.
 pub fn read_dir_tensors(dir: &Path, device: &Device) -> anyhow::Result<HashMap<String, Tensor>> {
+    read_dir_tensors_as(dir, device, |_| DType::F32)
+}
+
+/// Reads every tensor of a checkpoint directory onto `device` in the dtype `dtype_of(name)`
+/// gives it, converting one file at a time (a model held in bf16 never has all of its weights
+/// in f32 at once).
+pub fn read_dir_tensors_as(
+    dir: &Path,
+    device: &Device,
+    dtype_of: impl Fn(&str) -> DType,
+) -> anyhow::Result<HashMap<String, Tensor>> {
     let mut all = HashMap::new();
     for file in weight_files(dir)? {
         let tensors = candle_core::safetensors::load(&file, device)
             .with_context(|| format!("reading {}", file.display()))?;
         for (name, t) in tensors {
-            let t = if t.dtype() == DType::F32 {
-                t
-            } else {
-                t.to_dtype(DType::F32)?
-            };
+            let t = t.to_dtype(dtype_of(&name))?;
             all.insert(name, t);
         }
     }

@@ -15,6 +15,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::Context;
 use candle_core::{D, DType, Device, Module, Tensor};
@@ -25,6 +26,7 @@ use super::checkpoint_io::{self, LoadReport};
 use super::family::{Family, FamilyError};
 use super::lora::{AdaptableLinear, HasAdaptableLinears};
 use super::ops;
+use super::recompute;
 use super::rope::{Rope, RopeDims, RopeError};
 use crate::kernels;
 
@@ -573,9 +575,11 @@ fn linear(
     cfg: &LlamaConfig,
     vb: VarBuilder,
 ) -> candle_core::Result<Linear> {
+    // The weight in the builder's dtype (bf16 for a frozen model held in bf16); everything
+    // else a model holds — biases, norms, embeddings, heads — stays f32.
     let w = vb.get_with_hints((out_dim, in_dim), "weight", weight_init(cfg))?;
     let b = if bias {
-        Some(vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?)
+        Some(vb.get_with_hints_dtype(out_dim, "bias", Init::Const(0.0), DType::F32)?)
     } else {
         None
     };
@@ -595,7 +599,7 @@ impl RmsNorm {
     fn new(size: usize, cfg: &LlamaConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let unit_offset = cfg.family().norm_unit_offset();
         let init = Init::Const(if unit_offset { 0.0 } else { 1.0 });
-        let weight = vb.get_with_hints(size, "weight", init)?;
+        let weight = vb.get_with_hints_dtype(size, "weight", init, DType::F32)?;
         Ok(Self {
             weight,
             eps: cfg.rms_norm_eps,
@@ -857,6 +861,33 @@ impl DecoderLayer {
         })
     }
 
+    /// The layer's trainable tensors (LoRA A/B, or every weight when fully trained), the ones
+    /// a recomputed layer must hand gradients to.
+    fn trainable(&self) -> Vec<Tensor> {
+        let a = &self.self_attn;
+        let m = &self.mlp;
+        let linears = [
+            &a.q_proj,
+            &a.k_proj,
+            &a.v_proj,
+            &a.o_proj,
+            &m.gate_proj,
+            &m.up_proj,
+            &m.down_proj,
+        ];
+        let mut norms = vec![&self.input_layernorm, &self.post_attention_layernorm];
+        norms.extend(a.q_norm.iter().chain(&a.k_norm));
+        if let Some(s) = &self.sandwich {
+            norms.extend([&s.pre_feedforward_layernorm, &s.post_feedforward_layernorm]);
+        }
+        linears
+            .into_iter()
+            .flat_map(AdaptableLinear::tensors)
+            .chain(norms.into_iter().map(|n| n.weight.clone()))
+            .filter(Tensor::is_variable)
+            .collect()
+    }
+
     fn forward(
         &self,
         x: &Tensor,
@@ -902,15 +933,18 @@ pub struct LlamaModel {
     /// The sliding layers' rotary embedding and window, when any layer slides.
     sliding: Option<(Rope, usize)>,
     cfg: LlamaConfig,
+    /// Gradient checkpointing: layers keep no activations and run again in backward.
+    recompute_layers: bool,
 }
 
 impl LlamaModel {
     /// Builds the body under `vb` (which should be prefixed `model`).
     pub fn new(cfg: &LlamaConfig, vb: VarBuilder) -> candle_core::Result<Self> {
-        let emb = vb.pp("embed_tokens").get_with_hints(
+        let emb = vb.pp("embed_tokens").get_with_hints_dtype(
             (cfg.vocab_size, cfg.hidden_size),
             "weight",
             weight_init(cfg),
+            DType::F32,
         )?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| DecoderLayer::new(cfg, i, vb.pp(format!("layers.{i}"))))
@@ -932,6 +966,7 @@ impl LlamaModel {
             rope_full: rope(false)?,
             sliding,
             cfg: cfg.clone(),
+            recompute_layers: false,
         })
     }
 
@@ -1047,9 +1082,22 @@ impl LlamaModel {
         let ctx = self.attention_context(&mask, offset, input_ids.device())?;
         let mut x = self.embed(input_ids)?;
         for layer in &self.layers {
-            x = layer.forward(&x, &ctx, None)?;
+            x = if self.recompute_layers {
+                let (layer_, ctx_) = (layer.clone(), ctx.clone());
+                let block: recompute::Block = Arc::new(move |x| layer_.forward(x, &ctx_, None));
+                recompute::checkpointed(block, &x, layer.trainable())?
+            } else {
+                layer.forward(&x, &ctx, None)?
+            };
         }
         self.norm.forward(&x)
+    }
+
+    /// Turns gradient checkpointing on or off (`policy.gradient_checkpointing`): with it, a
+    /// training forward keeps each layer's input only and recomputes the layer in backward.
+    /// Off by default; generation (the KV-cache path) never recomputes.
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.recompute_layers = on;
     }
 
     /// Hidden states `[batch, t, hidden]` for `input_ids` `[batch, t]` that follow the
@@ -1209,10 +1257,11 @@ impl LlamaForCausalLM {
         let lm_head = if cfg.tie_word_embeddings {
             model.embed_weight().clone()
         } else {
-            vb.pp("lm_head").get_with_hints(
+            vb.pp("lm_head").get_with_hints_dtype(
                 (cfg.vocab_size, cfg.hidden_size),
                 "weight",
                 weight_init(cfg),
+                DType::F32,
             )?
         };
         Ok(Self {
@@ -1415,6 +1464,8 @@ impl LlamaForSequenceClassification {
     pub fn new(cfg: &LlamaConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let model = LlamaModel::new(cfg, vb.pp("model"))?;
         let h = cfg.hidden_size;
+        // Heads stay f32 in a model whose projections are held in bf16.
+        let vb = vb.set_dtype(DType::F32);
         let score = linear(h, cfg.num_labels(), false, cfg, vb.pp("score"))?;
         let heads = cfg.extra_heads.clone().unwrap_or_default();
         let aspect_heads = heads
@@ -1657,11 +1708,61 @@ pub fn load_frozen_causal_lm(
     dir: &Path,
     device: &candle_core::Device,
 ) -> anyhow::Result<LlamaForCausalLM> {
+    load_frozen_causal_lm_in(dir, device, DType::F32)
+}
+
+/// [`load_frozen_causal_lm`] with the decoder's projections held in `projections` (bf16 halves
+/// the bulk of a frozen model; see `policy.precision`). Embeddings, norms and the LM head stay
+/// f32.
+pub fn load_frozen_causal_lm_in(
+    dir: &Path,
+    device: &candle_core::Device,
+    projections: DType,
+) -> anyhow::Result<LlamaForCausalLM> {
     let cfg = LlamaConfig::from_dir(dir)?;
-    let tensors = crate::model::checkpoint_io::read_dir_tensors(dir, device)?;
+    let tensors = read_frozen_tensors(dir, device, projections)?;
     // A frozen base is what rollouts decode with: its weights are streamed once per token.
     kernels::collapse_into_huge_pages(tensors.values());
-    let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, device);
+    let vb = candle_nn::VarBuilder::from_tensors(tensors, projections, device);
     LlamaForCausalLM::new(&cfg, vb)
         .with_context(|| format!("building the frozen base model from {}", dir.display()))
+}
+
+/// A reward model for scoring only (`policy.precision`): every weight a plain tensor, the
+/// decoder's projections in `projections`, the heads f32; `num_labels` set to 1 as the scorer
+/// reads it. Returns the model and its score head `[1, hidden]`.
+pub fn load_frozen_reward_model(
+    dir: &Path,
+    device: &candle_core::Device,
+    projections: DType,
+) -> anyhow::Result<(LlamaForSequenceClassification, LlamaConfig, Option<Tensor>)> {
+    let mut cfg = LlamaConfig::from_dir(dir)?;
+    cfg.set_num_labels(1);
+    let tensors = read_frozen_tensors(dir, device, projections)?;
+    let score = tensors.get("score.weight").cloned();
+    let vb = candle_nn::VarBuilder::from_tensors(tensors, projections, device);
+    let model = LlamaForSequenceClassification::new(&cfg, vb)
+        .with_context(|| format!("building the frozen reward model from {}", dir.display()))?;
+    Ok((model, cfg, score))
+}
+
+/// A checkpoint's tensors with the projections in `projections` and everything else in f32.
+fn read_frozen_tensors(
+    dir: &Path,
+    device: &candle_core::Device,
+    projections: DType,
+) -> anyhow::Result<std::collections::HashMap<String, Tensor>> {
+    checkpoint_io::read_dir_tensors_as(dir, device, |name| {
+        if is_projection_weight(name) {
+            projections
+        } else {
+            DType::F32
+        }
+    })
+}
+
+/// Whether `name` is the weight of a decoder projection (`model.layers.N.*_proj.weight`): what
+/// LoRA adapts and a frozen model may hold in bf16.
+pub fn is_projection_weight(name: &str) -> bool {
+    name.starts_with("model.layers.") && name.ends_with("_proj.weight")
 }

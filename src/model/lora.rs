@@ -262,9 +262,8 @@ impl LoraLinear {
     /// `W + scaling · B A`, the weight of the equivalent plain layer.
     pub fn merged_weight(&self) -> candle_core::Result<Tensor> {
         let delta = (self.b.matmul(&self.a)? * self.scaling)?;
-        self.base
-            .weight()
-            .add(&delta.to_dtype(self.base.weight().dtype())?)
+        // In the adapter's f32: a base held in bf16 would round the small update away.
+        self.base.weight().to_dtype(delta.dtype())?.add(&delta)
     }
 
     pub fn merge(&self) -> candle_core::Result<Linear> {
@@ -326,6 +325,22 @@ impl AdaptableLinear {
         }
     }
 
+    /// Every tensor the layer multiplies with: weight and bias, plus A and B with an adapter.
+    pub fn tensors(&self) -> Vec<Tensor> {
+        let base = match self {
+            Self::Plain(l) => l,
+            Self::Lora(l) => &l.base,
+        };
+        let mut out: Vec<Tensor> = std::iter::once(base.weight())
+            .chain(base.bias())
+            .cloned()
+            .collect();
+        if let Self::Lora(l) = self {
+            out.extend([l.a.clone(), l.b.clone()]);
+        }
+        out
+    }
+
     /// Folds an adapter into the weight; a plain layer stays as it is.
     pub fn merge(&mut self) -> candle_core::Result<()> {
         if let Self::Lora(l) = self {
@@ -355,24 +370,33 @@ fn dense(layer: &Linear, x: &Tensor) -> candle_core::Result<Tensor> {
     let dims = x.dims();
     let in_dim = dims.last().copied().unwrap_or(1);
     let rows = x.elem_count() / in_dim.max(1);
-    if rows >= FUSED_DENSE_MIN_ROWS && kernels::fusable_all(&[x, layer.weight()]) {
+    let weight = layer.weight();
+    let held_in_bf16 = weight.dtype() != x.dtype();
+    if !held_in_bf16 && rows >= FUSED_DENSE_MIN_ROWS && kernels::fusable_all(&[x, weight]) {
         // Training and scoring shapes: one op whose backward writes dW in place and skips it
         // for a frozen (LoRA base or reference) weight.
-        let y = kernels::matmul_wt(x, layer.weight())?;
+        let y = kernels::matmul_wt(x, weight)?;
         return match layer.bias() {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
         };
     }
-    // Decoding shapes: the streaming small-m kernel (m <= 16) or candle's matmul.
-    let y = matmul_t(&x.reshape((rows, in_dim))?, layer.weight())?;
+    let x2 = x.reshape((rows, in_dim))?;
+    // A weight held in bf16, or a frozen weight that candle's matmul backward would give a
+    // gradient anyway: the product that gives `x` alone a gradient. Otherwise (decoding shapes,
+    // trainable weights off the fused path) the streaming small-m kernel or candle's matmul.
+    let y = if held_in_bf16 || (!weight.track_op() && x.track_op()) {
+        kernels::frozen_matmul_t(&x2, weight)?
+    } else {
+        matmul_t(&x2, weight)?
+    };
     let y = match layer.bias() {
-        Some(b) => y.broadcast_add(b)?,
+        Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
         None => y,
     };
     let mut out_dims = dims.to_vec();
     if let Some(last) = out_dims.last_mut() {
-        *last = layer.weight().dim(0)?;
+        *last = weight.dim(0)?;
     }
     y.reshape(out_dims)
 }
@@ -471,7 +495,11 @@ pub fn attach_lora<M: HasAdaptableLinears + ?Sized>(
         };
         let (out_dim, in_dim) = base.weight().dims2()?;
         let dev = base.weight().device().clone();
-        let dtype = base.weight().dtype();
+        // Trainable A/B (and their optimiser state) stay f32 when the base is held in bf16.
+        let dtype = match base.weight().dtype() {
+            DType::BF16 | DType::F16 => DType::F32,
+            d => d,
+        };
         let (a, b) = match (&init, rng.as_mut()) {
             (LoraInit::Fresh { .. }, Some(rng)) => {
                 let bound = 1.0 / (in_dim as f64).sqrt();

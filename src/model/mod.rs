@@ -20,6 +20,7 @@ pub mod gguf_lora;
 pub mod llama;
 pub mod lora;
 pub mod ops;
+pub mod recompute;
 pub mod rope;
 pub mod sampling;
 pub mod tokenizer;

@@ -16,7 +16,8 @@ use candle_core::{D, DType, Device, Tensor};
 use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 
-use crate::model::llama::load_frozen_causal_lm;
+use crate::kernels::precision::{Precision, PrecisionChoice};
+use crate::model::llama::load_frozen_causal_lm_in;
 use crate::model::llama::{Architecture, LlamaConfig, LlamaForCausalLM, save_pretrained};
 use crate::model::lora::{LoraAdapters, LoraConfig, LoraInit, attach_lora};
 use crate::model::tokenizer::Tokenizer;
@@ -394,6 +395,12 @@ pub struct PolicyTrainOptions {
     pub seed: u64,
     /// `cpu`, `cuda:N` (a build with the `cuda` feature) or `auto` (see [`crate::train::device`]).
     pub device: String,
+    /// `policy.precision`: `bf16` holds the frozen weights (LoRA base, reference policy) in bf16
+    /// and runs the big products in bf16; trainable weights and optimiser state stay f32.
+    pub precision: PrecisionChoice,
+    /// `policy.gradient_checkpointing`: decoder layers keep no activations and run again in
+    /// backward (CPU; deterministic layers, so no LoRA dropout).
+    pub gradient_checkpointing: bool,
 }
 
 impl Default for PolicyTrainOptions {
@@ -423,6 +430,8 @@ impl Default for PolicyTrainOptions {
             checkpoint_every: 50,
             seed: 42,
             device: "cpu".into(),
+            precision: PrecisionChoice::F32,
+            gradient_checkpointing: false,
         }
     }
 }
@@ -583,6 +592,14 @@ pub fn run_sampling_objective<O: Objective>(
     outcome
 }
 
+/// The dtype `precision` holds frozen projections in.
+fn frozen_dtype(precision: Precision) -> DType {
+    match precision {
+        Precision::F32 => DType::F32,
+        Precision::Bf16 => DType::BF16,
+    }
+}
+
 /// The model being trained, its frozen reference and what the optimiser sees.
 pub struct Policy {
     pub model: LlamaForCausalLM,
@@ -593,6 +610,8 @@ pub struct Policy {
     pub config: LlamaConfig,
     pub tokenizer: Tokenizer,
     pub base_dir: PathBuf,
+    /// What `policy.precision` holds the frozen projections in.
+    frozen: DType,
 }
 
 impl std::fmt::Debug for Policy {
@@ -605,13 +624,28 @@ impl std::fmt::Debug for Policy {
 }
 
 impl Policy {
-    /// Loads the HF causal LM in `dir` (with `tokenizer.json`) and prepares it for training.
+    /// Loads the HF causal LM in `dir` (with `tokenizer.json`) and prepares it for training,
+    /// every weight in f32.
     pub fn load(
         dir: &Path,
         lora: Option<&LoraOptions>,
         seed: u64,
         device: &Device,
     ) -> Result<Self> {
+        Self::load_in(dir, lora, seed, device, Precision::F32)
+    }
+
+    /// [`Self::load`] with the frozen weights in `precision`: with bf16, the LoRA base (shared
+    /// with the reference) or the whole reference policy holds its projections in bf16; the
+    /// trainable weights stay f32 either way.
+    pub fn load_in(
+        dir: &Path,
+        lora: Option<&LoraOptions>,
+        seed: u64,
+        device: &Device,
+        precision: Precision,
+    ) -> Result<Self> {
+        let frozen = frozen_dtype(precision);
         let config = LlamaConfig::from_dir(dir)?;
         let tok_path = dir.join("tokenizer.json");
         let tokenizer = Tokenizer::from_file(&tok_path).with_context(|| {
@@ -625,7 +659,7 @@ impl Policy {
         let varmap = VarMap::new();
         let (model, reference, adapters) = match lora {
             Some(l) => {
-                let base = load_frozen_causal_lm(dir, device)?;
+                let base = load_frozen_causal_lm_in(dir, device, frozen)?;
                 // Shares the weight buffers with `base`: the reference costs no memory.
                 let reference = base.clone();
                 let mut model = base;
@@ -635,7 +669,7 @@ impl Policy {
             }
             None => {
                 let p = LlamaForCausalLM::load(dir, device)?;
-                let reference = load_frozen_causal_lm(dir, device)?;
+                let reference = load_frozen_causal_lm_in(dir, device, frozen)?;
                 let data = p
                     .varmap
                     .data()
@@ -661,7 +695,14 @@ impl Policy {
             config,
             tokenizer,
             base_dir: dir.to_path_buf(),
+            frozen,
         })
+    }
+
+    /// The dtype the frozen models' projections are held in (the reference, the LoRA base, the
+    /// reward model that scores rollouts).
+    pub fn frozen_dtype(&self) -> DType {
+        self.frozen
     }
 
     pub fn eos_ids(&self) -> Vec<u32> {

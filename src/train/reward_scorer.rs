@@ -6,11 +6,13 @@
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use candle_core::{D, Device, Tensor};
+use candle_core::{D, DType, Device, Tensor};
 
 use crate::model::bert::BertRewardModel;
 use crate::model::family::SUPPORTED_MODEL_TYPES;
-use crate::model::llama::{ClassifierOutput, LlamaForSequenceClassification};
+use crate::model::llama::{
+    ClassifierOutput, LlamaConfig, LlamaForSequenceClassification, load_frozen_reward_model,
+};
 use crate::model::tokenizer::Tokenizer;
 use crate::train::step_rewards::last_token_before;
 
@@ -38,9 +40,27 @@ impl std::fmt::Debug for RewardScorer {
     }
 }
 
+/// The reward model's own tokenizer, when its directory has one.
+fn scorer_tokenizer(dir: &Path, config: &LlamaConfig) -> Result<Option<Tokenizer>> {
+    let tok_path = dir.join("tokenizer.json");
+    if !tok_path.exists() {
+        return Ok(None);
+    }
+    Ok(Some(Tokenizer::from_file(&tok_path)?.with_special_ids(
+        config.pad_token_id,
+        config.eos_token_ids().first().copied(),
+    )))
+}
+
 impl RewardScorer {
     /// Loads a reward-model directory; `config.json`'s `model_type` picks the architecture.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        Self::load_in(dir, device, DType::F32)
+    }
+
+    /// [`Self::load`] with a decoder reward model's projections held in `projections` (bf16
+    /// under `policy.precision: bf16`); a BERT reward model stays f32.
+    pub fn load_in(dir: &Path, device: &Device, projections: DType) -> Result<Self> {
         let cfg_path = dir.join("config.json");
         let text = std::fs::read_to_string(&cfg_path).with_context(|| {
             format!(
@@ -59,17 +79,18 @@ impl RewardScorer {
                 "reward model type {t:?} in {} is not supported\nhint: use a BERT reward model or one of the decoder families {SUPPORTED_MODEL_TYPES:?}",
                 cfg_path.display()
             ),
+            _ if projections != DType::F32 => {
+                let (model, config, score_weight) =
+                    load_frozen_reward_model(dir, device, projections)?;
+                Ok(Self::Llama {
+                    model,
+                    tokenizer: scorer_tokenizer(dir, &config)?,
+                    score_weight,
+                })
+            }
             _ => {
                 let p = LlamaForSequenceClassification::load(dir, Some(1), None, device)?;
-                let tok_path = dir.join("tokenizer.json");
-                let tokenizer = if tok_path.exists() {
-                    Some(Tokenizer::from_file(&tok_path)?.with_special_ids(
-                        p.config.pad_token_id,
-                        p.config.eos_token_ids().first().copied(),
-                    ))
-                } else {
-                    None
-                };
+                let tokenizer = scorer_tokenizer(dir, &p.config)?;
                 let score_weight = p
                     .varmap
                     .data()

@@ -27,19 +27,21 @@ fn logprobs_and_grads(
         .unwrap()
         .backward()
         .unwrap();
-    let flat = |t: &Tensor| {
-        t.flatten_all()
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-    };
     (
         flat(&out),
         flat(grads.get(h.as_tensor()).expect("grad for h")),
         flat(grads.get(w.as_tensor()).expect("grad for w")),
     )
+}
+
+/// Every value of `t` as f32, in order.
+fn flat(t: &Tensor) -> Vec<f32> {
+    t.flatten_all()
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
 }
 
 fn assert_close(what: &str, a: &[f32], b: &[f32], tol: f32) {
@@ -155,4 +157,84 @@ fn device_fused_softmax_and_rms_norm_match_the_reference() {
     assert_close("rms_norm dx", &fused.1, &composed.1, 1e-4);
     assert_eq!(fused.2.len(), 7, "the weight gets a gradient");
     assert_close("rms_norm dw", &fused.2, &composed.2, 1e-4);
+}
+
+/// Off the fused CPU kernels (f64 here, any CUDA tensor on a GPU) a LoRA layer's frozen base is
+/// multiplied without computing its gradient: candle's matmul backward computes `xᵀ·dy` for the
+/// weight operand whether or not it is frozen (one full gemm per layer, thrown away), which
+/// shows as a weight-shaped entry in the gradient store. The input and adapter gradients equal
+/// candle's composition.
+#[test]
+fn the_fallback_path_computes_no_gradient_for_a_frozen_lora_base() {
+    use candle_nn::{Linear, Module};
+    use rlhf_bot::model::lora::LoraLinear;
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+
+    let dev = Device::Cpu;
+    let randn = |shape: (usize, usize)| {
+        Tensor::randn(0f32, 1.0, shape, &dev)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+    };
+    let (w, x) = (randn((6, 5)), Var::from_tensor(&randn((4, 5))).unwrap());
+    let (a, b) = (
+        Var::from_tensor(&randn((2, 5))).unwrap(),
+        Var::from_tensor(&randn((6, 2))).unwrap(),
+    );
+    let layer = LoraLinear::new(
+        &Linear::new(w.clone(), None),
+        a.as_tensor().clone(),
+        b.as_tensor().clone(),
+        0.5,
+        0.0,
+        Arc::new(AtomicBool::new(false)),
+    );
+    let frozen = layer.base().weight().clone();
+    // Gradients shaped like the weight or its transpose: [6, 5] or [5, 6] (x, A and B differ).
+    let weight_shaped = |g: &candle_core::backprop::GradStore| {
+        g.get_ids()
+            .filter(|id| {
+                let dims = g.get_id(**id).unwrap().dims().to_vec();
+                dims == [6, 5] || dims == [5, 6]
+            })
+            .count()
+    };
+    let ours = (layer.forward(x.as_tensor()).unwrap().sqr().unwrap())
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert_eq!(
+        weight_shaped(&ours),
+        0,
+        "a gradient was computed for the frozen base weight"
+    );
+
+    // candle's own composition of the same layer: the frozen weight gets a gradient.
+    let low = x
+        .as_tensor()
+        .matmul(&a.as_tensor().t().unwrap())
+        .unwrap()
+        .matmul(&b.as_tensor().t().unwrap())
+        .unwrap();
+    let y = (x.as_tensor().matmul(&frozen.t().unwrap()).unwrap() + (low * 0.5).unwrap()).unwrap();
+    let composed = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    assert!(
+        weight_shaped(&composed) > 0,
+        "candle's matmul no longer computes a frozen weight's gradient: the workaround can go"
+    );
+    for (what, v) in [
+        ("x", x.as_tensor()),
+        ("A", a.as_tensor()),
+        ("B", b.as_tensor()),
+    ] {
+        assert_close(
+            &format!("d{what}"),
+            &flat(ours.get(v).expect("gradient")),
+            &flat(composed.get(v).expect("gradient")),
+            1e-9,
+        );
+    }
 }

@@ -127,9 +127,19 @@ fn batch(name: &str) -> (Tensor, Tensor) {
     (ids, targets)
 }
 
-fn nll(model: &LlamaForCausalLM, ids: &Tensor, targets: &Tensor) -> Tensor {
+pub(crate) fn nll(model: &LlamaForCausalLM, ids: &Tensor, targets: &Tensor) -> Tensor {
+    masked_nll(model, ids, None, targets)
+}
+
+/// Mean negative log-likelihood of the `targets` tokens, rows masked by `mask`.
+pub(crate) fn masked_nll(
+    model: &LlamaForCausalLM,
+    ids: &Tensor,
+    mask: Option<&Tensor>,
+    targets: &Tensor,
+) -> Tensor {
     model
-        .sequence_logprobs(ids, None, targets)
+        .sequence_logprobs(ids, mask, targets)
         .unwrap()
         .neg()
         .unwrap()

@@ -67,7 +67,18 @@ fn write_data(dir: &Path) -> (PathBuf, PathBuf) {
 }
 
 fn train_policy(ws: &Workspace, algo: &str, model: &Path, data: &Path) -> serde_json::Value {
-    let cfg = workspace_config(ws, POLICY_SECTION);
+    train_policy_with(ws, POLICY_SECTION, algo, model, data)
+}
+
+/// `train policy` under a config whose `policy:` section is `section`.
+fn train_policy_with(
+    ws: &Workspace,
+    section: &str,
+    algo: &str,
+    model: &Path,
+    data: &Path,
+) -> serde_json::Value {
+    let cfg = workspace_config(ws, section);
     let out = ws.path().join(format!("run-{algo}/policy"));
     let o = bin()
         .arg("--config")
@@ -236,6 +247,32 @@ fn train_policy_grpo_and_rloo_write_trl_metrics() {
                 .unwrap();
         assert!(m["last_step"]["reward_std"].as_f64().is_some(), "{m}");
     }
+}
+
+/// `policy.precision: bf16` (frozen base, reference and reward model held in bf16) and
+/// `policy.gradient_checkpointing` through the binary: GRPO scores rollouts with the reward
+/// model, and the run records the precision it ran in.
+#[test]
+fn train_policy_grpo_with_bf16_frozen_models_and_recomputed_layers() {
+    if !rlhf_bot::kernels::bf16_gemm::supported() {
+        eprintln!("note: this CPU lacks AVX512_BF16; policy.precision: bf16 is refused here");
+        return;
+    }
+    let ws = Workspace::new();
+    let (dpo, _) = write_data(ws.path());
+    let section = format!("{POLICY_SECTION}  precision: bf16\n  gradient_checkpointing: true\n");
+    let s = train_policy_with(
+        &ws,
+        &section,
+        "grpo",
+        &fixtures().join("tiny-llama-policy"),
+        &dpo,
+    );
+    let out = PathBuf::from(s["out_dir"].as_str().unwrap());
+    check_outputs(&out, "grpo", &["loss", "reward"]);
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(m["train"]["precision"], "bf16", "{m}");
 }
 
 #[test]
@@ -444,6 +481,16 @@ fn bad_policy_config_values_name_the_key_and_position() {
     );
     let e = config_error("policy:\n  device: tpu\n");
     assert!(e.contains("policy.device") && e.contains("\"tpu\""), "{e}");
+    let e = config_error("policy:\n  gradient_checkpointing: true\n  lora:\n    dropout: 0.1\n");
+    assert!(
+        e.contains("policy.gradient_checkpointing") && e.contains("dropout is 0.1"),
+        "{e}"
+    );
+    let e = config_error("policy:\n  precision: fp8\n");
+    assert!(
+        e.contains("policy.precision") && e.contains("\"fp8\"") && e.contains("hint:"),
+        "{e}"
+    );
     let e = config_error("policy:\n  stepz: 3\n");
     assert!(
         e.contains("unknown field `stepz`") && e.contains("hint:"),
