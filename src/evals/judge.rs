@@ -9,6 +9,7 @@
 //! usable score) is an error that names the endpoint and the config section to fix, never a
 //! silent pass or fail.
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -314,8 +315,11 @@ impl Judge {
 /// The last `Score: N` (or `score = N`, any case) in `reply`, or the reply itself when it is
 /// only a number.
 pub fn parse_score(reply: &str) -> Option<f64> {
-    let re = regex::Regex::new(r"(?i)score\s*[:=]?\s*\**\s*(-?\d+(?:\.\d+)?)").ok()?;
-    re.captures_iter(reply)
+    static SCORE: LazyLock<regex::Regex> = LazyLock::new(|| {
+        regex::Regex::new(r"(?i)score\s*[:=]?\s*\**\s*(-?\d+(?:\.\d+)?)").expect("a valid pattern")
+    });
+    SCORE
+        .captures_iter(reply)
         .last()
         .and_then(|c| c[1].parse().ok())
         .or_else(|| reply.trim().parse().ok())

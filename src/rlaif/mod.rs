@@ -9,6 +9,8 @@
 
 pub mod pairs;
 
+use std::sync::LazyLock;
+
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
@@ -133,8 +135,11 @@ pub fn pairwise_request(prompt: &[ChatMessage], a: &str, b: &str) -> String {
 /// Which answer the reply prefers: the last `Preferred: A|B` (any case, optional bold), or a
 /// reply that is only `A` or `B`. Anything else (both, neither, a tie) is `None`.
 pub fn parse_preference(reply: &str) -> Option<bool> {
-    let re = regex::Regex::new(r"(?i)preferred\s*[:=]?\s*\**\s*(?:answer\s+)?([ab])\b").ok()?;
-    let letter = match re.captures_iter(reply).last() {
+    static PREFERRED: LazyLock<regex::Regex> = LazyLock::new(|| {
+        regex::Regex::new(r"(?i)preferred\s*[:=]?\s*\**\s*(?:answer\s+)?([ab])\b")
+            .expect("a valid pattern")
+    });
+    let letter = match PREFERRED.captures_iter(reply).last() {
         Some(c) => c[1].to_ascii_uppercase(),
         None => reply.trim().trim_matches('*').trim().to_ascii_uppercase(),
     };
@@ -271,9 +276,7 @@ pub async fn label(
             });
         }
         labels.kept = kept.len() as u64;
-    }
-    // With the labels off nothing was left for the cap: nothing was to be judged.
-    if state.is_on() {
+        // With the labels off nothing is counted over the cap: nothing was to be judged.
         labels.over_cap = labels.available.saturating_sub(label_n as u64);
     }
     Ok(AiFeedback {

@@ -177,11 +177,7 @@ impl Objective for Kto<'_> {
             &self.cfg,
         )?;
         // Weights in the loss's order: desirable first.
-        let weights = non_unit_weights(
-            des.iter()
-                .chain(&und)
-                .map(|&i| self.examples[i].weight.unwrap_or(1.0)),
-        );
+        let weights = non_unit_weights(des.iter().chain(&und).map(|&i| self.example_weight(i)));
         let loss = weighted_mean(&o.per_example, weights.as_deref())?;
         let s = &mut self.step;
         s.desirable_logps.extend(pd.detach().to_vec1::<f32>()?);
