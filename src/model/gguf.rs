@@ -41,7 +41,7 @@ pub enum GgufError {
     #[error("GGUF metadata key {key} has an unexpected value: {found}")]
     BadValue { key: String, found: String },
     #[error(
-        "GGUF tokenizer model {0:?} is not supported\nhint: only byte-level BPE tokenizers (tokenizer.ggml.model = \"gpt2\") can be rebuilt; SentencePiece vocabularies (Gemma's, Llama 2's: \"llama\") are not: load the Hugging Face checkpoint instead"
+        "GGUF tokenizer model {0:?} is not supported\nhint: byte-level BPE (tokenizer.ggml.model = \"gpt2\") and SentencePiece (\"llama\") vocabularies can be rebuilt; for another, load the Hugging Face checkpoint instead"
     )]
     UnsupportedTokenizer(String),
     #[error(
@@ -590,10 +590,11 @@ impl GgufLlama {
             pad_token: name_of(config.pad_token_id),
             unk_token: name_of(opt_u32(md, "tokenizer.ggml.unknown_token_id")?),
         };
-        let add_bos_token = matches!(
-            md.get("tokenizer.ggml.add_bos_token"),
-            Some(GValue::Bool(true))
-        );
+        // llama.cpp adds BOS to SentencePiece vocabularies unless the file says otherwise.
+        let add_bos_token = match md.get("tokenizer.ggml.add_bos_token") {
+            Some(GValue::Bool(b)) => *b,
+            _ => get_str(md, "tokenizer.ggml.model")? == "llama",
+        };
         Ok(Self {
             config,
             tensors,
@@ -903,14 +904,51 @@ fn check_shapes(cfg: &GgufLlamaConfig, tensors: &BTreeMap<String, Tensor>) -> Re
     Ok(())
 }
 
-/// Rebuilds an HF `tokenizer.json` (byte-level BPE) from `tokenizer.ggml.*`.
-fn build_tokenizer_json(
-    md: &std::collections::HashMap<String, GValue>,
-    tokens: &[String],
-) -> Result<serde_json::Value> {
+/// llama.cpp's token types (`tokenizer.ggml.token_type`).
+pub(crate) mod token_type {
+    pub const NORMAL: i32 = 1;
+    pub const UNKNOWN: i32 = 2;
+    pub const CONTROL: i32 = 3;
+    pub const USER_DEFINED: i32 = 4;
+    pub const UNUSED: i32 = 5;
+    pub const BYTE: i32 = 6;
+}
+
+/// `tokenizer.ggml.token_type` (every token normal when the file has none).
+pub(crate) fn token_types(md: &Meta, n: usize) -> Vec<i32> {
+    match md.get("tokenizer.ggml.token_type") {
+        Some(GValue::Array(a)) => a
+            .iter()
+            .map(|v| {
+                int_of(v)
+                    .and_then(|i| i32::try_from(i).ok())
+                    .unwrap_or(token_type::NORMAL)
+            })
+            .collect(),
+        _ => vec![token_type::NORMAL; n],
+    }
+}
+
+/// The `tokenizer.json` rebuilt from a GGUF file's `tokenizer.ggml.*`, reading only its
+/// metadata (a vocabulary-only GGUF, as llama.cpp ships for its tokenizer tests, is enough).
+pub fn read_tokenizer_json(path: &Path) -> Result<serde_json::Value> {
+    let file = std::fs::File::open(path)
+        .with_context(|| format!("cannot open GGUF file {}", path.display()))?;
+    let content = gguf_file::Content::read(&mut BufReader::new(file))
+        .with_context(|| format!("parsing the GGUF header of {}", path.display()))?;
+    let md = &content.metadata;
+    let tokens = get_string_array(md, "tokenizer.ggml.tokens")?;
+    build_tokenizer_json(md, &tokens).with_context(|| format!("reading GGUF {}", path.display()))
+}
+
+/// Rebuilds an HF `tokenizer.json` from `tokenizer.ggml.*`: byte-level BPE (`gpt2`) here,
+/// SentencePiece (`llama`) in `model::gguf_spm`.
+fn build_tokenizer_json(md: &Meta, tokens: &[String]) -> Result<serde_json::Value> {
     let model = get_str(md, "tokenizer.ggml.model")?;
-    if model != "gpt2" {
-        return Err(GgufError::UnsupportedTokenizer(model.to_owned()).into());
+    match model {
+        "gpt2" => {}
+        "llama" => return crate::model::gguf_spm::tokenizer_json_from_metadata(md, tokens),
+        other => return Err(GgufError::UnsupportedTokenizer(other.to_owned()).into()),
     }
     let pre = match md.get("tokenizer.ggml.pre") {
         Some(GValue::String(s)) => s.as_str(),
@@ -965,10 +1003,7 @@ fn build_tokenizer_json(
             .collect::<Result<_, _>>()?,
         _ => return Err(GgufError::MissingKey("tokenizer.ggml.merges".into()).into()),
     };
-    let types: Vec<i64> = match md.get("tokenizer.ggml.token_type") {
-        Some(GValue::Array(a)) => a.iter().map(|v| int_of(v).unwrap_or(1)).collect(),
-        _ => vec![1; tokens.len()],
-    };
+    let types = token_types(md, tokens.len());
     let vocab: serde_json::Map<String, serde_json::Value> = tokens
         .iter()
         .enumerate()
@@ -979,11 +1014,16 @@ fn build_tokenizer_json(
     let added: Vec<serde_json::Value> = tokens
         .iter()
         .enumerate()
-        .filter(|(i, _)| matches!(types.get(*i), Some(3) | Some(4)))
+        .filter(|(i, _)| {
+            matches!(
+                types.get(*i),
+                Some(&token_type::CONTROL | &token_type::USER_DEFINED)
+            )
+        })
         .map(|(i, t)| {
             serde_json::json!({
                 "id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
-                "normalized": false, "special": types.get(i) == Some(&3)
+                "normalized": false, "special": types.get(i) == Some(&token_type::CONTROL)
             })
         })
         .collect();
@@ -991,25 +1031,10 @@ fn build_tokenizer_json(
         md.get("tokenizer.ggml.add_bos_token"),
         Some(GValue::Bool(true))
     );
-    let bos = opt_u32(md, "tokenizer.ggml.bos_token_id")?;
-    let post_processor = match (add_bos, bos) {
-        (true, Some(id)) => {
-            let name = tokens.get(id as usize).cloned().unwrap_or_default();
-            serde_json::json!({
-                "type": "TemplateProcessing",
-                "single": [{"SpecialToken": {"id": name, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-                "pair": [{"SpecialToken": {"id": name, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                         {"SpecialToken": {"id": name, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
-                "special_tokens": {name.clone(): {"id": name, "ids": [id], "tokens": [name]}}
-            })
-        }
-        _ => serde_json::json!({
-            "type": "TemplateProcessing",
-            "single": [{"Sequence": {"id": "A", "type_id": 0}}],
-            "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
-            "special_tokens": {}
-        }),
-    };
+    let bos = opt_u32(md, "tokenizer.ggml.bos_token_id")?
+        .filter(|_| add_bos)
+        .map(|id| (id, tokens.get(id as usize).cloned().unwrap_or_default()));
+    let post_processor = post_processor(bos, None);
     Ok(serde_json::json!({
         "version": "1.0",
         "truncation": null,
@@ -1026,6 +1051,65 @@ fn build_tokenizer_json(
             "vocab": vocab, "merges": merges
         }
     }))
+}
+
+/// The post-processor that puts `bos` (id, text) before and `eos` after every sequence, as
+/// llama.cpp's `add_bos_token` / `add_eos_token` do.
+pub(crate) fn post_processor(
+    bos: Option<(u32, String)>,
+    eos: Option<(u32, String)>,
+) -> serde_json::Value {
+    let special = |token: &Option<(u32, String)>, type_id: u32| {
+        token.as_ref().map(|(_, name)| {
+            serde_json::json!({"SpecialToken": {"id": name, "type_id": type_id}})
+        })
+    };
+    let template = |seq: &str, type_id: u32| -> Vec<serde_json::Value> {
+        let text = serde_json::json!({"Sequence": {"id": seq, "type_id": type_id}});
+        special(&bos, type_id)
+            .into_iter()
+            .chain([text])
+            .chain(special(&eos, type_id))
+            .collect()
+    };
+    let single = template("A", 0);
+    let pair: Vec<serde_json::Value> = single.iter().cloned().chain(template("B", 1)).collect();
+    let special_tokens: serde_json::Map<String, serde_json::Value> = [&bos, &eos]
+        .into_iter()
+        .flatten()
+        .map(|(id, name)| {
+            (
+                name.clone(),
+                serde_json::json!({"id": name, "ids": [id], "tokens": [name]}),
+            )
+        })
+        .collect();
+    serde_json::json!({
+        "type": "TemplateProcessing",
+        "single": single,
+        "pair": pair,
+        "special_tokens": special_tokens,
+    })
+}
+
+/// The merges of a `tokenizer.json` BPE model as pairs (written either `"a b"` or `["a", "b"]`).
+pub(crate) fn merge_pairs(model: &serde_json::Value) -> Result<Vec<(String, String)>> {
+    model["merges"]
+        .as_array()
+        .context("tokenizer.json has no model.merges")?
+        .iter()
+        .map(|m| match m {
+            serde_json::Value::String(s) => s
+                .split_once(' ')
+                .map(|(a, b)| (a.to_owned(), b.to_owned()))
+                .with_context(|| format!("tokenizer.json merge {s:?} has no space")),
+            serde_json::Value::Array(p) if p.len() == 2 => match (p[0].as_str(), p[1].as_str()) {
+                (Some(a), Some(b)) => Ok((a.to_owned(), b.to_owned())),
+                _ => anyhow::bail!("tokenizer.json merge {m} is not two strings"),
+            },
+            other => anyhow::bail!("tokenizer.json merge {other} is neither \"a b\" nor [a, b]"),
+        })
+        .collect()
 }
 
 /// The split regex of Qwen2's tokenizer (Llama 3's, with every digit on its own).
@@ -1067,7 +1151,7 @@ fn opt_usize(md: &Meta, key: &str) -> Result<Option<usize>, GgufError> {
     }
 }
 
-fn opt_u32(md: &Meta, key: &str) -> Result<Option<u32>, GgufError> {
+pub(crate) fn opt_u32(md: &Meta, key: &str) -> Result<Option<u32>, GgufError> {
     match md.get(key) {
         None => Ok(None),
         Some(v) => int_of(v)

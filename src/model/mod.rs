@@ -17,6 +17,7 @@ pub mod family;
 pub mod generate;
 pub mod gguf;
 pub mod gguf_lora;
+pub mod gguf_spm;
 pub mod llama;
 pub mod lora;
 pub mod ops;

@@ -24,6 +24,7 @@ mod export_model;
 mod export_reward;
 mod families;
 mod families_gguf;
+mod gguf_spm;
 mod feedback_server;
 mod firstrun;
 mod forge_behaviour;

@@ -29,8 +29,9 @@ use super::CausalLm;
 use super::gguf_writer::{ALIGNMENT, GgmlType, GgufTensor, GgufWriter};
 use crate::model::gguf::{
     GgufArch, LLAMA3_SPLIT, ROPE_FREQS_TENSOR, config_from_metadata, gguf_tensor_name_for,
-    permute_qk,
+    merge_pairs, permute_qk, token_type,
 };
+use crate::model::gguf_spm;
 use crate::model::llama::LlamaConfig;
 
 /// The GGUF encodings of the matrices: `--format gguf-f16|gguf-q8_0`, and f32 for exact round
@@ -54,11 +55,6 @@ impl GgufEncoding {
     }
 }
 
-/// llama.cpp token types.
-const TOKEN_NORMAL: i32 = 1;
-const TOKEN_CONTROL: i32 = 3;
-const TOKEN_USER_DEFINED: i32 = 4;
-const TOKEN_UNUSED: i32 = 5;
 /// gguf-py's `GGML_QUANT_VERSION`.
 const QUANT_VERSION: u32 = 2;
 
@@ -307,17 +303,23 @@ fn add_tensors(
     Ok(())
 }
 
-/// `tokenizer.ggml.*` from `tokenizer.json` (byte-level BPE only) and the chat template.
+/// `tokenizer.ggml.*` from `tokenizer.json` and the chat template: byte-level BPE as `gpt2`
+/// (tokens, types, merges, the pre-tokenizer's name), SentencePiece-style BPE as `llama`
+/// (tokens, scores, types, whether to prefix a space; `model::gguf_spm`).
 fn add_tokenizer(w: &mut GgufWriter, lm: &CausalLm) -> Result<()> {
     let tok = &lm.tokenizer_json;
     let model = &tok["model"];
+    gguf_spm::refuse_unigram(tok)?;
+    let spm = gguf_spm::is_spm_style(tok);
     if model["type"] != "BPE" {
         bail!(
-            "the tokenizer is {}, not byte-level BPE\nhint: only GPT-2-style BPE tokenizers (SmolLM2, Llama 3) export to GGUF here",
+            "the tokenizer is {}, not BPE\nhint: byte-level BPE (SmolLM2, Llama 3, Qwen) and SentencePiece-style BPE (Llama 2, Mistral, Gemma) tokenizers export to GGUF",
             model["type"]
         );
     }
-    let pre = pre_tokenizer_name(&tok["pre_tokenizer"])?;
+    let unk = model["unk_token"]
+        .as_str()
+        .or(lm.special_tokens.unk_token.as_deref());
     let n = lm.config.vocab_size;
     let mut tokens: Vec<Option<(String, i32)>> = vec![None; n];
     let mut place = |id: u64, text: &str, ty: i32| -> Result<()> {
@@ -332,48 +334,63 @@ fn add_tokenizer(w: &mut GgufWriter, lm: &CausalLm) -> Result<()> {
         .context("tokenizer.json has no model.vocab")?;
     for (text, id) in vocab {
         let id = id.as_u64().context("a vocabulary id is not a number")?;
-        place(id, text, TOKEN_NORMAL)?;
+        let ty = if spm {
+            gguf_spm::vocab_token_type(text, unk)
+        } else {
+            token_type::NORMAL
+        };
+        place(id, text, ty)?;
     }
     for t in tok["added_tokens"].as_array().into_iter().flatten() {
         let (Some(id), Some(text)) = (t["id"].as_u64(), t["content"].as_str()) else {
             continue;
         };
-        let ty = if t["special"] == true {
-            TOKEN_CONTROL
+        let ty = if spm && unk == Some(text) {
+            token_type::UNKNOWN
+        } else if t["special"] == true {
+            token_type::CONTROL
         } else {
-            TOKEN_USER_DEFINED
+            token_type::USER_DEFINED
         };
         place(id, text, ty)?;
     }
     // Embedding rows with no token (a vocab padded for speed) get placeholders, as the converter
     // writes them.
-    let (texts, types): (Vec<Value>, Vec<Value>) = tokens
+    let (texts, types): (Vec<String>, Vec<Value>) = tokens
         .into_iter()
         .enumerate()
         .map(|(i, t)| {
-            let (text, ty) = t.unwrap_or_else(|| (format!("[PAD{i}]"), TOKEN_UNUSED));
-            (Value::String(text), Value::I32(ty))
+            let (text, ty) = t.unwrap_or_else(|| (format!("[PAD{i}]"), token_type::UNUSED));
+            (text, Value::I32(ty))
         })
         .unzip();
-    let merges: Vec<Value> = model["merges"]
-        .as_array()
-        .context("tokenizer.json has no model.merges")?
-        .iter()
-        .map(|m| match m {
-            serde_json::Value::String(s) => Ok(Value::String(s.clone())),
-            serde_json::Value::Array(p) if p.len() == 2 => Ok(Value::String(format!(
-                "{} {}",
-                p[0].as_str().unwrap_or_default(),
-                p[1].as_str().unwrap_or_default()
-            ))),
-            other => bail!("tokenizer.json merge {other} is neither \"a b\" nor [a, b]"),
-        })
-        .collect::<Result<_>>()?;
-    w.set("tokenizer.ggml.model", Value::String("gpt2".into()));
-    w.set("tokenizer.ggml.pre", Value::String(pre.into()));
-    w.set("tokenizer.ggml.tokens", Value::Array(texts));
+    if spm {
+        let out = gguf_spm::export_scores(tok, &texts)?;
+        w.set("tokenizer.ggml.model", Value::String("llama".into()));
+        w.set("tokenizer.ggml.pre", Value::String("default".into()));
+        w.set(
+            "tokenizer.ggml.scores",
+            Value::Array(out.scores.into_iter().map(Value::F32).collect()),
+        );
+        w.set(
+            "tokenizer.ggml.add_space_prefix",
+            Value::Bool(out.add_space_prefix),
+        );
+    } else {
+        let pre = pre_tokenizer_name(&tok["pre_tokenizer"])?;
+        let merges: Vec<Value> = merge_pairs(model)?
+            .into_iter()
+            .map(|(a, b)| Value::String(format!("{a} {b}")))
+            .collect();
+        w.set("tokenizer.ggml.model", Value::String("gpt2".into()));
+        w.set("tokenizer.ggml.pre", Value::String(pre.into()));
+        w.set("tokenizer.ggml.merges", Value::Array(merges));
+    }
+    w.set(
+        "tokenizer.ggml.tokens",
+        Value::Array(texts.into_iter().map(Value::String).collect()),
+    );
     w.set("tokenizer.ggml.token_type", Value::Array(types));
-    w.set("tokenizer.ggml.merges", Value::Array(merges));
     let cfg = &lm.config;
     let id_of = |t: &Option<String>| t.as_deref().and_then(|t| id_in(tok, t));
     let sp = &lm.special_tokens;
