@@ -2,7 +2,7 @@
 tests/fixtures/spm/<style>/, for the GGUF tokenizer tests (tests/it/gguf_spm.rs).
 
 No SentencePiece model small and free enough ships in a package, so one is trained here with the
-`sentencepiece` library on the repository's own docs, in two styles:
+`sentencepiece` library on a snapshot of the repository's own docs (corpus.txt), in two styles:
   llama  Llama 2 / Mistral v0.1: BPE, byte fallback, digits split, a dummy "▁" prefix on every
          text (<unk> 0, <s> 1, </s> 2);
   gemma  Gemma: the same without the dummy prefix, <pad> 0, <eos> 1, <bos> 2, <unk> 3, and the
@@ -18,7 +18,9 @@ Each directory holds:
   expected.json          tricky strings with the ids llama.cpp's SPM tokenizer produces: the text is
                          cut at the special tokens and each piece between them is encoded by
                          SentencePiece itself (which adds the dummy prefix to each, as llama.cpp
-                         does), plus the ids transformers gives and whether the two agree.
+                         does), checked against llama.cpp itself when llama-cpp-python is installed
+                         (scripts/llamacpp-tokenize.py), plus the ids transformers gives and whether
+                         the two agree.
 
 Run with the bench venv plus sentencepiece, protobuf and gguf (versions as in
 scripts/install-test-deps.sh):
@@ -70,13 +72,21 @@ STRINGS = [
 
 
 def corpus() -> str:
-    parts = []
-    for path in sorted(glob.glob(os.path.join(ROOT, "docs", "*.md"))) + [os.path.join(ROOT, "README.md")]:
-        with open(path, encoding="utf-8") as f:
-            parts.append(f.read())
-    text = "\n".join(parts)
-    # Keep the training alphabet small and predictable: no emoji, no CJK (they must fall back).
-    return "".join(c for c in text if ord(c) < 0x2000)
+    """The training text: tests/fixtures/spm/corpus.txt, made once from the repository's docs (the
+    first 64 KiB; no emoji or CJK, which must fall back to bytes) and kept, so that reruns train
+    the same model while the docs change."""
+    path = os.path.join(OUT, "corpus.txt")
+    if not os.path.exists(path):
+        parts = []
+        for doc in sorted(glob.glob(os.path.join(ROOT, "docs", "*.md"))) + [os.path.join(ROOT, "README.md")]:
+            with open(doc, encoding="utf-8") as f:
+                parts.append(f.read())
+        text = "".join(c for c in "\n".join(parts) if ord(c) < 0x2000)[: 64 * 1024]
+        os.makedirs(OUT, exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+    with open(path, encoding="utf-8") as f:
+        return f.read()
 
 
 def train(style: str, workdir: str) -> str:
@@ -205,6 +215,23 @@ def llama_cpp_ids(sp, specials: dict, text: str, add_bos: bool, bos: int) -> lis
     return ids
 
 
+def check_with_llama_cpp(gguf_path: str, cases: list) -> None:
+    """llama.cpp itself (llama-cpp-python, when installed) must give the recorded ids."""
+    try:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("lct", os.path.join(HERE, "llamacpp-tokenize.py"))
+        lct = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(lct)
+    except ImportError:
+        print("llama-cpp-python not installed: the ids are not checked against llama.cpp", file=sys.stderr)
+        return
+    got = lct.tokenize(gguf_path, [c["text"] for c in cases])
+    for g, c in zip(got, cases):
+        if g["ids"] != c["ids"] or g["with_bos"] != c["with_bos"]:
+            sys.exit(f"llama.cpp tokenizes {c['text']!r} as {g}, not {c['ids']}")
+
+
 def main() -> None:
     for style in ["llama", "gemma"]:
         out = os.path.join(OUT, style)
@@ -238,6 +265,7 @@ def main() -> None:
             })
             if hf != ref:
                 print(f"{style}: transformers differs on {s!r}: {hf} vs {ref}", file=sys.stderr)
+        check_with_llama_cpp(os.path.join(out, "vocab.gguf"), cases)
         with open(os.path.join(out, "expected.json"), "w", encoding="utf-8") as f:
             json.dump({"vocab_size": sp.get_piece_size(), "bos_token_id": tok.bos_token_id,
                        "cases": cases}, f, ensure_ascii=False, indent=1)

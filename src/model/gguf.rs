@@ -6,7 +6,7 @@
 //! the border: every tensor is dequantised to f32, renamed from llama.cpp's names to HF's,
 //! the Q/K row permutation that `convert_hf_to_gguf.py` applies for llama.cpp's RoPE is undone,
 //! and the metadata becomes `config.json`, `generation_config.json`, `tokenizer.json` (rebuilt
-//! from `tokenizer.ggml.*`) and `tokenizer_config.json` (with the chat template). After
+//! from `tokenizer.ggml.*`: byte-level BPE here, SentencePiece in `model::gguf_spm`) and `tokenizer_config.json` (with the chat template). After
 //! [`convert_gguf_to_hf_dir`] nothing else needs to know GGUF exists.
 //!
 //! Families: `llama` (Llama, SmolLM2, and Mistral, which llama.cpp writes as `llama`), `qwen2`,

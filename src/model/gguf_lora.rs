@@ -2,11 +2,13 @@
 //! vocabulary of the format and its reader. The writer is `model::export::lora_gguf`.
 //!
 //! The file is what llama.cpp's `convert_lora_to_gguf.py` writes: `general.type = "adapter"`,
-//! `adapter.type = "lora"`, `adapter.lora.alpha`, `general.architecture` of the base, and per
-//! adapted projection two tensors named after the base tensor, `blk.N.attn_q.weight.lora_a`
-//! (PEFT's A, `[r, in]`) and `.lora_b` (PEFT's B, `[out, r]`). llama.cpp rotates Q/K in its
-//! interleaved layout, so the export permutes the rows of Q/K's B the way the merged weight's rows
-//! are permuted (A multiplies the input and keeps its order); the reader undoes it. The rank is
+//! `adapter.type = "lora"`, `adapter.lora.alpha`, `general.architecture` of the base (llama.cpp
+//! refuses an adapter whose architecture differs from the model's), and per adapted projection
+//! two tensors named after the base tensor, `blk.N.attn_q.weight.lora_a` (PEFT's A, `[r, in]`)
+//! and `.lora_b` (PEFT's B, `[out, r]`), in the architecture's tensor names (`model::gguf`'s
+//! table, shared with the full-model export). llama.cpp's `llama` rotates Q/K in its interleaved
+//! layout, so for it the export permutes the rows of Q/K's B the way the merged weight's rows are
+//! permuted (A multiplies the input and keeps its order); the reader undoes it. The rank is
 //! the tensors' inner dimension and the scale `alpha / r`, as in PEFT. Head counts are not in
 //! the file: they come from the base the adapter applies to.
 
@@ -18,7 +20,7 @@ use anyhow::{Context, Result, bail};
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::{DType, Device, Tensor};
 
-use crate::model::gguf::{get_str, hf_tensor_name, opt_f64, unpermute_qk};
+use crate::model::gguf::{GgufArch, get_str, hf_tensor_name_for, opt_f64, unpermute_qk};
 use crate::model::llama::LlamaConfig;
 use crate::model::lora::{LoraConfig, peft_name};
 
@@ -30,7 +32,7 @@ pub const SUFFIX_A: &str = ".lora_a";
 pub const SUFFIX_B: &str = ".lora_b";
 
 /// Reads a LoRA adapter GGUF back into PEFT form (config and `base_model.model.….lora_A.weight`
-/// tensors, f32, HF row order) for the llama base described by `base`.
+/// tensors, f32, HF row order) for the base described by `base`.
 pub fn read(path: &Path, base: &LlamaConfig) -> Result<(LoraConfig, HashMap<String, Tensor>)> {
     let file = std::fs::File::open(path)
         .with_context(|| format!("cannot open GGUF file {}", path.display()))?;
@@ -38,16 +40,18 @@ pub fn read(path: &Path, base: &LlamaConfig) -> Result<(LoraConfig, HashMap<Stri
     let content = gguf_file::Content::read(&mut reader)
         .with_context(|| format!("parsing the GGUF header of {}", path.display()))?;
     let md = &content.metadata;
+    let arch = GgufArch::of_family(base.family());
     for (key, want) in [
         (KEY_GENERAL_TYPE, "adapter"),
         (KEY_ADAPTER_TYPE, "lora"),
-        ("general.architecture", "llama"),
+        ("general.architecture", arch.name()),
     ] {
         let found = get_str(md, key)?;
         if found != want {
             bail!(
-                "{} has {key} = {found:?}, not {want:?}\nhint: pass a llama LoRA adapter GGUF (`export-model --to gguf-lora`)",
-                path.display()
+                "{} has {key} = {found:?}, not {want:?}\nhint: pass a LoRA adapter GGUF made for this base (`export-model --to gguf-lora`), whose llama.cpp architecture is {:?}",
+                path.display(),
+                arch.name()
             );
         }
     }
@@ -69,7 +73,7 @@ pub fn read(path: &Path, base: &LlamaConfig) -> Result<(LoraConfig, HashMap<Stri
                 path.display()
             );
         };
-        let hf = hf_tensor_name(base_name)?;
+        let hf = hf_tensor_name_for(arch, base_name)?;
         let module = hf
             .strip_suffix(".weight")
             .with_context(|| format!("{name} adapts {hf}, not a weight"))?;
@@ -77,7 +81,7 @@ pub fn read(path: &Path, base: &LlamaConfig) -> Result<(LoraConfig, HashMap<Stri
             .tensor(&mut reader, name, &Device::Cpu)?
             .dequantize(&Device::Cpu)?
             .to_dtype(DType::F32)?;
-        if part == "lora_B" {
+        if part == "lora_B" && arch.permutes_qk() {
             if base_name.ends_with(".attn_q.weight") {
                 t = unpermute_qk(&t, base.num_attention_heads)?;
             } else if base_name.ends_with(".attn_k.weight") {

@@ -153,3 +153,140 @@ fn gguf_lora_refuses_full_weight_policies_and_dtype() {
     let err = fail(&run, &["--dtype", "f16"]);
     assert!(err.contains("--dtype") && err.contains("hint:"), "{err}");
 }
+
+/// Issue #20 §1: an adapter of every family the full-model export writes goes out under the
+/// base's llama.cpp architecture and tensor names (one table with the full export), read back by
+/// llama.cpp's reader (names, shapes, alpha) and by ours (the same PEFT tensors).
+#[test]
+fn every_familys_adapter_gguf_carries_its_architecture_and_tensor_names() {
+    use rand::SeedableRng;
+    use rlhf_bot::model::lora::LoraConfig;
+    let tmp = tempfile::tempdir().unwrap();
+    let (r, alpha) = (4usize, 8.0);
+    let projections = [
+        ("self_attn.q_proj", "attn_q"),
+        ("self_attn.k_proj", "attn_k"),
+        ("self_attn.v_proj", "attn_v"),
+        ("self_attn.o_proj", "attn_output"),
+        ("mlp.gate_proj", "ffn_gate"),
+        ("mlp.up_proj", "ffn_up"),
+        ("mlp.down_proj", "ffn_down"),
+    ];
+    for (family, arch) in [
+        ("llama3", "llama"),
+        ("mistral", "llama"),
+        ("qwen2", "qwen2"),
+        ("qwen3", "qwen3"),
+        ("gemma2", "gemma2"),
+        ("gemma3", "gemma3"),
+    ] {
+        let base = LlamaConfig::from_dir(&crate::families::fixture(family)).unwrap();
+        let (h, i) = (base.hidden_size, base.intermediate_size);
+        let (q, kv) = (
+            base.num_attention_heads * base.head_dim(),
+            base.num_kv_heads() * base.head_dim(),
+        );
+        // PEFT's shapes: A [r, in], B [out, r].
+        let in_out = |m: &str| match m {
+            "self_attn.q_proj" => (h, q),
+            "self_attn.k_proj" | "self_attn.v_proj" => (h, kv),
+            "self_attn.o_proj" => (q, h),
+            "mlp.down_proj" => (i, h),
+            _ => (h, i),
+        };
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(20);
+        let mut peft = HashMap::new();
+        for l in 0..base.num_hidden_layers {
+            for (m, _) in projections {
+                let (fan_in, out) = in_out(m);
+                let module = format!("model.layers.{l}.{m}");
+                for (part, shape) in [("lora_A", (r, fan_in)), ("lora_B", (out, r))] {
+                    let t = crate::export_model::random(&mut rng, shape, 0.1);
+                    peft.insert(rlhf_bot::model::lora::peft_name(&module, part), t);
+                }
+            }
+        }
+        let adapter_dir = tmp.path().join(format!("{family}-adapter"));
+        std::fs::create_dir_all(&adapter_dir).unwrap();
+        let cfg = LoraConfig {
+            r,
+            alpha,
+            dropout: 0.0,
+            target_modules: projections
+                .iter()
+                .map(|(m, _)| m.rsplit('.').next().unwrap().to_owned())
+                .collect(),
+            base_model: None,
+        };
+        std::fs::write(
+            adapter_dir.join("adapter_config.json"),
+            cfg.to_peft_json().to_string(),
+        )
+        .unwrap();
+        candle_core::safetensors::save(&peft, adapter_dir.join("adapter_model.safetensors"))
+            .unwrap();
+        let path = tmp.path().join(format!("{family}.gguf"));
+        rlhf_bot::model::export::lora_gguf::write(&adapter_dir, &base, "tiny", &path)
+            .unwrap_or_else(|e| panic!("{family}: {e:#}"));
+
+        // The stored B of Q/K: llama.cpp's row order for `llama`, HF's for the others.
+        let raw = raw_tensors(&path);
+        let b = &peft[&rlhf_bot::model::lora::peft_name("model.layers.0.self_attn.q_proj", "lora_B")];
+        let stored = &raw["blk.0.attn_q.weight.lora_b"];
+        let want = if arch == "llama" {
+            rlhf_bot::model::gguf::permute_qk(b, base.num_attention_heads).unwrap()
+        } else {
+            b.clone()
+        };
+        assert_eq!(max_abs_diff(stored, &want), 0.0, "{family}: Q's lora_b rows");
+
+        let (lcfg, back) = rlhf_bot::model::gguf_lora::read(&path, &base)
+            .unwrap_or_else(|e| panic!("{family}: {e:#}"));
+        assert_eq!((lcfg.r, lcfg.alpha), (r, alpha), "{family}");
+        assert_eq!(back.len(), peft.len(), "{family}");
+        for (name, t) in &peft {
+            assert_eq!(max_abs_diff(t, &back[name]), 0.0, "{family}: {name}");
+        }
+
+        let Some(rep) = inspect(&path) else { continue };
+        let md = &rep["metadata"];
+        assert_eq!(md["general.architecture"], arch, "{family}");
+        assert_eq!(md["general.type"], "adapter", "{family}");
+        assert_eq!(md["adapter.type"], "lora", "{family}");
+        assert_eq!(md["adapter.lora.alpha"], alpha, "{family}");
+        let shapes: HashMap<String, serde_json::Value> = rep["tensors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| (t["name"].as_str().unwrap().to_owned(), t["shape"].clone()))
+            .collect();
+        assert_eq!(shapes.len(), 2 * 7 * base.num_hidden_layers, "{family}");
+        for l in 0..base.num_hidden_layers {
+            for (m, g) in projections {
+                let (fan_in, out) = in_out(m);
+                let name = format!("blk.{l}.{g}.weight");
+                assert_eq!(
+                    shapes[&format!("{name}.lora_a")],
+                    serde_json::json!([r, fan_in]),
+                    "{family}: {name}"
+                );
+                assert_eq!(
+                    shapes[&format!("{name}.lora_b")],
+                    serde_json::json!([out, r]),
+                    "{family}: {name}"
+                );
+            }
+        }
+    }
+
+    // An adapter made for one architecture is refused over a base of another.
+    let qwen3 = LlamaConfig::from_dir(&crate::families::fixture("qwen3")).unwrap();
+    let err = format!(
+        "{:#}",
+        rlhf_bot::model::gguf_lora::read(&tmp.path().join("llama3.gguf"), &qwen3).unwrap_err()
+    );
+    assert!(
+        err.contains("\"llama\"") && err.contains("\"qwen3\"") && err.contains("hint:"),
+        "{err}"
+    );
+}

@@ -32,7 +32,7 @@ fn fixture(name: &str) -> PathBuf {
     repo().join("tests/fixtures").join(name)
 }
 
-fn random(rng: &mut ChaCha8Rng, shape: (usize, usize), std: f64) -> Tensor {
+pub(crate) fn random(rng: &mut ChaCha8Rng, shape: (usize, usize), std: f64) -> Tensor {
     let v: Vec<f32> = (0..shape.0 * shape.1)
         .map(|_| (rng.random_range(-1.0..1.0) * std * 3f64.sqrt()) as f32)
         .collect();

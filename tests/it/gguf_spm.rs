@@ -182,11 +182,55 @@ fn spm_tokenizers_export_as_llama_cpps_llama_vocabulary_and_import_back_unchange
             assert_eq!(types, &want, "{family}");
         }
 
+        // llama.cpp itself, when the bench venv has llama-cpp-python, tokenizes with our file
+        // exactly as it does with the vocabulary its own writer made.
+        let cases = expected(style)["cases"].as_array().unwrap().clone();
+        if let Some(found) = llama_cpp_tokenize(&path, &cases, tmp.path()) {
+            for (got, case) in found.iter().zip(&cases) {
+                assert_eq!(got["ids"], case["ids"], "llama.cpp on our {family} GGUF");
+                assert_eq!(got["with_bos"], case["with_bos"], "llama.cpp on our {family} GGUF");
+            }
+        }
+
         let imported = GgufLlama::read(&path).unwrap_or_else(|e| panic!("{family}: {e:#}"));
         assert!(imported.add_bos_token, "{family}");
         let tok = imported.tokenizer().unwrap();
         assert_tokenizes_like_llama_cpp(&tok, style, "our export, then our import");
     }
+}
+
+/// llama.cpp's ids (without and with BOS) for the cases' texts, from `scripts/llamacpp-tokenize.py`
+/// in the bench venv (`$RLHF_BENCH_VENV`); `None` when that venv has no llama-cpp-python (it is
+/// not a test dependency: building llama.cpp takes ~10 minutes).
+fn llama_cpp_tokenize(
+    gguf: &Path,
+    cases: &[serde_json::Value],
+    scratch: &Path,
+) -> Option<Vec<serde_json::Value>> {
+    let venv = std::env::var_os("RLHF_BENCH_VENV")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/rlhf-bot/bench-venv")))?;
+    let python = venv.join("bin/python");
+    let has_llama_cpp = std::process::Command::new(&python)
+        .args(["-c", "import llama_cpp"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_llama_cpp {
+        eprintln!("skipped the llama.cpp check: no llama-cpp-python in {}", venv.display());
+        return None;
+    }
+    let texts: Vec<&serde_json::Value> = cases.iter().map(|c| &c["text"]).collect();
+    let strings = scratch.join("strings.json");
+    std::fs::write(&strings, serde_json::to_string(&texts).unwrap()).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/llamacpp-tokenize.py");
+    let o = std::process::Command::new(&python)
+        .arg(script)
+        .arg(gguf)
+        .arg(&strings)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    Some(serde_json::from_slice(&o.stdout).unwrap())
 }
 
 fn bos_of(style: &str) -> u32 {

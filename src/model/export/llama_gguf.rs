@@ -14,9 +14,10 @@
 //! What llama.cpp needs, and why each piece is here: its tensor names (`blk.N.attn_q.weight`, the
 //! inverse of the import's table in `model::gguf`); Q and K rows permuted into its interleaved
 //! RoPE layout ([`crate::model::gguf::permute_qk`], undone by the importer); the `llama.*`
-//! hyper-parameters; the tokenizer as `tokenizer.ggml.*` (byte-level BPE tokens, types, merges,
-//! special ids, the pre-tokenizer's name, whether to add BOS) because llama.cpp never reads
-//! `tokenizer.json`; and `tokenizer.chat_template`. 1-D tensors (norms, biases) stay f32;
+//! hyper-parameters; the tokenizer as `tokenizer.ggml.*` (byte-level BPE as `gpt2`: tokens, types,
+//! merges, the pre-tokenizer's name; SentencePiece-style BPE as `llama`: tokens, scores, types,
+//! the space prefix, from `model::gguf_spm`; then special ids and whether to add BOS) because
+//! llama.cpp never reads `tokenizer.json`; and `tokenizer.chat_template`. 1-D tensors (norms, biases) stay f32;
 //! matrices are f16, or Q8_0 where the row length is a whole number of 32-value blocks (F16
 //! otherwise, as the converter falls back).
 

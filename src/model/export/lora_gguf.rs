@@ -1,7 +1,8 @@
 //! The policy's LoRA adapter as llama.cpp's adapter GGUF (`--to gguf-lora`), for
-//! `llama-cli -m base.gguf --lora adapter.gguf` and llama-cpp-python's `lora_path`. The format's
-//! names, shapes and the Q/K permutation of B are described in `model::gguf_lora`, which reads it
-//! back.
+//! `llama-cli -m base.gguf --lora adapter.gguf` and llama-cpp-python's `lora_path`, for every
+//! family the full-model export writes (the base's llama.cpp architecture and tensor names come
+//! from the same table, `model::gguf`). The format's names, shapes and the Q/K permutation of B
+//! are described in `model::gguf_lora`, which reads it back.
 //!
 //! Tensors stay f32: an adapter is small (r × (in + out) per projection) and llama.cpp applies
 //! f32 adapters to a base of any encoding.
@@ -12,7 +13,7 @@ use anyhow::{Context, Result, bail};
 use candle_core::quantized::gguf_file::Value;
 
 use super::gguf_writer::{ALIGNMENT, GgmlType, GgufTensor, GgufWriter};
-use crate::model::gguf::{gguf_tensor_name, permute_qk};
+use crate::model::gguf::{GgufArch, gguf_tensor_name_for, permute_qk};
 use crate::model::gguf_lora::{
     KEY_ADAPTER_TYPE, KEY_GENERAL_TYPE, KEY_LORA_ALPHA, SUFFIX_A, SUFFIX_B,
 };
@@ -27,12 +28,7 @@ pub fn write(
     name: &str,
     path: &Path,
 ) -> Result<Vec<PathBuf>> {
-    if base.model_type.as_deref().is_some_and(|t| t != "llama") {
-        bail!(
-            "model_type {:?} has no llama.cpp LoRA adapter here\nhint: only llama-family models (SmolLM2, Llama) export to GGUF; use --to peft",
-            base.model_type
-        );
-    }
+    let arch = GgufArch::of_family(base.family());
     let (cfg, tensors) = load_peft(adapter_dir)?;
     let mut modules = adapted_modules(&tensors);
     if modules.is_empty() {
@@ -48,14 +44,14 @@ pub fn write(
     modules.sort_by(|a, b| (layer_of(a), a).cmp(&(layer_of(b), b)));
 
     let mut w = GgufWriter::new();
-    w.set("general.architecture", Value::String("llama".into()));
+    w.set("general.architecture", Value::String(arch.name().into()));
     w.set(KEY_GENERAL_TYPE, Value::String("adapter".into()));
     w.set("general.name", Value::String(name.to_owned()));
     w.set("general.alignment", Value::U32(ALIGNMENT as u32));
     w.set(KEY_ADAPTER_TYPE, Value::String("lora".into()));
     w.set(KEY_LORA_ALPHA, Value::F32(cfg.alpha as f32));
     for m in &modules {
-        let base_name = gguf_tensor_name(&format!("{m}.weight"))
+        let base_name = gguf_tensor_name_for(arch, &format!("{m}.weight"))
             .filter(|g| g != "token_embd.weight")
             .with_context(|| {
                 format!(
@@ -70,10 +66,11 @@ pub fn write(
         };
         let a = get("lora_A")?;
         let mut b = get("lora_B")?.clone();
-        // B's rows are the projection's output rows: they follow the merged weight's permutation.
-        if base_name.ends_with(".attn_q.weight") {
+        // B's rows are the projection's output rows: they follow the merged weight's permutation
+        // (llama.cpp's `llama` only).
+        if arch.permutes_qk() && base_name.ends_with(".attn_q.weight") {
             b = permute_qk(&b, base.num_attention_heads)?;
-        } else if base_name.ends_with(".attn_k.weight") {
+        } else if arch.permutes_qk() && base_name.ends_with(".attn_k.weight") {
             b = permute_qk(&b, base.num_kv_heads())?;
         }
         w.add_tensor(GgufTensor::encode(
