@@ -22,9 +22,11 @@ Each directory holds:
                          (scripts/llamacpp-tokenize.py), plus the ids transformers gives and whether
                          the two agree.
 
-Run with the bench venv plus sentencepiece, protobuf and gguf (versions as in
-scripts/install-test-deps.sh):
+Run with the bench venv (transformers 5.x; scripts/lib/bench-venv.sh) plus the pinned
+sentencepiece, protobuf and llama.cpp's gguf package, and optionally llama-cpp-python:
+  ~/.cache/rlhf-bot/bench-venv/bin/pip install sentencepiece==0.2.3 protobuf==7.36.2 gguf==0.19.0
   ~/.cache/rlhf-bot/bench-venv/bin/python scripts/make-spm-tokenizers.py [OUT_DIR]
+The tests need none of these: they read the committed files.
 Deterministic (single-threaded training on fixed text).
 """
 import glob

@@ -6,7 +6,7 @@
 //! the border: every tensor is dequantised to f32, renamed from llama.cpp's names to HF's,
 //! the Q/K row permutation that `convert_hf_to_gguf.py` applies for llama.cpp's RoPE is undone,
 //! and the metadata becomes `config.json`, `generation_config.json`, `tokenizer.json` (rebuilt
-//! from `tokenizer.ggml.*`: byte-level BPE here, SentencePiece in `model::gguf_spm`) and `tokenizer_config.json` (with the chat template). After
+//! from `tokenizer.ggml.*`: byte-level BPE here, SentencePiece in `model::gguf_vocab`) and `tokenizer_config.json` (with the chat template). After
 //! [`convert_gguf_to_hf_dir`] nothing else needs to know GGUF exists.
 //!
 //! Families: `llama` (Llama, SmolLM2, and Mistral, which llama.cpp writes as `llama`), `qwen2`,
@@ -27,6 +27,8 @@ use anyhow::{Context, Result};
 use candle_core::quantized::gguf_file::{self, Value as GValue};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
+
+use crate::model::gguf_vocab::{GgufVocab, post_processor, spm_tokenizer_json, token_type};
 
 /// Problems with a GGUF file's content (as opposed to IO), so callers can tell "not a model we
 /// support" from "broken file".
@@ -904,29 +906,55 @@ fn check_shapes(cfg: &GgufLlamaConfig, tensors: &BTreeMap<String, Tensor>) -> Re
     Ok(())
 }
 
-/// llama.cpp's token types (`tokenizer.ggml.token_type`).
-pub(crate) mod token_type {
-    pub const NORMAL: i32 = 1;
-    pub const UNKNOWN: i32 = 2;
-    pub const CONTROL: i32 = 3;
-    pub const USER_DEFINED: i32 = 4;
-    pub const UNUSED: i32 = 5;
-    pub const BYTE: i32 = 6;
-}
-
-/// `tokenizer.ggml.token_type` (every token normal when the file has none).
-pub(crate) fn token_types(md: &Meta, n: usize) -> Vec<i32> {
-    match md.get("tokenizer.ggml.token_type") {
+/// What a GGUF says about its vocabulary beside the tokens, with llama.cpp's defaults left to
+/// the caller (they differ by tokenizer model).
+fn vocab_of<'a>(md: &Meta, tokens: &'a [String]) -> Result<GgufVocab<'a>, GgufError> {
+    let types = match md.get("tokenizer.ggml.token_type") {
         Some(GValue::Array(a)) => a
             .iter()
             .map(|v| {
                 int_of(v)
                     .and_then(|i| i32::try_from(i).ok())
-                    .unwrap_or(token_type::NORMAL)
+                    .ok_or_else(|| bad("tokenizer.ggml.token_type", v))
             })
-            .collect(),
-        _ => vec![token_type::NORMAL; n],
-    }
+            .collect::<Result<_, _>>()?,
+        _ => vec![token_type::NORMAL; tokens.len()],
+    };
+    let key = "tokenizer.ggml.scores";
+    let scores = match md.get(key) {
+        None => None,
+        Some(GValue::Array(a)) if a.len() == tokens.len() => Some(
+            a.iter()
+                .map(|v| match v {
+                    GValue::F32(x) => Ok(*x),
+                    GValue::F64(x) => Ok(*x as f32),
+                    v => Err(bad(key, v)),
+                })
+                .collect::<Result<_, _>>()?,
+        ),
+        Some(GValue::Array(a)) => {
+            return Err(GgufError::BadValue {
+                key: key.into(),
+                found: format!("{} scores for {} tokens", a.len(), tokens.len()),
+            });
+        }
+        Some(v) => return Err(bad(key, v)),
+    };
+    let flag = |k: &str| match md.get(k) {
+        Some(GValue::Bool(b)) => Some(*b),
+        _ => None,
+    };
+    Ok(GgufVocab {
+        tokens,
+        types,
+        scores,
+        bos: opt_u32(md, "tokenizer.ggml.bos_token_id")?,
+        eos: opt_u32(md, "tokenizer.ggml.eos_token_id")?,
+        unk: opt_u32(md, "tokenizer.ggml.unknown_token_id")?,
+        add_bos: flag("tokenizer.ggml.add_bos_token"),
+        add_eos: flag("tokenizer.ggml.add_eos_token"),
+        add_space_prefix: flag("tokenizer.ggml.add_space_prefix"),
+    })
 }
 
 /// The `tokenizer.json` rebuilt from a GGUF file's `tokenizer.ggml.*`, reading only its
@@ -942,12 +970,12 @@ pub fn read_tokenizer_json(path: &Path) -> Result<serde_json::Value> {
 }
 
 /// Rebuilds an HF `tokenizer.json` from `tokenizer.ggml.*`: byte-level BPE (`gpt2`) here,
-/// SentencePiece (`llama`) in `model::gguf_spm`.
+/// SentencePiece (`llama`) in `model::gguf_vocab`.
 fn build_tokenizer_json(md: &Meta, tokens: &[String]) -> Result<serde_json::Value> {
     let model = get_str(md, "tokenizer.ggml.model")?;
     match model {
         "gpt2" => {}
-        "llama" => return crate::model::gguf_spm::tokenizer_json_from_metadata(md, tokens),
+        "llama" => return Ok(spm_tokenizer_json(&vocab_of(md, tokens)?)),
         other => return Err(GgufError::UnsupportedTokenizer(other.to_owned()).into()),
     }
     let pre = match md.get("tokenizer.ggml.pre") {
@@ -1003,7 +1031,8 @@ fn build_tokenizer_json(md: &Meta, tokens: &[String]) -> Result<serde_json::Valu
             .collect::<Result<_, _>>()?,
         _ => return Err(GgufError::MissingKey("tokenizer.ggml.merges".into()).into()),
     };
-    let types = token_types(md, tokens.len());
+    let stated = vocab_of(md, tokens)?;
+    let types = &stated.types;
     let vocab: serde_json::Map<String, serde_json::Value> = tokens
         .iter()
         .enumerate()
@@ -1027,12 +1056,9 @@ fn build_tokenizer_json(md: &Meta, tokens: &[String]) -> Result<serde_json::Valu
             })
         })
         .collect();
-    let add_bos = matches!(
-        md.get("tokenizer.ggml.add_bos_token"),
-        Some(GValue::Bool(true))
-    );
-    let bos = opt_u32(md, "tokenizer.ggml.bos_token_id")?
-        .filter(|_| add_bos)
+    let bos = stated
+        .bos
+        .filter(|_| stated.add_bos == Some(true))
         .map(|id| (id, tokens.get(id as usize).cloned().unwrap_or_default()));
     let post_processor = post_processor(bos, None);
     Ok(serde_json::json!({
@@ -1051,65 +1077,6 @@ fn build_tokenizer_json(md: &Meta, tokens: &[String]) -> Result<serde_json::Valu
             "vocab": vocab, "merges": merges
         }
     }))
-}
-
-/// The post-processor that puts `bos` (id, text) before and `eos` after every sequence, as
-/// llama.cpp's `add_bos_token` / `add_eos_token` do.
-pub(crate) fn post_processor(
-    bos: Option<(u32, String)>,
-    eos: Option<(u32, String)>,
-) -> serde_json::Value {
-    let special = |token: &Option<(u32, String)>, type_id: u32| {
-        token.as_ref().map(|(_, name)| {
-            serde_json::json!({"SpecialToken": {"id": name, "type_id": type_id}})
-        })
-    };
-    let template = |seq: &str, type_id: u32| -> Vec<serde_json::Value> {
-        let text = serde_json::json!({"Sequence": {"id": seq, "type_id": type_id}});
-        special(&bos, type_id)
-            .into_iter()
-            .chain([text])
-            .chain(special(&eos, type_id))
-            .collect()
-    };
-    let single = template("A", 0);
-    let pair: Vec<serde_json::Value> = single.iter().cloned().chain(template("B", 1)).collect();
-    let special_tokens: serde_json::Map<String, serde_json::Value> = [&bos, &eos]
-        .into_iter()
-        .flatten()
-        .map(|(id, name)| {
-            (
-                name.clone(),
-                serde_json::json!({"id": name, "ids": [id], "tokens": [name]}),
-            )
-        })
-        .collect();
-    serde_json::json!({
-        "type": "TemplateProcessing",
-        "single": single,
-        "pair": pair,
-        "special_tokens": special_tokens,
-    })
-}
-
-/// The merges of a `tokenizer.json` BPE model as pairs (written either `"a b"` or `["a", "b"]`).
-pub(crate) fn merge_pairs(model: &serde_json::Value) -> Result<Vec<(String, String)>> {
-    model["merges"]
-        .as_array()
-        .context("tokenizer.json has no model.merges")?
-        .iter()
-        .map(|m| match m {
-            serde_json::Value::String(s) => s
-                .split_once(' ')
-                .map(|(a, b)| (a.to_owned(), b.to_owned()))
-                .with_context(|| format!("tokenizer.json merge {s:?} has no space")),
-            serde_json::Value::Array(p) if p.len() == 2 => match (p[0].as_str(), p[1].as_str()) {
-                (Some(a), Some(b)) => Ok((a.to_owned(), b.to_owned())),
-                _ => anyhow::bail!("tokenizer.json merge {m} is not two strings"),
-            },
-            other => anyhow::bail!("tokenizer.json merge {other} is neither \"a b\" nor [a, b]"),
-        })
-        .collect()
 }
 
 /// The split regex of Qwen2's tokenizer (Llama 3's, with every digit on its own).

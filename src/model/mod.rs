@@ -17,7 +17,7 @@ pub mod family;
 pub mod generate;
 pub mod gguf;
 pub mod gguf_lora;
-pub mod gguf_spm;
+pub mod gguf_vocab;
 pub mod llama;
 pub mod lora;
 pub mod ops;

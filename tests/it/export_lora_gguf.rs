@@ -231,14 +231,19 @@ fn every_familys_adapter_gguf_carries_its_architecture_and_tensor_names() {
 
         // The stored B of Q/K: llama.cpp's row order for `llama`, HF's for the others.
         let raw = raw_tensors(&path);
-        let b = &peft[&rlhf_bot::model::lora::peft_name("model.layers.0.self_attn.q_proj", "lora_B")];
+        let b =
+            &peft[&rlhf_bot::model::lora::peft_name("model.layers.0.self_attn.q_proj", "lora_B")];
         let stored = &raw["blk.0.attn_q.weight.lora_b"];
         let want = if arch == "llama" {
             rlhf_bot::model::gguf::permute_qk(b, base.num_attention_heads).unwrap()
         } else {
             b.clone()
         };
-        assert_eq!(max_abs_diff(stored, &want), 0.0, "{family}: Q's lora_b rows");
+        assert_eq!(
+            max_abs_diff(stored, &want),
+            0.0,
+            "{family}: Q's lora_b rows"
+        );
 
         let (lcfg, back) = rlhf_bot::model::gguf_lora::read(&path, &base)
             .unwrap_or_else(|e| panic!("{family}: {e:#}"));

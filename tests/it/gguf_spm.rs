@@ -20,6 +20,7 @@ use rlhf_bot::model::gguf::{GgufLlama, read_tokenizer_json};
 use tokenizers::Tokenizer;
 
 use crate::families::fixture;
+use crate::policy_model::ids_of as ids;
 
 const STYLES: &[&str] = &["llama", "gemma"];
 
@@ -32,14 +33,6 @@ fn spm_fixture(style: &str) -> PathBuf {
 fn expected(style: &str) -> serde_json::Value {
     let text = std::fs::read_to_string(spm_fixture(style).join("expected.json")).unwrap();
     serde_json::from_str(&text).unwrap()
-}
-
-fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i.as_u64().unwrap() as u32)
-        .collect()
 }
 
 fn tokenizer_of(json: &serde_json::Value) -> Tokenizer {
@@ -56,10 +49,18 @@ fn assert_tokenizes_like_llama_cpp(tok: &Tokenizer, style: &str, what: &str) {
         let got = tok.encode(text, false).unwrap().get_ids().to_vec();
         assert_eq!(got, ids(&case["ids"]), "{what} ({style}) on {text:?}");
         if case["transformers_agrees"] == true {
-            assert_eq!(got, ids(&case["transformers"]), "{what} ({style}) on {text:?}");
+            assert_eq!(
+                got,
+                ids(&case["transformers"]),
+                "{what} ({style}) on {text:?}"
+            );
         }
         let with_bos = tok.encode(text, true).unwrap().get_ids().to_vec();
-        assert_eq!(with_bos, ids(&case["with_bos"]), "{what} ({style}) on {text:?}");
+        assert_eq!(
+            with_bos,
+            ids(&case["with_bos"]),
+            "{what} ({style}) on {text:?}"
+        );
         let decoded = tok.decode(&got, false).unwrap();
         assert_eq!(decoded, case["decoded"], "{what} ({style}) decodes {got:?}");
     }
@@ -143,8 +144,8 @@ fn spm_tokenizers_export_as_llama_cpps_llama_vocabulary_and_import_back_unchange
     for (family, style, arch) in [("mistral", "llama", "llama"), ("gemma2", "gemma", "gemma2")] {
         let dir = tmp.path().join(family);
         model_with_spm_tokenizer(family, style, &dir);
-        let tensors = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)
-            .unwrap();
+        let tensors =
+            candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
         let lm = CausalLm::from_parts(&dir, tensors, &dir).unwrap();
         let path = tmp.path().join(format!("{family}.gguf"));
         llama_gguf::build(&lm, GgufEncoding::F32, "spm")
@@ -188,7 +189,10 @@ fn spm_tokenizers_export_as_llama_cpps_llama_vocabulary_and_import_back_unchange
         if let Some(found) = llama_cpp_tokenize(&path, &cases, tmp.path()) {
             for (got, case) in found.iter().zip(&cases) {
                 assert_eq!(got["ids"], case["ids"], "llama.cpp on our {family} GGUF");
-                assert_eq!(got["with_bos"], case["with_bos"], "llama.cpp on our {family} GGUF");
+                assert_eq!(
+                    got["with_bos"], case["with_bos"],
+                    "llama.cpp on our {family} GGUF"
+                );
             }
         }
 
@@ -209,14 +213,19 @@ fn llama_cpp_tokenize(
 ) -> Option<Vec<serde_json::Value>> {
     let venv = std::env::var_os("RLHF_BENCH_VENV")
         .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/rlhf-bot/bench-venv")))?;
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/rlhf-bot/bench-venv"))
+        })?;
     let python = venv.join("bin/python");
     let has_llama_cpp = std::process::Command::new(&python)
         .args(["-c", "import llama_cpp"])
         .output()
         .is_ok_and(|o| o.status.success());
     if !has_llama_cpp {
-        eprintln!("skipped the llama.cpp check: no llama-cpp-python in {}", venv.display());
+        eprintln!(
+            "skipped the llama.cpp check: no llama-cpp-python in {}",
+            venv.display()
+        );
         return None;
     }
     let texts: Vec<&serde_json::Value> = cases.iter().map(|c| &c["text"]).collect();

@@ -39,7 +39,7 @@ fn smollm2_gguf() -> Option<PathBuf> {
     found
 }
 
-fn ids_of(v: &serde_json::Value) -> Vec<u32> {
+pub(crate) fn ids_of(v: &serde_json::Value) -> Vec<u32> {
     v.as_array()
         .unwrap()
         .iter()

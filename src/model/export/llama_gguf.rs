@@ -16,7 +16,7 @@
 //! RoPE layout ([`crate::model::gguf::permute_qk`], undone by the importer); the `llama.*`
 //! hyper-parameters; the tokenizer as `tokenizer.ggml.*` (byte-level BPE as `gpt2`: tokens, types,
 //! merges, the pre-tokenizer's name; SentencePiece-style BPE as `llama`: tokens, scores, types,
-//! the space prefix, from `model::gguf_spm`; then special ids and whether to add BOS) because
+//! the space prefix, from `model::gguf_vocab`; then special ids and whether to add BOS) because
 //! llama.cpp never reads `tokenizer.json`; and `tokenizer.chat_template`. 1-D tensors (norms, biases) stay f32;
 //! matrices are f16, or Q8_0 where the row length is a whole number of 32-value blocks (F16
 //! otherwise, as the converter falls back).
@@ -30,9 +30,9 @@ use super::CausalLm;
 use super::gguf_writer::{ALIGNMENT, GgmlType, GgufTensor, GgufWriter};
 use crate::model::gguf::{
     GgufArch, LLAMA3_SPLIT, ROPE_FREQS_TENSOR, config_from_metadata, gguf_tensor_name_for,
-    merge_pairs, permute_qk, token_type,
+    permute_qk,
 };
-use crate::model::gguf_spm;
+use crate::model::gguf_vocab::{self, merge_pairs, token_type};
 use crate::model::llama::LlamaConfig;
 
 /// The GGUF encodings of the matrices: `--format gguf-f16|gguf-q8_0`, and f32 for exact round
@@ -306,12 +306,12 @@ fn add_tensors(
 
 /// `tokenizer.ggml.*` from `tokenizer.json` and the chat template: byte-level BPE as `gpt2`
 /// (tokens, types, merges, the pre-tokenizer's name), SentencePiece-style BPE as `llama`
-/// (tokens, scores, types, whether to prefix a space; `model::gguf_spm`).
+/// (tokens, scores, types, whether to prefix a space; `model::gguf_vocab`).
 fn add_tokenizer(w: &mut GgufWriter, lm: &CausalLm) -> Result<()> {
     let tok = &lm.tokenizer_json;
     let model = &tok["model"];
-    gguf_spm::refuse_unigram(tok)?;
-    let spm = gguf_spm::is_spm_style(tok);
+    gguf_vocab::refuse_unigram(tok)?;
+    let spm = gguf_vocab::is_spm_style(tok);
     if model["type"] != "BPE" {
         bail!(
             "the tokenizer is {}, not BPE\nhint: byte-level BPE (SmolLM2, Llama 3, Qwen) and SentencePiece-style BPE (Llama 2, Mistral, Gemma) tokenizers export to GGUF",
@@ -336,7 +336,7 @@ fn add_tokenizer(w: &mut GgufWriter, lm: &CausalLm) -> Result<()> {
     for (text, id) in vocab {
         let id = id.as_u64().context("a vocabulary id is not a number")?;
         let ty = if spm {
-            gguf_spm::vocab_token_type(text, unk)
+            gguf_vocab::vocab_token_type(text, unk)
         } else {
             token_type::NORMAL
         };
@@ -366,7 +366,7 @@ fn add_tokenizer(w: &mut GgufWriter, lm: &CausalLm) -> Result<()> {
         })
         .unzip();
     if spm {
-        let out = gguf_spm::export_scores(tok, &texts)?;
+        let out = gguf_vocab::export_scores(tok, &texts)?;
         w.set("tokenizer.ggml.model", Value::String("llama".into()));
         w.set("tokenizer.ggml.pre", Value::String("default".into()));
         w.set(

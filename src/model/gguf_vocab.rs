@@ -1,7 +1,9 @@
-//! SentencePiece vocabularies in GGUF (`tokenizer.ggml.model = "llama"`: Llama 2's, Mistral
-//! v0.1's, Gemma's), both ways: a Hugging Face `tokenizer.json` rebuilt from the file's tokens,
-//! scores and token types (import), and those three arrays from an SPM-style `tokenizer.json`
-//! (export).
+//! The tokenizer vocabulary in GGUF (`tokenizer.ggml.*`): llama.cpp's token types, the BOS/EOS
+//! post-processor and merge lists that both tokenizer kinds share, and SentencePiece vocabularies
+//! (`tokenizer.ggml.model = "llama"`: Llama 2's, Mistral v0.1's, Gemma's) both ways — a Hugging
+//! Face `tokenizer.json` rebuilt from the file's tokens, scores and token types (import, for
+//! `model::gguf`, which reads the metadata and rebuilds byte-level BPE itself), and those three
+//! arrays from an SPM-style `tokenizer.json` (export, for `model::export::llama_gguf`).
 //!
 //! Which HF model reproduces llama.cpp: its SPM tokenizer (`llm_tokenizer_spm`) starts from the
 //! text's characters, repeatedly joins the adjacent pair whose concatenation is a token with the
@@ -21,36 +23,58 @@
 
 use std::collections::HashMap;
 
-use anyhow::{Result, bail};
-use candle_core::quantized::gguf_file::Value as GValue;
+use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
-use crate::model::gguf::{GgufError, Meta, opt_u32, token_type};
+/// llama.cpp's token types (`tokenizer.ggml.token_type`).
+pub(crate) mod token_type {
+    pub const NORMAL: i32 = 1;
+    pub const UNKNOWN: i32 = 2;
+    pub const CONTROL: i32 = 3;
+    pub const USER_DEFINED: i32 = 4;
+    pub const UNUSED: i32 = 5;
+    pub const BYTE: i32 = 6;
+}
 
-/// `tokenizer.json` for the SentencePiece vocabulary in `md` (whose tokens are `tokens`).
-pub(crate) fn tokenizer_json_from_metadata(md: &Meta, tokens: &[String]) -> Result<Value> {
-    let scores = scores_of(md, tokens.len())?;
-    let types = crate::model::gguf::token_types(md, tokens.len());
-    // llama.cpp's defaults for SPM vocabularies when a key is absent.
-    let flag = |key: &str, default: bool| match md.get(key) {
-        Some(GValue::Bool(b)) => *b,
-        _ => default,
+/// A GGUF vocabulary as the file states it (`None`: the key is absent).
+#[derive(Debug, Clone)]
+pub(crate) struct GgufVocab<'a> {
+    pub tokens: &'a [String],
+    /// One llama.cpp token type per token (all normal when the file has none).
+    pub types: Vec<i32>,
+    pub scores: Option<Vec<f32>>,
+    pub bos: Option<u32>,
+    pub eos: Option<u32>,
+    pub unk: Option<u32>,
+    pub add_bos: Option<bool>,
+    pub add_eos: Option<bool>,
+    pub add_space_prefix: Option<bool>,
+}
+
+/// `tokenizer.json` for a SentencePiece vocabulary, with llama.cpp's defaults for what the file
+/// leaves out (add BOS, no EOS, a space prefix; scores in id order).
+pub(crate) fn spm_tokenizer_json(v: &GgufVocab) -> Value {
+    let tokens = v.tokens;
+    let add_space_prefix = v.add_space_prefix.unwrap_or(true);
+    let by_id: Vec<f32>;
+    let scores = match &v.scores {
+        Some(s) => s.as_slice(),
+        None => {
+            by_id = (0..tokens.len()).map(|i| -(i as f32)).collect();
+            &by_id
+        }
     };
-    let add_space_prefix = flag("tokenizer.ggml.add_space_prefix", true);
-    let add_bos = flag("tokenizer.ggml.add_bos_token", true);
-    let add_eos = flag("tokenizer.ggml.add_eos_token", false);
-
     let mut vocab = serde_json::Map::new();
     for (i, t) in tokens.iter().enumerate() {
         // A repeated text keeps its first id, as llama.cpp's text-to-token map does.
         vocab.entry(t.clone()).or_insert_with(|| json!(i));
     }
-    let merges = merges_by_score(tokens, &scores);
+    let merges = merges_by_score(tokens, scores);
     // Unknown, control and user-defined tokens are matched in the raw text before the model
     // runs (llama.cpp's special-token partition); only user-defined ones are not "special".
     let added: Vec<Value> = tokens
         .iter()
-        .zip(&types)
+        .zip(&v.types)
         .enumerate()
         .filter(|(_, (_, ty))| {
             matches!(
@@ -65,16 +89,11 @@ pub(crate) fn tokenizer_json_from_metadata(md: &Meta, tokens: &[String]) -> Resu
             })
         })
         .collect();
-    let unk = opt_u32(md, "tokenizer.ggml.unknown_token_id")?
-        .and_then(|id| tokens.get(id as usize).cloned());
-    let special = |key: &str, on: bool| -> Result<Option<(u32, String)>> {
-        Ok(opt_u32(md, key)?
-            .filter(|_| on)
-            .and_then(|id| Some((id, tokens.get(id as usize)?.clone()))))
-    };
-    let post_processor = crate::model::gguf::post_processor(
-        special("tokenizer.ggml.bos_token_id", add_bos)?,
-        special("tokenizer.ggml.eos_token_id", add_eos)?,
+    let named = |id: Option<u32>| id.and_then(|id| Some((id, tokens.get(id as usize)?.clone())));
+    let unk = named(v.unk).map(|(_, t)| t);
+    let post_processor = post_processor(
+        named(v.bos).filter(|_| v.add_bos.unwrap_or(true)),
+        named(v.eos).filter(|_| v.add_eos.unwrap_or(false)),
     );
     let space = "\u{2581}";
     let normalizer = if add_space_prefix {
@@ -93,7 +112,7 @@ pub(crate) fn tokenizer_json_from_metadata(md: &Meta, tokens: &[String]) -> Resu
     if add_space_prefix {
         decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
     }
-    Ok(json!({
+    json!({
         "version": "1.0",
         "truncation": null,
         "padding": null,
@@ -107,34 +126,7 @@ pub(crate) fn tokenizer_json_from_metadata(md: &Meta, tokens: &[String]) -> Resu
             "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true,
             "ignore_merges": false, "vocab": vocab, "merges": merges
         }
-    }))
-}
-
-/// `tokenizer.ggml.scores`; a file without them gets id order (earlier tokens merge first).
-fn scores_of(md: &Meta, n: usize) -> Result<Vec<f32>, GgufError> {
-    let key = "tokenizer.ggml.scores";
-    match md.get(key) {
-        None => Ok((0..n).map(|i| -(i as f32)).collect()),
-        Some(GValue::Array(a)) if a.len() == n => a
-            .iter()
-            .map(|v| match v {
-                GValue::F32(x) => Ok(*x),
-                GValue::F64(x) => Ok(*x as f32),
-                v => Err(GgufError::BadValue {
-                    key: key.into(),
-                    found: format!("{v:?} (scores are floats)"),
-                }),
-            })
-            .collect(),
-        Some(GValue::Array(a)) => Err(GgufError::BadValue {
-            key: key.into(),
-            found: format!("{} scores for {n} tokens", a.len()),
-        }),
-        Some(v) => Err(GgufError::BadValue {
-            key: key.into(),
-            found: format!("{v:?}"),
-        }),
-    }
+    })
 }
 
 /// Every split of every token into two tokens, highest joined score first; ties go to the
@@ -171,7 +163,10 @@ fn merges_by_score(tokens: &[String], scores: &[f32]) -> Vec<Value> {
             .then_with(|| b.1.cmp(&a.1))
             .then_with(|| b.2.cmp(&a.2))
     });
-    merges.into_iter().map(|(_, _, _, l, r)| json!([l, r])).collect()
+    merges
+        .into_iter()
+        .map(|(_, _, _, l, r)| json!([l, r]))
+        .collect()
 }
 
 /// What the export writes for an SPM-style vocabulary: a score per token and whether llama.cpp
@@ -248,7 +243,7 @@ fn prepends_space(tok: &Value) -> bool {
 /// are not adjacent in rank (llama.cpp gives them one score).
 pub(crate) fn export_scores(tok: &Value, tokens: &[String]) -> Result<SpmExport> {
     let model = &tok["model"];
-    let merges = crate::model::gguf::merge_pairs(model)?;
+    let merges = merge_pairs(model)?;
     let rank_of: HashMap<(&str, &str), usize> = merges
         .iter()
         .enumerate()
@@ -309,4 +304,63 @@ pub(crate) fn vocab_token_type(text: &str, unk: Option<&str>) -> i32 {
     } else {
         token_type::NORMAL
     }
+}
+
+/// The post-processor that puts `bos` (id, text) before and `eos` after every sequence, as
+/// llama.cpp's `add_bos_token` / `add_eos_token` do.
+pub(crate) fn post_processor(
+    bos: Option<(u32, String)>,
+    eos: Option<(u32, String)>,
+) -> serde_json::Value {
+    let special = |token: &Option<(u32, String)>, type_id: u32| {
+        token
+            .as_ref()
+            .map(|(_, name)| serde_json::json!({"SpecialToken": {"id": name, "type_id": type_id}}))
+    };
+    let template = |seq: &str, type_id: u32| -> Vec<serde_json::Value> {
+        let text = serde_json::json!({"Sequence": {"id": seq, "type_id": type_id}});
+        special(&bos, type_id)
+            .into_iter()
+            .chain([text])
+            .chain(special(&eos, type_id))
+            .collect()
+    };
+    let single = template("A", 0);
+    let pair: Vec<serde_json::Value> = single.iter().cloned().chain(template("B", 1)).collect();
+    let special_tokens: serde_json::Map<String, serde_json::Value> = [&bos, &eos]
+        .into_iter()
+        .flatten()
+        .map(|(id, name)| {
+            (
+                name.clone(),
+                serde_json::json!({"id": name, "ids": [id], "tokens": [name]}),
+            )
+        })
+        .collect();
+    serde_json::json!({
+        "type": "TemplateProcessing",
+        "single": single,
+        "pair": pair,
+        "special_tokens": special_tokens,
+    })
+}
+
+/// The merges of a `tokenizer.json` BPE model as pairs (written either `"a b"` or `["a", "b"]`).
+pub(crate) fn merge_pairs(model: &serde_json::Value) -> Result<Vec<(String, String)>> {
+    model["merges"]
+        .as_array()
+        .context("tokenizer.json has no model.merges")?
+        .iter()
+        .map(|m| match m {
+            serde_json::Value::String(s) => s
+                .split_once(' ')
+                .map(|(a, b)| (a.to_owned(), b.to_owned()))
+                .with_context(|| format!("tokenizer.json merge {s:?} has no space")),
+            serde_json::Value::Array(p) if p.len() == 2 => match (p[0].as_str(), p[1].as_str()) {
+                (Some(a), Some(b)) => Ok((a.to_owned(), b.to_owned())),
+                _ => bail!("tokenizer.json merge {m} is not two strings"),
+            },
+            other => bail!("tokenizer.json merge {other} is neither \"a b\" nor [a, b]"),
+        })
+        .collect()
 }
