@@ -239,8 +239,12 @@ fn prepends_space(tok: &Value) -> bool {
 /// ranks: a token made by the merge of rank `r` scores `-r`; tokens no merge makes score below
 /// all of them (llama.cpp only compares the scores of joined pairs). `tokens[i]` is the text of
 /// id `i`. Refused, by name, when llama.cpp would join differently: a split of a token into two
-/// tokens that the merges do not list (llama.cpp joins any such pair), or a token whose merges
-/// are not adjacent in rank (llama.cpp gives them one score).
+/// tokens that the merges do not list (llama.cpp joins any such pair).
+///
+/// A token made by several merges gets the rank of its first. When its merges are adjacent in
+/// rank (transformers' converters list them so for tokens of distinct scores) the orders agree;
+/// when another token's merge sits between them (tokens of equal SentencePiece score, such as
+/// Gemma's user-defined pieces), llama.cpp may join two such competing pairs in the other order.
 pub(crate) fn export_scores(tok: &Value, tokens: &[String]) -> Result<SpmExport> {
     let model = &tok["model"];
     let merges = merge_pairs(model)?;
@@ -254,10 +258,10 @@ pub(crate) fn export_scores(tok: &Value, tokens: &[String]) -> Result<SpmExport>
         .enumerate()
         .map(|(i, t)| (t.as_str(), i))
         .collect();
-    // Per joined token: its merge ranks.
-    let mut ranks: HashMap<String, Vec<usize>> = HashMap::new();
+    // Per joined token: the rank of its first merge.
+    let mut first_rank: HashMap<String, usize> = HashMap::new();
     for (r, (a, b)) in merges.iter().enumerate() {
-        ranks.entry(format!("{a}{b}")).or_default().push(r);
+        first_rank.entry(format!("{a}{b}")).or_insert(r);
     }
     let lowest = -(merges.len() as f32);
     let mut scores = Vec::with_capacity(tokens.len());
@@ -270,18 +274,7 @@ pub(crate) fn export_scores(tok: &Value, tokens: &[String]) -> Result<SpmExport>
                 );
             }
         }
-        let score = match ranks.get(t.as_str()) {
-            Some(rs) => {
-                let (lo, hi) = (rs[0], rs[rs.len() - 1]);
-                if hi - lo + 1 != rs.len() {
-                    bail!(
-                        "token {t:?} is made by merges of ranks {lo} and {hi} with other merges between them; llama.cpp ranks a token's merges together by its score\nhint: export `hf` instead"
-                    );
-                }
-                -(lo as f32)
-            }
-            None => lowest,
-        };
+        let score = first_rank.get(t.as_str()).map_or(lowest, |r| -(*r as f32));
         scores.push(score);
     }
     Ok(SpmExport {

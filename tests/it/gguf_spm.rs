@@ -246,28 +246,44 @@ fn bos_of(style: &str) -> u32 {
     if style == "llama" { 1 } else { 2 }
 }
 
-#[test]
-fn a_unigram_tokenizer_is_refused_by_name() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("unigram");
-    model_with_spm_tokenizer("mistral", "llama", &dir);
-    let vocab: Vec<serde_json::Value> = (0..1000)
-        .map(|i| serde_json::json!([format!("t{i}"), -(i as f64)]))
-        .collect();
-    let tok = serde_json::json!({
-        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
-        "normalizer": null, "pre_tokenizer": {"type": "Metaspace", "replacement": "\u{2581}",
-        "prepend_scheme": "always", "split": true}, "post_processor": null, "decoder": null,
-        "model": {"type": "Unigram", "unk_id": 0, "vocab": vocab, "byte_fallback": false}
-    });
-    std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
+/// The export of `dir` (a model directory) after `edit` changed its tokenizer.json: the error.
+fn export_error(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) -> String {
+    let path = dir.join("tokenizer.json");
+    let mut tok: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(&mut tok);
+    std::fs::write(&path, tok.to_string()).unwrap();
     let tensors =
         candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
-    let lm = CausalLm::from_parts(&dir, tensors, &dir).unwrap();
-    let err = format!(
-        "{:#}",
-        llama_gguf::build(&lm, GgufEncoding::F32, "x").unwrap_err()
+    let lm = CausalLm::from_parts(dir, tensors, dir).unwrap();
+    let err = llama_gguf::build(&lm, GgufEncoding::F32, "x").expect_err("export should refuse");
+    format!("{err:#}")
+}
+
+#[test]
+fn tokenizers_llama_cpp_would_read_differently_are_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("mistral");
+    model_with_spm_tokenizer("mistral", "llama", &dir);
+
+    // A merge left out: llama.cpp would still join that pair, since both halves are tokens.
+    let err = export_error(&dir, |tok| {
+        let merges = tok["model"]["merges"].as_array_mut().unwrap();
+        merges.remove(0);
+    });
+    assert!(
+        err.contains("never merges") && err.contains("hint:"),
+        "{err}"
     );
+
+    // SentencePiece's Unigram model: llama.cpp's SPM tokenizer does not search segmentations.
+    let err = export_error(&dir, |tok| {
+        let vocab: Vec<serde_json::Value> = (0..1000)
+            .map(|i| serde_json::json!([format!("t{i}"), -(i as f64)]))
+            .collect();
+        tok["model"] = serde_json::json!({"type": "Unigram", "unk_id": 0, "vocab": vocab, "byte_fallback": false});
+        tok["added_tokens"] = serde_json::json!([]);
+    });
     assert!(
         err.contains("Unigram") && err.contains("llama.cpp") && err.contains("hint:"),
         "{err}"
