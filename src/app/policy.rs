@@ -62,6 +62,8 @@ pub struct PolicyOverrides {
     pub steps: Option<u64>,
     pub lr: Option<f64>,
     pub production_model: Option<PathBuf>,
+    /// Train on a Ray cluster instead of here (`run` with `train.backend: ray`).
+    pub cluster: Option<crate::app::ray_policy::ClusterPolicy>,
 }
 
 /// What the stage did, for stdout and the pipeline.
@@ -211,7 +213,12 @@ pub async fn run_policy_stage(
         options,
         behaviour_prompts,
     };
-    let run = train_policy(req).await?;
+    let run = match &o.cluster {
+        Some(cluster) => {
+            crate::app::ray_policy::train_policy_on_ray(settings, cluster, &req).await?
+        }
+        None => train_policy(req).await?,
+    };
     baseline.baseline.write(&out)?;
     if let Some(answers) = &run.behaviour_answers {
         let results = crate::evals::results(
@@ -645,6 +652,7 @@ pub async fn train_policy_cmd(
             steps: args.steps,
             lr: args.lr,
             production_model: args.production_model,
+            cluster: None,
         },
     )
     .await

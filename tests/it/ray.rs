@@ -467,17 +467,38 @@ fn the_ray_config_is_checked_with_the_key_and_a_hint() {
         assert!(needles.iter().all(|n| text.contains(n)), "{train}: {text}");
         assert!(!text.contains("ghp_abc"), "the token was echoed: {text}");
     }
-    // The policy stage does not run on the cluster yet: refused rather than run on the runner.
-    let text = format!(
-        "{:#}",
+    // The policy stage runs on the cluster; the combinations no trainer offers are refused at
+    // load, naming the algorithm, the entrypoint and what to do.
+    let with_policy = |algo: &str, ray: &str| {
         rlhf_bot::config::load_str(
             Path::new("rlhf.yaml"),
-            "feedback:\n  source: file\n  path: f\nregistry:\n  artifacts: s3://t/m\npolicy:\n  enabled: true\ntrain:\n  backend: ray\n  ray:\n    address: http://h:8265\n    entrypoint: rlhf-bot\n",
+            &format!(
+                "feedback:\n  source: file\n  path: f\nregistry:\n  artifacts: s3://t/m\npolicy:\n  enabled: true\n  algo: {algo}\ntrain:\n  backend: ray\n  ray:\n    address: http://h:8265\n{ray}"
+            ),
         )
-        .unwrap_err()
-    );
+    };
+    for algo in ["dpo", "kto", "ppo", "grpo", "rloo"] {
+        with_policy(algo, "    entrypoint: rlhf-bot\n").unwrap();
+    }
+    let trl = "    entrypoint: trl\n    runtime_env:\n      pip: [trl==1.16.0, awscli==1.42.70]\n";
+    with_policy("grpo", trl).unwrap();
+    let text = format!("{:#}", with_policy("ppo", trl).unwrap_err());
     assert!(
-        text.contains("policy.enabled") && text.contains("hint:"),
+        ["policy.algo", "ppo", "trl", "no PPO command", "hint:"]
+            .iter()
+            .all(|n| text.contains(n)),
+        "{text}"
+    );
+    let openrlhf = |version: &str| {
+        format!("    entrypoint: openrlhf\n    runtime_env:\n      pip: [openrlhf=={version}, awscli==1.42.70]\n")
+    };
+    with_policy("kto", &openrlhf("0.9.5")).unwrap();
+    with_policy("ppo", &openrlhf("0.10.1")).unwrap();
+    let text = format!("{:#}", with_policy("kto", &openrlhf("0.10.1")).unwrap_err());
+    assert!(
+        ["policy.algo", "OpenRLHF 0.10.1", "train_kto", "hint:"]
+            .iter()
+            .all(|n| text.contains(n)),
         "{text}"
     );
 }

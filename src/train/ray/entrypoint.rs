@@ -302,6 +302,7 @@ mod tests {
         JobPaths {
             data: "s3://b/m/ray/r1/reward/data".into(),
             output: "s3://b/m/ray/r1/reward/output".into(),
+            reward_model: None,
         }
     }
 
@@ -360,6 +361,8 @@ mod tests {
         let text = reward_entrypoint(&settings(EntrypointKind::Openrlhf), &paths(), &job());
         assert!(text.contains("aws s3 cp --recursive s3://b/m/ray/r1/reward/data/ \"$work/data\""));
         assert!(text.contains("deepspeed --num_gpus 1 --module openrlhf.cli.train_rm --pretrain Qwen/Qwen2.5-0.5B-Instruct"));
+        // 0.9.5 and later take `--param_dtype` (bf16 by default) and refuse `--bf16`.
+        assert!(!text.contains("--bf16"), "{text}");
         let files = text.find("--exclude SHA256SUMS").unwrap();
         let manifest = text
             .find("\"$work/out/SHA256SUMS\" s3://b/m/ray/r1/reward/output/SHA256SUMS")
