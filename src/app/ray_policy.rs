@@ -160,7 +160,11 @@ fn write_job_data(req: &TrainPolicyRequest, cluster: &ClusterPolicy, dir: &Path)
     let text = std::fs::read_to_string(&req.data)
         .with_context(|| format!("reading {}", req.data.display()))?;
     let mut rows = Vec::new();
-    for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+    for (n, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
         let row: PolicyLine = serde_json::from_str(line)
             .with_context(|| format!("{}:{}: not a policy example", req.data.display(), n + 1))?;
         rows.push((row, line));
@@ -193,7 +197,10 @@ const LOCAL_POLICY_KEYS: &[&str] = &["enabled", "model", "production_model", "de
 /// given), and the run's `policy:` section without the keys that name this machine's files, so
 /// the job trains with the hyper-parameters a local run would. What the stage resolved here
 /// (DPO's label smoothing from the rater audit) replaces the file's value.
-fn job_config(config_path: &Path, options: &crate::app::train_policy::PolicyTrainOptions) -> Result<String> {
+fn job_config(
+    config_path: &Path,
+    options: &crate::app::train_policy::PolicyTrainOptions,
+) -> Result<String> {
     use serde_norway::{Mapping, Value};
     let text = std::fs::read_to_string(config_path)
         .with_context(|| format!("reading {}", config_path.display()))?;
@@ -242,10 +249,14 @@ fn candidate_dir(req: &TrainPolicyRequest) -> Result<(PathBuf, bool)> {
             req.out.with_file_name("ray").join("policy.log").display()
         );
     }
-    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config_path)?)
-        .with_context(|| format!("parsing {}", config_path.display()))?;
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path)?)
+            .with_context(|| format!("parsing {}", config_path.display()))?;
     config["base_model_name_or_path"] = req.base_model.display().to_string().into();
-    crate::atomic_file::write_atomically(&config_path, serde_json::to_string_pretty(&config)?.as_bytes())?;
+    crate::atomic_file::write_atomically(
+        &config_path,
+        serde_json::to_string_pretty(&config)?.as_bytes(),
+    )?;
     let merged = req.out.with_file_name("policy-candidate");
     if merged.exists() {
         std::fs::remove_dir_all(&merged)?;

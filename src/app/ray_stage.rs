@@ -75,7 +75,10 @@ pub fn job_paths(settings: &Settings, run_id: &str, stage: &str) -> Result<JobPa
     let ArtifactLocation::Bucket(url) = &settings.registry.artifacts else {
         bail!("train.backend: ray needs `registry.artifacts` to be a bucket (docs/ray.md)");
     };
-    let base = format!("{}/ray/{run_id}/{stage}", url.as_str().trim_end_matches('/'));
+    let base = format!(
+        "{}/ray/{run_id}/{stage}",
+        url.as_str().trim_end_matches('/')
+    );
     Ok(JobPaths {
         data: format!("{base}/data"),
         output: format!("{base}/output"),

@@ -19,21 +19,21 @@ use sha2::{Digest, Sha256};
 
 use crate::dataset::{PolicyLine, load_policy_jsonl};
 use crate::evals::ModelAnswer;
+use crate::kernels::precision::Precision;
 use crate::kernels::precision::set_precision;
 use crate::model::chat_template::{ChatMessage, ChatTemplate};
-use crate::kernels::precision::Precision;
 use crate::model::llama::{LlamaForCausalLM, load_frozen_causal_lm, load_frozen_causal_lm_in};
 use crate::model::tokenizer::Tokenizer;
 use crate::run::outputs::{PolicyAlgo, PolicyEval, PolicyMetrics, TrainStats, write_metrics};
 use crate::train::dpo_trainer::{PreferenceExample, TrainOutcome, train_dpo};
 use crate::train::group_rl_trainer::train_group_rl;
 use crate::train::kto_trainer::{PointwiseExample, train_kto};
-use candle_core::Device;
-use crate::train::policy_common::{Policy, frozen_dtype, policy_tokenizer};
 pub use crate::train::policy_common::{LoraOptions, PolicyTrainOptions, PpoOptions};
+use crate::train::policy_common::{Policy, frozen_dtype, policy_tokenizer};
 use crate::train::policy_eval::{Answers, EvalSettings, RewardScorer, answer, evaluate};
 use crate::train::policy_reward::PolicyReward;
 use crate::train::ppo_trainer::train_ppo;
+use candle_core::Device;
 
 /// A `train policy` request (the CLI and the pipeline build it from settings).
 #[derive(Debug, Clone)]
@@ -122,7 +122,10 @@ pub fn eval_prompt_split(
             prompts.len()
         );
     }
-    Ok(held_out_prompts(&prompts, eval_prompts.min(prompts.len() - 1)))
+    Ok(held_out_prompts(
+        &prompts,
+        eval_prompts.min(prompts.len() - 1),
+    ))
 }
 
 /// The synchronous body of [`train_policy`].
@@ -310,8 +313,20 @@ fn evaluate_candidate(
     };
     let prompts = &req.behaviour_prompts;
     let answers = BehaviourAnswers {
-        candidate: of(answer(candidate, judges.tokenizer, judges.rm, prompts, &greedy)?),
-        production: of(answer(&production, judges.tokenizer, judges.rm, prompts, &greedy)?),
+        candidate: of(answer(
+            candidate,
+            judges.tokenizer,
+            judges.rm,
+            prompts,
+            &greedy,
+        )?),
+        production: of(answer(
+            &production,
+            judges.tokenizer,
+            judges.rm,
+            prompts,
+            &greedy,
+        )?),
     };
     Ok((eval, Some(answers)))
 }

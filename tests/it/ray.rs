@@ -17,10 +17,10 @@ use super::common::{Workspace, bin, free_port, stderr};
 use super::moto::{Moto, moto};
 use super::ray_head::{RayHead, TOKEN, ray_head};
 
-const TOKEN_ENV: &str = "RAY_TEST_TOKEN";
+pub(crate) const TOKEN_ENV: &str = "RAY_TEST_TOKEN";
 
 /// Both servers, or `None` (skipped, said loudly by the helpers).
-fn servers() -> Option<(&'static RayHead, &'static Moto)> {
+pub(crate) fn servers() -> Option<(&'static RayHead, &'static Moto)> {
     let head = ray_head()?;
     let moto = moto()?;
     Some((head, moto))
@@ -28,7 +28,13 @@ fn servers() -> Option<(&'static RayHead, &'static Moto)> {
 
 /// The sample config, reward model only, its artifacts in `bucket`, training on the head at
 /// `address` with `ray_extra` added to `train.ray`.
-fn config(ws: &Workspace, moto: &Moto, bucket: &str, address: &str, ray_extra: &str) -> PathBuf {
+pub(crate) fn config(
+    ws: &Workspace,
+    moto: &Moto,
+    bucket: &str,
+    address: &str,
+    ray_extra: &str,
+) -> PathBuf {
     moto.create_bucket(bucket);
     let local_root = format!("artifacts: {}/artifacts", ws.store_dir().display());
     let policy_on = "enabled: true                         # run trains";
@@ -49,7 +55,7 @@ fn config(ws: &Workspace, moto: &Moto, bucket: &str, address: &str, ray_extra: &
 }
 
 /// `rlhf-bot run --force` as the workflow runs it, with run id `gh-<run>`.
-fn run_command(config: &Path, moto: &Moto, run: u32, token: Option<&str>) -> Command {
+pub(crate) fn run_command(config: &Path, moto: &Moto, run: u32, token: Option<&str>) -> Command {
     let mut cmd = bin();
     for (k, v) in moto.env() {
         cmd.env(k, v);
@@ -186,7 +192,7 @@ fn a_real_ray_job_trains_the_reward_model_and_the_run_registers_and_reports_it()
     );
 }
 
-fn failed(o: &Output) -> String {
+pub(crate) fn failed(o: &Output) -> String {
     assert!(!o.status.success(), "the run succeeded: {}", stderr(o));
     stderr(o)
 }
@@ -490,7 +496,9 @@ fn the_ray_config_is_checked_with_the_key_and_a_hint() {
         "{text}"
     );
     let openrlhf = |version: &str| {
-        format!("    entrypoint: openrlhf\n    runtime_env:\n      pip: [openrlhf=={version}, awscli==1.42.70]\n")
+        format!(
+            "    entrypoint: openrlhf\n    runtime_env:\n      pip: [openrlhf=={version}, awscli==1.42.70]\n"
+        )
     };
     with_policy("kto", &openrlhf("0.9.5")).unwrap();
     with_policy("ppo", &openrlhf("0.10.1")).unwrap();

@@ -140,7 +140,7 @@ pub fn reward_entrypoint(ray: &RaySettings, paths: &JobPaths, job: &RewardJob) -
                 s("1"),
                 s("--learning_rate"),
                 job.lr.to_string(),
-                            ];
+            ];
             train.extend(ray.extra_args.iter().cloned());
             aws_script(paths, train, None)
         }
@@ -223,10 +223,15 @@ pub(super) fn rlhf_bot(ray: &RaySettings, paths: &JobPaths, train: Vec<String>) 
     let mut lines = prologue();
     // `bucket` wants a config file; it reads nothing from it but a (never opened) source.
     lines.push(
-        "printf 'feedback:\\n  source: file\\n  path: /dev/null\\n' >\"$work/job.yaml\"".to_string(),
+        "printf 'feedback:\\n  source: file\\n  path: /dev/null\\n' >\"$work/job.yaml\""
+            .to_string(),
     );
     for (uri, dir) in fetches(paths) {
-        lines.push(command(&bin(ray, "job.yaml", &[s("bucket"), s("get"), uri, dir])));
+        lines.push(command(&bin(
+            ray,
+            "job.yaml",
+            &[s("bucket"), s("get"), uri, dir],
+        )));
     }
     lines.push(command(&train));
     if paths.reward_model.is_some() {
@@ -242,7 +247,8 @@ pub(super) fn rlhf_bot(ray: &RaySettings, paths: &JobPaths, train: Vec<String>) 
 
 /// The trainers' resumable state (ours: `out/checkpoints/`; TRL's: `checkpoint-N/` beside the
 /// model), dropped before the upload: the submitter reads the model only.
-pub(super) const DROP_CHECKPOINTS: &str = "rm -rf \"$work/out/checkpoints\" \"$work/out/policy\"/checkpoint-*";
+pub(super) const DROP_CHECKPOINTS: &str =
+    "rm -rf \"$work/out/checkpoints\" \"$work/out/policy\"/checkpoint-*";
 
 /// OpenRLHF and TRL: the data through the AWS CLI, the manifest by `sha256sum` (the format
 /// `SHA256SUMS` has by design), uploaded after every other file.
@@ -251,7 +257,14 @@ pub(super) fn aws_script(paths: &JobPaths, train: Vec<String>, cleanup: Option<&
     let mut lines = prologue();
     for (uri, dir) in fetches(paths) {
         let prefix = format!("{}/", uri.trim_end_matches('/'));
-        lines.push(command(&[s("aws"), s("s3"), s("cp"), s("--recursive"), prefix, dir]));
+        lines.push(command(&[
+            s("aws"),
+            s("s3"),
+            s("cp"),
+            s("--recursive"),
+            prefix,
+            dir,
+        ]));
     }
     lines.push(command(&train));
     lines.extend(cleanup.map(str::to_string));

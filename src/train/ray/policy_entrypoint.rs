@@ -56,7 +56,11 @@ pub struct PolicyJob {
 
 /// Whether `kind` can train `algo`, given the pinned packages; the error says why not and what
 /// to do. `config` calls it at load, the stage again for `run --algo`.
-pub fn check_supported(kind: EntrypointKind, algo: PolicyAlgo, pip: &[String]) -> Result<(), String> {
+pub fn check_supported(
+    kind: EntrypointKind,
+    algo: PolicyAlgo,
+    pip: &[String],
+) -> Result<(), String> {
     match (kind, algo) {
         (EntrypointKind::Trl, PolicyAlgo::Ppo) => Err(
             "the TRL CLI has no PPO command (`trl` offers dpo, kto, grpo and rloo)\nhint: set policy.algo to grpo or rloo, or train.ray.entrypoint to openrlhf or rlhf-bot".into(),
@@ -87,13 +91,21 @@ fn pinned_version(pip: &[String], name: &str) -> Option<(u64, u64, u64)> {
                 .parse::<u64>()
                 .ok()
         });
-        Some((parts.next()??, parts.next()??, parts.next().flatten().unwrap_or(0)))
+        Some((
+            parts.next()??,
+            parts.next()??,
+            parts.next().flatten().unwrap_or(0),
+        ))
     })
 }
 
 /// The job's whole entrypoint for training the policy; `paths.reward_model` must be set when the
 /// algorithm (or, for our binary, its evaluation) reads the reward model.
-pub fn policy_entrypoint(ray: &RaySettings, paths: &JobPaths, job: &PolicyJob) -> Result<String, String> {
+pub fn policy_entrypoint(
+    ray: &RaySettings,
+    paths: &JobPaths,
+    job: &PolicyJob,
+) -> Result<String, String> {
     check_supported(ray.entrypoint, job.algo, &ray.pip)?;
     let mut train = match ray.entrypoint {
         EntrypointKind::RlhfBot => our_binary(ray, job),
@@ -386,7 +398,11 @@ mod tests {
     #[test]
     fn every_supported_combination_is_a_valid_shell_script() {
         let mut built = 0;
-        for kind in [EntrypointKind::RlhfBot, EntrypointKind::Openrlhf, EntrypointKind::Trl] {
+        for kind in [
+            EntrypointKind::RlhfBot,
+            EntrypointKind::Openrlhf,
+            EntrypointKind::Trl,
+        ] {
             for algo in ALGOS {
                 let Ok(text) = build(kind, algo) else {
                     continue;
@@ -401,7 +417,10 @@ mod tests {
                     "{kind:?} {algo:?}: {}\n{text}",
                     String::from_utf8_lossy(&checked.stderr)
                 );
-                assert!(text.contains("s3://b/m/ray/r1/reward/output"), "{kind:?} {algo:?}: the reward model is not fetched\n{text}");
+                assert!(
+                    text.contains("s3://b/m/ray/r1/reward/output"),
+                    "{kind:?} {algo:?}: the reward model is not fetched\n{text}"
+                );
             }
         }
         // All but TRL's PPO.
@@ -432,10 +451,20 @@ mod tests {
     fn openrlhf_runs_dpo_and_kto_under_deepspeed_and_the_online_algorithms_on_its_ray_trainer() {
         let dpo = build(EntrypointKind::Openrlhf, PolicyAlgo::Dpo).unwrap();
         assert!(dpo.contains("deepspeed --num_gpus 1 --module openrlhf.cli.train_dpo --pretrain Qwen/Qwen2.5-0.5B-Instruct --dataset \"$work/data/policy.train.jsonl\" --eval_dataset \"$work/data/policy.eval.jsonl\" --prompt_key prompt --chosen_key chosen --rejected_key rejected"), "{dpo}");
-        assert!(dpo.contains("--save_path \"$work/out/policy\" --max_epochs 1 --max_len 192"), "{dpo}");
-        assert!(dpo.contains("--beta 0.1 --lora_rank 8 --lora_alpha 16"), "{dpo}");
+        assert!(
+            dpo.contains("--save_path \"$work/out/policy\" --max_epochs 1 --max_len 192"),
+            "{dpo}"
+        );
+        assert!(
+            dpo.contains("--beta 0.1 --lora_rank 8 --lora_alpha 16"),
+            "{dpo}"
+        );
         let kto = build(EntrypointKind::Openrlhf, PolicyAlgo::Kto).unwrap();
-        assert!(kto.contains("--module openrlhf.cli.train_kto") && kto.contains("--input_key prompt --output_key completion --label_key label"), "{kto}");
+        assert!(
+            kto.contains("--module openrlhf.cli.train_kto")
+                && kto.contains("--input_key prompt --output_key completion --label_key label"),
+            "{kto}"
+        );
         for (algo, estimator, samples) in [
             (PolicyAlgo::Ppo, "gae", 1),
             (PolicyAlgo::Grpo, "group_norm", 4),
@@ -443,8 +472,17 @@ mod tests {
         ] {
             let text = build(EntrypointKind::Openrlhf, algo).unwrap();
             assert!(text.contains(&format!("python3 -m openrlhf.cli.train_ppo_ray --pretrain Qwen/Qwen2.5-0.5B-Instruct --reward_pretrain \"$work/reward\" --prompt_data \"$work/data/policy.train.jsonl\" --input_key prompt --advantage_estimator {estimator} --n_samples_per_prompt {samples}")), "{text}");
-            assert_eq!(text.contains("--critic_num_gpus_per_node"), algo == PolicyAlgo::Ppo, "{text}");
-            assert!(text.contains("aws s3 cp --recursive s3://b/m/ray/r1/reward/output/ \"$work/reward\""), "{text}");
+            assert_eq!(
+                text.contains("--critic_num_gpus_per_node"),
+                algo == PolicyAlgo::Ppo,
+                "{text}"
+            );
+            assert!(
+                text.contains(
+                    "aws s3 cp --recursive s3://b/m/ray/r1/reward/output/ \"$work/reward\""
+                ),
+                "{text}"
+            );
         }
         // No flag of OpenRLHF's that 0.10.1 does not know.
         assert!(!dpo.contains("--bf16"));
@@ -460,18 +498,38 @@ mod tests {
         ] {
             let text = build(EntrypointKind::Trl, algo).unwrap();
             assert!(text.contains(&format!("{cmd} --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --dataset_name \"$work/data\" --dataset_train_split train --dataset_test_split test --output_dir \"$work/out/policy\"")), "{text}");
-            assert!(text.contains("--max_steps 3") && text.contains("--use_peft --lora_r 8 --lora_alpha 16"), "{text}");
-            assert_eq!(text.contains("--reward_model_name_or_path \"$work/reward\""), algo.is_online(), "{text}");
+            assert!(
+                text.contains("--max_steps 3")
+                    && text.contains("--use_peft --lora_r 8 --lora_alpha 16"),
+                "{text}"
+            );
+            assert_eq!(
+                text.contains("--reward_model_name_or_path \"$work/reward\""),
+                algo.is_online(),
+                "{text}"
+            );
         }
         let refused = build(EntrypointKind::Trl, PolicyAlgo::Ppo).unwrap_err();
-        assert!(refused.contains("no PPO command") && refused.contains("hint:"), "{refused}");
+        assert!(
+            refused.contains("no PPO command") && refused.contains("hint:"),
+            "{refused}"
+        );
     }
 
     #[test]
     fn openrlhf_kto_is_refused_where_the_pinned_release_dropped_it() {
-        let pip = |v: &str| vec![format!("openrlhf[vllm]=={v}"), "awscli==1.42.70".to_string()];
-        let e = check_supported(EntrypointKind::Openrlhf, PolicyAlgo::Kto, &pip("0.10.1")).unwrap_err();
-        assert!(e.contains("OpenRLHF 0.10.1") && e.contains("removed in 0.9.6") && e.contains("hint:"), "{e}");
+        let pip = |v: &str| {
+            vec![
+                format!("openrlhf[vllm]=={v}"),
+                "awscli==1.42.70".to_string(),
+            ]
+        };
+        let e =
+            check_supported(EntrypointKind::Openrlhf, PolicyAlgo::Kto, &pip("0.10.1")).unwrap_err();
+        assert!(
+            e.contains("OpenRLHF 0.10.1") && e.contains("removed in 0.9.6") && e.contains("hint:"),
+            "{e}"
+        );
         assert!(check_supported(EntrypointKind::Openrlhf, PolicyAlgo::Kto, &pip("0.9.6")).is_err());
         assert!(check_supported(EntrypointKind::Openrlhf, PolicyAlgo::Kto, &pip("0.9.5")).is_ok());
         assert!(check_supported(EntrypointKind::Openrlhf, PolicyAlgo::Dpo, &pip("0.10.1")).is_ok());
