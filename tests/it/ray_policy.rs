@@ -6,14 +6,17 @@
 //! policy job, a retried run that attaches to the policy job its killed first attempt left.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rlhf_bot::registry::{ModelKind, Registry};
 
 use super::common::{Workspace, repo, stderr};
 use super::moto::Moto;
-use super::ray::{TOKEN_ENV, config, failed, run_command, servers};
-use super::ray_head::TOKEN;
+use super::ray::{
+    TOKEN_ENV, assert_job_failed, config, executable_script, kill_once_submitted, rerun_attaches,
+    run_command, servers,
+};
+use super::ray_head::{RayHead, TOKEN};
 
 /// The Ray config of the reward tests with the policy stage on: DPO, LoRA (merged), two steps,
 /// from the tiny Llama fixture; `command` is what the cluster runs as our binary.
@@ -53,6 +56,23 @@ fn policy_config(
     )
 }
 
+/// The servers, a workspace and [`policy_config`] with our own binary as the entrypoint, its
+/// artifacts in `bucket`; `None` when the servers are skipped.
+fn our_binary_on_the_head(
+    bucket: &str,
+) -> Option<(&'static RayHead, &'static Moto, Workspace, PathBuf)> {
+    let (head, moto) = servers()?;
+    let ws = Workspace::new();
+    let cfg = policy_config(
+        &ws,
+        moto,
+        bucket,
+        &head.address(),
+        Path::new(env!("CARGO_BIN_EXE_rlhf-bot")),
+    );
+    Some((head, moto, ws, cfg))
+}
+
 fn keys_under(moto: &Moto, bucket: &str, prefix: &str) -> Vec<String> {
     moto.keys(bucket, prefix)
         .into_iter()
@@ -75,18 +95,10 @@ fn prompts(jsonl: &[u8]) -> Vec<String> {
 
 #[test]
 fn a_real_ray_job_trains_the_policy_and_the_run_registers_and_reports_it() {
-    let Some((head, moto)) = servers() else {
+    let Some((head, moto, ws, cfg)) = our_binary_on_the_head("ray-policy") else {
         return;
     };
-    let ws = Workspace::new();
     let bucket = "ray-policy";
-    let cfg = policy_config(
-        &ws,
-        moto,
-        bucket,
-        &head.address(),
-        Path::new(env!("CARGO_BIN_EXE_rlhf-bot")),
-    );
     let o = run_command(&cfg, moto, 9101, Some(TOKEN)).output().unwrap();
     let err = stderr(&o);
     assert!(
@@ -210,18 +222,14 @@ fn a_real_ray_job_trains_the_policy_and_the_run_registers_and_reports_it() {
 /// Our binary, except that `train policy` prints and fails: the reward job succeeds, the policy
 /// job fails.
 fn failing_policy_trainer(ws: &Workspace) -> PathBuf {
-    use std::os::unix::fs::PermissionsExt;
-    let path = ws.path().join("policy-fails.sh");
-    std::fs::write(
-        &path,
-        format!(
-            "#!/bin/sh\ncase \"$*\" in *'train policy'*)\n  echo 'loading 6 preference pairs'\n  echo 'ValueError: policy diverged at step 1' >&2\n  exit 3;;\nesac\nexec {} \"$@\"\n",
+    executable_script(
+        ws,
+        "policy-fails.sh",
+        &format!(
+            "case \"$*\" in *'train policy'*)\n  echo 'loading 6 preference pairs'\n  echo 'ValueError: policy diverged at step 1' >&2\n  exit 3;;\nesac\nexec {} \"$@\"",
             env!("CARGO_BIN_EXE_rlhf-bot")
         ),
     )
-    .unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-    path
 }
 
 #[test]
@@ -232,73 +240,40 @@ fn a_failed_policy_job_is_reported_with_its_last_log_lines() {
     let ws = Workspace::new();
     let script = failing_policy_trainer(&ws);
     let cfg = policy_config(&ws, moto, "ray-policy-fail", &head.address(), &script);
-    let err = failed(&run_command(&cfg, moto, 9102, Some(TOKEN)).output().unwrap());
+    let o = run_command(&cfg, moto, 9102, Some(TOKEN)).output().unwrap();
+    let err = assert_job_failed(
+        &o,
+        &ws,
+        head,
+        "gh-9102-policy",
+        &[
+            "ValueError: policy diverged at step 1",
+            "loading 6 preference pairs",
+        ],
+    );
     assert!(
-        err.contains("stage train policy")
-            && err.contains("Ray job `gh-9102-policy`")
-            && err.contains("ended FAILED")
-            && err.contains("ValueError: policy diverged at step 1")
-            && err.contains("loading 6 preference pairs")
-            && err.contains("policy.log")
-            && err.contains("hint:"),
+        err.contains("stage train policy") && err.contains("ray/policy.log"),
         "{err}"
     );
+    // The reward job before it succeeded.
     assert_eq!(head.status("gh-9102"), "SUCCEEDED");
-    assert_eq!(head.status("gh-9102-policy"), "FAILED");
-    assert!(
-        !ws.store_dir().join("registry.yaml").exists(),
-        "nothing registered"
-    );
 }
 
 #[test]
 fn a_retried_run_attaches_to_the_policy_job_its_killed_first_attempt_left_running() {
-    let Some((head, moto)) = servers() else {
+    let Some((head, moto, ws, cfg)) = our_binary_on_the_head("ray-policy-retry") else {
         return;
     };
-    let ws = Workspace::new();
     let bucket = "ray-policy-retry";
-    let cfg = policy_config(
-        &ws,
-        moto,
-        bucket,
-        &head.address(),
-        Path::new(env!("CARGO_BIN_EXE_rlhf-bot")),
-    );
     // The first attempt gets as far as submitting the policy job, then its runner dies
     // (SIGKILL: no stop request is sent).
-    let mut first = run_command(&cfg, moto, 9103, Some(TOKEN))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while head.status("gh-9103-policy").is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "the first attempt never submitted the policy job"
-        );
-        assert!(
-            first.try_wait().unwrap().is_none(),
-            "the first attempt ended before its policy job"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    first.kill().unwrap();
-    first.wait().unwrap();
+    let mut run = run_command(&cfg, moto, 9103, Some(TOKEN));
+    kill_once_submitted(&mut run, head, "gh-9103-policy", Duration::from_secs(600));
     let uploaded = moto.keys(bucket, "models/ray/gh-9103/policy/data/");
 
-    let o = run_command(&cfg, moto, 9103, Some(TOKEN)).output().unwrap();
-    let err = stderr(&o);
-    assert!(o.status.success(), "the retry failed: {err}");
+    let err = rerun_attaches(&mut run, head, "gh-9103-policy");
     assert!(!err.contains("submitted the policy training"), "{err}");
     assert_eq!(err.matches("exists already: attaching").count(), 2, "{err}");
-    let same: Vec<_> = head
-        .jobs()
-        .into_iter()
-        .filter(|j| j["submission_id"] == "gh-9103-policy")
-        .collect();
-    assert_eq!(same.len(), 1, "{same:?}");
     assert_eq!(head.status("gh-9103-policy"), "SUCCEEDED");
     assert_eq!(
         moto.keys(bucket, "models/ray/gh-9103/policy/data/"),

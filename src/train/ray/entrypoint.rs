@@ -104,73 +104,126 @@ pub(super) fn s(text: impl Into<String>) -> String {
     text.into()
 }
 
+/// One run of an OpenRLHF DeepSpeed trainer or a TRL CLI command: what the two stages share.
+pub(super) struct TrainerRun<'a> {
+    /// OpenRLHF's module (`openrlhf.cli.train_rm`) or TRL's command (`reward`).
+    pub trainer: &'a str,
+    pub model: &'a str,
+    /// The data files in `$work/data` (OpenRLHF; TRL reads the directory by split).
+    pub train_file: &'a str,
+    pub eval_file: &'a str,
+    /// OpenRLHF: the flags that name the data's keys, after the files.
+    pub keys: Vec<String>,
+    /// Where the model goes, relative to `$work`.
+    pub save: &'a str,
+    pub epochs: String,
+    pub max_len: String,
+    pub batch_size: String,
+    pub lr: String,
+}
+
+/// `deepspeed --module TRAINER …` with the flags every OpenRLHF DeepSpeed trainer takes.
+pub(super) fn openrlhf_deepspeed(ray: &RaySettings, run: TrainerRun) -> Vec<String> {
+    let mut words = vec![
+        s("deepspeed"),
+        s("--num_gpus"),
+        ray.gpus_per_node.to_string(),
+        s("--module"),
+        s(run.trainer),
+        s("--pretrain"),
+        s(run.model),
+        s("--dataset"),
+        work(&format!("data/{}", run.train_file)),
+        s("--eval_dataset"),
+        work(&format!("data/{}", run.eval_file)),
+    ];
+    words.extend(run.keys);
+    words.extend([
+        s("--save_path"),
+        work(run.save),
+        s("--max_epochs"),
+        run.epochs,
+        s("--max_len"),
+        run.max_len,
+        s("--train_batch_size"),
+        run.batch_size,
+        s("--micro_train_batch_size"),
+        s("1"),
+        s("--learning_rate"),
+        run.lr,
+    ]);
+    words
+}
+
+/// `trl TRAINER …` with the flags every TRL training command takes (the length flags differ).
+pub(super) fn trl_cli(run: TrainerRun) -> Vec<String> {
+    vec![
+        s("trl"),
+        s(run.trainer),
+        s("--model_name_or_path"),
+        s(run.model),
+        s("--dataset_name"),
+        work("data"),
+        s("--dataset_train_split"),
+        s("train"),
+        s("--dataset_test_split"),
+        s("test"),
+        s("--output_dir"),
+        work(run.save),
+        s("--num_train_epochs"),
+        run.epochs,
+        s("--per_device_train_batch_size"),
+        run.batch_size,
+        s("--learning_rate"),
+        run.lr,
+    ]
+}
+
 /// The job's whole entrypoint for training the reward model.
 pub fn reward_entrypoint(ray: &RaySettings, paths: &JobPaths, job: &RewardJob) -> String {
-    match ray.entrypoint {
-        EntrypointKind::RlhfBot => rlhf_bot(ray, paths, reward_rlhf_bot(ray, job)),
-        EntrypointKind::Openrlhf => {
-            let mut train = vec![
-                s("deepspeed"),
-                s("--num_gpus"),
-                ray.gpus_per_node.to_string(),
-                s("--module"),
-                s("openrlhf.cli.train_rm"),
-                s("--pretrain"),
-                job.base_model.clone().unwrap_or_default(),
-                s("--dataset"),
-                work(&format!("data/{TRAIN_FILE}")),
-                s("--eval_dataset"),
-                work(&format!("data/{EVAL_FILE}")),
-                s("--apply_chat_template"),
-                s("--prompt_key"),
-                s("prompt"),
-                s("--chosen_key"),
-                s("chosen"),
-                s("--rejected_key"),
-                s("rejected"),
-                s("--save_path"),
-                work("out"),
-                s("--max_epochs"),
-                job.epochs.to_string(),
-                s("--max_len"),
-                job.max_length.to_string(),
-                s("--train_batch_size"),
-                job.batch_size.to_string(),
-                s("--micro_train_batch_size"),
-                s("1"),
-                s("--learning_rate"),
-                job.lr.to_string(),
-            ];
-            train.extend(ray.extra_args.iter().cloned());
-            aws_script(paths, train, None)
-        }
+    let run = || TrainerRun {
+        trainer: "",
+        model: job.base_model.as_deref().unwrap_or_default(),
+        train_file: TRAIN_FILE,
+        eval_file: EVAL_FILE,
+        keys: Vec::new(),
+        save: "out",
+        epochs: job.epochs.to_string(),
+        max_len: job.max_length.to_string(),
+        batch_size: job.batch_size.to_string(),
+        lr: job.lr.to_string(),
+    };
+    let mut train = match ray.entrypoint {
+        EntrypointKind::RlhfBot => return rlhf_bot(ray, paths, reward_rlhf_bot(ray, job)),
+        EntrypointKind::Openrlhf => openrlhf_deepspeed(
+            ray,
+            TrainerRun {
+                trainer: "openrlhf.cli.train_rm",
+                keys: [
+                    "--apply_chat_template",
+                    "--prompt_key",
+                    "prompt",
+                    "--chosen_key",
+                    "chosen",
+                    "--rejected_key",
+                    "rejected",
+                ]
+                .map(s)
+                .to_vec(),
+                ..run()
+            },
+        ),
         EntrypointKind::Trl => {
-            let mut train = vec![
-                s("trl"),
-                s("reward"),
-                s("--model_name_or_path"),
-                job.base_model.clone().unwrap_or_default(),
-                s("--dataset_name"),
-                work("data"),
-                s("--dataset_train_split"),
-                s("train"),
-                s("--dataset_test_split"),
-                s("test"),
-                s("--output_dir"),
-                work("out"),
-                s("--num_train_epochs"),
-                job.epochs.to_string(),
-                s("--max_length"),
-                job.max_length.to_string(),
-                s("--per_device_train_batch_size"),
-                job.batch_size.to_string(),
-                s("--learning_rate"),
-                job.lr.to_string(),
-            ];
-            train.extend(ray.extra_args.iter().cloned());
-            aws_script(paths, train, None)
+            let mut words = trl_cli(TrainerRun {
+                trainer: "reward",
+                ..run()
+            });
+            words.extend([s("--max_length"), job.max_length.to_string()]);
+            words
         }
-    }
+    };
+    train.extend(ray.extra_args.iter().cloned());
+    aws_script(paths, train, None)
 }
 
 /// Our binary's command: `rlhf-bot --config CONFIG ARGS…`, `config` relative to `$work`.
@@ -291,6 +344,20 @@ pub(super) fn aws_script(paths: &JobPaths, train: Vec<String>, cleanup: Option<&
     lines.join("\n")
 }
 
+/// Fails the test unless `sh -n` (which parses without running anything) accepts `text`.
+#[cfg(test)]
+pub(super) fn assert_shell_parses(text: &str, what: &str) {
+    let checked = std::process::Command::new("sh")
+        .args(["-n", "-c", text])
+        .output()
+        .unwrap();
+    assert!(
+        checked.status.success(),
+        "{what}: {}\n{text}",
+        String::from_utf8_lossy(&checked.stderr)
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -327,16 +394,7 @@ mod tests {
             EntrypointKind::Trl,
         ] {
             let text = reward_entrypoint(&settings(kind), &paths(), &job());
-            // `sh -n` parses without running anything.
-            let checked = std::process::Command::new("sh")
-                .args(["-n", "-c", &text])
-                .output()
-                .unwrap();
-            assert!(
-                checked.status.success(),
-                "{kind:?}: {}\n{text}",
-                String::from_utf8_lossy(&checked.stderr)
-            );
+            assert_shell_parses(&text, &format!("{kind:?}"));
         }
     }
 

@@ -14,7 +14,8 @@
 //! 0.9.6) and TRL's CLI (`trl dpo|kto|grpo|rloo`, 1.x; it has no PPO command).
 
 use super::entrypoint::{
-    DROP_CHECKPOINTS, JobPaths, aws_script, bin, device_flag, rlhf_bot, s, work,
+    DROP_CHECKPOINTS, JobPaths, TrainerRun, aws_script, bin, device_flag, openrlhf_deepspeed,
+    rlhf_bot, s, trl_cli, work,
 };
 use super::settings::{EntrypointKind, RaySettings};
 use crate::run::outputs::PolicyAlgo;
@@ -149,70 +150,62 @@ fn our_binary(ray: &RaySettings, job: &PolicyJob) -> Vec<String> {
     words
 }
 
+/// The flags both stages' trainers share, for this job.
+fn trainer_run<'a>(trainer: &'a str, job: &'a PolicyJob) -> TrainerRun<'a> {
+    TrainerRun {
+        trainer,
+        model: job.base_model.as_deref().unwrap_or_default(),
+        train_file: POLICY_TRAIN_FILE,
+        eval_file: POLICY_EVAL_FILE,
+        keys: Vec::new(),
+        save: "out/policy",
+        epochs: job.epochs.to_string(),
+        max_len: (job.max_prompt_len + job.max_completion_len).to_string(),
+        batch_size: job.batch_size.to_string(),
+        lr: job.lr.to_string(),
+    }
+}
+
 fn openrlhf(ray: &RaySettings, job: &PolicyJob) -> Vec<String> {
-    let base = job.base_model.clone().unwrap_or_default();
-    let max_len = (job.max_prompt_len + job.max_completion_len).to_string();
     let gpus = ray.gpus_per_node.to_string();
     let mut words = match job.algo {
-        PolicyAlgo::Dpo | PolicyAlgo::Kto => {
-            let (module, keys) = if job.algo == PolicyAlgo::Dpo {
-                (
-                    "openrlhf.cli.train_dpo",
-                    vec![
-                        s("--prompt_key"),
-                        s("prompt"),
-                        s("--chosen_key"),
-                        s("chosen"),
-                        s("--rejected_key"),
-                        s("rejected"),
-                        s("--label_smoothing"),
-                        job.label_smoothing.to_string(),
-                    ],
-                )
-            } else {
-                (
-                    "openrlhf.cli.train_kto",
-                    vec![
-                        s("--input_key"),
-                        s("prompt"),
-                        s("--output_key"),
-                        s("completion"),
-                        s("--label_key"),
-                        s("label"),
-                    ],
-                )
-            };
-            let mut w = vec![
-                s("deepspeed"),
-                s("--num_gpus"),
-                gpus,
-                s("--module"),
-                s(module),
-                s("--pretrain"),
-                base,
-                s("--dataset"),
-                data(POLICY_TRAIN_FILE),
-                s("--eval_dataset"),
-                data(POLICY_EVAL_FILE),
+        PolicyAlgo::Dpo => {
+            let keys = vec![
+                s("--prompt_key"),
+                s("prompt"),
+                s("--chosen_key"),
+                s("chosen"),
+                s("--rejected_key"),
+                s("rejected"),
+                s("--label_smoothing"),
+                job.label_smoothing.to_string(),
             ];
-            w.extend(keys);
-            w.extend([
-                s("--save_path"),
-                work("out/policy"),
-                s("--max_epochs"),
-                job.epochs.to_string(),
-                s("--max_len"),
-                max_len,
-                s("--train_batch_size"),
-                job.batch_size.to_string(),
-                s("--micro_train_batch_size"),
-                s("1"),
-                s("--learning_rate"),
-                job.lr.to_string(),
-                s("--beta"),
-                job.beta.to_string(),
-            ]);
-            w
+            openrlhf_deepspeed(
+                ray,
+                TrainerRun {
+                    keys,
+                    ..trainer_run("openrlhf.cli.train_dpo", job)
+                },
+            )
+        }
+        PolicyAlgo::Kto => {
+            let keys = [
+                "--input_key",
+                "prompt",
+                "--output_key",
+                "completion",
+                "--label_key",
+                "label",
+            ]
+            .map(s)
+            .to_vec();
+            openrlhf_deepspeed(
+                ray,
+                TrainerRun {
+                    keys,
+                    ..trainer_run("openrlhf.cli.train_kto", job)
+                },
+            )
         }
         PolicyAlgo::Ppo | PolicyAlgo::Grpo | PolicyAlgo::Rloo => {
             let (estimator, samples) = match job.algo {
@@ -220,14 +213,15 @@ fn openrlhf(ray: &RaySettings, job: &PolicyJob) -> Vec<String> {
                 PolicyAlgo::Grpo => ("group_norm", job.num_generations),
                 _ => ("rloo", job.num_generations),
             };
+            let run = trainer_run("openrlhf.cli.train_ppo_ray", job);
             // `train_ppo_ray` places its own actors on the cluster (it calls `ray.init()`,
             // which joins the job's cluster), so it runs as a plain module, not under deepspeed.
             let mut w = vec![
                 s("python3"),
                 s("-m"),
-                s("openrlhf.cli.train_ppo_ray"),
+                s(run.trainer),
                 s("--pretrain"),
-                base,
+                s(run.model),
                 s("--reward_pretrain"),
                 work("reward"),
                 s("--prompt_data"),
@@ -239,7 +233,7 @@ fn openrlhf(ray: &RaySettings, job: &PolicyJob) -> Vec<String> {
                 s("--n_samples_per_prompt"),
                 samples.to_string(),
                 s("--save_path"),
-                work("out/policy"),
+                work(run.save),
                 s("--actor_num_gpus_per_node"),
                 gpus.clone(),
                 s("--ref_num_gpus_per_node"),
@@ -252,11 +246,11 @@ fn openrlhf(ray: &RaySettings, job: &PolicyJob) -> Vec<String> {
             }
             w.extend([
                 s("--max_len"),
-                max_len,
+                run.max_len,
                 s("--max_new_tokens"),
                 job.max_completion_len.to_string(),
                 s("--rollout_batch_size"),
-                job.batch_size.to_string(),
+                run.batch_size,
                 s("--train_batch_size"),
                 (job.batch_size * samples).to_string(),
                 s("--micro_rollout_batch_size"),
@@ -264,15 +258,19 @@ fn openrlhf(ray: &RaySettings, job: &PolicyJob) -> Vec<String> {
                 s("--micro_train_batch_size"),
                 s("1"),
                 s("--num_episodes"),
-                job.epochs.to_string(),
+                run.epochs,
                 s("--actor_learning_rate"),
-                job.lr.to_string(),
-                s("--init_kl_coef"),
-                job.beta.to_string(),
+                run.lr,
             ]);
             w
         }
     };
+    let beta = if job.algo.is_online() {
+        "--init_kl_coef"
+    } else {
+        "--beta"
+    };
+    words.extend([s(beta), job.beta.to_string()]);
     if let Some((rank, alpha)) = job.lora {
         words.extend([
             s("--lora_rank"),
@@ -293,44 +291,24 @@ fn trl(job: &PolicyJob) -> Vec<String> {
         // Refused by `check_supported` before this runs.
         PolicyAlgo::Ppo => "ppo",
     };
-    let mut words = vec![
-        s("trl"),
-        s(command),
-        s("--model_name_or_path"),
-        job.base_model.clone().unwrap_or_default(),
-        s("--dataset_name"),
-        work("data"),
-        s("--dataset_train_split"),
-        s("train"),
-        s("--dataset_test_split"),
-        s("test"),
-        s("--output_dir"),
-        work("out/policy"),
-        s("--num_train_epochs"),
-        job.epochs.to_string(),
-        s("--per_device_train_batch_size"),
-        job.batch_size.to_string(),
-        s("--learning_rate"),
-        job.lr.to_string(),
-        s("--beta"),
-        job.beta.to_string(),
-    ];
+    let run = trainer_run(command, job);
+    let max_len = run.max_len.clone();
+    let mut words = trl_cli(run);
+    words.extend([s("--beta"), job.beta.to_string()]);
     if let Some(steps) = job.steps {
         words.extend([s("--max_steps"), steps.to_string()]);
     }
-    match job.algo {
-        PolicyAlgo::Dpo | PolicyAlgo::Kto => words.extend([
-            s("--max_length"),
-            (job.max_prompt_len + job.max_completion_len).to_string(),
-        ]),
-        _ => words.extend([
+    if job.algo.is_online() {
+        words.extend([
             s("--reward_model_name_or_path"),
             work("reward"),
             s("--num_generations"),
             job.num_generations.to_string(),
             s("--max_completion_length"),
             job.max_completion_len.to_string(),
-        ]),
+        ]);
+    } else {
+        words.extend([s("--max_length"), max_len]);
     }
     if job.algo == PolicyAlgo::Dpo {
         words.extend([s("--label_smoothing"), job.label_smoothing.to_string()]);
@@ -408,15 +386,7 @@ mod tests {
                     continue;
                 };
                 built += 1;
-                let checked = std::process::Command::new("sh")
-                    .args(["-n", "-c", &text])
-                    .output()
-                    .unwrap();
-                assert!(
-                    checked.status.success(),
-                    "{kind:?} {algo:?}: {}\n{text}",
-                    String::from_utf8_lossy(&checked.stderr)
-                );
+                super::super::entrypoint::assert_shell_parses(&text, &format!("{kind:?} {algo:?}"));
                 assert!(
                     text.contains("s3://b/m/ray/r1/reward/output"),
                     "{kind:?} {algo:?}: the reward model is not fetched\n{text}"
