@@ -11,6 +11,7 @@ pub mod deploy;
 pub mod export_model;
 pub mod generate;
 mod judge;
+pub mod model_dir;
 pub mod model_source;
 mod output;
 pub mod pipeline;

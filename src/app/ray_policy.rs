@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use crate::app::policy::{has_weights, write_merged};
+use crate::app::model_dir::{has_weights, write_merged};
 use crate::app::ray_stage::{self, StageJob};
 use crate::app::train_policy::{
     PolicyRunSummary, TrainPolicyRequest, eval_prompt_split, evaluate_trained_policy,
