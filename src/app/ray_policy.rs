@@ -196,7 +196,8 @@ const LOCAL_POLICY_KEYS: &[&str] = &["enabled", "model", "production_model", "de
 /// Our binary's config on the cluster: no feedback source to read (it trains from the data
 /// given), and the run's `policy:` section without the keys that name this machine's files, so
 /// the job trains with the hyper-parameters a local run would. What the stage resolved here
-/// (DPO's label smoothing from the rater audit) replaces the file's value.
+/// (DPO's label smoothing from the rater audit) replaces the file's value, and `eval_prompts`
+/// is 1 (see below).
 fn job_config(
     config_path: &Path,
     options: &crate::app::train_policy::PolicyTrainOptions,
@@ -216,6 +217,10 @@ fn job_config(
     if options.algo == crate::run::outputs::PolicyAlgo::Dpo {
         policy.insert("label_smoothing".into(), options.label_smoothing.into());
     }
+    // `train policy` holds prompts out of its data for its own evaluation, which the stage
+    // replaces with ours: the data is already without the evaluation prompts, so the job keeps
+    // out the least it can (one) and trains on nearly what a local run trains on.
+    policy.insert("eval_prompts".into(), 1.into());
     let mut feedback = Mapping::new();
     feedback.insert("source".into(), "file".into());
     feedback.insert("path".into(), "/dev/null".into());

@@ -136,7 +136,10 @@ fn a_real_ray_job_trains_the_policy_and_the_run_registers_and_reports_it() {
     );
     let job_yaml = String::from_utf8(data("job.yaml")).unwrap();
     assert!(
-        job_yaml.contains("policy:") && job_yaml.contains("steps: 2") && job_yaml.contains("r: 8"),
+        job_yaml.contains("policy:")
+            && job_yaml.contains("steps: 2")
+            && job_yaml.contains("r: 8")
+            && job_yaml.contains("eval_prompts: 1"),
         "{job_yaml}"
     );
     assert!(
