@@ -116,7 +116,7 @@ pub fn export_located(
                 );
             }
             let adapter = find_adapter(&dir)?;
-            let found = crate::app::policy::find_model_dir(&dir)?;
+            let found = crate::app::model_dir::find_model_dir(&dir)?;
             let base = crate::model::llama::LlamaConfig::from_dir(&found.weights)?;
             let path = gguf_path(&args.out, "adapter.gguf");
             let name = base_model_id.clone().unwrap_or_else(|| model_name(&dir));
@@ -199,9 +199,9 @@ fn kind_of(dir: &Path) -> Result<ModelKind> {
 
 /// The policy with any adapter folded in, from a directory `find_model_dir` understands.
 fn load_causal_lm(dir: &Path) -> Result<CausalLm> {
-    let found = crate::app::policy::find_model_dir(dir)?;
+    let found = crate::app::model_dir::find_model_dir(dir)?;
     let tensors = match &found.adapter {
-        Some(adapter) => crate::app::policy::merged_weights(&found.weights, adapter)?,
+        Some(adapter) => crate::app::model_dir::merged_weights(&found.weights, adapter)?,
         None => crate::model::checkpoint_io::read_dir_tensors(
             &found.weights,
             &candle_core::Device::Cpu,

@@ -60,7 +60,7 @@ impl LoadedLm {
 /// Loads a `.gguf` file, an HF directory, or a `train policy` output (`policy/`, `merged/` or
 /// a PEFT adapter over its base).
 pub fn load_lm(path: &Path, device: &Device) -> Result<LoadedLm> {
-    if super::policy::is_gguf(path) {
+    if super::model_dir::is_gguf(path) {
         let g = crate::model::gguf::GgufLlama::read(path)?;
         let template = match &g.chat_template {
             Some(t) => Some(ChatTemplate::new(t.clone(), g.special_tokens.clone())?),
@@ -73,10 +73,10 @@ pub fn load_lm(path: &Path, device: &Device) -> Result<LoadedLm> {
             config: g.llama_config()?,
         });
     }
-    let dir = super::policy::find_model_dir(path)?;
+    let dir = super::model_dir::find_model_dir(path)?;
     let config = LlamaConfig::from_dir(&dir.weights)?;
     let tensors = match &dir.adapter {
-        Some(adapter) => super::policy::merged_weights(&dir.weights, adapter)?
+        Some(adapter) => super::model_dir::merged_weights(&dir.weights, adapter)?
             .into_iter()
             .map(|(k, t)| Ok((k, t.to_device(device)?)))
             .collect::<candle_core::Result<_>>()?,

@@ -11,11 +11,13 @@ pub mod deploy;
 pub mod export_model;
 pub mod generate;
 mod judge;
+pub mod model_dir;
 pub mod model_source;
 mod output;
 pub mod pipeline;
 pub mod policy;
 mod pull;
+pub mod ray_policy;
 pub mod ray_stage;
 mod registry_cmd;
 mod rlaif;
@@ -135,16 +137,21 @@ fn mask_secrets(settings: &Settings) {
     }
 }
 
+/// `train reward|policy` always trains on this machine: only `run` hands a stage to the
+/// cluster (it owns the run id the jobs are named by).
+fn warn_trains_here(settings: &Settings, stage: &str) {
+    if matches!(settings.train, crate::train::ray::TrainBackend::Ray(_)) {
+        tracing::warn!(
+            "train.backend is ray, but `train {stage}` trains on this machine; `rlhf-bot run` submits to the cluster"
+        );
+    }
+}
+
 async fn train_reward_cmd(
     settings: &Settings,
     args: crate::cli::TrainRewardArgs,
 ) -> Result<crate::train::reward_run::RewardRunSummary> {
-    if matches!(settings.train, crate::train::ray::TrainBackend::Ray(_)) {
-        // Only `run` hands the stage to the cluster (it owns the run id the job is named by).
-        tracing::warn!(
-            "train.backend is ray, but `train reward` trains on this machine; `rlhf-bot run` submits to the cluster"
-        );
-    }
+    warn_trains_here(settings, "reward");
     let mut opts = settings.reward.clone();
     // `hf://` references become local snapshot directories before the stage reads them.
     opts.model = model_source::localize_opt(args.model.or(opts.model)).await?;
@@ -222,11 +229,13 @@ async fn train_and_publish(
     algo: Option<crate::run::outputs::PolicyAlgo>,
 ) -> Result<RunSummary> {
     let policy_runs = settings.policy.enabled || algo.is_some();
-    if policy_runs && matches!(settings.train, crate::train::ray::TrainBackend::Ray(_)) {
-        anyhow::bail!(
-            "`run --algo` asks for the policy stage, which `train.backend: ray` does not run yet\nhint: run without --algo (the cluster trains the reward model), or with `train.backend: local`"
-        );
-    }
+    // What the cluster loads is the model as the config names it (a Hub model is fetched here
+    // too, below, for the evaluation).
+    let configured_policy_model = settings
+        .policy
+        .model
+        .as_ref()
+        .map(|m| m.display().to_string());
     let settings = &local_models(settings, policy_runs).await?;
     let run_id = crate::run::new_run_id();
     let started = check::now()?;
@@ -269,6 +278,17 @@ async fn train_and_publish(
                     reward_model: Some(reward_dir.clone()),
                     // A rerun of the same workflow run (same run id) continues its checkpoints.
                     resume: run_dir.join("policy").join("checkpoints").is_dir(),
+                    cluster: match &settings.train {
+                        crate::train::ray::TrainBackend::Local => None,
+                        crate::train::ray::TrainBackend::Ray(ray) => {
+                            Some(ray_policy::ClusterPolicy {
+                                ray: ray.as_ref().clone(),
+                                run_id: run_id.clone(),
+                                base_model: configured_policy_model,
+                                config_path: config_path.to_path_buf(),
+                            })
+                        }
+                    },
                     ..Default::default()
                 },
             )
@@ -444,6 +464,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::Train(crate::cli::TrainCommand::Policy(args)) => {
             let settings = load_settings(&cli.config)?;
+            warn_trains_here(&settings, "policy");
             let summary = policy::train_policy_cmd(&settings, args).await?;
             let e = &summary.run.metrics.eval;
             output::json_or_text(

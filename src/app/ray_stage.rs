@@ -1,15 +1,18 @@
-//! The reward stage on a Ray cluster (`train.backend: ray`, docs/ray.md), from the run's side:
+//! A training stage on a Ray cluster (`train.backend: ray`, docs/ray.md), from the run's side.
+//! Each stage (the reward model here, the policy in `app::ray_policy`) goes through
+//! [`run_stage_job`], the one submit-or-attach and follow path:
 //!
-//! 1. build the dataset from the store as a local run would, export its preference pairs in
-//!    TRL's format and upload them to `<registry.artifacts>/ray/<run id>/reward/data/`;
-//! 2. submit the job with the run id as its submission id — or attach to the job that id
-//!    already names (a rerun of the workflow), without exporting again;
-//! 3. follow it: status with backoff, new log lines into `<run>/ray/reward.log` and the log;
-//!    SIGTERM or ctrl-c asks the cluster to stop the job, then ends the run with an error;
-//! 4. read the checkpoint back from `…/reward/output/` (checked against its `SHA256SUMS`) into
-//!    the run's `reward/` directory, and evaluate it here with our own evaluation on the same
-//!    split a local run uses, so gates, registry and report treat it exactly like a local run;
-//! 5. record the job (`<run>/ray/reward.json`) for the registry's lineage and the report.
+//! 1. the stage exports its data and uploads it to `<registry.artifacts>/ray/<run id>/<stage>/data/`
+//!    (the reward stage: the store's preference pairs in TRL's format);
+//! 2. the job is submitted with its submission id (the reward job: the run id; the policy job:
+//!    `<run id>-policy`) — or attached to when that id already names one (a rerun of the
+//!    workflow), without exporting again;
+//! 3. it is followed: status with backoff, new log lines into `<run>/ray/<stage>.log` and the
+//!    log; SIGTERM or ctrl-c asks the cluster to stop the job, then ends the run with an error;
+//! 4. the checkpoint is read back from `…/<stage>/output/` (checked against its `SHA256SUMS`)
+//!    into the run's `<stage>/` directory ([`fetch_output`]), and evaluated here with our own
+//!    evaluation, so gates, registry and report treat it exactly like a local run;
+//! 5. the job is recorded (`<run>/ray/<stage>.json`) for the registry's lineage and the report.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -67,26 +70,30 @@ pub fn client(ray: &RaySettings) -> Result<JobsClient> {
     )?)
 }
 
-/// Where the job's data and result live in the artifact store.
-fn job_paths(settings: &Settings, run_id: &str) -> Result<JobPaths> {
+/// Where the data and result of `stage`'s job live in the artifact store.
+pub fn job_paths(settings: &Settings, run_id: &str, stage: &str) -> Result<JobPaths> {
     let ArtifactLocation::Bucket(url) = &settings.registry.artifacts else {
         bail!("train.backend: ray needs `registry.artifacts` to be a bucket (docs/ray.md)");
     };
-    let base = format!("{}/ray/{run_id}/reward", url.as_str().trim_end_matches('/'));
+    let base = format!(
+        "{}/ray/{run_id}/{stage}",
+        url.as_str().trim_end_matches('/')
+    );
     Ok(JobPaths {
         data: format!("{base}/data"),
         output: format!("{base}/output"),
+        reward_model: None,
     })
 }
 
-fn bucket(uri: &str, cache: &Path) -> Result<BucketStore> {
+pub fn bucket(uri: &str, cache: &Path) -> Result<BucketStore> {
     let url = url::Url::parse(uri).with_context(|| format!("{uri} is not a URL"))?;
     Ok(BucketStore::from_url(&url, cache)?)
 }
 
 /// The job's runtime environment: the pinned packages and the variables (literal, then the
 /// forwarded ones, whose values are read here and never logged).
-fn runtime_env(ray: &RaySettings) -> Result<serde_json::Value> {
+pub fn runtime_env(ray: &RaySettings) -> Result<serde_json::Value> {
     let mut env_vars = ray.env_vars.clone();
     for name in &ray.forward_env {
         let value = std::env::var(name).with_context(|| {
@@ -157,6 +164,111 @@ async fn stop_job(client: &JobsClient, id: &str, why: &str) -> anyhow::Error {
     )
 }
 
+/// One stage's job on the cluster, as the stage names it.
+pub struct StageJob<'a> {
+    /// `reward` or `policy`: the job's metadata, its log and record file names.
+    pub stage: &'a str,
+    pub run_id: &'a str,
+    /// Unique on the cluster: what a rerun attaches by.
+    pub submission_id: String,
+    pub run_dir: &'a Path,
+}
+
+/// Submits `job` — `prepare` uploads the stage's data and returns the entrypoint, and runs only
+/// when no job with that submission id exists yet — or attaches to the one that does; records
+/// it for the lineage, follows it to its end, and fails unless it succeeded.
+pub async fn run_stage_job<F, Fut>(ray: &RaySettings, job: &StageJob<'_>, prepare: F) -> Result<()>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<String>>,
+{
+    let (stage, id, run_dir) = (job.stage, job.submission_id.as_str(), job.run_dir);
+    let client = client(ray)?;
+    let existing = client.find(id).await?;
+    match &existing {
+        Some(info) => tracing::info!(
+            job = id,
+            status = %info.status,
+            "a Ray job for this stage of the run exists already: attaching to it"
+        ),
+        None => {
+            let request = JobRequest {
+                entrypoint: prepare().await?,
+                submission_id: id.to_string(),
+                runtime_env: runtime_env(ray)?,
+                metadata: [
+                    ("rlhf_bot_run".to_string(), job.run_id.to_string()),
+                    ("rlhf_bot_stage".to_string(), stage.to_string()),
+                    (
+                        "rlhf_bot_version".to_string(),
+                        env!("CARGO_PKG_VERSION").to_string(),
+                    ),
+                ]
+                .into(),
+                entrypoint_num_cpus: ray.num_cpus,
+                entrypoint_num_gpus: ray.num_gpus,
+            };
+            match client.submit(&request).await? {
+                SubmitOutcome::Created => tracing::info!(
+                    job = id,
+                    address = client.address(),
+                    entrypoint = ray.entrypoint.as_str(),
+                    "submitted the {stage} training to the Ray cluster"
+                ),
+                SubmitOutcome::AlreadyExists => tracing::info!(
+                    job = id,
+                    "the Ray cluster already had a job with this id: attaching to it"
+                ),
+            }
+        }
+    }
+    let record = ClusterJob {
+        backend: "ray".into(),
+        address: client.address().to_string(),
+        submission_id: id.to_string(),
+        entrypoint: ray.entrypoint.as_str().into(),
+    };
+    let record_path = job_record(run_dir, stage);
+    std::fs::create_dir_all(record_path.parent().unwrap_or(run_dir))?;
+    crate::atomic_file::write_atomically(
+        &record_path,
+        serde_json::to_string_pretty(&record)?.as_bytes(),
+    )?;
+
+    let log_path = job_log(run_dir, stage);
+    let mut log_file = std::fs::File::create(&log_path)
+        .with_context(|| format!("creating {}", log_path.display()))?;
+    let pace = PollPace {
+        first: ray.poll_first,
+        max: ray.poll_max,
+    };
+    let followed = tokio::select! {
+        r = follow::until_done(&client, id, pace, |lines| {
+            let _ = log_file.write_all(lines.as_bytes());
+            for line in lines.lines() {
+                tracing::info!("ray job: {}", crate::sanitize::terminal_line(line));
+            }
+        }) => r?,
+        why = cancelled() => return Err(stop_job(&client, id, why).await),
+    };
+    let (info, log) = followed;
+    if info.status != JobStatus::Succeeded {
+        return Err(JobDidNotSucceed::new(
+            client.address(),
+            &info,
+            &log,
+            &log_path.display().to_string(),
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// Where the log of `stage`'s job is kept in the run directory.
+fn job_log(run_dir: &Path, stage: &str) -> PathBuf {
+    run_dir.join("ray").join(format!("{stage}.log"))
+}
+
 /// Trains the reward model of run `run_id` on the cluster into `out` (`<run>/reward/`), and
 /// evaluates it here. `opts` is what a local run would train with.
 pub async fn train_reward_on_ray(
@@ -170,8 +282,7 @@ pub async fn train_reward_on_ray(
         .parent()
         .context("the reward directory has no parent (the run directory)")?
         .to_path_buf();
-    let client = client(ray)?;
-    let paths = job_paths(settings, run_id)?;
+    let paths = job_paths(settings, run_id, "reward")?;
     let cache = settings.registry.artifacts_dir.clone();
 
     // The dataset, built as a local run builds it: the evaluation below needs its split even
@@ -186,101 +297,33 @@ pub async fn train_reward_on_ray(
     .context("the dataset thread panicked")??;
     let (train, eval) = crate::train::reward_run::reward_split(&ds)?;
 
-    let existing = client.find(run_id).await?;
-    match &existing {
-        Some(info) => tracing::info!(
-            job = run_id,
-            status = %info.status,
-            "a Ray job for this run exists already: attaching to it"
-        ),
-        None => {
-            upload_dataset(&ds, &run_dir, &paths.data, &cache).await?;
-            let job = RewardJob {
-                base_model: opts.model.as_ref().map(|m| m.display().to_string()),
-                epochs: opts.train.epochs,
-                max_length: opts.train.max_length,
-                batch_size: opts.train.batch_size,
-                lr: opts.train.lr,
-            };
-            if job.base_model.is_none()
-                && ray.entrypoint != crate::train::ray::EntrypointKind::RlhfBot
-            {
-                bail!(
-                    "reward.model is not set, and the `{}` entrypoint needs a model to start from\nhint: set reward.model to a model the cluster can load (a Hub name or a path on its nodes)",
-                    ray.entrypoint.as_str()
-                );
-            }
-            let request = JobRequest {
-                entrypoint: reward_entrypoint(ray, &paths, &job),
-                submission_id: run_id.to_string(),
-                runtime_env: runtime_env(ray)?,
-                metadata: [
-                    ("rlhf_bot_run".to_string(), run_id.to_string()),
-                    ("rlhf_bot_stage".to_string(), "reward".to_string()),
-                    (
-                        "rlhf_bot_version".to_string(),
-                        env!("CARGO_PKG_VERSION").to_string(),
-                    ),
-                ]
-                .into(),
-                entrypoint_num_cpus: ray.num_cpus,
-                entrypoint_num_gpus: ray.num_gpus,
-            };
-            match client.submit(&request).await? {
-                SubmitOutcome::Created => tracing::info!(
-                    job = run_id,
-                    address = client.address(),
-                    entrypoint = ray.entrypoint.as_str(),
-                    "submitted the reward training to the Ray cluster"
-                ),
-                SubmitOutcome::AlreadyExists => tracing::info!(
-                    job = run_id,
-                    "the Ray cluster already had a job with this run id: attaching to it"
-                ),
-            }
-        }
-    }
-    let record = ClusterJob {
-        backend: "ray".into(),
-        address: client.address().to_string(),
+    let job = StageJob {
+        stage: "reward",
+        run_id,
         submission_id: run_id.to_string(),
-        entrypoint: ray.entrypoint.as_str().into(),
+        run_dir: &run_dir,
     };
-    let record_path = job_record(&run_dir, "reward");
-    std::fs::create_dir_all(record_path.parent().unwrap_or(&run_dir))?;
-    crate::atomic_file::write_atomically(
-        &record_path,
-        serde_json::to_string_pretty(&record)?.as_bytes(),
-    )?;
+    run_stage_job(ray, &job, || async {
+        let job = RewardJob {
+            base_model: opts.model.as_ref().map(|m| m.display().to_string()),
+            epochs: opts.train.epochs,
+            max_length: opts.train.max_length,
+            batch_size: opts.train.batch_size,
+            lr: opts.train.lr,
+        };
+        if job.base_model.is_none() && ray.entrypoint != crate::train::ray::EntrypointKind::RlhfBot
+        {
+            bail!(
+                "reward.model is not set, and the `{}` entrypoint needs a model to start from\nhint: set reward.model to a model the cluster can load (a Hub name or a path on its nodes)",
+                ray.entrypoint.as_str()
+            );
+        }
+        upload_dataset(&ds, &run_dir, &paths.data, &cache).await?;
+        Ok(reward_entrypoint(ray, &paths, &job))
+    })
+    .await?;
 
-    let log_path = run_dir.join("ray").join("reward.log");
-    let mut log_file = std::fs::File::create(&log_path)
-        .with_context(|| format!("creating {}", log_path.display()))?;
-    let pace = PollPace {
-        first: ray.poll_first,
-        max: ray.poll_max,
-    };
-    let followed = tokio::select! {
-        r = follow::until_done(&client, run_id, pace, |lines| {
-            let _ = log_file.write_all(lines.as_bytes());
-            for line in lines.lines() {
-                tracing::info!("ray job: {}", crate::sanitize::terminal_line(line));
-            }
-        }) => r?,
-        why = cancelled() => return Err(stop_job(&client, run_id, why).await),
-    };
-    let (info, log) = followed;
-    if info.status != JobStatus::Succeeded {
-        return Err(JobDidNotSucceed::new(
-            client.address(),
-            &info,
-            &log,
-            &log_path.display().to_string(),
-        )
-        .into());
-    }
-
-    fetch_output(&paths.output, &out, &run_dir, &cache)?;
+    fetch_output(&paths.output, &out, &run_dir, &cache, "reward")?;
     evaluate(&out, &opts, &ds, &train, &eval).await
 }
 
@@ -306,24 +349,35 @@ async fn upload_dataset(
             .with_context(|| format!("copying the exported {name}"))?;
     }
     std::fs::remove_dir_all(&export_dir)?;
+    upload_dir(&data_dir, data_uri, cache).await
+}
+
+/// Uploads a stage's data directory to `data_uri` (the manifest last).
+pub async fn upload_dir(dir: &Path, data_uri: &str, cache: &Path) -> Result<()> {
     let store = bucket(data_uri, cache)?;
-    let data = data_dir.clone();
+    let data = dir.to_path_buf();
     let stored = tokio::task::spawn_blocking(move || store.put_dir(&data))
         .await
         .context("the upload thread panicked")??;
-    tracing::info!(uri = %stored.uri, bytes = stored.size_bytes, "uploaded the dataset for the Ray job");
+    tracing::info!(uri = %stored.uri, bytes = stored.size_bytes, "uploaded the data for the Ray job");
     Ok(())
 }
 
-/// Downloads the job's output into the run's model directory.
-fn fetch_output(output_uri: &str, out: &Path, run_dir: &Path, cache: &Path) -> Result<()> {
-    let staging = run_dir.join("ray").join("output");
+/// Downloads the output of `stage`'s job into the run's model directory `out`.
+pub fn fetch_output(
+    output_uri: &str,
+    out: &Path,
+    run_dir: &Path,
+    cache: &Path,
+    stage: &str,
+) -> Result<()> {
+    let staging = run_dir.join("ray").join(format!("{stage}-output"));
     if staging.exists() {
         std::fs::remove_dir_all(&staging)?;
     }
     let store = bucket(output_uri, cache)?;
     store.get_dir(&staging).with_context(|| {
-        format!("reading the trained model back from {output_uri}\nhint: the job reported success but its output is missing or incomplete; its log is in {}", run_dir.join("ray").join("reward.log").display())
+        format!("reading the trained model back from {output_uri}\nhint: the job reported success but its output is missing or incomplete; its log is in {}", job_log(run_dir, stage).display())
     })?;
     if out.exists() {
         std::fs::remove_dir_all(out)?;

@@ -19,18 +19,21 @@ use sha2::{Digest, Sha256};
 
 use crate::dataset::{PolicyLine, load_policy_jsonl};
 use crate::evals::ModelAnswer;
+use crate::kernels::precision::Precision;
 use crate::kernels::precision::set_precision;
 use crate::model::chat_template::{ChatMessage, ChatTemplate};
-use crate::model::llama::load_frozen_causal_lm;
-use crate::run::outputs::{PolicyAlgo, PolicyMetrics, TrainStats, write_metrics};
+use crate::model::llama::{LlamaForCausalLM, load_frozen_causal_lm, load_frozen_causal_lm_in};
+use crate::model::tokenizer::Tokenizer;
+use crate::run::outputs::{PolicyAlgo, PolicyEval, PolicyMetrics, TrainStats, write_metrics};
 use crate::train::dpo_trainer::{PreferenceExample, TrainOutcome, train_dpo};
 use crate::train::group_rl_trainer::train_group_rl;
 use crate::train::kto_trainer::{PointwiseExample, train_kto};
-use crate::train::policy_common::Policy;
 pub use crate::train::policy_common::{LoraOptions, PolicyTrainOptions, PpoOptions};
+use crate::train::policy_common::{Policy, frozen_dtype, policy_tokenizer};
 use crate::train::policy_eval::{Answers, EvalSettings, RewardScorer, answer, evaluate};
 use crate::train::policy_reward::PolicyReward;
 use crate::train::ppo_trainer::train_ppo;
+use candle_core::Device;
 
 /// A `train policy` request (the CLI and the pipeline build it from settings).
 #[derive(Debug, Clone)]
@@ -90,17 +93,45 @@ pub async fn train_policy(req: TrainPolicyRequest) -> Result<PolicyRunSummary> {
         .context("policy training thread panicked")?
 }
 
-/// The synchronous body of [`train_policy`].
-pub fn train_policy_blocking(req: &TrainPolicyRequest) -> Result<PolicyRunSummary> {
-    let opts = &req.options;
+/// The device the stage runs on and the precision it holds frozen weights in, switched on for
+/// this stage whatever it was: a reward stage earlier in this process (`run`) may have switched
+/// the products to bf16 (`reward.precision`).
+fn stage_device(opts: &PolicyTrainOptions) -> Result<(Device, Precision)> {
     opts.validate()?;
     let device = opts.device()?;
-    // Set for this stage whatever it was: a reward stage earlier in this process (`run`) may
-    // have switched the products to bf16 (`reward.precision`).
     let precision = opts
         .precision
         .resolve_on("policy.precision", device.is_cpu())?;
     set_precision(precision);
+    Ok((device, precision))
+}
+
+/// The prompts held out of training for the evaluation: the `eval_prompts` smallest by hash,
+/// leaving at least one to train on. The same lines give the same prompts wherever the policy
+/// trains (here, or on a cluster from the export the stage uploaded).
+pub fn eval_prompt_split(
+    lines: &[PolicyLine],
+    eval_prompts: usize,
+    data: &std::path::Path,
+) -> Result<BTreeSet<String>> {
+    let prompts: BTreeSet<String> = lines.iter().map(|l| l.prompt.clone()).collect();
+    if prompts.len() < 2 {
+        bail!(
+            "{} has {} distinct prompt(s); training and evaluation need at least 2",
+            data.display(),
+            prompts.len()
+        );
+    }
+    Ok(held_out_prompts(
+        &prompts,
+        eval_prompts.min(prompts.len() - 1),
+    ))
+}
+
+/// The synchronous body of [`train_policy`].
+pub fn train_policy_blocking(req: &TrainPolicyRequest) -> Result<PolicyRunSummary> {
+    let opts = &req.options;
+    let (device, precision) = stage_device(opts)?;
     let mut lines = load_policy_jsonl(&req.data)?;
     if req.apply_chat_template {
         let tpl = ChatTemplate::from_hf_dir(&req.base_model)
@@ -109,17 +140,7 @@ pub fn train_policy_blocking(req: &TrainPolicyRequest) -> Result<PolicyRunSummar
             l.prompt = tpl.render(&[ChatMessage::user(l.prompt.clone())], true)?;
         }
     }
-    let prompts: BTreeSet<String> = lines.iter().map(|l| l.prompt.clone()).collect();
-    if prompts.len() < 2 {
-        bail!(
-            "{} has {} distinct prompt(s); training and evaluation need at least 2",
-            req.data.display(),
-            prompts.len()
-        );
-    }
-    // Keep at least one prompt for training.
-    let k = opts.eval_prompts.min(prompts.len() - 1);
-    let held = held_out_prompts(&prompts, k);
+    let held = eval_prompt_split(&lines, opts.eval_prompts, &req.data)?;
     let train: Vec<&PolicyLine> = lines.iter().filter(|l| !held.contains(&l.prompt)).collect();
     let eval_prompts: Vec<String> = held.iter().cloned().collect();
 
@@ -189,67 +210,15 @@ hint: set it to              false for a {device:?} run"
     let policy_dir = req.out.join("policy");
     policy.save(&policy_dir)?;
 
-    let production = match &req.production_model {
-        Some(dir) => load_frozen_causal_lm(dir, &device)?,
-        None => policy.reference.clone(),
-    };
     policy.set_training(false);
-    let eval = evaluate(
-        &policy.model,
-        &production,
-        &policy.reference,
-        &policy.tokenizer,
-        &rm,
-        Some(&reward),
-        &eval_prompts,
-        &EvalSettings {
-            max_new_tokens: opts.max_completion_len,
-            max_prompt_len: opts.max_prompt_len,
-            greedy: opts.eval_greedy,
-            seed: opts.seed,
-            batch_size: opts.batch_size.max(1),
-            samples: 3,
-        },
-    )?;
-    let behaviour_answers = if req.behaviour_prompts.is_empty() {
-        None
-    } else {
-        let greedy = EvalSettings {
-            max_new_tokens: opts.max_completion_len,
-            max_prompt_len: opts.max_prompt_len,
-            greedy: true,
-            seed: opts.seed,
-            batch_size: opts.batch_size.max(1),
-            samples: 0,
-        };
-        let of = |a: Answers| -> Vec<ModelAnswer> {
-            a.texts
-                .into_iter()
-                .zip(a.scores)
-                .map(|(text, reward)| ModelAnswer {
-                    text,
-                    reward: f64::from(reward),
-                })
-                .collect()
-        };
-        let prompts = &req.behaviour_prompts;
-        Some(BehaviourAnswers {
-            candidate: of(answer(
-                &policy.model,
-                &policy.tokenizer,
-                &rm,
-                prompts,
-                &greedy,
-            )?),
-            production: of(answer(
-                &production,
-                &policy.tokenizer,
-                &rm,
-                prompts,
-                &greedy,
-            )?),
-        })
+    let judges = Judges {
+        reference: &policy.reference,
+        tokenizer: &policy.tokenizer,
+        rm: &rm,
+        reward: &reward,
     };
+    let (eval, behaviour_answers) =
+        evaluate_candidate(&policy.model, &judges, req, &eval_prompts, &device)?;
     let secs = outcome.seconds.max(1e-9);
     let metrics = PolicyMetrics {
         algo: opts.algo,
@@ -275,6 +244,142 @@ hint: set it to              false for a {device:?} run"
         lora: opts.lora.is_some(),
         metrics,
         train_examples: n_train,
+        eval_prompts: eval_prompts.len(),
+        behaviour_answers,
+    })
+}
+
+/// What a candidate policy is scored with, wherever it trained.
+struct Judges<'a> {
+    /// The base policy (the KL reference).
+    reference: &'a LlamaForCausalLM,
+    tokenizer: &'a Tokenizer,
+    rm: &'a RewardScorer,
+    reward: &'a PolicyReward,
+}
+
+/// The evaluation every trained policy gets: candidate against production (the base model when
+/// the request names none) on the held-out prompts, and both models' greedy answers to the
+/// behaviour tests.
+fn evaluate_candidate(
+    candidate: &LlamaForCausalLM,
+    judges: &Judges,
+    req: &TrainPolicyRequest,
+    eval_prompts: &[String],
+    device: &Device,
+) -> Result<(PolicyEval, Option<BehaviourAnswers>)> {
+    let opts = &req.options;
+    let production = match &req.production_model {
+        Some(dir) => load_frozen_causal_lm(dir, device)?,
+        None => judges.reference.clone(),
+    };
+    let eval = evaluate(
+        candidate,
+        &production,
+        judges.reference,
+        judges.tokenizer,
+        judges.rm,
+        Some(judges.reward),
+        eval_prompts,
+        &EvalSettings {
+            max_new_tokens: opts.max_completion_len,
+            max_prompt_len: opts.max_prompt_len,
+            greedy: opts.eval_greedy,
+            seed: opts.seed,
+            batch_size: opts.batch_size.max(1),
+            samples: 3,
+        },
+    )?;
+    if req.behaviour_prompts.is_empty() {
+        return Ok((eval, None));
+    }
+    let greedy = EvalSettings {
+        max_new_tokens: opts.max_completion_len,
+        max_prompt_len: opts.max_prompt_len,
+        greedy: true,
+        seed: opts.seed,
+        batch_size: opts.batch_size.max(1),
+        samples: 0,
+    };
+    let of = |a: Answers| -> Vec<ModelAnswer> {
+        a.texts
+            .into_iter()
+            .zip(a.scores)
+            .map(|(text, reward)| ModelAnswer {
+                text,
+                reward: f64::from(reward),
+            })
+            .collect()
+    };
+    let prompts = &req.behaviour_prompts;
+    let answers = BehaviourAnswers {
+        candidate: of(answer(
+            candidate,
+            judges.tokenizer,
+            judges.rm,
+            prompts,
+            &greedy,
+        )?),
+        production: of(answer(
+            &production,
+            judges.tokenizer,
+            judges.rm,
+            prompts,
+            &greedy,
+        )?),
+    };
+    Ok((eval, Some(answers)))
+}
+
+/// A policy trained elsewhere (a Ray job), evaluated here exactly as a local run evaluates the
+/// policy it trained: the same held-out prompts of `req.data`, the same reward, production and
+/// behaviour tests. `candidate_dir` is an HF directory with full weights; `job` is what the job
+/// reported of its own training (our binary writes it; other trainers do not).
+pub fn evaluate_trained_policy(
+    req: &TrainPolicyRequest,
+    candidate_dir: &std::path::Path,
+    lora: bool,
+    job: Option<PolicyMetrics>,
+) -> Result<PolicyRunSummary> {
+    let opts = &req.options;
+    let (device, precision) = stage_device(opts)?;
+    let lines = load_policy_jsonl(&req.data)?;
+    let held = eval_prompt_split(&lines, opts.eval_prompts, &req.data)?;
+    let eval_prompts: Vec<String> = held.iter().cloned().collect();
+    let frozen = frozen_dtype(precision);
+    let reference = load_frozen_causal_lm_in(&req.base_model, &device, frozen)?;
+    let candidate = load_frozen_causal_lm(candidate_dir, &device).with_context(|| {
+        format!(
+            "loading the policy the cluster trained ({})",
+            candidate_dir.display()
+        )
+    })?;
+    let tokenizer = policy_tokenizer(&req.base_model, reference.config())?;
+    let rm = RewardScorer::load_in(&req.reward_model, &device, frozen)?;
+    let reward = PolicyReward::new(&opts.reward, &rm)
+        .with_context(|| format!("the reward model in {}", req.reward_model.display()))?;
+    let judges = Judges {
+        reference: &reference,
+        tokenizer: &tokenizer,
+        rm: &rm,
+        reward: &reward,
+    };
+    let (eval, behaviour_answers) =
+        evaluate_candidate(&candidate, &judges, req, &eval_prompts, &device)?;
+    let (train, last_step) = job.map_or_else(Default::default, |m| (m.train, m.last_step));
+    let metrics = PolicyMetrics {
+        algo: opts.algo,
+        eval,
+        train,
+        last_step,
+    };
+    write_metrics(&req.out, &metrics)?;
+    Ok(PolicyRunSummary {
+        out_dir: req.out.clone(),
+        policy_dir: req.out.join("policy"),
+        lora,
+        metrics,
+        train_examples: lines.iter().filter(|l| !held.contains(&l.prompt)).count(),
         eval_prompts: eval_prompts.len(),
         behaviour_answers,
     })

@@ -389,11 +389,24 @@ pub fn validate(raw: RawConfig, text: &str) -> Result<Settings, Invalid> {
             "`train.backend: ray` exchanges the dataset and the checkpoint with the cluster through the artifact store, and this one is a directory\nhint: set `registry.artifacts` to a bucket both this runner and the cluster can reach, e.g. `s3://team-models/rlhf` (docs/ray.md)",
         ));
     }
-    if matches!(train, crate::train::ray::TrainBackend::Ray(_)) && policy.enabled {
-        return Err(Invalid::new(
-            "policy.enabled",
-            "`train.backend: ray` trains the reward model on the cluster; the policy stage does not run there yet, and training it on the submitting runner is what the backend is meant to avoid\nhint: set `policy.enabled: false` (docs/ray.md)",
-        ));
+    if let crate::train::ray::TrainBackend::Ray(ray) = &train
+        && policy.enabled
+    {
+        crate::train::ray::policy_entrypoint::check_supported(
+            ray.entrypoint,
+            policy.options.algo,
+            &ray.pip,
+        )
+        .map_err(|why| {
+            Invalid::new(
+                "policy.algo",
+                format!(
+                    "{} on the Ray cluster (train.ray.entrypoint: {}): {why}",
+                    policy.options.algo.as_str(),
+                    ray.entrypoint.as_str()
+                ),
+            )
+        })?;
     }
     let artifacts_dir = match &artifacts {
         ArtifactLocation::Dir(dir) => dir.clone(),

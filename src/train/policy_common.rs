@@ -593,11 +593,24 @@ pub fn run_sampling_objective<O: Objective>(
 }
 
 /// The dtype `precision` holds frozen projections in.
-fn frozen_dtype(precision: Precision) -> DType {
+pub fn frozen_dtype(precision: Precision) -> DType {
     match precision {
         Precision::F32 => DType::F32,
         Precision::Bf16 => DType::BF16,
     }
+}
+
+/// The tokenizer of the policy in `dir`, with the padding and end ids its `config` names.
+pub fn policy_tokenizer(dir: &Path, config: &LlamaConfig) -> Result<Tokenizer> {
+    let tok_path = dir.join("tokenizer.json");
+    let tokenizer = Tokenizer::from_file(&tok_path).with_context(|| {
+        format!(
+            "policy tokenizer {}\nhint: the policy directory needs tokenizer.json",
+            tok_path.display()
+        )
+    })?;
+    let eos = config.eos_token_ids().first().copied();
+    Ok(tokenizer.with_special_ids(config.pad_token_id.or(eos), eos))
 }
 
 /// The model being trained, its frozen reference and what the optimiser sees.
@@ -647,15 +660,7 @@ impl Policy {
     ) -> Result<Self> {
         let frozen = frozen_dtype(precision);
         let config = LlamaConfig::from_dir(dir)?;
-        let tok_path = dir.join("tokenizer.json");
-        let tokenizer = Tokenizer::from_file(&tok_path).with_context(|| {
-            format!(
-                "policy tokenizer {}\nhint: the policy directory needs tokenizer.json",
-                tok_path.display()
-            )
-        })?;
-        let eos = config.eos_token_ids().first().copied();
-        let tokenizer = tokenizer.with_special_ids(config.pad_token_id.or(eos), eos);
+        let tokenizer = policy_tokenizer(dir, &config)?;
         let varmap = VarMap::new();
         let (model, reference, adapters) = match lora {
             Some(l) => {

@@ -8,7 +8,8 @@ and a moto S3 server as the artifact bucket both the runner and the cluster reac
 One scheduled run with the sample feedback: the train job, on a standard runner with the CPU
 build, exports the dataset to the bucket, submits the reward training to the cluster (our own
 binary as the job's entrypoint), streams its log, reads the model back, evaluates and registers
-it; the publish job opens one PR whose registry entry names the cluster job.
+it, then the policy as a second job; the publish job opens one PR whose registry entries name
+the cluster jobs.
 
 Needs $RLHF_TEST_DEPS/ray-venv (ray[default]) and $RLHF_TEST_DEPS/venv (moto[server], PyYAML),
 both from scripts/install-test-deps.sh. Exit status 1 when any expectation failed.
@@ -119,10 +120,9 @@ class Servers:
 
 
 def team_config(feedback_url: str, api_url: str, binary: str, ray_url: str) -> str:
-    """scenario_rlhf's team config with the reward model trained on the cluster: the artifact
-    store is the bucket, the policy stage off (it does not run on Ray yet), no deploy."""
+    """scenario_rlhf's team config with both models trained on the cluster (the policy as DPO for
+    two steps from scratch, a second job): the artifact store is the bucket, no deploy."""
     cfg = yaml.safe_load(rlhf_team_config(feedback_url, api_url, f"s3://{BUCKET}/rlhf", "http://unused"))
-    cfg["policy"] = {"enabled": False}
     cfg.pop("deploy", None)
     cfg["train"] = {
         "backend": "ray",
@@ -183,6 +183,10 @@ def main() -> int:
         job = servers.job(job_id)
         c.expect(job.get("status") == "SUCCEEDED", f"the cluster ran job {job_id} to SUCCEEDED", detail=str(job)[:300])
         c.expect(any("ray job: " in line and "training the reward model" in line for line in train.log), "the job's log is streamed into the train job's log")
+        policy_id = stages.get("registered_policy")
+        c.expect(bool(policy_id), "it registered a policy", detail=str(stages)[:300])
+        policy_job = servers.job(f"{job_id}-policy")
+        c.expect(policy_job.get("status") == "SUCCEEDED", f"the cluster ran the policy job {job_id}-policy to SUCCEEDED", detail=str(policy_job)[:300])
         c.expect(not any(TOKEN in line for line in train.log), "the cluster token never reaches the log")
         pulls = sorted(gh.pulls.values(), key=lambda p: p["number"])
         c.expect(len(pulls) == 1, "one PR is opened", detail=str([(p["number"], p["state"]) for p in pulls]))
@@ -191,6 +195,8 @@ def main() -> int:
             registry = (gh.read_file(head, "models/registry.yaml") or b"").decode()
             c.expect("cluster_job:" in registry and f"submission_id: {job_id}" in registry,
                      "the PR's registry entry names the cluster job", detail=registry[:600])
+            c.expect(f"submission_id: {job_id}-policy" in registry,
+                     "the PR's registry names the policy's own cluster job", detail=registry[:600])
             report = (gh.read_file(head, f"reports/{job_id}/report.md") or b"").decode()
             c.expect(f"trained by the cluster: `ray` job `{job_id}`" in report, "the report in the PR names the cluster job", detail=report[-600:])
     finally:

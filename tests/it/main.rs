@@ -51,6 +51,7 @@ mod pull;
 mod pull_hostile;
 mod ray;
 mod ray_head;
+mod ray_policy;
 mod recompute;
 mod registry;
 mod report;

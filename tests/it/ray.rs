@@ -17,10 +17,10 @@ use super::common::{Workspace, bin, free_port, stderr};
 use super::moto::{Moto, moto};
 use super::ray_head::{RayHead, TOKEN, ray_head};
 
-const TOKEN_ENV: &str = "RAY_TEST_TOKEN";
+pub(crate) const TOKEN_ENV: &str = "RAY_TEST_TOKEN";
 
 /// Both servers, or `None` (skipped, said loudly by the helpers).
-fn servers() -> Option<(&'static RayHead, &'static Moto)> {
+pub(crate) fn servers() -> Option<(&'static RayHead, &'static Moto)> {
     let head = ray_head()?;
     let moto = moto()?;
     Some((head, moto))
@@ -28,7 +28,13 @@ fn servers() -> Option<(&'static RayHead, &'static Moto)> {
 
 /// The sample config, reward model only, its artifacts in `bucket`, training on the head at
 /// `address` with `ray_extra` added to `train.ray`.
-fn config(ws: &Workspace, moto: &Moto, bucket: &str, address: &str, ray_extra: &str) -> PathBuf {
+pub(crate) fn config(
+    ws: &Workspace,
+    moto: &Moto,
+    bucket: &str,
+    address: &str,
+    ray_extra: &str,
+) -> PathBuf {
     moto.create_bucket(bucket);
     let local_root = format!("artifacts: {}/artifacts", ws.store_dir().display());
     let policy_on = "enabled: true                         # run trains";
@@ -49,7 +55,7 @@ fn config(ws: &Workspace, moto: &Moto, bucket: &str, address: &str, ray_extra: &
 }
 
 /// `rlhf-bot run --force` as the workflow runs it, with run id `gh-<run>`.
-fn run_command(config: &Path, moto: &Moto, run: u32, token: Option<&str>) -> Command {
+pub(crate) fn run_command(config: &Path, moto: &Moto, run: u32, token: Option<&str>) -> Command {
     let mut cmd = bin();
     for (k, v) in moto.env() {
         cmd.env(k, v);
@@ -68,13 +74,18 @@ fn run_command(config: &Path, moto: &Moto, run: u32, token: Option<&str>) -> Com
 
 /// A stand-in for our binary on the cluster: a script that prints and then does `tail`.
 fn fake_trainer(ws: &Workspace, tail: &str) -> PathBuf {
-    use std::os::unix::fs::PermissionsExt;
-    let path = ws.path().join("fake-trainer.sh");
-    std::fs::write(
-        &path,
-        format!("#!/bin/sh\necho \"fake trainer: $*\"\necho 'loading 12 pairs'\n{tail}\n"),
+    executable_script(
+        ws,
+        "fake-trainer.sh",
+        &format!("echo \"fake trainer: $*\"\necho 'loading 12 pairs'\n{tail}"),
     )
-    .unwrap();
+}
+
+/// `body` as an executable POSIX shell script named `name` in the workspace.
+pub(crate) fn executable_script(ws: &Workspace, name: &str, body: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = ws.path().join(name);
+    std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
     path
 }
@@ -186,7 +197,7 @@ fn a_real_ray_job_trains_the_reward_model_and_the_run_registers_and_reports_it()
     );
 }
 
-fn failed(o: &Output) -> String {
+pub(crate) fn failed(o: &Output) -> String {
     assert!(!o.status.success(), "the run succeeded: {}", stderr(o));
     stderr(o)
 }
@@ -208,20 +219,40 @@ fn a_failed_job_is_reported_with_its_last_log_lines() {
             script.display()
         ),
     );
-    let err = failed(&run_command(&cfg, moto, 9002, Some(TOKEN)).output().unwrap());
+    let o = run_command(&cfg, moto, 9002, Some(TOKEN)).output().unwrap();
+    assert_job_failed(
+        &o,
+        &ws,
+        head,
+        "gh-9002",
+        &["RuntimeError: CUDA out of memory", "loading 12 pairs"],
+    );
+}
+
+/// The run `o` failed on job `id`: its error names the job, says it ended FAILED, quotes `lines`
+/// of its log and has a hint; the head agrees, and nothing was registered. Returns the error.
+pub(crate) fn assert_job_failed(
+    o: &Output,
+    ws: &Workspace,
+    head: &RayHead,
+    id: &str,
+    lines: &[&str],
+) -> String {
+    let err = failed(o);
+    let job = format!("Ray job `{id}`");
     assert!(
-        err.contains("Ray job `gh-9002`")
-            && err.contains("ended FAILED")
-            && err.contains("RuntimeError: CUDA out of memory")
-            && err.contains("loading 12 pairs")
-            && err.contains("hint:"),
+        [job.as_str(), "ended FAILED", "hint:"]
+            .iter()
+            .chain(lines)
+            .all(|needle| err.contains(needle)),
         "{err}"
     );
-    assert_eq!(head.status("gh-9002"), "FAILED");
+    assert_eq!(head.status(id), "FAILED");
     assert!(
         !ws.store_dir().join("registry.yaml").exists(),
         "nothing registered"
     );
+    err
 }
 
 #[test]
@@ -467,17 +498,40 @@ fn the_ray_config_is_checked_with_the_key_and_a_hint() {
         assert!(needles.iter().all(|n| text.contains(n)), "{train}: {text}");
         assert!(!text.contains("ghp_abc"), "the token was echoed: {text}");
     }
-    // The policy stage does not run on the cluster yet: refused rather than run on the runner.
-    let text = format!(
-        "{:#}",
+    // The policy stage runs on the cluster; the combinations no trainer offers are refused at
+    // load, naming the algorithm, the entrypoint and what to do.
+    let with_policy = |algo: &str, ray: &str| {
         rlhf_bot::config::load_str(
             Path::new("rlhf.yaml"),
-            "feedback:\n  source: file\n  path: f\nregistry:\n  artifacts: s3://t/m\npolicy:\n  enabled: true\ntrain:\n  backend: ray\n  ray:\n    address: http://h:8265\n    entrypoint: rlhf-bot\n",
+            &format!(
+                "feedback:\n  source: file\n  path: f\nregistry:\n  artifacts: s3://t/m\npolicy:\n  enabled: true\n  algo: {algo}\ntrain:\n  backend: ray\n  ray:\n    address: http://h:8265\n{ray}"
+            ),
         )
-        .unwrap_err()
-    );
+    };
+    for algo in ["dpo", "kto", "ppo", "grpo", "rloo"] {
+        with_policy(algo, "    entrypoint: rlhf-bot\n").unwrap();
+    }
+    let trl = "    entrypoint: trl\n    runtime_env:\n      pip: [trl==1.16.0, awscli==1.42.70]\n";
+    with_policy("grpo", trl).unwrap();
+    let text = format!("{:#}", with_policy("ppo", trl).unwrap_err());
     assert!(
-        text.contains("policy.enabled") && text.contains("hint:"),
+        ["policy.algo", "ppo", "trl", "no PPO command", "hint:"]
+            .iter()
+            .all(|n| text.contains(n)),
+        "{text}"
+    );
+    let openrlhf = |version: &str| {
+        format!(
+            "    entrypoint: openrlhf\n    runtime_env:\n      pip: [openrlhf=={version}, awscli==1.42.70]\n"
+        )
+    };
+    with_policy("kto", &openrlhf("0.9.5")).unwrap();
+    with_policy("ppo", &openrlhf("0.10.1")).unwrap();
+    let text = format!("{:#}", with_policy("kto", &openrlhf("0.10.1")).unwrap_err());
+    assert!(
+        ["policy.algo", "OpenRLHF 0.10.1", "train_kto", "hint:"]
+            .iter()
+            .all(|n| text.contains(n)),
         "{text}"
     );
 }
@@ -500,35 +554,14 @@ fn a_retried_run_attaches_to_the_job_its_killed_first_attempt_left_running() {
         ),
     );
     // The first attempt submits, then its runner dies (SIGKILL: no stop request is sent).
-    let mut first = run_command(&cfg, moto, 9007, Some(TOKEN))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while head.status("gh-9007").is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "the first attempt never submitted"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    first.kill().unwrap();
-    first.wait().unwrap();
+    let mut first = run_command(&cfg, moto, 9007, Some(TOKEN));
+    kill_once_submitted(&mut first, head, "gh-9007", Duration::from_secs(120));
     let uploaded = moto.keys(bucket, "models/ray/gh-9007/reward/data/");
 
     // The re-run (same workflow run id) follows that job to its end instead of starting one.
-    let o = run_command(&cfg, moto, 9007, Some(TOKEN)).output().unwrap();
-    let err = stderr(&o);
-    assert!(o.status.success(), "the retry failed: {err}");
+    let err = rerun_attaches(&mut first, head, "gh-9007");
     assert!(err.contains("exists already: attaching"), "{err}");
     assert!(!err.contains("submitted the reward training"), "{err}");
-    let same: Vec<_> = head
-        .jobs()
-        .into_iter()
-        .filter(|j| j["submission_id"] == "gh-9007")
-        .collect();
-    assert_eq!(same.len(), 1, "{same:?}");
     assert_eq!(head.status("gh-9007"), "SUCCEEDED");
     // The data was not exported again, and the model came back and was registered.
     assert_eq!(
@@ -548,6 +581,49 @@ fn a_retried_run_attaches_to_the_job_its_killed_first_attempt_left_running() {
             .map(|j| j.submission_id.as_str()),
         Some("gh-9007")
     );
+}
+
+/// Starts `run` (a first attempt) and SIGKILLs it (no stop request is sent) as soon as the
+/// head holds job `id`; fails when that takes longer than `limit` or the run ends first.
+pub(crate) fn kill_once_submitted(run: &mut Command, head: &RayHead, id: &str, limit: Duration) {
+    let mut first = run
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + limit;
+    while head.status(id).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the first attempt never submitted {id}"
+        );
+        assert!(
+            first.try_wait().unwrap().is_none(),
+            "the first attempt ended before submitting {id}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    first.kill().unwrap();
+    first.wait().unwrap();
+}
+
+/// Runs `run` again (the retry), which must succeed with the head still holding one job `id`;
+/// returns its log.
+pub(crate) fn rerun_attaches(run: &mut Command, head: &RayHead, id: &str) -> String {
+    let o = run
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert!(o.status.success(), "the retry failed: {err}");
+    let same: Vec<_> = head
+        .jobs()
+        .into_iter()
+        .filter(|j| j["submission_id"] == id)
+        .collect();
+    assert_eq!(same.len(), 1, "{same:?}");
+    err
 }
 
 #[test]

@@ -2,9 +2,13 @@
 //!
 //! Every job is one POSIX shell script (Ray runs the entrypoint through a shell) that:
 //! 1. makes a private working directory (removed when the script exits, whatever happens);
-//! 2. fetches the exported dataset (`preference.train.jsonl`, `preference.eval.jsonl` in TRL's
-//!    preference format, which OpenRLHF reads as is) from the object store;
-//! 3. trains the reward model into `out/`;
+//! 2. fetches the exported dataset from the object store (the reward stage:
+//!    `preference.train.jsonl`, `preference.eval.jsonl` in TRL's preference format, which
+//!    OpenRLHF reads as is; the policy stage: `policy.train.jsonl`, `policy.eval.jsonl`, see
+//!    [`policy`](super::policy_entrypoint)) and, for the policy stage, the reward model the reward
+//!    job wrote;
+//! 3. trains into `out/` (the policy stage into `out/policy/`, a local run's layout), then drops
+//!    the trainer's resumable checkpoints, which nobody reads back;
 //! 4. uploads `out/` to the output prefix with a `SHA256SUMS` manifest written last, so the
 //!    submitter never reads a half-written checkpoint (the artifact store's rule).
 //!
@@ -35,6 +39,9 @@ pub struct JobPaths {
     pub data: String,
     /// The prefix the job writes the checkpoint to.
     pub output: String,
+    /// The prefix holding a model the job reads besides its data (the policy stage: the reward
+    /// job's output), fetched to `$work/reward`.
+    pub reward_model: Option<String>,
 }
 
 /// The exported training and evaluation files, by name.
@@ -57,7 +64,7 @@ pub fn sh_quote(word: &str) -> String {
 
 /// Joins words into a command line, quoting each; words starting with `"$work` are the
 /// script's own variable and are left for the shell to expand (they are ours, never input).
-fn command(words: &[String]) -> String {
+pub(super) fn command(words: &[String]) -> String {
     words
         .iter()
         .map(|w| {
@@ -71,172 +78,253 @@ fn command(words: &[String]) -> String {
         .join(" ")
 }
 
-fn work(rel: &str) -> String {
+pub(super) fn work(rel: &str) -> String {
     format!("\"$work/{rel}\"")
 }
 
-/// The lines that fetch the data and upload the result, around `train`.
-fn script(fetch: Vec<String>, train: Vec<String>, upload: Vec<Vec<String>>) -> String {
-    let mut lines = vec![
+/// The script's first lines: strict mode and the private working directory.
+fn prologue() -> Vec<String> {
+    vec![
         "set -eu".to_string(),
         "work=$(mktemp -d)".to_string(),
         "trap 'rm -rf \"$work\"' EXIT".to_string(),
-        command(&fetch),
-        command(&train),
-    ];
-    lines.extend(upload.iter().map(|c| command(c)));
-    lines.join("\n")
+    ]
 }
 
-fn s(text: impl Into<String>) -> String {
+/// What the job fetches: the data to `$work/data`, and the reward model to `$work/reward`.
+fn fetches(paths: &JobPaths) -> Vec<(String, String)> {
+    let mut list = vec![(paths.data.clone(), work("data"))];
+    if let Some(reward) = &paths.reward_model {
+        list.push((reward.clone(), work("reward")));
+    }
+    list
+}
+
+pub(super) fn s(text: impl Into<String>) -> String {
     text.into()
+}
+
+/// One run of an OpenRLHF DeepSpeed trainer or a TRL CLI command: what the two stages share.
+pub(super) struct TrainerRun<'a> {
+    /// OpenRLHF's module (`openrlhf.cli.train_rm`) or TRL's command (`reward`).
+    pub trainer: &'a str,
+    pub model: &'a str,
+    /// The data files in `$work/data` (OpenRLHF; TRL reads the directory by split).
+    pub train_file: &'a str,
+    pub eval_file: &'a str,
+    /// OpenRLHF: the flags that name the data's keys, after the files.
+    pub keys: Vec<String>,
+    /// Where the model goes, relative to `$work`.
+    pub save: &'a str,
+    pub epochs: String,
+    pub max_len: String,
+    pub batch_size: String,
+    pub lr: String,
+}
+
+/// `deepspeed --module TRAINER …` with the flags every OpenRLHF DeepSpeed trainer takes.
+pub(super) fn openrlhf_deepspeed(ray: &RaySettings, run: TrainerRun) -> Vec<String> {
+    let mut words = vec![
+        s("deepspeed"),
+        s("--num_gpus"),
+        ray.gpus_per_node.to_string(),
+        s("--module"),
+        s(run.trainer),
+        s("--pretrain"),
+        s(run.model),
+        s("--dataset"),
+        work(&format!("data/{}", run.train_file)),
+        s("--eval_dataset"),
+        work(&format!("data/{}", run.eval_file)),
+    ];
+    words.extend(run.keys);
+    words.extend([
+        s("--save_path"),
+        work(run.save),
+        s("--max_epochs"),
+        run.epochs,
+        s("--max_len"),
+        run.max_len,
+        s("--train_batch_size"),
+        run.batch_size,
+        s("--micro_train_batch_size"),
+        s("1"),
+        s("--learning_rate"),
+        run.lr,
+    ]);
+    words
+}
+
+/// `trl TRAINER …` with the flags every TRL training command takes (the length flags differ).
+pub(super) fn trl_cli(run: TrainerRun) -> Vec<String> {
+    vec![
+        s("trl"),
+        s(run.trainer),
+        s("--model_name_or_path"),
+        s(run.model),
+        s("--dataset_name"),
+        work("data"),
+        s("--dataset_train_split"),
+        s("train"),
+        s("--dataset_test_split"),
+        s("test"),
+        s("--output_dir"),
+        work(run.save),
+        s("--num_train_epochs"),
+        run.epochs,
+        s("--per_device_train_batch_size"),
+        run.batch_size,
+        s("--learning_rate"),
+        run.lr,
+    ]
 }
 
 /// The job's whole entrypoint for training the reward model.
 pub fn reward_entrypoint(ray: &RaySettings, paths: &JobPaths, job: &RewardJob) -> String {
-    match ray.entrypoint {
-        EntrypointKind::RlhfBot => rlhf_bot(ray, paths, job),
-        EntrypointKind::Openrlhf => {
-            let mut train = vec![
-                s("deepspeed"),
-                s("--num_gpus"),
-                ray.gpus_per_node.to_string(),
-                s("--module"),
-                s("openrlhf.cli.train_rm"),
-                s("--pretrain"),
-                job.base_model.clone().unwrap_or_default(),
-                s("--dataset"),
-                work(&format!("data/{TRAIN_FILE}")),
-                s("--eval_dataset"),
-                work(&format!("data/{EVAL_FILE}")),
-                s("--apply_chat_template"),
-                s("--prompt_key"),
-                s("prompt"),
-                s("--chosen_key"),
-                s("chosen"),
-                s("--rejected_key"),
-                s("rejected"),
-                s("--save_path"),
-                work("out"),
-                s("--max_epochs"),
-                job.epochs.to_string(),
-                s("--max_len"),
-                job.max_length.to_string(),
-                s("--train_batch_size"),
-                job.batch_size.to_string(),
-                s("--micro_train_batch_size"),
-                s("1"),
-                s("--learning_rate"),
-                job.lr.to_string(),
-                s("--bf16"),
-            ];
-            train.extend(ray.extra_args.iter().cloned());
-            aws_script(paths, train)
-        }
+    let run = || TrainerRun {
+        trainer: "",
+        model: job.base_model.as_deref().unwrap_or_default(),
+        train_file: TRAIN_FILE,
+        eval_file: EVAL_FILE,
+        keys: Vec::new(),
+        save: "out",
+        epochs: job.epochs.to_string(),
+        max_len: job.max_length.to_string(),
+        batch_size: job.batch_size.to_string(),
+        lr: job.lr.to_string(),
+    };
+    let mut train = match ray.entrypoint {
+        EntrypointKind::RlhfBot => return rlhf_bot(ray, paths, reward_rlhf_bot(ray, job)),
+        EntrypointKind::Openrlhf => openrlhf_deepspeed(
+            ray,
+            TrainerRun {
+                trainer: "openrlhf.cli.train_rm",
+                keys: [
+                    "--apply_chat_template",
+                    "--prompt_key",
+                    "prompt",
+                    "--chosen_key",
+                    "chosen",
+                    "--rejected_key",
+                    "rejected",
+                ]
+                .map(s)
+                .to_vec(),
+                ..run()
+            },
+        ),
         EntrypointKind::Trl => {
-            let mut train = vec![
-                s("trl"),
-                s("reward"),
-                s("--model_name_or_path"),
-                job.base_model.clone().unwrap_or_default(),
-                s("--dataset_name"),
-                work("data"),
-                s("--dataset_train_split"),
-                s("train"),
-                s("--dataset_test_split"),
-                s("test"),
-                s("--output_dir"),
-                work("out"),
-                s("--num_train_epochs"),
-                job.epochs.to_string(),
-                s("--max_length"),
-                job.max_length.to_string(),
-                s("--per_device_train_batch_size"),
-                job.batch_size.to_string(),
-                s("--learning_rate"),
-                job.lr.to_string(),
-            ];
-            train.extend(ray.extra_args.iter().cloned());
-            aws_script(paths, train)
+            let mut words = trl_cli(TrainerRun {
+                trainer: "reward",
+                ..run()
+            });
+            words.extend([s("--max_length"), job.max_length.to_string()]);
+            words
         }
-    }
+    };
+    train.extend(ray.extra_args.iter().cloned());
+    aws_script(paths, train, None)
 }
 
-fn rlhf_bot(ray: &RaySettings, paths: &JobPaths, job: &RewardJob) -> String {
-    // Our binary wants a config file; the job's needs nothing but a (never read) source.
-    let bin = |args: &[String]| {
-        let mut words = vec![
-            ray.rlhf_bot_command.clone(),
-            s("--config"),
-            work("job.yaml"),
-        ];
-        words.extend_from_slice(args);
-        words
-    };
-    let mut train = bin(&[
-        s("train"),
-        s("reward"),
-        s("--dataset"),
-        work(&format!("data/{TRAIN_FILE}")),
-        s("--eval"),
-        work(&format!("data/{EVAL_FILE}")),
-        s("--out"),
-        work("out"),
-        s("--epochs"),
-        job.epochs.to_string(),
-        s("--max-length"),
-        job.max_length.to_string(),
-        s("--batch-size"),
-        job.batch_size.to_string(),
-        s("--lr"),
-        job.lr.to_string(),
-        s("--device"),
-        s(if ray.num_gpus > 0.0 { "cuda" } else { "cpu" }),
-    ]);
+/// Our binary's command: `rlhf-bot --config CONFIG ARGS…`, `config` relative to `$work`.
+pub(super) fn bin(ray: &RaySettings, config: &str, args: &[String]) -> Vec<String> {
+    let mut words = vec![ray.rlhf_bot_command.clone(), s("--config"), work(config)];
+    words.extend_from_slice(args);
+    words
+}
+
+pub(super) fn device_flag(ray: &RaySettings) -> String {
+    s(if ray.num_gpus > 0.0 { "cuda" } else { "cpu" })
+}
+
+/// `rlhf-bot train reward …` (the config file is the script's own).
+fn reward_rlhf_bot(ray: &RaySettings, job: &RewardJob) -> Vec<String> {
+    let mut train = bin(
+        ray,
+        "job.yaml",
+        &[
+            s("train"),
+            s("reward"),
+            s("--dataset"),
+            work(&format!("data/{TRAIN_FILE}")),
+            s("--eval"),
+            work(&format!("data/{EVAL_FILE}")),
+            s("--out"),
+            work("out"),
+            s("--epochs"),
+            job.epochs.to_string(),
+            s("--max-length"),
+            job.max_length.to_string(),
+            s("--batch-size"),
+            job.batch_size.to_string(),
+            s("--lr"),
+            job.lr.to_string(),
+            s("--device"),
+            device_flag(ray),
+        ],
+    );
     if let Some(model) = &job.base_model {
         train.extend([s("--model"), model.clone()]);
     }
     train.extend(ray.extra_args.iter().cloned());
-    let mut lines = vec![
-        "set -eu".to_string(),
-        "work=$(mktemp -d)".to_string(),
-        "trap 'rm -rf \"$work\"' EXIT".to_string(),
+    train
+}
+
+/// Our binary around `train`: it moves the data itself (`bucket get|put`, any bucket the
+/// artifact store reads).
+pub(super) fn rlhf_bot(ray: &RaySettings, paths: &JobPaths, train: Vec<String>) -> String {
+    let mut lines = prologue();
+    // `bucket` wants a config file; it reads nothing from it but a (never opened) source.
+    lines.push(
         "printf 'feedback:\\n  source: file\\n  path: /dev/null\\n' >\"$work/job.yaml\""
             .to_string(),
-    ];
-    lines.push(command(&bin(&[
-        s("bucket"),
-        s("get"),
-        paths.data.clone(),
-        work("data"),
-    ])));
+    );
+    for (uri, dir) in fetches(paths) {
+        lines.push(command(&bin(
+            ray,
+            "job.yaml",
+            &[s("bucket"), s("get"), uri, dir],
+        )));
+    }
     lines.push(command(&train));
-    lines.push(command(&bin(&[
-        s("bucket"),
-        s("put"),
-        work("out"),
-        paths.output.clone(),
-    ])));
+    if paths.reward_model.is_some() {
+        lines.push(DROP_CHECKPOINTS.to_string());
+    }
+    lines.push(command(&bin(
+        ray,
+        "job.yaml",
+        &[s("bucket"), s("put"), work("out"), paths.output.clone()],
+    )));
     lines.join("\n")
 }
 
+/// The trainers' resumable state (ours: `out/checkpoints/`; TRL's: `checkpoint-N/` beside the
+/// model), dropped before the upload: the submitter reads the model only.
+pub(super) const DROP_CHECKPOINTS: &str =
+    "rm -rf \"$work/out/checkpoints\" \"$work/out/policy\"/checkpoint-*";
+
 /// OpenRLHF and TRL: the data through the AWS CLI, the manifest by `sha256sum` (the format
 /// `SHA256SUMS` has by design), uploaded after every other file.
-fn aws_script(paths: &JobPaths, train: Vec<String>) -> String {
-    let data = format!("{}/", paths.data.trim_end_matches('/'));
+pub(super) fn aws_script(paths: &JobPaths, train: Vec<String>, cleanup: Option<&str>) -> String {
     let output = format!("{}/", paths.output.trim_end_matches('/'));
-    let fetch = vec![
-        s("aws"),
-        s("s3"),
-        s("cp"),
-        s("--recursive"),
-        data,
-        work("data"),
-    ];
-    let manifest = s(
+    let mut lines = prologue();
+    for (uri, dir) in fetches(paths) {
+        let prefix = format!("{}/", uri.trim_end_matches('/'));
+        lines.push(command(&[
+            s("aws"),
+            s("s3"),
+            s("cp"),
+            s("--recursive"),
+            prefix,
+            dir,
+        ]));
+    }
+    lines.push(command(&train));
+    lines.extend(cleanup.map(str::to_string));
+    lines.push(s(
         "(cd \"$work/out\" && find . -type f ! -name SHA256SUMS -printf '%P\\n' | LC_ALL=C sort | xargs -r -d '\\n' sha256sum >SHA256SUMS)",
-    );
-    let upload_files = vec![
+    ));
+    lines.push(command(&[
         s("aws"),
         s("s3"),
         s("cp"),
@@ -245,22 +333,29 @@ fn aws_script(paths: &JobPaths, train: Vec<String>) -> String {
         s("SHA256SUMS"),
         work("out"),
         output.clone(),
-    ];
-    let upload_manifest = vec![
+    ]));
+    lines.push(command(&[
         s("aws"),
         s("s3"),
         s("cp"),
         work("out/SHA256SUMS"),
         format!("{output}SHA256SUMS"),
-    ];
-    let mut text = script(fetch, train, vec![]);
-    text.push('\n');
-    text.push_str(&manifest);
-    text.push('\n');
-    text.push_str(&command(&upload_files));
-    text.push('\n');
-    text.push_str(&command(&upload_manifest));
-    text
+    ]));
+    lines.join("\n")
+}
+
+/// Fails the test unless `sh -n` (which parses without running anything) accepts `text`.
+#[cfg(test)]
+pub(super) fn assert_shell_parses(text: &str, what: &str) {
+    let checked = std::process::Command::new("sh")
+        .args(["-n", "-c", text])
+        .output()
+        .unwrap();
+    assert!(
+        checked.status.success(),
+        "{what}: {}\n{text}",
+        String::from_utf8_lossy(&checked.stderr)
+    );
 }
 
 #[cfg(test)]
@@ -287,6 +382,7 @@ mod tests {
         JobPaths {
             data: "s3://b/m/ray/r1/reward/data".into(),
             output: "s3://b/m/ray/r1/reward/output".into(),
+            reward_model: None,
         }
     }
 
@@ -298,16 +394,7 @@ mod tests {
             EntrypointKind::Trl,
         ] {
             let text = reward_entrypoint(&settings(kind), &paths(), &job());
-            // `sh -n` parses without running anything.
-            let checked = std::process::Command::new("sh")
-                .args(["-n", "-c", &text])
-                .output()
-                .unwrap();
-            assert!(
-                checked.status.success(),
-                "{kind:?}: {}\n{text}",
-                String::from_utf8_lossy(&checked.stderr)
-            );
+            assert_shell_parses(&text, &format!("{kind:?}"));
         }
     }
 
@@ -345,6 +432,8 @@ mod tests {
         let text = reward_entrypoint(&settings(EntrypointKind::Openrlhf), &paths(), &job());
         assert!(text.contains("aws s3 cp --recursive s3://b/m/ray/r1/reward/data/ \"$work/data\""));
         assert!(text.contains("deepspeed --num_gpus 1 --module openrlhf.cli.train_rm --pretrain Qwen/Qwen2.5-0.5B-Instruct"));
+        // 0.9.5 and later take `--param_dtype` (bf16 by default) and refuse `--bf16`.
+        assert!(!text.contains("--bf16"), "{text}");
         let files = text.find("--exclude SHA256SUMS").unwrap();
         let manifest = text
             .find("\"$work/out/SHA256SUMS\" s3://b/m/ray/r1/reward/output/SHA256SUMS")

@@ -5,8 +5,11 @@
 //! - [`settings`]: what `train.ray` validates into (where the head is, which entrypoint, what the
 //!   job's runtime environment pins);
 //! - [`client`]: the Jobs REST API (submit, status, logs, stop) with a bearer token and retries;
-//! - [`entrypoint`]: the job's command line for each entrypoint (OpenRLHF, the TRL CLI, our own
-//!   binary), reading the exported dataset from the object store and writing the checkpoint back;
+//! - [`entrypoint`]: the job's script for each entrypoint (OpenRLHF, the TRL CLI, our own
+//!   binary), reading the exported dataset from the object store and writing the checkpoint back,
+//!   and the reward stage's trainer in it;
+//! - [`policy_entrypoint`]: the policy stage's trainer per entrypoint and algorithm, and which
+//!   combinations exist;
 //! - [`follow`]: waiting for a job: status polling with backoff, new log lines as they appear,
 //!   and what a failure says.
 //!
@@ -16,6 +19,7 @@
 pub mod client;
 pub mod entrypoint;
 pub mod follow;
+pub mod policy_entrypoint;
 pub mod settings;
 
 pub use client::{JobInfo, JobStatus, JobsClient, RayError, SubmitOutcome};
