@@ -44,15 +44,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 /// fused `rope` kernel forward. A rotation's backward is the inverse rotation, so the backward
 /// is the same kernel with `-sin`: one launch, where the composition's backward is six.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let (b, _heads, t, d) = x.dims4()?;
-    if cos.dims() != [b, 1, t, d] || sin.dims() != [b, 1, t, d] || d % 2 != 0 {
-        candle_core::bail!(
-            "rope tables {:?} / {:?} do not match input {:?}",
-            cos.dims(),
-            sin.dims(),
-            x.dims()
-        );
-    }
+    let (b, _heads, t, d) = super::rope_dims(x, cos, sin)?;
     // candle's kernel takes one half of each table, `[batch, seq, head_dim / 2]`.
     let half = |table: &Tensor| {
         table
@@ -72,13 +64,7 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// detached inputs so autograd keeps nothing of them; backward composed from the inputs and a
 /// fused sigmoid: `d_up = g·silu(gate)`, `d_gate = g·up·σ·(1 + gate − silu(gate))`.
 pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    if gate.shape() != up.shape() {
-        candle_core::bail!(
-            "silu_mul: gate {:?} and up {:?} differ in shape",
-            gate.shape(),
-            up.shape()
-        );
-    }
+    super::same_gating_shape(gate, up)?;
     let (gate, up) = (gate.contiguous()?, up.contiguous()?);
     let y = (candle_nn::ops::silu(&gate.detach())? * up.detach())?;
     gate.apply_op3(&up, &y, SiluMulBackward)

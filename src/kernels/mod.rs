@@ -343,6 +343,19 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if !fusable(&[x, cos, sin]) {
         return reference::apply_rope(x, cos, sin);
     }
+    let (_b, h, t, _d) = rope_dims(x, cos, sin)?;
+    let table = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+    x.contiguous()?.apply_op1(rope::RopeOp {
+        cos: table(cos)?,
+        sin: table(sin)?,
+        heads: h,
+        seq: t,
+    })
+}
+
+/// `[batch, heads, seq, head_dim]` of a RoPE input, checked against its tables' shape
+/// `[batch, 1, seq, head_dim]` (an even `head_dim`), as both RoPE kernels need them.
+fn rope_dims(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(usize, usize, usize, usize)> {
     let (b, h, t, d) = x.dims4()?;
     if cos.dims() != [b, 1, t, d] || sin.dims() != [b, 1, t, d] || d % 2 != 0 {
         candle_core::bail!(
@@ -352,13 +365,19 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
             x.dims()
         );
     }
-    let table = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
-    x.contiguous()?.apply_op1(rope::RopeOp {
-        cos: table(cos)?,
-        sin: table(sin)?,
-        heads: h,
-        seq: t,
-    })
+    Ok((b, h, t, d))
+}
+
+/// Fails unless SwiGLU's `gate` and `up` have one shape, as both gating kernels need.
+fn same_gating_shape(gate: &Tensor, up: &Tensor) -> Result<()> {
+    if gate.shape() != up.shape() {
+        candle_core::bail!(
+            "silu_mul: gate {:?} and up {:?} differ in shape",
+            gate.shape(),
+            up.shape()
+        );
+    }
+    Ok(())
 }
 
 /// `silu(gate) ⊙ up` (SwiGLU's gating) as one fused CPU op with a backward pass; candle's
@@ -372,13 +391,7 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     if !fusable(&[gate, up]) {
         return reference::silu_mul(gate, up);
     }
-    if gate.shape() != up.shape() {
-        candle_core::bail!(
-            "silu_mul: gate {:?} and up {:?} differ in shape",
-            gate.shape(),
-            up.shape()
-        );
-    }
+    same_gating_shape(gate, up)?;
     gate.contiguous()?
         .apply_op2(&up.contiguous()?, activation::SiluMul)
 }

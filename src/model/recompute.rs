@@ -79,11 +79,29 @@ impl Recompute {
             bail!("recomputed block: the forward ran twice");
         };
         let (storage, layout) = output.storage_and_layout();
-        let Some(storage) = backend(&*storage) else {
+        let Some(storage) = backend(&storage) else {
             bail!("recomputed block: the output is on another device than the input");
         };
         Ok((storage.try_clone(layout)?, layout.shape().clone()))
     }
+}
+
+/// The op's forward on each backend: the first run's output, whatever the inputs hold.
+macro_rules! forward_hands_over_output {
+    ($($fwd:ident: $storage:ident => $variant:ident),*) => {$(
+        fn $fwd(
+            &self,
+            _: &$storage,
+            _: &Layout,
+            _: &$storage,
+            _: &Layout,
+        ) -> Result<($storage, Shape)> {
+            self.take_output(|s| match s {
+                Storage::$variant(s) => Some(s),
+                _ => None,
+            })
+        }
+    )*};
 }
 
 impl CustomOp2 for Recompute {
@@ -91,44 +109,11 @@ impl CustomOp2 for Recompute {
         "recomputed-block"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.take_output(|s| match s {
-            Storage::Cpu(s) => Some(s),
-            _ => None,
-        })
-    }
-
-    fn cuda_fwd(
-        &self,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        self.take_output(|s| match s {
-            Storage::Cuda(s) => Some(s),
-            _ => None,
-        })
-    }
-
-    fn metal_fwd(
-        &self,
-        _: &MetalStorage,
-        _: &Layout,
-        _: &MetalStorage,
-        _: &Layout,
-    ) -> Result<(MetalStorage, Shape)> {
-        self.take_output(|s| match s {
-            Storage::Metal(s) => Some(s),
-            _ => None,
-        })
-    }
+    forward_hands_over_output!(
+        cpu_fwd: CpuStorage => Cpu,
+        cuda_fwd: CudaStorage => Cuda,
+        metal_fwd: MetalStorage => Metal
+    );
 
     fn bwd(
         &self,
