@@ -19,7 +19,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::backend::BackendStorage;
+use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::{
     CpuStorage, CudaStorage, CustomOp2, DType, Layout, MetalStorage, Result, Shape, Storage,
     Tensor, Var, bail,
@@ -36,7 +36,7 @@ pub fn checkpointed(block: Block, x: &Tensor, params: Vec<Tensor>) -> Result<Ten
         return block(x);
     }
     // The output's values; detaching it frees every intermediate of this run at once.
-    let output = block(&x.detach())?.contiguous()?.detach();
+    let output = block(&x.detach())?.detach();
     let flat = if params.is_empty() {
         Tensor::zeros(1, DType::F32, x.device())?
     } else {
@@ -65,11 +65,13 @@ struct Recompute {
 }
 
 impl Recompute {
-    /// The first run's output, taken out of the op, as storage of the backend `S`.
-    fn take_output<S: BackendStorage>(
-        &self,
-        backend: impl Fn(&Storage) -> Option<&S>,
-    ) -> Result<(S, Shape)> {
+    /// The first run's output, taken out of the op, copied into a contiguous storage of the
+    /// backend `S` (the op's output; the first run's tensor is dropped).
+    fn take_output<S>(&self, backend: impl Fn(&Storage) -> Option<&S>) -> Result<(S, Shape)>
+    where
+        S: BackendStorage,
+        S::Device: BackendDevice<Storage = S>,
+    {
         let output = self
             .output
             .lock()
@@ -82,7 +84,11 @@ impl Recompute {
         let Some(storage) = backend(&storage) else {
             bail!("recomputed block: the output is on another device than the input");
         };
-        Ok((storage.try_clone(layout)?, layout.shape().clone()))
+        let mut copy = storage
+            .device()
+            .zeros_impl(layout.shape(), storage.dtype())?;
+        storage.copy_strided_src(&mut copy, 0, layout)?;
+        Ok((copy, layout.shape().clone()))
     }
 }
 
