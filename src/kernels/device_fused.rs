@@ -26,6 +26,9 @@ use candle_core::{
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     let x = x.contiguous()?;
     let y = candle_nn::ops::softmax_last_dim(&x)?;
+    if untracked(&[&x]) {
+        return Ok(y);
+    }
     x.apply_op2(&y, SoftmaxBackward)
 }
 
@@ -35,6 +38,9 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let x = x.contiguous()?;
     let weight = weight.contiguous()?;
     let y = candle_nn::ops::rms_norm(&x, &weight, eps as f32)?;
+    if untracked(&[&x, &weight]) {
+        return Ok(y);
+    }
     x.apply_op3(&weight, &y, RmsNormBackward { eps })
 }
 
@@ -56,6 +62,9 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let (cos, sin) = (half(&cos.detach())?, half(&sin.detach())?);
     let x = x.contiguous()?;
     let y = candle_nn::rotary_emb::rope(&x, &cos, &sin)?;
+    if untracked(&[&x]) {
+        return Ok(y);
+    }
     let minus_sin = sin.neg()?;
     x.apply_op2(&y, RopeBackward { cos, minus_sin })
 }
@@ -67,6 +76,9 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     super::same_gating_shape(gate, up)?;
     let (gate, up) = (gate.contiguous()?, up.contiguous()?);
     let y = (candle_nn::ops::silu(&gate.detach())? * up.detach())?;
+    if untracked(&[&gate, &up]) {
+        return Ok(y);
+    }
     gate.apply_op3(&up, &y, SiluMulBackward)
 }
 
@@ -77,8 +89,17 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Result<Tensor> {
     let x = x.contiguous()?;
     let y = candle_nn::ops::layer_norm(&x, &weight.detach(), &bias.detach(), eps)?;
+    if untracked(&[&x, weight, bias]) {
+        return Ok(y);
+    }
     let weight_and_bias = Tensor::cat(&[weight, bias], 0)?;
     x.apply_op3(&weight_and_bias, &y, LayerNormBackward { eps })
+}
+
+/// Whether no input records a graph (generation, scoring): the fused output then goes out as it
+/// is, without the copy that carries a backward.
+fn untracked(inputs: &[&Tensor]) -> bool {
+    inputs.iter().all(|t| !t.track_op())
 }
 
 /// A copy of the fused output `y` (the op's last input), on whatever device it lives.

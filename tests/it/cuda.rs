@@ -179,6 +179,9 @@ fn device_fused_rope_silu_mul_and_layer_norm_match_the_reference() {
     let composed = values_and_grads(|x, _| reference::apply_rope(x, &cos, &sin), &x, &unused);
     assert_close("rope", &fused.0, &composed.0, 1e-5);
     assert_close("rope dx", &fused.1, &composed.1, 1e-5);
+    // Without a graph to record (generation), the fused output goes out as it is.
+    let untracked = device_fused::rope(&x.as_tensor().detach(), &cos, &sin).unwrap();
+    assert_close("rope untracked", &flat(&untracked), &fused.0, 1e-7);
     let tables = Tensor::zeros((2, 1, 4, 8), DType::F32, &dev).unwrap();
     let err = device_fused::rope(x.as_tensor(), &tables, &tables).unwrap_err();
     assert!(err.to_string().contains("do not match input"), "{err}");
@@ -190,6 +193,9 @@ fn device_fused_rope_silu_mul_and_layer_norm_match_the_reference() {
     assert_close("silu_mul", &fused.0, &composed.0, 1e-5);
     assert_close("silu_mul d_gate", &fused.1, &composed.1, 1e-5);
     assert_close("silu_mul d_up", &fused.2, &composed.2, 1e-5);
+    let untracked =
+        device_fused::silu_mul(&gate.as_tensor().detach(), &up.as_tensor().detach()).unwrap();
+    assert_close("silu_mul untracked", &flat(&untracked), &fused.0, 1e-7);
 
     let x = var(Tensor::randn(0.5f32, 2.0, (2, 3, 7), &dev).unwrap());
     let w = var(Tensor::randn(1f32, 0.3, 7, &dev).unwrap());
@@ -201,6 +207,10 @@ fn device_fused_rope_silu_mul_and_layer_norm_match_the_reference() {
     assert_close("layer_norm dx", &fused.1, &composed.1, 1e-4);
     assert_eq!(fused.2.len(), 7, "the weight gets a gradient");
     assert_close("layer_norm dw", &fused.2, &composed.2, 1e-4);
+    let untracked =
+        device_fused::layer_norm(&x.as_tensor().detach(), &wt.detach(), &bt.detach(), 1e-5)
+            .unwrap();
+    assert_close("layer_norm untracked", &flat(&untracked), &fused.0, 1e-7);
     let fused = values_and_grads(|x, b| device_fused::layer_norm(x, wt, b, 1e-5), &x, &b);
     let composed = values_and_grads(|x, b| reference::layer_norm(x, wt, b, 1e-5), &x, &b);
     assert_eq!(fused.2.len(), 7, "the bias gets a gradient");
