@@ -144,12 +144,6 @@ pub fn train_policy_blocking(req: &TrainPolicyRequest) -> Result<PolicyRunSummar
     let train: Vec<&PolicyLine> = lines.iter().filter(|l| !held.contains(&l.prompt)).collect();
     let eval_prompts: Vec<String> = held.iter().cloned().collect();
 
-    if opts.gradient_checkpointing && !device.is_cpu() {
-        bail!(
-            "policy.gradient_checkpointing recomputes layers on the CPU only
-hint: set it to              false for a {device:?} run"
-        );
-    }
     let mut policy = Policy::load_in(
         &req.base_model,
         opts.lora.as_ref(),

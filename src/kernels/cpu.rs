@@ -34,9 +34,11 @@ pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Re
 /// condition variable when it ends, while the pool's idle workers spin: three threads on a 2-core
 /// machine, hundreds of hand-overs per generated token. Called from a worker, a split is a `join`
 /// whose other half the second worker steals. Measured here on the decode matrix products of
-/// SmolLM2-135M: 6–10% less time per token. Already on a worker, `work` simply runs.
+/// SmolLM2-135M: 6–10% less time per token. Already on a worker, `work` simply runs; so does it
+/// inside [`super::with_gpu_path`], whose switch belongs to the calling thread (set on a worker,
+/// it would also reach whatever other work that worker picks up while it waits).
 pub fn on_worker<R: Send>(work: impl FnOnce() -> R + Send) -> R {
-    if rayon::current_thread_index().is_some() {
+    if rayon::current_thread_index().is_some() || super::gpu_path_forced() {
         work()
     } else {
         rayon::join(work, || ()).0

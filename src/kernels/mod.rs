@@ -12,8 +12,8 @@
 //!
 //! Every public function checks whether its inputs are f32 tensors on the CPU; if not, it runs the
 //! unfused reference composition from [`reference`] instead, so callers never need two code paths.
-//! Two exceptions on a GPU: softmax and RMSNorm run candle's fused GPU kernels forward with a
-//! backward composed in [`device_fused`].
+//! The exceptions on a GPU: softmax, RMSNorm, layer norm, RoPE and SwiGLU's gating run candle's
+//! fused GPU kernels forward with a backward composed in [`device_fused`].
 //! Tests compare each fused op's forward and backward with its [`reference`] twin.
 
 mod activation;
@@ -50,15 +50,52 @@ pub use lm_head::KEEP_PROBS_MAX;
 pub use threads::{flush_denormals_on_this_thread, init_compute_threads};
 
 fn fusable(ts: &[&Tensor]) -> bool {
-    ts.iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+    !gpu_path_forced()
+        && ts
+            .iter()
+            .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
 }
 
 /// Whether every tensor is a float tensor on a GPU (candle-nn's fused kernels take f32, f16 and
-/// bf16 there).
+/// bf16 there), or on the CPU inside [`with_gpu_path`] (candle-nn has CPU versions of them).
 fn on_gpu(ts: &[&Tensor]) -> bool {
-    ts.iter()
-        .all(|t| !t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F16 | DType::BF16))
+    let forced = gpu_path_forced();
+    ts.iter().all(|t| {
+        (forced || !t.device().is_cpu())
+            && matches!(t.dtype(), DType::F32 | DType::F16 | DType::BF16)
+    })
+}
+
+thread_local! {
+    /// Set inside [`with_gpu_path`]: this thread's kernel calls take the GPU path on the CPU.
+    static GPU_PATH_FORCED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn gpu_path_forced() -> bool {
+    GPU_PATH_FORCED.with(std::cell::Cell::get)
+}
+
+/// Runs `f` with every kernel call made on this thread taking the path a CUDA run takes
+/// (candle's ops and [`device_fused`], none of the fused CPU kernels), so tests can check that
+/// path on the CPU with whole models, gradient checkpointing included. Per thread, so tests
+/// running beside each other are not affected; the previous state comes back when `f` returns
+/// or panics.
+pub fn with_gpu_path<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            GPU_PATH_FORCED.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(GPU_PATH_FORCED.with(|c| c.replace(true)));
+    f()
+}
+
+/// Whether these tensors take the GPU path: candle's fused GPU kernels with a composed
+/// backward ([`device_fused`]). For models that choose between kernel families themselves
+/// (BERT's `Kernels::Reference` is what a GPU runs).
+pub fn on_gpu_path(ts: &[&Tensor]) -> bool {
+    on_gpu(ts)
 }
 
 /// `x · wᵀ` for a 2-D `x` `[m, k]` and a weight `w` `[n, k]`, as linear layers and the LM head
@@ -143,8 +180,12 @@ pub fn bias_gelu(x: &Tensor, b: &Tensor) -> Result<Tensor> {
         .apply_op2(&b.contiguous()?, activation::BiasGelu)
 }
 
-/// Layer norm over the last dimension: `(x − μ)/√(σ² + eps) · w + b`.
+/// Layer norm over the last dimension: `(x − μ)/√(σ² + eps) · w + b`; on a GPU, candle's
+/// fused kernel with a composed backward ([`device_fused::layer_norm`]).
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> Result<Tensor> {
+    if on_gpu(&[x, w, b]) {
+        return device_fused::layer_norm(x, w, b, eps);
+    }
     if !fusable(&[x, w, b]) {
         return reference::layer_norm(x, w, b, eps);
     }
@@ -293,20 +334,16 @@ pub fn causal_attention(
 /// `x·cos ± x'·sin` computed in the same order). The composed version is six graph nodes (two
 /// narrows, a negation, a concatenation, two broadcast products and a sum), each a full pass over
 /// the heads and each with its own backward; a rotation's backward is the inverse rotation, one
-/// pass. `cos`/`sin` are constants (no gradient). Falls back to the reference off the CPU.
+/// pass. `cos`/`sin` are constants (no gradient). On a GPU, candle's fused `rope` kernel with the
+/// inverse rotation as backward ([`device_fused::rope`]); the reference for other dtypes.
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if on_gpu(&[x]) {
+        return device_fused::rope(x, cos, sin);
+    }
     if !fusable(&[x, cos, sin]) {
         return reference::apply_rope(x, cos, sin);
     }
-    let (b, h, t, d) = x.dims4()?;
-    if cos.dims() != [b, 1, t, d] || sin.dims() != [b, 1, t, d] || d % 2 != 0 {
-        candle_core::bail!(
-            "rope tables {:?} / {:?} do not match input {:?}",
-            cos.dims(),
-            sin.dims(),
-            x.dims()
-        );
-    }
+    let (_b, h, t, _d) = rope_dims(x, cos, sin)?;
     let table = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
     x.contiguous()?.apply_op1(rope::RopeOp {
         cos: table(cos)?,
@@ -316,13 +353,23 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     })
 }
 
-/// `silu(gate) ⊙ up` (SwiGLU's gating) as one fused CPU op with a backward pass; candle's
-/// `silu` and product are two passes forward and about six backward over `[tokens, ffn]`.
-/// Uses [`math::exp`] (relative error ~1e-7). Falls back to the composed ops off the CPU.
-pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    if !fusable(&[gate, up]) {
-        return reference::silu_mul(gate, up);
+/// `[batch, heads, seq, head_dim]` of a RoPE input, checked against its tables' shape
+/// `[batch, 1, seq, head_dim]` (an even `head_dim`), as both RoPE kernels need them.
+fn rope_dims(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(usize, usize, usize, usize)> {
+    let (b, h, t, d) = x.dims4()?;
+    if cos.dims() != [b, 1, t, d] || sin.dims() != [b, 1, t, d] || d % 2 != 0 {
+        candle_core::bail!(
+            "rope tables {:?} / {:?} do not match input {:?}",
+            cos.dims(),
+            sin.dims(),
+            x.dims()
+        );
     }
+    Ok((b, h, t, d))
+}
+
+/// Fails unless SwiGLU's `gate` and `up` have one shape, as both gating kernels need.
+fn same_gating_shape(gate: &Tensor, up: &Tensor) -> Result<()> {
     if gate.shape() != up.shape() {
         candle_core::bail!(
             "silu_mul: gate {:?} and up {:?} differ in shape",
@@ -330,6 +377,21 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
             up.shape()
         );
     }
+    Ok(())
+}
+
+/// `silu(gate) ⊙ up` (SwiGLU's gating) as one fused CPU op with a backward pass; candle's
+/// `silu` and product are two passes forward and about six backward over `[tokens, ffn]`.
+/// Uses [`math::exp`] (relative error ~1e-7). On a GPU, [`device_fused::silu_mul`]; the
+/// composed ops for other dtypes.
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if on_gpu(&[gate, up]) {
+        return device_fused::silu_mul(gate, up);
+    }
+    if !fusable(&[gate, up]) {
+        return reference::silu_mul(gate, up);
+    }
+    same_gating_shape(gate, up)?;
     gate.contiguous()?
         .apply_op2(&up.contiguous()?, activation::SiluMul)
 }
@@ -383,7 +445,7 @@ pub fn lm_head_logprobs_with_budget(
     if let Some(bad) = targets.iter().find(|&&t| t as usize >= vocab) {
         candle_core::bail!("target id {bad} is outside the vocabulary of {vocab}");
     }
-    if !hidden.device().is_cpu() || hidden.dtype() != DType::F32 || weight.dtype() != DType::F32 {
+    if !fusable(&[hidden, weight]) {
         // The fused op only has a CPU kernel; elsewhere (CUDA) candle's own ops do the work.
         return reference::lm_head_logprobs(hidden, weight, targets, chunk);
     }

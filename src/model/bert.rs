@@ -2,8 +2,9 @@
 //!
 //! candle-transformers ships a BERT, but its fused layer norm and softmax have no backward pass, so
 //! gradients would silently stop inside the encoder (GUIDE §4). This module builds the same network
-//! from ops that all have a backward, either candle's generic ops ([`Kernels::Reference`]) or the
-//! project's fused CPU kernels in [`crate::kernels`] ([`Kernels::Fused`], same maths, several
+//! from ops that all have a backward, either candle's generic ops ([`Kernels::Reference`]; on a GPU
+//! with candle's fused layer norm and softmax kernels, given a backward in
+//! [`crate::kernels::device_fused`]) or the project's fused CPU kernels in [`crate::kernels`] ([`Kernels::Fused`], same maths, several
 //! times fewer passes over memory). Tensor names equal the Hugging Face names
 //! (`embeddings.word_embeddings.weight`, `encoder.layer.0.attention.self.query.weight`, …) so a
 //! checkpoint loads into a [`VarMap`] and saves back in a layout `transformers` reads.
@@ -275,6 +276,10 @@ impl LayerNorm {
 
     fn forward(&self, x: &Tensor, kernels: Kernels) -> candle_core::Result<Tensor> {
         match kernels {
+            // A GPU runs candle's fused layer norm kernel (with the backward `kernels` composes).
+            Kernels::Reference if kernels::on_gpu_path(&[x, &self.weight, &self.bias]) => {
+                kernels::device_fused::layer_norm(x, &self.weight, &self.bias, self.eps as f32)
+            }
             Kernels::Reference => {
                 candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, self.eps as f32)
             }
@@ -446,6 +451,9 @@ impl Layer {
                     .broadcast_add(&mask_bias.reshape((b, 1, 1, t))?)?;
                 let probs = match kernels {
                     Kernels::Fused => kernels::softmax_last_dim(&scores)?,
+                    Kernels::Reference if kernels::on_gpu_path(&[&scores]) => {
+                        kernels::device_fused::softmax_last_dim(&scores)?
+                    }
                     Kernels::Reference => candle_nn::ops::softmax(&scores, D::Minus1)?,
                 };
                 let probs = dropout(&probs, attn_dropout, true)?;

@@ -7,19 +7,23 @@
 //! pays one more forward per layer (about a third more compute).
 //!
 //! How, within candle: a custom op over the layer's input and the concatenation of the layer's
-//! trainable tensors (LoRA A/B, or every weight in full fine-tuning). Its forward runs the
-//! layer on a copy of the input and keeps the output only. Its backward runs the layer again on
-//! the input as a variable, takes the gradient of `⟨output, dy⟩`, and returns the input's
-//! gradient and the trainable tensors' gradients concatenated in the same order, which candle's
-//! `cat` backward hands to each variable. The layer must be deterministic (no dropout): the
-//! second run must be the first one. CPU only: running a model inside an op needs tensors made
-//! from the op's storage, which candle exposes for the CPU.
+//! trainable tensors (LoRA A/B, or every weight in full fine-tuning). Before the op, the layer
+//! runs once on the input detached; its output is detached too, which drops the graph that run
+//! built, and the op's forward hands over that output's storage on whatever device it lives
+//! (CPU, CUDA, Metal). Its backward runs the layer again on the input as a variable, takes the
+//! gradient of `⟨output, dy⟩`, and returns the input's gradient and the trainable tensors'
+//! gradients concatenated in the same order, which candle's `cat` backward hands to each
+//! variable. The layer must be deterministic (no dropout): the second run must be the first one.
+//! The layer runs through `crate::kernels`, so on a GPU both runs take candle's ops and the
+//! device-fused kernels, on the CPU the fused CPU kernels.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor, Var, bail};
-
-use crate::kernels::cpu::f32_slice;
+use candle_core::backend::{BackendDevice, BackendStorage};
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp2, DType, Layout, MetalStorage, Result, Shape, Storage,
+    Tensor, Var, bail,
+};
 
 /// A block of the model to checkpoint: input hidden states to output hidden states.
 pub type Block = Arc<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>;
@@ -31,14 +35,8 @@ pub fn checkpointed(block: Block, x: &Tensor, params: Vec<Tensor>) -> Result<Ten
         // Nothing to differentiate: no graph is kept anyway.
         return block(x);
     }
-    if !x.device().is_cpu() || x.dtype() != DType::F32 {
-        bail!(
-            "gradient checkpointing runs on f32 CPU tensors only (got {:?} on {:?})\nhint: \
-             set policy.gradient_checkpointing: false on this device",
-            x.dtype(),
-            x.device()
-        );
-    }
+    // The output's values; detaching it frees every intermediate of this run at once.
+    let output = block(&x.detach())?.detach();
     let flat = if params.is_empty() {
         Tensor::zeros(1, DType::F32, x.device())?
     } else {
@@ -48,13 +46,68 @@ pub fn checkpointed(block: Block, x: &Tensor, params: Vec<Tensor>) -> Result<Ten
             .collect::<Result<Vec<_>>>()?;
         Tensor::cat(&parts, 0)?
     };
-    x.contiguous()?
-        .apply_op2(&flat, Recompute { block, params })
+    x.contiguous()?.apply_op2(
+        &flat,
+        Recompute {
+            block,
+            params,
+            output: Mutex::new(Some(output)),
+        },
+    )
 }
 
 struct Recompute {
     block: Block,
     params: Vec<Tensor>,
+    /// The first run's output until the op's forward takes it: the op keeps no copy of it for
+    /// backward (the graph holds the op, and with it everything the op holds).
+    output: Mutex<Option<Tensor>>,
+}
+
+impl Recompute {
+    /// The first run's output, taken out of the op, copied into a contiguous storage of the
+    /// backend `S` (the op's output; the first run's tensor is dropped).
+    fn take_output<S>(&self, backend: impl Fn(&Storage) -> Option<&S>) -> Result<(S, Shape)>
+    where
+        S: BackendStorage,
+        S::Device: BackendDevice<Storage = S>,
+    {
+        let output = self
+            .output
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("recomputed block: poisoned output".into()))?
+            .take();
+        let Some(output) = output else {
+            bail!("recomputed block: the forward ran twice");
+        };
+        let (storage, layout) = output.storage_and_layout();
+        let Some(storage) = backend(&storage) else {
+            bail!("recomputed block: the output is on another device than the input");
+        };
+        let mut copy = storage
+            .device()
+            .zeros_impl(layout.shape(), storage.dtype())?;
+        storage.copy_strided_src(&mut copy, 0, layout)?;
+        Ok((copy, layout.shape().clone()))
+    }
+}
+
+/// The op's forward on each backend: the first run's output, whatever the inputs hold.
+macro_rules! forward_hands_over_output {
+    ($($fwd:ident: $storage:ident => $variant:ident),*) => {$(
+        fn $fwd(
+            &self,
+            _: &$storage,
+            _: &Layout,
+            _: &$storage,
+            _: &Layout,
+        ) -> Result<($storage, Shape)> {
+            self.take_output(|s| match s {
+                Storage::$variant(s) => Some(s),
+                _ => None,
+            })
+        }
+    )*};
 }
 
 impl CustomOp2 for Recompute {
@@ -62,20 +115,11 @@ impl CustomOp2 for Recompute {
         "recomputed-block"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        _s2: &CpuStorage,
-        _l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let x = Tensor::from_slice(f32_slice(s1, l1, self.name())?, l1.shape(), &Device::Cpu)?;
-        // The graph this run builds (through the trainable tensors) is dropped with `y`.
-        let y = (self.block)(&x)?;
-        let shape = y.shape().clone();
-        let values = y.flatten_all()?.to_vec1::<f32>()?;
-        Ok((CpuStorage::F32(values), shape))
-    }
+    forward_hands_over_output!(
+        cpu_fwd: CpuStorage => Cpu,
+        cuda_fwd: CudaStorage => Cuda,
+        metal_fwd: MetalStorage => Metal
+    );
 
     fn bwd(
         &self,

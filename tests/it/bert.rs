@@ -182,21 +182,44 @@ fn fused_and_reference_encoders_agree_forward_and_backward() {
         BertRewardModel::new_seeded(&tiny_config(), RewardHeadConfig::default(), &dev, 3).unwrap();
     let batch = tiny_batch(&dev);
     let mut results = Vec::new();
-    for kernels in [Kernels::Reference, Kernels::Fused] {
+    // The third run is what a GPU runs: `Reference`, whose layer norm and softmax take candle's
+    // fused kernels with `kernels::device_fused`'s backward there (forced here on the CPU).
+    for (kernels, gpu_path) in [
+        (Kernels::Reference, false),
+        (Kernels::Fused, false),
+        (Kernels::Reference, true),
+    ] {
         model.encoder_mut().set_kernels(kernels);
-        let out = model.forward(&batch, false).unwrap();
-        let grads = out.score.sum_all().unwrap().backward().unwrap();
-        let g: HashMap<String, Tensor> = model
-            .named_vars()
-            .into_iter()
-            .map(|(n, v)| (n, grads.get(v.as_tensor()).unwrap().clone()))
-            .collect();
-        results.push((out.score, g));
+        let run = || {
+            let out = model.forward(&batch, false).unwrap();
+            let grads = out.score.sum_all().unwrap().backward().unwrap();
+            let g: HashMap<String, Tensor> = model
+                .named_vars()
+                .into_iter()
+                .map(|(n, v)| (n, grads.get(v.as_tensor()).unwrap().clone()))
+                .collect();
+            (out.score, g)
+        };
+        results.push(if gpu_path {
+            rlhf_bot::kernels::with_gpu_path(run)
+        } else {
+            run()
+        });
     }
     let (s_ref, g_ref) = &results[0];
-    let (s_fused, g_fused) = &results[1];
-    assert!(max_abs_diff(s_ref, s_fused) < 1e-5, "scores differ");
-    for (name, g) in g_ref {
+    for (what, (s_other, g_other)) in [("fused", &results[1]), ("GPU path", &results[2])] {
+        assert!(max_abs_diff(s_ref, s_other) < 1e-5, "{what}: scores differ");
+        assert_same_gradients(what, g_ref, g_other);
+    }
+}
+
+/// Every gradient in `other` within 1e-3 (relative to the largest of that tensor) of `reference`'s.
+fn assert_same_gradients(
+    what: &str,
+    reference: &HashMap<String, Tensor>,
+    other: &HashMap<String, Tensor>,
+) {
+    for (name, g) in reference {
         let scale = g
             .abs()
             .unwrap()
@@ -207,10 +230,10 @@ fn fused_and_reference_encoders_agree_forward_and_backward() {
             .to_scalar::<f32>()
             .unwrap()
             .max(1e-6);
-        let diff = max_abs_diff(g, &g_fused[name]);
+        let diff = max_abs_diff(g, &other[name]);
         assert!(
             diff / scale < 1e-3,
-            "gradient of {name} differs: {diff} (scale {scale})"
+            "{what}: gradient of {name} differs: {diff} (scale {scale})"
         );
     }
 }

@@ -159,6 +159,64 @@ fn device_fused_softmax_and_rms_norm_match_the_reference() {
     assert_close("rms_norm dw", &fused.2, &composed.2, 1e-4);
 }
 
+/// The rest of the GPU path's fused kernels — RoPE (candle's `rope`, backward the inverse
+/// rotation), SwiGLU's gating (candle's silu, composed backward) and BERT's layer norm —
+/// give the reference compositions' values and gradients, on the CPU.
+#[test]
+fn device_fused_rope_silu_mul_and_layer_norm_match_the_reference() {
+    use rlhf_bot::kernels::{device_fused, reference};
+    use rlhf_bot::model::ops;
+    let dev = Device::Cpu;
+    let var = |t: Tensor| Var::from_tensor(&t).unwrap();
+
+    // Two rows, the first left-padded (its positions repeat 0), four heads of width 8.
+    let positions = vec![vec![0, 0, 0, 1, 2], vec![0, 1, 2, 3, 4]];
+    let inv_freq = ops::rope_inv_freq(8, 10_000.0);
+    let (cos, sin) = ops::rope_tables_scaled(&positions, &inv_freq, 1.25, &dev).unwrap();
+    let x = var(Tensor::randn(0f32, 1.0, (2, 4, 5, 8), &dev).unwrap());
+    let unused = var(Tensor::zeros(1, DType::F32, &dev).unwrap());
+    let fused = values_and_grads(|x, _| device_fused::rope(x, &cos, &sin), &x, &unused);
+    let composed = values_and_grads(|x, _| reference::apply_rope(x, &cos, &sin), &x, &unused);
+    assert_close("rope", &fused.0, &composed.0, 1e-5);
+    assert_close("rope dx", &fused.1, &composed.1, 1e-5);
+    // Without a graph to record (generation), the fused output goes out as it is.
+    let untracked = device_fused::rope(&x.as_tensor().detach(), &cos, &sin).unwrap();
+    assert_close("rope untracked", &flat(&untracked), &fused.0, 1e-7);
+    let tables = Tensor::zeros((2, 1, 4, 8), DType::F32, &dev).unwrap();
+    let err = device_fused::rope(x.as_tensor(), &tables, &tables).unwrap_err();
+    assert!(err.to_string().contains("do not match input"), "{err}");
+
+    let gate = var(Tensor::randn(0f32, 3.0, (2, 3, 7), &dev).unwrap());
+    let up = var(Tensor::randn(0f32, 1.0, (2, 3, 7), &dev).unwrap());
+    let fused = values_and_grads(device_fused::silu_mul, &gate, &up);
+    let composed = values_and_grads(reference::silu_mul, &gate, &up);
+    assert_close("silu_mul", &fused.0, &composed.0, 1e-5);
+    assert_close("silu_mul d_gate", &fused.1, &composed.1, 1e-5);
+    assert_close("silu_mul d_up", &fused.2, &composed.2, 1e-5);
+    let untracked =
+        device_fused::silu_mul(&gate.as_tensor().detach(), &up.as_tensor().detach()).unwrap();
+    assert_close("silu_mul untracked", &flat(&untracked), &fused.0, 1e-7);
+
+    let x = var(Tensor::randn(0.5f32, 2.0, (2, 3, 7), &dev).unwrap());
+    let w = var(Tensor::randn(1f32, 0.3, 7, &dev).unwrap());
+    let b = var(Tensor::randn(0f32, 0.3, 7, &dev).unwrap());
+    let (wt, bt) = (w.as_tensor(), b.as_tensor());
+    let fused = values_and_grads(|x, w| device_fused::layer_norm(x, w, bt, 1e-5), &x, &w);
+    let composed = values_and_grads(|x, w| reference::layer_norm(x, w, bt, 1e-5), &x, &w);
+    assert_close("layer_norm", &fused.0, &composed.0, 1e-5);
+    assert_close("layer_norm dx", &fused.1, &composed.1, 1e-4);
+    assert_eq!(fused.2.len(), 7, "the weight gets a gradient");
+    assert_close("layer_norm dw", &fused.2, &composed.2, 1e-4);
+    let untracked =
+        device_fused::layer_norm(&x.as_tensor().detach(), &wt.detach(), &bt.detach(), 1e-5)
+            .unwrap();
+    assert_close("layer_norm untracked", &flat(&untracked), &fused.0, 1e-7);
+    let fused = values_and_grads(|x, b| device_fused::layer_norm(x, wt, b, 1e-5), &x, &b);
+    let composed = values_and_grads(|x, b| reference::layer_norm(x, wt, b, 1e-5), &x, &b);
+    assert_eq!(fused.2.len(), 7, "the bias gets a gradient");
+    assert_close("layer_norm db", &fused.2, &composed.2, 1e-4);
+}
+
 /// Off the fused CPU kernels (f64 here, any CUDA tensor on a GPU) a LoRA layer's frozen base is
 /// multiplied without computing its gradient: candle's matmul backward computes `xᵀ·dy` for the
 /// weight operand whether or not it is frozen (one full gemm per layer, thrown away), which

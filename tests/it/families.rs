@@ -93,6 +93,17 @@ pub(crate) fn logits_gap(model: &LlamaForCausalLM, exp: &Expected) -> f32 {
 
 #[test]
 fn every_family_reproduces_transformers_logits_and_greedy_continuation() {
+    reproduce_transformers_on_every_family();
+}
+
+/// The same on the path a CUDA run takes (candle's ops and `kernels::device_fused`: fused RoPE,
+/// RMSNorm, softmax and SwiGLU gating, the KV-cache decode included), forced on the CPU.
+#[test]
+fn every_family_reproduces_transformers_on_the_gpu_path() {
+    rlhf_bot::kernels::with_gpu_path(reproduce_transformers_on_every_family);
+}
+
+fn reproduce_transformers_on_every_family() {
     for (name, what) in FIXTURES {
         let exp = expected(name);
         let pre = LlamaForCausalLM::load(&fixture(name), &Device::Cpu)
