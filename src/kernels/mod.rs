@@ -21,6 +21,7 @@ pub mod adamw;
 pub mod alloc;
 mod attention;
 pub mod bf16_gemm;
+mod bf16_matvec;
 mod cached_attention;
 mod causal_attention;
 pub(crate) mod cpu;
