@@ -345,15 +345,11 @@ mod tests {
     /// Deterministic values in [-1, 1) from a seed, with magnitudes spread over a few decades
     /// (a dot product of equal-sized terms would hide accumulation-order effects).
     fn values(len: usize, seed: u64) -> Vec<f32> {
-        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..len)
-            .map(|i| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                let unit = (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0;
-                unit * [1.0, 0.1, 0.01][i % 3]
-            })
+        let scales = [1.0, 0.1, 0.01];
+        let unit = crate::kernels::bf16_gemm::tests::values(len, seed);
+        unit.iter()
+            .zip(scales.iter().cycle())
+            .map(|(v, s)| v * s)
             .collect()
     }
 
