@@ -235,7 +235,9 @@ unsafe fn pair_dots<const R: usize>(xs: [&[u16]; R], w: &[u16], prefetch: bool) 
             super::matvec::prefetch(w.as_ptr().wrapping_add(at + PREFETCH_VALUES).cast());
         }
         // SAFETY: the 32 values from `at` lie inside `w` (`at + 32 ≤ whole · 32 ≤ k`).
-        let wv = unsafe { std::mem::transmute(_mm512_loadu_si512(w[at..].as_ptr().cast())) };
+        let wv = unsafe {
+            std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(w[at..].as_ptr().cast()))
+        };
         step(at, wv);
     }
     let rest = k - whole * BLOCK;
@@ -244,8 +246,12 @@ unsafe fn pair_dots<const R: usize>(xs: [&[u16]; R], w: &[u16], prefetch: bool) 
         let mask: __mmask32 = (1u32 << rest) - 1;
         // SAFETY: the masked load reads only the `rest` values from `at`, which end at k; the
         // masked-off lanes are neither read nor able to fault.
-        let wv =
-            unsafe { std::mem::transmute(_mm512_maskz_loadu_epi16(mask, w[at..].as_ptr().cast())) };
+        let wv = unsafe {
+            std::mem::transmute::<__m512i, __m512bh>(_mm512_maskz_loadu_epi16(
+                mask,
+                w[at..].as_ptr().cast(),
+            ))
+        };
         step(at, wv);
     }
     acc.map(|a| _mm512_reduce_add_ps(a))
