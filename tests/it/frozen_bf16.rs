@@ -264,14 +264,20 @@ fn a_bf16_held_reward_model_scores_as_the_f32_one() {
         f32_rm.score(&rows, &texts).unwrap(),
         bf16_rm.score(&rows, &texts).unwrap(),
     );
+    eprintln!("reward scores f32 {a:?}, bf16 {b:?}");
+    assert_scores_agree(&a, &b);
+}
+
+/// bf16 scores `b` within 1% of the f32 scores' (`a`) spread, ranking the rows as `a` does;
+/// returns the largest difference.
+fn assert_scores_agree(a: &[f32], b: &[f32]) -> f32 {
     let spread =
         a.iter().copied().fold(f32::MIN, f32::max) - a.iter().copied().fold(f32::MAX, f32::min);
     let gap = a
         .iter()
-        .zip(&b)
+        .zip(b)
         .map(|(x, y)| (x - y).abs())
         .fold(0f32, f32::max);
-    eprintln!("reward scores f32 {a:?}, bf16 {b:?}");
     assert!(
         gap <= 1e-2 * spread,
         "bf16 scores differ by {gap} (spread {spread})"
@@ -281,7 +287,8 @@ fn a_bf16_held_reward_model_scores_as_the_f32_one() {
         idx.sort_by(|&i, &j| s[i].total_cmp(&s[j]));
         idx
     };
-    assert_eq!(order(&a), order(&b), "the ranking changed");
+    assert_eq!(order(a), order(b), "the ranking changed");
+    gap
 }
 
 /// A BERT reward model scoring rollouts under `policy.precision: bf16` holds its encoder's
@@ -314,25 +321,9 @@ fn a_bf16_held_bert_reward_model_scores_as_the_f32_one() {
         f32_rm.score(&ids, &texts).unwrap(),
         bf16_rm.score(&ids, &texts).unwrap(),
     );
-    let spread =
-        a.iter().copied().fold(f32::MIN, f32::max) - a.iter().copied().fold(f32::MAX, f32::min);
-    let gap = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max);
-    eprintln!("BERT reward scores f32 {a:?}, bf16 {b:?}; gap {gap:.2e}, spread {spread:.2e}");
+    eprintln!("BERT reward scores f32 {a:?}, bf16 {b:?}");
+    let gap = assert_scores_agree(&a, &b);
     assert!(gap > 0.0, "the bf16 scorer gave the f32 scores bit for bit");
-    assert!(
-        gap <= 1e-2 * spread,
-        "bf16 scores differ by {gap} (spread {spread})"
-    );
-    let order = |s: &[f32]| {
-        let mut idx: Vec<usize> = (0..s.len()).collect();
-        idx.sort_by(|&i, &j| s[i].total_cmp(&s[j]));
-        idx
-    };
-    assert_eq!(order(&a), order(&b), "the ranking changed");
 
     let scorer =
         rlhf_bot::model::bert::BertRewardModel::load_frozen(&dir, &Device::Cpu, DType::BF16)
