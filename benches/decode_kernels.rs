@@ -1,6 +1,11 @@
 //! The two kernels of a decode step in isolation, on SmolLM2-135M's shapes with random values:
 //! one pass of the small-m product over every weight matrix (30 layers of q/k/v/o and
 //! gate/up/down, plus the 49152-row LM head), and the cached attention of 30 layers.
+//! The pass runs twice per round, alternated: the weights in f32 (`kernels::matmul_t`, the
+//! streaming f32 kernel) and the same weights held in bf16 (`kernels::frozen_matmul_t`, the
+//! streaming bf16 kernel that `policy.precision: bf16` decodes with), and each round prints
+//! the ratio of their medians. (A bf16-held model keeps its LM head f32; here every matrix is
+//! bf16, to compare the kernels alone.)
 //!
 //! `cargo bench --bench generate` gives tokens/s; this bench separates the weight streaming
 //! (bound by memory bandwidth) from the rest, so a kernel change can be judged without the
@@ -8,12 +13,13 @@
 //! is served from cache that would not be in a real step.
 //!
 //! Run: `cargo bench --bench decode_kernels` (env: `ROWS`, input rows = batch size, default
-//! `1,8`; `PASSES`, default 20; `KEYS`, cached positions, default 72).
+//! `1,8`; `PASSES` per round, default 20; `ROUNDS` of f32 then bf16, default 3; `KEYS`, cached
+//! positions, default 72).
 
 use std::time::Instant;
 
 use anyhow::Result;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use rlhf_bot::kernels;
 
 const HIDDEN: usize = 576;
@@ -83,21 +89,50 @@ fn main() -> Result<()> {
     kernels::collapse_into_huge_pages(weights.iter());
     let weight_bytes: usize = weights.iter().map(|w| w.elem_count() * 4).sum();
 
+    let weights_bf16: Vec<Tensor> = weights
+        .iter()
+        .map(|w| w.to_dtype(DType::BF16))
+        .collect::<candle_core::Result<_>>()?;
+    kernels::collapse_into_huge_pages(weights_bf16.iter());
+    let rounds = env_list("ROUNDS", "3").first().copied().unwrap_or(3).max(1);
+    type Product = fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>;
+    let sides: [(&str, &[Tensor], Product, usize); 2] = [
+        ("f32 ", &weights, kernels::matmul_t, weight_bytes),
+        (
+            "bf16",
+            &weights_bf16,
+            kernels::frozen_matmul_t,
+            weight_bytes / 2,
+        ),
+    ];
     for m in env_list("ROWS", "1,8") {
         let by_width = |k: usize| Tensor::randn(0f32, 1.0, (m, k), &dev);
         let (xh, xi) = (by_width(HIDDEN)?, by_width(INTERMEDIATE)?);
-        let times = time_passes(passes, || {
-            for w in &weights {
-                let x = if w.dim(1)? == HIDDEN { &xh } else { &xi };
-                kernels::matmul_t(x, w)?;
+        for round in 1..=rounds {
+            let mut medians = Vec::new();
+            for (name, side, product, bytes) in sides {
+                let times = time_passes(passes, || {
+                    for w in side {
+                        let x = if w.dim(1)? == HIDDEN { &xh } else { &xi };
+                        product(x, w)?;
+                    }
+                    Ok(())
+                })?;
+                report(
+                    &format!(
+                        "round {round}, {name} matvec pass over {bytes} B of weights, {m} input rows"
+                    ),
+                    &times,
+                    bytes,
+                );
+                medians.push(times[times.len() / 2]);
             }
-            Ok(())
-        })?;
-        report(
-            &format!("matvec pass over {weight_bytes} B of weights, {m} input rows"),
-            &times,
-            weight_bytes,
-        );
+            println!(
+                "round {round}, {m} input rows: bf16 pass takes {:.2}x the f32 pass's time ({:.2}x as fast)",
+                medians[1] / medians[0],
+                medians[0] / medians[1]
+            );
+        }
     }
 
     let keys = env_list("KEYS", "72").first().copied().unwrap_or(72);

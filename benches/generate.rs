@@ -7,18 +7,25 @@
 //! exactly `NEW_TOKENS` tokens per row (no early stop, so every run does the same work) from
 //! chat-template prompts; batch 8 uses eight different questions, left-padded.
 //!
+//! `HELD=f32,bf16` also runs the model with its projections held in bf16, as
+//! `policy.precision: bf16` holds a frozen model (the LM head, embeddings and norms stay f32),
+//! the two alternated run by run, and prints the ratio of their medians.
+//!
 //! Run: `cargo bench --bench generate` (env: `RUNS`, default 3; `BATCHES`, default `1,8`;
 //! `NEW_TOKENS`, default 64; `DEVICE`, default cpu; `MODEL_DIR`, an HF directory to run instead
-//! of the GGUF). Needs the GGUF (see `fetch-models.sh`; `RLHF_MODELS_DIR`), else
-//! prints "skipped".
+//! of the GGUF; `HELD`, default `f32`). Needs the GGUF (see `fetch-models.sh`;
+//! `RLHF_MODELS_DIR`), else prints "skipped".
 
 use std::time::Instant;
 
 use anyhow::Result;
+use candle_core::DType;
+use candle_nn::Linear;
 use rlhf_bot::model::chat_template::{ChatMessage, ChatTemplate};
 use rlhf_bot::model::generate::{self, GenerationConfig};
 use rlhf_bot::model::gguf::GgufLlama;
 use rlhf_bot::model::llama::LlamaForCausalLM;
+use rlhf_bot::model::lora::{AdaptableLinear, HasAdaptableLinears};
 
 mod common;
 use common::{questions, start_bench};
@@ -28,6 +35,19 @@ fn env_usize(name: &str, default: usize) -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+/// `model` with its projections held in bf16, as `policy.precision: bf16` holds a frozen model.
+fn held_in_bf16(model: &LlamaForCausalLM) -> Result<LlamaForCausalLM> {
+    let mut held = model.clone();
+    let mut weights = Vec::new();
+    for (_, layer) in held.linears_mut() {
+        let weight = layer.weight().to_dtype(DType::BF16)?;
+        weights.push(weight.clone());
+        *layer = AdaptableLinear::Plain(Linear::new(weight, layer.bias().cloned()));
+    }
+    rlhf_bot::kernels::collapse_into_huge_pages(weights.iter());
+    Ok(held)
 }
 
 fn main() -> Result<()> {
@@ -83,6 +103,18 @@ fn main() -> Result<()> {
         candle_core::utils::get_num_threads()
     );
 
+    let mut models = Vec::new();
+    for held in std::env::var("HELD")
+        .unwrap_or_else(|_| "f32".into())
+        .split(',')
+    {
+        match held.trim() {
+            "f32" => models.push(("f32", model.clone())),
+            "bf16" => models.push(("bf16", held_in_bf16(&model)?)),
+            other => anyhow::bail!("HELD: unknown precision {other:?}\nhint: f32, bf16 or both"),
+        }
+    }
+
     let questions = questions();
     for &batch in &batches {
         let prompts: Vec<Vec<u32>> = (0..batch)
@@ -97,23 +129,40 @@ fn main() -> Result<()> {
             .collect::<Result<_>>()?;
         // No stop ids: every row generates exactly `new_tokens`.
         let cfg = GenerationConfig::greedy(new_tokens, vec![], pad);
-        generate::generate(&model, &prompts, &GenerationConfig::greedy(4, vec![], pad))?;
-        let mut times = Vec::with_capacity(runs);
-        let mut produced = 0;
-        for _ in 0..runs {
-            let t = Instant::now();
-            let out = generate::generate(&model, &prompts, &cfg)?;
-            times.push(t.elapsed().as_secs_f64());
-            produced = out.num_tokens();
+        for (_, model) in &models {
+            generate::generate(model, &prompts, &GenerationConfig::greedy(4, vec![], pad))?;
         }
-        times.sort_by(f64::total_cmp);
-        let median = times[times.len() / 2];
+        let mut times = vec![Vec::with_capacity(runs); models.len()];
+        let mut produced = 0;
+        // Alternated run by run, so a change in the machine's load hits every side alike.
+        for _ in 0..runs {
+            for ((_, model), side) in models.iter().zip(&mut times) {
+                let t = Instant::now();
+                let out = generate::generate(model, &prompts, &cfg)?;
+                side.push(t.elapsed().as_secs_f64());
+                produced = out.num_tokens();
+            }
+        }
         let prompt_len = prompts.iter().map(Vec::len).max().unwrap_or(0);
-        println!(
-            "batch {batch}: {produced} tokens (prompt {prompt_len}) median {median:.3} s over {runs} runs (min {:.3}) -> {:.1} tok/s",
-            times[0],
-            produced as f64 / median
-        );
+        let mut medians = Vec::new();
+        for ((held, _), side) in models.iter().zip(&mut times) {
+            side.sort_by(f64::total_cmp);
+            let median = side[side.len() / 2];
+            medians.push(median);
+            println!(
+                "batch {batch}, weights {held}: {produced} tokens (prompt {prompt_len}) median {median:.3} s over {runs} runs (min {:.3}) -> {:.1} tok/s",
+                side[0],
+                produced as f64 / median
+            );
+        }
+        if let [first, .., last] = medians[..] {
+            println!(
+                "batch {batch}: {} decodes at {:.2}x the tokens/s of {}",
+                models[models.len() - 1].0,
+                first / last,
+                models[0].0
+            );
+        }
     }
     Ok(())
 }

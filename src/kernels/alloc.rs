@@ -42,7 +42,7 @@ pub fn tune_allocator() -> bool {
 /// Smallest transparent huge page on x86-64 and aarch64 Linux (2 MiB).
 const HUGE_PAGE: usize = 2 << 20;
 
-/// Moves the f32 CPU tensors of `tensors` onto 2 MiB transparent huge pages, where the kernel
+/// Moves the f32 and bf16 CPU tensors of `tensors` onto 2 MiB transparent huge pages, where the kernel
 /// allows it, and returns how many bytes now sit on them.
 ///
 /// Decoding streams every weight once per generated token; on 4 KiB pages that is a TLB miss
@@ -66,10 +66,15 @@ fn collapse_with_errors<'a>(
         .map(Tensor::storage_and_layout)
         .collect();
     for (storage, _) in &guards {
-        if let Storage::Cpu(CpuStorage::F32(data)) = &**storage {
-            let start = data.as_ptr() as usize;
-            ranges.push((start, start + std::mem::size_of_val(&data[..])));
-        }
+        // f32 weights, and the bf16 ones a frozen model holds (`policy.precision: bf16`).
+        let (start, bytes) = match &**storage {
+            Storage::Cpu(CpuStorage::F32(data)) => (data.as_ptr() as usize, size_of_val(&data[..])),
+            Storage::Cpu(CpuStorage::BF16(data)) => {
+                (data.as_ptr() as usize, size_of_val(&data[..]))
+            }
+            _ => continue,
+        };
+        ranges.push((start, start + bytes));
     }
     // Weights loaded one after another usually sit back to back on the heap; most per-layer
     // matrices are smaller than a huge page, so only the merged run of them can be collapsed.

@@ -551,12 +551,12 @@ unsafe fn micro_kernel(a: &[u32], b: &[u32], kc: usize, c: &mut [f32], tile: &Ti
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::kernels::sgemm::sgemm_threads;
 
     /// Deterministic values in [-1, 1) from a seed (no RNG crate needed).
-    fn values(len: usize, seed: u64) -> Vec<f32> {
+    pub(crate) fn values(len: usize, seed: u64) -> Vec<f32> {
         let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
         (0..len)
             .map(|_| {

@@ -7,7 +7,9 @@
 //! bf16 weight cannot meet an f32 input at all. Two routes:
 //! - CPU, f32 input, bf16 weight: [`Bf16WeightProduct`] runs the bf16 gemm on the stored bf16
 //!   values (AVX512_BF16; on other CPUs the weight is widened to f32 on the fly, one matrix at
-//!   a time), and its backward is the same op against `W` untransposed.
+//!   a time), and its backward is the same op against `W` untransposed. Decode shapes (at most
+//!   [`MAX_ROWS`] input rows, the forward product) stream the stored rows through
+//!   [`super::bf16_matvec`] instead, as f32 weights go to [`super::matvec`].
 //! - Everywhere else (CUDA, the f64 test path, small f32 shapes): [`super::matmul_t`] on a
 //!   detached input (bf16 autocast on CUDA), then [`InputGradOnly`] hands back the product and
 //!   gives the input its gradient `dy · W`, nothing for the weight.
@@ -19,7 +21,9 @@ use candle_core::{
 use half::slice::HalfFloatSliceExt;
 
 use super::bf16_gemm;
+use super::bf16_matvec::bf16_matmul_wt_slices;
 use super::cpu::f32_slice;
+use super::matvec::MAX_ROWS;
 use super::precision::{Precision, precision};
 use super::sgemm::sgemm_threads;
 
@@ -103,6 +107,12 @@ impl CustomOp1 for Bf16WeightProduct {
             bail!("{}: the weight must be contiguous", self.name());
         };
         let w = &data[start..end];
+        if self.transposed && m <= MAX_ROWS {
+            // Decode shapes: stream the stored rows instead of repacking the whole matrix for
+            // a handful of input rows.
+            let y = bf16_matmul_wt_slices(x, w.reinterpret_cast(), m, n, k);
+            return Ok((CpuStorage::F32(y), Shape::from((m, n))));
+        }
         let threads = rayon::current_num_threads();
         let mut y = vec![0f32; m * n];
         if bf16_gemm::supported() {
@@ -247,6 +257,34 @@ mod tests {
             grads.get(&w16).is_none(),
             "the frozen weight got a gradient"
         );
+    }
+
+    /// Decode shapes (m ≤ MAX_ROWS) take the streaming bf16 kernel, longer inputs the bf16
+    /// gemm: the same products up to f32 summation order, and the input gradient still flows.
+    #[test]
+    fn decode_shapes_of_a_bf16_held_weight_give_the_gemm_products() {
+        let dev = Device::Cpu;
+        let (n, k) = (67, 45);
+        let w16 = Tensor::randn(0f32, 1.0, (n, k), &dev)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let x = Tensor::randn(0f32, 1.0, (MAX_ROWS + 9, k), &dev).unwrap();
+        let through_gemm = frozen_matmul_t(&x, &w16).unwrap();
+        for m in [1, 3, MAX_ROWS] {
+            let rows = Var::from_tensor(&x.narrow(0, 0, m).unwrap()).unwrap();
+            let streamed = frozen_matmul_t(rows.as_tensor(), &w16).unwrap();
+            let want = through_gemm.narrow(0, 0, m).unwrap();
+            let gap = max_gap(&streamed, &want);
+            assert!(gap < 1e-4, "m={m}: {gap}");
+            let grads = streamed.sum_all().unwrap().backward().unwrap();
+            let dx = grads.get(rows.as_tensor()).expect("input gradient");
+            let want_dx = Tensor::ones((m, n), DType::F32, &dev)
+                .unwrap()
+                .matmul(&rounded(&w16.to_dtype(DType::F32).unwrap()))
+                .unwrap();
+            assert!(max_gap(dx, &want_dx) < 1e-3, "m={m}: dx");
+        }
     }
 
     /// The generic route (f64 here, CUDA on a GPU) gives the input the gradient of candle's

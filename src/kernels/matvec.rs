@@ -33,12 +33,12 @@ pub const MAX_ROWS: usize = 16;
 
 /// Input rows per register tile: one weight row is dotted with up to this many input rows at
 /// once, in as many SIMD accumulators.
-const MR: usize = 8;
+pub(super) const MR: usize = 8;
 /// How far ahead of the loads the weights are prefetched (floats: 8 KB) with several input rows.
 const PREFETCH_FLOATS: usize = 2048;
-/// Weight elements (floats) a parallel task should cover at least: below ~64 K floats
-/// (256 KB) rayon's hand-off costs more than the second core saves.
-const MIN_TASK_FLOATS: usize = 1 << 16;
+/// Weight bytes a parallel task should cover at least: below ~256 KB (64 K floats) rayon's
+/// hand-off costs more than the second core saves.
+const MIN_TASK_BYTES: usize = 1 << 18;
 
 /// The custom op; inputs `x` `[m, k]` and `w` `[n, k]`, both contiguous f32 on the CPU.
 pub struct MatMulWt;
@@ -93,20 +93,32 @@ impl CustomOp2 for MatMulWt {
 pub fn matmul_wt_slices(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
     assert_eq!(x.len(), m * k, "matmul-wt: x is not {m}x{k}");
     assert_eq!(w.len(), n * k, "matmul-wt: w is not {n}x{k}");
+    over_weight_rows(m, n, k * 4, |j0, rows, out| {
+        matmul_wt_into(x, &w[j0 * k..(j0 + rows) * k], m, rows, k, out)
+    })
+}
+
+/// The parallel frame of a streaming product `y[m, n] = x · wᵀ` whose weight rows are
+/// `row_bytes` long: splits the `n` weight rows into tasks on rayon's pool, runs
+/// `task(first_row, rows, yt)` on each (it writes `yt[j·m + i]` for its rows `j`, the product
+/// transposed), and returns `y` row-major. Shared by the f32 kernel here and the bf16 one.
+pub(super) fn over_weight_rows(
+    m: usize,
+    n: usize,
+    row_bytes: usize,
+    task: impl Fn(usize, usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
     if m == 0 || n == 0 {
         return Vec::new();
     }
     let mut yt = vec![0f32; n * m];
-    let rows_per_task = rows_per_task(n, k);
+    let rows_per_task = rows_per_task(n, row_bytes);
     if rows_per_task >= n {
-        matmul_wt_into(x, w, m, n, k, &mut yt);
+        task(0, n, &mut yt);
     } else {
         yt.par_chunks_mut(rows_per_task * m)
             .enumerate()
-            .for_each(|(chunk, out)| {
-                let (j0, rows) = (chunk * rows_per_task, out.len() / m);
-                matmul_wt_into(x, &w[j0 * k..(j0 + rows) * k], m, rows, k, out);
-            });
+            .for_each(|(chunk, out)| task(chunk * rows_per_task, out.len() / m, out));
     }
     if m == 1 {
         return yt;
@@ -155,11 +167,11 @@ pub(super) fn dispatch<Op: WithSimd<Output = ()>>(op: Op) {
 
 /// Weight rows per parallel task: about four tasks per thread (so a thread slowed by the other
 /// processes on a shared machine does not hold the rest up), and never less than
-/// [`MIN_TASK_FLOATS`] of weights.
-fn rows_per_task(n: usize, k: usize) -> usize {
+/// [`MIN_TASK_BYTES`] of weights.
+fn rows_per_task(n: usize, row_bytes: usize) -> usize {
     let threads = rayon::current_num_threads().max(1);
     let by_threads = n.div_ceil(threads * 4);
-    let by_size = MIN_TASK_FLOATS.div_ceil(k.max(1));
+    let by_size = MIN_TASK_BYTES.div_ceil(row_bytes.max(1));
     by_threads.max(by_size)
 }
 

@@ -7,7 +7,8 @@
 //! `causal_attention`, `cached_attention`, `layer`, `lm_head`, `matvec`, `adamw`), one set of CPU
 //! helpers (`cpu`: borrowing f32 data, the one row splitter), one math file (`math`: exp, GELU,
 //! the row softmax and log-sum-exp), the bf16 gemm (`bf16_gemm`) and the switch that sends the
-//! big products to it (`precision`). The kernels import nothing from `model` or `train`; models
+//! big products to it (`precision`), and the streaming decode product of a weight held in bf16
+//! (`bf16_matvec`, reached through `frozen`). The kernels import nothing from `model` or `train`; models
 //! and trainers call the public functions here.
 //!
 //! Every public function checks whether its inputs are f32 tensors on the CPU; if not, it runs the
@@ -21,6 +22,7 @@ pub mod adamw;
 pub mod alloc;
 mod attention;
 pub mod bf16_gemm;
+mod bf16_matvec;
 mod cached_attention;
 mod causal_attention;
 pub(crate) mod cpu;

@@ -232,10 +232,30 @@ impl Dense {
     }
 
     fn forward(&self, x: &Tensor, kernels: Kernels) -> candle_core::Result<Tensor> {
+        if self.is_held_narrower(x) {
+            return kernels::bias_add(&self.frozen_product(x)?, &self.bias);
+        }
         match kernels {
             Kernels::Reference => kernels::reference::linear(x, &self.weight, &self.bias),
             Kernels::Fused => kernels::linear(x, &self.weight, &self.bias),
         }
+    }
+
+    /// Whether the weight is stored in another dtype than the activations: bf16 in a scorer
+    /// loaded with [`BertRewardModel::load_frozen`].
+    fn is_held_narrower(&self, x: &Tensor) -> bool {
+        self.weight.dtype() != x.dtype()
+    }
+
+    /// `x·Wᵀ` (no bias) through the frozen product, which multiplies a bf16-held weight as it
+    /// is stored: the leading dimensions of `x` flattened into one matrix.
+    fn frozen_product(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let mut dims = x.dims().to_vec();
+        let in_dim = dims.pop().unwrap_or(1);
+        let rows = x.elem_count() / in_dim.max(1);
+        let y = kernels::frozen_matmul_t(&x.reshape((rows, in_dim))?, &self.weight)?;
+        dims.push(self.weight.dim(0)?);
+        y.reshape(dims)
     }
 
     /// `act(x·Wᵀ + b)`, with the bias add and activation fused when possible.
@@ -246,6 +266,9 @@ impl Dense {
         kernels: Kernels,
     ) -> candle_core::Result<Tensor> {
         if kernels == Kernels::Fused && act == HiddenAct::Gelu {
+            if self.is_held_narrower(x) {
+                return kernels::bias_gelu(&self.frozen_product(x)?, &self.bias);
+            }
             return kernels::linear_gelu(x, &self.weight, &self.bias);
         }
         let h = self.forward(x, kernels)?;
@@ -400,6 +423,18 @@ impl Layer {
         })
     }
 
+    /// The layer's six linear layers (attention q/k/v/out, feed-forward in/out).
+    fn linears_mut(&mut self) -> [&mut Dense; 6] {
+        [
+            &mut self.query,
+            &mut self.key,
+            &mut self.value,
+            &mut self.attn_out,
+            &mut self.intermediate,
+            &mut self.output,
+        ]
+    }
+
     /// `mask_bias`: `[b, t]` additive bias per key (0 for real tokens, [`MASK_BIAS`] for padding).
     fn forward(
         &self,
@@ -413,10 +448,12 @@ impl Layer {
         let scale = 1.0 / (d as f64).sqrt();
         let attn_dropout = if train { self.attn_dropout } else { 0.0 };
         let hidden_dropout = if train { self.hidden_dropout } else { 0.0 };
+        // The fused layer takes f32 weights only; a scorer's bf16-held ones go op by op.
         if kernels == Kernels::Fused
             && self.act == HiddenAct::Gelu
             && attn_dropout == 0.0
             && hidden_dropout == 0.0
+            && !self.query.is_held_narrower(x)
         {
             // The whole layer as one op: one backward node instead of ~15 (see fused/layer.rs).
             let p = kernels::EncoderLayerParams {
@@ -688,6 +725,9 @@ pub struct BertRewardModel {
     fresh_heads: Vec<String>,
     varmap: VarMap,
     tokenizer: Option<LoadedTokenizer>,
+    /// Set by [`BertRewardModel::load_frozen`] when it held the encoder's linear weights in a
+    /// narrower dtype: the model then scores only (its varmap is empty).
+    scoring_only: bool,
 }
 
 impl std::fmt::Debug for BertRewardModel {
@@ -807,6 +847,7 @@ impl BertRewardModel {
             fresh_heads: Vec::new(),
             varmap,
             tokenizer: None,
+            scoring_only: false,
         })
     }
 
@@ -933,10 +974,34 @@ impl BertRewardModel {
         Ok(model)
     }
 
+    /// [`BertRewardModel::load`] for scoring only, as the online objectives' frozen reward
+    /// model: with `projections` bf16 (`policy.precision: bf16`) the encoder layers' linear
+    /// weights — nearly all of a BERT's weights past the embeddings — are held in bf16 and
+    /// multiplied through the frozen bf16 product; embeddings, norms, biases and heads stay f32.
+    /// The f32 copies are dropped (the file is read in f32 first, so loading peaks at the f32
+    /// size plus the bf16 one), and the model can no longer be saved or trained. `F32` is
+    /// [`BertRewardModel::load`].
+    pub fn load_frozen(dir: &Path, device: &Device, projections: DType) -> anyhow::Result<Self> {
+        let mut model = Self::load(dir, &[], device)?;
+        if projections == DType::F32 {
+            return Ok(model);
+        }
+        for layer in &mut model.encoder.layers {
+            for dense in layer.linears_mut() {
+                dense.weight = dense.weight.detach().to_dtype(projections)?;
+            }
+        }
+        // The varmap held the only other references to the f32 weights.
+        model.varmap = VarMap::new();
+        model.scoring_only = true;
+        Ok(model)
+    }
+
     /// A twin of this model over detached views of its weights (the same storage, no copy):
     /// training updates the weights in place, so the twin scores with the current values, and
     /// no op on it records an autograd graph. For evaluation and scoring.
     pub fn detached_twin(&self) -> anyhow::Result<Self> {
+        self.refuse_if_scoring_only("a detached twin")?;
         let vb = crate::model::checkpoint_io::detached_view(&self.varmap);
         let mut twin = Self::build(self.config(), self.head.clone(), vb, self.varmap.clone())?;
         twin.encoder.set_kernels(self.encoder.kernels());
@@ -952,6 +1017,7 @@ impl BertRewardModel {
     /// Writes `config.json` (with the head settings), `model.safetensors` (HF names, no prefix)
     /// and, when the model was loaded with one, `tokenizer.json` into `dir` (created if needed).
     pub fn save(&self, dir: &Path) -> anyhow::Result<()> {
+        self.refuse_if_scoring_only("saving")?;
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating model directory {}", dir.display()))?;
         let mut cfg = self.encoder.cfg.clone();
@@ -975,6 +1041,17 @@ impl BertRewardModel {
             .with_context(|| format!("renaming {} into place", tmp.display()))?;
         if let Some(tok) = &self.tokenizer {
             crate::atomic_file::write_atomically(&dir.join("tokenizer.json"), tok.json.as_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// An error for `what` on a model loaded by [`BertRewardModel::load_frozen`] in bf16.
+    fn refuse_if_scoring_only(&self, what: &str) -> anyhow::Result<()> {
+        if self.scoring_only {
+            bail!(
+                "{what} needs the reward model's f32 weights, but this one was loaded for scoring \
+                 only (linear weights held in bf16)\nhint: load it with BertRewardModel::load"
+            );
         }
         Ok(())
     }

@@ -58,8 +58,8 @@ impl RewardScorer {
         Self::load_in(dir, device, DType::F32)
     }
 
-    /// [`Self::load`] with a decoder reward model's projections held in `projections` (bf16
-    /// under `policy.precision: bf16`); a BERT reward model stays f32.
+    /// [`Self::load`] with the reward model's big weights held in `projections` (bf16 under
+    /// `policy.precision: bf16`): a decoder's projections, or a BERT encoder's linear layers.
     pub fn load_in(dir: &Path, device: &Device, projections: DType) -> Result<Self> {
         let cfg_path = dir.join("config.json");
         let text = std::fs::read_to_string(&cfg_path).with_context(|| {
@@ -72,7 +72,7 @@ impl RewardScorer {
             .with_context(|| format!("parsing {}", cfg_path.display()))?;
         match cfg.get("model_type").and_then(|v| v.as_str()) {
             Some("bert") => Ok(Self::Bert(
-                Box::new(BertRewardModel::load(dir, &[], device)?),
+                Box::new(BertRewardModel::load_frozen(dir, device, projections)?),
                 device.clone(),
             )),
             Some(t) if !SUPPORTED_MODEL_TYPES.contains(&t) => bail!(

@@ -146,6 +146,62 @@ fn bf16_held_frozen_models_keep_the_greedy_continuation_of_f32() {
     eprintln!("{}", report.join("\n"));
 }
 
+/// The greedy choice after each prefix of `tokens`, recomputing the whole sequence every step:
+/// a forward pass over 40+ positions, so every product of a bf16-held weight runs the bf16 gemm.
+fn recomputed_greedy(model: &LlamaForCausalLM, prompt: &[u32], steps: usize) -> Vec<u32> {
+    let mut ids = prompt.to_vec();
+    for _ in 0..steps {
+        let last: Vec<f32> = logits(model, &ids)
+            .get(ids.len() - 1)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let pick = (0..last.len())
+            .max_by(|&i, &j| last[i].total_cmp(&last[j]))
+            .unwrap();
+        ids.push(pick as u32);
+    }
+    ids.split_off(prompt.len())
+}
+
+/// Decoding a bf16-held model multiplies a few rows at a time (1 and 8 here, at most
+/// `MAX_ROWS`), which streams the stored bf16 rows through the bf16 matrix-vector kernel;
+/// recomputing the whole sequence runs the bf16 gemm. Both take the same bf16 operands and
+/// differ only in f32 summation order, so on every fixture the greedy continuations are the
+/// same, for one prompt and for a batch of eight (the kernel's 8-row tile). Dynamic NTK
+/// scaling is left out: its frequencies follow the sequence length, so a cached decode and a
+/// recomputation rotate the earlier keys differently whatever the weights' precision.
+#[test]
+fn decoding_bf16_held_weights_continues_as_the_bf16_gemm_does() {
+    for dir in fixtures() {
+        let name = name(&dir);
+        let config = std::fs::read_to_string(dir.join("config.json")).unwrap();
+        if config.contains("\"dynamic\"") {
+            continue;
+        }
+        let model = load_frozen_causal_lm_in(&dir, &Device::Cpu, DType::BF16).unwrap();
+        let cfg = model.config().clone();
+        let vocab = cfg.vocab_size as u32;
+        // Eight prompts of the first one's length (no padding), each its own sequence.
+        let prompts: Vec<Vec<u32>> = (0..8u32)
+            .map(|r| prompt(&cfg).iter().map(|&t| (t + 11 * r) % vocab).collect())
+            .collect();
+        let greedy = GenerationConfig::greedy(12, cfg.eos_token_ids(), 0);
+        for batch in [&prompts[..1], &prompts[..]] {
+            let decoded = generate(&model, batch, &greedy).unwrap();
+            for (row, (p, got)) in batch.iter().zip(&decoded.tokens).enumerate() {
+                let want = recomputed_greedy(&model, p, got.len());
+                assert_eq!(
+                    got,
+                    &want,
+                    "{name}, batch {}, row {row}: decoded vs recomputed",
+                    batch.len()
+                );
+            }
+        }
+    }
+}
+
 /// LoRA A/B on a base held in bf16 are f32 variables, and training them gives the losses of
 /// the f32 base within 2e-3 relative over three AdamW steps (the base's products round their
 /// inputs to bf16: 2⁻⁹ relative each).
@@ -208,14 +264,20 @@ fn a_bf16_held_reward_model_scores_as_the_f32_one() {
         f32_rm.score(&rows, &texts).unwrap(),
         bf16_rm.score(&rows, &texts).unwrap(),
     );
+    eprintln!("reward scores f32 {a:?}, bf16 {b:?}");
+    assert_scores_agree(&a, &b);
+}
+
+/// bf16 scores `b` within 1% of the f32 scores' (`a`) spread, ranking the rows as `a` does;
+/// returns the largest difference.
+fn assert_scores_agree(a: &[f32], b: &[f32]) -> f32 {
     let spread =
         a.iter().copied().fold(f32::MIN, f32::max) - a.iter().copied().fold(f32::MAX, f32::min);
     let gap = a
         .iter()
-        .zip(&b)
+        .zip(b)
         .map(|(x, y)| (x - y).abs())
         .fold(0f32, f32::max);
-    eprintln!("reward scores f32 {a:?}, bf16 {b:?}");
     assert!(
         gap <= 1e-2 * spread,
         "bf16 scores differ by {gap} (spread {spread})"
@@ -225,5 +287,53 @@ fn a_bf16_held_reward_model_scores_as_the_f32_one() {
         idx.sort_by(|&i, &j| s[i].total_cmp(&s[j]));
         idx
     };
-    assert_eq!(order(&a), order(&b), "the ranking changed");
+    assert_eq!(order(a), order(b), "the ranking changed");
+    gap
+}
+
+/// A BERT reward model scoring rollouts under `policy.precision: bf16` holds its encoder's
+/// linear weights in bf16: its scores move (bf16 rounding is visible) but stay within 1% of the
+/// f32 scores' spread — each product's inputs are off by at most 2⁻⁹ relative, through two
+/// post-norm layers — and rank the answers as f32 does. Such a model scores only: saving it is
+/// refused with a message saying why.
+#[test]
+fn a_bf16_held_bert_reward_model_scores_as_the_f32_one() {
+    use rlhf_bot::train::policy_eval::RewardScorer;
+    let ws = crate::common::Workspace::new();
+    let dir = ws.path().join("tiny-bert-rm");
+    crate::precision::tiny_bert_reward_model(&dir);
+    let f32_rm = RewardScorer::load(&dir, &Device::Cpu).unwrap();
+    let bf16_rm = RewardScorer::load_in(&dir, &Device::Cpu, DType::BF16).unwrap();
+    let texts: Vec<String> = [
+        "the carbon tax is a good policy .",
+        "i think the answer is wrong !",
+        "a man is eating bread and food",
+        "yes , this price is helpful",
+        "no , that economy answer is bad",
+        "the girl is carrying a baby ?",
+        "climate policy or carbon price",
+        "you eating this ? it is good",
+    ]
+    .map(String::from)
+    .to_vec();
+    let ids = vec![Vec::new(); texts.len()];
+    let (a, b) = (
+        f32_rm.score(&ids, &texts).unwrap(),
+        bf16_rm.score(&ids, &texts).unwrap(),
+    );
+    eprintln!("BERT reward scores f32 {a:?}, bf16 {b:?}");
+    let gap = assert_scores_agree(&a, &b);
+    assert!(gap > 0.0, "the bf16 scorer gave the f32 scores bit for bit");
+
+    let scorer =
+        rlhf_bot::model::bert::BertRewardModel::load_frozen(&dir, &Device::Cpu, DType::BF16)
+            .unwrap();
+    let err = scorer
+        .save(&ws.path().join("copy"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("scoring only") && err.contains("hint"),
+        "{err}"
+    );
 }

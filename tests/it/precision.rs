@@ -14,7 +14,7 @@ use crate::trainer::{pairs_jsonl, toy_pairs};
 
 /// A seeded two-layer BERT reward model (bert.rs's tiny config, positions for 48 tokens, no
 /// dropout) with the fixture tokenizer, saved to `dir`.
-fn tiny_bert_reward_model(dir: &Path) {
+pub(crate) fn tiny_bert_reward_model(dir: &Path) {
     let cfg = BertConfig {
         max_position_embeddings: 64,
         hidden_dropout_prob: 0.0,
