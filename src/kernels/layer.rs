@@ -15,12 +15,12 @@
 use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, bail};
-use rayon::prelude::*;
 
 use super::attention::{self, Geom};
 use super::cpu::{f32_slice, with_f32};
-use super::linear::{affine, affine_backward, gelu, gelu_backward_in_place};
+use super::linear::{affine, affine_backward, affine_plus, gelu, gelu_backward_in_place};
 use super::norm::{layer_norm_backward, layer_norm_forward};
+use super::scratch::{overwritable, recycle};
 
 /// Number of parameter tensors of a layer, in the order [`part_sizes`] lists them.
 pub const PARTS: usize = 16;
@@ -70,17 +70,6 @@ fn split_mut<const N: usize>(mut s: &mut [f32], sizes: [usize; N]) -> [&mut [f32
         s = rest;
         a
     })
-}
-
-/// `a += b`, element by element, on rayon's threads.
-fn add_assign(a: &mut [f32], b: &[f32]) {
-    a.par_chunks_mut(1 << 14)
-        .zip(b.par_chunks(1 << 14))
-        .for_each(|(a, b)| {
-            for (a, b) in a.iter_mut().zip(b) {
-                *a += b;
-            }
-        });
 }
 
 /// What the forward pass keeps for the backward.
@@ -159,9 +148,10 @@ impl EncoderLayerOp {
     ) -> (Vec<f32>, Saved) {
         let (rows, f) = (b * t, self.ffn);
         let p = split(params, slot_sizes(h, f));
+        // Every buffer below is written whole before it is read, so none needs zeroing.
         let qkv = affine(x, p[0], p[1], (rows, 3 * h, h));
-        let mut ctx = vec![0f32; rows * h];
-        let mut probs = vec![0f32; b * self.heads * t * t];
+        let mut ctx = overwritable(rows * h);
+        let mut probs = overwritable(b * self.heads * t * t);
         attention::forward(
             self.geom(t, h),
             [&qkv, &qkv[h..], &qkv[2 * h..]],
@@ -169,15 +159,13 @@ impl EncoderLayerOp {
             &mut ctx,
             &mut probs,
         );
-        let mut s1 = affine(&ctx, p[2], p[3], (rows, h, h));
-        add_assign(&mut s1, x);
-        let mut x1 = vec![0f32; rows * h];
+        let s1 = affine_plus(&ctx, p[2], p[3], Some(x), (rows, h, h));
+        let mut x1 = overwritable(rows * h);
         let stats1 = layer_norm_forward(&s1, (p[4], p[5]), self.eps, &mut x1);
         let z = affine(&x1, p[6], p[7], (rows, f, h));
         let act = gelu(&z);
-        let mut s2 = affine(&act, p[8], p[9], (rows, h, f));
-        add_assign(&mut s2, &x1);
-        let mut y = vec![0f32; rows * h];
+        let s2 = affine_plus(&act, p[8], p[9], Some(&x1), (rows, h, f));
+        let mut y = overwritable(rows * h);
         let stats2 = layer_norm_forward(&s2, (p[10], p[11]), self.eps, &mut y);
         let saved = Saved {
             qkv,
@@ -206,7 +194,9 @@ impl EncoderLayerOp {
         let (rows, f) = (b * t, self.ffn);
         let sizes = slot_sizes(h, f);
         let p = split(params, sizes);
-        let mut dparams = vec![0f32; params.len()];
+        // Every buffer below is written whole before it is read (each gradient slot by its
+        // gemm or copy), so none needs zeroing; the saved activations go back to the pool.
+        let mut dparams = overwritable(params.len());
         let [
             dwqkv,
             dbqkv,
@@ -234,11 +224,11 @@ impl EncoderLayerOp {
             stats2,
         } = saved;
         // Second layer norm; its input gradient reaches both the feed-forward output and x1.
-        let mut ds2 = vec![0f32; rows * h];
+        let mut ds2 = overwritable(rows * h);
         let dln = layer_norm_backward(&s2, &stats2, p[10], dy, &mut ds2);
         dn2w.copy_from_slice(&dln[..h]);
         dn2b.copy_from_slice(&dln[h..]);
-        let mut dact = vec![0f32; rows * f];
+        let mut dact = overwritable(rows * f);
         affine_backward(
             &act,
             p[8],
@@ -249,18 +239,26 @@ impl EncoderLayerOp {
             dbo2,
         );
         gelu_backward_in_place(&mut z, &dact);
+        recycle(dact);
+        recycle(act);
+        recycle(s2);
         let dz = z;
         // dx1 = ds2 (residual) + dz·W_i.
         let mut dx1 = ds2;
         affine_backward(&x1, p[6], &dz, (rows, f, h), (&mut dx1, true), dwi, dbi);
+        recycle(dz);
+        recycle(x1);
         // First layer norm; its input gradient reaches the attention output and the layer input.
-        let mut ds1 = vec![0f32; rows * h];
+        let mut ds1 = overwritable(rows * h);
         let dln = layer_norm_backward(&s1, &stats1, p[4], &dx1, &mut ds1);
+        recycle(dx1);
+        recycle(s1);
         dn1w.copy_from_slice(&dln[..h]);
         dn1b.copy_from_slice(&dln[h..]);
-        let mut dctx = vec![0f32; rows * h];
+        let mut dctx = overwritable(rows * h);
         affine_backward(&ctx, p[2], &ds1, (rows, h, h), (&mut dctx, false), dwo, dbo);
-        let mut dqkv = vec![0f32; rows * 3 * h];
+        recycle(ctx);
+        let mut dqkv = overwritable(rows * 3 * h);
         attention::backward(
             self.geom(t, h),
             [&qkv, &qkv[h..], &qkv[2 * h..]],
@@ -269,6 +267,8 @@ impl EncoderLayerOp {
             &mut dqkv,
             (3 * h, [0, h, 2 * h]),
         );
+        recycle(dctx);
+        recycle(probs);
         // dx = ds1 (residual) + dqkv·W_qkv.
         let mut dx = ds1;
         affine_backward(
@@ -280,6 +280,8 @@ impl EncoderLayerOp {
             dwqkv,
             dbqkv,
         );
+        recycle(dqkv);
+        recycle(qkv);
         (dx, dparams)
     }
 }

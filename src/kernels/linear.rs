@@ -18,6 +18,7 @@ use super::cpu::{col_sums, rows_per_task};
 use super::cpu::{f32_slice, with_f32};
 use super::math;
 use super::precision::projection_gemm;
+use super::scratch::overwritable;
 
 pub struct LinearOp {
     gelu: bool,
@@ -36,7 +37,7 @@ impl LinearOp {
 
 /// `gelu_erf` of every element of `z`, on rayon's threads.
 pub(super) fn gelu(z: &[f32]) -> Vec<f32> {
-    let mut act = vec![0f32; z.len()];
+    let mut act = overwritable(z.len());
     act.par_chunks_mut(1 << 14)
         .zip(z.par_chunks(1 << 14))
         .for_each(|(a, z)| {
@@ -65,12 +66,38 @@ pub(super) fn affine(
     b: &[f32],
     (rows, n, k): (usize, usize, usize),
 ) -> Vec<f32> {
-    let mut y = vec![0f32; rows * n];
-    y.par_chunks_mut(n * rows_per_task(n)).for_each(|c| {
-        for row in c.chunks_exact_mut(n) {
-            row.copy_from_slice(b);
-        }
-    });
+    affine_plus(x, w, b, None, (rows, n, k))
+}
+
+/// `x·Wᵀ + b + residual` (`residual` `[rows, n]`, when given), on rayon's threads: the bias and
+/// the residual seed the output rows in one pass and the gemm accumulates onto them, so a
+/// residual branch costs no separate add.
+pub(super) fn affine_plus(
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    residual: Option<&[f32]>,
+    (rows, n, k): (usize, usize, usize),
+) -> Vec<f32> {
+    let mut y = overwritable(rows * n);
+    let per = n * rows_per_task(n);
+    match residual {
+        Some(r) => y
+            .par_chunks_mut(per)
+            .zip(r.par_chunks(per))
+            .for_each(|(c, r)| {
+                for (row, r) in c.chunks_exact_mut(n).zip(r.chunks_exact(n)) {
+                    for ((y, r), b) in row.iter_mut().zip(r).zip(b) {
+                        *y = r + b;
+                    }
+                }
+            }),
+        None => y.par_chunks_mut(per).for_each(|c| {
+            for row in c.chunks_exact_mut(n) {
+                row.copy_from_slice(b);
+            }
+        }),
+    }
     // Wᵀ is read through swapped strides: element (k_i, n_j) = w[n_j * k + k_i].
     projection_gemm(
         (rows, n, k),

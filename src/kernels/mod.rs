@@ -6,10 +6,11 @@
 //! Layout: one file per op family (`activation`, `norm`, `softmax`, `rope`, `linear`, `attention`,
 //! `causal_attention`, `cached_attention`, `layer`, `lm_head`, `matvec`, `adamw`), one set of CPU
 //! helpers (`cpu`: borrowing f32 data, the one row splitter), one math file (`math`: exp, GELU,
-//! the row softmax and log-sum-exp), the bf16 gemm (`bf16_gemm`) and the switch that sends the
-//! big products to it (`precision`), and the streaming decode product of a weight held in bf16
-//! (`bf16_matvec`, reached through `frozen`). The kernels import nothing from `model` or `train`; models
-//! and trainers call the public functions here.
+//! the row softmax and log-sum-exp), recycled activation buffers (`scratch`), the bf16 gemm
+//! (`bf16_gemm`) and the switch that sends the big products to it (`precision`), and the
+//! streaming decode product of a weight held in bf16 (`bf16_matvec`, reached through `frozen`).
+//! The kernels import nothing from `model` or `train`; models and trainers call the public
+//! functions here.
 //!
 //! Every public function checks whether its inputs are f32 tensors on the CPU; if not, it runs the
 //! unfused reference composition from [`reference`] instead, so callers never need two code paths.
@@ -36,6 +37,7 @@ mod matvec;
 mod norm;
 pub mod precision;
 mod rope;
+mod scratch;
 pub(crate) mod sgemm;
 mod softmax;
 pub mod threads;
