@@ -143,8 +143,8 @@ run_case() {
       record dpo pytorch "$(after "$log.theirs" 'median')" s ;;
     generate)
       RUNS=3 "$(bench_bin generate)" > "$log.ours" 2>&1
-      record generate-b1 ours "$(grep '^batch 1:' "$log.ours" | grep -o '[0-9.]* tok/s' | grep -o '^[0-9.]*')" tok/s
-      record generate-b8 ours "$(grep '^batch 8:' "$log.ours" | grep -o '[0-9.]* tok/s' | grep -o '^[0-9.]*')" tok/s
+      record generate-b1 ours "$(grep -E '^batch 1(:|, weights f32:)' "$log.ours" | grep -o '[0-9.]* tok/s' | grep -o '^[0-9.]*')" tok/s
+      record generate-b8 ours "$(grep -E '^batch 8(:|, weights f32:)' "$log.ours" | grep -o '[0-9.]* tok/s' | grep -o '^[0-9.]*')" tok/s
       MODEL_DIR=$(smollm_hf) pytorch generate > "$log.theirs" 2>&1
       record generate-b1 transformers "$(after "$log.theirs" 'generate batch 1:')" tok/s
       record generate-b8 transformers "$(after "$log.theirs" 'generate batch 8:')" tok/s ;;

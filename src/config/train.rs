@@ -159,7 +159,7 @@ fn validate_ray(raw: RawRay) -> Result<RaySettings, Invalid> {
                 entrypoint.as_str(),
                 match entrypoint {
                     EntrypointKind::Openrlhf => "[\"openrlhf==0.10.1\", \"awscli==1.42.70\"]",
-                    _ => "[\"trl==0.24.0\", \"awscli==1.42.70\"]",
+                    _ => "[\"trl==1.16.0\", \"awscli==1.42.70\"]",
                 }
             ),
         ));

@@ -59,7 +59,7 @@ pub struct RaySettings {
     /// `Authorization` header is sent.
     pub token_env: Option<String>,
     pub entrypoint: EntrypointKind,
-    /// `runtime_env.pip`: the packages the job installs, pinned (`openrlhf==0.11.0`, …).
+    /// `runtime_env.pip`: the packages the job installs, pinned (`openrlhf==0.10.1`, …).
     pub pip: Vec<String>,
     /// `runtime_env.env_vars`: literal values given to the job (never secrets: anyone who can
     /// list the cluster's jobs reads them).
