@@ -20,7 +20,7 @@ use super::ray_head::{RayHead, TOKEN};
 
 /// The Ray config of the reward tests with the policy stage on: DPO, LoRA (merged), two steps,
 /// from the tiny Llama fixture; `command` is what the cluster runs as our binary.
-fn policy_config(
+pub(crate) fn policy_config(
     ws: &Workspace,
     moto: &Moto,
     bucket: &str,
@@ -73,7 +73,7 @@ fn our_binary_on_the_head(
     Some((head, moto, ws, cfg))
 }
 
-fn keys_under(moto: &Moto, bucket: &str, prefix: &str) -> Vec<String> {
+pub(crate) fn keys_under(moto: &Moto, bucket: &str, prefix: &str) -> Vec<String> {
     moto.keys(bucket, prefix)
         .into_iter()
         .map(|k| k[prefix.len()..].to_string())
