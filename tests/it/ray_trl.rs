@@ -14,9 +14,11 @@ use std::path::{Path, PathBuf};
 use rlhf_bot::registry::{ModelKind, Registry};
 
 use super::common::{Workspace, repo, stderr};
-use super::ray::{run_command, servers};
+use super::ray::run_command;
 use super::ray_head::TOKEN;
-use super::ray_policy::{keys_under, policy_config};
+use super::ray_policy::{
+    assert_adapter_over_the_local_fixture, keys_under, our_binary_on_the_head,
+};
 
 /// The `bin/` of the Python that `RLHF_TRL_PYTHON` names (not resolved through its symlink: a
 /// venv's `bin/` is where `trl`, `accelerate` and `aws` are), or `None` to skip.
@@ -36,7 +38,7 @@ fn trl_bin() -> Option<PathBuf> {
     Some(python.parent().unwrap().to_path_buf())
 }
 
-/// The Ray policy config with TRL as the entrypoint on CPU: the reward model from the tiny Llama
+/// The Ray policy config of tests/it/ray_policy.rs with TRL as the entrypoint on CPU: the reward model from the tiny Llama
 /// fixture (it has the tokenizer TRL needs), short sequences, two steps per job.
 fn trl_config(ws: &Workspace, cfg: &Path, trl_bin: &Path) -> PathBuf {
     let text = std::fs::read_to_string(cfg).unwrap();
@@ -59,18 +61,10 @@ fn trl_jobs_train_the_reward_model_and_the_policy_and_the_run_registers_both() {
     let Some(trl_bin) = trl_bin() else {
         return;
     };
-    let Some((head, moto)) = servers() else {
+    let bucket = "ray-trl";
+    let Some((head, moto, ws, cfg)) = our_binary_on_the_head(bucket) else {
         return;
     };
-    let ws = Workspace::new();
-    let bucket = "ray-trl";
-    let cfg = policy_config(
-        &ws,
-        moto,
-        bucket,
-        &head.address(),
-        Path::new(env!("CARGO_BIN_EXE_rlhf-bot")),
-    );
     let cfg = trl_config(&ws, &cfg, &trl_bin);
     let o = run_command(&cfg, moto, 9201, Some(TOKEN)).output().unwrap();
     let err = stderr(&o);
@@ -123,18 +117,7 @@ fn trl_jobs_train_the_reward_model_and_the_policy_and_the_run_registers_both() {
     let policy = metrics("policy");
     assert!(policy["eval"]["n"].as_u64().unwrap() > 0, "{policy}");
     assert_eq!(policy["algo"], "dpo");
-    let adapter: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(run_dir.join("policy/policy/adapter/adapter_config.json"))
-            .unwrap(),
-    )
-    .unwrap();
-    assert_eq!(
-        adapter["base_model_name_or_path"].as_str().unwrap(),
-        repo()
-            .join("tests/fixtures/tiny-llama-policy")
-            .display()
-            .to_string()
-    );
+    assert_adapter_over_the_local_fixture(&run_dir);
 
     // Registered with the TRL jobs in the lineage.
     let registry = Registry::load(&ws.store_dir().join("registry.yaml")).unwrap();
