@@ -50,8 +50,9 @@ pub struct RawRay {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRuntimeEnv {
-    #[serde(default)]
-    pub pip: Vec<String>,
+    /// Missing: refused for `openrlhf`/`trl`; an explicit `[]`: the nodes' image already has the
+    /// trainers installed (pinned there), so the job installs nothing.
+    pub pip: Option<Vec<String>>,
     #[serde(default)]
     pub env_vars: BTreeMap<String, String>,
 }
@@ -151,11 +152,11 @@ fn validate_ray(raw: RawRay) -> Result<RaySettings, Invalid> {
         .token_env
         .map(|n| env_name("train.ray.token_env", n, "RAY_AUTH_TOKEN"))
         .transpose()?;
-    if entrypoint != EntrypointKind::RlhfBot && raw.runtime_env.pip.is_empty() {
+    if entrypoint != EntrypointKind::RlhfBot && raw.runtime_env.pip.is_none() {
         return Err(Invalid::new(
             "train.ray.runtime_env.pip",
             format!(
-                "the `{}` entrypoint needs its packages pinned here\nhint: e.g. {} (docs/ray.md)",
+                "the `{}` entrypoint needs its packages pinned here\nhint: e.g. {}, or `pip: []` when the nodes' image already has them (docs/ray.md)",
                 entrypoint.as_str(),
                 match entrypoint {
                     EntrypointKind::Openrlhf => "[\"openrlhf==0.10.1\", \"awscli==1.42.70\"]",
@@ -164,7 +165,8 @@ fn validate_ray(raw: RawRay) -> Result<RaySettings, Invalid> {
             ),
         ));
     }
-    for requirement in &raw.runtime_env.pip {
+    let pip = raw.runtime_env.pip.unwrap_or_default();
+    for requirement in &pip {
         if !pinned(requirement) {
             return Err(Invalid::new(
                 "train.ray.runtime_env.pip",
@@ -190,7 +192,7 @@ fn validate_ray(raw: RawRay) -> Result<RaySettings, Invalid> {
             ),
         ));
     }
-    ray.pip = raw.runtime_env.pip;
+    ray.pip = pip;
     ray.env_vars = raw.runtime_env.env_vars;
     ray.forward_env = raw.forward_env;
     if let Some(command) = raw.rlhf_bot_command {

@@ -52,6 +52,7 @@ mod pull_hostile;
 mod ray;
 mod ray_head;
 mod ray_policy;
+mod ray_trl;
 mod recompute;
 mod registry;
 mod report;

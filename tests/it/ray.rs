@@ -444,6 +444,16 @@ fn the_ray_config_is_checked_with_the_key_and_a_hint() {
         }
         other => panic!("{other:?}"),
     }
+    // An explicit empty list: the nodes' image has the trainers, the job installs nothing.
+    let preinstalled = load(
+        "  backend: ray\n  ray:\n    address: http://head:8265\n    entrypoint: trl\n    runtime_env: {pip: []}\n",
+        "s3://team/models",
+    )
+    .unwrap();
+    match &preinstalled.train {
+        rlhf_bot::train::ray::TrainBackend::Ray(ray) => assert!(ray.pip.is_empty()),
+        other => panic!("{other:?}"),
+    }
     let bad = "s3://team/models";
     let on_head =
         |rest: &str| format!("  backend: ray\n  ray:\n    address: http://h:8265\n    {rest}");
@@ -471,7 +481,7 @@ fn the_ray_config_is_checked_with_the_key_and_a_hint() {
         (
             on_head("entrypoint: trl\n"),
             bad,
-            &["train.ray.runtime_env.pip", "trl=="][..],
+            &["train.ray.runtime_env.pip", "trl==", "`pip: []`"][..],
         ),
         (
             on_head("entrypoint: trl\n    runtime_env: {pip: [trl]}\n"),

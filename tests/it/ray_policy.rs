@@ -20,7 +20,7 @@ use super::ray_head::{RayHead, TOKEN};
 
 /// The Ray config of the reward tests with the policy stage on: DPO, LoRA (merged), two steps,
 /// from the tiny Llama fixture; `command` is what the cluster runs as our binary.
-fn policy_config(
+pub(crate) fn policy_config(
     ws: &Workspace,
     moto: &Moto,
     bucket: &str,
@@ -58,7 +58,7 @@ fn policy_config(
 
 /// The servers, a workspace and [`policy_config`] with our own binary as the entrypoint, its
 /// artifacts in `bucket`; `None` when the servers are skipped.
-fn our_binary_on_the_head(
+pub(crate) fn our_binary_on_the_head(
     bucket: &str,
 ) -> Option<(&'static RayHead, &'static Moto, Workspace, PathBuf)> {
     let (head, moto) = servers()?;
@@ -73,7 +73,7 @@ fn our_binary_on_the_head(
     Some((head, moto, ws, cfg))
 }
 
-fn keys_under(moto: &Moto, bucket: &str, prefix: &str) -> Vec<String> {
+pub(crate) fn keys_under(moto: &Moto, bucket: &str, prefix: &str) -> Vec<String> {
     moto.keys(bucket, prefix)
         .into_iter()
         .map(|k| k[prefix.len()..].to_string())
@@ -161,18 +161,7 @@ fn a_real_ray_job_trains_the_policy_and_the_run_registers_and_reports_it() {
     let run_dir = ws.store_dir().join("runs/gh-9101");
     let job_log = std::fs::read_to_string(run_dir.join("ray/policy.log")).unwrap();
     assert!(job_log.contains("training the policy"), "{job_log}");
-    let adapter: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(run_dir.join("policy/policy/adapter/adapter_config.json"))
-            .unwrap(),
-    )
-    .unwrap();
-    assert_eq!(
-        adapter["base_model_name_or_path"].as_str().unwrap(),
-        repo()
-            .join("tests/fixtures/tiny-llama-policy")
-            .display()
-            .to_string()
-    );
+    assert_adapter_over_the_local_fixture(&run_dir);
     assert!(run_dir.join("policy/merged/model.safetensors").is_file());
 
     // Evaluated here (held-out prompts), the job's own training numbers kept.
@@ -219,6 +208,23 @@ fn a_real_ray_job_trains_the_policy_and_the_run_registers_and_reports_it() {
     assert!(
         report.contains("`gh-9101-policy`") && report.contains("`gh-9101`"),
         "{report}"
+    );
+}
+
+/// The adapter a policy job wrote is in a local run's layout under `run_dir`, over this
+/// machine's copy of the tiny Llama fixture.
+pub(crate) fn assert_adapter_over_the_local_fixture(run_dir: &Path) {
+    let adapter: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(run_dir.join("policy/policy/adapter/adapter_config.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        adapter["base_model_name_or_path"].as_str().unwrap(),
+        repo()
+            .join("tests/fixtures/tiny-llama-policy")
+            .display()
+            .to_string()
     );
 }
 

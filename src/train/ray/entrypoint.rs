@@ -156,8 +156,11 @@ pub(super) fn openrlhf_deepspeed(ray: &RaySettings, run: TrainerRun) -> Vec<Stri
 }
 
 /// `trl TRAINER …` with the flags every TRL training command takes (the length flags differ).
-pub(super) fn trl_cli(run: TrainerRun) -> Vec<String> {
-    vec![
+/// TRL's configs default to bf16, which transformers refuses without a GPU, so a CPU job
+/// (`num_gpus: 0`) says `--use_cpu`; `--report_to none` keeps a cluster's installed trackers
+/// (wandb, …) from asking for logins the job does not have.
+pub(super) fn trl_cli(ray: &RaySettings, run: TrainerRun) -> Vec<String> {
+    let mut words = vec![
         s("trl"),
         s(run.trainer),
         s("--model_name_or_path"),
@@ -176,7 +179,13 @@ pub(super) fn trl_cli(run: TrainerRun) -> Vec<String> {
         run.batch_size,
         s("--learning_rate"),
         run.lr,
-    ]
+        s("--report_to"),
+        s("none"),
+    ];
+    if ray.num_gpus == 0.0 {
+        words.push(s("--use_cpu"));
+    }
+    words
 }
 
 /// The job's whole entrypoint for training the reward model.
@@ -214,16 +223,19 @@ pub fn reward_entrypoint(ray: &RaySettings, paths: &JobPaths, job: &RewardJob) -
             },
         ),
         EntrypointKind::Trl => {
-            let mut words = trl_cli(TrainerRun {
-                trainer: "reward",
-                ..run()
-            });
+            let mut words = trl_cli(
+                ray,
+                TrainerRun {
+                    trainer: "reward",
+                    ..run()
+                },
+            );
             words.extend([s("--max_length"), job.max_length.to_string()]);
             words
         }
     };
     train.extend(ray.extra_args.iter().cloned());
-    aws_script(paths, train, None)
+    aws_script(paths, train, Some(DROP_CHECKPOINTS))
 }
 
 /// Our binary's command: `rlhf-bot --config CONFIG ARGS…`, `config` relative to `$work`.
@@ -299,9 +311,9 @@ pub(super) fn rlhf_bot(ray: &RaySettings, paths: &JobPaths, train: Vec<String>) 
 }
 
 /// The trainers' resumable state (ours: `out/checkpoints/`; TRL's: `checkpoint-N/` beside the
-/// model), dropped before the upload: the submitter reads the model only.
+/// model, optimizer state included), dropped before the upload: the submitter reads the model only.
 pub(super) const DROP_CHECKPOINTS: &str =
-    "rm -rf \"$work/out/checkpoints\" \"$work/out/policy\"/checkpoint-*";
+    "rm -rf \"$work/out/checkpoints\" \"$work/out\"/checkpoint-* \"$work/out/policy\"/checkpoint-*";
 
 /// OpenRLHF and TRL: the data through the AWS CLI, the manifest by `sha256sum` (the format
 /// `SHA256SUMS` has by design), uploaded after every other file.
@@ -441,5 +453,17 @@ mod tests {
         assert!(files < manifest);
         let text = reward_entrypoint(&settings(EntrypointKind::Trl), &paths(), &job());
         assert!(text.contains("trl reward --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --dataset_name \"$work/data\""));
+        // Run for real with TRL 1.16.0 (tests/it/ray_trl.rs): bf16 by default is refused on a
+        // CPU node, and TRL's `checkpoint-N/` (optimizer state) is not uploaded.
+        assert!(text.contains("--report_to none"), "{text}");
+        assert!(
+            text.contains("--report_to none --use_cpu"),
+            "a CPU job: {text}"
+        );
+        assert!(text.contains(DROP_CHECKPOINTS), "{text}");
+        let mut gpu = settings(EntrypointKind::Trl);
+        gpu.num_gpus = 1.0;
+        let text = reward_entrypoint(&gpu, &paths(), &job());
+        assert!(!text.contains("--use_cpu"), "a GPU job: {text}");
     }
 }

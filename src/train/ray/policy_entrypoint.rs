@@ -111,7 +111,7 @@ pub fn policy_entrypoint(
     let mut train = match ray.entrypoint {
         EntrypointKind::RlhfBot => our_binary(ray, job),
         EntrypointKind::Openrlhf => openrlhf(ray, job),
-        EntrypointKind::Trl => trl(job),
+        EntrypointKind::Trl => trl(ray, job),
     };
     train.extend(ray.extra_args.iter().cloned());
     Ok(match ray.entrypoint {
@@ -282,7 +282,7 @@ fn openrlhf(ray: &RaySettings, job: &PolicyJob) -> Vec<String> {
     words
 }
 
-fn trl(job: &PolicyJob) -> Vec<String> {
+fn trl(ray: &RaySettings, job: &PolicyJob) -> Vec<String> {
     let command = match job.algo {
         PolicyAlgo::Dpo => "dpo",
         PolicyAlgo::Kto => "kto",
@@ -293,7 +293,7 @@ fn trl(job: &PolicyJob) -> Vec<String> {
     };
     let run = trainer_run(command, job);
     let max_len = run.max_len.clone();
-    let mut words = trl_cli(run);
+    let mut words = trl_cli(ray, run);
     words.extend([s("--beta"), job.beta.to_string()]);
     if let Some(steps) = job.steps {
         words.extend([s("--max_steps"), steps.to_string()]);
