@@ -72,6 +72,22 @@ pub(crate) fn run_command(config: &Path, moto: &Moto, run: u32, token: Option<&s
     cmd
 }
 
+/// `run_command` run to its end, which must be a success whose log never shows the token; the
+/// run's stderr.
+pub(crate) fn run_succeeds(config: &Path, moto: &Moto, run: u32, head: &RayHead) -> String {
+    let o = run_command(config, moto, run, Some(TOKEN))
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert!(
+        o.status.success(),
+        "run failed: {err}\nhead log: {}",
+        head.log.display()
+    );
+    assert!(!err.contains(TOKEN), "the token reached the log");
+    err
+}
+
 /// A stand-in for our binary on the cluster: a script that prints and then does `tail`.
 fn fake_trainer(ws: &Workspace, tail: &str) -> PathBuf {
     executable_script(
@@ -107,14 +123,7 @@ fn a_real_ray_job_trains_the_reward_model_and_the_run_registers_and_reports_it()
             env!("CARGO_BIN_EXE_rlhf-bot")
         ),
     );
-    let o = run_command(&cfg, moto, 9001, Some(TOKEN)).output().unwrap();
-    let err = stderr(&o);
-    assert!(
-        o.status.success(),
-        "run failed: {err}\nhead log: {}",
-        head.log.display()
-    );
-    assert!(!err.contains(TOKEN), "the token reached the log");
+    let err = run_succeeds(&cfg, moto, 9001, head);
     assert_eq!(head.status("gh-9001"), "SUCCEEDED");
 
     // The dataset went up in TRL's format, the checkpoint came back with its manifest.
