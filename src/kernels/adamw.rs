@@ -14,6 +14,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::cpu::with_f32;
+use super::isa::multiversion;
 
 /// Hyper-parameters (the defaults are PyTorch's and candle's).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -125,11 +126,9 @@ pub fn update(
                         .zip(new_v.par_chunks_mut(CHUNK))
                         .enumerate()
                         .for_each(|(i, ((np, nm), nv))| {
-                            let o = i * CHUNK;
-                            for j in 0..np.len() {
-                                let k = o + j;
-                                (np[j], nm[j], nv[j]) = c.apply(p[k], g[k], m[k], v[k]);
-                            }
+                            let o = i * CHUNK..i * CHUNK + np.len();
+                            let old = [&p[o.clone()], &g[o.clone()], &m[o.clone()], &v[o]];
+                            update_chunk([np, nm, nv], old, c);
                         });
                     Ok(())
                 })
@@ -142,6 +141,17 @@ pub fn update(
         Tensor::from_vec(new_m, shape.clone(), &dev)?,
         Tensor::from_vec(new_v, shape, &dev)?,
     ))
+}
+
+multiversion! {
+    /// The update of one chunk: `new` (θ', m', v') from `old` (θ, g, m, v).
+    fn update_chunk(new: [&mut [f32]; 3], old: [&[f32]; 4], c: &Consts) {
+        let [np, nm, nv] = new;
+        let [p, g, m, v] = old;
+        for j in 0..np.len() {
+            (np[j], nm[j], nv[j]) = c.apply(p[j], g[j], m[j], v[j]);
+        }
+    }
 }
 
 /// `Σ g²` in f64 for an f32 CPU tensor; `None` for anything else.
@@ -159,4 +169,45 @@ pub fn sq_sum(g: &Tensor) -> Result<Option<f64>> {
             .collect();
         Ok(Some(parts.iter().sum()))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::isa::{supported, testing::values};
+
+    #[test]
+    fn the_update_is_bit_identical_on_every_instruction_set() {
+        let n = 1037;
+        let cfg = AdamWConfig::default();
+        let c = Consts::new(
+            &cfg,
+            1.0 / (1.0 - 0.9f64.powi(3)),
+            1.0 / (1.0 - 0.999f64.powi(3)),
+            Some(0.5),
+        );
+        let old: Vec<Vec<f32>> = (0..4)
+            .map(|i| values(n, 20 + i, 1.0))
+            .map(|mut v| {
+                // Second moments are never negative.
+                v.iter_mut().for_each(|x| *x = x.abs());
+                v
+            })
+            .collect();
+        let run = |isa| {
+            let mut new = vec![vec![0f32; n]; 3];
+            let [np, nm, nv] = &mut new[..] else {
+                unreachable!()
+            };
+            update_chunk_on(isa, [np, nm, nv], [&old[0], &old[1], &old[2], &old[3]], &c);
+            new
+        };
+        let want = run(crate::kernels::isa::Isa::Baseline);
+        for isa in supported() {
+            let got = run(isa);
+            for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
+                assert_eq!(g.to_bits(), w.to_bits(), "{isa:?}");
+            }
+        }
+    }
 }

@@ -15,9 +15,8 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
 use super::cpu::{f32_slice, with_f32};
-use super::math::softmax_row;
 use super::sgemm::sgemm;
-use super::softmax::softmax_bwd_rows;
+use super::softmax::{biased_softmax_rows, softmax_bwd_rows};
 
 pub struct AttentionOp {
     heads: usize,
@@ -102,12 +101,7 @@ pub(super) fn forward(
                     (1, ld),
                     scale,
                 );
-                for row in ph.chunks_exact_mut(t) {
-                    for (s, m) in row.iter_mut().zip(mask) {
-                        *s += m;
-                    }
-                    softmax_row(row);
-                }
+                biased_softmax_rows(ph, mask, 0, t);
                 // O_h = P V_h, written straight into the [t, hd] layout.
                 sgemm(
                     (t, d, t),

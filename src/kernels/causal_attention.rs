@@ -15,9 +15,8 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
 use super::cpu::{f32_slice, with_f32};
-use super::math::softmax_row;
 use super::sgemm::sgemm;
-use super::softmax::softmax_bwd_rows;
+use super::softmax::{biased_softmax_rows, softmax_bwd_rows};
 
 pub struct CausalAttentionOp {
     scale: f32,
@@ -110,12 +109,7 @@ impl CausalAttentionOp {
                         (1, d),
                         self.scale,
                     );
-                    for (row, m) in ph.chunks_exact_mut(tk).zip(mask.chunks_exact(tk)) {
-                        for (x, &b) in row.iter_mut().zip(m) {
-                            *x += b;
-                        }
-                        softmax_row(row);
-                    }
+                    biased_softmax_rows(ph, mask, tk, tk);
                     // O_h = P V_h, written into head h's columns of the [tq, nh·d] rows.
                     sgemm(
                         (tq, d, tk),

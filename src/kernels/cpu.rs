@@ -6,6 +6,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result, Shape, Storage, Tensor, bail};
 use rayon::prelude::*;
 
+use super::isa::multiversion;
+
 /// The contiguous f32 data a layout addresses.
 pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(data) = s else {
@@ -81,16 +83,21 @@ pub(crate) fn check_vector(layout: &Layout, n: usize, op: &str, what: &str) -> R
 /// Column sums of a row-major `[rows, n]` slice.
 pub(crate) fn col_sums(g: &[f32], n: usize) -> Vec<f32> {
     g.par_chunks(n * rows_per_task(n))
-        .map(|c| {
-            let mut acc = vec![0f32; n];
-            for row in c.chunks_exact(n) {
-                for (a, v) in acc.iter_mut().zip(row) {
-                    *a += v;
-                }
-            }
-            acc
-        })
+        .map(|c| block_col_sums(c, n))
         .reduce(|| vec![0f32; n], add_into)
+}
+
+multiversion! {
+    /// [`col_sums`] of one block of rows.
+    fn block_col_sums(c: &[f32], n: usize) -> Vec<f32> {
+        let mut acc = vec![0f32; n];
+        for row in c.chunks_exact(n) {
+            for (a, v) in acc.iter_mut().zip(row) {
+                *a += v;
+            }
+        }
+        acc
+    }
 }
 
 /// `f(x + b)` for every element, `b` broadcast over the rows of `x`: the forward pass that
@@ -145,3 +152,15 @@ pub(crate) fn par_rows(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f3
 
 /// Smallest output (in floats) that [`par_rows`] splits over threads.
 const PAR_MIN_FLOATS: usize = 1 << 14;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::isa::testing::{every_isa_agrees, values};
+
+    #[test]
+    fn column_sums_agree_on_every_instruction_set() {
+        let g = values(7 * 37, 10, 2.0);
+        every_isa_agrees("column sums", 1e-6, |isa| block_col_sums_on(isa, &g, 37));
+    }
+}

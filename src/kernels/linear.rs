@@ -16,6 +16,7 @@ use rayon::prelude::*;
 
 use super::cpu::{col_sums, rows_per_task};
 use super::cpu::{f32_slice, with_f32};
+use super::isa::multiversion;
 use super::math;
 use super::precision::projection_gemm;
 use super::scratch::overwritable;
@@ -40,23 +41,33 @@ pub(super) fn gelu(z: &[f32]) -> Vec<f32> {
     let mut act = overwritable(z.len());
     act.par_chunks_mut(1 << 14)
         .zip(z.par_chunks(1 << 14))
-        .for_each(|(a, z)| {
-            for (a, z) in a.iter_mut().zip(z) {
-                *a = math::gelu_with_grad(*z).0;
-            }
-        });
+        .for_each(|(a, z)| gelu_into(a, z));
     act
+}
+
+multiversion! {
+    /// `a = gelu(z)`, element by element.
+    fn gelu_into(a: &mut [f32], z: &[f32]) {
+        for (a, z) in a.iter_mut().zip(z) {
+            *a = math::gelu_with_grad(*z).0;
+        }
+    }
+}
+
+multiversion! {
+    /// `d = g · gelu'(d)`: pre-activations in, pre-activation gradients out.
+    fn gelu_grad_in_place(d: &mut [f32], g: &[f32]) {
+        for (d, g) in d.iter_mut().zip(g) {
+            *d = g * math::gelu_with_grad(*d).1;
+        }
+    }
 }
 
 /// Turns the pre-activations `z` into the pre-activation gradient `g·gelu'(z)` in place.
 pub(super) fn gelu_backward_in_place(z: &mut [f32], g: &[f32]) {
     z.par_chunks_mut(1 << 14)
         .zip(g.par_chunks(1 << 14))
-        .for_each(|(d, g)| {
-            for (d, g) in d.iter_mut().zip(g) {
-                *d = g * math::gelu_with_grad(*d).1;
-            }
-        });
+        .for_each(|(d, g)| gelu_grad_in_place(d, g));
 }
 
 /// `x·Wᵀ + b` for `x` `[rows, k]`, `w` `[n, k]`, on rayon's threads.
@@ -388,5 +399,28 @@ impl candle_core::CustomOp2 for MatmulWtOp {
             dw.map(|d| Tensor::from_vec(d, w.shape(), w.device()))
                 .transpose()?,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::isa::testing::{every_isa_agrees, values};
+
+    #[test]
+    fn gelu_and_its_gradient_agree_on_every_instruction_set() {
+        // An odd length, so every version runs its scalar tail too.
+        let z = values(1037, 1, 8.0);
+        let g = values(1037, 2, 1.0);
+        every_isa_agrees("gelu", 1e-6, |isa| {
+            let mut a = vec![0.0; z.len()];
+            gelu_into_on(isa, &mut a, &z);
+            a
+        });
+        every_isa_agrees("gelu gradient", 1e-6, |isa| {
+            let mut d = z.clone();
+            gelu_grad_in_place_on(isa, &mut d, &g);
+            d
+        });
     }
 }

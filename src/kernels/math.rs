@@ -68,12 +68,13 @@ pub fn gelu_with_grad(x: f32) -> (f32, f32) {
     (x * cdf, cdf + x * e * INV_SQRT_2PI)
 }
 
-/// Lanes of the row reductions below: the maximum and the sums are kept in eight interleaved
-/// accumulators so the loops vectorise (a single running `f32` would be one serial chain).
-const LANES: usize = 8;
+/// Lanes of the row reductions below: the maximum and the sums are kept in sixteen interleaved
+/// accumulators so the loops vectorise (a single running `f32` would be one serial chain);
+/// sixteen fill one AVX-512 register, two AVX2 ones or four SSE2 ones (see [`super::isa`]).
+const LANES: usize = 16;
 
 /// The largest value of `row` (−∞ for an empty row).
-#[inline]
+#[inline(always)]
 pub fn row_max(row: &[f32]) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; LANES];
     let mut chunks = row.chunks_exact(LANES);
@@ -90,7 +91,7 @@ pub fn row_max(row: &[f32]) -> f32 {
 }
 
 /// Replaces each value `v` of `row` by `e^(v − max)` and returns their sum.
-#[inline]
+#[inline(always)]
 fn exp_minus(row: &mut [f32], max: f32) -> f32 {
     for v in row.iter_mut() {
         *v = exp(*v - max);
@@ -98,8 +99,9 @@ fn exp_minus(row: &mut [f32], max: f32) -> f32 {
     lane_sum(row)
 }
 
-#[inline]
-fn lane_sum(row: &[f32]) -> f32 {
+/// `Σ row`, in [`LANES`] interleaved partial sums.
+#[inline(always)]
+pub fn lane_sum(row: &[f32]) -> f32 {
     let mut sums = [0f32; LANES];
     let mut chunks = row.chunks_exact(LANES);
     for c in &mut chunks {
@@ -110,16 +112,35 @@ fn lane_sum(row: &[f32]) -> f32 {
     chunks.remainder().iter().sum::<f32>() + sums.iter().sum::<f32>()
 }
 
+/// `Σ a·b` over two equally long rows, in [`LANES`] interleaved partial sums.
+#[inline(always)]
+pub fn lane_dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut sums = [0f32; LANES];
+    let (mut ca, mut cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for ((s, &x), &y) in sums.iter_mut().zip(x).zip(y) {
+            *s += x * y;
+        }
+    }
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    tail + sums.iter().sum::<f32>()
+}
+
 /// Replaces each value `v` of `row` by `e^(v − max(row))` and returns their sum: a softmax
 /// without the division, for callers that fold `1/sum` into a later product.
-#[inline]
+#[inline(always)]
 pub fn exp_minus_max(row: &mut [f32]) -> f32 {
     exp_minus(row, row_max(row))
 }
 
 /// In-place softmax of one row (subnormal results flushed to 0, see [`exp`]); returns the row's
 /// log-sum-exp, which the LM head keeps for its backward pass.
-#[inline]
+#[inline(always)]
 pub fn softmax_row(row: &mut [f32]) -> f32 {
     let max = row_max(row);
     let sum = exp_minus(row, max);
@@ -131,6 +152,7 @@ pub fn softmax_row(row: &mut [f32]) -> f32 {
 }
 
 /// `log Σ exp(x)` of one row, leaving the row as it is.
+#[inline(always)]
 pub fn row_logsumexp(row: &[f32]) -> f32 {
     let max = row_max(row);
     let mut sums = [0f32; LANES];

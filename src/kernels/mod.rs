@@ -29,6 +29,7 @@ mod causal_attention;
 pub(crate) mod cpu;
 pub mod device_fused;
 mod frozen;
+pub(crate) mod isa;
 mod layer;
 mod linear;
 mod lm_head;

@@ -7,6 +7,8 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tenso
 use rayon::prelude::*;
 
 use super::cpu::{add_into, check_vector, f32_slice, last_dim, par_rows, rows_per_task, with_f32};
+use super::isa::multiversion;
+use super::math;
 
 /// Layer norm over the last dimension with affine `weight`/`bias`; keeps each row's mean and
 /// 1/σ from the forward pass for the backward.
@@ -32,15 +34,24 @@ fn row_stats(x: &[f32], n: usize, eps: f32) -> Vec<f32> {
     stats
         .par_chunks_mut(2 * rows)
         .zip(x.par_chunks(n * rows))
-        .for_each(|(st, x)| {
-            for (s, row) in st.chunks_exact_mut(2).zip(x.chunks_exact(n)) {
-                let mean = row.iter().sum::<f32>() / n as f32;
-                let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n as f32;
-                s[0] = mean;
-                s[1] = 1.0 / (var + eps).sqrt();
-            }
-        });
+        .for_each(|(st, x)| row_stats_into(st, x, n, eps));
     stats
+}
+
+multiversion! {
+    /// [`row_stats`] of the rows of one block.
+    fn row_stats_into(st: &mut [f32], x: &[f32], n: usize, eps: f32) {
+        let mut centred = vec![0f32; n];
+        for (s, row) in st.chunks_exact_mut(2).zip(x.chunks_exact(n)) {
+            let mean = math::lane_sum(row) / n as f32;
+            for (c, v) in centred.iter_mut().zip(row) {
+                *c = v - mean;
+            }
+            let var = math::lane_dot(&centred, &centred) / n as f32;
+            s[0] = mean;
+            s[1] = 1.0 / (var + eps).sqrt();
+        }
+    }
 }
 
 /// Layer norm of the `n`-wide rows of `x` into `out` (same length); returns the row statistics
@@ -57,18 +68,24 @@ pub(crate) fn layer_norm_forward(
     out.par_chunks_mut(n * rows)
         .zip(x.par_chunks(n * rows))
         .zip(stats.par_chunks(2 * rows))
-        .for_each(|((o, x), st)| {
-            for ((orow, xrow), s) in o
-                .chunks_exact_mut(n)
-                .zip(x.chunks_exact(n))
-                .zip(st.chunks_exact(2))
-            {
-                for (((o, x), w), b) in orow.iter_mut().zip(xrow).zip(w).zip(b) {
-                    *o = (x - s[0]) * s[1] * w + b;
-                }
-            }
-        });
+        .for_each(|((o, x), st)| normalize_rows(o, x, st, w, b));
     stats
+}
+
+multiversion! {
+    /// `o = (x − mean)·rstd·w + b` for the rows of one block.
+    fn normalize_rows(o: &mut [f32], x: &[f32], st: &[f32], w: &[f32], b: &[f32]) {
+        let n = w.len();
+        for ((orow, xrow), s) in o
+            .chunks_exact_mut(n)
+            .zip(x.chunks_exact(n))
+            .zip(st.chunks_exact(2))
+        {
+            for (((o, x), w), b) in orow.iter_mut().zip(xrow).zip(w).zip(b) {
+                *o = (x - s[0]) * s[1] * w + b;
+            }
+        }
+    }
 }
 
 /// Backward of [`layer_norm_forward`]: writes the input gradient into `dx` and returns the weight
@@ -86,44 +103,54 @@ pub(crate) fn layer_norm_backward(
         .zip(x.par_chunks(n * rows))
         .zip(g.par_chunks(n * rows))
         .zip(stats.par_chunks(2 * rows))
-        .map(|(((dx, x), g), st)| {
-            // acc[..n] = Σ dy·x̂ (weight grad), acc[n..] = Σ dy (bias grad).
-            let mut acc = vec![0f32; 2 * n];
-            let mut xhat = vec![0f32; n];
-            for (((dxr, xr), gr), s) in dx
-                .chunks_exact_mut(n)
-                .zip(x.chunks_exact(n))
-                .zip(g.chunks_exact(n))
-                .zip(st.chunks_exact(2))
-            {
-                let (mean, rstd) = (s[0], s[1]);
-                let mut sum_dxhat = 0f32;
-                let mut sum_dxhat_xhat = 0f32;
-                for (((xh, x), g), w) in xhat.iter_mut().zip(xr).zip(gr).zip(w) {
-                    *xh = (x - mean) * rstd;
-                    let dxh = g * w;
-                    sum_dxhat += dxh;
-                    sum_dxhat_xhat += dxh * *xh;
-                }
-                let a = sum_dxhat / n as f32;
-                let c = sum_dxhat_xhat / n as f32;
-                let (aw, ab) = acc.split_at_mut(n);
-                for (((((d, xh), g), w), aw), ab) in dxr
-                    .iter_mut()
-                    .zip(&xhat)
-                    .zip(gr)
-                    .zip(w)
-                    .zip(aw.iter_mut())
-                    .zip(ab.iter_mut())
-                {
-                    *d = rstd * (g * w - a - xh * c);
-                    *aw += g * xh;
-                    *ab += g;
-                }
-            }
-            acc
-        })
+        .map(|(((dx, x), g), st)| layer_norm_backward_rows(dx, x, g, st, w))
         .reduce(|| vec![0f32; 2 * n], add_into)
+}
+
+multiversion! {
+    /// [`layer_norm_backward`] of the rows of one block; returns the block's weight and bias
+    /// gradient sums.
+    fn layer_norm_backward_rows(
+        dx: &mut [f32],
+        x: &[f32],
+        g: &[f32],
+        st: &[f32],
+        w: &[f32],
+    ) -> Vec<f32> {
+        let n = w.len();
+        // acc[..n] = Σ dy·x̂ (weight grad), acc[n..] = Σ dy (bias grad).
+        let mut acc = vec![0f32; 2 * n];
+        let mut xhat = vec![0f32; n];
+        let mut dxhat = vec![0f32; n];
+        for (((dxr, xr), gr), s) in dx
+            .chunks_exact_mut(n)
+            .zip(x.chunks_exact(n))
+            .zip(g.chunks_exact(n))
+            .zip(st.chunks_exact(2))
+        {
+            let (mean, rstd) = (s[0], s[1]);
+            for ((((xh, dxh), x), g), w) in xhat.iter_mut().zip(&mut dxhat).zip(xr).zip(gr).zip(w) {
+                *xh = (x - mean) * rstd;
+                *dxh = g * w;
+            }
+            let a = math::lane_sum(&dxhat) / n as f32;
+            let c = math::lane_dot(&dxhat, &xhat) / n as f32;
+            let (aw, ab) = acc.split_at_mut(n);
+            for (((((d, xh), dxh), g), aw), ab) in dxr
+                .iter_mut()
+                .zip(&xhat)
+                .zip(&dxhat)
+                .zip(gr)
+                .zip(aw.iter_mut())
+                .zip(ab.iter_mut())
+            {
+                *d = rstd * (dxh - a - xh * c);
+                *aw += g * xh;
+                *ab += g;
+            }
+        }
+        acc
+    }
 }
 
 impl CustomOp3 for LayerNormOp {
@@ -300,5 +327,39 @@ impl CustomOp2 for RmsNormOp {
             Some(Tensor::from_vec(dx, shape, dev)?),
             Some(Tensor::from_vec(dw, cols, dev)?),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::isa::Isa;
+    use crate::kernels::isa::testing::{every_isa_agrees, values};
+
+    #[test]
+    fn layer_norm_blocks_agree_on_every_instruction_set() {
+        let (rows, n) = (5, 37);
+        // An offset mean, as real activations have.
+        let x: Vec<f32> = values(rows * n, 6, 3.0).iter().map(|v| v + 2.0).collect();
+        let (w, b) = (values(n, 7, 1.0), values(n, 8, 1.0));
+        let g = values(rows * n, 9, 1.0);
+        let stats = |isa| {
+            let mut st = vec![0.0; 2 * rows];
+            row_stats_into_on(isa, &mut st, &x, n, 1e-12);
+            st
+        };
+        every_isa_agrees("layer norm statistics", 1e-5, stats);
+        let st = stats(Isa::Baseline);
+        every_isa_agrees("layer norm", 1e-5, |isa| {
+            let mut o = vec![0.0; rows * n];
+            normalize_rows_on(isa, &mut o, &x, &st, &w, &b);
+            o
+        });
+        every_isa_agrees("layer norm backward", 1e-5, |isa| {
+            let mut dx = vec![0.0; rows * n];
+            let mut out = layer_norm_backward_rows_on(isa, &mut dx, &x, &g, &st, &w);
+            out.extend(dx);
+            out
+        });
     }
 }
