@@ -8,12 +8,14 @@
 //! step. Every operation here mirrors one of candle's ops in the same order and precision
 //! (`affine(a, b)` is `x·a + b` with `a`, `b` rounded to f32), so results match bit for bit.
 
-use candle_core::{DType, Result, Tensor, Var};
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Result, Tensor, Var};
 use rayon::prelude::*;
 
 use serde::{Deserialize, Serialize};
 
-use super::cpu::with_f32;
+use super::cpu::{f32_slice, with_f32};
 use super::isa::multiversion;
 
 /// Hyper-parameters (the defaults are PyTorch's and candle's).
@@ -41,9 +43,9 @@ impl Default for AdamWConfig {
 /// Elements per rayon task.
 const CHUNK: usize = 1 << 14;
 
-/// Whether the fused kernels can run on these tensors.
-pub fn applies(var: &Var, g: &Tensor, m: &Tensor, v: &Tensor) -> bool {
-    [var.as_tensor(), g, m, v]
+/// Whether the fused kernels can run on this parameter and gradient.
+pub fn applies(var: &Var, g: &Tensor) -> bool {
+    [var.as_tensor(), g]
         .iter()
         .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
 }
@@ -96,60 +98,78 @@ impl Consts {
     }
 }
 
-/// Applies one AdamW update to `var` and returns the new moments.
-pub fn update(
+/// Applies one AdamW update to `var` in place, with its moments `m` and `v` (as many values as
+/// `var` has) updated in place too: one pass over four arrays, as PyTorch's fused AdamW makes,
+/// instead of three freshly allocated results and a copy back into the parameter.
+pub fn update_in_place(
     var: &Var,
     g: &Tensor,
-    m: &Tensor,
-    v: &Tensor,
+    (m, v): (&mut [f32], &mut [f32]),
     c: &Consts,
-) -> Result<(Tensor, Tensor)> {
+) -> Result<()> {
     let n = var.elem_count();
-    for (what, t) in [("gradient", g), ("first moment", m), ("second moment", v)] {
-        if t.elem_count() != n {
-            candle_core::bail!(
-                "AdamW: {what} has {} entries, parameter {n}",
-                t.elem_count()
-            );
+    for (what, len) in [
+        ("gradient", g.elem_count()),
+        ("first moment", m.len()),
+        ("second moment", v.len()),
+    ] {
+        if len != n {
+            candle_core::bail!("AdamW: {what} has {len} entries, parameter {n}");
         }
     }
-    let mut new_p = vec![0f32; n];
-    let mut new_m = vec![0f32; n];
-    let mut new_v = vec![0f32; n];
-    with_f32(var.as_tensor(), |p| {
-        with_f32(g, |g| {
-            with_f32(m, |m| {
-                with_f32(v, |v| {
-                    new_p
-                        .par_chunks_mut(CHUNK)
-                        .zip(new_m.par_chunks_mut(CHUNK))
-                        .zip(new_v.par_chunks_mut(CHUNK))
-                        .enumerate()
-                        .for_each(|(i, ((np, nm), nv))| {
-                            let o = i * CHUNK..i * CHUNK + np.len();
-                            let old = [&p[o.clone()], &g[o.clone()], &m[o.clone()], &v[o]];
-                            update_chunk([np, nm, nv], old, c);
-                        });
-                    Ok(())
-                })
-            })
-        })
-    })?;
-    let (shape, dev) = (var.shape().clone(), var.device().clone());
-    var.set(&Tensor::from_vec(new_p, shape.clone(), &dev)?)?;
-    Ok((
-        Tensor::from_vec(new_m, shape.clone(), &dev)?,
-        Tensor::from_vec(new_v, shape, &dev)?,
-    ))
+    let step = InPlaceStep {
+        moments: Mutex::new((m, v)),
+        c,
+    };
+    var.as_tensor().inplace_op2(&g.contiguous()?, &step)
+}
+
+/// [`update_in_place`] as the in-place op candle runs on the parameter's own storage.
+struct InPlaceStep<'a> {
+    moments: Mutex<(&'a mut [f32], &'a mut [f32])>,
+    c: &'a Consts,
+}
+
+impl InplaceOp2 for InPlaceStep<'_> {
+    fn name(&self) -> &'static str {
+        "fused-adamw"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dst_l: &Layout,
+        g: &CpuStorage,
+        g_l: &Layout,
+    ) -> Result<()> {
+        let CpuStorage::F32(p) = dst else {
+            candle_core::bail!("AdamW: expected an f32 parameter");
+        };
+        let Some((start, end)) = dst_l.contiguous_offsets() else {
+            candle_core::bail!("AdamW: the parameter is not contiguous");
+        };
+        let p = &mut p[start..end];
+        let g = f32_slice(g, g_l, self.name())?;
+        let mut moments = self
+            .moments
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("AdamW: moments lock poisoned".into()))?;
+        let (m, v) = &mut *moments;
+        p.par_chunks_mut(CHUNK)
+            .zip(m.par_chunks_mut(CHUNK))
+            .zip(v.par_chunks_mut(CHUNK))
+            .zip(g.par_chunks(CHUNK))
+            .for_each(|(((p, m), v), g)| update_chunk([p, m, v], g, self.c));
+        Ok(())
+    }
 }
 
 multiversion! {
-    /// The update of one chunk: `new` (θ', m', v') from `old` (θ, g, m, v).
-    fn update_chunk(new: [&mut [f32]; 3], old: [&[f32]; 4], c: &Consts) {
-        let [np, nm, nv] = new;
-        let [p, g, m, v] = old;
-        for j in 0..np.len() {
-            (np[j], nm[j], nv[j]) = c.apply(p[j], g[j], m[j], v[j]);
+    /// The update of one chunk in place: θ, m and v from themselves and the gradient `g`.
+    fn update_chunk(state: [&mut [f32]; 3], g: &[f32], c: &Consts) {
+        let [p, m, v] = state;
+        for j in 0..p.len() {
+            (p[j], m[j], v[j]) = c.apply(p[j], g[j], m[j], v[j]);
         }
     }
 }
@@ -195,12 +215,12 @@ mod tests {
             })
             .collect();
         let run = |isa| {
-            let mut new = vec![vec![0f32; n]; 3];
-            let [np, nm, nv] = &mut new[..] else {
+            let mut state = old[..3].to_vec();
+            let [p, m, v] = &mut state[..] else {
                 unreachable!()
             };
-            update_chunk_on(isa, [np, nm, nv], [&old[0], &old[1], &old[2], &old[3]], &c);
-            new
+            update_chunk_on(isa, [p, m, v], &old[3], &c);
+            state
         };
         let want = run(crate::kernels::isa::Isa::Baseline);
         for isa in supported() {

@@ -22,8 +22,50 @@ pub use crate::kernels::adamw::AdamWConfig;
 struct Slot {
     name: String,
     var: Var,
-    m: Tensor,
-    v: Tensor,
+    moments: Moments,
+}
+
+/// A parameter's first and second moments.
+#[derive(Debug)]
+enum Moments {
+    /// For an f32 parameter on the CPU: plain buffers the fused kernel updates in place, in the
+    /// same pass as the parameter.
+    Host { m: Vec<f32>, v: Vec<f32> },
+    /// Anywhere else: tensors the composed update replaces each step.
+    Device { m: Tensor, v: Tensor },
+}
+
+impl Moments {
+    fn zeros(var: &Var) -> CResult<Self> {
+        Self::from_tensors(
+            Tensor::zeros(var.shape(), var.dtype(), var.device())?,
+            Tensor::zeros(var.shape(), var.dtype(), var.device())?,
+            var,
+        )
+    }
+
+    /// Moments of `var` from tensors of its shape and dtype, held the way [`adamw`] updates
+    /// them on `var`'s device.
+    fn from_tensors(m: Tensor, v: Tensor, var: &Var) -> CResult<Self> {
+        if var.device().is_cpu() && var.dtype() == DType::F32 {
+            Ok(Self::Host {
+                m: m.flatten_all()?.to_vec1()?,
+                v: v.flatten_all()?.to_vec1()?,
+            })
+        } else {
+            Ok(Self::Device { m, v })
+        }
+    }
+
+    fn to_tensors(&self, var: &Var) -> CResult<(Tensor, Tensor)> {
+        match self {
+            Self::Host { m, v } => Ok((
+                Tensor::from_slice(m, var.shape(), var.device())?,
+                Tensor::from_slice(v, var.shape(), var.device())?,
+            )),
+            Self::Device { m, v } => Ok((m.clone(), v.clone())),
+        }
+    }
 }
 
 /// AdamW over named parameters.
@@ -48,9 +90,8 @@ impl AdamW {
             if !var.dtype().is_float() {
                 continue;
             }
-            let m = Tensor::zeros(var.shape(), var.dtype(), var.device())?;
-            let v = Tensor::zeros(var.shape(), var.dtype(), var.device())?;
-            slots.push(Slot { name, var, m, v });
+            let moments = Moments::zeros(&var)?;
+            slots.push(Slot { name, var, moments });
         }
         Ok(Self {
             slots,
@@ -114,13 +155,18 @@ impl AdamW {
             let Some(g) = grads.get(s.var.as_tensor()) else {
                 continue;
             };
-            if adamw::applies(&s.var, g, &s.m, &s.v) {
-                let c = adamw::Consts::new(&self.cfg, scale_m, scale_v, grad_scale);
-                let (m, v) = adamw::update(&s.var, g, &s.m, &s.v, &c)?;
-                s.m = m;
-                s.v = v;
-                continue;
-            }
+            let (m, v) = match &mut s.moments {
+                Moments::Host { m, v } if adamw::applies(&s.var, g) => {
+                    let c = adamw::Consts::new(&self.cfg, scale_m, scale_v, grad_scale);
+                    adamw::update_in_place(&s.var, g, (m, v), &c)?;
+                    continue;
+                }
+                Moments::Host { .. } => candle_core::bail!(
+                    "AdamW: the gradient of {} is not f32 on the CPU as its parameter is",
+                    s.name
+                ),
+                Moments::Device { m, v } => (m, v),
+            };
             let scaled;
             let g = match grad_scale {
                 Some(c) => {
@@ -130,15 +176,15 @@ impl AdamW {
                 None => g,
             };
             // Same op order as candle_nn::AdamW, so the two agree bit for bit.
-            let next_m = ((&s.m * beta1)? + (g * (1.0 - beta1))?)?;
-            let next_v = ((&s.v * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
+            let next_m = ((&*m * beta1)? + (g * (1.0 - beta1))?)?;
+            let next_v = ((&*v * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
             let m_hat = (&next_m * scale_m)?;
             let v_hat = (&next_v * scale_v)?;
             let next_theta = (s.var.as_tensor() * (1f64 - lr * weight_decay))?;
             let adjusted = (m_hat / (v_hat.sqrt()? + eps)?)?;
             let next_theta = (next_theta - (adjusted * lr)?)?;
-            s.m = next_m;
-            s.v = next_v;
+            *m = next_m;
+            *v = next_v;
             s.var.set(&next_theta)?;
         }
         Ok(())
@@ -154,8 +200,9 @@ impl AdamW {
     pub fn save_state(&self, path: &Path) -> anyhow::Result<()> {
         let mut map: HashMap<String, Tensor> = HashMap::new();
         for s in &self.slots {
-            map.insert(format!("m.{}", s.name), s.m.clone());
-            map.insert(format!("v.{}", s.name), s.v.clone());
+            let (m, v) = s.moments.to_tensors(&s.var)?;
+            map.insert(format!("m.{}", s.name), m);
+            map.insert(format!("v.{}", s.name), v);
         }
         let step = i64::try_from(self.step).context("optimiser step count overflows i64")?;
         map.insert(STEP_KEY.to_string(), Tensor::new(&[step], &Device::Cpu)?);
@@ -204,8 +251,7 @@ impl AdamW {
             restored.push((get(format!("m.{}", s.name))?, get(format!("v.{}", s.name))?));
         }
         for (s, (m, v)) in self.slots.iter_mut().zip(restored) {
-            s.m = m;
-            s.v = v;
+            s.moments = Moments::from_tensors(m, v, &s.var)?;
         }
         self.step = u64::try_from(step).context("negative step count in optimiser state")?;
         Ok(())
