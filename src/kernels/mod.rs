@@ -6,7 +6,8 @@
 //! Layout: one file per op family (`activation`, `norm`, `softmax`, `rope`, `linear`, `attention`,
 //! `causal_attention`, `cached_attention`, `layer`, `lm_head`, `matvec`, `adamw`), one set of CPU
 //! helpers (`cpu`: borrowing f32 data, the one row splitter), one math file (`math`: exp, GELU,
-//! the row softmax and log-sum-exp), recycled activation buffers (`scratch`), the bf16 gemm
+//! the row softmax and log-sum-exp), the run-time choice of instruction set for the element-wise
+//! loops (`isa`), recycled activation buffers (`scratch`), the bf16 gemm
 //! (`bf16_gemm`) and the switch that sends the big products to it (`precision`), and the
 //! streaming decode product of a weight held in bf16 (`bf16_matvec`, reached through `frozen`).
 //! The kernels import nothing from `model` or `train`; models and trainers call the public
