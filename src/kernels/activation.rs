@@ -5,6 +5,7 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::cpu::{add_into, bias_map, col_sums, f32_slice, rows_per_task, with_f32};
+use super::isa::multiversion;
 use super::math;
 
 /// `x + b` with `b` broadcast over the rows of `x`; backward: `dx = dy`, `db = Σ_rows dy`.
@@ -132,11 +133,8 @@ impl CustomOp2 for SiluMul {
         out.par_chunks_mut(SILU_BLOCK)
             .enumerate()
             .for_each(|(i, block)| {
-                let base = i * SILU_BLOCK;
-                for (k, o) in block.iter_mut().enumerate() {
-                    let (x, y) = (g[base + k], u[base + k]);
-                    *o = x / (1.0 + math::exp(-x)) * y;
-                }
+                let span = i * SILU_BLOCK..i * SILU_BLOCK + block.len();
+                silu_mul_into(block, &g[span.clone()], &u[span]);
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -161,13 +159,9 @@ impl CustomOp2 for SiluMul {
                         .zip(du.par_chunks_mut(SILU_BLOCK))
                         .enumerate()
                         .for_each(|(i, (dgb, dub))| {
-                            let base = i * SILU_BLOCK;
-                            for (k, (a, b)) in dgb.iter_mut().zip(dub.iter_mut()).enumerate() {
-                                let (x, y, d) = (g[base + k], u[base + k], dy[base + k]);
-                                let sig = 1.0 / (1.0 + math::exp(-x));
-                                *a = d * y * sig * (1.0 + x * (1.0 - sig));
-                                *b = d * x * sig;
-                            }
+                            let span = i * SILU_BLOCK..i * SILU_BLOCK + dgb.len();
+                            let inputs = [&g[span.clone()], &u[span.clone()], &dy[span]];
+                            silu_mul_backward_into(dgb, dub, inputs);
                         });
                     Ok(())
                 })
@@ -178,5 +172,53 @@ impl CustomOp2 for SiluMul {
             Some(Tensor::from_vec(dg, gate.shape(), dev)?),
             Some(Tensor::from_vec(du, up.shape(), dev)?),
         ))
+    }
+}
+
+multiversion! {
+    /// `o = silu(g)·u`, element by element.
+    fn silu_mul_into(o: &mut [f32], g: &[f32], u: &[f32]) {
+        for ((o, &x), &y) in o.iter_mut().zip(g).zip(u) {
+            *o = x / (1.0 + math::exp(-x)) * y;
+        }
+    }
+}
+
+multiversion! {
+    /// Gradients of [`silu_mul_into`] for the gate (`dg`) and up (`du`) inputs from the gate,
+    /// up and output-gradient values `[g, u, dy]`.
+    fn silu_mul_backward_into(dg: &mut [f32], du: &mut [f32], inputs: [&[f32]; 3]) {
+        let [g, u, dy] = inputs;
+        for ((((a, b), &x), &y), &d) in dg.iter_mut().zip(du.iter_mut()).zip(g).zip(u).zip(dy) {
+            let sig = 1.0 / (1.0 + math::exp(-x));
+            *a = d * y * sig * (1.0 + x * (1.0 - sig));
+            *b = d * x * sig;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::isa::testing::{every_isa_agrees, values};
+
+    #[test]
+    fn swiglu_gating_agrees_on_every_instruction_set() {
+        let (g, u, dy) = (
+            values(1037, 11, 8.0),
+            values(1037, 12, 2.0),
+            values(1037, 13, 1.0),
+        );
+        every_isa_agrees("silu·up", 1e-6, |isa| {
+            let mut o = vec![0.0; g.len()];
+            silu_mul_into_on(isa, &mut o, &g, &u);
+            o
+        });
+        every_isa_agrees("silu·up backward", 1e-6, |isa| {
+            let (mut dg, mut du) = (vec![0.0; g.len()], vec![0.0; g.len()]);
+            silu_mul_backward_into_on(isa, &mut dg, &mut du, [&g, &u, &dy]);
+            dg.extend(du);
+            dg
+        });
     }
 }

@@ -8,6 +8,7 @@ use candle_core::{CpuStorage, CustomOp2, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::cpu::{f32_slice, par_rows, with_f32};
+use super::isa::multiversion;
 use super::math::{self, row_logsumexp, softmax_row};
 use super::sgemm::sgemm_threads;
 
@@ -89,14 +90,13 @@ impl CustomOp2 for LmHeadLogprobs {
                 logits
                     .par_chunks_mut(vocab)
                     .zip(lse_chunk.par_iter_mut())
-                    .for_each(|(row, l)| *l = softmax_row(row));
+                    .for_each(|(row, l)| *l = softmax_row_lse(row));
                 kept.push(std::mem::take(&mut logits));
             } else {
                 let data = &logits;
                 par_rows(lse_chunk, 1, |r0, block| {
-                    for (k, o) in block.iter_mut().enumerate() {
-                        *o = row_logsumexp(&data[(r0 + k) * vocab..(r0 + k + 1) * vocab]);
-                    }
+                    let rows = &data[r0 * vocab..(r0 + block.len()) * vocab];
+                    logsumexp_rows(block, rows, vocab);
                 });
             }
             for k in 0..len {
@@ -164,22 +164,9 @@ impl CustomOp2 for LmHeadLogprobs {
                     let g = &grad[start..start + len];
                     let lse = saved.as_ref().map(|l| &l[start..start + len]);
                     par_rows(&mut logits, vocab, |r0, block| {
-                        for (k, row) in block.chunks_exact_mut(vocab).enumerate() {
-                            let r = r0 + k;
-                            let scale = -g[r];
-                            if probs {
-                                row.iter_mut().for_each(|x| *x *= scale);
-                            } else {
-                                let l = match lse {
-                                    Some(l) => l[r],
-                                    None => row_logsumexp(row),
-                                };
-                                for x in row.iter_mut() {
-                                    *x = scale * math::exp(*x - l);
-                                }
-                            }
-                            row[targets[r] as usize] += g[r];
-                        }
+                        let r = r0..r0 + block.len() / vocab;
+                        let lse = lse.map(|l| &l[r.clone()]);
+                        logit_grads(block, vocab, probs, lse, (&g[r.clone()], &targets[r]));
                     });
                     // grad_hidden rows = dlogits · W.
                     sgemm_threads(
@@ -232,4 +219,88 @@ fn lm_head_dims(hidden: &Layout, weight: &Layout) -> Result<(usize, usize, usize
         candle_core::bail!("lm-head-logprobs: hidden width {d} but weight width {dw}");
     }
     Ok((rows, d, vocab))
+}
+
+multiversion! {
+    /// In-place softmax of one row; returns its log-sum-exp.
+    fn softmax_row_lse(row: &mut [f32]) -> f32 {
+        softmax_row(row)
+    }
+}
+
+multiversion! {
+    /// `out[k] = log Σ exp(rows[k])` for every `vocab`-wide row.
+    fn logsumexp_rows(out: &mut [f32], rows: &[f32], vocab: usize) {
+        for (o, row) in out.iter_mut().zip(rows.chunks_exact(vocab)) {
+            *o = row_logsumexp(row);
+        }
+    }
+}
+
+multiversion! {
+    /// Turns a block of `vocab`-wide rows into the gradients of the picked log-probabilities
+    /// in place: `g·(onehot(target) − softmax)` per row, from rows that already hold the
+    /// softmax (`probs`) or the logits (whose log-sum-exp is `lse` when saved, else computed).
+    fn logit_grads(
+        block: &mut [f32],
+        vocab: usize,
+        probs: bool,
+        lse: Option<&[f32]>,
+        grads_targets: (&[f32], &[u32]),
+    ) {
+        let (g, targets) = grads_targets;
+        for (k, row) in block.chunks_exact_mut(vocab).enumerate() {
+            let scale = -g[k];
+            if probs {
+                row.iter_mut().for_each(|x| *x *= scale);
+            } else {
+                let l = match lse {
+                    Some(l) => l[k],
+                    None => row_logsumexp(row),
+                };
+                for x in row.iter_mut() {
+                    *x = scale * math::exp(*x - l);
+                }
+            }
+            row[targets[k] as usize] += g[k];
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::isa::testing::{every_isa_agrees, values};
+
+    #[test]
+    fn log_probability_gradients_agree_on_every_instruction_set() {
+        let (rows, vocab) = (3, 101);
+        let logits = values(rows * vocab, 16, 10.0);
+        let g = values(rows, 17, 1.0);
+        let targets = [0u32, 50, 100];
+        let mut lse = vec![0.0; rows];
+        logsumexp_rows(&mut lse, &logits, vocab);
+        every_isa_agrees("log-sum-exp", 1e-6, |isa| {
+            let mut out = vec![0.0; rows];
+            logsumexp_rows_on(isa, &mut out, &logits, vocab);
+            out
+        });
+        for saved in [None, Some(&lse[..])] {
+            every_isa_agrees("logit gradients", 1e-6, |isa| {
+                let mut block = logits.clone();
+                logit_grads_on(isa, &mut block, vocab, false, saved, (&g, &targets));
+                block
+            });
+        }
+        let mut probs = logits.clone();
+        let kept: Vec<f32> = probs.chunks_exact_mut(vocab).map(softmax_row_lse).collect();
+        for (k, l) in kept.iter().zip(&lse) {
+            assert!((k - l).abs() < 1e-5);
+        }
+        every_isa_agrees("logit gradients from kept softmax", 1e-6, |isa| {
+            let mut block = probs.clone();
+            logit_grads_on(isa, &mut block, vocab, true, None, (&g, &targets));
+            block
+        });
+    }
 }

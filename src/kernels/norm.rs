@@ -219,10 +219,46 @@ pub struct RmsNormOp {
     pub eps: f32,
 }
 
-impl RmsNormOp {
-    fn inv_rms(&self, row: &[f32]) -> f32 {
-        let ms = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
-        1.0 / (ms + self.eps).sqrt()
+multiversion! {
+    /// RMS norm of every row of `x` (rows as wide as `w`) into `out`.
+    fn rms_normalize_rows(out: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
+        let n = w.len();
+        for (orow, row) in out.chunks_exact_mut(n).zip(x.chunks_exact(n)) {
+            let inv = inv_rms(row, eps);
+            for ((o, &v), &g) in orow.iter_mut().zip(row).zip(w) {
+                *o = v * inv * g;
+            }
+        }
+    }
+}
+
+/// `1 / √(mean(row²) + eps)`.
+#[inline(always)]
+fn inv_rms(row: &[f32], eps: f32) -> f32 {
+    let ms = math::lane_dot(row, row) / row.len() as f32;
+    1.0 / (ms + eps).sqrt()
+}
+
+multiversion! {
+    /// RMS norm backward of one block of rows: `dx` from the inputs `x` and output gradients
+    /// `dy`, and the block's weight-gradient sums added into `dw`. With n = x·inv and
+    /// g = dy·w:  dx = inv·(g − n·mean(g·n)),  dw = Σ_rows dy·n.
+    fn rms_norm_backward_rows(dx: &mut [f32], x: &[f32], dy: &[f32], w: &[f32], eps: f32, dw: &mut [f32]) {
+        let cols = w.len();
+        for ((orow, xr), dr) in dx.chunks_exact_mut(cols).zip(x.chunks_exact(cols)).zip(dy.chunks_exact(cols)) {
+            let inv = inv_rms(xr, eps);
+            let mut dot = 0f32;
+            for j in 0..cols {
+                let n = xr[j] * inv;
+                dot += dr[j] * w[j] * n;
+                dw[j] += dr[j] * n;
+            }
+            let mean = dot / cols as f32;
+            for j in 0..cols {
+                let n = xr[j] * inv;
+                orow[j] = inv * (dr[j] * w[j] - n * mean);
+            }
+        }
     }
 }
 
@@ -250,13 +286,8 @@ impl CustomOp2 for RmsNormOp {
         }
         let mut out = vec![0f32; x.len()];
         par_rows(&mut out, cols, |r0, block| {
-            for (k, orow) in block.chunks_exact_mut(cols).enumerate() {
-                let row = &x[(r0 + k) * cols..(r0 + k + 1) * cols];
-                let inv = self.inv_rms(row);
-                for ((o, &v), &g) in orow.iter_mut().zip(row).zip(w) {
-                    *o = v * inv * g;
-                }
-            }
+            let rows = &x[r0 * cols..r0 * cols + block.len()];
+            rms_normalize_rows(block, rows, w, self.eps);
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -288,22 +319,9 @@ impl CustomOp2 for RmsNormOp {
                             let wv = &wv;
                             s.spawn(move || {
                                 let mut dw = vec![0f32; cols];
-                                for (k, orow) in block.chunks_exact_mut(cols).enumerate() {
-                                    let span = (i * per + k) * cols..(i * per + k + 1) * cols;
-                                    let (xr, dr) = (&xd[span.clone()], &dyd[span]);
-                                    let inv = self.inv_rms(xr);
-                                    let mut dot = 0f32;
-                                    for j in 0..cols {
-                                        let n = xr[j] * inv;
-                                        dot += dr[j] * wv[j] * n;
-                                        dw[j] += dr[j] * n;
-                                    }
-                                    let mean = dot / cols as f32;
-                                    for j in 0..cols {
-                                        let n = xr[j] * inv;
-                                        orow[j] = inv * (dr[j] * wv[j] - n * mean);
-                                    }
-                                }
+                                let span = i * per * cols..i * per * cols + block.len();
+                                let (x, dy) = (&xd[span.clone()], &dyd[span]);
+                                rms_norm_backward_rows(block, x, dy, wv, self.eps, &mut dw);
                                 dw
                             })
                         })
@@ -360,6 +378,27 @@ mod tests {
             let mut out = layer_norm_backward_rows_on(isa, &mut dx, &x, &g, &st, &w);
             out.extend(dx);
             out
+        });
+    }
+
+    #[test]
+    fn rms_norm_blocks_agree_on_every_instruction_set() {
+        let (rows, n) = (5, 37);
+        let (x, w, dy) = (
+            values(rows * n, 18, 3.0),
+            values(n, 19, 1.0),
+            values(rows * n, 20, 1.0),
+        );
+        every_isa_agrees("rms norm", 1e-5, |isa| {
+            let mut o = vec![0.0; rows * n];
+            rms_normalize_rows_on(isa, &mut o, &x, &w, 1e-6);
+            o
+        });
+        every_isa_agrees("rms norm backward", 1e-5, |isa| {
+            let (mut dx, mut dw) = (vec![0.0; rows * n], vec![0.0; n]);
+            rms_norm_backward_rows_on(isa, &mut dx, &x, &dy, &w, 1e-6, &mut dw);
+            dx.extend(dw);
+            dx
         });
     }
 }
