@@ -521,6 +521,8 @@ pub struct GgufLlama {
     pub special_tokens: crate::model::chat_template::SpecialTokens,
     /// `tokenizer.ggml.add_bos_token`.
     pub add_bos_token: bool,
+    /// `tokenizer.ggml.add_eos_token` (false when the file does not say).
+    pub add_eos_token: bool,
 }
 
 impl GgufLlama {
@@ -597,6 +599,10 @@ impl GgufLlama {
             Some(GValue::Bool(b)) => *b,
             _ => get_str(md, "tokenizer.ggml.model")? == "llama",
         };
+        let add_eos_token = matches!(
+            md.get("tokenizer.ggml.add_eos_token"),
+            Some(GValue::Bool(true))
+        );
         Ok(Self {
             config,
             tensors,
@@ -604,6 +610,7 @@ impl GgufLlama {
             chat_template,
             special_tokens,
             add_bos_token,
+            add_eos_token,
         })
     }
 
@@ -645,7 +652,7 @@ impl GgufLlama {
             "pad_token": s.pad_token,
             "unk_token": s.unk_token,
             "add_bos_token": self.add_bos_token,
-            "add_eos_token": false,
+            "add_eos_token": self.add_eos_token,
             "clean_up_tokenization_spaces": false,
             "model_max_length": self.config.max_position_embeddings,
             "chat_template": self.chat_template,

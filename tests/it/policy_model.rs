@@ -321,6 +321,46 @@ fn gguf_converts_to_a_loadable_hf_dir() {
 }
 
 #[test]
+fn gguf_import_keeps_the_files_bos_and_eos_flags_in_tokenizer_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    let plain = tmp.path().join("tiny.gguf");
+    write_tiny_gguf(&plain);
+    let cfg = GgufLlama::read(&plain).unwrap().tokenizer_config_json();
+    assert_eq!(
+        (&cfg["add_bos_token"], &cfg["add_eos_token"]),
+        (&false.into(), &false.into())
+    );
+
+    // The same file with `tokenizer.ggml.add_eos_token = true`, as some conversions carry.
+    let mut reader = std::fs::File::open(&plain).unwrap();
+    let content = gguf_file::Content::read(&mut reader).unwrap();
+    let mut md: Vec<(String, GValue)> = content.metadata.clone().into_iter().collect();
+    md.push(("tokenizer.ggml.add_eos_token".into(), GValue::Bool(true)));
+    let tensors: Vec<(String, QTensor)> = content
+        .tensor_infos
+        .keys()
+        .map(|name| {
+            let t = content.tensor(&mut reader, name, &Device::Cpu).unwrap();
+            (name.clone(), t)
+        })
+        .collect();
+    let with_eos = tmp.path().join("eos.gguf");
+    let md_refs: Vec<(&str, &GValue)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(
+        &mut std::fs::File::create(&with_eos).unwrap(),
+        &md_refs,
+        &t_refs,
+    )
+    .unwrap();
+    let cfg = GgufLlama::read(&with_eos).unwrap().tokenizer_config_json();
+    assert_eq!(
+        (&cfg["add_bos_token"], &cfg["add_eos_token"]),
+        (&false.into(), &true.into())
+    );
+}
+
+#[test]
 fn gguf_refuses_other_architectures() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("bert.gguf");
